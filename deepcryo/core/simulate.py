@@ -1,0 +1,309 @@
+"""Deterministic simulation of test data with known ground truth (seeded).
+
+* Phantom volumes: asymmetric assemblies of Gaussian blobs and ellipsoids (:func:`phantom_volume`).
+* Conformations: discrete states (a domain displaced and turned, :func:`phantom_states`) and a continuous
+  hinge motion whose parameter ``t ∈ [0, 1]`` is recorded (:func:`hinge_volume`).
+* Particles (:func:`simulate_particles`, :func:`write_particle_set`): uniformly random poses, origins,
+  per-particle defocus, RELION-convention CTF, and white or coloured Gaussian noise at a given SNR
+  (SNR = variance of the noise-free CTF-modulated images over the box / noise variance), written as
+  RELION 3.1 STAR + MRCS with the truth (state, hinge parameter) as extra columns ``rlnClassNumber`` and
+  ``dcHingeParameter``.
+* Micrographs with known defocus: :mod:`deepcryo.core.micrographs`.
+
+Program::
+
+    python -m deepcryo.core.simulate particles --output-dir sim/ --n 3000 --box 64 --pixel-size 2.0 --snr 0.1
+    python -m deepcryo.core.simulate particles --output-dir sim2/ --states 2 --n 4000 --box 48
+    python -m deepcryo.core.simulate particles --output-dir hinge/ --hinge --n 4000 --box 48
+    python -m deepcryo.core.simulate micrographs --output-dir mics/ --n 20 --size 4096
+
+``particles`` writes ``particles.star``, ``particles.mrcs`` and the ground-truth map(s) ``truth.mrc``
+(``truth_state01.mrc`` … for states).
+"""
+import argparse
+import math
+import os
+import sys
+
+import mrcfile
+import numpy as np
+import torch
+
+from . import fourier, io
+from .ctf import ctf_2d
+from .geometry import matrix_to_euler, quaternion_to_matrix
+from .projector import Projector
+
+__all__ = ["phantom_volume", "phantom_states", "hinge_volume", "random_poses", "simulate_particles",
+           "write_particle_set", "main"]
+
+
+# ------------------------------------------------------------------------------------------------ volumes
+def _blob_parameters(box, n_blobs, rng):
+    """Centres (px from the box centre), radii (px) and amplitudes of an asymmetric blob assembly."""
+    extent = 0.28 * box
+    centres = []
+    while len(centres) < n_blobs:
+        c = rng.uniform(-extent, extent, size=3)
+        if np.linalg.norm(c) <= extent:
+            centres.append(c)
+    centres = np.array(centres)
+    radii = rng.uniform(0.04, 0.09, size=(n_blobs, 3)) * box        # anisotropic: ellipsoids
+    amps = rng.uniform(0.5, 1.0, size=n_blobs)
+    axes = quaternion_to_matrix(torch.as_tensor(rng.normal(size=(n_blobs, 4)))).numpy()
+    return centres, radii, amps, axes
+
+
+def _render_blobs(box, centres, radii, amps, axes, atoms_per_blob=400, atom_sigma_px=0.8, seed=12345):
+    """Pseudo-atomic density: each ellipsoid holds ``atoms_per_blob`` Gaussian-distributed point atoms
+    (weight ∝ amplitude) in its own frame, so a rigid motion of the ellipsoid moves its atoms rigidly.
+    Atoms are splatted trilinearly and blurred by a Gaussian of ``atom_sigma_px``, which gives the map
+    power up to Nyquist (FSC against it is meaningful at every frequency)."""
+    rng = np.random.default_rng(seed)
+    grid = torch.zeros(box ** 3, dtype=torch.float64)
+    for centre, r, a, rot in zip(centres, radii, amps, axes):
+        u = rng.normal(size=(atoms_per_blob, 3))
+        u = u[np.linalg.norm(u, axis=1) < 2.0]
+        pts = centre + (u * r) @ rot.T + box // 2                       # (x, y, z) voxel positions
+        base = np.floor(pts).astype(np.int64)
+        frac = pts - base
+        for corner in range(8):
+            d = np.array([(corner >> 0) & 1, (corner >> 1) & 1, (corner >> 2) & 1])
+            w = np.prod(np.where(d, frac, 1 - frac), axis=1) * a
+            x, y, z = (base + d).T
+            ok = (x >= 0) & (x < box) & (y >= 0) & (y < box) & (z >= 0) & (z < box)
+            grid.index_add_(0, torch.as_tensor(((z * box + y) * box + x)[ok]), torch.as_tensor(w[ok]))
+    vol = grid.reshape(box, box, box)
+    f2 = (fourier.radius_grid_3d(box, dtype=torch.float64) / box) ** 2
+    blur = torch.exp(-2.0 * math.pi ** 2 * atom_sigma_px ** 2 * f2)
+    return fourier.ifft3c(fourier.fft3c(vol) * blur).real.numpy().astype(np.float32)
+
+
+def phantom_volume(box, seed=0, n_blobs=14):
+    """An asymmetric phantom (box, box, box) of ``n_blobs`` Gaussian ellipsoids, max 1, indexed [z, y, x]."""
+    params = _blob_parameters(box, n_blobs, np.random.default_rng(seed))
+    vol = _render_blobs(box, *params)
+    return vol / vol.max()
+
+
+def _domain_motion(box, seed, n_blobs, angle_deg, translation_px):
+    """Blob parameters with the blobs of x > median (the 'domain') turned about a hinge axis through the
+    boundary by ``angle_deg`` (about y) and moved by ``translation_px`` along x."""
+    centres, radii, amps, axes = _blob_parameters(box, n_blobs, np.random.default_rng(seed))
+    dom = centres[:, 0] > np.median(centres[:, 0])
+    pivot = np.array([np.median(centres[:, 0]), 0.0, 0.0])
+    a = math.radians(angle_deg)
+    rot = np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+    moved = centres.copy()
+    moved[dom] = (centres[dom] - pivot) @ rot.T + pivot + np.array([translation_px, 0, 0])
+    new_axes = axes.copy()
+    new_axes[dom] = rot @ axes[dom]
+    return moved, radii, amps, new_axes
+
+
+def phantom_states(box, n_states=2, seed=0, n_blobs=14, angle_deg=35.0):
+    """``n_states`` volumes of one phantom whose domain is turned by 0, angle/(n-1), …, angle degrees
+    (about a hinge) — structurally distinct states of one particle, each max-normalised like the first."""
+    vols = []
+    for k in range(n_states):
+        ang = angle_deg * k / max(n_states - 1, 1)
+        vols.append(_render_blobs(box, *_domain_motion(box, seed, n_blobs, ang, 0.0)))
+    top = vols[0].max()
+    return [v / top for v in vols]
+
+
+def hinge_volume(box, t, seed=0, n_blobs=14, max_angle_deg=40.0):
+    """The phantom with its domain turned by ``t · max_angle_deg`` (t ∈ [0, 1]) about its hinge."""
+    ref = _render_blobs(box, *_domain_motion(box, seed, n_blobs, 0.0, 0.0)).max()
+    return _render_blobs(box, *_domain_motion(box, seed, n_blobs, t * max_angle_deg, 0.0)) / ref
+
+
+# ---------------------------------------------------------------------------------------------- particles
+def random_poses(n, rng):
+    """(n, 3) Euler angles (deg) of rotations uniform on SO(3)."""
+    q = rng.normal(size=(n, 4))
+    return matrix_to_euler(quaternion_to_matrix(torch.as_tensor(q))).numpy()
+
+
+def _noise(shape, sigma, coloured, rng, box):
+    white = rng.normal(size=shape).astype(np.float32) * sigma
+    if not coloured:
+        return white
+    # coloured: amplitude falls as 1/(1 + (f/f0)) (more power at low frequency, like ice + detector)
+    r = fourier.radius_grid_2d(box) / box
+    profile = 1.0 / (1.0 + r / 0.1)
+    profile = profile / torch.sqrt((profile ** 2).mean())
+    ft = fourier.fft2c(torch.from_numpy(white)) * profile
+    return fourier.ifft2c(ft).real.numpy()
+
+
+def simulate_particles(volumes, n, pixel_size_A, snr=0.1, seed=0, defocus_range_A=(10000.0, 25000.0),
+                       astigmatism_A=500.0, max_shift_px=3.0, voltage_kV=300.0, cs_mm=2.7,
+                       amplitude_contrast=0.1, bfactor_A2=0.0, coloured_noise=False, state_of=None,
+                       batch_size=512):
+    """Yield batches of simulated particles from one or several volumes.
+
+    Args:
+        volumes: a volume (N, N, N), or a list of volumes (states) — particle i comes from
+            ``volumes[state_of[i]]`` (default: random equal split) — or a callable ``t -> volume``
+            (continuous motion, ``t`` uniform in [0, 1] per particle, discretised to 20 levels).
+        snr: signal-to-noise ratio (variance ratio over the box); ``None`` for noiseless images.
+    Yields:
+        dict with ``images`` (B, N, N) float32 and truth arrays for the batch: ``angles_deg`` (B, 3),
+        ``origins_A`` (B, 2), ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``state`` (B,) int,
+        ``hinge`` (B,) float (NaN when not continuous).
+    """
+    rng = np.random.default_rng(seed)
+    continuous = callable(volumes)
+    if continuous:
+        levels = np.linspace(0, 1, 20)
+        t = rng.choice(levels, size=n)
+        state = np.searchsorted(levels, t)
+        vols = None
+    else:
+        vols = volumes if isinstance(volumes, (list, tuple)) else [volumes]
+        state = (np.asarray(state_of) if state_of is not None else rng.integers(0, len(vols), size=n))
+        t = np.full(n, np.nan)
+    box = (vols[0] if vols else volumes(0.0)).shape[-1]
+    angles = random_poses(n, rng)
+    origins_A = rng.uniform(-max_shift_px, max_shift_px, size=(n, 2)) * pixel_size_A
+    dmean = rng.uniform(*defocus_range_A, size=n)
+    dastig = rng.uniform(0, astigmatism_A, size=n)
+    du, dv = dmean + dastig / 2, dmean - dastig / 2
+    dang = rng.uniform(0, 180, size=n)
+    projectors = {}
+    sigma = None
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(start + batch_size, n))
+        b = sl.stop - sl.start
+        images = np.empty((b, box, box), dtype=np.float32)
+        ctf = ctf_2d(box, pixel_size_A, du[sl], dv[sl], dang[sl], voltage_kV, cs_mm, amplitude_contrast,
+                     0.0, bfactor_A2)
+        for s in np.unique(state[sl]):
+            if s not in projectors:
+                projectors[s] = Projector(volumes(levels[s]) if continuous else vols[s])
+            sel = np.nonzero(state[sl] == s)[0]
+            idx = sel + start
+            images[sel] = projectors[s].project(angles[idx], origins_A[idx] / pixel_size_A, ctf[sel]).numpy()
+        if snr is not None:
+            if sigma is None:   # noise level fixed from the first batch, so every batch has the same SNR
+                sigma = math.sqrt(float(images.var(axis=(1, 2)).mean()) / snr)
+            images = images + _noise(images.shape, sigma, coloured_noise, rng, box)
+        yield {"images": images, "angles_deg": angles[sl], "origins_A": origins_A[sl], "defocus_u_A": du[sl],
+               "defocus_v_A": dv[sl], "defocus_angle_deg": dang[sl], "state": state[sl], "hinge": t[sl]}
+
+
+def write_particle_set(out_dir, volumes, n, pixel_size_A, voltage_kV=300.0, cs_mm=2.7, amplitude_contrast=0.1,
+                       stack_name="particles.mrcs", star_name="particles.star", **kwargs):
+    """Simulate ``n`` particles (see :func:`simulate_particles`) into ``out_dir``: an MRCS stack and a
+    RELION 3.1 STAR with the true poses, origins and CTF. Returns the STAR path."""
+    os.makedirs(out_dir, exist_ok=True)
+    first = volumes if not isinstance(volumes, (list, tuple)) else volumes[0]
+    box = (first(0.0) if callable(first) else first).shape[-1]
+    stack_path = os.path.join(out_dir, stack_name)
+    cols = {k: [] for k in ("angles_deg", "origins_A", "defocus_u_A", "defocus_v_A", "defocus_angle_deg",
+                            "state", "hinge")}
+    with io.atomic_output(stack_path) as tmp:
+        with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as mrc:
+            mrc.header.ispg = 0
+            pos = 0
+            for batch in simulate_particles(volumes, n, pixel_size_A, voltage_kV=voltage_kV, cs_mm=cs_mm,
+                                            amplitude_contrast=amplitude_contrast, **kwargs):
+                b = len(batch["images"])
+                mrc.data[pos:pos + b] = batch["images"]
+                pos += b
+                for k in cols:
+                    cols[k].append(batch[k])
+            mrc.voxel_size = pixel_size_A
+    cols = {k: np.concatenate(v) for k, v in cols.items()}
+    particles = {
+        "rlnImageName": np.array(["%06d@%s" % (i + 1, stack_name) for i in range(n)], dtype=object),
+        "rlnOpticsGroup": np.ones(n, dtype=np.int64),
+        "rlnDefocusU": cols["defocus_u_A"], "rlnDefocusV": cols["defocus_v_A"],
+        "rlnDefocusAngle": cols["defocus_angle_deg"],
+        "rlnAngleRot": cols["angles_deg"][:, 0], "rlnAngleTilt": cols["angles_deg"][:, 1],
+        "rlnAnglePsi": cols["angles_deg"][:, 2],
+        "rlnOriginXAngst": cols["origins_A"][:, 0], "rlnOriginYAngst": cols["origins_A"][:, 1],
+        "rlnClassNumber": cols["state"] + 1,
+    }
+    if np.isfinite(cols["hinge"]).any():
+        particles["dcHingeParameter"] = cols["hinge"]
+    star = io.ParticleStar(io.make_optics(pixel_size_A, box, voltage_kV, cs_mm, amplitude_contrast),
+                           particles, out_dir)
+    star_path = os.path.join(out_dir, star_name)
+    io.write_particles(star_path, star)
+    return star_path
+
+
+# ---------------------------------------------------------------------------------------------- program
+def _particles_parser(sub):
+    p = sub.add_parser("particles", help="particle stack with known poses, shifts, CTF and noise")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--n", type=int, default=1000, help="number of particles")
+    p.add_argument("--box", type=int, default=64, help="box size (px)")
+    p.add_argument("--pixel-size", type=float, default=2.0, help="Å/px")
+    p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise variance ratio; 0 = noiseless")
+    p.add_argument("--coloured-noise", action="store_true", help="coloured instead of white noise")
+    p.add_argument("--states", type=int, default=1, help="number of discrete conformations (equal shares)")
+    p.add_argument("--hinge", action="store_true", help="continuous hinge motion (parameter in the STAR)")
+    p.add_argument("--defocus-min", type=float, default=10000.0, help="Å")
+    p.add_argument("--defocus-max", type=float, default=25000.0, help="Å")
+    p.add_argument("--astigmatism", type=float, default=500.0, help="max U - V, Å")
+    p.add_argument("--max-shift", type=float, default=3.0, help="max origin per axis, px")
+    p.add_argument("--voltage", type=float, default=300.0, help="kV")
+    p.add_argument("--cs", type=float, default=2.7, help="mm")
+    p.add_argument("--amplitude-contrast", type=float, default=0.1)
+    p.add_argument("--bfactor", type=float, default=0.0, help="CTF envelope B-factor, Å²")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run_particles(args):
+    if args.box < 8 or args.n < 1 or args.pixel_size <= 0 or args.voltage <= 0 or args.cs < 0:
+        raise io.InputError("need --box >= 8, --n >= 1, --pixel-size > 0, --voltage > 0 and --cs >= 0")
+    kw = dict(snr=args.snr or None, seed=args.seed, defocus_range_A=(args.defocus_min, args.defocus_max),
+              astigmatism_A=args.astigmatism, max_shift_px=args.max_shift, bfactor_A2=args.bfactor,
+              coloured_noise=args.coloured_noise)
+    optics = dict(voltage_kV=args.voltage, cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.hinge:
+        vols = lambda t: hinge_volume(args.box, t, seed=args.seed)  # noqa: E731
+        io.write_mrc(os.path.join(args.output_dir, "truth_t0.mrc"), vols(0.0), args.pixel_size)
+        io.write_mrc(os.path.join(args.output_dir, "truth_t1.mrc"), vols(1.0), args.pixel_size)
+    elif args.states > 1:
+        vols = phantom_states(args.box, args.states, seed=args.seed)
+        for k, v in enumerate(vols):
+            io.write_mrc(os.path.join(args.output_dir, "truth_state%02d.mrc" % (k + 1)), v, args.pixel_size)
+        kw["state_of"] = np.random.default_rng(args.seed + 1).permutation(np.arange(args.n) % args.states)
+    else:
+        vols = phantom_volume(args.box, seed=args.seed)
+        io.write_mrc(os.path.join(args.output_dir, "truth.mrc"), vols, args.pixel_size)
+    star = write_particle_set(args.output_dir, vols, args.n, args.pixel_size, **optics, **kw)
+    print("wrote %s (%d particles, box %d, %.3g Å/px)" % (star, args.n, args.box, args.pixel_size))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m deepcryo.core.simulate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _particles_parser(sub)
+    try:
+        from . import micrographs
+        mp = sub.add_parser("micrographs", help="micrographs with known defocus U/V/angle + truth STAR")
+        micrographs.add_micrograph_arguments(mp)
+    except (ImportError, AttributeError):
+        micrographs = None
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "particles":
+            run_particles(args)
+        else:
+            micrographs.run_micrographs(args)
+    except io.InputError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
