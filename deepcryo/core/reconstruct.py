@@ -30,7 +30,7 @@ from . import fourier, io
 from .ctf import ctf_2d
 from .fsc import fsc, fsc_resolution_A, shell_frequencies
 from .geometry import euler_to_matrix, symmetry_matrices
-from .projector import gridding_kernel_1d, slice_coordinates
+from .projector import gridding_kernel_1d
 
 __all__ = ["Reconstructor", "reconstruct_star", "half_split", "main"]
 
@@ -52,36 +52,43 @@ class Reconstructor:
         self.device = torch.device(device or "cpu")
         self.max_radius_px = max_radius_px
         self.symmetry = symmetry_matrices(symmetry).to(torch.float32).to(self.device)
-        m = self.padded_box
-        # columns: real, imag, weight
-        self.grid = torch.zeros((m * m * m, 3), dtype=torch.float32, device=self.device)
+        # The grid has one extra plane per axis: trilinear corners of frequencies up to Nyquist reach index
+        # M, so no bounds checks are needed. Columns: real, imag, weight.
+        self._stride = self.padded_box + 2
+        self.grid = torch.zeros((self._stride ** 3, 3), dtype=torch.float32, device=self.device)
+        # the inserted half slice (kx >= 0, radius <= max): frequencies (P0, 3) and flat image indices
+        k = fourier.freq_grid_2d(self.box, device=self.device)
+        r = fourier.radius_grid_2d(self.box, device=self.device)
+        keep = ((k[..., 0] >= 0) & (r <= (max_radius_px or self.box / 2))).reshape(-1)
+        self._pixels = torch.nonzero(keep).squeeze(1)
+        k = k.reshape(-1, 2)[self._pixels]
+        self._freqs = torch.cat([k, torch.zeros_like(k[:, :1])], dim=1)
+        s = self._stride
+        self._corner_offsets = torch.tensor([dz * s * s + dy * s + dx for dz in (0, 1) for dy in (0, 1)
+                                             for dx in (0, 1)], device=self.device)
         self.count = 0
 
     def insert(self, spectra, ctf2, rotations):
-        """Insert centred, CTF-multiplied spectra (B, N, N) complex with their CTF² (B, N, N) at (B, 3, 3) poses."""
-        b, n = spectra.shape[0], self.box
-        m = self.padded_box
-        for s in self.symmetry:
-            coords, mask = slice_coordinates(rotations @ s.T, n, m, self.max_radius_px)
-            sel = mask.reshape(-1)
-            pts = coords.reshape(b, n * n, 3)[:, sel].reshape(-1, 3)
-            vals = torch.stack([spectra.real.reshape(b, -1)[:, sel].reshape(-1),
-                                spectra.imag.reshape(b, -1)[:, sel].reshape(-1),
-                                ctf2.reshape(b, -1)[:, sel].reshape(-1)], dim=1)
+        """Insert centred, CTF-multiplied spectra (B, N, N) complex with their CTF² (B, N, N) at (B, 3, 3) poses.
+
+        Only the half slice kx >= 0 is inserted: its Friedel mates are restored once, in
+        :meth:`reconstruct`, by Hermitian symmetry.
+        """
+        b, m, s = spectra.shape[0], self.padded_box, self._stride
+        flat = spectra.reshape(b, -1).index_select(1, self._pixels)
+        vals = torch.stack([flat.real, flat.imag, ctf2.reshape(b, -1).index_select(1, self._pixels)], -1)
+        vals = vals.reshape(-1, 3)
+        for sym in self.symmetry:
+            pts = (torch.matmul(self._freqs, rotations @ sym.T) * m + m // 2).reshape(-1, 3)   # k·A, grid units
             base = torch.floor(pts)
             frac = pts - base
             base = base.long()
-            for dz in (0, 1):
-                wz = frac[:, 2] if dz else 1 - frac[:, 2]
-                for dy in (0, 1):
-                    wy = frac[:, 1] if dy else 1 - frac[:, 1]
-                    for dx in (0, 1):
-                        wx = frac[:, 0] if dx else 1 - frac[:, 0]
-                        x, y, z = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
-                        ok = (x >= 0) & (x < m) & (y >= 0) & (y < m) & (z >= 0) & (z < m)
-                        idx = (z * m + y) * m + x
-                        w = (wx * wy * wz)[ok, None]
-                        self.grid.index_add_(0, idx[ok], vals[ok] * w)
+            wx = torch.stack([1 - frac[:, 0], frac[:, 0]], 1)
+            wy = torch.stack([1 - frac[:, 1], frac[:, 1]], 1)
+            wz = torch.stack([1 - frac[:, 2], frac[:, 2]], 1)
+            w = (wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(-1, 8)
+            idx = ((base[:, 2] * s + base[:, 1]) * s + base[:, 0])[:, None] + self._corner_offsets
+            self.grid.index_add_(0, idx.reshape(-1), (vals[:, None, :] * w[..., None]).reshape(-1, 3))
         self.count += b
 
     def insert_images(self, images, rotations, origins_px=None, ctf=None):
@@ -109,9 +116,12 @@ class Reconstructor:
                 ``w̄`` is the shell's mean weight (RELION's tau² regularisation). Without it the
                 weight is floored at 1e-3 of its mean.
         """
-        m, n = self.padded_box, self.box
-        data = torch.complex(self.grid[:, 0], self.grid[:, 1]).reshape(m, m, m)
-        weight = self.grid[:, 2].reshape(m, m, m)
+        m, n, s = self.padded_box, self.box, self._stride
+        grid = self.grid.reshape(s, s, s, 3)[:m + 1, :m + 1, :m + 1]
+        grid = grid + torch.flip(grid, dims=(0, 1, 2)) * torch.tensor([1.0, -1.0, 1.0], device=self.device)
+        grid = grid[:m, :m, :m]                  # Friedel mates restored (i <-> M - i); drop the extra plane
+        data = torch.complex(grid[..., 0], grid[..., 1])
+        weight = grid[..., 2]
         radius = fourier.radius_grid_3d(m, device=self.device) / (m / n)       # in N-grid Fourier pixels
         inside = radius <= (self.max_radius_px or n / 2)
         mean_w = weight[inside].mean().clamp(min=1e-30)

@@ -1,0 +1,58 @@
+"""deepcryo's conventions against RELION 3.1 (Debian package ``relion``): projection with CTF, origins and
+Euler angles, and reconstruction from RELION's own projections. Skipped where RELION is not installed
+(``.ci/run`` installs it)."""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from deepcryo.core import fsc, io, projector, reconstruct, simulate, ctf
+
+pytestmark = pytest.mark.skipif(shutil.which("relion_project") is None, reason="RELION (relion_project) not installed")
+
+BOX, PIXEL_A = 64, 2.0
+
+
+@pytest.fixture(scope="module")
+def relion_set(tmp_path_factory):
+    """3000 particle poses/origins/defoci (truth), and RELION's noiseless CTF projections of the phantom."""
+    folder = str(tmp_path_factory.mktemp("relion"))
+    vol = simulate.phantom_volume(BOX, seed=11)
+    io.write_mrc(os.path.join(folder, "truth.mrc"), vol, PIXEL_A)
+    star_path = simulate.write_particle_set(folder, vol, 3000, PIXEL_A, snr=None, seed=12, max_shift_px=4.0,
+                                            astigmatism_A=2000.0, defocus_range_A=(5000.0, 30000.0))
+    subprocess.run(["relion_project", "--i", "truth.mrc", "--ang", os.path.basename(star_path), "--ctf",
+                    "--angpix", str(PIXEL_A), "--o", "relion_proj"], cwd=folder, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return folder, vol, io.read_particles(star_path), io.read_particles(os.path.join(folder, "relion_proj.star"))
+
+
+def test_projector_reproduces_relion_project(relion_set):
+    folder, vol, star, _ = relion_set
+    relion_images, _ = io.read_mrc(os.path.join(folder, "relion_proj.mrcs"))
+    idx = np.arange(200)
+    p = {k: v[idx] for k, v in star.ctf_params().items()}
+    ours = projector.Projector(vol).project(star.angles_deg()[idx], star.origins_A()[idx] / PIXEL_A,
+                                            ctf.ctf_2d(BOX, PIXEL_A, **p)).numpy()
+    corr = np.array([np.corrcoef(ours[i].ravel(), relion_images[i].ravel())[0, 1] for i in idx])
+    assert corr.min() >= 0.99, "worst image correlation %.4f" % corr.min()
+    # same scale too (both are line integrals of the map)
+    assert np.allclose(ours.std(axis=(1, 2)), relion_images[idx].std(axis=(1, 2)), rtol=0.01)
+
+
+def test_reconstruction_from_relion_projections_matches_truth(relion_set):
+    _, vol, _, relion_star = relion_set
+    assert len(relion_star) >= 3000
+    out = reconstruct.reconstruct_star(relion_star)
+    res = fsc.fsc_resolution_A(fsc.fsc(vol, out["map"]), PIXEL_A, 0.5)
+    assert res <= 2.5 * PIXEL_A, "FSC 0.5 vs truth at %.2f Å" % res
+
+
+def test_relion_reads_our_star_and_we_read_relions(relion_set):
+    _, _, star, relion_star = relion_set
+    assert np.allclose(relion_star.angles_deg(), star.angles_deg(), atol=1e-4)
+    assert np.allclose(relion_star.origins_A(), star.origins_A(), atol=1e-4)
+    for k in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg"):
+        assert np.allclose(relion_star.ctf_params()[k], star.ctf_params()[k], atol=1e-3)
