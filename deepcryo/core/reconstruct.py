@@ -4,7 +4,7 @@ Method (RELION's ``BackProjector`` without the iterative gridding): each particl
 (origin undone by a phase ramp), multiplied by its CTF and inserted, with its CTF², into a ``pad``-times
 oversampled Fourier grid by trilinear weights, at the central slice of its pose (and of every symmetry
 copy ``A·S``). The map is ``V̂ = Σ CTF·X / (Σ CTF² + 1/SSNR)``; without an SSNR estimate the denominator
-is floored at 1e-3 of its mean over the Nyquist sphere (a plain inverse filter for clean data). The
+is floored at 1e-3 of its shell's mean (a plain inverse filter for clean data, as relion_reconstruct). The
 inverse transform is cropped back to N and divided by the trilinear kernel's transform (``sinc²`` per axis).
 
 Memory is bounded: particles stream in batches from memory-mapped stacks; only the two padded grids
@@ -114,7 +114,7 @@ class Reconstructor:
             ssnr: optional (N//2 + 1,) spectral SNR per shell of the N grid (e.g. from
                 :func:`deepcryo.core.fsc.fsc_to_ssnr`); adds a Wiener term ``1 / (SSNR · w̄)`` where
                 ``w̄`` is the shell's mean weight (RELION's tau² regularisation). Without it the
-                weight is floored at 1e-3 of its mean.
+                weight is floored at 1e-3 of its shell's mean (as relion_reconstruct does).
         """
         m, n, s = self.padded_box, self.box, self._stride
         grid = self.grid.reshape(s, s, s, 3)[:m + 1, :m + 1, :m + 1]
@@ -124,16 +124,16 @@ class Reconstructor:
         weight = grid[..., 2]
         radius = fourier.radius_grid_3d(m, device=self.device) / (m / n)       # in N-grid Fourier pixels
         inside = radius <= (self.max_radius_px or n / 2)
-        mean_w = weight[inside].mean().clamp(min=1e-30)
+        n_shells = n // 2 + 1
+        shells = torch.round(radius).long().clamp(max=n_shells - 1)
+        counts = torch.zeros(n_shells, device=self.device).index_add_(0, shells[inside], torch.ones_like(weight[inside]))
+        shell_w = torch.zeros(n_shells, device=self.device).index_add_(0, shells[inside], weight[inside])
+        shell_w = (shell_w / counts.clamp(min=1)).clamp(min=1e-30)
         if ssnr is not None:
-            shells = torch.round(radius).long().clamp(max=len(ssnr) - 1)
-            counts = torch.zeros(len(ssnr), device=self.device).index_add_(0, shells[inside], torch.ones_like(weight[inside]))
-            shell_w = torch.zeros(len(ssnr), device=self.device).index_add_(0, shells[inside], weight[inside])
-            shell_w = shell_w / counts.clamp(min=1)
-            tau_inv = 1.0 / (torch.as_tensor(ssnr, dtype=torch.float32, device=self.device).clamp(min=1e-6) * shell_w.clamp(min=1e-30))
-            denom = weight + tau_inv[shells]
+            ssnr = torch.as_tensor(ssnr, dtype=torch.float32, device=self.device)[:n_shells].clamp(min=1e-6)
+            denom = weight + (1.0 / (ssnr * shell_w))[shells]
         else:
-            denom = weight.clamp(min=1e-3 * float(mean_w))
+            denom = torch.maximum(weight, 1e-3 * shell_w[shells])
         ft = torch.where(inside, data / denom, torch.zeros_like(data))
         vol = fourier.ifft3c(ft).real
         vol = fourier.crop_to(vol, n, 3)
