@@ -56,8 +56,10 @@ def matrix_to_euler(matrix):
     sin_tilt = torch.sqrt(m[..., 2, 0] ** 2 + m[..., 2, 1] ** 2)
     tilt = torch.atan2(sin_tilt, cos_tilt)
     regular = sin_tilt > 1e-6
-    rot = torch.where(regular, torch.atan2(m[..., 2, 1], m[..., 2, 0]), torch.atan2(m[..., 0, 1], m[..., 0, 0])
-                      * torch.sign(cos_tilt + (cos_tilt == 0).to(m.dtype)))
+    # at the poles A = Rz(psi) Ry(0 or 180) Rz(rot) collapses to one in-plane angle, read off row 0
+    flip = torch.where(cos_tilt < 0, -1.0, 1.0).to(m.dtype)
+    rot = torch.where(regular, torch.atan2(m[..., 2, 1], m[..., 2, 0]),
+                      torch.atan2(flip * m[..., 0, 1], flip * m[..., 0, 0]))
     psi = torch.where(regular, torch.atan2(m[..., 1, 2], -m[..., 0, 2]), torch.zeros_like(rot))
     return torch.rad2deg(torch.stack([rot, tilt, psi], dim=-1))
 

@@ -70,6 +70,12 @@ def test_euler_matrix_round_trip_and_quaternions():
     assert torch.allclose(geometry.quaternion_to_matrix(geometry.matrix_to_quaternion(m)), m, atol=1e-9)
 
 
+def test_euler_round_trip_at_the_poles():
+    poles = np.array([[-50.0, 180.0, 10.0], [30.0, 0.0, 20.0], [170.0, 180.0, -100.0]])
+    m = geometry.euler_to_matrix(poles)
+    assert torch.allclose(geometry.euler_to_matrix(geometry.matrix_to_euler(m)), m, atol=1e-9)
+
+
 def test_euler_matches_relion_formula():
     # RELION Euler_angles2matrix for rot=10, tilt=20, psi=30, spelled out
     r, t, p = (math.radians(x) for x in (10, 20, 30))

@@ -1,0 +1,170 @@
+# **************************************************************************
+# *
+# * Authors:     the deepcryo developers
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# * This program is distributed in the hope that it will be useful,
+# * but WITHOUT ANY WARRANTY; without even the implied warranty of
+# * MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE.  See the
+# * GNU General Public License for more details.
+# *
+# * You should have received a copy of the GNU General Public License
+# * along with this program.  If not, see <https://www.gnu.org/licenses/>.
+# *
+# **************************************************************************
+"""Map reconstruction from aligned particles by direct Fourier inversion (``deepcryo.core.reconstruct``)."""
+import re
+
+import pyworkflow.protocol.params as params
+from pyworkflow.constants import BETA
+from pyworkflow.utils import Message
+from pwem.objects import FSC, Volume
+from pwem.protocols import ProtReconstruct3D
+
+from deepcryo import Plugin
+from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_PATTERN
+from deepcryo.convert import readFscStar, writeSetOfParticles
+
+
+class DeepCryoProtReconstruct(ProtReconstruct3D):
+    """Reconstructs a 3D map from particles with CTF and 3D alignment (angles and shifts).
+
+    Each particle image is CTF-multiplied and inserted into a padded Fourier grid at the central
+    slice of its orientation (and of every symmetry copy); the map is the CTF²-weighted average
+    (direct Fourier inversion, as relion_reconstruct). Optionally two half maps are reconstructed
+    from independent halves of the particles, and their Fourier shell correlation (FSC) gives the
+    resolution (0.143 threshold).
+    """
+    _label = "reconstruct"
+    _devStatus = BETA
+    _possibleOutputs = {OUTPUT_VOLUME: Volume, OUTPUT_FSC: FSC}
+
+    # --------------------------- DEFINE param functions --------------------------------------------
+    def _defineParams(self, form):
+        form.addSection(label=Message.LABEL_INPUT)
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
+                      pointerCondition="hasAlignmentProj", important=True, label="Input particles",
+                      help="Particles with CTF and 3D alignment (Euler angles and shifts), for "
+                           "example the output of a 3D refinement.")
+        form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry group",
+                      help="Point group of the map: cN (N-fold axis along z), dN (adds 2-fold axes "
+                           "along x), t, o or i, with the RELION/Xmipp axis conventions. c1: no "
+                           "symmetry.")
+        form.addParam("maxResolution", params.FloatParam, default=0.0, validators=[params.GE(0)],
+                      label="Maximum resolution (Å)",
+                      help="Highest resolution inserted into the map, in Å. 0: all frequencies, "
+                           "up to Nyquist (twice the pixel size).")
+        form.addParam("doHalfMaps", params.BooleanParam, default=True,
+                      label="Compute half maps and FSC?",
+                      help="Also reconstruct two half maps, each from one half of the particles, and "
+                           "their FSC. The halves are the particles' random subsets when they have "
+                           "them (e.g. from a RELION refinement), otherwise a random split.")
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
+                       help="Reconstruct on a CUDA GPU instead of the CPU threads.")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
+                       help="The one GPU to use, e.g. 0.")
+        form.addParallelSection(threads=4, mpi=0)
+
+    # --------------------------- INSERT steps functions --------------------------------------------
+    def _insertAllSteps(self):
+        self._createFilenameTemplates()
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(self.reconstructStep, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def _createFilenameTemplates(self):
+        self._updateFilenamesDict({
+            "input_star": self._getExtraPath("input_particles.star"),
+            "map": self._getExtraPath("map.mrc"),
+            "half1": self._getExtraPath("map_half1.mrc"),
+            "half2": self._getExtraPath("map_half2.mrc"),
+            "fsc": self._getExtraPath("map_fsc.star"),
+        })
+
+    # --------------------------- STEPS functions ---------------------------------------------------
+    def convertInputStep(self):
+        writeSetOfParticles(self.inputParticles.get(), self._getFileName("input_star"),
+                            outputDir=self._getExtraPath())
+
+    def reconstructStep(self):
+        args = ["--particles", self._getFileName("input_star"), "--output", self._getFileName("map"),
+                "--symmetry", self.symmetryGroup.get().strip(), "--threads", self.numberOfThreads.get()]
+        if self.maxResolution.get() > 0:
+            args += ["--max-resolution", self.maxResolution.get()]
+        if self.doHalfMaps:
+            args.append("--halves")
+        gpus = self.getGpuList() if self.usesGpu() else None
+        if gpus:
+            args += ["--device", "cuda:0"]  # the one GPU left visible by CUDA_VISIBLE_DEVICES
+        self.runJob(Plugin.getProgram("core.reconstruct", gpus=gpus), " ".join(str(a) for a in args))
+
+    def createOutputStep(self):
+        particles = self.inputParticles.get()
+        volume = Volume()
+        volume.setFileName(self._getFileName("map"))
+        volume.setSamplingRate(particles.getSamplingRate())
+        outputs = {OUTPUT_VOLUME: volume}
+        if self.doHalfMaps:
+            volume.setHalfMaps([self._getFileName("half1"), self._getFileName("half2")])
+            outputs[OUTPUT_FSC] = readFscStar(self._getFileName("fsc"), label="Half maps FSC")
+        self._defineOutputs(**outputs)
+        for output in outputs.values():
+            self._defineSourceRelation(self.inputParticles, output)
+
+    # --------------------------- INFO functions ----------------------------------------------------
+    def _validate(self):
+        errors = []
+        particles = self.inputParticles.get()
+        if particles is not None:
+            if particles.getSize() == 0:
+                errors.append("The input particle set is empty.")
+            if not particles.hasCTF():
+                errors.append("The input particles have no CTF: estimate the CTF of their micrographs "
+                              "before extracting them, or import particles with CTF.")
+            if not particles.hasAlignmentProj():
+                errors.append("The input particles have no 3D alignment (angles and shifts): use the "
+                              "output of a 3D refinement or alignment.")
+            sr = particles.getSamplingRate()
+            if 0 < self.maxResolution.get() < 2 * sr:
+                errors.append("Maximum resolution %.2f Å is beyond Nyquist (%.2f Å for %.3f Å/px); use 0 "
+                              "for Nyquist." % (self.maxResolution.get(), 2 * sr, sr))
+            if self.doHalfMaps and particles.getSize() == 1:
+                errors.append("Half maps need at least 2 particles.")
+        if not re.match(SYMMETRY_PATTERN, self.symmetryGroup.get() or ""):
+            errors.append("Unknown symmetry group '%s': use cN, dN (N >= 1), t, o or i, e.g. c1, d7, i."
+                          % self.symmetryGroup.get())
+        if self.usesGpu() and len(self.getGpuList()) != 1:
+            errors.append("The reconstruction runs on one GPU: give one GPU id (e.g. 0).")
+        return errors
+
+    def _summary(self):
+        if not hasattr(self, OUTPUT_VOLUME):
+            return ["Output map not ready yet."]
+        summary = ["Map reconstructed from %d particles with symmetry %s."
+                   % (self.inputParticles.get().getSize(), self.symmetryGroup.get())]
+        if hasattr(self, OUTPUT_FSC):
+            fsc = getattr(self, OUTPUT_FSC)
+            summary.append("Half-map FSC resolution: %s Å (FSC 0.143), %s Å (FSC 0.5)."
+                           % (fsc.calculateResolution(0.143, 2), fsc.calculateResolution(0.5, 2)))
+        return summary
+
+    def _methods(self):
+        if not hasattr(self, OUTPUT_VOLUME):
+            return []
+        limit = ("%.2f Å" % self.maxResolution.get()) if self.maxResolution.get() > 0 else "Nyquist"
+        methods = ["A 3D map was reconstructed from %d particles of %s by CTF-weighted direct Fourier "
+                   "inversion [Vilas2022] with deepcryo, imposing %s symmetry and using frequencies up "
+                   "to %s." % (self.inputParticles.get().getSize(), self.getObjectTag("inputParticles"),
+                               self.symmetryGroup.get(), limit)]
+        if hasattr(self, OUTPUT_FSC):
+            methods.append("The resolution of the map, from the Fourier shell correlation of two half "
+                           "maps reconstructed from independent halves of the particles, is %s Å "
+                           "(FSC 0.143)." % getattr(self, OUTPUT_FSC).calculateResolution(0.143, 2))
+        return methods
+
+    def _citations(self):
+        return ["Vilas2022"]
