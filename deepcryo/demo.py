@@ -117,7 +117,8 @@ def main(argv=None):
     from pyworkflow.project import Manager
 
     name = "deepcryo_demo_%s" % time.strftime("%Y%m%d_%H%M%S")
-    project = Manager().createProject(name, location=os.path.join(folder, "scipion", "projects", name))
+    project = Manager().createProject(name)
+    os.chdir(project.getPath())          # pyworkflow launches protocols relative to the project folder
     print("Scipion project: %s" % project.getPath())
     run_reconstruction(project, folder, args.particles, args.box, args.pixel_size, args.snr)
     run_defocus(project, folder, args.micrographs, args.micrograph_size)
