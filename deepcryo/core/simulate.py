@@ -29,7 +29,7 @@ import mrcfile
 import numpy as np
 import torch
 
-from . import fourier, io
+from . import fourier, io, micrographs
 from .ctf import ctf_2d
 from .geometry import matrix_to_euler, quaternion_to_matrix
 from .projector import Projector
@@ -287,12 +287,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _particles_parser(sub)
-    try:
-        from . import micrographs
-        mp = sub.add_parser("micrographs", help="micrographs with known defocus U/V/angle + truth STAR")
-        micrographs.add_micrograph_arguments(mp)
-    except (ImportError, AttributeError):
-        micrographs = None
+    micrographs.add_micrograph_arguments(
+        sub.add_parser("micrographs", help="micrographs with known defocus U/V/angle + truth STAR"))
     args = parser.parse_args(argv)
     try:
         if args.command == "particles":

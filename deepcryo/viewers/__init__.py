@@ -17,3 +17,5 @@
 # *
 # **************************************************************************
 """deepcryo's viewers (one import line per viewer: Scipion discovers them here)."""
+from .viewer_defocus import DeepCryoDefocusViewer
+from .viewer_swiftalign import DeepCryoSwiftAlignViewer

@@ -1,0 +1,171 @@
+"""Simulated micrographs with known CTF: the ground truth of the defocus estimator's tests and training.
+
+A micrograph is built in Fourier space (one real FFT, one inverse), so a 4096² image takes well under
+a second on CPU:
+
+* specimen = particle-like Gaussian blobs (random centres, sizes and weights) + a coloured ice/carbon
+  texture (power ∝ 1 / (1 + (s/s0)²)^exponent plus a flat "atomic" floor), as a phase-contrast signal;
+* times the CTF of :mod:`deepcryo.core.ctf` (RELION sign; defocus U/V in Å, angle in degrees from the
+  image x axis to U) with the B-factor envelope ``exp(-B s²/4)``;
+* intensity ``dose·p²·(1 + signal)`` counts per pixel (dose in e⁻/Å², pixel size p in Å/px) with shot
+  noise (Gaussian approximation of Poisson) and a small white read-out noise.
+
+Images are arrays ``[y, x]``; the x axis is the last axis, as in :mod:`deepcryo.core.fourier`.
+Everything is deterministic given ``seed``.
+"""
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from . import ctf as ctf_mod
+from . import io
+
+__all__ = ["simulate_micrograph", "simulate_micrograph_set", "random_micrograph_parameters",
+           "add_micrograph_arguments", "run_micrographs", "TRUTH_COLUMNS"]
+
+#: truth dict key -> RELION column written in the truth STAR
+TRUTH_COLUMNS = OrderedDict([
+    ("defocus_u_A", "rlnDefocusU"), ("defocus_v_A", "rlnDefocusV"), ("defocus_angle_deg", "rlnDefocusAngle"),
+    ("voltage_kV", "rlnVoltage"), ("cs_mm", "rlnSphericalAberration"),
+    ("amplitude_contrast", "rlnAmplitudeContrast"), ("phase_shift_deg", "rlnPhaseShift"),
+    ("bfactor_A2", "rlnCtfBfactor"), ("pixel_size_A", "rlnMicrographPixelSize")])
+
+
+def simulate_micrograph(size_px=1024, pixel_size_A=1.0, voltage_kV=300.0, cs_mm=2.7, amplitude_contrast=0.07,
+                        defocus_u_A=15000.0, defocus_v_A=14000.0, defocus_angle_deg=30.0, phase_shift_deg=0.0,
+                        bfactor_A2=60.0, dose_e_per_A2=40.0, contrast=0.08, n_particles=None,
+                        particle_diameter_A=150.0, texture_strength=1.0, texture_exponent=1.0, seed=0):
+    """One simulated micrograph (``size_px`` × ``size_px``) and its truth.
+
+    Args:
+        size_px: image side (px). pixel_size_A: Å/px. voltage_kV: kV. cs_mm: mm.
+        amplitude_contrast: fraction (0..1). defocus_u_A, defocus_v_A: Å, positive underfocus (U >= V is
+            not required; the truth is returned standardised to U >= V, angle in [0, 180)).
+        defocus_angle_deg: degrees from the image x axis to the U direction. phase_shift_deg: degrees.
+        bfactor_A2: envelope B-factor (Å²). dose_e_per_A2: electrons per Å² (sets the shot noise).
+        contrast: standard deviation of the specimen's relative intensity modulation.
+        n_particles: number of blobs (default: a field about 40 % covered). particle_diameter_A: Å.
+        texture_strength: weight of the ice/carbon texture relative to the particles.
+        texture_exponent: power-law exponent of the texture spectrum (≈0.5 ice … 1.5 carbon).
+        seed: random seed (the image is a deterministic function of all arguments).
+    Returns:
+        (image float32 (size_px, size_px) in counts per pixel, truth dict with the CTF and acquisition values).
+    """
+    if size_px < 16 or pixel_size_A <= 0 or dose_e_per_A2 <= 0:
+        raise io.InputError("micrograph simulation needs size_px >= 16, pixel_size_A > 0 and a positive dose")
+    gen = torch.Generator().manual_seed(int(seed))
+    n = int(size_px)
+    sigma_px = 0.25 * particle_diameter_A / pixel_size_A
+    if n_particles is None:
+        n_particles = max(1, int(0.4 * n * n / (math.pi * (2 * sigma_px) ** 2)))
+    # particles: weighted impulses, later convolved with a Gaussian profile in Fourier space
+    impulses = torch.zeros(n * n)
+    pos = torch.randint(0, n * n, (n_particles,), generator=gen)
+    impulses.index_add_(0, pos, 0.5 + torch.rand(n_particles, generator=gen))
+    spectrum = torch.fft.rfft2(impulses.reshape(n, n))
+    fy = torch.fft.fftfreq(n).reshape(-1, 1) / pixel_size_A
+    fx = torch.fft.rfftfreq(n).reshape(1, -1) / pixel_size_A
+    s2 = fx * fx + fy * fy
+    blob = torch.exp(-2.0 * math.pi ** 2 * (sigma_px * pixel_size_A) ** 2 * s2)
+    spectrum = spectrum * blob / math.sqrt(max(n_particles, 1))
+    # texture: complex Gaussian noise with a coloured amplitude spectrum + a flat floor
+    s0 = 1.0 / 60.0
+    colour = (1.0 + s2 / s0 ** 2) ** (-0.5 * texture_exponent) + 0.15
+    noise = torch.complex(torch.randn(s2.shape, generator=gen), torch.randn(s2.shape, generator=gen))
+    spectrum = spectrum + texture_strength * n * 0.05 * colour * noise
+    spectrum[0, 0] = 0.0
+    grid = torch.stack(torch.broadcast_tensors(fx, fy), dim=-1).reshape(-1, 2)
+    transfer = ctf_mod.ctf_from_freqs(grid, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
+                                      amplitude_contrast, phase_shift_deg, bfactor_A2).reshape(s2.shape)
+    signal = torch.fft.irfft2(spectrum * transfer, s=(n, n))
+    signal = signal * (contrast / signal.std().clamp(min=1e-12))
+    counts = dose_e_per_A2 * pixel_size_A ** 2
+    image = counts * (1.0 + signal)
+    image = image + torch.randn(n, n, generator=gen) * torch.sqrt(image.clamp(min=0.0) + 0.25)
+    u, v, ang = float(defocus_u_A), float(defocus_v_A), float(defocus_angle_deg)
+    if v > u:
+        u, v, ang = v, u, ang + 90.0
+    truth = OrderedDict([
+        ("defocus_u_A", u), ("defocus_v_A", v), ("defocus_angle_deg", ang % 180.0),
+        ("voltage_kV", float(voltage_kV)), ("cs_mm", float(cs_mm)),
+        ("amplitude_contrast", float(amplitude_contrast)), ("phase_shift_deg", float(phase_shift_deg)),
+        ("bfactor_A2", float(bfactor_A2)), ("pixel_size_A", float(pixel_size_A)),
+        ("dose_e_per_A2", float(dose_e_per_A2)), ("contrast", float(contrast)), ("size_px", n), ("seed", int(seed))])
+    return image.numpy().astype(np.float32), truth
+
+
+def random_micrograph_parameters(rng, pixel_size_range_A=(0.5, 2.5), voltages_kV=(200.0, 300.0),
+                                 cs_mm=2.7, defocus_range_A=(3000.0, 50000.0), astigmatism_max_A=2000.0,
+                                 amplitude_contrast=(0.05, 0.1), bfactor_range_A2=(20.0, 150.0),
+                                 dose_range=(20.0, 60.0), contrast_range=(0.04, 0.12)):
+    """Random keyword arguments for :func:`simulate_micrograph` drawn with a numpy ``rng``.
+
+    Defocus is the mean defocus (Å), uniform in ``defocus_range_A``; U - V uniform in [0, astigmatism_max_A]
+    (Å); angle uniform in [0, 180) degrees; textures from ice-like to carbon-like.
+    """
+    mean = rng.uniform(*defocus_range_A)
+    astig = rng.uniform(0.0, astigmatism_max_A)
+    return dict(pixel_size_A=float(rng.uniform(*pixel_size_range_A)), voltage_kV=float(rng.choice(voltages_kV)),
+                cs_mm=float(cs_mm), amplitude_contrast=float(rng.uniform(*amplitude_contrast)),
+                defocus_u_A=float(mean + astig / 2), defocus_v_A=float(mean - astig / 2),
+                defocus_angle_deg=float(rng.uniform(0.0, 180.0)), bfactor_A2=float(rng.uniform(*bfactor_range_A2)),
+                dose_e_per_A2=float(rng.uniform(*dose_range)), contrast=float(rng.uniform(*contrast_range)),
+                texture_strength=float(rng.uniform(0.3, 2.0)), texture_exponent=float(rng.uniform(0.5, 1.5)),
+                particle_diameter_A=float(rng.uniform(80.0, 250.0)))
+
+
+def simulate_micrograph_set(n, out_dir, size_px=1024, seed=0, star_name="micrographs_ctf.star", **ranges):
+    """Write ``n`` simulated micrographs ``mic_0000.mrc`` … and a truth STAR into ``out_dir``.
+
+    ``ranges`` go to :func:`random_micrograph_parameters`. The STAR (``data_micrographs``) has
+    ``rlnMicrographName`` (relative to the STAR's folder) and the RELION CTF columns of
+    :data:`TRUTH_COLUMNS` per micrograph. Returns ``(star path, list of truth dicts)``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    truths, names = [], []
+    for i in range(n):
+        params = random_micrograph_parameters(rng, **ranges)
+        image, truth = simulate_micrograph(size_px=size_px, seed=int(rng.integers(2 ** 31)), **params)
+        name = "mic_%04d.mrc" % i
+        io.write_mrc(os.path.join(out_dir, name), image, truth["pixel_size_A"])
+        truths.append(truth)
+        names.append(name)
+    cols = OrderedDict([("rlnMicrographName", np.array(names, dtype=object))])
+    for key, column in TRUTH_COLUMNS.items():
+        cols[column] = np.array([t[key] for t in truths], dtype=np.float64)
+    star = os.path.join(out_dir, star_name)
+    io.write_star(star, OrderedDict([("micrographs", cols)]))
+    return star, truths
+
+
+def add_micrograph_arguments(parser):
+    """Options of ``python -m deepcryo.core.simulate micrographs``."""
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--n", type=int, default=20, help="number of micrographs")
+    parser.add_argument("--size", type=int, default=4096, help="micrograph side (px)")
+    parser.add_argument("--pixel-size-min", type=float, default=0.5, help="Å/px")
+    parser.add_argument("--pixel-size-max", type=float, default=2.5, help="Å/px")
+    parser.add_argument("--voltages", type=float, nargs="+", default=[200.0, 300.0], help="kV, drawn at random")
+    parser.add_argument("--cs", type=float, default=2.7, help="mm")
+    parser.add_argument("--defocus-min", type=float, default=3000.0, help="mean defocus, Å")
+    parser.add_argument("--defocus-max", type=float, default=50000.0, help="mean defocus, Å")
+    parser.add_argument("--astigmatism", type=float, default=2000.0, help="max U - V, Å")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run_micrographs(args):
+    """Run ``micrographs`` from parsed :func:`add_micrograph_arguments` options; prints one summary line."""
+    if args.n < 1 or args.size < 64 or not 0 < args.pixel_size_min <= args.pixel_size_max:
+        raise io.InputError("need --n >= 1, --size >= 64 and 0 < --pixel-size-min <= --pixel-size-max")
+    if not 0 < args.defocus_min <= args.defocus_max or args.astigmatism < 0:
+        raise io.InputError("need 0 < --defocus-min <= --defocus-max and --astigmatism >= 0")
+    star, _ = simulate_micrograph_set(
+        args.n, args.output_dir, size_px=args.size, seed=args.seed,
+        pixel_size_range_A=(args.pixel_size_min, args.pixel_size_max), voltages_kV=tuple(args.voltages),
+        cs_mm=args.cs, defocus_range_A=(args.defocus_min, args.defocus_max), astigmatism_max_A=args.astigmatism)
+    print("wrote %s (%d micrographs of %d px)" % (star, args.n, args.size))

@@ -1,0 +1,270 @@
+"""Batched physics fit of the 2D CTF to background-subtracted PSDs (torch).
+
+Score: the normalised (Pearson) correlation, over the pixels of a resolution band (half plane), between a
+PSD from :func:`deepcryo.defocus.psd.compute_psd` and the model ``CTF²`` (``sin²γ``; ``|CTF|`` is not
+used: the PSD is a power). γ follows :mod:`deepcryo.core.ctf`:
+``γ = π λ Δf(φ) s² − (π/2) Cs λ³ s⁴ + atan(w/√(1−w²)) + phase shift``, with
+``Δf(φ) = z + a·cos(2(φ − θ))``, z the mean defocus (Å), ``a = (U − V)/2`` (Å), θ the angle (degrees from
+the x axis to U). The optimiser works on ``(z, a cos 2θ, a sin 2θ)``, smooth at zero astigmatism.
+
+* :func:`refine` — local fit from a start (the CNN's guess): a 1D scan of the mean defocus around the start
+  (±5000 Å, low-resolution band), then Adam on (z, a cos 2θ, a sin 2θ [, phase]) over a low then the full band.
+* :func:`exhaustive_search` — CTFFIND-style baseline without any start: a 2D grid of mean defocus ×
+  astigmatism × angle over the low-resolution band, then the same local refinement.
+* :func:`fit_resolution` — the highest resolution (Å) up to which the fitted CTF² keeps agreeing with the
+  PSD (ring-shell correlation > 0.1).
+"""
+import math
+
+import torch
+
+from ..core import ctf as ctf_mod
+from ..core import fourier
+
+__all__ = ["BandPixels", "refine", "exhaustive_search", "fit_resolution", "score_params", "FitResult",
+           "disagreement_flag", "score_only"]
+
+SEARCH_LOW_BAND_A = 8.0  # high-resolution limit (Å) of the robust search stages
+
+
+class BandPixels:
+    """Half-plane pixels of a centred ``size_px`` PSD at ``sampling_A`` Å/px between ``low_A`` and ``high_A``.
+
+    Holds ``index`` (flat pixel indices), ``s2`` (1/Å²), ``cos2`` and ``sin2`` (of twice the azimuth).
+    """
+
+    def __init__(self, size_px, sampling_A, low_A, high_A, device=None):
+        grid = fourier.freq_grid_2d(size_px, device=device).reshape(-1, 2) / sampling_A
+        s = grid.norm(dim=1)
+        half = (grid[:, 1] > 0) | ((grid[:, 1] == 0) & (grid[:, 0] > 0))
+        keep = half & (s >= 1.0 / low_A) & (s <= 1.0 / high_A)
+        self.index = torch.nonzero(keep)[:, 0]
+        g = grid[self.index]
+        phi = torch.atan2(g[:, 1], g[:, 0])
+        self.s2 = (g * g).sum(dim=1)
+        self.s = self.s2.sqrt()
+        self.cos2, self.sin2 = torch.cos(2 * phi), torch.sin(2 * phi)
+
+    def take(self, psd):
+        """(B, M) values of (B, size, size) PSDs at the band pixels."""
+        return psd.reshape(psd.shape[0], -1)[:, self.index]
+
+
+def _gamma(band, z, ax, ay, phase_rad, voltage_kV, cs_mm, amplitude_contrast):
+    """Phase γ (..., M) for parameter tensors of shape (...,) broadcast over the band pixels."""
+    lam = ctf_mod.wavelength_A(voltage_kV)
+    dz = z[..., None] + ax[..., None] * band.cos2 + ay[..., None] * band.sin2
+    w = amplitude_contrast
+    return (math.pi * lam[..., None] * dz * band.s2
+            - 0.5 * math.pi * (cs_mm[..., None] * 1e7) * lam[..., None] ** 3 * band.s2 ** 2
+            + torch.atan(w / torch.sqrt(1 - w * w))[..., None] + phase_rad[..., None])
+
+
+def _corr(data, model):
+    """Pearson correlation over the last axis; ``data`` (B, M) centred & unit-norm, ``model`` (B, ..., M)."""
+    m = model - model.mean(dim=-1, keepdim=True)
+    d = data.reshape(data.shape[:1] + (1,) * (model.ndim - 2) + data.shape[1:])
+    return (m * d).sum(-1) / m.norm(dim=-1).clamp(min=1e-12)
+
+
+def _prep(data):
+    d = data - data.mean(dim=-1, keepdim=True)
+    return d / d.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def _acq(values, b, device):
+    return torch.as_tensor(values, dtype=torch.float32, device=device).reshape(-1).expand(b).clone()
+
+
+def score_params(psd, sampling_A, band, z, ax, ay, phase_rad, voltage_kV, cs_mm, amplitude_contrast):
+    """Correlation (B, K) of PSDs (B, S, S) with CTF² for K candidate parameter sets (B, K) each."""
+    data = _prep(band.take(psd))
+    acq = [v[:, None].expand_as(z) for v in (voltage_kV, cs_mm, amplitude_contrast)]
+    return _corr(data, torch.sin(_gamma(band, z, ax, ay, phase_rad, *acq)) ** 2)
+
+
+class FitResult:
+    """Fitted CTFs (tensors of shape (B,)): defocus_u_A, defocus_v_A (Å, U >= V), defocus_angle_deg
+    ([0, 180)), phase_shift_deg, figure_of_merit (band correlation), resolution_A (see :func:`fit_resolution`)."""
+
+    def __init__(self, z, ax, ay, phase_rad, fom):
+        half = torch.sqrt(ax * ax + ay * ay)
+        self.defocus_u_A = (z + half).detach()
+        self.defocus_v_A = (z - half).detach()
+        self.defocus_angle_deg = (torch.rad2deg(torch.atan2(ay, ax)) / 2.0 % 180.0).detach()
+        self.phase_shift_deg = (torch.rad2deg(phase_rad) % 180.0).detach()
+        self.figure_of_merit = fom.detach()
+        self.resolution_A = torch.full_like(z, float("nan"))
+        self._z, self._ax, self._ay, self._phase = z.detach(), ax.detach(), ay.detach(), phase_rad.detach()
+
+
+def _local(psd, sampling_A, bands, z, ax, ay, phase, acq, fit_phase, iterations):
+    """Adam on (z, ax, ay[, phase]) in units of 10⁴ Å (radians) over successive bands."""
+    scale = 1e4
+    params = [(z / scale).clone().requires_grad_(True), (ax / scale).clone().requires_grad_(True),
+              (ay / scale).clone().requires_grad_(True)]
+    ph = phase.clone().requires_grad_(fit_phase)
+    if fit_phase:
+        params.append(ph)
+    for band, n_iter, lr0 in zip(bands, iterations, (0.004, 0.002)):
+        data = _prep(band.take(psd))
+        opt = torch.optim.Adam(params, lr=lr0)
+        for it in range(n_iter):
+            for g in opt.param_groups:
+                g["lr"] = lr0 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / n_iter)))
+            opt.zero_grad()
+            gam = _gamma(band, params[0] * scale, params[1] * scale, params[2] * scale, ph, *acq)
+            loss = -_corr(data, torch.sin(gam) ** 2).sum()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        band = bands[-1]
+        z, ax, ay = (p.detach() * scale for p in params[:3])
+        fom = _corr(_prep(band.take(psd)), torch.sin(_gamma(band, z, ax, ay, ph.detach(), *acq)) ** 2)
+    return z, ax, ay, ph.detach(), fom
+
+
+def _bands(size_px, sampling_A, low_A, high_A, device):
+    search_high = max(SEARCH_LOW_BAND_A, high_A)
+    return (BandPixels(size_px, sampling_A, low_A, search_high, device),
+            BandPixels(size_px, sampling_A, low_A, high_A, device))
+
+
+def _best(scores, *cands):
+    k = scores.argmax(dim=1)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return [c[rows, k] for c in cands]
+
+
+def refine(psd, sampling_A, start_u_A, start_v_A, start_angle_deg, voltage_kV, cs_mm, amplitude_contrast,
+           low_A=30.0, high_A=5.0, fit_phase=False, start_phase_deg=0.0, iterations=(60, 100)):
+    """Local CTF fit from a start (e.g. the CNN's guess), batched over B micrographs.
+
+    Args:
+        psd: (B, S, S) PSDs from :func:`~deepcryo.defocus.psd.compute_psd` at ``sampling_A`` Å/px.
+        start_u_A, start_v_A, start_angle_deg: (B,) start defoci (Å) and angle (degrees).
+        voltage_kV, cs_mm, amplitude_contrast: floats or (B,).
+        low_A, high_A: resolution band of the fit (Å), ``high_A >= 2 · sampling_A``.
+        fit_phase: also fit a phase shift (phase plates), from ``start_phase_deg`` (degrees).
+        iterations: Adam steps on the low-resolution band then on the full band.
+    Returns:
+        :class:`FitResult` with ``resolution_A`` filled in.
+    """
+    dev = psd.device
+    b, size = psd.shape[0], psd.shape[-1]
+    acq = [_acq(v, b, dev) for v in (voltage_kV, cs_mm, amplitude_contrast)]
+    lowband, band = _bands(size, sampling_A, low_A, high_A, dev)
+    u, v = _acq(start_u_A, b, dev), _acq(start_v_A, b, dev)
+    ang = torch.deg2rad(_acq(start_angle_deg, b, dev))
+    z0, a0 = 0.5 * (u + v), 0.5 * (u - v)
+    ax0, ay0 = a0 * torch.cos(2 * ang), a0 * torch.sin(2 * ang)
+    # robust stage: scan of the mean defocus (start ±5000 Å, 100 Å steps), with and without astigmatism
+    dz = torch.linspace(-5000.0, 5000.0, 101, device=dev)
+    phases = torch.deg2rad(torch.arange(0.0, 180.0, 30.0, device=dev)) if fit_phase else \
+        torch.deg2rad(_acq(start_phase_deg, 1, dev))
+    zc = (z0[:, None, None, None] + dz[None, :, None, None]).clamp(min=500.0)
+    astig = torch.tensor([1.0, 0.0], device=dev)[None, None, :, None]
+    axc, ayc = ax0[:, None, None, None] * astig, ay0[:, None, None, None] * astig
+    shape = (b, dz.numel(), 2, phases.numel())
+    zc, axc, ayc = (t.expand(shape).reshape(b, -1) for t in (zc, axc, ayc))
+    phc = phases.reshape(1, 1, 1, -1).expand(shape).reshape(b, -1)
+    with torch.no_grad():
+        scores = score_params(psd, sampling_A, lowband, zc, axc, ayc, phc, *acq)
+    z, ax, ay, ph = _best(scores, zc, axc, ayc, phc)
+    z, ax, ay, ph, fom = _local(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, fit_phase, iterations)
+    result = FitResult(z, ax, ay, ph, fom)
+    result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
+    return result
+
+
+def score_only(psd, sampling_A, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
+               amplitude_contrast, low_A=30.0, high_A=5.0):
+    """No fit: figure of merit and fit resolution of given parameters (e.g. the CNN's) as a :class:`FitResult`."""
+    dev = psd.device
+    b, size = psd.shape[0], psd.shape[-1]
+    acq = [_acq(v, b, dev) for v in (voltage_kV, cs_mm, amplitude_contrast)]
+    band = BandPixels(size, sampling_A, low_A, high_A, dev)
+    u, v = _acq(defocus_u_A, b, dev), _acq(defocus_v_A, b, dev)
+    ang = torch.deg2rad(_acq(defocus_angle_deg, b, dev))
+    z, a = 0.5 * (u + v), 0.5 * (u - v)
+    ax, ay, ph = a * torch.cos(2 * ang), a * torch.sin(2 * ang), torch.zeros_like(z)
+    with torch.no_grad():
+        fom = score_params(psd, sampling_A, band, z[:, None], ax[:, None], ay[:, None], ph[:, None], *acq)[:, 0]
+    result = FitResult(z, ax, ay, ph, fom)
+    result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
+    return result
+
+
+def exhaustive_search(psd, sampling_A, voltage_kV, cs_mm, amplitude_contrast, low_A=30.0, high_A=5.0,
+                      defocus_range_A=(1000.0, 60000.0), defocus_step_A=200.0, astigmatism_max_A=2000.0,
+                      astigmatism_step_A=500.0, angle_step_deg=15.0, iterations=(60, 100), chunk=4096):
+    """CTFFIND-style baseline: 2D grid search (no start), then :func:`refine`'s local optimisation.
+
+    Grid: mean defocus over ``defocus_range_A`` every ``defocus_step_A`` (Å); U − V from 0 to
+    ``astigmatism_max_A`` every ``astigmatism_step_A`` (Å); angle every ``angle_step_deg`` degrees; scored on
+    the low-resolution band (``low_A`` to 8 Å). Returns a :class:`FitResult`.
+    """
+    dev = psd.device
+    b, size = psd.shape[0], psd.shape[-1]
+    acq = [_acq(v, b, dev) for v in (voltage_kV, cs_mm, amplitude_contrast)]
+    lowband, band = _bands(size, sampling_A, low_A, high_A, dev)
+    zs = torch.arange(defocus_range_A[0], defocus_range_A[1] + 1e-3, defocus_step_A, device=dev)
+    halves = torch.arange(astigmatism_step_A, astigmatism_max_A + 1e-3, astigmatism_step_A, device=dev) / 2
+    angs = torch.deg2rad(torch.arange(0.0, 180.0, angle_step_deg, device=dev))
+    astig = torch.cat([torch.zeros(1, 2, device=dev),
+                       torch.stack([(halves[:, None] * torch.cos(2 * angs)).reshape(-1),
+                                    (halves[:, None] * torch.sin(2 * angs)).reshape(-1)], dim=1)])
+    zc = zs[:, None].expand(-1, astig.shape[0]).reshape(-1)
+    axc = astig[:, 0][None].expand(zs.numel(), -1).reshape(-1)
+    ayc = astig[:, 1][None].expand(zs.numel(), -1).reshape(-1)
+    best = torch.full((b,), -2.0, device=dev)
+    bz, bax, bay = torch.zeros(b, device=dev), torch.zeros(b, device=dev), torch.zeros(b, device=dev)
+    zero = torch.zeros(b, device=dev)
+    with torch.no_grad():
+        for i in range(0, zc.numel(), chunk):
+            cz, cax, cay = (t[i:i + chunk][None].expand(b, -1) for t in (zc, axc, ayc))
+            scores = score_params(psd, sampling_A, lowband, cz, cax, cay, zero[:, None].expand_as(cz), *acq)
+            s, k = scores.max(dim=1)
+            better = s > best
+            best = torch.where(better, s, best)
+            bz = torch.where(better, cz[0, k], bz)
+            bax = torch.where(better, cax[0, k], bax)
+            bay = torch.where(better, cay[0, k], bay)
+    z, ax, ay, ph, fom = _local(psd, sampling_A, (lowband, band), bz, bax, bay, zero, acq, False, iterations)
+    result = FitResult(z, ax, ay, ph, fom)
+    result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
+    return result
+
+
+def fit_resolution(psd, sampling_A, result, acq, low_A, shell_px=6, threshold=0.1):
+    """Resolution (Å) where the fit stops agreeing: the start of the first two consecutive ring shells
+    (``shell_px`` wide, beyond ``low_A``) whose correlation between PSD and fitted CTF² is below
+    ``threshold``; the PSD's Nyquist (``2 · sampling_A``) when that never happens. (B,) tensor."""
+    size = psd.shape[-1]
+    band = BandPixels(size, sampling_A, low_A, 2.0 * sampling_A, psd.device)
+    with torch.no_grad():
+        model = torch.sin(_gamma(band, result._z, result._ax, result._ay, result._phase, *acq)) ** 2
+    data = band.take(psd)
+    r_px = band.s * sampling_A * size
+    shell = ((r_px - r_px.min()) / shell_px).long()
+    out = torch.full((psd.shape[0],), 2.0 * sampling_A, device=psd.device)
+    for i in range(psd.shape[0]):
+        below = []
+        for k in range(int(shell.max()) + 1):
+            sel = shell == k
+            if sel.sum() < 16:
+                continue
+            below.append((bool(_corr(_prep(data[i:i + 1, sel]), model[i:i + 1, sel])[0] < threshold),
+                          float(1.0 / band.s[sel].min())))
+            if len(below) >= 2 and below[-1][0] and below[-2][0]:
+                out[i] = below[-2][1]
+                break
+    return out
+
+
+def disagreement_flag(start_u_A, start_v_A, result, tolerance_A=1500.0, relative=0.15):
+    """True (B,) where the fitted mean defocus differs from the start's by more than
+    ``max(tolerance_A, relative · defocus)``: the CNN and the physics disagree, confidence is low."""
+    start = 0.5 * (torch.as_tensor(start_u_A) + torch.as_tensor(start_v_A))
+    fitted = 0.5 * (result.defocus_u_A + result.defocus_v_A)
+    return (start - fitted).abs() > torch.clamp(relative * fitted, min=tolerance_A)

@@ -1,0 +1,212 @@
+"""Prediction: micrographs → CNN guess → (optional) physics refinement → RELION CTF STAR + PSD images.
+
+Per micrograph, :func:`estimate_batch` computes
+
+1. the CNN input with :func:`deepcryo.defocus.psd.compute_psd` (samplings 1, 2, 3 Å/px, 128 px);
+2. the fit PSD with the same function at ``fit_sampling_A(pixel_size, high_A)`` Å/px, :data:`FIT_SIZE_PX` px;
+3. the CNN's U, V, angle; then :func:`deepcryo.defocus.fit.refine` from it (or, with ``refine=False``,
+   only the CNN's values, scored on the fit PSD);
+4. figure of merit (band correlation with CTF²), fit resolution (Å), and a low-confidence flag when the
+   CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`).
+
+A micrograph that cannot be used (unreadable, NaN/Inf, smaller than a PSD tile, no pixel size) is
+reported and skipped; the others go on.
+"""
+import glob
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from ..core import io
+from . import fit as fit_mod
+from . import model as model_mod
+from .psd import compute_psd
+
+__all__ = ["MicrographEntry", "list_micrographs", "fit_sampling_A", "estimate_batch", "predict", "write_ctf_star",
+           "FIT_SIZE_PX"]
+
+FIT_SIZE_PX = 384
+
+
+class MicrographEntry:
+    """A micrograph to process: ``path`` and its acquisition (None = not known yet)."""
+
+    def __init__(self, path, pixel_size_A=None, voltage_kV=None, cs_mm=None, amplitude_contrast=None):
+        self.path = path
+        self.pixel_size_A = pixel_size_A
+        self.voltage_kV = voltage_kV
+        self.cs_mm = cs_mm
+        self.amplitude_contrast = amplitude_contrast
+
+
+def list_micrographs(spec):
+    """Micrograph entries from a glob pattern or a STAR file (``rlnMicrographName`` relative to the STAR's
+    folder; per-row or ``data_optics`` ``rlnMicrographPixelSize``, ``rlnVoltage``, ``rlnSphericalAberration``,
+    ``rlnAmplitudeContrast`` when present)."""
+    if spec.endswith(".star"):
+        blocks = io.read_star(spec)
+        name = "micrographs" if "micrographs" in blocks else next((b for b in blocks if b != "optics"), None)
+        cols = blocks.get(name, {})
+        if "rlnMicrographName" not in cols:
+            raise io.InputError("%s: no rlnMicrographName column" % spec)
+        optics = blocks.get("optics", {})
+        folder = os.path.dirname(os.path.abspath(spec))
+        group_row = {}
+        if "rlnOpticsGroup" in optics:
+            group_row = {int(g): i for i, g in enumerate(optics["rlnOpticsGroup"])}
+        entries = []
+        for i, mic in enumerate(cols["rlnMicrographName"]):
+            orow = group_row.get(int(cols["rlnOpticsGroup"][i]), 0) if "rlnOpticsGroup" in cols else 0
+
+            def get(column):
+                if column in cols:
+                    return float(cols[column][i])
+                if column in optics and len(optics[column]) > orow:
+                    return float(optics[column][orow])
+                return None
+
+            entries.append(MicrographEntry(mic if os.path.isabs(mic) else os.path.join(folder, mic),
+                                           get("rlnMicrographPixelSize"), get("rlnVoltage"),
+                                           get("rlnSphericalAberration"), get("rlnAmplitudeContrast")))
+        return entries
+    paths = sorted(glob.glob(spec))
+    if not paths:
+        raise io.InputError("%s: no micrograph matches" % spec)
+    return [MicrographEntry(p) for p in paths]
+
+
+def fit_sampling_A(pixel_size_A, high_A):
+    """Sampling (Å/px) of the fit PSD: ``high_A / 2.5`` (the band ends below Nyquist), not finer than the
+    micrograph."""
+    return max(float(pixel_size_A), high_A / 2.5)
+
+
+def _complete(entry, defaults):
+    for key in ("pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast"):
+        if defaults.get(key) is not None and getattr(entry, key) is None:
+            setattr(entry, key, float(defaults[key]))
+        value = getattr(entry, key)
+        if value is None or not math.isfinite(value) or (key != "cs_mm" and value <= 0) or value < 0:
+            raise io.InputError("%s: missing or invalid %s" % (entry.path, key.replace("_", " ")))
+    if entry.amplitude_contrast >= 1:
+        raise io.InputError("%s: amplitude contrast must be < 1" % entry.path)
+
+
+def estimate_batch(entries, model, refine=True, low_A=30.0, high_A=5.0, fit_phase=False, device="cpu",
+                   psd_dir=None, defaults=None, on_skip=None):
+    """Estimate the CTF of a list of :class:`MicrographEntry`; returns a list of result dicts (skipped
+    micrographs are left out and passed to ``on_skip(path, message)``). Each dict: ``micrograph``,
+    ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``phase_shift_deg``, ``resolution_A``,
+    ``figure_of_merit``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` (file or None)."""
+    defaults = defaults or {}
+    items = []
+    for e in entries:
+        try:
+            _complete(e, defaults)
+            image, _ = io.read_mrc(e.path)
+            if image.ndim == 3 and image.shape[0] == 1:
+                image = image[0]
+            if image.ndim != 2:
+                raise io.InputError("%s: not a single 2D micrograph" % e.path)
+            mic = torch.as_tensor(image, device=device)
+            cnn_in = compute_psd(mic, e.pixel_size_A)
+            samp = fit_sampling_A(e.pixel_size_A, high_A)
+            if high_A < 2.0 * samp:
+                raise io.InputError("%s: resolution limit %.2f Å beyond the micrograph's Nyquist" % (e.path, high_A))
+            fit_in = compute_psd(mic, e.pixel_size_A, (samp,), FIT_SIZE_PX)[:, 0]
+            items.append((e, cnn_in, fit_in, samp))
+        except io.InputError as exc:
+            if on_skip is None:
+                raise
+            on_skip(e.path, str(exc))
+    if not items:
+        return []
+    cnn_in = torch.cat([it[1] for it in items])
+    acq = model_mod.acquisition_features([it[0].voltage_kV for it in items], [it[0].cs_mm for it in items],
+                                         len(items)).to(device)
+    with torch.no_grad():
+        cu, cv, ca = model_mod.decode(model(cnn_in, acq))
+    results = [None] * len(items)
+    by_sampling = OrderedDict()
+    for i, it in enumerate(items):
+        by_sampling.setdefault(it[3], []).append(i)
+    for samp, idx in by_sampling.items():
+        psd = torch.cat([items[i][2] for i in idx])
+        sub = [items[i][0] for i in idx]
+        volt = [e.voltage_kV for e in sub]
+        cs = [e.cs_mm for e in sub]
+        amp = [e.amplitude_contrast for e in sub]
+        if refine:
+            res = fit_mod.refine(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A,
+                                 fit_phase=fit_phase)
+        else:
+            res = fit_mod.score_only(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A)
+        flags = fit_mod.disagreement_flag(cu[idx], cv[idx], res)
+        for j, i in enumerate(idx):
+            e = items[i][0]
+            psd_path = None
+            if psd_dir:
+                base = os.path.splitext(os.path.basename(e.path))[0]
+                psd_path = os.path.join(psd_dir, "%s_psd.mrc" % base)
+                io.write_mrc(psd_path, psd[j].cpu().numpy(), samp)
+            results[i] = OrderedDict([
+                ("micrograph", e.path), ("defocus_u_A", float(res.defocus_u_A[j])),
+                ("defocus_v_A", float(res.defocus_v_A[j])), ("defocus_angle_deg", float(res.defocus_angle_deg[j])),
+                ("phase_shift_deg", float(res.phase_shift_deg[j])), ("resolution_A", float(res.resolution_A[j])),
+                ("figure_of_merit", float(res.figure_of_merit[j])), ("cnn_u_A", float(cu[i])),
+                ("cnn_v_A", float(cv[i])), ("cnn_angle_deg", float(ca[i])), ("flagged", bool(flags[j])),
+                ("psd", psd_path), ("psd_sampling_A", samp), ("voltage_kV", e.voltage_kV), ("cs_mm", e.cs_mm),
+                ("amplitude_contrast", e.amplitude_contrast)])
+    return results
+
+
+def write_ctf_star(path, results, with_phase=False):
+    """RELION CTF STAR (``data_micrographs``): rlnMicrographName, rlnDefocusU/V (Å), rlnDefocusAngle (deg),
+    rlnCtfMaxResolution (Å), rlnCtfFigureOfMerit, rlnCtfImage (PSD MRC), [rlnPhaseShift], plus
+    rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast and deepcryo's dcCnnDefocusU/V/Angle and
+    dcCtfFlagged (1 = CNN and fit disagree)."""
+    def col(key, dtype=np.float64):
+        return np.array([r[key] for r in results], dtype=dtype)
+
+    cols = OrderedDict([("rlnMicrographName", col("micrograph", object)), ("rlnDefocusU", col("defocus_u_A")),
+                        ("rlnDefocusV", col("defocus_v_A")), ("rlnDefocusAngle", col("defocus_angle_deg")),
+                        ("rlnCtfMaxResolution", col("resolution_A")), ("rlnCtfFigureOfMerit", col("figure_of_merit"))])
+    if all(r["psd"] for r in results):
+        cols["rlnCtfImage"] = col("psd", object)
+    if with_phase:
+        cols["rlnPhaseShift"] = col("phase_shift_deg")
+    cols["rlnVoltage"] = col("voltage_kV")
+    cols["rlnSphericalAberration"] = col("cs_mm")
+    cols["rlnAmplitudeContrast"] = col("amplitude_contrast")
+    cols["dcCnnDefocusU"] = col("cnn_u_A")
+    cols["dcCnnDefocusV"] = col("cnn_v_A")
+    cols["dcCnnDefocusAngle"] = col("cnn_angle_deg")
+    cols["dcCtfFlagged"] = np.array([int(r["flagged"]) for r in results], dtype=np.int64)
+    io.write_star(path, OrderedDict([("micrographs", cols)]))
+
+
+def predict(spec, output, model_path=None, refine=True, low_A=30.0, high_A=5.0, fit_phase=False, batch_size=8,
+            device="cpu", defaults=None, log=print, warn=print):
+    """Whole program: micrographs (glob or STAR) → ``output`` STAR (+ PSDs in ``<output stem>_psd/``).
+
+    Returns the list of result dicts. Raises InputError when no micrograph could be processed.
+    """
+    entries = list_micrographs(spec)
+    model, _ = model_mod.load_model(model_path, device=device)
+    psd_dir = os.path.splitext(os.path.abspath(output))[0] + "_psd"
+    os.makedirs(psd_dir, exist_ok=True)
+    results = []
+    for i in range(0, len(entries), batch_size):
+        results += estimate_batch(entries[i:i + batch_size], model, refine, low_A, high_A, fit_phase, device,
+                                  psd_dir, defaults, on_skip=lambda p, m: warn("skipped %s" % m
+                                                                                if m.startswith(p) else
+                                                                                "skipped %s: %s" % (p, m)))
+        log("%d/%d micrographs" % (min(i + batch_size, len(entries)), len(entries)))
+    if not results:
+        raise io.InputError("%s: no micrograph could be processed" % spec)
+    write_ctf_star(output, results, with_phase=fit_phase)
+    return results
+

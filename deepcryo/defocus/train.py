@@ -1,0 +1,247 @@
+"""Training of the defocus CNN, from simulation or from a STAR of micrographs + defocus labels.
+
+* Inputs are made by :func:`deepcryo.defocus.psd.compute_psd` (the same function prediction uses) and
+  can be cached in an ``.npz`` (``--cache``) to train several times on the same data.
+* The split into training and validation is by micrograph, BEFORE any augmentation (no leakage).
+* Augmentations (training batches only) are the 8 symmetries of the square applied to the PSD with
+  the angle label transformed accordingly: a 90° rotation maps θ → θ + 90°, a mirror of x (or y)
+  maps θ → −θ (:func:`augment`). U and V are unchanged.
+* Adam, L1 loss on ``(U/10⁴, V/10⁴)`` + L1 on ``(sin 2θ, cos 2θ)`` weighted by the astigmatism (the angle
+  is meaningless without it), learning rate halved on plateaus, early stopping on the validation MAE (Å).
+* A checkpoint is written atomically after every epoch; ``resume=True`` continues from it. The best
+  model so far is written (atomically) to the output weight file.
+"""
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from ..core import io
+from ..core.micrographs import random_micrograph_parameters, simulate_micrograph
+from . import model as model_mod
+from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psd
+
+__all__ = ["simulate_training_arrays", "star_training_arrays", "augment", "train", "save_arrays", "load_arrays"]
+
+CHECKPOINT_FORMAT = "deepcryo.defocus.checkpoint/1"
+
+
+def _pack(psds, acq, labels):
+    return {"psd": np.stack(psds).astype(np.float16), "acq": np.asarray(acq, dtype=np.float32),
+            "labels": np.asarray(labels, dtype=np.float32)}
+
+
+def simulate_training_arrays(n, size_px=512, seed=0, log=None, **ranges):
+    """Simulate ``n`` micrographs (``size_px``²; ``ranges`` as in
+    :func:`deepcryo.core.micrographs.random_micrograph_parameters`) and return their model inputs:
+    ``{"psd": (n, 3, S, S) float16, "acq": (n, 2) voltage kV / Cs mm, "labels": (n, 3) U Å, V Å, angle deg}``."""
+    rng = np.random.default_rng(seed)
+    psds, acq, labels = [], [], []
+    for i in range(n):
+        params = random_micrograph_parameters(rng, **ranges)
+        image, truth = simulate_micrograph(size_px=size_px, seed=int(rng.integers(2 ** 31)), **params)
+        psds.append(compute_psd(image, truth["pixel_size_A"])[0].numpy())
+        acq.append((truth["voltage_kV"], truth["cs_mm"]))
+        labels.append((truth["defocus_u_A"], truth["defocus_v_A"], truth["defocus_angle_deg"]))
+        if log and (i + 1) % 200 == 0:
+            log("simulated %d/%d micrographs" % (i + 1, n))
+    return _pack(psds, acq, labels)
+
+
+def star_training_arrays(star_path, voltage_kV=None, cs_mm=None, pixel_size_A=None, log=None):
+    """Model inputs from a STAR of micrographs with labels (``rlnMicrographName``, ``rlnDefocusU/V/Angle``;
+    pixel size, voltage and Cs from ``rlnMicrographPixelSize``/``rlnVoltage``/``rlnSphericalAberration``
+    columns, a ``data_optics`` block, or the arguments). Same dict as :func:`simulate_training_arrays`."""
+    blocks = io.read_star(star_path)
+    name = "micrographs" if "micrographs" in blocks else next(b for b in blocks if b != "optics")
+    cols = blocks[name]
+    for c in ("rlnMicrographName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
+        if c not in cols:
+            raise io.InputError("%s: no %s column (needed for training labels)" % (star_path, c))
+    optics = blocks.get("optics", {})
+
+    def value(column, override, i, what):
+        if override is not None:
+            return float(override)
+        for table, row in ((cols, i), (optics, 0)):
+            if column in table and len(table[column]):
+                return float(table[column][row])
+        raise io.InputError("%s: no %s (give --%s)" % (star_path, column, what))
+
+    folder = os.path.dirname(os.path.abspath(star_path))
+    psds, acq, labels = [], [], []
+    for i, mic in enumerate(cols["rlnMicrographName"]):
+        path = mic if os.path.isabs(mic) else os.path.join(folder, mic)
+        image, header_px = io.read_mrc(path)
+        px = pixel_size_A or (float(cols["rlnMicrographPixelSize"][i]) if "rlnMicrographPixelSize" in cols
+                              else (float(optics["rlnMicrographPixelSize"][0]) if "rlnMicrographPixelSize" in optics
+                                    else header_px))
+        psds.append(compute_psd(image, px)[0].numpy())
+        acq.append((value("rlnVoltage", voltage_kV, i, "voltage"), value("rlnSphericalAberration", cs_mm, i, "cs")))
+        labels.append((cols["rlnDefocusU"][i], cols["rlnDefocusV"][i], cols["rlnDefocusAngle"][i]))
+        if log and (i + 1) % 100 == 0:
+            log("read %d micrographs" % (i + 1))
+    return _pack(psds, acq, labels)
+
+
+def save_arrays(path, arrays):
+    """Cache training arrays in an ``.npz`` (atomically)."""
+    with io.atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def load_arrays(path):
+    """Training arrays from :func:`save_arrays`."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in ("psd", "acq", "labels")}
+    except (OSError, KeyError, ValueError) as exc:
+        raise io.InputError("%s: not a deepcryo defocus training cache (%s)" % (path, exc))
+
+
+def augment(psd, angle_deg, ops):
+    """Apply square symmetries to centred PSDs (B, C, S, S) and transform the angle labels (B,) degrees.
+
+    ``ops`` (B,) integers 0..7: bit 0 = mirror x (θ → −θ), bits 1-2 = number of 90° rotations
+    (each θ → θ + 90°). The centre ``S // 2`` stays fixed (flip/rotate then roll by one pixel).
+    """
+    out, angles = psd.clone(), torch.as_tensor(angle_deg, dtype=torch.float32).clone()
+    for op in range(8):
+        sel = ops == op
+        if not bool(sel.any()):
+            continue
+        x, a = out[sel], angles[sel]
+        if op & 1:
+            x = torch.roll(torch.flip(x, dims=(-1,)), 1, dims=-1)
+            a = -a
+        for _ in range(op >> 1):
+            x = torch.roll(torch.rot90(x, 1, dims=(-2, -1)), 1, dims=-2)
+            a = a + 90.0
+        out[sel], angles[sel] = x, a
+    return out, angles % 180.0
+
+
+def _targets(labels):
+    return model_mod.encode(labels[:, 0], labels[:, 1], labels[:, 2])
+
+
+def _loss(out, target, labels):
+    astig_weight = ((labels[:, 0] - labels[:, 1]) / 500.0).clamp(max=1.0)
+    defocus = (out[:, :2] - target[:, :2]).abs().mean(dim=1)
+    angle = (out[:, 2:] - target[:, 2:]).abs().mean(dim=1) * astig_weight
+    return (defocus + 0.2 * angle).mean()
+
+
+def evaluate(model, arrays, batch_size=64):
+    """(MAE of U and V in Å, median angle error in degrees where U − V > 300 Å) of a model on arrays."""
+    model.eval()
+    psd = torch.as_tensor(arrays["psd"]).float()
+    acq = torch.as_tensor(arrays["acq"])
+    labels = torch.as_tensor(arrays["labels"])
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(psd), batch_size):
+            a = acq[i:i + batch_size]
+            outs.append(model(psd[i:i + batch_size], model_mod.acquisition_features(a[:, 0], a[:, 1], len(a))))
+    u, v, ang = model_mod.decode(torch.cat(outs))
+    mae = 0.5 * ((u - labels[:, 0]).abs() + (v - labels[:, 1]).abs()).mean()
+    d = (ang - labels[:, 2]).abs() % 180.0
+    d = torch.minimum(d, 180.0 - d)
+    astig = (labels[:, 0] - labels[:, 1]) > 300.0
+    return float(mae), float(d[astig].median()) if bool(astig.any()) else float("nan")
+
+
+def _subset(arrays, idx):
+    return {k: v[idx] for k, v in arrays.items()}
+
+
+def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=32, lr=1e-3, patience=8,
+          val_fraction=0.15, seed=0, checkpoint=None, resume=False, log=print, threads=None):
+    """Train (or fine-tune from ``init_weights``) a defocus model and write the best weights to ``output``.
+
+    Args:
+        arrays: dict from :func:`simulate_training_arrays` / :func:`star_training_arrays`.
+        output: weight file (written atomically whenever the validation MAE improves).
+        config: model config (default ``{"arch": "defocusnet", "width": 16}``); taken from ``init_weights``
+            when fine-tuning.
+        epochs, batch_size, lr, patience (epochs without improvement before stopping), val_fraction, seed.
+        checkpoint: checkpoint file (default ``output + ".ckpt"``); ``resume`` continues from it.
+    Returns:
+        dict with ``best_val_mae_A``, ``val_angle_error_deg``, ``epochs``, ``n_train``, ``n_val``.
+    """
+    if threads:
+        torch.set_num_threads(int(threads))
+    n = len(arrays["psd"])
+    if n < 4:
+        raise io.InputError("need at least 4 micrographs to train (got %d)" % n)
+    torch.manual_seed(seed)
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    val, tr = _subset(arrays, order[:n_val]), _subset(arrays, order[n_val:])  # split BEFORE augmentation
+    if init_weights:
+        model, config = model_mod.load_model(init_weights)
+        model.train()
+    else:
+        config = dict(config or {"arch": "defocusnet", "width": 16})
+        model = model_mod.build_model(config)
+    config.update(samplings_A=list(CNN_SAMPLINGS_A), size_px=CNN_SIZE_PX)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, patience // 3))
+    checkpoint = checkpoint or output + ".ckpt"
+    start, best, stale = 0, math.inf, 0
+    if resume and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise io.InputError("%s: not a deepcryo defocus checkpoint" % checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, best, stale = int(state["epoch"]), float(state["best"]), int(state["stale"])
+        torch.set_rng_state(state["rng"])
+        log("resumed from %s at epoch %d (best val MAE %.0f Å)" % (checkpoint, start, best))
+    psd = torch.as_tensor(tr["psd"])
+    acq = torch.as_tensor(tr["acq"])
+    labels = torch.as_tensor(tr["labels"])
+    angle_err = float("nan")
+    epoch = start
+    for epoch in range(start, epochs):
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(psd))
+        total = 0.0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            x, ang = augment(psd[idx].float(), labels[idx, 2], torch.randint(0, 8, (len(idx),)))
+            lab = torch.stack([labels[idx, 0], labels[idx, 1], ang], dim=1)
+            a = acq[idx]
+            out = model(x, model_mod.acquisition_features(a[:, 0], a[:, 1], len(idx)))
+            loss = _loss(out, _targets(lab), lab)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        val_mae, angle_err = evaluate(model, val)
+        sched.step(val_mae)
+        improved = val_mae < best
+        if improved:
+            best, stale = val_mae, 0
+            model_mod.save_model(output, model, dict(config, val_mae_A=round(best, 1),
+                                                     val_angle_error_deg=round(angle_err, 2)))
+        else:
+            stale += 1
+        with io.atomic_output(checkpoint) as tmp:
+            torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "stale": stale,
+                        "rng": torch.get_rng_state()}, tmp)
+        log("epoch %d: train loss %.4f, val MAE %.0f Å, val angle error %.1f°, lr %.2g, %.0f s%s"
+            % (epoch + 1, total / len(psd), val_mae, angle_err, opt.param_groups[0]["lr"], time.time() - t0,
+               " *" if improved else ""))
+        if stale >= patience:
+            log("early stop: no improvement for %d epochs" % patience)
+            break
+    return {"best_val_mae_A": best, "val_angle_error_deg": angle_err, "epochs": epoch + 1,
+            "n_train": len(psd), "n_val": n_val, "config": json.loads(json.dumps(config))}

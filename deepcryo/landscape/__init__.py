@@ -1,0 +1,1 @@
+"""Conformational landscape VAE (consensus poses + CTF): dataset, model, training, analysis."""

@@ -1,0 +1,221 @@
+"""Analysis of a trained landscape VAE: embeddings, landscape, clusters, volumes and trajectories.
+
+Writes into ``train_dir/analysis`` or ``--output-dir`` (built in a temporary folder and renamed when complete):
+
+- ``particles.star``: the particles with ``dcLatent01`` …, ``dcPC1``, ``dcPC2`` (``dcUMAP1/2`` when umap-learn
+  is installed and asked for) and ``dcCluster`` (1-based k-means label);
+- ``landscape.png``: PC1–PC2 coloured by cluster, the density and ``−ln density`` (the "free-energy" view;
+  ``kT`` units up to a constant); ``landscape_umap.png`` likewise; ``bic.png``: GMM BIC against K;
+- ``cluster_KK_decoded.mrc`` (decoder at the k-means centre) and ``cluster_KK_reconstructed.mrc``
+  (the cluster's particles reconstructed with :class:`deepcryo.core.reconstruct.Reconstructor` at their
+  consensus poses); their FSC says whether the decoder can be trusted (``fsc.png``);
+- ``pcJ_stepSS.mrc``: volumes along principal component J from −2 to +2 standard deviations;
+- ``summary.json``: K suggested by the BIC elbow (:func:`suggest_clusters`), BIC values, cluster sizes, FSC resolutions (Å).
+
+Volumes are at the working box and pixel size of the training, in the particles' intensity units.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+from ..core.fsc import fsc, fsc_resolution_A, shell_frequencies
+from ..core.io import InputError, read_particles, write_mrc, write_particles
+from ..core.reconstruct import Reconstructor
+from .dataset import ParticleBatches
+from .train import LATENT_STAR, latent_columns, load_model
+
+__all__ = ["analyze", "suggest_clusters", "free_energy", "cluster_latents"]
+
+
+def suggest_clusters(z, max_clusters, seed=0, min_variance_ratio=0.02, elbow_fraction=1.0 / 3.0):
+    """K suggested by Gaussian-mixture BIC on the informative principal components of latents z (N, L).
+
+    The GMM (full covariances) is fitted on the principal components that explain at least
+    ``min_variance_ratio`` of the latent variance (collapsed latent dimensions only add noise). Real
+    clusters are not Gaussian (tails along the landscape), so the BIC keeps decreasing slowly past the true
+    K; the suggestion is the elbow: the smallest K whose step to K+1 gains less than ``elbow_fraction``
+    of the largest single-step BIC gain. Returns (K, BIC values for K = 1 … max_clusters).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+    pca = PCA(min(z.shape), random_state=seed).fit(z)
+    keep = max(1, int(np.sum(pca.explained_variance_ratio_ >= min_variance_ratio)))
+    y = pca.transform(z)[:, :keep]
+    ks = range(1, max(1, min(max_clusters, len(z) - 1)) + 1)
+    bic = np.array([GaussianMixture(k, covariance_type="full", random_state=seed, n_init=2).fit(y).bic(y)
+                    for k in ks])
+    gains = -np.diff(bic)
+    if len(gains) == 0 or gains.max() <= 0:
+        return 1, bic.tolist()
+    small = np.nonzero(gains < elbow_fraction * gains.max())[0]
+    return int(small[0] + 1 if len(small) else len(bic)), bic.tolist()
+
+
+def cluster_latents(z, n_clusters, seed=0):
+    """k-means labels (N,) 0-based and centres (K, L)."""
+    from sklearn.cluster import KMeans
+    km = KMeans(n_clusters, n_init=10, random_state=seed).fit(z)
+    return km.labels_, km.cluster_centers_
+
+
+def free_energy(xy, bins=60, smooth_bins=1.5):
+    """Smoothed 2D density of points ``xy`` (N, 2) and ``−ln density`` (NaN where empty), with bin edges."""
+    from scipy.ndimage import gaussian_filter
+    hist, ex, ey = np.histogram2d(xy[:, 0], xy[:, 1], bins=bins, density=True)
+    dens = gaussian_filter(hist, smooth_bins)
+    with np.errstate(divide="ignore"):
+        energy = np.where(dens > dens.max() * 1e-3, -np.log(dens), np.nan)
+    return dens, energy - np.nanmin(energy), ex, ey
+
+
+def _plot_landscape(path, xy, labels, names):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    dens, energy, ex, ey = free_energy(xy)
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.6))
+    ax[0].scatter(xy[:, 0], xy[:, 1], c=labels, s=2, cmap="tab10")
+    ax[0].set_title("clusters")
+    ext = [ex[0], ex[-1], ey[0], ey[-1]]
+    im = ax[1].imshow(dens.T, origin="lower", extent=ext, aspect="auto", cmap="viridis")
+    fig.colorbar(im, ax=ax[1])
+    ax[1].set_title("density")
+    im = ax[2].imshow(energy.T, origin="lower", extent=ext, aspect="auto", cmap="magma_r")
+    fig.colorbar(im, ax=ax[2])
+    ax[2].set_title("−ln density (kT, relative)")
+    for a in ax:
+        a.set_xlabel(names[0])
+        a.set_ylabel(names[1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_curves(path, x, curves, xlabel, ylabel, labels):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c, lab in zip(curves, labels):
+        ax.plot(x, c, marker=".", label=lab)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(curves) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cluster_reconstruction(data, indices, batch_size=256):
+    """Map (D, D, D) of particles ``indices`` at their consensus poses, in the dataset's intensity scale."""
+    rec = Reconstructor(data.box)
+    for start in range(0, len(indices), batch_size):
+        spectra, rot, ctf = data.get(np.sort(indices[start:start + batch_size]))
+        rec.insert(spectra * ctf, ctf * ctf, rot)
+    return rec.reconstruct()
+
+
+def analyze(train_dir, n_clusters=0, max_clusters=8, trajectory_steps=7, n_pcs=2, umap=True, seed=0,
+            output_dir=None, log=print):
+    """Analyse a training folder; returns the path of ``summary.json`` in the output folder.
+
+    Args:
+        output_dir: output folder (replaced when complete); default ``train_dir/analysis``.
+        n_clusters: K for k-means; 0 takes the K suggested by the GMM BIC.
+        max_clusters: largest K tried by the BIC.
+        trajectory_steps: volumes along each of the first ``n_pcs`` principal components.
+        umap: also embed with UMAP when umap-learn is installed.
+    """
+    from sklearn.decomposition import PCA
+    if n_clusters < 0 or max_clusters < 1 or trajectory_steps < 2 or n_pcs < 1:
+        raise InputError("need --clusters >= 0, --max-clusters >= 1, --trajectory-steps >= 2 and --pcs >= 1")
+    star_path = os.path.join(train_dir, LATENT_STAR)
+    model, ckpt = load_model(train_dir)
+    if not os.path.exists(star_path):
+        raise InputError("%s: not found (training did not finish)" % star_path)
+    cfg = ckpt["config"]
+    star = read_particles(star_path)
+    star.require(*latent_columns(model.latent_dim))
+    z = np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in latent_columns(model.latent_dim)], 1)
+    if len(z) < 2 or n_clusters > len(z):
+        raise InputError("%s: %d particles cannot make %d clusters" % (star_path, len(z), n_clusters))
+    n_pcs = min(n_pcs, z.shape[1])
+    pca = PCA(min(z.shape[1], len(z)), random_state=seed).fit(z)
+    pcs = pca.transform(z)
+    suggested, bic = suggest_clusters(z, max_clusters, seed)
+    k = n_clusters or suggested
+    labels, centres = cluster_latents(z, k, seed)
+    log("latent %d-dim, PCA explained variance %s; GMM BIC suggests K = %d; using K = %d"
+        % (z.shape[1], np.round(pca.explained_variance_ratio_[:4], 3).tolist(), suggested, k))
+
+    final = os.path.abspath(output_dir or os.path.join(train_dir, "analysis"))
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".analysis.", dir=os.path.dirname(final))
+    try:
+        data = ParticleBatches(star, cfg["box"], scale=cfg["scale"])
+        px, scale = data.pixel_size_A, data.scale
+        out = star.copy()
+        out.particles["dcPC1"] = pcs[:, 0]
+        out.particles["dcPC2"] = pcs[:, 1] if pcs.shape[1] > 1 else np.zeros(len(z))
+        out.particles["dcCluster"] = labels.astype(np.int64) + 1
+        xy = np.stack([out.particles["dcPC1"], out.particles["dcPC2"]], 1)
+        _plot_landscape(os.path.join(work, "landscape.png"), xy, labels, ("PC1", "PC2"))
+        embedding = None
+        if umap:
+            try:
+                import umap as umap_module
+            except ImportError:
+                log("umap-learn is not installed: PCA landscape only")
+            else:
+                embedding = umap_module.UMAP(n_components=2, random_state=seed).fit_transform(z)
+                out.particles["dcUMAP1"], out.particles["dcUMAP2"] = embedding[:, 0], embedding[:, 1]
+                _plot_landscape(os.path.join(work, "landscape_umap.png"), embedding, labels, ("UMAP1", "UMAP2"))
+        _plot_curves(os.path.join(work, "bic.png"), np.arange(1, len(bic) + 1), [bic], "K",
+                     "GMM BIC (informative PCs)", ["BIC"])
+        write_particles(os.path.join(work, "particles.star"), out)
+
+        decoded = model.volume(torch.as_tensor(centres, dtype=torch.float32)).numpy() * scale
+        mask = model.mask3d.numpy()
+        clusters, curves = [], []
+        for c in range(k):
+            members = np.nonzero(labels == c)[0]
+            recon = cluster_reconstruction(data, members) * scale
+            write_mrc(os.path.join(work, "cluster_%02d_decoded.mrc" % (c + 1)), decoded[c], px)
+            write_mrc(os.path.join(work, "cluster_%02d_reconstructed.mrc" % (c + 1)), recon, px)
+            curve = fsc(decoded[c] * mask, recon * mask)
+            curves.append(curve)
+            clusters.append({"cluster": c + 1, "particles": int(len(members)),
+                             "decoded_vs_reconstructed_fsc05_A": fsc_resolution_A(curve, px, 0.5),
+                             "decoded_vs_reconstructed_fsc0143_A": fsc_resolution_A(curve, px, 0.143)})
+            log("cluster %d: %d particles, decoded vs reconstructed FSC 0.5 at %.1f Å"
+                % (c + 1, len(members), clusters[-1]["decoded_vs_reconstructed_fsc05_A"]))
+        _plot_curves(os.path.join(work, "fsc.png"), shell_frequencies(data.box, px), curves, "1/Å",
+                     "FSC decoded vs reconstructed", ["cluster %d" % (c + 1) for c in range(k)])
+        data.close()
+
+        steps = np.linspace(-2.0, 2.0, trajectory_steps)
+        for j in range(n_pcs):
+            comp = np.zeros((trajectory_steps, pca.n_components_))
+            comp[:, j] = steps * np.sqrt(pca.explained_variance_[j])
+            vols = model.volume(torch.as_tensor(pca.inverse_transform(comp), dtype=torch.float32)).numpy() * scale
+            for s, v in enumerate(vols):
+                write_mrc(os.path.join(work, "pc%d_step%02d.mrc" % (j + 1, s + 1)), v, px)
+        summary = {"suggested_clusters": suggested, "clusters_used": k, "bic": bic,
+                   "pca_explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+                   "umap": embedding is not None, "pixel_size_A": px, "box": data.box, "clusters": clusters,
+                   "trajectory_sd": steps.tolist()}
+        with open(os.path.join(work, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log("analysis written to %s" % final)
+    return os.path.join(final, "summary.json")

@@ -1,0 +1,85 @@
+"""Lazy particle batches for the landscape VAE: Fourier-cropped spectra, poses and CTFs at the working box.
+
+Images are read batch by batch from the STAR's memory-mapped MRC stacks (:class:`deepcryo.core.io.ImageStack`),
+so a set of millions of particles never has to fit in memory. Each batch is
+
+- Fourier-cropped from the stack box N to the working box D (pixel size ``pixel_size_A * N / D``),
+- centred: the RELION origin is undone by a phase ramp (``phase_shift_2d(D, +origin_px)``),
+- scaled by ``1 / scale`` (one global factor, the image standard deviation over a sample of particles),
+
+and returned as centred spectra (B, D, D) complex with the (B, 3, 3) pose matrices A (volume → projection
+frame, RELION ZYZ) and the (B, D, D) CTFs (RELION sign) on the centred grid of :mod:`deepcryo.core.fourier`.
+"""
+import numpy as np
+import torch
+
+from ..core import fourier
+from ..core.ctf import ctf_2d
+from ..core.geometry import euler_to_matrix
+from ..core.io import InputError, read_particles
+
+__all__ = ["ParticleBatches", "load_particles"]
+
+
+def load_particles(path):
+    """Read a particle STAR and check it has what the VAE needs (images, poses, CTF); InputError otherwise."""
+    star = read_particles(path)
+    star.require("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+    return star
+
+
+class ParticleBatches:
+    """Batches of one particle set at the working box.
+
+    Args:
+        star: :class:`deepcryo.core.io.ParticleStar` with poses and CTF.
+        box: working box D (px), even, at most the stack box; the stack box when None.
+        scale: image intensity divisor; estimated from up to 1000 particles when None.
+    """
+
+    def __init__(self, star, box=None, scale=None):
+        self.star = star
+        self.stack = star.open_images()
+        self.stack_box = self.stack.box
+        self.box = int(box or self.stack_box)
+        if self.box > self.stack_box or self.box < 8 or self.box % 2:
+            raise InputError("--box must be even, >= 8 and <= the particle box %d px (got %d)"
+                             % (self.stack_box, self.box))
+        self.pixel_size_A = star.pixel_size_A * self.stack_box / self.box
+        self._rotations = euler_to_matrix(torch.as_tensor(star.angles_deg())).to(torch.float32)
+        self._origins_px = torch.as_tensor(star.origins_A() / self.pixel_size_A, dtype=torch.float32)
+        self._ctf = {k: np.asarray(v) for k, v in star.ctf_params().items()}
+        self.scale = float(scale) if scale else self._estimate_scale()
+
+    def __len__(self):
+        return len(self.star)
+
+    def _estimate_scale(self):
+        idx = np.linspace(0, len(self) - 1, min(len(self), 1000)).astype(np.int64)
+        images = fourier.resize_images(torch.from_numpy(self.stack.read(idx)), self.box)
+        std = float(images.std())
+        if not np.isfinite(std) or std <= 0:
+            raise InputError("particle images are constant (zero variance); nothing to learn")
+        return std
+
+    def get(self, indices, device="cpu"):
+        """Spectra (B, D, D) complex, rotations (B, 3, 3) and CTFs (B, D, D) of particles ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        images = torch.from_numpy(self.stack.read(indices)).to(device) / self.scale
+        spectra = fourier.fft2c(images)
+        if self.box != self.stack_box:
+            spectra = fourier.fourier_crop_2d(spectra, self.box) * (self.box / self.stack_box) ** 2
+        spectra = spectra * fourier.phase_shift_2d(self.box, self._origins_px[indices].to(device), device=device)
+        ctf = ctf_2d(self.box, self.pixel_size_A, device=device,
+                     **{k: v[indices] for k, v in self._ctf.items()})
+        return spectra, self._rotations[indices].to(device), ctf
+
+    def batches(self, batch_size, order=None, device="cpu"):
+        """Yield ``(indices, spectra, rotations, ctf)`` over ``order`` (default: all particles in order)."""
+        order = np.arange(len(self)) if order is None else np.asarray(order)
+        for start in range(0, len(order), batch_size):
+            idx = np.sort(order[start:start + batch_size])
+            yield (idx,) + self.get(idx, device)
+
+    def close(self):
+        self.stack.close()

@@ -1,0 +1,198 @@
+"""Training of the landscape VAE on a particle set with consensus poses and CTF.
+
+Output folder layout:
+
+- ``checkpoint.pt``: model, optimiser, epoch and configuration, rewritten atomically after every epoch
+  (``--continue`` resumes from it); load with ``torch.load(path, weights_only=True)``.
+- ``consensus.mrc``: the consensus map at the working box (initial mean volume of the decoder).
+- ``particles_latent.star``: the input particles with their latent means ``dcLatent01`` … (written at the end).
+
+Several devices (``--device cuda:0,cuda:1``) train with torch DistributedDataParallel, one process per
+device, each on its share of every epoch's shuffled order (the last ``n mod devices`` particles of the
+order wait for the next epoch, so that all shares are equal); rank 0 writes the outputs.
+"""
+import os
+import socket
+import time
+
+import numpy as np
+import torch
+
+from ..core.io import InputError, atomic_output, write_mrc, write_particles
+from ..core.projector import Projector
+from ..core.reconstruct import Reconstructor
+from .dataset import ParticleBatches, load_particles
+from .model import LandscapeVAE, radial_noise_variance
+
+__all__ = ["train", "load_model", "encode_all", "latent_columns", "CHECKPOINT"]
+
+CHECKPOINT = "checkpoint.pt"
+LATENT_STAR = "particles_latent.star"
+
+
+def latent_columns(latent_dim):
+    """STAR column names of the latent coordinates."""
+    return ["dcLatent%02d" % (i + 1) for i in range(latent_dim)]
+
+
+def consensus_map(data, batch_size, device):
+    """Consensus reconstruction (D, D, D) at the working box from the dataset's (scaled) spectra."""
+    rec = Reconstructor(data.box, device=device)
+    for _, spectra, rot, ctf in data.batches(batch_size, device=device):
+        rec.insert(spectra * ctf, ctf * ctf, rot)
+    return torch.from_numpy(rec.reconstruct())
+
+
+def noise_estimate(data, volume, n_sample, batch_size):
+    """(D, D) noise variance from the residuals of up to ``n_sample`` particles against ``volume``."""
+    proj = Projector(volume)
+    idx = np.linspace(0, len(data) - 1, min(n_sample, len(data))).astype(np.int64)
+    residuals = []
+    for start in range(0, len(idx), batch_size):
+        spectra, rot, ctf = data.get(idx[start:start + batch_size])
+        residuals.append(spectra - proj.project_ft(rot) * ctf)
+    return radial_noise_variance(torch.cat(residuals), data.box)
+
+
+def load_model(output_dir, device="cpu"):
+    """(model, checkpoint dict) from ``output_dir/checkpoint.pt`` (weights only, no pickled code)."""
+    path = os.path.join(output_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        raise InputError("%s: no checkpoint (train first)" % path)
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    cfg = ckpt["config"]
+    state = ckpt["model"]
+    model = LandscapeVAE(cfg["box"], cfg["latent_dim"], cfg["n_basis"], cfg["hidden"],
+                         state["volumes"][0], state["noise_var"])
+    model.load_state_dict(state)
+    return model.to(device), ckpt
+
+
+def encode_all(model, data, batch_size, device="cpu"):
+    """Latent means (N, L) of every particle, in STAR order."""
+    model.eval()
+    out = np.empty((len(data), model.latent_dim), dtype=np.float32)
+    for idx, spectra, rot, ctf in data.batches(batch_size, device=device):
+        out[idx] = model.encode_batch(spectra, rot, ctf).cpu().numpy()
+    return out
+
+
+def _save_checkpoint(output_dir, model, optimizer, epoch, cfg, history):
+    module = model.module if hasattr(model, "module") else model
+    ckpt = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "config": dict(cfg, **module.config()), "history": history}
+    with atomic_output(os.path.join(output_dir, CHECKPOINT)) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(rank, devices, cfg, init, port, log):
+    """Train on ``devices[rank]``; with several devices as one DDP process among ``len(devices)``."""
+    world = len(devices)
+    device = torch.device(devices[rank])
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, init_method="tcp://127.0.0.1:%d" % port,
+                                             rank=rank, world_size=world)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    torch.manual_seed(cfg["seed"])
+    star = load_particles(cfg["particles"])
+    data = ParticleBatches(star, cfg["box"], scale=cfg["scale"])
+    model = LandscapeVAE(data.box, cfg["latent_dim"], cfg["n_basis"], cfg["hidden"],
+                         init["mean_volume"], init["noise_var"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])
+    start_epoch, history = 0, []
+    if init.get("checkpoint") is not None:
+        model.load_state_dict(init["checkpoint"]["model"])
+        optimizer.load_state_dict(init["checkpoint"]["optimizer"])
+        start_epoch, history = init["checkpoint"]["epoch"], list(init["checkpoint"]["history"])
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    n = len(data)
+    for epoch in range(start_epoch, cfg["epochs"]):
+        t0 = time.time()
+        order = np.random.default_rng(cfg["seed"] + epoch).permutation(n)[: n - n % world][rank::world]
+        sums = np.zeros(3)
+        net.train()
+        for _, spectra, rot, ctf in data.batches(cfg["batch_size"], order, device):
+            terms = net(spectra, rot, ctf, beta=cfg["beta"])
+            optimizer.zero_grad()
+            terms["loss"].backward()
+            optimizer.step()
+            sums += len(spectra) * np.array([terms[k].item() for k in ("loss", "nll", "kl")])
+        sums /= len(order)
+        history.append([float(v) for v in sums])
+        if rank == 0:
+            _save_checkpoint(cfg["output_dir"], net, optimizer, epoch + 1, cfg, history)
+            log("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s"
+                % (epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0))
+    if rank == 0:
+        z = encode_all(model, data, cfg["batch_size"], device)
+        out = star.copy()
+        for i, c in enumerate(latent_columns(z.shape[1])):
+            out.particles[c] = z[:, i].astype(np.float64)
+        write_particles(os.path.join(cfg["output_dir"], LATENT_STAR), out)
+    data.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _ddp_entry(rank, devices, cfg, init, port):
+    _run(rank, devices, cfg, init, port, print)
+
+
+def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=64, beta=1.0, n_basis=16,
+          hidden=128, learning_rate=1e-3, devices=("cpu",), resume=False, seed=0, log=print):
+    """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
+
+    Args:
+        particles: RELION 3.1 particle STAR with poses (``rlnAngle*``, ``rlnOrigin*Angst``) and CTF.
+        output_dir: folder for checkpoint, consensus map and latent STAR.
+        latent_dim: latent dimension; epochs: total epochs (a resumed run stops at the same total).
+        box: working box (px, even); the particle box when None. batch_size: particles per step (per device).
+        beta: weight of the KL term. n_basis, hidden: decoder basis volumes and MLP width.
+        devices: torch device names; several → DistributedDataParallel.
+    """
+    if latent_dim < 1 or epochs < 1 or batch_size < 1 or n_basis < 1 or beta < 0:
+        raise InputError("need --latent-dim, --epochs, --batch-size and --basis >= 1 and --beta >= 0")
+    ckpt_path = os.path.join(output_dir, CHECKPOINT)
+    cfg = {"particles": os.path.abspath(particles), "output_dir": os.path.abspath(output_dir),
+           "latent_dim": int(latent_dim), "epochs": int(epochs), "batch_size": int(batch_size),
+           "beta": float(beta), "n_basis": int(n_basis), "hidden": int(hidden),
+           "learning_rate": float(learning_rate), "seed": int(seed)}
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise InputError("%s: no checkpoint to continue from" % ckpt_path)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        old = ckpt["config"]
+        for k in ("latent_dim", "n_basis", "hidden"):
+            if old[k] != cfg[k]:
+                raise InputError("--continue: %s %s differs from the checkpoint's %s" % (k, cfg[k], old[k]))
+        cfg.update(box=old["box"], scale=old["scale"], particles=os.path.abspath(particles))
+        init = {"mean_volume": ckpt["model"]["volumes"][0], "noise_var": ckpt["model"]["noise_var"],
+                "checkpoint": ckpt}
+        if ckpt["epoch"] >= cfg["epochs"]:
+            log("checkpoint already at epoch %d of %d; nothing to train" % (ckpt["epoch"], cfg["epochs"]))
+    else:
+        star = load_particles(particles)
+        data = ParticleBatches(star, box)
+        os.makedirs(output_dir, exist_ok=True)
+        cfg.update(box=data.box, scale=data.scale)
+        t0 = time.time()
+        volume = consensus_map(data, 256, "cpu")
+        write_mrc(os.path.join(output_dir, "consensus.mrc"), volume.numpy() * data.scale, data.pixel_size_A)
+        init = {"mean_volume": volume, "noise_var": noise_estimate(data, volume, 2000, 256)}
+        data.close()
+        log("%d particles, box %d px at %.3f Å/px; consensus map and noise spectrum in %.1f s"
+            % (len(star), cfg["box"], data.pixel_size_A, time.time() - t0))
+    devices = list(devices)
+    if len(devices) > 1:
+        torch.multiprocessing.spawn(_ddp_entry, args=(devices, cfg, init, _free_port()), nprocs=len(devices))
+    else:
+        _run(0, devices, cfg, init, None, log)
+    return output_dir

@@ -1,0 +1,247 @@
+# **************************************************************************
+# *
+# * Authors:     the deepcryo developers
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# * This program is distributed in the hope that it will be useful,
+# * but WITHOUT ANY WARRANTY; without even the implied warranty of
+# * MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE.  See the
+# * GNU General Public License for more details.
+# *
+# * You should have received a copy of the GNU General Public License
+# * along with this program.  If not, see <https://www.gnu.org/licenses/>.
+# *
+# **************************************************************************
+"""Deep micrograph defocus (``python -m deepcryo.defocus``): streaming CTF estimation and training."""
+import os
+from collections import OrderedDict
+
+import numpy as np
+import pyworkflow.protocol.params as params
+from pyworkflow.constants import BETA
+from pyworkflow.object import Boolean, Integer
+from pyworkflow.utils import Message
+from pwem.objects import CTFModel, EMFile, SetOfCTF
+from pwem.protocols import EMProtocol, ProtCTFMicrographs
+
+from deepcryo import Plugin
+from deepcryo.constants import OUTPUT_CTF
+from deepcryo.convert import ctfRowToModel, readCtfStar
+from deepcryo.core import io
+
+FLAG_ATTR = "_deepcryo_flagged"
+OUTPUT_MODEL = "outputModel"
+
+
+def _micrographStar(path, mics, acquisition, samplingRate):
+    """Write a RELION micrograph STAR (one row per micrograph, acquisition per row) for ``mics``."""
+    cols = OrderedDict([
+        ("rlnMicrographName", np.array([os.path.abspath(m.getFileName()) for m in mics], dtype=object)),
+        ("rlnMicrographPixelSize", np.full(len(mics), samplingRate)),
+        ("rlnVoltage", np.full(len(mics), acquisition.getVoltage())),
+        ("rlnSphericalAberration", np.full(len(mics), acquisition.getSphericalAberration())),
+        ("rlnAmplitudeContrast", np.full(len(mics), acquisition.getAmplitudeContrast()))])
+    io.write_star(path, OrderedDict([("micrographs", cols)]))
+
+
+class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
+    """Estimates the CTF (defocus U/V, astigmatism angle, optional phase shift) of every micrograph as
+    it arrives: a small CNN reads background-subtracted PSDs at 1, 2 and 3 Å/px and gives a first guess,
+    which a physics fit of the 2D CTF to the PSD refines over a resolution band. The output SetOfCTF
+    carries the fit resolution, a figure of merit (correlation of the PSD with CTF²), the PSD file and a
+    flag when the CNN and the fit disagree. Micrographs are processed in batches, each exactly once;
+    unusable ones (unreadable, NaN, too small) are reported in the log and skipped.
+    """
+    _label = "deep micrograph defocus"
+    _devStatus = BETA
+    _possibleOutputs = {OUTPUT_CTF: SetOfCTF}
+    recalculate = Boolean(False, objDoStore=False)
+
+    # --------------------------- DEFINE param functions --------------------------------------------
+    def _defineParams(self, form):
+        form.addSection(label=Message.LABEL_INPUT)
+        form.addParam("inputMicrographs", params.PointerParam, pointerClass="SetOfMicrographs", important=True,
+                      label="Input micrographs",
+                      help="Micrographs (may be a stream). Voltage, Cs and amplitude contrast come from "
+                           "their acquisition, the pixel size from the set.")
+        form.addParam("trainedModel", params.PointerParam, pointerClass="EMFile", allowsNull=True,
+                      label="Trained model (optional)",
+                      help="A model from 'deep micrograph defocus training'. Empty: the model shipped "
+                           "with deepcryo (trained on simulated micrographs, 200/300 kV, 0.5-2.5 Å/px, "
+                           "defocus 0.3-5 µm).")
+        form.addParam("doRefine", params.BooleanParam, default=True, label="Refine with the CTF fit?",
+                      help="Fit the 2D CTF to the PSD from the CNN's guess (accurate). No: CNN only.")
+        line = form.addLine("Resolution band (Å)", help="Frequencies used by the fit, in Å.")
+        line.addParam("lowRes", params.FloatParam, default=30.0, label="Lowest")
+        line.addParam("highRes", params.FloatParam, default=5.0, label="Highest")
+        form.addParam("fitPhaseShift", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
+                      label="Fit a phase shift?", help="For phase-plate data.")
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID")
+        self._defineStreamingParams(form)
+        form.getParam("streamingBatchSize").setDefault(Integer(8))
+        form.addParallelSection(threads=2, mpi=0)
+
+    # --------------------------- STEPS functions ---------------------------------------------------
+    def _defineCtfParamsDict(self):
+        mics = self.getInputMicrographs()
+        self._params = {"samplingRate": mics.getSamplingRate(), "acquisition": mics.getAcquisition()}
+
+    def _estimateCTF(self, mic, *args):
+        self._estimateCtfList([mic])
+
+    def _estimateCtfList(self, micList, *args):
+        batch = "batch_%06d" % micList[0].getObjId()
+        inStar = self._getTmpPath(batch + "_mics.star")
+        outStar = self._getExtraPath(batch + "_ctf.star")
+        _micrographStar(inStar, micList, self._params["acquisition"], self._params["samplingRate"])
+        gpus = self.getGpuList() if self.useGpu else None
+        args = ["--micrographs", inStar, "--output", outStar, "--batch-size", len(micList),
+                "--low-resolution", self.lowRes.get(), "--high-resolution", self.highRes.get(),
+                "--threads", self.numberOfThreads.get(), "--device", "cuda" if gpus else "cpu"]
+        if not self.doRefine:
+            args.append("--no-refine")
+        if self.fitPhaseShift:
+            args.append("--phase-shift")
+        if self.trainedModel.get() is not None:
+            args += ["--model", self.trainedModel.get().getFileName()]
+        try:
+            self.runJob(Plugin.getProgram("defocus", "predict", gpus=gpus), " ".join(str(a) for a in args),
+                        env=Plugin.getEnviron())
+        except Exception as exc:  # the stream goes on; these micrographs get no CTF
+            self.warning("CTF estimation failed for micrographs %s: %s"
+                         % ([m.getObjId() for m in micList], str(exc).splitlines()[0] if str(exc) else exc))
+            return
+        rows = {row["rlnMicrographName"]: row for row in readCtfStar(outStar)}
+        for mic in micList:
+            row = rows.get(os.path.abspath(mic.getFileName()))
+            if row is None:
+                self.warning("micrograph %s skipped (see the log above)" % mic.getFileName())
+                continue
+            cols = OrderedDict((k, np.array([v], dtype=object if isinstance(v, str) else float))
+                               for k, v in row.items())
+            io.write_star(self._getMicCtfStar(mic), OrderedDict([("micrographs", cols)]))
+
+    def _getMicCtfStar(self, mic):
+        return self._getExtraPath("ctf", "mic_%06d_ctf.star" % mic.getObjId())
+
+    def _createCtfModel(self, mic, updateSampling=False):
+        row = readCtfStar(self._getMicCtfStar(mic))[0]  # raises for a skipped micrograph: reported, not output
+        ctf = ctfRowToModel(row, CTFModel())
+        setattr(ctf, FLAG_ATTR, Boolean(bool(row.get("dcCtfFlagged", 0))))
+        ctf.setMicrograph(mic)
+        return ctf
+
+    def _createOutputStep(self):
+        pass
+
+    # --------------------------- INFO functions ----------------------------------------------------
+    def _validate(self):
+        errors = []
+        mics = self.inputMicrographs.get()
+        if mics is not None and not mics.getSamplingRate():
+            errors.append("The input micrographs have no pixel size.")
+        if not 0 < self.highRes.get() < self.lowRes.get():
+            errors.append("The resolution band needs 0 < highest < lowest (Å).")
+        return errors
+
+    def _summary(self):
+        if not hasattr(self, OUTPUT_CTF):
+            return ["No CTF estimated yet."]
+        ctfs = getattr(self, OUTPUT_CTF)
+        flagged = sum(1 for c in ctfs if getattr(c, FLAG_ATTR, Boolean(False)).get())
+        return ["CTF estimated for %d micrographs (%d flagged: CNN and fit disagree)." % (ctfs.getSize(), flagged)]
+
+    def _methods(self):
+        return ["The CTF of each micrograph was estimated with deepcryo's deep micrograph defocus: a CNN "
+                "first guess from PSDs at 1, 2 and 3 Å/px%s."
+                % (", refined by fitting the 2D CTF to the PSD between %.1f and %.1f Å"
+                   % (self.lowRes.get(), self.highRes.get()) if self.doRefine else "")]
+
+
+class DeepCryoProtDeepDefocusTrain(EMProtocol):
+    """Trains the deep-defocus CNN (or fine-tunes the shipped one) on micrographs with defocus labels
+    from any previous CTF estimation (a SetOfCTF), or on simulated micrographs. The output model is
+    used by 'deep micrograph defocus'."""
+    _label = "deep micrograph defocus training"
+    _devStatus = BETA
+    _possibleOutputs = {OUTPUT_MODEL: EMFile}
+
+    def _defineParams(self, form):
+        form.addSection(label=Message.LABEL_INPUT)
+        form.addParam("useSimulation", params.BooleanParam, default=False, label="Train on simulated micrographs?",
+                      help="Yes: simulated micrographs with known CTF. No: your micrographs with a SetOfCTF.")
+        form.addParam("inputCTF", params.PointerParam, pointerClass="SetOfCTF", condition="not useSimulation",
+                      label="Labels (SetOfCTF)", help="CTF estimation of the micrographs (e.g. CTFFIND, Gctf).")
+        form.addParam("numberOfSimulated", params.IntParam, default=2000, condition="useSimulation",
+                      label="Number of simulated micrographs")
+        form.addParam("fineTune", params.BooleanParam, default=True, label="Fine-tune the shipped model?",
+                      help="Start from the shipped weights (fewer examples needed) instead of from scratch.")
+        form.addParam("epochs", params.IntParam, default=30, label="Maximum epochs",
+                      help="Training stops earlier when the validation error stops improving.")
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID")
+        form.addParallelSection(threads=2, mpi=0)
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(self.trainStep, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def convertInputStep(self):
+        if self.useSimulation:
+            return
+        ctfs = self.inputCTF.get()
+        mics = ctfs.getMicrographs()
+        acq = mics.getAcquisition()
+        names, u, v, a = [], [], [], []
+        for ctf in ctfs.iterItems(orderBy="id"):
+            mic = ctf.getMicrograph()
+            if mic is None or not ctf.isEnabled():
+                continue
+            names.append(os.path.abspath(mic.getFileName()))
+            u.append(ctf.getDefocusU())
+            v.append(ctf.getDefocusV())
+            a.append(ctf.getDefocusAngle())
+        n = len(names)
+        cols = OrderedDict([("rlnMicrographName", np.array(names, dtype=object)),
+                            ("rlnDefocusU", np.array(u)), ("rlnDefocusV", np.array(v)),
+                            ("rlnDefocusAngle", np.array(a)),
+                            ("rlnMicrographPixelSize", np.full(n, mics.getSamplingRate())),
+                            ("rlnVoltage", np.full(n, acq.getVoltage())),
+                            ("rlnSphericalAberration", np.full(n, acq.getSphericalAberration()))])
+        io.write_star(self._getExtraPath("labels.star"), OrderedDict([("micrographs", cols)]))
+
+    def trainStep(self):
+        gpus = self.getGpuList() if self.useGpu else None
+        args = ["--output", self._getExtraPath("defocus_model.pt"), "--epochs", self.epochs.get(),
+                "--threads", self.numberOfThreads.get()]
+        if self.useSimulation:
+            args += ["--simulate", self.numberOfSimulated.get()]
+        else:
+            args += ["--star", self._getExtraPath("labels.star")]
+        if self.fineTune:
+            args += ["--init", "shipped"]
+        self.runJob(Plugin.getProgram("defocus", "train", gpus=gpus), " ".join(str(x) for x in args),
+                    env=Plugin.getEnviron())
+
+    def createOutputStep(self):
+        model = EMFile(filename=self._getExtraPath("defocus_model.pt"))
+        self._defineOutputs(**{OUTPUT_MODEL: model})
+        if not self.useSimulation:
+            self._defineSourceRelation(self.inputCTF, model)
+
+    def _validate(self):
+        errors = []
+        if not self.useSimulation and self.inputCTF.get() is None:
+            errors.append("Give a SetOfCTF as labels, or train on simulated micrographs.")
+        return errors
+
+    def _summary(self):
+        if hasattr(self, OUTPUT_MODEL):
+            return ["Model: %s" % getattr(self, OUTPUT_MODEL).getFileName()]
+        return ["Not trained yet."]

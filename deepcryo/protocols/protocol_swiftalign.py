@@ -1,0 +1,182 @@
+# **************************************************************************
+# *
+# * Authors:     the deepcryo developers
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# * This program is distributed in the hope that it will be useful,
+# * but WITHOUT ANY WARRANTY; without even the implied warranty of
+# * MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE.  See the
+# * GNU General Public License for more details.
+# *
+# * You should have received a copy of the GNU General Public License
+# * along with this program.  If not, see <https://www.gnu.org/licenses/>.
+# *
+# **************************************************************************
+"""Projection matching of particles against a map on a compressed faiss index (``deepcryo.swiftalign``)."""
+import numpy as np
+
+import pyworkflow.protocol.params as params
+from pyworkflow.constants import BETA
+from pyworkflow.utils import Message
+from pwem.objects import SetOfParticles
+from pwem.protocols import ProtRefine3D
+
+from deepcryo import Plugin
+from deepcryo.constants import OUTPUT_PARTICLES
+from deepcryo.convert import convertVolume, updateParticlesFromStar, writeSetOfParticles
+from deepcryo.core import io
+
+SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftConfidence", "dcSwiftCtfGroup")
+
+
+class DeepCryoProtSwiftAlign(ProtRefine3D):
+    """Assigns Euler angles and shifts to particles by matching them against projections of a map.
+
+    The projections (an even sampling of directions × in-plane angles × shifts × CTF groups) are
+    stored as compressed Fourier vectors in a faiss index; each particle is searched in the index,
+    its best matches are re-scored exactly with its own CTF and refined locally (SwiftAlign,
+    Lauzirika 2023). Local mode searches only around the particles' current alignment.
+    Outputs: particles with projection alignment, the correlation score (_dcSwiftScore) and a
+    confidence (_dcSwiftConfidence, score gap to the best pose far from the winner).
+    """
+    _label = "swiftalign"
+    _devStatus = BETA
+    _possibleOutputs = {OUTPUT_PARTICLES: SetOfParticles}
+
+    # --------------------------- DEFINE param functions --------------------------------------------
+    def _defineParams(self, form):
+        form.addSection(label=Message.LABEL_INPUT)
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
+                      pointerCondition="hasCTF", important=True, label="Input particles",
+                      help="Particles with CTF; same box and pixel size as the reference.")
+        form.addParam("inputVolume", params.PointerParam, pointerClass="Volume", important=True,
+                      label="Reference map")
+        form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry group")
+        form.addSection(label="Search")
+        form.addParam("samplingMode", params.EnumParam, choices=["angular step", "target resolution"],
+                      default=1, display=params.EnumParam.DISPLAY_HLIST, label="Sampling from")
+        form.addParam("angularStep", params.FloatParam, default=10.0, condition="samplingMode==0",
+                      validators=[params.Range(0.1, 90)], label="Angular step (deg)")
+        form.addParam("maxResolution", params.FloatParam, default=15.0, validators=[params.Positive],
+                      label="Max resolution (Å)",
+                      help="Resolution limit of the search vectors; with 'target resolution' it also "
+                           "sets the angular step, asin(resolution / (box · pixel size)).")
+        form.addParam("maxShift", params.FloatParam, default=5.0, validators=[params.GE(0)],
+                      label="Max shift (px)")
+        form.addParam("ctfGroups", params.IntParam, default=8, validators=[params.Positive],
+                      label="CTF groups", expertLevel=params.LEVEL_ADVANCED)
+        form.addParam("indexType", params.EnumParam, choices=["auto", "exact (flat)", "custom"], default=0,
+                      display=params.EnumParam.DISPLAY_HLIST, label="Index type")
+        form.addParam("indexFactory", params.StringParam, default="OPQ48_192,IVF4096,PQ48",
+                      condition="indexType==2", label="faiss factory string")
+        form.addParam("nprobe", params.IntParam, default=32, validators=[params.Positive], label="nprobe",
+                      expertLevel=params.LEVEL_ADVANCED)
+        form.addParam("numberOfMatches", params.IntParam, default=5, validators=[params.Positive],
+                      label="Candidates refined (k)", expertLevel=params.LEVEL_ADVANCED)
+        form.addParam("localSearch", params.BooleanParam, default=False, label="Local search?",
+                      help="Search only around the particles' current alignment.")
+        form.addParam("localSteps", params.IntParam, default=2, condition="localSearch",
+                      label="Local angular range (± steps)")
+        form.addParam("memoryLimit", params.FloatParam, default=4.0, validators=[params.Positive],
+                      label="Memory limit (GB)", expertLevel=params.LEVEL_ADVANCED)
+        form.addParam("particlesPerStep", params.IntParam, default=5000, validators=[params.Positive],
+                      label="Particles per query step", expertLevel=params.LEVEL_ADVANCED)
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs")
+        form.addParallelSection(threads=2, mpi=0)
+
+    # --------------------------- INSERT steps functions --------------------------------------------
+    def _insertAllSteps(self):
+        convert = self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        train = self._insertFunctionStep(self.trainStep, prerequisites=[convert])
+        n = self.inputParticles.get().getSize()
+        chunks = max(1, int(np.ceil(n / self.particlesPerStep.get())))
+        queries = [self._insertFunctionStep(self.queryStep, i, chunks, prerequisites=[train])
+                   for i in range(chunks)]
+        self._insertFunctionStep(self.createOutputStep, chunks, prerequisites=queries, needsGPU=False)
+
+    # --------------------------- STEPS functions ---------------------------------------------------
+    def convertInputStep(self):
+        writeSetOfParticles(self.inputParticles.get(), self._getExtraPath("input_particles.star"),
+                            outputDir=self._getExtraPath())
+
+    def _common(self):
+        args = ["--threads", self.numberOfThreads.get(), "--memory-limit", self.memoryLimit.get()]
+        if self.usesGpu():
+            args += ["--device"] + ["cuda:%d" % i for i in range(len(self.getGpuList()))]
+        return args
+
+    def trainStep(self):
+        ref = convertVolume(self.inputVolume.get(), self._getExtraPath())
+        args = ["train", "--reference", ref, "--particles", self._getExtraPath("input_particles.star"),
+                "--max-resolution", self.maxResolution.get(), "--max-shift", self.maxShift.get(),
+                "--ctf-groups", self.ctfGroups.get(), "--symmetry", self.symmetryGroup.get().strip().upper(),
+                "--output", self._getExtraPath("index")] + self._common()
+        if self.samplingMode.get() == 0:
+            args += ["--angular-step", self.angularStep.get()]
+        if self.indexType.get() == 1:
+            args += ["--index-factory", "Flat"]
+        elif self.indexType.get() == 2:
+            args += ["--index-factory", "'%s'" % self.indexFactory.get().strip()]
+        self.runJob(Plugin.getProgram("swiftalign", gpus=self._gpus()), " ".join(str(a) for a in args))
+
+    def queryStep(self, chunk, chunks):
+        star = io.read_particles(self._getExtraPath("input_particles.star"))
+        part = star.subset(np.array_split(np.arange(len(star)), chunks)[chunk])
+        inp = self._getExtraPath("chunk_%03d.star" % chunk)
+        io.write_particles(inp, part)
+        args = ["query", "--index", self._getExtraPath("index"), "--particles", inp,
+                "--output", self._getExtraPath("aligned_%03d.star" % chunk), "--nprobe", self.nprobe.get(),
+                "--k", self.numberOfMatches.get()] + self._common()
+        if self.localSearch:
+            args += ["--local", "--local-steps", self.localSteps.get()]
+        self.runJob(Plugin.getProgram("swiftalign", gpus=self._gpus()), " ".join(str(a) for a in args))
+
+    def createOutputStep(self, chunks):
+        parts = [io.read_particles(self._getExtraPath("aligned_%03d.star" % i), require_images=False)
+                 for i in range(chunks)]
+        merged = parts[0].copy()
+        for column in merged.particles:
+            merged.particles[column] = np.concatenate([np.asarray(p.particles[column]) for p in parts])
+        io.write_particles(self._getExtraPath("aligned.star"), merged)
+        inputSet = self.inputParticles.get()
+        outputSet = self._createSetOfParticles()
+        updateParticlesFromStar(inputSet, self._getExtraPath("aligned.star"), outputSet, extraColumns=SCORE_COLUMNS)
+        self._defineOutputs(**{OUTPUT_PARTICLES: outputSet})
+        self._defineTransformRelation(self.inputParticles, outputSet)
+        self._defineSourceRelation(self.inputVolume, outputSet)
+
+    def _gpus(self):
+        return self.getGpuList() if self.usesGpu() else None
+
+    # --------------------------- INFO functions ----------------------------------------------------
+    def _validate(self):
+        errors = []
+        particles, volume = self.inputParticles.get(), self.inputVolume.get()
+        if particles is not None:
+            if particles.getSize() == 0:
+                errors.append("The input particle set is empty.")
+            if not particles.hasCTF():
+                errors.append("The input particles have no CTF.")
+            if self.localSearch and not particles.hasAlignmentProj():
+                errors.append("Local search needs particles with a 3D alignment.")
+        if particles is not None and volume is not None:
+            if volume.getXDim() != particles.getXDim():
+                errors.append("Box size mismatch: particles %d px, map %d px."
+                              % (particles.getXDim(), volume.getXDim()))
+            if abs(volume.getSamplingRate() - particles.getSamplingRate()) > 1e-3 * particles.getSamplingRate():
+                errors.append("Pixel size mismatch: particles %.4f Å/px, map %.4f Å/px."
+                              % (particles.getSamplingRate(), volume.getSamplingRate()))
+            if self.maxResolution.get() < 2 * particles.getSamplingRate():
+                errors.append("Max resolution is beyond Nyquist (%.2f Å)." % (2 * particles.getSamplingRate()))
+        return errors
+
+    def _summary(self):
+        if not hasattr(self, OUTPUT_PARTICLES):
+            return ["Output particles not ready yet."]
+        return ["%d particles aligned against %s."
+                % (getattr(self, OUTPUT_PARTICLES).getSize(), self.getObjectTag("inputVolume"))]

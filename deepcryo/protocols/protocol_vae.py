@@ -1,0 +1,251 @@
+# **************************************************************************
+# *
+# * Authors:     the deepcryo developers
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# * This program is distributed in the hope that it will be useful,
+# * but WITHOUT ANY WARRANTY; without even the implied warranty of
+# * MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE.  See the
+# * GNU General Public License for more details.
+# *
+# * You should have received a copy of the GNU General Public License
+# * along with this program.  If not, see <https://www.gnu.org/licenses/>.
+# *
+# **************************************************************************
+"""Conformational landscape VAE (``deepcryo.landscape``): training and analysis protocols."""
+import json
+import os
+import shutil
+from glob import glob
+
+import numpy as np
+import pyworkflow.protocol.params as params
+from pyworkflow.constants import BETA
+from pyworkflow.utils import Message
+from pwem.objects import ParticleFlex, SetOfVolumes, Volume
+from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
+
+from deepcryo import Plugin
+from deepcryo.constants import OUTPUT_PARTICLES
+from deepcryo.convert import writeSetOfParticles
+from deepcryo.core import io
+
+OUTPUT_CLASSES = "outputClasses"
+OUTPUT_TRAJECTORY = "outputTrajectory"
+PROG_NAME = "deepcryo.landscape"
+
+
+def _latentColumns(star):
+    return sorted(c for c in star.particles if c.startswith("dcLatent"))
+
+
+def _rowsById(star):
+    """{Scipion id: row} of a STAR written from a Scipion set (``rlnImageId``)."""
+    star.require("rlnImageId")
+    return {int(i): r for r, i in enumerate(np.asarray(star.particles["rlnImageId"], dtype=np.int64))}
+
+
+class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
+    """Learns the conformational landscape of aligned particles with a variational autoencoder.
+
+    The particles' consensus poses and CTF are used: the encoder maps each particle to a point of a
+    low-dimensional latent space, the decoder maps a latent point to a volume whose projection at the
+    particle's pose, times its CTF, should match the image. Images are Fourier-cropped to the working
+    box. The output particles carry their latent coordinates (flexibility hub "zFlex").
+    """
+    _label = "landscape VAE train"
+    _devStatus = BETA
+    _possibleOutputs = {OUTPUT_PARTICLES: ParticleFlex}
+
+    def _defineParams(self, form):
+        form.addSection(label=Message.LABEL_INPUT)
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
+                      pointerCondition="hasAlignmentProj", important=True, label="Input particles",
+                      help="Particles with CTF and 3D alignment from a consensus refinement.")
+        form.addParam("latentDim", params.IntParam, default=8, validators=[params.GE(1)],
+                      label="Latent dimension", help="Dimension of the latent (conformational) space.")
+        form.addParam("workingBox", params.IntParam, default=64, validators=[params.GE(8)],
+                      label="Working box (px)",
+                      help="Images are Fourier-cropped to this even box (at most the particle box); "
+                           "the pixel size grows accordingly. 64 or 128 are typical.")
+        form.addParam("epochs", params.IntParam, default=20, validators=[params.GE(1)], label="Epochs",
+                      help="Total number of passes over the particles (also when continuing).")
+        form.addParam("batchSize", params.IntParam, default=64, validators=[params.GE(1)],
+                      label="Batch size", help="Particles per optimisation step and GPU.")
+        form.addParam("beta", params.FloatParam, default=1.0, validators=[params.GE(0)], label="β (KL weight)",
+                      help="Weight of the Kullback-Leibler term of the VAE loss.")
+        form.addParam("basis", params.IntParam, default=16, validators=[params.GE(1)],
+                      expertLevel=params.LEVEL_ADVANCED, label="Basis volumes", help="Number of basis volumes of the decoder.")
+        form.addParam("continueRun", params.BooleanParam, default=False, label="Continue a previous run?",
+                      help="Resume from the last epoch of a previous training on the same particles.")
+        form.addParam("previousRun", params.PointerParam, pointerClass="DeepCryoProtVaeTrain",
+                      condition="continueRun", allowsNull=True, label="Previous run")
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=True, label="Use GPU?")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs",
+                       help="One or several GPUs (e.g. 0 1); several train in parallel (torch DDP).")
+        form.addParallelSection(threads=4, mpi=0)
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(self.trainStep, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def getTrainDir(self):
+        return self._getExtraPath("vae")
+
+    def convertInputStep(self):
+        writeSetOfParticles(self.inputParticles.get(), self._getExtraPath("input_particles.star"),
+                            outputDir=self._getExtraPath())
+
+    def trainStep(self):
+        args = ["train", "--particles", self._getExtraPath("input_particles.star"), "--output-dir",
+                self.getTrainDir(), "--latent-dim", self.latentDim.get(), "--epochs", self.epochs.get(),
+                "--box", min(self.workingBox.get(), self.inputParticles.get().getXDim()),
+                "--batch-size", self.batchSize.get(), "--beta", self.beta.get(), "--basis", self.basis.get(),
+                "--threads", self.numberOfThreads.get()]
+        if self.continueRun:
+            os.makedirs(self.getTrainDir(), exist_ok=True)
+            previous = self.previousRun.get().getTrainDir()
+            for name in ("checkpoint.pt", "consensus.mrc"):
+                shutil.copy(os.path.join(previous, name), self.getTrainDir())
+            args.append("--continue")
+        gpus = self.getGpuList() if self.usesGpu() else None
+        if gpus:
+            args += ["--device", ",".join("cuda:%d" % i for i in range(len(gpus)))]
+        self.runJob(Plugin.getProgram("landscape", gpus=gpus), " ".join(str(a) for a in args))
+
+    def createOutputStep(self):
+        inputSet = self.inputParticles.get()
+        star = io.read_particles(os.path.join(self.getTrainDir(), "particles_latent.star"), require_images=False)
+        rows = _rowsById(star)
+        z = np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in _latentColumns(star)], 1)
+        outSet = self._createSetOfParticlesFlex(progName=PROG_NAME)
+        outSet.copyInfo(inputSet)
+        outSet.getFlexInfo().setAttr("_deepcryoTrainDir", os.path.abspath(self.getTrainDir()))
+        for particle in inputSet.iterItems(orderBy="id"):
+            r = rows.get(particle.getObjId())
+            if r is None:
+                continue
+            flex = ParticleFlex(progName=PROG_NAME)
+            flex.copyInfo(particle)
+            flex.setObjId(particle.getObjId())
+            flex.setZFlex([float(v) for v in z[r]])
+            outSet.append(flex)
+        self._defineOutputs(**{OUTPUT_PARTICLES: outSet})
+        self._defineSourceRelation(self.inputParticles, outSet)
+
+    def _validate(self):
+        errors = []
+        particles = self.inputParticles.get()
+        if particles is not None:
+            if particles.getSize() == 0:
+                errors.append("The input particle set is empty.")
+            if not particles.hasCTF():
+                errors.append("The input particles have no CTF.")
+            if not particles.hasAlignmentProj():
+                errors.append("The input particles have no 3D alignment (angles and shifts): use the "
+                              "output of a consensus refinement.")
+        if self.workingBox.get() % 2:
+            errors.append("The working box must be even.")
+        if self.continueRun and self.previousRun.get() is None:
+            errors.append("Choose the previous run to continue.")
+        return errors
+
+    def _summary(self):
+        if not hasattr(self, OUTPUT_PARTICLES):
+            return ["Training not finished yet."]
+        return ["%d particles with %d-dimensional latent coordinates."
+                % (getattr(self, OUTPUT_PARTICLES).getSize(), self.latentDim.get())]
+
+
+class DeepCryoProtVaeAnalyze(ProtAnalysis3D):
+    """Analyses a trained landscape VAE: embeddings (PCA, optionally UMAP), a landscape plot (density
+    and −ln density), clusters (k-means; K suggested by a Gaussian-mixture BIC when not given), one volume
+    per cluster (reconstructed from its particles; the decoded volume is kept in the extra folder) and
+    volumes along the first principal component (trajectory).
+    """
+    _label = "landscape VAE analyze"
+    _devStatus = BETA
+    _possibleOutputs = {OUTPUT_CLASSES: None, OUTPUT_TRAJECTORY: SetOfVolumes}
+
+    EMBEDDINGS = ["PCA", "PCA and UMAP"]
+
+    def _defineParams(self, form):
+        form.addSection(label=Message.LABEL_INPUT)
+        form.addParam("trainRun", params.PointerParam, pointerClass="DeepCryoProtVaeTrain", important=True,
+                      label="Training run")
+        form.addParam("numberOfClusters", params.IntParam, default=0, validators=[params.GE(0)],
+                      label="Number of clusters", help="0: automatic (elbow of the Gaussian-mixture BIC).")
+        form.addParam("embedding", params.EnumParam, choices=self.EMBEDDINGS, default=0,
+                      label="Embedding", help="UMAP needs umap-learn in deepcryo's Python.")
+        form.addParam("trajectorySteps", params.IntParam, default=7, validators=[params.GE(2)],
+                      label="Trajectory volumes", help="Volumes along PC1, from −2 to +2 standard deviations.")
+        form.addParallelSection(threads=4, mpi=0)
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.analyzeStep)
+        self._insertFunctionStep(self.createOutputStep)
+
+    def analyzeStep(self):
+        args = ["analyze", self.trainRun.get().getTrainDir(), "--output-dir", self._getExtraPath("analysis"),
+                "--clusters", self.numberOfClusters.get(), "--trajectory-steps", self.trajectorySteps.get(),
+                "--pcs", 1, "--threads", self.numberOfThreads.get()]
+        if self.embedding.get() == 0:
+            args.append("--no-umap")
+        self.runJob(Plugin.getProgram("landscape"), " ".join(str(a) for a in args))
+
+    def createOutputStep(self):
+        folder = self._getExtraPath("analysis")
+        with open(os.path.join(folder, "summary.json")) as f:
+            summary = json.load(f)
+        px = summary["pixel_size_A"]
+        particles = self.trainRun.get().inputParticles.get()
+        star = io.read_particles(os.path.join(folder, "particles.star"), require_images=False)
+        rows = _rowsById(star)
+        labels = np.asarray(star.particles["dcCluster"], dtype=np.int64)
+
+        def updateItem(item, _row=None):
+            r = rows.get(item.getObjId())
+            if r is None:
+                item._appendItem = False
+            else:
+                item.setClassId(int(labels[r]))
+
+        def updateClass(cls):
+            fn = os.path.join(folder, "cluster_%02d_reconstructed.mrc" % cls.getObjId())
+            rep = Volume(location=fn)
+            rep.setSamplingRate(px)
+            cls.setRepresentative(rep)
+
+        classes = self._createSetOfClasses3D(particles)
+        classes.classifyItems(updateItemCallback=updateItem, updateClassCallback=updateClass)
+        trajectory = self._createSetOfVolumes("trajectory")
+        trajectory.setSamplingRate(px)
+        for fn in sorted(glob(os.path.join(folder, "pc1_step*.mrc"))):
+            vol = Volume(location=fn)
+            vol.setSamplingRate(px)
+            trajectory.append(vol)
+        self._defineOutputs(**{OUTPUT_CLASSES: classes, OUTPUT_TRAJECTORY: trajectory})
+        self._defineSourceRelation(self.trainRun.get().inputParticles, classes)
+        self._defineSourceRelation(self.trainRun.get().inputParticles, trajectory)
+
+    def _validate(self):
+        run = self.trainRun.get()
+        if run is not None and not hasattr(run, OUTPUT_PARTICLES):
+            return ["The training run has not finished."]
+        return []
+
+    def _summary(self):
+        if not hasattr(self, OUTPUT_CLASSES):
+            return ["Analysis not finished yet."]
+        with open(self._getExtraPath("analysis", "summary.json")) as f:
+            summary = json.load(f)
+        lines = ["%d clusters (BIC suggested %d)." % (summary["clusters_used"], summary["suggested_clusters"])]
+        for c in summary["clusters"]:
+            lines.append("cluster %d: %d particles; decoded vs reconstructed FSC 0.5 at %.1f Å"
+                         % (c["cluster"], c["particles"], c["decoded_vs_reconstructed_fsc05_A"]))
+        return lines

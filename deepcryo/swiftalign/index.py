@@ -1,0 +1,293 @@
+"""The compressed search index: a faiss index over the gallery vectors, trained on a sample and filled
+by streaming gallery batches (the whole gallery never exists in memory), saved as ``index_dir/``.
+
+Index types are faiss ``index_factory`` strings (metric L2 on unit vectors, i.e. correlation):
+
+* ``Flat``: exact exhaustive search, 4 · dim bytes per reference (the reference accuracy);
+* default from the gallery size (:func:`default_factory`): ``PCA{d},IVF{nlist},PQ{d/2}x4fs`` — a PCA to
+  d <= 192 dims, ``nlist`` inverted lists (≈ sqrt(n), a power of 2) and 4-bit fast-scan product codes of
+  d/2 sub-vectors (<= 48 bytes): code + 8-byte id <= 56 bytes per reference. Galleries under 10 000
+  references get ``Flat``. The seed's ``OPQ48_192,IVF<n>,PQ48`` (8-bit PQ) is accepted as a custom
+  string, but training 8-bit codebooks was pathologically slow with faiss-cpu 1.15 on the 2-core
+  development machine (25 s for 8 sub-quantizers on 2 000 points), hence the 4-bit default.
+
+A gallery larger than the memory limit is split into shards of consecutive entry ids, each a copy of
+the one trained index; a query searches every shard and merges the top-k lists (:func:`merge_topk`).
+
+``index_dir/manifest.json`` holds everything the query needs: the map (``reference.mrc``, copied), the
+band, the gallery parameters (poses, shifts, CTF groups), the shards and their first ids.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import faiss
+import numpy as np
+import torch
+
+from deepcryo.core import io
+from deepcryo.core.geometry import sample_poses
+from deepcryo.core.projector import Projector
+
+from .features import Band, noise_weights
+from .gallery import Gallery, angular_step_for_resolution, ctf_groups, group_ctf_band
+
+__all__ = ["default_factory", "train_size", "build_index", "merge_topk", "search", "set_nprobe", "to_devices",
+           "train", "IndexBundle", "load", "MANIFEST"]
+
+MANIFEST = "manifest.json"
+_ID_BYTES = 8
+
+
+def default_factory(n_entries, dim):
+    """faiss factory string for a gallery of ``n_entries`` vectors of ``dim`` floats (see module docstring)."""
+    if n_entries < 10000:
+        return "Flat"
+    d = min(192, dim // 2 * 2)
+    nlist = 2 ** int(round(math.log2(max(16.0, math.sqrt(n_entries)))))
+    return "PCA%d,IVF%d,PQ%dx4fs" % (d, min(nlist, 65536), d // 2)
+
+
+def _nlist(index):
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf.nlist if ivf is not None else 0
+
+
+def train_size(index, n_entries, dim, memory_bytes):
+    """Training sample size: 30 vectors per inverted list (at least 10 000 for the PQ codebooks), at most
+    the gallery and a quarter of the memory limit."""
+    if index.is_trained:
+        return 0
+    want = max(10000, 30 * _nlist(index))
+    return int(min(n_entries, want, memory_bytes // 4 // (4 * dim)))
+
+
+def bytes_per_reference(index):
+    """Bytes one stored reference takes in ``index`` (code + id for IVF, raw vector for flat)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return ivf.code_size + _ID_BYTES
+    return index.sa_code_size() if hasattr(index, "sa_code_size") else 4 * index.d
+
+
+def set_nprobe(index, nprobe):
+    """Set the number of inverted lists a search visits (no-op for non-IVF indexes)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(min(nprobe, ivf.nlist))
+
+
+def to_devices(index, devices):
+    """Move ``index`` to the CUDA GPUs of ``devices`` (['cuda:0', 'cuda:1', …]), sharded over several;
+    unchanged on CPU or when faiss was built without GPU support."""
+    gpus = [int(d.split(":")[1]) if ":" in d else 0 for d in devices or [] if d.startswith("cuda")]
+    if not gpus or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return index
+    opts = faiss.GpuMultipleClonerOptions()
+    opts.shard = True
+    opts.useFloat16LookupTables = True
+    resources = [faiss.StandardGpuResources() for _ in gpus]
+    return faiss.index_cpu_to_gpu_multiple_py(resources, index, opts, gpus)
+
+
+def build_index(gallery, factory, memory_bytes, log=print, seed=0):
+    """Train ``factory`` on a gallery sample and fill it by streaming batches.
+
+    Returns (list of (first_id, faiss index) shards, bytes per reference).
+    """
+    dim = gallery.band.dim
+    template = faiss.index_factory(dim, factory)
+    n_train = train_size(template, len(gallery), dim, memory_bytes)
+    if n_train:
+        t0 = time.time()
+        sample = gallery.vectors(gallery.sample_ids(n_train, seed)).numpy()
+        template.train(sample)
+        del sample
+        log("trained %s on %d vectors in %.1f s" % (factory, n_train, time.time() - t0))
+    per_ref = bytes_per_reference(template)
+    shard_entries = max(1, int(memory_bytes // 2 // per_ref))
+    batch = max(1, int(memory_bytes // 8 // (3 * 4 * dim)))
+    shards, first, current = [], 0, faiss.clone_index(template)
+    t0 = time.time()
+    next_report = len(gallery) / 10
+    for start, vecs in gallery.batches(min(batch, shard_entries)):
+        if current.ntotal + len(vecs) > shard_entries and current.ntotal:
+            shards.append((first, current))
+            first, current = start, faiss.clone_index(template)
+        current.add(vecs.numpy())
+        if start + len(vecs) >= next_report:
+            log("added %d / %d references (%.0f s)" % (start + len(vecs), len(gallery), time.time() - t0))
+            next_report += len(gallery) / 10
+    shards.append((first, current))
+    log("index filled: %d references in %d shard(s), %d bytes each, %.1f s"
+        % (len(gallery), len(shards), per_ref, time.time() - t0))
+    return shards, per_ref
+
+
+def merge_topk(distances, labels, k):
+    """Merge per-shard results: lists of (B, k_i) distances and global labels → the k smallest, sorted.
+
+    Missing results (label -1) carry distance +inf and sort last.
+    """
+    d = np.concatenate(distances, axis=1)
+    lab = np.concatenate(labels, axis=1)
+    d = np.where(lab < 0, np.inf, d)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), np.take_along_axis(lab, order, 1)
+
+
+def search(shards, vectors, k, nprobe):
+    """Top-k (distances, global entry ids) of (B, dim) float32 ``vectors`` over all shards."""
+    ds, ls = [], []
+    for first, index in shards:
+        set_nprobe(index, nprobe)
+        d, lab = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        ds.append(d)
+        ls.append(np.where(lab >= 0, lab + first, -1))
+    return merge_topk(ds, ls, k)
+
+
+# ------------------------------------------------------------------------------------------ train / load
+class IndexBundle:
+    """A loaded ``index_dir``: manifest, projector of the map, band, gallery and (lazily) the shards."""
+
+    def __init__(self, directory, manifest, device="cpu"):
+        self.directory = directory
+        self.manifest = manifest
+        volume, _ = io.read_mrc(os.path.join(directory, manifest["reference"]))
+        self.projector = Projector(volume, device=device)
+        m = manifest
+        self.band = Band(m["box"], m["pixel_size_A"], m["max_resolution_A"])
+        self.sqrt_weights = (torch.as_tensor(np.load(os.path.join(directory, m["weights"])), dtype=torch.float32)
+                             if m.get("weights") else None)
+        self.optics = m["optics"]
+        self.gallery = Gallery(self.projector, self.band, sample_poses(m["angular_step_deg"], m["angular_step_deg"],
+                                                                       m["symmetry"]),
+                               np.asarray(m["origins_px"]), group_ctf_band(self.band, m["group_defocus_A"], m["optics"]),
+                               self.sqrt_weights, m["normalise"])
+        self._shards = None
+
+    def shards(self, devices=None):
+        if self._shards is None:
+            self._shards = [(s["first_id"], to_devices(faiss.read_index(os.path.join(self.directory, s["file"])),
+                                                        devices)) for s in self.manifest["shards"]]
+        return self._shards
+
+
+def load(index_dir, device="cpu"):
+    """Load an ``index_dir`` written by :func:`train`."""
+    path = os.path.join(index_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise io.InputError("%s: not a swiftalign index (no %s)" % (index_dir, MANIFEST))
+    with open(path) as f:
+        manifest = json.load(f)
+    return IndexBundle(os.path.abspath(index_dir), manifest, device)
+
+
+def check_particles(star, box, pixel_size_A, what):
+    """Raise InputError unless the particles have CTF columns and match the box and pixel size."""
+    star.require("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+    if star.box_size != box:
+        raise io.InputError("box size mismatch: particles %d px, %s %d px" % (star.box_size, what, box))
+    if abs(star.pixel_size_A - pixel_size_A) > 1e-3 * pixel_size_A:
+        raise io.InputError("pixel size mismatch: particles %.4f Å/px, %s %.4f Å/px"
+                            % (star.pixel_size_A, what, pixel_size_A))
+
+
+def particle_optics(star):
+    """dict(voltage_kV, cs_mm, amplitude_contrast) of the particles (means over optics groups)."""
+    return {"voltage_kV": float(np.mean(star.optics_value("rlnVoltage"))),
+            "cs_mm": float(np.mean(star.optics_value("rlnSphericalAberration"))),
+            "amplitude_contrast": float(np.mean(star.optics_value("rlnAmplitudeContrast")))}
+
+
+def train(reference, particles, output_dir, angular_step_deg=None, max_resolution_A=None, max_shift_px=5.0,
+          shift_step_px=None, index_factory=None, n_ctf_groups=8, symmetry="C1", whiten=False, normalise=True,
+          memory_limit_GB=4.0, log=print):
+    """Build ``output_dir`` (an index) for aligning ``particles`` (STAR path or ParticleStar) to ``reference``.
+
+    Args:
+        reference: map (MRC path), same box and pixel size as the particles.
+        angular_step_deg: direction and in-plane step (degrees); default from ``max_resolution_A``.
+        max_resolution_A: band limit of the vectors (Å); default: the resolution whose step is
+            ``angular_step_deg`` (at least Nyquist). One of the two is needed.
+        max_shift_px: largest |origin| per axis searched (px).
+        shift_step_px: shift grid step (px); default ``max_resolution_A / (4 · pixel size)`` (Xmipp's).
+        index_factory: faiss factory string, None for :func:`default_factory`.
+        n_ctf_groups: number of defocus clusters (CTF groups).
+        whiten: weight frequencies by the inverse noise power estimated from the particles.
+        memory_limit_GB: bound on the memory used for batches, the training sample and each shard.
+    Returns the manifest (dict). Nothing is left under ``output_dir`` on failure.
+    """
+    star = io.read_particles(particles) if isinstance(particles, str) else particles
+    volume, map_px = io.read_mrc(reference)
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise io.InputError("%s: the reference must be a cubic map, got shape %s" % (reference, volume.shape))
+    box, px = star.box_size, star.pixel_size_A
+    check_particles(star, volume.shape[-1], map_px, "map %s" % reference)
+    if angular_step_deg is None and max_resolution_A is None:
+        raise io.InputError("give an angular step or a maximum resolution")
+    if max_resolution_A is None:
+        max_resolution_A = max(2 * px, box * px * math.sin(math.radians(angular_step_deg)))
+    if max_resolution_A < 2 * px:
+        raise io.InputError("max resolution %.3g Å is beyond Nyquist (%.3g Å at %.4g Å/px)"
+                            % (max_resolution_A, 2 * px, px))
+    if angular_step_deg is None:
+        angular_step_deg = angular_step_for_resolution(box, px, max_resolution_A)
+    if not 0 < angular_step_deg <= 90:
+        raise io.InputError("angular step must be in (0, 90] degrees, got %g" % angular_step_deg)
+    if max_shift_px < 0:
+        raise io.InputError("max shift must be >= 0 px")
+    shift_step_px = shift_step_px or max(0.5, max_resolution_A / (4 * px))
+    memory_bytes = memory_limit_GB * 1e9
+    ctf = star.ctf_params()
+    group_defocus, _ = ctf_groups(0.5 * (ctf["defocus_u_A"] + ctf["defocus_v_A"]), max(1, int(n_ctf_groups)))
+    optics = particle_optics(star)
+    band = Band(box, px, max_resolution_A)
+    weights = None
+    if whiten:
+        with star.open_images() as stack:
+            idx = np.linspace(0, len(star) - 1, min(len(star), 2000)).astype(np.int64)
+            weights = noise_weights(band, band.from_images(stack.read(idx)))
+    projector = Projector(volume)
+    sqrt_w = None if weights is None else torch.sqrt(weights)
+    gallery = Gallery.from_parameters(projector, band, angular_step_deg, max_shift_px, shift_step_px, group_defocus,
+                                      optics, symmetry, sqrt_w, normalise)
+    factory = index_factory or default_factory(len(gallery), band.dim)
+    log("gallery: %d poses x %d CTF groups x %d shifts = %d references, %d dims (%.1f Å, step %.2f°, shift step %.2f px)"
+        % (gallery.n_poses, gallery.n_groups, gallery.n_shifts, len(gallery), band.dim, max_resolution_A,
+           angular_step_deg, float(gallery.origins_px[1, 0] - gallery.origins_px[0, 0]) if gallery.n_shifts > 1 else 0))
+    try:
+        shards, per_ref = build_index(gallery, factory, memory_bytes, log)
+    except RuntimeError as exc:
+        raise io.InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".swiftalign.", dir=parent)
+    try:
+        manifest = {"format": "deepcryo-swiftalign-1", "reference": "reference.mrc", "box": box,
+                    "pixel_size_A": px, "max_resolution_A": max_resolution_A, "angular_step_deg": angular_step_deg,
+                    "symmetry": symmetry, "max_shift_px": max_shift_px,
+                    "shift_step_px": float(shift_step_px), "origins_px": gallery.origins_px.tolist(),
+                    "group_defocus_A": [float(d) for d in group_defocus], "optics": optics, "normalise": normalise,
+                    "weights": "weights.npy" if weights is not None else None, "factory": factory,
+                    "dim": band.dim, "n_references": len(gallery), "bytes_per_reference": per_ref, "shards": []}
+        io.write_mrc(os.path.join(tmp, "reference.mrc"), volume, px)
+        if weights is not None:
+            np.save(os.path.join(tmp, "weights.npy"), torch.sqrt(weights).numpy())
+        for i, (first, index) in enumerate(shards):
+            name = "shard_%03d.faiss" % i
+            faiss.write_index(index, os.path.join(tmp, name))
+            manifest["shards"].append({"file": name, "first_id": int(first), "n": int(index.ntotal)})
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

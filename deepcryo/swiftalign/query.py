@@ -1,0 +1,281 @@
+"""Alignment of particles against a trained index: global search, exact re-ranking, local refinement.
+
+For each particle (batched):
+
+1. **Search**: its band vector (:mod:`.features`) → the ``4·k`` nearest gallery references over every shard
+   of the index, visiting ``nprobe`` inverted lists (:func:`.index.search`; top-k lists merged across
+   shards). Each match gives a pose, an origin and the CTF group.
+2. **Exact re-ranking**: each match is scored by the full-precision normalised Fourier correlation over
+   the band between the particle and the reference projected at the match's pose, multiplied by the
+   particle's *own* CTF and moved by the match's origin (:func:`score_poses`).
+3. **Local refinement** of the ``k`` best (:func:`refine`): a pattern search over small rotations about the
+   three axes of the projection frame and sub-pixel origin offsets, halving both steps at each level
+   (from half the gallery steps down to 1/16).
+4. The best refined candidate wins. Its **confidence** is the score gap to the best match more than two
+   angular steps away from the winner (over the symmetry copies), refined in the same way; when none of
+   the ``4·k`` matches is that far, the gap to the lowest exact score among them.
+
+**Local mode** (:func:`local_candidates`) replaces step 1: the pool is every rotation of the prior on a
+grid of axis-angle steps within ±N angular steps, each with its best origin within ±M px of the prior
+origin, all scored exactly; the k best are refined as above ("far" then means more than one step).
+
+Angles are RELION ZYZ (degrees), origins RELION's (px here, Å in STAR files): the particle centre sits at
+``N//2 - origin``.
+"""
+import math
+import time
+
+import numpy as np
+import torch
+
+from deepcryo.core import io
+from deepcryo.core.ctf import ctf_from_freqs
+from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg
+
+from . import index as swindex
+from .features import vectors_from_band
+from .gallery import band_slices
+
+__all__ = ["ParticleBatch", "score_poses", "axis_angle_matrices", "refine", "global_candidates",
+           "local_candidates", "select_and_refine", "align", "query"]
+
+
+class ParticleBatch:
+    """Band coefficients (B, P) complex of particle images and their CTFs (B, P) at the band frequencies."""
+
+    def __init__(self, band, images, ctf_params, sqrt_weights=None):
+        self.coeffs = band.from_images(images)
+        self.ctf = ctf_from_freqs(band.freqs_invA, *(torch.as_tensor(ctf_params[k], dtype=torch.float32) for k in (
+            "defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kV", "cs_mm", "amplitude_contrast",
+            "phase_shift_deg", "bfactor_A2")))
+        self.sqrt_weights = sqrt_weights
+
+    def __len__(self):
+        return self.coeffs.shape[0]
+
+    def vectors(self, normalise=True):
+        return vectors_from_band(self.coeffs, self.sqrt_weights, normalise)
+
+
+def score_poses(projector, band, particles, rotations, origins_px, offsets_px):
+    """Normalised Fourier correlation (B, C, S) of particles with references at C poses × S origin offsets.
+
+    Args:
+        particles: :class:`ParticleBatch` of B particles.
+        rotations: (B, C, 3, 3) pose matrices; origins_px: (B, C, 2) origins (px).
+        offsets_px: (S, 2) offsets added to every origin (px).
+    The reference is ``CTF_particle · slice(rotation) · ramp(origin + offset)``; the correlation is
+    ``Re Σ w conj(ref) x / sqrt(Σ w |ref|² · Σ w |x|²)`` over the band, w the whitening weights (or 1).
+    """
+    b, c = rotations.shape[:2]
+    ref = band_slices(projector, rotations.reshape(-1, 3, 3), band.freqs_px).reshape(b, c, -1)
+    ref = ref * particles.ctf[:, None]
+    x = particles.coeffs
+    if particles.sqrt_weights is not None:
+        ref = ref * particles.sqrt_weights
+        x = x * particles.sqrt_weights
+    ramps = band.phase_ramps(origins_px.reshape(-1, 2)).reshape(b, c, -1)
+    cross = (ref * ramps).conj() * x[:, None]                                        # (B, C, P)
+    offs = band.phase_ramps(torch.as_tensor(offsets_px, dtype=torch.float32)).conj()  # (S, P)
+    num = torch.einsum("bcp,sp->bcs", cross, offs).real
+    norm = torch.sqrt((ref.abs() ** 2).sum(-1) * (x.abs() ** 2).sum(-1)[:, None]).clamp_min(1e-20)
+    return num / norm[..., None]
+
+
+def axis_angle_matrices(vectors_rad):
+    """(…, 3) rotation vectors (axis · angle, radians) → (…, 3, 3) rotation matrices (Rodrigues)."""
+    v = torch.as_tensor(vectors_rad, dtype=torch.float64)
+    theta = v.norm(dim=-1, keepdim=True)
+    k = v / theta.clamp_min(1e-12)
+    kx = torch.zeros(v.shape[:-1] + (3, 3), dtype=v.dtype)
+    kx[..., 0, 1], kx[..., 0, 2] = -k[..., 2], k[..., 1]
+    kx[..., 1, 0], kx[..., 1, 2] = k[..., 2], -k[..., 0]
+    kx[..., 2, 0], kx[..., 2, 1] = -k[..., 1], k[..., 0]
+    s, c = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
+    return torch.eye(3, dtype=v.dtype) + s * kx + (1 - c) * (kx @ kx)
+
+
+def _unit_moves(h_rad):
+    """(7, 3, 3): identity and ±h rotations about x, y, z (projection frame)."""
+    vecs = torch.zeros(7, 3, dtype=torch.float64)
+    for axis in range(3):
+        vecs[1 + 2 * axis, axis] = h_rad
+        vecs[2 + 2 * axis, axis] = -h_rad
+    return axis_angle_matrices(vecs).to(torch.float32)
+
+
+def refine(projector, band, particles, rotations, origins_px, angular_step_deg, shift_step_px, levels=4):
+    """Pattern-search refinement of (B, C) candidate poses; returns refined (rotations, origins, scores (B, C)).
+
+    Level ``l`` (1..levels) tries the 7 rotations {I, ±h about x, y, z} left-multiplied (projection frame)
+    with ``h = step / 2^l`` and the 3×3 origin offsets {0, ±step_s / 2^l}², keeping the best, twice per level.
+    """
+    b, c = rotations.shape[:2]
+    rot, org = rotations.clone(), origins_px.clone()
+    score = score_poses(projector, band, particles, rot, org, torch.zeros(1, 2))[..., 0]
+    for level in range(1, levels + 1):
+        moves = _unit_moves(math.radians(angular_step_deg) / 2 ** level)
+        hs = shift_step_px / 2 ** level
+        g = torch.tensor([-hs, 0.0, hs])
+        offsets = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+        for _ in range(2):
+            cand = moves[None, None] @ rot[:, :, None]                                   # (B, C, 7, 3, 3)
+            s = score_poses(projector, band, particles, cand.reshape(b, c * 7, 3, 3),
+                            org[:, :, None].expand(b, c, 7, 2).reshape(b, c * 7, 2), offsets)
+            s = s.reshape(b, c, 7 * len(offsets))
+            best, arg = s.max(-1)
+            better = best > score
+            mi, oi = arg // len(offsets), arg % len(offsets)
+            new_rot = torch.gather(cand, 2, mi[..., None, None, None].expand(b, c, 1, 3, 3))[:, :, 0]
+            rot = torch.where(better[..., None, None], new_rot, rot)
+            org = torch.where(better[..., None], org + offsets[oi], org)
+            score = torch.maximum(best, score)
+    return rot, org, score
+
+
+def global_candidates(bundle, particles, n, nprobe, devices=None):
+    """The n index matches: rotations (B, n, 3, 3), origins (B, n, 2), CTF groups (B, n)."""
+    _, ids = swindex.search(bundle.shards(devices), particles.vectors(bundle.manifest["normalise"]).numpy(), n, nprobe)
+    ids = np.where(ids < 0, np.maximum(ids[:, :1], 0), ids)                     # pad missing matches
+    pose, group, shift = bundle.gallery.decode(ids)
+    rot = bundle.gallery.rotations[torch.as_tensor(pose)]
+    org = torch.as_tensor(bundle.gallery.origins_px[shift], dtype=torch.float32)
+    return rot, org, torch.as_tensor(group)
+
+
+def local_candidates(projector, band, particles, prior_rotations, prior_origins_px, angular_step_deg,
+                     shift_step_px, max_steps, max_shift_px):
+    """Every rotation within ±``max_steps`` angular steps of the prior (a cubic grid of axis-angle vectors
+    of spacing one step, inside the ball of radius ``max_steps`` steps), each with its best origin within
+    ±``max_shift_px`` of the prior origin: rotations (B, Q, 3, 3), origins (B, Q, 2), exact scores (B, Q)."""
+    r = np.arange(-max_steps, max_steps + 1)
+    grid = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    grid = grid[np.linalg.norm(grid, axis=1) <= max_steps + 1e-9]
+    moves = axis_angle_matrices(torch.as_tensor(grid * math.radians(angular_step_deg))).to(torch.float32)
+    ns = int(math.ceil(max_shift_px / shift_step_px - 1e-9)) if max_shift_px > 0 else 0
+    g = torch.linspace(-max_shift_px, max_shift_px, 2 * ns + 1) if ns else torch.zeros(1)
+    offsets = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    b, q = len(particles), len(moves)
+    rot = moves[None] @ prior_rotations[:, None]                                      # (B, Q, 3, 3)
+    s = score_poses(projector, band, particles, rot, prior_origins_px[:, None].expand(b, q, 2), offsets)
+    score, arg = s.max(-1)
+    return rot, prior_origins_px[:, None] + offsets[arg], score
+
+
+def _take(x, index):
+    """x (B, C, ...) gathered at index (B, K) along dim 1."""
+    return x[torch.arange(x.shape[0])[:, None], index]
+
+
+def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score, k, angular_step_deg,
+                      shift_step_px, far_deg, symmetry):
+    """Refine the k best pool candidates (by exact score), pick the winner, and measure its confidence:
+    the gap to the refined best pool candidate farther than ``far_deg`` from the winner (or, when the
+    pool has none, to the pool's lowest exact score).
+
+    Returns (winner rotation (B, 3, 3), origin (B, 2), score (B,), confidence (B,), pool index of the winner (B,)).
+    """
+    b = pool_rot.shape[0]
+    top = pool_score.topk(min(k, pool_score.shape[1]), dim=1).indices
+    rot, org, score = refine(projector, band, particles, _take(pool_rot, top), _take(pool_org, top),
+                             angular_step_deg, shift_step_px)
+    win = score.argmax(1)
+    ar = torch.arange(b)
+    w_rot, w_org, w_score = rot[ar, win], org[ar, win], score[ar, win]
+    w_angles = matrix_to_euler(w_rot.double())
+    pool_angles = matrix_to_euler(pool_rot.reshape(-1, 3, 3).double())
+    dist = pose_distance_deg(w_angles[:, None].expand(b, pool_rot.shape[1], 3).reshape(-1, 3), pool_angles,
+                             symmetry).reshape(b, -1)
+    far = dist > far_deg
+    far_pick = torch.where(far, pool_score, torch.full_like(pool_score, -np.inf)).argmax(1)
+    _, _, far_score = refine(projector, band, particles, pool_rot[ar, far_pick][:, None],
+                             pool_org[ar, far_pick][:, None], angular_step_deg, shift_step_px)
+    gap = w_score - torch.where(far.any(1), far_score[:, 0], pool_score.min(1).values)
+    return w_rot, w_org, w_score, gap, top[ar, win]
+
+
+def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prior_origins_A=None,
+          local_steps=2, local_shift_px=None, batch_size=None, memory_limit_GB=4.0, devices=None, log=print):
+    """Align the particles of ``star`` (a checked :class:`ParticleStar`) with an :class:`.index.IndexBundle`.
+
+    Global mode searches ``4·k`` index matches, re-ranks them exactly and refines the best ``k``; local mode
+    scores every pose within ±``local_steps`` angular steps and ±``local_shift_px`` px of the prior and
+    refines the best ``k`` (see the module docstring).
+
+    Returns dict of arrays: ``angles_deg`` (N, 3), ``origins_A`` (N, 2), ``score`` (N,) the normalised
+    correlation of the winner, ``confidence`` (N,), ``ctf_group`` (N,) the CTF group of the matched
+    reference (-1 in local mode).
+    """
+    m = bundle.manifest
+    px, step, sstep, symmetry = m["pixel_size_A"], m["angular_step_deg"], m["shift_step_px"], m["symmetry"]
+    band = bundle.band
+    n = len(star)
+    ctf = star.ctf_params()
+    if batch_size is None:
+        per_particle = 8 * len(band) * (k * 7 * 9 + 8 * k + 130)
+        batch_size = int(max(8, min(512, memory_limit_GB * 1e9 / 8 / per_particle)))
+    if local:
+        prior_rot = euler_to_matrix(torch.as_tensor(prior_angles_deg)).to(torch.float32)
+        prior_org = torch.as_tensor(np.asarray(prior_origins_A) / px, dtype=torch.float32)
+        local_shift_px = m["max_shift_px"] if local_shift_px is None else local_shift_px
+    out = {"angles_deg": np.zeros((n, 3)), "origins_A": np.zeros((n, 2)), "score": np.zeros(n),
+           "confidence": np.zeros(n), "ctf_group": np.full(n, -1, dtype=np.int64)}
+    t0 = time.time()
+    with star.open_images() as stack:
+        for idx, images in stack.batches(batch_size):
+            parts = ParticleBatch(band, images, {key: v[idx] for key, v in ctf.items()}, bundle.sqrt_weights)
+            if local:
+                rot, org, pool_score = local_candidates(bundle.projector, band, parts, prior_rot[idx], prior_org[idx],
+                                                        step, sstep, local_steps, local_shift_px)
+                group, far_deg = None, step
+            else:
+                rot, org, group = global_candidates(bundle, parts, 4 * k, nprobe, devices)
+                pool_score = score_poses(bundle.projector, band, parts, rot, org, torch.zeros(1, 2))[..., 0]
+                far_deg = 2 * step
+            w_rot, w_org, w_score, gap, w_idx = select_and_refine(bundle.projector, band, parts, rot, org, pool_score,
+                                                                  k, step, sstep, far_deg, symmetry)
+            out["angles_deg"][idx] = matrix_to_euler(w_rot.double()).numpy()
+            out["origins_A"][idx] = (w_org * px).numpy()
+            out["score"][idx] = w_score.numpy()
+            out["confidence"][idx] = gap.numpy()
+            if group is not None:
+                out["ctf_group"][idx] = group[torch.arange(len(idx)), w_idx].numpy()
+            log("aligned %d / %d particles (%.1f s, %.1f ms/particle)"
+                % (idx[-1] + 1, n, time.time() - t0, 1e3 * (time.time() - t0) / (idx[-1] + 1)))
+    return out
+
+
+def query(index_dir, particles, output, k=5, nprobe=32, local=False, prior=None, local_steps=2,
+          local_shift_px=None, devices=None, memory_limit_GB=4.0, log=print):
+    """Align the particles of STAR ``particles`` with ``index_dir`` and write ``output`` (STAR).
+
+    Local mode takes the prior poses from STAR ``prior`` (default: the particles' own angles and origins).
+    The output is the input table with rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst replaced and the columns
+    ``dcSwiftScore``, ``dcSwiftConfidence`` and ``dcSwiftCtfGroup`` added. Returns the result arrays.
+    """
+    if k < 1 or nprobe < 1:
+        raise io.InputError("k and nprobe must be >= 1")
+    star = io.read_particles(particles) if isinstance(particles, str) else particles
+    bundle = swindex.load(index_dir, devices[0] if devices and devices[0].startswith("cuda") else "cpu")
+    swindex.check_particles(star, bundle.manifest["box"], bundle.manifest["pixel_size_A"], "index %s" % index_dir)
+    prior_angles = prior_origins = None
+    if local:
+        pstar = star if prior is None else (io.read_particles(prior, require_images=False)
+                                           if isinstance(prior, str) else prior)
+        if not pstar.has_poses():
+            raise io.InputError("local mode needs prior angles: %s has no rlnAngleRot/Tilt/Psi columns"
+                                % (prior or "the particle STAR"))
+        if len(pstar) != len(star):
+            raise io.InputError("prior has %d particles, the particle STAR %d" % (len(pstar), len(star)))
+        prior_angles, prior_origins = pstar.angles_deg(), pstar.origins_A()
+    result = align(bundle, star, k=k, nprobe=nprobe, local=local, prior_angles_deg=prior_angles,
+                   prior_origins_A=prior_origins, local_steps=local_steps, local_shift_px=local_shift_px,
+                   memory_limit_GB=memory_limit_GB, devices=devices, log=log)
+    if output is not None:
+        out = star.copy()
+        out.set_poses(result["angles_deg"], result["origins_A"])
+        out.particles["dcSwiftScore"] = result["score"]
+        out.particles["dcSwiftConfidence"] = result["confidence"]
+        out.particles["dcSwiftCtfGroup"] = result["ctf_group"]
+        io.write_particles(output, out)
+    return result

@@ -1,0 +1,215 @@
+"""Unit tests of deepcryo.defocus (CPU, small): ground truth from simulated micrographs."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from deepcryo.core import ctf as ctf_mod
+from deepcryo.core import io
+from deepcryo.core.micrographs import random_micrograph_parameters, simulate_micrograph, simulate_micrograph_set
+from deepcryo.defocus import fit, model as model_mod, predict, train
+from deepcryo.defocus.__main__ import main
+from deepcryo.defocus.psd import CNN_SIZE_PX, compute_psd
+
+torch.set_num_threads(2)
+
+
+def _angle_error(a, b):
+    d = np.abs(np.asarray(a) - np.asarray(b)) % 180.0
+    return np.minimum(d, 180.0 - d)
+
+
+# ------------------------------------------------------------------------------------------ simulation
+def test_simulation_is_deterministic_and_standardised():
+    a, ta = simulate_micrograph(256, defocus_u_A=10000, defocus_v_A=12000, defocus_angle_deg=10, seed=3)
+    b, _ = simulate_micrograph(256, defocus_u_A=10000, defocus_v_A=12000, defocus_angle_deg=10, seed=3)
+    c, _ = simulate_micrograph(256, defocus_u_A=10000, defocus_v_A=12000, defocus_angle_deg=10, seed=4)
+    assert a.dtype == np.float32 and a.shape == (256, 256)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert (ta["defocus_u_A"], ta["defocus_v_A"], ta["defocus_angle_deg"]) == (12000.0, 10000.0, 100.0)
+
+
+def test_simulated_set_star(tmp_path):
+    star, truths = simulate_micrograph_set(2, str(tmp_path), size_px=128, seed=1)
+    rows = io.read_star(star)["micrographs"]
+    assert list(rows["rlnMicrographName"]) == ["mic_0000.mrc", "mic_0001.mrc"]
+    assert np.allclose(rows["rlnDefocusU"], [t["defocus_u_A"] for t in truths], atol=1e-3)
+    assert os.path.exists(tmp_path / "mic_0001.mrc")
+
+
+# ------------------------------------------------------------------------------------------------- PSD
+def test_psd_invariants():
+    img, truth = simulate_micrograph(512, pixel_size_A=2.5, seed=2)
+    p = compute_psd(img, 2.5)
+    assert p.shape == (1, 3, CNN_SIZE_PX, CNN_SIZE_PX) and torch.isfinite(p).all()
+    c = CNN_SIZE_PX // 2
+    assert p[0, :, c, c].abs().max() == 0  # zero frequency masked
+    # 1 Å/px channel: beyond the micrograph's Nyquist (1/5 Å⁻¹ → 25.6 px from the centre) is masked
+    assert p[0, 0, c, c + 30:].abs().max() == 0 and p[0, 0, c, c + 20].abs() > 0
+    # invariant to the intensity scale and offset (dose, gain), batched = single
+    q = compute_psd(np.stack([img, 3.0 * img + 7.0]), 2.5)
+    assert torch.allclose(q[0], p[0], atol=1e-3) and torch.allclose(q[1], p[0], atol=1e-3)
+
+
+def test_psd_rings_follow_the_ctf():
+    img, t = simulate_micrograph(1024, pixel_size_A=1.0, defocus_u_A=16000, defocus_v_A=14000,
+                                 defocus_angle_deg=30, seed=1)
+    p = compute_psd(img, 1.0, (2.0,), 256)[0, 0]
+
+    def corr(angle):
+        m = ctf_mod.ctf_2d(256, 2.0, 16000, 14000, angle, 300, 2.7, 0.07)[0] ** 2
+        band = (p != 0)
+        x, y = p[band] - p[band].mean(), m[band] - m[band].mean()
+        return float(x @ y / x.norm() / y.norm())
+    assert corr(30) > 0.2 and corr(30) > corr(120) + 0.1
+
+
+def test_psd_bad_inputs():
+    with pytest.raises(io.InputError, match="smaller than a PSD tile"):
+        compute_psd(np.zeros((32, 32), np.float32), 1.0)
+    bad = np.ones((128, 128), np.float32)
+    bad[3, 3] = np.nan
+    with pytest.raises(io.InputError, match="NaN"):
+        compute_psd(bad, 1.0)
+    with pytest.raises(io.InputError, match="pixel size"):
+        compute_psd(np.ones((128, 128), np.float32), 0.0)
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+@pytest.mark.parametrize("op", range(8))
+def test_augmentation_transforms_the_angle(op):
+    angle = 30.0
+    psd = ctf_mod.ctf_2d(64, 2.0, 20000, 16000, angle, 300, 2.7, 0.1)[None] ** 2  # (1, 1, 64, 64)
+    out, new_angle = train.augment(psd, torch.tensor([angle]), torch.tensor([op]))
+    expected = ctf_mod.ctf_2d(64, 2.0, 20000, 16000, float(new_angle[0]), 300, 2.7, 0.1)[0] ** 2
+    assert torch.allclose(out[0, 0, 1:, 1:], expected[1:, 1:], atol=1e-4)
+    assert 0.0 <= float(new_angle[0]) < 180.0
+
+
+# -------------------------------------------------------------------------------------- CNN and fit
+def _simulated(n, size, seed, **ranges):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        prm = random_micrograph_parameters(rng, **ranges)
+        out.append(simulate_micrograph(size, seed=seed * 1000 + i, **prm))
+    return out
+
+
+def _write(tmp_path, sims):
+    entries = []
+    for i, (img, t) in enumerate(sims):
+        path = str(tmp_path / ("m%02d.mrc" % i))
+        io.write_mrc(path, img, t["pixel_size_A"])
+        entries.append(predict.MicrographEntry(path, t["pixel_size_A"], t["voltage_kV"], t["cs_mm"],
+                                               t["amplitude_contrast"]))
+    return entries
+
+
+@pytest.mark.xfail(strict=True, reason="shipped CNN is undertrained (6 epochs, CNN-only MAE ~2500 Å); "
+                   "issue 4 stays open until retrained weights reach <= 470 Å")
+def test_shipped_cnn_mae_at_most_470A():
+    model, config = model_mod.load_model()
+    sims = _simulated(24, 512, seed=77)
+    psd = torch.cat([compute_psd(img, t["pixel_size_A"]) for img, t in sims])
+    acq = model_mod.acquisition_features([t["voltage_kV"] for _, t in sims], [t["cs_mm"] for _, t in sims], len(sims))
+    with torch.no_grad():
+        u, v, _ = model_mod.decode(model(psd, acq))
+    err = np.concatenate([np.abs(u.numpy() - [t["defocus_u_A"] for _, t in sims]),
+                          np.abs(v.numpy() - [t["defocus_v_A"] for _, t in sims])])
+    assert err.mean() <= 470.0, "CNN-only MAE %.0f Å" % err.mean()
+
+
+def test_refined_accuracy_from_the_cnn(tmp_path):
+    model, _ = model_mod.load_model()
+    sims = _simulated(6, 1024, seed=5, pixel_size_range_A=(0.8, 2.0))
+    results = predict.estimate_batch(_write(tmp_path, sims), model)
+    truth_u = np.array([t["defocus_u_A"] for _, t in sims])
+    truth_v = np.array([t["defocus_v_A"] for _, t in sims])
+    u = np.array([r["defocus_u_A"] for r in results])
+    v = np.array([r["defocus_v_A"] for r in results])
+    mae = 0.5 * (np.abs(u - truth_u) + np.abs(v - truth_v)).mean()
+    assert mae < 150.0, "refined MAE %.0f Å" % mae
+    astig = truth_u - truth_v > 300
+    ang = _angle_error([r["defocus_angle_deg"] for r in results], [t["defocus_angle_deg"] for _, t in sims])
+    assert astig.any() and ang[astig].max() < 10.0
+    assert all(0 < r["figure_of_merit"] <= 1 and r["resolution_A"] > 0 for r in results)
+
+
+def test_exhaustive_search_finds_the_truth():
+    (img, t), = _simulated(1, 1024, seed=9, pixel_size_range_A=(1.0, 1.5), defocus_range_A=(8000.0, 20000.0))
+    samp = predict.fit_sampling_A(t["pixel_size_A"], 5.0)
+    psd = compute_psd(img, t["pixel_size_A"], (samp,), predict.FIT_SIZE_PX)[:, 0]
+    res = fit.exhaustive_search(psd, samp, t["voltage_kV"], t["cs_mm"], t["amplitude_contrast"],
+                                defocus_range_A=(3000.0, 25000.0))
+    assert abs(float(res.defocus_u_A[0]) - t["defocus_u_A"]) < 150
+    assert abs(float(res.defocus_v_A[0]) - t["defocus_v_A"]) < 150
+
+
+def test_disagreement_flag():
+    res = fit.FitResult(torch.tensor([10000.0, 10000.0]), torch.zeros(2), torch.zeros(2), torch.zeros(2),
+                        torch.ones(2))
+    flags = fit.disagreement_flag(torch.tensor([10200.0, 14000.0]), torch.tensor([10200.0, 14000.0]), res)
+    assert flags.tolist() == [False, True]
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def test_weight_files_are_checked(tmp_path):
+    torch.save({"something": torch.zeros(2)}, str(tmp_path / "other.pt"))
+    (tmp_path / "text.pt").write_text("not a model")
+    for name in ("other.pt", "text.pt", "missing.pt"):
+        with pytest.raises(io.InputError, match="not a deepcryo defocus model|not found"):
+            model_mod.load_model(str(tmp_path / name))
+    assert os.path.getsize(model_mod.SHIPPED_WEIGHTS) < 2e6
+
+
+def test_train_resume_and_finetune(tmp_path):
+    arrays = train.simulate_training_arrays(10, size_px=256, seed=3)
+    out = str(tmp_path / "m.pt")
+    s1 = train.train(arrays, out, epochs=1, batch_size=4, log=lambda m: None)
+    s2 = train.train(arrays, out, epochs=2, batch_size=4, resume=True, log=lambda m: None)
+    assert s1["epochs"] == 1 and s2["epochs"] == 2 and s1["n_val"] + s1["n_train"] == 10
+    m, cfg = model_mod.load_model(out)
+    assert cfg["arch"] == "defocusnet"
+    s3 = train.train(arrays, str(tmp_path / "ft.pt"), init_weights=model_mod.SHIPPED_WEIGHTS, epochs=1,
+                     batch_size=4, log=lambda m: None)
+    assert np.isfinite(s3["best_val_mae_A"])
+
+
+# ------------------------------------------------------------------------------------------------ program
+def test_predict_program_skips_bad_micrographs(tmp_path, capsys):
+    sims = _simulated(2, 512, seed=11, pixel_size_range_A=(1.0, 1.5), voltages_kV=(300.0,))
+    for i, (img, t) in enumerate(sims):
+        io.write_mrc(str(tmp_path / ("good%d.mrc" % i)), img, 1.2)
+    bad = sims[0][0].copy()
+    bad[0, 0] = np.nan
+    io.write_mrc(str(tmp_path / "nan.mrc"), bad, 1.2)
+    io.write_mrc(str(tmp_path / "tiny.mrc"), np.zeros((32, 32), np.float32), 1.2)
+    (tmp_path / "broken.mrc").write_bytes(b"garbage")
+    out = str(tmp_path / "ctf.star")
+    rc = main(["predict", "--micrographs", str(tmp_path / "*.mrc"), "--pixel-size", "1.2", "--voltage", "300",
+               "--cs", "2.7", "--amplitude-contrast", "0.07", "--output", out, "--batch-size", "3"])
+    err = capsys.readouterr().err
+    assert rc == 0 and err.count("skipped") == 3 and "NaN" in err and "smaller than a PSD tile" in err
+    rows = io.read_star(out)["micrographs"]
+    assert len(rows["rlnMicrographName"]) == 2
+    for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit",
+              "rlnCtfImage"):
+        assert c in rows
+    assert all(os.path.exists(p) for p in rows["rlnCtfImage"])
+
+
+def test_predict_program_errors(tmp_path, capsys):
+    img, _ = simulate_micrograph(256, seed=1)
+    io.write_mrc(str(tmp_path / "a.mrc"), img, 1.0)
+    out = str(tmp_path / "ctf.star")
+    assert main(["predict", "--micrographs", str(tmp_path / "a.mrc"), "--voltage", "300", "--cs", "2.7",
+                 "--amplitude-contrast", "0.1", "--output", out]) == 1
+    assert "pixel size" in capsys.readouterr().err and not os.path.exists(out)
+    assert main(["predict", "--micrographs", str(tmp_path / "none*.mrc"), "--pixel-size", "1", "--output", out]) == 1
+    assert "no micrograph matches" in capsys.readouterr().err
+    (tmp_path / "x.pt").write_text("junk")
+    assert main(["predict", "--micrographs", str(tmp_path / "a.mrc"), "--pixel-size", "1", "--voltage", "300",
+                 "--cs", "2.7", "--amplitude-contrast", "0.1", "--output", out, "--model", str(tmp_path / "x.pt")]) == 1
+    assert "not a deepcryo defocus model" in capsys.readouterr().err and not os.path.exists(out)

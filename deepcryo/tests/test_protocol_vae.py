@@ -1,0 +1,87 @@
+# **************************************************************************
+# *
+# * Authors:     the deepcryo developers
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# * This program is distributed in the hope that it will be useful,
+# * but WITHOUT ANY WARRANTY; without even the implied warranty of
+# * MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE.  See the
+# * GNU General Public License for more details.
+# *
+# * You should have received a copy of the GNU General Public License
+# * along with this program.  If not, see <https://www.gnu.org/licenses/>.
+# *
+# **************************************************************************
+"""DeepCryoProtVaeTrain / DeepCryoProtVaeAnalyze headless on a small simulated two-state set (CPU).
+
+Checks the Scipion wiring (flexible particles with latent coordinates, resume, classes with one
+volume each, trajectory); the accuracy of the engine is tested in ``test_landscape.py``.
+"""
+import os
+
+import numpy as np
+from pwem.protocols import ProtImportParticles
+from pyworkflow.tests import BaseTest, setupTestProject
+
+from deepcryo.constants import OUTPUT_PARTICLES
+from deepcryo.core import simulate
+from deepcryo.protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeTrain
+from deepcryo.protocols.protocol_vae import OUTPUT_CLASSES, OUTPUT_TRAJECTORY
+from deepcryo.tests.sets import particleSetFromStar
+
+BOX, PX, N = 32, 3.0, 400
+
+
+class TestDeepCryoVae(BaseTest):
+
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+        folder = os.path.abspath(cls.proj.getPath("simulated"))
+        vols = simulate.phantom_states(BOX, 2, seed=5)
+        state_of = np.random.default_rng(5).permutation(np.arange(N) % 2)
+        star = simulate.write_particle_set(folder, vols, N, PX, snr=0.1, seed=5, state_of=state_of)
+        parts = particleSetFromStar(star, os.path.join(folder, "aligned.sqlite"))
+        parts.close()
+        cls.importProt = cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
+                                         sqliteFile=parts.getFileName(), samplingRate=PX, voltage=300.0,
+                                         sphericalAberration=2.7, amplitudeContrast=0.1)
+        cls.launchProtocol(cls.importProt)
+
+    def _train(self, **kwargs):
+        prot = self.newProtocol(DeepCryoProtVaeTrain, latentDim=2, workingBox=16, batchSize=50, basis=4,
+                                useGpu=False, numberOfThreads=2, **kwargs)
+        prot.inputParticles.set(self.importProt.outputParticles)
+        self.assertEqual(prot.validate(), [])
+        self.launchProtocol(prot)
+        return prot
+
+    def testTrainContinueAnalyze(self):
+        first = self._train(epochs=1, objLabel="vae 1 epoch")
+        second = self._train(epochs=2, continueRun=True, previousRun=first, objLabel="vae continued")
+        flex = getattr(second, OUTPUT_PARTICLES)
+        self.assertEqual(flex.getSize(), N)
+        self.assertEqual(len(flex.getFirstItem().getZFlex()), 2)
+
+        analyze = self.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=2, trajectorySteps=3,
+                                   numberOfThreads=2)
+        analyze.trainRun.set(second)
+        self.launchProtocol(analyze)
+        classes = getattr(analyze, OUTPUT_CLASSES)
+        self.assertEqual(classes.getSize(), 2)
+        self.assertEqual(sum(c.getSize() for c in classes), N)
+        for cls in classes:
+            self.assertTrue(os.path.exists(cls.getRepresentative().getFileName()))
+        self.assertEqual(getattr(analyze, OUTPUT_TRAJECTORY).getSize(), 3)
+        self.assertTrue(any("clusters" in line for line in analyze.summary()))
+
+    def testValidateNeedsPreviousRun(self):
+        prot = self.newProtocol(DeepCryoProtVaeTrain, continueRun=True, workingBox=15)
+        prot.inputParticles.set(self.importProt.outputParticles)
+        errors = "\n".join(prot.validate())
+        self.assertIn("previous run", errors)
+        self.assertIn("even", errors)

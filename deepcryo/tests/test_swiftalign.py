@@ -1,0 +1,117 @@
+"""SwiftAlign on simulated particles with known poses (phantom, 64 px, 2 Å/px, SNR 0.1, CTF).
+
+Gallery: 12° steps (directions and psi), 16 Å band, origins within ±3 px (1.5 px grid), 2 CTF groups.
+"""
+import os
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from deepcryo.core import io
+from deepcryo.core.geometry import pose_distance_deg
+from deepcryo.core.simulate import phantom_volume, write_particle_set
+from deepcryo.swiftalign import __main__ as cli
+from deepcryo.swiftalign.index import merge_topk, train
+from deepcryo.swiftalign.query import query
+
+STEP_DEG = 12.0
+TRAIN = dict(angular_step_deg=STEP_DEG, max_resolution_A=16.0, max_shift_px=3.0, n_ctf_groups=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    torch.set_num_threads(2)
+    faiss.omp_set_num_threads(2)
+    d = tmp_path_factory.mktemp("swiftalign")
+    vol = phantom_volume(64, seed=0)
+    io.write_mrc(str(d / "map.mrc"), vol, 2.0)
+    star = write_particle_set(str(d / "sim"), vol, 120, 2.0, snr=0.1, seed=3, max_shift_px=3.0,
+                              defocus_range_A=(15000.0, 20000.0))
+    return d, star
+
+
+def _accuracy(truth_star, aligned):
+    t = io.read_particles(truth_star, require_images=False)
+    ang = pose_distance_deg(torch.as_tensor(t.angles_deg()), torch.as_tensor(aligned["angles_deg"])).numpy()
+    shift = np.linalg.norm(t.origins_A() - aligned["origins_A"], axis=1) / t.pixel_size_A
+    return (ang < 2 * STEP_DEG) & (shift < 1.0)
+
+
+@pytest.fixture(scope="module")
+def flat(data):
+    d, star = data
+    train(str(d / "map.mrc"), star, str(d / "flat"), index_factory="Flat", log=lambda m: None, **TRAIN)
+    return query(str(d / "flat"), star, str(d / "flat.star"), k=5, log=lambda m: None)
+
+
+def test_exact_index_accuracy(data, flat):
+    d, star = data
+    good = _accuracy(star, flat)
+    assert good.mean() >= 0.9, good.mean()
+    out = io.read_particles(str(d / "flat.star"))
+    assert {"dcSwiftScore", "dcSwiftConfidence", "dcSwiftCtfGroup"} <= set(out.particles)
+    assert np.all(np.isin(out.particles["dcSwiftCtfGroup"], [0, 1]))
+    assert np.median(flat["confidence"][good]) > 0
+
+
+def test_compressed_index_vs_exact(data, flat):
+    d, star = data
+    m = train(str(d / "map.mrc"), star, str(d / "pq"), log=lambda m: None, **TRAIN)
+    assert m["factory"].startswith("PCA") and m["bytes_per_reference"] <= 64
+    res = query(str(d / "pq"), star, None, k=5, nprobe=32, log=lambda m: None)
+    exact_good = _accuracy(star, flat)
+    assert (_accuracy(star, res) & exact_good).sum() >= 0.95 * exact_good.sum()
+
+
+def test_local_mode_recovers_perturbed_poses(data):
+    d, star = data
+    truth = io.read_particles(star)
+    rng = np.random.default_rng(1)
+    prior = truth.copy()
+    prior.set_poses(truth.angles_deg() + rng.uniform(-8, 8, size=(len(truth), 3)),
+                    truth.origins_A() + rng.uniform(-2, 2, size=(len(truth), 2)))
+    io.write_particles(str(d / "sim" / "prior.star"), prior)
+    res = query(str(d / "flat"), star, str(d / "local.star"), k=3, local=True, prior=str(d / "sim" / "prior.star"),
+                local_steps=2, local_shift_px=3.0, log=lambda m: None)
+    before = pose_distance_deg(torch.as_tensor(truth.angles_deg()), torch.as_tensor(prior.angles_deg())).numpy()
+    after = pose_distance_deg(torch.as_tensor(truth.angles_deg()), torch.as_tensor(res["angles_deg"])).numpy()
+    shift = np.linalg.norm(truth.origins_A() - res["origins_A"], axis=1) / 2.0
+    assert np.median(after) < 0.5 * np.median(before)
+    assert ((after < STEP_DEG) & (shift < 1.0)).mean() >= 0.9
+
+
+def test_merge_topk_across_shards():
+    d1, l1 = np.array([[0.1, 0.5, 0.9]]), np.array([[3, 4, 5]])
+    d2, l2 = np.array([[0.2, 0.3, np.inf]]), np.array([[10, 11, -1]])
+    d, lab = merge_topk([d1, d2], [l1, l2], 4)
+    assert lab.tolist() == [[3, 10, 11, 4]] and np.allclose(d, [[0.1, 0.2, 0.3, 0.5]])
+
+
+def test_bad_inputs(data, tmp_path, capsys):
+    d, star = data
+    io.write_mrc(str(tmp_path / "small.mrc"), np.zeros((48, 48, 48), np.float32), 2.0)
+    io.write_mrc(str(tmp_path / "px.mrc"), np.zeros((64, 64, 64), np.float32), 1.5)
+    base = ["train", "--particles", star, "--angular-step", "20", "--max-shift", "1", "--max-resolution", "20"]
+    for ref, word in [("small.mrc", "box size mismatch"), ("px.mrc", "pixel size mismatch")]:
+        out = tmp_path / ("idx_" + ref)
+        assert cli.main(base + ["--reference", str(tmp_path / ref), "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert word in err and "\n" not in err and not out.exists()
+    nocft = io.read_particles(star)
+    for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
+        del nocft.particles[c]
+    io.write_particles(str(d / "sim" / "noctf.star"), nocft)
+    assert cli.main(["query", "--index", str(d / "flat"), "--particles", str(d / "sim" / "noctf.star"),
+                     "--output", str(tmp_path / "a.star")]) == 2
+    assert "rlnDefocus" in capsys.readouterr().err and not (tmp_path / "a.star").exists()
+    empty = tmp_path / "empty.star"
+    empty.write_text("data_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\n_rlnVoltage\n"
+                     "_rlnSphericalAberration\n_rlnAmplitudeContrast\n1 2.0 300 2.7 0.1\n\n"
+                     "data_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n")
+    assert cli.main(["query", "--index", str(d / "flat"), "--particles", str(empty),
+                     "--output", str(tmp_path / "b.star")]) == 2
+    assert capsys.readouterr().err.startswith("error:") and not (tmp_path / "b.star").exists()
+    assert cli.main(["query", "--index", str(tmp_path), "--particles", star, "--output", str(tmp_path / "c.star")]) == 2
+    assert "not a swiftalign index" in capsys.readouterr().err

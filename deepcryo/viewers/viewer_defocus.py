@@ -1,0 +1,125 @@
+# **************************************************************************
+# *
+# * Authors:     the deepcryo developers
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# * This program is distributed in the hope that it will be useful,
+# * but WITHOUT ANY WARRANTY; without even the implied warranty of
+# * MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE.  See the
+# * GNU General Public License for more details.
+# *
+# * You should have received a copy of the GNU General Public License
+# * along with this program.  If not, see <https://www.gnu.org/licenses/>.
+# *
+# **************************************************************************
+"""Viewer of 'deep micrograph defocus': PSD with the fitted CTF over half of it, defocus per micrograph,
+fit-resolution histogram, flagged micrographs. The figures are plain functions (headless, Agg)."""
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from pyworkflow.viewer import DESKTOP_TKINTER, Viewer  # noqa: E402
+
+from deepcryo.core import ctf as ctf_mod  # noqa: E402
+from deepcryo.core import io  # noqa: E402
+from deepcryo.protocols.protocol_defocus import FLAG_ATTR, DeepCryoProtDeepDefocus  # noqa: E402
+
+
+def psd_with_ctf(psd, sampling_A, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
+                 amplitude_contrast, phase_shift_deg=0.0):
+    """Image (S, S): the PSD on the right half (x >= centre), the fitted CTF² (scaled to the PSD's range)
+    on the left half, so the Thon rings can be checked for continuity across the middle."""
+    psd = np.asarray(psd, dtype=np.float32)
+    size = psd.shape[-1]
+    model = ctf_mod.ctf_2d(size, sampling_A, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
+                           amplitude_contrast, phase_shift_deg)[0].numpy() ** 2
+    lo, hi = np.percentile(psd[psd != 0], [2, 98]) if np.any(psd != 0) else (0.0, 1.0)
+    out = psd.copy()
+    out[:, :size // 2] = lo + (hi - lo) * model[:, :size // 2]
+    return np.clip(out, lo, hi)
+
+
+def plot_defocus_summary(records, path=None):
+    """Four panels from ``records`` (dicts with micrograph, defocus_u_A, defocus_v_A, defocus_angle_deg,
+    resolution_A, flagged, and optionally psd (MRC path), psd_sampling_A, voltage_kV, cs_mm,
+    amplitude_contrast): PSD|CTF² of the first record, U and V per micrograph (flagged ones marked),
+    histogram of fit resolution, list of flagged micrographs. Saves to ``path``; returns the figure."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    first = next((r for r in records if r.get("psd")), None)
+    ax = axes[0, 0]
+    if first is not None:
+        psd, _ = io.read_mrc(first["psd"])
+        img = psd_with_ctf(psd, first["psd_sampling_A"], first["defocus_u_A"], first["defocus_v_A"],
+                           first["defocus_angle_deg"], first["voltage_kV"], first["cs_mm"],
+                           first["amplitude_contrast"])
+        ax.imshow(img, cmap="gray", origin="lower")
+        ax.set_title("fitted CTF² | PSD (%s)" % first["micrograph"].split("/")[-1], fontsize=9)
+    ax.axis("off")
+    idx = np.arange(len(records))
+    u = np.array([r["defocus_u_A"] for r in records])
+    v = np.array([r["defocus_v_A"] for r in records])
+    flagged = np.array([bool(r["flagged"]) for r in records])
+    ax = axes[0, 1]
+    ax.plot(idx, u, "o-", ms=3, label="defocus U")
+    ax.plot(idx, v, "s-", ms=3, label="defocus V")
+    if flagged.any():
+        ax.plot(idx[flagged], u[flagged], "rx", ms=9, label="flagged")
+    ax.set_xlabel("micrograph")
+    ax.set_ylabel("defocus (Å)")
+    ax.legend(fontsize=8)
+    ax = axes[1, 0]
+    res = np.array([r["resolution_A"] for r in records], dtype=float)
+    ax.hist(res[np.isfinite(res)], bins=20)
+    ax.set_xlabel("fit resolution (Å)")
+    ax.set_ylabel("micrographs")
+    ax = axes[1, 1]
+    ax.axis("off")
+    names = [r["micrograph"].split("/")[-1] for r, f in zip(records, flagged) if f]
+    ax.text(0, 1, "flagged (CNN and fit disagree): %d\n" % len(names) + "\n".join(names[:25]), va="top",
+            fontsize=8, family="monospace")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def ctf_records(ctfSet, acquisition):
+    """Records for :func:`plot_defocus_summary` from a SetOfCTF of :class:`DeepCryoProtDeepDefocus`."""
+    records = []
+    for ctf in ctfSet.iterItems(orderBy="id"):
+        psd = ctf.getPsdFile()
+        records.append(dict(
+            micrograph=ctf.getMicrograph().getFileName() if ctf.getMicrograph() else str(ctf.getObjId()),
+            defocus_u_A=ctf.getDefocusU(), defocus_v_A=ctf.getDefocusV(), defocus_angle_deg=ctf.getDefocusAngle(),
+            resolution_A=ctf.getResolution(), flagged=bool(getattr(ctf, FLAG_ATTR).get())
+            if hasattr(ctf, FLAG_ATTR) else False,
+            psd=psd, psd_sampling_A=io.read_mrc_header(psd)[1] if psd else None,
+            voltage_kV=acquisition.getVoltage(), cs_mm=acquisition.getSphericalAberration(),
+            amplitude_contrast=acquisition.getAmplitudeContrast()))
+    return records
+
+
+class DeepCryoDefocusViewer(Viewer):
+    """PSD with the fitted CTF, defocus per micrograph, fit-resolution histogram, flagged micrographs."""
+    _environments = [DESKTOP_TKINTER]
+    _targets = [DeepCryoProtDeepDefocus]
+    _name = "deep defocus viewer"
+
+    def _visualize(self, obj, **kwargs):
+        ctfs = getattr(obj, "outputCTF", None)
+        if ctfs is None:
+            return []
+        mics = obj.inputMicrographs.get()
+        path = obj._getExtraPath("defocus_summary.png")
+        plt.close(plot_defocus_summary(ctf_records(ctfs, mics.getAcquisition()), path))
+        from pyworkflow.gui.plotter import Plotter
+        plotter = Plotter(windowTitle="deep micrograph defocus")
+        ax = plotter.createSubPlot("deep micrograph defocus", "", "")
+        ax.imshow(plt.imread(path))
+        ax.axis("off")
+        return [plotter]
