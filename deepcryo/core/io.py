@@ -19,6 +19,7 @@ All errors about the user's input raise :class:`InputError` with one line naming
 import contextlib
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 
 import mrcfile
@@ -28,6 +29,11 @@ from emtable import Table
 __all__ = ["InputError", "atomic_output", "read_mrc", "write_mrc", "read_mrc_header", "ImageStack",
            "read_star", "write_star", "ParticleStar", "read_particles", "write_particles",
            "OPTICS_DEFAULTS"]
+
+
+# mrcfile's own warnings about damaged files (e.g. "Expected N bytes in data block") would add lines to
+# the one-line error each program prints; the damage is reported as an InputError instead
+warnings.filterwarnings("ignore", category=RuntimeWarning, module="mrcfile")
 
 
 class InputError(Exception):
@@ -169,6 +175,12 @@ class ImageStack:
         if check_finite and not np.isfinite(out).all():
             bad = [self.refs[indices[k]] for k in np.nonzero(~np.isfinite(out).reshape(len(out), -1).all(1))[0]]
             raise InputError("%s: image %d contains NaN or Inf values" % (bad[0][1], bad[0][0] + 1))
+        if check_finite and len(out):
+            flat = out.reshape(len(out), -1)
+            const = np.nonzero(flat.max(axis=1) == flat.min(axis=1))[0]
+            if len(const):
+                idx, path = self.refs[indices[const[0]]]
+                raise InputError("%s: image %d is constant (zero variance)" % (path, idx + 1))
         return out
 
     def batches(self, batch_size):
@@ -279,6 +291,7 @@ class ParticleStar:
         self.optics = OrderedDict(optics)
         self.particles = OrderedDict(particles)
         self.directory = os.path.abspath(directory)
+        self.path = None  # the STAR file it was read from (for messages)
 
     def __len__(self):
         if "rlnImageName" in self.particles:
@@ -300,7 +313,7 @@ class ParticleStar:
         if column in self.particles:
             return np.asarray(self.particles[column], dtype=np.float64)
         if column not in self.optics:
-            raise InputError("STAR has no %s column (needed)" % column)
+            raise InputError("%s: no %s column (needed)" % (self.path or "STAR", column))
         return np.asarray(self.optics[column], dtype=np.float64)[self._optics_index()]
 
     @property
@@ -324,7 +337,8 @@ class ParticleStar:
         """Raise InputError naming the missing particle columns."""
         missing = [c for c in columns if c not in self.particles and c not in self.optics]
         if missing:
-            raise InputError("STAR has no %s column%s (needed)" % (", ".join(missing), "s" if len(missing) > 1 else ""))
+            raise InputError("%s: no %s column%s (needed)" % (self.path or "STAR", ", ".join(missing),
+                                                              "s" if len(missing) > 1 else ""))
 
     def ctf_params(self):
         """Per-particle CTF parameters as a dict of float arrays, ready for :func:`deepcryo.core.ctf.ctf_2d`."""
@@ -478,6 +492,7 @@ def read_particles(path, require_images=True):
             raise InputError("%s: empty STAR table" % path)
         optics, particles = _convert_relion30(cols, path)
     star = ParticleStar(optics, particles, directory)
+    star.path = path
     if len(star) == 0:
         raise InputError("%s: the particle table is empty" % path)
     if require_images:

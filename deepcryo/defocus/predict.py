@@ -12,6 +12,7 @@ Per micrograph, :func:`estimate_batch` computes
 A micrograph that cannot be used (unreadable, NaN/Inf, smaller than a PSD tile, no pixel size) is
 reported and skipped; the others go on.
 """
+import contextlib
 import glob
 import math
 import os
@@ -198,15 +199,24 @@ def predict(spec, output, model_path=None, refine=True, low_A=30.0, high_A=5.0, 
     model, _ = model_mod.load_model(model_path, device=device)
     psd_dir = os.path.splitext(os.path.abspath(output))[0] + "_psd"
     os.makedirs(psd_dir, exist_ok=True)
-    results = []
+    results, skipped = [], []
+
+    def on_skip(p, m):
+        skipped.append(m if m.startswith(p) else "%s: %s" % (p, m))
+        if len(entries) > 1:  # a single micrograph's problem is the error itself
+            warn("skipped %s" % skipped[-1])
+
     for i in range(0, len(entries), batch_size):
         results += estimate_batch(entries[i:i + batch_size], model, refine, low_A, high_A, fit_phase, device,
-                                  psd_dir, defaults, on_skip=lambda p, m: warn("skipped %s" % m
-                                                                                if m.startswith(p) else
-                                                                                "skipped %s: %s" % (p, m)))
+                                  psd_dir, defaults, on_skip=on_skip)
         log("%d/%d micrographs" % (min(i + batch_size, len(entries)), len(entries)))
     if not results:
-        raise io.InputError("%s: no micrograph could be processed" % spec)
+        with contextlib.suppress(OSError):
+            os.rmdir(psd_dir)  # nothing was written: leave no empty folder behind
+        if len(skipped) == 1:
+            raise io.InputError(skipped[0])
+        raise io.InputError("%s: no micrograph could be processed%s"
+                            % (spec, " (first: %s)" % skipped[0] if skipped else " (none listed)"))
     write_ctf_star(output, results, with_phase=fit_phase)
     return results
 

@@ -110,6 +110,8 @@ def compute_psd(micrographs, pixel_size_A, samplings_A=CNN_SAMPLINGS_A, size_px=
                          % (mics.shape[-1], mics.shape[-2], MIN_TILE_PX))
     if not torch.isfinite(mics).all():
         raise InputError("micrograph contains NaN or Inf values")
+    if bool((mics.flatten(1).amax(1) == mics.flatten(1).amin(1)).any()):
+        raise InputError("micrograph is constant (zero variance)")
     # normalise intensities so that the PSD does not depend on dose scaling
     mics = mics - mics.mean(dim=(-2, -1), keepdim=True)
     mics = mics / mics.flatten(1).std(dim=1).clamp(min=1e-20)[:, None, None]

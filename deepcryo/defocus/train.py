@@ -72,6 +72,8 @@ def star_training_arrays(star_path, voltage_kV=None, cs_mm=None, pixel_size_A=No
         raise io.InputError("%s: no %s (give --%s)" % (star_path, column, what))
 
     folder = os.path.dirname(os.path.abspath(star_path))
+    if len(cols["rlnMicrographName"]) == 0:
+        raise io.InputError("%s: no micrographs (empty table)" % star_path)
     psds, acq, labels = [], [], []
     for i, mic in enumerate(cols["rlnMicrographName"]):
         path = mic if os.path.isabs(mic) else os.path.join(folder, mic)
@@ -79,8 +81,13 @@ def star_training_arrays(star_path, voltage_kV=None, cs_mm=None, pixel_size_A=No
         px = pixel_size_A or (float(cols["rlnMicrographPixelSize"][i]) if "rlnMicrographPixelSize" in cols
                               else (float(optics["rlnMicrographPixelSize"][0]) if "rlnMicrographPixelSize" in optics
                                     else header_px))
-        psds.append(compute_psd(image, px)[0].numpy())
+        try:
+            psds.append(compute_psd(image, px)[0].numpy())
+        except io.InputError as exc:
+            raise io.InputError("%s: %s" % (path, exc))
         acq.append((value("rlnVoltage", voltage_kV, i, "voltage"), value("rlnSphericalAberration", cs_mm, i, "cs")))
+        if not (acq[-1][0] > 0 and acq[-1][1] >= 0):
+            raise io.InputError("%s: row %d: voltage must be > 0 kV and Cs >= 0 mm" % (star_path, i + 1))
         labels.append((cols["rlnDefocusU"][i], cols["rlnDefocusV"][i], cols["rlnDefocusAngle"][i]))
         if log and (i + 1) % 100 == 0:
             log("read %d micrographs" % (i + 1))

@@ -54,12 +54,25 @@ def noise_estimate(data, volume, n_sample, batch_size):
     return radial_noise_variance(torch.cat(residuals), data.box)
 
 
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict of ``path`` (``torch.load(weights_only=True)``: tensors and plain data only, never
+    code); InputError for a file that is not a deepcryo landscape checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise InputError("%s: not a deepcryo landscape checkpoint (%s)"
+                         % (path, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]))
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch", "config"} <= set(ckpt):
+        raise InputError("%s: not a deepcryo landscape checkpoint (no model/optimizer/epoch/config)" % path)
+    return ckpt
+
+
 def load_model(output_dir, device="cpu"):
     """(model, checkpoint dict) from ``output_dir/checkpoint.pt`` (weights only, no pickled code)."""
     path = os.path.join(output_dir, CHECKPOINT)
     if not os.path.exists(path):
         raise InputError("%s: no checkpoint (train first)" % path)
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = read_checkpoint(path, device)
     cfg = ckpt["config"]
     state = ckpt["model"]
     model = LandscapeVAE(cfg["box"], cfg["latent_dim"], cfg["n_basis"], cfg["hidden"],
@@ -80,7 +93,8 @@ def encode_all(model, data, batch_size, device="cpu"):
 def _save_checkpoint(output_dir, model, optimizer, epoch, cfg, history):
     module = model.module if hasattr(model, "module") else model
     ckpt = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "config": dict(cfg, **module.config()), "history": history}
+            "config": dict(cfg, **module.config()), "history": history,
+            "rng": torch.get_rng_state()}  # resumed runs draw the same noise as uninterrupted ones
     with atomic_output(os.path.join(output_dir, CHECKPOINT)) as tmp:
         torch.save(ckpt, tmp)
 
@@ -112,6 +126,8 @@ def _run(rank, devices, cfg, init, port, log):
         model.load_state_dict(init["checkpoint"]["model"])
         optimizer.load_state_dict(init["checkpoint"]["optimizer"])
         start_epoch, history = init["checkpoint"]["epoch"], list(init["checkpoint"]["history"])
+        if "rng" in init["checkpoint"] and device.type == "cpu":
+            torch.set_rng_state(init["checkpoint"]["rng"])
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     n = len(data)
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -168,7 +184,7 @@ def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=6
     if resume:
         if not os.path.exists(ckpt_path):
             raise InputError("%s: no checkpoint to continue from" % ckpt_path)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(ckpt_path)
         old = ckpt["config"]
         for k in ("latent_dim", "n_basis", "hidden"):
             if old[k] != cfg[k]:

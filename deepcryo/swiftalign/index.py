@@ -151,6 +151,16 @@ def search(shards, vectors, k, nprobe):
 
 
 # ------------------------------------------------------------------------------------------ train / load
+def _read_faiss(path):
+    """faiss.read_index with one clear line for a missing or corrupt shard."""
+    if not os.path.exists(path):
+        raise io.InputError("%s: index shard not found" % path)
+    try:
+        return faiss.read_index(path)
+    except RuntimeError as exc:
+        raise io.InputError("%s: not a readable faiss index (%s)" % (path, str(exc).strip().splitlines()[-1][:100]))
+
+
 class IndexBundle:
     """A loaded ``index_dir``: manifest, projector of the map, band, gallery and (lazily) the shards."""
 
@@ -172,7 +182,7 @@ class IndexBundle:
 
     def shards(self, devices=None):
         if self._shards is None:
-            self._shards = [(s["first_id"], to_devices(faiss.read_index(os.path.join(self.directory, s["file"])),
+            self._shards = [(s["first_id"], to_devices(_read_faiss(os.path.join(self.directory, s["file"])),
                                                         devices)) for s in self.manifest["shards"]]
         return self._shards
 
@@ -182,8 +192,14 @@ def load(index_dir, device="cpu"):
     path = os.path.join(index_dir, MANIFEST)
     if not os.path.exists(path):
         raise io.InputError("%s: not a swiftalign index (no %s)" % (index_dir, MANIFEST))
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise io.InputError("%s: not a readable swiftalign manifest (%s)" % (path, str(exc).splitlines()[0]))
+    if not isinstance(manifest, dict) or manifest.get("format") != "deepcryo-swiftalign-1":
+        raise io.InputError("%s: not a swiftalign index (no deepcryo-swiftalign-1 format tag in %s)"
+                            % (index_dir, MANIFEST))
     return IndexBundle(os.path.abspath(index_dir), manifest, device)
 
 
