@@ -18,6 +18,7 @@ All errors about the user's input raise :class:`InputError` with one line naming
 """
 import contextlib
 import os
+import re
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -57,6 +58,22 @@ def atomic_output(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def remove_stale_parts(path):
+    """Delete the temporary files that :func:`atomic_output` of ``path`` left behind when its process was
+    killed (SIGKILL, power loss) before it could clean up; returns their names. Call it when resuming."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    base, ext = os.path.splitext(os.path.basename(path))
+    pattern = re.compile(r"^\.%s\.[A-Za-z0-9_]+\.part%s$" % (re.escape(base), re.escape(ext)))
+    removed = []
+    for name in (os.listdir(folder) if os.path.isdir(folder) else []):
+        if pattern.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
 
 
 def _check_exists(path, what="file"):

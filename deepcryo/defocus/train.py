@@ -201,6 +201,8 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
     checkpoint = checkpoint or output + ".ckpt"
     start, best, stale = 0, math.inf, 0
     if resume and os.path.exists(checkpoint):
+        io.remove_stale_parts(checkpoint)  # temporary files of a run killed while writing
+        io.remove_stale_parts(output)
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise io.InputError("%s: not a deepcryo defocus checkpoint" % checkpoint)

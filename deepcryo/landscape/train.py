@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from ..core.io import InputError, atomic_output, write_mrc, write_particles
+from ..core.io import InputError, atomic_output, remove_stale_parts, write_mrc, write_particles
 from ..core.projector import Projector
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches, load_particles
@@ -184,6 +184,8 @@ def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=6
     if resume:
         if not os.path.exists(ckpt_path):
             raise InputError("%s: no checkpoint to continue from" % ckpt_path)
+        for name in (CHECKPOINT, LATENT_STAR, "consensus.mrc"):  # temporary files of a run killed while writing
+            remove_stale_parts(os.path.join(output_dir, name))
         ckpt = read_checkpoint(ckpt_path)
         old = ckpt["config"]
         for k in ("latent_dim", "n_basis", "hidden"):
