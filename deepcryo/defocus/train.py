@@ -203,8 +203,12 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
     if resume and os.path.exists(checkpoint):
         io.remove_stale_parts(checkpoint)  # temporary files of a run killed while writing
         io.remove_stale_parts(output)
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
+        try:  # weights_only: tensors and plain data, never code
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise io.InputError("%s: not a deepcryo defocus checkpoint (%s)"
+                                % (checkpoint, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]))
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise io.InputError("%s: not a deepcryo defocus checkpoint" % checkpoint)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -32,6 +32,7 @@ from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_CTF
 from deepcryo.convert import ctfRowToModel, readCtfStar
 from deepcryo.core import io
+from deepcryo.protocols.validation import acquisitionErrors, defocusModelErrors
 
 FLAG_ATTR = "_deepcryo_flagged"
 OUTPUT_MODEL = "outputModel"
@@ -143,8 +144,10 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
     def _validate(self):
         errors = []
         mics = self.inputMicrographs.get()
-        if mics is not None and not mics.getSamplingRate():
-            errors.append("The input micrographs have no pixel size.")
+        if mics is not None:
+            errors += acquisitionErrors(mics, "Input micrographs")  # pixel size, kV, Cs, empty closed set
+        if self.trainedModel.get() is not None:
+            errors += defocusModelErrors(self.trainedModel.get().getFileName())
         if not 0 < self.highRes.get() < self.lowRes.get():
             errors.append("The resolution band needs 0 < highest < lowest (Å).")
         return errors
@@ -239,6 +242,12 @@ class DeepCryoProtDeepDefocusTrain(EMProtocol):
         errors = []
         if not self.useSimulation and self.inputCTF.get() is None:
             errors.append("Give a SetOfCTF as labels, or train on simulated micrographs.")
+        elif not self.useSimulation:
+            ctfs = self.inputCTF.get()
+            if ctfs.getSize() == 0:
+                errors.append("Labels (%s): the set of CTFs is empty." % ctfs.getFileName())
+            elif ctfs.getMicrographs() is not None:
+                errors += acquisitionErrors(ctfs.getMicrographs(), "Micrographs of the labels")
         return errors
 
     def _summary(self):

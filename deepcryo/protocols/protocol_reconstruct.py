@@ -28,6 +28,7 @@ from pwem.protocols import ProtReconstruct3D
 from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_PATTERN
 from deepcryo.convert import readFscStar, writeSetOfParticles
+from deepcryo.protocols.validation import acquisitionErrors
 
 
 class DeepCryoProtReconstruct(ProtReconstruct3D):
@@ -120,8 +121,7 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
         errors = []
         particles = self.inputParticles.get()
         if particles is not None:
-            if particles.getSize() == 0:
-                errors.append("The input particle set is empty.")
+            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
             if not particles.hasCTF():
                 errors.append("The input particles have no CTF: estimate the CTF of their micrographs "
                               "before extracting them, or import particles with CTF.")

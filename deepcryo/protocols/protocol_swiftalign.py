@@ -29,6 +29,7 @@ from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import convertVolume, updateParticlesFromStar, writeSetOfParticles
 from deepcryo.core import io
+from deepcryo.protocols.validation import acquisitionErrors
 
 SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftConfidence", "dcSwiftCtfGroup")
 
@@ -158,8 +159,7 @@ class DeepCryoProtSwiftAlign(ProtRefine3D):
         errors = []
         particles, volume = self.inputParticles.get(), self.inputVolume.get()
         if particles is not None:
-            if particles.getSize() == 0:
-                errors.append("The input particle set is empty.")
+            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
             if not particles.hasCTF():
                 errors.append("The input particles have no CTF.")
             if self.localSearch and not particles.hasAlignmentProj():

@@ -33,6 +33,7 @@ from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import writeSetOfParticles
 from deepcryo.core import io
+from deepcryo.protocols.validation import acquisitionErrors
 
 OUTPUT_CLASSES = "outputClasses"
 OUTPUT_TRAJECTORY = "outputTrajectory"
@@ -142,8 +143,7 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
         errors = []
         particles = self.inputParticles.get()
         if particles is not None:
-            if particles.getSize() == 0:
-                errors.append("The input particle set is empty.")
+            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
             if not particles.hasCTF():
                 errors.append("The input particles have no CTF.")
             if not particles.hasAlignmentProj():

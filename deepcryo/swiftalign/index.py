@@ -151,6 +151,14 @@ def search(shards, vectors, k, nprobe):
 
 
 # ------------------------------------------------------------------------------------------ train / load
+def _load_npy(path):
+    """np.load without pickles (allow_pickle=False), one clear line for a missing or foreign file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise io.InputError("%s: not a readable weights file (%s)" % (path, str(exc).splitlines()[0][:100]))
+
+
 def _read_faiss(path):
     """faiss.read_index with one clear line for a missing or corrupt shard."""
     if not os.path.exists(path):
@@ -171,7 +179,7 @@ class IndexBundle:
         self.projector = Projector(volume, device=device)
         m = manifest
         self.band = Band(m["box"], m["pixel_size_A"], m["max_resolution_A"])
-        self.sqrt_weights = (torch.as_tensor(np.load(os.path.join(directory, m["weights"])), dtype=torch.float32)
+        self.sqrt_weights = (torch.as_tensor(_load_npy(os.path.join(directory, m["weights"])), dtype=torch.float32)
                              if m.get("weights") else None)
         self.optics = m["optics"]
         self.gallery = Gallery(self.projector, self.band, sample_poses(m["angular_step_deg"], m["angular_step_deg"],

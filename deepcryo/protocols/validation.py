@@ -1,0 +1,70 @@
+# **************************************************************************
+# *
+# * Authors:     the deepcryo developers
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# * This program is distributed in the hope that it will be useful,
+# * but WITHOUT ANY WARRANTY; without even the implied warranty of
+# * MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE.  See the
+# * GNU General Public License for more details.
+# *
+# * You should have received a copy of the GNU General Public License
+# * along with this program.  If not, see <https://www.gnu.org/licenses/>.
+# *
+# **************************************************************************
+"""Checks shared by the protocols' ``_validate``: one line per problem, naming the input and the problem.
+
+The programs check the same things again (the protocols only catch them before anything runs).
+"""
+import os
+
+from deepcryo.core.io import InputError
+
+
+def _label(imgSet, what):
+    return "%s (%s)" % (what, imgSet.getFileName())
+
+
+def acquisitionErrors(imgSet, what="Input set"):
+    """Errors for an empty closed set, a missing pixel size or absurd acquisition values (voltage <= 0 kV,
+    negative Cs, amplitude contrast outside [0, 1))."""
+    errors = []
+    label = _label(imgSet, what)
+    size = imgSet.getSize()
+    if size == 0 and (not hasattr(imgSet, "isStreamClosed") or imgSet.isStreamClosed()):
+        errors.append("%s: the set is empty." % label)
+    sr = imgSet.getSamplingRate()
+    if not sr or sr <= 0:
+        errors.append("%s: no valid pixel size (%s Å/px)." % (label, sr))
+    acq = imgSet.getAcquisition()
+    if acq is None:
+        return errors + ["%s: no acquisition (voltage, Cs, amplitude contrast)." % label]
+    voltage, cs, ac = acq.getVoltage(), acq.getSphericalAberration(), acq.getAmplitudeContrast()
+    if voltage is None or not voltage > 0:
+        errors.append("%s: voltage must be > 0 kV (got %s)." % (label, voltage))
+    if cs is None or cs < 0:
+        errors.append("%s: spherical aberration (Cs) must be >= 0 mm (got %s)." % (label, cs))
+    if ac is None or not 0 <= ac < 1:
+        errors.append("%s: amplitude contrast must be in [0, 1) (got %s)." % (label, ac))
+    return errors
+
+
+def defocusModelErrors(path):
+    """Errors for a user-supplied defocus model file: missing, or not a deepcryo defocus model (read with
+    ``torch.load(weights_only=True)``, never executing code). Without torch in this Python the file is only
+    checked to exist (the program checks it when it runs)."""
+    if not path or not os.path.exists(path):
+        return ["Trained model %s: file not found." % path]
+    try:
+        from deepcryo.defocus.model import load_model
+    except ImportError:
+        return []
+    try:
+        load_model(path)
+    except InputError as exc:
+        return ["Trained model %s" % exc]
+    return []
