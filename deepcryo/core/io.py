@@ -60,6 +60,17 @@ def atomic_output(path):
         raise
 
 
+def load_error_reason(exc):
+    """A short reason why ``torch.load(path, weights_only=True)`` refused a file (for one-line messages)."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        return "it holds Python objects, not plain weights: refused, loading it could run code"
+    if "Weights only load failed" in text or "PytorchStreamReader" in text or "invalid load key" in text \
+            or "zip archive" in text or "magic number" in text:
+        return "not a torch weight file, or a truncated one"
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:100]
+
+
 def remove_stale_parts(path):
     """Delete the temporary files that :func:`atomic_output` of ``path`` left behind when its process was
     killed (SIGKILL, power loss) before it could clean up; returns their names. Call it when resuming."""

@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from ..core.io import InputError, atomic_output
+from ..core.io import InputError, atomic_output, load_error_reason
 
 __all__ = ["SeedDefocusCNN", "DefocusNet", "build_model", "decode", "encode", "acquisition_features",
            "save_model", "load_model", "SHIPPED_WEIGHTS", "FORMAT", "DEFOCUS_SCALE_A"]
@@ -121,7 +121,7 @@ def load_model(path=None, device="cpu"):
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError("%s: not a deepcryo defocus model (%s)" % (path, str(exc).splitlines()[0][:120]))
+        raise InputError("%s: not a deepcryo defocus model (%s)" % (path, load_error_reason(exc)))
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError("%s: not a deepcryo defocus model (no %r format tag)" % (path, FORMAT))
     config = payload["config"]

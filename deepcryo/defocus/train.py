@@ -207,7 +207,7 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise io.InputError("%s: not a deepcryo defocus checkpoint (%s)"
-                                % (checkpoint, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]))
+                                % (checkpoint, io.load_error_reason(exc)))
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise io.InputError("%s: not a deepcryo defocus checkpoint" % checkpoint)
         model.load_state_dict(state["model"])

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from ..core.io import InputError, atomic_output, remove_stale_parts, write_mrc, write_particles
+from ..core.io import InputError, atomic_output, load_error_reason, remove_stale_parts, write_mrc, write_particles
 from ..core.projector import Projector
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches, load_particles
@@ -61,7 +61,7 @@ def read_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
         raise InputError("%s: not a deepcryo landscape checkpoint (%s)"
-                         % (path, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]))
+                         % (path, load_error_reason(exc)))
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch", "config"} <= set(ckpt):
         raise InputError("%s: not a deepcryo landscape checkpoint (no model/optimizer/epoch/config)" % path)
     return ckpt

@@ -165,8 +165,8 @@ def _read_faiss(path):
         raise io.InputError("%s: index shard not found" % path)
     try:
         return faiss.read_index(path)
-    except RuntimeError as exc:
-        raise io.InputError("%s: not a readable faiss index (%s)" % (path, str(exc).strip().splitlines()[-1][:100]))
+    except RuntimeError:
+        raise io.InputError("%s: not a readable faiss index (corrupt, truncated or another format)" % path)
 
 
 class IndexBundle:

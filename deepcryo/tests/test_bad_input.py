@@ -121,6 +121,7 @@ def ws(tmp_path_factory):
     _star_variant(star, d("bad", "empty.star"), empty=True)
     _star_variant(star, d("bad", "zero_kv.star"), optics={"rlnVoltage": 0.0})
     _star_variant(star, d("bad", "negative_cs.star"), optics={"rlnSphericalAberration": -2.7})
+    _star_variant(star, d("bad", "px3.star"), optics={"rlnImagePixelSize": 3.0})
     # maps
     vol, _ = io.read_mrc(ref)
     _truncate(ref, d("bad", "truncated_map.mrc"))
@@ -244,6 +245,9 @@ def _cases():
                                 ("corrupt index shard", B("index_garbage_shard"), ["shard_000.faiss", "not a readable"])):
         add("swiftalign query", label + " (index)", ["query", "--index", index, "--particles", "@STAR@",
                                                      "--output", "@OUT@/a.star"], words)
+    add("swiftalign query", "mismatched pixel sizes (index)", ["query", "--index", "@INDEX@", "--particles",
+                                                               B("px3.star"), "--output", "@OUT@/a.star"],
+        ["index", "pixel size mismatch"])
     for label, tdir, words in (("missing file", B("no_vae"), ["checkpoint.pt", "no checkpoint"]),
                                ("model file not ours", B("vae_garbage"), ["checkpoint.pt", "not a deepcryo"]),
                                ("model file not ours (foreign torch file)", B("vae_foreign"),

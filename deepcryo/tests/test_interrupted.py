@@ -209,3 +209,33 @@ def teardown_module(module):
         with open(path, "w") as f:
             for program, epoch in KILLS:
                 f.write("%s: killed after epoch %d checkpoint, resumed, same result\n" % (program, epoch))
+
+
+def test_every_torch_save_is_atomic():
+    """Every ``torch.save`` in deepcryo (model files, checkpoints) writes inside ``with atomic_output(...)``:
+    a temporary name in the same folder, renamed (``os.replace``) only once complete."""
+    import ast
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = 0
+    for r, _, fs in os.walk(package):
+        if "/tests" in r:
+            continue
+        for f in fs:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(r, f)
+            tree = ast.parse(open(path).read(), path)
+            parents = {}
+            for node in ast.walk(tree):
+                for child in ast.iter_child_nodes(node):
+                    parents[child] = node
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.save":
+                    found += 1
+                    p, atomic = node, False
+                    while p in parents and not atomic:
+                        p = parents[p]
+                        atomic = isinstance(p, ast.With) and any(
+                            "atomic_output" in ast.unparse(item.context_expr) for item in p.items)
+                    assert atomic, "%s:%d: torch.save outside atomic_output" % (path, node.lineno)
+    assert found >= 3  # defocus model, defocus checkpoint, landscape checkpoint

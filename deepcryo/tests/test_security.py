@@ -123,7 +123,7 @@ def test_every_load_is_weights_only_and_nothing_unpickles():
         tree = ast.parse(open(path).read(), path)
         for node, func in _calls(tree):
             where = "%s:%d" % (os.path.relpath(path, PACKAGE), node.lineno)
-            if func in ("torch.load", "load") and func == "torch.load":
+            if func == "torch.load":
                 kw = {k.arg: k.value for k in node.keywords}
                 assert "weights_only" in kw and isinstance(kw["weights_only"], ast.Constant) \
                     and kw["weights_only"].value is True, "%s: torch.load without weights_only=True" % where
