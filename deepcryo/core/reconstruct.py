@@ -265,4 +265,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from deepcryo.core.cli import run_main  # one line, status 2, for a full disk or a refused write
+    sys.exit(run_main(main))

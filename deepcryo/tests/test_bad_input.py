@@ -387,3 +387,37 @@ def teardown_module(module):
             f.write("| input | program | exit | message |\n|---|---|---|---|\n")
             for label, program, msg, rc in TABLE:
                 f.write("| %s | %s | %s | `%s` |\n" % (label, program, rc, msg.replace("|", "\\|")))
+
+
+def test_full_disk(ws, tmp_path, monkeypatch, capsys):
+    """A write the system refuses (ENOSPC) in the middle of an output file: one line naming the file, status 2,
+    the previous output intact, no temporary file left (``run_main``, as ``python -m`` runs it)."""
+    import builtins
+    import errno
+    from deepcryo.core.cli import run_main
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "map.mrc").write_bytes(b"previous map")
+    (out / "ctf.star").write_text("previous star")
+    real_open = builtins.open
+
+    def full_open(name, mode="r", *a, **kw):
+        f = real_open(name, mode, *a, **kw)
+        if ".part" in str(name) and ("w" in mode or "+" in mode):
+            f.write(b"\0" * 10 if "b" in mode else "partial")
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(name))
+        return f
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    rc1 = run_main(reconstruct_cli.main, ["--particles", ws["star"], "--output", str(out / "map.mrc")])
+    rc2 = run_main(defocus_cli.main, ["predict", "--micrographs", ws["mic"], "--output", str(out / "ctf.star"),
+                                      "--no-refine"] + ACQ)
+    monkeypatch.setattr(builtins, "open", real_open)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc1 == rc2 == 2 and len(err) == 2, err
+    assert all(ln.startswith("error: ") and "No space left on device" in ln and str(out) in ln for ln in err), err
+    TABLE.append(("full disk (ENOSPC while writing)", "reconstruct", err[0], rc1))
+    assert (out / "map.mrc").read_bytes() == b"previous map" and (out / "ctf.star").read_text() == "previous star"
+    assert sorted(os.listdir(out)) == ["ctf.star", "ctf_psd", "map.mrc"]  # + the PSD images, complete files
+    assert all(f.endswith("_psd.mrc") for f in os.listdir(out / "ctf_psd"))
