@@ -21,3 +21,4 @@ from .protocol_reconstruct import DeepCryoProtReconstruct
 from .protocol_defocus import DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain
 from .protocol_vae import DeepCryoProtVaeTrain, DeepCryoProtVaeAnalyze
 from .protocol_swiftalign import DeepCryoProtSwiftAlign
+from .protocol_swiftrefine import DeepCryoProtSwiftRefine

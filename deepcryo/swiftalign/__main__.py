@@ -10,6 +10,8 @@ Examples::
         --nprobe 32 --k 5
     python -m deepcryo.swiftalign query --index index_dir/ --particles P.star --output refined.star \\
         --local --prior aligned.star --local-steps 2 --local-shift 2
+    python -m deepcryo.swiftalign refine --particles P.star --reference initial.mrc --output-dir out/ \\
+        --symmetry C1 --initial-resolution 30 [--mask m.mrc] [--max-iterations 12] [--continue]
 
 ``train`` writes ``index_dir/`` (``manifest.json``, ``reference.mrc``, ``shard_*.faiss``); ``query`` writes a
 RELION 3.1 STAR with the angles (rlnAngleRot/Tilt/Psi, degrees) and origins (rlnOriginX/YAngst, Å) found,
@@ -25,6 +27,7 @@ from deepcryo.core import io
 
 from .index import train
 from .query import query
+from .refine import RefineParams, refine
 
 
 def _threads(n):
@@ -69,6 +72,29 @@ def _parser():
     q.add_argument("--prior", help="STAR with the prior poses (default: the particles' own)")
     q.add_argument("--local-steps", type=int, default=2, help="local angular range, ± angular steps")
     q.add_argument("--local-shift", type=float, help="local origin range, ± px (default: the index max shift)")
+    r = sub.add_parser("refine", help="iterative gold-standard 3D refinement (SwiftRes)",
+                       description="Writes out/it###_{half1,half2}.mrc, _fsc.star, _particles.star, _model.json "
+                                   "per iteration and out/{map,half1,half2}.mrc, fsc.star, particles.star at the end.")
+    r.add_argument("--reference", required=True, nargs="+",
+                   help="initial map(s) (MRC); several = multi-reference refinement (one class each)")
+    _common(r)
+    r.add_argument("--output-dir", required=True, help="output folder")
+    r.add_argument("--symmetry", default="C1", help="point group (C1, Cn, Dn, T, O, I)")
+    r.add_argument("--initial-resolution", type=float, default=30.0, help="low-pass of the initial map, Å")
+    r.add_argument("--mask", help="mask (MRC, values 0-1; default: soft sphere of the particle diameter)")
+    r.add_argument("--particle-diameter", type=float, help="particle diameter, Å (default 0.8 x box x pixel size)")
+    r.add_argument("--max-iterations", type=int, default=12, help="iterations at most")
+    r.add_argument("--global-iterations", type=int, default=1, help="first iterations with a global search")
+    r.add_argument("--local-steps", type=int, default=2, help="local search range, ± angular steps")
+    r.add_argument("--max-shift", type=float, help="global origin search range, ± px (default 10%% of the box)")
+    r.add_argument("--repetitions", type=int, default=1, choices=(1, 2),
+                   help="2: align twice with differently perturbed samplings, leave out disagreeing particles")
+    r.add_argument("--ctf-groups", type=int, default=4, help="CTF groups of the global index")
+    r.add_argument("--k", type=int, default=3, help="candidates refined per particle")
+    r.add_argument("--whiten", action="store_true", help="weight frequencies by the inverse noise power")
+    r.add_argument("--seed", type=int, default=0, help="seed of the half split and the perturbations")
+    r.add_argument("--continue", dest="resume", action="store_true",
+                   help="resume after the last completed iteration in --output-dir")
     return parser
 
 
@@ -88,6 +114,16 @@ def main(argv=None):
                       memory_limit_GB=args.memory_limit, log=log)
             log("wrote %s: %d references, %s, %d bytes/reference (%.1f s)"
                 % (args.output, m["n_references"], m["factory"], m["bytes_per_reference"], time.time() - t0))
+        elif args.command == "refine":
+            params = RefineParams(symmetry=args.symmetry, initial_resolution_A=args.initial_resolution,
+                                  particle_diameter_A=args.particle_diameter, max_iterations=args.max_iterations,
+                                  global_iterations=args.global_iterations, local_steps=args.local_steps,
+                                  max_shift_px=args.max_shift, repetitions=args.repetitions,
+                                  n_ctf_groups=args.ctf_groups, k=args.k, whiten=args.whiten, seed=args.seed,
+                                  device=args.device[0], memory_limit_GB=args.memory_limit)
+            refine(args.particles, args.reference, args.output_dir, params, mask=args.mask, resume=args.resume,
+                   log=log)
+            log("wrote %s (%.1f s)" % (args.output_dir, time.time() - t0))
         else:
             query(args.index, args.particles, args.output, k=args.k, nprobe=args.nprobe, local=args.local,
                   prior=args.prior, local_steps=args.local_steps, local_shift_px=args.local_shift,

@@ -22,17 +22,30 @@ import torch
 import torch.nn.functional as F
 
 from deepcryo.core.ctf import ctf_from_freqs
-from deepcryo.core.geometry import euler_to_matrix, sample_poses
+from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, sample_poses
 
 from .features import vectors_from_band
 
-__all__ = ["band_slices", "shift_grid", "ctf_groups", "angular_step_for_resolution", "Gallery"]
+__all__ = ["gallery_poses", "band_slices", "shift_grid", "ctf_groups", "angular_step_for_resolution", "Gallery"]
 
 
 def angular_step_for_resolution(box, pixel_size_A, resolution_A):
     """Angular step (degrees) that moves the band edge by one Fourier pixel: ``asin(res / (N · px))``
     (Lauzirika's ΔΦ, eq. 4.20)."""
     return math.degrees(math.asin(min(1.0, resolution_A / (box * pixel_size_A))))
+
+
+def gallery_poses(angular_step_deg, symmetry="C1", grid_rotation=None):
+    """(M, 3) gallery poses (degrees): :func:`sample_poses` at ``angular_step_deg`` for directions and psi,
+    each pose matrix ``A`` replaced by ``A · G`` when a grid rotation ``G`` (3, 3) is given. A rigid rotation
+    of the grid keeps its spacing but moves every sample: two galleries with different ``G`` are the
+    differently perturbed galleries of the repetition consensus (Lauzirika's step/4 perturbation, made
+    rigid so that the sampling stays uniform)."""
+    poses = sample_poses(angular_step_deg, angular_step_deg, symmetry)
+    if grid_rotation is None:
+        return poses
+    rot = euler_to_matrix(torch.as_tensor(poses)) @ torch.as_tensor(grid_rotation, dtype=torch.float64)
+    return matrix_to_euler(rot).numpy()
 
 
 def band_slices(projector, rotations, freqs_px):
@@ -106,10 +119,11 @@ class Gallery:
 
     @classmethod
     def from_parameters(cls, projector, band, angular_step_deg, max_shift_px, shift_step_px, group_defocus_A,
-                        optics, symmetry="C1", sqrt_weights=None, normalise=True):
+                        optics, symmetry="C1", sqrt_weights=None, normalise=True, grid_rotation=None):
         """Gallery on :func:`sample_poses` (``angular_step_deg`` for directions and psi), the shift grid and
-        CTF groups of mean defoci ``group_defocus_A`` with ``optics`` = dict(voltage_kV, cs_mm, amplitude_contrast)."""
-        poses = sample_poses(angular_step_deg, angular_step_deg, symmetry)
+        CTF groups of mean defoci ``group_defocus_A`` with ``optics`` = dict(voltage_kV, cs_mm, amplitude_contrast).
+        ``grid_rotation`` (3, 3) rotates the whole pose grid rigidly (see :func:`gallery_poses`)."""
+        poses = gallery_poses(angular_step_deg, symmetry, grid_rotation)
         origins = shift_grid(max_shift_px, shift_step_px)
         ctfs = group_ctf_band(band, group_defocus_A, optics) if group_defocus_A is not None else None
         return cls(projector, band, poses, origins, ctfs, sqrt_weights, normalise)

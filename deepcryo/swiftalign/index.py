@@ -29,11 +29,10 @@ import numpy as np
 import torch
 
 from deepcryo.core import io
-from deepcryo.core.geometry import sample_poses
 from deepcryo.core.projector import Projector
 
 from .features import Band, noise_weights
-from .gallery import Gallery, angular_step_for_resolution, ctf_groups, group_ctf_band
+from .gallery import Gallery, angular_step_for_resolution, ctf_groups, gallery_poses, group_ctf_band
 
 __all__ = ["default_factory", "train_size", "build_index", "merge_topk", "search", "set_nprobe", "to_devices",
            "train", "IndexBundle", "load", "MANIFEST"]
@@ -182,8 +181,8 @@ class IndexBundle:
         self.sqrt_weights = (torch.as_tensor(_load_npy(os.path.join(directory, m["weights"])), dtype=torch.float32)
                              if m.get("weights") else None)
         self.optics = m["optics"]
-        self.gallery = Gallery(self.projector, self.band, sample_poses(m["angular_step_deg"], m["angular_step_deg"],
-                                                                       m["symmetry"]),
+        self.gallery = Gallery(self.projector, self.band, gallery_poses(m["angular_step_deg"], m["symmetry"],
+                                                                        m.get("grid_rotation")),
                                np.asarray(m["origins_px"]), group_ctf_band(self.band, m["group_defocus_A"], m["optics"]),
                                self.sqrt_weights, m["normalise"])
         self._shards = None
@@ -230,7 +229,7 @@ def particle_optics(star):
 
 def train(reference, particles, output_dir, angular_step_deg=None, max_resolution_A=None, max_shift_px=5.0,
           shift_step_px=None, index_factory=None, n_ctf_groups=8, symmetry="C1", whiten=False, normalise=True,
-          memory_limit_GB=4.0, log=print):
+          memory_limit_GB=4.0, grid_rotation=None, log=print):
     """Build ``output_dir`` (an index) for aligning ``particles`` (STAR path or ParticleStar) to ``reference``.
 
     Args:
@@ -244,6 +243,7 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
         n_ctf_groups: number of defocus clusters (CTF groups).
         whiten: weight frequencies by the inverse noise power estimated from the particles.
         memory_limit_GB: bound on the memory used for batches, the training sample and each shard.
+        grid_rotation: (3, 3) rigid rotation of the pose grid (:func:`.gallery.gallery_poses`), or None.
     Returns the manifest (dict). Nothing is left under ``output_dir`` on failure.
     """
     star = io.read_particles(particles) if isinstance(particles, str) else particles
@@ -279,7 +279,7 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
     projector = Projector(volume)
     sqrt_w = None if weights is None else torch.sqrt(weights)
     gallery = Gallery.from_parameters(projector, band, angular_step_deg, max_shift_px, shift_step_px, group_defocus,
-                                      optics, symmetry, sqrt_w, normalise)
+                                      optics, symmetry, sqrt_w, normalise, grid_rotation)
     factory = index_factory or default_factory(len(gallery), band.dim)
     log("gallery: %d poses x %d CTF groups x %d shifts = %d references, %d dims (%.1f Å, step %.2f°, shift step %.2f px)"
         % (gallery.n_poses, gallery.n_groups, gallery.n_shifts, len(gallery), band.dim, max_resolution_A,
@@ -298,6 +298,7 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
                     "shift_step_px": float(shift_step_px), "origins_px": gallery.origins_px.tolist(),
                     "group_defocus_A": [float(d) for d in group_defocus], "optics": optics, "normalise": normalise,
                     "weights": "weights.npy" if weights is not None else None, "factory": factory,
+                    "grid_rotation": None if grid_rotation is None else np.asarray(grid_rotation).tolist(),
                     "dim": band.dim, "n_references": len(gallery), "bytes_per_reference": per_ref, "shards": []}
         io.write_mrc(os.path.join(tmp, "reference.mrc"), volume, px)
         if weights is not None:

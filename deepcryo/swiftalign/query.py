@@ -104,11 +104,12 @@ def _unit_moves(h_rad):
     return axis_angle_matrices(vecs).to(torch.float32)
 
 
-def refine(projector, band, particles, rotations, origins_px, angular_step_deg, shift_step_px, levels=4):
+def refine(projector, band, particles, rotations, origins_px, angular_step_deg, shift_step_px, levels=4, passes=2):
     """Pattern-search refinement of (B, C) candidate poses; returns refined (rotations, origins, scores (B, C)).
 
     Level ``l`` (1..levels) tries the 7 rotations {I, ±h about x, y, z} left-multiplied (projection frame)
-    with ``h = step / 2^l`` and the 3×3 origin offsets {0, ±step_s / 2^l}², keeping the best, twice per level.
+    with ``h = step / 2^l`` and the 3×3 origin offsets {0, ±step_s / 2^l}², keeping the best, ``passes``
+    times per level.
     """
     b, c = rotations.shape[:2]
     rot, org = rotations.clone(), origins_px.clone()
@@ -118,7 +119,7 @@ def refine(projector, band, particles, rotations, origins_px, angular_step_deg, 
         hs = shift_step_px / 2 ** level
         g = torch.tensor([-hs, 0.0, hs])
         offsets = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
-        for _ in range(2):
+        for _ in range(passes):
             cand = moves[None, None] @ rot[:, :, None]                                   # (B, C, 7, 3, 3)
             s = score_poses(projector, band, particles, cand.reshape(b, c * 7, 3, 3),
                             org[:, :, None].expand(b, c, 7, 2).reshape(b, c * 7, 2), offsets)
@@ -168,17 +169,18 @@ def _take(x, index):
 
 
 def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score, k, angular_step_deg,
-                      shift_step_px, far_deg, symmetry):
+                      shift_step_px, far_deg, symmetry, levels=4, passes=2, refine_far=True):
     """Refine the k best pool candidates (by exact score), pick the winner, and measure its confidence:
     the gap to the refined best pool candidate farther than ``far_deg`` from the winner (or, when the
-    pool has none, to the pool's lowest exact score).
+    pool has none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's
+    exact pool score unrefined (cheaper, a slightly larger gap). ``levels``, ``passes``: see :func:`refine`.
 
     Returns (winner rotation (B, 3, 3), origin (B, 2), score (B,), confidence (B,), pool index of the winner (B,)).
     """
     b = pool_rot.shape[0]
     top = pool_score.topk(min(k, pool_score.shape[1]), dim=1).indices
     rot, org, score = refine(projector, band, particles, _take(pool_rot, top), _take(pool_org, top),
-                             angular_step_deg, shift_step_px)
+                             angular_step_deg, shift_step_px, levels, passes)
     win = score.argmax(1)
     ar = torch.arange(b)
     w_rot, w_org, w_score = rot[ar, win], org[ar, win], score[ar, win]
@@ -188,19 +190,24 @@ def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score
                              symmetry).reshape(b, -1)
     far = dist > far_deg
     far_pick = torch.where(far, pool_score, torch.full_like(pool_score, -np.inf)).argmax(1)
-    _, _, far_score = refine(projector, band, particles, pool_rot[ar, far_pick][:, None],
-                             pool_org[ar, far_pick][:, None], angular_step_deg, shift_step_px)
-    gap = w_score - torch.where(far.any(1), far_score[:, 0], pool_score.min(1).values)
+    if refine_far:
+        far_score = refine(projector, band, particles, pool_rot[ar, far_pick][:, None],
+                           pool_org[ar, far_pick][:, None], angular_step_deg, shift_step_px, levels, passes)[2][:, 0]
+    else:
+        far_score = pool_score[ar, far_pick]
+    gap = w_score - torch.where(far.any(1), far_score, pool_score.min(1).values)
     return w_rot, w_org, w_score, gap, top[ar, win]
 
 
 def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prior_origins_A=None,
-          local_steps=2, local_shift_px=None, batch_size=None, memory_limit_GB=4.0, devices=None, log=print):
+          local_steps=2, local_shift_px=None, batch_size=None, memory_limit_GB=4.0, devices=None, log=print,
+          levels=4, passes=2, refine_far=True):
     """Align the particles of ``star`` (a checked :class:`ParticleStar`) with an :class:`.index.IndexBundle`.
 
     Global mode searches ``4·k`` index matches, re-ranks them exactly and refines the best ``k``; local mode
     scores every pose within ±``local_steps`` angular steps and ±``local_shift_px`` px of the prior and
-    refines the best ``k`` (see the module docstring).
+    refines the best ``k`` (see the module docstring). ``levels``, ``passes`` and ``refine_far`` set the cost of
+    the refinement (:func:`select_and_refine`); the defaults are the most thorough.
 
     Returns dict of arrays: ``angles_deg`` (N, 3), ``origins_A`` (N, 2), ``score`` (N,) the normalised
     correlation of the winner, ``confidence`` (N,), ``ctf_group`` (N,) the CTF group of the matched
@@ -233,7 +240,8 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
                 pool_score = score_poses(bundle.projector, band, parts, rot, org, torch.zeros(1, 2))[..., 0]
                 far_deg = 2 * step
             w_rot, w_org, w_score, gap, w_idx = select_and_refine(bundle.projector, band, parts, rot, org, pool_score,
-                                                                  k, step, sstep, far_deg, symmetry)
+                                                                  k, step, sstep, far_deg, symmetry,
+                                                                  levels, passes, refine_far)
             out["angles_deg"][idx] = matrix_to_euler(w_rot.double()).numpy()
             out["origins_A"][idx] = (w_org * px).numpy()
             out["score"][idx] = w_score.numpy()

@@ -1,0 +1,107 @@
+# **************************************************************************
+# *
+# * Authors:     the deepcryo developers
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# * This program is distributed in the hope that it will be useful,
+# * but WITHOUT ANY WARRANTY; without even the implied warranty of
+# * MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE.  See the
+# * GNU General Public License for more details.
+# *
+# * You should have received a copy of the GNU General Public License
+# * along with this program.  If not, see <https://www.gnu.org/licenses/>.
+# *
+# **************************************************************************
+"""DeepCryoProtSwiftRefine on simulated particles (headless Scipion, CPU, small).
+
+600 particles (48 px, 3 Å/px, SNR 0.2, CTF) of a phantom, imported without alignment, refined from the
+phantom low-passed to 30 Å for 3 iterations; outputs and accuracy are checked against the truth; then the
+headless figures of the viewer.
+"""
+import os
+
+import numpy as np
+import torch
+from pwem.protocols import ProtImportParticles, ProtImportVolumes
+from pyworkflow.tests import BaseTest, setupTestProject
+
+from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME
+from deepcryo.convert import posesFromMatrices
+from deepcryo.core import fourier, geometry, io, simulate
+from deepcryo.core.fsc import fsc, fsc_resolution_A
+from deepcryo.protocols import DeepCryoProtSwiftRefine
+from deepcryo.tests.sets import particleSetFromStar
+
+BOX, PX, N = 48, 3.0, 600
+
+
+class TestDeepCryoSwiftRefine(BaseTest):
+
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+        folder = os.path.abspath(cls.proj.getPath("simulated"))
+        cls.vol = simulate.phantom_volume(BOX, seed=5)
+        cls.star = simulate.write_particle_set(folder, cls.vol, N, PX, snr=0.2, seed=6, max_shift_px=2.0,
+                                               defocus_range_A=(15000.0, 25000.0))
+        io.write_mrc(os.path.join(folder, "ref.mrc"),
+                     fourier.lowpass_volume(torch.as_tensor(cls.vol), 30.0, PX).numpy(), PX)
+        parts = particleSetFromStar(cls.star, os.path.join(folder, "raw.sqlite"), withAlignment=False)
+        parts.close()
+        cls.importParts = cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
+                                          sqliteFile=parts.getFileName(), samplingRate=PX, voltage=300.0,
+                                          sphericalAberration=2.7, amplitudeContrast=0.1)
+        cls.launchProtocol(cls.importParts)
+        cls.importVol = cls.newProtocol(ProtImportVolumes, filesPath=folder, filesPattern="ref.mrc", samplingRate=PX)
+        cls.launchProtocol(cls.importVol)
+
+    def testRefine(self):
+        prot = self.newProtocol(DeepCryoProtSwiftRefine, maxIterations=3, numberOfThreads=2)
+        prot.inputParticles.set(self.importParts.outputParticles)
+        prot.inputVolumes.append(self.importVol.outputVolume)
+        self.launchProtocol(prot)
+        out = getattr(prot, OUTPUT_PARTICLES)
+        self.assertSetSize(out, N)
+        self.assertTrue(out.hasAlignmentProj())
+        first = out.getFirstItem()
+        self.assertIn(first._rlnRandomSubset.get(), (1, 2))
+        self.assertTrue(hasattr(first, "_dcSwiftScore"))
+        mats = np.stack([p.getTransform().getMatrix() for p in out.iterItems(orderBy="id")])
+        angles, _ = posesFromMatrices(mats)
+        truth = io.read_particles(self.star, require_images=False).angles_deg()
+        err = geometry.pose_distance_deg(torch.as_tensor(truth), torch.as_tensor(np.asarray(angles))).numpy()
+        self.assertLess(np.median(err), 5.0)
+        volume = getattr(prot, OUTPUT_VOLUME)
+        self.assertEqual(len(volume.getHalfMaps().split(",")), 2)
+        self.assertAlmostEqual(volume.getSamplingRate(), PX)
+        final, _ = io.read_mrc(volume.getFileName())
+        self.assertLess(fsc_resolution_A(fsc(self.vol, final), PX, 0.5), 12.0)
+        res = getattr(prot, OUTPUT_FSC).calculateResolution(0.143)
+        self.assertLess(res, 12.0)
+        self.assertIn("iterations", prot.summary()[0])
+
+        # viewer figures, headless
+        from deepcryo.viewers.plots import plot_fsc_curves
+        from deepcryo.viewers.viewer_swiftrefine import iteration_fsc_curves, plot_refine_history
+        curves = iteration_fsc_curves(prot._getExtraPath("refine"))
+        self.assertEqual(len(curves), len(prot.history()))
+        for i, fig in enumerate((plot_fsc_curves(curves, PX), plot_refine_history(prot.history()))):
+            fn = os.path.abspath(self.proj.getPath("refine_%d.png" % i))
+            fig.savefig(fn)
+            self.assertGreater(os.path.getsize(fn), 0)
+
+    def testValidateMismatchedMap(self):
+        folder = os.path.abspath(self.proj.getPath("simulated"))
+        io.write_mrc(os.path.join(folder, "small.mrc"), np.zeros((32, 32, 32), np.float32), PX)
+        small = self.newProtocol(ProtImportVolumes, filesPath=folder, filesPattern="small.mrc", samplingRate=PX)
+        self.launchProtocol(small)
+        prot = self.newProtocol(DeepCryoProtSwiftRefine, initialResolution=4.0)
+        prot.inputParticles.set(self.importParts.outputParticles)
+        prot.inputVolumes.append(small.outputVolume)
+        errors = prot.validate()
+        self.assertTrue(any("box 32 px differs" in e for e in errors), errors)
+        self.assertTrue(any("beyond Nyquist" in e for e in errors), errors)
