@@ -9,8 +9,10 @@ Examples::
         --epochs 20 --box 32 --continue
     python -m deepcryo.landscape analyze vae --clusters 2
     python -m deepcryo.landscape train --particles P.star --output-dir vae --device cuda:0,cuda:1
+    python -m deepcryo.landscape train --particles P.star --output-dir vae_pf --pose-free --reference map.mrc
 
-The particles need consensus poses and CTF (RELION 3.1 STAR). ``analyze`` writes into ``vae/analysis`` unless given ``--output-dir``.
+The particles need consensus poses and CTF (RELION 3.1 STAR); with ``--pose-free`` (the seed's method, see
+README "Pose-free mode" for its measured accuracy) only the CTF is read and a pose head learns the poses. ``analyze`` writes into ``vae/analysis`` unless given ``--output-dir``.
 """
 import argparse
 import sys
@@ -38,6 +40,11 @@ def _parser():
     t.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--continue", dest="resume", action="store_true", help="resume from output-dir/checkpoint.pt")
+    t.add_argument("--pose-free", action="store_true",
+                   help="ignore the particles' poses: learn them with a pose head (quaternion + shift)")
+    t.add_argument("--reference", default=None, help="pose-free: MRC map to start the mean volume from "
+                                                     "(default: a soft sphere)")
+    t.add_argument("--pose-heads", type=int, default=8, help="pose-free: candidate poses per particle")
     a = sub.add_parser("analyze", help="embeddings, landscape, clusters, volumes and trajectories")
     a.add_argument("train_dir", help="output folder of train")
     a.add_argument("--output-dir", default=None, help="output folder (default: train_dir/analysis)")
@@ -61,7 +68,7 @@ def main(argv=None):
             train(args.particles, args.output_dir, latent_dim=args.latent_dim, epochs=args.epochs, box=args.box,
                   batch_size=args.batch_size, beta=args.beta, n_basis=args.basis,
                   learning_rate=args.learning_rate, devices=args.device.split(","), resume=args.resume,
-                  seed=args.seed)
+                  seed=args.seed, pose_free=args.pose_free, reference=args.reference, pose_heads=args.pose_heads)
         else:
             from .analyze import analyze
             analyze(args.train_dir, n_clusters=args.clusters, max_clusters=args.max_clusters,

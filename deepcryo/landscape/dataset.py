@@ -21,10 +21,12 @@ from ..core.io import InputError, read_particles
 __all__ = ["ParticleBatches", "load_particles"]
 
 
-def load_particles(path):
-    """Read a particle STAR and check it has what the VAE needs (images, poses, CTF); InputError otherwise."""
+def load_particles(path, poses=True):
+    """Read a particle STAR and check it has what the VAE needs (images, CTF, poses unless ``poses`` is
+    False); InputError otherwise."""
     star = read_particles(path)
-    star.require("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+    star.require(*(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"] if poses else [])
+                 + ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"])
     return star
 
 
@@ -35,9 +37,11 @@ class ParticleBatches:
         star: :class:`deepcryo.core.io.ParticleStar` with poses and CTF.
         box: working box D (px), even, at most the stack box; the stack box when None.
         scale: image intensity divisor; estimated from up to 1000 particles when None.
+        poses: use the STAR's poses and origins; False (pose-free mode): rotations are identities and the
+            spectra are not centred (the STAR's angles and origins, if any, are never read).
     """
 
-    def __init__(self, star, box=None, scale=None):
+    def __init__(self, star, box=None, scale=None, poses=True):
         self.star = star
         self.stack = star.open_images()
         self.stack_box = self.stack.box
@@ -46,8 +50,12 @@ class ParticleBatches:
             raise InputError("--box must be even, >= 8 and <= the particle box %d px (got %d)"
                              % (self.stack_box, self.box))
         self.pixel_size_A = star.pixel_size_A * self.stack_box / self.box
-        self._rotations = euler_to_matrix(torch.as_tensor(star.angles_deg())).to(torch.float32)
-        self._origins_px = torch.as_tensor(star.origins_A() / self.pixel_size_A, dtype=torch.float32)
+        if poses:
+            self._rotations = euler_to_matrix(torch.as_tensor(star.angles_deg())).to(torch.float32)
+            self._origins_px = torch.as_tensor(star.origins_A() / self.pixel_size_A, dtype=torch.float32)
+        else:
+            self._rotations = torch.eye(3).expand(len(star), 3, 3)
+            self._origins_px = None
         self._ctf = {k: np.asarray(v) for k, v in star.ctf_params().items()}
         self.scale = float(scale) if scale else self._estimate_scale()
 
@@ -69,7 +77,8 @@ class ParticleBatches:
         spectra = fourier.fft2c(images)
         if self.box != self.stack_box:
             spectra = fourier.fourier_crop_2d(spectra, self.box) * (self.box / self.stack_box) ** 2
-        spectra = spectra * fourier.phase_shift_2d(self.box, self._origins_px[indices].to(device), device=device)
+        if self._origins_px is not None:
+            spectra = spectra * fourier.phase_shift_2d(self.box, self._origins_px[indices].to(device), device=device)
         ctf = ctf_2d(self.box, self.pixel_size_A, device=device,
                      **{k: v[indices] for k, v in self._ctf.items()})
         return spectra, self._rotations[indices].to(device), ctf

@@ -29,6 +29,34 @@ correlations of the particle's residual ``r = X − CTF·S₀`` with each CTF-we
 of a linear model of the particle's conformation at its pose, so the encoder never has to learn
 rotation invariance (the cost that makes image-encoders slow to train).
 
+Pose-free mode (the seed's method, second)
+------------------------------------------
+With ``pose_free=True`` the given poses are not used: a pose head (MLP on the noise-whitened half-plane
+spectrum, 3 × 256) predicts ``pose_heads`` candidate poses per particle, each a unit quaternion and an
+in-plane shift (px of the working box, bounded to ±``max_shift_px`` by a tanh). Guards:
+
+- *Mirror hand.* An image of the volume V at pose A is exactly the image of its mirror V(M·x),
+  M = diag(1, 1, −1), at pose M·A·M, whose slice points are those of A with the z component negated
+  (``k·MAM = (k·A)·M`` for the in-plane k). So every head's candidate is scored in both hands and the
+  better one is kept (a loss symmetric over hands, as cryoAI's symmetrised loss). The decoder then never
+  needs to represent both hands: one hand of V explains every particle through the pose alone, and the
+  latent has no incentive to encode the hand (the seed's network, without such a guard, learned both
+  hands). A fixed-hand regulariser would need a reference of known hand, which a pose-free run does not
+  have; the min over hands costs one extra lookup of V₀ per candidate.
+- *Local minima of amortised poses.* A pose head trained only by the gradient of the likelihood through
+  the interpolation does not leave its random start (measured: 8 epochs, 3000 particles, median pose error
+  123° against a chance level of 130°). So the candidates also include an exhaustive search against V₀
+  (a 20° grid of 1872 poses × 9 shifts, scored with two matmuls per batch, then ±7° about each
+  projection-frame axis around the winner); all candidates are scored against V₀ only (two real channels,
+  cheap), the best one wins, is decoded with the full basis, and, when the search won, the best head is
+  pulled towards it (``distill_weight`` × chordal distance + shift error): the search teaches the head,
+  the head's gradient refines below the grid step where it wins.
+
+The chosen pose and shift are then used exactly as given poses are in the main mode (the encoder sees the
+spectrum centred by the chosen shift). V₀ starts from a reference map when one is given, otherwise from a
+soft sphere (no consensus map exists without poses); a sphere carries no orientation, so without a
+reference the search has nothing to lock onto (see the README for the measured figures).
+
 Likelihood
 ----------
 Gaussian noise with a radial spectrum σ²(k) estimated from the consensus residuals; for centred
@@ -44,7 +72,14 @@ from ..core import fourier
 from ..core.fsc import spherical_mask
 from ..core.projector import gridding_kernel_1d
 
-__all__ = ["LandscapeVAE", "radial_noise_variance"]
+__all__ = ["LandscapeVAE", "radial_noise_variance", "soft_sphere"]
+
+
+def soft_sphere(box, radius_px=None):
+    """(D, D, D) soft-edged sphere (value 1 inside, radius ``box/4`` px by default): pose-free V₀ start."""
+    r = fourier.radius_grid_3d(box)
+    radius = box / 4.0 if radius_px is None else radius_px
+    return fourier.soft_edge(r, radius, max(1.0, box / 12.0))
 
 
 def _mlp(n_in, hidden, n_out, layers=2):
@@ -81,9 +116,13 @@ class LandscapeVAE(nn.Module):
         noise_var: (D, D) noise variance per Fourier pixel (see :func:`radial_noise_variance`).
     """
 
-    def __init__(self, box, latent_dim, n_basis, hidden, mean_volume, noise_var):
+    def __init__(self, box, latent_dim, n_basis, hidden, mean_volume, noise_var, pose_free=False, pose_heads=8,
+                 max_shift_px=None):
         super().__init__()
         self.box, self.latent_dim, self.n_basis, self.hidden = int(box), int(latent_dim), int(n_basis), int(hidden)
+        self.pose_free, self.pose_heads = bool(pose_free), int(pose_heads)
+        self.max_shift_px = float(self.box / 8.0 if max_shift_px is None else max_shift_px)
+        self.grid_step_deg, self.distill_weight = 20.0, 10.0
         self.padded_box = 2 * self.box
         g = gridding_kernel_1d(self.box, self.padded_box)
         self.register_buffer("gridding", g[:, None, None] * g[None, :, None] * g[None, None, :])
@@ -102,12 +141,39 @@ class LandscapeVAE(nn.Module):
         self.volumes = nn.Parameter(torch.cat([mean_volume[None], basis], 0))
         self.encoder = _mlp(2 * self.n_basis, hidden, 2 * self.latent_dim)
         self.coefficients = _mlp(self.latent_dim, hidden, self.n_basis)
-        s = self.padded_box + 1
-        self._corners = [(dz * s * s + dy * s + dx, dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+        if self.pose_free:
+            from ..core.geometry import euler_to_matrix, sample_poses
+            self.pose_net = _mlp(2 * len(pixels), 256, 6 * self.pose_heads, layers=3)
+            grid = euler_to_matrix(torch.as_tensor(sample_poses(self.grid_step_deg))).to(torch.float32)
+            self.register_buffer("pose_grid", grid, persistent=False)
+            half = self.grid_step_deg / 3.0
+            small = [(0.0, 0.0, 0.0)] + [tuple(sgn * half * (i == j) for j in range(3))
+                                         for i in range(3) for sgn in (-1, 1)]
+            axes = torch.as_tensor(small, dtype=torch.float64) * torch.pi / 180.0       # rotation vectors
+            self.register_buffer("local_rotations", torch.linalg.matrix_exp(torch.stack([
+                torch.tensor([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]]) for v in axes])).float(),
+                persistent=False)
+            d = torch.tensor([-1.0, 0.0, 1.0])
+            self.register_buffer("grid_shifts", torch.stack(torch.meshgrid(d, d, indexing="xy"), -1).reshape(-1, 2),
+                                 persistent=False)
+        # separable DFT matrices of the padded, gridding-corrected volume (see basis_ft), not saved
+        pb, n = self.padded_box, torch.arange(self.box, dtype=torch.float64) - self.box // 2
+        kx = torch.arange(pb // 2 + 1, dtype=torch.float64)
+        kyz = torch.arange(pb, dtype=torch.float64) - pb // 2
+        g64 = g.to(torch.float64)[:, None]
+        fx = torch.polar(1.0 / g64.expand(-1, len(kx)), -2 * torch.pi * n[:, None] * kx[None] / pb)
+        fyz = torch.polar(1.0 / g64.expand(-1, len(kyz)), -2 * torch.pi * n[:, None] * kyz[None] / pb)
+        self.register_buffer("_dft_x", F.pad(fx, (0, 1)).to(torch.complex64), persistent=False)
+        self.register_buffer("_dft_yz", F.pad(fyz, (0, 2)).to(torch.complex64), persistent=False)
+        sx, syz = pb // 2 + 2, pb + 2
+        self._table_shape = (syz, syz, sx)
+        self.register_buffer("_corners", torch.tensor([dz * syz * sx + dy * sx + dx for dz in (0, 1)
+                                                       for dy in (0, 1) for dx in (0, 1)]), persistent=False)
 
     def config(self):
         """Constructor arguments other than the tensors (for checkpoints)."""
-        return {"box": self.box, "latent_dim": self.latent_dim, "n_basis": self.n_basis, "hidden": self.hidden}
+        return {"box": self.box, "latent_dim": self.latent_dim, "n_basis": self.n_basis, "hidden": self.hidden,
+                "pose_free": self.pose_free, "pose_heads": self.pose_heads, "max_shift_px": self.max_shift_px}
 
     def select(self, images_ft):
         """The model's Fourier pixels (..., K) of centred (..., D, D) arrays (spectra, CTFs)."""
@@ -115,30 +181,119 @@ class LandscapeVAE(nn.Module):
 
     # ----------------------------------------------------------------------------------------- decoder
     def basis_ft(self):
-        """((P+1)³, 2(M+1)) table of the padded centred transforms of the masked volumes (real, imag).
+        """(Z·Y·X, 2(M+1)) table of the padded centred transforms of the masked volumes (real, imag).
 
-        One extra zero plane per axis lets trilinear corners of frequencies up to Nyquist stay in bounds.
+        Half volume kx = 0 … P/2 (Friedel), kz, ky = −P/2 … P/2 − 1, P = 2D; the 2× zero padding, the
+        real-space centring and the gridding correction are folded into three separable DFT matrices (one
+        complex matmul per axis: no padded copy, no FFT shifts). Extra zero planes (one along x, two along
+        y and z) keep the trilinear corners of frequencies up to Nyquist in bounds. Equal to
+        ``fft3c(pad_to(V·mask/gridding, P))`` on those frequencies.
         """
-        vols = self.volumes * self.mask3d / self.gridding
-        ft = fourier.fft3c(fourier.pad_to(vols, self.padded_box, 3))
-        table = torch.cat([ft.real, ft.imag], 0).permute(1, 2, 3, 0)
-        return F.pad(table, (0, 0, 0, 1, 0, 1, 0, 1)).reshape(-1, table.shape[-1])
+        vols = (self.volumes * self.mask3d).to(torch.complex64)
+        a = torch.matmul(vols, self._dft_x)                                       # (C, z, y, kx)
+        b = torch.einsum("czyk,yj->czjk", a, self._dft_yz)                         # (C, z, ky, kx)
+        t = torch.einsum("czjk,zi->ijkc", b, self._dft_yz)                         # (kz, ky, kx, C)
+        return torch.cat([t.real, t.imag], -1).reshape(-1, 2 * t.shape[-1])
 
-    def slices(self, rotations, table):
-        """Central slices (B, M+1, K) complex of every volume at (B, 3, 3) poses (trilinear, as the projector)."""
-        pts = torch.matmul(self.freqs, rotations) * self.padded_box + self.padded_box // 2     # (B, K, 3), k·A
+    def slices(self, rotations, table, hand=None, channels=None):
+        """Central slices (B, C, K) complex of every volume at (B, 3, 3) poses (trilinear, as the projector).
+
+        ``hand`` (B,) ±1: −1 samples the mirror pose M·A·M (z of the slice points negated).
+        ``channels``: number of volumes C taken from ``table`` (default: all, M+1).
+        """
+        pts = torch.matmul(self.freqs, rotations)                                     # (B, K, 3), k·A
+        if hand is not None:
+            pts = torch.cat([pts[..., :2], pts[..., 2:] * hand[:, None, None]], -1)
+        conj = torch.where(pts[..., 0] < 0, -1.0, 1.0)                               # Friedel: V(−k) = V(k)*
+        pts = pts * (conj * self.padded_box)[..., None]
+        pts = pts + torch.tensor([0.0, 1.0, 1.0], device=pts.device) * (self.padded_box // 2)
         base = torch.floor(pts)
         frac = pts - base
         base = base.long()
-        s = self.padded_box + 1
-        origin = (base[..., 2] * s + base[..., 1]) * s + base[..., 0]
-        out = 0.0
-        for offset, dz, dy, dx in self._corners:
-            w = ((frac[..., 2] if dz else 1 - frac[..., 2]) * (frac[..., 1] if dy else 1 - frac[..., 1])
-                 * (frac[..., 0] if dx else 1 - frac[..., 0]))
-            out = out + table[(origin + offset).reshape(-1)].reshape(origin.shape + (-1,)) * w[..., None]
+        sz, sy, sx = self._table_shape
+        origin = (base[..., 2] * sy + base[..., 1]) * sx + base[..., 0]             # (B, K)
+        wx = torch.stack([1 - frac[..., 0], frac[..., 0]], -1)
+        wy = torch.stack([1 - frac[..., 1], frac[..., 1]], -1)
+        wz = torch.stack([1 - frac[..., 2], frac[..., 2]], -1)
+        w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).reshape(origin.shape + (8,))
+        vals = table[(origin[..., None] + self._corners).reshape(-1)].reshape(origin.shape + (8, -1))
+        out = (w[..., None] * vals).sum(-2)
+        m = table.shape[-1] // 2
+        return torch.complex(out[..., :m], out[..., m:] * conj[..., None]).transpose(1, 2)
+
+    # -------------------------------------------------------------------------------------- pose head
+    def predict_poses(self, spectra, table):
+        """Pose-free mode: chosen poses for selected spectra (B, K) and CTFs (B, K).
+
+        Returns rotations (B, 3, 3) (gradients flow to the pose head), hand (B,) ±1 and shifts (B, 2) px
+        (the origin that centres the particle, as ``rlnOrigin`` / pixel size).
+        """
+        from ..core.geometry import quaternion_to_matrix
+        b, h = spectra.shape[0], self.pose_heads
+        whitened = spectra / self.select(self.noise_var).sqrt()
+        out = self.pose_net(torch.cat([whitened.real, whitened.imag], 1)).reshape(b, h, 6)
+        rot = quaternion_to_matrix(out[..., :4] + 1e-6)                               # (B, H, 3, 3)
+        shifts = self.max_shift_px * torch.tanh(out[..., 4:])                          # (B, H, 2)
+        return rot, shifts
+
+    def choose_poses(self, spectra, ctf, table):
+        """Best pose per particle against V₀ among the heads (both hands) and the search grid.
+
+        Candidates: the heads' poses in both hands (with their shifts); the grid (``grid_step_deg`` sphere ×
+        in-plane sampling, × 3×3 shifts of −1, 0, +1 px), scored with two matmuls; and the grid winner
+        turned by ±``grid_step_deg``/3 about each projection-frame axis. Returns rotations (B, 3, 3),
+        hand (B,) ±1, shifts (B, 2) px and the per-particle distillation loss (B,): the chordal distance
+        ``‖R_head − R_search‖²`` (closer hand) of the best head to the searched pose plus its squared
+        shift error in units of ``max_shift_px``, where the search won; 0 elsewhere.
+        """
+        rot, shifts = self.predict_poses(spectra, table)
+        b, h = rot.shape[:2]
         m = self.n_basis + 1
-        return torch.complex(out[..., :m], out[..., m:]).transpose(1, 2)
+        weight = self.pixel_weight / self.select(self.noise_var)
+        with torch.no_grad():
+            t0 = table[:, [0, m]]
+            flat = rot.detach().reshape(b * h, 3, 3).repeat(2, 1, 1)
+            hand = torch.cat([torch.ones(b * h), -torch.ones(b * h)]).to(rot)
+            s0 = self.slices(flat, t0, hand)[:, 0].reshape(2, b, h, -1)              # (2, B, H, K)
+            centred = spectra[:, None] * self._shift_phase(shifts.detach())             # (B, H, K)
+            err = ((centred[None] - s0 * ctf[None, :, None]).abs() ** 2 * weight).sum(-1)   # (2, B, H)
+            head_err, best = err.permute(1, 0, 2).reshape(b, 2 * h).min(1)
+            hand_idx, head = best // h, best % h
+            # exhaustive search over the fixed grid × 3×3 shifts (±1 px): |X − C·P_g|² as two matmuls
+            grid = self.slices(self.pose_grid, t0)[:, 0]                                  # (G, K)
+            power = torch.matmul(weight * ctf * ctf, (grid.abs() ** 2).T)                   # (B, G)
+            x2 = (weight * spectra.abs() ** 2).sum(1, keepdim=True)
+            steps = self.grid_shifts.to(spectra.device)                                     # (S, 2)
+            shifted = spectra[:, None] * self._shift_phase(steps)[None]                      # (B, S, K)
+            cross = torch.matmul(weight * shifted * ctf[:, None], grid.conj().T).real      # (B, S, G)
+            grid_err, flat_idx = (x2[:, None] - 2 * cross + power[:, None]).reshape(b, -1).min(1)
+            s_idx, g = flat_idx // grid.shape[0], flat_idx % grid.shape[0]
+            # local refinement of the grid winner: small rotations about the projection-frame axes
+            local = torch.matmul(self.local_rotations[None], self.pose_grid[g][:, None])     # (B, R, 3, 3)
+            r = local.shape[1]
+            ls = self.slices(local.reshape(b * r, 3, 3), t0)[:, 0].reshape(b, r, -1)
+            lc = spectra * self._shift_phase(steps[s_idx])
+            local_err = ((lc[:, None] - ls * ctf[:, None]).abs() ** 2 * weight).sum(-1)       # (B, R)
+            local_err, li = local_err.min(1)
+            use_grid = local_err < head_err
+            target = local[torch.arange(b), li]
+            grid_shift = steps[s_idx]
+        idx = torch.arange(b, device=rot.device)
+        best_rot = rot[idx, head]
+        mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0], device=rot.device))
+        dist = torch.minimum(((best_rot - target) ** 2).sum((1, 2)),
+                             ((mirror @ best_rot @ mirror - target) ** 2).sum((1, 2)))
+        dist = dist + ((shifts[idx, head] - grid_shift) ** 2).sum(1) / self.max_shift_px ** 2
+        chosen = torch.where(use_grid[:, None, None], target, best_rot)
+        hand_out = torch.where(use_grid, 1.0, 1.0 - 2.0 * hand_idx.to(rot.dtype))
+        shift_out = torch.where(use_grid[:, None], grid_shift, shifts[idx, head])
+        return chosen, hand_out, shift_out, dist * use_grid
+
+    def _shift_phase(self, shifts):
+        """Phase ramps (..., K) that centre a particle whose origin is ``shifts`` (..., 2) px."""
+        k = self.freqs[:, :2]
+        return torch.polar(torch.ones((), device=shifts.device),
+                           -2.0 * torch.pi * torch.einsum("kc,...c->...k", k, shifts))
 
     def decode_slice(self, z, slices):
         """Predicted spectra (B, K) (before CTF) for latents z (B, L) and :meth:`slices` output."""
@@ -164,20 +319,44 @@ class LandscapeVAE(nn.Module):
         return out[:, :self.latent_dim], out[:, self.latent_dim:].clamp(-10.0, 5.0)
 
     # ------------------------------------------------------------------------------------------- loss
-    def forward(self, spectra, rotations, ctf, beta=1.0):
-        """Per-batch mean loss terms ``{"loss", "nll", "kl"}`` for spectra and CTFs (B, D, D), poses (B, 3, 3)."""
+    def _posed(self, spectra, rotations, ctf, table):
+        """Selected spectra (centred by the predicted shift in pose-free mode), slices and pose outputs."""
         spectra, ctf = self.select(spectra), self.select(ctf)
-        sl = self.slices(rotations, self.basis_ft())
+        hand = shifts = distill = None
+        if self.pose_free:
+            rotations, hand, shifts, distill = self.choose_poses(spectra, ctf, table)
+            spectra = spectra * self._shift_phase(shifts)
+        return spectra, ctf, self.slices(rotations, table, hand), (rotations, hand, shifts, distill)
+
+    def forward(self, spectra, rotations, ctf, beta=1.0):
+        """Per-batch mean loss terms ``{"loss", "nll", "kl"}`` for spectra and CTFs (B, D, D), poses (B, 3, 3).
+
+        In pose-free mode ``rotations`` is ignored (and may be None).
+        """
+        spectra, ctf, sl, (_, _, _, distill) = self._posed(spectra, rotations, ctf, self.basis_ft())
         mu, logvar = self.encode(spectra, ctf, sl)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         pred = self.decode_slice(z, sl) * ctf
         weight = 0.5 * self.pixel_weight / self.select(self.noise_var)
         nll = ((spectra - pred).abs() ** 2 * weight).sum(1)
         kl = 0.5 * (mu * mu + logvar.exp() - 1.0 - logvar).sum(1)
-        return {"loss": (nll + beta * kl).mean(), "nll": nll.mean(), "kl": kl.mean()}
+        loss = nll + beta * kl
+        if distill is not None:
+            loss = loss + self.distill_weight * distill
+        return {"loss": loss.mean(), "nll": nll.mean(), "kl": kl.mean()}
 
-    def encode_batch(self, spectra, rotations, ctf):
-        """Latent means (B, L) without gradients, for spectra and CTFs (B, D, D) and poses (B, 3, 3)."""
+    def encode_batch(self, spectra, rotations, ctf, with_poses=False):
+        """Latent means (B, L) without gradients, for spectra and CTFs (B, D, D) and poses (B, 3, 3).
+
+        ``with_poses``: also return the poses used, (B, 3, 3) matrices A (mirror hand applied) and shifts
+        (B, 2) px of the working box (the given ones in the main mode, the predicted ones when pose-free).
+        """
         with torch.no_grad():
-            sl = self.slices(rotations, self.basis_ft())
-            return self.encode(self.select(spectra), self.select(ctf), sl)[0]
+            spectra, ctf, sl, (rot, hand, shifts, _) = self._posed(spectra, rotations, ctf, self.basis_ft())
+            mu = self.encode(spectra, ctf, sl)[0]
+            if not with_poses:
+                return mu
+            if hand is not None:
+                mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0], device=rot.device))
+                rot = torch.where(hand[:, None, None] < 0, mirror @ rot @ mirror, rot)
+            return mu, rot, shifts

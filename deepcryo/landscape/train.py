@@ -5,7 +5,16 @@ Output folder layout:
 - ``checkpoint.pt``: model, optimiser, epoch and configuration, rewritten atomically after every epoch
   (``--continue`` resumes from it); load with ``torch.load(path, weights_only=True)``.
 - ``consensus.mrc``: the consensus map at the working box (initial mean volume of the decoder).
-- ``particles_latent.star``: the input particles with their latent means ``dcLatent01`` … (written at the end).
+- ``particles_latent.star``: the input particles with their latent means ``dcLatent01`` … (written at the end);
+  in pose-free mode their angles and origins (``rlnAngle*``, ``rlnOrigin*Angst``) are replaced by the
+  predicted ones (hand chosen by the model, frame of the learned volume), so ``analyze`` reconstructs the
+  clusters at those.
+
+Pose-free mode (``pose_free=True``, ``--pose-free``): the particles' poses are not read; V₀ starts from
+``reference`` (an MRC map, Fourier-resampled to the working box) or from a soft sphere, its amplitude
+matched to the images' low-resolution power (shells up to D/8); the noise spectrum is the images' own
+radial power (signal included: an overestimate at high SNR, close at SNR ≤ 0.1). See
+:mod:`deepcryo.landscape.model` for the pose head and its mirror-hand guard.
 
 Several devices (``--device cuda:0,cuda:1``) train with torch DistributedDataParallel, one process per
 device, each on its share of every epoch's shuffled order (the last ``n mod devices`` particles of the
@@ -18,11 +27,15 @@ import time
 import numpy as np
 import torch
 
-from ..core.io import InputError, atomic_output, load_error_reason, remove_stale_parts, write_mrc, write_particles
+from ..core import fourier
+from ..core.ctf import ctf_2d
+from ..core.geometry import matrix_to_euler, quaternion_to_matrix
+from ..core.io import (InputError, atomic_output, load_error_reason, read_mrc, remove_stale_parts, write_mrc,
+                       write_particles)
 from ..core.projector import Projector
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches, load_particles
-from .model import LandscapeVAE, radial_noise_variance
+from .model import LandscapeVAE, radial_noise_variance, soft_sphere
 
 __all__ = ["train", "load_model", "encode_all", "latent_columns", "CHECKPOINT"]
 
@@ -76,18 +89,63 @@ def load_model(output_dir, device="cpu"):
     cfg = ckpt["config"]
     state = ckpt["model"]
     model = LandscapeVAE(cfg["box"], cfg["latent_dim"], cfg["n_basis"], cfg["hidden"],
-                         state["volumes"][0], state["noise_var"])
+                         state["volumes"][0], state["noise_var"], pose_free=cfg.get("pose_free", False),
+                         pose_heads=cfg.get("pose_heads", 8), max_shift_px=cfg.get("max_shift_px"))
     model.load_state_dict(state)
     return model.to(device), ckpt
 
 
-def encode_all(model, data, batch_size, device="cpu"):
-    """Latent means (N, L) of every particle, in STAR order."""
+def encode_all(model, data, batch_size, device="cpu", with_poses=False):
+    """Latent means (N, L) of every particle, in STAR order.
+
+    ``with_poses``: also the poses used, (N, 3, 3) matrices A and (N, 2) origins in px of the working box.
+    """
     model.eval()
     out = np.empty((len(data), model.latent_dim), dtype=np.float32)
+    rots, shifts = np.zeros((len(data), 3, 3), np.float32), np.zeros((len(data), 2), np.float32)
     for idx, spectra, rot, ctf in data.batches(batch_size, device=device):
-        out[idx] = model.encode_batch(spectra, rot, ctf).cpu().numpy()
-    return out
+        if not with_poses:
+            out[idx] = model.encode_batch(spectra, rot, ctf).cpu().numpy()
+            continue
+        z, r, t = model.encode_batch(spectra, rot, ctf, with_poses=True)
+        out[idx], rots[idx] = z.cpu().numpy(), r.cpu().numpy()
+        if t is not None:
+            shifts[idx] = t.cpu().numpy()
+    return (out, rots, shifts) if with_poses else out
+
+
+def pose_free_start(data, reference=None, n_sample=1000, batch_size=256):
+    """Initial V₀ (D, D, D) and noise variance (D, D) for pose-free training (no poses are used).
+
+    V₀: ``reference`` (MRC path; Fourier-resampled to the working box) or a soft sphere, scaled so that the
+    power of its CTF-modulated projections matches the images' power at low resolution (radius ≤ D/8).
+    """
+    d = data.box
+    if reference:
+        vol, _ = read_mrc(reference)
+        if vol.ndim != 3 or len(set(vol.shape)) != 1:
+            raise InputError("%s: the reference must be a cubic map" % reference)
+        ft = fourier.fft3c(torch.as_tensor(vol, dtype=torch.float64))
+        n = vol.shape[-1]
+        ft = fourier.crop_to(ft, d, 3) if n >= d else fourier.pad_to(ft, d, 3)
+        vol = (fourier.ifft3c(ft).real * (d / n) ** 3).to(torch.float32)
+    else:
+        vol = soft_sphere(d)
+    idx = np.linspace(0, len(data) - 1, min(n_sample, len(data))).astype(np.int64)
+    low = fourier.radius_grid_2d(d) <= d / 8
+    proj = Projector(vol)
+    power_x = power_p = 0.0
+    spectra_all = []
+    rng = np.random.default_rng(0)
+    for start in range(0, len(idx), batch_size):
+        spectra, _, ctf = data.get(idx[start:start + batch_size])
+        spectra_all.append(spectra)
+        q = torch.as_tensor(rng.normal(size=(len(spectra), 4)), dtype=torch.float32)
+        p = proj.project_ft(quaternion_to_matrix(q)) * ctf
+        power_x += float((spectra.abs() ** 2)[:, low].sum())
+        power_p += float((p.abs() ** 2)[:, low].sum())
+    vol = vol * float(np.sqrt(power_x / max(power_p, 1e-30)))
+    return vol, radial_noise_variance(torch.cat(spectra_all), d)
 
 
 def _save_checkpoint(output_dir, model, optimizer, epoch, cfg, history):
@@ -116,10 +174,12 @@ def _run(rank, devices, cfg, init, port, log):
         if device.type == "cuda":
             torch.cuda.set_device(device)
     torch.manual_seed(cfg["seed"])
-    star = load_particles(cfg["particles"])
-    data = ParticleBatches(star, cfg["box"], scale=cfg["scale"])
+    pose_free = cfg.get("pose_free", False)
+    star = load_particles(cfg["particles"], poses=not pose_free)
+    data = ParticleBatches(star, cfg["box"], scale=cfg["scale"], poses=not pose_free)
     model = LandscapeVAE(data.box, cfg["latent_dim"], cfg["n_basis"], cfg["hidden"],
-                         init["mean_volume"], init["noise_var"]).to(device)
+                         init["mean_volume"], init["noise_var"], pose_free=pose_free,
+                         pose_heads=cfg.get("pose_heads", 8)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])
     start_epoch, history = 0, []
     if init.get("checkpoint") is not None:
@@ -148,8 +208,10 @@ def _run(rank, devices, cfg, init, port, log):
             log("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s"
                 % (epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0))
     if rank == 0:
-        z = encode_all(model, data, cfg["batch_size"], device)
+        z, rot, shifts = encode_all(model, data, cfg["batch_size"], device, with_poses=True)
         out = star.copy()
+        if pose_free:
+            out.set_poses(matrix_to_euler(torch.from_numpy(rot)).numpy(), shifts * data.pixel_size_A)
         for i, c in enumerate(latent_columns(z.shape[1])):
             out.particles[c] = z[:, i].astype(np.float64)
         write_particles(os.path.join(cfg["output_dir"], LATENT_STAR), out)
@@ -163,7 +225,8 @@ def _ddp_entry(rank, devices, cfg, init, port):
 
 
 def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=64, beta=1.0, n_basis=16,
-          hidden=128, learning_rate=1e-3, devices=("cpu",), resume=False, seed=0, log=print):
+          hidden=128, learning_rate=1e-3, devices=("cpu",), resume=False, seed=0, pose_free=False, reference=None,
+          pose_heads=8, log=print):
     """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
 
     Args:
@@ -173,6 +236,8 @@ def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=6
         box: working box (px, even); the particle box when None. batch_size: particles per step (per device).
         beta: weight of the KL term. n_basis, hidden: decoder basis volumes and MLP width.
         devices: torch device names; several → DistributedDataParallel.
+        pose_free: ignore the particles' poses and learn them with the pose head (``pose_heads`` candidates
+            per particle); ``reference``: optional MRC map to start V₀ from (otherwise a soft sphere).
     """
     if latent_dim < 1 or epochs < 1 or batch_size < 1 or n_basis < 1 or beta < 0:
         raise InputError("need --latent-dim, --epochs, --batch-size and --basis >= 1 and --beta >= 0")
@@ -180,7 +245,8 @@ def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=6
     cfg = {"particles": os.path.abspath(particles), "output_dir": os.path.abspath(output_dir),
            "latent_dim": int(latent_dim), "epochs": int(epochs), "batch_size": int(batch_size),
            "beta": float(beta), "n_basis": int(n_basis), "hidden": int(hidden),
-           "learning_rate": float(learning_rate), "seed": int(seed)}
+           "learning_rate": float(learning_rate), "seed": int(seed), "pose_free": bool(pose_free),
+           "pose_heads": int(pose_heads)}
     if resume:
         if not os.path.exists(ckpt_path):
             raise InputError("%s: no checkpoint to continue from" % ckpt_path)
@@ -188,8 +254,8 @@ def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=6
             remove_stale_parts(os.path.join(output_dir, name))
         ckpt = read_checkpoint(ckpt_path)
         old = ckpt["config"]
-        for k in ("latent_dim", "n_basis", "hidden"):
-            if old[k] != cfg[k]:
+        for k in ("latent_dim", "n_basis", "hidden", "pose_free"):
+            if old.get(k, False) != cfg[k]:
                 raise InputError("--continue: %s %s differs from the checkpoint's %s" % (k, cfg[k], old[k]))
         cfg.update(box=old["box"], scale=old["scale"], particles=os.path.abspath(particles))
         init = {"mean_volume": ckpt["model"]["volumes"][0], "noise_var": ckpt["model"]["noise_var"],
@@ -197,17 +263,24 @@ def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=6
         if ckpt["epoch"] >= cfg["epochs"]:
             log("checkpoint already at epoch %d of %d; nothing to train" % (ckpt["epoch"], cfg["epochs"]))
     else:
-        star = load_particles(particles)
-        data = ParticleBatches(star, box)
+        star = load_particles(particles, poses=not pose_free)
+        data = ParticleBatches(star, box, poses=not pose_free)
+        if reference and not os.path.exists(reference):
+            raise InputError("%s: not found" % reference)
         os.makedirs(output_dir, exist_ok=True)
         cfg.update(box=data.box, scale=data.scale)
         t0 = time.time()
-        volume = consensus_map(data, 256, "cpu")
+        if pose_free:
+            volume, noise_var = pose_free_start(data, reference)
+        else:
+            volume = consensus_map(data, 256, "cpu")
+            noise_var = noise_estimate(data, volume, 2000, 256)
         write_mrc(os.path.join(output_dir, "consensus.mrc"), volume.numpy() * data.scale, data.pixel_size_A)
-        init = {"mean_volume": volume, "noise_var": noise_estimate(data, volume, 2000, 256)}
+        init = {"mean_volume": volume, "noise_var": noise_var}
         data.close()
-        log("%d particles, box %d px at %.3f Å/px; consensus map and noise spectrum in %.1f s"
-            % (len(star), cfg["box"], data.pixel_size_A, time.time() - t0))
+        log("%d particles, box %d px at %.3f Å/px; %s and noise spectrum in %.1f s"
+            % (len(star), cfg["box"], data.pixel_size_A,
+               "pose-free start volume" if pose_free else "consensus map", time.time() - t0))
     devices = list(devices)
     if len(devices) > 1:
         torch.multiprocessing.spawn(_ddp_entry, args=(devices, cfg, init, _free_port()), nprocs=len(devices))

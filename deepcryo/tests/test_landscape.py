@@ -1,6 +1,8 @@
 """Landscape VAE on simulated sets with ground truth (SNR 0.1, CTF, random poses and shifts).
 
-Small and CPU-only: 48 px particles, 24 px working box, 2000 particles, 4 epochs.
+Small and CPU-only: 48 px particles, 24 px working box, 2000 particles, 4 epochs (two threads); the viewer's
+figures are drawn headless from the two-state analysis; the pose-free mode's guard is checked exactly and
+its end-to-end run against the truth at what it reliably reaches.
 """
 import json
 import os
@@ -17,6 +19,8 @@ from deepcryo.core.io import read_mrc, read_particles, write_particles
 from deepcryo.core.simulate import hinge_volume, phantom_states, write_particle_set
 from deepcryo.landscape import __main__ as cli
 from deepcryo.landscape.analyze import analyze
+from deepcryo.landscape import metrics
+from deepcryo.landscape.model import LandscapeVAE
 from deepcryo.landscape.train import CHECKPOINT, LATENT_STAR, latent_columns, train
 
 BOX, WORK_BOX, N, PIXEL_A = 48, 24, 2000, 2.0
@@ -133,3 +137,75 @@ def test_bad_inputs(tmp_path, capsys):
         assert not out.exists()
     assert cli.main(["analyze", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_viewer_figures_headless(two_state, tmp_path):
+    """The viewer's figures from the finished two-state analysis, without a display, agree with the run."""
+    from deepcryo.viewers import viewer_landscape as vl
+    root, _, summary = two_state
+    analysis = vl.load_analysis(str(root / "vae" / "analysis"))
+    star = read_particles(str(root / "vae" / "analysis" / "particles.star"))
+    assert len(analysis["pca"]) == N and len(analysis["clusters"]) == 2
+    # clusters in landscape order: the first has the smaller mean PC1
+    order = vl.cluster_order(analysis)
+    pc1 = np.asarray(star.particles["dcPC1"])
+    labels = np.asarray(star.particles["dcCluster"])
+    assert pc1[labels == order[0]].mean() < pc1[labels == order[1]].mean()
+    fig = vl.plot_landscape(analysis)
+    points = fig.axes[0].collections[0].get_offsets()
+    assert points.shape == (N, 2) and np.allclose(points[:, 0], pc1)
+    figures = {"landscape": fig, "volumes": vl.plot_cluster_volumes(analysis),
+               "traversal": vl.plot_traversal(analysis, 1),
+               "bic": vl.plot_png(str(root / "vae" / "analysis" / "bic.png"))}
+    assert len(figures["volumes"].axes) == 4 * 2 and len(figures["traversal"].axes) == 2 * (3 + 1)
+    for name, f in figures.items():
+        path = tmp_path / (name + ".png")
+        f.savefig(str(path))
+        assert path.stat().st_size > 5000, name
+    with pytest.raises(ValueError):
+        vl.plot_landscape(analysis, "UMAP")           # analysed with umap=False
+
+
+def test_pose_free_mirror_guard():
+    """Scoring both hands: a head that predicts the mirror pose M·A·M is matched in the mirror hand, with the
+    same error as the true pose (the images of V at A and at MAM of the mirrored V coincide)."""
+    from deepcryo.core.geometry import quaternion_to_matrix
+    from deepcryo.core.projector import Projector
+    torch.manual_seed(0)
+    box = 24
+    vol = torch.as_tensor(phantom_states(box, 1, seed=7)[0], dtype=torch.float32)
+    model = LandscapeVAE(box, 2, 2, 16, vol, torch.ones(box, box), pose_free=True, pose_heads=1)
+    with torch.no_grad():
+        model.volumes[1:] = 0
+    rot = quaternion_to_matrix(torch.randn(6, 4))
+    mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0]))
+    ctf = torch.ones(6, box, box)
+    images = Projector(vol * model.mask3d).project_ft(rot)
+    table = model.basis_ft()
+    # the pose head is replaced by one that returns the mirror poses, zero shifts
+    model.predict_poses = lambda spectra, table: ((mirror @ rot @ mirror)[:, None], torch.zeros(6, 1, 2))
+    model.pose_grid = model.pose_grid[:1]                  # a single (wrong) grid pose
+    chosen, hand, shifts, _ = model.choose_poses(model.select(images), model.select(ctf), table)
+    assert torch.all(hand == -1)
+    sl = model.slices(chosen, table, hand)[:, 0]
+    err = (sl - model.select(images)).abs().pow(2).sum(1) / model.select(images).abs().pow(2).sum(1)
+    assert float(err.max()) < 1e-6, err
+
+
+def test_pose_free_end_to_end(tmp_path):
+    """Pose-free training on a small two-state set starting from a 20 Å reference: the predicted poses
+    beat chance against the truth (see README "Pose-free mode" for the measured accuracy)."""
+    vols = phantom_states(BOX, 2, seed=0)
+    state_of = np.random.default_rng(1).permutation(np.arange(600) % 2)
+    star = write_particle_set(str(tmp_path / "sim"), vols, 600, PIXEL_A, snr=0.1, seed=0, state_of=state_of)
+    from deepcryo.core.io import write_mrc
+    ref = fourier.lowpass_volume(torch.as_tensor((vols[0] + vols[1]) / 2), 20.0, PIXEL_A).numpy()
+    write_mrc(str(tmp_path / "ref.mrc"), ref.astype(np.float32), PIXEL_A)
+    out = str(tmp_path / "vae")
+    train(star, out, latent_dim=2, epochs=2, box=WORK_BOX, batch_size=64, pose_free=True,
+          reference=str(tmp_path / "ref.mrc"), log=lambda *a: None)
+    truth, result = read_particles(star), read_particles(os.path.join(out, LATENT_STAR))
+    err, chance = metrics.pose_error_deg(result.angles_deg(), truth.angles_deg())
+    assert err < chance - 20.0, (err, chance)
+    summary = analyze(out, n_clusters=2, trajectory_steps=2, n_pcs=1, umap=False, log=lambda *a: None)
+    assert os.path.exists(summary)

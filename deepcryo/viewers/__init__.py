@@ -19,4 +19,5 @@
 """deepcryo's viewers (one import line per viewer: Scipion discovers them here)."""
 from .viewer_defocus import DeepCryoDefocusViewer
 from .viewer_swiftalign import DeepCryoSwiftAlignViewer
+from .viewer_landscape import DeepCryoLandscapeViewer
 from .viewer_swiftrefine import DeepCryoSwiftRefineViewer
