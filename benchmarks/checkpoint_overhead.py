@@ -3,8 +3,9 @@
 Each training runs twice in this process, same data and seed: with its checkpoints (as shipped: written to a
 temporary name, then ``os.replace``) and with the checkpoint write replaced by nothing. The overhead is the
 ratio of CPU seconds (``time.process_time``, all threads) and of wall seconds; the CPU seconds spent inside the
-checkpoint writes themselves are also measured. The runs alternate (without, with, without, with, …) and the
-medians are compared, because the machine may be shared.
+checkpoint writes themselves are measured directly (the robust figure on a shared machine: their share of the
+training's CPU seconds). A first run of each training is a discarded warm-up; then the runs alternate
+(without, with, without, with, …) and the medians are compared.
 
 Example::
 
@@ -76,6 +77,7 @@ def _landscape(star, folder, checkpoints, epochs, spent):
 def measure(name, fn, data, epochs, repeats, root):
     runs = {True: [], False: []}
     writes = []
+    fn(data, tempfile.mkdtemp(prefix="%s_warmup_" % name, dir=root), True, epochs, [])  # warm-up, not counted
     for r in range(repeats):
         for checkpoints in (False, True):
             folder = tempfile.mkdtemp(prefix="%s_%s_%d_" % (name, checkpoints, r), dir=root)
@@ -86,10 +88,10 @@ def measure(name, fn, data, epochs, repeats, root):
     cpu = {k: statistics.median(c for c, _ in v) for k, v in runs.items()}
     wall = {k: statistics.median(w for _, w in v) for k, v in runs.items()}
     per_write = statistics.median(writes) if writes else float("nan")
-    print("%-9s %d epochs: CPU s without %.2f, with %.2f → ratio %.3f; wall s without %.2f, with %.2f → ratio %.3f; "
-          "one checkpoint write %.3f CPU s (%.2f %% of an epoch)"
-          % (name, epochs, cpu[False], cpu[True], cpu[True] / cpu[False], wall[False], wall[True],
-             wall[True] / wall[False], per_write, 100.0 * per_write * epochs / cpu[False]))
+    print("%-9s %d epochs: one checkpoint write %.4f CPU s = %.2f %% of the training's CPU s; median of the runs: "
+          "CPU s without %.2f, with %.2f (ratio %.3f), wall s without %.2f, with %.2f (ratio %.3f)"
+          % (name, epochs, per_write, 100.0 * per_write * epochs / cpu[False], cpu[False], cpu[True],
+             cpu[True] / cpu[False], wall[False], wall[True], wall[True] / wall[False]))
     return cpu, wall, per_write
 
 
