@@ -26,18 +26,20 @@ import numpy as np
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
 from pyworkflow.utils import Message
+from pwem.constants import ALIGN_NONE
 from pwem.objects import ParticleFlex, SetOfVolumes, Volume
 from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
 
 from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_PARTICLES
-from deepcryo.convert import writeSetOfParticles
+from deepcryo.convert import rowToAlignment, writeSetOfParticles
 from deepcryo.core import io
 from deepcryo.protocols.validation import acquisitionErrors
 
 OUTPUT_CLASSES = "outputClasses"
 OUTPUT_TRAJECTORY = "outputTrajectory"
 PROG_NAME = "deepcryo.landscape"
+POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 
 
 def _latentColumns(star):
@@ -57,6 +59,10 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
     low-dimensional latent space, the decoder maps a latent point to a volume whose projection at the
     particle's pose, times its CTF, should match the image. Images are Fourier-cropped to the working
     box. The output particles carry their latent coordinates (flexibility hub "zFlex").
+
+    Pose-free mode (experimental, the original method of the seed thesis): the particles' poses are not
+    used; a pose head predicts them (quaternion + shift, both hands scored). Its measured accuracy is in
+    the README ("Pose-free mode"); the output particles then carry the predicted poses.
     """
     _label = "landscape VAE train"
     _devStatus = BETA
@@ -65,8 +71,16 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
     def _defineParams(self, form):
         form.addSection(label=Message.LABEL_INPUT)
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
-                      pointerCondition="hasAlignmentProj", important=True, label="Input particles",
-                      help="Particles with CTF and 3D alignment from a consensus refinement.")
+                      important=True, label="Input particles",
+                      help="Particles with CTF and 3D alignment from a consensus refinement (pose-free mode: "
+                           "CTF only).")
+        form.addParam("poseFree", params.BooleanParam, default=False, label="Pose-free (experimental)?",
+                      help="Ignore the particles' poses and learn them with a pose head (quaternion + shift, "
+                           "mirror hand guarded). Much less accurate than using consensus poses: see the "
+                           "README's measured figures.")
+        form.addParam("referenceVolume", params.PointerParam, pointerClass="Volume", allowsNull=True,
+                      condition="poseFree", label="Starting volume (optional)",
+                      help="Low-resolution map to start the mean volume from; default a soft sphere.")
         form.addParam("latentDim", params.IntParam, default=8, validators=[params.GE(1)],
                       label="Latent dimension", help="Dimension of the latent (conformational) space.")
         form.addParam("workingBox", params.IntParam, default=64, validators=[params.GE(8)],
@@ -100,7 +114,11 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
 
     def convertInputStep(self):
         writeSetOfParticles(self.inputParticles.get(), self._getExtraPath("input_particles.star"),
-                            outputDir=self._getExtraPath())
+                            outputDir=self._getExtraPath(), alignType=ALIGN_NONE if self.poseFree else None)
+        ref = self.referenceVolume.get() if self.poseFree else None
+        if ref is not None:
+            vol, _ = io.read_mrc(ref.getFileName().split(":")[0])
+            io.write_mrc(self._getExtraPath("reference.mrc"), vol, ref.getSamplingRate())
 
     def trainStep(self):
         args = ["train", "--particles", self._getExtraPath("input_particles.star"), "--output-dir",
@@ -108,6 +126,10 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
                 "--box", min(self.workingBox.get(), self.inputParticles.get().getXDim()),
                 "--batch-size", self.batchSize.get(), "--beta", self.beta.get(), "--basis", self.basis.get(),
                 "--threads", self.numberOfThreads.get()]
+        if self.poseFree:
+            args.append("--pose-free")
+            if self.referenceVolume.get() is not None:
+                args += ["--reference", self._getExtraPath("reference.mrc")]
         if self.continueRun:
             os.makedirs(self.getTrainDir(), exist_ok=True)
             previous = self.previousRun.get().getTrainDir()
@@ -126,6 +148,10 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
         z = np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in _latentColumns(star)], 1)
         outSet = self._createSetOfParticlesFlex(progName=PROG_NAME)
         outSet.copyInfo(inputSet)
+        poseFree = bool(self.poseFree)
+        if poseFree:
+            outSet.setAlignmentProj()
+            px = inputSet.getSamplingRate()
         outSet.getFlexInfo().setAttr("_deepcryoTrainDir", os.path.abspath(self.getTrainDir()))
         for particle in inputSet.iterItems(orderBy="id"):
             r = rows.get(particle.getObjId())
@@ -135,6 +161,8 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
             flex.copyInfo(particle)
             flex.setObjId(particle.getObjId())
             flex.setZFlex([float(v) for v in z[r]])
+            if poseFree:   # the predicted poses, in the learned volume's frame and hand
+                flex.setTransform(rowToAlignment({c: star.particles[c][r] for c in POSE_COLUMNS}, px))
             outSet.append(flex)
         self._defineOutputs(**{OUTPUT_PARTICLES: outSet})
         self._defineSourceRelation(self.inputParticles, outSet)
@@ -146,9 +174,12 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
             errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
             if not particles.hasCTF():
                 errors.append("The input particles have no CTF.")
-            if not particles.hasAlignmentProj():
+            if not particles.hasAlignmentProj() and not self.poseFree:
                 errors.append("The input particles have no 3D alignment (angles and shifts): use the "
                               "output of a consensus refinement.")
+        if self.continueRun and self.previousRun.get() is not None \
+                and bool(self.poseFree) != bool(self.previousRun.get().poseFree):
+            errors.append("A pose-free run cannot continue a run with given poses (or the reverse).")
         if self.workingBox.get() % 2:
             errors.append("The working box must be even.")
         if self.continueRun and self.previousRun.get() is None:
@@ -158,15 +189,17 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
     def _summary(self):
         if not hasattr(self, OUTPUT_PARTICLES):
             return ["Training not finished yet."]
-        return ["%d particles with %d-dimensional latent coordinates."
-                % (getattr(self, OUTPUT_PARTICLES).getSize(), self.latentDim.get())]
+        return ["%d particles with %d-dimensional latent coordinates%s."
+                % (getattr(self, OUTPUT_PARTICLES).getSize(), self.latentDim.get(),
+                   " and predicted poses (pose-free)" if self.poseFree else "")]
 
 
 class DeepCryoProtVaeAnalyze(ProtAnalysis3D):
     """Analyses a trained landscape VAE: embeddings (PCA, optionally UMAP), a landscape plot (density
     and −ln density), clusters (k-means; K suggested by a Gaussian-mixture BIC when not given), one volume
     per cluster (reconstructed from its particles; the decoded volume is kept in the extra folder) and
-    volumes along the first principal component (trajectory).
+    volumes along the first principal component (trajectory; the second one's volumes are in the extra
+    folder for the viewer).
     """
     _label = "landscape VAE analyze"
     _devStatus = BETA
@@ -193,7 +226,7 @@ class DeepCryoProtVaeAnalyze(ProtAnalysis3D):
     def analyzeStep(self):
         args = ["analyze", self.trainRun.get().getTrainDir(), "--output-dir", self._getExtraPath("analysis"),
                 "--clusters", self.numberOfClusters.get(), "--trajectory-steps", self.trajectorySteps.get(),
-                "--pcs", 1, "--threads", self.numberOfThreads.get()]
+                "--pcs", 2, "--threads", self.numberOfThreads.get()]
         if self.embedding.get() == 0:
             args.append("--no-umap")
         self.runJob(Plugin.getProgram("landscape"), " ".join(str(a) for a in args))

@@ -19,13 +19,22 @@
 """DeepCryoProtVaeTrain / DeepCryoProtVaeAnalyze headless on a small simulated two-state set (CPU).
 
 Checks the Scipion wiring (flexible particles with latent coordinates, resume, classes with one
-volume each, trajectory); the accuracy of the engine is tested in ``test_landscape.py``.
+volume each, trajectory, the landscape viewer drawn headless); the accuracy of the engine is tested in
+``test_landscape.py``.
+
+The project has a name unique to this process: ``setupTestProject`` names it after the class, and
+``Manager.createProject`` deletes an existing project of that name, so two runs of this test sharing one
+Scipion user-data folder (an existing Scipion configuration, or two runners at once) deleted each other's
+project mid-run and the protocol subprocess failed with "project path ... does not exist" (the flaky
+failure seen before).
 """
 import os
+import uuid
 
 import numpy as np
 from pwem.protocols import ProtImportParticles
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.project import Manager
+from pyworkflow.tests import BaseTest
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.core import simulate
@@ -40,7 +49,10 @@ class TestDeepCryoVae(BaseTest):
 
     @classmethod
     def setUpClass(cls):
-        setupTestProject(cls)
+        cls.projName = "%s_%d_%s" % (cls.__name__, os.getpid(), uuid.uuid4().hex[:8])
+        cls.proj = Manager().createProject(cls.projName)
+        cls.outputPath = cls.proj.path
+        os.chdir(cls.outputPath)     # pyworkflow launches protocols relative to the project folder
         folder = os.path.abspath(cls.proj.getPath("simulated"))
         vols = simulate.phantom_states(BOX, 2, seed=5)
         state_of = np.random.default_rng(5).permutation(np.arange(N) % 2)
@@ -54,7 +66,7 @@ class TestDeepCryoVae(BaseTest):
 
     def _train(self, **kwargs):
         prot = self.newProtocol(DeepCryoProtVaeTrain, latentDim=2, workingBox=16, batchSize=50, basis=4,
-                                useGpu=False, numberOfThreads=2, **kwargs)
+                                useGpu=False, numberOfThreads=1, **kwargs)
         prot.inputParticles.set(self.importProt.outputParticles)
         self.assertEqual(prot.validate(), [])
         self.launchProtocol(prot)
@@ -68,7 +80,7 @@ class TestDeepCryoVae(BaseTest):
         self.assertEqual(len(flex.getFirstItem().getZFlex()), 2)
 
         analyze = self.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=2, trajectorySteps=3,
-                                   numberOfThreads=2)
+                                   numberOfThreads=1)
         analyze.trainRun.set(second)
         self.launchProtocol(analyze)
         classes = getattr(analyze, OUTPUT_CLASSES)
@@ -78,6 +90,34 @@ class TestDeepCryoVae(BaseTest):
             self.assertTrue(os.path.exists(cls.getRepresentative().getFileName()))
         self.assertEqual(getattr(analyze, OUTPUT_TRAJECTORY).getSize(), 3)
         self.assertTrue(any("clusters" in line for line in analyze.summary()))
+        self._checkViewer(analyze)
+
+    def _checkViewer(self, analyze):
+        """Every view of the landscape viewer, drawn headless (Agg) and saved."""
+        from deepcryo.viewers import DeepCryoLandscapeViewer
+        viewer = DeepCryoLandscapeViewer(project=self.proj, protocol=analyze)
+        viewer.setProtocol(analyze)
+        views = viewer._getVisualizeDict()
+        for name in ("doShowLandscape", "doShowClusterVolumes", "doShowTraversal", "doShowBic", "doShowFsc"):
+            plotters = views[name](name)
+            self.assertEqual(len(plotters), 1, name)
+            path = self.proj.getTmpPath(name + ".png")
+            plotters[0].savefig(path)
+            plotters[0].close()
+            self.assertGreater(os.path.getsize(path), 5000, name)
+        scatter = viewer._showLandscape()[0]
+        self.assertEqual(len(scatter.getFigure().axes[0].collections[0].get_offsets()), N)
+        scatter.close()
+
+    def testPoseFreeForm(self):
+        """The pose-free form validates, and cannot continue a run trained with given poses."""
+        prot = self.newProtocol(DeepCryoProtVaeTrain, poseFree=True, workingBox=16)
+        prot.inputParticles.set(self.importProt.outputParticles)
+        self.assertEqual(prot.validate(), [])
+        withPoses = self.newProtocol(DeepCryoProtVaeTrain, poseFree=False)
+        prot.continueRun.set(True)
+        prot.previousRun.set(withPoses)
+        self.assertIn("cannot continue", "\n".join(prot.validate()))
 
     def testValidateNeedsPreviousRun(self):
         prot = self.newProtocol(DeepCryoProtVaeTrain, continueRun=True, workingBox=15)
