@@ -10,7 +10,6 @@ The table printed by ``DEEPCRYO_BAD_INPUT_TABLE=path pytest …`` (input × prog
 ``RELIABILITY.md``.
 """
 import os
-import pickle
 import shutil
 import subprocess
 import sys
