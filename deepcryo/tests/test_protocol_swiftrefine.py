@@ -19,8 +19,8 @@
 """DeepCryoProtSwiftRefine on simulated particles (headless Scipion, CPU, small).
 
 600 particles (48 px, 3 Å/px, SNR 0.2, CTF) of a phantom, imported without alignment, refined from the
-phantom low-passed to 30 Å for 3 iterations; outputs and accuracy are checked against the truth; then the
-headless figures of the viewer.
+phantom low-passed to 30 Å for 3 iterations; outputs and accuracy (median angular error < 5°, map better than
+16 Å against the truth) are checked; then the headless figures of the viewer.
 """
 import os
 
@@ -79,9 +79,9 @@ class TestDeepCryoSwiftRefine(BaseTest):
         self.assertEqual(len(volume.getHalfMaps().split(",")), 2)
         self.assertAlmostEqual(volume.getSamplingRate(), PX)
         final, _ = io.read_mrc(volume.getFileName())
-        self.assertLess(fsc_resolution_A(fsc(self.vol, final), PX, 0.5), 12.0)
-        res = getattr(prot, OUTPUT_FSC).calculateResolution(0.143)
-        self.assertLess(res, 12.0)
+        self.assertLess(fsc_resolution_A(fsc(self.vol, final), PX, 0.5), 16.0)     # 30 Å at the start
+        res = float(getattr(prot, OUTPUT_FSC).calculateResolution(0.143))
+        self.assertLess(res, 16.0)
         self.assertIn("iterations", prot.summary()[0])
 
         # viewer figures, headless

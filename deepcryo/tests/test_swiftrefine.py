@@ -7,6 +7,10 @@ poses these particles give a map at 7.45 Å (FSC 0.5 against the truth): the ref
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import faiss
 import numpy as np
@@ -91,16 +95,25 @@ def test_refinement_recovers_poses_and_map(main_run):
 
 
 def test_continue_resumes_after_last_iteration(main_run, tmp_path):
-    """An interrupted run (iteration 2 lost) resumes from iteration 1 and reproduces iteration 2."""
+    """A run SIGKILLed during iteration 2 resumes from iteration 1 and reproduces iteration 2."""
     src, out = main_run["out"], str(tmp_path / "out")
     shutil.copytree(src, out)
     for name in os.listdir(out):
         if not name.startswith("it001_"):
             os.remove(os.path.join(out, name))
     stamp = os.path.getmtime(os.path.join(out, "it001_half1.mrc"))
-    rc = cli.main(["refine", "--particles", main_run["input"], "--reference", main_run["ref"], "--output-dir", out,
-                   "--max-iterations", "2", "--continue", "--threads", "2"])
-    assert rc == 0
+    args = ["refine", "--particles", main_run["input"], "--reference", main_run["ref"], "--output-dir", out,
+            "--max-iterations", "2", "--continue", "--threads", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "deepcryo.swiftalign"] + args, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("continuing after iteration 1"):
+            break
+    time.sleep(2.0)                                 # inside iteration 2: aligning
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "it002_model.json"))
+    assert cli.main(args) == 0
     assert os.path.getmtime(os.path.join(out, "it001_half1.mrc")) == stamp      # not redone
     with open(os.path.join(out, "model.json")) as f:
         assert [h["iteration"] for h in json.load(f)["history"]] == [1, 2]
@@ -172,3 +185,23 @@ def test_bad_input_one_clear_line(tmp_path, case, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert not os.path.exists(str(tmp_path / "out" / "map.mrc"))
+
+
+def test_repetition_consensus_leaves_out_wrong_poses(tmp_path):
+    """With two differently perturbed searches, the particles left out of the reconstruction are the ones
+    with wrong poses (larger error against the truth than the kept ones)."""
+    torch.set_num_threads(2)
+    vol = phantom_volume(48, seed=4)
+    truth = write_particle_set(str(tmp_path / "sim"), vol, 600, PX, snr=0.05, seed=8, max_shift_px=2.0,
+                               defocus_range_A=(15000.0, 25000.0))
+    inp = _strip_poses(truth, str(tmp_path / "sim" / "input.star"))
+    out = str(tmp_path / "out")
+    model = refine(inp, _lowpassed(vol, str(tmp_path / "ref.mrc")), out,
+                   RefineParams(max_iterations=2, repetitions=2))
+    o = io.read_particles(os.path.join(out, "particles.star"), require_images=False)
+    kept = np.asarray(o.particles["dcSwiftKept"], dtype=bool)
+    err = _angle_errors(truth, os.path.join(out, "particles.star"))
+    print("kept %.1f%%: median error kept %.2f°, left out %.2f°" % (100 * kept.mean(), np.median(err[kept]),
+                                                                     np.median(err[~kept])))
+    assert 0.5 < kept.mean() < 1.0 and model["fraction_kept"] == pytest.approx(kept.mean())
+    assert np.median(err[~kept]) > 2 * np.median(err[kept])
