@@ -74,8 +74,10 @@ def _train(args):
     init = None
     if args.init:
         init = model_mod.SHIPPED_WEIGHTS if args.init == "shipped" else args.init
-    config = {"arch": args.arch, "width": args.width} if args.arch == "defocusnet" else \
-        {"arch": "seed", "size_px": arrays["psd"].shape[-1]}
+    if args.arch == "seed":
+        config = {"arch": "seed", "size_px": arrays["psd"].shape[-1]}
+    else:
+        config = {"arch": args.arch, "width": args.width or (24 if args.arch == "polar" else 16)}
     summary = train.train(arrays, args.output, config=config, init_weights=init, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
                           resume=args.resume, log=lambda m: print(m, flush=True))
@@ -112,8 +114,8 @@ def main(argv=None):
     t.add_argument("--cs", type=float, help="mm when the STAR has none")
     t.add_argument("--cache", help="npz of model inputs: read when it exists, written otherwise")
     t.add_argument("--init", help="'shipped' or a weight file to fine-tune from")
-    t.add_argument("--arch", choices=("defocusnet", "seed"), default="defocusnet")
-    t.add_argument("--width", type=int, default=16, help="defocusnet width")
+    t.add_argument("--arch", choices=("polar", "defocusnet", "seed"), default="polar")
+    t.add_argument("--width", type=int, default=0, help="polar/defocusnet width (default 24/16)")
     t.add_argument("--epochs", type=int, default=60)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)

@@ -8,11 +8,14 @@ used: the PSD is a power). γ follows :mod:`deepcryo.core.ctf`:
 the x axis to U). The optimiser works on ``(z, a cos 2θ, a sin 2θ)``, smooth at zero astigmatism.
 
 * :func:`refine` — local fit from a start (the CNN's guess): a 1D scan of the mean defocus around the start
-  (±5000 Å, low-resolution band), then Adam on (z, a cos 2θ, a sin 2θ [, phase]) over a low then the full band.
+  (± max(5000 Å, 25 % of the start), low-resolution band), then Adam on (z, a cos 2θ, a sin 2θ [, phase]) over a
+  low then the full band.
 * :func:`exhaustive_search` — CTFFIND-style baseline without any start: a 2D grid of mean defocus ×
   astigmatism × angle over the low-resolution band, then the same local refinement.
-* :func:`fit_resolution` — the highest resolution (Å) up to which the fitted CTF² keeps agreeing with the
-  PSD (ring-shell correlation > 0.1).
+* :func:`fit_resolution` — CTFFIND-style: the PSD is averaged over equal-phase bins of the fitted CTF
+  (astigmatism removed), and the resolution (Å) is where the correlation between this 1D average and the
+  fitted CTF², in a window 3 Thon-ring periods wide moving outwards, first drops below 0.5.
+* :func:`disagreement_flag` — low confidence: CNN and fit disagree, or a low figure of merit.
 """
 import math
 
@@ -42,6 +45,7 @@ class BandPixels:
         g = grid[self.index]
         phi = torch.atan2(g[:, 1], g[:, 0])
         self.s2 = (g * g).sum(dim=1)
+        self.s4 = self.s2 * self.s2
         self.s = self.s2.sqrt()
         self.cos2, self.sin2 = torch.cos(2 * phi), torch.sin(2 * phi)
 
@@ -55,9 +59,9 @@ def _gamma(band, z, ax, ay, phase_rad, voltage_kV, cs_mm, amplitude_contrast):
     lam = ctf_mod.wavelength_A(voltage_kV)
     dz = z[..., None] + ax[..., None] * band.cos2 + ay[..., None] * band.sin2
     w = amplitude_contrast
-    return (math.pi * lam[..., None] * dz * band.s2
-            - 0.5 * math.pi * (cs_mm[..., None] * 1e7) * lam[..., None] ** 3 * band.s2 ** 2
-            + torch.atan(w / torch.sqrt(1 - w * w))[..., None] + phase_rad[..., None])
+    c4 = (0.5 * math.pi * 1e7) * cs_mm * lam * lam * lam
+    c0 = torch.atan(w / torch.sqrt(1 - w * w)) + phase_rad
+    return torch.addcmul(c0[..., None] - c4[..., None] * band.s4, (math.pi * lam)[..., None] * dz, band.s2)
 
 
 def _corr(data, model):
@@ -137,7 +141,8 @@ def _best(scores, *cands):
 
 
 def refine(psd, sampling_A, start_u_A, start_v_A, start_angle_deg, voltage_kV, cs_mm, amplitude_contrast,
-           low_A=30.0, high_A=5.0, fit_phase=False, start_phase_deg=0.0, iterations=(60, 100)):
+           low_A=30.0, high_A=5.0, fit_phase=False, start_phase_deg=0.0, iterations=(60, 100),
+           scan_min_A=5000.0, scan_fraction=0.25, scan_steps=101):
     """Local CTF fit from a start (e.g. the CNN's guess), batched over B micrographs.
 
     Args:
@@ -147,6 +152,9 @@ def refine(psd, sampling_A, start_u_A, start_v_A, start_angle_deg, voltage_kV, c
         low_A, high_A: resolution band of the fit (Å), ``high_A >= 2 · sampling_A``.
         fit_phase: also fit a phase shift (phase plates), from ``start_phase_deg`` (degrees).
         iterations: Adam steps on the low-resolution band then on the full band.
+        scan_min_A, scan_fraction, scan_steps: the first stage scans the mean defocus over
+            start ± max(``scan_min_A``, ``scan_fraction`` · start) Å in ``scan_steps`` steps (low band 30–8 Å),
+            so a start that is off by up to 25 % of the defocus still lands in the right Thon-ring basin.
     Returns:
         :class:`FitResult` with ``resolution_A`` filled in.
     """
@@ -158,14 +166,16 @@ def refine(psd, sampling_A, start_u_A, start_v_A, start_angle_deg, voltage_kV, c
     ang = torch.deg2rad(_acq(start_angle_deg, b, dev))
     z0, a0 = 0.5 * (u + v), 0.5 * (u - v)
     ax0, ay0 = a0 * torch.cos(2 * ang), a0 * torch.sin(2 * ang)
-    # robust stage: scan of the mean defocus (start ±5000 Å, 100 Å steps), with and without astigmatism
-    dz = torch.linspace(-5000.0, 5000.0, 101, device=dev)
+    # robust stage: scan of the mean defocus, start ± max(5000 Å, 25 % of the start) in 101 steps (100-250 Å,
+    # finer than a quarter Thon-ring period of the low band, ~650 Å at 5 µm), with and without astigmatism
+    half = torch.clamp(scan_fraction * z0, min=scan_min_A)
+    dz = torch.linspace(-1.0, 1.0, scan_steps, device=dev)[None, :] * half[:, None]  # (B, steps)
     phases = torch.deg2rad(torch.arange(0.0, 180.0, 30.0, device=dev)) if fit_phase else \
         torch.deg2rad(_acq(start_phase_deg, 1, dev))
-    zc = (z0[:, None, None, None] + dz[None, :, None, None]).clamp(min=500.0)
+    zc = (z0[:, None, None, None] + dz[:, :, None, None]).clamp(min=500.0)
     astig = torch.tensor([1.0, 0.0], device=dev)[None, None, :, None]
     axc, ayc = ax0[:, None, None, None] * astig, ay0[:, None, None, None] * astig
-    shape = (b, dz.numel(), 2, phases.numel())
+    shape = (b, scan_steps, 2, phases.numel())
     zc, axc, ayc = (t.expand(shape).reshape(b, -1) for t in (zc, axc, ayc))
     phc = phases.reshape(1, 1, 1, -1).expand(shape).reshape(b, -1)
     with torch.no_grad():
@@ -236,35 +246,65 @@ def exhaustive_search(psd, sampling_A, voltage_kV, cs_mm, amplitude_contrast, lo
     return result
 
 
-def fit_resolution(psd, sampling_A, result, acq, low_A, shell_px=6, threshold=0.1):
-    """Resolution (Å) where the fit stops agreeing: the start of the first two consecutive ring shells
-    (``shell_px`` wide, beyond ``low_A``) whose correlation between PSD and fitted CTF² is below
-    ``threshold``; the PSD's Nyquist (``2 · sampling_A``) when that never happens. (B,) tensor."""
+def fit_resolution(psd, sampling_A, result, acq, low_A, threshold=0.5, bins_per_period=8, window_periods=3):
+    """Resolution (Å) up to which the fitted CTF matches the PSD (CTFFIND-style), (B,) tensor.
+
+    The PSD pixels between ``low_A`` and the PSD's Nyquist (``2 · sampling_A``) are averaged in bins of the
+    fitted CTF phase γ (``bins_per_period`` bins per period π of CTF² = sin²γ): an equiphase average, in
+    which astigmatism is removed and each bin averages a whole (elliptical) ring, so noise averages out and
+    rings stay measurable far beyond where single pixels agree. The Pearson correlation between this 1D
+    average and the bins' mean CTF² is computed in a window of ``window_periods`` periods moving outwards;
+    the resolution is 1/s at the centre of the first window whose correlation is below ``threshold``
+    (the outermost bin's 1/s, ~``2 · sampling_A``, when none is). Vectorised over the batch.
+    """
     size = psd.shape[-1]
+    b = psd.shape[0]
     band = BandPixels(size, sampling_A, low_A, 2.0 * sampling_A, psd.device)
     with torch.no_grad():
-        model = torch.sin(_gamma(band, result._z, result._ax, result._ay, result._phase, *acq)) ** 2
-    data = band.take(psd)
-    r_px = band.s * sampling_A * size
-    shell = ((r_px - r_px.min()) / shell_px).long()
-    out = torch.full((psd.shape[0],), 2.0 * sampling_A, device=psd.device)
-    for i in range(psd.shape[0]):
-        below = []
-        for k in range(int(shell.max()) + 1):
-            sel = shell == k
-            if sel.sum() < 16:
-                continue
-            below.append((bool(_corr(_prep(data[i:i + 1, sel]), model[i:i + 1, sel])[0] < threshold),
-                          float(1.0 / band.s[sel].min())))
-            if len(below) >= 2 and below[-1][0] and below[-2][0]:
-                out[i] = below[-2][1]
-                break
-    return out
+        gam = _gamma(band, result._z, result._ax, result._ay, result._phase, *acq)  # (B, M)
+        model = torch.sin(gam) ** 2
+        data = band.take(psd)
+        q = torch.floor(gam / math.pi * bins_per_period).long()
+        q = q - q.min(dim=1, keepdim=True).values
+        nb = int(q.max()) + 1
+        flat = (q + nb * torch.arange(b, device=psd.device)[:, None]).reshape(-1)
+
+        def binned(values):
+            return torch.zeros(b * nb, device=psd.device).index_add_(0, flat, values.reshape(-1)).reshape(b, nb)
+        counts = binned(torch.ones_like(data))
+        ok = (counts > 0).to(data.dtype)
+        n = counts.clamp(min=1)
+        epa, mod = binned(data) / n, binned(model) / n
+        s_bin = binned(band.s.expand(b, -1)) / n
+        w = max(3, int(window_periods * bins_per_period))
+        if nb < w:
+            return torch.full((b,), 1.0 / float(band.s.min()), device=psd.device)
+        win = lambda x: x.unfold(1, w, 1)  # (B, nb - w + 1, w)
+        wk, x, y = win(ok), win(epa), win(mod)
+        cnt = wk.sum(-1).clamp(min=1)
+        xm = (x * wk).sum(-1, keepdim=True) / cnt[..., None]
+        ym = (y * wk).sum(-1, keepdim=True) / cnt[..., None]
+        xc, yc = (x - xm) * wk, (y - ym) * wk
+        cc = (xc * yc).sum(-1) / ((xc * xc).sum(-1) * (yc * yc).sum(-1)).sqrt().clamp(min=1e-12)
+        cc = torch.where(cnt >= w // 2, cc, torch.ones_like(cc))  # windows with few filled bins: no verdict
+        centre = win(s_bin * ok)[..., w // 2]
+        bad = cc < threshold
+        first = torch.where(bad.any(dim=1), bad.float().argmax(dim=1), torch.full((b,), -1, device=psd.device,
+                                                                                    dtype=torch.long))
+        rows = torch.arange(b, device=psd.device)
+        s_fail = centre[rows, first.clamp(min=0)]
+        s_last = (s_bin * ok).max(dim=1).values
+        s_res = torch.where(first >= 0, s_fail, s_last)
+        s_res = torch.where(s_res > 0, s_res, s_last)
+    return 1.0 / s_res
 
 
-def disagreement_flag(start_u_A, start_v_A, result, tolerance_A=1500.0, relative=0.15):
-    """True (B,) where the fitted mean defocus differs from the start's by more than
-    ``max(tolerance_A, relative · defocus)``: the CNN and the physics disagree, confidence is low."""
+def disagreement_flag(start_u_A, start_v_A, result, tolerance_A=1500.0, relative=0.1, min_fom=0.05):
+    """Low-confidence flag (B,) bool: the fitted mean defocus differs from the start's (the CNN's) by more
+    than ``max(tolerance_A, relative · defocus)`` (the CNN and the physics disagree; with a CNN error of a few
+    hundred Å this means one of them is in a wrong Thon-ring basin), or the figure of merit (band correlation
+    with CTF²) is below ``min_fom`` (no rings: empty, drifted or thick-ice micrograph)."""
     start = 0.5 * (torch.as_tensor(start_u_A) + torch.as_tensor(start_v_A))
     fitted = 0.5 * (result.defocus_u_A + result.defocus_v_A)
-    return (start - fitted).abs() > torch.clamp(relative * fitted, min=tolerance_A)
+    far = (start - fitted).abs() > torch.clamp(relative * fitted, min=tolerance_A)
+    return far | (result.figure_of_merit < min_fom)

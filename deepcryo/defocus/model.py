@@ -1,6 +1,11 @@
-"""Defocus CNNs: the seed's 3-branch baseline and deepcryo's small fast model; weight files.
+"""Defocus CNNs: the seed's 3-branch baseline, a plain strided CNN, and deepcryo's polar model; weight files.
 
-Both take the PSD stack of :func:`deepcryo.defocus.psd.compute_psd` (B, 3, S, S) (samplings 1, 2, 3 Å/px)
+* :class:`SeedDefocusCNN` — the seed thesis' architecture (baseline);
+* :class:`DefocusNet` — a small strided CNN on the Cartesian PSDs (the first shipped version);
+* :class:`PolarDefocusNet` — the shipped model (``arch: polar``): PSDs resampled onto (azimuth × s²), where
+  Thon rings are straight stripes, a per-azimuth defocus profile, and its projection on 1, cos 2φ, sin 2φ.
+
+All take the PSD stack of :func:`deepcryo.defocus.psd.compute_psd` (B, 3, S, S) (samplings 1, 2, 3 Å/px)
 and the acquisition ``(voltage_kV / 300, cs_mm / 2.7)`` (B, 2), and return (B, 4):
 ``(U / 10⁴ Å, V / 10⁴ Å, sin 2θ, cos 2θ)`` with θ the astigmatism angle (degrees from x to U).
 :func:`decode` turns that into Å and degrees (U >= V, θ in [0, 180)).
@@ -8,14 +13,16 @@ and the acquisition ``(voltage_kV / 300, cs_mm / 2.7)`` (B, 2), and return (B, 4
 Weight files are ``torch.save({"format": FORMAT, "config": {...}, "state_dict": ...})`` and are read with
 ``torch.load(weights_only=True)``; :func:`load_model` refuses anything else with one clear line.
 """
+import math
 import os
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ..core.io import InputError, atomic_output, load_error_reason
 
-__all__ = ["SeedDefocusCNN", "DefocusNet", "build_model", "decode", "encode", "acquisition_features",
+__all__ = ["SeedDefocusCNN", "DefocusNet", "PolarDefocusNet", "build_model", "decode", "encode", "acquisition_features",
            "save_model", "load_model", "SHIPPED_WEIGHTS", "FORMAT", "DEFOCUS_SCALE_A"]
 
 FORMAT = "deepcryo.defocus/1"
@@ -77,7 +84,7 @@ class SeedDefocusCNN(nn.Module):
 
 
 class DefocusNet(nn.Module):
-    """deepcryo's model: a small strided CNN over the 3 PSD channels together (rings at 1, 2, 3 Å/px are
+    """A small strided CNN over the 3 PSD channels together (rings at 1, 2, 3 Å/px are
     seen jointly), adaptive pooling to 4×4 (keeps where the rings are), acquisition concatenated, MLP."""
 
     def __init__(self, width=16):
@@ -95,11 +102,83 @@ class DefocusNet(nn.Module):
         return self.head(torch.cat([self.features(psd), acq], dim=1))
 
 
+class PolarDefocusNet(nn.Module):
+    """deepcryo's best model: a fixed polar resampling of the PSD, then a small CNN that reads each azimuth.
+
+    1. The three centred PSD channels (B, 3, S, S) are resampled (bilinear, no parameters) onto a polar grid of
+       ``n_angles`` azimuths φ in [0°, 180°) (the PSD is centrosymmetric) × ``n_radial`` radii uniform in the
+       squared frequency s² (from 2 px to the channel's Nyquist). Without Cs, Thon rings are periodic in s²
+       with period ``1/(λ Δf(φ))``, so in this frame they are straight stripes whose spacing encodes the
+       defocus along φ: a small, local problem for convolutions.
+    2. Convolutions (circular along the azimuth, strided along s²), then a per-azimuth MLP (shared by all
+       azimuths, fed with the acquisition) give a defocus profile ``d(φ)`` (units of 10⁴ Å).
+    3. The astigmatic CTF has ``Δf(φ) = z + a cos 2(φ − θ)``: the profile is projected (least squares) onto
+       ``1, cos 2φ, sin 2φ`` → ``z, a cos 2θ, a sin 2θ``, so the angle is equivariant by construction and
+       U = z + a, V = z − a.
+    Output (B, 4) as every model here: ``(U/10⁴ Å, V/10⁴ Å, sin 2θ, cos 2θ)``; :meth:`profile` gives d(φ).
+    """
+
+    def __init__(self, width=24, n_angles=32, n_radial=128, size_px=128):
+        super().__init__()
+        w = width
+        self.n_angles, self.n_radial, self.size_px = int(n_angles), int(n_radial), int(size_px)
+        phi = (torch.arange(self.n_angles, dtype=torch.float32) + 0.5) * math.pi / self.n_angles
+        r2_max = (size_px / 2 - 1) ** 2  # squared radius (px²) from 2 px to 1 px inside the edge
+        r2 = 4.0 + (torch.arange(self.n_radial, dtype=torch.float32) + 0.5) / self.n_radial * (r2_max - 4.0)
+        r = r2.sqrt()
+        x = size_px // 2 + r[None, :] * torch.cos(phi)[:, None]  # pixel positions (x = last axis)
+        y = size_px // 2 + r[None, :] * torch.sin(phi)[:, None]
+        grid = torch.stack([(x + 0.5) / size_px * 2 - 1, (y + 0.5) / size_px * 2 - 1], dim=-1)
+        self.register_buffer("grid", grid[None], persistent=False)  # (1, A, R, 2)
+        self.register_buffer("harmonics", torch.stack([torch.ones_like(phi), 2 * torch.cos(2 * phi),
+                                                       2 * torch.sin(2 * phi)]) / self.n_angles, persistent=False)
+        self.register_buffer("phi", phi, persistent=False)
+
+        def block(cin, cout, k, stride):
+            return [nn.Conv2d(cin, cout, (3, k), stride=(1, stride), padding=(1, k // 2), padding_mode="circular"),
+                    nn.BatchNorm2d(cout), nn.ReLU()]
+        # circular padding is right along the azimuth (period 180°); along s² it only touches 3 edge columns
+        self.features = nn.Sequential(*block(3, w, 7, 1), *block(w, w, 5, 2), *block(w, 2 * w, 5, 2),
+                                      *block(2 * w, 2 * w, 3, 2), *block(2 * w, 2 * w, 3, 2))
+        n_r = (self.n_radial + 15) // 16
+        self.head = nn.Sequential(nn.Linear(2 * w * n_r + 2, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def polar(self, psd):
+        """(B, 3, n_angles, n_radial) polar resampling of centred PSDs (B, 3, S, S)."""
+        return F.grid_sample(psd, self.grid.expand(psd.shape[0], -1, -1, -1), mode="bilinear",
+                             padding_mode="zeros", align_corners=False)
+
+    def profile(self, psd, acq):
+        """Defocus profile d(φ) (B, n_angles), units of 10⁴ Å, at azimuths :attr:`phi` (radians)."""
+        f = self.features(self.polar(psd))  # (B, C, A, R')
+        b, c, a, r = f.shape
+        f = f.permute(0, 2, 1, 3).reshape(b, a, c * r)
+        f = torch.cat([f, acq[:, None, :].expand(b, a, acq.shape[1])], dim=2)
+        return self.head(f)[..., 0]
+
+    @staticmethod
+    def from_harmonics(z, ax, ay):
+        """Outputs (B, 4) from mean defocus and astigmatism components (units of 10⁴ Å)."""
+        a = torch.sqrt(ax * ax + ay * ay + 1e-8)
+        return torch.stack([z + a, z - a, ay / a, ax / a], dim=1)
+
+    def harmonics_of(self, profile):
+        """(z, a cos 2θ, a sin 2θ) (B,) each, least-squares fit of ``z + a cos 2(φ − θ)`` to a profile."""
+        h = profile @ self.harmonics.t()
+        return h[:, 0], h[:, 1], h[:, 2]
+
+    def forward(self, psd, acq):
+        return self.from_harmonics(*self.harmonics_of(self.profile(psd, acq)))
+
+
 def build_model(config):
-    """Model from a JSON-able config ``{"arch": "defocusnet"|"seed", ...}``."""
+    """Model from a JSON-able config ``{"arch": "polar"|"defocusnet"|"seed", ...}``."""
     arch = config.get("arch")
     if arch == "defocusnet":
         return DefocusNet(width=int(config.get("width", 16)))
+    if arch == "polar":
+        return PolarDefocusNet(width=int(config.get("width", 24)), n_angles=int(config.get("n_angles", 32)),
+                               n_radial=int(config.get("n_radial", 128)))
     if arch == "seed":
         return SeedDefocusCNN(size_px=int(config["size_px"]))
     raise InputError("unknown defocus model architecture %r" % (arch,))

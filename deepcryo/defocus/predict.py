@@ -24,7 +24,7 @@ import torch
 from ..core import io
 from . import fit as fit_mod
 from . import model as model_mod
-from .psd import compute_psd
+from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psds
 
 __all__ = ["MicrographEntry", "list_micrographs", "fit_sampling_A", "estimate_batch", "predict", "write_ctf_star",
            "FIT_SIZE_PX"]
@@ -107,17 +107,19 @@ def estimate_batch(entries, model, refine=True, low_A=30.0, high_A=5.0, fit_phas
     for e in entries:
         try:
             _complete(e, defaults)
-            image, _ = io.read_mrc(e.path)
+            image, _ = io.read_mrc(e.path, check_finite=False)  # compute_psds checks (cheaper)
             if image.ndim == 3 and image.shape[0] == 1:
                 image = image[0]
             if image.ndim != 2:
                 raise io.InputError("%s: not a single 2D micrograph" % e.path)
             mic = torch.as_tensor(image, device=device)
-            cnn_in = compute_psd(mic, e.pixel_size_A)
             samp = fit_sampling_A(e.pixel_size_A, high_A)
             if high_A < 2.0 * samp:
                 raise io.InputError("%s: resolution limit %.2f Å beyond the micrograph's Nyquist" % (e.path, high_A))
-            fit_in = compute_psd(mic, e.pixel_size_A, (samp,), FIT_SIZE_PX)[:, 0]
+            # both inputs in one pass of validation/normalisation: identical to two compute_psd calls
+            cnn_in, fit_in = compute_psds(mic, e.pixel_size_A, [(CNN_SAMPLINGS_A, CNN_SIZE_PX),
+                                                                ((samp,), FIT_SIZE_PX)])
+            fit_in = fit_in[:, 0]
             items.append((e, cnn_in, fit_in, samp))
         except io.InputError as exc:
             if on_skip is None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..core import fourier
 from ..core.io import InputError
 
-__all__ = ["compute_psd", "tile_size_px", "MIN_TILE_PX", "CNN_SAMPLINGS_A", "CNN_SIZE_PX"]
+__all__ = ["compute_psd", "compute_psds", "tile_size_px", "MIN_TILE_PX", "CNN_SAMPLINGS_A", "CNN_SIZE_PX"]
 
 #: the model's input: samplings (Å/px) and image side (px) of its three PSD channels
 CNN_SAMPLINGS_A = (1.0, 2.0, 3.0)
@@ -47,30 +47,46 @@ def tile_size_px(micrograph_side_px, pixel_size_A, sampling_A, size_px):
     return int(min(fast, micrograph_side_px))
 
 
-def _welch(mics, tile):
-    """Average periodogram (B, tile, tile), centred, of Hann-tapered tiles.
+def _welch(mics, mean, tile, kmax=None):
+    """Average periodogram of Hann-tapered tiles of ``mics - mean``, centred and cropped to |k| <= ``kmax``.
 
-    Tiles overlap by 50 % when the micrograph holds fewer than 16 disjoint tiles, otherwise they are
-    disjoint (enough averaging already, and half the memory traffic). ``mics`` must be mean-free.
+    Returns (B, 2K+1, 2K+1) with K = ``min(kmax, tile // 2)`` and the zero frequency at index K (k in
+    cycles per tile). Tiles overlap by 50 % when the micrograph holds fewer than 16 disjoint tiles,
+    otherwise they are disjoint (enough averaging already, and half the memory traffic). ``mean`` (B,) is
+    subtracted while tapering (one fused pass, no mean-free copy of the micrograph). Only the needed
+    frequencies are transformed: rfft along x, crop to K, fft along y of those columns, crop to |ky| <= K;
+    the periodograms are accumulated tile by tile with ``addcmul`` (re² + im²).
     """
     b, h, w = mics.shape
+    K = tile // 2 if kmax is None else int(min(kmax, tile // 2))
     step = tile // 2 if (h // tile) * (w // tile) < 16 else tile
     step = max(step, 1)
     win1 = torch.hann_window(tile, periodic=False, dtype=mics.dtype, device=mics.device)
     win = win1[:, None] * win1[None, :]
-    acc = torch.zeros(b, tile, tile // 2 + 1, dtype=mics.dtype, device=mics.device)
+    offset = -mean[:, None, None, None] * win  # (B, 1, tile, tile): (x − mean)·win = x·win − mean·win
+    rows = torch.arange(-K, K + 1, device=mics.device) % tile  # ky = -K..K
+    acc = torch.zeros(b, 2 * K + 1, K + 1, dtype=mics.dtype, device=mics.device)
     count = 0
     for y in range(0, h - tile + 1, step):
         tiles = mics[:, y:y + tile].unfold(2, tile, step).permute(0, 2, 1, 3)  # (B, nx, tile, tile) view
-        spec = torch.view_as_real(torch.fft.rfft2(tiles * win))
-        acc += spec.square().sum(dim=(1, -1))
+        half = torch.fft.rfft(torch.addcmul(offset, tiles, win), dim=-1)[..., :K + 1]
+        spec = torch.fft.fft(half, dim=-2)[..., rows, :]
+        re, im = spec.real, spec.imag
+        for k in range(spec.shape[1]):
+            acc.addcmul_(re[:, k], re[:, k]).addcmul_(im[:, k], im[:, k])
         count += tiles.shape[1]
     acc /= count * float(win.square().sum())
     # centred full spectrum from the half spectrum: P[ky, kx] = P[-ky, -kx] for real input
-    k = torch.arange(tile, device=mics.device) - tile // 2
-    sign = torch.where(k < 0, -1, 1)
-    rows = (k[:, None] * sign[None, :]) % tile
-    return acc[:, rows, k.abs()[None, :].expand(tile, tile)]
+    i = torch.arange(2 * K + 1, device=mics.device)
+    kx = i - K
+    r_idx = torch.where(kx[None, :] < 0, 2 * K - i[:, None], i[:, None])
+    out = acc[:, r_idx, kx.abs()[None, :].expand(2 * K + 1, -1)]
+    if 2 * K == tile:
+        # uncropped even tile: k = +tile/2 is the same frequency as -tile/2; an uncropped centred periodogram
+        # stops at +tile/2 - 1, so repeat that row/column there (same bilinear values as 'border' padding)
+        out[:, -1] = out[:, -2]
+        out[:, :, -1] = out[:, :, -2]
+    return out
 
 
 def _smooth_radial(profile, width):
@@ -97,7 +113,18 @@ def compute_psd(micrographs, pixel_size_A, samplings_A=CNN_SAMPLINGS_A, size_px=
     Raises:
         InputError for a micrograph smaller than :data:`MIN_TILE_PX`, a bad pixel size or non-finite values.
     """
-    mics = torch.as_tensor(micrographs, dtype=torch.float32)
+    return compute_psds(micrographs, pixel_size_A, [(samplings_A, size_px)])[0]
+
+
+def compute_psds(micrographs, pixel_size_A, requests):
+    """Several :func:`compute_psd` outputs of the same micrographs at once (validated and normalised once).
+
+    ``requests``: list of ``(samplings_A, size_px)``; returns the list of (B, C, size_px, size_px) tensors,
+    each identical to ``compute_psd(micrographs, pixel_size_A, samplings_A, size_px)`` (which calls this).
+    """
+    mics = torch.as_tensor(micrographs)
+    if mics.dtype != torch.float32:
+        mics = mics.to(torch.float32)
     if mics.ndim == 2:
         mics = mics[None]
     if mics.ndim != 3:
@@ -108,43 +135,54 @@ def compute_psd(micrographs, pixel_size_A, samplings_A=CNN_SAMPLINGS_A, size_px=
     if side < MIN_TILE_PX:
         raise InputError("micrograph of %dx%d px is smaller than a PSD tile (%d px)"
                          % (mics.shape[-1], mics.shape[-2], MIN_TILE_PX))
-    if not torch.isfinite(mics).all():
+    # intensities: the mean is subtracted while tapering and the periodogram divided by the variance, so the
+    # PSD does not depend on dose scaling (one pass over the micrograph; NaN/Inf propagate into these)
+    var, mean = torch.var_mean(mics.flatten(1), dim=1)
+    if not (torch.isfinite(var).all() and torch.isfinite(mean).all()):
         raise InputError("micrograph contains NaN or Inf values")
-    if bool((mics.flatten(1).amax(1) == mics.flatten(1).amin(1)).any()):
+    if bool((var == 0).any()):
         raise InputError("micrograph is constant (zero variance)")
-    # normalise intensities so that the PSD does not depend on dose scaling
-    mics = mics - mics.mean(dim=(-2, -1), keepdim=True)
-    mics = mics / mics.flatten(1).std(dim=1).clamp(min=1e-20)[:, None, None]
+    var = var.clamp(min=1e-30)
     b = mics.shape[0]
-    grid_c = fourier.freq_grid_2d(size_px, device=mics.device)  # cycles/px at the output sampling
-    r_out = fourier.radius_grid_2d(size_px, device=mics.device)
-    n_shells = size_px // 2 + 1
-    shell = torch.round(r_out).long().clamp(max=n_shells - 1)
-    channels = []
-    for sampling in samplings_A:
-        tile = tile_size_px(side, pixel_size_A, sampling, size_px)
-        power = _welch(mics, tile)
-        freqs = grid_c / sampling  # 1/Å
-        # position in the tile's centred periodogram (cycles/px of the micrograph · tile), then to [-1, 1]
-        pos = freqs * pixel_size_A * tile + tile // 2
-        norm = (pos + 0.5) / tile * 2.0 - 1.0
-        sampled = F.grid_sample(power[:, None], norm[None].expand(b, -1, -1, -1), mode="bilinear",
-                                padding_mode="border", align_corners=False)[:, 0]
-        inside = (freqs.abs() <= 0.5 / pixel_size_A).all(dim=-1) & (r_out > 0.5)
-        logp = torch.log(sampled.clamp(min=1e-30))
-        mask = inside.to(logp.dtype)
-        counts = torch.zeros(n_shells, device=mics.device).index_add_(0, shell.reshape(-1), mask.reshape(-1))
-        sums = torch.zeros(b, n_shells, device=mics.device).index_add_(
-            1, shell.reshape(-1), (logp * mask).reshape(b, -1))
-        valid = counts > 0
-        mean_r = sums / counts.clamp(min=1)
-        mean_r = _fill_invalid(mean_r, valid)
-        background = _smooth_radial(mean_r, size_px / 24.0)
-        resid = (logp - background[:, shell]) * mask
-        sq = torch.zeros(b, n_shells, device=mics.device).index_add_(1, shell.reshape(-1), (resid ** 2).reshape(b, -1))
-        rms = _smooth_radial(_fill_invalid(sq / counts.clamp(min=1), valid), size_px / 24.0).clamp(min=1e-6).sqrt()
-        channels.append(((resid / rms[:, shell]).clamp(-4.0, 4.0) * mask))
-    return torch.stack(channels, dim=1)
+    powers = {}
+    out = []
+    for samplings_A, size_px in requests:
+        grid_c = fourier.freq_grid_2d(size_px, device=mics.device)  # cycles/px at the output sampling
+        r_out = fourier.radius_grid_2d(size_px, device=mics.device)
+        n_shells = size_px // 2 + 1
+        shell = torch.round(r_out).long().clamp(max=n_shells - 1)
+        channels = []
+        for sampling in samplings_A:
+            tile = tile_size_px(side, pixel_size_A, sampling, size_px)
+            freqs = grid_c / sampling  # 1/Å
+            kmax = int(math.ceil(float(freqs.abs().max()) * pixel_size_A * tile)) + 1  # bilinear neighbours
+            key = (tile, min(kmax, tile // 2))
+            if key not in powers:
+                powers[key] = _welch(mics, mean, tile, kmax) / var[:, None, None]
+            power = powers[key]
+            k = (power.shape[-1] - 1) // 2
+            # position in the tile's centred periodogram (cycles/px of the micrograph · tile), then to [-1, 1]
+            pos = freqs * pixel_size_A * tile + k
+            norm = (pos + 0.5) / (2 * k + 1) * 2.0 - 1.0
+            sampled = F.grid_sample(power[:, None], norm[None].expand(b, -1, -1, -1), mode="bilinear",
+                                    padding_mode="border", align_corners=False)[:, 0]
+            inside = (freqs.abs() <= 0.5 / pixel_size_A).all(dim=-1) & (r_out > 0.5)
+            logp = torch.log(sampled.clamp(min=1e-30))
+            mask = inside.to(logp.dtype)
+            counts = torch.zeros(n_shells, device=mics.device).index_add_(0, shell.reshape(-1), mask.reshape(-1))
+            sums = torch.zeros(b, n_shells, device=mics.device).index_add_(
+                1, shell.reshape(-1), (logp * mask).reshape(b, -1))
+            valid = counts > 0
+            mean_r = sums / counts.clamp(min=1)
+            mean_r = _fill_invalid(mean_r, valid)
+            background = _smooth_radial(mean_r, size_px / 24.0)
+            resid = (logp - background[:, shell]) * mask
+            sq = torch.zeros(b, n_shells, device=mics.device).index_add_(1, shell.reshape(-1),
+                                                                          (resid ** 2).reshape(b, -1))
+            rms = _smooth_radial(_fill_invalid(sq / counts.clamp(min=1), valid), size_px / 24.0).clamp(min=1e-6).sqrt()
+            channels.append(((resid / rms[:, shell]).clamp(-4.0, 4.0) * mask))
+        out.append(torch.stack(channels, dim=1))
+    return out
 
 
 def _fill_invalid(profile, valid):

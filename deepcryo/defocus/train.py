@@ -6,8 +6,10 @@
 * Augmentations (training batches only) are the 8 symmetries of the square applied to the PSD with
   the angle label transformed accordingly: a 90° rotation maps θ → θ + 90°, a mirror of x (or y)
   maps θ → −θ (:func:`augment`). U and V are unchanged.
-* Adam, L1 loss on ``(U/10⁴, V/10⁴)`` + L1 on ``(sin 2θ, cos 2θ)`` weighted by the astigmatism (the angle
-  is meaningless without it), learning rate halved on plateaus, early stopping on the validation MAE (Å).
+* Adam, L1 loss (units of 10⁴ Å) on the mean defocus z = (U + V)/2 and on the astigmatism vector
+  ``(a cos 2θ, a sin 2θ)``, a = (U − V)/2 (smooth at zero astigmatism, where the angle is meaningless); for
+  the polar model also on its per-azimuth defocus profile. Learning rate halved on plateaus, early stopping
+  on the validation MAE (Å).
 * A checkpoint is written atomically after every epoch; ``resume=True`` continues from it. The best
   model so far is written (atomically) to the output weight file.
 """
@@ -132,15 +134,29 @@ def augment(psd, angle_deg, ops):
     return out, angles % 180.0
 
 
-def _targets(labels):
-    return model_mod.encode(labels[:, 0], labels[:, 1], labels[:, 2])
+def _harmonic_components(out):
+    """(z, a cos 2θ, a sin 2θ) (B,) each, units of 10⁴ Å, from model outputs (B, 4) of any model."""
+    z, a = 0.5 * (out[:, 0] + out[:, 1]), 0.5 * (out[:, 0] - out[:, 1])
+    n = torch.sqrt(out[:, 2] ** 2 + out[:, 3] ** 2 + 1e-8)
+    return z, a * out[:, 3] / n, a * out[:, 2] / n
 
 
-def _loss(out, target, labels):
-    astig_weight = ((labels[:, 0] - labels[:, 1]) / 500.0).clamp(max=1.0)
-    defocus = (out[:, :2] - target[:, :2]).abs().mean(dim=1)
-    angle = (out[:, 2:] - target[:, 2:]).abs().mean(dim=1) * astig_weight
-    return (defocus + 0.2 * angle).mean()
+def _loss(out, labels, profile=None, phi=None):
+    """L1 (units of 10⁴ Å) on the mean defocus z and the astigmatism vector (a cos 2θ, a sin 2θ), a = (U − V)/2.
+
+    Smooth at zero astigmatism (no angle term that is meaningless there). For the polar model, the L1 on its
+    defocus profile d(φ) against the true ``z + a cos 2(φ − θ)`` is added (dense supervision, one target per
+    azimuth)."""
+    u, v = labels[:, 0] / model_mod.DEFOCUS_SCALE_A, labels[:, 1] / model_mod.DEFOCUS_SCALE_A
+    t = torch.deg2rad(labels[:, 2]) * 2
+    z_t, a_t = 0.5 * (u + v), 0.5 * (u - v)
+    ax_t, ay_t = a_t * torch.cos(t), a_t * torch.sin(t)
+    z, ax, ay = _harmonic_components(out)
+    loss = (z - z_t).abs() + (ax - ax_t).abs() + (ay - ay_t).abs()
+    if profile is not None:
+        target = z_t[:, None] + ax_t[:, None] * torch.cos(2 * phi) + ay_t[:, None] * torch.sin(2 * phi)
+        loss = loss + (profile - target).abs().mean(dim=1)
+    return loss.mean()
 
 
 def evaluate(model, arrays, batch_size=64):
@@ -173,7 +189,7 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
     Args:
         arrays: dict from :func:`simulate_training_arrays` / :func:`star_training_arrays`.
         output: weight file (written atomically whenever the validation MAE improves).
-        config: model config (default ``{"arch": "defocusnet", "width": 16}``); taken from ``init_weights``
+        config: model config (default ``{"arch": "polar", "width": 24}``); taken from ``init_weights``
             when fine-tuning.
         epochs, batch_size, lr, patience (epochs without improvement before stopping), val_fraction, seed.
         checkpoint: checkpoint file (default ``output + ".ckpt"``); ``resume`` continues from it.
@@ -193,7 +209,7 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
         model, config = model_mod.load_model(init_weights)
         model.train()
     else:
-        config = dict(config or {"arch": "defocusnet", "width": 16})
+        config = dict(config or {"arch": "polar", "width": 24})
         model = model_mod.build_model(config)
     config.update(samplings_A=list(CNN_SAMPLINGS_A), size_px=CNN_SIZE_PX)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -231,8 +247,13 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
             x, ang = augment(psd[idx].float(), labels[idx, 2], torch.randint(0, 8, (len(idx),)))
             lab = torch.stack([labels[idx, 0], labels[idx, 1], ang], dim=1)
             a = acq[idx]
-            out = model(x, model_mod.acquisition_features(a[:, 0], a[:, 1], len(idx)))
-            loss = _loss(out, _targets(lab), lab)
+            feats = model_mod.acquisition_features(a[:, 0], a[:, 1], len(idx))
+            if isinstance(model, model_mod.PolarDefocusNet):
+                prof = model.profile(x, feats)
+                out = model.from_harmonics(*model.harmonics_of(prof))
+                loss = _loss(out, lab, prof, model.phi)
+            else:
+                loss = _loss(model(x, feats), lab)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -157,7 +157,8 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
             return ["No CTF estimated yet."]
         ctfs = getattr(self, OUTPUT_CTF)
         flagged = sum(1 for c in ctfs if getattr(c, FLAG_ATTR, Boolean(False)).get())
-        return ["CTF estimated for %d micrographs (%d flagged: CNN and fit disagree)." % (ctfs.getSize(), flagged)]
+        return ["CTF estimated for %d micrographs (%d flagged: CNN and fit disagree, or low figure of merit)."
+                % (ctfs.getSize(), flagged)]
 
     def _methods(self):
         return ["The CTF of each micrograph was estimated with deepcryo's deep micrograph defocus: a CNN "

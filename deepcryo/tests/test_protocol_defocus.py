@@ -13,7 +13,9 @@ from pyworkflow.tests import BaseTest, setupTestProject
 from deepcryo.constants import OUTPUT_CTF
 from deepcryo.core import io
 from deepcryo.core.micrographs import simulate_micrograph
-from deepcryo.protocols import DeepCryoProtDeepDefocus
+from deepcryo.defocus.model import load_model
+from deepcryo.protocols import DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain
+from deepcryo.protocols.protocol_defocus import OUTPUT_MODEL
 
 PX, VOLTAGE, CS, AMP = 1.2, 300.0, 2.7, 0.07
 BURSTS = ((0, 1), (2, 3), (4, 5))
@@ -89,3 +91,74 @@ class TestDeepCryoDeepDefocusStreaming(BaseTest):
             self.assertGreater(ctf.getResolution(), 0)
         self.assertEqual(sorted(names), ["mic_%02d.mrc" % i for i in range(6)])  # each exactly once
         self.assertLess(np.mean(errors), 150.0, "MAE %.0f Å" % np.mean(errors))
+
+
+class TestDeepCryoDeepDefocusTrainAndViewer(BaseTest):
+    """Predict (shipped model) → its SetOfCTF as labels → fine-tune 1 epoch (training protocol) → predict with
+    the trained model (the predict protocol accepts it; CTFs still close to the simulation's truth) → viewer
+    (headless: Agg) writes its summary PNG."""
+
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+        folder = os.path.abspath(cls.proj.getPath("mics"))
+        os.makedirs(folder, exist_ok=True)
+        cls.truths = _truths()[:4]
+        for i, t in enumerate(cls.truths):
+            img, _ = simulate_micrograph(768, pixel_size_A=PX, voltage_kV=VOLTAGE, cs_mm=CS, amplitude_contrast=AMP,
+                                         seed=200 + i, **t)
+            io.write_mrc(os.path.join(folder, "mic_%02d.mrc" % i), img, PX)
+        cls.imp = cls.newProtocol(ProtImportMicrographs, filesPath=folder, filesPattern="mic_*.mrc", samplingRate=PX,
+                                  voltage=VOLTAGE, sphericalAberration=CS, amplitudeContrast=AMP)
+        cls.launchProtocol(cls.imp)
+
+    def _predict(self, model=None):
+        prot = self.newProtocol(DeepCryoProtDeepDefocus, streamingBatchSize=4, numberOfThreads=2)
+        prot.inputMicrographs.set(self.imp)
+        prot.inputMicrographs.setExtended("outputMicrographs")
+        if model is not None:
+            prot.trainedModel.set(model)
+            prot.trainedModel.setExtended(OUTPUT_MODEL)
+        self.launchProtocol(prot)
+        ctfs = getattr(prot, OUTPUT_CTF)
+        errors = []
+        for ctf in ctfs:
+            t = self.truths[int(os.path.basename(ctf.getMicrograph().getFileName())[4:6])]
+            errors += [abs(ctf.getDefocusU() - t["defocus_u_A"]), abs(ctf.getDefocusV() - t["defocus_v_A"])]
+        self.assertEqual(ctfs.getSize(), len(self.truths))
+        self.assertLess(np.mean(errors), 150.0, "MAE %.0f Å" % np.mean(errors))
+        return prot
+
+    def testTrainThenPredictThenView(self):
+        first = self._predict()
+        train = self.newProtocol(DeepCryoProtDeepDefocusTrain, useSimulation=False, fineTune=True, epochs=1,
+                                 numberOfThreads=2)
+        train.inputCTF.set(first)
+        train.inputCTF.setExtended(OUTPUT_CTF)
+        self.launchProtocol(train)
+        path = getattr(train, OUTPUT_MODEL).getFileName()
+        model, config = load_model(path)  # a deepcryo defocus model file, fine-tuned from the shipped one
+        self.assertEqual(config["arch"], load_model()[1]["arch"])
+        labels = io.read_star(train._getExtraPath("labels.star"))["micrographs"]
+        self.assertEqual(len(labels["rlnDefocusU"]), len(self.truths))
+        second = self._predict(train)
+
+        # viewer, headless: the PNG summary and one plotter
+        import matplotlib
+        matplotlib.use("Agg")
+        from deepcryo.viewers.viewer_defocus import DeepCryoDefocusViewer, ctf_records, psd_with_ctf
+        views = DeepCryoDefocusViewer(project=self.proj)._visualize(second)
+        png = second._getExtraPath("defocus_summary.png")
+        self.assertEqual(len(views), 1)
+        self.assertTrue(os.path.getsize(png) > 10000)
+        # the overlay's left half is the CTF² of the fitted values: its rings match the PSD's right half
+        records = ctf_records(getattr(second, OUTPUT_CTF), self.imp.outputMicrographs.getAcquisition())
+        r = records[0]
+        psd, _ = io.read_mrc(r["psd"])
+        img = psd_with_ctf(psd, r["psd_sampling_A"], r["defocus_u_A"], r["defocus_v_A"], r["defocus_angle_deg"],
+                           r["voltage_kV"], r["cs_mm"], r["amplitude_contrast"])
+        half = psd.shape[-1] // 2  # the PSD is centrosymmetric: its left half mirrors the right half shown
+        left, data = img[:, :half], psd[:, :half]
+        band = data != 0
+        self.assertGreater(np.corrcoef(left[band], data[band])[0, 1], 0.2)
+        self.assertTrue(np.allclose(img[:, half:], np.clip(psd[:, half:], img.min(), img.max()), atol=1e-5))

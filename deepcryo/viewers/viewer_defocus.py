@@ -80,7 +80,8 @@ def plot_defocus_summary(records, path=None):
     ax = axes[1, 1]
     ax.axis("off")
     names = [r["micrograph"].split("/")[-1] for r, f in zip(records, flagged) if f]
-    ax.text(0, 1, "flagged (CNN and fit disagree): %d\n" % len(names) + "\n".join(names[:25]), va="top",
+    ax.text(0, 1, "flagged (CNN and fit disagree, or low figure of merit): %d\n" % len(names)
+            + "\n".join(names[:25]), va="top",
             fontsize=8, family="monospace")
     fig.tight_layout()
     if path:
