@@ -1,54 +1,65 @@
 """Conformational landscape: deepcryo's VAE vs cryoDRGN 4.3.1 ``train_vae`` on the same simulated sets.
 
 Simulates a two-state set (50/50) and a continuous hinge set (SNR, CTF, random poses and shifts), trains
-both programs with the same working box, epochs, latent dimension and batch size, and prints the wall time
-of each, the ratio, the adjusted Rand index of k-means (K = 2) on the two-state latents against the true
-states, and |Spearman ρ| of the latent PC1 against the true hinge parameter. cryoDRGN needs numpy >= 2,
-so it runs from its own virtual environment (``--cryodrgn`` = its ``cryodrgn`` executable); without it
-only deepcryo runs.
+both programs with the same working box, epochs, latent dimension and batch size, and prints the wall
+and CPU time (user + system of the child processes) of each, their ratios, the adjusted Rand index of
+k-means (K = 2) on the two-state latents against the true states, and |Spearman ρ| of the latent PC1 against
+the true hinge parameter. cryoDRGN needs numpy >= 2, so it runs from its own virtual environment
+(``--cryodrgn`` = its ``cryodrgn`` executable); without it only deepcryo runs. Each program's time covers
+everything from the STAR + stack to the latents (deepcryo: consensus map, noise spectrum, training, encoding;
+cryoDRGN: downsample, parse_pose_star, parse_ctf_star, train_vae). ``--pose-free`` adds deepcryo's pose-free
+mode (poses not read; started from a 20 Å low-pass of the mean state as reference) with its median pose
+error against the truth (after the best global rotation and hand) and the chance level of that statistic.
 
     python benchmarks/landscape.py --n 3000 --box 48 --work-box 24 --epochs 4 --threads 2 \\
-        --cryodrgn /tmp/cdrgn/bin/cryodrgn
+        --cryodrgn /tmp/cdrgn/bin/cryodrgn --pose-free
 """
 import argparse
 import os
 import pickle
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
-from scipy.stats import spearmanr
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
-from sklearn.metrics import adjusted_rand_score
 
-from deepcryo.core import io, simulate
+import torch
+
+from deepcryo.core import fourier, io, simulate
+from deepcryo.landscape import metrics
 
 
 def scores(z, star):
     """(ARI of k-means K=2 vs rlnClassNumber, |ρ| of PC1 vs dcHingeParameter); NaN where no truth."""
     ari = rho = float("nan")
     if "dcHingeParameter" in star.particles:
-        pc1 = PCA(1).fit_transform(z)[:, 0]
-        rho = abs(spearmanr(pc1, star.particles["dcHingeParameter"]).correlation)
+        rho = metrics.hinge_rho(z, star.particles["dcHingeParameter"])
     else:
-        labels = KMeans(2, n_init=10, random_state=0).fit_predict(z)
-        ari = adjusted_rand_score(np.asarray(star.particles["rlnClassNumber"], dtype=np.int64), labels)
+        ari = metrics.two_state_ari(z, np.asarray(star.particles["rlnClassNumber"], dtype=np.int64))
     return ari, rho
 
 
-def run_deepcryo(star_path, out, args):
+def _timed(cmds, **kwargs):
+    """Run commands in turn; (wall s, CPU s of the children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    for cmd in cmds:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.time() - t0, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def run_deepcryo(star_path, out, args, pose_free=False, reference=None):
     cmd = [sys.executable, "-m", "deepcryo.landscape", "train", "--particles", star_path, "--output-dir", out,
            "--latent-dim", str(args.latent_dim), "--epochs", str(args.epochs), "--box", str(args.work_box),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-    t0 = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    seconds = time.time() - t0
+    if pose_free:
+        cmd += ["--pose-free", "--reference", reference]
+    wall, cpu = _timed([cmd])
     star = io.read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
-    z = np.stack([star.particles["dcLatent%02d" % (i + 1)] for i in range(args.latent_dim)], 1)
-    return seconds, z
+    return wall, cpu, metrics.latents(star), star
 
 
 def run_cryodrgn(star_path, out, args):
@@ -70,12 +81,9 @@ def run_cryodrgn(star_path, out, args):
          "--ctf", os.path.join(out, "ctf.pkl"), "--zdim", str(args.latent_dim), "-n", str(args.epochs),
          "-b", str(args.batch_size), "--no-analysis", "-o", os.path.join(out, "train")],
     ]
-    t0 = time.time()
-    for cmd in steps:
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    seconds = time.time() - t0
+    wall, cpu = _timed(steps, stderr=subprocess.DEVNULL, env=env)
     with open(os.path.join(out, "train", "z.pkl"), "rb") as f:
-        return seconds, np.asarray(pickle.load(f))
+        return wall, cpu, np.asarray(pickle.load(f)), None
 
 
 def main(argv=None):
@@ -91,6 +99,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cryodrgn", default=None, help="cryodrgn executable of its own virtual environment")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--pose-free", action="store_true", help="also run deepcryo's pose-free mode")
+    p.add_argument("--sets", default="two-state,hinge", help="comma-separated: two-state, hinge")
     args = p.parse_args(argv)
     work = args.workdir or tempfile.mkdtemp(prefix="bench_landscape_")
     sets = {
@@ -98,20 +108,43 @@ def main(argv=None):
                       np.random.default_rng(1).permutation(np.arange(args.n) % 2)),
         "hinge": (lambda t: simulate.hinge_volume(args.box, t, seed=0), None),
     }
-    print("%-10s %-9s %9s %7s %7s" % ("set", "program", "wall s", "ARI", "|rho|"))
+    print("date %s UTC, %d CPUs, load average before %s" % (time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                                                         os.cpu_count(), os.getloadavg()))
+    print("%-10s %-18s %8s %8s %7s %7s  %s" % ("set", "program", "wall s", "CPU s", "ARI", "|rho|", "pose error"))
     for name, (vols, state_of) in sets.items():
+        if name not in args.sets.split(","):
+            continue
         star_path = simulate.write_particle_set(os.path.join(work, name), vols, args.n, args.pixel_size,
                                                 snr=args.snr, seed=2, state_of=state_of)
         truth = io.read_particles(star_path)
         runs = [("deepcryo", run_deepcryo)] + ([("cryodrgn", run_cryodrgn)] if args.cryodrgn else [])
+        if args.pose_free:
+            mean = vols(0.5) if callable(vols) else np.mean(vols, 0)
+            reference = os.path.join(work, name, "reference_20A.mrc")
+            io.write_mrc(reference, fourier.lowpass_volume(torch.as_tensor(mean), 20.0, args.pixel_size)
+                         .numpy().astype(np.float32), args.pixel_size)
+            runs.append(("deepcryo pose-free",
+                         lambda s, o, a: run_deepcryo(s, o, a, pose_free=True, reference=reference)))
         times = {}
         for program, fn in runs:
-            seconds, z = fn(star_path, os.path.join(work, name, program), args)
-            times[program] = seconds
+            try:
+                wall, cpu, z, out_star = fn(star_path, os.path.join(work, name, program.replace(" ", "_")), args)
+            except subprocess.CalledProcessError as exc:
+                print("%-10s %-18s failed: %s" % (name, program, exc), flush=True)
+                continue
+            times[program] = (wall, cpu)
             ari, rho = scores(z, truth)
-            print("%-10s %-9s %9.1f %7.3f %7.3f" % (name, program, seconds, ari, rho))
-        if len(times) == 2:
-            print("%-10s deepcryo / cryodrgn wall time: %.3f" % (name, times["deepcryo"] / times["cryodrgn"]))
+            pose = ""
+            if program.endswith("pose-free"):
+                err, chance = metrics.pose_error_deg(out_star.angles_deg(), truth.angles_deg())
+                pose = "median %.1f deg (chance %.1f deg)" % (err, chance)
+            print("%-10s %-18s %8.1f %8.1f %7.3f %7.3f  %s" % (name, program, wall, cpu, ari, rho, pose),
+                  flush=True)
+        if "cryodrgn" in times:
+            print("%-10s deepcryo / cryodrgn: wall %.3f, CPU %.3f" % (
+                name, times["deepcryo"][0] / times["cryodrgn"][0], times["deepcryo"][1] / times["cryodrgn"][1]),
+                flush=True)
+    print("load average after %s" % (os.getloadavg(),))
     return 0
 
 

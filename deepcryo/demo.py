@@ -4,9 +4,12 @@
 
 Steps: simulate a particle set (phantom, CTF, noise) → import it into a Scipion project → reconstruct it with
 ``DeepCryoProtReconstruct`` (gold-standard half maps) → FSC of the half maps and against the ground truth,
-printed as a table and saved as ``fsc.png``; then simulate micrographs → ``DeepCryoProtDeepDefocus`` →
-defocus error against the simulation's truth. A private Scipion home and the project live under the output
-folder; nothing outside it is written.
+printed as a table and saved as ``fsc.png``; then refine the same particles without their poses from the
+truth low-passed to 30 Å with ``DeepCryoProtSwiftRefine`` → resolution and angular error against the true
+poses; then simulate micrographs → ``DeepCryoProtDeepDefocus`` →
+defocus error against the simulation's truth; then simulate a two-state particle set → ``DeepCryoProtVaeTrain``
+→ ``DeepCryoProtVaeAnalyze`` (K = 2) → adjusted Rand index of the clusters against the true states. A private
+Scipion home and the project live under the output folder; nothing outside it is written.
 """
 import argparse
 import os
@@ -67,7 +70,45 @@ def run_reconstruction(project, folder, n, box, pixel_size_A, snr):
     res_truth = fsc.fsc_resolution_A(curves["map vs truth"], pixel_size_A, 0.5)
     print("resolution: half maps (FSC 0.143) %.2f Å; against the truth (FSC 0.5) %.2f Å; plot: %s"
           % (res_half, res_truth, png))
-    return res_half, res_truth
+    return {"import": imp, "truth": truth, "star": star, "res_half": res_half, "res_truth": res_truth}
+
+
+def run_refinement(project, folder, imported, pixel_size_A, initial_resolution_A=30.0):
+    """Refine the imported particles with DeepCryoProtSwiftRefine from the truth low-passed to
+    ``initial_resolution_A``; print the resolution and the angular error against the simulation's poses."""
+    import torch
+    from pwem.protocols import ProtImportVolumes
+
+    from .convert import posesFromMatrices
+    from .core import fourier, fsc, geometry, io
+    from .protocols import DeepCryoProtSwiftRefine
+
+    _banner("3D refinement with DeepCryoProtSwiftRefine (poses unknown; initial map: truth low-passed to %g Å)"
+            % initial_resolution_A)
+    ref_dir = os.path.join(folder, "initial_map")
+    os.makedirs(ref_dir, exist_ok=True)
+    io.write_mrc(os.path.join(ref_dir, "initial.mrc"), fourier.lowpass_volume(
+        torch.as_tensor(imported["truth"]), initial_resolution_A, pixel_size_A).numpy(), pixel_size_A)
+    vol = project.newProtocol(ProtImportVolumes, filesPath=ref_dir, filesPattern="initial.mrc",
+                              samplingRate=pixel_size_A, objLabel="import initial map")
+    vol = _launch(project, vol)
+    ref = project.newProtocol(DeepCryoProtSwiftRefine, initialResolution=initial_resolution_A, numberOfThreads=2,
+                              objLabel="deepcryo swiftrefine")
+    ref.inputParticles.set(imported["import"].outputParticles)
+    ref.inputVolumes.append(vol.outputVolume)
+    ref = _launch(project, ref)
+    truth = io.read_particles(imported["star"], require_images=False).angles_deg()
+    parts = list(ref.outputParticles.iterItems(orderBy="id"))
+    angles, _ = posesFromMatrices(np.stack([p.getTransform().getMatrix() for p in parts]))
+    rows = np.array([p.getIndex() - 1 for p in parts])
+    err = geometry.pose_distance_deg(torch.as_tensor(truth[rows]), torch.as_tensor(np.asarray(angles))).numpy()
+    final, _ = io.read_mrc(ref.outputVolume.getFileName())
+    res_truth = fsc.fsc_resolution_A(fsc.fsc(final, imported["truth"]), pixel_size_A, 0.5)
+    print("\n".join(ref.summary()))
+    print("swiftrefine: half maps (FSC 0.143, masked) %.2f Å; against the truth (FSC 0.5) %.2f Å; median angular "
+          "error against the true poses %.2f° (%.1f%% above 10°)"
+          % (float(ref.outputFSC.calculateResolution(0.143)), res_truth, np.median(err), 100 * np.mean(err > 10)))
+    return float(np.median(err)), res_truth
 
 
 def run_defocus(project, folder, n, size_px):
@@ -100,6 +141,50 @@ def run_defocus(project, folder, n, size_px):
     return mae
 
 
+def run_landscape(project, folder, n, box, pixel_size_A, snr, epochs):
+    """Simulate a two-state set, train and analyse the landscape VAE, print the ARI against the true states."""
+    from pwem.protocols import ProtImportParticles
+    from sklearn.metrics import adjusted_rand_score
+
+    from .tests.sets import particleSetFromStar
+    from .core import io, simulate
+    from .protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeTrain
+
+    _banner("simulating %d particles of two conformations (50/50, %d px, SNR %g) for the landscape VAE"
+            % (n, box, snr))
+    states = np.random.default_rng(4).permutation(np.arange(n) % 2)
+    star = simulate.write_particle_set(os.path.join(folder, "two_states"), simulate.phantom_states(box, 2, seed=0),
+                                       n, pixel_size_A, snr=snr, seed=4, state_of=states)
+    truth = np.asarray(io.read_particles(star).particles["rlnClassNumber"], dtype=np.int64)
+    parts = particleSetFromStar(star, os.path.join(folder, "two_states", "particles.sqlite"))
+    parts.close()
+    imp = project.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
+                              sqliteFile=parts.getFileName(), samplingRate=pixel_size_A, voltage=300.0,
+                              sphericalAberration=2.7, amplitudeContrast=0.1, objLabel="import two-state particles")
+    imp = _launch(project, imp)
+    _banner("landscape VAE: DeepCryoProtVaeTrain (%d epochs, working box %d) and DeepCryoProtVaeAnalyze (K = 2)"
+            % (epochs, box // 2))
+    train = project.newProtocol(DeepCryoProtVaeTrain, latentDim=8, workingBox=box // 2, epochs=epochs,
+                                useGpu=False, numberOfThreads=2, objLabel="deepcryo VAE train")
+    train.inputParticles.set(imp.outputParticles)
+    train = _launch(project, train)
+    analyze = project.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=2, numberOfThreads=2,
+                                  objLabel="deepcryo VAE analyze")
+    analyze.trainRun.set(train)
+    analyze = _launch(project, analyze)
+    found, true = [], []
+    for cls in analyze.outputClasses:
+        for p in cls.iterItems():
+            found.append(cls.getObjId())
+            true.append(truth[p.getIndex() - 1])
+    ari = adjusted_rand_score(true, found)
+    print("landscape VAE: %d clusters of %s particles; adjusted Rand index against the true states: %.3f "
+          "(1 = perfect, 0 = chance); plots in %s"
+          % (len(analyze.outputClasses), [c.getSize() for c in analyze.outputClasses], ari,
+             analyze._getExtraPath("analysis")))
+    return ari
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m deepcryo.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,6 +195,7 @@ def main(argv=None):
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--micrographs", type=int, default=6)
     p.add_argument("--micrograph-size", type=int, default=2048)
+    p.add_argument("--vae-epochs", type=int, default=6)
     args = p.parse_args(argv)
     folder = os.path.abspath(args.output_dir)
     os.makedirs(folder, exist_ok=True)
@@ -120,8 +206,10 @@ def main(argv=None):
     project = Manager().createProject(name)
     os.chdir(project.getPath())          # pyworkflow launches protocols relative to the project folder
     print("Scipion project: %s" % project.getPath())
-    run_reconstruction(project, folder, args.particles, args.box, args.pixel_size, args.snr)
+    imported = run_reconstruction(project, folder, args.particles, args.box, args.pixel_size, args.snr)
+    run_refinement(project, folder, imported, args.pixel_size)
     run_defocus(project, folder, args.micrographs, args.micrograph_size)
+    run_landscape(project, folder, args.particles, args.box, args.pixel_size, args.snr, args.vae_epochs)
     return 0
 
 

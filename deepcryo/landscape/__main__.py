@@ -35,7 +35,8 @@ def _parser():
     t.add_argument("--batch-size", type=int, default=64, help="particles per step and device")
     t.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
     t.add_argument("--basis", type=int, default=16, help="basis volumes of the decoder")
-    t.add_argument("--learning-rate", type=float, default=1e-3)
+    t.add_argument("--learning-rate", type=float, default=3e-3,
+                   help="Adam step size (3e-3 converges in 3-4 epochs on the simulated sets; 1e-3 needs more)")
     t.add_argument("--device", default="cpu", help="torch device, or a comma-separated list for DDP (cuda:0,cuda:1)")
     t.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     t.add_argument("--seed", type=int, default=0)

@@ -225,7 +225,7 @@ def _ddp_entry(rank, devices, cfg, init, port):
 
 
 def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=64, beta=1.0, n_basis=16,
-          hidden=128, learning_rate=1e-3, devices=("cpu",), resume=False, seed=0, pose_free=False, reference=None,
+          hidden=128, learning_rate=3e-3, devices=("cpu",), resume=False, seed=0, pose_free=False, reference=None,
           pose_heads=8, log=print):
     """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
 
