@@ -12,6 +12,7 @@ from pyworkflow.tests import BaseTest, setupTestProject
 
 from deepcryo.constants import OUTPUT_CTF
 from deepcryo.core import io
+from deepcryo.core.ctf import ctf_2d
 from deepcryo.core.micrographs import simulate_micrograph
 from deepcryo.defocus.model import load_model
 from deepcryo.protocols import DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain
@@ -157,8 +158,15 @@ class TestDeepCryoDeepDefocusTrainAndViewer(BaseTest):
         psd, _ = io.read_mrc(r["psd"])
         img = psd_with_ctf(psd, r["psd_sampling_A"], r["defocus_u_A"], r["defocus_v_A"], r["defocus_angle_deg"],
                            r["voltage_kV"], r["cs_mm"], r["amplitude_contrast"])
-        half = psd.shape[-1] // 2  # the PSD is centrosymmetric: its left half mirrors the right half shown
-        left, data = img[:, :half], psd[:, :half]
-        band = data != 0
-        self.assertGreater(np.corrcoef(left[band], data[band])[0, 1], 0.2)
+        size, samp = psd.shape[-1], r["psd_sampling_A"]
+        half = size // 2  # the PSD is centrosymmetric: its left half mirrors the right half shown
+        yy, xx = np.mgrid[:size, :half] - half
+        radius = np.hypot(xx, yy)
+        band = (radius >= size * samp / 30.0) & (radius <= size * samp / 8.0) & (psd[:, :half] != 0)  # 30-8 Å
+        left, data = img[:, :half][band], psd[:, :half][band]
+        self.assertGreater(np.corrcoef(left, data)[0, 1], 0.25)
+        t = self.truths[int(os.path.basename(r["micrograph"])[4:6])]
+        truth = ctf_2d(size, samp, t["defocus_u_A"], t["defocus_v_A"], t["defocus_angle_deg"], VOLTAGE, CS,
+                       AMP)[0].numpy()[:, :half][band] ** 2
+        self.assertGreater(np.corrcoef(left, truth)[0, 1], 0.9)  # the drawn rings are the true ones
         self.assertTrue(np.allclose(img[:, half:], np.clip(psd[:, half:], img.min(), img.max()), atol=1e-5))
