@@ -4,7 +4,8 @@ Output folder layout:
 
 - ``checkpoint.pt``: model, optimiser, epoch and configuration, rewritten atomically after every epoch
   (``--continue`` resumes from it); load with ``torch.load(path, weights_only=True)``.
-- ``consensus.mrc``: the consensus map at the working box (initial mean volume of the decoder).
+- ``consensus.mrc``: the consensus map at the working box (initial mean volume of the decoder; pose-free: the
+  starting volume, reference or sphere).
 - ``particles_latent.star``: the input particles with their latent means ``dcLatent01`` … (written at the end);
   in pose-free mode their angles and origins (``rlnAngle*``, ``rlnOrigin*Angst``) are replaced by the
   predicted ones (hand chosen by the model, frame of the learned volume), so ``analyze`` reconstructs the
