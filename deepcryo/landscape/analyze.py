@@ -28,7 +28,7 @@ from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches
 from .train import LATENT_STAR, latent_columns, load_model
 
-__all__ = ["analyze", "suggest_clusters", "free_energy", "cluster_latents"]
+__all__ = ["analyze", "suggest_clusters", "free_energy", "draw_density_panels", "cluster_latents"]
 
 
 def suggest_clusters(z, max_clusters, seed=0, min_variance_ratio=0.02, elbow_fraction=1.0 / 3.0):
@@ -72,21 +72,27 @@ def free_energy(xy, bins=60, smooth_bins=1.5):
     return dens, energy - np.nanmin(energy), ex, ey
 
 
+def draw_density_panels(fig, ax_density, ax_energy, xy):
+    """Draw the smoothed density and the −ln density (kT, relative) of 2D coordinates ``xy`` (N, 2) on two
+    matplotlib axes of ``fig`` (used by the analysis' ``landscape.png`` and by the Scipion viewer)."""
+    dens, energy, ex, ey = free_energy(xy)
+    ext = [ex[0], ex[-1], ey[0], ey[-1]]
+    im = ax_density.imshow(dens.T, origin="lower", extent=ext, aspect="auto", cmap="viridis")
+    fig.colorbar(im, ax=ax_density)
+    ax_density.set_title("density")
+    im = ax_energy.imshow(energy.T, origin="lower", extent=ext, aspect="auto", cmap="magma_r")
+    fig.colorbar(im, ax=ax_energy)
+    ax_energy.set_title("−ln density (kT, relative)")
+
+
 def _plot_landscape(path, xy, labels, names):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    dens, energy, ex, ey = free_energy(xy)
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.6))
     ax[0].scatter(xy[:, 0], xy[:, 1], c=labels, s=2, cmap="tab10")
     ax[0].set_title("clusters")
-    ext = [ex[0], ex[-1], ey[0], ey[-1]]
-    im = ax[1].imshow(dens.T, origin="lower", extent=ext, aspect="auto", cmap="viridis")
-    fig.colorbar(im, ax=ax[1])
-    ax[1].set_title("density")
-    im = ax[2].imshow(energy.T, origin="lower", extent=ext, aspect="auto", cmap="magma_r")
-    fig.colorbar(im, ax=ax[2])
-    ax[2].set_title("−ln density (kT, relative)")
+    draw_density_panels(fig, ax[1], ax[2], xy)
     for a in ax:
         a.set_xlabel(names[0])
         a.set_ylabel(names[1])

@@ -72,3 +72,16 @@ def particleSetFromStar(starFn, sqliteFn, withAlignment=True, withCtf=True, subs
         parts.append(p)
     parts.write()
     return parts
+
+
+def importParticleSet(testCls, partSet, samplingRate, voltage=300.0, sphericalAberration=2.7,
+                      amplitudeContrast=0.1):
+    """Close ``partSet`` (a SetOfParticles sqlite) and import it into ``testCls``' project with
+    ProtImportParticles (Scipion import); returns the finished import protocol."""
+    from pwem.protocols import ProtImportParticles
+    partSet.close()
+    prot = testCls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
+                               sqliteFile=partSet.getFileName(), samplingRate=samplingRate, voltage=voltage,
+                               sphericalAberration=sphericalAberration, amplitudeContrast=amplitudeContrast)
+    testCls.launchProtocol(prot)
+    return prot

@@ -25,13 +25,12 @@ by the protocol, and the map is compared with the phantom.
 import os
 
 import numpy as np
-from pwem.protocols import ProtImportParticles
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME
 from deepcryo.core import fsc, io, simulate
 from deepcryo.protocols import DeepCryoProtReconstruct
-from deepcryo.tests.sets import particleSetFromStar
+from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
 BOX, PX, N, SNR = 40, 3.0, 600, 0.5
 MAX_RESOLUTION_A = 15.0   # measured: 11.5 Å (FSC 0.5 against the phantom), 10.8 Å (half maps, FSC 0.143)
@@ -51,12 +50,7 @@ class TestDeepCryoReconstruct(BaseTest):
 
     @classmethod
     def _importSqlite(cls, partSet):
-        partSet.close()
-        prot = cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
-                               sqliteFile=partSet.getFileName(), samplingRate=PX, voltage=300.0,
-                               sphericalAberration=2.7, amplitudeContrast=0.1)
-        cls.launchProtocol(prot)
-        return prot
+        return importParticleSet(cls, partSet, PX)
 
     def _newReconstruct(self, particles, **kwargs):
         prot = self.newProtocol(DeepCryoProtReconstruct, numberOfThreads=2, **kwargs)

@@ -25,14 +25,14 @@ import os
 
 import numpy as np
 import torch
-from pwem.protocols import ProtImportParticles, ProtImportVolumes
+from pwem.protocols import ProtImportVolumes
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import posesFromMatrices
 from deepcryo.core import geometry, io, simulate
 from deepcryo.protocols import DeepCryoProtSwiftAlign
-from deepcryo.tests.sets import particleSetFromStar
+from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
 BOX, PX, N = 48, 3.0, 150
 
@@ -47,12 +47,8 @@ class TestDeepCryoSwiftAlign(BaseTest):
         cls.star = simulate.write_particle_set(folder, vol, N, PX, snr=0.1, seed=6, max_shift_px=2.0,
                                                defocus_range_A=(15000.0, 20000.0))
         io.write_mrc(os.path.join(folder, "ref.mrc"), vol, PX)
-        parts = particleSetFromStar(cls.star, os.path.join(folder, "raw.sqlite"), withAlignment=False)
-        parts.close()
-        cls.importParts = cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
-                                          sqliteFile=parts.getFileName(), samplingRate=PX, voltage=300.0,
-                                          sphericalAberration=2.7, amplitudeContrast=0.1)
-        cls.launchProtocol(cls.importParts)
+        cls.importParts = importParticleSet(
+            cls, particleSetFromStar(cls.star, os.path.join(folder, "raw.sqlite"), withAlignment=False), PX)
         cls.importVol = cls.newProtocol(ProtImportVolumes, filesPath=folder, filesPattern="ref.mrc", samplingRate=PX)
         cls.launchProtocol(cls.importVol)
 

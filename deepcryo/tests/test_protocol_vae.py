@@ -32,7 +32,6 @@ import os
 import uuid
 
 import numpy as np
-from pwem.protocols import ProtImportParticles
 from pyworkflow.project import Manager
 from pyworkflow.tests import BaseTest
 
@@ -40,7 +39,7 @@ from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.core import simulate
 from deepcryo.protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeTrain
 from deepcryo.protocols.protocol_vae import OUTPUT_CLASSES, OUTPUT_TRAJECTORY
-from deepcryo.tests.sets import particleSetFromStar
+from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
 BOX, PX, N = 32, 3.0, 400
 
@@ -57,12 +56,7 @@ class TestDeepCryoVae(BaseTest):
         vols = simulate.phantom_states(BOX, 2, seed=5)
         state_of = np.random.default_rng(5).permutation(np.arange(N) % 2)
         star = simulate.write_particle_set(folder, vols, N, PX, snr=0.1, seed=5, state_of=state_of)
-        parts = particleSetFromStar(star, os.path.join(folder, "aligned.sqlite"))
-        parts.close()
-        cls.importProt = cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
-                                         sqliteFile=parts.getFileName(), samplingRate=PX, voltage=300.0,
-                                         sphericalAberration=2.7, amplitudeContrast=0.1)
-        cls.launchProtocol(cls.importProt)
+        cls.importProt = importParticleSet(cls, particleSetFromStar(star, os.path.join(folder, "aligned.sqlite")), PX)
 
     def _train(self, **kwargs):
         prot = self.newProtocol(DeepCryoProtVaeTrain, latentDim=2, workingBox=16, batchSize=50, basis=4,

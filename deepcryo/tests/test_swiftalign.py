@@ -2,7 +2,6 @@
 
 Gallery: 12° steps (directions and psi), 16 Å band, origins within ±3 px (1.5 px grid), 2 CTF groups.
 """
-import os
 
 import faiss
 import numpy as np

@@ -37,7 +37,7 @@ from pwem.viewers import EmProtocolViewer
 from pyworkflow.gui.plotter import Plotter
 
 from deepcryo.core.io import read_mrc, read_particles
-from deepcryo.landscape.analyze import free_energy
+from deepcryo.landscape.analyze import draw_density_panels
 from deepcryo.protocols import DeepCryoProtVaeAnalyze
 
 __all__ = ["load_analysis", "plot_landscape", "plot_cluster_volumes", "plot_traversal", "plot_png",
@@ -97,20 +97,13 @@ def plot_landscape(analysis, embedding="PCA", fig=None):
     labels = analysis["labels"]
     fig = _figure(fig, (15, 4.6))
     ax = fig.subplots(1, 3)
-    sc = ax[0].scatter(xy[:, 0], xy[:, 1], c=labels, s=3, cmap="tab10", vmin=1, vmax=max(10, labels.max()))
+    ax[0].scatter(xy[:, 0], xy[:, 1], c=labels, s=3, cmap="tab10", vmin=1, vmax=max(10, labels.max()))
     for c in np.unique(labels):
         centre = xy[labels == c].mean(0)
         ax[0].text(centre[0], centre[1], str(c), fontsize=12, weight="bold", ha="center", va="center",
                    bbox=dict(facecolor="white", alpha=0.7, lw=0))
     ax[0].set_title("%d particles, %d clusters" % (len(xy), len(np.unique(labels))))
-    dens, energy, ex, ey = free_energy(xy)
-    ext = [ex[0], ex[-1], ey[0], ey[-1]]
-    im = ax[1].imshow(dens.T, origin="lower", extent=ext, aspect="auto", cmap="viridis")
-    fig.colorbar(im, ax=ax[1])
-    ax[1].set_title("density")
-    im = ax[2].imshow(energy.T, origin="lower", extent=ext, aspect="auto", cmap="magma_r")
-    fig.colorbar(im, ax=ax[2])
-    ax[2].set_title("−ln density (kT, relative)")
+    draw_density_panels(fig, ax[1], ax[2], xy)
     if embedding != "UMAP" and analysis["trajectories"].get(1):
         sd = np.asarray(analysis["summary"]["trajectory_sd"]) * xy[:, 0].std()
         ax[2].plot(sd, np.zeros_like(sd), "c.-", label="PC1 trajectory")
