@@ -18,7 +18,7 @@ Examples::
     # fine-tune the shipped weights on your own labels (any previous CTF estimation)
     python -m deepcryo.defocus train --star micrographs_ctf.star --init shipped --output tuned.pt
 
-Errors in the input are reported in one line and the program exits with status 1 without writing its
+Errors in the input are reported in one line and the program exits with status 2 without writing its
 output. In ``predict``, a single unusable micrograph is reported ("skipped ...") and the others go on.
 """
 import argparse
@@ -78,9 +78,11 @@ def _train(args):
         config = {"arch": "seed", "size_px": arrays["psd"].shape[-1]}
     else:
         config = {"arch": args.arch, "width": args.width or (24 if args.arch == "polar" else 16)}
+        if args.arch == "rings" and args.n_defocus:
+            config["n_defocus"] = args.n_defocus
     summary = train.train(arrays, args.output, config=config, init_weights=init, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
-                          resume=args.resume, log=lambda m: print(m, flush=True))
+                          resume=args.resume, log=lambda m: print(m, flush=True), threads=args.threads)
     print("wrote %s (best validation MAE %.0f Å over %d validation micrographs)"
           % (args.output, summary["best_val_mae_A"], summary["n_val"]))
 
@@ -114,21 +116,23 @@ def main(argv=None):
     t.add_argument("--cs", type=float, help="mm when the STAR has none")
     t.add_argument("--cache", help="npz of model inputs: read when it exists, written otherwise")
     t.add_argument("--init", help="'shipped' or a weight file to fine-tune from")
-    t.add_argument("--arch", choices=("polar", "defocusnet", "seed"), default="polar")
-    t.add_argument("--width", type=int, default=0, help="polar/defocusnet width (default 24/16)")
+    t.add_argument("--arch", choices=("rings", "polar", "defocusnet", "seed"), default="rings",
+                   help="rings (shipped), polar, defocusnet or seed (the thesis' baseline)")
+    t.add_argument("--width", type=int, default=0, help="rings/polar/defocusnet width (default 16/24/16)")
+    t.add_argument("--n-defocus", type=int, default=0, help="rings: number of defocus templates (default 160)")
     t.add_argument("--epochs", type=int, default=60)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--patience", type=int, default=8, help="early stopping patience, epochs")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from <output>.ckpt")
-    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
     try:
         _predict(args) if args.command == "predict" else _train(args)
     except InputError as exc:
         print("error: %s" % exc, file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -189,7 +189,7 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
     Args:
         arrays: dict from :func:`simulate_training_arrays` / :func:`star_training_arrays`.
         output: weight file (written atomically whenever the validation MAE improves).
-        config: model config (default ``{"arch": "polar", "width": 24}``); taken from ``init_weights``
+        config: model config (default ``{"arch": "rings", "width": 16}``); taken from ``init_weights``
             when fine-tuning.
         epochs, batch_size, lr, patience (epochs without improvement before stopping), val_fraction, seed.
         checkpoint: checkpoint file (default ``output + ".ckpt"``); ``resume`` continues from it.
@@ -209,7 +209,7 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
         model, config = model_mod.load_model(init_weights)
         model.train()
     else:
-        config = dict(config or {"arch": "polar", "width": 24})
+        config = dict(config or {"arch": "rings", "width": 16})
         model = model_mod.build_model(config)
     config.update(samplings_A=list(CNN_SAMPLINGS_A), size_px=CNN_SIZE_PX)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

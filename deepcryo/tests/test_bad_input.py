@@ -366,13 +366,13 @@ def test_bad_micrograph_among_good_ones_is_skipped(ws, tmp_path, capsys):
     ("deepcryo.landscape", ["analyze", "@BAD@/vae_malicious", "--output-dir", "@OUT@/a"], ["checkpoint.pt", "not a deepcryo"]),
 ])
 def test_cli_subprocess(ws, tmp_path, module, argv, words):
-    """The real command line: one line on stderr, status 2 (1 for deepcryo.defocus, as documented), no
+    """The real command line: one line on stderr, status 2 (every program), no
     traceback, nothing written."""
     out = str(tmp_path / "out")
     proc = subprocess.run([sys.executable, "-m", module] + _fill(argv, ws, out), capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == (1 if module == "deepcryo.defocus" else 2), proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert all(w in lines[0] for w in words), lines[0]
     assert not os.path.exists(out) or _snapshot(out) == []

@@ -20,13 +20,16 @@
 
 600 particles (48 px, 3 Å/px, SNR 0.2, CTF) of a phantom, imported without alignment, refined from the
 phantom low-passed to 30 Å for 3 iterations; outputs and accuracy (median angular error < 5°, map better than
-16 Å against the truth) are checked; then the headless figures of the viewer.
+16 Å against the truth) are checked; then the headless figures of the viewer. A second run is SIGKILLed
+(all its processes) during iteration 2 and resumed with Scipion's continue mode.
 """
+import ctypes
 import os
+import time
 
 import numpy as np
 import torch
-from pwem.protocols import ProtImportParticles, ProtImportVolumes
+from pwem.protocols import ProtImportVolumes
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME
@@ -34,9 +37,10 @@ from deepcryo.convert import posesFromMatrices
 from deepcryo.core import fourier, geometry, io, simulate
 from deepcryo.core.fsc import fsc, fsc_resolution_A
 from deepcryo.protocols import DeepCryoProtSwiftRefine
-from deepcryo.tests.sets import particleSetFromStar
+from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
 BOX, PX, N = 48, 3.0, 600
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2), Linux
 
 
 class TestDeepCryoSwiftRefine(BaseTest):
@@ -50,12 +54,8 @@ class TestDeepCryoSwiftRefine(BaseTest):
                                                defocus_range_A=(15000.0, 25000.0))
         io.write_mrc(os.path.join(folder, "ref.mrc"),
                      fourier.lowpass_volume(torch.as_tensor(cls.vol), 30.0, PX).numpy(), PX)
-        parts = particleSetFromStar(cls.star, os.path.join(folder, "raw.sqlite"), withAlignment=False)
-        parts.close()
-        cls.importParts = cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
-                                          sqliteFile=parts.getFileName(), samplingRate=PX, voltage=300.0,
-                                          sphericalAberration=2.7, amplitudeContrast=0.1)
-        cls.launchProtocol(cls.importParts)
+        cls.importParts = importParticleSet(
+            cls, particleSetFromStar(cls.star, os.path.join(folder, "raw.sqlite"), withAlignment=False), PX)
         cls.importVol = cls.newProtocol(ProtImportVolumes, filesPath=folder, filesPattern="ref.mrc", samplingRate=PX)
         cls.launchProtocol(cls.importVol)
 
@@ -93,6 +93,59 @@ class TestDeepCryoSwiftRefine(BaseTest):
             fn = os.path.abspath(self.proj.getPath("refine_%d.png" % i))
             fig.savefig(fn)
             self.assertGreater(os.path.getsize(fn), 0)
+
+    def testContinueAfterKill(self):
+        """Scipion's continue mode after every process of the run was SIGKILLed during iteration 2: the finished
+        steps and iteration 1 are not redone, the run finishes with the same accuracy as an uninterrupted one."""
+        import psutil
+        from pyworkflow.protocol.constants import MODE_RESUME
+        prot = self.newProtocol(DeepCryoProtSwiftRefine, maxIterations=2, numberOfThreads=2,
+                                objLabel="killed, then continued")
+        prot.inputParticles.set(self.importParts.outputParticles)
+        prot.inputVolumes.append(self.importVol.outputVolume)
+        libc = ctypes.CDLL(None)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the killed run are reaped here, as init would
+        self.addCleanup(libc.prctl, PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        self.proj.launchProtocol(prot, wait=False)
+        first = prot._getExtraPath("refine", "it001_model.json")
+        deadline = time.time() + 900
+        while not os.path.exists(first):
+            self.assertLess(time.time(), deadline, "iteration 1 never finished")
+            self.assertTrue(psutil.pid_exists(prot.getPid()), "the run ended before the kill")
+            time.sleep(0.5)
+        time.sleep(1.0)                                              # inside iteration 2
+        root = psutil.Process(prot.getPid())
+        victims = [root] + root.children(recursive=True)
+        self.assertTrue(any("deepcryo.swiftalign" in " ".join(v.cmdline()) for v in victims[1:]))
+        for v in victims:
+            v.kill()
+        deadline = time.time() + 30
+        while any(psutil.pid_exists(v.pid) for v in victims) and time.time() < deadline:
+            for v in victims:
+                try:
+                    os.waitpid(v.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            time.sleep(0.1)
+        self.assertFalse(os.path.exists(prot._getExtraPath("refine", "it002_model.json")))
+        stamps = {f: os.path.getmtime(prot._getExtraPath(f)) for f in ("input_particles.star", "refine/it001_half1.mrc")}
+
+        self.proj._updateProtocol(prot)
+        self.proj.checkPid(prot)                                    # what Scipion's GUI does on refresh
+        self.assertTrue(prot.isFailed(), prot.getStatus())          # Scipion sees the dead run as failed
+        prot.runMode.set(MODE_RESUME)
+        self.proj.launchProtocol(prot, wait=True)
+        self.assertTrue(prot.isFinished(), prot.getErrorMessage())
+        for f, t in stamps.items():
+            self.assertEqual(os.path.getmtime(prot._getExtraPath(f)), t, "%s was redone" % f)
+        self.assertEqual([h["iteration"] for h in prot.history()], [1, 2])
+        mats = np.stack([p.getTransform().getMatrix() for p in getattr(prot, OUTPUT_PARTICLES).iterItems(orderBy="id")])
+        angles, _ = posesFromMatrices(mats)
+        truth = io.read_particles(self.star, require_images=False).angles_deg()
+        err = geometry.pose_distance_deg(torch.as_tensor(truth), torch.as_tensor(np.asarray(angles))).numpy()
+        self.assertLess(np.median(err), 5.0)
+        final, _ = io.read_mrc(getattr(prot, OUTPUT_VOLUME).getFileName())
+        self.assertLess(fsc_resolution_A(fsc(self.vol, final), PX, 0.5), 16.0)
 
     def testValidateMismatchedMap(self):
         folder = os.path.abspath(self.proj.getPath("simulated"))

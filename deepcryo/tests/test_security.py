@@ -83,9 +83,9 @@ def test_crafted_model_files_are_refused_everywhere(ws, tmp_path, capsys):  # no
         assert landscape_cli.main(["train", "--particles", ws["star"], "--output-dir", str(vae), "--continue"]) == 2
         # the programs: one line
         assert defocus_cli.main(["predict", "--micrographs", ws["mic"], "--output", str(tmp_path / "o" / "c.star"),
-                                 "--model", path] + ACQ) == 1
+                                 "--model", path] + ACQ) == 2
         assert defocus_cli.main(["train", "--star", os.path.join(ws["bad"], "labels.star"), "--init", path,
-                                 "--epochs", "1", "--output", str(tmp_path / "o" / "m.pt")]) == 1
+                                 "--epochs", "1", "--output", str(tmp_path / "o" / "m.pt")]) == 2
         assert landscape_cli.main(["analyze", str(vae), "--output-dir", str(tmp_path / "o" / "a")]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 4 and all(ln.startswith("error: ") and "not a deepcryo" in ln for ln in err), err
