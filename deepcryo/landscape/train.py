@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from ..core import fourier
-from ..core.ctf import ctf_2d
 from ..core.geometry import matrix_to_euler, quaternion_to_matrix
 from ..core.io import (InputError, atomic_output, load_error_reason, read_mrc, remove_stale_parts, write_mrc,
                        write_particles)
