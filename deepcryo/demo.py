@@ -131,7 +131,7 @@ def run_defocus(project, folder, n, size_px):
     prot = project.newProtocol(DeepCryoProtDeepDefocus, objLabel="deepcryo deep defocus")
     prot.inputMicrographs.set(imp.outputMicrographs)
     prot = _launch(project, prot)
-    truth = {os.path.basename(t["micrograph"]): t for t in truths}
+    truth = {"mic_%04d.mrc" % i: t for i, t in enumerate(truths)}  # simulate_micrograph_set's names
     errors = []
     for ctf in prot.outputCTF:
         t = truth[os.path.basename(ctf.getMicrograph().getFileName())]
