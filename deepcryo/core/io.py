@@ -86,13 +86,7 @@ def load_error_reason(exc):
     return (text.strip().splitlines() or [type(exc).__name__])[0][:100]
 
 
-def remove_stale_parts(path):
-    """Delete the temporary files that :func:`atomic_output` of ``path`` left behind when its process was
-    killed (SIGKILL, power loss) before it could clean up; returns their names. Call it when resuming."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    base, ext = os.path.splitext(os.path.basename(path))
-    pattern = re.compile(r"^\.%s\.[A-Za-z0-9_]+\.part%s$" % (re.escape(base), re.escape(ext)))
+def _remove_matching(folder, pattern):
     removed = []
     for name in (os.listdir(folder) if os.path.isdir(folder) else []):
         if pattern.match(name):
@@ -100,6 +94,21 @@ def remove_stale_parts(path):
                 os.remove(os.path.join(folder, name))
             removed.append(name)
     return removed
+
+
+def remove_stale_parts(path):
+    """Delete the temporary files that :func:`atomic_output` of ``path`` left behind when its process was
+    killed (SIGKILL, power loss) before it could clean up; returns their names. Call it when resuming."""
+    path = os.path.abspath(path)
+    base, ext = os.path.splitext(os.path.basename(path))
+    return _remove_matching(os.path.dirname(path), re.compile(r"^\.%s\.[A-Za-z0-9_]+\.part%s$"
+                                                              % (re.escape(base), re.escape(ext))))
+
+
+def remove_stale_parts_in(folder):
+    """:func:`remove_stale_parts` for every file of ``folder`` (``.<name>.<random>.part[.<ext>]``, the names
+    :func:`atomic_output` gives its temporaries); returns their names."""
+    return _remove_matching(os.path.abspath(folder), re.compile(r"^\..+\.[A-Za-z0-9_]+\.part(\.[^.]+)?$"))
 
 
 def _check_exists(path, what="file"):

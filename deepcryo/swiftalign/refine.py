@@ -355,8 +355,7 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
     resolution = params.initial_resolution_A
     history, start = [], 1
     if resume:
-        for stale in glob.glob(os.path.join(output_dir, ".*.part*")):   # temporaries of a killed run
-            os.remove(stale)
+        io.remove_stale_parts_in(output_dir)  # temporaries of a run killed while writing
         start = last_completed_iteration(output_dir) + 1
         if start > 1:
             it = start - 1

@@ -113,7 +113,11 @@ def test_continue_resumes_after_last_iteration(main_run, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(out, "it002_model.json"))
+    stale, kept = os.path.join(out, ".it002_half1.ab12_cd3.part.mrc"), os.path.join(out, ".notes.partial")
+    for path in (stale, kept):                      # a kill during a write leaves such a temporary
+        open(path, "w").close()
     assert cli.main(args) == 0
+    assert not os.path.exists(stale) and os.path.exists(kept)
     assert os.path.getmtime(os.path.join(out, "it001_half1.mrc")) == stamp      # not redone
     with open(os.path.join(out, "model.json")) as f:
         assert [h["iteration"] for h in json.load(f)["history"]] == [1, 2]
