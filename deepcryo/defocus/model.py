@@ -105,6 +105,13 @@ class DefocusNet(nn.Module):
         return self.head(torch.cat([self.features(psd), acq], dim=1))
 
 
+def _polar_radii_sq_px(size_px, n_radial):
+    """Squared radii (px²) of the polar grid, uniform in s² from 2 px to 1 px inside the edge: the (n_radial,)
+    tensor and its step (px²)."""
+    step = ((size_px / 2 - 1) ** 2 - 4.0) / n_radial
+    return 4.0 + (torch.arange(n_radial, dtype=torch.float32) + 0.5) * step, step
+
+
 class PolarDefocusNet(nn.Module):
     """A fixed polar resampling of the PSD, then a small CNN that reads each azimuth.
 
@@ -126,9 +133,7 @@ class PolarDefocusNet(nn.Module):
         w = width
         self.n_angles, self.n_radial, self.size_px = int(n_angles), int(n_radial), int(size_px)
         phi = (torch.arange(self.n_angles, dtype=torch.float32) + 0.5) * math.pi / self.n_angles
-        r2_max = (size_px / 2 - 1) ** 2  # squared radius (px²) from 2 px to 1 px inside the edge
-        r2 = 4.0 + (torch.arange(self.n_radial, dtype=torch.float32) + 0.5) / self.n_radial * (r2_max - 4.0)
-        r = r2.sqrt()
+        r = _polar_radii_sq_px(size_px, self.n_radial)[0].sqrt()
         x = size_px // 2 + r[None, :] * torch.cos(phi)[:, None]  # pixel positions (x = last axis)
         y = size_px // 2 + r[None, :] * torch.sin(phi)[:, None]
         grid = torch.stack([(x + 0.5) / size_px * 2 - 1, (y + 0.5) / size_px * 2 - 1], dim=-1)
@@ -198,13 +203,11 @@ class RingMatchNet(PolarDefocusNet):
     def __init__(self, width=16, n_angles=32, n_radial=128, size_px=128, samplings_A=(1.0, 2.0, 3.0),
                  n_defocus=160, defocus_range_A=(1000.0, 70000.0)):
         super().__init__(width=width, n_angles=n_angles, n_radial=n_radial, size_px=size_px)
-        del self.features, self.head
-        r2_max = (size_px / 2 - 1) ** 2
-        r2 = 4.0 + (torch.arange(self.n_radial, dtype=torch.float32) + 0.5) / self.n_radial * (r2_max - 4.0)
+        del self.features, self.head  # replaced below (built by the parent first: same seeded initialisation)
+        r2, step = _polar_radii_sq_px(size_px, self.n_radial)
         samp = torch.as_tensor(samplings_A, dtype=torch.float32)
-        s2 = r2[None, :] / (size_px * samp[:, None]) ** 2  # (C, R) 1/Å²
-        self.register_buffer("s2", s2, persistent=False)
-        self.register_buffer("ds2", (r2_max - 4.0) / self.n_radial / (size_px * samp) ** 2, persistent=False)
+        self.register_buffer("s2", r2[None, :] / (size_px * samp[:, None]) ** 2, persistent=False)  # (C, R) 1/Å²
+        self.register_buffer("ds2", step / (size_px * samp) ** 2, persistent=False)  # s² step (C,)
         log_df = torch.linspace(math.log(defocus_range_A[0]), math.log(defocus_range_A[1]), int(n_defocus))
         self.register_buffer("log_defocus", log_df, persistent=False)
         w = width
