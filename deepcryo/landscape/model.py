@@ -222,11 +222,11 @@ class LandscapeVAE(nn.Module):
         return torch.complex(out[..., :m], out[..., m:] * conj[..., None]).transpose(1, 2)
 
     # -------------------------------------------------------------------------------------- pose head
-    def predict_poses(self, spectra, table):
-        """Pose-free mode: chosen poses for selected spectra (B, K) and CTFs (B, K).
+    def predict_poses(self, spectra):
+        """Pose-free mode: the pose head's candidates for selected spectra (B, K).
 
-        Returns rotations (B, 3, 3) (gradients flow to the pose head), hand (B,) ±1 and shifts (B, 2) px
-        (the origin that centres the particle, as ``rlnOrigin`` / pixel size).
+        Returns rotations (B, H, 3, 3) (gradients flow to the pose head) and shifts (B, H, 2) px (the origin
+        that centres the particle, as ``rlnOrigin`` / pixel size), H = ``pose_heads``.
         """
         from ..core.geometry import quaternion_to_matrix
         b, h = spectra.shape[0], self.pose_heads
@@ -246,7 +246,7 @@ class LandscapeVAE(nn.Module):
         ``‖R_head − R_search‖²`` (closer hand) of the best head to the searched pose plus its squared
         shift error in units of ``max_shift_px``, where the search won; 0 elsewhere.
         """
-        rot, shifts = self.predict_poses(spectra, table)
+        rot, shifts = self.predict_poses(spectra)
         b, h = rot.shape[:2]
         m = self.n_basis + 1
         weight = self.pixel_weight / self.select(self.noise_var)

@@ -184,7 +184,7 @@ def test_pose_free_mirror_guard():
     images = Projector(vol * model.mask3d).project_ft(rot)
     table = model.basis_ft()
     # the pose head is replaced by one that returns the mirror poses, zero shifts
-    model.predict_poses = lambda spectra, table: ((mirror @ rot @ mirror)[:, None], torch.zeros(6, 1, 2))
+    model.predict_poses = lambda spectra: ((mirror @ rot @ mirror)[:, None], torch.zeros(6, 1, 2))
     model.pose_grid = model.pose_grid[:1]                  # a single (wrong) grid pose
     chosen, hand, shifts, _ = model.choose_poses(model.select(images), model.select(ctf), table)
     assert torch.all(hand == -1)
