@@ -175,7 +175,9 @@ def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score
     pool has none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's
     exact pool score unrefined (cheaper, a slightly larger gap). ``levels``, ``passes``: see :func:`refine`.
 
-    Returns (winner rotation (B, 3, 3), origin (B, 2), score (B,), confidence (B,), pool index of the winner (B,)).
+    Returns (winner rotation (B, 3, 3), origin (B, 2), score (B,), confidence (B,), pool index of the winner (B,),
+    runner-up rotation (B, 3, 3), origin (B, 2), score (B,)): the runner-up is that far candidate (refined
+    when ``refine_far``), or the winner itself when the pool has none.
     """
     b = pool_rot.shape[0]
     top = pool_score.topk(min(k, pool_score.shape[1]), dim=1).indices
@@ -190,13 +192,16 @@ def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score
                              symmetry).reshape(b, -1)
     far = dist > far_deg
     far_pick = torch.where(far, pool_score, torch.full_like(pool_score, -np.inf)).argmax(1)
+    f_rot, f_org, f_score = pool_rot[ar, far_pick], pool_org[ar, far_pick], pool_score[ar, far_pick]
     if refine_far:
-        far_score = refine(projector, band, particles, pool_rot[ar, far_pick][:, None],
-                           pool_org[ar, far_pick][:, None], angular_step_deg, shift_step_px, levels, passes)[2][:, 0]
-    else:
-        far_score = pool_score[ar, far_pick]
-    gap = w_score - torch.where(far.any(1), far_score, pool_score.min(1).values)
-    return w_rot, w_org, w_score, gap, top[ar, win]
+        f_rot, f_org, f_score = (x[:, 0] for x in refine(projector, band, particles, f_rot[:, None], f_org[:, None],
+                                                          angular_step_deg, shift_step_px, levels, passes))
+    has_far = far.any(1)
+    gap = w_score - torch.where(has_far, f_score, pool_score.min(1).values)
+    f_rot = torch.where(has_far[:, None, None], f_rot, w_rot)
+    f_org = torch.where(has_far[:, None], f_org, w_org)
+    f_score = torch.where(has_far, f_score, w_score)
+    return w_rot, w_org, w_score, gap, top[ar, win], f_rot, f_org, f_score
 
 
 def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prior_origins_A=None,
@@ -211,7 +216,8 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
 
     Returns dict of arrays: ``angles_deg`` (N, 3), ``origins_A`` (N, 2), ``score`` (N,) the normalised
     correlation of the winner, ``confidence`` (N,), ``ctf_group`` (N,) the CTF group of the matched
-    reference (-1 in local mode).
+    reference (-1 in local mode), and the runner-up far from the winner (:func:`select_and_refine`):
+    ``alt_angles_deg`` (N, 3), ``alt_origins_A`` (N, 2), ``alt_score`` (N,).
     """
     m = bundle.manifest
     px, step, sstep, symmetry = m["pixel_size_A"], m["angular_step_deg"], m["shift_step_px"], m["symmetry"]
@@ -226,7 +232,8 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
         prior_org = torch.as_tensor(np.asarray(prior_origins_A) / px, dtype=torch.float32)
         local_shift_px = m["max_shift_px"] if local_shift_px is None else local_shift_px
     out = {"angles_deg": np.zeros((n, 3)), "origins_A": np.zeros((n, 2)), "score": np.zeros(n),
-           "confidence": np.zeros(n), "ctf_group": np.full(n, -1, dtype=np.int64)}
+           "confidence": np.zeros(n), "ctf_group": np.full(n, -1, dtype=np.int64),
+           "alt_angles_deg": np.zeros((n, 3)), "alt_origins_A": np.zeros((n, 2)), "alt_score": np.zeros(n)}
     t0 = time.time()
     with star.open_images() as stack:
         for idx, images in stack.batches(batch_size):
@@ -239,13 +246,16 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
                 rot, org, group = global_candidates(bundle, parts, 4 * k, nprobe, devices)
                 pool_score = score_poses(bundle.projector, band, parts, rot, org, torch.zeros(1, 2))[..., 0]
                 far_deg = 2 * step
-            w_rot, w_org, w_score, gap, w_idx = select_and_refine(bundle.projector, band, parts, rot, org, pool_score,
-                                                                  k, step, sstep, far_deg, symmetry,
-                                                                  levels, passes, refine_far)
+            (w_rot, w_org, w_score, gap, w_idx,
+             f_rot, f_org, f_score) = select_and_refine(bundle.projector, band, parts, rot, org, pool_score, k, step,
+                                                        sstep, far_deg, symmetry, levels, passes, refine_far)
             out["angles_deg"][idx] = matrix_to_euler(w_rot.double()).numpy()
             out["origins_A"][idx] = (w_org * px).numpy()
             out["score"][idx] = w_score.numpy()
             out["confidence"][idx] = gap.numpy()
+            out["alt_angles_deg"][idx] = matrix_to_euler(f_rot.double()).numpy()
+            out["alt_origins_A"][idx] = (f_org * px).numpy()
+            out["alt_score"][idx] = f_score.numpy()
             if group is not None:
                 out["ctf_group"][idx] = group[torch.arange(len(idx)), w_idx].numpy()
             log("aligned %d / %d particles (%.1f s, %.1f ms/particle)"

@@ -151,6 +151,26 @@ def test_noisy_halves_fsc_tracks_truth(tmp_path, phantom32):
     assert abs(res_half - res_truth) < 3.0          # the gold-standard estimate agrees with the truth
 
 
+def test_reconstruction_corners_and_wiener_term(tmp_path, phantom32):
+    star = io.read_particles(simulate.write_particle_set(str(tmp_path), phantom32, 600, 2.0, snr=0.05, seed=6))
+    rec = reconstruct.Reconstructor(32)
+    with star.open_images() as stack:
+        images, rot, origins, ctf2d = reconstruct.batch_inputs(star, np.arange(len(star)), stack, "cpu")
+    rec.insert_images(images, rot, origins, ctf2d)
+    plain = rec.reconstruct()
+    r = fourier.radius_grid_3d(32).numpy()
+    assert plain[r > 16 + 3].std() < 1e-6                   # beyond N/2 + edge: one constant, the corners' mean
+    inside = r < 14
+    assert plain[inside].std() > 10 * plain[r > 16 + 3].std() + 1e-3
+    # Wiener term W̄/SSNR: with SSNR = 1 everywhere a voxel of average weight is halved
+    halved = rec.reconstruct(ssnr=np.ones(17))
+    mid = (r > 3) & (r < 10)
+    ft_plain, ft_half = np.fft.fftn(plain)[np.fft.ifftshift(mid)], np.fft.fftn(halved)[np.fft.ifftshift(mid)]
+    ratio = np.real(np.vdot(ft_plain, ft_half)) / np.real(np.vdot(ft_plain, ft_plain))
+    assert 0.35 < ratio < 0.65, ratio
+    assert np.allclose(rec.reconstruct(ssnr=np.full(17, 1e6)), plain, atol=1e-4 * np.abs(plain).max())
+
+
 def test_simulation_is_deterministic(tmp_path, phantom32):
     a = simulate.write_particle_set(str(tmp_path / "a"), phantom32, 20, 2.0, seed=9)
     b = simulate.write_particle_set(str(tmp_path / "b"), phantom32, 20, 2.0, seed=9)

@@ -53,6 +53,11 @@ def test_exact_index_accuracy(data, flat):
     assert {"dcSwiftScore", "dcSwiftConfidence", "dcSwiftCtfGroup"} <= set(out.particles)
     assert np.all(np.isin(out.particles["dcSwiftCtfGroup"], [0, 1]))
     assert np.median(flat["confidence"][good]) > 0
+    # the runner-up: the best match more than two steps from the winner, refined (which may bring it back near
+    # the winner), or the winner itself when no match is that far; never better than the winner
+    gap = pose_distance_deg(torch.as_tensor(flat["angles_deg"]), torch.as_tensor(flat["alt_angles_deg"])).numpy()
+    assert (gap > 2 * STEP_DEG).any()
+    assert np.all(flat["alt_score"] <= flat["score"] + 1e-6)
 
 
 def test_compressed_index_vs_exact(data, flat):

@@ -2,7 +2,7 @@
 
 Main case (issue #6): phantom, 64 px at 2 Å/px, 2000 particles, SNR 0.1, CTF (1.5–2.5 µm), origins within
 ±3 px; the input has no poses; the initial reference is the true map low-passed to 30 Å. With the true
-poses these particles give a map at 7.45 Å (FSC 0.5 against the truth): the refinement must get close.
+poses these particles give a map at 6.77 Å (FSC 0.5 against the truth): the refinement must get close.
 """
 import json
 import os
@@ -72,8 +72,9 @@ def test_refinement_recovers_poses_and_map(main_run):
     assert not os.path.exists(os.path.join(out, "work"))
     err = _angle_errors(main_run["truth"], os.path.join(out, "particles.star"))
     print("median angular error %.2f°, > 10°: %.1f%%" % (np.median(err), 100 * np.mean(err > 10)))
-    assert np.median(err) < 3.5
-    assert np.mean(err > 10) < 0.12
+    assert np.median(err) < 3.0                   # 2.10° measured
+    assert np.mean(err > 10) < 0.01               # 0.2 % measured; 2.0 % when the global iteration's runner-up
+                                                  # poses are not searched again (pseudo-2-fold mates)
     t = io.read_particles(main_run["truth"], require_images=False)
     o = io.read_particles(os.path.join(out, "particles.star"), require_images=False)
     shift_err = np.linalg.norm(t.origins_A() - o.origins_A(), axis=1) / PX
@@ -81,7 +82,7 @@ def test_refinement_recovers_poses_and_map(main_run):
     final, _ = io.read_mrc(os.path.join(out, "map.mrc"))
     res_truth = fsc_resolution_A(fsc(main_run["vol"], final), PX, 0.5)
     print("FSC 0.5 vs truth %.2f Å, half-map %.2f Å" % (res_truth, main_run["model"]["resolution_A"]))
-    assert res_truth < 9.0                       # true poses give 7.45 Å
+    assert res_truth < 7.5                       # true poses give 6.77 Å; 7.04 Å measured
     assert main_run["model"]["resolution_A"] < 9.0
     hist = main_run["model"]["history"]
     assert hist[0]["mode"] == "global" and all(h["mode"] == "local" for h in hist[1:])
