@@ -196,6 +196,14 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
         with open(path) as f:
             return json.load(f)["history"]
 
+    def finalResolution(self):
+        """Resolution (Å, half-map FSC 0.143, masked) of the final pose-weighted half maps, or None before the end."""
+        path = self._refineDir("model.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f).get("final_resolution_A")
+
     def _validate(self):
         errors = []
         particles = self.inputParticles.get()
@@ -246,6 +254,10 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
                  "median pose change in the last iteration %.2f°."
                  % (len(hist), "converged" if last["converged"] else "not converged (iteration limit)",
                     last["resolution_A"], last["angular_step_deg"], last["median_angle_change_deg"])]
+        final = self.finalResolution()
+        if final is not None:
+            lines.append("Final half maps, each particle inserted at its pose posterior: %.2f Å (half-map FSC "
+                         "0.143, masked)." % final)
         if self._nClasses() > 1:
             lines.append("Class fractions: " + ", ".join("%.1f%%" % (100 * f) for f in last["class_fractions"]))
         if last["fraction_kept"] < 1:
@@ -262,7 +274,8 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
                 "with %s symmetry, from an initial resolution of %.0f Å; the half-map FSC reached %.2f Å "
                 "(0.143 threshold) after %d iterations."
                 % (self.inputParticles.get().getSize(), ", ".join(p.get().getFileName() for p in self.inputVolumes),
-                   self.symmetryGroup.get(), self.initialResolution.get(), hist[-1]["resolution_A"], len(hist))]
+                   self.symmetryGroup.get(), self.initialResolution.get(),
+                   self.finalResolution() or hist[-1]["resolution_A"], len(hist))]
 
     def _citations(self):
         return ["Lauzirika2023"]

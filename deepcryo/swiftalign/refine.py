@@ -51,9 +51,19 @@ of that iteration's reconstruction (kept in the set, realigned next iteration). 
 is kept.
 
 **Convergence**: stop after the first local iteration at which the resolution has not improved by 1 % for
-two iterations and the median pose change is below the angular step, or at ``max_iterations``. The final
-map is the reconstruction of both halves together (the average of the halves' data); its FSC curve is the
-half-map FSC of the last iteration.
+two iterations and the median pose change is below the angular step, or at ``max_iterations``.
+
+**Final maps with pose posteriors.** At SNR 0.1 a particle's pose is uncertain by about the median error
+(2°), and inserting it at one pose throws that uncertainty away; RELION marginalises over it in every
+iteration. Once, after the last iteration, each half is reconstructed again with every kept particle
+inserted at the 33 poses within ±2 half angular steps of its final pose (each with its best origin within
+± half a shift step), weighted by a tempered posterior against its own half's latest reference
+(:func:`.query.pose_posterior`). On the benchmark's 2000 particles this moves the half-map FSC 0.143 from
+7.23 to 6.56 Å (masked 6.35 → 6.20 Å) and the map against the truth from 7.33 to 6.72 Å (masked 6.38 →
+6.23 Å), for 41 s (a third of the run). ``half1.mrc``, ``half2.mrc``, their FSC (``fsc.star``) and
+``map.mrc`` (both halves' data together) are these reconstructions; the per-iteration files keep the best
+poses only. ``model.json`` gives both resolutions (``resolution_A``: the last iteration's;
+``final_resolution_A``: the final maps').
 
 Files in ``output_dir`` (one class; with K classes ``it###_class###_half1.mrc`` and so on):
 
@@ -85,7 +95,7 @@ from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, w
 from . import index as swindex
 from .features import Band, noise_weights
 from .gallery import gallery_poses, shift_grid
-from .query import align
+from .query import ParticleBatch, align, pose_posterior
 
 __all__ = ["angular_step_for", "shift_step_for", "reference_filter", "half_ssnr", "join_halves", "refinement_mask",
            "RefineParams", "refine", "LocalReference"]
@@ -320,6 +330,42 @@ def _reconstruct(star, halves, classes, keep, n_classes, params):
     return recs
 
 
+def _posterior_reconstruct(star, halves, classes, keep, refs, resolution_A, diameter_A, n_classes, params):
+    """Half-map reconstructors recs[k][h-1] with each kept particle inserted at every pose of its tempered
+    posterior (:func:`.query.pose_posterior`: 33 rotations within ±2 half angular steps and the best origin
+    within ±half a shift step), scored against its own half's reference ``refs[k][h-1]``."""
+    device = torch.device(params.device)
+    box, px = star.box_size, star.pixel_size_A
+    res_A = max(resolution_A, 2 * px)
+    step, sstep = 0.5 * angular_step_for(res_A, diameter_A), 0.5 * shift_step_for(res_A, px)
+    band = Band(box, px, res_A)
+    projectors = [[Projector(refs[k][h], device=device) for h in range(2)] for k in range(n_classes)]
+    recs = [[Reconstructor(box, symmetry=params.symmetry, device=device) for _ in range(2)]
+            for _ in range(n_classes)]
+    ctf_params = star.ctf_params()
+    batch = max(1, params.batch_size // 8)            # each particle is inserted at 33 poses
+    with star.open_images() as stack:
+        for start in range(0, len(star), batch):
+            idx = np.arange(start, min(start + batch, len(star)))
+            images, rot, origins, ctf = batch_inputs(star, idx, stack, device)
+            spectra = fourier.fft2c(images)
+            for k in range(n_classes):
+                for h in (1, 2):
+                    sel = np.nonzero((halves[idx] == h) & (classes[idx] == k) & keep[idx])[0]
+                    if len(sel) == 0:
+                        continue
+                    parts = ParticleBatch(band, images[sel].cpu(), {key: v[idx[sel]] for key, v in ctf_params.items()})
+                    q_rot, q_org, weight = pose_posterior(projectors[k][h - 1], band, parts, rot[sel].cpu(),
+                                                          origins[sel].cpu(), step, sstep)
+                    b, q = weight.shape
+                    w = weight.to(device).reshape(b * q, 1, 1)
+                    ramps = fourier.phase_shift_2d(box, q_org.to(device).reshape(b * q, 2), device=device)
+                    data = (spectra[sel] * ctf[sel]).repeat_interleave(q, dim=0) * ramps * w
+                    recs[k][h - 1].insert(data, (ctf[sel] ** 2).repeat_interleave(q, dim=0) * w,
+                                          q_rot.to(device).reshape(b * q, 3, 3))
+    return recs
+
+
 def refine(particles, references, output_dir, params=None, mask=None, resume=False, log=print):
     """Run the refinement (module docstring). Returns the final model dict.
 
@@ -510,26 +556,41 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
     if model is None:
         raise io.InputError("%s: nothing to continue from and no iteration to run" % output_dir)
     last = model["iteration"]
-    # final outputs: both halves together, the last FSC, the last particles
+    # final outputs: the last particles; both halves reconstructed with pose posteriors, their FSC, the map
     final_star = io.read_particles(os.path.join(output_dir, "it%03d_particles.star" % last))
-    recs = _reconstruct(final_star, np.asarray(final_star.particles["rlnRandomSubset"]),
-                        np.asarray(final_star.particles["rlnClassNumber"]) - 1,
-                        np.asarray(final_star.particles["dcSwiftKept"], dtype=bool), n_classes, params)
+    final_halves = np.asarray(final_star.particles["rlnRandomSubset"])
+    final_classes = np.asarray(final_star.particles["rlnClassNumber"]) - 1
+    final_keep = np.asarray(final_star.particles["dcSwiftKept"], dtype=bool)
+    t0 = time.time()
+    recs = _posterior_reconstruct(final_star, final_halves, final_classes, final_keep, refs, model["resolution_A"],
+                                  diameter, n_classes, params)
+    final_res = []
     for k in range(n_classes):
+        if min(recs[k][0].count, recs[k][1].count) == 0:
+            final_res.append(math.inf)
+            for name in ("half1.mrc", "half2.mrc", "fsc.star"):
+                shutil.copyfile(_name(output_dir, last, n_classes, k, name), _name(output_dir, None, n_classes, k, name))
+        else:
+            h1, h2 = recs[k][0].reconstruct(), recs[k][1].reconstruct()
+            curve = fsc(h1 * mask_t.numpy(), h2 * mask_t.numpy())
+            final_res.append(fsc_resolution_A(curve, px, 0.143))
+            io.write_mrc(_name(output_dir, None, n_classes, k, "half1.mrc"), h1, px)
+            io.write_mrc(_name(output_dir, None, n_classes, k, "half2.mrc"), h2, px)
+            write_fsc_star(_name(output_dir, None, n_classes, k, "fsc.star"), curve, box, px)
         total = Reconstructor(box, symmetry=params.symmetry, device=torch.device(params.device))
         total.add(recs[k][0])
         total.add(recs[k][1])
         io.write_mrc(_name(output_dir, None, n_classes, k, "map.mrc"), total.reconstruct(), px)
-        for h in (1, 2):
-            shutil.copyfile(_name(output_dir, last, n_classes, k, "half%d.mrc" % h),
-                            _name(output_dir, None, n_classes, k, "half%d.mrc" % h))
-        shutil.copyfile(_name(output_dir, last, n_classes, k, "fsc.star"), _name(output_dir, None, n_classes, k, "fsc.star"))
+    finite = [r for r in final_res if math.isfinite(r)]
+    model = dict(model, final_resolution_A=float(np.mean(finite)) if finite else model["resolution_A"],
+                 final_class_resolution_A=[float(r) for r in final_res], final_seconds=time.time() - t0)
     shutil.copyfile(os.path.join(output_dir, "it%03d_particles.star" % last), os.path.join(output_dir, "particles.star"))
     _write_json(os.path.join(output_dir, "model.json"), model)
     shutil.rmtree(work_dir, ignore_errors=True)
-    log("final: %d iterations, resolution %.2f Å (FSC 0.143), %s" % (last, model["resolution_A"],
-                                                                    "converged" if model["converged"] else
-                                                                    "stopped at the iteration limit"))
+    log("final: %d iterations (%s); pose-weighted half maps: resolution %.2f Å (FSC 0.143; the last iteration's "
+        "best poses alone: %.2f Å), %.1f s"
+        % (last, "converged" if model["converged"] else "stopped at the iteration limit",
+           model["final_resolution_A"], model["resolution_A"], model["final_seconds"]))
     return model
 
 
