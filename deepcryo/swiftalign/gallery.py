@@ -49,14 +49,17 @@ def gallery_poses(angular_step_deg, symmetry="C1", grid_rotation=None):
 
 
 def band_slices(projector, rotations, freqs_px):
-    """Central-slice values (B, P) complex of the projector's map at band frequencies.
+    """Central-slice values (B, P) complex of the projector's map at band frequencies, on the projector's
+    device (the inputs are moved there).
 
     Args:
         projector: a :class:`deepcryo.core.projector.Projector` (its padded, gridding-corrected transform).
         rotations: (B, 3, 3) pose matrices (volume → projection frame, RELION convention).
         freqs_px: (P, 2) frequencies (fx, fy) in cycles/px.
     """
-    rotations = torch.as_tensor(rotations, dtype=torch.float32)
+    device = projector._ft.device
+    rotations = torch.as_tensor(rotations, dtype=torch.float32).to(device)
+    freqs_px = freqs_px.to(device)
     k3 = torch.cat([freqs_px, torch.zeros_like(freqs_px[:, :1])], dim=1)            # (P, 3)
     pts = torch.einsum("pi,bij->bpj", k3, rotations)                               # Aᵀk
     m = projector.padded_box

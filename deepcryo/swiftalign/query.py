@@ -68,7 +68,8 @@ def score_poses(projector, band, particles, rotations, origins_px, offsets_px):
     ``Re Σ w conj(ref) x / sqrt(Σ w |ref|² · Σ w |x|²)`` over the band, w the whitening weights (or 1).
     """
     b, c = rotations.shape[:2]
-    ref = band_slices(projector, rotations.reshape(-1, 3, 3), band.freqs_px).reshape(b, c, -1)
+    ref = band_slices(projector, rotations.reshape(-1, 3, 3), band.freqs_px).to(particles.coeffs.device)
+    ref = ref.reshape(b, c, -1)
     ref = ref * particles.ctf[:, None]
     x = particles.coeffs
     if particles.sqrt_weights is not None:
