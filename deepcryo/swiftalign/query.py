@@ -175,8 +175,9 @@ def pose_posterior(projector, band, particles, rotations, origins_px, angular_st
     ``−|x|²(1 − c²)/σ² ≈ −P(1 − c²)`` (``P`` complex band coefficients, ``c`` the normalised correlation),
     so ``temper=1`` is that likelihood. It ignores the errors of the reference, which broaden the real
     posterior: on 2000 simulated particles (``benchmarks/refine.py``) tempering by 1, 2 and 4 gave final
-    maps at 7.11, 6.82 and 6.72 Å against the truth (hard assignment: 7.33 Å), and a flat weight over the
-    candidates (κ = 10) 6.68 Å.
+    maps at 7.11, 6.82 and 6.72 Å against the truth (hard assignment: 7.33 Å). A nearly flat weight over
+    the candidates (κ = 10 on the score itself) gave 6.68 Å there, but it spreads every particle alike,
+    whatever its signal; the tempered likelihood sharpens with the particle's correlation and band size.
 
     Returns rotations (B, Q, 3, 3), origins (B, Q, 2) px and weights (B, Q) summing to 1 per particle.
     """
