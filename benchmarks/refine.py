@@ -12,8 +12,9 @@ Printed per program: wall and CPU seconds (the process and its children; CPU sec
 shared machine), median angular error and shift error against the truth, half-map FSC 0.143 (computed
 here in the same way for both, unmasked and in the same soft spherical mask) and FSC 0.5 of the final
 map against the truth, unmasked and in that mask; then the deepcryo / RELION ratios. Compare the masked
-figure: RELION's ``--flatten_solvent`` writes its maps already masked by a sphere of the particle diameter
-(the unmasked FSC against the truth then counts the solvent noise of deepcryo's map only).
+figure when RELION is evaluated at an intermediate iteration: ``--flatten_solvent`` masks RELION's
+iteration maps by a sphere of the particle diameter (not its final map, where it skips solvent flattening),
+so their unmasked FSC against the truth would count the solvent noise of deepcryo's map only.
 
     python benchmarks/refine.py --n 2000 --box 64 --threads 2 --workdir /tmp/bench_refine
 

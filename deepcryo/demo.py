@@ -99,7 +99,7 @@ def run_refinement(project, folder, imported, pixel_size_A, initial_resolution_A
     ref = _launch(project, ref)
     truth = io.read_particles(imported["star"], require_images=False).angles_deg()
     # iterItems reuses one object: read each particle's values while it is current
-    rows, matrices = zip(*[(p.getIndex() - 1, p.getTransform().getMatrix().copy())
+    rows, matrices = zip(*[(p.getIndex() - 1, p.getTransform().getMatrix())
                            for p in ref.outputParticles.iterItems(orderBy="id")])
     angles, _ = posesFromMatrices(np.stack(matrices))
     rows = np.array(rows)

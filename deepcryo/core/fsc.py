@@ -11,7 +11,7 @@ import torch
 
 from . import fourier
 
-__all__ = ["fsc", "fsc_resolution_A", "shell_frequencies", "spherical_mask", "fsc_to_ssnr"]
+__all__ = ["fsc", "fsc_resolution_A", "shell_frequencies", "spherical_mask", "fsc_to_ssnr", "fsc_to_half_ssnr"]
 
 
 def fsc(volume1, volume2):
@@ -55,6 +55,13 @@ def fsc_to_ssnr(curve, floor=1e-3):
     """Spectral SNR of the full map from a half-map FSC: ``2·FSC / (1 − FSC)`` (clipped to ``floor``)."""
     c = np.clip(np.asarray(curve, dtype=np.float64), 0.0, 0.999)
     return np.maximum(2.0 * c / (1.0 - c), floor)
+
+
+def fsc_to_half_ssnr(curve):
+    """Spectral SNR of one half map from the half-map FSC: ``FSC / (1 − FSC)``, FSC clipped to [1e-3, 0.999]
+    (RELION's ``updateSSNRarrays``)."""
+    c = np.clip(np.asarray(curve, dtype=np.float64), 1e-3, 0.999)
+    return c / (1.0 - c)
 
 
 def spherical_mask(box, radius_px=None, edge_px=5.0, device=None):

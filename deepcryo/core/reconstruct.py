@@ -119,7 +119,7 @@ class Reconstructor:
 
         Args:
             ssnr: optional (N//2 + 1,) spectral SNR per shell of the N grid of the map being reconstructed
-                (a half map: ``FSC / (1 - FSC)`` of the half-map FSC; the full map:
+                (a half map: :func:`deepcryo.core.fsc.fsc_to_half_ssnr`; the full map:
                 :func:`deepcryo.core.fsc.fsc_to_ssnr`); adds the Wiener term ``W̄ / SSNR`` to the
                 weights, ``W̄`` the shell's mean weight (RELION's τ² regularisation). Without it the
                 weight is floored at 1e-3 of its shell's mean.
