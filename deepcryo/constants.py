@@ -27,9 +27,9 @@ DEEPCRYO_PYTHON = "DEEPCRYO_PYTHON"
 ENGINES = ("core.reconstruct", "core.simulate", "defocus", "swiftalign", "landscape")
 
 # ----------------------------------------------------------------------------------------- symmetry
-#: Point groups accepted by ``deepcryo.core.geometry.symmetry_matrices`` (case-insensitive):
-#: Cn and Dn with n >= 1, T, O and I, with the RELION/Xmipp axis conventions.
-SYMMETRY_PATTERN = r"^\s*([CcDd][1-9][0-9]*|[TtOoIi])\s*$"
+#: Point groups accepted by ``deepcryo.core.geometry.symmetry_matrices``: RELION's names, in any case (Cn,
+#: Cnv, Cnh, Dn, Dnv, Dnh with 1 <= n <= 99; Sn with n even; Ci, Cs, T, Td, Th, O, Oh, I, I1-I4, Ih, I1h-I4h).
+SYMMETRY_PATTERN = r"(?i)^\s*([CD][1-9][0-9]?[VH]?|S([2468]|[1-9][02468])|C[IS]|T[DH]?|OH?|I[1-4]?H?)\s*$"
 
 # -------------------------------------------------------------------------------------- output names
 OUTPUT_VOLUME = "outputVolume"

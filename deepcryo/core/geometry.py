@@ -9,21 +9,25 @@ Angles (rot, tilt, psi) are in degrees. The matrix ``A = euler_to_matrix(rot, ti
 ``P(x, y) = ∫ V(Aᵀ (x, y, z)) dz`` and, by the Fourier-slice theorem, ``P̂(k) = V̂(Aᵀ (kx, ky, 0))``.
 The viewing direction in volume coordinates is ``Aᵀ e_z = (sin t cos r, sin t sin r, cos t)``.
 
-Symmetry: a pose ``A`` is equivalent to ``A · S`` for every operator ``S`` of the point group (the volume
-satisfies ``V(S x) = V(x)``). Groups are built as sets of 3×3 matrices in volume coordinates with the
-RELION/Xmipp axis choice: Cn about z; Dn adds a 2-fold about x; T, O and I in their standard settings.
+Symmetry: the point groups, their names and their operators are RELION's (``relion_refine
+--print_symmetry_ops --sym G``), improper groups (mirrors, inversion) included: 3×3 matrices ``S`` in volume
+coordinates, the volume satisfying ``V(S x) = V(x)``. A pose ``A`` is equivalent to ``A · S`` for a rotation
+``S`` and to ``diag(1, 1, -1) · A · S`` for an improper ``S`` (:func:`equivalent_poses`).
 
 Quaternions are (w, x, y, z), unit norm, w >= 0, representing the same rotation as the matrix ``A``.
 All functions are batched over leading dimensions and work on float32/float64 torch tensors.
 """
+import functools
 import math
+import re
 
 import numpy as np
 import torch
 
 __all__ = ["euler_to_matrix", "matrix_to_euler", "matrix_to_quaternion", "quaternion_to_matrix",
            "rotation_angle_deg", "pose_distance_deg", "viewing_direction", "direction_distance_deg",
-           "sphere_directions", "sample_poses", "symmetry_matrices", "in_plane_rotation_matrix"]
+           "sphere_directions", "sample_poses", "symmetry_matrices", "equivalent_poses", "SYMMETRY_NAMES",
+           "in_plane_rotation_matrix"]
 
 
 def _as_tensor(x, dtype=None):
@@ -104,14 +108,14 @@ def rotation_angle_deg(matrix):
 
 
 def pose_distance_deg(angles1_deg, angles2_deg, symmetry="C1"):
-    """Smallest rotation angle (degrees) between poses, over the symmetry-equivalent copies of pose 2.
+    """Smallest rotation angle (degrees) between poses, over the symmetry-equivalent copies of pose 2
+    (:func:`equivalent_poses`).
 
     ``angles1_deg``, ``angles2_deg``: (N, 3) Euler angles. Returns (N,).
     """
     a1 = euler_to_matrix(angles1_deg)
-    a2 = euler_to_matrix(angles2_deg)
-    sym = symmetry_matrices(symmetry).to(a1.dtype)
-    rel = a1[:, None] @ sym[None].transpose(-1, -2) @ a2[:, None].transpose(-1, -2)
+    copies = equivalent_poses(euler_to_matrix(angles2_deg).to(a1.dtype), symmetry)      # (N, G, 3, 3)
+    rel = a1[:, None] @ copies.transpose(-1, -2)
     return rotation_angle_deg(rel).min(dim=1).values
 
 
@@ -123,9 +127,7 @@ def viewing_direction(angles_deg):
 def direction_distance_deg(angles1_deg, angles2_deg, symmetry="C1"):
     """Angle (degrees) between projection directions (ignores the in-plane angle), over symmetry copies."""
     d1 = viewing_direction(angles1_deg)
-    a2 = euler_to_matrix(angles2_deg)
-    sym = symmetry_matrices(symmetry).to(a2.dtype)
-    d2 = (a2[:, None] @ sym[None])[..., 2, :]
+    d2 = equivalent_poses(euler_to_matrix(angles2_deg).to(d1.dtype), symmetry)[..., 2, :]
     c = (d1[:, None] * d2).sum(-1).clamp(-1, 1)
     return torch.rad2deg(torch.arccos(c)).min(dim=1).values
 
@@ -151,14 +153,17 @@ def sphere_directions(step_deg, hemisphere=False):
 def sample_poses(step_deg, psi_step_deg=None, symmetry="C1"):
     """(M, 3) poses: sphere directions × in-plane angles, reduced to the asymmetric unit of ``symmetry``.
 
-    Directions whose symmetry copy lies closer to an already kept direction are dropped (greedy), which
-    gives an even sampling of the asymmetric unit for any group.
+    One direction is kept per orbit of the directions under the group (:func:`equivalent_poses`), which
+    gives an even sampling of the asymmetric unit for any group. A group with an inversion centre makes
+    psi and psi + 180° equivalent (``Mz · A · (-I)`` turns the image by 180°): psi then spans [0°, 180°).
     """
     dirs = sphere_directions(step_deg)
-    if symmetry.upper() != "C1":
+    sym = symmetry_matrices(symmetry)
+    if len(sym) > 1:
         dirs = _reduce_to_asymmetric_unit(dirs, symmetry)
     psi_step = psi_step_deg or step_deg
-    psis = np.arange(0.0, 360.0, psi_step)
+    has_inversion = bool((sym + torch.eye(3, dtype=sym.dtype)).abs().amax(dim=(1, 2)).min() < 1e-9)
+    psis = np.arange(0.0, 180.0 if has_inversion else 360.0, psi_step)
     rot = np.repeat(dirs[:, 0], len(psis))
     tilt = np.repeat(dirs[:, 1], len(psis))
     psi = np.tile(psis, len(dirs))
@@ -167,10 +172,8 @@ def sample_poses(step_deg, psi_step_deg=None, symmetry="C1"):
 
 def _reduce_to_asymmetric_unit(dirs_deg, symmetry):
     """Keep one direction per symmetry orbit: the copy with the largest (z, then rot-closest-to-0) wins."""
-    sym = symmetry_matrices(symmetry)
     angles = np.concatenate([dirs_deg, np.zeros((len(dirs_deg), 1))], axis=1)
-    d = viewing_direction(torch.as_tensor(angles))            # (M, 3)
-    copies = (d[:, None, None, :] @ sym.to(d.dtype)[None]).squeeze(-2)  # (M, G, 3): directions of A·S
+    copies = equivalent_poses(euler_to_matrix(torch.as_tensor(angles)), symmetry)[..., 2, :]   # (M, G, 3)
     # canonical representative: highest z, then smallest azimuth
     az = torch.remainder(torch.atan2(copies[..., 1], copies[..., 0]), 2 * math.pi)
     key = torch.round(copies[..., 2] * 1e6) * 10 - az / (2 * math.pi)
@@ -185,51 +188,120 @@ def in_plane_rotation_matrix(psi_deg):
 
 
 # ---------------------------------------------------------------------------------------------- symmetry
-def _rot_axis(axis, angle_rad):
+#: The point-group names :func:`symmetry_matrices` accepts, as RELION spells them (any case).
+SYMMETRY_NAMES = ("C<n>, C<n>v, C<n>h, D<n>, D<n>v, D<n>h (1 <= n <= 99), S<n> (n even, 2 to 98), Ci, Cs, T, Td, "
+                  "Th, O, Oh, I (= I2), I1, I2, I3, I4, Ih (= I2h), I1h, I2h, I3h, I4h")
+
+_PHI = (1.0 + math.sqrt(5.0)) / 2.0
+_NAME = re.compile(r"(?P<family>C|D)(?P<n>[1-9][0-9]?)(?P<suffix>[VH]?)|S(?P<s>[2468]|[1-9][02468])"
+                   r"|(?P<special>CI|CS|T|TD|TH|O|OH|I[1-4]?H?)")
+# RELION's src/symmetries.cpp (fill_symmetry_class) defines each group by generators: a 2-fold and a 5-fold axis
+# for each icosahedral setting (RELION lists a 3-fold axis too, which these two generate) and the normal of
+# the mirror plane of its "h" form. RELION writes the axes with 6 to 10 digits; here they are exact.
+_ICOSAHEDRAL = {"I1": ((1, 0, 0), (_PHI, 0, -1), (0, 0, 1)),
+                "I2": ((0, 0, 1), (1, 0, _PHI), (1, 0, 0)),
+                "I3": ((-1, 0, _PHI), (0, 0, 1), (_PHI, 0, 1)),
+                "I4": ((1, 0, _PHI), (2, 0, 1), (_PHI, 0, -1))}
+
+
+def _rot_axis(axis, fold):
+    """The rotation by 360°/fold about ``axis`` (any length)."""
     axis = np.asarray(axis, dtype=np.float64)
-    axis = axis / np.linalg.norm(axis)
-    x, y, z = axis
-    c, s = math.cos(angle_rad), math.sin(angle_rad)
+    x, y, z = axis / np.linalg.norm(axis)
+    angle = 2 * math.pi / fold
+    c, s = math.cos(angle), math.sin(angle)
     C = 1 - c
     return np.array([[c + x * x * C, x * y * C - z * s, x * z * C + y * s],
                      [y * x * C + z * s, c + y * y * C, y * z * C - x * s],
                      [z * x * C - y * s, z * y * C + x * s, c + z * z * C]])
 
 
-def _close_group(generators):
+def _mirror(normal):
+    """The reflection through the plane with ``normal`` (any length)."""
+    u = np.asarray(normal, dtype=np.float64)
+    u = u / np.linalg.norm(u)
+    return np.eye(3) - 2.0 * np.outer(u, u)
+
+
+def _close_group(generators, max_order=400):
+    """All products of ``generators`` (3×3 orthogonal matrices): the finite group they generate, identity first."""
     mats = [np.eye(3)]
     frontier = [np.eye(3)]
     while frontier:
         new = []
-        for m in frontier:
-            for g in generators:
-                p = g @ m
-                if not any(np.allclose(p, q, atol=1e-6) for q in mats):
-                    mats.append(p)
-                    new.append(p)
+        for p in (g @ m for m in frontier for g in generators):
+            if np.abs(np.stack(mats) - p).max(axis=(1, 2)).min() > 1e-6:
+                mats.append(p)
+                new.append(p)
         frontier = new
-        if len(mats) > 60:
+        if len(mats) > max_order:
             raise ValueError("symmetry group did not close")
-    return mats
+    return np.stack(mats)
+
+
+def _generators(name):
+    """RELION's generators of the group ``name`` (upper case), or None for an unknown name."""
+    m = _NAME.fullmatch(name)
+    if m is None:
+        return None
+    z, inversion = (0, 0, 1), -np.eye(3)
+    if m["family"]:
+        n = int(m["n"])
+        gens = [_rot_axis(z, n)] + ([_rot_axis((1, 0, 0), 2)] if m["family"] == "D" else [])
+        extra = {("C", "V"): (0, 1, 0), ("C", "H"): z, ("D", "V"): (1, 0, 0), ("D", "H"): z}
+        return gens + ([_mirror(extra[m["family"], m["suffix"]])] if m["suffix"] else [])
+    if m["s"]:                                   # RELION's Sn: the n/2-fold axis and an inversion centre
+        return [_rot_axis(z, int(m["s"]) // 2), inversion]
+    special = m["special"]
+    tetrahedral = [_rot_axis(z, 3), _rot_axis((0, math.sqrt(2), 1), 2)]
+    groups = {"CI": [inversion], "CS": [_mirror(z)], "T": tetrahedral,
+              "TD": tetrahedral + [_mirror((1, math.sqrt(3), 0))], "TH": tetrahedral + [inversion],
+              "O": [_rot_axis((1, 1, 1), 3), _rot_axis(z, 4)],
+              "OH": [_rot_axis((1, 1, 1), 3), _rot_axis(z, 4), _mirror((0, 1, 1))]}
+    if special in groups:
+        return groups[special]
+    setting = "I2" if special in ("I", "IH") else special[:2]
+    two, five, plane = _ICOSAHEDRAL[setting]
+    return [_rot_axis(two, 2), _rot_axis(five, 5)] + ([_mirror(plane)] if special.endswith("H") else [])
+
+
+@functools.lru_cache(maxsize=None)
+def _group(name):
+    gens = _generators(name)
+    if gens is None:
+        raise ValueError("unknown symmetry group %r: use one of RELION's names (any case): %s"
+                         % (name, SYMMETRY_NAMES))
+    return _close_group(gens)
 
 
 def symmetry_matrices(symmetry="C1"):
-    """(G, 3, 3) float64 operators of point group ``symmetry``: Cn, Dn, T, O, I (RELION axis choice)."""
-    s = symmetry.strip().upper()
-    if s[0] == "C" and s[1:].isdigit():
-        n = int(s[1:])
-        gens = [_rot_axis([0, 0, 1], 2 * math.pi / n)]
-    elif s[0] == "D" and s[1:].isdigit():
-        n = int(s[1:])
-        gens = [_rot_axis([0, 0, 1], 2 * math.pi / n), _rot_axis([1, 0, 0], math.pi)]
-    elif s == "T":
-        gens = [_rot_axis([0, 0, 1], math.pi), _rot_axis([1, 1, 1], 2 * math.pi / 3)]
-    elif s == "O":
-        gens = [_rot_axis([0, 0, 1], math.pi / 2), _rot_axis([1, 1, 1], 2 * math.pi / 3)]
-    elif s == "I":  # I2 setting (RELION default): 2-folds on x, y, z; 5-fold in the xz plane
-        phi = (1 + math.sqrt(5)) / 2
-        gens = [_rot_axis([0, 0, 1], math.pi), _rot_axis([0, 1, phi], 2 * math.pi / 5),
-                _rot_axis([1, 1, 1], 2 * math.pi / 3)]
-    else:
-        raise ValueError("unknown symmetry %r (use C<n>, D<n>, T, O or I)" % symmetry)
-    return torch.as_tensor(np.stack(_close_group(gens)))
+    """(G, 3, 3) float64 operators of point group ``symmetry``, the identity first: RELION's set.
+
+    The names and the operators are RELION's (``relion_refine --print_symmetry_ops --sym G`` prints the same
+    set): Cn about z; Dn adds a 2-fold about x; T has its 3-fold on z and a 2-fold on (0, 0.816, 0.577);
+    O its 4-folds on x, y, z; I is I2 (2-folds on x, y, z, 5-fold at (±0.526, 0, 0.851) in the xz plane);
+    I1 has 2-folds on x, y, z and a 5-fold at (0, ±0.526, 0.851) in the yz plane; I3 and I4 a 5-fold on z
+    and a 2-fold at (∓0.526, 0, 0.851). Ci, Cs, Cnv, Cnh,
+    Sn, Dnv, Dnh, Td, Th, Oh, Ih, Inh add RELION's mirror planes or inversion centre: half of their operators
+    have determinant -1. RELION's Sn is the n/2-fold axis plus an inversion centre (the true Sn only when
+    n/2 is odd); its Dnv puts the mirror normal on x. Names as RELION: see ``SYMMETRY_NAMES``.
+
+    A map of group G satisfies ``V(S x) = V(x)`` for every operator S, improper ones included; a pose is
+    equivalent to the poses :func:`equivalent_poses` lists.
+    """
+    return torch.from_numpy(_group(str(symmetry).strip().upper()).copy())
+
+
+def equivalent_poses(matrices, symmetry="C1"):
+    """(..., G, 3, 3) proper pose matrices that project a map of group ``symmetry`` as (..., 3, 3) ``A`` does.
+
+    ``A · S`` for a rotation S. For an improper S (a mirror or the inversion), ``A · S`` has determinant -1
+    and is no pose; ``Mz · A · S`` with ``Mz = diag(1, 1, -1)`` is: it flips the beam axis, along which the
+    projection integrates, so its image ``∫ V(Sᵀ Aᵀ (x, y, -z)) dz`` is the image of ``A``. Its viewing
+    direction is ``-Sᵀ d``, so directions are reduced by the rotation group ``{det(S) · S}``.
+    """
+    a = _as_tensor(matrices)
+    sym = symmetry_matrices(symmetry).to(device=a.device, dtype=a.dtype)
+    beam_sign = torch.ones(sym.shape[0], 3, 1, device=a.device, dtype=a.dtype)
+    beam_sign[:, 2, 0] = torch.sign(torch.linalg.det(sym))                      # Mz for the improper S
+    return (a[..., None, :, :] @ sym) * beam_sign

@@ -52,9 +52,16 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
                       help="Particles with CTF and 3D alignment (Euler angles and shifts), for "
                            "example the output of a 3D refinement.")
         form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry group",
-                      help="Point group of the map: cN (N-fold axis along z), dN (adds 2-fold axes "
-                           "along x), t, o or i, with the RELION/Xmipp axis conventions. c1: no "
-                           "symmetry.")
+                      help="Point group of the map, with RELION's names and operators (any case; "
+                           "relion_refine --print_symmetry_ops --sym G lists them): cN (N-fold axis on z), "
+                           "dN (adds a 2-fold on x), t (3-fold on z, a 2-fold at (0, 0.816, 0.577)), o "
+                           "(4-folds on x, y, z) and the icosahedral settings: i = i2, RELION's default "
+                           "(2-folds on x, y, z, 5-fold at (±0.526, 0, 0.851) in the xz plane); i1 (2-folds "
+                           "on x, y, z, 5-fold at (0, ±0.526, 0.851) in the yz plane); i3 (5-fold on z, a "
+                           "2-fold at (-0.526, 0, 0.851)); i4 (5-fold on z, a 2-fold at (0.526, 0, "
+                           "0.851)). N from 1 to 99. Also the groups with mirrors or an inversion centre, "
+                           "which the map then has too: ci, cs, cNv, cNh, sN (N even), dNv, dNh, td, th, "
+                           "oh, ih (= i2h), i1h-i4h. c1: no symmetry.")
         form.addParam("maxResolution", params.FloatParam, default=0.0, validators=[params.GE(0)],
                       label="Maximum resolution (Å)",
                       help="Highest resolution inserted into the map, in Å. 0: all frequencies, "
