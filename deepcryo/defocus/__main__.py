@@ -94,7 +94,7 @@ def main(argv=None):
     p = sub.add_parser("predict", help="CTF of micrographs → RELION CTF STAR")
     p.add_argument("--micrographs", required=True, help="glob pattern of MRC files, or a micrograph STAR")
     p.add_argument("--output", required=True, help="CTF STAR to write")
-    p.add_argument("--pixel-size", type=float, help="Å/px (default: from the STAR)")
+    p.add_argument("--pixel-size", type=float, help="Å/px (default: from the STAR, else the MRC header)")
     p.add_argument("--voltage", type=float, help="kV (default: from the STAR)")
     p.add_argument("--cs", type=float, help="spherical aberration, mm (default: from the STAR)")
     p.add_argument("--amplitude-contrast", type=float, help="fraction (default: from the STAR)")
