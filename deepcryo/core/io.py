@@ -124,6 +124,9 @@ def _check_exists(path, what="file"):
 MRC_MODES = OrderedDict([(0, "int8"), (1, "int16"), (2, "float32"), (6, "uint16"), (12, "float16"),
                          (101, "4-bit")])
 _MRC_HEADER_BYTES = 1024
+#: IMOD's "imodStamp" (header bytes 152-155, in ``extra2``); with it, bit 1 of "imodFlags" (bytes 156-159)
+#: set means signed bytes: IMOD's mode-0 files are unsigned unless flagged (IMOD's mrc_format.txt)
+_IMOD_STAMP = 1146047817
 #: relative tolerance between the x, y (and z) voxel sizes of one header: float32 rounding of the cell
 #: lengths is ~1e-7; real anisotropic pixels differ by far more than 1e-3
 _VOXEL_REL_TOL = 1e-3
@@ -154,6 +157,20 @@ def _data_problem(mrc, path):
     if size < expected or (mrc.data is None and mode != 101):
         return "truncated: the header announces %d bytes, the file holds %d" % (expected, size)
     return None
+
+
+def _imod_unsigned_bytes(header):
+    """True for a mode-0 file written by IMOD as unsigned bytes (MRC2014 mode 0 is signed)."""
+    if int(header.mode) != 0:
+        return False
+    order = header.mode.dtype.byteorder
+    stamp, flags = np.frombuffer(header.extra2.tobytes()[40:48], dtype=np.dtype("i4").newbyteorder(order))
+    return stamp == _IMOD_STAMP and not flags & 1
+
+
+def _typed_data(mrc):
+    """The data array of an open file, with IMOD's unsigned bytes viewed as uint8."""
+    return mrc.data.view(np.uint8) if _imod_unsigned_bytes(mrc.header) else mrc.data
 
 
 def _read_4bit(path, header):
@@ -224,7 +241,8 @@ def read_mrc_header(path):
 def read_mrc(path, check_finite=True):
     """Read a whole MRC file into float32. Returns ``(data, pixel_size_A)``.
 
-    Any mode of :data:`MRC_MODES` is read (integers and float16 converted exactly to float32); an
+    Any mode of :data:`MRC_MODES` is read (integers and float16 converted exactly to float32; IMOD's
+    unsigned mode-0 bytes as unsigned); an
     extended header (FEI1/FEI2, SerialEM, ...) is skipped. ``pixel_size_A`` is the x/y size of the header
     (see :func:`_mrc_pixel_size_A` for z), 0.0 when the header records none: callers that need it say so.
     Raises InputError for a missing, truncated or non-MRC file, an unsupported mode, inconsistent voxel
@@ -238,7 +256,7 @@ def read_mrc(path, check_finite=True):
             if int(mrc.header.mode) == 101:
                 data = _read_4bit(path, mrc.header)
             else:
-                data = np.array(mrc.data, dtype=np.float32)  # one copy, native byte order
+                data = np.array(_typed_data(mrc), dtype=np.float32)  # one copy, native byte order
     except InputError:
         raise
     except Exception as exc:
@@ -302,7 +320,7 @@ class ImageStack:
                 m.close()
                 raise InputError("%s: not a readable MRC stack (%s)" % (path, problem))
             self._maps[path] = m
-        return self._maps[path].data
+        return _typed_data(self._maps[path])
 
     def _count(self, path):
         data = self._open(path)

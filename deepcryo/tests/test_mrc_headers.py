@@ -97,6 +97,23 @@ def test_every_mode_reads_exactly_as_float32(tmp_path, dtype, mode):
     assert px == pytest.approx(1.25)
 
 
+@pytest.mark.parametrize("flags,signed", [(0, False), (1, True), (None, True)])
+def test_imod_mode_0_bytes(tmp_path, flags, signed):
+    """IMOD writes mode 0 as unsigned bytes unless bit 1 of imodFlags says signed; without IMOD's stamp
+    mode 0 is MRC2014's int8."""
+    raw = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    path = _write(str(tmp_path / "bytes.mrc"), raw.view(np.int8), (2.0, 2.0, 2.0))
+    if flags is not None:
+        with mrcfile.open(path, mode="r+") as m:
+            extra = bytearray(m.header.extra2.tobytes())
+            extra[40:48] = np.array([1146047817, flags], "<i4").tobytes()
+            m.header.extra2 = bytes(extra)
+    expected = (raw.view(np.int8) if signed else raw).astype(np.float32)
+    assert np.array_equal(io.read_mrc(path)[0], expected)
+    with io.ImageStack([(0, path)]) as stack:
+        assert np.array_equal(stack.read([0])[0], expected)
+
+
 @pytest.mark.parametrize("nx", [6, 5])  # odd nx: each row ends with an unused half byte
 def test_mode_101_four_bit(tmp_path, nx):
     values = np.random.default_rng(nx).integers(0, 16, (7, nx)).astype(np.uint8)
