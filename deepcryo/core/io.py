@@ -144,17 +144,22 @@ def _data_bytes(header):
     return nz * ny * nx * np.dtype(MRC_MODES[mode]).itemsize
 
 
-def _data_problem(mrc, path):
-    """The reason the data block of an open file cannot be used, or None. mrcfile (``permissive``) leaves
-    ``data`` None for a truncated file or a mode it does not know (mode 101 included); complex modes 3/4
-    hold Fourier transforms, not images."""
+def _data_problem(mrc, path, header_only=False):
+    """The reason the data block of an open file (or of its header alone) cannot be used, or None.
+    mrcfile (``permissive``) leaves ``data`` None for a truncated file or a mode it does not know (mode
+    101 included); complex modes 3/4 hold Fourier transforms, not images."""
     mode = int(mrc.header.mode)
     if mode not in MRC_MODES:
         return "mode %d is not an image mode deepcryo reads (%s)" % (
             mode, ", ".join("%d %s" % kv for kv in MRC_MODES.items()))
     expected = _MRC_HEADER_BYTES + int(mrc.header.nsymbt) + _data_bytes(mrc.header)
+    unread = mrc.data is None and mode != 101 and not header_only
+    if isinstance(mrc, (mrcfile.gzipmrcfile.GzipMrcFile, mrcfile.bzip2mrcfile.Bzip2MrcFile)):
+        if mode == 101:
+            return "a compressed 4-bit file: decompress it first"
+        return "truncated: the header announces %d bytes" % expected if unread else None
     size = os.path.getsize(path)
-    if size < expected or (mrc.data is None and mode != 101):
+    if size < expected or unread:
         return "truncated: the header announces %d bytes, the file holds %d" % (expected, size)
     return None
 
@@ -215,8 +220,8 @@ def _mrc_pixel_size_A(mrc, path):
     return x
 
 
-def _open_checked(mrc, path):
-    problem = _data_problem(mrc, path)
+def _open_checked(mrc, path, header_only=False):
+    problem = _data_problem(mrc, path, header_only)
     if problem:
         raise InputError("%s: not a readable MRC file (%s)" % (path, problem))
 
@@ -229,8 +234,8 @@ def read_mrc_header(path):
     """
     _check_exists(path, "MRC file")
     try:
-        with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
-            _open_checked(mrc, path)
+        with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+            _open_checked(mrc, path, header_only=True)
             return mrcfile.utils.data_shape_from_header(mrc.header), _mrc_pixel_size_A(mrc, path)
     except InputError:
         raise

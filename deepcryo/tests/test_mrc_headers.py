@@ -79,6 +79,18 @@ def test_epu_micrograph_header(tmp_path, exttyp):
     assert io.read_mrc_header(path) == ((40, 48), pytest.approx(EPU_PX, rel=1e-6))
 
 
+def test_compressed_micrograph(tmp_path):
+    """mrcfile opens .mrc.gz transparently; the size checks must not take the compressed size for the data."""
+    counts = np.random.default_rng(3).integers(0, 65536, (32, 40), dtype=np.uint16)
+    path = str(tmp_path / "mic.mrc.gz")
+    with mrcfile.new(path, compression="gzip") as m:
+        m.set_data(counts)
+        m.voxel_size = (EPU_PX, EPU_PX, 0.0)
+    data, px = io.read_mrc(path)
+    assert np.array_equal(data, counts) and px == pytest.approx(EPU_PX, rel=1e-6)
+    assert io.read_mrc_header(path) == ((32, 40), pytest.approx(EPU_PX, rel=1e-6))
+
+
 @pytest.mark.parametrize("dtype,mode", [(np.int8, 0), (np.int16, 1), (np.float32, 2), (np.uint16, 6),
                                         (np.float16, 12)])
 def test_every_mode_reads_exactly_as_float32(tmp_path, dtype, mode):
