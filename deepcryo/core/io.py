@@ -11,6 +11,9 @@ Conventions
   read and converted to the 3.1 layout in memory.
 * Image paths in a STAR file are relative to the STAR file's folder (or absolute). They are resolved for
   reading only: no program writes through a path taken from a STAR file.
+* MRC files are read as float32 whatever their mode (0 int8, 1 int16, 2 float32, 6 uint16, 12 float16,
+  101 4-bit), with or without an extended header (FEI1/FEI2, SerialEM). The pixel size is the header's
+  x/y size; z = 0 (EPU micrographs, some stacks) means "not recorded"; a volume's voxels must be cubic.
 * Every file is written atomically (temporary name in the same folder, then ``os.replace``), so a killed
   program never leaves a partial file under the final name.
 

@@ -9,8 +9,10 @@ Per micrograph, :func:`estimate_batch` computes
 4. figure of merit (band correlation with CTF²), fit resolution (Å), and a low-confidence flag when the
    CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`).
 
-A micrograph that cannot be used (unreadable, NaN/Inf, smaller than a PSD tile, no pixel size) is
-reported and skipped; the others go on.
+The pixel size is the STAR's ``rlnMicrographPixelSize``, else the one given (``--pixel-size``), else the
+MRC header's x/y size (EPU's micrographs carry ``(p, p, 0)``). A micrograph that cannot be used
+(unreadable, NaN/Inf, smaller than a PSD tile, no pixel size anywhere) is reported and skipped; the
+others go on.
 """
 import contextlib
 import glob
