@@ -160,10 +160,10 @@ def _data_problem(mrc, path, header_only=False):
     if isinstance(mrc, (mrcfile.gzipmrcfile.GzipMrcFile, mrcfile.bzip2mrcfile.Bzip2MrcFile)):
         if mode == 101:
             return "a compressed 4-bit file: decompress it first"
-        return "truncated: the header announces %d bytes" % expected if unread else None
+        return "truncated: its header announces %d bytes" % expected if unread else None
     size = os.path.getsize(path)
     if size < expected or unread:
-        return "truncated: the header announces %d bytes, the file holds %d" % (expected, size)
+        return "truncated: the file holds %d bytes, its header announces %d" % (size, expected)
     return None
 
 

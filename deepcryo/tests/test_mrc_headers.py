@@ -185,8 +185,8 @@ def test_bad_files_have_one_clear_message(tmp_path):
         raw4 = f.read()
     (tmp_path / "four_cut.mrc").write_bytes(raw4[:-3])
     negative = _write(str(tmp_path / "neg.mrc"), counts, (-1.0, -1.0, 0.0))
-    cases = ((str(tmp_path / "cut.mrc"), "truncated: the header announces %d bytes, the file holds %d"
-              % (len(raw), len(raw) - 100)),
+    cases = ((str(tmp_path / "cut.mrc"), "truncated: the file holds %d bytes, its header announces %d"
+              % (len(raw) - 100, len(raw))),
              (complex_path, "mode 4 is not an image mode deepcryo reads"), (mode3, "mode 3 is not an image mode"),
              (str(tmp_path / "four_cut.mrc"), "truncated"), (negative, "invalid voxel size"))
     for path, words in cases:
