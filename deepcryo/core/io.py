@@ -127,8 +127,8 @@ def _check_exists(path, what="file"):
 MRC_MODES = OrderedDict([(0, "int8"), (1, "int16"), (2, "float32"), (6, "uint16"), (12, "float16"),
                          (101, "4-bit")])
 _MRC_HEADER_BYTES = 1024
-#: IMOD's "imodStamp" (header bytes 152-155, in ``extra2``); with it, bit 1 of "imodFlags" (bytes 156-159)
-#: set means signed bytes: IMOD's mode-0 files are unsigned unless flagged (IMOD's mrc_format.txt)
+#: IMOD's "imodStamp" (header bytes 152-155, in ``extra2``); with it, flag 1 of "imodFlags" (bytes
+#: 156-159) means signed bytes: IMOD's mode-0 files are unsigned unless flagged (IMOD's mrc_format.txt)
 _IMOD_STAMP = 1146047817
 #: relative tolerance between the x, y (and z) voxel sizes of one header: float32 rounding of the cell
 #: lengths is ~1e-7; real anisotropic pixels differ by far more than 1e-3
@@ -250,9 +250,9 @@ def read_mrc(path, check_finite=True):
     """Read a whole MRC file into float32. Returns ``(data, pixel_size_A)``.
 
     Any mode of :data:`MRC_MODES` is read (integers and float16 converted exactly to float32; IMOD's
-    unsigned mode-0 bytes as unsigned); an
-    extended header (FEI1/FEI2, SerialEM, ...) is skipped. ``pixel_size_A`` is the x/y size of the header
-    (see :func:`_mrc_pixel_size_A` for z), 0.0 when the header records none: callers that need it say so.
+    unsigned mode-0 bytes as unsigned); an extended header (FEI1/FEI2, SerialEM, ...) is skipped.
+    ``pixel_size_A`` is the x/y size of the header (see :func:`_mrc_pixel_size_A` for z), 0.0 when the
+    header records none: callers that need it say so.
     Raises InputError for a missing, truncated or non-MRC file, an unsupported mode, inconsistent voxel
     sizes, or (``check_finite``) NaN/Inf values.
     """
