@@ -11,12 +11,16 @@ Conventions
   read and converted to the 3.1 layout in memory.
 * Image paths in a STAR file are relative to the STAR file's folder (or absolute). They are resolved for
   reading only: no program writes through a path taken from a STAR file.
+* MRC files are read as float32 whatever their mode (0 int8, 1 int16, 2 float32, 6 uint16, 12 float16,
+  101 4-bit), with or without an extended header (FEI1/FEI2, SerialEM). The pixel size is the header's
+  x/y size; z = 0 (EPU micrographs, some stacks) means "not recorded"; a volume's voxels must be cubic.
 * Every file is written atomically (temporary name in the same folder, then ``os.replace``), so a killed
   program never leaves a partial file under the final name.
 
 All errors about the user's input raise :class:`InputError` with one line naming the file and the problem.
 """
 import contextlib
+import math
 import os
 import re
 import tempfile
@@ -27,7 +31,7 @@ import mrcfile
 import numpy as np
 from emtable import Table
 
-__all__ = ["InputError", "atomic_output", "read_mrc", "write_mrc", "read_mrc_header", "ImageStack",
+__all__ = ["InputError", "atomic_output", "read_mrc", "write_mrc", "read_mrc_header", "MRC_MODES", "ImageStack",
            "read_star", "write_star", "ParticleStar", "read_particles", "write_particles",
            "OPTICS_DEFAULTS"]
 
@@ -117,41 +121,154 @@ def _check_exists(path, what="file"):
 
 
 # ------------------------------------------------------------------------------------------------- MRC
+#: MRC modes (MRC2014 numbering) whose data deepcryo reads, always converted to float32 for computation.
+#: Mode 101 (4-bit, two unsigned values per byte, the first in the low bits; SerialEM's counting frames)
+#: is unpacked here because mrcfile leaves it unread.
+MRC_MODES = OrderedDict([(0, "int8"), (1, "int16"), (2, "float32"), (6, "uint16"), (12, "float16"),
+                         (101, "4-bit")])
+_MRC_HEADER_BYTES = 1024
+#: IMOD's "imodStamp" (header bytes 152-155, in ``extra2``); with it, flag 1 of "imodFlags" (bytes
+#: 156-159) means signed bytes: IMOD's mode-0 files are unsigned unless flagged (IMOD's mrc_format.txt)
+_IMOD_STAMP = 1146047817
+#: relative tolerance between the x, y (and z) voxel sizes of one header: float32 rounding of the cell
+#: lengths is ~1e-7; real anisotropic pixels differ by far more than 1e-3
+_VOXEL_REL_TOL = 1e-3
+
+
+def _mrc_error(path, exc):
+    return InputError("%s: not a readable MRC file (%s)" % (path, (str(exc).splitlines() or [type(exc).__name__])[0]))
+
+
+def _data_bytes(header):
+    """Bytes of the data block announced by a header."""
+    nx, ny, nz, mode = int(header.nx), int(header.ny), int(header.nz), int(header.mode)
+    if mode == 101:
+        return nz * ny * ((nx + 1) // 2)
+    return nz * ny * nx * np.dtype(MRC_MODES[mode]).itemsize
+
+
+def _data_problem(mrc, path, header_only=False):
+    """The reason the data block of an open file (or of its header alone) cannot be used, or None.
+    mrcfile (``permissive``) leaves ``data`` None for a truncated file or a mode it does not know (mode
+    101 included); complex modes 3/4 hold Fourier transforms, not images."""
+    mode = int(mrc.header.mode)
+    if mode not in MRC_MODES:
+        return "mode %d is not an image mode deepcryo reads (%s)" % (
+            mode, ", ".join("%d %s" % kv for kv in MRC_MODES.items()))
+    expected = _MRC_HEADER_BYTES + int(mrc.header.nsymbt) + _data_bytes(mrc.header)
+    unread = mrc.data is None and mode != 101 and not header_only
+    if isinstance(mrc, (mrcfile.gzipmrcfile.GzipMrcFile, mrcfile.bzip2mrcfile.Bzip2MrcFile)):
+        if mode == 101:
+            return "a compressed 4-bit file: decompress it first"
+        return "truncated: its header announces %d bytes" % expected if unread else None
+    size = os.path.getsize(path)
+    if size < expected or unread:
+        return "truncated: the file holds %d bytes, its header announces %d" % (size, expected)
+    return None
+
+
+def _imod_unsigned_bytes(header):
+    """True for a mode-0 file written by IMOD as unsigned bytes (MRC2014 mode 0 is signed)."""
+    if int(header.mode) != 0:
+        return False
+    order = header.mode.dtype.byteorder
+    stamp, flags = np.frombuffer(header.extra2.tobytes()[40:48], dtype=np.dtype("i4").newbyteorder(order))
+    return stamp == _IMOD_STAMP and not flags & 1
+
+
+def _typed_data(mrc):
+    """The data array of an open file, with IMOD's unsigned bytes viewed as uint8."""
+    return mrc.data.view(np.uint8) if _imod_unsigned_bytes(mrc.header) else mrc.data
+
+
+def _read_4bit(path, header):
+    """float32 data of a mode-101 file (size checked by :func:`_data_problem`): two unsigned 4-bit values
+    per byte, the left pixel in the low bits; each row starts on a byte boundary (an odd ``nx`` leaves
+    the last high nibble of a row unused)."""
+    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    row_bytes = (nx + 1) // 2
+    raw = np.fromfile(path, dtype=np.uint8, count=nz * ny * row_bytes,
+                      offset=_MRC_HEADER_BYTES + int(header.nsymbt)).reshape(nz, ny, row_bytes)
+    data = np.empty((nz, ny, 2 * row_bytes), dtype=np.float32)
+    data[..., 0::2] = raw & 0x0F
+    data[..., 1::2] = raw >> 4
+    return data[..., :nx].reshape(mrcfile.utils.data_shape_from_header(header))
+
+
+def _mrc_pixel_size_A(mrc, path):
+    """Pixel size (Å/px) of an MRC header, ``cella / (mx, my, mz)``: the x size, 0.0 when the header
+    records none.
+
+    x and y must agree (square pixels). A z of 0 means "not recorded" and is accepted: EPU writes
+    ``(0.6666, 0.6666, 0)`` on its micrographs, and some programs write stacks so. z is meaningless for
+    a single image and for an image stack (``ispg`` 0 in a ``.mrcs``); for a volume (3D, and a space
+    group ``ispg`` > 0 or, as RELION writes its maps with ``ispg`` 0, a ``.mrc`` name) a non-zero z must
+    equal x. Raises InputError for negative, non-finite, non-square or non-cubic sizes.
+    """
+    h = mrc.header
+    x, y, z = (float(length) / int(count) if int(count) > 0 else 0.0
+               for length, count in ((h.cella.x, h.mx), (h.cella.y, h.my), (h.cella.z, h.mz)))
+    shown = "x=%.6g, y=%.6g, z=%.6g Å" % (x, y, z)
+    if not all(math.isfinite(s) and s >= 0 for s in (x, y, z)):
+        raise InputError("%s: invalid voxel size in the MRC header (%s)" % (path, shown))
+    if x == 0 and y == 0:
+        return 0.0
+    if abs(x - y) > _VOXEL_REL_TOL * max(x, y):
+        raise InputError("%s: pixels are not square in the MRC header (%s); deepcryo needs x = y" % (path, shown))
+    ispg = int(h.ispg)
+    named_stack = os.path.splitext(path)[1].lower() == ".mrcs"
+    if int(h.nz) > 1 and z != 0 and abs(z - x) > _VOXEL_REL_TOL * x and (ispg > 0 or not named_stack):
+        raise InputError("%s: a volume needs cubic voxels, the MRC header gives %s (if this is an image stack, %s)"
+                         % (path, shown, "set its space group ispg to 0" if ispg > 0 else "name it .mrcs"))
+    return x
+
+
+def _open_checked(mrc, path, header_only=False):
+    problem = _data_problem(mrc, path, header_only)
+    if problem:
+        raise InputError("%s: not a readable MRC file (%s)" % (path, problem))
+
+
 def read_mrc_header(path):
     """Return ``(shape, pixel_size_A)`` of an MRC file without reading its data.
 
-    ``shape`` is (nz, ny, nx) for volumes and stacks and (ny, nx) for single images.
+    ``shape`` is (nz, ny, nx) for volumes and stacks and (ny, nx) for single images; ``pixel_size_A`` as
+    :func:`read_mrc`.
     """
     _check_exists(path, "MRC file")
     try:
-        with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
-            if mrc.data is None:
-                raise InputError("%s: not a readable MRC file" % path)
-            shape = mrc.data.shape
-            pixel_size = float(mrc.voxel_size.x)
+        with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+            _open_checked(mrc, path, header_only=True)
+            return mrcfile.utils.data_shape_from_header(mrc.header), _mrc_pixel_size_A(mrc, path)
     except InputError:
         raise
     except Exception as exc:  # mrcfile raises ValueError/OSError with many wordings
-        raise InputError("%s: not a readable MRC file (%s)" % (path, str(exc).splitlines()[0]))
-    return shape, pixel_size
+        raise _mrc_error(path, exc)
 
 
 def read_mrc(path, check_finite=True):
     """Read a whole MRC file into float32. Returns ``(data, pixel_size_A)``.
 
-    Raises InputError for a missing, truncated or non-MRC file, or (``check_finite``) NaN/Inf values.
+    Any mode of :data:`MRC_MODES` is read (integers and float16 converted exactly to float32; IMOD's
+    unsigned mode-0 bytes as unsigned); an extended header (FEI1/FEI2, SerialEM, ...) is skipped.
+    ``pixel_size_A`` is the x/y size of the header (see :func:`_mrc_pixel_size_A` for z), 0.0 when the
+    header records none: callers that need it say so.
+    Raises InputError for a missing, truncated or non-MRC file, an unsupported mode, inconsistent voxel
+    sizes, or (``check_finite``) NaN/Inf values.
     """
     _check_exists(path, "MRC file")
     try:
         with mrcfile.open(path, mode="r", permissive=True) as mrc:
-            if mrc.data is None:
-                raise InputError("%s: not a readable MRC file" % path)
-            data = np.asarray(mrc.data, dtype=np.float32).copy()
-            pixel_size = float(mrc.voxel_size.x)
+            _open_checked(mrc, path)
+            pixel_size = _mrc_pixel_size_A(mrc, path)
+            if int(mrc.header.mode) == 101:
+                data = _read_4bit(path, mrc.header)
+            else:
+                data = np.array(_typed_data(mrc), dtype=np.float32)  # one copy, native byte order
     except InputError:
         raise
     except Exception as exc:
-        raise InputError("%s: not a readable MRC file (%s)" % (path, str(exc).splitlines()[0]))
+        raise _mrc_error(path, exc)
     if check_finite and not np.isfinite(data).all():
         raise InputError("%s: contains NaN or Inf values" % path)
     return data, pixel_size
@@ -205,10 +322,13 @@ class ImageStack:
                 m = mrcfile.mmap(path, mode="r", permissive=True)
             except Exception as exc:
                 raise InputError("%s: not a readable MRC stack (%s)" % (path, str(exc).splitlines()[0]))
-            if m.data is None:
-                raise InputError("%s: not a readable MRC stack (truncated or corrupt)" % path)
+            problem = _data_problem(m, path) or ("mode 101 (4-bit) holds movie frames, not particle images"
+                                                 if int(m.header.mode) == 101 else None)
+            if problem:
+                m.close()
+                raise InputError("%s: not a readable MRC stack (%s)" % (path, problem))
             self._maps[path] = m
-        return self._maps[path].data
+        return _typed_data(self._maps[path])
 
     def _count(self, path):
         data = self._open(path)

@@ -6,6 +6,10 @@ Examples::
     python -m deepcryo.defocus predict --micrographs 'mics/*.mrc' --pixel-size 0.85 --voltage 300 \\
         --cs 2.7 --amplitude-contrast 0.07 --output ctf.star
 
+    # EPU micrographs (uint16, FEI extended header): the pixel size is read from the MRC header
+    python -m deepcryo.defocus predict --micrographs 'Images-Disc1/*/Data/*_Data_*[0-9].mrc' --voltage 300 --cs 2.7 \\
+        --amplitude-contrast 0.1 --output ctf.star
+
     # CNN only, from a RELION micrograph STAR (acquisition read from it), own model
     python -m deepcryo.defocus predict --micrographs micrographs.star --output ctf.star --no-refine \\
         --model my_model.pt
@@ -94,7 +98,7 @@ def main(argv=None):
     p = sub.add_parser("predict", help="CTF of micrographs → RELION CTF STAR")
     p.add_argument("--micrographs", required=True, help="glob pattern of MRC files, or a micrograph STAR")
     p.add_argument("--output", required=True, help="CTF STAR to write")
-    p.add_argument("--pixel-size", type=float, help="Å/px (default: from the STAR)")
+    p.add_argument("--pixel-size", type=float, help="Å/px (default: from the STAR, else the MRC header)")
     p.add_argument("--voltage", type=float, help="kV (default: from the STAR)")
     p.add_argument("--cs", type=float, help="spherical aberration, mm (default: from the STAR)")
     p.add_argument("--amplitude-contrast", type=float, help="fraction (default: from the STAR)")

@@ -9,14 +9,16 @@ Per micrograph, :func:`estimate_batch` computes
 4. figure of merit (band correlation with CTF²), fit resolution (Å), and a low-confidence flag when the
    CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`).
 
-A micrograph that cannot be used (unreadable, NaN/Inf, smaller than a PSD tile, no pixel size) is
-reported and skipped; the others go on.
+The pixel size is the STAR's ``rlnMicrographPixelSize``, else the one given (``--pixel-size``), else the
+MRC header's x/y size (EPU's micrographs carry ``(p, p, 0)``). A micrograph that cannot be used
+(unreadable, NaN/Inf, smaller than a PSD tile, no pixel size anywhere) is reported and skipped; the
+others go on.
 """
 import contextlib
 import glob
 import math
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import numpy as np
 import torch
@@ -85,15 +87,27 @@ def fit_sampling_A(pixel_size_A, high_A):
     return max(float(pixel_size_A), high_A / 2.5)
 
 
-def _complete(entry, defaults):
+def _complete(entry, defaults, header_pixel_size_A):
+    """Fill the acquisition of ``entry``: the STAR's values first, then ``defaults`` (the command line);
+    the pixel size last from the MRC header (0 = the header records none). Returns where the pixel size
+    came from."""
+    source = ("STAR" if entry.pixel_size_A is not None
+              else "command line" if defaults.get("pixel_size_A") is not None else "MRC header")
     for key in ("pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast"):
         if defaults.get(key) is not None and getattr(entry, key) is None:
             setattr(entry, key, float(defaults[key]))
+    if entry.pixel_size_A is None and header_pixel_size_A > 0:
+        entry.pixel_size_A = header_pixel_size_A
+    if entry.pixel_size_A is None:
+        raise io.InputError("%s: missing pixel size: the MRC header records none (0 Å/px); give --pixel-size "
+                            "or rlnMicrographPixelSize in the STAR" % entry.path)
+    for key in ("pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast"):
         value = getattr(entry, key)
         if value is None or not math.isfinite(value) or (key != "cs_mm" and value <= 0) or value < 0:
             raise io.InputError("%s: missing or invalid %s" % (entry.path, key.replace("_", " ")))
     if entry.amplitude_contrast >= 1:
         raise io.InputError("%s: amplitude contrast must be < 1" % entry.path)
+    return source
 
 
 def estimate_batch(entries, model, refine=True, low_A=30.0, high_A=5.0, fit_phase=False, device="cpu",
@@ -101,13 +115,14 @@ def estimate_batch(entries, model, refine=True, low_A=30.0, high_A=5.0, fit_phas
     """Estimate the CTF of a list of :class:`MicrographEntry`; returns a list of result dicts (skipped
     micrographs are left out and passed to ``on_skip(path, message)``). Each dict: ``micrograph``,
     ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``phase_shift_deg``, ``resolution_A``,
-    ``figure_of_merit``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` (file or None)."""
+    ``figure_of_merit``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` (file or None),
+    ``pixel_size_A`` and ``pixel_size_from`` ("STAR", "command line" for ``defaults``, or "MRC header")."""
     defaults = defaults or {}
     items = []
     for e in entries:
         try:
-            _complete(e, defaults)
-            image, _ = io.read_mrc(e.path, check_finite=False)  # compute_psds checks (cheaper)
+            image, header_px = io.read_mrc(e.path, check_finite=False)  # compute_psds checks (cheaper)
+            px_source = _complete(e, defaults, header_px)
             if image.ndim == 3 and image.shape[0] == 1:
                 image = image[0]
             if image.ndim != 2:
@@ -120,7 +135,7 @@ def estimate_batch(entries, model, refine=True, low_A=30.0, high_A=5.0, fit_phas
             cnn_in, fit_in = compute_psds(mic, e.pixel_size_A, [(CNN_SAMPLINGS_A, CNN_SIZE_PX),
                                                                 ((samp,), FIT_SIZE_PX)])
             fit_in = fit_in[:, 0]
-            items.append((e, cnn_in, fit_in, samp))
+            items.append((e, cnn_in, fit_in, samp, px_source))
         except io.InputError as exc:
             if on_skip is None:
                 raise
@@ -161,7 +176,8 @@ def estimate_batch(entries, model, refine=True, low_A=30.0, high_A=5.0, fit_phas
                 ("phase_shift_deg", float(res.phase_shift_deg[j])), ("resolution_A", float(res.resolution_A[j])),
                 ("figure_of_merit", float(res.figure_of_merit[j])), ("cnn_u_A", float(cu[i])),
                 ("cnn_v_A", float(cv[i])), ("cnn_angle_deg", float(ca[i])), ("flagged", bool(flags[j])),
-                ("psd", psd_path), ("psd_sampling_A", samp), ("voltage_kV", e.voltage_kV), ("cs_mm", e.cs_mm),
+                ("psd", psd_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
+                ("pixel_size_from", items[i][4]), ("voltage_kV", e.voltage_kV), ("cs_mm", e.cs_mm),
                 ("amplitude_contrast", e.amplitude_contrast)])
     return results
 
@@ -169,8 +185,8 @@ def estimate_batch(entries, model, refine=True, low_A=30.0, high_A=5.0, fit_phas
 def write_ctf_star(path, results, with_phase=False):
     """RELION CTF STAR (``data_micrographs``): rlnMicrographName, rlnDefocusU/V (Å), rlnDefocusAngle (deg),
     rlnCtfMaxResolution (Å), rlnCtfFigureOfMerit, rlnCtfImage (PSD MRC), [rlnPhaseShift], plus
-    rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast and deepcryo's dcCnnDefocusU/V/Angle and
-    dcCtfFlagged (1 = CNN and fit disagree)."""
+    rlnMicrographPixelSize/rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast and deepcryo's
+    dcCnnDefocusU/V/Angle and dcCtfFlagged (1 = CNN and fit disagree)."""
     def col(key, dtype=np.float64):
         return np.array([r[key] for r in results], dtype=dtype)
 
@@ -181,6 +197,7 @@ def write_ctf_star(path, results, with_phase=False):
         cols["rlnCtfImage"] = col("psd", object)
     if with_phase:
         cols["rlnPhaseShift"] = col("phase_shift_deg")
+    cols["rlnMicrographPixelSize"] = col("pixel_size_A")
     cols["rlnVoltage"] = col("voltage_kV")
     cols["rlnSphericalAberration"] = col("cs_mm")
     cols["rlnAmplitudeContrast"] = col("amplitude_contrast")
@@ -212,6 +229,8 @@ def predict(spec, output, model_path=None, refine=True, low_A=30.0, high_A=5.0, 
         results += estimate_batch(entries[i:i + batch_size], model, refine, low_A, high_A, fit_phase, device,
                                   psd_dir, defaults, on_skip=on_skip)
         log("%d/%d micrographs" % (min(i + batch_size, len(entries)), len(entries)))
+    for (px, source), n in Counter((r["pixel_size_A"], r["pixel_size_from"]) for r in results).items():
+        log("pixel size %.4f Å/px (%s): %d micrograph%s" % (px, source, n, "s" * (n != 1)))
     if not results:
         with contextlib.suppress(OSError):
             os.rmdir(psd_dir)  # nothing was written: leave no empty folder behind

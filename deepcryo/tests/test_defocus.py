@@ -254,10 +254,11 @@ def test_predict_program_skips_bad_micrographs(tmp_path, capsys):
 def test_predict_program_errors(tmp_path, capsys):
     img, _ = simulate_micrograph(256, seed=1)
     io.write_mrc(str(tmp_path / "a.mrc"), img, 1.0)
+    io.write_mrc(str(tmp_path / "nopx.mrc"), img, 0.0)  # no --pixel-size and none in the header
     out = str(tmp_path / "ctf.star")
-    assert main(["predict", "--micrographs", str(tmp_path / "a.mrc"), "--voltage", "300", "--cs", "2.7",
+    assert main(["predict", "--micrographs", str(tmp_path / "nopx.mrc"), "--voltage", "300", "--cs", "2.7",
                  "--amplitude-contrast", "0.1", "--output", out]) == 2
-    assert "pixel size" in capsys.readouterr().err and not os.path.exists(out)
+    assert "missing pixel size" in capsys.readouterr().err and not os.path.exists(out)
     assert main(["predict", "--micrographs", str(tmp_path / "none*.mrc"), "--pixel-size", "1", "--output", out]) == 2
     assert "no micrograph matches" in capsys.readouterr().err
     (tmp_path / "x.pt").write_text("junk")
