@@ -78,7 +78,8 @@ class TestScipionConfigHome(unittest.TestCase):
         os.makedirs(self.scipionHome)
         os.symlink(sys.prefix, os.path.join(self.home, "miniconda"))
         self.python = os.path.join(self.home, "miniconda", os.path.relpath(sys.executable, sys.prefix))
-        # the environment of a new user: none of the test harness's Scipion settings, nor DEEPCRYO_PYTHON
+        # a new user's environment: none of the harness's Scipion settings, no DEEPCRYO_PYTHON (it would win over
+        # scipion.conf); usage reports and test-data downloads off, as in every test (no network)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCIPION_") and k != DEEPCRYO_PYTHON}
         self.env.update(HOME=self.home, SCIPION_HOME=self.scipionHome, SCIPION_NOTIFY="False",
                         SCIPION_TEST_NOSYNC="1", PATH=os.path.dirname(self.python) + os.pathsep + os.environ["PATH"])
