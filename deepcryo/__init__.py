@@ -37,6 +37,16 @@ _logo = "deepcryo_logo.png"
 _references = ["delaRosaTrevin2016"]
 
 
+def expandPath(path):
+    """``path`` with ``~`` and ``$VARS`` expanded.
+
+    ``scipion config`` writes every plugin variable into ``scipion.conf`` with the home folder
+    abbreviated (``DEEPCRYO_PYTHON = ~/miniconda3/envs/scipion3/bin/python``) and Scipion puts the
+    values into the environment as written: unexpanded, a quoted ``~`` reaches the shell literally.
+    """
+    return os.path.expandvars(os.path.expanduser(path))
+
+
 def _buildPluginClass():
     """Define ``Plugin(pwem.Plugin)``; its ``__module__`` is ``deepcryo`` as Scipion expects."""
     import pwem
@@ -52,6 +62,16 @@ def _buildPluginClass():
         _pathVars = []
 
         @classmethod
+        def _defineVar(cls, varName, defaultValue, description="Missing", var_type=None):
+            """pyworkflow's ``_defineVar`` (environment first, then the default), with paths
+            (``VarTypes.PATH``/``FOLDER``) expanded by :func:`expandPath`; pwem's ``_defineEmVar``
+            expands ``~`` too, pyworkflow's ``_defineVar`` does not."""
+            value = os.environ.get(varName, defaultValue)
+            if var_type in (VarTypes.PATH, VarTypes.FOLDER) and value:
+                value = expandPath(value)
+            cls._addVar(varName, value, default=defaultValue, description=description, var_type=var_type)
+
+        @classmethod
         def _defineVariables(cls):
             cls._defineVar(DEEPCRYO_PYTHON, sys.executable, var_type=VarTypes.PATH,
                            description="Python interpreter that runs deepcryo's programs "
@@ -59,7 +79,8 @@ def _buildPluginClass():
 
         @classmethod
         def getPython(cls):
-            """The interpreter of the internal programs (``DEEPCRYO_PYTHON``)."""
+            """The interpreter of the internal programs (``DEEPCRYO_PYTHON``, ``~`` and ``$VARS``
+            expanded)."""
             if cls.getVar(DEEPCRYO_PYTHON) is None:  # used before Scipion registered the plugin
                 cls._defineVariables()
             return cls.getVar(DEEPCRYO_PYTHON)

@@ -16,11 +16,116 @@
 # * along with this program.  If not, see <https://www.gnu.org/licenses/>.
 # *
 # **************************************************************************
-"""Prepares the headless Scipion environment of the tests (see :mod:`deepcryo.scipion_env`).
+"""Prepares the headless Scipion environment of the tests (see :mod:`deepcryo.scipion_env`), and gives every
+wait of a test for a protocol run a deadline.
 
 Import this module before pyworkflow: pyworkflow reads its configuration from the environment once,
 when it is first imported. ``deepcryo/tests/__init__.py`` imports it first.
+
+Protocol tests derive from :class:`ProtocolTest` (pyworkflow's ``BaseTest``, whose ``launchProtocol`` and
+``_waitOutput`` wait here) and poll running protocols with :func:`waitForProtocol`: a run that fails at start,
+dies, or stalls makes the test fail with the run's name, status, what was awaited and its log tail, instead of
+hanging.
 """
+import os
+import time
+
 from deepcryo import scipion_env
 
 PRIVATE_ROOT = scipion_env.setup()
+
+import psutil  # noqa: E402
+from pyworkflow.protocol import getProtocolFromDb  # noqa: E402 -- pyworkflow only after setup()
+from pyworkflow.tests import BaseTest  # noqa: E402
+
+#: Longest wait of a test for one protocol run or state, in s. The slowest run of the suite takes a few
+#: minutes on 2 CPU cores; ``DEEPCRYO_TEST_TIMEOUT_S`` overrides.
+TIMEOUT_S = float(os.environ.get("DEEPCRYO_TEST_TIMEOUT_S", 900))
+LOG_LINES = 25
+
+
+def loadRun(prot):
+    """The protocol as its run wrote it (the run's own database), with the database closed again."""
+    run = getProtocolFromDb(prot.getProject().path, prot.getDbPath(), prot.getObjId())
+    run.getProject().closeMapper()
+    run.closeMappers()
+    return run
+
+
+def _isAlive(pid):
+    """False once process ``pid`` has exited (also when it is an unreaped zombie); True for pid 0 (unknown)."""
+    if not pid:
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def describeRun(prot, run):
+    """``Class 'label' (run id), status ...`` of the launched ``prot`` as its ``run`` (:func:`loadRun`) has it,
+    with the error message and the tail of the logs."""
+    text = "%s %r (run %s), status %r" % (prot.getClassName(), prot.getObjLabel(), prot.getObjId(), run.getStatus())
+    if run.getErrorMessage():
+        text += ": %s" % run.getErrorMessage()
+    for index, name in enumerate(("stdout", "stderr")):
+        lines = run.getLogsLastLines(LOG_LINES, logFile=index)
+        if lines:
+            text += "\n--- last lines of its %s ---\n%s" % (name, "\n".join(lines))
+    return text
+
+
+def waitForProtocol(prot, until=None, what="the run to finish", timeout_s=None, poll_s=1.0):
+    """Wait until ``until(run)`` holds for the run of the launched protocol ``prot`` (``run``: the protocol as
+    :func:`loadRun` reads it; default: the run has finished) and return that ``run``.
+
+    Fails (``AssertionError``, message from :func:`describeRun`) when the run ends first, when its process
+    (``prot.getPid()``) has exited while its status still says active, or after ``timeout_s`` (default
+    :data:`TIMEOUT_S`). The run's database is read every ``poll_s`` s, and at once when its process exits.
+    """
+    until = until or (lambda r: r.isFinished())
+    timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
+    start = time.monotonic()
+    while True:
+        exited = not _isAlive(prot.getPid())  # looked at before reading: an exited run has written its end
+        run = loadRun(prot)
+        if until(run):
+            return run
+        waited = time.monotonic() - start
+        if not run.isActive():
+            problem = "the run ended after %.0f s" % waited
+        elif exited:
+            problem = "its process %s exited after %.0f s without a final status" % (prot.getPid(), waited)
+        elif waited > timeout_s:
+            problem = "still not there after %.0f s (DEEPCRYO_TEST_TIMEOUT_S)" % timeout_s
+        else:
+            nextRead = time.monotonic() + poll_s
+            while time.monotonic() < nextRead and _isAlive(prot.getPid()):
+                time.sleep(0.1)
+            continue
+        raise AssertionError("waiting for %s: %s. %s" % (what, problem, describeRun(prot, run)))
+
+
+class ProtocolTest(BaseTest):
+    """pyworkflow's ``BaseTest`` whose waits for protocols have a deadline (:func:`waitForProtocol`)."""
+
+    @classmethod
+    def launchProtocol(cls, prot, waitForOutput=()):
+        """``BaseTest.launchProtocol``: launch ``prot`` and wait until it finishes (or, with
+        ``waitForOutput=[names]``, until it has those outputs); fails if it fails or stalls."""
+        cls.proj.launchProtocol(prot, wait=False)
+        if waitForOutput:
+            waitForProtocol(prot, lambda run: all(run.hasAttribute(o) for o in waitForOutput),
+                            "outputs %s" % list(waitForOutput))
+        else:
+            waitForProtocol(prot)
+        cls.proj._updateProtocol(prot)
+        return prot
+
+    @classmethod
+    def _waitOutput(cls, prot, outputAttributeName, sleepTime=2, timeOut=None):
+        """``BaseTest._waitOutput``: wait until the running ``prot`` has the output (at most ``timeOut`` s);
+        fails instead of returning when the run ends without it or stalls."""
+        waitForProtocol(prot, lambda run: run.hasAttribute(outputAttributeName),
+                        "output %r" % outputAttributeName, timeOut, poll_s=sleepTime)
+        cls.proj._updateProtocol(prot)

@@ -22,8 +22,10 @@ import configparser
 import inspect
 import json
 import os
+import shlex
 import sys
 import unittest
+from unittest import mock
 
 import pwem
 from pyworkflow.protocol import Protocol
@@ -73,15 +75,35 @@ class TestPlugin(unittest.TestCase):
             self.Plugin.getCudaVisibleDevices([])
 
     def testOwnPythonGetsNoScipionPythonPath(self):
-        os.environ["PYTHONPATH"] = "/scipion/site-packages"
-        try:
-            self.assertIn("PYTHONPATH", self.Plugin.getEnviron())
-            self.Plugin._addVar(DEEPCRYO_PYTHON, "/opt/torch-env/bin/python")
-            self.assertTrue(self.Plugin.usesOwnPython())
-            self.assertNotIn("PYTHONPATH", self.Plugin.getEnviron())
-            self.assertTrue(self.Plugin.getProgram("landscape").startswith("/opt/torch-env/bin/python -m "))
-        finally:
-            del os.environ["PYTHONPATH"]
+        self._setEnv(PYTHONPATH="/scipion/site-packages")
+        self.assertIn("PYTHONPATH", self.Plugin.getEnviron())
+        self.Plugin._addVar(DEEPCRYO_PYTHON, "/opt/torch-env/bin/python")
+        self.assertTrue(self.Plugin.usesOwnPython())
+        self.assertNotIn("PYTHONPATH", self.Plugin.getEnviron())
+        self.assertTrue(self.Plugin.getProgram("landscape").startswith("/opt/torch-env/bin/python -m "))
+
+    def testPythonFromScipionConfIsExpanded(self):
+        """``scipion config`` writes ``DEEPCRYO_PYTHON = ~/...`` (or ``${VAR}/...``) and Scipion exports it
+        as written: the plugin expands it, so the quoted command line names an existing file and Scipion's
+        own Python is recognised (it keeps PYTHONPATH)."""
+        prefix = os.path.dirname(os.path.dirname(sys.executable))
+        relative = os.path.relpath(sys.executable, prefix)
+        for value in (os.path.join("~", relative), os.path.join("${DEEPCRYO_TEST_PREFIX}", relative)):
+            with self.subTest(value=value):
+                self._setEnv(HOME=prefix, DEEPCRYO_TEST_PREFIX=prefix, DEEPCRYO_PYTHON=value,
+                             PYTHONPATH="/scipion/site-packages")
+                self.Plugin._defineVariables()
+                self.assertEqual(self.Plugin.getPython(), sys.executable)
+                self.assertFalse(self.Plugin.usesOwnPython())
+                self.assertIn("PYTHONPATH", self.Plugin.getEnviron())
+                self.assertEqual(self.Plugin.getProgram("core.reconstruct"),
+                                 "%s -m deepcryo.core.reconstruct" % shlex.quote(sys.executable))
+
+    def _setEnv(self, **values):
+        """Set environment variables for this test only."""
+        patcher = mock.patch.dict(os.environ, values)
+        patcher.start()
+        self.addCleanup(patcher.stop)
 
     def testCitationsExist(self):
         bibtex = self.module._bibtex

@@ -7,8 +7,7 @@ import time
 import numpy as np
 from pwem.protocols import ProtImportMicrographs
 from pyworkflow.object import Set
-from pyworkflow.protocol import getProtocolFromDb
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_CTF
 from deepcryo.core import io
@@ -17,6 +16,7 @@ from deepcryo.core.micrographs import simulate_micrograph
 from deepcryo.defocus.model import load_model
 from deepcryo.protocols import DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain
 from deepcryo.protocols.protocol_defocus import OUTPUT_MODEL
+from deepcryo.tests.harness import ProtocolTest, waitForProtocol
 
 PX, VOLTAGE, CS, AMP = 1.2, 300.0, 2.7, 0.07
 BURSTS = ((0, 1), (2, 3), (4, 5))
@@ -32,7 +32,7 @@ def _truths():
     return out
 
 
-class TestDeepCryoDeepDefocusStreaming(BaseTest):
+class TestDeepCryoDeepDefocusStreaming(ProtocolTest):
 
     @classmethod
     def setUpClass(cls):
@@ -46,14 +46,6 @@ class TestDeepCryoDeepDefocusStreaming(BaseTest):
             img, _ = simulate_micrograph(768, pixel_size_A=PX, voltage_kV=VOLTAGE, cs_mm=CS, amplitude_contrast=AMP,
                                          seed=100 + i, **self.truths[i])
             io.write_mrc(os.path.join(self.folder, "mic_%02d.mrc" % i), img, PX)
-
-    @staticmethod
-    def _load(prot):
-        """The protocol as its run writes it (its own database)."""
-        loaded = getProtocolFromDb(prot.getProject().path, prot.getDbPath(), prot.getObjId())
-        loaded.getProject().closeMapper()
-        loaded.closeMappers()
-        return loaded
 
     def testStreamingThreeBursts(self):
         self._writeBurst(BURSTS[0])
@@ -69,15 +61,7 @@ class TestDeepCryoDeepDefocusStreaming(BaseTest):
         for burst in BURSTS[1:]:
             time.sleep(12)
             self._writeBurst(burst)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            prot = self._load(prot)
-            if not prot.isActive():
-                break
-            time.sleep(3)
-        if prot.isFailed():
-            self.fail("defocus protocol failed:\n" + "\n".join(prot.getLogsLastLines()))
-        self.assertTrue(prot.isFinished(), "protocol did not finish (status %s)" % prot.getStatus())
+        prot = waitForProtocol(prot, poll_s=3)
         ctfs = getattr(prot, OUTPUT_CTF)
         ctfs.loadAllProperties()
         self.assertEqual(ctfs.getStreamState(), Set.STREAM_CLOSED)
@@ -94,7 +78,7 @@ class TestDeepCryoDeepDefocusStreaming(BaseTest):
         self.assertLess(np.mean(errors), 150.0, "MAE %.0f Å" % np.mean(errors))
 
 
-class TestDeepCryoDeepDefocusTrainAndViewer(BaseTest):
+class TestDeepCryoDeepDefocusTrainAndViewer(ProtocolTest):
     """Predict (shipped model) → its SetOfCTF as labels → fine-tune 1 epoch (training protocol) → predict with
     the trained model (the predict protocol accepts it; CTFs still close to the simulation's truth) → viewer
     (headless: Agg) writes its summary PNG."""

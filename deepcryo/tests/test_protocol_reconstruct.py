@@ -25,18 +25,19 @@ by the protocol, and the map is compared with the phantom.
 import os
 
 import numpy as np
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME
 from deepcryo.core import fsc, io, simulate
 from deepcryo.protocols import DeepCryoProtReconstruct
+from deepcryo.tests.harness import ProtocolTest
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
 BOX, PX, N, SNR = 40, 3.0, 600, 0.5
 MAX_RESOLUTION_A = 15.0   # measured: 11.5 Å (FSC 0.5 against the phantom), 10.8 Å (half maps, FSC 0.143)
 
 
-class TestDeepCryoReconstruct(BaseTest):
+class TestDeepCryoReconstruct(ProtocolTest):
 
     @classmethod
     def setUpClass(cls):

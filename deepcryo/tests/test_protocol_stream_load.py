@@ -12,13 +12,13 @@ import mrcfile
 import numpy as np
 from pwem.protocols import ProtImportMicrographs, ProtSubSet
 from pyworkflow.object import Set
-from pyworkflow.protocol import getProtocolFromDb
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_CTF
 from deepcryo.core import io
 from deepcryo.core.micrographs import simulate_micrograph
 from deepcryo.protocols import DeepCryoProtDeepDefocus
+from deepcryo.tests.harness import ProtocolTest, loadRun, waitForProtocol
 
 PX, VOLTAGE, CS, AMP = 1.2, 300.0, 2.7, 0.07
 N, SIZE, BAD = 200, 512, 100
@@ -26,7 +26,7 @@ BURSTS = (25, 0, 50, 3, 1, 40, 0, 81)  # sums to N
 STREAMED = {}  # figures for RELIABILITY.md
 
 
-class TestDeepCryoDefocusStreamingLoad(BaseTest):
+class TestDeepCryoDefocusStreamingLoad(ProtocolTest):
 
     @classmethod
     def setUpClass(cls):
@@ -55,15 +55,8 @@ class TestDeepCryoDefocusStreamingLoad(BaseTest):
             shutil.copy(src, tmp)  # complete files only appear under the watched name
             os.replace(tmp, os.path.join(self.folder, "mic_%03d.mrc" % i))
 
-    @staticmethod
-    def _load(prot):
-        loaded = getProtocolFromDb(prot.getProject().path, prot.getDbPath(), prot.getObjId())
-        loaded.getProject().closeMapper()
-        loaded.closeMappers()
-        return loaded
-
     def _ctfSize(self, prot):
-        ctfs = getattr(self._load(prot), OUTPUT_CTF, None)
+        ctfs = getattr(loadRun(prot), OUTPUT_CTF, None)
         if ctfs is None:
             return 0
         ctfs.loadAllProperties()
@@ -77,9 +70,7 @@ class TestDeepCryoDefocusStreamingLoad(BaseTest):
         sub = self.newProtocol(ProtSubSet, objLabel=label, selectIds=True, range="1-100000")
         sub.inputFullSet.set(prot)
         sub.inputFullSet.setExtended(OUTPUT_CTF)
-        self.proj.launchProtocol(sub, wait=True)
-        if not sub.isFinished():
-            self.fail("ProtSubSet failed:\n" + "\n".join(sub.getLogsLastLines(40)))
+        self.launchProtocol(sub)
         return sub.outputCTF.getSize()
 
     def testStream200WithBadMicrograph(self):
@@ -104,15 +95,12 @@ class TestDeepCryoDefocusStreamingLoad(BaseTest):
         self._waitOutput(prot, OUTPUT_CTF, sleepTime=2)
         midSize = self._subset(prot, "subset while streaming")
         running = prot
-        while True:  # the import closes 12 s after the last file; the protocol then finishes
-            prot = self._load(running)
-            if not prot.isActive():
-                break
-            sizes.append(self._ctfSize(prot))
-            time.sleep(3)
-        if prot.isFailed():
-            self.fail("defocus protocol failed:\n" + "\n".join(prot.getLogsLastLines(50)))
-        self.assertTrue(prot.isFinished(), "status %s" % prot.getStatus())
+
+        def finished(run):  # the import closes 12 s after the last file; the protocol then finishes
+            if run.isActive():
+                sizes.append(self._ctfSize(run))
+            return run.isFinished()
+        prot = waitForProtocol(running, finished, poll_s=3)
         ctfs = getattr(prot, OUTPUT_CTF)
         ctfs.loadAllProperties()
         self.assertEqual(ctfs.getStreamState(), Set.STREAM_CLOSED)

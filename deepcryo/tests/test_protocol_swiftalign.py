@@ -26,18 +26,19 @@ import os
 import numpy as np
 import torch
 from pwem.protocols import ProtImportVolumes
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import posesFromMatrices
 from deepcryo.core import geometry, io, simulate
 from deepcryo.protocols import DeepCryoProtSwiftAlign
+from deepcryo.tests.harness import ProtocolTest
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
 BOX, PX, N = 48, 3.0, 150
 
 
-class TestDeepCryoSwiftAlign(BaseTest):
+class TestDeepCryoSwiftAlign(ProtocolTest):
 
     @classmethod
     def setUpClass(cls):

@@ -30,20 +30,21 @@ import time
 import numpy as np
 import torch
 from pwem.protocols import ProtImportVolumes
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME
 from deepcryo.convert import posesFromMatrices
 from deepcryo.core import fourier, geometry, io, simulate
 from deepcryo.core.fsc import fsc, fsc_resolution_A
 from deepcryo.protocols import DeepCryoProtSwiftRefine
+from deepcryo.tests.harness import ProtocolTest, waitForProtocol
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
 BOX, PX, N = 48, 3.0, 600
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2), Linux
 
 
-class TestDeepCryoSwiftRefine(BaseTest):
+class TestDeepCryoSwiftRefine(ProtocolTest):
 
     @classmethod
     def setUpClass(cls):
@@ -108,11 +109,7 @@ class TestDeepCryoSwiftRefine(BaseTest):
         self.addCleanup(libc.prctl, PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
         self.proj.launchProtocol(prot, wait=False)
         first = prot._getExtraPath("refine", "it001_model.json")
-        deadline = time.time() + 900
-        while not os.path.exists(first):
-            self.assertLess(time.time(), deadline, "iteration 1 never finished")
-            self.assertTrue(psutil.pid_exists(prot.getPid()), "the run ended before the kill")
-            time.sleep(0.5)
+        waitForProtocol(prot, lambda run: os.path.exists(first), "iteration 1 to finish", poll_s=0.5)
         time.sleep(1.0)                                              # inside iteration 2
         root = psutil.Process(prot.getPid())
         victims = [root] + root.children(recursive=True)
@@ -134,8 +131,7 @@ class TestDeepCryoSwiftRefine(BaseTest):
         self.proj.checkPid(prot)                                    # what Scipion's GUI does on refresh
         self.assertTrue(prot.isFailed(), prot.getStatus())          # Scipion sees the dead run as failed
         prot.runMode.set(MODE_RESUME)
-        self.proj.launchProtocol(prot, wait=True)
-        self.assertTrue(prot.isFinished(), prot.getErrorMessage())
+        self.launchProtocol(prot)
         for f, t in stamps.items():
             self.assertEqual(os.path.getmtime(prot._getExtraPath(f)), t, "%s was redone" % f)
         self.assertEqual([h["iteration"] for h in prot.history()], [1, 2])

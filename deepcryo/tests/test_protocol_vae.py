@@ -33,18 +33,18 @@ import uuid
 
 import numpy as np
 from pyworkflow.project import Manager
-from pyworkflow.tests import BaseTest
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.core import simulate
 from deepcryo.protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeTrain
 from deepcryo.protocols.protocol_vae import OUTPUT_CLASSES, OUTPUT_TRAJECTORY
+from deepcryo.tests.harness import ProtocolTest
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
 BOX, PX, N = 32, 3.0, 400
 
 
-class TestDeepCryoVae(BaseTest):
+class TestDeepCryoVae(ProtocolTest):
 
     @classmethod
     def setUpClass(cls):
