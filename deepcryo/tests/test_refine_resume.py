@@ -5,8 +5,9 @@ reconstruction, its outputs), the final pass with pose posteriors, the final map
 and the clean-up after it. For each, a real ``python -m deepcryo.swiftalign refine --continue`` process SIGKILLs
 itself at the call that marks the stage (this module run as a program arms the kill by wrapping that one
 function; no hook in the program itself), so the kill lands at the same point every time and leaves what a
-kill there leaves: no clean-up, temporaries of an interrupted atomic write. A second ``--continue`` must then
-finish with the result of an uninterrupted run, and every file the protocol and its viewer read must be
+kill there leaves: no clean-up, temporaries of an interrupted atomic write. The killed run of a later stage
+starts (``--continue``) from the uninterrupted run's files of the iterations before it. A second ``--continue``
+(in this process) must then finish with the result of the uninterrupted run, and every file the protocol and its viewer read must be
 complete: ``model.json`` with the history and the settings, the map, half maps, FSC, particles, the per-
 iteration FSC curves.
 
@@ -37,7 +38,7 @@ FINAL_FILES = ("map.mrc", "half1.mrc", "half2.mrc", "fsc.star", "particles.star"
 ITERATION_FILES = ("half1.mrc", "half2.mrc", "ref_half1.mrc", "ref_half2.mrc", "fsc.star", "particles.star",
                    "model.json")
 
-# stage -> (iterations already finished when the killed run starts, where it is killed: see _arm)
+# stage -> iterations already finished when the killed run starts (where it is killed: _arm)
 STAGES = {
     "input preparation": 0,
     "global alignment": 0,
