@@ -194,15 +194,20 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
 
     # --------------------------- INFO functions ----------------------------------------------------
     def history(self):
-        """The per-iteration records of the refinement (list of dicts; empty before the first iteration)."""
+        """The per-iteration records of the refinement (list of dicts; empty before the first iteration): from
+        ``model.json`` at the end, else (running, or a ``model.json`` that an earlier version's ``--continue`` wrote
+        without them) from the last iteration's ``it###_model.json``."""
         path = self._refineDir("model.json")
-        if not os.path.exists(path):
-            done = sorted(f for f in os.listdir(self._refineDir()) if re.match(r"it\d{3}_model\.json$", f)) \
-                if os.path.isdir(self._refineDir()) else []
-            if not done:
-                return []
-            path = self._refineDir(done[-1])
-        with open(path) as f:
+        if os.path.exists(path):
+            with open(path) as f:
+                model = json.load(f)
+            if "history" in model:
+                return model["history"]
+        done = sorted(f for f in os.listdir(self._refineDir()) if re.match(r"it\d{3}_model\.json$", f)) \
+            if os.path.isdir(self._refineDir()) else []
+        if not done:
+            return []
+        with open(self._refineDir(done[-1])) as f:
             return json.load(f)["history"]
 
     def finalResolution(self):

@@ -68,9 +68,17 @@ poses only. ``model.json`` gives both resolutions (``resolution_A``: the last it
 Files in ``output_dir`` (one class; with K classes ``it###_class###_half1.mrc`` and so on):
 
 * per iteration: ``it###_half1.mrc``, ``it###_half2.mrc``, ``it###_fsc.star``, ``it###_particles.star``,
-  ``it###_model.json`` (resolution, steps, mode, pose change, fraction kept, seconds). The model file is
-  written last: an iteration counts as done only when it exists, which is what ``resume`` looks for;
-* at the end: ``map.mrc``, ``half1.mrc``, ``half2.mrc``, ``fsc.star``, ``particles.star``, ``model.json``.
+  ``it###_model.json`` (resolution, steps, mode, pose change, fraction kept, seconds, and the whole history
+  and settings). The model file is written last: an iteration counts as done only when it exists, which is
+  what ``resume`` looks for;
+* at the end: ``map.mrc``, ``half1.mrc``, ``half2.mrc``, ``fsc.star``, ``particles.star``, then ``model.json``
+  (the last iteration's record with the history, the settings and the final resolution). Like the iteration's
+  model file it is written last, so its presence says the final outputs are complete: ``resume`` after the
+  last iteration redoes the final pass unless it finds it, and removes it before running further iterations.
+
+Every file is written atomically (:func:`deepcryo.core.io.atomic_output`) and ``it###_model.json`` also
+holds the state of the random generator of the perturbations (``random_state``), so a run killed at any point
+and resumed gives the result of an uninterrupted run.
 
 Particles are written with rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, rlnRandomSubset (1/2), rlnClassNumber
 (1-based), dcSwiftScore and dcSwiftKept (1 if used in the last reconstruction).
@@ -296,6 +304,34 @@ def _write_json(path, data):
             json.dump(data, f, indent=1)
 
 
+def _copy(src, dst):
+    with io.atomic_output(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _remove(path):
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def _model(history, params, n_classes):
+    """What ``it###_model.json`` and ``model.json`` hold: the last iteration's record (``history[-1]``), the
+    whole ``history``, the settings and the number of classes."""
+    return dict(history[-1], history=history, params=params.as_dict(), n_classes=n_classes)
+
+
+def _finished_model(path, last):
+    """The final model ``path`` when it exists and belongs to iteration ``last`` (so the final outputs beside
+    it are complete), else None."""
+    try:
+        with open(path) as f:
+            model = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    complete = model.get("iteration") == last and "history" in model and "final_resolution_A" in model
+    return model if complete else None
+
+
 def last_completed_iteration(output_dir):
     """The highest iteration with an ``it###_model.json`` in ``output_dir`` (0 when none)."""
     done = [int(m.group(1)) for p in glob.glob(os.path.join(output_dir, "it[0-9][0-9][0-9]_model.json"))
@@ -368,7 +404,8 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
         output_dir: folder for every output.
         params: :class:`RefineParams`.
         mask: optional MRC path of a mask (values 0–1) for FSC and references.
-        resume: continue after the last completed iteration found in ``output_dir``.
+        resume: continue after the last completed iteration found in ``output_dir``; a finished run (complete
+            ``model.json``) is left as it is.
     """
     params = params or RefineParams()
     star = io.read_particles(particles) if isinstance(particles, str) else particles
@@ -431,14 +468,25 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
             keep = np.asarray(prev.particles["dcSwiftKept"], dtype=bool)
             score = np.asarray(prev.particles["dcSwiftScore"], dtype=np.float64)
             alternatives = _read_alternatives(prev)
+            if "random_state" in model:         # the draws of an uninterrupted run (older files lack it)
+                rng.bit_generator.state = model["random_state"]
             resolution = model["resolution_A"]
             refs = [[io.read_mrc(_name(output_dir, it, n_classes, k, "ref_half%d.mrc" % h))[0] for h in (1, 2)]
                     for k in range(n_classes)]
             log("continuing after iteration %d (resolution %.2f Å)" % (it, resolution))
-    model = history[-1] if history else None
+    model = _model(history, params, n_classes) if history else None
     best_res, stalls = (min(h["resolution_A"] for h in history), history[-1]["stalls"]) if history else (math.inf, 0)
     converged = bool(history and history[-1].get("converged"))
     iteration = start
+    final_path = os.path.join(output_dir, "model.json")
+    if iteration <= params.max_iterations and not converged:
+        _remove(final_path)                # the final outputs, if any, are those of an earlier iteration
+    elif model is not None:
+        finished = _finished_model(final_path, model["iteration"])
+        if finished is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            log("%s: finished after iteration %d, nothing to do" % (output_dir, model["iteration"]))
+            return finished
     while iteration <= params.max_iterations and not converged:
         t0, cpu0 = time.time(), time.process_time()
         is_global = iteration <= params.global_iterations or (iteration == 1 and not star.has_poses())
@@ -539,8 +587,9 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
             io.write_mrc(_name(output_dir, iteration, n_classes, k, "ref_half2.mrc"), refs[k][1], px)
             write_fsc_star(_name(output_dir, iteration, n_classes, k, "fsc.star"), curves[k], box, px)
         io.write_particles(os.path.join(output_dir, "it%03d_particles.star" % iteration), out_star)
-        model = dict(entry, history=history, params=params.as_dict(), n_classes=n_classes)
-        _write_json(os.path.join(output_dir, "it%03d_model.json" % iteration), model)
+        model = _model(history, params, n_classes)
+        _write_json(os.path.join(output_dir, "it%03d_model.json" % iteration),
+                    dict(model, random_state=rng.bit_generator.state))
         log("iteration %d (%s): align %.2f Å, step %.2f°, shift step %.2f px -> resolution %.2f Å; "
             "median pose change %.2f°, kept %.1f%%, %.1f s"
             % (iteration, entry["mode"], res_align, step, sstep, new_resolution, median_change,
@@ -562,7 +611,7 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
         if min(recs[k][0].count, recs[k][1].count) == 0:
             final_res.append(math.inf)
             for name in ("half1.mrc", "half2.mrc", "fsc.star"):
-                shutil.copyfile(_name(output_dir, last, n_classes, k, name), _name(output_dir, None, n_classes, k, name))
+                _copy(_name(output_dir, last, n_classes, k, name), _name(output_dir, None, n_classes, k, name))
         else:
             h1, h2 = recs[k][0].reconstruct(), recs[k][1].reconstruct()
             curve = fsc(h1 * mask_t.numpy(), h2 * mask_t.numpy())
@@ -577,8 +626,8 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
     finite = [r for r in final_res if math.isfinite(r)]
     model = dict(model, final_resolution_A=float(np.mean(finite)) if finite else model["resolution_A"],
                  final_class_resolution_A=[float(r) for r in final_res], final_seconds=time.time() - t0)
-    shutil.copyfile(os.path.join(output_dir, "it%03d_particles.star" % last), os.path.join(output_dir, "particles.star"))
-    _write_json(os.path.join(output_dir, "model.json"), model)
+    _copy(os.path.join(output_dir, "it%03d_particles.star" % last), os.path.join(output_dir, "particles.star"))
+    _write_json(final_path, model)                         # last: it marks the final outputs as complete
     shutil.rmtree(work_dir, ignore_errors=True)
     log("final: %d iterations (%s); pose-weighted half maps: resolution %.2f Å (FSC 0.143; the last iteration's "
         "best poses alone: %.2f Å), %.1f s"
