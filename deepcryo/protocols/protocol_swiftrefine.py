@@ -253,8 +253,7 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
             return ["No iteration finished yet."]
         last = hist[-1]
         lines = ["%d iterations, %s: resolution %.2f Å (half-map FSC 0.143 in the mask, corrected by phase "
-                 "randomisation), angular step %.2f°, "
-                 "median pose change in the last iteration %.2f°."
+                 "randomisation), angular step %.2f°, median pose change in the last iteration %.2f°."
                  % (len(hist), "converged" if last["converged"] else "not converged (iteration limit)",
                     last["resolution_A"], last["angular_step_deg"], last["median_angle_change_deg"])]
         final = self.finalResolution()
