@@ -146,6 +146,9 @@ def masked_fsc(half1, half2, mask, randomize_fsc_at: float = RANDOMIZE_FSC_AT, s
     h1 = torch.as_tensor(np.asarray(half1), dtype=torch.float64)
     h2 = torch.as_tensor(np.asarray(half2), dtype=torch.float64)
     m = torch.as_tensor(np.asarray(mask), dtype=torch.float64)
+    if not (h1.ndim == 3 and len(set(h1.shape)) == 1 and h1.shape == h2.shape == m.shape):
+        raise ValueError("half maps and mask must be cubes of one shape (got %s, %s, %s)"
+                         % (tuple(h1.shape), tuple(h2.shape), tuple(m.shape)))
     unmasked, masked = fsc(h1, h2), fsc(h1 * m, h2 * m)
     shell = randomization_shell(unmasked, randomize_fsc_at)
     if shell is None:

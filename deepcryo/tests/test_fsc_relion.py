@@ -57,6 +57,8 @@ def test_solvent_correction_formula_and_start_shell():
     np.testing.assert_allclose(out[4:], (masked[4:] - rand[4:]) / (1 - rand[4:]))
     assert randomization_shell(np.array([1.0, 0.9, 0.85, 0.79, 0.9, 0.5])) == 3
     assert randomization_shell(np.ones(5)) is None
+    with pytest.raises(ValueError, match="cubes of one shape"):
+        masked_fsc(np.zeros((8, 8, 8)), np.zeros((8, 8, 8)), np.ones((6, 6, 6)))
 
 
 def _tight_mask(vol, threshold, edge_px):
