@@ -2,7 +2,8 @@
 
 Simulates a phantom and ``--n`` noisy CTF-modulated particles (``--snr``; 0 = noiseless), reconstructs them
 with both programs (CTF-corrected, same thread count) and prints particles/s (wall and CPU), the ratio,
-and each map's FSC against the ground truth (resolution at 0.5 and 0.143).
+and each map's FSC against the ground truth (resolution at 0.5 and 0.143: the last shell above each, as
+RELION reports, :func:`deepcryo.core.fsc.fsc_resolution_A`).
 
     python benchmarks/reconstruct.py --n 5000 --box 96 --snr 0.1 --threads 2
 """

@@ -28,6 +28,7 @@ from pwem.protocols import ProtReconstruct3D
 from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_PATTERN
 from deepcryo.convert import readFscStar, writeSetOfParticles
+from deepcryo.core.fsc import fsc_resolution_A
 from deepcryo.protocols.validation import acquisitionErrors
 
 
@@ -154,10 +155,16 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
         summary = ["Map reconstructed from %d particles with symmetry %s."
                    % (self.inputParticles.get().getSize(), self.symmetryGroup.get())]
         if hasattr(self, OUTPUT_FSC):
-            fsc = getattr(self, OUTPUT_FSC)
-            summary.append("Half-map FSC resolution: %s Å (FSC 0.143), %s Å (FSC 0.5)."
-                           % (fsc.calculateResolution(0.143, 2), fsc.calculateResolution(0.5, 2)))
+            summary.append("Half-map FSC resolution (unmasked; the last shell above the threshold, as RELION "
+                           "reports): %.2f Å (FSC 0.143), %.2f Å (FSC 0.5)."
+                           % (self._fscResolution(0.143), self._fscResolution(0.5)))
         return summary
+
+    def _fscResolution(self, threshold):
+        """Resolution (Å) of the half-map FSC output as RELION reports it (pwem's ``FSC.calculateResolution``
+        interpolates between shells)."""
+        _, y = getattr(self, OUTPUT_FSC).getData()
+        return fsc_resolution_A([float(v) for v in y], getattr(self, OUTPUT_VOLUME).getSamplingRate(), threshold)
 
     def _methods(self):
         if not hasattr(self, OUTPUT_VOLUME):
@@ -169,8 +176,8 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
                                self.symmetryGroup.get(), limit)]
         if hasattr(self, OUTPUT_FSC):
             methods.append("The resolution of the map, from the Fourier shell correlation of two half "
-                           "maps reconstructed from independent halves of the particles, is %s Å "
-                           "(FSC 0.143)." % getattr(self, OUTPUT_FSC).calculateResolution(0.143, 2))
+                           "maps reconstructed from independent halves of the particles, is %.2f Å "
+                           "(FSC 0.143)." % self._fscResolution(0.143))
         return methods
 
     def _citations(self):

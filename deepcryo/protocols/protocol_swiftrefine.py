@@ -42,7 +42,8 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
     Each iteration aligns each half of the particles against its own reference with SwiftAlign
     (a faiss index of reference projections for the first, global iteration; an exact local search
     around the previous poses afterwards), reconstructs the two half maps (CTF-weighted), measures
-    their FSC and resolution (0.143), and makes the next references: FSC-weighted, cut at the
+    their FSC in the mask, corrected by phase randomisation as relion_postprocess does, and the
+    resolution (0.143, as RELION reports it), and makes the next references: FSC-weighted, cut at the
     resolution, joined below 40 Å, masked. The angular and shift steps follow the resolution. It
     stops when neither the resolution nor the poses change any more. With several initial maps it
     refines one class per map and assigns each particle to the class it matches best.
@@ -211,7 +212,8 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
             return json.load(f)["history"]
 
     def finalResolution(self):
-        """Resolution (Å, half-map FSC 0.143, masked) of the final pose-weighted half maps, or None before the end."""
+        """Resolution (Å, half-map FSC 0.143, masked and corrected by phase randomisation) of the final
+        pose-weighted half maps, or None before the end."""
         path = self._refineDir("model.json")
         if not os.path.exists(path):
             return None
@@ -264,14 +266,14 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
         if not hist:
             return ["No iteration finished yet."]
         last = hist[-1]
-        lines = ["%d iterations, %s: resolution %.2f Å (half-map FSC 0.143, masked), angular step %.2f°, "
-                 "median pose change in the last iteration %.2f°."
+        lines = ["%d iterations, %s: resolution %.2f Å (half-map FSC 0.143 in the mask, corrected by phase "
+                 "randomisation), angular step %.2f°, median pose change in the last iteration %.2f°."
                  % (len(hist), "converged" if last["converged"] else "not converged (iteration limit)",
                     last["resolution_A"], last["angular_step_deg"], last["median_angle_change_deg"])]
         final = self.finalResolution()
         if final is not None:
             lines.append("Final half maps, each particle inserted at its pose posterior: %.2f Å (half-map FSC "
-                         "0.143, masked)." % final)
+                         "0.143 in the mask, corrected by phase randomisation)." % final)
         if self._nClasses() > 1:
             lines.append("Class fractions: " + ", ".join("%.1f%%" % (100 * f) for f in last["class_fractions"]))
         if last["fraction_kept"] < 1:
@@ -285,8 +287,9 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
             return []
         return ["%d particles were refined against %s with deepcryo swiftrefine (gold-standard halves, "
                 "SwiftAlign projection matching [Lauzirika2023], CTF-weighted Fourier reconstruction) "
-                "with %s symmetry, from an initial resolution of %.0f Å; the half-map FSC reached %.2f Å "
-                "(0.143 threshold) after %d iterations."
+                "with %s symmetry, from an initial resolution of %.0f Å; the half-map FSC in the mask, corrected "
+                "by phase randomisation as relion_postprocess does, reached %.2f Å (0.143 threshold) after %d "
+                "iterations."
                 % (self.inputParticles.get().getSize(), ", ".join(p.get().getFileName() for p in self.inputVolumes),
                    self.symmetryGroup.get(), self.initialResolution.get(),
                    self.finalResolution() or hist[-1]["resolution_A"], len(hist))]

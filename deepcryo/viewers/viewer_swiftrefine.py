@@ -54,7 +54,8 @@ def plot_refine_history(history, path=None):
     median pose change (°) and fraction of particles kept, against the iteration. Saved to ``path``."""
     its = [h["iteration"] for h in history]
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
-    panels = [("resolution_A", "resolution, FSC 0.143 (Å)"), ("angular_step_deg", "angular step (°)"),
+    panels = [("resolution_A", "resolution (Å), masked FSC 0.143,\ncorrected by phase randomisation"),
+              ("angular_step_deg", "angular step (°)"),
               ("median_angle_change_deg", "median pose change (°)"), ("fraction_kept", "fraction reconstructed")]
     for ax, (key, label) in zip(axes.ravel(), panels):
         ax.plot(its, [h[key] for h in history], "o-")
