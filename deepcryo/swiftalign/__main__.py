@@ -15,7 +15,8 @@ Examples::
 
 ``--device cuda:0 [cuda:1 …]`` runs the projections (and in ``refine`` the reconstructions) on the first GPU
 and searches the index with faiss-gpu, sharded over all of them; ``train`` then builds an index faiss-gpu can
-search (:func:`.index.default_factory`). CUDA asked for on a host without it stops the program at the start;
+search (:func:`.index.default_factory`). The exact scoring of the candidates stays on the CPU, where the
+particle images are. CUDA asked for on a host without it stops the program at the start;
 a faiss without GPU support, or an index built for the CPU (fast-scan), is searched on the CPU with one
 warning line.
 

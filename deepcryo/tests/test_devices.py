@@ -99,6 +99,14 @@ def test_cuda_without_cuda_is_one_line_at_the_start(argv, monkeypatch, capsys, t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_refine_takes_one_device(monkeypatch, capsys):
+    from deepcryo.swiftalign.__main__ import main
+    _fake_cuda(monkeypatch, 2)
+    assert main(["refine", "--reference", "m.mrc", "--particles", "p.star", "--output-dir", "out",
+                 "--device", "cuda:0", "cuda:1"]) == 2
+    assert capsys.readouterr().err == "error: refine runs on one device, got --device cuda:0 cuda:1\n"
+
+
 # ------------------------------------------------------------------------------------------ faiss factory
 @pytest.mark.parametrize("dim", [40, 150, 192, 384, 2000])
 def test_gpu_factory_is_one_faiss_gpu_holds_with_the_cpu_code_size(dim):
