@@ -22,6 +22,9 @@ Examples::
     # fine-tune the shipped weights on your own labels (any previous CTF estimation)
     python -m deepcryo.defocus train --star micrographs_ctf.star --init shipped --output tuned.pt
 
+    # the same on the first GPU (CUDA asked for on a host without it stops with one line)
+    python -m deepcryo.defocus train --star micrographs_ctf.star --init shipped --output tuned.pt --device cuda
+
 Errors in the input are reported in one line and the program exits with status 2 without writing its
 output. In ``predict``, a single unusable micrograph is reported ("skipped ...") and the others go on.
 """
@@ -31,13 +34,18 @@ import sys
 
 import torch
 
+from ..core.cli import parse_devices
 from ..core.io import InputError
+
+
+def _device(word):
+    """The one torch device of ``--device`` (cpu, cuda or cuda:N), checked (:func:`parse_devices`)."""
+    return parse_devices(word)[0]
 
 
 def _predict(args):
     from . import predict
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device available")
+    device = _device(args.device)
     if not 0 < args.high_resolution < args.low_resolution:
         raise InputError("need 0 < --high-resolution < --low-resolution (Å)")
     if args.batch_size < 1:
@@ -48,7 +56,7 @@ def _predict(args):
                     amplitude_contrast=args.amplitude_contrast)
     results = predict.predict(args.micrographs, args.output, args.model, refine=not args.no_refine,
                               low_A=args.low_resolution, high_A=args.high_resolution, fit_phase=args.phase_shift,
-                              batch_size=args.batch_size, device=args.device, defaults=defaults,
+                              batch_size=args.batch_size, device=device, defaults=defaults,
                               log=lambda m: print(m, flush=True),
                               warn=lambda m: print("deepcryo.defocus: " + m, file=sys.stderr, flush=True))
     flagged = sum(r["flagged"] for r in results)
@@ -58,6 +66,7 @@ def _predict(args):
 def _train(args):
     from . import model as model_mod
     from . import train
+    device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.simulate is not None and args.star:
@@ -86,7 +95,8 @@ def _train(args):
             config["n_defocus"] = args.n_defocus
     summary = train.train(arrays, args.output, config=config, init_weights=init, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
-                          resume=args.resume, log=lambda m: print(m, flush=True), threads=args.threads)
+                          resume=args.resume, log=lambda m: print(m, flush=True), threads=args.threads,
+                          device=device)
     print("wrote %s (best validation MAE %.0f Å over %d validation micrographs)"
           % (args.output, summary["best_val_mae_A"], summary["n_val"]))
 
@@ -108,7 +118,7 @@ def main(argv=None):
     p.add_argument("--high-resolution", type=float, default=5.0, help="fit band high-resolution end, Å")
     p.add_argument("--model", help="weight file (default: the shipped weights)")
     p.add_argument("--batch-size", type=int, default=8, help="micrographs per batch")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     t = sub.add_parser("train", help="train or fine-tune the defocus CNN")
     t.add_argument("--output", required=True, help="weight file to write")
@@ -131,6 +141,7 @@ def main(argv=None):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from <output>.ckpt")
     t.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     try:
         _predict(args) if args.command == "predict" else _train(args)

@@ -160,8 +160,10 @@ def _loss(out, labels, profile=None, phi=None):
 
 
 def evaluate(model, arrays, batch_size=64):
-    """(MAE of U and V in Å, median angle error in degrees where U − V > 300 Å) of a model on arrays."""
+    """(MAE of U and V in Å, median angle error in degrees where U − V > 300 Å) of a model on arrays
+    (computed on the model's device)."""
     model.eval()
+    device = next(model.parameters()).device
     psd = torch.as_tensor(arrays["psd"]).float()
     acq = torch.as_tensor(arrays["acq"])
     labels = torch.as_tensor(arrays["labels"])
@@ -169,7 +171,8 @@ def evaluate(model, arrays, batch_size=64):
     with torch.no_grad():
         for i in range(0, len(psd), batch_size):
             a = acq[i:i + batch_size]
-            outs.append(model(psd[i:i + batch_size], model_mod.acquisition_features(a[:, 0], a[:, 1], len(a))))
+            feats = model_mod.acquisition_features(a[:, 0], a[:, 1], len(a)).to(device)
+            outs.append(model(psd[i:i + batch_size].to(device), feats).cpu())
     u, v, ang = model_mod.decode(torch.cat(outs))
     mae = 0.5 * ((u - labels[:, 0]).abs() + (v - labels[:, 1]).abs()).mean()
     d = (ang - labels[:, 2]).abs() % 180.0
@@ -183,7 +186,7 @@ def _subset(arrays, idx):
 
 
 def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=32, lr=1e-3, patience=8,
-          val_fraction=0.15, seed=0, checkpoint=None, resume=False, log=print, threads=None):
+          val_fraction=0.15, seed=0, checkpoint=None, resume=False, log=print, threads=None, device="cpu"):
     """Train (or fine-tune from ``init_weights``) a defocus model and write the best weights to ``output``.
 
     Args:
@@ -193,6 +196,8 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
             when fine-tuning.
         epochs, batch_size, lr, patience (epochs without improvement before stopping), val_fraction, seed.
         checkpoint: checkpoint file (default ``output + ".ckpt"``); ``resume`` continues from it.
+        device: torch device of the model and its batches. Shuffling and augmentation draw from torch's CPU
+            generator on the CPU, so a run sees the same batches on any device.
     Returns:
         dict with ``best_val_mae_A``, ``val_angle_error_deg``, ``epochs``, ``n_train``, ``n_val``.
     """
@@ -211,6 +216,7 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
     else:
         config = dict(config or {"arch": "rings", "width": 16})
         model = model_mod.build_model(config)
+    model.to(device)
     config.update(samplings_A=list(CNN_SAMPLINGS_A), size_px=CNN_SIZE_PX)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, patience // 3))
@@ -245,9 +251,10 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
             x, ang = augment(psd[idx].float(), labels[idx, 2], torch.randint(0, 8, (len(idx),)))
-            lab = torch.stack([labels[idx, 0], labels[idx, 1], ang], dim=1)
+            lab = torch.stack([labels[idx, 0], labels[idx, 1], ang], dim=1).to(device)
+            x = x.to(device)
             a = acq[idx]
-            feats = model_mod.acquisition_features(a[:, 0], a[:, 1], len(idx))
+            feats = model_mod.acquisition_features(a[:, 0], a[:, 1], len(idx)).to(device)
             if isinstance(model, model_mod.PolarDefocusNet):
                 prof = model.profile(x, feats)
                 out = model.from_harmonics(*model.harmonics_of(prof))

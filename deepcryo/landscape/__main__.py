@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from ..core.cli import parse_devices
 from ..core.io import InputError
 
 
@@ -37,7 +38,7 @@ def _parser():
     t.add_argument("--basis", type=int, default=16, help="basis volumes of the decoder")
     t.add_argument("--learning-rate", type=float, default=3e-3,
                    help="Adam step size (3e-3 converges in 3-4 epochs on the simulated sets; 1e-3 needs more)")
-    t.add_argument("--device", default="cpu", help="torch device, or a comma-separated list for DDP (cuda:0,cuda:1)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda[:N], or a comma-separated list for DDP (cuda:0,cuda:1)")
     t.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--continue", dest="resume", action="store_true", help="resume from output-dir/checkpoint.pt")
@@ -68,7 +69,7 @@ def main(argv=None):
             from .train import train
             train(args.particles, args.output_dir, latent_dim=args.latent_dim, epochs=args.epochs, box=args.box,
                   batch_size=args.batch_size, beta=args.beta, n_basis=args.basis,
-                  learning_rate=args.learning_rate, devices=args.device.split(","), resume=args.resume,
+                  learning_rate=args.learning_rate, devices=parse_devices(args.device), resume=args.resume,
                   seed=args.seed, pose_free=args.pose_free, reference=args.reference, pose_heads=args.pose_heads)
         else:
             from .analyze import analyze

@@ -235,7 +235,8 @@ def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=6
         latent_dim: latent dimension; epochs: total epochs (a resumed run stops at the same total).
         box: working box (px, even); the particle box when None. batch_size: particles per step (per device).
         beta: weight of the KL term. n_basis, hidden: decoder basis volumes and MLP width.
-        devices: torch device names; several → DistributedDataParallel.
+        devices: torch device names (checked by :func:`deepcryo.core.cli.parse_devices`); several →
+            DistributedDataParallel. The consensus map is reconstructed on the first.
         pose_free: ignore the particles' poses and learn them with the pose head (``pose_heads`` candidates
             per particle); ``reference``: optional MRC map to start V₀ from (otherwise a soft sphere).
     """
@@ -273,7 +274,7 @@ def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=6
         if pose_free:
             volume, noise_var = pose_free_start(data, reference)
         else:
-            volume = consensus_map(data, 256, "cpu")
+            volume = consensus_map(data, 256, devices[0])
             noise_var = noise_estimate(data, volume, 2000, 256)
         write_mrc(os.path.join(output_dir, "consensus.mrc"), volume.numpy() * data.scale, data.pixel_size_A)
         init = {"mean_volume": volume, "noise_var": noise_var}

@@ -49,6 +49,13 @@ def _micrographStar(path, mics, acquisition, samplingRate):
     io.write_star(path, OrderedDict([("micrographs", cols)]))
 
 
+def _oneGpuErrors(protocol, what):
+    """The program computes on one GPU (``--device cuda``): refuse a list of several."""
+    if protocol.usesGpu() and len(protocol.getGpuList()) != 1:
+        return ["%s runs on one GPU: give one GPU id (e.g. 0)." % what]
+    return []
+
+
 class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
     """Estimates the CTF (defocus U/V, astigmatism angle, optional phase shift) of every micrograph as
     it arrives: a small CNN reads background-subtracted PSDs at 1, 2 and 3 Å/px and gives a first guess,
@@ -81,8 +88,10 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
         line.addParam("highRes", params.FloatParam, default=5.0, label="Highest")
         form.addParam("fitPhaseShift", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                       label="Fit a phase shift?", help="For phase-plate data.")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID")
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
+                       help="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
+                       help="The GPU to use, e.g. 0.")
         self._defineStreamingParams(form)
         form.getParam("streamingBatchSize").setDefault(Integer(8))
         form.addParallelSection(threads=2, mpi=0)
@@ -100,7 +109,7 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
         inStar = self._getTmpPath(batch + "_mics.star")
         outStar = self._getExtraPath(batch + "_ctf.star")
         _micrographStar(inStar, micList, self._params["acquisition"], self._params["samplingRate"])
-        gpus = self.getGpuList() if self.useGpu else None
+        gpus = self.getGpuList() if self.usesGpu() else None
         args = ["--micrographs", inStar, "--output", outStar, "--batch-size", len(micList),
                 "--low-resolution", self.lowRes.get(), "--high-resolution", self.highRes.get(),
                 "--threads", self.numberOfThreads.get(), "--device", "cuda" if gpus else "cpu"]
@@ -150,6 +159,7 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
             errors += defocusModelErrors(self.trainedModel.get().getFileName())
         if not 0 < self.highRes.get() < self.lowRes.get():
             errors.append("The resolution band needs 0 < highest < lowest (Å).")
+        errors += _oneGpuErrors(self, "The estimation")
         return errors
 
     def _summary(self):
@@ -187,8 +197,10 @@ class DeepCryoProtDeepDefocusTrain(EMProtocol):
                       help="Start from the shipped weights (fewer examples needed) instead of from scratch.")
         form.addParam("epochs", params.IntParam, default=30, label="Maximum epochs",
                       help="Training stops earlier when the validation error stops improving.")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID")
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
+                       help="Train on a CUDA GPU (the run stops with one line if CUDA is not available).")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
+                       help="The GPU to use, e.g. 0.")
         form.addParallelSection(threads=2, mpi=0)
 
     def _insertAllSteps(self):
@@ -221,9 +233,9 @@ class DeepCryoProtDeepDefocusTrain(EMProtocol):
         io.write_star(self._getExtraPath("labels.star"), OrderedDict([("micrographs", cols)]))
 
     def trainStep(self):
-        gpus = self.getGpuList() if self.useGpu else None
+        gpus = self.getGpuList() if self.usesGpu() else None
         args = ["--output", self._getExtraPath("defocus_model.pt"), "--epochs", self.epochs.get(),
-                "--threads", self.numberOfThreads.get()]
+                "--threads", self.numberOfThreads.get(), "--device", "cuda" if gpus else "cpu"]
         if self.useSimulation:
             args += ["--simulate", self.numberOfSimulated.get()]
         else:
@@ -249,6 +261,7 @@ class DeepCryoProtDeepDefocusTrain(EMProtocol):
                 errors.append("Labels (%s): the set of CTFs is empty." % ctfs.getFileName())
             elif ctfs.getMicrographs() is not None:
                 errors += acquisitionErrors(ctfs.getMicrographs(), "Micrographs of the labels")
+        errors += _oneGpuErrors(self, "The training")
         return errors
 
     def _summary(self):

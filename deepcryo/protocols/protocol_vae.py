@@ -99,7 +99,8 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
                       help="Resume from the last epoch of a previous training on the same particles.")
         form.addParam("previousRun", params.PointerParam, pointerClass="DeepCryoProtVaeTrain",
                       condition="continueRun", allowsNull=True, label="Previous run")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=True, label="Use GPU?")
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
+                       help="Train on CUDA GPUs (the run stops with one line if CUDA is not available).")
         form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs",
                        help="One or several GPUs (e.g. 0 1); several train in parallel (torch DDP).")
         form.addParallelSection(threads=4, mpi=0)

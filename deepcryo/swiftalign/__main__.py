@@ -13,6 +13,13 @@ Examples::
     python -m deepcryo.swiftalign refine --particles P.star --reference initial.mrc --output-dir out/ \\
         --symmetry C1 --initial-resolution 30 [--mask m.mrc] [--max-iterations 12] [--continue]
 
+``--device cuda:0 [cuda:1 …]`` runs the projections (and in ``refine`` the reconstructions) on the first GPU
+and searches the index with faiss-gpu, sharded over all of them; ``train`` then builds an index faiss-gpu can
+search (:func:`.index.default_factory`). The exact scoring of the candidates stays on the CPU, where the
+particle images are. CUDA asked for on a host without it stops the program at the start;
+a faiss without GPU support, or an index built for the CPU (fast-scan), is searched on the CPU with one
+warning line.
+
 ``train`` writes ``index_dir/`` (``manifest.json``, ``reference.mrc``, ``shard_*.faiss``); ``query`` writes a
 RELION 3.1 STAR with the angles (rlnAngleRot/Tilt/Psi, degrees) and origins (rlnOriginX/YAngst, Å) found,
 and the columns dcSwiftScore (normalised correlation), dcSwiftConfidence (score gap to the best pose far
@@ -24,6 +31,7 @@ import sys
 import time
 
 from deepcryo.core import io
+from deepcryo.core.cli import parse_devices
 
 from .index import train
 from .query import query
@@ -42,7 +50,8 @@ def _common(p):
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch and faiss)")
     p.add_argument("--memory-limit", type=float, default=4.0, help="memory bound for batches and index shards, GB")
     p.add_argument("--device", nargs="+", default=["cpu"],
-                   help="cpu, or CUDA devices (cuda:0 cuda:1 …: the index is sharded over them)")
+                   help="cpu, or CUDA devices (cuda:0 cuda:1 …: the index is sharded over them; "
+                        "refine takes one)")
 
 
 def _parser():
@@ -104,6 +113,7 @@ def main(argv=None):
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     t0 = time.time()
     try:
+        devices = parse_devices(args.device)
         if args.command == "train":
             if args.angular_step is None and args.max_resolution is None:
                 raise io.InputError("give --angular-step or --max-resolution (or both)")
@@ -111,23 +121,25 @@ def main(argv=None):
                       max_resolution_A=args.max_resolution, max_shift_px=args.max_shift,
                       shift_step_px=args.shift_step, index_factory=args.index_factory,
                       n_ctf_groups=args.ctf_groups, symmetry=args.symmetry, whiten=args.whiten,
-                      memory_limit_GB=args.memory_limit, log=log)
+                      memory_limit_GB=args.memory_limit, devices=devices, log=log)
             log("wrote %s: %d references, %s, %d bytes/reference (%.1f s)"
                 % (args.output, m["n_references"], m["factory"], m["bytes_per_reference"], time.time() - t0))
         elif args.command == "refine":
+            if len(devices) > 1:
+                raise io.InputError("refine runs on one device, got --device %s" % " ".join(devices))
             params = RefineParams(symmetry=args.symmetry, initial_resolution_A=args.initial_resolution,
                                   particle_diameter_A=args.particle_diameter, max_iterations=args.max_iterations,
                                   global_iterations=args.global_iterations, local_steps=args.local_steps,
                                   max_shift_px=args.max_shift, repetitions=args.repetitions,
                                   n_ctf_groups=args.ctf_groups, k=args.k, whiten=args.whiten, seed=args.seed,
-                                  device=args.device[0], memory_limit_GB=args.memory_limit)
+                                  device=devices[0], memory_limit_GB=args.memory_limit)
             refine(args.particles, args.reference, args.output_dir, params, mask=args.mask, resume=args.resume,
                    log=log)
             log("wrote %s (%.1f s)" % (args.output_dir, time.time() - t0))
         else:
             query(args.index, args.particles, args.output, k=args.k, nprobe=args.nprobe, local=args.local,
                   prior=args.prior, local_steps=args.local_steps, local_shift_px=args.local_shift,
-                  devices=args.device, memory_limit_GB=args.memory_limit, log=log)
+                  devices=devices, memory_limit_GB=args.memory_limit, log=log)
             log("wrote %s (%.1f s)" % (args.output, time.time() - t0))
     except (io.InputError, ValueError) as exc:
         print("error: %s" % exc, file=sys.stderr)

@@ -114,10 +114,11 @@ class Gallery:
         self.poses_deg = np.asarray(poses_deg, dtype=np.float64)
         self.rotations = euler_to_matrix(torch.as_tensor(self.poses_deg)).to(torch.float32)
         self.origins_px = np.asarray(origins_px, dtype=np.float64)
-        self.ramps = band.phase_ramps(self.origins_px)                              # (S, P)
+        device = projector.device  # the vectors are computed where the projector is, then returned on the CPU
+        self.ramps = band.phase_ramps(self.origins_px).to(device)                  # (S, P)
         self.group_ctfs = (torch.ones(1, len(band)) if group_ctfs is None
-                           else torch.as_tensor(group_ctfs, dtype=torch.float32))
-        self.sqrt_weights = sqrt_weights
+                           else torch.as_tensor(group_ctfs, dtype=torch.float32)).to(device)
+        self.sqrt_weights = None if sqrt_weights is None else sqrt_weights.to(device)
         self.normalise = normalise
 
     @classmethod
@@ -162,14 +163,14 @@ class Gallery:
         """Vectors (B·G·S, dim) of every entry of the poses ``pose_index`` (B,), in id order."""
         coeffs = band_slices(self.projector, self.rotations[torch.as_tensor(pose_index)], self.band.freqs_px)
         full = coeffs[:, None, None, :] * self.group_ctfs[None, :, None, :] * self.ramps[None, None]
-        return vectors_from_band(full, self.sqrt_weights, self.normalise).reshape(-1, self.band.dim)
+        return vectors_from_band(full, self.sqrt_weights, self.normalise).reshape(-1, self.band.dim).cpu()
 
     def vectors(self, ids):
         """Vectors (len(ids), dim) of arbitrary entries."""
         pose, group, shift = self.decode(ids)
         coeffs = band_slices(self.projector, self.rotations[torch.as_tensor(pose)], self.band.freqs_px)
         full = coeffs * self.group_ctfs[torch.as_tensor(group)] * self.ramps[torch.as_tensor(shift)]
-        return vectors_from_band(full, self.sqrt_weights, self.normalise)
+        return vectors_from_band(full, self.sqrt_weights, self.normalise).cpu()
 
     def batches(self, max_vectors):
         """Yield ``(first_id, vectors)`` over the whole gallery in id order, about ``max_vectors`` at a time."""

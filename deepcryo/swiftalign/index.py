@@ -10,6 +10,13 @@ Index types are faiss ``index_factory`` strings (metric L2 on unit vectors, i.e.
   references get ``Flat``. The seed's ``OPQ48_192,IVF<n>,PQ48`` (8-bit PQ) is accepted as a custom
   string, but training 8-bit codebooks was pathologically slow with faiss-cpu 1.15 on the 2-core
   development machine (25 s for 8 sub-quantizers on 2 000 points), hence the 4-bit default.
+* for an index searched on CUDA GPUs (``default_factory(..., gpu=True)``): ``PCA{4m},IVF{nlist},PQ{m}``, 8-bit
+  codes of 4-dim sub-vectors, m <= 48 one of the sub-quantizer counts faiss-gpu's GpuIndexIVFPQ implements:
+  faiss-gpu has no fast-scan index (its cloner refuses ``…fs``) and its IVF-PQ takes only 8-bit codes
+  outside cuVS. The code is as small as the CPU default's (m bytes, <= 48), searched with float16 lookup
+  tables. It is trained on the CPU like every index, and 8-bit codebooks train slowly there: on 10 000
+  vectors of 384 dims, one thread of the (busy) development machine, ``PCA192,IVF128,PQ48`` took 168 s
+  against 1.1 s for ``PCA192,IVF128,PQ96x4fs``, with the same 48-byte codes.
 
 A gallery larger than the memory limit is split into shards of consecutive entry ids, each a copy of
 the one trained index; a query searches every shard and merges the top-k lists (:func:`merge_topk`).
@@ -17,7 +24,9 @@ the one trained index; a query searches every shard and merges the top-k lists (
 ``index_dir/manifest.json`` holds everything the query needs: the map (``reference.mrc``, copied), the
 band, the gallery parameters (poses, shifts, CTF groups), the shards and their first ids.
 """
+import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,20 +43,68 @@ from deepcryo.core.projector import Projector
 from .features import Band, noise_weights
 from .gallery import Gallery, angular_step_for_resolution, ctf_groups, gallery_poses, group_ctf_band
 
-__all__ = ["default_factory", "train_size", "build_index", "merge_topk", "search", "set_nprobe", "to_devices",
-           "train", "IndexBundle", "load", "MANIFEST"]
+__all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "build_index", "merge_topk", "search",
+           "set_nprobe", "to_devices", "train", "IndexBundle", "load", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _ID_BYTES = 8
+# sub-quantizer counts (= code bytes at 8 bits) of faiss-gpu's GpuIndexIVFPQ (IVFPQ::isSupportedPQCodeLength;
+# 56, 64 and 96 only with float16 lookup tables)
+GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+_log = logging.getLogger(__name__)
 
 
-def default_factory(n_entries, dim):
-    """faiss factory string for a gallery of ``n_entries`` vectors of ``dim`` floats (see module docstring)."""
+def default_factory(n_entries, dim, gpu=False):
+    """faiss factory string for a gallery of ``n_entries`` vectors of ``dim`` floats, for a CPU index or,
+    with ``gpu``, for one that faiss-gpu can search (see module docstring)."""
     if n_entries < 10000:
         return "Flat"
+    nlist = min(65536, 2 ** int(round(math.log2(max(16.0, math.sqrt(n_entries))))))
+    if gpu:
+        m = max(q for q in GPU_PQ_SUBQUANTIZERS if q <= 48 and 4 * q <= dim)
+        return "PCA%d,IVF%d,PQ%d" % (4 * m, nlist, m)
     d = min(192, dim // 2 * 2)
-    nlist = 2 ** int(round(math.log2(max(16.0, math.sqrt(n_entries)))))
-    return "PCA%d,IVF%d,PQ%dx4fs" % (d, min(nlist, 65536), d // 2)
+    return "PCA%d,IVF%d,PQ%dx4fs" % (d, nlist, d // 2)
+
+
+def gpu_capable(index):
+    """Whether faiss-gpu can hold ``index`` (a CPU index, trained or not): a flat index, IVF-Flat, IVF-SQ, or
+    IVF-PQ with 8-bit codes and a sub-quantizer count of :data:`GPU_PQ_SUBQUANTIZERS`, possibly behind a
+    transform (PCA, OPQ). Fast-scan (``…fs``) and graph indexes are CPU-only."""
+    _, inner = _core(index)
+    if isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer)):
+        return True
+    return isinstance(inner, faiss.IndexIVFPQ) and inner.pq.nbits == 8 and inner.pq.M in GPU_PQ_SUBQUANTIZERS
+
+
+def _core(index):
+    """``(outer, inner)``: ``index`` downcast to its faiss class and, behind a transform (PCA, OPQ), the index
+    the transform feeds (else ``outer`` again). Keep the pair alive together: ``inner`` views ``outer``'s memory."""
+    outer = faiss.downcast_index(index)
+    return outer, faiss.downcast_index(outer.index) if isinstance(outer, faiss.IndexPreTransform) else outer
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message):
+    _log.warning(message)
+
+
+def faiss_gpu_ids(devices):
+    """GPU ids of the CUDA devices in ``devices`` (['cuda:0', …], as checked by
+    :func:`deepcryo.core.cli.parse_devices`) that faiss can search on; [] for CPU devices, and [] with one
+    warning line when GPUs are asked for but this faiss has no GPU support or sees fewer GPUs."""
+    gpus = [int(d.split(":")[1]) if ":" in d else 0 for d in devices or [] if d.startswith("cuda")]
+    if not gpus:
+        return []
+    if not hasattr(faiss, "StandardGpuResources"):
+        _warn_once("faiss %s has no GPU support (faiss-cpu): the index is searched on the CPU, the projections "
+                   "run on %s" % (faiss.__version__, devices[0]))
+        return []
+    if max(gpus) >= faiss.get_num_gpus():
+        _warn_once("faiss sees %d GPU(s), %s asked for: the index is searched on the CPU"
+                   % (faiss.get_num_gpus(), " ".join(devices)))
+        return []
+    return gpus
 
 
 def _nlist(index):
@@ -73,17 +130,38 @@ def bytes_per_reference(index):
 
 
 def set_nprobe(index, nprobe):
-    """Set the number of inverted lists a search visits (no-op for non-IVF indexes)."""
+    """Set the number of inverted lists a search visits (no-op for non-IVF indexes). A faiss-gpu IVF index
+    (from :func:`to_devices`) takes it through faiss' GpuParameterSpace, at most 2048 (its k-selection limit)."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = int(min(nprobe, ivf.nlist))
+        return
+    gpu_ivf = _gpu_ivf(index)
+    if gpu_ivf is not None:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", int(min(nprobe, gpu_ivf.nlist, 2048)))
+
+
+def _gpu_ivf(index):
+    """The first faiss-gpu IVF index in ``index`` (behind a transform, in shards or replicas), or None."""
+    if not hasattr(faiss, "GpuIndexIVF"):
+        return None
+    outer, inner = _core(index)
+    if isinstance(inner, (faiss.IndexShards, faiss.IndexReplicas)) and inner.count():
+        inner = faiss.downcast_index(inner.at(0))
+    return inner if isinstance(inner, faiss.GpuIndexIVF) else None
 
 
 def to_devices(index, devices):
-    """Move ``index`` to the CUDA GPUs of ``devices`` (['cuda:0', 'cuda:1', …]), sharded over several;
-    unchanged on CPU or when faiss was built without GPU support."""
-    gpus = [int(d.split(":")[1]) if ":" in d else 0 for d in devices or [] if d.startswith("cuda")]
-    if not gpus or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+    """``index`` moved to the CUDA GPUs of ``devices`` (['cuda:0', 'cuda:1', …]), sharded over several, with
+    float16 lookup tables; unchanged on CPU. When GPUs are asked for but faiss cannot use them
+    (:func:`faiss_gpu_ids`) or cannot hold this index type (:func:`gpu_capable`: a fast-scan index built for
+    the CPU), it stays on the CPU and one warning line says so."""
+    gpus = faiss_gpu_ids(devices)
+    if not gpus:
+        return index
+    if not gpu_capable(index):
+        _warn_once("the index (%s) cannot be searched by faiss-gpu: it is searched on the CPU (build it with "
+                   "train --device cuda for a GPU index)" % type(_core(index)[1]).__name__)
         return index
     opts = faiss.GpuMultipleClonerOptions()
     opts.shard = True
@@ -150,6 +228,18 @@ def search(shards, vectors, k, nprobe):
 
 
 # ------------------------------------------------------------------------------------------ train / load
+def _require_gpu_factory(factory, dim):
+    """Raise InputError unless faiss-gpu can search an index of ``factory`` (the user asked for a GPU)."""
+    try:
+        capable = gpu_capable(faiss.index_factory(dim, factory))
+    except RuntimeError as exc:
+        raise io.InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
+    if not capable:
+        raise io.InputError("index factory %r cannot be searched by faiss-gpu (fast-scan 'fs' codes, 4-bit PQ or "
+                            "an index type it lacks): omit --index-factory for the GPU default (%s), or train on "
+                            "the CPU" % (factory, default_factory(10 ** 6, dim, gpu=True)))
+
+
 def _load_npy(path):
     """np.load without pickles (allow_pickle=False), one clear line for a missing or foreign file."""
     try:
@@ -229,7 +319,7 @@ def particle_optics(star):
 
 def train(reference, particles, output_dir, angular_step_deg=None, max_resolution_A=None, max_shift_px=5.0,
           shift_step_px=None, index_factory=None, n_ctf_groups=8, symmetry="C1", whiten=False, normalise=True,
-          memory_limit_GB=4.0, grid_rotation=None, log=print):
+          memory_limit_GB=4.0, grid_rotation=None, devices=None, log=print):
     """Build ``output_dir`` (an index) for aligning ``particles`` (STAR path or ParticleStar) to ``reference``.
 
     Args:
@@ -239,11 +329,14 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
             ``angular_step_deg`` (at least Nyquist). One of the two is needed.
         max_shift_px: largest |origin| per axis searched (px).
         shift_step_px: shift grid step (px); default ``max_resolution_A / (4 · pixel size)`` (Xmipp's).
-        index_factory: faiss factory string, None for :func:`default_factory`.
+        index_factory: faiss factory string, None for :func:`default_factory` (its GPU choice when faiss can
+            search on the CUDA ``devices``; a factory faiss-gpu cannot search is then refused).
         n_ctf_groups: number of defocus clusters (CTF groups).
         whiten: weight frequencies by the inverse noise power estimated from the particles.
         memory_limit_GB: bound on the memory used for batches, the training sample and each shard.
         grid_rotation: (3, 3) rigid rotation of the pose grid (:func:`.gallery.gallery_poses`), or None.
+        devices: torch device names (:func:`deepcryo.core.cli.parse_devices`); the gallery is projected on the
+            first, and a CUDA list makes the index one that faiss-gpu can search (:func:`faiss_gpu_ids`).
     Returns the manifest (dict). Nothing is left under ``output_dir`` on failure.
     """
     star = io.read_particles(particles) if isinstance(particles, str) else particles
@@ -276,11 +369,14 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
         with star.open_images() as stack:
             idx = np.linspace(0, len(star) - 1, min(len(star), 2000)).astype(np.int64)
             weights = noise_weights(band, band.from_images(stack.read(idx)))
-    projector = Projector(volume)
+    gpu = bool(faiss_gpu_ids(devices))
+    projector = Projector(volume, device=devices[0] if devices else "cpu")
     sqrt_w = None if weights is None else torch.sqrt(weights)
     gallery = Gallery.from_parameters(projector, band, angular_step_deg, max_shift_px, shift_step_px, group_defocus,
                                       optics, symmetry, sqrt_w, normalise, grid_rotation)
-    factory = index_factory or default_factory(len(gallery), band.dim)
+    factory = index_factory or default_factory(len(gallery), band.dim, gpu)
+    if gpu:
+        _require_gpu_factory(factory, band.dim)
     log("gallery: %d poses x %d CTF groups x %d shifts = %d references, %d dims (%.1f Å, step %.2f°, shift step %.2f px)"
         % (gallery.n_poses, gallery.n_groups, gallery.n_shifts, len(gallery), band.dim, max_resolution_A,
            angular_step_deg, float(gallery.origins_px[1, 0] - gallery.origins_px[0, 0]) if gallery.n_shifts > 1 else 0))

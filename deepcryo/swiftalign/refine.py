@@ -274,10 +274,10 @@ def _align_once(reference, star, res_A, step_deg, sstep_px, params, is_global, p
                       index_factory="Flat" if flat else None,
                       max_shift_px=max_shift, shift_step_px=sstep_px, n_ctf_groups=params.n_ctf_groups,
                       symmetry=params.symmetry, whiten=params.whiten, memory_limit_GB=params.memory_limit_GB,
-                      grid_rotation=None if rotation is None else rotation.numpy(), log=log)
+                      grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device], log=log)
         bundle = swindex.load(index_dir, params.device)
         out = align(bundle, star, k=params.k, nprobe=params.nprobe, memory_limit_GB=params.memory_limit_GB,
-                    log=lambda msg: None)
+                    devices=[params.device], log=lambda msg: None)
         shutil.rmtree(index_dir, ignore_errors=True)
         return out
     angles, origins_A = prior
