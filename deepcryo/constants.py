@@ -30,6 +30,18 @@ ENGINES = ("core.reconstruct", "core.simulate", "defocus", "swiftalign", "landsc
 #: Point groups accepted by ``deepcryo.core.geometry.symmetry_matrices``: RELION's names, in any case (Cn,
 #: Cnv, Cnh, Dn, Dnv, Dnh with 1 <= n <= 99; Sn with n even; Ci, Cs, T, Td, Th, O, Oh, I, I1-I4, Ih, I1h-I4h).
 SYMMETRY_PATTERN = r"(?i)^\s*([CD][1-9][0-9]?[VH]?|S([2468]|[1-9][02468])|C[IS]|T[DH]?|OH?|I[1-4]?H?)\s*$"
+#: The same names, as a user reads them (form help, error messages).
+SYMMETRY_NAMES = ("C<n>, C<n>v, C<n>h, D<n>, D<n>v, D<n>h (1 <= n <= 99), S<n> (n even, 2 to 98), Ci, Cs, T, Td, "
+                  "Th, O, Oh, I (= I2), I1, I2, I3, I4, Ih (= I2h), I1h, I2h, I3h, I4h")
+#: Form help of every symmetry parameter.
+SYMMETRY_HELP = ("Point group of the map, with RELION's names and operators (any case; relion_refine "
+                 "--print_symmetry_ops --sym G lists them): cN (N-fold axis on z), dN (adds a 2-fold on x), t "
+                 "(3-fold on z, a 2-fold at (0, 0.816, 0.577)), o (4-folds on x, y, z) and the icosahedral "
+                 "settings: i = i2, RELION's default (2-folds on x, y, z, 5-fold at (±0.526, 0, 0.851) in the xz "
+                 "plane); i1 (2-folds on x, y, z, 5-fold at (0, ±0.526, 0.851) in the yz plane); i3 (5-fold on z, "
+                 "a 2-fold at (-0.526, 0, 0.851)); i4 (5-fold on z, a 2-fold at (0.526, 0, 0.851)). N from 1 to "
+                 "99. Also the groups with mirrors or an inversion centre, which the map then has too: ci, cs, "
+                 "cNv, cNh, sN (N even), dNv, dNh, td, th, oh, ih (= i2h), i1h-i4h. c1: no symmetry.")
 
 # -------------------------------------------------------------------------------------- output names
 OUTPUT_VOLUME = "outputVolume"

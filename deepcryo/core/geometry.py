@@ -24,6 +24,8 @@ import re
 import numpy as np
 import torch
 
+from deepcryo.constants import SYMMETRY_NAMES
+
 __all__ = ["euler_to_matrix", "matrix_to_euler", "matrix_to_quaternion", "quaternion_to_matrix",
            "rotation_angle_deg", "pose_distance_deg", "viewing_direction", "direction_distance_deg",
            "sphere_directions", "sample_poses", "symmetry_matrices", "equivalent_poses", "SYMMETRY_NAMES",
@@ -188,9 +190,6 @@ def in_plane_rotation_matrix(psi_deg):
 
 
 # ---------------------------------------------------------------------------------------------- symmetry
-#: The point-group names :func:`symmetry_matrices` accepts, as RELION spells them (any case).
-SYMMETRY_NAMES = ("C<n>, C<n>v, C<n>h, D<n>, D<n>v, D<n>h (1 <= n <= 99), S<n> (n even, 2 to 98), Ci, Cs, T, Td, "
-                  "Th, O, Oh, I (= I2), I1, I2, I3, I4, Ih (= I2h), I1h, I2h, I3h, I4h")
 
 _PHI = (1.0 + math.sqrt(5.0)) / 2.0
 _NAME = re.compile(r"(?P<family>C|D)(?P<n>[1-9][0-9]?)(?P<suffix>[VH]?)|S(?P<s>[2468]|[1-9][02468])"

@@ -33,6 +33,8 @@ import time
 import numpy as np
 import torch
 
+from deepcryo.constants import SYMMETRY_NAMES
+
 from . import fourier, io
 from .ctf import ctf_2d
 from .fsc import fsc, fsc_resolution_A, shell_frequencies
@@ -240,7 +242,7 @@ def _parser():
     p.add_argument("--particles", required=True, help="RELION 3.1 (or 3.0) particle STAR with poses")
     p.add_argument("--output", required=True, help="output map (.mrc)")
     p.add_argument("--halves", action="store_true", help="also write half maps and their FSC")
-    p.add_argument("--symmetry", default="C1", help="point group: C<n>, D<n>, T, O, I (default C1)")
+    p.add_argument("--symmetry", default="C1", help="point group, RELION's names and operators (default C1): " + SYMMETRY_NAMES)
     p.add_argument("--max-resolution", type=float, default=0.0, help="highest resolution inserted, Å (0: Nyquist)")
     p.add_argument("--batch-size", type=int, default=256, help="particles per batch (memory bound)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")

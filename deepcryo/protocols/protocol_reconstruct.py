@@ -17,7 +17,6 @@
 # *
 # **************************************************************************
 """Map reconstruction from aligned particles by direct Fourier inversion (``deepcryo.core.reconstruct``)."""
-import re
 
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
@@ -26,10 +25,10 @@ from pwem.objects import FSC, Volume
 from pwem.protocols import ProtReconstruct3D
 
 from deepcryo import Plugin
-from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_PATTERN
+from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_HELP
 from deepcryo.convert import readFscStar, writeSetOfParticles
 from deepcryo.core.fsc import fsc_resolution_A
-from deepcryo.protocols.validation import acquisitionErrors
+from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
 
 
 class DeepCryoProtReconstruct(ProtReconstruct3D):
@@ -53,16 +52,7 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
                       help="Particles with CTF and 3D alignment (Euler angles and shifts), for "
                            "example the output of a 3D refinement.")
         form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry group",
-                      help="Point group of the map, with RELION's names and operators (any case; "
-                           "relion_refine --print_symmetry_ops --sym G lists them): cN (N-fold axis on z), "
-                           "dN (adds a 2-fold on x), t (3-fold on z, a 2-fold at (0, 0.816, 0.577)), o "
-                           "(4-folds on x, y, z) and the icosahedral settings: i = i2, RELION's default "
-                           "(2-folds on x, y, z, 5-fold at (±0.526, 0, 0.851) in the xz plane); i1 (2-folds "
-                           "on x, y, z, 5-fold at (0, ±0.526, 0.851) in the yz plane); i3 (5-fold on z, a "
-                           "2-fold at (-0.526, 0, 0.851)); i4 (5-fold on z, a 2-fold at (0.526, 0, "
-                           "0.851)). N from 1 to 99. Also the groups with mirrors or an inversion centre, "
-                           "which the map then has too: ci, cs, cNv, cNh, sN (N even), dNv, dNh, td, th, "
-                           "oh, ih (= i2h), i1h-i4h. c1: no symmetry.")
+                      help=SYMMETRY_HELP)
         form.addParam("maxResolution", params.FloatParam, default=0.0, validators=[params.GE(0)],
                       label="Maximum resolution (Å)",
                       help="Highest resolution inserted into the map, in Å. 0: all frequencies, "
@@ -142,9 +132,7 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
                               "for Nyquist." % (self.maxResolution.get(), 2 * sr, sr))
             if self.doHalfMaps and particles.getSize() == 1:
                 errors.append("Half maps need at least 2 particles.")
-        if not re.match(SYMMETRY_PATTERN, self.symmetryGroup.get() or ""):
-            errors.append("Unknown symmetry group '%s': use cN, dN (N >= 1), t, o or i, e.g. c1, d7, i."
-                          % self.symmetryGroup.get())
+        errors += symmetryErrors(self.symmetryGroup.get())
         if self.usesGpu() and len(self.getGpuList()) != 1:
             errors.append("The reconstruction runs on one GPU: give one GPU id (e.g. 0).")
         return errors

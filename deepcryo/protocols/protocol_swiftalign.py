@@ -26,10 +26,10 @@ from pwem.objects import SetOfParticles
 from pwem.protocols import ProtRefine3D
 
 from deepcryo import Plugin
-from deepcryo.constants import OUTPUT_PARTICLES
+from deepcryo.constants import OUTPUT_PARTICLES, SYMMETRY_HELP
 from deepcryo.convert import convertVolume, updateParticlesFromStar, writeSetOfParticles
 from deepcryo.core import io
-from deepcryo.protocols.validation import acquisitionErrors
+from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
 
 SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftConfidence", "dcSwiftCtfGroup")
 
@@ -56,7 +56,8 @@ class DeepCryoProtSwiftAlign(ProtRefine3D):
                       help="Particles with CTF; same box and pixel size as the reference.")
         form.addParam("inputVolume", params.PointerParam, pointerClass="Volume", important=True,
                       label="Reference map")
-        form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry group")
+        form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry group",
+                      help=SYMMETRY_HELP)
         form.addSection(label="Search")
         form.addParam("samplingMode", params.EnumParam, choices=["angular step", "target resolution"],
                       default=1, display=params.EnumParam.DISPLAY_HLIST, label="Sampling from")
@@ -164,6 +165,7 @@ class DeepCryoProtSwiftAlign(ProtRefine3D):
                 errors.append("The input particles have no CTF.")
             if self.localSearch and not particles.hasAlignmentProj():
                 errors.append("Local search needs particles with a 3D alignment.")
+        errors += symmetryErrors(self.symmetryGroup.get())
         if particles is not None and volume is not None:
             if volume.getXDim() != particles.getXDim():
                 errors.append("Box size mismatch: particles %d px, map %d px."

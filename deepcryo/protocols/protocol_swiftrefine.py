@@ -28,9 +28,9 @@ from pwem.objects import FSC, SetOfClasses3D, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 
 from deepcryo import Plugin
-from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME, SYMMETRY_PATTERN
+from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME, SYMMETRY_HELP
 from deepcryo.convert import convertVolume, readFscStar, updateParticlesFromStar, writeSetOfParticles
-from deepcryo.protocols.validation import acquisitionErrors
+from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
 
 OUTPUT_CLASSES = "outputClasses"
 SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftKept", "rlnClassNumber")
@@ -67,16 +67,7 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
                       help="Same box and pixel size as the particles. One map: a single refinement. "
                            "Several maps: a multi-reference refinement, one 3D class per map.")
         form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry group",
-                      help="Point group of the map, with RELION's names and operators (any case; "
-                           "relion_refine --print_symmetry_ops --sym G lists them): cN (N-fold axis on z), "
-                           "dN (adds a 2-fold on x), t (3-fold on z, a 2-fold at (0, 0.816, 0.577)), o "
-                           "(4-folds on x, y, z) and the icosahedral settings: i = i2, RELION's default "
-                           "(2-folds on x, y, z, 5-fold at (±0.526, 0, 0.851) in the xz plane); i1 (2-folds "
-                           "on x, y, z, 5-fold at (0, ±0.526, 0.851) in the yz plane); i3 (5-fold on z, a "
-                           "2-fold at (-0.526, 0, 0.851)); i4 (5-fold on z, a 2-fold at (0.526, 0, "
-                           "0.851)). N from 1 to 99. Also the groups with mirrors or an inversion centre, "
-                           "which the map then has too: ci, cs, cNv, cNh, sN (N even), dNv, dNh, td, th, "
-                           "oh, ih (= i2h), i1h-i4h. c1: no symmetry.")
+                      help=SYMMETRY_HELP)
         form.addParam("initialResolution", params.FloatParam, default=30.0, validators=[params.Positive],
                       label="Initial resolution (Å)",
                       help="The initial map(s) are low-pass filtered to this resolution, and the first "
@@ -251,9 +242,7 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
                               % (self.particleDiameter.get(), box * sr))
         if not volumes:
             errors.append("Give at least one initial map.")
-        if not re.match(SYMMETRY_PATTERN, self.symmetryGroup.get() or ""):
-            errors.append("Unknown symmetry group '%s': use cN, dN (N >= 1), t, o or i, e.g. c1, d7, i."
-                          % self.symmetryGroup.get())
+        errors += symmetryErrors(self.symmetryGroup.get())
         if self.globalIterations.get() > self.maxIterations.get():
             errors.append("Global iterations (%d) exceed the maximum iterations (%d)."
                           % (self.globalIterations.get(), self.maxIterations.get()))

@@ -21,7 +21,9 @@
 The programs check the same things again (the protocols only catch them before anything runs).
 """
 import os
+import re
 
+from deepcryo.constants import SYMMETRY_NAMES, SYMMETRY_PATTERN
 from deepcryo.core.io import InputError
 
 
@@ -68,3 +70,11 @@ def defocusModelErrors(path):
     except InputError as exc:
         return ["Trained model %s" % exc]
     return []
+
+
+def symmetryErrors(name):
+    """Errors for a point-group name that RELION (and ``core.geometry.symmetry_matrices``) does not accept."""
+    if re.match(SYMMETRY_PATTERN, name or ""):
+        return []
+    return ["Unknown symmetry group '%s': use one of RELION's names (any case): %s; e.g. c1, d7, i."
+            % (name, SYMMETRY_NAMES)]

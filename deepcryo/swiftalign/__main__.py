@@ -30,6 +30,7 @@ import argparse
 import sys
 import time
 
+from deepcryo.constants import SYMMETRY_NAMES
 from deepcryo.core import io
 from deepcryo.core.cli import parse_devices
 
@@ -68,7 +69,7 @@ def _parser():
     t.add_argument("--index-factory", help="faiss index_factory string (default from the gallery size; "
                                            "'Flat' = exact search)")
     t.add_argument("--ctf-groups", type=int, default=8, help="number of defocus clusters (CTF groups)")
-    t.add_argument("--symmetry", default="C1", help="point group of the map (C1, Cn, Dn, T, O, I)")
+    t.add_argument("--symmetry", default="C1", help="point group, RELION's names and operators (default C1): " + SYMMETRY_NAMES)
     t.add_argument("--whiten", action="store_true", help="weight frequencies by the inverse noise power")
     t.add_argument("--output", required=True, help="index folder to create")
     q = sub.add_parser("query", help="align particles with an index")
@@ -88,7 +89,7 @@ def _parser():
                    help="initial map(s) (MRC); several = multi-reference refinement (one class each)")
     _common(r)
     r.add_argument("--output-dir", required=True, help="output folder")
-    r.add_argument("--symmetry", default="C1", help="point group (C1, Cn, Dn, T, O, I)")
+    r.add_argument("--symmetry", default="C1", help="point group, RELION's names and operators (default C1): " + SYMMETRY_NAMES)
     r.add_argument("--initial-resolution", type=float, default=30.0, help="low-pass of the initial map, Å")
     r.add_argument("--mask", help="mask (MRC, values 0-1; default: soft sphere of the particle diameter)")
     r.add_argument("--particle-diameter", type=float, help="particle diameter, Å (default 0.8 x box x pixel size)")

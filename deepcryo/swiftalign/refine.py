@@ -190,7 +190,7 @@ class RefineParams:
     """Settings of :func:`refine` (see the module docstring for their role).
 
     Args:
-        symmetry: point group (C1, Cn, Dn, T, O, I).
+        symmetry: point group, RELION's name and operators (``constants.SYMMETRY_NAMES``).
         initial_resolution_A: the initial reference is low-passed to this (Å); the first iteration aligns to it.
         particle_diameter_A: diameter of the particle (Å) for the angular step and the automatic mask
             (default 0.8 × box × pixel size).
