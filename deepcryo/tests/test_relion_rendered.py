@@ -31,8 +31,9 @@ POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
 ALIGN_SPEC = RenderSpec(n=120, snr=0.1, seed=3, defocus_range_A=(15000.0, 20000.0))
 ALIGN_STEP_DEG = 12.0
 ALIGN_TRAIN = dict(angular_step_deg=ALIGN_STEP_DEG, max_resolution_A=16.0, max_shift_px=3.0, n_ctf_groups=2)
-# test_swiftrefine.py main case: 2000 particles, 64 px, SNR 0.1, defocus 1.5–2.5 µm, origins ±3 px
-REFINE_SPEC = RenderSpec(n=2000, snr=0.1, seed=3)
+# test_swiftrefine.py's main case (64 px, SNR 0.1, defocus 1.5–2.5 µm, origins ±3 px) with 1000 particles instead
+# of 2000, to halve the time
+REFINE_SPEC = RenderSpec(n=1000, snr=0.1, seed=3)
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +90,7 @@ def test_ctf_matches_relions_ctf_without_our_projector(relion_rendered, tmp_path
 
 # ------------------------------------------------------------------------------------ reconstruction
 def test_true_pose_reconstruction_as_good_as_relion_reconstruct(relion_rendered):
-    """RELION-rendered noisy particles (SNR 0.1, CTF, 2000), true poses, through ``core.reconstruct`` and
+    """RELION-rendered noisy particles (SNR 0.1, CTF, 1000), true poses, through ``core.reconstruct`` and
     ``relion_reconstruct --ctf``: the FSC against the truth agrees shell by shell (the same threshold as
     test_relion_conventions.py, which compares on deepcryo-simulated particles)."""
     rs = relion_rendered(REFINE_SPEC)
@@ -166,7 +167,12 @@ def refined(relion_rendered, tmp_path_factory):
 
 
 def test_swiftres_accuracy(refined):
-    """The thresholds of test_swiftrefine.py::test_refinement_recovers_poses_and_map."""
+    """The criteria of test_swiftrefine.py::test_refinement_recovers_poses_and_map, on 1000 particles instead of
+    2000: there the map must come within 0.23 Å of the true-pose map (7.0 vs 6.77 Å); here the margin is
+    taken against the true-pose map of these very particles. Measured on 1000 particles (2026-12-04), RELION-
+    rendered / deepcryo-simulated from the same truth: median angular error 2.20° / 2.20°, > 10° 0.3 % /
+    0.1 %, median shift 0.24 / 0.23 px, FSC 0.5 vs truth 7.12 / 7.16 Å (true poses 7.36 / 7.37 Å), final
+    half maps 6.59 / 6.45 Å (FSC 0.143)."""
     rs, out, model = refined
     o = io.read_particles(os.path.join(out, "particles.star"), require_images=False)
     ang, shift = _pose_errors(rs.truth, o.angles_deg(), o.origins_A())
@@ -180,5 +186,34 @@ def test_swiftres_accuracy(refined):
     assert np.median(ang) < 3.0
     assert np.mean(ang > 10) < 0.01
     assert np.median(shift) < 0.75
-    assert res_truth < 7.0
+    assert res_truth < true_poses + 0.25
     assert model["final_resolution_A"] < model["resolution_A"] < 9.0
+
+
+# ------------------------------------------------------------------------------------------- landscape
+def test_landscape_batches_follow_relions_conventions(relion_rendered):
+    """The VAE's view of each particle (:class:`deepcryo.landscape.dataset.ParticleBatches`: Fourier crop 64 → 32
+    px, origin undone by a phase ramp, pose matrix, CTF at the working pixel size) on RELION's noiseless
+    projections: each spectrum equals the truth's central slice times the CTF (per-particle correlation), and
+    the consensus map (``landscape.train.consensus_map``) matches the truth cropped to 32 px."""
+    from deepcryo.core.projector import Projector
+    from deepcryo.landscape.dataset import ParticleBatches
+    from deepcryo.landscape.train import consensus_map
+    rs = relion_rendered(RenderSpec(n=1000, snr=None, seed=5))
+    work = 32
+    data = ParticleBatches(io.read_particles(rs.star), box=work)
+    truth = fourier.ifft3c(fourier.crop_to(fourier.fft3c(torch.as_tensor(rs.volume, dtype=torch.float64)), work,
+                                           3)).real.to(torch.float32)
+    spectra, rotations, ctf = data.get(np.arange(200))
+    model = Projector(truth).project_ft(rotations) * ctf
+    r = fourier.radius_grid_2d(work)
+    band = (r > 0) & (r < work // 2 - 1)
+    a, b = spectra[:, band], model[:, band]
+    corr = (a * b.conj()).sum(1).real / (a.abs().norm(dim=1) * b.abs().norm(dim=1))
+    print("landscape batches vs truth slices x CTF: worst correlation %.4f, median %.4f" % (corr.min(), corr.median()))
+    assert corr.min() > 0.9999          # 0.999996 measured; 0.9988 with the astigmatism angle off by 90°
+    consensus = consensus_map(data, 256, "cpu").numpy()
+    res = fsc_resolution_A(fsc(truth.numpy(), consensus), data.pixel_size_A, 0.5)
+    print("consensus map vs truth (32 px, %.1f Å/px): FSC 0.5 at %.2f Å" % (data.pixel_size_A, res))
+    assert res <= 2.5 * data.pixel_size_A
+    data.close()
