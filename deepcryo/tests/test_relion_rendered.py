@@ -123,7 +123,8 @@ def flat_alignment(relion_rendered, tmp_path_factory):
 
 def test_swiftalign_global_accuracy(flat_alignment):
     """test_swiftalign.py::test_exact_index_accuracy on RELION's particles: angle within 2 steps and origin within
-    1 px of the truth for ≥ 90 %."""
+    1 px of the truth for ≥ 90 %. Measured (2026-12-04), RELION-rendered / deepcryo-simulated: 100 % / 100 %,
+    median 2.23° / 2.27° and 0.26 / 0.29 px."""
     rs, _, res = flat_alignment
     ang, shift = _pose_errors(rs.truth, res["angles_deg"], res["origins_A"])
     good = (ang < 2 * ALIGN_STEP_DEG) & (shift < 1.0)
@@ -133,7 +134,8 @@ def test_swiftalign_global_accuracy(flat_alignment):
 
 
 def test_swiftalign_local_accuracy(flat_alignment):
-    """test_swiftalign.py::test_local_mode_recovers_perturbed_poses on RELION's particles."""
+    """test_swiftalign.py::test_local_mode_recovers_perturbed_poses on RELION's particles. Measured, RELION-
+    rendered / deepcryo-simulated: median error 7.48° → 2.24° / 2.28°, 100 % / 100 % within a step and 1 px."""
     rs, d, _ = flat_alignment
     truth = io.read_particles(rs.star)
     rng = np.random.default_rng(1)
@@ -170,7 +172,7 @@ def test_swiftres_accuracy(refined):
     """The criteria of test_swiftrefine.py::test_refinement_recovers_poses_and_map, on 1000 particles instead of
     2000: there the map must come within 0.23 Å of the true-pose map (7.0 vs 6.77 Å); here the margin is
     taken against the true-pose map of these very particles. Measured on 1000 particles (2026-12-04), RELION-
-    rendered / deepcryo-simulated from the same truth: median angular error 2.20° / 2.20°, > 10° 0.3 % /
+    rendered / deepcryo-simulated (same specification, different random draws): median angular error 2.20° / 2.20°, > 10° 0.3 % /
     0.1 %, median shift 0.24 / 0.23 px, FSC 0.5 vs truth 7.12 / 7.16 Å (true poses 7.36 / 7.37 Å), final
     half maps 6.59 / 6.45 Å (FSC 0.143)."""
     rs, out, model = refined
