@@ -1,8 +1,9 @@
 """Accuracy and conventions on particles rendered by RELION 3.1's ``relion_project`` (CTF, poses, origins), not
 by deepcryo's own projector and CTF, so that a convention error shared by the simulator and an engine cannot
-cancel out (:mod:`deepcryo.tests.relion_data`). Each test mirrors an in-house test on the same specification
-and keeps its threshold; the figures measured on both kinds of data are in the comments. Skipped where RELION
-is not installed (``scripts/test.sh`` installs it).
+cancel out (:mod:`deepcryo.tests.relion_data`). A test that mirrors an in-house test keeps that test's
+specification and thresholds (SwiftRes: 1000 particles instead of 2000, see its docstring); the figures
+measured on RELION-rendered and on deepcryo-simulated particles are in the docstrings. Skipped where RELION is
+not installed (``scripts/test.sh`` installs it).
 """
 import os
 import shutil
@@ -172,9 +173,9 @@ def test_swiftres_accuracy(refined):
     """The criteria of test_swiftrefine.py::test_refinement_recovers_poses_and_map, on 1000 particles instead of
     2000: there the map must come within 0.23 Å of the true-pose map (7.0 vs 6.77 Å); here the margin is
     taken against the true-pose map of these very particles. Measured on 1000 particles (2026-12-04), RELION-
-    rendered / deepcryo-simulated (same specification, different random draws): median angular error 2.20° / 2.20°, > 10° 0.3 % /
-    0.1 %, median shift 0.24 / 0.23 px, FSC 0.5 vs truth 7.12 / 7.16 Å (true poses 7.36 / 7.37 Å), final
-    half maps 6.59 / 6.45 Å (FSC 0.143)."""
+    rendered / deepcryo-simulated (same specification, different random draws): median angular error 2.20° /
+    2.20°, > 10° 0.3 % / 0.1 %, median shift 0.24 / 0.23 px, FSC 0.5 vs truth 7.12 / 7.16 Å (true poses 7.36 /
+    7.37 Å), final half maps 6.59 / 6.45 Å (FSC 0.143)."""
     rs, out, model = refined
     o = io.read_particles(os.path.join(out, "particles.star"), require_images=False)
     ang, shift = _pose_errors(rs.truth, o.angles_deg(), o.origins_A())
