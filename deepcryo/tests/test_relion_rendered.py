@@ -81,7 +81,7 @@ def test_ctf_matches_relions_ctf_without_our_projector(relion_rendered, tmp_path
     err = ((spectra["ctf"] / plain).real - ours).abs()[keep]
     print("|CTF_relion - CTF_ours| over %d Fourier pixels: median %.1e, max %.1e" % (keep.sum(), err.median(),
                                                                                      err.max()))
-    assert err.max() < 1e-3                                  # 1e-4 measured
+    assert err.max() < 1e-3     # 1e-4 measured; 8e-3 with the astigmatism angle off by 1°, 4e-3 with defocus +20 Å
     flipped = fourier.ifft2c(spectra["ctf"] * torch.sign(ours)).real
     relion_flipped = fourier.ifft2c(spectra["flip"]).real
     rel = ((flipped - relion_flipped).norm(dim=(1, 2)) / relion_flipped.norm(dim=(1, 2))).max()
