@@ -16,10 +16,12 @@
 # * along with this program.  If not, see <https://www.gnu.org/licenses/>.
 # *
 # **************************************************************************
-"""pytest hooks: the Scipion environment (see :mod:`deepcryo.tests.harness`) in the report header."""
+"""pytest hooks: the Scipion environment (see :mod:`deepcryo.tests.harness`) in the report header; the shared
+fixture ``relion_rendered`` (particle sets rendered by relion_project, :mod:`deepcryo.tests.relion_data`)."""
 import os
 
 from deepcryo.tests import harness
+from deepcryo.tests.relion_data import relion_rendered  # noqa: F401  (fixture: particles rendered by RELION)
 
 
 def pytest_report_header(config):
