@@ -162,10 +162,8 @@ def index_matches(bundle, stack, ctf, rows, n, nprobe, batch_size, memory_bytes,
 
 
 def _search_block(bundle, n_matches, batch_size, memory_bytes, n, log):
-    """Particles per :func:`index_matches` call: one batch for a resident index; for a streamed one as many
-    batches as an eighth of the memory holds (a vector and the running top-k per particle)."""
-    if bundle.resident:
-        return batch_size
+    """Particles per :func:`index_matches` call for a streamed index: as many batches as an eighth of the
+    memory holds (a vector and the running top-k per particle)."""
     if bundle.shard_bytes > memory_bytes / 2:
         log("warning: index shards of %.2f GB were built for a larger memory limit than %.2f GB; "
             "rebuild the index with this --memory-limit to stay within it" % (bundle.shard_bytes / 1e9, memory_bytes / 1e9))
@@ -288,8 +286,8 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
         local_shift_px = m["max_shift_px"] if local_shift_px is None else local_shift_px
     else:
         memory_bytes = memory_limit_GB * 1e9
-        block = _search_block(bundle, 4 * k, batch_size, memory_bytes, n, log)
-        block_start, block_ids = 0, np.zeros((0, 4 * k), dtype=np.int64)
+        block = batch_size if bundle.resident else _search_block(bundle, 4 * k, batch_size, memory_bytes, n, log)
+        block_start, block_ids = 0, np.zeros((0, 4 * k), dtype=np.int64)     # index matches of particles block_start…
     t0 = time.time()
     with star.open_images() as stack:
         for idx, images in stack.batches(batch_size):
@@ -299,13 +297,12 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
                                                         step, sstep, local_steps, local_shift_px)
                 group, far_deg = None, step
             else:
-                if bundle.resident:
-                    block_start, block_ids = idx[0], swindex.search(
-                        bundle.shards(devices), parts.vectors(m["normalise"]).numpy(), 4 * k, nprobe, memory_bytes)[1]
-                elif idx[-1] >= block_start + len(block_ids):
+                if idx[-1] >= block_start + len(block_ids):
                     block_start = idx[0]
-                    block_ids = index_matches(bundle, stack, ctf, np.arange(block_start, min(block_start + block, n)),
-                                              4 * k, nprobe, batch_size, memory_bytes, devices)
+                    block_ids = (swindex.search(bundle.shards(devices), parts.vectors(m["normalise"]).numpy(),
+                                                4 * k, nprobe, memory_bytes)[1] if bundle.resident else
+                                 index_matches(bundle, stack, ctf, np.arange(block_start, min(block_start + block, n)),
+                                               4 * k, nprobe, batch_size, memory_bytes, devices))
                 rot, org, group = global_candidates(bundle, block_ids[idx - block_start])
                 pool_score = score_poses(bundle.projector, band, parts, rot, org, torch.zeros(1, 2))[..., 0]
                 far_deg = 2 * step
