@@ -96,6 +96,16 @@ def ctf_groups(defocus_A, n_groups):
     return centres, label
 
 
+def _pose_matrices(poses_deg, chunk=65536):
+    """float32 (M, 3, 3) matrices of (M, 3) poses (degrees), ``chunk`` poses at a time: the float64
+    intermediates of :func:`euler_to_matrix` for the million poses of a 20 M-reference gallery would
+    take 250 MB at once."""
+    out = torch.empty(len(poses_deg), 3, 3)
+    for s in range(0, len(poses_deg), chunk):
+        out[s:s + chunk] = euler_to_matrix(torch.as_tensor(poses_deg[s:s + chunk])).to(torch.float32)
+    return out
+
+
 class Gallery:
     """Lazy gallery of reference vectors (see module docstring).
 
@@ -112,7 +122,7 @@ class Gallery:
         self.projector = projector
         self.band = band
         self.poses_deg = np.asarray(poses_deg, dtype=np.float64)
-        self.rotations = euler_to_matrix(torch.as_tensor(self.poses_deg)).to(torch.float32)
+        self.rotations = _pose_matrices(self.poses_deg)
         self.origins_px = np.asarray(origins_px, dtype=np.float64)
         device = projector.device  # the vectors are computed where the projector is, then returned on the CPU
         self.ramps = band.phase_ramps(self.origins_px).to(device)                  # (S, P)

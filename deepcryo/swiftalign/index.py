@@ -18,8 +18,14 @@ Index types are faiss ``index_factory`` strings (metric L2 on unit vectors, i.e.
   vectors of 384 dims, one thread of the (busy) development machine, ``PCA192,IVF128,PQ48`` took 168 s
   against 1.1 s for ``PCA192,IVF128,PQ96x4fs``, with the same 48-byte codes.
 
-A gallery larger than the memory limit is split into shards of consecutive entry ids, each a copy of
-the one trained index; a query searches every shard and merges the top-k lists (:func:`merge_topk`).
+Memory: a gallery larger than the memory limit is split into shards of consecutive entry ids, each a copy
+of the one trained index holding at most a quarter of the limit (:func:`shard_capacity`). Each shard is
+written to disk as soon as it is full, so building holds one shard, one batch of gallery vectors and the
+training sample (an eighth of the limit, :func:`train_size`). A query of a one-shard index keeps it in
+memory; a query of several reads them one at a time (:meth:`IndexBundle.shards`) and keeps a running
+top-k per particle (:func:`search`), so it holds one shard at a time as well. faiss cannot memory-map the
+fast-scan inverted lists of the default factory (``IO_FLAG_MMAP`` maps only plain array lists), hence
+explicit reads.
 
 ``index_dir/manifest.json`` holds everything the query needs: the map (``reference.mrc``, copied), the
 band, the gallery parameters (poses, shifts, CTF groups), the shards and their first ids.
@@ -43,8 +49,9 @@ from deepcryo.core.projector import Projector
 from .features import Band, noise_weights
 from .gallery import Gallery, angular_step_for_resolution, ctf_groups, gallery_poses, group_ctf_band
 
-__all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "build_index", "merge_topk", "search",
-           "set_nprobe", "to_devices", "train", "IndexBundle", "load", "MANIFEST"]
+__all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "shard_capacity", "train_template",
+           "fill_shards", "build_index", "merge_topk", "search", "set_nprobe", "to_devices", "train", "IndexBundle",
+           "load", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _ID_BYTES = 8
@@ -114,11 +121,18 @@ def _nlist(index):
 
 def train_size(index, n_entries, dim, memory_bytes):
     """Training sample size: 30 vectors per inverted list (at least 10 000 for the PQ codebooks), at most
-    the gallery and a quarter of the memory limit."""
+    the gallery and an eighth of the memory limit (faiss holds a few more copies of the sample while it
+    trains: the PCA-transformed vectors, the k-means subsample, the residuals)."""
     if index.is_trained:
         return 0
     want = max(10000, 30 * _nlist(index))
-    return int(min(n_entries, want, memory_bytes // 4 // (4 * dim)))
+    return int(min(n_entries, want, memory_bytes // 8 // (4 * dim)))
+
+
+def shard_capacity(bytes_per_ref, memory_bytes):
+    """References per shard: a quarter of the memory limit at ``bytes_per_ref`` bytes each (faiss grows an
+    inverted list by doubling its capacity, so a full shard may take up to twice its stored bytes)."""
+    return max(1, int(memory_bytes // 4 // bytes_per_ref))
 
 
 def bytes_per_reference(index):
@@ -170,35 +184,77 @@ def to_devices(index, devices):
     return faiss.index_cpu_to_gpu_multiple_py(resources, index, opts, gpus)
 
 
-def build_index(gallery, factory, memory_bytes, log=print, seed=0):
-    """Train ``factory`` on a gallery sample and fill it by streaming batches.
+def _batch_size(dim, memory_bytes):
+    """Gallery vectors per batch: an eighth of the memory limit for three float32 copies of the batch
+    (the vectors, faiss's PCA-transformed copy and residuals; the complex band coefficients they come
+    from take as much again, briefly)."""
+    return max(1, int(memory_bytes // 8 // (3 * 4 * dim)))
 
-    Returns (list of (first_id, faiss index) shards, bytes per reference).
-    """
+
+def train_template(gallery, factory, memory_bytes, log=print, seed=0):
+    """The empty index ``factory`` trained on :func:`train_size` random gallery entries (computed batch by
+    batch into one float32 array, so the sample is the only large buffer)."""
     dim = gallery.band.dim
     template = faiss.index_factory(dim, factory)
     n_train = train_size(template, len(gallery), dim, memory_bytes)
     if n_train:
         t0 = time.time()
-        sample = gallery.vectors(gallery.sample_ids(n_train, seed)).numpy()
+        ids = gallery.sample_ids(n_train, seed)
+        sample = np.empty((len(ids), dim), dtype=np.float32)
+        step = _batch_size(dim, memory_bytes)
+        for s in range(0, len(ids), step):
+            sample[s:s + step] = gallery.vectors(ids[s:s + step]).numpy()
         template.train(sample)
         del sample
-        log("trained %s on %d vectors in %.1f s" % (factory, n_train, time.time() - t0))
-    per_ref = bytes_per_reference(template)
-    shard_entries = max(1, int(memory_bytes // 2 // per_ref))
-    batch = max(1, int(memory_bytes // 8 // (3 * 4 * dim)))
+        log("trained %s on %d vectors in %.1f s" % (factory, len(ids), time.time() - t0))
+    return template
+
+
+def _write_shard(index, directory, number):
+    name = "shard_%03d.faiss" % number
+    with io.atomic_output(os.path.join(directory, name)) as tmp:
+        faiss.write_index(index, tmp)
+    return name
+
+
+def fill_shards(gallery, template, memory_bytes, directory, log=print):
+    """Add the whole gallery, streamed in batches, to copies of the trained ``template``; each copy is
+    written (atomically) to ``directory/shard_###.faiss`` and released as soon as it holds
+    :func:`shard_capacity` references, so one shard at a time is in memory.
+
+    Returns the manifest's shard list: [{"file", "first_id", "n"}] in id order.
+    """
+    capacity = shard_capacity(bytes_per_reference(template), memory_bytes)
+    batch = min(_batch_size(gallery.band.dim, memory_bytes), capacity)
     shards, first, current = [], 0, faiss.clone_index(template)
     t0 = time.time()
     next_report = len(gallery) / 10
-    for start, vecs in gallery.batches(min(batch, shard_entries)):
-        if current.ntotal + len(vecs) > shard_entries and current.ntotal:
-            shards.append((first, current))
+    for start, vecs in gallery.batches(batch):
+        if current.ntotal + len(vecs) > capacity and current.ntotal:
+            shards.append({"file": _write_shard(current, directory, len(shards)), "first_id": int(first),
+                           "n": int(current.ntotal)})
+            del current                       # release this shard before the next one fills
             first, current = start, faiss.clone_index(template)
         current.add(vecs.numpy())
-        if start + len(vecs) >= next_report:
-            log("added %d / %d references (%.0f s)" % (start + len(vecs), len(gallery), time.time() - t0))
+        del vecs
+        if first + current.ntotal >= next_report:
+            log("added %d / %d references (%.0f s)" % (first + current.ntotal, len(gallery), time.time() - t0))
             next_report += len(gallery) / 10
-    shards.append((first, current))
+    shards.append({"file": _write_shard(current, directory, len(shards)), "first_id": int(first),
+                   "n": int(current.ntotal)})
+    return shards
+
+
+def build_index(gallery, factory, memory_bytes, directory, log=print, seed=0):
+    """Train ``factory`` on a gallery sample (:func:`train_template`) and fill it into shards written to
+    ``directory`` (:func:`fill_shards`), all within ``memory_bytes`` (see the module docstring).
+
+    Returns (the manifest's shard list, bytes per reference).
+    """
+    template = train_template(gallery, factory, memory_bytes, log, seed)
+    per_ref = bytes_per_reference(template)
+    t0 = time.time()
+    shards = fill_shards(gallery, template, memory_bytes, directory, log)
     log("index filled: %d references in %d shard(s), %d bytes each, %.1f s"
         % (len(gallery), len(shards), per_ref, time.time() - t0))
     return shards, per_ref
@@ -207,7 +263,7 @@ def build_index(gallery, factory, memory_bytes, log=print, seed=0):
 def merge_topk(distances, labels, k):
     """Merge per-shard results: lists of (B, k_i) distances and global labels → the k smallest, sorted.
 
-    Missing results (label -1) carry distance +inf and sort last.
+    Missing results (label -1) carry distance +inf and sort last. Ties keep the order of the lists.
     """
     d = np.concatenate(distances, axis=1)
     lab = np.concatenate(labels, axis=1)
@@ -216,15 +272,38 @@ def merge_topk(distances, labels, k):
     return np.take_along_axis(d, order, 1), np.take_along_axis(lab, order, 1)
 
 
-def search(shards, vectors, k, nprobe):
-    """Top-k (distances, global entry ids) of (B, dim) float32 ``vectors`` over all shards."""
-    ds, ls = [], []
+def _search_bytes_per_query(index, nprobe, k):
+    """Bytes faiss allocates per query in one search call: the (PCA-transformed) query, the results and,
+    for a fast-scan IVF index, its lookup tables (sub-quantizers × 16 centroids × ``nprobe`` lists,
+    float + uint8: faiss's own ``lut_size_per_query``)."""
+    per_query = 8 * index.d + 24 * k
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        per_query += int(min(nprobe, ivf.nlist)) * 2 * ivf.code_size * 16 * 5
+    return per_query
+
+
+def search(shards, vectors, k, nprobe, memory_bytes=None):
+    """Top-k (distances, global entry ids) of (B, dim) float32 ``vectors`` over ``shards``.
+
+    ``shards``: (first id, faiss index) pairs, a list or :meth:`IndexBundle.shards` (read one at a time).
+    A running top-k per vector is merged with each shard's (:func:`merge_topk`): the same lists as one
+    search over all the references. Each shard is searched in chunks of vectors whose faiss buffers
+    fit in an eighth of ``memory_bytes`` (None: one chunk).
+    """
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    best_d = np.full((len(x), k), np.inf, dtype=np.float32)
+    best_l = np.full((len(x), k), -1, dtype=np.int64)
     for first, index in shards:
         set_nprobe(index, nprobe)
-        d, lab = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-        ds.append(d)
-        ls.append(np.where(lab >= 0, lab + first, -1))
-    return merge_topk(ds, ls, k)
+        step = len(x) if memory_bytes is None else int(memory_bytes // 8 // _search_bytes_per_query(index, nprobe, k))
+        step = max(1, step)
+        for s in range(0, len(x), step):
+            d, lab = index.search(x[s:s + step], k)
+            best_d[s:s + step], best_l[s:s + step] = merge_topk(
+                [best_d[s:s + step], d], [best_l[s:s + step], np.where(lab >= 0, lab + first, -1)], k)
+        del index                             # a streamed shard is released before the next is read
+    return best_d, best_l
 
 
 # ------------------------------------------------------------------------------------------ train / load
@@ -277,11 +356,38 @@ class IndexBundle:
                                self.sqrt_weights, m["normalise"])
         self._shards = None
 
+    @property
+    def resident(self):
+        """True when the index is one shard, kept in memory after its first read."""
+        return len(self.manifest["shards"]) == 1
+
+    @property
+    def shard_bytes(self):
+        """Size (bytes) of the largest shard file: about the memory one shard takes once read."""
+        return max(os.path.getsize(os.path.join(self.directory, s["file"])) for s in self.manifest["shards"])
+
     def shards(self, devices=None):
+        """The shards as (first id, faiss index) pairs, for :func:`search`: a list read once and kept when
+        the index is :attr:`resident`, else an iterable that reads each shard from disk when reached and
+        lets it go before the next (each pass reads the whole index)."""
+        if not self.resident:
+            return _ShardReader(self.directory, self.manifest["shards"], devices)
         if self._shards is None:
-            self._shards = [(s["first_id"], to_devices(_read_faiss(os.path.join(self.directory, s["file"])),
-                                                        devices)) for s in self.manifest["shards"]]
+            self._shards = list(_ShardReader(self.directory, self.manifest["shards"], devices))
         return self._shards
+
+
+class _ShardReader:
+    """Iterable over the shards of an index directory, read one at a time (see :meth:`IndexBundle.shards`)."""
+
+    def __init__(self, directory, entries, devices):
+        self.directory, self.entries, self.devices = directory, entries, devices
+
+    def __iter__(self):
+        for entry in self.entries:
+            index = to_devices(_read_faiss(os.path.join(self.directory, entry["file"])), self.devices)
+            yield entry["first_id"], index
+            del index
 
 
 def load(index_dir, device="cpu"):
@@ -296,6 +402,10 @@ def load(index_dir, device="cpu"):
         raise io.InputError("%s: not a readable swiftalign manifest (%s)" % (path, str(exc).splitlines()[0]))
     if not isinstance(manifest, dict) or manifest.get("format") != "deepcryo-swiftalign-1":
         raise io.InputError("%s: not a swiftalign index (no deepcryo-swiftalign-1 format tag in %s)"
+                            % (index_dir, MANIFEST))
+    shards = manifest.get("shards")
+    if not shards or not all(isinstance(e, dict) and "file" in e and "first_id" in e for e in shards):
+        raise io.InputError("%s: the shard list of %s is missing or malformed (rebuild the index with train)"
                             % (index_dir, MANIFEST))
     return IndexBundle(os.path.abspath(index_dir), manifest, device)
 
@@ -317,6 +427,19 @@ def particle_optics(star):
             "amplitude_contrast": float(np.mean(star.optics_value("rlnAmplitudeContrast")))}
 
 
+def _build_folder(output_dir):
+    """A new temporary folder beside ``output_dir`` where the shards are written while they fill (renamed to
+    ``output_dir`` at the end). Those of an earlier build of the same ``output_dir`` that was killed
+    (SIGKILL, power loss) before it could clean up are deleted first: they may hold gigabytes of shards."""
+    parent, base = os.path.split(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    prefix = ".%s.building." % base
+    for name in os.listdir(parent):
+        if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+
 def train(reference, particles, output_dir, angular_step_deg=None, max_resolution_A=None, max_shift_px=5.0,
           shift_step_px=None, index_factory=None, n_ctf_groups=8, symmetry="C1", whiten=False, normalise=True,
           memory_limit_GB=4.0, grid_rotation=None, devices=None, log=print):
@@ -333,7 +456,8 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
             search on the CUDA ``devices``; a factory faiss-gpu cannot search is then refused).
         n_ctf_groups: number of defocus clusters (CTF groups).
         whiten: weight frequencies by the inverse noise power estimated from the particles.
-        memory_limit_GB: bound on the memory used for batches, the training sample and each shard.
+        memory_limit_GB: bound on the memory used for batches, the training sample and the shard being
+            filled (see the module docstring); the shards are written to ``output_dir`` as they fill.
         grid_rotation: (3, 3) rigid rotation of the pose grid (:func:`.gallery.gallery_poses`), or None.
         devices: torch device names (:func:`deepcryo.core.cli.parse_devices`); the gallery is projected on the
             first, and a CUDA list makes the index one that faiss-gpu can search (:func:`faiss_gpu_ids`).
@@ -380,14 +504,13 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
     log("gallery: %d poses x %d CTF groups x %d shifts = %d references, %d dims (%.1f Å, step %.2f°, shift step %.2f px)"
         % (gallery.n_poses, gallery.n_groups, gallery.n_shifts, len(gallery), band.dim, max_resolution_A,
            angular_step_deg, float(gallery.origins_px[1, 0] - gallery.origins_px[0, 0]) if gallery.n_shifts > 1 else 0))
+    output_dir = os.path.abspath(output_dir)
+    tmp = _build_folder(output_dir)
     try:
-        shards, per_ref = build_index(gallery, factory, memory_bytes, log)
-    except RuntimeError as exc:
-        raise io.InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".swiftalign.", dir=parent)
-    try:
+        try:
+            shards, per_ref = build_index(gallery, factory, memory_bytes, tmp, log)
+        except RuntimeError as exc:
+            raise io.InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
         manifest = {"format": "deepcryo-swiftalign-1", "reference": "reference.mrc", "box": box,
                     "pixel_size_A": px, "max_resolution_A": max_resolution_A, "angular_step_deg": angular_step_deg,
                     "symmetry": symmetry, "max_shift_px": max_shift_px,
@@ -395,14 +518,11 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
                     "group_defocus_A": [float(d) for d in group_defocus], "optics": optics, "normalise": normalise,
                     "weights": "weights.npy" if weights is not None else None, "factory": factory,
                     "grid_rotation": None if grid_rotation is None else np.asarray(grid_rotation).tolist(),
-                    "dim": band.dim, "n_references": len(gallery), "bytes_per_reference": per_ref, "shards": []}
+                    "dim": band.dim, "n_references": len(gallery), "bytes_per_reference": per_ref,
+                    "shards": shards}
         io.write_mrc(os.path.join(tmp, "reference.mrc"), volume, px)
         if weights is not None:
             np.save(os.path.join(tmp, "weights.npy"), torch.sqrt(weights).numpy())
-        for i, (first, index) in enumerate(shards):
-            name = "shard_%03d.faiss" % i
-            faiss.write_index(index, os.path.join(tmp, name))
-            manifest["shards"].append({"file": name, "first_id": int(first), "n": int(index.ntotal)})
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         if os.path.isdir(output_dir):

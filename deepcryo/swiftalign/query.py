@@ -4,7 +4,9 @@ For each particle (batched):
 
 1. **Search**: its band vector (:mod:`.features`) → the ``4·k`` nearest gallery references over every shard
    of the index, visiting ``nprobe`` inverted lists (:func:`.index.search`; top-k lists merged across
-   shards). Each match gives a pose, an origin and the CTF group.
+   shards). Each match gives a pose, an origin and the CTF group. An index of several shards is read from
+   disk one shard at a time, so the particles are searched in blocks as large as the memory limit allows
+   (:func:`index_matches`; their images are read twice, once for the search and once for the scoring).
 2. **Exact re-ranking**: each match is scored by the full-precision normalised Fourier correlation over
    the band between the particle and the reference projected at the match's pose, multiplied by the
    particle's *own* CTF and moved by the match's origin (:func:`score_poses`).
@@ -36,7 +38,7 @@ from . import index as swindex
 from .features import vectors_from_band
 from .gallery import band_slices
 
-__all__ = ["ParticleBatch", "score_poses", "axis_angle_matrices", "refine", "global_candidates",
+__all__ = ["ParticleBatch", "score_poses", "axis_angle_matrices", "refine", "global_candidates", "index_matches",
            "local_candidates", "pose_posterior", "select_and_refine", "align", "query"]
 
 
@@ -135,14 +137,38 @@ def refine(projector, band, particles, rotations, origins_px, angular_step_deg, 
     return rot, org, score
 
 
-def global_candidates(bundle, particles, n, nprobe, devices=None):
-    """The n index matches: rotations (B, n, 3, 3), origins (B, n, 2), CTF groups (B, n)."""
-    _, ids = swindex.search(bundle.shards(devices), particles.vectors(bundle.manifest["normalise"]).numpy(), n, nprobe)
-    ids = np.where(ids < 0, np.maximum(ids[:, :1], 0), ids)                     # pad missing matches
+def global_candidates(bundle, ids):
+    """Index matches ``ids`` (B, n) (entry ids, -1 for none) → rotations (B, n, 3, 3), origins (B, n, 2),
+    CTF groups (B, n); a missing match repeats the particle's first one."""
+    ids = np.where(ids < 0, np.maximum(ids[:, :1], 0), ids)
     pose, group, shift = bundle.gallery.decode(ids)
     rot = bundle.gallery.rotations[torch.as_tensor(pose)]
     org = torch.as_tensor(bundle.gallery.origins_px[shift], dtype=torch.float32)
     return rot, org, torch.as_tensor(group)
+
+
+def index_matches(bundle, stack, ctf, rows, n, nprobe, batch_size, memory_bytes, devices=None):
+    """Entry ids (len(rows), n) of the ``n`` nearest index references of the particles ``rows`` of the open
+    ``stack`` (``ctf``: the STAR's CTF parameter arrays): their vectors are computed ``batch_size`` images at
+    a time into one array, then searched in one pass over the shards (:func:`.index.search`), so a
+    streamed index is read once per call, not once per batch."""
+    vectors = np.empty((len(rows), bundle.band.dim), dtype=np.float32)
+    for s in range(0, len(rows), batch_size):
+        idx = rows[s:s + batch_size]
+        parts = ParticleBatch(bundle.band, stack.read(idx), {key: v[idx] for key, v in ctf.items()},
+                              bundle.sqrt_weights)
+        vectors[s:s + len(idx)] = parts.vectors(bundle.manifest["normalise"]).numpy()
+    return swindex.search(bundle.shards(devices), vectors, n, nprobe, memory_bytes)[1]
+
+
+def _search_block(bundle, n_matches, batch_size, memory_bytes, n, log):
+    """Particles per :func:`index_matches` call for a streamed index: as many batches as an eighth of the
+    memory holds (a vector and the running top-k per particle)."""
+    if bundle.shard_bytes > memory_bytes / 2:
+        log("warning: index shards of %.2f GB were built for a larger memory limit than %.2f GB; "
+            "rebuild the index with this --memory-limit to stay within it" % (bundle.shard_bytes / 1e9, memory_bytes / 1e9))
+    per_particle = 4 * bundle.band.dim + 12 * n_matches
+    return min(n, max(1, int(memory_bytes // 8 // per_particle) // batch_size) * batch_size)
 
 
 def local_candidates(projector, band, particles, prior_rotations, prior_origins_px, angular_step_deg,
@@ -251,13 +277,17 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
     if batch_size is None:
         per_particle = 8 * len(band) * (k * 7 * 9 + 8 * k + 130)
         batch_size = int(max(8, min(512, memory_limit_GB * 1e9 / 8 / per_particle)))
+    out = {"angles_deg": np.zeros((n, 3)), "origins_A": np.zeros((n, 2)), "score": np.zeros(n),
+           "confidence": np.zeros(n), "ctf_group": np.full(n, -1, dtype=np.int64),
+           "alt_angles_deg": np.zeros((n, 3)), "alt_origins_A": np.zeros((n, 2)), "alt_score": np.zeros(n)}
     if local:
         prior_rot = euler_to_matrix(torch.as_tensor(prior_angles_deg)).to(torch.float32)
         prior_org = torch.as_tensor(np.asarray(prior_origins_A) / px, dtype=torch.float32)
         local_shift_px = m["max_shift_px"] if local_shift_px is None else local_shift_px
-    out = {"angles_deg": np.zeros((n, 3)), "origins_A": np.zeros((n, 2)), "score": np.zeros(n),
-           "confidence": np.zeros(n), "ctf_group": np.full(n, -1, dtype=np.int64),
-           "alt_angles_deg": np.zeros((n, 3)), "alt_origins_A": np.zeros((n, 2)), "alt_score": np.zeros(n)}
+    else:
+        memory_bytes = memory_limit_GB * 1e9
+        block = batch_size if bundle.resident else _search_block(bundle, 4 * k, batch_size, memory_bytes, n, log)
+        block_start, block_ids = 0, np.zeros((0, 4 * k), dtype=np.int64)     # index matches of particles block_start…
     t0 = time.time()
     with star.open_images() as stack:
         for idx, images in stack.batches(batch_size):
@@ -267,7 +297,13 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
                                                         step, sstep, local_steps, local_shift_px)
                 group, far_deg = None, step
             else:
-                rot, org, group = global_candidates(bundle, parts, 4 * k, nprobe, devices)
+                if idx[-1] >= block_start + len(block_ids):
+                    block_start = idx[0]
+                    block_ids = (swindex.search(bundle.shards(devices), parts.vectors(m["normalise"]).numpy(),
+                                                4 * k, nprobe, memory_bytes)[1] if bundle.resident else
+                                 index_matches(bundle, stack, ctf, np.arange(block_start, min(block_start + block, n)),
+                                               4 * k, nprobe, batch_size, memory_bytes, devices))
+                rot, org, group = global_candidates(bundle, block_ids[idx - block_start])
                 pool_score = score_poses(bundle.projector, band, parts, rot, org, torch.zeros(1, 2))[..., 0]
                 far_deg = 2 * step
             (w_rot, w_org, w_score, gap, w_idx,

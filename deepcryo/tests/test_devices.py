@@ -191,7 +191,7 @@ def test_train_chooses_the_factory_for_its_devices(small, monkeypatch, tmp_path)
     projector_devices, factories = [], []
     monkeypatch.setattr(swindex, "Projector", lambda vol, device: projector_devices.append(device) or Projector(vol))
 
-    def build(gallery, factory, memory_bytes, log):
+    def build(gallery, factory, memory_bytes, directory, log):
         factories.append((len(gallery), gallery.band.dim, factory))
         raise _Stop
 
