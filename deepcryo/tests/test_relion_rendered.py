@@ -21,13 +21,12 @@ from deepcryo.core.geometry import pose_distance_deg
 from deepcryo.core.reconstruct import reconstruct_star
 from deepcryo.swiftalign.index import train
 from deepcryo.swiftalign.query import query
+from deepcryo.tests.poses import strip_poses
 from deepcryo.tests.relion_data import RenderSpec, relion_project, requires_relion
 
 pytestmark = requires_relion
 
 PX = 2.0
-POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
-                "rlnClassNumber")
 # test_swiftalign.py: 120 particles, 64 px, SNR 0.1, defocus 1.5–2 µm, origins ±3 px
 ALIGN_SPEC = RenderSpec(n=120, snr=0.1, seed=3, defocus_range_A=(15000.0, 20000.0))
 ALIGN_STEP_DEG = 12.0
@@ -48,13 +47,6 @@ def _pose_errors(truth, angles_deg, origins_A):
     ang = pose_distance_deg(torch.as_tensor(truth.angles_deg()), torch.as_tensor(angles_deg)).numpy()
     return ang, np.linalg.norm(truth.origins_A() - origins_A, axis=1) / truth.pixel_size_A
 
-
-def _without_poses(star_path, out_path):
-    star = io.read_particles(star_path)
-    for column in POSE_COLUMNS:
-        star.particles.pop(column, None)
-    io.write_particles(out_path, star)
-    return out_path
 
 
 # ------------------------------------------------------------------------------------------------- CTF
@@ -161,7 +153,7 @@ def refined(relion_rendered, tmp_path_factory):
     from deepcryo.swiftalign.refine import RefineParams, refine
     rs = relion_rendered(REFINE_SPEC)
     d = tmp_path_factory.mktemp("swiftrefine_relion")
-    inp = _without_poses(rs.star, str(d / "input.star"))
+    inp = strip_poses(rs.star, str(d / "input.star"))
     ref = str(d / "initial.mrc")
     io.write_mrc(ref, fourier.lowpass_volume(torch.as_tensor(rs.volume), 30.0, PX).numpy(), PX)
     out = str(d / "out")

@@ -24,18 +24,9 @@ from deepcryo.core.simulate import phantom_states, phantom_volume, write_particl
 from deepcryo.swiftalign import __main__ as cli
 from deepcryo.swiftalign.refine import (RefineParams, angular_step_for, join_halves, reference_filter, refine,
                                         shift_step_for)
+from deepcryo.tests.poses import strip_poses
 
 PX = 2.0
-POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
-                "rlnClassNumber")
-
-
-def _strip_poses(star_path, out_path):
-    star = io.read_particles(star_path)
-    for column in POSE_COLUMNS:
-        star.particles.pop(column, None)
-    io.write_particles(out_path, star)
-    return out_path
 
 
 def _lowpassed(vol, path, resolution_A=30.0):
@@ -57,7 +48,7 @@ def main_run(tmp_path_factory):
     vol = phantom_volume(64, seed=0)
     truth_star = write_particle_set(str(d / "sim"), vol, 2000, PX, snr=0.1, seed=3, max_shift_px=3.0,
                                     defocus_range_A=(15000.0, 25000.0))
-    inp = _strip_poses(truth_star, str(d / "sim" / "input.star"))
+    inp = strip_poses(truth_star, str(d / "sim" / "input.star"))
     ref = _lowpassed(vol, str(d / "initial.mrc"))
     out = str(d / "out")
     model = refine(inp, ref, out, RefineParams(max_iterations=6), log=print)
@@ -137,7 +128,7 @@ def test_multi_reference_classifies_states(tmp_path):
     states = phantom_states(48, 2, seed=1, angle_deg=35.0)
     truth = write_particle_set(str(tmp_path / "sim"), states, 800, PX, snr=0.1, seed=5, max_shift_px=2.0,
                                defocus_range_A=(15000.0, 25000.0))
-    inp = _strip_poses(truth, str(tmp_path / "sim" / "input.star"))
+    inp = strip_poses(truth, str(tmp_path / "sim" / "input.star"))
     refs = [_lowpassed(v, str(tmp_path / ("ref%d.mrc" % i)), 20.0) for i, v in enumerate(states)]
     out = str(tmp_path / "out")
     model = refine(inp, refs, out, RefineParams(max_iterations=3, initial_resolution_A=20.0))
@@ -202,7 +193,7 @@ def test_repetition_consensus_leaves_out_wrong_poses(tmp_path):
     vol = phantom_volume(48, seed=4)
     truth = write_particle_set(str(tmp_path / "sim"), vol, 600, PX, snr=0.05, seed=8, max_shift_px=2.0,
                                defocus_range_A=(15000.0, 25000.0))
-    inp = _strip_poses(truth, str(tmp_path / "sim" / "input.star"))
+    inp = strip_poses(truth, str(tmp_path / "sim" / "input.star"))
     out = str(tmp_path / "out")
     model = refine(inp, _lowpassed(vol, str(tmp_path / "ref.mrc")), out,
                    RefineParams(max_iterations=2, repetitions=2))
@@ -228,7 +219,7 @@ def test_symmetric_refinement_c4(tmp_path):
                    for s in symmetry_matrices("C4").numpy()], axis=0).astype(np.float32)
     truth = write_particle_set(str(tmp_path / "sim"), vol, 500, PX, snr=0.3, seed=9, max_shift_px=2.0,
                                defocus_range_A=(15000.0, 25000.0))
-    inp = _strip_poses(truth, str(tmp_path / "sim" / "input.star"))
+    inp = strip_poses(truth, str(tmp_path / "sim" / "input.star"))
     out = str(tmp_path / "out")
     # the symmetrised phantom is nearly cylindrical at 30 Å: start from 15 Å
     refine(inp, _lowpassed(vol, str(tmp_path / "ref.mrc"), 15.0), out,
