@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from scipy.stats import mannwhitneyu
 
 from deepcryo.core import fourier, io
 from deepcryo.core.fsc import fsc, fsc_resolution_A
@@ -188,10 +189,14 @@ def test_bad_input_one_clear_line(tmp_path, case, capsys):
 
 def test_repetition_consensus_leaves_out_wrong_poses(tmp_path):
     """With two differently perturbed searches, the particles left out of the reconstruction are the ones
-    with wrong poses (larger error against the truth than the kept ones)."""
+    with wrong poses: their errors against the truth are larger than the kept ones' (one-sided Mann-Whitney
+    p < 0.01) and their median error is over 1.5× the kept median. Measured (2 iterations, SNR 0.05, 48 px,
+    seed 8): 600 particles gave ratios 1.88, 1.53, 2.95, 1.63 on seeds 8–11 (before RELION's resolution
+    convention: 2.18, 1.35, 1.51, 1.69; the earlier 2× bound held for seed 8 alone), with only ~20 particles
+    left out; 1500 particles give 1.86 (p 3e-5) and 1.55 (p 0.005) on seeds 8 and 9."""
     torch.set_num_threads(2)
     vol = phantom_volume(48, seed=4)
-    truth = write_particle_set(str(tmp_path / "sim"), vol, 600, PX, snr=0.05, seed=8, max_shift_px=2.0,
+    truth = write_particle_set(str(tmp_path / "sim"), vol, 1500, PX, snr=0.05, seed=8, max_shift_px=2.0,
                                defocus_range_A=(15000.0, 25000.0))
     inp = strip_poses(truth, str(tmp_path / "sim" / "input.star"))
     out = str(tmp_path / "out")
@@ -203,7 +208,8 @@ def test_repetition_consensus_leaves_out_wrong_poses(tmp_path):
     print("kept %.1f%%: median error kept %.2f°, left out %.2f°" % (100 * kept.mean(), np.median(err[kept]),
                                                                      np.median(err[~kept])))
     assert 0.5 < kept.mean() < 1.0 and model["fraction_kept"] == pytest.approx(kept.mean())
-    assert np.median(err[~kept]) > 2 * np.median(err[kept])
+    assert mannwhitneyu(err[~kept], err[kept], alternative="greater").pvalue < 0.01
+    assert np.median(err[~kept]) > 1.5 * np.median(err[kept])
 
 
 def test_symmetric_refinement_c4(tmp_path):
