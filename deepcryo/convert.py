@@ -47,6 +47,7 @@ from pwem.objects import FSC, Transform
 
 from deepcryo.constants import RANDOM_SUBSET_ATTR
 from deepcryo.core import geometry, io
+from deepcryo.core.fsc import fsc_resolution_A
 
 __all__ = ["projectionMatrices", "posesFromMatrices", "rowToAlignment", "alignmentToRow",
            "writeSetOfParticles", "updateParticlesFromStar", "writeSetOfMicrographs", "readCtfStar",
@@ -382,3 +383,10 @@ def readFscStar(starFn, label="FSC"):
     fsc = FSC(objLabel=label)
     fsc.setData([float(v) for v in cols["rlnResolution"]], [float(v) for v in cols["rlnFourierShellCorrelation"]])
     return fsc
+
+
+def fscResolution(fscObj, pixelSize, threshold=0.143):
+    """Resolution (Å) of a Scipion ``FSC`` (one value per shell 0 … N/2) as RELION reports it: the last shell
+    above ``threshold`` (pwem's ``FSC.calculateResolution`` interpolates between shells)."""
+    _, values = fscObj.getData()
+    return fsc_resolution_A([float(v) for v in values], pixelSize, threshold)

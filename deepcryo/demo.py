@@ -79,7 +79,7 @@ def run_refinement(project, folder, imported, pixel_size_A, initial_resolution_A
     import torch
     from pwem.protocols import ProtImportVolumes
 
-    from .convert import posesFromMatrices
+    from .convert import fscResolution, posesFromMatrices
     from .core import fourier, fsc, geometry, io
     from .protocols import DeepCryoProtSwiftRefine
 
@@ -107,9 +107,9 @@ def run_refinement(project, folder, imported, pixel_size_A, initial_resolution_A
     final, _ = io.read_mrc(ref.outputVolume.getFileName())
     res_truth = fsc.fsc_resolution_A(fsc.fsc(final, imported["truth"]), pixel_size_A, 0.5)
     print("\n".join(ref.summary()))
-    print("swiftrefine: half maps (FSC 0.143, masked) %.2f Å; against the truth (FSC 0.5) %.2f Å; median angular "
+    print("swiftrefine: half maps (FSC 0.143, masked, corrected) %.2f Å; against the truth (FSC 0.5) %.2f Å; median angular "
           "error against the true poses %.2f° (%.1f%% above 10°)"
-          % (float(ref.outputFSC.calculateResolution(0.143)), res_truth, np.median(err), 100 * np.mean(err > 10)))
+          % (fscResolution(ref.outputFSC, pixel_size_A), res_truth, np.median(err), 100 * np.mean(err > 10)))
     return float(np.median(err)), res_truth
 
 

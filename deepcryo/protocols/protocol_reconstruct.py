@@ -26,8 +26,7 @@ from pwem.protocols import ProtReconstruct3D
 
 from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_HELP
-from deepcryo.convert import readFscStar, writeSetOfParticles
-from deepcryo.core.fsc import fsc_resolution_A
+from deepcryo.convert import fscResolution, readFscStar, writeSetOfParticles
 from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
 
 
@@ -149,10 +148,7 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
         return summary
 
     def _fscResolution(self, threshold):
-        """Resolution (Å) of the half-map FSC output as RELION reports it (pwem's ``FSC.calculateResolution``
-        interpolates between shells)."""
-        _, y = getattr(self, OUTPUT_FSC).getData()
-        return fsc_resolution_A([float(v) for v in y], getattr(self, OUTPUT_VOLUME).getSamplingRate(), threshold)
+        return fscResolution(getattr(self, OUTPUT_FSC), getattr(self, OUTPUT_VOLUME).getSamplingRate(), threshold)
 
     def _methods(self):
         if not hasattr(self, OUTPUT_VOLUME):

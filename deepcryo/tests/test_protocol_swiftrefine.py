@@ -33,7 +33,7 @@ from pwem.protocols import ProtImportVolumes
 from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME
-from deepcryo.convert import posesFromMatrices
+from deepcryo.convert import fscResolution, posesFromMatrices
 from deepcryo.core import fourier, geometry, io, simulate
 from deepcryo.core.fsc import fsc, fsc_resolution_A
 from deepcryo.protocols import DeepCryoProtSwiftRefine
@@ -81,7 +81,7 @@ class TestDeepCryoSwiftRefine(ProtocolTest):
         self.assertAlmostEqual(volume.getSamplingRate(), PX)
         final, _ = io.read_mrc(volume.getFileName())
         self.assertLess(fsc_resolution_A(fsc(self.vol, final), PX, 0.5), 16.0)     # 30 Å at the start
-        res = float(getattr(prot, OUTPUT_FSC).calculateResolution(0.143))
+        res = fscResolution(getattr(prot, OUTPUT_FSC), PX)
         self.assertLess(res, 16.0)
         self.assertIn("iterations", prot.summary()[0])
 
