@@ -52,7 +52,7 @@ def loadRun(prot):
     return run
 
 
-def _isAlive(pid):
+def isAlive(pid):
     """False once process ``pid`` has exited (also when it is an unreaped zombie); True for pid 0 (unknown)."""
     if not pid:
         return True
@@ -87,7 +87,7 @@ def waitForProtocol(prot, until=None, what="the run to finish", timeout_s=None, 
     timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
     start = time.monotonic()
     while True:
-        exited = not _isAlive(prot.getPid())  # looked at before reading: an exited run has written its end
+        exited = not isAlive(prot.getPid())  # looked at before reading: an exited run has written its end
         run = loadRun(prot)
         if until(run):
             return run
@@ -100,7 +100,7 @@ def waitForProtocol(prot, until=None, what="the run to finish", timeout_s=None, 
             problem = "still not there after %.0f s (DEEPCRYO_TEST_TIMEOUT_S)" % timeout_s
         else:
             nextRead = time.monotonic() + poll_s
-            while time.monotonic() < nextRead and _isAlive(prot.getPid()):
+            while time.monotonic() < nextRead and isAlive(prot.getPid()):
                 time.sleep(0.1)
             continue
         raise AssertionError("waiting for %s: %s. %s" % (what, problem, describeRun(prot, run)))

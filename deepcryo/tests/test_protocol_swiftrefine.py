@@ -21,13 +21,14 @@
 600 particles (48 px, 3 Å/px, SNR 0.2, CTF) of a phantom, imported without alignment, refined from the
 phantom low-passed to 30 Å for 3 iterations; outputs and accuracy (median angular error < 5°, map better than
 16 Å against the truth) are checked; then the headless figures of the viewer. A second run is SIGKILLed
-(all its processes) during iteration 2 and resumed with Scipion's continue mode.
+(all its processes) as iteration 2 begins and resumed with Scipion's continue mode.
 """
 import ctypes
 import os
 import time
 
 import numpy as np
+import psutil
 import torch
 from pwem.protocols import ProtImportVolumes
 from pyworkflow.tests import setupTestProject
@@ -37,11 +38,28 @@ from deepcryo.convert import fscResolution, posesFromMatrices
 from deepcryo.core import fourier, geometry, io, simulate
 from deepcryo.core.fsc import fsc, fsc_resolution_A
 from deepcryo.protocols import DeepCryoProtSwiftRefine
-from deepcryo.tests.harness import ProtocolTest, waitForProtocol
+from deepcryo.tests.harness import TIMEOUT_S, ProtocolTest, isAlive, waitForProtocol
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
 BOX, PX, N = 48, 3.0, 600
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2), Linux
+
+
+def _freezeWhen(prot, path, what):
+    """Stop (SIGSTOP) every process of the launched run ``prot`` as soon as ``path`` exists and return them,
+    the run's own process first. Polled every 20 ms, so that a kill lands at a known point of the run even on a
+    fast machine (a fixed sleep after ``path`` appeared once let a whole iteration finish)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not os.path.exists(path):
+        if not isAlive(prot.getPid()) or time.monotonic() > deadline:
+            waitForProtocol(prot, lambda run: os.path.exists(path), what, timeout_s=0)  # fails with the run's log
+            break
+        time.sleep(0.02)
+    root = psutil.Process(prot.getPid())
+    victims = [root] + root.children(recursive=True)
+    for v in reversed(victims):                                   # children first: no parent sees a child stop
+        v.suspend()
+    return victims
 
 
 class TestDeepCryoSwiftRefine(ProtocolTest):
@@ -96,9 +114,8 @@ class TestDeepCryoSwiftRefine(ProtocolTest):
             self.assertGreater(os.path.getsize(fn), 0)
 
     def testContinueAfterKill(self):
-        """Scipion's continue mode after every process of the run was SIGKILLed during iteration 2: the finished
+        """Scipion's continue mode after every process of the run was SIGKILLed as iteration 2 began: the finished
         steps and iteration 1 are not redone, the run finishes with the same accuracy as an uninterrupted one."""
-        import psutil
         from pyworkflow.protocol.constants import MODE_RESUME
         prot = self.newProtocol(DeepCryoProtSwiftRefine, maxIterations=2, numberOfThreads=2,
                                 objLabel="killed, then continued")
@@ -108,11 +125,7 @@ class TestDeepCryoSwiftRefine(ProtocolTest):
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the killed run are reaped here, as init would
         self.addCleanup(libc.prctl, PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
         self.proj.launchProtocol(prot, wait=False)
-        first = prot._getExtraPath("refine", "it001_model.json")
-        waitForProtocol(prot, lambda run: os.path.exists(first), "iteration 1 to finish", poll_s=0.5)
-        time.sleep(1.0)                                              # inside iteration 2
-        root = psutil.Process(prot.getPid())
-        victims = [root] + root.children(recursive=True)
+        victims = _freezeWhen(prot, prot._getExtraPath("refine", "it001_model.json"), "iteration 1 to finish")
         self.assertTrue(any("deepcryo.swiftalign" in " ".join(v.cmdline()) for v in victims[1:]))
         for v in victims:
             v.kill()
