@@ -53,7 +53,7 @@ def _defocus(arrays, folder, checkpoints, epochs, spent):
     torch.save = save
     try:
         defocus_train.train(arrays, os.path.join(folder, "model.pt"), epochs=epochs, batch_size=32, seed=0,
-                            patience=epochs + 1, log=lambda m: None)
+                            patience=epochs + 1)
     finally:
         torch.save = real_save
 
@@ -69,7 +69,7 @@ def _landscape(star, folder, checkpoints, epochs, spent):
 
     landscape_train._save_checkpoint = save
     try:
-        landscape_train.train(star, folder, latent_dim=8, epochs=epochs, box=32, batch_size=64, log=lambda m: None)
+        landscape_train.train(star, folder, latent_dim=8, epochs=epochs, box=32, batch_size=64)
     finally:
         landscape_train._save_checkpoint = real
 

@@ -23,8 +23,7 @@ import torch
 from . import ctf as ctf_mod
 from . import io
 
-__all__ = ["simulate_micrograph", "simulate_micrograph_set", "random_micrograph_parameters",
-           "add_micrograph_arguments", "run_micrographs", "TRUTH_COLUMNS"]
+__all__ = ["simulate_micrograph", "simulate_micrograph_set", "random_micrograph_parameters", "TRUTH_COLUMNS"]
 
 #: truth dict key -> RELION column written in the truth STAR
 TRUTH_COLUMNS = OrderedDict([
@@ -140,32 +139,3 @@ def simulate_micrograph_set(n, out_dir, size_px=1024, seed=0, star_name="microgr
     star = os.path.join(out_dir, star_name)
     io.write_star(star, OrderedDict([("micrographs", cols)]))
     return star, truths
-
-
-def add_micrograph_arguments(parser):
-    """Options of ``python -m deepcryo.core.simulate micrographs``."""
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--n", type=int, default=20, help="number of micrographs")
-    parser.add_argument("--size", type=int, default=4096, help="micrograph side (px)")
-    parser.add_argument("--pixel-size-min", type=float, default=0.5, help="Å/px")
-    parser.add_argument("--pixel-size-max", type=float, default=2.5, help="Å/px")
-    parser.add_argument("--voltages", type=float, nargs="+", default=[200.0, 300.0], help="kV, drawn at random")
-    parser.add_argument("--cs", type=float, default=2.7, help="mm")
-    parser.add_argument("--defocus-min", type=float, default=3000.0, help="mean defocus, Å")
-    parser.add_argument("--defocus-max", type=float, default=50000.0, help="mean defocus, Å")
-    parser.add_argument("--astigmatism", type=float, default=2000.0, help="max U - V, Å")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
-
-
-def run_micrographs(args):
-    """Run ``micrographs`` from parsed :func:`add_micrograph_arguments` options; prints one summary line."""
-    if args.n < 1 or args.size < 64 or not 0 < args.pixel_size_min <= args.pixel_size_max:
-        raise io.InputError("need --n >= 1, --size >= 64 and 0 < --pixel-size-min <= --pixel-size-max")
-    if not 0 < args.defocus_min <= args.defocus_max or args.astigmatism < 0:
-        raise io.InputError("need 0 < --defocus-min <= --defocus-max and --astigmatism >= 0")
-    star, _ = simulate_micrograph_set(
-        args.n, args.output_dir, size_px=args.size, seed=args.seed,
-        pixel_size_range_A=(args.pixel_size_min, args.pixel_size_max), voltages_kV=tuple(args.voltages),
-        cs_mm=args.cs, defocus_range_A=(args.defocus_min, args.defocus_max), astigmatism_max_A=args.astigmatism)
-    print("wrote %s (%d micrographs of %d px)" % (star, args.n, args.size))

@@ -17,27 +17,19 @@ The 0.4 Å by which relion_reconstruct used to beat this reconstruction there ca
 Memory is bounded: particles stream in batches from memory-mapped stacks; only the two padded grids
 (data and weight) are held, ``(pad·N)³`` complex + real.
 
-Program::
+Program (options and examples in :mod:`deepcryo.core.commands.reconstruct`)::
 
     python -m deepcryo.core.reconstruct --particles P.star --output map.mrc --halves --symmetry C1
-
-writes ``map.mrc`` (with ``--halves`` also ``map_half1.mrc``, ``map_half2.mrc`` and ``map_fsc.star``) and
-prints the half-map FSC resolution at 0.143. Half sets come from ``rlnRandomSubset`` when present,
-otherwise from a seeded random split (which is written nowhere, the input is only read).
 """
-import argparse
-import os
 import sys
 import time
 
 import numpy as np
 import torch
 
-from deepcryo.constants import SYMMETRY_NAMES
-
 from . import fourier, io
 from .ctf import ctf_2d
-from .fsc import fsc, fsc_resolution_A, shell_frequencies
+from .fsc import fsc, shell_frequencies
 from .geometry import euler_to_matrix, symmetry_matrices
 from .projector import gridding_kernel_1d
 
@@ -236,58 +228,12 @@ def write_fsc_star(path, curve, box, pixel_size_A):
                                  "rlnAngstromResolution": ang, "rlnFourierShellCorrelation": np.asarray(curve)}})
 
 
-def _parser():
-    p = argparse.ArgumentParser(prog="python -m deepcryo.core.reconstruct", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--particles", required=True, help="RELION 3.1 (or 3.0) particle STAR with poses")
-    p.add_argument("--output", required=True, help="output map (.mrc)")
-    p.add_argument("--halves", action="store_true", help="also write half maps and their FSC")
-    p.add_argument("--symmetry", default="C1", help="point group, RELION's names and operators (default C1): " + SYMMETRY_NAMES)
-    p.add_argument("--max-resolution", type=float, default=0.0, help="highest resolution inserted, Å (0: Nyquist)")
-    p.add_argument("--batch-size", type=int, default=256, help="particles per batch (memory bound)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random half split")
-    return p
-
-
 def main(argv=None):
-    args = _parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        from .geometry import symmetry_matrices as _check
-        try:
-            _check(args.symmetry)
-        except ValueError as exc:
-            raise io.InputError(str(exc))
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise io.InputError("--device %s requested but CUDA is not available" % args.device)
-        star = io.read_particles(args.particles)
-        star.require("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-
-        def progress(done, total, seconds):
-            print("reconstruct: %d/%d particles (%.0f particles/s)" % (done, total, done / max(seconds, 1e-9)),
-                  flush=True)
-
-        result = reconstruct_star(star, args.halves, args.symmetry, args.max_resolution or None,
-                                  args.batch_size, args.device, args.seed, progress)
-    except io.InputError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    px = star.pixel_size_A
-    root, ext = os.path.splitext(args.output)
-    io.write_mrc(args.output, result["map"], px)
-    if args.halves:
-        io.write_mrc(root + "_half1" + (ext or ".mrc"), result["half1"], px)
-        io.write_mrc(root + "_half2" + (ext or ".mrc"), result["half2"], px)
-        write_fsc_star(root + "_fsc.star", result["fsc"], result["map"].shape[-1], px)
-        print("resolution (FSC 0.143): %.2f A; (FSC 0.5): %.2f A"
-              % (fsc_resolution_A(result["fsc"], px, 0.143), fsc_resolution_A(result["fsc"], px, 0.5)))
-    print("wrote %s" % args.output)
-    return 0
+    """``python -m deepcryo.core.reconstruct``: the command :mod:`deepcryo.core.commands.reconstruct`."""
+    from .cli import run_program
+    from .commands import reconstruct as command
+    return run_program("python -m deepcryo.core.reconstruct", None, command, argv)
 
 
 if __name__ == "__main__":
-    from deepcryo.core.cli import run_main  # one line, status 2, for a full disk or a refused write
-    sys.exit(run_main(main))
+    sys.exit(main())

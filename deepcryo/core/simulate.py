@@ -18,9 +18,8 @@ Program::
     python -m deepcryo.core.simulate micrographs --output-dir mics/ --n 20 --size 4096
 
 ``particles`` writes ``particles.star``, ``particles.mrcs`` and the ground-truth map(s) ``truth.mrc``
-(``truth_state01.mrc`` … for states).
+(``truth_state01.mrc`` … for states); ``python -m deepcryo.core.simulate COMMAND --help`` shows the options.
 """
-import argparse
 import math
 import os
 import sys
@@ -29,7 +28,7 @@ import mrcfile
 import numpy as np
 import torch
 
-from . import fourier, io, micrographs
+from . import fourier, io
 from .ctf import ctf_2d
 from .geometry import matrix_to_euler, quaternion_to_matrix
 from .projector import Projector
@@ -236,71 +235,14 @@ def write_particle_set(out_dir, volumes, n, pixel_size_A, voltage_kV=300.0, cs_m
 
 
 # ---------------------------------------------------------------------------------------------- program
-def _particles_parser(sub):
-    p = sub.add_parser("particles", help="particle stack with known poses, shifts, CTF and noise")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--n", type=int, default=1000, help="number of particles")
-    p.add_argument("--box", type=int, default=64, help="box size (px)")
-    p.add_argument("--pixel-size", type=float, default=2.0, help="Å/px")
-    p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise variance ratio; 0 = noiseless")
-    p.add_argument("--coloured-noise", action="store_true", help="coloured instead of white noise")
-    p.add_argument("--states", type=int, default=1, help="number of discrete conformations (equal shares)")
-    p.add_argument("--hinge", action="store_true", help="continuous hinge motion (parameter in the STAR)")
-    p.add_argument("--defocus-min", type=float, default=10000.0, help="Å")
-    p.add_argument("--defocus-max", type=float, default=25000.0, help="Å")
-    p.add_argument("--astigmatism", type=float, default=500.0, help="max U - V, Å")
-    p.add_argument("--max-shift", type=float, default=3.0, help="max origin per axis, px")
-    p.add_argument("--voltage", type=float, default=300.0, help="kV")
-    p.add_argument("--cs", type=float, default=2.7, help="mm")
-    p.add_argument("--amplitude-contrast", type=float, default=0.1)
-    p.add_argument("--bfactor", type=float, default=0.0, help="CTF envelope B-factor, Å²")
-    p.add_argument("--seed", type=int, default=0)
-    return p
-
-
-def run_particles(args):
-    if args.box < 8 or args.n < 1 or args.pixel_size <= 0 or args.voltage <= 0 or args.cs < 0:
-        raise io.InputError("need --box >= 8, --n >= 1, --pixel-size > 0, --voltage > 0 and --cs >= 0")
-    kw = dict(snr=args.snr or None, seed=args.seed, defocus_range_A=(args.defocus_min, args.defocus_max),
-              astigmatism_A=args.astigmatism, max_shift_px=args.max_shift, bfactor_A2=args.bfactor,
-              coloured_noise=args.coloured_noise)
-    optics = dict(voltage_kV=args.voltage, cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast)
-    os.makedirs(args.output_dir, exist_ok=True)
-    if args.hinge:
-        vols = lambda t: hinge_volume(args.box, t, seed=args.seed)  # noqa: E731
-        io.write_mrc(os.path.join(args.output_dir, "truth_t0.mrc"), vols(0.0), args.pixel_size)
-        io.write_mrc(os.path.join(args.output_dir, "truth_t1.mrc"), vols(1.0), args.pixel_size)
-    elif args.states > 1:
-        vols = phantom_states(args.box, args.states, seed=args.seed)
-        for k, v in enumerate(vols):
-            io.write_mrc(os.path.join(args.output_dir, "truth_state%02d.mrc" % (k + 1)), v, args.pixel_size)
-        kw["state_of"] = np.random.default_rng(args.seed + 1).permutation(np.arange(args.n) % args.states)
-    else:
-        vols = phantom_volume(args.box, seed=args.seed)
-        io.write_mrc(os.path.join(args.output_dir, "truth.mrc"), vols, args.pixel_size)
-    star = write_particle_set(args.output_dir, vols, args.n, args.pixel_size, **optics, **kw)
-    print("wrote %s (%d particles, box %d, %.3g Å/px)" % (star, args.n, args.box, args.pixel_size))
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m deepcryo.core.simulate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _particles_parser(sub)
-    micrographs.add_micrograph_arguments(
-        sub.add_parser("micrographs", help="micrographs with known defocus U/V/angle + truth STAR"))
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "particles":
-            run_particles(args)
-        else:
-            micrographs.run_micrographs(args)
-    except io.InputError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    return 0
+    """``python -m deepcryo.core.simulate particles|micrographs``: the commands
+    :mod:`deepcryo.core.commands.simulate_particles` and :mod:`deepcryo.core.commands.simulate_micrographs`."""
+    from .cli import run_program
+    from .commands import simulate_micrographs, simulate_particles
+    return run_program("python -m deepcryo.core.simulate", __doc__,
+                       {"particles": simulate_particles, "micrographs": simulate_micrographs}, argv)
 
 
 if __name__ == "__main__":
-    from deepcryo.core.cli import run_main  # one line, status 2, for a full disk or a refused write
-    sys.exit(run_main(main))
+    sys.exit(main())

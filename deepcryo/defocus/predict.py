@@ -16,6 +16,7 @@ others go on.
 """
 import contextlib
 import glob
+import logging
 import math
 import os
 from collections import Counter, OrderedDict
@@ -26,6 +27,8 @@ import torch
 from ..core import io
 from . import fit as fit_mod
 from . import model as model_mod
+
+logger = logging.getLogger(__name__)
 from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psds
 
 __all__ = ["MicrographEntry", "list_micrographs", "fit_sampling_A", "estimate_batch", "predict", "write_ctf_star",
@@ -209,7 +212,7 @@ def write_ctf_star(path, results, with_phase=False):
 
 
 def predict(spec, output, model_path=None, refine=True, low_A=30.0, high_A=5.0, fit_phase=False, batch_size=8,
-            device="cpu", defaults=None, log=print, warn=print):
+            device="cpu", defaults=None):
     """Whole program: micrographs (glob or STAR) → ``output`` STAR (+ PSDs in ``<output stem>_psd/``).
 
     Returns the list of result dicts. Raises InputError when no micrograph could be processed.
@@ -223,14 +226,14 @@ def predict(spec, output, model_path=None, refine=True, low_A=30.0, high_A=5.0, 
     def on_skip(p, m):
         skipped.append(m if m.startswith(p) else "%s: %s" % (p, m))
         if len(entries) > 1:  # a single micrograph's problem is the error itself
-            warn("skipped %s" % skipped[-1])
+            logger.warning("skipped %s", skipped[-1])
 
     for i in range(0, len(entries), batch_size):
         results += estimate_batch(entries[i:i + batch_size], model, refine, low_A, high_A, fit_phase, device,
                                   psd_dir, defaults, on_skip=on_skip)
-        log("%d/%d micrographs" % (min(i + batch_size, len(entries)), len(entries)))
+        logger.info("%d/%d micrographs", min(i + batch_size, len(entries)), len(entries))
     for (px, source), n in Counter((r["pixel_size_A"], r["pixel_size_from"]) for r in results).items():
-        log("pixel size %.4f Å/px (%s): %d micrograph%s" % (px, source, n, "s" * (n != 1)))
+        logger.info("pixel size %.4f Å/px (%s): %d micrograph%s", px, source, n, "s" * (n != 1))
     if not results:
         with contextlib.suppress(OSError):
             os.rmdir(psd_dir)  # nothing was written: leave no empty folder behind

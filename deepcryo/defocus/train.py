@@ -14,6 +14,7 @@
   model so far is written (atomically) to the output weight file.
 """
 import json
+import logging
 import math
 import os
 import time
@@ -26,6 +27,8 @@ from ..core.micrographs import random_micrograph_parameters, simulate_micrograph
 from . import model as model_mod
 from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psd
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["simulate_training_arrays", "star_training_arrays", "augment", "train", "save_arrays", "load_arrays"]
 
 CHECKPOINT_FORMAT = "deepcryo.defocus.checkpoint/1"
@@ -36,7 +39,7 @@ def _pack(psds, acq, labels):
             "labels": np.asarray(labels, dtype=np.float32)}
 
 
-def simulate_training_arrays(n, size_px=512, seed=0, log=None, **ranges):
+def simulate_training_arrays(n, size_px=512, seed=0, **ranges):
     """Simulate ``n`` micrographs (``size_px``²; ``ranges`` as in
     :func:`deepcryo.core.micrographs.random_micrograph_parameters`) and return their model inputs:
     ``{"psd": (n, 3, S, S) float16, "acq": (n, 2) voltage kV / Cs mm, "labels": (n, 3) U Å, V Å, angle deg}``."""
@@ -48,12 +51,12 @@ def simulate_training_arrays(n, size_px=512, seed=0, log=None, **ranges):
         psds.append(compute_psd(image, truth["pixel_size_A"])[0].numpy())
         acq.append((truth["voltage_kV"], truth["cs_mm"]))
         labels.append((truth["defocus_u_A"], truth["defocus_v_A"], truth["defocus_angle_deg"]))
-        if log and (i + 1) % 200 == 0:
-            log("simulated %d/%d micrographs" % (i + 1, n))
+        if (i + 1) % 200 == 0:
+            logger.info("simulated %d/%d micrographs", i + 1, n)
     return _pack(psds, acq, labels)
 
 
-def star_training_arrays(star_path, voltage_kV=None, cs_mm=None, pixel_size_A=None, log=None):
+def star_training_arrays(star_path, voltage_kV=None, cs_mm=None, pixel_size_A=None):
     """Model inputs from a STAR of micrographs with labels (``rlnMicrographName``, ``rlnDefocusU/V/Angle``;
     pixel size, voltage and Cs from ``rlnMicrographPixelSize``/``rlnVoltage``/``rlnSphericalAberration``
     columns, a ``data_optics`` block, or the arguments). Same dict as :func:`simulate_training_arrays`."""
@@ -91,8 +94,8 @@ def star_training_arrays(star_path, voltage_kV=None, cs_mm=None, pixel_size_A=No
         if not (acq[-1][0] > 0 and acq[-1][1] >= 0):
             raise io.InputError("%s: row %d: voltage must be > 0 kV and Cs >= 0 mm" % (star_path, i + 1))
         labels.append((cols["rlnDefocusU"][i], cols["rlnDefocusV"][i], cols["rlnDefocusAngle"][i]))
-        if log and (i + 1) % 100 == 0:
-            log("read %d micrographs" % (i + 1))
+        if (i + 1) % 100 == 0:
+            logger.info("read %d micrographs", i + 1)
     return _pack(psds, acq, labels)
 
 
@@ -185,8 +188,8 @@ def _subset(arrays, idx):
     return {k: v[idx] for k, v in arrays.items()}
 
 
-def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=32, lr=1e-3, patience=8,
-          val_fraction=0.15, seed=0, checkpoint=None, resume=False, log=print, threads=None, device="cpu"):
+def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=32, learning_rate=1e-3, patience=8,
+          val_fraction=0.15, seed=0, checkpoint=None, resume=False, device="cpu"):
     """Train (or fine-tune from ``init_weights``) a defocus model and write the best weights to ``output``.
 
     Args:
@@ -194,15 +197,14 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
         output: weight file (written atomically whenever the validation MAE improves).
         config: model config (default ``{"arch": "rings", "width": 16}``); taken from ``init_weights``
             when fine-tuning.
-        epochs, batch_size, lr, patience (epochs without improvement before stopping), val_fraction, seed.
+        epochs, batch_size, learning_rate (Adam's step size), patience (epochs without improvement before
+            stopping), val_fraction, seed.
         checkpoint: checkpoint file (default ``output + ".ckpt"``); ``resume`` continues from it.
         device: torch device of the model and its batches. Shuffling and augmentation draw from torch's CPU
             generator on the CPU, so a run sees the same batches on any device.
     Returns:
         dict with ``best_val_mae_A``, ``val_angle_error_deg``, ``epochs``, ``n_train``, ``n_val``.
     """
-    if threads:
-        torch.set_num_threads(int(threads))
     n = len(arrays["psd"])
     if n < 4:
         raise io.InputError("need at least 4 micrographs to train (got %d)" % n)
@@ -218,7 +220,7 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
         model = model_mod.build_model(config)
     model.to(device)
     config.update(samplings_A=list(CNN_SAMPLINGS_A), size_px=CNN_SIZE_PX)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, patience // 3))
     checkpoint = checkpoint or output + ".ckpt"
     start, best, stale = 0, math.inf, 0
@@ -237,7 +239,7 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
         sched.load_state_dict(state["scheduler"])
         start, best, stale = int(state["epoch"]), float(state["best"]), int(state["stale"])
         torch.set_rng_state(state["rng"])
-        log("resumed from %s at epoch %d (best val MAE %.0f Å)" % (checkpoint, start, best))
+        logger.info("resumed from %s at epoch %d (best val MAE %.0f Å)", checkpoint, start, best)
     psd = torch.as_tensor(tr["psd"])
     acq = torch.as_tensor(tr["acq"])
     labels = torch.as_tensor(tr["labels"])
@@ -278,11 +280,11 @@ def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=
             torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "stale": stale,
                         "rng": torch.get_rng_state()}, tmp)
-        log("epoch %d: train loss %.4f, val MAE %.0f Å, val angle error %.1f°, lr %.2g, %.0f s%s"
-            % (epoch + 1, total / len(psd), val_mae, angle_err, opt.param_groups[0]["lr"], time.time() - t0,
-               " *" if improved else ""))
+        logger.info("epoch %d: train loss %.4f, val MAE %.0f Å, val angle error %.1f°, lr %.2g, %.0f s%s",
+                    epoch + 1, total / len(psd), val_mae, angle_err, opt.param_groups[0]["lr"], time.time() - t0,
+                    " *" if improved else "")
         if stale >= patience:
-            log("early stop: no improvement for %d epochs" % patience)
+            logger.info("early stop: no improvement for %d epochs", patience)
             break
     return {"best_val_mae_A": best, "val_angle_error_deg": angle_err, "epochs": epoch + 1,
             "n_train": len(psd), "n_val": n_val, "config": json.loads(json.dumps(config))}

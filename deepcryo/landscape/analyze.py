@@ -15,6 +15,7 @@ Writes into ``train_dir/analysis`` or ``--output-dir`` (built in a temporary fol
 Volumes are at the working box and pixel size of the training, in the particles' intensity units.
 """
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from ..core.io import InputError, read_particles, write_mrc, write_particles
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches
 from .train import LATENT_STAR, latent_columns, load_model
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["analyze", "suggest_clusters", "free_energy", "draw_density_panels", "cluster_latents"]
 
@@ -127,7 +130,7 @@ def cluster_reconstruction(data, indices, batch_size=256):
 
 
 def analyze(train_dir, n_clusters=0, max_clusters=8, trajectory_steps=7, n_pcs=2, umap=True, seed=0,
-            output_dir=None, log=print):
+            output_dir=None):
     """Analyse a training folder; returns the path of ``summary.json`` in the output folder.
 
     Args:
@@ -156,8 +159,8 @@ def analyze(train_dir, n_clusters=0, max_clusters=8, trajectory_steps=7, n_pcs=2
     suggested, bic = suggest_clusters(z, max_clusters, seed)
     k = n_clusters or suggested
     labels, centres = cluster_latents(z, k, seed)
-    log("latent %d-dim, PCA explained variance %s; GMM BIC suggests K = %d; using K = %d"
-        % (z.shape[1], np.round(pca.explained_variance_ratio_[:4], 3).tolist(), suggested, k))
+    logger.info("latent %d-dim, PCA explained variance %s; GMM BIC suggests K = %d; using K = %d",
+                z.shape[1], np.round(pca.explained_variance_ratio_[:4], 3).tolist(), suggested, k)
 
     final = os.path.abspath(output_dir or os.path.join(train_dir, "analysis"))
     os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -176,7 +179,7 @@ def analyze(train_dir, n_clusters=0, max_clusters=8, trajectory_steps=7, n_pcs=2
             try:
                 import umap as umap_module
             except ImportError:
-                log("umap-learn is not installed: PCA landscape only")
+                logger.info("umap-learn is not installed: PCA landscape only")
             else:
                 embedding = umap_module.UMAP(n_components=2, random_state=seed).fit_transform(z)
                 out.particles["dcUMAP1"], out.particles["dcUMAP2"] = embedding[:, 0], embedding[:, 1]
@@ -198,8 +201,8 @@ def analyze(train_dir, n_clusters=0, max_clusters=8, trajectory_steps=7, n_pcs=2
             clusters.append({"cluster": c + 1, "particles": int(len(members)),
                              "decoded_vs_reconstructed_fsc05_A": fsc_resolution_A(curve, px, 0.5),
                              "decoded_vs_reconstructed_fsc0143_A": fsc_resolution_A(curve, px, 0.143)})
-            log("cluster %d: %d particles, decoded vs reconstructed FSC 0.5 at %.1f Å"
-                % (c + 1, len(members), clusters[-1]["decoded_vs_reconstructed_fsc05_A"]))
+            logger.info("cluster %d: %d particles, decoded vs reconstructed FSC 0.5 at %.1f Å",
+                        c + 1, len(members), clusters[-1]["decoded_vs_reconstructed_fsc05_A"])
         _plot_curves(os.path.join(work, "fsc.png"), shell_frequencies(data.box, px), curves, "1/Å",
                      "FSC decoded vs reconstructed", ["cluster %d" % (c + 1) for c in range(k)])
         data.close()
@@ -223,5 +226,5 @@ def analyze(train_dir, n_clusters=0, max_clusters=8, trajectory_steps=7, n_pcs=2
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    log("analysis written to %s" % final)
+    logger.info("analysis written to %s", final)
     return os.path.join(final, "summary.json")

@@ -21,6 +21,7 @@ Several devices (``--device cuda:0,cuda:1``) train with torch DistributedDataPar
 device, each on its share of every epoch's shuffled order (the last ``n mod devices`` particles of the
 order wait for the next epoch, so that all shares are equal); rank 0 writes the outputs.
 """
+import logging
 import os
 import socket
 import time
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from ..core import fourier
+from ..core.cli import configure_logging, logging_configured
 from ..core.geometry import matrix_to_euler, quaternion_to_matrix
 from ..core.io import (InputError, atomic_output, load_error_reason, read_mrc, remove_stale_parts, write_mrc,
                        write_particles)
@@ -36,6 +38,8 @@ from ..core.projector import Projector
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches, load_particles
 from .model import LandscapeVAE, radial_noise_variance, soft_sphere
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["train", "load_model", "encode_all", "latent_columns", "CHECKPOINT"]
 
@@ -163,7 +167,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(rank, devices, cfg, init, port, log):
+def _run(rank, devices, cfg, init, port):
     """Train on ``devices[rank]``; with several devices as one DDP process among ``len(devices)``."""
     world = len(devices)
     device = torch.device(devices[rank])
@@ -205,8 +209,8 @@ def _run(rank, devices, cfg, init, port, log):
         history.append([float(v) for v in sums])
         if rank == 0:
             _save_checkpoint(cfg["output_dir"], net, optimizer, epoch + 1, cfg, history)
-            log("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s"
-                % (epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0))
+            logger.info("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s",
+                        epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0)
     if rank == 0:
         z, rot, shifts = encode_all(model, data, cfg["batch_size"], device, with_poses=True)
         out = star.copy()
@@ -220,13 +224,15 @@ def _run(rank, devices, cfg, init, port, log):
         torch.distributed.destroy_process_group()
 
 
-def _ddp_entry(rank, devices, cfg, init, port):
-    _run(rank, devices, cfg, init, port, print)
+def _ddp_entry(rank, devices, cfg, init, port, log_to_console):
+    if log_to_console:  # a spawned process starts with logging unconfigured: log as the parent program does
+        configure_logging()
+    _run(rank, devices, cfg, init, port)
 
 
 def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=64, beta=1.0, n_basis=16,
           hidden=128, learning_rate=3e-3, devices=("cpu",), resume=False, seed=0, pose_free=False, reference=None,
-          pose_heads=8, log=print):
+          pose_heads=8):
     """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
 
     Args:
@@ -262,7 +268,7 @@ def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=6
         init = {"mean_volume": ckpt["model"]["volumes"][0], "noise_var": ckpt["model"]["noise_var"],
                 "checkpoint": ckpt}
         if ckpt["epoch"] >= cfg["epochs"]:
-            log("checkpoint already at epoch %d of %d; nothing to train" % (ckpt["epoch"], cfg["epochs"]))
+            logger.info("checkpoint already at epoch %d of %d; nothing to train", ckpt["epoch"], cfg["epochs"])
     else:
         star = load_particles(particles, poses=not pose_free)
         data = ParticleBatches(star, box, poses=not pose_free)
@@ -279,12 +285,13 @@ def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=6
         write_mrc(os.path.join(output_dir, "consensus.mrc"), volume.numpy() * data.scale, data.pixel_size_A)
         init = {"mean_volume": volume, "noise_var": noise_var}
         data.close()
-        log("%d particles, box %d px at %.3f Å/px; %s and noise spectrum in %.1f s"
-            % (len(star), cfg["box"], data.pixel_size_A,
-               "pose-free start volume" if pose_free else "consensus map", time.time() - t0))
+        logger.info("%d particles, box %d px at %.3f Å/px; %s and noise spectrum in %.1f s",
+                    len(star), cfg["box"], data.pixel_size_A,
+                    "pose-free start volume" if pose_free else "consensus map", time.time() - t0)
     devices = list(devices)
     if len(devices) > 1:
-        torch.multiprocessing.spawn(_ddp_entry, args=(devices, cfg, init, _free_port()), nprocs=len(devices))
+        torch.multiprocessing.spawn(_ddp_entry, args=(devices, cfg, init, _free_port(), logging_configured()),
+                                    nprocs=len(devices))
     else:
-        _run(0, devices, cfg, init, None, log)
+        _run(0, devices, cfg, init, None)
     return output_dir

@@ -218,13 +218,13 @@ def test_weight_files_are_checked(tmp_path):
 def test_train_resume_and_finetune(tmp_path):
     arrays = train.simulate_training_arrays(10, size_px=256, seed=3)
     out = str(tmp_path / "m.pt")
-    s1 = train.train(arrays, out, epochs=1, batch_size=4, log=lambda m: None)
-    s2 = train.train(arrays, out, epochs=2, batch_size=4, resume=True, log=lambda m: None)
+    s1 = train.train(arrays, out, epochs=1, batch_size=4)
+    s2 = train.train(arrays, out, epochs=2, batch_size=4, resume=True)
     assert s1["epochs"] == 1 and s2["epochs"] == 2 and s1["n_val"] + s1["n_train"] == 10
     m, cfg = model_mod.load_model(out)
     assert cfg["arch"] == "rings"
     s3 = train.train(arrays, str(tmp_path / "ft.pt"), init_weights=model_mod.SHIPPED_WEIGHTS, epochs=1,
-                     batch_size=4, log=lambda m: None)
+                     batch_size=4)
     assert np.isfinite(s3["best_val_mae_A"])
 
 

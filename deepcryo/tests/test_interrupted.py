@@ -1,6 +1,6 @@
 """Interrupted runs (issue #8): SIGKILL defocus and landscape training after their first checkpoint, leave a
 truncated temporary checkpoint behind as a kill in the middle of a checkpoint write would, resume with
-``--resume`` / ``--continue`` and check the result is the one of an uninterrupted run with the same seed.
+``--continue`` and check the result is the one of an uninterrupted run with the same seed.
 
 Also in-process: a failure in the middle of a checkpoint write (``torch.save`` interrupted) leaves the previous
 checkpoint intact and loadable, and no temporary file.
@@ -95,7 +95,7 @@ def test_defocus_training_survives_sigkill(arrays, tmp_path):
     assert 1 <= state["epoch"] < 3
     KILLS.append(("defocus train", state["epoch"]))
     tmp = _plant_truncated_temp(ckpt)
-    log = _run(_defocus_args(arrays, out) + ["--resume"]).stdout
+    log = _run(_defocus_args(arrays, out) + ["--continue"]).stdout
     assert "resumed from %s at epoch %d" % (ckpt, state["epoch"]) in log
     assert not os.path.exists(tmp), "stale temporary checkpoint left behind"
     a = torch.load(ref, map_location="cpu", weights_only=True)
@@ -127,13 +127,13 @@ def test_defocus_checkpoint_write_is_atomic(arrays, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", flaky_save)
     with pytest.raises(KeyboardInterrupt):
-        defocus_train.train(data, out, epochs=3, batch_size=8, seed=0, log=lambda m: None)
+        defocus_train.train(data, out, epochs=3, batch_size=8, seed=0)
     monkeypatch.setattr(torch, "save", real_save)
     state = torch.load(out + ".ckpt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1
     model, _ = defocus_model.load_model(out)  # the best model so far is complete too
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "model.pt.ckpt"]
-    summary = defocus_train.train(data, out, epochs=3, batch_size=8, seed=0, resume=True, log=lambda m: None)
+    summary = defocus_train.train(data, out, epochs=3, batch_size=8, seed=0, resume=True)
     assert summary["epochs"] == 3
 
 
@@ -196,8 +196,7 @@ def test_landscape_checkpoint_write_is_atomic(particles, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", flaky_save)
     with pytest.raises(KeyboardInterrupt):
-        landscape_train.train(particles, out, latent_dim=2, epochs=3, box=16, batch_size=32, n_basis=4,
-                              log=lambda m: None)
+        landscape_train.train(particles, out, latent_dim=2, epochs=3, box=16, batch_size=32, n_basis=4)
     monkeypatch.setattr(torch, "save", real_save)
     assert landscape_train.read_checkpoint(os.path.join(out, landscape_train.CHECKPOINT))["epoch"] == 1
     assert sorted(os.listdir(out)) == [landscape_train.CHECKPOINT, "consensus.mrc"]

@@ -25,7 +25,7 @@ from deepcryo.landscape.model import LandscapeVAE
 from deepcryo.landscape.train import CHECKPOINT, LATENT_STAR, latent_columns, train
 
 BOX, WORK_BOX, N, PIXEL_A = 48, 24, 1200, 2.0
-TRAIN = dict(latent_dim=8, epochs=3, box=WORK_BOX, batch_size=64, learning_rate=3e-3, log=lambda *a: None)
+TRAIN = dict(latent_dim=8, epochs=3, box=WORK_BOX, batch_size=64, learning_rate=3e-3)
 
 
 @pytest.fixture(autouse=True)
@@ -47,8 +47,7 @@ def two_state(tmp_path_factory):
     star = write_particle_set(str(root / "sim"), vols, N, PIXEL_A, snr=0.1, seed=0, state_of=state_of)
     torch.manual_seed(0)
     train(star, str(root / "vae"), **TRAIN)
-    summary = analyze(str(root / "vae"), n_clusters=2, max_clusters=3, trajectory_steps=3, n_pcs=1, umap=False,
-                      log=lambda *a: None)
+    summary = analyze(str(root / "vae"), n_clusters=2, max_clusters=3, trajectory_steps=3, n_pcs=1, umap=False)
     return root, vols, summary
 
 
@@ -102,7 +101,7 @@ def test_resume_from_checkpoint(tmp_path):
     vols = phantom_states(32, 2, seed=3)
     star = write_particle_set(str(tmp_path / "sim"), vols, 200, PIXEL_A, snr=0.1, seed=3)
     out = str(tmp_path / "vae")
-    opts = dict(latent_dim=2, box=16, batch_size=50, n_basis=4, log=lambda *a: None)
+    opts = dict(latent_dim=2, box=16, batch_size=50, n_basis=4)
     train(star, out, epochs=1, **opts)
     first = torch.load(os.path.join(out, CHECKPOINT), weights_only=True)
     assert first["epoch"] == 1
@@ -204,9 +203,9 @@ def test_pose_free_end_to_end(tmp_path):
     write_mrc(str(tmp_path / "ref.mrc"), ref.astype(np.float32), PIXEL_A)
     out = str(tmp_path / "vae")
     train(star, out, latent_dim=2, epochs=2, box=WORK_BOX, batch_size=64, pose_free=True,
-          reference=str(tmp_path / "ref.mrc"), log=lambda *a: None)
+          reference=str(tmp_path / "ref.mrc"))
     truth, result = read_particles(star), read_particles(os.path.join(out, LATENT_STAR))
     err, chance = metrics.pose_error_deg(result.angles_deg(), truth.angles_deg())
     assert err < chance - 20.0, (err, chance)
-    summary = analyze(out, n_clusters=2, trajectory_steps=2, n_pcs=1, umap=False, log=lambda *a: None)
+    summary = analyze(out, n_clusters=2, trajectory_steps=2, n_pcs=1, umap=False)
     assert os.path.exists(summary)

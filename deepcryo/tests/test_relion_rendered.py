@@ -227,10 +227,8 @@ def test_landscape_two_states_on_relion_particles(relion_rendered, tmp_path):
     torch.set_num_threads(1)
     rs = relion_rendered(RenderSpec(n=1200, box=48, snr=0.1, seed=0, states=2, defocus_range_A=(10000.0, 25000.0)))
     torch.manual_seed(0)
-    train_vae(rs.star, str(tmp_path / "vae"), latent_dim=8, epochs=3, box=24, batch_size=64, learning_rate=3e-3,
-              log=lambda *a: None)
-    analyze(str(tmp_path / "vae"), n_clusters=2, max_clusters=3, trajectory_steps=3, n_pcs=1, umap=False,
-            log=lambda *a: None)
+    train_vae(rs.star, str(tmp_path / "vae"), latent_dim=8, epochs=3, box=24, batch_size=64, learning_rate=3e-3)
+    analyze(str(tmp_path / "vae"), n_clusters=2, max_clusters=3, trajectory_steps=3, n_pcs=1, umap=False)
     star = io.read_particles(str(tmp_path / "vae" / "analysis" / "particles.star"))
     ari = adjusted_rand_score(star.particles["rlnClassNumber"], star.particles["dcCluster"])
     print("landscape on RELION particles: ARI %.3f" % ari)

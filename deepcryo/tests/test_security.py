@@ -3,7 +3,7 @@ nothing is fetched from the network.
 
 * A file crafted to run code when unpickled (``__reduce__`` → ``open(marker, "w")``) is refused, with one line,
   by every loader of user-supplied model files: the defocus model (``--model``/``--init``), the defocus
-  training checkpoint and cache (``--resume``, ``--cache``), the landscape checkpoint (``analyze``,
+  training checkpoint and cache (``--continue``, ``--cache``), the landscape checkpoint (``analyze``,
   ``--continue``) and the swiftalign index weights; the marker file is never created.
 * Every ``torch.load`` in deepcryo passes ``weights_only=True``; no pickle/joblib/``allow_pickle=True``/
   ``torch.jit.load``/``eval``/``exec`` (read from the source with ``ast``).
@@ -66,14 +66,14 @@ def test_crafted_model_files_are_refused_everywhere(ws, tmp_path, capsys):  # no
     for name, path in files.items():
         with pytest.raises(io.InputError, match="not a deepcryo defocus model"):
             defocus_model.load_model(path)
-        # defocus training checkpoint (--resume)
+        # defocus training checkpoint (--continue)
         out = tmp_path / ("train_" + os.path.basename(path))
         out.mkdir()
         shutil.copy(path, str(out / "m.pt.ckpt"))
         arrays = {"psd": np.zeros((4, 3, 128, 128), np.float16), "acq": np.ones((4, 2), np.float32),
                   "labels": np.ones((4, 3), np.float32)}
         with pytest.raises(io.InputError, match="not a deepcryo defocus checkpoint"):
-            defocus_train.train(arrays, str(out / "m.pt"), epochs=1, resume=True, log=lambda m: None)
+            defocus_train.train(arrays, str(out / "m.pt"), epochs=1, resume=True)
         # landscape checkpoint (analyze, --continue)
         vae = tmp_path / ("vae_" + os.path.basename(path))
         vae.mkdir()

@@ -1,0 +1,1 @@
+"""The commands of ``python -m deepcryo.defocus``: one module each (``add_args``, ``main``)."""

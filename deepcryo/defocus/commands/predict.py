@@ -1,0 +1,56 @@
+"""CTF of micrographs (CNN guess + physics refinement) → RELION CTF STAR.
+
+Example::
+
+    # estimate the CTF of every micrograph (RELION CTF STAR + PSD images in ctf_psd/)
+    python -m deepcryo.defocus predict --micrographs 'mics/*.mrc' --pixel-size 0.85 --voltage 300 \\
+        --cs 2.7 --amplitude-contrast 0.07 --output ctf.star
+
+    # EPU micrographs (uint16, FEI extended header): the pixel size is read from the MRC header
+    python -m deepcryo.defocus predict --micrographs 'Images-Disc1/*/Data/*_Data_*[0-9].mrc' --voltage 300 --cs 2.7 \\
+        --amplitude-contrast 0.1 --output ctf.star
+
+    # CNN only, from a RELION micrograph STAR (acquisition read from it), own model, first GPU
+    python -m deepcryo.defocus predict --micrographs micrographs.star --output ctf.star --no-refine \\
+        --model my_model.pt --device cuda
+
+A single unusable micrograph among others is reported ("skipped ...", on stderr) and the others go on.
+"""
+import logging
+
+from deepcryo.core import cli
+from deepcryo.core.io import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def add_args(parser):
+    parser.add_argument("--micrographs", required=True, help="glob pattern of MRC files, or a micrograph STAR")
+    parser.add_argument("--output", required=True, help="CTF STAR to write")
+    parser.add_argument("--pixel-size", type=float, help="Å/px (default: from the STAR, else the MRC header)")
+    parser.add_argument("--voltage", type=float, help="kV (default: from the STAR)")
+    parser.add_argument("--cs", type=float, help="spherical aberration, mm (default: from the STAR)")
+    parser.add_argument("--amplitude-contrast", type=float, help="fraction (default: from the STAR)")
+    parser.add_argument("--no-refine", action="store_true", help="CNN only, no physics fit")
+    parser.add_argument("--phase-shift", action="store_true", help="also fit a phase shift (phase plate)")
+    parser.add_argument("--low-resolution", type=float, default=30.0, help="fit band low-resolution end, Å")
+    parser.add_argument("--high-resolution", type=float, default=5.0, help="fit band high-resolution end, Å")
+    parser.add_argument("--model", help="weight file (default: the shipped weights)")
+    parser.add_argument("--batch-size", type=int, default=8, help="micrographs per batch")
+    cli.add_device_argument(parser)
+    cli.add_threads_argument(parser)
+
+
+def main(args):
+    from .. import predict
+    if not 0 < args.high_resolution < args.low_resolution:
+        raise InputError("need 0 < --high-resolution < --low-resolution (Å)")
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be >= 1")
+    defaults = dict(pixel_size_A=args.pixel_size, voltage_kV=args.voltage, cs_mm=args.cs,
+                    amplitude_contrast=args.amplitude_contrast)
+    results = predict.predict(args.micrographs, args.output, args.model, refine=not args.no_refine,
+                              low_A=args.low_resolution, high_A=args.high_resolution, fit_phase=args.phase_shift,
+                              batch_size=args.batch_size, device=args.device, defaults=defaults)
+    flagged = sum(r["flagged"] for r in results)
+    logger.info("wrote %s (%d micrographs, %d flagged)", args.output, len(results), flagged)

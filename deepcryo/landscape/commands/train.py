@@ -1,0 +1,48 @@
+"""Train the pose- and CTF-aware VAE (checkpoint per epoch, --continue resumes).
+
+Example::
+
+    python -m deepcryo.core.simulate particles --output-dir sim --states 2 --n 4000 --box 48 --snr 0.1
+    python -m deepcryo.landscape train --particles sim/particles.star --output-dir vae --latent-dim 8 \\
+        --epochs 10 --box 32
+    python -m deepcryo.landscape train --particles sim/particles.star --output-dir vae --latent-dim 8 \\
+        --epochs 20 --box 32 --continue
+    python -m deepcryo.landscape train --particles P.star --output-dir vae --device cuda:0,cuda:1
+    python -m deepcryo.landscape train --particles P.star --output-dir vae_pf --pose-free --reference map.mrc
+
+The particles need consensus poses and CTF (RELION 3.1 STAR); with ``--pose-free`` (the seed's method, see
+README "Pose-free mode" for its measured accuracy) only the CTF is read and a pose head learns the poses.
+Several devices train with DistributedDataParallel, one process each.
+"""
+from deepcryo.core import cli
+
+
+def add_args(parser):
+    parser.add_argument("--particles", required=True, help="RELION 3.1 STAR with poses and CTF")
+    parser.add_argument("--output-dir", required=True, help="output folder (checkpoint, consensus map, latents)")
+    parser.add_argument("--latent-dim", type=int, default=8, help="latent dimension")
+    parser.add_argument("--epochs", type=int, default=20, help="total epochs (also when continuing)")
+    parser.add_argument("--box", type=int, default=None,
+                        help="working box (px, even; Fourier crop); default: particle box")
+    parser.add_argument("--batch-size", type=int, default=64, help="particles per step and device")
+    parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
+    parser.add_argument("--basis", type=int, default=16, help="basis volumes of the decoder")
+    parser.add_argument("--learning-rate", type=float, default=3e-3,
+                        help="Adam step size (3e-3 converges in 3-4 epochs on the simulated sets; 1e-3 needs more)")
+    cli.add_device_argument(parser, several=True)
+    cli.add_threads_argument(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
+    cli.add_continue_argument(parser, "output-dir/checkpoint.pt")
+    parser.add_argument("--pose-free", action="store_true",
+                        help="ignore the particles' poses: learn them with a pose head (quaternion + shift)")
+    parser.add_argument("--reference", default=None, help="pose-free: MRC map to start the mean volume from "
+                                                          "(default: a soft sphere)")
+    parser.add_argument("--pose-heads", type=int, default=8, help="pose-free: candidate poses per particle")
+
+
+def main(args):
+    from ..train import train
+    train(args.particles, args.output_dir, latent_dim=args.latent_dim, epochs=args.epochs, box=args.box,
+          batch_size=args.batch_size, beta=args.beta, n_basis=args.basis, learning_rate=args.learning_rate,
+          devices=args.devices, resume=args.resume, seed=args.seed, pose_free=args.pose_free,
+          reference=args.reference, pose_heads=args.pose_heads)

@@ -1,0 +1,1 @@
+"""The commands of ``python -m deepcryo.swiftalign``: one module each (``add_args``, ``main``)."""
