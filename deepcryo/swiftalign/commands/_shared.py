@@ -1,4 +1,6 @@
 """Options every SwiftAlign command takes."""
+import faiss  # noqa: F401  (loaded before the options are applied, so that --threads sets faiss's threads too)
+
 from deepcryo.core import cli
 
 

@@ -11,8 +11,8 @@ Example::
 
 Writes out/it###_{half1,half2}.mrc, _fsc.star, _particles.star, _model.json per iteration and
 out/{map,half1,half2}.mrc, fsc.star, particles.star and model.json at the end. Several references: one class
-each (multi-reference refinement). Every setting of :class:`deepcryo.swiftalign.refine.RefineParams` has its
-option here.
+each (multi-reference refinement). Every setting of :class:`deepcryo.swiftalign.refine.RefineParams` that
+changes the result has its option here.
 """
 import logging
 import time
@@ -49,8 +49,6 @@ def add_args(parser):
     parser.add_argument("--ctf-groups", type=int, default=4, help="CTF groups of the global index")
     parser.add_argument("--k", type=int, default=3, help="candidates refined per particle")
     parser.add_argument("--nprobe", type=int, default=32, help="inverted lists of the global index visited per search")
-    parser.add_argument("--flat-index-size", type=float, default=1.0,
-                        help="galleries whose vectors fit in this many GB get an exact (Flat) index")
     parser.add_argument("--whiten", action="store_true", help="weight frequencies by the inverse noise power")
     parser.add_argument("--batch-size", type=int, default=256, help="particles per reconstruction batch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the half split and the perturbations")
@@ -65,7 +63,7 @@ def main(args):
                           max_shift_px=args.max_shift, join_resolution_A=args.join_resolution,
                           repetitions=args.repetitions, n_ctf_groups=args.ctf_groups, k=args.k, nprobe=args.nprobe,
                           whiten=args.whiten, seed=args.seed, device=args.device, batch_size=args.batch_size,
-                          memory_limit_GB=args.memory_limit, flat_index_GB=args.flat_index_size)
+                          memory_limit_GB=args.memory_limit)
     try:
         refine(args.particles, args.reference, args.output_dir, params, mask=args.mask, resume=args.resume,
                log=logger.info)
