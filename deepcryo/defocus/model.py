@@ -184,7 +184,7 @@ class RingMatchNet(PolarDefocusNet):
     localises the defocus along each azimuth.
 
     Why: a CNN asked to regress a ring *frequency* over a 17× range (0.3–5 µm) from raw pixels trains slowly
-    and stays coarse (the polar model reached 2700 Å after 5 epochs on 2 CPU cores). The physics of the
+    and stays coarse (figures in ``benchmarks/RESULTS.md``). The physics of the
     rings is known exactly, so it is put in front of the network, with no learned parameters:
 
     1. as :class:`PolarDefocusNet`, each PSD channel (1, 2, 3 Å/px) is resampled onto ``n_angles`` azimuths ×

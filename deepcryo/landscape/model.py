@@ -10,12 +10,8 @@ exactly as :class:`deepcryo.core.projector.Projector` does (gridding correction,
 volumes and reconstructions share one convention. The padded transforms of the ``n_basis + 1`` volumes are
 computed once per optimisation step, whatever the batch size; each particle then costs one trilinear
 lookup of ``n_basis + 1`` values per Fourier pixel (half plane ``kx >= 0`` within radius D/2, by Friedel
-symmetry). Measured (CPU time, one thread, D = 32, M = 16, B = 64): the whole VAE step (forward + backward)
-0.52 s, of which 0.33 s is the batch-independent FFT of the basis, i.e. ≈ 3 ms per particle; a
-cryoDRGN-sized coordinate-MLP decoder alone (3 × 256 hidden, positional encoding, same half-plane points)
-costs 0.29 s for the same batch, ≈ 4.5 ms per particle. So the volume decoder is cheaper per particle
-(≈ 1.5× at D = 32, growing with batch size; a first version slicing the full plane with torch's ``grid_sample`` was 2.6×
-slower per step at B = 256 than the half-plane gather used here) but not by orders of magnitude; it was chosen above all because the per-basis
+symmetry). The volume decoder is cheaper per particle than a coordinate-MLP decoder (figures in
+``benchmarks/RESULTS.md``) but not by orders of magnitude; it was chosen above all because the per-basis
 slices it produces are what the encoder consumes, and because V₀ starts at the consensus map. The price
 is expressiveness: motions are represented in an ``n_basis``-dimensional space of volumes, with a
 non-linear map from the latent to the mixing weights.
@@ -29,8 +25,8 @@ correlations of the particle's residual ``r = X − CTF·S₀`` with each CTF-we
 of a linear model of the particle's conformation at its pose, so the encoder never has to learn
 rotation invariance (the cost that makes image-encoders slow to train).
 
-Pose-free mode (the seed's method, second)
-------------------------------------------
+Pose-free mode
+--------------
 With ``pose_free=True`` the given poses are not used: a pose head (MLP on the noise-whitened half-plane
 spectrum, 3 × 256) predicts ``pose_heads`` candidate poses per particle, each a unit quaternion and an
 in-plane shift (px of the working box, bounded to ±``max_shift_px`` by a tanh). Guards:
@@ -40,12 +36,11 @@ in-plane shift (px of the working box, bounded to ±``max_shift_px`` by a tanh).
   (``k·MAM = (k·A)·M`` for the in-plane k). So every head's candidate is scored in both hands and the
   better one is kept (a loss symmetric over hands, as cryoAI's symmetrised loss). The decoder then never
   needs to represent both hands: one hand of V explains every particle through the pose alone, and the
-  latent has no incentive to encode the hand (the seed's network, without such a guard, learned both
-  hands). A fixed-hand regulariser would need a reference of known hand, which a pose-free run does not
+  latent has no incentive to encode the hand (a network without such a guard can learn both hands).
+  A fixed-hand regulariser would need a reference of known hand, which a pose-free run does not
   have; the min over hands costs one extra lookup of V₀ per candidate.
 - *Local minima of amortised poses.* A pose head trained only by the gradient of the likelihood through
-  the interpolation does not leave its random start (measured: 8 epochs, 3000 particles, median pose error
-  123° against a chance level of 130°). So the candidates also include an exhaustive search against V₀
+  the interpolation does not leave its random start (measured: see ``benchmarks/RESULTS.md``). So the candidates also include an exhaustive search against V₀
   (a 20° grid of 1872 poses × 9 shifts, scored with two matmuls per batch, then ±7° about each
   projection-frame axis around the winner); all candidates are scored against V₀ only (two real channels,
   cheap), the best one wins, is decoded with the full basis, and, when the search won, the best head is
@@ -55,7 +50,7 @@ in-plane shift (px of the working box, bounded to ±``max_shift_px`` by a tanh).
 The chosen pose and shift are then used exactly as given poses are in the main mode (the encoder sees the
 spectrum centred by the chosen shift). V₀ starts from a reference map when one is given, otherwise from a
 soft sphere (no consensus map exists without poses); a sphere carries no orientation, so without a
-reference the search has nothing to lock onto (see the README for the measured figures).
+reference the search has nothing to lock onto (measured figures: README).
 
 Likelihood
 ----------
