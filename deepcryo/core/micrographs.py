@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ def random_micrograph_parameters(rng: np.random.Generator, pixel_size_range_A: T
 
 
 def simulate_micrograph_set(n: int, out_dir: str, size_px: int = 1024, seed: int = 0,
-                            star_name: str = "micrographs_ctf.star", **ranges: Any):
+                            star_name: str = "micrographs_ctf.star", **ranges: Any) -> Tuple[str, List[Dict[str, Any]]]:
     """Write ``n`` simulated micrographs ``mic_0000.mrc`` … and a truth STAR into ``out_dir``.
 
     ``ranges`` go to :func:`random_micrograph_parameters`. The STAR (``data_micrographs``) has

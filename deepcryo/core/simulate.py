@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mrcfile
 import numpy as np
@@ -144,7 +144,8 @@ def simulate_particles(volumes: Sequence[np.ndarray], n: int, pixel_size_A: floa
                        defocus_range_A: Tuple[float, float] = (10000.0, 25000.0), astigmatism_A: float = 500.0,
                        max_shift_px: float = 3.0, voltage_kV: float = 300.0, cs_mm: float = 2.7,
                        amplitude_contrast: float = 0.1, bfactor_A2: float = 0.0, coloured_noise: bool = False,
-                       state_of: Optional[np.ndarray] = None, batch_size: int = 512):
+                       state_of: Optional[np.ndarray] = None, batch_size: int = 512
+                       ) -> Iterator[Dict[str, np.ndarray]]:
     """Yield batches of simulated particles from one or several volumes.
 
     Args:

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 from collections import Counter, OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class MicrographEntry:
         self.amplitude_contrast = amplitude_contrast
 
 
-def list_micrographs(spec: str):
+def list_micrographs(spec: str) -> List[MicrographEntry]:
     """Micrograph entries from a glob pattern or a STAR file (``rlnMicrographName`` relative to the STAR's
     folder; per-row or ``data_optics`` ``rlnMicrographPixelSize``, ``rlnVoltage``, ``rlnSphericalAberration``,
     ``rlnAmplitudeContrast`` when present)."""
@@ -117,9 +117,10 @@ def _complete(entry, defaults, header_pixel_size_A):
     return source
 
 
-def estimate_batch(entries, model: torch.nn.Module, refine: bool = True, low_A: float = 30.0, high_A: float = 5.0,
-                   fit_phase: bool = False, device: Union[str, torch.device] = "cpu", psd_dir: Optional[str] = None,
-                   defaults: Optional[Dict[str, float]] = None, on_skip=None) -> List[Dict[str, Any]]:
+def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, refine: bool = True, low_A: float = 30.0,
+                   high_A: float = 5.0, fit_phase: bool = False, device: Union[str, torch.device] = "cpu",
+                   psd_dir: Optional[str] = None, defaults: Optional[Dict[str, float]] = None,
+                   on_skip: Optional[Callable[[str, str], None]] = None ) -> List[Dict[str, Any]]:
     """Estimate the CTF of a list of :class:`MicrographEntry`; returns a list of result dicts (skipped
     micrographs are left out and passed to ``on_skip(path, message)``). Each dict: ``micrograph``,
     ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``phase_shift_deg``, ``resolution_A``,
@@ -190,7 +191,7 @@ def estimate_batch(entries, model: torch.nn.Module, refine: bool = True, low_A: 
     return results
 
 
-def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: bool = False):
+def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: bool = False) -> None:
     """RELION CTF STAR (``data_micrographs``): rlnMicrographName, rlnDefocusU/V (Å), rlnDefocusAngle (deg),
     rlnCtfMaxResolution (Å), rlnCtfFigureOfMerit, rlnCtfImage (PSD MRC), [rlnPhaseShift], plus
     rlnMicrographPixelSize/rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast and deepcryo's

@@ -125,7 +125,7 @@ def _plot_curves(path, x, curves, xlabel, ylabel, labels):
     plt.close(fig)
 
 
-def cluster_reconstruction(data, indices: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def cluster_reconstruction(data: ParticleBatches, indices: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Map (D, D, D) of particles ``indices`` at their consensus poses, in the dataset's intensity scale."""
     rec = Reconstructor(data.box)
     for start in range(0, len(indices), batch_size):

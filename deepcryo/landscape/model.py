@@ -62,7 +62,7 @@ Loss per particle: NLL + β·KL(q(z|X) ‖ N(0, I)).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -351,7 +351,8 @@ class LandscapeVAE(nn.Module):
         return {"loss": loss.mean(), "nll": nll.mean(), "kl": kl.mean()}
 
     def encode_batch(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor,
-                     with_poses: bool = False):
+                     with_poses: bool = False
+                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """Latent means (B, L) without gradients, for spectra and CTFs (B, D, D) and poses (B, 3, 3).
 
         ``with_poses``: also return the poses used, (B, 3, 3) matrices A (mirror hand applied) and shifts

@@ -55,7 +55,7 @@ def latent_columns(latent_dim: int) -> List[str]:
     return ["dcLatent%02d" % (i + 1) for i in range(latent_dim)]
 
 
-def consensus_map(data, batch_size: int, device: Union[str, torch.device]) -> torch.Tensor:
+def consensus_map(data: ParticleBatches, batch_size: int, device: Union[str, torch.device]) -> torch.Tensor:
     """Consensus reconstruction (D, D, D) at the working box from the dataset's (scaled) spectra."""
     rec = Reconstructor(data.box, device=device)
     for _, spectra, rot, ctf in data.batches(batch_size, device=device):
@@ -63,7 +63,7 @@ def consensus_map(data, batch_size: int, device: Union[str, torch.device]) -> to
     return torch.from_numpy(rec.reconstruct())
 
 
-def noise_estimate(data, volume: torch.Tensor, n_sample: int, batch_size: int) -> torch.Tensor:
+def noise_estimate(data: ParticleBatches, volume: torch.Tensor, n_sample: int, batch_size: int) -> torch.Tensor:
     """(D, D) noise variance from the residuals of up to ``n_sample`` particles against ``volume``."""
     proj = Projector(volume)
     idx = np.linspace(0, len(data) - 1, min(n_sample, len(data))).astype(np.int64)
@@ -102,8 +102,8 @@ def load_model(output_dir: str, device: Union[str, torch.device] = "cpu") -> Tup
     return model.to(device), ckpt
 
 
-def encode_all(model: LandscapeVAE, data, batch_size: int, device: Union[str, torch.device] = "cpu",
-               with_poses: bool = False):
+def encode_all(model: LandscapeVAE, data: ParticleBatches, batch_size: int, device: Union[str, torch.device] = "cpu",
+               with_poses: bool = False) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Latent means (N, L) of every particle, in STAR order.
 
     ``with_poses``: also the poses used, (N, 3, 3) matrices A and (N, 2) origins in px of the working box.
@@ -122,7 +122,7 @@ def encode_all(model: LandscapeVAE, data, batch_size: int, device: Union[str, to
     return (out, rots, shifts) if with_poses else out
 
 
-def pose_free_start(data, reference: Optional[torch.Tensor] = None, n_sample: int = 1000,
+def pose_free_start(data: ParticleBatches, reference: Optional[torch.Tensor] = None, n_sample: int = 1000,
                     batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
     """Initial V₀ (D, D, D) and noise variance (D, D) for pose-free training (no poses are used).
 
