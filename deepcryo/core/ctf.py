@@ -13,7 +13,10 @@ use the opposite overall sign (``CTF(0) = -w``).
 Envelope: ``exp(-B s² / 4)`` for a B-factor ``B`` in Å² (RELION's ``rlnCtfBfactor``).
 Wavelength: ``λ(Å) = 12.2639 / sqrt(V + 0.97845e-6 V²)`` with V in volts.
 """
+from __future__ import annotations
+
 import math
+from typing import Optional, Union
 
 import torch
 
@@ -22,7 +25,7 @@ from . import fourier
 __all__ = ["wavelength_A", "ctf_2d", "ctf_from_freqs", "defocus_at_azimuth", "ctf_1d"]
 
 
-def wavelength_A(voltage_kV):
+def wavelength_A(voltage_kV: Union[float, torch.Tensor]) -> torch.Tensor:
     """Relativistic electron wavelength in Å for an acceleration voltage in kV (float or tensor)."""
     v = voltage_kV * 1e3
     if isinstance(v, torch.Tensor):
@@ -36,15 +39,19 @@ def _col(x, like):
     return t.reshape(-1, 1)
 
 
-def defocus_at_azimuth(defocus_u_A, defocus_v_A, defocus_angle_deg, azimuth_rad):
+def defocus_at_azimuth(defocus_u_A: Union[float, torch.Tensor], defocus_v_A: Union[float, torch.Tensor],
+                       defocus_angle_deg: Union[float, torch.Tensor], azimuth_rad: torch.Tensor) -> torch.Tensor:
     """Defocus (Å) along azimuth ``azimuth_rad`` (radians from the x axis)."""
     mean = 0.5 * (defocus_u_A + defocus_v_A)
     half = 0.5 * (defocus_u_A - defocus_v_A)
     return mean + half * torch.cos(2.0 * (azimuth_rad - defocus_angle_deg * (math.pi / 180.0)))
 
 
-def ctf_from_freqs(freqs_invA, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
-                   amplitude_contrast, phase_shift_deg=0.0, bfactor_A2=0.0):
+def ctf_from_freqs(freqs_invA: torch.Tensor, defocus_u_A: Union[float, torch.Tensor],
+                   defocus_v_A: Union[float, torch.Tensor], defocus_angle_deg: Union[float, torch.Tensor],
+                   voltage_kV: Union[float, torch.Tensor], cs_mm: Union[float, torch.Tensor],
+                   amplitude_contrast: Union[float, torch.Tensor], phase_shift_deg: Union[float, torch.Tensor] = 0.0,
+                   bfactor_A2: Union[float, torch.Tensor] = 0.0) -> torch.Tensor:
     """CTF at arbitrary frequencies.
 
     Args:
@@ -69,8 +76,12 @@ def ctf_from_freqs(freqs_invA, defocus_u_A, defocus_v_A, defocus_angle_deg, volt
     return ctf * torch.exp(-bfac * s2 / 4.0)
 
 
-def ctf_2d(box, pixel_size_A, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
-           amplitude_contrast, phase_shift_deg=0.0, bfactor_A2=0.0, device=None, dtype=torch.float32):
+def ctf_2d(box: int, pixel_size_A: float, defocus_u_A: Union[float, torch.Tensor],
+           defocus_v_A: Union[float, torch.Tensor], defocus_angle_deg: Union[float, torch.Tensor],
+           voltage_kV: Union[float, torch.Tensor], cs_mm: Union[float, torch.Tensor],
+           amplitude_contrast: Union[float, torch.Tensor], phase_shift_deg: Union[float, torch.Tensor] = 0.0,
+           bfactor_A2: Union[float, torch.Tensor] = 0.0, device: Optional[Union[str, torch.device]] = None,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """CTF images (B, box, box) on the centred frequency grid of :mod:`deepcryo.core.fourier`.
 
     Scalars or (B,) arrays/tensors for every parameter; ``pixel_size_A`` in Å/px.
@@ -81,7 +92,9 @@ def ctf_2d(box, pixel_size_A, defocus_u_A, defocus_v_A, defocus_angle_deg, volta
     return out.reshape(-1, box, box)
 
 
-def ctf_1d(freqs_invA, defocus_A, voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg=0.0):
+def ctf_1d(freqs_invA: torch.Tensor, defocus_A: Union[float, torch.Tensor], voltage_kV: Union[float, torch.Tensor],
+           cs_mm: Union[float, torch.Tensor], amplitude_contrast: Union[float, torch.Tensor],
+           phase_shift_deg: Union[float, torch.Tensor] = 0.0) -> torch.Tensor:
     """Rotationally symmetric CTF (B, M) at radial frequencies ``freqs_invA`` (M,) in 1/Å."""
     f = torch.as_tensor(freqs_invA)
     pts = torch.stack([f, torch.zeros_like(f)], dim=1)

@@ -17,9 +17,11 @@ Conventions (RELION 3.1's, read from its ``src/fftw.cpp`` getFSC and ``src/postp
   used, as relion_postprocess does without ``--force_mask``. (relion_refine ``--solvent_correct_fsc``
   corrects its iterations' FSC the same way, but clips it at 0 and never falls back to the unmasked curve.)
 """
+from __future__ import annotations
+
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ RANDOMIZE_FSC_AT = 0.8
 """Unmasked FSC below which relion_postprocess randomises phases (its ``--randomize_at_fsc`` default)."""
 
 
-def fsc(volume1, volume2):
+def fsc(volume1: Union[torch.Tensor, np.ndarray], volume2: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     """FSC curve (N//2 + 1,) between two volumes (N, N, N) (tensors or arrays); float64 numpy."""
     v1 = torch.as_tensor(np.asarray(volume1), dtype=torch.float64)
     v2 = torch.as_tensor(np.asarray(volume2), dtype=torch.float64)
@@ -53,19 +55,19 @@ def fsc(volume1, volume2):
     return (num / den.clamp(min=1e-30)).numpy()
 
 
-def shell_frequencies(box, pixel_size_A):
+def shell_frequencies(box: int, pixel_size_A: float) -> np.ndarray:
     """Spatial frequency (1/Å) of each FSC shell."""
     return np.arange(box // 2 + 1) / (box * pixel_size_A)
 
 
-def resolution_shell(curve, threshold=0.143) -> int:
+def resolution_shell(curve: np.ndarray, threshold: float = 0.143) -> int:
     """The last shell k ≥ 1 before ``curve`` first drops below ``threshold`` (shell 0, the mean, is not looked
     at); 0 if shell 1 is already below, the last shell (Nyquist) if the curve never drops below."""
     below = np.nonzero(np.asarray(curve)[1:] < threshold)[0]
     return int(below[0]) if len(below) else len(curve) - 1
 
 
-def fsc_resolution_A(curve, pixel_size_A: float, threshold: float = 0.143) -> float:
+def fsc_resolution_A(curve: np.ndarray, pixel_size_A: float, threshold: float = 0.143) -> float:
     """Resolution (Å) that RELION reports for an FSC curve (N//2 + 1,) of an N-voxel box (N even): ``N ·
     pixel_size_A / k`` for the last shell k before the curve first drops below ``threshold``, no
     interpolation (:func:`resolution_shell`); Nyquist if it never drops, ``inf`` if shell 1 is below."""
@@ -74,20 +76,21 @@ def fsc_resolution_A(curve, pixel_size_A: float, threshold: float = 0.143) -> fl
     return float(box * pixel_size_A / k) if k > 0 else math.inf
 
 
-def fsc_to_ssnr(curve, floor=1e-3):
+def fsc_to_ssnr(curve: np.ndarray, floor: float = 1e-3) -> np.ndarray:
     """Spectral SNR of the full map from a half-map FSC: ``2·FSC / (1 − FSC)`` (clipped to ``floor``)."""
     c = np.clip(np.asarray(curve, dtype=np.float64), 0.0, 0.999)
     return np.maximum(2.0 * c / (1.0 - c), floor)
 
 
-def fsc_to_half_ssnr(curve):
+def fsc_to_half_ssnr(curve: np.ndarray) -> np.ndarray:
     """Spectral SNR of one half map from the half-map FSC: ``FSC / (1 − FSC)``, FSC clipped to [1e-3, 0.999]
     (RELION's ``updateSSNRarrays``)."""
     c = np.clip(np.asarray(curve, dtype=np.float64), 1e-3, 0.999)
     return c / (1.0 - c)
 
 
-def randomize_phases_beyond(volume, shell: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def randomize_phases_beyond(volume: torch.Tensor, shell: int,
+                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``volume`` (N, N, N) with the phase of every Fourier component at radius ≥ ``shell`` Fourier pixels
     replaced by a uniform random one, amplitudes kept (RELION's ``randomizePhasesBeyond``, which compares the
     radius itself, not its shell). The phase at −k is minus that at k, so the map stays real. float64."""
@@ -103,14 +106,15 @@ def randomize_phases_beyond(volume, shell: int, generator: Optional[torch.Genera
     return fourier.ifft3c(ft * torch.polar(torch.ones_like(phase), phase)).real
 
 
-def randomization_shell(unmasked_curve, fsc_at: float = RANDOMIZE_FSC_AT) -> Optional[int]:
+def randomization_shell(unmasked_curve: np.ndarray, fsc_at: float = RANDOMIZE_FSC_AT) -> Optional[int]:
     """The first shell k ≥ 1 where the unmasked half-map FSC drops below ``fsc_at``: phases are randomised
     from there on. None if it never does."""
     below = np.nonzero(np.asarray(unmasked_curve)[1:] < fsc_at)[0]
     return int(below[0]) + 1 if len(below) else None
 
 
-def solvent_corrected_fsc(masked_curve, random_masked_curve, randomize_shell: int) -> np.ndarray:
+def solvent_corrected_fsc(masked_curve: np.ndarray, random_masked_curve: np.ndarray,
+                          randomize_shell: int) -> np.ndarray:
     """``(FSC_masked − FSC_random_masked) / (1 − FSC_random_masked)`` from shell ``randomize_shell + 2`` on, the
     masked FSC below it (RELION moved the start two shells up against artefacts near the randomisation
     shell); not clipped, as in relion_postprocess."""
@@ -139,7 +143,9 @@ class MaskedFSC:
     mask_used: bool
 
 
-def masked_fsc(half1, half2, mask, randomize_fsc_at: float = RANDOMIZE_FSC_AT, seed: int = 0) -> MaskedFSC:
+def masked_fsc(half1: Union[torch.Tensor, np.ndarray], half2: Union[torch.Tensor, np.ndarray],
+               mask: Union[torch.Tensor, np.ndarray], randomize_fsc_at: float = RANDOMIZE_FSC_AT,
+               seed: int = 0) -> MaskedFSC:
     """Solvent-corrected FSC of two half maps (N, N, N) in ``mask`` (N, N, N, values in [0, 1]), as
     relion_postprocess does (module docstring); the random phases come from a torch generator seeded with
     ``seed`` (one draw for half1, then one for half2), so a run is reproducible."""
@@ -162,7 +168,8 @@ def masked_fsc(half1, half2, mask, randomize_fsc_at: float = RANDOMIZE_FSC_AT, s
     return MaskedFSC(unmasked, masked, random_masked, corrected, shell, True)
 
 
-def spherical_mask(box, radius_px=None, edge_px=5.0, device=None):
+def spherical_mask(box: int, radius_px: Optional[float] = None, edge_px: float = 5.0,
+                   device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
     """(N, N, N) soft spherical mask: 1 inside ``radius_px`` (default N/2 - edge - 1), cosine edge."""
     if radius_px is None:
         radius_px = box / 2 - edge_px - 1

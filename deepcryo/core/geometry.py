@@ -17,9 +17,12 @@ coordinates, the volume satisfying ``V(S x) = V(x)``. A pose ``A`` is equivalent
 Quaternions are (w, x, y, z), unit norm, w >= 0, representing the same rotation as the matrix ``A``.
 All functions are batched over leading dimensions and work on float32/float64 torch tensors.
 """
+from __future__ import annotations
+
 import functools
 import math
 import re
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -38,7 +41,7 @@ def _as_tensor(x, dtype=None):
     return torch.as_tensor(np.asarray(x), dtype=dtype or torch.float64)
 
 
-def euler_to_matrix(angles_deg):
+def euler_to_matrix(angles_deg: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     """(..., 3) rot, tilt, psi in degrees → (..., 3, 3) rotation matrices (RELION convention)."""
     a = torch.deg2rad(_as_tensor(angles_deg))
     ca, sa = torch.cos(a[..., 0]), torch.sin(a[..., 0])
@@ -51,7 +54,7 @@ def euler_to_matrix(angles_deg):
     return torch.stack([row0, row1, row2], dim=-2)
 
 
-def matrix_to_euler(matrix):
+def matrix_to_euler(matrix: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     """(..., 3, 3) rotation matrices → (..., 3) rot, tilt, psi in degrees, tilt in [0, 180].
 
     Inverse of :func:`euler_to_matrix`; at tilt 0 or 180 the split between rot and psi is arbitrary and
@@ -70,7 +73,7 @@ def matrix_to_euler(matrix):
     return torch.rad2deg(torch.stack([rot, tilt, psi], dim=-1))
 
 
-def matrix_to_quaternion(matrix):
+def matrix_to_quaternion(matrix: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     """(..., 3, 3) → (..., 4) unit quaternions (w, x, y, z) with w >= 0."""
     m = _as_tensor(matrix)
     t = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
@@ -90,7 +93,7 @@ def matrix_to_quaternion(matrix):
     return q * torch.where(q[..., :1] < 0, -1.0, 1.0).to(q.dtype)
 
 
-def quaternion_to_matrix(q):
+def quaternion_to_matrix(q: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     """(..., 4) quaternions (w, x, y, z) → (..., 3, 3) rotation matrices."""
     q = _as_tensor(q)
     q = q / q.norm(dim=-1, keepdim=True)
@@ -102,14 +105,15 @@ def quaternion_to_matrix(q):
     ], dim=-2)
 
 
-def rotation_angle_deg(matrix):
+def rotation_angle_deg(matrix: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     """Angle (degrees) of the rotation(s) ``matrix`` (..., 3, 3)."""
     m = _as_tensor(matrix)
     c = ((m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2] - 1.0) / 2.0).clamp(-1.0, 1.0)
     return torch.rad2deg(torch.arccos(c))
 
 
-def pose_distance_deg(angles1_deg, angles2_deg, symmetry="C1"):
+def pose_distance_deg(angles1_deg: Union[torch.Tensor, np.ndarray], angles2_deg: Union[torch.Tensor, np.ndarray],
+                      symmetry: str = "C1") -> torch.Tensor:
     """Smallest rotation angle (degrees) between poses, over the symmetry-equivalent copies of pose 2
     (:func:`equivalent_poses`).
 
@@ -121,12 +125,13 @@ def pose_distance_deg(angles1_deg, angles2_deg, symmetry="C1"):
     return rotation_angle_deg(rel).min(dim=1).values
 
 
-def viewing_direction(angles_deg):
+def viewing_direction(angles_deg: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     """(..., 3) unit viewing directions in volume coordinates (third row of A)."""
     return euler_to_matrix(angles_deg)[..., 2, :]
 
 
-def direction_distance_deg(angles1_deg, angles2_deg, symmetry="C1"):
+def direction_distance_deg(angles1_deg: Union[torch.Tensor, np.ndarray], angles2_deg: Union[torch.Tensor, np.ndarray],
+                           symmetry: str = "C1") -> torch.Tensor:
     """Angle (degrees) between projection directions (ignores the in-plane angle), over symmetry copies."""
     d1 = viewing_direction(angles1_deg)
     d2 = equivalent_poses(euler_to_matrix(angles2_deg).to(d1.dtype), symmetry)[..., 2, :]
@@ -134,7 +139,7 @@ def direction_distance_deg(angles1_deg, angles2_deg, symmetry="C1"):
     return torch.rad2deg(torch.arccos(c)).min(dim=1).values
 
 
-def sphere_directions(step_deg, hemisphere=False):
+def sphere_directions(step_deg: float, hemisphere: bool = False) -> np.ndarray:
     """Approximately even directions on the sphere with mean spacing ``step_deg``: (M, 2) rot, tilt (deg).
 
     A Fibonacci (golden-angle) spiral: M = ceil(4π / Ω) points, Ω = the area of a spherical cap-like
@@ -152,7 +157,7 @@ def sphere_directions(step_deg, hemisphere=False):
     return np.stack([rot, tilt], axis=1)
 
 
-def sample_poses(step_deg, psi_step_deg=None, symmetry="C1"):
+def sample_poses(step_deg: float, psi_step_deg: Optional[float] = None, symmetry: str = "C1") -> np.ndarray:
     """(M, 3) poses: sphere directions × in-plane angles, reduced to the asymmetric unit of ``symmetry``.
 
     One direction is kept per orbit of the directions under the group (:func:`equivalent_poses`), which
@@ -182,7 +187,7 @@ def _reduce_to_asymmetric_unit(dirs_deg, symmetry):
     return dirs_deg[(key[:, 0] >= key.max(dim=1).values - 1e-9).numpy()]
 
 
-def in_plane_rotation_matrix(psi_deg):
+def in_plane_rotation_matrix(psi_deg: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     """(..., 2, 2) matrices rotating image coordinates (x, y) by ``psi_deg`` counter-clockwise."""
     p = torch.deg2rad(_as_tensor(psi_deg))
     c, s = torch.cos(p), torch.sin(p)
@@ -273,7 +278,7 @@ def _group(name):
     return _close_group(gens)
 
 
-def symmetry_matrices(symmetry="C1"):
+def symmetry_matrices(symmetry: str = "C1") -> torch.Tensor:
     """(G, 3, 3) float64 operators of point group ``symmetry``, the identity first: RELION's set.
 
     The names and the operators are RELION's (``relion_refine --print_symmetry_ops --sym G`` prints the same
@@ -291,7 +296,7 @@ def symmetry_matrices(symmetry="C1"):
     return torch.from_numpy(_group(str(symmetry).strip().upper()).copy())
 
 
-def equivalent_poses(matrices, symmetry="C1"):
+def equivalent_poses(matrices: Union[torch.Tensor, np.ndarray], symmetry: str = "C1") -> torch.Tensor:
     """(..., G, 3, 3) proper pose matrices that project a map of group ``symmetry`` as (..., 3, 3) ``A`` does.
 
     ``A · S`` for a rotation S. For an improper S (a mirror or the inversion), ``A · S`` has determinant -1

@@ -13,9 +13,12 @@ a second on CPU:
 Images are arrays ``[y, x]``; the x axis is the last axis, as in :mod:`deepcryo.core.fourier`.
 Everything is deterministic given ``seed``.
 """
+from __future__ import annotations
+
 import math
 import os
 from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,10 +36,12 @@ TRUTH_COLUMNS = OrderedDict([
     ("bfactor_A2", "rlnCtfBfactor"), ("pixel_size_A", "rlnMicrographPixelSize")])
 
 
-def simulate_micrograph(size_px=1024, pixel_size_A=1.0, voltage_kV=300.0, cs_mm=2.7, amplitude_contrast=0.07,
-                        defocus_u_A=15000.0, defocus_v_A=14000.0, defocus_angle_deg=30.0, phase_shift_deg=0.0,
-                        bfactor_A2=60.0, dose_e_per_A2=40.0, contrast=0.08, n_particles=None,
-                        particle_diameter_A=150.0, texture_strength=1.0, texture_exponent=1.0, seed=0):
+def simulate_micrograph(size_px: int = 1024, pixel_size_A: float = 1.0, voltage_kV: float = 300.0, cs_mm: float = 2.7,
+                        amplitude_contrast: float = 0.07, defocus_u_A: float = 15000.0, defocus_v_A: float = 14000.0,
+                        defocus_angle_deg: float = 30.0, phase_shift_deg: float = 0.0, bfactor_A2: float = 60.0,
+                        dose_e_per_A2: float = 40.0, contrast: float = 0.08, n_particles: Optional[int] = None,
+                        particle_diameter_A: float = 150.0, texture_strength: float = 1.0,
+                        texture_exponent: float = 1.0, seed: int = 0) -> Tuple[np.ndarray, Dict[str, Any]]:
     """One simulated micrograph (``size_px`` × ``size_px``) and its truth.
 
     Args:
@@ -96,10 +101,14 @@ def simulate_micrograph(size_px=1024, pixel_size_A=1.0, voltage_kV=300.0, cs_mm=
     return image.numpy().astype(np.float32), truth
 
 
-def random_micrograph_parameters(rng, pixel_size_range_A=(0.5, 2.5), voltages_kV=(200.0, 300.0),
-                                 cs_mm=2.7, defocus_range_A=(3000.0, 50000.0), astigmatism_max_A=2000.0,
-                                 amplitude_contrast=(0.05, 0.1), bfactor_range_A2=(20.0, 150.0),
-                                 dose_range=(20.0, 60.0), contrast_range=(0.04, 0.12)):
+def random_micrograph_parameters(rng: np.random.Generator, pixel_size_range_A: Tuple[float, float] = (0.5, 2.5),
+                                 voltages_kV: Sequence[float] = (200.0, 300.0), cs_mm: float = 2.7,
+                                 defocus_range_A: Tuple[float, float] = (3000.0, 50000.0),
+                                 astigmatism_max_A: float = 2000.0,
+                                 amplitude_contrast: Tuple[float, float] = (0.05, 0.1),
+                                 bfactor_range_A2: Tuple[float, float] = (20.0, 150.0),
+                                 dose_range: Tuple[float, float] = (20.0, 60.0),
+                                 contrast_range: Tuple[float, float] = (0.04, 0.12)) -> Dict[str, float]:
     """Random keyword arguments for :func:`simulate_micrograph` drawn with a numpy ``rng``.
 
     Defocus is the mean defocus (Å), uniform in ``defocus_range_A``; U - V uniform in [0, astigmatism_max_A]
@@ -116,7 +125,8 @@ def random_micrograph_parameters(rng, pixel_size_range_A=(0.5, 2.5), voltages_kV
                 particle_diameter_A=float(rng.uniform(80.0, 250.0)))
 
 
-def simulate_micrograph_set(n, out_dir, size_px=1024, seed=0, star_name="micrographs_ctf.star", **ranges):
+def simulate_micrograph_set(n: int, out_dir: str, size_px: int = 1024, seed: int = 0,
+                            star_name: str = "micrographs_ctf.star", **ranges: Any) -> Tuple[str, List[Dict[str, Any]]]:
     """Write ``n`` simulated micrographs ``mic_0000.mrc`` … and a truth STAR into ``out_dir``.
 
     ``ranges`` go to :func:`random_micrograph_parameters`. The STAR (``data_micrographs``) has

@@ -20,9 +20,12 @@ Program::
 ``particles`` writes ``particles.star``, ``particles.mrcs`` and the ground-truth map(s) ``truth.mrc``
 (``truth_state01.mrc`` … for states); ``python -m deepcryo.core.simulate COMMAND --help`` shows the options.
 """
+from __future__ import annotations
+
 import math
 import os
 import sys
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mrcfile
 import numpy as np
@@ -78,7 +81,7 @@ def _render_blobs(box, centres, radii, amps, axes, atoms_per_blob=400, atom_sigm
     return fourier.ifft3c(fourier.fft3c(vol) * blur).real.numpy().astype(np.float32)
 
 
-def phantom_volume(box, seed=0, n_blobs=14):
+def phantom_volume(box: int, seed: int = 0, n_blobs: int = 14) -> np.ndarray:
     """An asymmetric phantom (box, box, box) of ``n_blobs`` Gaussian ellipsoids, max 1, indexed [z, y, x]."""
     params = _blob_parameters(box, n_blobs, np.random.default_rng(seed))
     vol = _render_blobs(box, *params)
@@ -100,7 +103,8 @@ def _domain_motion(box, seed, n_blobs, angle_deg, translation_px):
     return moved, radii, amps, new_axes
 
 
-def phantom_states(box, n_states=2, seed=0, n_blobs=14, angle_deg=35.0):
+def phantom_states(box: int, n_states: int = 2, seed: int = 0, n_blobs: int = 14,
+                   angle_deg: float = 35.0) -> List[np.ndarray]:
     """``n_states`` volumes of one phantom whose domain is turned by 0, angle/(n-1), …, angle degrees
     (about a hinge) — structurally distinct states of one particle, each max-normalised like the first."""
     vols = []
@@ -111,14 +115,14 @@ def phantom_states(box, n_states=2, seed=0, n_blobs=14, angle_deg=35.0):
     return [v / top for v in vols]
 
 
-def hinge_volume(box, t, seed=0, n_blobs=14, max_angle_deg=40.0):
+def hinge_volume(box: int, t: float, seed: int = 0, n_blobs: int = 14, max_angle_deg: float = 40.0) -> np.ndarray:
     """The phantom with its domain turned by ``t · max_angle_deg`` (t ∈ [0, 1]) about its hinge."""
     ref = _render_blobs(box, *_domain_motion(box, seed, n_blobs, 0.0, 0.0)).max()
     return _render_blobs(box, *_domain_motion(box, seed, n_blobs, t * max_angle_deg, 0.0)) / ref
 
 
 # ---------------------------------------------------------------------------------------------- particles
-def random_poses(n, rng):
+def random_poses(n: int, rng: np.random.Generator) -> np.ndarray:
     """(n, 3) Euler angles (deg) of rotations uniform on SO(3)."""
     q = rng.normal(size=(n, 4))
     return matrix_to_euler(quaternion_to_matrix(torch.as_tensor(q))).numpy()
@@ -136,10 +140,12 @@ def _noise(shape, sigma, coloured, rng, box):
     return fourier.ifft2c(ft).real.numpy()
 
 
-def simulate_particles(volumes, n, pixel_size_A, snr=0.1, seed=0, defocus_range_A=(10000.0, 25000.0),
-                       astigmatism_A=500.0, max_shift_px=3.0, voltage_kV=300.0, cs_mm=2.7,
-                       amplitude_contrast=0.1, bfactor_A2=0.0, coloured_noise=False, state_of=None,
-                       batch_size=512):
+def simulate_particles(volumes: Sequence[np.ndarray], n: int, pixel_size_A: float, snr: float = 0.1, seed: int = 0,
+                       defocus_range_A: Tuple[float, float] = (10000.0, 25000.0), astigmatism_A: float = 500.0,
+                       max_shift_px: float = 3.0, voltage_kV: float = 300.0, cs_mm: float = 2.7,
+                       amplitude_contrast: float = 0.1, bfactor_A2: float = 0.0, coloured_noise: bool = False,
+                       state_of: Optional[np.ndarray] = None, batch_size: int = 512
+                       ) -> Iterator[Dict[str, np.ndarray]]:
     """Yield batches of simulated particles from one or several volumes.
 
     Args:
@@ -192,8 +198,9 @@ def simulate_particles(volumes, n, pixel_size_A, snr=0.1, seed=0, defocus_range_
                "defocus_v_A": dv[sl], "defocus_angle_deg": dang[sl], "state": state[sl], "hinge": t[sl]}
 
 
-def write_particle_set(out_dir, volumes, n, pixel_size_A, voltage_kV=300.0, cs_mm=2.7, amplitude_contrast=0.1,
-                       stack_name="particles.mrcs", star_name="particles.star", **kwargs):
+def write_particle_set(out_dir: str, volumes: Sequence[np.ndarray], n: int, pixel_size_A: float,
+                       voltage_kV: float = 300.0, cs_mm: float = 2.7, amplitude_contrast: float = 0.1,
+                       stack_name: str = "particles.mrcs", star_name: str = "particles.star", **kwargs: Any) -> str:
     """Simulate ``n`` particles (see :func:`simulate_particles`) into ``out_dir``: an MRCS stack and a
     RELION 3.1 STAR with the true poses, origins and CTF. Returns the STAR path."""
     os.makedirs(out_dir, exist_ok=True)

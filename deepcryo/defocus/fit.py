@@ -17,7 +17,10 @@ the x axis to U). The optimiser works on ``(z, a cos 2θ, a sin 2θ)``, smooth a
   fitted CTF², in a window 3 Thon-ring periods wide moving outwards, first drops below 0.5.
 * :func:`disagreement_flag` — low confidence: CNN and fit disagree, or a low figure of merit.
 """
+from __future__ import annotations
+
 import math
+from typing import Tuple, Union
 
 import torch
 
@@ -80,7 +83,9 @@ def _acq(values, b, device):
     return torch.as_tensor(values, dtype=torch.float32, device=device).reshape(-1).expand(b).clone()
 
 
-def score_params(psd, sampling_A, band, z, ax, ay, phase_rad, voltage_kV, cs_mm, amplitude_contrast):
+def score_params(psd: torch.Tensor, sampling_A: float, band, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor,
+                 phase_rad: torch.Tensor, voltage_kV: torch.Tensor, cs_mm: torch.Tensor,
+                 amplitude_contrast: torch.Tensor) -> torch.Tensor:
     """Correlation (B, K) of PSDs (B, S, S) with CTF² for K candidate parameter sets (B, K) each."""
     data = _prep(band.take(psd))
     acq = [v[:, None].expand_as(z) for v in (voltage_kV, cs_mm, amplitude_contrast)]
@@ -91,7 +96,8 @@ class FitResult:
     """Fitted CTFs (tensors of shape (B,)): defocus_u_A, defocus_v_A (Å, U >= V), defocus_angle_deg
     ([0, 180)), phase_shift_deg, figure_of_merit (band correlation), resolution_A (see :func:`fit_resolution`)."""
 
-    def __init__(self, z, ax, ay, phase_rad, fom):
+    def __init__(self, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor, phase_rad: torch.Tensor,
+                 fom: torch.Tensor) -> None:
         half = torch.sqrt(ax * ax + ay * ay)
         self.defocus_u_A = (z + half).detach()
         self.defocus_v_A = (z - half).detach()
@@ -140,9 +146,13 @@ def _best(scores, *cands):
     return [c[rows, k] for c in cands]
 
 
-def refine(psd, sampling_A, start_u_A, start_v_A, start_angle_deg, voltage_kV, cs_mm, amplitude_contrast,
-           low_A=30.0, high_A=5.0, fit_phase=False, start_phase_deg=0.0, iterations=(60, 100),
-           scan_min_A=5000.0, scan_fraction=0.25, scan_steps=101):
+def refine(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, torch.Tensor],
+           start_v_A: Union[float, torch.Tensor], start_angle_deg: Union[float, torch.Tensor],
+           voltage_kV: Union[float, torch.Tensor], cs_mm: Union[float, torch.Tensor],
+           amplitude_contrast: Union[float, torch.Tensor], low_A: float = 30.0, high_A: float = 5.0,
+           fit_phase: bool = False, start_phase_deg: Union[float, torch.Tensor] = 0.0,
+           iterations: Tuple[int, int] = (60, 100), scan_min_A: float = 5000.0, scan_fraction: float = 0.25,
+           scan_steps: int = 101) -> FitResult:
     """Local CTF fit from a start (e.g. the CNN's guess), batched over B micrographs.
 
     Args:
@@ -187,8 +197,10 @@ def refine(psd, sampling_A, start_u_A, start_v_A, start_angle_deg, voltage_kV, c
     return result
 
 
-def score_only(psd, sampling_A, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
-               amplitude_contrast, low_A=30.0, high_A=5.0):
+def score_only(psd: torch.Tensor, sampling_A: float, defocus_u_A: Union[float, torch.Tensor],
+               defocus_v_A: Union[float, torch.Tensor], defocus_angle_deg: Union[float, torch.Tensor],
+               voltage_kV: Union[float, torch.Tensor], cs_mm: Union[float, torch.Tensor],
+               amplitude_contrast: Union[float, torch.Tensor], low_A: float = 30.0, high_A: float = 5.0) -> FitResult:
     """No fit: figure of merit and fit resolution of given parameters (e.g. the CNN's) as a :class:`FitResult`."""
     dev = psd.device
     b, size = psd.shape[0], psd.shape[-1]
@@ -205,9 +217,13 @@ def score_only(psd, sampling_A, defocus_u_A, defocus_v_A, defocus_angle_deg, vol
     return result
 
 
-def exhaustive_search(psd, sampling_A, voltage_kV, cs_mm, amplitude_contrast, low_A=30.0, high_A=5.0,
-                      defocus_range_A=(1000.0, 60000.0), defocus_step_A=200.0, astigmatism_max_A=2000.0,
-                      astigmatism_step_A=500.0, angle_step_deg=15.0, iterations=(60, 100), chunk=4096):
+def exhaustive_search(psd: torch.Tensor, sampling_A: float, voltage_kV: Union[float, torch.Tensor],
+                      cs_mm: Union[float, torch.Tensor], amplitude_contrast: Union[float, torch.Tensor],
+                      low_A: float = 30.0, high_A: float = 5.0,
+                      defocus_range_A: Tuple[float, float] = (1000.0, 60000.0), defocus_step_A: float = 200.0,
+                      astigmatism_max_A: float = 2000.0, astigmatism_step_A: float = 500.0,
+                      angle_step_deg: float = 15.0, iterations: Tuple[int, int] = (60, 100),
+                      chunk: int = 4096) -> FitResult:
     """CTFFIND-style baseline: 2D grid search (no start), then :func:`refine`'s local optimisation.
 
     Grid: mean defocus over ``defocus_range_A`` every ``defocus_step_A`` (Å); U − V from 0 to
@@ -246,7 +262,8 @@ def exhaustive_search(psd, sampling_A, voltage_kV, cs_mm, amplitude_contrast, lo
     return result
 
 
-def fit_resolution(psd, sampling_A, result, acq, low_A, threshold=0.5, bins_per_period=8, window_periods=3):
+def fit_resolution(psd: torch.Tensor, sampling_A: float, result: FitResult, acq, low_A: float,
+                   threshold: float = 0.5, bins_per_period: int = 8, window_periods: int = 3) -> torch.Tensor:
     """Resolution (Å) up to which the fitted CTF matches the PSD (CTFFIND-style), (B,) tensor.
 
     The PSD pixels between ``low_A`` and the PSD's Nyquist (``2 · sampling_A``) are averaged in bins of the
@@ -299,7 +316,8 @@ def fit_resolution(psd, sampling_A, result, acq, low_A, threshold=0.5, bins_per_
     return 1.0 / s_res
 
 
-def disagreement_flag(start_u_A, start_v_A, result, tolerance_A=1500.0, relative=0.1, min_fom=0.05):
+def disagreement_flag(start_u_A: torch.Tensor, start_v_A: torch.Tensor, result: FitResult, tolerance_A: float = 1500.0,
+                      relative: float = 0.1, min_fom: float = 0.05) -> torch.Tensor:
     """Low-confidence flag (B,) bool: the fitted mean defocus differs from the start's (the CNN's) by more
     than ``max(tolerance_A, relative · defocus)`` (the CNN and the physics disagree; with a CNN error of a few
     hundred Å this means one of them is in a wrong Thon-ring basin), or the figure of merit (band correlation

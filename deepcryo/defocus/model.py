@@ -15,8 +15,11 @@ and the acquisition ``(voltage_kV / 300, cs_mm / 2.7)`` (B, 2), and return (B, 4
 Weight files are ``torch.save({"format": FORMAT, "config": {...}, "state_dict": ...})`` and are read with
 ``torch.load(weights_only=True)``; :func:`load_model` refuses anything else with one clear line.
 """
+from __future__ import annotations
+
 import math
 import os
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,14 +36,15 @@ DEFOCUS_SCALE_A = 1e4
 SHIPPED_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "defocus_cnn.pt")
 
 
-def acquisition_features(voltage_kV, cs_mm, batch):
+def acquisition_features(voltage_kV: Union[float, torch.Tensor], cs_mm: Union[float, torch.Tensor],
+                         batch: int) -> torch.Tensor:
     """(B, 2) tensor ``(voltage_kV / 300, cs_mm / 2.7)`` from floats or (B,) values."""
     v = torch.as_tensor(voltage_kV, dtype=torch.float32).reshape(-1).expand(batch)
     c = torch.as_tensor(cs_mm, dtype=torch.float32).reshape(-1).expand(batch)
     return torch.stack([v / 300.0, c / 2.7], dim=1)
 
 
-def encode(defocus_u_A, defocus_v_A, defocus_angle_deg):
+def encode(defocus_u_A: torch.Tensor, defocus_v_A: torch.Tensor, defocus_angle_deg: torch.Tensor) -> torch.Tensor:
     """Targets (B, 4) ``(U/10⁴, V/10⁴, sin 2θ, cos 2θ)`` from Å and degrees."""
     u, v, a = (torch.as_tensor(x, dtype=torch.float32).reshape(-1) for x in
                (defocus_u_A, defocus_v_A, defocus_angle_deg))
@@ -48,7 +52,7 @@ def encode(defocus_u_A, defocus_v_A, defocus_angle_deg):
     return torch.stack([u / DEFOCUS_SCALE_A, v / DEFOCUS_SCALE_A, torch.sin(t), torch.cos(t)], dim=1)
 
 
-def decode(out):
+def decode(out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U_A, V_A, angle_deg) tensors (B,) from model outputs (B, 4); U >= V, angle in [0, 180)."""
     a = out[:, 0] * DEFOCUS_SCALE_A
     b = out[:, 1] * DEFOCUS_SCALE_A
@@ -61,7 +65,8 @@ def decode(out):
 class _Branch(nn.Sequential):
     """The seed's branch: 4 × (Conv 'valid' + ReLU + BatchNorm + MaxPool)."""
 
-    def __init__(self, kernels, filters=(16, 8, 4, 2), pools=(3, 2, 2, 2)):
+    def __init__(self, kernels: Sequence[int], filters: Sequence[int] = (16, 8, 4, 2),
+                 pools: Sequence[int] = (3, 2, 2, 2)) -> None:
         layers, cin = [], 1
         for k, f, p in zip(kernels, filters, pools):
             layers += [nn.Conv2d(cin, f, k), nn.ReLU(), nn.BatchNorm2d(f), nn.MaxPool2d(p)]
@@ -74,14 +79,14 @@ class SeedDefocusCNN(nn.Module):
     concat → dropout 0.3 → dense 32 → dense), here with 4 outputs and the acquisition concatenated.
     ``size_px`` is the PSD side (512 in the thesis, 119,096 parameters with 2 outputs)."""
 
-    def __init__(self, size_px=512):
+    def __init__(self, size_px: int = 512) -> None:
         super().__init__()
         self.branches = nn.ModuleList([_Branch((12, 6, 3, 3)), _Branch((15, 10, 3, 3)), _Branch((20, 15, 7, 3))])
         with torch.no_grad():
             n = sum(b(torch.zeros(1, 1, size_px, size_px)).shape[1] for b in self.branches)
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(n + 2, 32), nn.ReLU(), nn.Linear(32, 4))
 
-    def forward(self, psd, acq):
+    def forward(self, psd: torch.Tensor, acq: torch.Tensor) -> torch.Tensor:
         feats = [b(psd[:, i:i + 1]) for i, b in enumerate(self.branches)]
         return self.head(torch.cat(feats + [acq], dim=1))
 
@@ -90,7 +95,7 @@ class DefocusNet(nn.Module):
     """A small strided CNN over the 3 PSD channels together (rings at 1, 2, 3 Å/px are
     seen jointly), adaptive pooling to 4×4 (keeps where the rings are), acquisition concatenated, MLP."""
 
-    def __init__(self, width=16):
+    def __init__(self, width: int = 16) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -101,7 +106,7 @@ class DefocusNet(nn.Module):
             nn.AdaptiveAvgPool2d(4), nn.Flatten())
         self.head = nn.Sequential(nn.Linear(16 * 4 * w + 2, 96), nn.ReLU(), nn.Linear(96, 4))
 
-    def forward(self, psd, acq):
+    def forward(self, psd: torch.Tensor, acq: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([self.features(psd), acq], dim=1))
 
 
@@ -128,7 +133,7 @@ class PolarDefocusNet(nn.Module):
     Output (B, 4) as every model here: ``(U/10⁴ Å, V/10⁴ Å, sin 2θ, cos 2θ)``; :meth:`profile` gives d(φ).
     """
 
-    def __init__(self, width=24, n_angles=32, n_radial=128, size_px=128):
+    def __init__(self, width: int = 24, n_angles: int = 32, n_radial: int = 128, size_px: int = 128) -> None:
         super().__init__()
         w = width
         self.n_angles, self.n_radial, self.size_px = int(n_angles), int(n_radial), int(size_px)
@@ -151,12 +156,12 @@ class PolarDefocusNet(nn.Module):
         n_r = (self.n_radial + 15) // 16
         self.head = nn.Sequential(nn.Linear(2 * w * n_r + 2, 64), nn.ReLU(), nn.Linear(64, 1))
 
-    def polar(self, psd):
+    def polar(self, psd: torch.Tensor) -> torch.Tensor:
         """(B, 3, n_angles, n_radial) polar resampling of centred PSDs (B, 3, S, S)."""
         return F.grid_sample(psd, self.grid.expand(psd.shape[0], -1, -1, -1), mode="bilinear",
                              padding_mode="zeros", align_corners=False)
 
-    def profile(self, psd, acq):
+    def profile(self, psd: torch.Tensor, acq: torch.Tensor) -> torch.Tensor:
         """Defocus profile d(φ) (B, n_angles), units of 10⁴ Å, at azimuths :attr:`phi` (radians)."""
         f = self.features(self.polar(psd))  # (B, C, A, R')
         b, c, a, r = f.shape
@@ -165,17 +170,17 @@ class PolarDefocusNet(nn.Module):
         return self.head(f)[..., 0]
 
     @staticmethod
-    def from_harmonics(z, ax, ay):
+    def from_harmonics(z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor) -> torch.Tensor:
         """Outputs (B, 4) from mean defocus and astigmatism components (units of 10⁴ Å)."""
         a = torch.sqrt(ax * ax + ay * ay + 1e-8)
         return torch.stack([z + a, z - a, ay / a, ax / a], dim=1)
 
-    def harmonics_of(self, profile):
+    def harmonics_of(self, profile: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z, a cos 2θ, a sin 2θ) (B,) each, least-squares fit of ``z + a cos 2(φ − θ)`` to a profile."""
         h = profile @ self.harmonics.t()
         return h[:, 0], h[:, 1], h[:, 2]
 
-    def forward(self, psd, acq):
+    def forward(self, psd: torch.Tensor, acq: torch.Tensor) -> torch.Tensor:
         return self.from_harmonics(*self.harmonics_of(self.profile(psd, acq)))
 
 
@@ -184,7 +189,7 @@ class RingMatchNet(PolarDefocusNet):
     localises the defocus along each azimuth.
 
     Why: a CNN asked to regress a ring *frequency* over a 17× range (0.3–5 µm) from raw pixels trains slowly
-    and stays coarse (the polar model reached 2700 Å after 5 epochs on 2 CPU cores). The physics of the
+    and stays coarse (figures in ``benchmarks/RESULTS.md``). The physics of the
     rings is known exactly, so it is put in front of the network, with no learned parameters:
 
     1. as :class:`PolarDefocusNet`, each PSD channel (1, 2, 3 Å/px) is resampled onto ``n_angles`` azimuths ×
@@ -200,8 +205,9 @@ class RingMatchNet(PolarDefocusNet):
     The voltage and Cs enter through the templates (``acq`` = (voltage/300, Cs/2.7) as for every model).
     """
 
-    def __init__(self, width=16, n_angles=32, n_radial=128, size_px=128, samplings_A=(1.0, 2.0, 3.0),
-                 n_defocus=160, defocus_range_A=(1000.0, 70000.0)):
+    def __init__(self, width: int = 16, n_angles: int = 32, n_radial: int = 128, size_px: int = 128,
+                 samplings_A: Sequence[float] = (1.0, 2.0, 3.0), n_defocus: int = 160,
+                 defocus_range_A: Tuple[float, float] = (1000.0, 70000.0)) -> None:
         super().__init__(width=width, n_angles=n_angles, n_radial=n_radial, size_px=size_px)
         del self.features, self.head  # replaced below (built by the parent first: same seeded initialisation)
         r2, step = _polar_radii_sq_px(size_px, self.n_radial)
@@ -219,7 +225,7 @@ class RingMatchNet(PolarDefocusNet):
         layers.append(nn.Conv2d(w, 1, 1))
         self.features = nn.Sequential(*layers)
 
-    def templates(self, acq):
+    def templates(self, acq: torch.Tensor) -> torch.Tensor:
         """(B, C, K, R) zero-mean, unit-norm ring templates for acquisitions ``acq`` (B, 2)."""
         lam = wavelength_A(acq[:, 0] * 300.0)[:, None, None, None]  # (B, 1, 1, 1)
         cs_A = (acq[:, 1] * 2.7 * 1e7)[:, None, None, None]
@@ -235,21 +241,21 @@ class RingMatchNet(PolarDefocusNet):
         t = (t - t.sum(-1, keepdim=True) / n) * mask
         return t / t.norm(dim=-1, keepdim=True).clamp(min=1e-6)
 
-    def ring_scores(self, psd, acq):
+    def ring_scores(self, psd: torch.Tensor, acq: torch.Tensor) -> torch.Tensor:
         """(B, C, A, K) correlation of each standardised polar row with each defocus template."""
         rows = self.polar(psd)
         rows = rows - rows.mean(-1, keepdim=True)
         rows = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-6)
         return torch.einsum("bcar,bckr->bcak", rows, self.templates(acq))
 
-    def profile(self, psd, acq):
+    def profile(self, psd: torch.Tensor, acq: torch.Tensor) -> torch.Tensor:
         """Defocus profile d(φ) (B, n_angles), units of 10⁴ Å: soft-argmax of the logits over log defocus."""
         logits = self.features(self.ring_scores(psd, acq) * 4.0)[:, 0]  # (B, A, K)
         log_df = (torch.softmax(logits, dim=-1) * self.log_defocus).sum(-1)
         return log_df.exp() / DEFOCUS_SCALE_A
 
 
-def build_model(config):
+def build_model(config: Dict[str, Any]) -> nn.Module:
     """Model from a JSON-able config ``{"arch": "rings"|"polar"|"defocusnet"|"seed", ...}``."""
     arch = config.get("arch")
     if arch == "defocusnet":
@@ -265,7 +271,7 @@ def build_model(config):
     raise InputError("unknown defocus model architecture %r" % (arch,))
 
 
-def save_model(path, model, config):
+def save_model(path: str, model: nn.Module, config: Dict[str, Any]) -> None:
     """Write weights + config atomically (``config`` must be JSON-able: str, numbers, lists)."""
     payload = {"format": FORMAT, "config": dict(config),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
@@ -273,7 +279,8 @@ def save_model(path, model, config):
         torch.save(payload, tmp)
 
 
-def load_model(path=None, device="cpu"):
+def load_model(path: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module,
+               Dict[str, Any]]:
     """(model in eval mode, config) from a weight file (default: the shipped weights)."""
     path = path or SHIPPED_WEIGHTS
     if not os.path.exists(path):
@@ -294,7 +301,7 @@ def load_model(path=None, device="cpu"):
     return model.to(device).eval(), config
 
 
-def count_parameters(model):
+def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 

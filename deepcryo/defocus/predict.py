@@ -14,12 +14,15 @@ MRC header's x/y size (EPU's micrographs carry ``(p, p, 0)``). A micrograph that
 (unreadable, NaN/Inf, smaller than a PSD tile, no pixel size anywhere) is reported and skipped; the
 others go on.
 """
+from __future__ import annotations
+
 import contextlib
 import glob
 import logging
 import math
 import os
 from collections import Counter, OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -40,7 +43,8 @@ FIT_SIZE_PX = 384
 class MicrographEntry:
     """A micrograph to process: ``path`` and its acquisition (None = not known yet)."""
 
-    def __init__(self, path, pixel_size_A=None, voltage_kV=None, cs_mm=None, amplitude_contrast=None):
+    def __init__(self, path: str, pixel_size_A: Optional[float] = None, voltage_kV: Optional[float] = None,
+                 cs_mm: Optional[float] = None, amplitude_contrast: Optional[float] = None) -> None:
         self.path = path
         self.pixel_size_A = pixel_size_A
         self.voltage_kV = voltage_kV
@@ -48,7 +52,7 @@ class MicrographEntry:
         self.amplitude_contrast = amplitude_contrast
 
 
-def list_micrographs(spec):
+def list_micrographs(spec: str) -> List[MicrographEntry]:
     """Micrograph entries from a glob pattern or a STAR file (``rlnMicrographName`` relative to the STAR's
     folder; per-row or ``data_optics`` ``rlnMicrographPixelSize``, ``rlnVoltage``, ``rlnSphericalAberration``,
     ``rlnAmplitudeContrast`` when present)."""
@@ -84,7 +88,7 @@ def list_micrographs(spec):
     return [MicrographEntry(p) for p in paths]
 
 
-def fit_sampling_A(pixel_size_A, high_A):
+def fit_sampling_A(pixel_size_A: float, high_A: float) -> float:
     """Sampling (Å/px) of the fit PSD: ``high_A / 2.5`` (the band ends below Nyquist), not finer than the
     micrograph."""
     return max(float(pixel_size_A), high_A / 2.5)
@@ -113,8 +117,10 @@ def _complete(entry, defaults, header_pixel_size_A):
     return source
 
 
-def estimate_batch(entries, model, refine=True, low_A=30.0, high_A=5.0, fit_phase=False, device="cpu",
-                   psd_dir=None, defaults=None, on_skip=None):
+def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, refine: bool = True, low_A: float = 30.0,
+                   high_A: float = 5.0, fit_phase: bool = False, device: Union[str, torch.device] = "cpu",
+                   psd_dir: Optional[str] = None, defaults: Optional[Dict[str, float]] = None,
+                   on_skip: Optional[Callable[[str, str], None]] = None ) -> List[Dict[str, Any]]:
     """Estimate the CTF of a list of :class:`MicrographEntry`; returns a list of result dicts (skipped
     micrographs are left out and passed to ``on_skip(path, message)``). Each dict: ``micrograph``,
     ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``phase_shift_deg``, ``resolution_A``,
@@ -185,7 +191,7 @@ def estimate_batch(entries, model, refine=True, low_A=30.0, high_A=5.0, fit_phas
     return results
 
 
-def write_ctf_star(path, results, with_phase=False):
+def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: bool = False) -> None:
     """RELION CTF STAR (``data_micrographs``): rlnMicrographName, rlnDefocusU/V (Å), rlnDefocusAngle (deg),
     rlnCtfMaxResolution (Å), rlnCtfFigureOfMerit, rlnCtfImage (PSD MRC), [rlnPhaseShift], plus
     rlnMicrographPixelSize/rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast and deepcryo's
@@ -211,8 +217,9 @@ def write_ctf_star(path, results, with_phase=False):
     io.write_star(path, OrderedDict([("micrographs", cols)]))
 
 
-def predict(spec, output, model_path=None, refine=True, low_A=30.0, high_A=5.0, fit_phase=False, batch_size=8,
-            device="cpu", defaults=None):
+def predict(spec: str, output: str, model_path: Optional[str] = None, refine: bool = True, low_A: float = 30.0,
+            high_A: float = 5.0, fit_phase: bool = False, batch_size: int = 8, device: Union[str, torch.device] = "cpu",
+            defaults: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
     """Whole program: micrographs (glob or STAR) → ``output`` STAR (+ PSDs in ``<output stem>_psd/``).
 
     Returns the list of result dicts. Raises InputError when no micrograph could be processed.

@@ -16,7 +16,10 @@ Conventions: centred grids of :mod:`deepcryo.core.fourier` (zero frequency at in
 x = last axis), so a ring pattern of a CTF with angle θ (degrees from x to U) appears as in
 :func:`deepcryo.core.ctf.ctf_2d` with ``pixel_size_A = sampling``.
 """
+from __future__ import annotations
+
 import math
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +39,7 @@ _FAST = sorted({2 ** a * 3 ** b * 5 ** c for a in range(14) for b in range(6) fo
                 if 2 ** a * 3 ** b * 5 ** c <= 8192})
 
 
-def tile_size_px(micrograph_side_px, pixel_size_A, sampling_A, size_px):
+def tile_size_px(micrograph_side_px: int, pixel_size_A: float, sampling_A: float, size_px: int) -> int:
     """Tile side (px) for a PSD of ``size_px`` at ``sampling_A`` Å/px from a micrograph at ``pixel_size_A``.
 
     The ideal side ``size_px · sampling_A / pixel_size_A`` is rounded up to an FFT-friendly length and
@@ -99,7 +102,8 @@ def _smooth_radial(profile, width):
     return F.conv1d(padded, kernel)[:, 0]
 
 
-def compute_psd(micrographs, pixel_size_A, samplings_A=CNN_SAMPLINGS_A, size_px=CNN_SIZE_PX):
+def compute_psd(micrographs: torch.Tensor, pixel_size_A: float, samplings_A: Sequence[float] = CNN_SAMPLINGS_A,
+                size_px: int = CNN_SIZE_PX) -> torch.Tensor:
     """Background-subtracted, normalised log-PSDs of micrographs at fixed physical samplings.
 
     Args:
@@ -116,7 +120,8 @@ def compute_psd(micrographs, pixel_size_A, samplings_A=CNN_SAMPLINGS_A, size_px=
     return compute_psds(micrographs, pixel_size_A, [(samplings_A, size_px)])[0]
 
 
-def compute_psds(micrographs, pixel_size_A, requests):
+def compute_psds(micrographs: torch.Tensor, pixel_size_A: float,
+                 requests: Sequence[Tuple[Sequence[float], int]]) -> List[torch.Tensor]:
     """Several :func:`compute_psd` outputs of the same micrographs at once (validated and normalised once).
 
     ``requests``: list of ``(samplings_A, size_px)``; returns the list of (B, C, size_px, size_px) tensors,

@@ -13,11 +13,14 @@
 * A checkpoint is written atomically after every epoch; ``resume=True`` continues from it. The best
   model so far is written (atomically) to the output weight file.
 """
+from __future__ import annotations
+
 import json
 import logging
 import math
 import os
 import time
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,7 +42,7 @@ def _pack(psds, acq, labels):
             "labels": np.asarray(labels, dtype=np.float32)}
 
 
-def simulate_training_arrays(n, size_px=512, seed=0, **ranges):
+def simulate_training_arrays(n: int, size_px: int = 512, seed: int = 0, **ranges: Any) -> Dict[str, np.ndarray]:
     """Simulate ``n`` micrographs (``size_px``²; ``ranges`` as in
     :func:`deepcryo.core.micrographs.random_micrograph_parameters`) and return their model inputs:
     ``{"psd": (n, 3, S, S) float16, "acq": (n, 2) voltage kV / Cs mm, "labels": (n, 3) U Å, V Å, angle deg}``."""
@@ -56,7 +59,8 @@ def simulate_training_arrays(n, size_px=512, seed=0, **ranges):
     return _pack(psds, acq, labels)
 
 
-def star_training_arrays(star_path, voltage_kV=None, cs_mm=None, pixel_size_A=None):
+def star_training_arrays(star_path: str, voltage_kV: Optional[float] = None, cs_mm: Optional[float] = None,
+                         pixel_size_A: Optional[float] = None) -> Dict[str, np.ndarray]:
     """Model inputs from a STAR of micrographs with labels (``rlnMicrographName``, ``rlnDefocusU/V/Angle``;
     pixel size, voltage and Cs from ``rlnMicrographPixelSize``/``rlnVoltage``/``rlnSphericalAberration``
     columns, a ``data_optics`` block, or the arguments). Same dict as :func:`simulate_training_arrays`."""
@@ -99,14 +103,14 @@ def star_training_arrays(star_path, voltage_kV=None, cs_mm=None, pixel_size_A=No
     return _pack(psds, acq, labels)
 
 
-def save_arrays(path, arrays):
+def save_arrays(path: str, arrays: Dict[str, np.ndarray]) -> None:
     """Cache training arrays in an ``.npz`` (atomically)."""
     with io.atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
 
-def load_arrays(path):
+def load_arrays(path: str) -> Dict[str, np.ndarray]:
     """Training arrays from :func:`save_arrays`."""
     try:
         with np.load(path) as data:
@@ -115,7 +119,7 @@ def load_arrays(path):
         raise io.InputError("%s: not a deepcryo defocus training cache (%s)" % (path, exc))
 
 
-def augment(psd, angle_deg, ops):
+def augment(psd: torch.Tensor, angle_deg: torch.Tensor, ops: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Apply square symmetries to centred PSDs (B, C, S, S) and transform the angle labels (B,) degrees.
 
     ``ops`` (B,) integers 0..7: bit 0 = mirror x (θ → −θ), bits 1-2 = number of 90° rotations
@@ -162,7 +166,7 @@ def _loss(out, labels, profile=None, phi=None):
     return loss.mean()
 
 
-def evaluate(model, arrays, batch_size=64):
+def evaluate(model: torch.nn.Module, arrays: Dict[str, np.ndarray], batch_size: int = 64) -> Tuple[float, float]:
     """(MAE of U and V in Å, median angle error in degrees where U − V > 300 Å) of a model on arrays
     (computed on the model's device)."""
     model.eval()
@@ -188,8 +192,10 @@ def _subset(arrays, idx):
     return {k: v[idx] for k, v in arrays.items()}
 
 
-def train(arrays, output, config=None, init_weights=None, epochs=60, batch_size=32, learning_rate=1e-3, patience=8,
-          val_fraction=0.15, seed=0, checkpoint=None, resume=False, device="cpu"):
+def train(arrays: Dict[str, np.ndarray], output: str, config: Optional[Dict[str, Any]] = None,
+          init_weights: Optional[str] = None, epochs: int = 60, batch_size: int = 32, learning_rate: float = 1e-3,
+          patience: int = 8, val_fraction: float = 0.15, seed: int = 0, checkpoint: Optional[str] = None,
+          resume: bool = False, device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Train (or fine-tune from ``init_weights``) a defocus model and write the best weights to ``output``.
 
     Args:

@@ -14,11 +14,14 @@ Writes into ``train_dir/analysis`` or ``--output-dir`` (built in a temporary fol
 
 Volumes are at the working box and pixel size of the training, in the particles' intensity units.
 """
+from __future__ import annotations
+
 import json
 import logging
 import os
 import shutil
 import tempfile
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +37,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["analyze", "suggest_clusters", "free_energy", "draw_density_panels", "cluster_latents"]
 
 
-def suggest_clusters(z, max_clusters, seed=0, min_variance_ratio=0.02, elbow_fraction=1.0 / 3.0):
+def suggest_clusters(z: np.ndarray, max_clusters: int, seed: int = 0, min_variance_ratio: float = 0.02,
+                     elbow_fraction: float = 1.0 / 3.0) -> Tuple[int, List[float]]:
     """K suggested by Gaussian-mixture BIC on the informative principal components of latents z (N, L).
 
     The GMM (full covariances) is fitted on the principal components that explain at least
@@ -58,14 +62,15 @@ def suggest_clusters(z, max_clusters, seed=0, min_variance_ratio=0.02, elbow_fra
     return int(small[0] + 1 if len(small) else len(bic)), bic.tolist()
 
 
-def cluster_latents(z, n_clusters, seed=0):
+def cluster_latents(z: np.ndarray, n_clusters: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """k-means labels (N,) 0-based and centres (K, L)."""
     from sklearn.cluster import KMeans
     km = KMeans(n_clusters, n_init=10, random_state=seed).fit(z)
     return km.labels_, km.cluster_centers_
 
 
-def free_energy(xy, bins=60, smooth_bins=1.5):
+def free_energy(xy: np.ndarray, bins: int = 60, smooth_bins: float = 1.5) -> Tuple[np.ndarray, np.ndarray, np.ndarray,
+                np.ndarray]:
     """Smoothed 2D density of points ``xy`` (N, 2) and ``−ln density`` (NaN where empty), with bin edges."""
     from scipy.ndimage import gaussian_filter
     hist, ex, ey = np.histogram2d(xy[:, 0], xy[:, 1], bins=bins, density=True)
@@ -75,7 +80,7 @@ def free_energy(xy, bins=60, smooth_bins=1.5):
     return dens, energy - np.nanmin(energy), ex, ey
 
 
-def draw_density_panels(fig, ax_density, ax_energy, xy):
+def draw_density_panels(fig, ax_density, ax_energy, xy: np.ndarray) -> None:
     """Draw the smoothed density and the −ln density (kT, relative) of 2D coordinates ``xy`` (N, 2) on two
     matplotlib axes of ``fig`` (used by the analysis' ``landscape.png`` and by the Scipion viewer)."""
     dens, energy, ex, ey = free_energy(xy)
@@ -120,7 +125,7 @@ def _plot_curves(path, x, curves, xlabel, ylabel, labels):
     plt.close(fig)
 
 
-def cluster_reconstruction(data, indices, batch_size=256):
+def cluster_reconstruction(data: ParticleBatches, indices: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Map (D, D, D) of particles ``indices`` at their consensus poses, in the dataset's intensity scale."""
     rec = Reconstructor(data.box)
     for start in range(0, len(indices), batch_size):
@@ -129,8 +134,8 @@ def cluster_reconstruction(data, indices, batch_size=256):
     return rec.reconstruct()
 
 
-def analyze(train_dir, n_clusters=0, max_clusters=8, trajectory_steps=7, n_pcs=2, umap=True, seed=0,
-            output_dir=None):
+def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajectory_steps: int = 7, n_pcs: int = 2,
+            umap: bool = True, seed: int = 0, output_dir: Optional[str] = None) -> str:
     """Analyse a training folder; returns the path of ``summary.json`` in the output folder.
 
     Args:

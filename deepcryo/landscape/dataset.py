@@ -10,6 +10,10 @@ so a set of millions of particles never has to fit in memory. Each batch is
 and returned as centred spectra (B, D, D) complex with the (B, 3, 3) pose matrices A (volume → projection
 frame, RELION ZYZ) and the (B, D, D) CTFs (RELION sign) on the centred grid of :mod:`deepcryo.core.fourier`.
 """
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple, Union
+
 import numpy as np
 import torch
 
@@ -21,7 +25,7 @@ from ..core.io import InputError, read_particles
 __all__ = ["ParticleBatches", "load_particles"]
 
 
-def load_particles(path, poses=True):
+def load_particles(path: str, poses: bool = True):
     """Read a particle STAR and check it has what the VAE needs (images, CTF, poses unless ``poses`` is
     False); InputError otherwise."""
     star = read_particles(path)
@@ -41,7 +45,7 @@ class ParticleBatches:
             spectra are not centred (the STAR's angles and origins, if any, are never read).
     """
 
-    def __init__(self, star, box=None, scale=None, poses=True):
+    def __init__(self, star, box: Optional[int] = None, scale: Optional[float] = None, poses: bool = True) -> None:
         self.star = star
         self.stack = star.open_images()
         self.stack_box = self.stack.box
@@ -70,7 +74,8 @@ class ParticleBatches:
             raise InputError("particle images are constant (zero variance); nothing to learn")
         return std
 
-    def get(self, indices, device="cpu"):
+    def get(self, indices: Union[torch.Tensor, np.ndarray],
+            device: Union[str, torch.device] = "cpu") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Spectra (B, D, D) complex, rotations (B, 3, 3) and CTFs (B, D, D) of particles ``indices``."""
         indices = np.asarray(indices, dtype=np.int64)
         images = torch.from_numpy(self.stack.read(indices)).to(device) / self.scale
@@ -83,12 +88,13 @@ class ParticleBatches:
                      **{k: v[indices] for k, v in self._ctf.items()})
         return spectra, self._rotations[indices].to(device), ctf
 
-    def batches(self, batch_size, order=None, device="cpu"):
+    def batches(self, batch_size: int, order: Optional[np.ndarray] = None, device: Union[str, torch.device] = "cpu"
+                ) -> Iterator[Tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield ``(indices, spectra, rotations, ctf)`` over ``order`` (default: all particles in order)."""
         order = np.arange(len(self)) if order is None else np.asarray(order)
         for start in range(0, len(order), batch_size):
             idx = np.sort(order[start:start + batch_size])
             yield (idx,) + self.get(idx, device)
 
-    def close(self):
+    def close(self) -> None:
         self.stack.close()

@@ -4,6 +4,10 @@
 - :func:`two_state_ari` / :func:`hinge_rho`: adjusted Rand index of k-means (K = 2) on the latents against the
   true states, and |Spearman ρ| of the latent PC1 against the true hinge parameter.
 """
+from __future__ import annotations
+
+from typing import Tuple
+
 import numpy as np
 import torch
 
@@ -31,7 +35,7 @@ def _aligned_errors(pred, true, iterations=5):
     return err
 
 
-def pose_error_deg(pred_angles_deg, true_angles_deg):
+def pose_error_deg(pred_angles_deg: np.ndarray, true_angles_deg: np.ndarray) -> Tuple[float, float]:
     """Median angular error (deg) of predicted poses against the truth, and the chance level.
 
     The learned volume has its own frame and hand, so the predictions are compared after the best global
@@ -48,13 +52,13 @@ def pose_error_deg(pred_angles_deg, true_angles_deg):
     return float(err), float(chance)
 
 
-def latents(star):
+def latents(star) -> np.ndarray:
     """(N, L) latent coordinates ``dcLatent01`` … of a particle STAR."""
     cols = sorted(c for c in star.particles if c.startswith("dcLatent"))
     return np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in cols], 1)
 
 
-def two_state_ari(z, true_states, seed=0):
+def two_state_ari(z: np.ndarray, true_states: np.ndarray, seed: int = 0) -> float:
     """Adjusted Rand index of k-means (K = 2) on latents ``z`` (N, L) against the true states (N,)."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
@@ -62,7 +66,7 @@ def two_state_ari(z, true_states, seed=0):
     return float(adjusted_rand_score(np.asarray(true_states), labels))
 
 
-def hinge_rho(z, hinge):
+def hinge_rho(z: np.ndarray, hinge: np.ndarray) -> float:
     """|Spearman ρ| of the first principal component of latents ``z`` (N, L) against the hinge parameter."""
     from scipy.stats import spearmanr
     from sklearn.decomposition import PCA

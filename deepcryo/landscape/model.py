@@ -10,12 +10,8 @@ exactly as :class:`deepcryo.core.projector.Projector` does (gridding correction,
 volumes and reconstructions share one convention. The padded transforms of the ``n_basis + 1`` volumes are
 computed once per optimisation step, whatever the batch size; each particle then costs one trilinear
 lookup of ``n_basis + 1`` values per Fourier pixel (half plane ``kx >= 0`` within radius D/2, by Friedel
-symmetry). Measured (CPU time, one thread, D = 32, M = 16, B = 64): the whole VAE step (forward + backward)
-0.52 s, of which 0.33 s is the batch-independent FFT of the basis, i.e. ≈ 3 ms per particle; a
-cryoDRGN-sized coordinate-MLP decoder alone (3 × 256 hidden, positional encoding, same half-plane points)
-costs 0.29 s for the same batch, ≈ 4.5 ms per particle. So the volume decoder is cheaper per particle
-(≈ 1.5× at D = 32, growing with batch size; a first version slicing the full plane with torch's ``grid_sample`` was 2.6×
-slower per step at B = 256 than the half-plane gather used here) but not by orders of magnitude; it was chosen above all because the per-basis
+symmetry). The volume decoder is cheaper per particle than a coordinate-MLP decoder (figures in
+``benchmarks/RESULTS.md``) but not by orders of magnitude; it was chosen above all because the per-basis
 slices it produces are what the encoder consumes, and because V₀ starts at the consensus map. The price
 is expressiveness: motions are represented in an ``n_basis``-dimensional space of volumes, with a
 non-linear map from the latent to the mixing weights.
@@ -29,8 +25,8 @@ correlations of the particle's residual ``r = X − CTF·S₀`` with each CTF-we
 of a linear model of the particle's conformation at its pose, so the encoder never has to learn
 rotation invariance (the cost that makes image-encoders slow to train).
 
-Pose-free mode (the seed's method, second)
-------------------------------------------
+Pose-free mode
+--------------
 With ``pose_free=True`` the given poses are not used: a pose head (MLP on the noise-whitened half-plane
 spectrum, 3 × 256) predicts ``pose_heads`` candidate poses per particle, each a unit quaternion and an
 in-plane shift (px of the working box, bounded to ±``max_shift_px`` by a tanh). Guards:
@@ -40,12 +36,12 @@ in-plane shift (px of the working box, bounded to ±``max_shift_px`` by a tanh).
   (``k·MAM = (k·A)·M`` for the in-plane k). So every head's candidate is scored in both hands and the
   better one is kept (a loss symmetric over hands, as cryoAI's symmetrised loss). The decoder then never
   needs to represent both hands: one hand of V explains every particle through the pose alone, and the
-  latent has no incentive to encode the hand (the seed's network, without such a guard, learned both
-  hands). A fixed-hand regulariser would need a reference of known hand, which a pose-free run does not
+  latent has no incentive to encode the hand (a network without such a guard can learn both hands).
+  A fixed-hand regulariser would need a reference of known hand, which a pose-free run does not
   have; the min over hands costs one extra lookup of V₀ per candidate.
 - *Local minima of amortised poses.* A pose head trained only by the gradient of the likelihood through
-  the interpolation does not leave its random start (measured: 8 epochs, 3000 particles, median pose error
-  123° against a chance level of 130°). So the candidates also include an exhaustive search against V₀
+  the interpolation does not leave its random start (measured: see ``benchmarks/RESULTS.md``). So the
+  candidates also include an exhaustive search against V₀
   (a 20° grid of 1872 poses × 9 shifts, scored with two matmuls per batch, then ±7° about each
   projection-frame axis around the winner); all candidates are scored against V₀ only (two real channels,
   cheap), the best one wins, is decoded with the full basis, and, when the search won, the best head is
@@ -55,7 +51,7 @@ in-plane shift (px of the working box, bounded to ±``max_shift_px`` by a tanh).
 The chosen pose and shift are then used exactly as given poses are in the main mode (the encoder sees the
 spectrum centred by the chosen shift). V₀ starts from a reference map when one is given, otherwise from a
 soft sphere (no consensus map exists without poses); a sphere carries no orientation, so without a
-reference the search has nothing to lock onto (see the README for the measured figures).
+reference the search has nothing to lock onto (measured figures: README).
 
 Likelihood
 ----------
@@ -64,6 +60,10 @@ unnormalised spectra of real images the negative log-likelihood is ``½ Σ_k |X 
 over the full plane within radius D/2 (Parseval: equal to the real-space Gaussian NLL for white noise).
 Loss per particle: NLL + β·KL(q(z|X) ‖ N(0, I)).
 """
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple, Union
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ from ..core.projector import gridding_kernel_1d
 __all__ = ["LandscapeVAE", "radial_noise_variance", "soft_sphere"]
 
 
-def soft_sphere(box, radius_px=None):
+def soft_sphere(box: int, radius_px: Optional[float] = None) -> torch.Tensor:
     """(D, D, D) soft-edged sphere (value 1 inside, radius ``box/4`` px by default): pose-free V₀ start."""
     r = fourier.radius_grid_3d(box)
     radius = box / 4.0 if radius_px is None else radius_px
@@ -91,7 +91,7 @@ def _mlp(n_in, hidden, n_out, layers=2):
     return nn.Sequential(*mods)
 
 
-def radial_noise_variance(residuals, box):
+def radial_noise_variance(residuals: torch.Tensor, box: int) -> torch.Tensor:
     """(D, D) per-pixel noise variance from residual spectra (B, D, D): ``mean |r|²`` per integer shell."""
     r = torch.round(fourier.radius_grid_2d(box, device=residuals.device)).long().clamp(max=box // 2)
     power = (residuals.abs() ** 2).mean(0)
@@ -116,8 +116,9 @@ class LandscapeVAE(nn.Module):
         noise_var: (D, D) noise variance per Fourier pixel (see :func:`radial_noise_variance`).
     """
 
-    def __init__(self, box, latent_dim, n_basis, hidden, mean_volume, noise_var, pose_free=False, pose_heads=8,
-                 max_shift_px=None):
+    def __init__(self, box: int, latent_dim: int, n_basis: int, hidden: int, mean_volume: torch.Tensor,
+                 noise_var: torch.Tensor, pose_free: bool = False, pose_heads: int = 8,
+                 max_shift_px: Optional[float] = None) -> None:
         super().__init__()
         self.box, self.latent_dim, self.n_basis, self.hidden = int(box), int(latent_dim), int(n_basis), int(hidden)
         self.pose_free, self.pose_heads = bool(pose_free), int(pose_heads)
@@ -170,17 +171,17 @@ class LandscapeVAE(nn.Module):
         self.register_buffer("_corners", torch.tensor([dz * syz * sx + dy * sx + dx for dz in (0, 1)
                                                        for dy in (0, 1) for dx in (0, 1)]), persistent=False)
 
-    def config(self):
+    def config(self) -> Dict[str, Any]:
         """Constructor arguments other than the tensors (for checkpoints)."""
         return {"box": self.box, "latent_dim": self.latent_dim, "n_basis": self.n_basis, "hidden": self.hidden,
                 "pose_free": self.pose_free, "pose_heads": self.pose_heads, "max_shift_px": self.max_shift_px}
 
-    def select(self, images_ft):
+    def select(self, images_ft: torch.Tensor) -> torch.Tensor:
         """The model's Fourier pixels (..., K) of centred (..., D, D) arrays (spectra, CTFs)."""
         return images_ft.reshape(images_ft.shape[:-2] + (-1,))[..., self.pixels]
 
     # ----------------------------------------------------------------------------------------- decoder
-    def basis_ft(self):
+    def basis_ft(self) -> torch.Tensor:
         """(Z·Y·X, 2(M+1)) table of the padded centred transforms of the masked volumes (real, imag).
 
         Half volume kx = 0 … P/2 (Friedel), kz, ky = −P/2 … P/2 − 1, P = 2D; the 2× zero padding, the
@@ -195,7 +196,8 @@ class LandscapeVAE(nn.Module):
         t = torch.einsum("czjk,zi->ijkc", b, self._dft_yz)                         # (kz, ky, kx, C)
         return torch.cat([t.real, t.imag], -1).reshape(-1, 2 * t.shape[-1])
 
-    def slices(self, rotations, table, hand=None, channels=None):
+    def slices(self, rotations: torch.Tensor, table: torch.Tensor, hand: Optional[torch.Tensor] = None,
+               channels: Optional[int] = None) -> torch.Tensor:
         """Central slices (B, C, K) complex of every volume at (B, 3, 3) poses (trilinear, as the projector).
 
         ``hand`` (B,) ±1: −1 samples the mirror pose M·A·M (z of the slice points negated).
@@ -222,7 +224,7 @@ class LandscapeVAE(nn.Module):
         return torch.complex(out[..., :m], out[..., m:] * conj[..., None]).transpose(1, 2)
 
     # -------------------------------------------------------------------------------------- pose head
-    def predict_poses(self, spectra):
+    def predict_poses(self, spectra: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Pose-free mode: the pose head's candidates for selected spectra (B, K).
 
         Returns rotations (B, H, 3, 3) (gradients flow to the pose head) and shifts (B, H, 2) px (the origin
@@ -236,7 +238,8 @@ class LandscapeVAE(nn.Module):
         shifts = self.max_shift_px * torch.tanh(out[..., 4:])                          # (B, H, 2)
         return rot, shifts
 
-    def choose_poses(self, spectra, ctf, table):
+    def choose_poses(self, spectra: torch.Tensor, ctf: torch.Tensor, table: torch.Tensor) -> Tuple[torch.Tensor,
+                     torch.Tensor, torch.Tensor, torch.Tensor]:
         """Best pose per particle against V₀ among the heads (both hands) and the search grid.
 
         Candidates: the heads' poses in both hands (with their shifts); the grid (``grid_step_deg`` sphere ×
@@ -295,12 +298,12 @@ class LandscapeVAE(nn.Module):
         return torch.polar(torch.ones((), device=shifts.device),
                            -2.0 * torch.pi * torch.einsum("kc,...c->...k", k, shifts))
 
-    def decode_slice(self, z, slices):
+    def decode_slice(self, z: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
         """Predicted spectra (B, K) (before CTF) for latents z (B, L) and :meth:`slices` output."""
         c = self.coefficients(z)
         return slices[:, 0] + torch.einsum("bm,bmk->bk", c.to(slices.dtype), slices[:, 1:])
 
-    def volume(self, z):
+    def volume(self, z: torch.Tensor) -> torch.Tensor:
         """Real-space volumes (K, D, D, D) for latents z (K, L) (dataset intensity scale)."""
         with torch.no_grad():
             c = self.coefficients(torch.as_tensor(z, dtype=torch.float32, device=self.volumes.device))
@@ -308,7 +311,8 @@ class LandscapeVAE(nn.Module):
             return vols * self.mask3d
 
     # ----------------------------------------------------------------------------------------- encoder
-    def encode(self, spectra, ctf, slices):
+    def encode(self, spectra: torch.Tensor, ctf: torch.Tensor, slices: torch.Tensor) -> Tuple[torch.Tensor,
+               torch.Tensor]:
         """Latent mean and log-variance (B, L) from selected spectra and CTFs (B, K) and :meth:`slices`."""
         weighted = slices * ctf[:, None]
         residual = spectra - weighted[:, 0]
@@ -328,7 +332,8 @@ class LandscapeVAE(nn.Module):
             spectra = spectra * self._shift_phase(shifts)
         return spectra, ctf, self.slices(rotations, table, hand), (rotations, hand, shifts, distill)
 
-    def forward(self, spectra, rotations, ctf, beta=1.0):
+    def forward(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor,
+                beta: float = 1.0) -> Dict[str, torch.Tensor]:
         """Per-batch mean loss terms ``{"loss", "nll", "kl"}`` for spectra and CTFs (B, D, D), poses (B, 3, 3).
 
         In pose-free mode ``rotations`` is ignored (and may be None).
@@ -345,7 +350,9 @@ class LandscapeVAE(nn.Module):
             loss = loss + self.distill_weight * distill
         return {"loss": loss.mean(), "nll": nll.mean(), "kl": kl.mean()}
 
-    def encode_batch(self, spectra, rotations, ctf, with_poses=False):
+    def encode_batch(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor,
+                     with_poses: bool = False
+                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """Latent means (B, L) without gradients, for spectra and CTFs (B, D, D) and poses (B, 3, 3).
 
         ``with_poses``: also return the poses used, (B, 3, 3) matrices A (mirror hand applied) and shifts

@@ -21,10 +21,13 @@ Several devices (``--device cuda:0,cuda:1``) train with torch DistributedDataPar
 device, each on its share of every epoch's shuffled order (the last ``n mod devices`` particles of the
 order wait for the next epoch, so that all shares are equal); rank 0 writes the outputs.
 """
+from __future__ import annotations
+
 import logging
 import os
 import socket
 import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -47,12 +50,12 @@ CHECKPOINT = "checkpoint.pt"
 LATENT_STAR = "particles_latent.star"
 
 
-def latent_columns(latent_dim):
+def latent_columns(latent_dim: int) -> List[str]:
     """STAR column names of the latent coordinates."""
     return ["dcLatent%02d" % (i + 1) for i in range(latent_dim)]
 
 
-def consensus_map(data, batch_size, device):
+def consensus_map(data: ParticleBatches, batch_size: int, device: Union[str, torch.device]) -> torch.Tensor:
     """Consensus reconstruction (D, D, D) at the working box from the dataset's (scaled) spectra."""
     rec = Reconstructor(data.box, device=device)
     for _, spectra, rot, ctf in data.batches(batch_size, device=device):
@@ -60,7 +63,7 @@ def consensus_map(data, batch_size, device):
     return torch.from_numpy(rec.reconstruct())
 
 
-def noise_estimate(data, volume, n_sample, batch_size):
+def noise_estimate(data: ParticleBatches, volume: torch.Tensor, n_sample: int, batch_size: int) -> torch.Tensor:
     """(D, D) noise variance from the residuals of up to ``n_sample`` particles against ``volume``."""
     proj = Projector(volume)
     idx = np.linspace(0, len(data) - 1, min(n_sample, len(data))).astype(np.int64)
@@ -71,7 +74,7 @@ def noise_estimate(data, volume, n_sample, batch_size):
     return radial_noise_variance(torch.cat(residuals), data.box)
 
 
-def read_checkpoint(path, device="cpu"):
+def read_checkpoint(path: str, device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """The checkpoint dict of ``path`` (``torch.load(weights_only=True)``: tensors and plain data only, never
     code); InputError for a file that is not a deepcryo landscape checkpoint."""
     try:
@@ -84,7 +87,7 @@ def read_checkpoint(path, device="cpu"):
     return ckpt
 
 
-def load_model(output_dir, device="cpu"):
+def load_model(output_dir: str, device: Union[str, torch.device] = "cpu") -> Tuple[LandscapeVAE, Dict[str, Any]]:
     """(model, checkpoint dict) from ``output_dir/checkpoint.pt`` (weights only, no pickled code)."""
     path = os.path.join(output_dir, CHECKPOINT)
     if not os.path.exists(path):
@@ -99,7 +102,8 @@ def load_model(output_dir, device="cpu"):
     return model.to(device), ckpt
 
 
-def encode_all(model, data, batch_size, device="cpu", with_poses=False):
+def encode_all(model: LandscapeVAE, data: ParticleBatches, batch_size: int, device: Union[str, torch.device] = "cpu",
+               with_poses: bool = False) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Latent means (N, L) of every particle, in STAR order.
 
     ``with_poses``: also the poses used, (N, 3, 3) matrices A and (N, 2) origins in px of the working box.
@@ -118,7 +122,8 @@ def encode_all(model, data, batch_size, device="cpu", with_poses=False):
     return (out, rots, shifts) if with_poses else out
 
 
-def pose_free_start(data, reference=None, n_sample=1000, batch_size=256):
+def pose_free_start(data: ParticleBatches, reference: Optional[torch.Tensor] = None, n_sample: int = 1000,
+                    batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
     """Initial V₀ (D, D, D) and noise variance (D, D) for pose-free training (no poses are used).
 
     V₀: ``reference`` (MRC path; Fourier-resampled to the working box) or a soft sphere, scaled so that the
@@ -230,9 +235,10 @@ def _ddp_entry(rank, devices, cfg, init, port, log_to_console):
     _run(rank, devices, cfg, init, port)
 
 
-def train(particles, output_dir, latent_dim=8, epochs=20, box=None, batch_size=64, beta=1.0, n_basis=16,
-          hidden=128, learning_rate=3e-3, devices=("cpu",), resume=False, seed=0, pose_free=False, reference=None,
-          pose_heads=8):
+def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20, box: Optional[int] = None,
+          batch_size: int = 64, beta: float = 1.0, n_basis: int = 16, hidden: int = 128, learning_rate: float = 3e-3,
+          devices: Sequence[str] = ("cpu",), resume: bool = False, seed: int = 0, pose_free: bool = False,
+          reference: Optional[str] = None, pose_heads: int = 8) -> str:
     """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
 
     Args:
