@@ -17,7 +17,6 @@ from deepcryo.tests.bad_inputs import malicious_file
 from deepcryo.tests.protocol_inputs import _micrographs, _particles, _volume
 
 
-
 def _errors(prot_class, **inputs):
     prot = prot_class()
     for name, value in inputs.items():
