@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment .venv with CPU torch 2.13.0, faiss-cpu, the Scipion
-# packages and deepcryo itself (editable). Idempotent: a second run only checks the install.
+# packages, deepcryo itself (editable, from pyproject.toml) and its test tools (extra "test": pytest, ruff).
+# Idempotent: a second run only checks the install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, faiss, pyworkflow, pwem, deepcryo" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, faiss, pyworkflow, pwem, deepcryo, pytest" 2>/dev/null \
+   || [ ! -x .venv/bin/ruff ]; then
   # torch first and pinned: 2.13.0 resolves to the local CPU build; an unpinned torch pulls CUDA wheels
   .venv/bin/pip install -q "torch==2.13.0"
   .venv/bin/pip install -q -e ".[test]"

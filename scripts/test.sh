@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the whole deepcryo test suite headless on CPU (unit tests, RELION convention tests, Scipion protocol
-# tests). Creates .venv if needed and installs RELION 3.1 (Debian package) when possible.
+# Lint (ruff, configured in pyproject.toml; any finding fails the run) then run the whole deepcryo test suite
+# headless on CPU (unit tests, RELION convention tests, Scipion protocol tests). Creates .venv if needed and
+# installs RELION 3.1 (Debian package) when possible.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -8,5 +9,6 @@ if ! command -v relion_project >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command 
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq relion >/dev/null) \
     || echo "warning: could not install RELION; its convention tests will be skipped"
 fi
+.venv/bin/ruff check deepcryo benchmarks scripts
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 exec .venv/bin/python -m pytest -q -p no:cacheprovider deepcryo/tests "$@"

@@ -66,6 +66,13 @@ class Projector:
         # (1, 2, M, M, M) real/imag channels for grid_sample
         self._ft = torch.stack([ft.real, ft.imag], dim=0)[None].contiguous()
 
+    @property
+    def padded_ft(self) -> torch.Tensor:
+        """(1, 2, M, M, M) real and imaginary channels of the padded, gridding-corrected, centred transform
+        (M = ``padded_box``, origin at M//2), the layout :func:`torch.nn.functional.grid_sample` samples
+        with ``align_corners=True``; on :attr:`device`. Read-only: shared with the projector."""
+        return self._ft
+
     def project_ft(self, rotations, max_radius_px=None):
         """Centred spectra (B, N, N) complex of the projections for (B, 3, 3) pose matrices."""
         rotations = torch.as_tensor(rotations, dtype=torch.float32, device=self.device)

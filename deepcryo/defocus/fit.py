@@ -26,6 +26,7 @@ import torch
 
 from ..core import ctf as ctf_mod
 from ..core import fourier
+from ..core.bands import band_indices
 
 __all__ = ["BandPixels", "refine", "exhaustive_search", "fit_resolution", "score_params", "FitResult",
            "disagreement_flag", "score_only"]
@@ -34,7 +35,8 @@ SEARCH_LOW_BAND_A = 8.0  # high-resolution limit (Å) of the robust search stage
 
 
 class BandPixels:
-    """Half-plane pixels of a centred ``size_px`` PSD at ``sampling_A`` Å/px between ``low_A`` and ``high_A``.
+    """Half-plane pixels (:mod:`deepcryo.core.bands`) of a centred ``size_px`` PSD at ``sampling_A`` Å/px
+    between ``low_A`` and ``high_A``.
 
     Holds ``index`` (flat pixel indices), ``s2`` (1/Å²), ``cos2`` and ``sin2`` (of twice the azimuth).
     """
@@ -42,9 +44,7 @@ class BandPixels:
     def __init__(self, size_px, sampling_A, low_A, high_A, device=None):
         grid = fourier.freq_grid_2d(size_px, device=device).reshape(-1, 2) / sampling_A
         s = grid.norm(dim=1)
-        half = (grid[:, 1] > 0) | ((grid[:, 1] == 0) & (grid[:, 0] > 0))
-        keep = half & (s >= 1.0 / low_A) & (s <= 1.0 / high_A)
-        self.index = torch.nonzero(keep)[:, 0]
+        self.index = band_indices(grid, s, 1.0 / low_A, 1.0 / high_A)
         g = grid[self.index]
         phi = torch.atan2(g[:, 1], g[:, 0])
         self.s2 = (g * g).sum(dim=1)

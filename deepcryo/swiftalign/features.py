@@ -2,7 +2,8 @@
 
 Band: the coefficients of the centred spectrum (:mod:`deepcryo.core.fourier`, origin at N//2) with a
 frequency radius ``0 < r <= N · pixel_size_A / max_resolution_A`` (Fourier pixels) on the non-redundant
-half plane (``kx > 0``, or ``kx == 0`` and ``ky > 0``): the DC and the Friedel mates are left out.
+half plane of :mod:`deepcryo.core.bands` (``kx > 0``, or ``kx == 0`` and ``ky > 0``): the DC and the
+Friedel mates are left out.
 
 Vector: the band coefficients, optionally multiplied by ``sqrt(weight)`` (whitening by the noise
 spectrum: weight = 1 / noise power), real and imaginary parts interleaved ``[Re c1, Im c1, Re c2, …]``,
@@ -14,7 +15,7 @@ import math
 
 import torch
 
-from deepcryo.core import fourier
+from deepcryo.core import bands, fourier
 
 __all__ = ["Band", "band_radius_px", "vectors_from_band", "noise_weights"]
 
@@ -42,9 +43,7 @@ class Band:
         radius = band_radius_px(box, pixel_size_A, max_resolution_A)
         k = fourier.freq_grid_2d(self.box) * self.box                  # Fourier pixels
         r = torch.sqrt((k ** 2).sum(-1))
-        half = (k[..., 0] > 0) | ((k[..., 0] == 0) & (k[..., 1] > 0))
-        keep = (half & (r <= radius) & (r > 0)).reshape(-1)
-        self.pixels = torch.nonzero(keep).squeeze(1)
+        self.pixels = bands.band_indices(k, r, 0.0, radius)
         self.freqs_px = (k.reshape(-1, 2)[self.pixels] / self.box).contiguous()
         self.radius_px = r.reshape(-1)[self.pixels]
 

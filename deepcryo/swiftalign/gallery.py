@@ -57,14 +57,14 @@ def band_slices(projector, rotations, freqs_px):
         rotations: (B, 3, 3) pose matrices (volume → projection frame, RELION convention).
         freqs_px: (P, 2) frequencies (fx, fy) in cycles/px.
     """
-    device = projector._ft.device
+    device = projector.device
     rotations = torch.as_tensor(rotations, dtype=torch.float32).to(device)
     freqs_px = freqs_px.to(device)
     k3 = torch.cat([freqs_px, torch.zeros_like(freqs_px[:, :1])], dim=1)            # (P, 3)
     pts = torch.einsum("pi,bij->bpj", k3, rotations)                               # Aᵀk
     m = projector.padded_box
     grid = (pts * m + m // 2) / (m - 1) * 2.0 - 1.0
-    out = F.grid_sample(projector._ft, grid[None, :, :, None, :], mode="bilinear", padding_mode="zeros",
+    out = F.grid_sample(projector.padded_ft, grid[None, :, :, None, :], mode="bilinear", padding_mode="zeros",
                         align_corners=True)[0, :, :, :, 0]                         # (2, B, P)
     return torch.complex(out[0], out[1])
 

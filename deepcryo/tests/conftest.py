@@ -17,10 +17,12 @@
 # *
 # **************************************************************************
 """pytest hooks: the Scipion environment (see :mod:`deepcryo.tests.harness`) in the report header; the shared
-fixture ``relion_rendered`` (particle sets rendered by relion_project, :mod:`deepcryo.tests.relion_data`)."""
+fixtures ``relion_rendered`` (particle sets rendered by relion_project, :mod:`deepcryo.tests.relion_data`) and
+``ws`` (good and bad program inputs, :mod:`deepcryo.tests.bad_inputs`)."""
 import os
 
 from deepcryo.tests import harness
+from deepcryo.tests.bad_inputs import ws  # noqa: F401  (fixture: good inputs and every bad file)
 from deepcryo.tests.relion_data import relion_rendered  # noqa: F401  (fixture: particles rendered by RELION)
 
 

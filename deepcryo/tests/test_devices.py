@@ -21,7 +21,7 @@ from deepcryo.protocols import (DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocus
                                 DeepCryoProtSwiftRefine, DeepCryoProtVaeTrain)
 from deepcryo.swiftalign import index as swindex
 from deepcryo.swiftalign import refine as swrefine
-from deepcryo.tests.test_protocol_bad_input import _micrographs, _particles, _volume
+from deepcryo.tests.protocol_inputs import _micrographs, _particles, _volume
 
 
 @pytest.fixture(autouse=True)

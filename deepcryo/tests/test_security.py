@@ -29,7 +29,7 @@ from deepcryo.defocus import train as defocus_train
 from deepcryo.landscape import __main__ as landscape_cli
 from deepcryo.landscape import train as landscape_train
 from deepcryo.swiftalign import __main__ as swiftalign_cli
-from deepcryo.tests.test_bad_input import ACQ, Malicious, malicious_file, ws  # noqa: F401 (fixture)
+from deepcryo.tests.bad_inputs import ACQ, Malicious, malicious_file
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the Scipion side is not part of "the programs", but is scanned too
@@ -55,7 +55,7 @@ def _crafted(tmp_path, marker):
     return files
 
 
-def test_crafted_model_files_are_refused_everywhere(ws, tmp_path, capsys):  # noqa: F811
+def test_crafted_model_files_are_refused_everywhere(ws, tmp_path, capsys):
     marker = str(tmp_path / "MARKER_code_ran")
     files = _crafted(tmp_path, marker)
     # the check is real: plain pickle loading would run the payload
@@ -166,7 +166,7 @@ def _tree(root):
 
 
 @pytest.fixture
-def updir(ws, tmp_path, monkeypatch):  # noqa: F811
+def updir(ws, tmp_path, monkeypatch):
     """``root/data`` (images, read only), ``root/job/in/*.star`` naming them as ``../../data/…``, output
     folder ``root/job/out``; the network is off (every socket connection raises)."""
     root = tmp_path / "tree"
