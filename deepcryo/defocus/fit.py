@@ -296,7 +296,8 @@ def fit_resolution(psd: torch.Tensor, sampling_A: float, result: FitResult, acq,
         w = max(3, int(window_periods * bins_per_period))
         if nb < w:
             return torch.full((b,), 1.0 / float(band.s.min()), device=psd.device)
-        win = lambda x: x.unfold(1, w, 1)  # (B, nb - w + 1, w)
+        def win(x):
+            return x.unfold(1, w, 1)  # (B, nb - w + 1, w)
         wk, x, y = win(ok), win(epa), win(mod)
         cnt = wk.sum(-1).clamp(min=1)
         xm = (x * wk).sum(-1, keepdim=True) / cnt[..., None]

@@ -30,9 +30,9 @@ import torch
 from ..core import io
 from . import fit as fit_mod
 from . import model as model_mod
+from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psds
 
 logger = logging.getLogger(__name__)
-from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psds
 
 __all__ = ["MicrographEntry", "list_micrographs", "fit_sampling_A", "estimate_batch", "predict", "write_ctf_star",
            "FIT_SIZE_PX"]
