@@ -24,13 +24,13 @@ from pyworkflow.utils import Message
 from pwem.objects import FSC, Volume
 from pwem.protocols import ProtReconstruct3D
 
-from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_HELP
-from deepcryo.convert import fscResolution, readFscStar, writeSetOfParticles
+from deepcryo.convert import fscResolution, readFscStar
+from deepcryo.protocols.protocol_base import DeepCryoProtBase
 from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
 
 
-class DeepCryoProtReconstruct(ProtReconstruct3D):
+class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
     """Reconstructs a 3D map from particles with CTF and 3D alignment (angles and shifts).
 
     Each particle image is CTF-multiplied and inserted into a padded Fourier grid at the central
@@ -76,7 +76,7 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
 
     def _createFilenameTemplates(self):
         self._updateFilenamesDict({
-            "input_star": self._getExtraPath("input_particles.star"),
+            "input_star": self._inputParticlesStar(),
             "map": self._getExtraPath("map.mrc"),
             "half1": self._getExtraPath("map_half1.mrc"),
             "half2": self._getExtraPath("map_half2.mrc"),
@@ -84,10 +84,6 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
         })
 
     # --------------------------- STEPS functions ---------------------------------------------------
-    def convertInputStep(self):
-        writeSetOfParticles(self.inputParticles.get(), self._getFileName("input_star"),
-                            outputDir=self._getExtraPath())
-
     def reconstructStep(self):
         args = ["--particles", self._getFileName("input_star"), "--output", self._getFileName("map"),
                 "--symmetry", self.symmetryGroup.get().strip(), "--threads", self.numberOfThreads.get()]
@@ -95,10 +91,9 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
             args += ["--max-resolution", self.maxResolution.get()]
         if self.doHalfMaps:
             args.append("--halves")
-        gpus = self.getGpuList() if self.usesGpu() else None
-        if gpus:
+        if self._gpus():
             args += ["--device", "cuda:0"]  # the one GPU left visible by CUDA_VISIBLE_DEVICES
-        self.runJob(Plugin.getProgram("core.reconstruct", gpus=gpus), " ".join(str(a) for a in args))
+        self._runProgram("core.reconstruct", args)
 
     def createOutputStep(self):
         particles = self.inputParticles.get()
@@ -132,8 +127,7 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
             if self.doHalfMaps and particles.getSize() == 1:
                 errors.append("Half maps need at least 2 particles.")
         errors += symmetryErrors(self.symmetryGroup.get())
-        if self.usesGpu() and len(self.getGpuList()) != 1:
-            errors.append("The reconstruction runs on one GPU: give one GPU id (e.g. 0).")
+        errors += self._oneGpuErrors("The reconstruction")
         return errors
 
     def _summary(self):

@@ -30,10 +30,10 @@ from pwem.constants import ALIGN_NONE
 from pwem.objects import ParticleFlex, SetOfVolumes, Volume
 from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
 
-from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_PARTICLES
-from deepcryo.convert import rowToAlignment, writeSetOfParticles
+from deepcryo.convert import copyVolumeMrc, rowToAlignment
 from deepcryo.core import io
+from deepcryo.protocols.protocol_base import DeepCryoProtBase
 from deepcryo.protocols.validation import acquisitionErrors
 
 OUTPUT_CLASSES = "outputClasses"
@@ -52,7 +52,7 @@ def _rowsById(star):
     return {int(i): r for r, i in enumerate(np.asarray(star.particles["rlnImageId"], dtype=np.int64))}
 
 
-class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
+class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase):
     """Learns the conformational landscape of aligned particles with a variational autoencoder.
 
     The particles' consensus poses and CTF are used: the encoder maps each particle to a point of a
@@ -113,16 +113,17 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
     def getTrainDir(self):
         return self._getExtraPath("vae")
 
+    def _inputAlignType(self):
+        return ALIGN_NONE if self.poseFree else None
+
     def convertInputStep(self):
-        writeSetOfParticles(self.inputParticles.get(), self._getExtraPath("input_particles.star"),
-                            outputDir=self._getExtraPath(), alignType=ALIGN_NONE if self.poseFree else None)
+        DeepCryoProtBase.convertInputStep(self)
         ref = self.referenceVolume.get() if self.poseFree else None
         if ref is not None:
-            vol, _ = io.read_mrc(ref.getFileName().split(":")[0])
-            io.write_mrc(self._getExtraPath("reference.mrc"), vol, ref.getSamplingRate())
+            copyVolumeMrc(ref, self._getExtraPath("reference.mrc"))
 
     def trainStep(self):
-        args = ["train", "--particles", self._getExtraPath("input_particles.star"), "--output-dir",
+        args = ["train", "--particles", self._inputParticlesStar(), "--output-dir",
                 self.getTrainDir(), "--latent-dim", self.latentDim.get(), "--epochs", self.epochs.get(),
                 "--box", min(self.workingBox.get(), self.inputParticles.get().getXDim()),
                 "--batch-size", self.batchSize.get(), "--beta", self.beta.get(), "--basis", self.basis.get(),
@@ -137,10 +138,10 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
             for name in ("checkpoint.pt", "consensus.mrc"):
                 shutil.copy(os.path.join(previous, name), self.getTrainDir())
             args.append("--continue")
-        gpus = self.getGpuList() if self.usesGpu() else None
+        gpus = self._gpus()
         if gpus:
             args += ["--device", ",".join("cuda:%d" % i for i in range(len(gpus)))]
-        self.runJob(Plugin.getProgram("landscape", gpus=gpus), " ".join(str(a) for a in args))
+        self._runProgram("landscape", args)
 
     def createOutputStep(self):
         inputSet = self.inputParticles.get()
@@ -195,7 +196,7 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
                    " and predicted poses (pose-free)" if self.poseFree else "")]
 
 
-class DeepCryoProtVaeAnalyze(ProtAnalysis3D):
+class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
     """Analyses a trained landscape VAE: embeddings (PCA, optionally UMAP), a landscape plot (density
     and −ln density), clusters (k-means; K suggested by a Gaussian-mixture BIC when not given), one volume
     per cluster (reconstructed from its particles; the decoded volume is kept in the extra folder) and
@@ -230,7 +231,7 @@ class DeepCryoProtVaeAnalyze(ProtAnalysis3D):
                 "--pcs", 2, "--threads", self.numberOfThreads.get()]
         if self.embedding.get() == 0:
             args.append("--no-umap")
-        self.runJob(Plugin.getProgram("landscape"), " ".join(str(a) for a in args))
+        self._runProgram("landscape", args)
 
     def createOutputStep(self):
         folder = self._getExtraPath("analysis")
