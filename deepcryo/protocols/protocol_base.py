@@ -22,14 +22,28 @@ writing the input particles as a RELION STAR, and the checks of the GPU list.
 ``DeepCryoProtBase`` is a mixin placed before the Scipion protocol class (``ProtRefine3D``,
 ``ProtCTFMicrographs``, ...), so each protocol keeps its place in Scipion's tree and its form.
 """
+import pyworkflow.protocol.params as params
+
 from deepcryo import Plugin
 from deepcryo.convert import writeSetOfParticles
 
 INPUT_PARTICLES_STAR = "input_particles.star"
 
 
+def addGpuParams(form, gpuLabel="GPU ID", gpuHelp=None, useGpuHelp=None):
+    """The hidden "Use GPU?" (default no) and "GPU IDs" (default "0") parameters of a deepcryo protocol."""
+    form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?", help=useGpuHelp)
+    form.addHidden(params.GPU_LIST, params.StringParam, default="0", label=gpuLabel, help=gpuHelp)
+
+
 class DeepCryoProtBase:
     """Shared engine launch and input conversion of the deepcryo protocols."""
+
+    def _insertEngineSteps(self, runStep):
+        """Convert the input (no GPU), run the program in ``runStep`` (GPU slot), create the outputs (no GPU)."""
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(runStep, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     def _gpus(self):
         """GPU ids chosen in the form, or None when the protocol runs on the CPU."""

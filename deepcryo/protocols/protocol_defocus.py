@@ -30,7 +30,7 @@ from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_CTF
 from deepcryo.convert import (ctfRowToModel, readCtfStar, writeCtfLabelsStar, writeCtfRowStar,
                               writeMicrographListStar)
-from deepcryo.protocols.protocol_base import DeepCryoProtBase
+from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import acquisitionErrors, defocusModelErrors
 
 FLAG_ATTR = "_deepcryo_flagged"
@@ -69,10 +69,8 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
         line.addParam("highRes", params.FloatParam, default=5.0, label="Highest")
         form.addParam("fitPhaseShift", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                       label="Fit a phase shift?", help="For phase-plate data.")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
-                       help="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
-                       help="The GPU to use, e.g. 0.")
+        addGpuParams(form, gpuHelp="The GPU to use, e.g. 0.",
+                     useGpuHelp="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
         self._defineStreamingParams(form)
         form.getParam("streamingBatchSize").setDefault(Integer(8))
         form.addParallelSection(threads=2, mpi=0)
@@ -174,16 +172,12 @@ class DeepCryoProtDeepDefocusTrain(DeepCryoProtBase, EMProtocol):
                       help="Start from the shipped weights (fewer examples needed) instead of from scratch.")
         form.addParam("epochs", params.IntParam, default=30, label="Maximum epochs",
                       help="Training stops earlier when the validation error stops improving.")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
-                       help="Train on a CUDA GPU (the run stops with one line if CUDA is not available).")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
-                       help="The GPU to use, e.g. 0.")
+        addGpuParams(form, gpuHelp="The GPU to use, e.g. 0.",
+                     useGpuHelp="Train on a CUDA GPU (the run stops with one line if CUDA is not available).")
         form.addParallelSection(threads=2, mpi=0)
 
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.trainStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertEngineSteps(self.trainStep)
 
     def convertInputStep(self):
         if not self.useSimulation:

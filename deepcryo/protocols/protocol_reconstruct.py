@@ -26,7 +26,7 @@ from pwem.protocols import ProtReconstruct3D
 
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_HELP
 from deepcryo.convert import fscResolution, readFscStar
-from deepcryo.protocols.protocol_base import DeepCryoProtBase
+from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
 
 
@@ -61,18 +61,14 @@ class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
                       help="Also reconstruct two half maps, each from one half of the particles, and "
                            "their FSC. The halves are the particles' random subsets when they have "
                            "them (e.g. from a RELION refinement), otherwise a random split.")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
-                       help="Reconstruct on a CUDA GPU instead of the CPU threads.")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
-                       help="The one GPU to use, e.g. 0.")
+        addGpuParams(form, gpuHelp="The one GPU to use, e.g. 0.",
+                     useGpuHelp="Reconstruct on a CUDA GPU instead of the CPU threads.")
         form.addParallelSection(threads=4, mpi=0)
 
     # --------------------------- INSERT steps functions --------------------------------------------
     def _insertAllSteps(self):
         self._createFilenameTemplates()
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.reconstructStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertEngineSteps(self.reconstructStep)
 
     def _createFilenameTemplates(self):
         self._updateFilenamesDict({

@@ -28,7 +28,7 @@ from pwem.protocols import ProtRefine3D
 from deepcryo.constants import OUTPUT_PARTICLES, SYMMETRY_HELP
 from deepcryo.convert import (convertVolume, mergeParticlesStars, splitParticlesStar,
                               updateParticlesFromStar)
-from deepcryo.protocols.protocol_base import DeepCryoProtBase
+from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
 
 SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftConfidence", "dcSwiftCtfGroup")
@@ -87,8 +87,7 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
                       label="Memory limit (GB)", expertLevel=params.LEVEL_ADVANCED)
         form.addParam("particlesPerStep", params.IntParam, default=5000, validators=[params.Positive],
                       label="Particles per query step", expertLevel=params.LEVEL_ADVANCED)
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs")
+        addGpuParams(form, gpuLabel="GPU IDs")
         form.addParallelSection(threads=2, mpi=0)
 
     # --------------------------- INSERT steps functions --------------------------------------------

@@ -29,7 +29,7 @@ from pwem.protocols import ProtRefine3D
 
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME, SYMMETRY_HELP
 from deepcryo.convert import convertVolume, readFscStar, updateParticlesFromStar
-from deepcryo.protocols.protocol_base import DeepCryoProtBase
+from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
 
 OUTPUT_CLASSES = "outputClasses"
@@ -102,16 +102,12 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
                       help="Defocus clusters of the global index.")
         form.addParam("numberOfMatches", params.IntParam, default=3, validators=[params.Positive],
                       label="Candidates refined (k)", expertLevel=params.LEVEL_ADVANCED)
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
-                       help="The one GPU to use, e.g. 0.")
+        addGpuParams(form, gpuHelp="The one GPU to use, e.g. 0.")
         form.addParallelSection(threads=2, mpi=0)
 
     # --------------------------- INSERT steps functions --------------------------------------------
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.refineStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertEngineSteps(self.refineStep)
 
     def _refineDir(self, *paths):
         return self._getExtraPath("refine", *paths)

@@ -33,7 +33,7 @@ from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import copyVolumeMrc, rowToAlignment
 from deepcryo.core import io
-from deepcryo.protocols.protocol_base import DeepCryoProtBase
+from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import acquisitionErrors
 
 OUTPUT_CLASSES = "outputClasses"
@@ -99,16 +99,13 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                       help="Resume from the last epoch of a previous training on the same particles.")
         form.addParam("previousRun", params.PointerParam, pointerClass="DeepCryoProtVaeTrain",
                       condition="continueRun", allowsNull=True, label="Previous run")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
-                       help="Train on CUDA GPUs (the run stops with one line if CUDA is not available).")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs",
-                       help="One or several GPUs (e.g. 0 1); several train in parallel (torch DDP).")
+        addGpuParams(form, gpuLabel="GPU IDs",
+                     gpuHelp="One or several GPUs (e.g. 0 1); several train in parallel (torch DDP).",
+                     useGpuHelp="Train on CUDA GPUs (the run stops with one line if CUDA is not available).")
         form.addParallelSection(threads=4, mpi=0)
 
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.trainStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertEngineSteps(self.trainStep)
 
     def getTrainDir(self):
         return self._getExtraPath("vae")
