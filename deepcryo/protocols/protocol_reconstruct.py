@@ -27,7 +27,7 @@ from pwem.protocols import ProtReconstruct3D
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_HELP
 from deepcryo.convert import fscResolution, readFscStar
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
-from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
+from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
 
 class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
@@ -109,10 +109,8 @@ class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
         errors = []
         particles = self.inputParticles.get()
         if particles is not None:
-            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
-            if not particles.hasCTF():
-                errors.append("The input particles have no CTF: estimate the CTF of their micrographs "
-                              "before extracting them, or import particles with CTF.")
+            errors += particleErrors(particles, "The input particles have no CTF: estimate the CTF of their "
+                                     "micrographs before extracting them, or import particles with CTF.")
             if not particles.hasAlignmentProj():
                 errors.append("The input particles have no 3D alignment (angles and shifts): use the "
                               "output of a 3D refinement or alignment.")

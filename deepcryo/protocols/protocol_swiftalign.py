@@ -29,7 +29,7 @@ from deepcryo.constants import OUTPUT_PARTICLES, SYMMETRY_HELP
 from deepcryo.convert import (convertVolume, mergeParticlesStars, splitParticlesStar,
                               updateParticlesFromStar)
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
-from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
+from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
 SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftConfidence", "dcSwiftCtfGroup")
 
@@ -146,9 +146,7 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
         errors = []
         particles, volume = self.inputParticles.get(), self.inputVolume.get()
         if particles is not None:
-            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
-            if not particles.hasCTF():
-                errors.append("The input particles have no CTF.")
+            errors += particleErrors(particles, "The input particles have no CTF.")
             if self.localSearch and not particles.hasAlignmentProj():
                 errors.append("Local search needs particles with a 3D alignment.")
         errors += symmetryErrors(self.symmetryGroup.get())

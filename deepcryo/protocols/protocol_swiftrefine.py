@@ -30,7 +30,7 @@ from pwem.protocols import ProtRefine3D
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME, SYMMETRY_HELP
 from deepcryo.convert import convertVolume, readFscStar, updateParticlesFromStar
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
-from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
+from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
 OUTPUT_CLASSES = "outputClasses"
 SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftKept", "rlnClassNumber")
@@ -207,10 +207,8 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
         particles = self.inputParticles.get()
         volumes = [p.get() for p in self.inputVolumes]
         if particles is not None:
-            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
-            if not particles.hasCTF():
-                errors.append("The input particles have no CTF: estimate it before extraction or import "
-                              "particles with CTF.")
+            errors += particleErrors(particles, "The input particles have no CTF: estimate it before extraction "
+                                     "or import particles with CTF.")
             if particles.getSize() < 4:
                 errors.append("A gold-standard refinement needs at least 4 particles (2 per half).")
             sr = particles.getSamplingRate() or 0

@@ -34,7 +34,7 @@ from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import copyVolumeMrc, rowToAlignment
 from deepcryo.core import io
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
-from deepcryo.protocols.validation import acquisitionErrors
+from deepcryo.protocols.validation import particleErrors
 
 OUTPUT_CLASSES = "outputClasses"
 OUTPUT_TRAJECTORY = "outputTrajectory"
@@ -170,9 +170,7 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
         errors = []
         particles = self.inputParticles.get()
         if particles is not None:
-            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
-            if not particles.hasCTF():
-                errors.append("The input particles have no CTF.")
+            errors += particleErrors(particles, "The input particles have no CTF.")
             if not particles.hasAlignmentProj() and not self.poseFree:
                 errors.append("The input particles have no 3D alignment (angles and shifts): use the "
                               "output of a consensus refinement.")
