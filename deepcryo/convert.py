@@ -292,6 +292,22 @@ def updateParticlesFromStar(inputSet, starFn, outputSet, extraColumns=()):
     outputSet.copyItems(inputSet, updateItemCallback=updateItem)
 
 
+def splitParticlesStar(starFn, outFn, chunk, chunks):
+    """Write part ``chunk`` (0-based) of ``chunks`` consecutive, near-equal parts of the particles of
+    ``starFn`` (``numpy.array_split`` order) to ``outFn``."""
+    star = io.read_particles(starFn)
+    io.write_particles(outFn, star.subset(np.array_split(np.arange(len(star)), chunks)[chunk]))
+
+
+def mergeParticlesStars(starFns, outFn):
+    """Concatenate the particles of ``starFns`` (same columns; optics of the first) in order into ``outFn``."""
+    parts = [io.read_particles(fn, require_images=False) for fn in starFns]
+    merged = parts[0].copy()
+    for column in merged.particles:
+        merged.particles[column] = np.concatenate([np.asarray(p.particles[column]) for p in parts])
+    io.write_particles(outFn, merged)
+
+
 # ----------------------------------------------------------------------------------------- micrographs
 def writeSetOfMicrographs(micSet, starFn):
     """Write the enabled micrographs as a RELION 3.1 micrograph STAR (``data_optics`` with
@@ -318,6 +334,44 @@ def writeSetOfMicrographs(micSet, starFn):
     micrographs = OrderedDict([("rlnMicrographName", np.array(names, dtype=object)),
                                ("rlnOpticsGroup", np.array([groupOf[k] for k in keys], dtype=np.int64))])
     io.write_star(starFn, OrderedDict([("optics", optics), ("micrographs", micrographs)]))
+
+
+def writeMicrographListStar(starFn, mics, acquisition, samplingRate):
+    """Write ``mics`` (a list of Micrographs) as a RELION micrograph STAR with one table and the acquisition
+    on every row: absolute ``rlnMicrographName``, ``rlnMicrographPixelSize`` (Å/px), ``rlnVoltage`` (kV),
+    ``rlnSphericalAberration`` (mm), ``rlnAmplitudeContrast``; the input of ``deepcryo.defocus predict``."""
+    cols = OrderedDict([
+        ("rlnMicrographName", np.array([os.path.abspath(m.getFileName()) for m in mics], dtype=object)),
+        ("rlnMicrographPixelSize", np.full(len(mics), samplingRate)),
+        ("rlnVoltage", np.full(len(mics), acquisition.getVoltage())),
+        ("rlnSphericalAberration", np.full(len(mics), acquisition.getSphericalAberration())),
+        ("rlnAmplitudeContrast", np.full(len(mics), acquisition.getAmplitudeContrast()))])
+    io.write_star(starFn, OrderedDict([("micrographs", cols)]))
+
+
+def writeCtfLabelsStar(ctfSet, starFn):
+    """Write the enabled CTFs of ``ctfSet`` that have a micrograph as a RELION micrograph STAR of defocus
+    labels (``rlnDefocusU/V`` Å, ``rlnDefocusAngle`` deg, pixel size, voltage, Cs of the micrographs), in id
+    order; the input of ``deepcryo.defocus train --star``."""
+    mics = ctfSet.getMicrographs()
+    acq = mics.getAcquisition()
+    names, u, v, a = [], [], [], []
+    for ctf in ctfSet.iterItems(orderBy="id"):
+        mic = ctf.getMicrograph()
+        if mic is None or not ctf.isEnabled():
+            continue
+        names.append(os.path.abspath(mic.getFileName()))
+        u.append(ctf.getDefocusU())
+        v.append(ctf.getDefocusV())
+        a.append(ctf.getDefocusAngle())
+    n = len(names)
+    cols = OrderedDict([("rlnMicrographName", np.array(names, dtype=object)),
+                        ("rlnDefocusU", np.array(u)), ("rlnDefocusV", np.array(v)),
+                        ("rlnDefocusAngle", np.array(a)),
+                        ("rlnMicrographPixelSize", np.full(n, mics.getSamplingRate())),
+                        ("rlnVoltage", np.full(n, acq.getVoltage())),
+                        ("rlnSphericalAberration", np.full(n, acq.getSphericalAberration()))])
+    io.write_star(starFn, OrderedDict([("micrographs", cols)]))
 
 
 # ------------------------------------------------------------------------------------------------- CTF
@@ -370,6 +424,19 @@ def convertVolume(volume, outputDir):
     ImageHandler().convert(volume, out)
     _setMrcPixelSize(out, volume.getSamplingRate())
     return out
+
+
+def writeCtfRowStar(row, starFn):
+    """Write one :func:`readCtfStar` row as a one-micrograph CTF STAR (``data_micrographs``)."""
+    cols = OrderedDict((k, np.array([v], dtype=object if isinstance(v, str) else float)) for k, v in row.items())
+    io.write_star(starFn, OrderedDict([("micrographs", cols)]))
+
+
+def copyVolumeMrc(volume, path):
+    """Write the map of ``volume`` (a Scipion Volume in an MRC file) to ``path`` with its pixel size (Å/px)
+    in the header."""
+    vol, _ = io.read_mrc(_stripFormat(volume.getFileName()))
+    io.write_mrc(path, vol, volume.getSamplingRate())
 
 
 def readFscStar(starFn, label="FSC"):

@@ -30,11 +30,12 @@ from ..core.fsc import fsc, fsc_resolution_A, shell_frequencies
 from ..core.io import InputError, read_particles, write_mrc, write_particles
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches
+from .density import draw_density_panels
 from .train import LATENT_STAR, latent_columns, load_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["analyze", "suggest_clusters", "free_energy", "draw_density_panels", "cluster_latents"]
+__all__ = ["analyze", "suggest_clusters", "cluster_latents"]
 
 
 def suggest_clusters(z: np.ndarray, max_clusters: int, seed: int = 0, min_variance_ratio: float = 0.02,
@@ -67,30 +68,6 @@ def cluster_latents(z: np.ndarray, n_clusters: int, seed: int = 0) -> Tuple[np.n
     from sklearn.cluster import KMeans
     km = KMeans(n_clusters, n_init=10, random_state=seed).fit(z)
     return km.labels_, km.cluster_centers_
-
-
-def free_energy(xy: np.ndarray, bins: int = 60, smooth_bins: float = 1.5) -> Tuple[np.ndarray, np.ndarray, np.ndarray,
-                np.ndarray]:
-    """Smoothed 2D density of points ``xy`` (N, 2) and ``−ln density`` (NaN where empty), with bin edges."""
-    from scipy.ndimage import gaussian_filter
-    hist, ex, ey = np.histogram2d(xy[:, 0], xy[:, 1], bins=bins, density=True)
-    dens = gaussian_filter(hist, smooth_bins)
-    with np.errstate(divide="ignore"):
-        energy = np.where(dens > dens.max() * 1e-3, -np.log(dens), np.nan)
-    return dens, energy - np.nanmin(energy), ex, ey
-
-
-def draw_density_panels(fig, ax_density, ax_energy, xy: np.ndarray) -> None:
-    """Draw the smoothed density and the −ln density (kT, relative) of 2D coordinates ``xy`` (N, 2) on two
-    matplotlib axes of ``fig`` (used by the analysis' ``landscape.png`` and by the Scipion viewer)."""
-    dens, energy, ex, ey = free_energy(xy)
-    ext = [ex[0], ex[-1], ey[0], ey[-1]]
-    im = ax_density.imshow(dens.T, origin="lower", extent=ext, aspect="auto", cmap="viridis")
-    fig.colorbar(im, ax=ax_density)
-    ax_density.set_title("density")
-    im = ax_energy.imshow(energy.T, origin="lower", extent=ext, aspect="auto", cmap="magma_r")
-    fig.colorbar(im, ax=ax_energy)
-    ax_energy.set_title("−ln density (kT, relative)")
 
 
 def _plot_landscape(path, xy, labels, names):

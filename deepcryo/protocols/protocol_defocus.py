@@ -18,9 +18,7 @@
 # **************************************************************************
 """Deep micrograph defocus (``python -m deepcryo.defocus``): streaming CTF estimation and training."""
 import os
-from collections import OrderedDict
 
-import numpy as np
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
 from pyworkflow.object import Boolean, Integer
@@ -30,33 +28,16 @@ from pwem.protocols import EMProtocol, ProtCTFMicrographs
 
 from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_CTF
-from deepcryo.convert import ctfRowToModel, readCtfStar
-from deepcryo.core import io
+from deepcryo.convert import (ctfRowToModel, readCtfStar, writeCtfLabelsStar, writeCtfRowStar,
+                              writeMicrographListStar)
+from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import acquisitionErrors, defocusModelErrors
 
 FLAG_ATTR = "_deepcryo_flagged"
 OUTPUT_MODEL = "outputModel"
 
 
-def _micrographStar(path, mics, acquisition, samplingRate):
-    """Write a RELION micrograph STAR (one row per micrograph, acquisition per row) for ``mics``."""
-    cols = OrderedDict([
-        ("rlnMicrographName", np.array([os.path.abspath(m.getFileName()) for m in mics], dtype=object)),
-        ("rlnMicrographPixelSize", np.full(len(mics), samplingRate)),
-        ("rlnVoltage", np.full(len(mics), acquisition.getVoltage())),
-        ("rlnSphericalAberration", np.full(len(mics), acquisition.getSphericalAberration())),
-        ("rlnAmplitudeContrast", np.full(len(mics), acquisition.getAmplitudeContrast()))])
-    io.write_star(path, OrderedDict([("micrographs", cols)]))
-
-
-def _oneGpuErrors(protocol, what):
-    """The program computes on one GPU (``--device cuda``): refuse a list of several."""
-    if protocol.usesGpu() and len(protocol.getGpuList()) != 1:
-        return ["%s runs on one GPU: give one GPU id (e.g. 0)." % what]
-    return []
-
-
-class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
+class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
     """Estimates the CTF (defocus U/V, astigmatism angle, optional phase shift) of every micrograph as
     it arrives: a small CNN reads background-subtracted PSDs at 1, 2 and 3 Å/px and gives a first guess,
     which a physics fit of the 2D CTF to the PSD refines over a resolution band. The output SetOfCTF
@@ -88,10 +69,8 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
         line.addParam("highRes", params.FloatParam, default=5.0, label="Highest")
         form.addParam("fitPhaseShift", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                       label="Fit a phase shift?", help="For phase-plate data.")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
-                       help="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
-                       help="The GPU to use, e.g. 0.")
+        addGpuParams(form, gpuHelp="The GPU to use, e.g. 0.",
+                     useGpuHelp="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
         self._defineStreamingParams(form)
         form.getParam("streamingBatchSize").setDefault(Integer(8))
         form.addParallelSection(threads=2, mpi=0)
@@ -108,11 +87,10 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
         batch = "batch_%06d" % micList[0].getObjId()
         inStar = self._getTmpPath(batch + "_mics.star")
         outStar = self._getExtraPath(batch + "_ctf.star")
-        _micrographStar(inStar, micList, self._params["acquisition"], self._params["samplingRate"])
-        gpus = self.getGpuList() if self.usesGpu() else None
+        writeMicrographListStar(inStar, micList, self._params["acquisition"], self._params["samplingRate"])
         args = ["--micrographs", inStar, "--output", outStar, "--batch-size", len(micList),
                 "--low-resolution", self.lowRes.get(), "--high-resolution", self.highRes.get(),
-                "--threads", self.numberOfThreads.get(), "--device", "cuda" if gpus else "cpu"]
+                "--threads", self.numberOfThreads.get(), "--device", "cuda" if self._gpus() else "cpu"]
         if not self.doRefine:
             args.append("--no-refine")
         if self.fitPhaseShift:
@@ -120,8 +98,7 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
         if self.trainedModel.get() is not None:
             args += ["--model", self.trainedModel.get().getFileName()]
         try:
-            self.runJob(Plugin.getProgram("defocus", "predict", gpus=gpus), " ".join(str(a) for a in args),
-                        env=Plugin.getEnviron())
+            self._runProgram("defocus", args, "predict", env=Plugin.getEnviron())
         except Exception as exc:  # the stream goes on; these micrographs get no CTF
             self.warning("CTF estimation failed for micrographs %s: %s"
                          % ([m.getObjId() for m in micList], str(exc).splitlines()[0] if str(exc) else exc))
@@ -132,9 +109,7 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
             if row is None:
                 self.warning("micrograph %s skipped (see the log above)" % mic.getFileName())
                 continue
-            cols = OrderedDict((k, np.array([v], dtype=object if isinstance(v, str) else float))
-                               for k, v in row.items())
-            io.write_star(self._getMicCtfStar(mic), OrderedDict([("micrographs", cols)]))
+            writeCtfRowStar(row, self._getMicCtfStar(mic))
 
     def _getMicCtfStar(self, mic):
         return self._getExtraPath("ctf", "mic_%06d_ctf.star" % mic.getObjId())
@@ -159,7 +134,7 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
             errors += defocusModelErrors(self.trainedModel.get().getFileName())
         if not 0 < self.highRes.get() < self.lowRes.get():
             errors.append("The resolution band needs 0 < highest < lowest (Å).")
-        errors += _oneGpuErrors(self, "The estimation")
+        errors += self._oneGpuErrors("The estimation")
         return errors
 
     def _summary(self):
@@ -177,7 +152,7 @@ class DeepCryoProtDeepDefocus(ProtCTFMicrographs):
                    % (self.lowRes.get(), self.highRes.get()) if self.doRefine else "")]
 
 
-class DeepCryoProtDeepDefocusTrain(EMProtocol):
+class DeepCryoProtDeepDefocusTrain(DeepCryoProtBase, EMProtocol):
     """Trains the deep-defocus CNN (or fine-tunes the shipped one) on micrographs with defocus labels
     from any previous CTF estimation (a SetOfCTF), or on simulated micrographs. The output model is
     used by 'deep micrograph defocus'."""
@@ -197,53 +172,27 @@ class DeepCryoProtDeepDefocusTrain(EMProtocol):
                       help="Start from the shipped weights (fewer examples needed) instead of from scratch.")
         form.addParam("epochs", params.IntParam, default=30, label="Maximum epochs",
                       help="Training stops earlier when the validation error stops improving.")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
-                       help="Train on a CUDA GPU (the run stops with one line if CUDA is not available).")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
-                       help="The GPU to use, e.g. 0.")
+        addGpuParams(form, gpuHelp="The GPU to use, e.g. 0.",
+                     useGpuHelp="Train on a CUDA GPU (the run stops with one line if CUDA is not available).")
         form.addParallelSection(threads=2, mpi=0)
 
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.trainStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertEngineSteps(self.trainStep)
 
     def convertInputStep(self):
-        if self.useSimulation:
-            return
-        ctfs = self.inputCTF.get()
-        mics = ctfs.getMicrographs()
-        acq = mics.getAcquisition()
-        names, u, v, a = [], [], [], []
-        for ctf in ctfs.iterItems(orderBy="id"):
-            mic = ctf.getMicrograph()
-            if mic is None or not ctf.isEnabled():
-                continue
-            names.append(os.path.abspath(mic.getFileName()))
-            u.append(ctf.getDefocusU())
-            v.append(ctf.getDefocusV())
-            a.append(ctf.getDefocusAngle())
-        n = len(names)
-        cols = OrderedDict([("rlnMicrographName", np.array(names, dtype=object)),
-                            ("rlnDefocusU", np.array(u)), ("rlnDefocusV", np.array(v)),
-                            ("rlnDefocusAngle", np.array(a)),
-                            ("rlnMicrographPixelSize", np.full(n, mics.getSamplingRate())),
-                            ("rlnVoltage", np.full(n, acq.getVoltage())),
-                            ("rlnSphericalAberration", np.full(n, acq.getSphericalAberration()))])
-        io.write_star(self._getExtraPath("labels.star"), OrderedDict([("micrographs", cols)]))
+        if not self.useSimulation:
+            writeCtfLabelsStar(self.inputCTF.get(), self._getExtraPath("labels.star"))
 
     def trainStep(self):
-        gpus = self.getGpuList() if self.usesGpu() else None
         args = ["--output", self._getExtraPath("defocus_model.pt"), "--epochs", self.epochs.get(),
-                "--threads", self.numberOfThreads.get(), "--device", "cuda" if gpus else "cpu"]
+                "--threads", self.numberOfThreads.get(), "--device", "cuda" if self._gpus() else "cpu"]
         if self.useSimulation:
             args += ["--simulate", self.numberOfSimulated.get()]
         else:
             args += ["--star", self._getExtraPath("labels.star")]
         if self.fineTune:
             args += ["--init", "shipped"]
-        self.runJob(Plugin.getProgram("defocus", "train", gpus=gpus), " ".join(str(x) for x in args),
-                    env=Plugin.getEnviron())
+        self._runProgram("defocus", args, "train", env=Plugin.getEnviron())
 
     def createOutputStep(self):
         model = EMFile(filename=self._getExtraPath("defocus_model.pt"))
@@ -261,7 +210,7 @@ class DeepCryoProtDeepDefocusTrain(EMProtocol):
                 errors.append("Labels (%s): the set of CTFs is empty." % ctfs.getFileName())
             elif ctfs.getMicrographs() is not None:
                 errors += acquisitionErrors(ctfs.getMicrographs(), "Micrographs of the labels")
-        errors += _oneGpuErrors(self, "The training")
+        errors += self._oneGpuErrors("The training")
         return errors
 
     def _summary(self):

@@ -24,13 +24,13 @@ from pyworkflow.utils import Message
 from pwem.objects import FSC, Volume
 from pwem.protocols import ProtReconstruct3D
 
-from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_HELP
-from deepcryo.convert import fscResolution, readFscStar, writeSetOfParticles
-from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
+from deepcryo.convert import fscResolution, readFscStar
+from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
+from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
 
-class DeepCryoProtReconstruct(ProtReconstruct3D):
+class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
     """Reconstructs a 3D map from particles with CTF and 3D alignment (angles and shifts).
 
     Each particle image is CTF-multiplied and inserted into a padded Fourier grid at the central
@@ -61,22 +61,18 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
                       help="Also reconstruct two half maps, each from one half of the particles, and "
                            "their FSC. The halves are the particles' random subsets when they have "
                            "them (e.g. from a RELION refinement), otherwise a random split.")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
-                       help="Reconstruct on a CUDA GPU instead of the CPU threads.")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
-                       help="The one GPU to use, e.g. 0.")
+        addGpuParams(form, gpuHelp="The one GPU to use, e.g. 0.",
+                     useGpuHelp="Reconstruct on a CUDA GPU instead of the CPU threads.")
         form.addParallelSection(threads=4, mpi=0)
 
     # --------------------------- INSERT steps functions --------------------------------------------
     def _insertAllSteps(self):
         self._createFilenameTemplates()
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.reconstructStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertEngineSteps(self.reconstructStep)
 
     def _createFilenameTemplates(self):
         self._updateFilenamesDict({
-            "input_star": self._getExtraPath("input_particles.star"),
+            "input_star": self._inputParticlesStar(),
             "map": self._getExtraPath("map.mrc"),
             "half1": self._getExtraPath("map_half1.mrc"),
             "half2": self._getExtraPath("map_half2.mrc"),
@@ -84,10 +80,6 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
         })
 
     # --------------------------- STEPS functions ---------------------------------------------------
-    def convertInputStep(self):
-        writeSetOfParticles(self.inputParticles.get(), self._getFileName("input_star"),
-                            outputDir=self._getExtraPath())
-
     def reconstructStep(self):
         args = ["--particles", self._getFileName("input_star"), "--output", self._getFileName("map"),
                 "--symmetry", self.symmetryGroup.get().strip(), "--threads", self.numberOfThreads.get()]
@@ -95,10 +87,9 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
             args += ["--max-resolution", self.maxResolution.get()]
         if self.doHalfMaps:
             args.append("--halves")
-        gpus = self.getGpuList() if self.usesGpu() else None
-        if gpus:
+        if self._gpus():
             args += ["--device", "cuda:0"]  # the one GPU left visible by CUDA_VISIBLE_DEVICES
-        self.runJob(Plugin.getProgram("core.reconstruct", gpus=gpus), " ".join(str(a) for a in args))
+        self._runProgram("core.reconstruct", args)
 
     def createOutputStep(self):
         particles = self.inputParticles.get()
@@ -118,10 +109,8 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
         errors = []
         particles = self.inputParticles.get()
         if particles is not None:
-            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
-            if not particles.hasCTF():
-                errors.append("The input particles have no CTF: estimate the CTF of their micrographs "
-                              "before extracting them, or import particles with CTF.")
+            errors += particleErrors(particles, "The input particles have no CTF: estimate the CTF of their "
+                                     "micrographs before extracting them, or import particles with CTF.")
             if not particles.hasAlignmentProj():
                 errors.append("The input particles have no 3D alignment (angles and shifts): use the "
                               "output of a 3D refinement or alignment.")
@@ -132,8 +121,7 @@ class DeepCryoProtReconstruct(ProtReconstruct3D):
             if self.doHalfMaps and particles.getSize() == 1:
                 errors.append("Half maps need at least 2 particles.")
         errors += symmetryErrors(self.symmetryGroup.get())
-        if self.usesGpu() and len(self.getGpuList()) != 1:
-            errors.append("The reconstruction runs on one GPU: give one GPU id (e.g. 0).")
+        errors += self._oneGpuErrors("The reconstruction")
         return errors
 
     def _summary(self):

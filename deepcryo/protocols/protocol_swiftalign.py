@@ -25,16 +25,16 @@ from pyworkflow.utils import Message
 from pwem.objects import SetOfParticles
 from pwem.protocols import ProtRefine3D
 
-from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_PARTICLES, SYMMETRY_HELP
-from deepcryo.convert import convertVolume, updateParticlesFromStar, writeSetOfParticles
-from deepcryo.core import io
-from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
+from deepcryo.convert import (convertVolume, mergeParticlesStars, splitParticlesStar,
+                              updateParticlesFromStar)
+from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
+from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
 SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftConfidence", "dcSwiftCtfGroup")
 
 
-class DeepCryoProtSwiftAlign(ProtRefine3D):
+class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
     """Assigns Euler angles and shifts to particles by matching them against projections of a map.
 
     The projections (an even sampling of directions × in-plane angles × shifts × CTF groups) are
@@ -87,8 +87,7 @@ class DeepCryoProtSwiftAlign(ProtRefine3D):
                       label="Memory limit (GB)", expertLevel=params.LEVEL_ADVANCED)
         form.addParam("particlesPerStep", params.IntParam, default=5000, validators=[params.Positive],
                       label="Particles per query step", expertLevel=params.LEVEL_ADVANCED)
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs")
+        addGpuParams(form, gpuLabel="GPU IDs")
         form.addParallelSection(threads=2, mpi=0)
 
     # --------------------------- INSERT steps functions --------------------------------------------
@@ -102,10 +101,6 @@ class DeepCryoProtSwiftAlign(ProtRefine3D):
         self._insertFunctionStep(self.createOutputStep, chunks, prerequisites=queries, needsGPU=False)
 
     # --------------------------- STEPS functions ---------------------------------------------------
-    def convertInputStep(self):
-        writeSetOfParticles(self.inputParticles.get(), self._getExtraPath("input_particles.star"),
-                            outputDir=self._getExtraPath())
-
     def _common(self):
         args = ["--threads", self.numberOfThreads.get(), "--memory-limit", self.memoryLimit.get()]
         if self.usesGpu():
@@ -114,7 +109,7 @@ class DeepCryoProtSwiftAlign(ProtRefine3D):
 
     def trainStep(self):
         ref = convertVolume(self.inputVolume.get(), self._getExtraPath())
-        args = ["train", "--reference", ref, "--particles", self._getExtraPath("input_particles.star"),
+        args = ["train", "--reference", ref, "--particles", self._inputParticlesStar(),
                 "--max-resolution", self.maxResolution.get(), "--max-shift", self.maxShift.get(),
                 "--ctf-groups", self.ctfGroups.get(), "--symmetry", self.symmetryGroup.get().strip().upper(),
                 "--output", self._getExtraPath("index")] + self._common()
@@ -124,27 +119,21 @@ class DeepCryoProtSwiftAlign(ProtRefine3D):
             args += ["--index-factory", "Flat"]
         elif self.indexType.get() == 2:
             args += ["--index-factory", "'%s'" % self.indexFactory.get().strip()]
-        self.runJob(Plugin.getProgram("swiftalign", gpus=self._gpus()), " ".join(str(a) for a in args))
+        self._runProgram("swiftalign", args)
 
     def queryStep(self, chunk, chunks):
-        star = io.read_particles(self._getExtraPath("input_particles.star"))
-        part = star.subset(np.array_split(np.arange(len(star)), chunks)[chunk])
         inp = self._getExtraPath("chunk_%03d.star" % chunk)
-        io.write_particles(inp, part)
+        splitParticlesStar(self._inputParticlesStar(), inp, chunk, chunks)
         args = ["query", "--index", self._getExtraPath("index"), "--particles", inp,
                 "--output", self._getExtraPath("aligned_%03d.star" % chunk), "--nprobe", self.nprobe.get(),
                 "--k", self.numberOfMatches.get()] + self._common()
         if self.localSearch:
             args += ["--local", "--local-steps", self.localSteps.get()]
-        self.runJob(Plugin.getProgram("swiftalign", gpus=self._gpus()), " ".join(str(a) for a in args))
+        self._runProgram("swiftalign", args)
 
     def createOutputStep(self, chunks):
-        parts = [io.read_particles(self._getExtraPath("aligned_%03d.star" % i), require_images=False)
-                 for i in range(chunks)]
-        merged = parts[0].copy()
-        for column in merged.particles:
-            merged.particles[column] = np.concatenate([np.asarray(p.particles[column]) for p in parts])
-        io.write_particles(self._getExtraPath("aligned.star"), merged)
+        mergeParticlesStars([self._getExtraPath("aligned_%03d.star" % i) for i in range(chunks)],
+                            self._getExtraPath("aligned.star"))
         inputSet = self.inputParticles.get()
         outputSet = self._createSetOfParticles()
         updateParticlesFromStar(inputSet, self._getExtraPath("aligned.star"), outputSet, extraColumns=SCORE_COLUMNS)
@@ -152,17 +141,12 @@ class DeepCryoProtSwiftAlign(ProtRefine3D):
         self._defineTransformRelation(self.inputParticles, outputSet)
         self._defineSourceRelation(self.inputVolume, outputSet)
 
-    def _gpus(self):
-        return self.getGpuList() if self.usesGpu() else None
-
     # --------------------------- INFO functions ----------------------------------------------------
     def _validate(self):
         errors = []
         particles, volume = self.inputParticles.get(), self.inputVolume.get()
         if particles is not None:
-            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
-            if not particles.hasCTF():
-                errors.append("The input particles have no CTF.")
+            errors += particleErrors(particles, "The input particles have no CTF.")
             if self.localSearch and not particles.hasAlignmentProj():
                 errors.append("Local search needs particles with a 3D alignment.")
         errors += symmetryErrors(self.symmetryGroup.get())

@@ -27,16 +27,16 @@ from pyworkflow.utils import Message
 from pwem.objects import FSC, SetOfClasses3D, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 
-from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME, SYMMETRY_HELP
-from deepcryo.convert import convertVolume, readFscStar, updateParticlesFromStar, writeSetOfParticles
-from deepcryo.protocols.validation import acquisitionErrors, symmetryErrors
+from deepcryo.convert import convertVolume, readFscStar, updateParticlesFromStar
+from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
+from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
 OUTPUT_CLASSES = "outputClasses"
 SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftKept", "rlnClassNumber")
 
 
-class DeepCryoProtSwiftRefine(ProtRefine3D):
+class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
     """Refines the 3D alignment of particles and their map, gold-standard (two independent halves).
 
     Each iteration aligns each half of the particles against its own reference with SwiftAlign
@@ -102,16 +102,12 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
                       help="Defocus clusters of the global index.")
         form.addParam("numberOfMatches", params.IntParam, default=3, validators=[params.Positive],
                       label="Candidates refined (k)", expertLevel=params.LEVEL_ADVANCED)
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
-                       help="The one GPU to use, e.g. 0.")
+        addGpuParams(form, gpuHelp="The one GPU to use, e.g. 0.")
         form.addParallelSection(threads=2, mpi=0)
 
     # --------------------------- INSERT steps functions --------------------------------------------
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.refineStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertEngineSteps(self.refineStep)
 
     def _refineDir(self, *paths):
         return self._getExtraPath("refine", *paths)
@@ -124,13 +120,9 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
         return self._refineDir(what if self._nClasses() == 1 else "class%03d_%s" % (k + 1, what))
 
     # --------------------------- STEPS functions ---------------------------------------------------
-    def convertInputStep(self):
-        writeSetOfParticles(self.inputParticles.get(), self._getExtraPath("input_particles.star"),
-                            outputDir=self._getExtraPath())
-
     def refineStep(self):
         refs = [convertVolume(p.get(), self._getExtraPath("references")) for p in self.inputVolumes]
-        args = ["refine", "--particles", self._getExtraPath("input_particles.star"), "--reference"] + refs
+        args = ["refine", "--particles", self._inputParticlesStar(), "--reference"] + refs
         args += ["--output-dir", self._refineDir(), "--symmetry", self.symmetryGroup.get().strip().upper(),
                  "--initial-resolution", self.initialResolution.get(),
                  "--max-iterations", self.maxIterations.get(), "--global-iterations", self.globalIterations.get(),
@@ -144,10 +136,9 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
             args += ["--max-shift", self.maxShift.get()]
         if self.inputMask.get() is not None:
             args += ["--mask", convertVolume(self.inputMask.get(), self._getExtraPath("references"))]
-        gpus = self.getGpuList() if self.usesGpu() else None
-        if gpus:
+        if self._gpus():
             args += ["--device", "cuda:0"]  # the one GPU left visible by CUDA_VISIBLE_DEVICES
-        self.runJob(Plugin.getProgram("swiftalign", gpus=gpus), " ".join(str(a) for a in args))
+        self._runProgram("swiftalign", args)
 
     def createOutputStep(self):
         inputSet = self.inputParticles.get()
@@ -216,10 +207,8 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
         particles = self.inputParticles.get()
         volumes = [p.get() for p in self.inputVolumes]
         if particles is not None:
-            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
-            if not particles.hasCTF():
-                errors.append("The input particles have no CTF: estimate it before extraction or import "
-                              "particles with CTF.")
+            errors += particleErrors(particles, "The input particles have no CTF: estimate it before extraction "
+                                     "or import particles with CTF.")
             if particles.getSize() < 4:
                 errors.append("A gold-standard refinement needs at least 4 particles (2 per half).")
             sr = particles.getSamplingRate() or 0
@@ -246,8 +235,7 @@ class DeepCryoProtSwiftRefine(ProtRefine3D):
         if self.globalIterations.get() > self.maxIterations.get():
             errors.append("Global iterations (%d) exceed the maximum iterations (%d)."
                           % (self.globalIterations.get(), self.maxIterations.get()))
-        if self.usesGpu() and len(self.getGpuList()) != 1:
-            errors.append("The refinement runs on one GPU: give one GPU id (e.g. 0).")
+        errors += self._oneGpuErrors("The refinement")
         return errors
 
     def _summary(self):

@@ -30,11 +30,11 @@ from pwem.constants import ALIGN_NONE
 from pwem.objects import ParticleFlex, SetOfVolumes, Volume
 from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
 
-from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_PARTICLES
-from deepcryo.convert import rowToAlignment, writeSetOfParticles
+from deepcryo.convert import copyVolumeMrc, rowToAlignment
 from deepcryo.core import io
-from deepcryo.protocols.validation import acquisitionErrors
+from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
+from deepcryo.protocols.validation import particleErrors
 
 OUTPUT_CLASSES = "outputClasses"
 OUTPUT_TRAJECTORY = "outputTrajectory"
@@ -52,7 +52,7 @@ def _rowsById(star):
     return {int(i): r for r, i in enumerate(np.asarray(star.particles["rlnImageId"], dtype=np.int64))}
 
 
-class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
+class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase):
     """Learns the conformational landscape of aligned particles with a variational autoencoder.
 
     The particles' consensus poses and CTF are used: the encoder maps each particle to a point of a
@@ -99,30 +99,28 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
                       help="Resume from the last epoch of a previous training on the same particles.")
         form.addParam("previousRun", params.PointerParam, pointerClass="DeepCryoProtVaeTrain",
                       condition="continueRun", allowsNull=True, label="Previous run")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=False, label="Use GPU?",
-                       help="Train on CUDA GPUs (the run stops with one line if CUDA is not available).")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs",
-                       help="One or several GPUs (e.g. 0 1); several train in parallel (torch DDP).")
+        addGpuParams(form, gpuLabel="GPU IDs",
+                     gpuHelp="One or several GPUs (e.g. 0 1); several train in parallel (torch DDP).",
+                     useGpuHelp="Train on CUDA GPUs (the run stops with one line if CUDA is not available).")
         form.addParallelSection(threads=4, mpi=0)
 
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.trainStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertEngineSteps(self.trainStep)
 
     def getTrainDir(self):
         return self._getExtraPath("vae")
 
+    def _inputAlignType(self):
+        return ALIGN_NONE if self.poseFree else None
+
     def convertInputStep(self):
-        writeSetOfParticles(self.inputParticles.get(), self._getExtraPath("input_particles.star"),
-                            outputDir=self._getExtraPath(), alignType=ALIGN_NONE if self.poseFree else None)
+        DeepCryoProtBase.convertInputStep(self)
         ref = self.referenceVolume.get() if self.poseFree else None
         if ref is not None:
-            vol, _ = io.read_mrc(ref.getFileName().split(":")[0])
-            io.write_mrc(self._getExtraPath("reference.mrc"), vol, ref.getSamplingRate())
+            copyVolumeMrc(ref, self._getExtraPath("reference.mrc"))
 
     def trainStep(self):
-        args = ["train", "--particles", self._getExtraPath("input_particles.star"), "--output-dir",
+        args = ["train", "--particles", self._inputParticlesStar(), "--output-dir",
                 self.getTrainDir(), "--latent-dim", self.latentDim.get(), "--epochs", self.epochs.get(),
                 "--box", min(self.workingBox.get(), self.inputParticles.get().getXDim()),
                 "--batch-size", self.batchSize.get(), "--beta", self.beta.get(), "--basis", self.basis.get(),
@@ -137,10 +135,10 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
             for name in ("checkpoint.pt", "consensus.mrc"):
                 shutil.copy(os.path.join(previous, name), self.getTrainDir())
             args.append("--continue")
-        gpus = self.getGpuList() if self.usesGpu() else None
+        gpus = self._gpus()
         if gpus:
             args += ["--device", ",".join("cuda:%d" % i for i in range(len(gpus)))]
-        self.runJob(Plugin.getProgram("landscape", gpus=gpus), " ".join(str(a) for a in args))
+        self._runProgram("landscape", args)
 
     def createOutputStep(self):
         inputSet = self.inputParticles.get()
@@ -172,9 +170,7 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
         errors = []
         particles = self.inputParticles.get()
         if particles is not None:
-            errors += acquisitionErrors(particles, "Input particles")  # empty, pixel size, kV, Cs
-            if not particles.hasCTF():
-                errors.append("The input particles have no CTF.")
+            errors += particleErrors(particles, "The input particles have no CTF.")
             if not particles.hasAlignmentProj() and not self.poseFree:
                 errors.append("The input particles have no 3D alignment (angles and shifts): use the "
                               "output of a consensus refinement.")
@@ -195,7 +191,7 @@ class DeepCryoProtVaeTrain(ProtProcessParticles, ProtFlexBase):
                    " and predicted poses (pose-free)" if self.poseFree else "")]
 
 
-class DeepCryoProtVaeAnalyze(ProtAnalysis3D):
+class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
     """Analyses a trained landscape VAE: embeddings (PCA, optionally UMAP), a landscape plot (density
     and −ln density), clusters (k-means; K suggested by a Gaussian-mixture BIC when not given), one volume
     per cluster (reconstructed from its particles; the decoded volume is kept in the extra folder) and
@@ -230,7 +226,7 @@ class DeepCryoProtVaeAnalyze(ProtAnalysis3D):
                 "--pcs", 2, "--threads", self.numberOfThreads.get()]
         if self.embedding.get() == 0:
             args.append("--no-umap")
-        self.runJob(Plugin.getProgram("landscape"), " ".join(str(a) for a in args))
+        self._runProgram("landscape", args)
 
     def createOutputStep(self):
         folder = self._getExtraPath("analysis")

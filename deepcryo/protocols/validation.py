@@ -78,3 +78,11 @@ def symmetryErrors(name):
         return []
     return ["Unknown symmetry group '%s': use one of RELION's names (any case): %s; e.g. c1, d7, i."
             % (name, SYMMETRY_NAMES)]
+
+
+def particleErrors(particles, noCtfMessage):
+    """:func:`acquisitionErrors` of the input particles, and ``noCtfMessage`` when they have no CTF."""
+    errors = acquisitionErrors(particles, "Input particles")
+    if not particles.hasCTF():
+        errors.append(noCtfMessage)
+    return errors

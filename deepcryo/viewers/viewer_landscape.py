@@ -37,7 +37,7 @@ from pwem.viewers import EmProtocolViewer
 from pyworkflow.gui.plotter import Plotter
 
 from deepcryo.core.io import read_mrc, read_particles
-from deepcryo.landscape.analyze import draw_density_panels
+from deepcryo.landscape.density import draw_density_panels
 from deepcryo.protocols import DeepCryoProtVaeAnalyze
 
 __all__ = ["load_analysis", "plot_landscape", "plot_cluster_volumes", "plot_traversal", "plot_png",
