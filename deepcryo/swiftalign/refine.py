@@ -105,23 +105,13 @@ from deepcryo.core.projector import Projector
 from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, write_fsc_star
 
 from . import index as swindex
-from .features import Band, noise_weights
+from .features import Band
 from .gallery import gallery_poses, shift_grid
 from .query import ParticleBatch, align, pose_posterior
+from .sampling import angular_step_for_diameter, shift_step_for_resolution
 
-__all__ = ["angular_step_for", "shift_step_for", "reference_filter", "join_halves", "refinement_mask",
+__all__ = ["reference_filter", "join_halves", "refinement_mask",
            "RefineParams", "refine", "LocalReference"]
-
-
-# ------------------------------------------------------------------------------------------ sampling
-def angular_step_for(resolution_A, diameter_A):
-    """Angular step (degrees) for resolution ``resolution_A`` and particle diameter ``diameter_A``: asin(r / D)."""
-    return math.degrees(math.asin(min(1.0, resolution_A / diameter_A)))
-
-
-def shift_step_for(resolution_A, pixel_size_A):
-    """Shift step (px): r / (4 · px), at least 0.5 px."""
-    return max(0.5, resolution_A / (4.0 * pixel_size_A))
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -286,9 +276,7 @@ def _align_once(reference, star, res_A, step_deg, sstep_px, params, is_global, p
     sqrt_w = None
     band = Band(box, px, res_A)
     if params.whiten:
-        with star.open_images() as stack:
-            idx = np.linspace(0, len(star) - 1, min(len(star), 2000)).astype(np.int64)
-            sqrt_w = torch.sqrt(noise_weights(band, band.from_images(torch.as_tensor(stack.read(idx)))))
+        sqrt_w = torch.sqrt(swindex.particle_noise_weights(band, star))
     ref = LocalReference(reference, px, res_A, step_deg, sstep_px, max_shift, params.symmetry, sqrt_w, params.device)
     return align(ref, star, k=1, local=True, prior_angles_deg=angles, prior_origins_A=origins_A,
                  local_steps=params.local_steps, local_shift_px=min(max_shift, 2 * sstep_px),
@@ -370,7 +358,7 @@ def _posterior_reconstruct(star, halves, classes, keep, refs, resolution_A, diam
     device = torch.device(params.device)
     box, px = star.box_size, star.pixel_size_A
     res_A = max(resolution_A, 2 * px)
-    step, sstep = 0.5 * angular_step_for(res_A, diameter_A), 0.5 * shift_step_for(res_A, px)
+    step, sstep = 0.5 * angular_step_for_diameter(res_A, diameter_A), 0.5 * shift_step_for_resolution(res_A, px)
     band = Band(box, px, res_A)
     projectors = [[Projector(refs[k][h], device=device) for h in range(2)] for k in range(n_classes)]
     recs = [[Reconstructor(box, symmetry=params.symmetry, device=device) for _ in range(2)]
@@ -495,8 +483,8 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
         t0, cpu0 = time.time(), time.process_time()
         is_global = iteration <= params.global_iterations or (iteration == 1 and not star.has_poses())
         res_align = max(resolution, 2 * px)
-        step = angular_step_for(res_align, diameter)
-        sstep = shift_step_for(res_align, px)
+        step = angular_step_for_diameter(res_align, diameter)
+        sstep = shift_step_for_resolution(res_align, px)
         new_angles, new_origins, new_score = angles.copy(), origins.copy(), np.full(n, -np.inf)
         new_classes = classes.copy()
         agree = np.ones(n, dtype=bool)

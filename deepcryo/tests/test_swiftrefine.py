@@ -22,8 +22,8 @@ from deepcryo.core.fsc import fsc, fsc_resolution_A
 from deepcryo.core.geometry import pose_distance_deg
 from deepcryo.core.simulate import phantom_states, phantom_volume, write_particle_set
 from deepcryo.swiftalign import __main__ as cli
-from deepcryo.swiftalign.refine import (RefineParams, angular_step_for, join_halves, reference_filter, refine,
-                                        shift_step_for)
+from deepcryo.swiftalign.refine import RefineParams, join_halves, reference_filter, refine
+from deepcryo.swiftalign.sampling import angular_step_for_diameter, shift_step_for_resolution
 from deepcryo.tests.poses import strip_poses
 
 PX = 2.0
@@ -145,10 +145,10 @@ def test_multi_reference_classifies_states(tmp_path):
 
 
 def test_sampling_follows_resolution():
-    assert angular_step_for(10.0, 100.0) == pytest.approx(np.degrees(np.arcsin(0.1)))
-    assert angular_step_for(5.0, 100.0) < angular_step_for(10.0, 100.0)
-    assert shift_step_for(8.0, 2.0) == 1.0
-    assert shift_step_for(1.0, 2.0) == 0.5
+    assert angular_step_for_diameter(10.0, 100.0) == pytest.approx(np.degrees(np.arcsin(0.1)))
+    assert angular_step_for_diameter(5.0, 100.0) < angular_step_for_diameter(10.0, 100.0)
+    assert shift_step_for_resolution(8.0, 2.0) == 1.0
+    assert shift_step_for_resolution(1.0, 2.0) == 0.5
 
 
 def test_reference_filter_and_join():
