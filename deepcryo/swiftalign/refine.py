@@ -295,6 +295,31 @@ def _align_local(reference, star, res_A, step_deg, sstep_px, params, prior, rota
                  memory_limit_GB=params.memory_limit_GB, log=lambda msg: None, passes=1, refine_far=False)
 
 
+def _align_class(reference, sub, is_global, prior, alternatives, res_A, step_deg, sstep_px, params, rng, work_dir,
+                 log):
+    """Align the particles ``sub`` of one half to one class's ``reference``: ``params.repetitions`` searches (the
+    second on a grid rotated by half a step, drawn from ``rng``), the better score per particle kept and the
+    two searches' agreement recorded; a local iteration also tries the runner-up poses ``alternatives``."""
+    reps = []
+    for r in range(params.repetitions):
+        rotation = _random_rotation(0.5 * step_deg, rng).to(torch.float64) if r == 1 else None
+        if is_global:
+            reps.append(_align_global(reference, sub, res_A, step_deg, sstep_px, params, rotation, work_dir, log))
+        else:
+            reps.append(_align_local(reference, sub, res_A, step_deg, sstep_px, params, prior, rotation))
+    best = reps[0]
+    if len(reps) == 2:
+        d = pose_distance_deg(torch.as_tensor(reps[0]["angles_deg"]), torch.as_tensor(reps[1]["angles_deg"]),
+                              params.symmetry).numpy()
+        second = reps[1]["score"] > reps[0]["score"]
+        best = {key: np.where(second.reshape((-1,) + (1,) * (v.ndim - 1)), reps[1][key], v)
+                for key, v in reps[0].items()}
+        best["agree"] = d <= step_deg
+    if alternatives is not None and not is_global:
+        best = _better_of(best, prior[0], alternatives, reference, sub, res_A, step_deg, sstep_px, params, log)
+    return best
+
+
 # ------------------------------------------------------------------------------------------ files
 def _name(output_dir, iteration, n_classes, cls, what):
     prefix = "" if iteration is None else "it%03d_" % iteration
@@ -506,27 +531,10 @@ def refine_3d(particles, references, output_dir, params=None, mask=None, resume=
             sub = star.subset(sel)
             per_class = []
             for k in range(n_classes):
-                reps = []
-                for r in range(params.repetitions):
-                    rotation = _random_rotation(0.5 * step, rng).to(torch.float64) if r == 1 else None
-                    if is_global:
-                        reps.append(_align_global(refs[k][h - 1], sub, res_align, step, sstep, params, rotation,
-                                                  work_dir, log))
-                    else:
-                        reps.append(_align_local(refs[k][h - 1], sub, res_align, step, sstep, params,
-                                                 (angles[sel], origins[sel]), rotation))
-                best = reps[0]
-                if len(reps) == 2:
-                    d = pose_distance_deg(torch.as_tensor(reps[0]["angles_deg"]), torch.as_tensor(reps[1]["angles_deg"]),
-                                          params.symmetry).numpy()
-                    second = reps[1]["score"] > reps[0]["score"]
-                    best = {key: np.where(second.reshape((-1,) + (1,) * (v.ndim - 1)), reps[1][key], v)
-                            for key, v in reps[0].items()}
-                    best["agree"] = d <= step
-                if alternatives is not None and not is_global:
-                    best = _better_of(best, angles[sel], (alternatives[0][sel], alternatives[1][sel]),
-                                      refs[k][h - 1], sub, res_align, step, sstep, params, log)
-                per_class.append(best)
+                per_class.append(_align_class(
+                    refs[k][h - 1], sub, is_global, (angles[sel], origins[sel]),
+                    None if alternatives is None else (alternatives[0][sel], alternatives[1][sel]),
+                    res_align, step, sstep, params, rng, work_dir, log))
             scores = np.stack([c["score"] for c in per_class])
             win = scores.argmax(0)
             ar = np.arange(len(sel))
