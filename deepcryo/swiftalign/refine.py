@@ -102,7 +102,7 @@ from deepcryo.core import fourier, io
 from deepcryo.core.fsc import fsc_resolution_A, fsc_to_half_ssnr, masked_fsc, spherical_mask
 from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg, symmetry_matrices
 from deepcryo.core.projector import Projector
-from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, write_fsc_star
+from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, insert_particles, write_fsc_star
 
 from . import index as swindex
 from .features import Band
@@ -375,16 +375,10 @@ def _reconstruct(star, halves, classes, keep, n_classes, params):
     box = star.box_size
     recs = [[Reconstructor(box, symmetry=params.symmetry, device=device) for _ in range(2)]
             for _ in range(n_classes)]
+    labels = np.where(keep, 2 * classes + halves - 1, -1)
     with star.open_images() as stack:
-        for start in range(0, len(star), params.batch_size):
-            idx = np.arange(start, min(start + params.batch_size, len(star)))
-            images, rot, origins, ctf = batch_inputs(star, idx, stack, device)
-            for k in range(n_classes):
-                for h in (1, 2):
-                    sel = torch.as_tensor((halves[idx] == h) & (classes[idx] == k) & keep[idx], device=device)
-                    if sel.any():
-                        recs[k][h - 1].insert_images(images[sel], rot[sel], origins[sel],
-                                                     None if ctf is None else ctf[sel])
+        insert_particles(star, stack, labels, {2 * k + h - 1: recs[k][h - 1] for k in range(n_classes) for h in (1, 2)},
+                         params.batch_size, device)
     return recs
 
 
