@@ -33,7 +33,7 @@ from .fsc import fsc, shell_frequencies
 from .geometry import euler_to_matrix, symmetry_matrices
 from .projector import gridding_kernel_1d
 
-__all__ = ["Reconstructor", "reconstruct_star", "mask_corners", "half_split", "main"]
+__all__ = ["Reconstructor", "insert_particles", "reconstruct_star", "mask_corners", "half_split", "main"]
 
 
 class Reconstructor:
@@ -183,6 +183,24 @@ def batch_inputs(star, indices, stack, device):
     return images, rot, origins, ctf
 
 
+def insert_particles(star, stack, labels: np.ndarray, recs: dict, batch_size: int, device: torch.device,
+                     progress=None) -> None:
+    """Insert each particle ``i`` of ``star`` (images read from the open ``stack``) into ``recs[labels[i]]``,
+    ``batch_size`` particles at a time; particles whose label has no reconstructor are skipped. ``progress``
+    (optional) is called as ``progress(done, total, elapsed_s)`` after each batch."""
+    done, t0 = 0, time.time()
+    for start in range(0, len(star), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(star)))
+        images, rot, origins, ctf = batch_inputs(star, idx, stack, device)
+        for label, rec in recs.items():
+            sel = torch.as_tensor(labels[idx] == label, device=device)
+            if sel.any():
+                rec.insert_images(images[sel], rot[sel], origins[sel], None if ctf is None else ctf[sel])
+        done += len(idx)
+        if progress:
+            progress(done, len(star), time.time() - t0)
+
+
 def reconstruct_star(star, halves=False, symmetry="C1", max_resolution_A=None, batch_size=256, device="cpu",
                      seed=0, progress=None):
     """Reconstruct the map(s) of a :class:`~deepcryo.core.io.ParticleStar` (needs poses; CTF if present).
@@ -198,17 +216,7 @@ def reconstruct_star(star, halves=False, symmetry="C1", max_resolution_A=None, b
         labels = half_split(star, seed) if halves else np.ones(len(star), dtype=np.int64)
         recs = {h: Reconstructor(box, symmetry=symmetry, max_radius_px=max_r, device=device)
                 for h in np.unique(labels)}
-        done, t0 = 0, time.time()
-        for start in range(0, len(star), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(star)))
-            images, rot, origins, ctf = batch_inputs(star, idx, stack, device)
-            for h, rec in recs.items():
-                sel = torch.as_tensor(labels[idx] == h, device=device)
-                if sel.any():
-                    rec.insert_images(images[sel], rot[sel], origins[sel], None if ctf is None else ctf[sel])
-            done += len(idx)
-            if progress:
-                progress(done, len(star), time.time() - t0)
+        insert_particles(star, stack, labels, recs, batch_size, device, progress)
     if not halves:
         return {"map": recs[1].reconstruct()}
     half1, half2 = recs[1].reconstruct(), recs[2].reconstruct()

@@ -26,13 +26,7 @@ from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, sample_pose
 
 from .features import vectors_from_band
 
-__all__ = ["gallery_poses", "band_slices", "shift_grid", "ctf_groups", "angular_step_for_resolution", "Gallery"]
-
-
-def angular_step_for_resolution(box, pixel_size_A, resolution_A):
-    """Angular step (degrees) that moves the band edge by one Fourier pixel: ``asin(res / (N · px))``
-    (Lauzirika's ΔΦ, eq. 4.20)."""
-    return math.degrees(math.asin(min(1.0, resolution_A / (box * pixel_size_A))))
+__all__ = ["gallery_poses", "band_slices", "shift_grid", "ctf_groups", "Gallery"]
 
 
 def gallery_poses(angular_step_deg, symmetry="C1", grid_rotation=None):
@@ -156,11 +150,6 @@ class Gallery:
 
     def __len__(self):
         return self.n_poses * self.n_groups * self.n_shifts
-
-    @property
-    def entry_bytes(self):
-        """Bytes of one raw float32 vector."""
-        return 4 * self.band.dim
 
     def decode(self, ids):
         """Entry ids (any shape) → (pose index, CTF group, shift index) arrays of the same shape."""

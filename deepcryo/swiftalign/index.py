@@ -47,11 +47,12 @@ from deepcryo.core import io
 from deepcryo.core.projector import Projector
 
 from .features import Band, noise_weights
-from .gallery import Gallery, angular_step_for_resolution, ctf_groups, gallery_poses, group_ctf_band
+from .sampling import angular_step_for_box, shift_step_for_resolution
+from .gallery import Gallery, ctf_groups, gallery_poses, group_ctf_band
 
 __all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "shard_capacity", "train_template",
            "fill_shards", "build_index", "merge_topk", "search", "set_nprobe", "to_devices", "train", "IndexBundle",
-           "load", "MANIFEST"]
+           "load", "MANIFEST", "particle_noise_weights"]
 
 MANIFEST = "manifest.json"
 _ID_BYTES = 8
@@ -420,6 +421,14 @@ def check_particles(star, box, pixel_size_A, what):
                             % (star.pixel_size_A, what, pixel_size_A))
 
 
+def particle_noise_weights(band: Band, star: io.ParticleStar, n_images: int = 2000) -> torch.Tensor:
+    """Whitening weights (P,) of :func:`.features.noise_weights` from up to ``n_images`` particles of ``star``
+    spread evenly over the stack (at particle SNR their power spectrum is the noise's)."""
+    with star.open_images() as stack:
+        idx = np.linspace(0, len(star) - 1, min(len(star), n_images)).astype(np.int64)
+        return noise_weights(band, band.from_images(stack.read(idx)))
+
+
 def particle_optics(star):
     """dict(voltage_kV, cs_mm, amplitude_contrast) of the particles (means over optics groups)."""
     return {"voltage_kV": float(np.mean(star.optics_value("rlnVoltage"))),
@@ -477,12 +486,12 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
         raise io.InputError("max resolution %.3g Å is beyond Nyquist (%.3g Å at %.4g Å/px)"
                             % (max_resolution_A, 2 * px, px))
     if angular_step_deg is None:
-        angular_step_deg = angular_step_for_resolution(box, px, max_resolution_A)
+        angular_step_deg = angular_step_for_box(box, px, max_resolution_A)
     if not 0 < angular_step_deg <= 90:
         raise io.InputError("angular step must be in (0, 90] degrees, got %g" % angular_step_deg)
     if max_shift_px < 0:
         raise io.InputError("max shift must be >= 0 px")
-    shift_step_px = shift_step_px or max(0.5, max_resolution_A / (4 * px))
+    shift_step_px = shift_step_px or shift_step_for_resolution(max_resolution_A, px)
     memory_bytes = memory_limit_GB * 1e9
     ctf = star.ctf_params()
     group_defocus, _ = ctf_groups(0.5 * (ctf["defocus_u_A"] + ctf["defocus_v_A"]), max(1, int(n_ctf_groups)))
@@ -490,9 +499,7 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
     band = Band(box, px, max_resolution_A)
     weights = None
     if whiten:
-        with star.open_images() as stack:
-            idx = np.linspace(0, len(star) - 1, min(len(star), 2000)).astype(np.int64)
-            weights = noise_weights(band, band.from_images(stack.read(idx)))
+        weights = particle_noise_weights(band, star)
     gpu = bool(faiss_gpu_ids(devices))
     projector = Projector(volume, device=devices[0] if devices else "cpu")
     sqrt_w = None if weights is None else torch.sqrt(weights)

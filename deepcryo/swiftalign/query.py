@@ -10,7 +10,7 @@ For each particle (batched):
 2. **Exact re-ranking**: each match is scored by the full-precision normalised Fourier correlation over
    the band between the particle and the reference projected at the match's pose, multiplied by the
    particle's *own* CTF and moved by the match's origin (:func:`score_poses`).
-3. **Local refinement** of the ``k`` best (:func:`refine`): a pattern search over small rotations about the
+3. **Local refinement** of the ``k`` best (:func:`refine_poses`): a pattern search over small rotations about the
    three axes of the projection frame and sub-pixel origin offsets, halving both steps at each level
    (from half the gallery steps down to 1/16).
 4. The best refined candidate wins. Its **confidence** is the score gap to the best match more than two
@@ -26,6 +26,7 @@ Angles are RELION ZYZ (degrees), origins RELION's (px here, Å in STAR files): t
 """
 import math
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,8 +39,8 @@ from . import index as swindex
 from .features import vectors_from_band
 from .gallery import band_slices
 
-__all__ = ["ParticleBatch", "score_poses", "axis_angle_matrices", "refine", "global_candidates", "index_matches",
-           "local_candidates", "pose_posterior", "select_and_refine", "align", "query"]
+__all__ = ["ParticleBatch", "score_poses", "axis_angle_matrices", "refine_poses", "global_candidates", "index_matches",
+           "local_candidates", "pose_posterior", "Selection", "select_and_refine", "align", "query"]
 
 
 class ParticleBatch:
@@ -107,7 +108,7 @@ def _unit_moves(h_rad):
     return axis_angle_matrices(vecs).to(torch.float32)
 
 
-def refine(projector, band, particles, rotations, origins_px, angular_step_deg, shift_step_px, levels=4, passes=2):
+def refine_poses(projector, band, particles, rotations, origins_px, angular_step_deg, shift_step_px, levels=4, passes=2):
     """Pattern-search refinement of (B, C) candidate poses; returns refined (rotations, origins, scores (B, C)).
 
     Level ``l`` (1..levels) tries the 7 rotations {I, ±h about x, y, z} left-multiplied (projection frame)
@@ -218,20 +219,31 @@ def _take(x, index):
     return x[torch.arange(x.shape[0])[:, None], index]
 
 
+class Selection(NamedTuple):
+    """The winner of :func:`select_and_refine` and its runner-up (the far candidate of the confidence gap)."""
+    rotation: torch.Tensor  # (B, 3, 3)
+    origin_px: torch.Tensor  # (B, 2)
+    score: torch.Tensor  # (B,)
+    confidence: torch.Tensor  # (B,)
+    pool_index: torch.Tensor  # (B,)
+    runner_up_rotation: torch.Tensor  # (B, 3, 3)
+    runner_up_origin_px: torch.Tensor  # (B, 2)
+    runner_up_score: torch.Tensor  # (B,)
+
+
 def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score, k, angular_step_deg,
-                      shift_step_px, far_deg, symmetry, levels=4, passes=2, refine_far=True):
+                      shift_step_px, far_deg, symmetry, levels=4, passes=2, refine_far=True) -> Selection:
     """Refine the k best pool candidates (by exact score), pick the winner, and measure its confidence:
     the gap to the refined best pool candidate farther than ``far_deg`` from the winner (or, when the
     pool has none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's
-    exact pool score unrefined (cheaper, a slightly larger gap). ``levels``, ``passes``: see :func:`refine`.
+    exact pool score unrefined (cheaper, a slightly larger gap). ``levels``, ``passes``: see :func:`refine_poses`.
 
-    Returns (winner rotation (B, 3, 3), origin (B, 2), score (B,), confidence (B,), pool index of the winner (B,),
-    runner-up rotation (B, 3, 3), origin (B, 2), score (B,)): the runner-up is that far candidate (refined
+    Returns a :class:`Selection`: the runner-up is that far candidate (refined
     when ``refine_far``), or the winner itself when the pool has none.
     """
     b = pool_rot.shape[0]
     top = pool_score.topk(min(k, pool_score.shape[1]), dim=1).indices
-    rot, org, score = refine(projector, band, particles, _take(pool_rot, top), _take(pool_org, top),
+    rot, org, score = refine_poses(projector, band, particles, _take(pool_rot, top), _take(pool_org, top),
                              angular_step_deg, shift_step_px, levels, passes)
     win = score.argmax(1)
     ar = torch.arange(b)
@@ -244,14 +256,14 @@ def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score
     far_pick = torch.where(far, pool_score, torch.full_like(pool_score, -np.inf)).argmax(1)
     f_rot, f_org, f_score = pool_rot[ar, far_pick], pool_org[ar, far_pick], pool_score[ar, far_pick]
     if refine_far:
-        f_rot, f_org, f_score = (x[:, 0] for x in refine(projector, band, particles, f_rot[:, None], f_org[:, None],
+        f_rot, f_org, f_score = (x[:, 0] for x in refine_poses(projector, band, particles, f_rot[:, None], f_org[:, None],
                                                           angular_step_deg, shift_step_px, levels, passes))
     has_far = far.any(1)
     gap = w_score - torch.where(has_far, f_score, pool_score.min(1).values)
     f_rot = torch.where(has_far[:, None, None], f_rot, w_rot)
     f_org = torch.where(has_far[:, None], f_org, w_org)
     f_score = torch.where(has_far, f_score, w_score)
-    return w_rot, w_org, w_score, gap, top[ar, win], f_rot, f_org, f_score
+    return Selection(w_rot, w_org, w_score, gap, top[ar, win], f_rot, f_org, f_score)
 
 
 def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prior_origins_A=None,

@@ -43,7 +43,7 @@ given):
      half a resolution element, the width of the correlation peak at resolution r, so a grid this fine
      puts every particle in its peak's basin. The seed's text uses the box (N·px) for D (finer and more
      costly than needed: the particle, not the box, rotates) and its code twice the angle (which can miss
-     the basin). The pattern search of :func:`.query.refine` then halves the step four times (to
+     the basin). The pattern search of :func:`.query.refine_poses` then halves the step four times (to
      step/16), so the grid does not limit the accuracy;
    * shift step ``r / (4·px)`` (≥ 0.5 px): a shift of r/4 turns the phase at the band edge by 90°. The
      seed's text has r/(2·px), its code r/(4·px); the pattern search refines it to step/16 as well.
@@ -102,26 +102,16 @@ from deepcryo.core import fourier, io
 from deepcryo.core.fsc import fsc_resolution_A, fsc_to_half_ssnr, masked_fsc, spherical_mask
 from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg, symmetry_matrices
 from deepcryo.core.projector import Projector
-from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, write_fsc_star
+from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, insert_particles, write_fsc_star
 
 from . import index as swindex
-from .features import Band, noise_weights
+from .features import Band
 from .gallery import gallery_poses, shift_grid
 from .query import ParticleBatch, align, pose_posterior
+from .sampling import angular_step_for_diameter, shift_step_for_resolution
 
-__all__ = ["angular_step_for", "shift_step_for", "reference_filter", "join_halves", "refinement_mask",
-           "RefineParams", "refine", "LocalReference"]
-
-
-# ------------------------------------------------------------------------------------------ sampling
-def angular_step_for(resolution_A, diameter_A):
-    """Angular step (degrees) for resolution ``resolution_A`` and particle diameter ``diameter_A``: asin(r / D)."""
-    return math.degrees(math.asin(min(1.0, resolution_A / diameter_A)))
-
-
-def shift_step_for(resolution_A, pixel_size_A):
-    """Shift step (px): r / (4 · px), at least 0.5 px."""
-    return max(0.5, resolution_A / (4.0 * pixel_size_A))
+__all__ = ["reference_filter", "join_halves", "refinement_mask",
+           "RefineParams", "refine_3d", "LocalReference"]
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -258,41 +248,76 @@ class RefineParams:
         return dict(vars(self))
 
 
-def _align_once(reference, star, res_A, step_deg, sstep_px, params, is_global, prior, rotation, work_dir, log):
-    """Align ``star`` to ``reference`` (N, N, N) at resolution ``res_A``; returns the :func:`.query.align` dict."""
+def _max_shift_px(params, box):
+    return params.max_shift_px if params.max_shift_px is not None else max(1.0, round(0.1 * box))
+
+
+def _align_global(reference, star, res_A, step_deg, sstep_px, params, rotation, work_dir, log):
+    """Align ``star`` to ``reference`` (N, N, N) at resolution ``res_A`` through a SwiftAlign index of it;
+    returns the :func:`.query.align` dict."""
     px = star.pixel_size_A
     box = star.box_size
-    max_shift = params.max_shift_px if params.max_shift_px is not None else max(1.0, round(0.1 * box))
-    if is_global:
-        ref_path = os.path.join(work_dir, "reference.mrc")
-        io.write_mrc(ref_path, reference, px)
-        index_dir = os.path.join(work_dir, "index")
-        n_refs = (len(gallery_poses(step_deg, params.symmetry)) * params.n_ctf_groups
-                  * len(shift_grid(max_shift, sstep_px)))
-        flat = n_refs * Band(box, px, res_A).dim * 4 <= params.flat_index_GB * 1e9
-        swindex.train(ref_path, star, index_dir, angular_step_deg=step_deg, max_resolution_A=res_A,
-                      index_factory="Flat" if flat else None,
-                      max_shift_px=max_shift, shift_step_px=sstep_px, n_ctf_groups=params.n_ctf_groups,
-                      symmetry=params.symmetry, whiten=params.whiten, memory_limit_GB=params.memory_limit_GB,
-                      grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device], log=log)
-        bundle = swindex.load(index_dir, params.device)
-        out = align(bundle, star, k=params.k, nprobe=params.nprobe, memory_limit_GB=params.memory_limit_GB,
-                    devices=[params.device], log=lambda msg: None)
-        shutil.rmtree(index_dir, ignore_errors=True)
-        return out
+    max_shift = _max_shift_px(params, box)
+    ref_path = os.path.join(work_dir, "reference.mrc")
+    io.write_mrc(ref_path, reference, px)
+    index_dir = os.path.join(work_dir, "index")
+    n_refs = (len(gallery_poses(step_deg, params.symmetry)) * params.n_ctf_groups
+              * len(shift_grid(max_shift, sstep_px)))
+    flat = n_refs * Band(box, px, res_A).dim * 4 <= params.flat_index_GB * 1e9
+    swindex.train(ref_path, star, index_dir, angular_step_deg=step_deg, max_resolution_A=res_A,
+                  index_factory="Flat" if flat else None,
+                  max_shift_px=max_shift, shift_step_px=sstep_px, n_ctf_groups=params.n_ctf_groups,
+                  symmetry=params.symmetry, whiten=params.whiten, memory_limit_GB=params.memory_limit_GB,
+                  grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device], log=log)
+    bundle = swindex.load(index_dir, params.device)
+    out = align(bundle, star, k=params.k, nprobe=params.nprobe, memory_limit_GB=params.memory_limit_GB,
+                devices=[params.device], log=lambda msg: None)
+    shutil.rmtree(index_dir, ignore_errors=True)
+    return out
+
+
+def _align_local(reference, star, res_A, step_deg, sstep_px, params, prior, rotation):
+    """Align ``star`` to ``reference`` (N, N, N) at resolution ``res_A`` around the prior poses
+    ``(angles_deg, origins_A)``, scored exactly; returns the :func:`.query.align` dict."""
+    px = star.pixel_size_A
+    box = star.box_size
+    max_shift = _max_shift_px(params, box)
     angles, origins_A = prior
     if rotation is not None:
         angles = matrix_to_euler(euler_to_matrix(torch.as_tensor(angles)) @ rotation).numpy()
     sqrt_w = None
     band = Band(box, px, res_A)
     if params.whiten:
-        with star.open_images() as stack:
-            idx = np.linspace(0, len(star) - 1, min(len(star), 2000)).astype(np.int64)
-            sqrt_w = torch.sqrt(noise_weights(band, band.from_images(torch.as_tensor(stack.read(idx)))))
+        sqrt_w = torch.sqrt(swindex.particle_noise_weights(band, star))
     ref = LocalReference(reference, px, res_A, step_deg, sstep_px, max_shift, params.symmetry, sqrt_w, params.device)
     return align(ref, star, k=1, local=True, prior_angles_deg=angles, prior_origins_A=origins_A,
                  local_steps=params.local_steps, local_shift_px=min(max_shift, 2 * sstep_px),
                  memory_limit_GB=params.memory_limit_GB, log=lambda msg: None, passes=1, refine_far=False)
+
+
+def _align_class(reference, sub, is_global, prior, alternatives, res_A, step_deg, sstep_px, params, rng, work_dir,
+                 log):
+    """Align the particles ``sub`` of one half to one class's ``reference``: ``params.repetitions`` searches (the
+    second on a grid rotated by half a step, drawn from ``rng``), the better score per particle kept and the
+    two searches' agreement recorded; a local iteration also tries the runner-up poses ``alternatives``."""
+    reps = []
+    for r in range(params.repetitions):
+        rotation = _random_rotation(0.5 * step_deg, rng).to(torch.float64) if r == 1 else None
+        if is_global:
+            reps.append(_align_global(reference, sub, res_A, step_deg, sstep_px, params, rotation, work_dir, log))
+        else:
+            reps.append(_align_local(reference, sub, res_A, step_deg, sstep_px, params, prior, rotation))
+    best = reps[0]
+    if len(reps) == 2:
+        d = pose_distance_deg(torch.as_tensor(reps[0]["angles_deg"]), torch.as_tensor(reps[1]["angles_deg"]),
+                              params.symmetry).numpy()
+        second = reps[1]["score"] > reps[0]["score"]
+        best = {key: np.where(second.reshape((-1,) + (1,) * (v.ndim - 1)), reps[1][key], v)
+                for key, v in reps[0].items()}
+        best["agree"] = d <= step_deg
+    if alternatives is not None and not is_global:
+        best = _better_of(best, prior[0], alternatives, reference, sub, res_A, step_deg, sstep_px, params, log)
+    return best
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -350,16 +375,10 @@ def _reconstruct(star, halves, classes, keep, n_classes, params):
     box = star.box_size
     recs = [[Reconstructor(box, symmetry=params.symmetry, device=device) for _ in range(2)]
             for _ in range(n_classes)]
+    labels = np.where(keep, 2 * classes + halves - 1, -1)
     with star.open_images() as stack:
-        for start in range(0, len(star), params.batch_size):
-            idx = np.arange(start, min(start + params.batch_size, len(star)))
-            images, rot, origins, ctf = batch_inputs(star, idx, stack, device)
-            for k in range(n_classes):
-                for h in (1, 2):
-                    sel = torch.as_tensor((halves[idx] == h) & (classes[idx] == k) & keep[idx], device=device)
-                    if sel.any():
-                        recs[k][h - 1].insert_images(images[sel], rot[sel], origins[sel],
-                                                     None if ctf is None else ctf[sel])
+        insert_particles(star, stack, labels, {2 * k + h - 1: recs[k][h - 1] for k in range(n_classes) for h in (1, 2)},
+                         params.batch_size, device)
     return recs
 
 
@@ -370,7 +389,7 @@ def _posterior_reconstruct(star, halves, classes, keep, refs, resolution_A, diam
     device = torch.device(params.device)
     box, px = star.box_size, star.pixel_size_A
     res_A = max(resolution_A, 2 * px)
-    step, sstep = 0.5 * angular_step_for(res_A, diameter_A), 0.5 * shift_step_for(res_A, px)
+    step, sstep = 0.5 * angular_step_for_diameter(res_A, diameter_A), 0.5 * shift_step_for_resolution(res_A, px)
     band = Band(box, px, res_A)
     projectors = [[Projector(refs[k][h], device=device) for h in range(2)] for k in range(n_classes)]
     recs = [[Reconstructor(box, symmetry=params.symmetry, device=device) for _ in range(2)]
@@ -399,7 +418,7 @@ def _posterior_reconstruct(star, halves, classes, keep, refs, resolution_A, diam
     return recs
 
 
-def refine(particles, references, output_dir, params=None, mask=None, resume=False, log=print):
+def refine_3d(particles, references, output_dir, params=None, mask=None, resume=False, log=print):
     """Run the refinement (module docstring). Returns the final model dict.
 
     Args:
@@ -495,8 +514,8 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
         t0, cpu0 = time.time(), time.process_time()
         is_global = iteration <= params.global_iterations or (iteration == 1 and not star.has_poses())
         res_align = max(resolution, 2 * px)
-        step = angular_step_for(res_align, diameter)
-        sstep = shift_step_for(res_align, px)
+        step = angular_step_for_diameter(res_align, diameter)
+        sstep = shift_step_for_resolution(res_align, px)
         new_angles, new_origins, new_score = angles.copy(), origins.copy(), np.full(n, -np.inf)
         new_classes = classes.copy()
         agree = np.ones(n, dtype=bool)
@@ -506,23 +525,10 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
             sub = star.subset(sel)
             per_class = []
             for k in range(n_classes):
-                reps = []
-                for r in range(params.repetitions):
-                    rotation = _random_rotation(0.5 * step, rng).to(torch.float64) if r == 1 else None
-                    reps.append(_align_once(refs[k][h - 1], sub, res_align, step, sstep, params, is_global,
-                                            (angles[sel], origins[sel]), rotation, work_dir, log))
-                best = reps[0]
-                if len(reps) == 2:
-                    d = pose_distance_deg(torch.as_tensor(reps[0]["angles_deg"]), torch.as_tensor(reps[1]["angles_deg"]),
-                                          params.symmetry).numpy()
-                    second = reps[1]["score"] > reps[0]["score"]
-                    best = {key: np.where(second.reshape((-1,) + (1,) * (v.ndim - 1)), reps[1][key], v)
-                            for key, v in reps[0].items()}
-                    best["agree"] = d <= step
-                if alternatives is not None and not is_global:
-                    best = _better_of(best, angles[sel], (alternatives[0][sel], alternatives[1][sel]),
-                                      refs[k][h - 1], sub, res_align, step, sstep, params, work_dir, log)
-                per_class.append(best)
+                per_class.append(_align_class(
+                    refs[k][h - 1], sub, is_global, (angles[sel], origins[sel]),
+                    None if alternatives is None else (alternatives[0][sel], alternatives[1][sel]),
+                    res_align, step, sstep, params, rng, work_dir, log))
             scores = np.stack([c["score"] for c in per_class])
             win = scores.argmax(0)
             ar = np.arange(len(sel))
@@ -640,6 +646,10 @@ def refine(particles, references, output_dir, params=None, mask=None, resume=Fal
     return model
 
 
+# The name commands/refine.py imports until its call site follows the rename (at merge).
+refine = refine_3d
+
+
 def _with_poses(star, angles, origins):
     out = star.copy()
     out.set_poses(angles, origins)
@@ -672,7 +682,7 @@ def _read_alternatives(star):
     return values[:, :3], values[:, 3:]
 
 
-def _better_of(result, prior_angles, alternatives, reference, sub, res_A, step_deg, sstep_px, params, work_dir, log):
+def _better_of(result, prior_angles, alternatives, reference, sub, res_A, step_deg, sstep_px, params, log):
     """``result`` (a local :func:`.query.align` dict over the particles ``sub`` from ``prior_angles``) with each
     particle whose runner-up pose (``alternatives``: angles (M, 3), origins Å (M, 2)) differs from its prior
     by more than one step searched locally from the runner-up too, the better-scoring pose kept."""
@@ -682,8 +692,8 @@ def _better_of(result, prior_angles, alternatives, reference, sub, res_A, step_d
     rows = np.nonzero(differ)[0]
     if len(rows) == 0:
         return result
-    second = _align_once(reference, sub.subset(rows), res_A, step_deg, sstep_px, params, False,
-                         (alt_angles[rows], alt_origins[rows]), None, work_dir, log)
+    second = _align_local(reference, sub.subset(rows), res_A, step_deg, sstep_px, params,
+                          (alt_angles[rows], alt_origins[rows]), None)
     better = second["score"] > result["score"][rows]
     merged = {key: value.copy() for key, value in result.items()}
     for key, value in second.items():

@@ -150,14 +150,14 @@ def test_swiftalign_local_accuracy(flat_alignment):
 @pytest.fixture(scope="module")
 def refined(relion_rendered, tmp_path_factory):
     """test_swiftrefine.py's main run on RELION's particles: no input poses, reference = truth at 30 Å."""
-    from deepcryo.swiftalign.refine import RefineParams, refine
+    from deepcryo.swiftalign.refine import RefineParams, refine_3d
     rs = relion_rendered(REFINE_SPEC)
     d = tmp_path_factory.mktemp("swiftrefine_relion")
     inp = strip_poses(rs.star, str(d / "input.star"))
     ref = str(d / "initial.mrc")
     io.write_mrc(ref, fourier.lowpass_volume(torch.as_tensor(rs.volume), 30.0, PX).numpy(), PX)
     out = str(d / "out")
-    model = refine(inp, ref, out, RefineParams(max_iterations=6), log=print)
+    model = refine_3d(inp, ref, out, RefineParams(max_iterations=6), log=print)
     return rs, out, model
 
 

@@ -22,8 +22,8 @@ from deepcryo.core.fsc import fsc, fsc_resolution_A
 from deepcryo.core.geometry import pose_distance_deg
 from deepcryo.core.simulate import phantom_states, phantom_volume, write_particle_set
 from deepcryo.swiftalign import __main__ as cli
-from deepcryo.swiftalign.refine import (RefineParams, angular_step_for, join_halves, reference_filter, refine,
-                                        shift_step_for)
+from deepcryo.swiftalign.refine import RefineParams, join_halves, reference_filter, refine_3d
+from deepcryo.swiftalign.sampling import angular_step_for_diameter, shift_step_for_resolution
 from deepcryo.tests.poses import strip_poses
 
 PX = 2.0
@@ -51,7 +51,7 @@ def main_run(tmp_path_factory):
     inp = strip_poses(truth_star, str(d / "sim" / "input.star"))
     ref = _lowpassed(vol, str(d / "initial.mrc"))
     out = str(d / "out")
-    model = refine(inp, ref, out, RefineParams(max_iterations=6), log=print)
+    model = refine_3d(inp, ref, out, RefineParams(max_iterations=6), log=print)
     return dict(dir=d, vol=vol, truth=truth_star, input=inp, ref=ref, out=out, model=model)
 
 
@@ -130,7 +130,7 @@ def test_multi_reference_classifies_states(tmp_path):
     inp = strip_poses(truth, str(tmp_path / "sim" / "input.star"))
     refs = [_lowpassed(v, str(tmp_path / ("ref%d.mrc" % i)), 20.0) for i, v in enumerate(states)]
     out = str(tmp_path / "out")
-    model = refine(inp, refs, out, RefineParams(max_iterations=3, initial_resolution_A=20.0))
+    model = refine_3d(inp, refs, out, RefineParams(max_iterations=3, initial_resolution_A=20.0))
     assert model["n_classes"] == 2
     t = io.read_particles(truth, require_images=False)
     o = io.read_particles(os.path.join(out, "particles.star"), require_images=False)
@@ -145,10 +145,10 @@ def test_multi_reference_classifies_states(tmp_path):
 
 
 def test_sampling_follows_resolution():
-    assert angular_step_for(10.0, 100.0) == pytest.approx(np.degrees(np.arcsin(0.1)))
-    assert angular_step_for(5.0, 100.0) < angular_step_for(10.0, 100.0)
-    assert shift_step_for(8.0, 2.0) == 1.0
-    assert shift_step_for(1.0, 2.0) == 0.5
+    assert angular_step_for_diameter(10.0, 100.0) == pytest.approx(np.degrees(np.arcsin(0.1)))
+    assert angular_step_for_diameter(5.0, 100.0) < angular_step_for_diameter(10.0, 100.0)
+    assert shift_step_for_resolution(8.0, 2.0) == 1.0
+    assert shift_step_for_resolution(1.0, 2.0) == 0.5
 
 
 def test_reference_filter_and_join():
@@ -198,7 +198,7 @@ def test_repetition_consensus_leaves_out_wrong_poses(tmp_path):
                                defocus_range_A=(15000.0, 25000.0))
     inp = strip_poses(truth, str(tmp_path / "sim" / "input.star"))
     out = str(tmp_path / "out")
-    model = refine(inp, _lowpassed(vol, str(tmp_path / "ref.mrc")), out,
+    model = refine_3d(inp, _lowpassed(vol, str(tmp_path / "ref.mrc")), out,
                    RefineParams(max_iterations=2, repetitions=2))
     o = io.read_particles(os.path.join(out, "particles.star"), require_images=False)
     kept = np.asarray(o.particles["dcSwiftKept"], dtype=bool)
@@ -226,7 +226,7 @@ def test_symmetric_refinement_c4(tmp_path):
     inp = strip_poses(truth, str(tmp_path / "sim" / "input.star"))
     out = str(tmp_path / "out")
     # the symmetrised phantom is nearly cylindrical at 30 Å: start from 15 Å
-    refine(inp, _lowpassed(vol, str(tmp_path / "ref.mrc"), 15.0), out,
+    refine_3d(inp, _lowpassed(vol, str(tmp_path / "ref.mrc"), 15.0), out,
            RefineParams(symmetry="C4", max_iterations=2, initial_resolution_A=15.0))
     err = _angle_errors(truth, os.path.join(out, "particles.star"), "C4")
     final, _ = io.read_mrc(os.path.join(out, "map.mrc"))
