@@ -26,8 +26,8 @@ import time
 import numpy as np
 import torch
 
-from deepcryo.core import io
 from deepcryo.core.micrographs import random_micrograph_parameters, simulate_micrograph
+from deepcryo.core.mrc import read_mrc, write_mrc
 from deepcryo.defocus import fit, model as model_mod, predict
 from deepcryo.defocus.psd import compute_psd
 
@@ -56,7 +56,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:  # warm-up (first calls of torch kernels), not counted
         img, t = simulate_micrograph(512, seed=1, pixel_size_A=1.0)
         path = os.path.join(tmp, "warm.mrc")
-        io.write_mrc(path, img, 1.0)
+        write_mrc(path, img, 1.0)
         predict.estimate_batch([predict.MicrographEntry(path, 1.0, 300.0, 2.7, 0.1)], model, device=args.device)
         psd = compute_psd(img, 1.0, (2.0,), predict.FIT_SIZE_PX)[:, 0]
         fit.exhaustive_search(psd, 2.0, 300.0, 2.7, 0.1, defocus_range_A=(10000.0, 11000.0))
@@ -66,11 +66,11 @@ def main():
                                                defocus_range_A=(3000.0, 50000.0))
             img, t = simulate_micrograph(args.size, seed=args.seed + i, **prm)
             path = os.path.join(tmp, "mic.mrc")
-            io.write_mrc(path, img, t["pixel_size_A"])
+            write_mrc(path, img, t["pixel_size_A"])
             entry = predict.MicrographEntry(path, t["pixel_size_A"], t["voltage_kV"], t["cs_mm"],
                                             t["amplitude_contrast"])
             t0, c0 = time.time(), time.process_time()
-            mic = torch.as_tensor(io.read_mrc(path)[0], device=args.device)
+            mic = torch.as_tensor(read_mrc(path)[0], device=args.device)
             with torch.no_grad():
                 cu, cv, ca = model_mod.decode(model(compute_psd(mic, t["pixel_size_A"]), model_mod.acquisition_features(
                     t["voltage_kV"], t["cs_mm"], 1).to(args.device)))
@@ -79,7 +79,7 @@ def main():
             r = predict.estimate_batch([entry], model, device=args.device)[0]
             t_ref, c_ref = time.time() - t0, time.process_time() - c0
             t0, c0 = time.time(), time.process_time()
-            mic = torch.as_tensor(io.read_mrc(path)[0], device=args.device)
+            mic = torch.as_tensor(read_mrc(path)[0], device=args.device)
             samp = predict.fit_sampling_A(t["pixel_size_A"], 5.0)
             psd = compute_psd(mic, t["pixel_size_A"], (samp,), predict.FIT_SIZE_PX)[:, 0]
             e = fit.exhaustive_search(psd, samp, t["voltage_kV"], t["cs_mm"], t["amplitude_contrast"])

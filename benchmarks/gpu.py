@@ -31,7 +31,9 @@ import time
 import numpy as np
 import torch
 
-from deepcryo.core import io
+from deepcryo.core.mrc import write_mrc
+from deepcryo.core.particles import read_particles
+from deepcryo.core.star import read_star
 
 
 def _runs(device):
@@ -60,7 +62,7 @@ def _faiss_gpu():
 
 def _aligned_fraction(truth, aligned_star, step_deg):
     from deepcryo.core.geometry import pose_distance_deg
-    out = io.read_particles(aligned_star, require_images=False)
+    out = read_particles(aligned_star, require_images=False)
     ang = pose_distance_deg(torch.as_tensor(truth.angles_deg()), torch.as_tensor(out.angles_deg())).numpy()
     shift = np.linalg.norm(truth.origins_A() - out.origins_A(), axis=1) / truth.pixel_size_A
     return float(((ang < 2 * step_deg) & (shift < 1.0)).mean())
@@ -70,10 +72,10 @@ def bench_swiftalign(work, device, n, threads):
     from deepcryo.core.simulate import phantom_volume, write_particle_set
     step = 12.0
     vol = phantom_volume(64, seed=0)
-    io.write_mrc(os.path.join(work, "map.mrc"), vol, 2.0)
+    write_mrc(os.path.join(work, "map.mrc"), vol, 2.0)
     star = write_particle_set(os.path.join(work, "sim"), vol, n, 2.0, snr=0.1, seed=3, max_shift_px=3.0,
                               defocus_range_A=(15000.0, 20000.0))
-    truth = io.read_particles(star, require_images=False)
+    truth = read_particles(star, require_images=False)
     rows = {}
     for key, dev in _runs(device):
         index = os.path.join(work, "index_" + key)
@@ -120,7 +122,7 @@ def bench_defocus(work, device, n_mics, size_px, threads):
         out = os.path.join(work, "ctf_%s.star" % key)
         _, times[key] = _timed(lambda: _run("defocus", ["predict", "--micrographs", mics, "--output", out,
                                                         "--threads", threads, "--device", dev]))
-        t = io.read_star(out)["micrographs"]
+        t = read_star(out)["micrographs"]
         ctf[key] = np.stack([np.asarray(t["rlnDefocusU"], float), np.asarray(t["rlnDefocusV"], float)], 1)
     diff = float(np.abs(ctf["cpu"] - ctf["dev"]).max())
     rows = [("defocus predict", times["cpu"], times["dev"], "largest U or V difference %.1f Å" % diff, diff <= 50.0)]

@@ -62,11 +62,11 @@ def _step_for(n_references):
 
 def prepare(args):
     """Child: the phantom map, the simulated particles and the angular step of each size (prepare.json)."""
-    from deepcryo.core import io
+    from deepcryo.core.mrc import write_mrc
     from deepcryo.core.simulate import phantom_volume, write_particle_set
     ref = os.path.join(args.work_dir, "map.mrc")
     vol = phantom_volume(BOX, seed=0)
-    io.write_mrc(ref, vol, PIXEL_A)
+    write_mrc(ref, vol, PIXEL_A)
     star = write_particle_set(os.path.join(args.work_dir, "sim"), vol, args.particles, PIXEL_A, snr=0.3, seed=1,
                               max_shift_px=1.0, defocus_range_A=(15000.0, 20000.0))
     steps = [None if args.synthetic else _step_for(n) for n in args.references]

@@ -27,7 +27,9 @@ import numpy as np
 
 import torch
 
-from deepcryo.core import fourier, io, simulate
+from deepcryo.core import fourier, simulate
+from deepcryo.core.mrc import write_mrc
+from deepcryo.core.particles import read_particles
 from deepcryo.landscape import metrics
 
 
@@ -58,7 +60,7 @@ def run_deepcryo(star_path, out, args, pose_free=False, reference=None):
     if pose_free:
         cmd += ["--pose-free", "--reference", reference]
     wall, cpu = _timed([cmd])
-    star = io.read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
+    star = read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
     return wall, cpu, metrics.latents(star), star
 
 
@@ -116,12 +118,12 @@ def main(argv=None):
             continue
         star_path = simulate.write_particle_set(os.path.join(work, name), vols, args.n, args.pixel_size,
                                                 snr=args.snr, seed=2, state_of=state_of)
-        truth = io.read_particles(star_path)
+        truth = read_particles(star_path)
         runs = [("deepcryo", run_deepcryo)] + ([("cryodrgn", run_cryodrgn)] if args.cryodrgn else [])
         if args.pose_free:
             mean = vols(0.5) if callable(vols) else np.mean(vols, 0)
             reference = os.path.join(work, name, "reference_20A.mrc")
-            io.write_mrc(reference, fourier.lowpass_volume(torch.as_tensor(mean), 20.0, args.pixel_size)
+            write_mrc(reference, fourier.lowpass_volume(torch.as_tensor(mean), 20.0, args.pixel_size)
                          .numpy().astype(np.float32), args.pixel_size)
             runs.append(("deepcryo pose-free",
                          lambda s, o, a: run_deepcryo(s, o, a, pose_free=True, reference=reference)))

@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from deepcryo.core import fsc, io, simulate
+from deepcryo.core import fsc, simulate
+from deepcryo.core.mrc import read_mrc
 
 
 def _child_cpu():
@@ -53,7 +54,7 @@ def main(argv=None):
                                       "--angpix", str(args.pixel_size), "--j", str(args.threads)], work)
     rows = []
     for name, wall, cpu in (("deepcryo", ours_wall, ours_cpu), ("relion_reconstruct", relion_wall, relion_cpu)):
-        m, _ = io.read_mrc(os.path.join(work, "ours.mrc" if name == "deepcryo" else "relion.mrc"))
+        m, _ = read_mrc(os.path.join(work, "ours.mrc" if name == "deepcryo" else "relion.mrc"))
         curve = fsc.fsc(vol, m)
         rows.append((name, args.n / wall, args.n / max(cpu, 1e-9), fsc.fsc_resolution_A(curve, args.pixel_size, 0.5),
                      fsc.fsc_resolution_A(curve, args.pixel_size, 0.143), np.corrcoef(vol.ravel(), m.ravel())[0, 1]))

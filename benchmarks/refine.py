@@ -37,9 +37,11 @@ import time
 import numpy as np
 import torch
 
-from deepcryo.core import fourier, io
+from deepcryo.core import fourier
 from deepcryo.core.fsc import fsc, fsc_resolution_A, masked_fsc, spherical_mask
 from deepcryo.core.geometry import pose_distance_deg
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles, write_particles
 
 
 def _child_cpu():
@@ -60,17 +62,17 @@ def simulate(work, args):
         subprocess.run([sys.executable, "-m", "deepcryo.core.simulate", "particles", "--output-dir", sim,
                         "--n", str(args.n), "--box", str(args.box), "--pixel-size", str(args.pixel_size),
                         "--snr", str(args.snr), "--max-shift", "3", "--seed", str(args.seed)], check=True)
-        star = io.read_particles(os.path.join(sim, "particles.star"))
+        star = read_particles(os.path.join(sim, "particles.star"))
         for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
                   "rlnClassNumber"):
             star.particles.pop(c)
-        io.write_particles(os.path.join(sim, "input.star"), star)
+        write_particles(os.path.join(sim, "input.star"), star)
         # RELION groups particles by micrograph for its noise and scale models: 50 particles per "micrograph"
         star.particles["rlnMicrographName"] = np.array(["mic%04d.mrc" % (i // 50) for i in range(len(star))],
                                                        dtype=object)
-        io.write_particles(os.path.join(sim, "relion_input.star"), star)
-        vol, px = io.read_mrc(os.path.join(sim, "truth.mrc"))
-        io.write_mrc(os.path.join(sim, "initial.mrc"),
+        write_particles(os.path.join(sim, "relion_input.star"), star)
+        vol, px = read_mrc(os.path.join(sim, "truth.mrc"))
+        write_mrc(os.path.join(sim, "initial.mrc"),
                      fourier.lowpass_volume(torch.as_tensor(vol), args.initial_resolution, px).numpy(), px)
     return sim
 
@@ -112,17 +114,17 @@ def run_relion(work, sim, args):
 
 
 def evaluate(files, truth_star, truth_vol, px, diameter_A):
-    truth = io.read_particles(truth_star, require_images=False)
-    out = io.read_particles(files["particles"], require_images=False)
+    truth = read_particles(truth_star, require_images=False)
+    out = read_particles(files["particles"], require_images=False)
     name = lambda s: [str(x).split("@")[0].lstrip("0") + "@" + os.path.basename(str(x).split("@")[1])  # noqa: E731
                       for x in s.particles["rlnImageName"]]
     row = {n: i for i, n in enumerate(name(out))}
     order = np.array([row[n] for n in name(truth)])
     ang = pose_distance_deg(torch.as_tensor(truth.angles_deg()), torch.as_tensor(out.angles_deg()[order])).numpy()
     shift = np.linalg.norm(truth.origins_A() - out.origins_A()[order], axis=1)
-    h1, _ = io.read_mrc(files["half1"])
-    h2, _ = io.read_mrc(files["half2"])
-    final, _ = io.read_mrc(files["map"])
+    h1, _ = read_mrc(files["half1"])
+    h2, _ = read_mrc(files["half2"])
+    final, _ = read_mrc(files["map"])
     box = h1.shape[-1]
     mask = spherical_mask(box, radius_px=min(box / 2 - 1, diameter_A / (2 * px)) - 3.0, edge_px=3.0).numpy()
     return {"median_angle_err_deg": float(np.median(ang)), "frac_angle_err_gt10": float(np.mean(ang > 10)),
@@ -156,7 +158,7 @@ def main(argv=None):
     work = args.workdir or tempfile.mkdtemp(prefix="dc_bench_refine_")
     os.makedirs(work, exist_ok=True)
     sim = simulate(work, args)
-    truth_vol, px = io.read_mrc(os.path.join(sim, "truth.mrc"))
+    truth_vol, px = read_mrc(os.path.join(sim, "truth.mrc"))
     truth_star = os.path.join(sim, "particles.star")
     rows = []
     t, files = run_deepcryo(work, sim, args)

@@ -17,8 +17,8 @@ import faiss
 import numpy as np
 import torch
 
-from deepcryo.core import io
 from deepcryo.core.geometry import pose_distance_deg
+from deepcryo.core.particles import read_particles
 from deepcryo.swiftalign import index as swindex
 from deepcryo.swiftalign.query import ParticleBatch, align
 
@@ -30,7 +30,7 @@ def _timed(fn):
 
 
 def run(args):
-    star = io.read_particles(args.particles)
+    star = read_particles(args.particles)
     truth_angles, truth_origins = star.angles_deg(), star.origins_A()
     rows = []
     for step in args.steps:

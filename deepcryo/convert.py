@@ -21,7 +21,7 @@
 Conventions
 -----------
 * Particle STAR files are RELION 3.1 (``data_optics`` + ``data_particles``), written and read through
-  :mod:`deepcryo.core.io`. Image names are ``i@/absolute/stack.mrcs`` (1-based ``i``) or relative to the
+  :mod:`deepcryo.core.particles`. Image names are ``i@/absolute/stack.mrcs`` (1-based ``i``) or relative to the
   STAR folder; stacks that mrcfile cannot read (SPIDER ``.stk``, ``.spi``, ...) are converted to
   ``.mrcs`` under an output folder. ``rlnImageId`` holds the Scipion item id, so a program's output
   STAR can be matched back to the input set even when it drops or reorders particles.
@@ -46,8 +46,12 @@ from pwem.emlib.image import ImageHandler
 from pwem.objects import FSC, Transform
 
 from deepcryo.constants import RANDOM_SUBSET_ATTR
-from deepcryo.core import geometry, io
+from deepcryo.core import geometry
+from deepcryo.core.errors import InputError
 from deepcryo.core.fsc import fsc_resolution_A
+from deepcryo.core.mrc import read_mrc, read_mrc_header, write_mrc
+from deepcryo.core.particles import ParticleStar, read_particles, write_particles
+from deepcryo.core.star import read_star, write_star
 
 __all__ = ["projectionMatrices", "posesFromMatrices", "rowToAlignment", "alignmentToRow",
            "writeSetOfParticles", "updateParticlesFromStar", "writeSetOfMicrographs", "readCtfStar",
@@ -113,10 +117,10 @@ def _checkedMrc(fileName):
     another format. Raises InputError for a missing file or an unreadable (truncated) MRC file."""
     path = os.path.abspath(_stripFormat(fileName))
     if not os.path.exists(path):
-        raise io.InputError("%s: file not found" % path)
+        raise InputError("%s: file not found" % path)
     if os.path.splitext(path)[1].lower() not in MRC_EXTENSIONS:
         return None
-    io.read_mrc_header(path)
+    read_mrc_header(path)
     return path
 
 
@@ -129,7 +133,7 @@ def _mrcStacks(fileNames, outputDir, pixelSize):
         if paths[fn] is not None:
             continue
         if outputDir is None:
-            raise io.InputError("%s: not an MRC file; give an output folder to convert it" % fn)
+            raise InputError("%s: not an MRC file; give an output folder to convert it" % fn)
         os.makedirs(outputDir, exist_ok=True)
         base = os.path.splitext(os.path.basename(_stripFormat(fn)))[0]
         out = os.path.abspath(os.path.join(outputDir, "%s_%03d.mrcs" % (base, len(paths))))
@@ -151,7 +155,7 @@ def _acquisitionKey(img, fallback):
         if acq is not None and acq.getVoltage() is not None:
             return (float(acq.getVoltage()), float(acq.getSphericalAberration()),
                     float(acq.getAmplitudeContrast()))
-    raise io.InputError("image %s has no acquisition (voltage, Cs, amplitude contrast)" % img.getObjId())
+    raise InputError("image %s has no acquisition (voltage, Cs, amplitude contrast)" % img.getObjId())
 
 
 def _opticsTable(keys, pixelSizeColumn, pixelSize, extra=None):
@@ -186,11 +190,11 @@ def writeSetOfParticles(partSet, starFn, outputDir=None, alignType=None):
     """
     alignType = partSet.getAlignment() if alignType is None else alignType
     if alignType not in (pwem.ALIGN_PROJ, pwem.ALIGN_NONE):
-        raise io.InputError("particles with %s alignment cannot be written as poses; only projection "
+        raise InputError("particles with %s alignment cannot be written as poses; only projection "
                             "alignment (3D angles) is supported" % alignType)
     pixelSize = partSet.getSamplingRate()
     if not pixelSize or pixelSize <= 0:
-        raise io.InputError("the particle set has no sampling rate")
+        raise InputError("the particle set has no sampling rate")
     withCtf = partSet.hasCTF()
     setAcq = partSet.getAcquisition()
 
@@ -207,18 +211,18 @@ def writeSetOfParticles(partSet, starFn, outputDir=None, alignType=None):
                          ctf.getPhaseShift() or 0.0))
         if alignType == pwem.ALIGN_PROJ:
             if part.getTransform() is None:
-                raise io.InputError("particle %d has no alignment (projection alignment expected)"
+                raise InputError("particle %d has no alignment (projection alignment expected)"
                                     % part.getObjId())
             matrices.append(np.array(part.getTransform().getMatrix()))  # items are a reused template
         if part.hasAttribute(RANDOM_SUBSET_ATTR):
             subsets.append(int(getattr(part, RANDOM_SUBSET_ATTR).get()))
     if not ids:
-        raise io.InputError("the particle set is empty")
+        raise InputError("the particle set is empty")
     if subsets and len(subsets) != len(ids):
-        raise io.InputError("only some particles have a random subset (%s)" % RANDOM_SUBSET_ATTR)
+        raise InputError("only some particles have a random subset (%s)" % RANDOM_SUBSET_ATTR)
 
     stacks = _mrcStacks(OrderedDict.fromkeys(fn for _, fn in locations), outputDir, pixelSize)
-    box = io.read_mrc_header(stacks[locations[0][1]])[0][-1]
+    box = read_mrc_header(stacks[locations[0][1]])[0][-1]
     groupOf = OrderedDict()
     for k in keys:
         groupOf.setdefault(k, len(groupOf) + 1)
@@ -243,7 +247,7 @@ def writeSetOfParticles(partSet, starFn, outputDir=None, alignType=None):
     optics = _opticsTable(list(groupOf), "rlnImagePixelSize", pixelSize,
                           {"rlnImageSize": np.full(len(groupOf), box, dtype=np.int64),
                            "rlnImageDimensionality": np.full(len(groupOf), 2, dtype=np.int64)})
-    io.write_particles(starFn, io.ParticleStar(optics, particles, os.path.dirname(os.path.abspath(starFn))))
+    write_particles(starFn, ParticleStar(optics, particles, os.path.dirname(os.path.abspath(starFn))))
 
 
 def updateParticlesFromStar(inputSet, starFn, outputSet, extraColumns=()):
@@ -255,10 +259,10 @@ def updateParticlesFromStar(inputSet, starFn, outputSet, extraColumns=()):
     ``ALIGN_PROJ``), the half set ``_rlnRandomSubset`` (``rlnRandomSubset``), and each column of
     ``extraColumns`` as a Float attribute ``_<column>``.
     """
-    star = io.read_particles(starFn, require_images=False)
+    star = read_particles(starFn, require_images=False)
     pixelSize = inputSet.getSamplingRate()
     if star.has_poses() and abs(star.pixel_size_A - pixelSize) > 1e-3 * pixelSize:
-        raise io.InputError("%s: pixel size %.4f Å differs from the particles' %.4f Å"
+        raise InputError("%s: pixel size %.4f Å differs from the particles' %.4f Å"
                             % (starFn, star.pixel_size_A, pixelSize))
     for column in extraColumns:
         star.require(column)
@@ -267,7 +271,7 @@ def updateParticlesFromStar(inputSet, starFn, outputSet, extraColumns=()):
     else:
         ids = np.array([p.getObjId() for p in inputSet.iterItems(orderBy="id") if p.isEnabled()])
         if len(ids) != len(star):
-            raise io.InputError("%s: %d rows for %d particles and no rlnImageId column to match them"
+            raise InputError("%s: %d rows for %d particles and no rlnImageId column to match them"
                                 % (starFn, len(star), len(ids)))
     rowOf = {int(i): r for r, i in enumerate(ids)}
     matrices = projectionMatrices(star.angles_deg(), star.origins_A() / pixelSize) if star.has_poses() else None
@@ -295,17 +299,17 @@ def updateParticlesFromStar(inputSet, starFn, outputSet, extraColumns=()):
 def splitParticlesStar(starFn, outFn, chunk, chunks):
     """Write part ``chunk`` (0-based) of ``chunks`` consecutive, near-equal parts of the particles of
     ``starFn`` (``numpy.array_split`` order) to ``outFn``."""
-    star = io.read_particles(starFn)
-    io.write_particles(outFn, star.subset(np.array_split(np.arange(len(star)), chunks)[chunk]))
+    star = read_particles(starFn)
+    write_particles(outFn, star.subset(np.array_split(np.arange(len(star)), chunks)[chunk]))
 
 
 def mergeParticlesStars(starFns, outFn):
     """Concatenate the particles of ``starFns`` (same columns; optics of the first) in order into ``outFn``."""
-    parts = [io.read_particles(fn, require_images=False) for fn in starFns]
+    parts = [read_particles(fn, require_images=False) for fn in starFns]
     merged = parts[0].copy()
     for column in merged.particles:
         merged.particles[column] = np.concatenate([np.asarray(p.particles[column]) for p in parts])
-    io.write_particles(outFn, merged)
+    write_particles(outFn, merged)
 
 
 # ----------------------------------------------------------------------------------------- micrographs
@@ -315,25 +319,25 @@ def writeSetOfMicrographs(micSet, starFn):
     absolute ``rlnMicrographName`` and ``rlnOpticsGroup``)."""
     pixelSize = micSet.getSamplingRate()
     if not pixelSize or pixelSize <= 0:
-        raise io.InputError("the micrograph set has no sampling rate")
+        raise InputError("the micrograph set has no sampling rate")
     setAcq = micSet.getAcquisition()
     names, keys = [], []
     for mic in micSet.iterItems(orderBy="id"):
         if mic.isEnabled():
             path = os.path.abspath(_stripFormat(mic.getFileName()))
             if not os.path.exists(path):
-                raise io.InputError("%s: micrograph file not found" % path)
+                raise InputError("%s: micrograph file not found" % path)
             names.append(path)
             keys.append(_acquisitionKey(mic, setAcq))
     if not names:
-        raise io.InputError("the micrograph set is empty")
+        raise InputError("the micrograph set is empty")
     groupOf = OrderedDict()
     for k in keys:
         groupOf.setdefault(k, len(groupOf) + 1)
     optics = _opticsTable(list(groupOf), "rlnMicrographPixelSize", pixelSize)
     micrographs = OrderedDict([("rlnMicrographName", np.array(names, dtype=object)),
                                ("rlnOpticsGroup", np.array([groupOf[k] for k in keys], dtype=np.int64))])
-    io.write_star(starFn, OrderedDict([("optics", optics), ("micrographs", micrographs)]))
+    write_star(starFn, OrderedDict([("optics", optics), ("micrographs", micrographs)]))
 
 
 def writeMicrographListStar(starFn, mics, acquisition, samplingRate):
@@ -346,7 +350,7 @@ def writeMicrographListStar(starFn, mics, acquisition, samplingRate):
         ("rlnVoltage", np.full(len(mics), acquisition.getVoltage())),
         ("rlnSphericalAberration", np.full(len(mics), acquisition.getSphericalAberration())),
         ("rlnAmplitudeContrast", np.full(len(mics), acquisition.getAmplitudeContrast()))])
-    io.write_star(starFn, OrderedDict([("micrographs", cols)]))
+    write_star(starFn, OrderedDict([("micrographs", cols)]))
 
 
 def writeCtfLabelsStar(ctfSet, starFn):
@@ -371,7 +375,7 @@ def writeCtfLabelsStar(ctfSet, starFn):
                         ("rlnMicrographPixelSize", np.full(n, mics.getSamplingRate())),
                         ("rlnVoltage", np.full(n, acq.getVoltage())),
                         ("rlnSphericalAberration", np.full(n, acq.getSphericalAberration()))])
-    io.write_star(starFn, OrderedDict([("micrographs", cols)]))
+    write_star(starFn, OrderedDict([("micrographs", cols)]))
 
 
 # ------------------------------------------------------------------------------------------------- CTF
@@ -383,14 +387,14 @@ def readCtfStar(starFn):
     dicts: floats for numeric columns, str otherwise. Needs ``rlnMicrographName`` and
     ``rlnDefocusU/V/Angle``; may have ``rlnCtfMaxResolution``, ``rlnCtfFigureOfMerit``,
     ``rlnCtfImage`` and ``rlnPhaseShift``."""
-    blocks = io.read_star(starFn)
+    blocks = read_star(starFn)
     name = "micrographs" if "micrographs" in blocks else next((b for b in blocks if b != "optics"), None)
     if name is None:
-        raise io.InputError("%s: no micrograph table" % starFn)
+        raise InputError("%s: no micrograph table" % starFn)
     cols = blocks[name]
     missing = [c for c in CTF_REQUIRED if c not in cols]
     if missing:
-        raise io.InputError("%s: no %s column (needed)" % (starFn, ", ".join(missing)))
+        raise InputError("%s: no %s column (needed)" % (starFn, ", ".join(missing)))
     n = len(cols["rlnMicrographName"])
     return [{c: (str(v[i]) if v.dtype == object else float(v[i])) for c, v in cols.items()} for i in range(n)]
 
@@ -429,24 +433,24 @@ def convertVolume(volume, outputDir):
 def writeCtfRowStar(row, starFn):
     """Write one :func:`readCtfStar` row as a one-micrograph CTF STAR (``data_micrographs``)."""
     cols = OrderedDict((k, np.array([v], dtype=object if isinstance(v, str) else float)) for k, v in row.items())
-    io.write_star(starFn, OrderedDict([("micrographs", cols)]))
+    write_star(starFn, OrderedDict([("micrographs", cols)]))
 
 
 def copyVolumeMrc(volume, path):
     """Write the map of ``volume`` (a Scipion Volume in an MRC file) to ``path`` with its pixel size (Å/px)
     in the header."""
-    vol, _ = io.read_mrc(_stripFormat(volume.getFileName()))
-    io.write_mrc(path, vol, volume.getSamplingRate())
+    vol, _ = read_mrc(_stripFormat(volume.getFileName()))
+    write_mrc(path, vol, volume.getSamplingRate())
 
 
 def readFscStar(starFn, label="FSC"):
     """A Scipion ``FSC`` from a STAR table with ``rlnResolution`` (1/Å) and
     ``rlnFourierShellCorrelation``."""
-    blocks = io.read_star(starFn)
+    blocks = read_star(starFn)
     cols = next(iter(blocks.values()))
     for c in ("rlnResolution", "rlnFourierShellCorrelation"):
         if c not in cols:
-            raise io.InputError("%s: no %s column (needed)" % (starFn, c))
+            raise InputError("%s: no %s column (needed)" % (starFn, c))
     fsc = FSC(objLabel=label)
     fsc.setData([float(v) for v in cols["rlnResolution"]], [float(v) for v in cols["rlnFourierShellCorrelation"]])
     return fsc

@@ -40,7 +40,8 @@ def run_reconstruction(project, folder, n, box, pixel_size_A, snr):
     from pwem.protocols import ProtImportParticles
 
     from .tests.sets import particleSetFromStar
-    from .core import fsc, io, simulate
+    from .core import fsc, simulate
+    from .core.mrc import read_mrc
     from .protocols import DeepCryoProtReconstruct
     from .viewers.plots import fsc_table, plot_fsc_curves
 
@@ -60,8 +61,8 @@ def run_reconstruction(project, folder, n, box, pixel_size_A, snr):
     rec = _launch(project, rec)
 
     volume = rec.outputVolume
-    full, _ = io.read_mrc(volume.getFileName())
-    half1, half2 = (io.read_mrc(h)[0] for h in volume.getHalfMaps().split(","))
+    full, _ = read_mrc(volume.getFileName())
+    half1, half2 = (read_mrc(h)[0] for h in volume.getHalfMaps().split(","))
     curves = {"half1 vs half2": fsc.fsc(half1, half2), "map vs truth": fsc.fsc(full, truth)}
     print(fsc_table(curves, pixel_size_A))
     png = os.path.join(folder, "fsc.png")
@@ -80,14 +81,16 @@ def run_refinement(project, folder, imported, pixel_size_A, initial_resolution_A
     from pwem.protocols import ProtImportVolumes
 
     from .convert import fscResolution, posesFromMatrices
-    from .core import fourier, fsc, geometry, io
+    from .core import fourier, fsc, geometry
+    from .core.mrc import read_mrc, write_mrc
+    from .core.particles import read_particles
     from .protocols import DeepCryoProtSwiftRefine
 
     _banner("3D refinement with DeepCryoProtSwiftRefine (poses unknown; initial map: truth low-passed to %g Å)"
             % initial_resolution_A)
     ref_dir = os.path.join(folder, "initial_map")
     os.makedirs(ref_dir, exist_ok=True)
-    io.write_mrc(os.path.join(ref_dir, "initial.mrc"), fourier.lowpass_volume(
+    write_mrc(os.path.join(ref_dir, "initial.mrc"), fourier.lowpass_volume(
         torch.as_tensor(imported["truth"]), initial_resolution_A, pixel_size_A).numpy(), pixel_size_A)
     vol = project.newProtocol(ProtImportVolumes, filesPath=ref_dir, filesPattern="initial.mrc",
                               samplingRate=pixel_size_A, objLabel="import initial map")
@@ -97,14 +100,14 @@ def run_refinement(project, folder, imported, pixel_size_A, initial_resolution_A
     ref.inputParticles.set(imported["import"].outputParticles)
     ref.inputVolumes.append(vol.outputVolume)
     ref = _launch(project, ref)
-    truth = io.read_particles(imported["star"], require_images=False).angles_deg()
+    truth = read_particles(imported["star"], require_images=False).angles_deg()
     # iterItems reuses one object: read each particle's values while it is current
     rows, matrices = zip(*[(p.getIndex() - 1, p.getTransform().getMatrix())
                            for p in ref.outputParticles.iterItems(orderBy="id")])
     angles, _ = posesFromMatrices(np.stack(matrices))
     rows = np.array(rows)
     err = geometry.pose_distance_deg(torch.as_tensor(truth[rows]), torch.as_tensor(np.asarray(angles))).numpy()
-    final, _ = io.read_mrc(ref.outputVolume.getFileName())
+    final, _ = read_mrc(ref.outputVolume.getFileName())
     res_truth = fsc.fsc_resolution_A(fsc.fsc(final, imported["truth"]), pixel_size_A, 0.5)
     print("\n".join(ref.summary()))
     print("swiftrefine: half maps (FSC 0.143, masked, corrected) %.2f Å; against the truth (FSC 0.5) %.2f Å; median angular "
@@ -149,7 +152,8 @@ def run_landscape(project, folder, n, box, pixel_size_A, snr, epochs):
     from sklearn.metrics import adjusted_rand_score
 
     from .tests.sets import particleSetFromStar
-    from .core import io, simulate
+    from .core import simulate
+    from .core.particles import read_particles
     from .protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeTrain
 
     _banner("simulating %d particles of two conformations (50/50, %d px, SNR %g) for the landscape VAE"
@@ -157,7 +161,7 @@ def run_landscape(project, folder, n, box, pixel_size_A, snr, epochs):
     states = np.random.default_rng(4).permutation(np.arange(n) % 2)
     star = simulate.write_particle_set(os.path.join(folder, "two_states"), simulate.phantom_states(box, 2, seed=0),
                                        n, pixel_size_A, snr=snr, seed=4, state_of=states)
-    truth = np.asarray(io.read_particles(star).particles["rlnClassNumber"], dtype=np.int64)
+    truth = np.asarray(read_particles(star).particles["rlnClassNumber"], dtype=np.int64)
     parts = particleSetFromStar(star, os.path.join(folder, "two_states", "particles.sqlite"))
     parts.close()
     imp = project.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,

@@ -10,10 +10,10 @@ hands its command modules to :func:`run_program`, which
 * reads the shared options a command added with :func:`add_device_argument` and :func:`add_threads_argument`:
   ``--device`` is checked (:func:`parse_devices`) before any input is read, ``--threads`` sets torch's (and
   faiss's) CPU threads;
-* is the one place where the user's input errors (:class:`deepcryo.core.io.InputError`) and the operating
+* is the one place where the user's input errors (:class:`deepcryo.core.errors.InputError`) and the operating
   system's refusals (a full disk, a read-only or missing folder, no permission; ``OSError``) become one line
   ``error: <file>: <problem>`` on stderr and exit status 2, without a traceback. Files are written atomically
-  (:func:`deepcryo.core.io.atomic_output`), so such a failure leaves the previous file (or none) under the
+  (:func:`deepcryo.core.files.atomic_output`), so such a failure leaves the previous file (or none) under the
   final name.
 
 A program with a single command (``python -m deepcryo.core.reconstruct``) passes one module instead of a
@@ -25,7 +25,7 @@ import argparse
 import logging
 import sys
 
-from .io import InputError
+from .errors import InputError
 
 __all__ = ["run_program", "build_parser", "configure_logging", "logging_configured", "add_device_argument",
            "add_threads_argument", "add_continue_argument", "parse_devices", "error_line", "run_main"]

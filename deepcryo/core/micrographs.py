@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from . import ctf as ctf_mod
-from . import io
+from .errors import InputError
+from .mrc import write_mrc
+from .star import write_star
 
 __all__ = ["simulate_micrograph", "simulate_micrograph_set", "random_micrograph_parameters", "TRUTH_COLUMNS"]
 
@@ -59,7 +61,7 @@ def simulate_micrograph(size_px: int = 1024, pixel_size_A: float = 1.0, voltage_
         (image float32 (size_px, size_px) in counts per pixel, truth dict with the CTF and acquisition values).
     """
     if size_px < 16 or pixel_size_A <= 0 or dose_e_per_A2 <= 0:
-        raise io.InputError("micrograph simulation needs size_px >= 16, pixel_size_A > 0 and a positive dose")
+        raise InputError("micrograph simulation needs size_px >= 16, pixel_size_A > 0 and a positive dose")
     gen = torch.Generator().manual_seed(int(seed))
     n = int(size_px)
     sigma_px = 0.25 * particle_diameter_A / pixel_size_A
@@ -140,12 +142,12 @@ def simulate_micrograph_set(n: int, out_dir: str, size_px: int = 1024, seed: int
         params = random_micrograph_parameters(rng, **ranges)
         image, truth = simulate_micrograph(size_px=size_px, seed=int(rng.integers(2 ** 31)), **params)
         name = "mic_%04d.mrc" % i
-        io.write_mrc(os.path.join(out_dir, name), image, truth["pixel_size_A"])
+        write_mrc(os.path.join(out_dir, name), image, truth["pixel_size_A"])
         truths.append(truth)
         names.append(name)
     cols = OrderedDict([("rlnMicrographName", np.array(names, dtype=object))])
     for key, column in TRUTH_COLUMNS.items():
         cols[column] = np.array([t[key] for t in truths], dtype=np.float64)
     star = os.path.join(out_dir, star_name)
-    io.write_star(star, OrderedDict([("micrographs", cols)]))
+    write_star(star, OrderedDict([("micrographs", cols)]))
     return star, truths

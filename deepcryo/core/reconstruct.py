@@ -27,11 +27,12 @@ import time
 import numpy as np
 import torch
 
-from . import fourier, io
+from . import fourier
 from .ctf import ctf_2d
 from .fsc import fsc, shell_frequencies
 from .geometry import euler_to_matrix, symmetry_matrices
 from .projector import gridding_kernel_1d
+from .star import write_star
 
 __all__ = ["Reconstructor", "insert_particles", "reconstruct_star", "mask_corners", "half_split", "main"]
 
@@ -203,7 +204,7 @@ def insert_particles(star, stack, labels: np.ndarray, recs: dict, batch_size: in
 
 def reconstruct_star(star, halves=False, symmetry="C1", max_resolution_A=None, batch_size=256, device="cpu",
                      seed=0, progress=None):
-    """Reconstruct the map(s) of a :class:`~deepcryo.core.io.ParticleStar` (needs poses; CTF if present).
+    """Reconstruct the map(s) of a :class:`~deepcryo.core.particles.ParticleStar` (needs poses; CTF if present).
 
     Returns ``{"map": vol}`` or, with ``halves``, ``{"map", "half1", "half2", "fsc"}``.
     """
@@ -232,7 +233,7 @@ def write_fsc_star(path, curve, box, pixel_size_A):
     freqs = shell_frequencies(box, pixel_size_A)
     with np.errstate(divide="ignore"):
         ang = np.where(freqs > 0, 1.0 / np.maximum(freqs, 1e-30), 999.0)
-    io.write_star(path, {"fsc": {"rlnSpectralIndex": np.arange(len(curve)), "rlnResolution": freqs,
+    write_star(path, {"fsc": {"rlnSpectralIndex": np.arange(len(curve)), "rlnResolution": freqs,
                                  "rlnAngstromResolution": ang, "rlnFourierShellCorrelation": np.asarray(curve)}})
 
 

@@ -31,9 +31,11 @@ import mrcfile
 import numpy as np
 import torch
 
-from . import fourier, io
+from . import fourier
 from .ctf import ctf_2d
+from .files import atomic_output
 from .geometry import matrix_to_euler, quaternion_to_matrix
+from .particles import ParticleStar, make_optics, write_particles
 from .projector import Projector
 
 __all__ = ["phantom_volume", "phantom_states", "hinge_volume", "random_poses", "simulate_particles",
@@ -209,7 +211,7 @@ def write_particle_set(out_dir: str, volumes: Sequence[np.ndarray], n: int, pixe
     stack_path = os.path.join(out_dir, stack_name)
     cols = {k: [] for k in ("angles_deg", "origins_A", "defocus_u_A", "defocus_v_A", "defocus_angle_deg",
                             "state", "hinge")}
-    with io.atomic_output(stack_path) as tmp:
+    with atomic_output(stack_path) as tmp:
         with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as mrc:
             mrc.header.ispg = 0
             pos = 0
@@ -234,10 +236,10 @@ def write_particle_set(out_dir: str, volumes: Sequence[np.ndarray], n: int, pixe
     }
     if np.isfinite(cols["hinge"]).any():
         particles["dcHingeParameter"] = cols["hinge"]
-    star = io.ParticleStar(io.make_optics(pixel_size_A, box, voltage_kV, cs_mm, amplitude_contrast),
+    star = ParticleStar(make_optics(pixel_size_A, box, voltage_kV, cs_mm, amplitude_contrast),
                            particles, out_dir)
     star_path = os.path.join(out_dir, star_name)
-    io.write_particles(star_path, star)
+    write_particles(star_path, star)
     return star_path
 
 

@@ -26,7 +26,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..core.ctf import wavelength_A
-from ..core.io import InputError, atomic_output, load_error_reason
+from ..core.errors import InputError, load_error_reason
+from ..core.files import atomic_output
 
 __all__ = ["SeedDefocusCNN", "DefocusNet", "PolarDefocusNet", "RingMatchNet", "build_model", "decode", "encode", "acquisition_features",
            "save_model", "load_model", "SHIPPED_WEIGHTS", "FORMAT", "DEFOCUS_SCALE_A"]

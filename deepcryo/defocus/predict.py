@@ -27,7 +27,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..core import io
+from ..core.errors import InputError
+from ..core.mrc import read_mrc, write_mrc
+from ..core.star import read_star, write_star
 from . import fit as fit_mod
 from . import model as model_mod
 from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psds
@@ -57,11 +59,11 @@ def list_micrographs(spec: str) -> List[MicrographEntry]:
     folder; per-row or ``data_optics`` ``rlnMicrographPixelSize``, ``rlnVoltage``, ``rlnSphericalAberration``,
     ``rlnAmplitudeContrast`` when present)."""
     if spec.endswith(".star"):
-        blocks = io.read_star(spec)
+        blocks = read_star(spec)
         name = "micrographs" if "micrographs" in blocks else next((b for b in blocks if b != "optics"), None)
         cols = blocks.get(name, {})
         if "rlnMicrographName" not in cols:
-            raise io.InputError("%s: no rlnMicrographName column" % spec)
+            raise InputError("%s: no rlnMicrographName column" % spec)
         optics = blocks.get("optics", {})
         folder = os.path.dirname(os.path.abspath(spec))
         group_row = {}
@@ -84,7 +86,7 @@ def list_micrographs(spec: str) -> List[MicrographEntry]:
         return entries
     paths = sorted(glob.glob(spec))
     if not paths:
-        raise io.InputError("%s: no micrograph matches" % spec)
+        raise InputError("%s: no micrograph matches" % spec)
     return [MicrographEntry(p) for p in paths]
 
 
@@ -106,14 +108,14 @@ def _complete(entry, defaults, header_pixel_size_A):
     if entry.pixel_size_A is None and header_pixel_size_A > 0:
         entry.pixel_size_A = header_pixel_size_A
     if entry.pixel_size_A is None:
-        raise io.InputError("%s: missing pixel size: the MRC header records none (0 Å/px); give --pixel-size "
+        raise InputError("%s: missing pixel size: the MRC header records none (0 Å/px); give --pixel-size "
                             "or rlnMicrographPixelSize in the STAR" % entry.path)
     for key in ("pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast"):
         value = getattr(entry, key)
         if value is None or not math.isfinite(value) or (key != "cs_mm" and value <= 0) or value < 0:
-            raise io.InputError("%s: missing or invalid %s" % (entry.path, key.replace("_", " ")))
+            raise InputError("%s: missing or invalid %s" % (entry.path, key.replace("_", " ")))
     if entry.amplitude_contrast >= 1:
-        raise io.InputError("%s: amplitude contrast must be < 1" % entry.path)
+        raise InputError("%s: amplitude contrast must be < 1" % entry.path)
     return source
 
 
@@ -130,22 +132,22 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
     items = []
     for e in entries:
         try:
-            image, header_px = io.read_mrc(e.path, check_finite=False)  # compute_psds checks (cheaper)
+            image, header_px = read_mrc(e.path, check_finite=False)  # compute_psds checks (cheaper)
             px_source = _complete(e, defaults, header_px)
             if image.ndim == 3 and image.shape[0] == 1:
                 image = image[0]
             if image.ndim != 2:
-                raise io.InputError("%s: not a single 2D micrograph" % e.path)
+                raise InputError("%s: not a single 2D micrograph" % e.path)
             mic = torch.as_tensor(image, device=device)
             samp = fit_sampling_A(e.pixel_size_A, high_A)
             if high_A < 2.0 * samp:
-                raise io.InputError("%s: resolution limit %.2f Å beyond the micrograph's Nyquist" % (e.path, high_A))
+                raise InputError("%s: resolution limit %.2f Å beyond the micrograph's Nyquist" % (e.path, high_A))
             # both inputs in one pass of validation/normalisation: identical to two compute_psd calls
             cnn_in, fit_in = compute_psds(mic, e.pixel_size_A, [(CNN_SAMPLINGS_A, CNN_SIZE_PX),
                                                                 ((samp,), FIT_SIZE_PX)])
             fit_in = fit_in[:, 0]
             items.append((e, cnn_in, fit_in, samp, px_source))
-        except io.InputError as exc:
+        except InputError as exc:
             if on_skip is None:
                 raise
             on_skip(e.path, str(exc))
@@ -178,7 +180,7 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
             if psd_dir:
                 base = os.path.splitext(os.path.basename(e.path))[0]
                 psd_path = os.path.join(psd_dir, "%s_psd.mrc" % base)
-                io.write_mrc(psd_path, psd[j].cpu().numpy(), samp)
+                write_mrc(psd_path, psd[j].cpu().numpy(), samp)
             results[i] = OrderedDict([
                 ("micrograph", e.path), ("defocus_u_A", float(res.defocus_u_A[j])),
                 ("defocus_v_A", float(res.defocus_v_A[j])), ("defocus_angle_deg", float(res.defocus_angle_deg[j])),
@@ -214,7 +216,7 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
     cols["dcCnnDefocusV"] = col("cnn_v_A")
     cols["dcCnnDefocusAngle"] = col("cnn_angle_deg")
     cols["dcCtfFlagged"] = np.array([int(r["flagged"]) for r in results], dtype=np.int64)
-    io.write_star(path, OrderedDict([("micrographs", cols)]))
+    write_star(path, OrderedDict([("micrographs", cols)]))
 
 
 def predict(spec: str, output: str, model_path: Optional[str] = None, refine: bool = True, low_A: float = 30.0,
@@ -245,8 +247,8 @@ def predict(spec: str, output: str, model_path: Optional[str] = None, refine: bo
         with contextlib.suppress(OSError):
             os.rmdir(psd_dir)  # nothing was written: leave no empty folder behind
         if len(skipped) == 1:
-            raise io.InputError(skipped[0])
-        raise io.InputError("%s: no micrograph could be processed%s"
+            raise InputError(skipped[0])
+        raise InputError("%s: no micrograph could be processed%s"
                             % (spec, " (first: %s)" % skipped[0] if skipped else " (none listed)"))
     write_ctf_star(output, results, with_phase=fit_phase)
     return results

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import fourier
-from ..core.io import InputError
+from ..core.errors import InputError
 
 __all__ = ["compute_psd", "compute_psds", "tile_size_px", "MIN_TILE_PX", "CNN_SAMPLINGS_A", "CNN_SIZE_PX"]
 

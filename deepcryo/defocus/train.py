@@ -25,8 +25,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..core import io
+from ..core.errors import InputError, load_error_reason
+from ..core.files import atomic_output, remove_stale_parts
 from ..core.micrographs import random_micrograph_parameters, simulate_micrograph
+from ..core.mrc import read_mrc
+from ..core.star import read_star
 from . import model as model_mod
 from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psd
 
@@ -64,12 +67,12 @@ def star_training_arrays(star_path: str, voltage_kV: Optional[float] = None, cs_
     """Model inputs from a STAR of micrographs with labels (``rlnMicrographName``, ``rlnDefocusU/V/Angle``;
     pixel size, voltage and Cs from ``rlnMicrographPixelSize``/``rlnVoltage``/``rlnSphericalAberration``
     columns, a ``data_optics`` block, or the arguments). Same dict as :func:`simulate_training_arrays`."""
-    blocks = io.read_star(star_path)
+    blocks = read_star(star_path)
     name = "micrographs" if "micrographs" in blocks else next(b for b in blocks if b != "optics")
     cols = blocks[name]
     for c in ("rlnMicrographName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
         if c not in cols:
-            raise io.InputError("%s: no %s column (needed for training labels)" % (star_path, c))
+            raise InputError("%s: no %s column (needed for training labels)" % (star_path, c))
     optics = blocks.get("optics", {})
 
     def value(column, override, i, what):
@@ -78,25 +81,25 @@ def star_training_arrays(star_path: str, voltage_kV: Optional[float] = None, cs_
         for table, row in ((cols, i), (optics, 0)):
             if column in table and len(table[column]):
                 return float(table[column][row])
-        raise io.InputError("%s: no %s (give --%s)" % (star_path, column, what))
+        raise InputError("%s: no %s (give --%s)" % (star_path, column, what))
 
     folder = os.path.dirname(os.path.abspath(star_path))
     if len(cols["rlnMicrographName"]) == 0:
-        raise io.InputError("%s: no micrographs (empty table)" % star_path)
+        raise InputError("%s: no micrographs (empty table)" % star_path)
     psds, acq, labels = [], [], []
     for i, mic in enumerate(cols["rlnMicrographName"]):
         path = mic if os.path.isabs(mic) else os.path.join(folder, mic)
-        image, header_px = io.read_mrc(path)
+        image, header_px = read_mrc(path)
         px = pixel_size_A or (float(cols["rlnMicrographPixelSize"][i]) if "rlnMicrographPixelSize" in cols
                               else (float(optics["rlnMicrographPixelSize"][0]) if "rlnMicrographPixelSize" in optics
                                     else header_px))
         try:
             psds.append(compute_psd(image, px)[0].numpy())
-        except io.InputError as exc:
-            raise io.InputError("%s: %s" % (path, exc))
+        except InputError as exc:
+            raise InputError("%s: %s" % (path, exc))
         acq.append((value("rlnVoltage", voltage_kV, i, "voltage"), value("rlnSphericalAberration", cs_mm, i, "cs")))
         if not (acq[-1][0] > 0 and acq[-1][1] >= 0):
-            raise io.InputError("%s: row %d: voltage must be > 0 kV and Cs >= 0 mm" % (star_path, i + 1))
+            raise InputError("%s: row %d: voltage must be > 0 kV and Cs >= 0 mm" % (star_path, i + 1))
         labels.append((cols["rlnDefocusU"][i], cols["rlnDefocusV"][i], cols["rlnDefocusAngle"][i]))
         if (i + 1) % 100 == 0:
             logger.info("read %d micrographs", i + 1)
@@ -105,7 +108,7 @@ def star_training_arrays(star_path: str, voltage_kV: Optional[float] = None, cs_
 
 def save_arrays(path: str, arrays: Dict[str, np.ndarray]) -> None:
     """Cache training arrays in an ``.npz`` (atomically)."""
-    with io.atomic_output(path) as tmp:
+    with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -116,7 +119,7 @@ def load_arrays(path: str) -> Dict[str, np.ndarray]:
         with np.load(path) as data:
             return {k: data[k] for k in ("psd", "acq", "labels")}
     except (OSError, KeyError, ValueError) as exc:
-        raise io.InputError("%s: not a deepcryo defocus training cache (%s)" % (path, exc))
+        raise InputError("%s: not a deepcryo defocus training cache (%s)" % (path, exc))
 
 
 def augment(psd: torch.Tensor, angle_deg: torch.Tensor, ops: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +216,7 @@ def train(arrays: Dict[str, np.ndarray], output: str, config: Optional[Dict[str,
     """
     n = len(arrays["psd"])
     if n < 4:
-        raise io.InputError("need at least 4 micrographs to train (got %d)" % n)
+        raise InputError("need at least 4 micrographs to train (got %d)" % n)
     torch.manual_seed(seed)
     order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(val_fraction * n)))
@@ -231,15 +234,15 @@ def train(arrays: Dict[str, np.ndarray], output: str, config: Optional[Dict[str,
     checkpoint = checkpoint or output + ".ckpt"
     start, best, stale = 0, math.inf, 0
     if resume and os.path.exists(checkpoint):
-        io.remove_stale_parts(checkpoint)  # temporary files of a run killed while writing
-        io.remove_stale_parts(output)
+        remove_stale_parts(checkpoint)  # temporary files of a run killed while writing
+        remove_stale_parts(output)
         try:  # weights_only: tensors and plain data, never code
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise io.InputError("%s: not a deepcryo defocus checkpoint (%s)"
-                                % (checkpoint, io.load_error_reason(exc)))
+            raise InputError("%s: not a deepcryo defocus checkpoint (%s)"
+                                % (checkpoint, load_error_reason(exc)))
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise io.InputError("%s: not a deepcryo defocus checkpoint" % checkpoint)
+            raise InputError("%s: not a deepcryo defocus checkpoint" % checkpoint)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -282,7 +285,7 @@ def train(arrays: Dict[str, np.ndarray], output: str, config: Optional[Dict[str,
                                                      val_angle_error_deg=round(angle_err, 2)))
         else:
             stale += 1
-        with io.atomic_output(checkpoint) as tmp:
+        with atomic_output(checkpoint) as tmp:
             torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "stale": stale,
                         "rng": torch.get_rng_state()}, tmp)

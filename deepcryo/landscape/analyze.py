@@ -26,8 +26,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..core.errors import InputError
 from ..core.fsc import fsc, fsc_resolution_A, shell_frequencies
-from ..core.io import InputError, read_particles, write_mrc, write_particles
+from ..core.mrc import write_mrc
+from ..core.particles import read_particles, write_particles
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches
 from .density import draw_density_panels

@@ -1,6 +1,6 @@
 """Lazy particle batches for the landscape VAE: Fourier-cropped spectra, poses and CTFs at the working box.
 
-Images are read batch by batch from the STAR's memory-mapped MRC stacks (:class:`deepcryo.core.io.ImageStack`),
+Images are read batch by batch from the STAR's memory-mapped MRC stacks (:class:`deepcryo.core.mrc.ImageStack`),
 so a set of millions of particles never has to fit in memory. Each batch is
 
 - Fourier-cropped from the stack box N to the working box D (pixel size ``pixel_size_A * N / D``),
@@ -19,8 +19,9 @@ import torch
 
 from ..core import fourier
 from ..core.ctf import ctf_2d
+from ..core.errors import InputError
 from ..core.geometry import euler_to_matrix
-from ..core.io import InputError, read_particles
+from ..core.particles import read_particles
 
 __all__ = ["ParticleBatches", "load_particles"]
 
@@ -38,7 +39,7 @@ class ParticleBatches:
     """Batches of one particle set at the working box.
 
     Args:
-        star: :class:`deepcryo.core.io.ParticleStar` with poses and CTF.
+        star: :class:`deepcryo.core.particles.ParticleStar` with poses and CTF.
         box: working box D (px), even, at most the stack box; the stack box when None.
         scale: image intensity divisor; estimated from up to 1000 particles when None.
         poses: use the STAR's poses and origins; False (pose-free mode): rotations are identities and the

@@ -34,9 +34,11 @@ import torch
 
 from ..core import fourier
 from ..core.cli import configure_logging, logging_configured
+from ..core.errors import InputError, load_error_reason
+from ..core.files import atomic_output, remove_stale_parts
 from ..core.geometry import matrix_to_euler, quaternion_to_matrix
-from ..core.io import (InputError, atomic_output, load_error_reason, read_mrc, remove_stale_parts, write_mrc,
-                       write_particles)
+from ..core.mrc import read_mrc, write_mrc
+from ..core.particles import write_particles
 from ..core.projector import Projector
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches, load_particles

@@ -32,7 +32,7 @@ from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import copyVolumeMrc, rowToAlignment
-from deepcryo.core import io
+from deepcryo.core.particles import read_particles
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import particleErrors
 
@@ -142,7 +142,7 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
 
     def createOutputStep(self):
         inputSet = self.inputParticles.get()
-        star = io.read_particles(os.path.join(self.getTrainDir(), "particles_latent.star"), require_images=False)
+        star = read_particles(os.path.join(self.getTrainDir(), "particles_latent.star"), require_images=False)
         rows = _rowsById(star)
         z = np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in _latentColumns(star)], 1)
         outSet = self._createSetOfParticlesFlex(progName=PROG_NAME)
@@ -234,7 +234,7 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
             summary = json.load(f)
         px = summary["pixel_size_A"]
         particles = self.trainRun.get().inputParticles.get()
-        star = io.read_particles(os.path.join(folder, "particles.star"), require_images=False)
+        star = read_particles(os.path.join(folder, "particles.star"), require_images=False)
         rows = _rowsById(star)
         labels = np.asarray(star.particles["dcCluster"], dtype=np.int64)
 

@@ -24,7 +24,7 @@ import os
 import re
 
 from deepcryo.constants import SYMMETRY_NAMES, SYMMETRY_PATTERN
-from deepcryo.core.io import InputError
+from deepcryo.core.errors import InputError
 
 
 def _label(imgSet, what):

@@ -43,7 +43,10 @@ import faiss
 import numpy as np
 import torch
 
-from deepcryo.core import io
+from deepcryo.core.errors import InputError
+from deepcryo.core.files import atomic_output
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import ParticleStar, read_particles
 from deepcryo.core.projector import Projector
 
 from .features import Band, noise_weights
@@ -213,7 +216,7 @@ def train_template(gallery, factory, memory_bytes, log=print, seed=0):
 
 def _write_shard(index, directory, number):
     name = "shard_%03d.faiss" % number
-    with io.atomic_output(os.path.join(directory, name)) as tmp:
+    with atomic_output(os.path.join(directory, name)) as tmp:
         faiss.write_index(index, tmp)
     return name
 
@@ -313,9 +316,9 @@ def _require_gpu_factory(factory, dim):
     try:
         capable = gpu_capable(faiss.index_factory(dim, factory))
     except RuntimeError as exc:
-        raise io.InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
+        raise InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
     if not capable:
-        raise io.InputError("index factory %r cannot be searched by faiss-gpu (fast-scan 'fs' codes, 4-bit PQ or "
+        raise InputError("index factory %r cannot be searched by faiss-gpu (fast-scan 'fs' codes, 4-bit PQ or "
                             "an index type it lacks): omit --index-factory for the GPU default (%s), or train on "
                             "the CPU" % (factory, default_factory(10 ** 6, dim, gpu=True)))
 
@@ -325,17 +328,17 @@ def _load_npy(path):
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise io.InputError("%s: not a readable weights file (%s)" % (path, str(exc).splitlines()[0][:100]))
+        raise InputError("%s: not a readable weights file (%s)" % (path, str(exc).splitlines()[0][:100]))
 
 
 def _read_faiss(path):
     """faiss.read_index with one clear line for a missing or corrupt shard."""
     if not os.path.exists(path):
-        raise io.InputError("%s: index shard not found" % path)
+        raise InputError("%s: index shard not found" % path)
     try:
         return faiss.read_index(path)
     except RuntimeError:
-        raise io.InputError("%s: not a readable faiss index (corrupt, truncated or another format)" % path)
+        raise InputError("%s: not a readable faiss index (corrupt, truncated or another format)" % path)
 
 
 class IndexBundle:
@@ -344,7 +347,7 @@ class IndexBundle:
     def __init__(self, directory, manifest, device="cpu"):
         self.directory = directory
         self.manifest = manifest
-        volume, _ = io.read_mrc(os.path.join(directory, manifest["reference"]))
+        volume, _ = read_mrc(os.path.join(directory, manifest["reference"]))
         self.projector = Projector(volume, device=device)
         m = manifest
         self.band = Band(m["box"], m["pixel_size_A"], m["max_resolution_A"])
@@ -395,18 +398,18 @@ def load(index_dir, device="cpu"):
     """Load an ``index_dir`` written by :func:`train`."""
     path = os.path.join(index_dir, MANIFEST)
     if not os.path.exists(path):
-        raise io.InputError("%s: not a swiftalign index (no %s)" % (index_dir, MANIFEST))
+        raise InputError("%s: not a swiftalign index (no %s)" % (index_dir, MANIFEST))
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as exc:
-        raise io.InputError("%s: not a readable swiftalign manifest (%s)" % (path, str(exc).splitlines()[0]))
+        raise InputError("%s: not a readable swiftalign manifest (%s)" % (path, str(exc).splitlines()[0]))
     if not isinstance(manifest, dict) or manifest.get("format") != "deepcryo-swiftalign-1":
-        raise io.InputError("%s: not a swiftalign index (no deepcryo-swiftalign-1 format tag in %s)"
+        raise InputError("%s: not a swiftalign index (no deepcryo-swiftalign-1 format tag in %s)"
                             % (index_dir, MANIFEST))
     shards = manifest.get("shards")
     if not shards or not all(isinstance(e, dict) and "file" in e and "first_id" in e for e in shards):
-        raise io.InputError("%s: the shard list of %s is missing or malformed (rebuild the index with train)"
+        raise InputError("%s: the shard list of %s is missing or malformed (rebuild the index with train)"
                             % (index_dir, MANIFEST))
     return IndexBundle(os.path.abspath(index_dir), manifest, device)
 
@@ -415,13 +418,13 @@ def check_particles(star, box, pixel_size_A, what):
     """Raise InputError unless the particles have CTF columns and match the box and pixel size."""
     star.require("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
     if star.box_size != box:
-        raise io.InputError("box size mismatch: particles %d px, %s %d px" % (star.box_size, what, box))
+        raise InputError("box size mismatch: particles %d px, %s %d px" % (star.box_size, what, box))
     if abs(star.pixel_size_A - pixel_size_A) > 1e-3 * pixel_size_A:
-        raise io.InputError("pixel size mismatch: particles %.4f Å/px, %s %.4f Å/px"
+        raise InputError("pixel size mismatch: particles %.4f Å/px, %s %.4f Å/px"
                             % (star.pixel_size_A, what, pixel_size_A))
 
 
-def particle_noise_weights(band: Band, star: io.ParticleStar, n_images: int = 2000) -> torch.Tensor:
+def particle_noise_weights(band: Band, star: ParticleStar, n_images: int = 2000) -> torch.Tensor:
     """Whitening weights (P,) of :func:`.features.noise_weights` from up to ``n_images`` particles of ``star``
     spread evenly over the stack (at particle SNR their power spectrum is the noise's)."""
     with star.open_images() as stack:
@@ -472,25 +475,25 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
             first, and a CUDA list makes the index one that faiss-gpu can search (:func:`faiss_gpu_ids`).
     Returns the manifest (dict). Nothing is left under ``output_dir`` on failure.
     """
-    star = io.read_particles(particles) if isinstance(particles, str) else particles
-    volume, map_px = io.read_mrc(reference)
+    star = read_particles(particles) if isinstance(particles, str) else particles
+    volume, map_px = read_mrc(reference)
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
-        raise io.InputError("%s: the reference must be a cubic map, got shape %s" % (reference, volume.shape))
+        raise InputError("%s: the reference must be a cubic map, got shape %s" % (reference, volume.shape))
     box, px = star.box_size, star.pixel_size_A
     check_particles(star, volume.shape[-1], map_px, "map %s" % reference)
     if angular_step_deg is None and max_resolution_A is None:
-        raise io.InputError("give an angular step or a maximum resolution")
+        raise InputError("give an angular step or a maximum resolution")
     if max_resolution_A is None:
         max_resolution_A = max(2 * px, box * px * math.sin(math.radians(angular_step_deg)))
     if max_resolution_A < 2 * px:
-        raise io.InputError("max resolution %.3g Å is beyond Nyquist (%.3g Å at %.4g Å/px)"
+        raise InputError("max resolution %.3g Å is beyond Nyquist (%.3g Å at %.4g Å/px)"
                             % (max_resolution_A, 2 * px, px))
     if angular_step_deg is None:
         angular_step_deg = angular_step_for_box(box, px, max_resolution_A)
     if not 0 < angular_step_deg <= 90:
-        raise io.InputError("angular step must be in (0, 90] degrees, got %g" % angular_step_deg)
+        raise InputError("angular step must be in (0, 90] degrees, got %g" % angular_step_deg)
     if max_shift_px < 0:
-        raise io.InputError("max shift must be >= 0 px")
+        raise InputError("max shift must be >= 0 px")
     shift_step_px = shift_step_px or shift_step_for_resolution(max_resolution_A, px)
     memory_bytes = memory_limit_GB * 1e9
     ctf = star.ctf_params()
@@ -517,7 +520,7 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
         try:
             shards, per_ref = build_index(gallery, factory, memory_bytes, tmp, log)
         except RuntimeError as exc:
-            raise io.InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
+            raise InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
         manifest = {"format": "deepcryo-swiftalign-1", "reference": "reference.mrc", "box": box,
                     "pixel_size_A": px, "max_resolution_A": max_resolution_A, "angular_step_deg": angular_step_deg,
                     "symmetry": symmetry, "max_shift_px": max_shift_px,
@@ -527,7 +530,7 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
                     "grid_rotation": None if grid_rotation is None else np.asarray(grid_rotation).tolist(),
                     "dim": band.dim, "n_references": len(gallery), "bytes_per_reference": per_ref,
                     "shards": shards}
-        io.write_mrc(os.path.join(tmp, "reference.mrc"), volume, px)
+        write_mrc(os.path.join(tmp, "reference.mrc"), volume, px)
         if weights is not None:
             np.save(os.path.join(tmp, "weights.npy"), torch.sqrt(weights).numpy())
         with open(os.path.join(tmp, MANIFEST), "w") as f:

@@ -31,9 +31,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from deepcryo.core import io
 from deepcryo.core.ctf import ctf_from_freqs
+from deepcryo.core.errors import InputError
 from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg
+from deepcryo.core.particles import read_particles, write_particles
 
 from . import index as swindex
 from .features import vectors_from_band
@@ -344,19 +345,19 @@ def query(index_dir, particles, output, k=5, nprobe=32, local=False, prior=None,
     ``dcSwiftScore``, ``dcSwiftConfidence`` and ``dcSwiftCtfGroup`` added. Returns the result arrays.
     """
     if k < 1 or nprobe < 1:
-        raise io.InputError("k and nprobe must be >= 1")
-    star = io.read_particles(particles) if isinstance(particles, str) else particles
+        raise InputError("k and nprobe must be >= 1")
+    star = read_particles(particles) if isinstance(particles, str) else particles
     bundle = swindex.load(index_dir, devices[0] if devices and devices[0].startswith("cuda") else "cpu")
     swindex.check_particles(star, bundle.manifest["box"], bundle.manifest["pixel_size_A"], "index %s" % index_dir)
     prior_angles = prior_origins = None
     if local:
-        pstar = star if prior is None else (io.read_particles(prior, require_images=False)
+        pstar = star if prior is None else (read_particles(prior, require_images=False)
                                            if isinstance(prior, str) else prior)
         if not pstar.has_poses():
-            raise io.InputError("local mode needs prior angles: %s has no rlnAngleRot/Tilt/Psi columns"
+            raise InputError("local mode needs prior angles: %s has no rlnAngleRot/Tilt/Psi columns"
                                 % (prior or "the particle STAR"))
         if len(pstar) != len(star):
-            raise io.InputError("prior has %d particles, the particle STAR %d" % (len(pstar), len(star)))
+            raise InputError("prior has %d particles, the particle STAR %d" % (len(pstar), len(star)))
         prior_angles, prior_origins = pstar.angles_deg(), pstar.origins_A()
     result = align(bundle, star, k=k, nprobe=nprobe, local=local, prior_angles_deg=prior_angles,
                    prior_origins_A=prior_origins, local_steps=local_steps, local_shift_px=local_shift_px,
@@ -367,5 +368,5 @@ def query(index_dir, particles, output, k=5, nprobe=32, local=False, prior=None,
         out.particles["dcSwiftScore"] = result["score"]
         out.particles["dcSwiftConfidence"] = result["confidence"]
         out.particles["dcSwiftCtfGroup"] = result["ctf_group"]
-        io.write_particles(output, out)
+        write_particles(output, out)
     return result

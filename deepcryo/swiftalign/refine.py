@@ -80,7 +80,7 @@ Files in ``output_dir`` (one class; with K classes ``it###_class###_half1.mrc`` 
   model file it is written last, so its presence says the final outputs are complete: ``resume`` after the
   last iteration redoes the final pass unless it finds it, and removes it before running further iterations.
 
-Every file is written atomically (:func:`deepcryo.core.io.atomic_output`) and ``it###_model.json`` also
+Every file is written atomically (:func:`deepcryo.core.files.atomic_output`) and ``it###_model.json`` also
 holds the state of the random generator of the perturbations (``random_state``), so a run killed at any point
 and resumed gives the result of an uninterrupted run.
 
@@ -98,9 +98,13 @@ import time
 import numpy as np
 import torch
 
-from deepcryo.core import fourier, io
+from deepcryo.core import fourier
+from deepcryo.core.errors import InputError
+from deepcryo.core.files import atomic_output, remove_stale_parts_in
 from deepcryo.core.fsc import fsc_resolution_A, fsc_to_half_ssnr, masked_fsc, spherical_mask
 from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg, symmetry_matrices
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.projector import Projector
 from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, insert_particles, write_fsc_star
 
@@ -225,24 +229,24 @@ class RefineParams:
         try:
             symmetry_matrices(self.symmetry)
         except ValueError as exc:
-            raise io.InputError(str(exc))
+            raise InputError(str(exc))
         nyquist = 2 * pixel_size_A
         if self.initial_resolution_A < nyquist:
-            raise io.InputError("initial resolution %.3g Å is beyond Nyquist (%.3g Å)" % (self.initial_resolution_A,
+            raise InputError("initial resolution %.3g Å is beyond Nyquist (%.3g Å)" % (self.initial_resolution_A,
                                                                                         nyquist))
         if self.particle_diameter_A is not None and not 0 < self.particle_diameter_A <= box * pixel_size_A * 1.5:
-            raise io.InputError("particle diameter %.4g Å must be in (0, %.4g] Å for a %d px box at %.4g Å/px"
+            raise InputError("particle diameter %.4g Å must be in (0, %.4g] Å for a %d px box at %.4g Å/px"
                                 % (self.particle_diameter_A, 1.5 * box * pixel_size_A, box, pixel_size_A))
         if self.max_iterations < 1 or self.global_iterations < 0:
-            raise io.InputError("max iterations must be >= 1 and global iterations >= 0")
+            raise InputError("max iterations must be >= 1 and global iterations >= 0")
         if self.local_steps < 1:
-            raise io.InputError("local steps must be >= 1")
+            raise InputError("local steps must be >= 1")
         if self.repetitions not in (1, 2):
-            raise io.InputError("repetitions must be 1 or 2, got %d" % self.repetitions)
+            raise InputError("repetitions must be 1 or 2, got %d" % self.repetitions)
         if self.max_shift_px is not None and self.max_shift_px < 0:
-            raise io.InputError("max shift must be >= 0 px")
+            raise InputError("max shift must be >= 0 px")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise io.InputError("device %s requested but CUDA is not available" % self.device)
+            raise InputError("device %s requested but CUDA is not available" % self.device)
 
     def as_dict(self):
         return dict(vars(self))
@@ -259,7 +263,7 @@ def _align_global(reference, star, res_A, step_deg, sstep_px, params, rotation, 
     box = star.box_size
     max_shift = _max_shift_px(params, box)
     ref_path = os.path.join(work_dir, "reference.mrc")
-    io.write_mrc(ref_path, reference, px)
+    write_mrc(ref_path, reference, px)
     index_dir = os.path.join(work_dir, "index")
     n_refs = (len(gallery_poses(step_deg, params.symmetry)) * params.n_ctf_groups
               * len(shift_grid(max_shift, sstep_px)))
@@ -328,13 +332,13 @@ def _name(output_dir, iteration, n_classes, cls, what):
 
 
 def _write_json(path, data):
-    with io.atomic_output(path) as tmp:
+    with atomic_output(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
 
 
 def _copy(src, dst):
-    with io.atomic_output(dst) as tmp:
+    with atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
 
 
@@ -422,7 +426,7 @@ def refine_3d(particles, references, output_dir, params=None, mask=None, resume=
     """Run the refinement (module docstring). Returns the final model dict.
 
     Args:
-        particles: particle STAR path (or :class:`~deepcryo.core.io.ParticleStar`) with CTF columns.
+        particles: particle STAR path (or :class:`~deepcryo.core.particles.ParticleStar`) with CTF columns.
         references: initial map path(s) (MRC), same box and pixel size; several → multi-reference refinement.
         output_dir: folder for every output.
         params: :class:`RefineParams`.
@@ -431,28 +435,28 @@ def refine_3d(particles, references, output_dir, params=None, mask=None, resume=
             ``model.json``) is left as it is.
     """
     params = params or RefineParams()
-    star = io.read_particles(particles) if isinstance(particles, str) else particles
+    star = read_particles(particles) if isinstance(particles, str) else particles
     references = [references] if isinstance(references, str) else list(references)
     if len(star) < 4:
-        raise io.InputError("refinement needs at least 4 particles, got %d" % len(star))
+        raise InputError("refinement needs at least 4 particles, got %d" % len(star))
     star.require("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
     px, box = star.pixel_size_A, star.box_size
     params.check(box, px)
     maps = []
     for path in references:
-        vol, vpx = io.read_mrc(path)
+        vol, vpx = read_mrc(path)
         if vol.ndim != 3 or set(vol.shape) != {box}:
-            raise io.InputError("%s: reference shape %s does not match the %d px particles" % (path, vol.shape, box))
+            raise InputError("%s: reference shape %s does not match the %d px particles" % (path, vol.shape, box))
         if abs(vpx - px) > 1e-3 * px:
-            raise io.InputError("%s: pixel size %.4f Å/px differs from the particles' %.4f Å/px" % (path, vpx, px))
+            raise InputError("%s: pixel size %.4f Å/px differs from the particles' %.4f Å/px" % (path, vpx, px))
         maps.append(vol)
     mask_vol = None
     if mask:
-        mask_vol, mpx = io.read_mrc(mask)
+        mask_vol, mpx = read_mrc(mask)
         if mask_vol.shape != (box,) * 3:
-            raise io.InputError("%s: mask shape %s does not match the %d px particles" % (mask, mask_vol.shape, box))
+            raise InputError("%s: mask shape %s does not match the %d px particles" % (mask, mask_vol.shape, box))
         if mask_vol.min() < -1e-3 or mask_vol.max() > 1 + 1e-3 or mask_vol.max() <= 0:
-            raise io.InputError("%s: a mask must have values in [0, 1] and not be empty" % mask)
+            raise InputError("%s: a mask must have values in [0, 1] and not be empty" % mask)
     diameter = params.particle_diameter_A or 0.8 * box * px
     mask_t = refinement_mask(box, px, diameter, mask_vol)
     n_classes = len(maps)
@@ -474,16 +478,16 @@ def refine_3d(particles, references, output_dir, params=None, mask=None, resume=
     resolution = params.initial_resolution_A
     history, start = [], 1
     if resume:
-        io.remove_stale_parts_in(output_dir)  # temporaries of a run killed while writing
+        remove_stale_parts_in(output_dir)  # temporaries of a run killed while writing
         start = last_completed_iteration(output_dir) + 1
         if start > 1:
             it = start - 1
             with open(os.path.join(output_dir, "it%03d_model.json" % it)) as f:
                 model = json.load(f)
             history = model["history"]
-            prev = io.read_particles(os.path.join(output_dir, "it%03d_particles.star" % it))
+            prev = read_particles(os.path.join(output_dir, "it%03d_particles.star" % it))
             if len(prev) != n:
-                raise io.InputError("cannot continue: %s has %d particles, the input %d"
+                raise InputError("cannot continue: %s has %d particles, the input %d"
                                     % (output_dir, len(prev), n))
             angles, origins = prev.angles_deg(), prev.origins_A()
             halves = np.asarray(prev.particles["rlnRandomSubset"], dtype=np.int64)
@@ -494,7 +498,7 @@ def refine_3d(particles, references, output_dir, params=None, mask=None, resume=
             if "random_state" in model:         # the draws of an uninterrupted run (older files lack it)
                 rng.bit_generator.state = model["random_state"]
             resolution = model["resolution_A"]
-            refs = [[io.read_mrc(_name(output_dir, it, n_classes, k, "ref_half%d.mrc" % h))[0] for h in (1, 2)]
+            refs = [[read_mrc(_name(output_dir, it, n_classes, k, "ref_half%d.mrc" % h))[0] for h in (1, 2)]
                     for k in range(n_classes)]
             log("continuing after iteration %d (resolution %.2f Å)" % (it, resolution))
     model = _model(history, params, n_classes) if history else None
@@ -591,12 +595,12 @@ def refine_3d(particles, references, output_dir, params=None, mask=None, resume=
         history.append(entry)
         out_star = _output_star(star, angles, origins, halves, classes, score, keep, alternatives)
         for k in range(n_classes):
-            io.write_mrc(_name(output_dir, iteration, n_classes, k, "half1.mrc"), half_maps[k][0], px)
-            io.write_mrc(_name(output_dir, iteration, n_classes, k, "half2.mrc"), half_maps[k][1], px)
-            io.write_mrc(_name(output_dir, iteration, n_classes, k, "ref_half1.mrc"), refs[k][0], px)
-            io.write_mrc(_name(output_dir, iteration, n_classes, k, "ref_half2.mrc"), refs[k][1], px)
+            write_mrc(_name(output_dir, iteration, n_classes, k, "half1.mrc"), half_maps[k][0], px)
+            write_mrc(_name(output_dir, iteration, n_classes, k, "half2.mrc"), half_maps[k][1], px)
+            write_mrc(_name(output_dir, iteration, n_classes, k, "ref_half1.mrc"), refs[k][0], px)
+            write_mrc(_name(output_dir, iteration, n_classes, k, "ref_half2.mrc"), refs[k][1], px)
             write_fsc_star(_name(output_dir, iteration, n_classes, k, "fsc.star"), curves[k], box, px)
-        io.write_particles(os.path.join(output_dir, "it%03d_particles.star" % iteration), out_star)
+        write_particles(os.path.join(output_dir, "it%03d_particles.star" % iteration), out_star)
         model = _model(history, params, n_classes)
         _write_json(os.path.join(output_dir, "it%03d_model.json" % iteration),
                     dict(model, random_state=rng.bit_generator.state))
@@ -606,10 +610,10 @@ def refine_3d(particles, references, output_dir, params=None, mask=None, resume=
                100 * keep.mean(), entry["seconds"]))
         iteration += 1
     if model is None:
-        raise io.InputError("%s: nothing to continue from and no iteration to run" % output_dir)
+        raise InputError("%s: nothing to continue from and no iteration to run" % output_dir)
     last = model["iteration"]
     # final outputs: the last particles; both halves reconstructed with pose posteriors, their FSC, the map
-    final_star = io.read_particles(os.path.join(output_dir, "it%03d_particles.star" % last))
+    final_star = read_particles(os.path.join(output_dir, "it%03d_particles.star" % last))
     final_halves = np.asarray(final_star.particles["rlnRandomSubset"])
     final_classes = np.asarray(final_star.particles["rlnClassNumber"]) - 1
     final_keep = np.asarray(final_star.particles["dcSwiftKept"], dtype=bool)
@@ -626,13 +630,13 @@ def refine_3d(particles, references, output_dir, params=None, mask=None, resume=
             h1, h2 = recs[k][0].reconstruct(), recs[k][1].reconstruct()
             curve = masked_fsc(h1, h2, mask_t.numpy(), seed=params.seed + last + 1).corrected
             final_res.append(fsc_resolution_A(curve, px, 0.143))
-            io.write_mrc(_name(output_dir, None, n_classes, k, "half1.mrc"), h1, px)
-            io.write_mrc(_name(output_dir, None, n_classes, k, "half2.mrc"), h2, px)
+            write_mrc(_name(output_dir, None, n_classes, k, "half1.mrc"), h1, px)
+            write_mrc(_name(output_dir, None, n_classes, k, "half2.mrc"), h2, px)
             write_fsc_star(_name(output_dir, None, n_classes, k, "fsc.star"), curve, box, px)
         total = Reconstructor(box, symmetry=params.symmetry, device=torch.device(params.device))
         total.add(recs[k][0])
         total.add(recs[k][1])
-        io.write_mrc(_name(output_dir, None, n_classes, k, "map.mrc"), total.reconstruct(), px)
+        write_mrc(_name(output_dir, None, n_classes, k, "map.mrc"), total.reconstruct(), px)
     finite = [r for r in final_res if math.isfinite(r)]
     model = dict(model, final_resolution_A=float(np.mean(finite)) if finite else model["resolution_A"],
                  final_class_resolution_A=[float(r) for r in final_res], final_seconds=time.time() - t0)

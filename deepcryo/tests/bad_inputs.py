@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from deepcryo.core import io
 from deepcryo.core import simulate as simulate_cli
 from deepcryo.core.micrographs import simulate_micrograph
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles
+from deepcryo.core.star import write_star
 from deepcryo.swiftalign import __main__ as swiftalign_cli
 
 
@@ -30,7 +32,7 @@ def _truncate(src, dst, fraction=0.6):
 
 
 def _write_raw_mrc(path, data, px):
-    """An MRC written with mrcfile directly (io.write_mrc would be fine too; this keeps NaN untouched)."""
+    """An MRC written with mrcfile directly (write_mrc would be fine too; this keeps NaN untouched)."""
     with mrcfile.new(path, overwrite=True) as m:
         m.set_data(np.asarray(data, dtype=np.float32))
         m.voxel_size = px
@@ -38,7 +40,7 @@ def _write_raw_mrc(path, data, px):
 
 
 def _star_variant(src, dst, drop=(), optics=None, names=None, empty=False):
-    star = io.read_particles(src)
+    star = read_particles(src)
     parts = star.particles
     for c in drop:
         parts.pop(c, None)
@@ -50,7 +52,7 @@ def _star_variant(src, dst, drop=(), optics=None, names=None, empty=False):
     for k, v in (optics or {}).items():
         opt[k] = np.array([v])
     blocks = {"optics": opt, "particles": parts}
-    io.write_star(dst, blocks)
+    write_star(dst, blocks)
     return dst
 
 
@@ -80,7 +82,7 @@ def ws(tmp_path_factory):
                               "--pixel-size", str(PX), "--snr", "1", "--seed", "1"]) == 0
     star, stack, ref = d("sim", "particles.star"), d("sim", "particles.mrcs"), d("sim", "truth.mrc")
     w = {"root": root, "star": star, "stack": stack, "ref": ref}
-    good, _ = io.read_mrc(stack)
+    good, _ = read_mrc(stack)
     os.makedirs(d("bad"))
     # particle stacks
     _truncate(stack, d("bad", "truncated.mrcs"))
@@ -104,7 +106,7 @@ def ws(tmp_path_factory):
     _star_variant(star, d("bad", "negative_cs.star"), optics={"rlnSphericalAberration": -2.7})
     _star_variant(star, d("bad", "px3.star"), optics={"rlnImagePixelSize": 3.0})
     # maps
-    vol, _ = io.read_mrc(ref)
+    vol, _ = read_mrc(ref)
     _truncate(ref, d("bad", "truncated_map.mrc"))
     nanvol = vol.copy()
     nanvol[2, 2, 2] = np.nan
@@ -115,10 +117,10 @@ def ws(tmp_path_factory):
     for i in range(4):
         img, t = simulate_micrograph(256, pixel_size_A=MIC_PX, defocus_u_A=12000 + 2000 * i,
                                      defocus_v_A=11000 + 2000 * i, defocus_angle_deg=30, seed=i)
-        io.write_mrc(d("mics", "mic_%d.mrc" % i), img, MIC_PX)
+        write_mrc(d("mics", "mic_%d.mrc" % i), img, MIC_PX)
     w["mic"] = d("mics", "mic_0.mrc")
     _truncate(w["mic"], d("bad", "truncated_mic.mrc"))
-    img, _ = io.read_mrc(w["mic"])
+    img, _ = read_mrc(w["mic"])
     img[10:20, 10:20] = np.nan
     _write_raw_mrc(d("bad", "nan_mic.mrc"), img, MIC_PX)
     _write_raw_mrc(d("bad", "constant_mic.mrc"), np.full((256, 256), 7.0, np.float32), MIC_PX)
@@ -164,4 +166,4 @@ def ws(tmp_path_factory):
 
 def _micstar(path, cols):
     cols = {k: np.asarray(v, dtype=object if k == "rlnMicrographName" else np.float64) for k, v in cols.items()}
-    io.write_star(path, {"micrographs": cols})
+    write_star(path, {"micrographs": cols})

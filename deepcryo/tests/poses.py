@@ -1,5 +1,5 @@
 """Test helper: a particle STAR without its poses, the input of a refinement that must find them."""
-from deepcryo.core import io
+from deepcryo.core.particles import read_particles, write_particles
 
 #: Columns a refinement writes: Euler angles, origins and the class.
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
@@ -8,8 +8,8 @@ POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
 
 def strip_poses(star_path, out_path):
     """Write ``star_path`` without :data:`POSE_COLUMNS` to ``out_path``; returns ``out_path``."""
-    star = io.read_particles(star_path)
+    star = read_particles(star_path)
     for column in POSE_COLUMNS:
         star.particles.pop(column, None)
-    io.write_particles(out_path, star)
+    write_particles(out_path, star)
     return out_path

@@ -5,7 +5,7 @@ import os
 import numpy as np
 from pwem.objects import CTFModel, Acquisition, Micrograph, Particle, SetOfMicrographs, SetOfParticles, Volume
 
-from deepcryo.core import io
+from deepcryo.core.mrc import write_mrc
 
 GOOD_ACQ = dict(voltage=300.0, sphericalAberration=2.7, amplitudeContrast=0.1)
 
@@ -22,7 +22,7 @@ def _particles(tmp_path, n=3, px=2.0, name="particles", **acq):
     s.setAlignmentProj()
     stack = str(tmp_path / "stack.mrcs")
     if not os.path.exists(stack):
-        io.write_mrc(stack, np.random.default_rng(0).normal(size=(3, 16, 16)), px, is_stack=True)
+        write_mrc(stack, np.random.default_rng(0).normal(size=(3, 16, 16)), px, is_stack=True)
     for i in range(n):
         p = Particle(location=(i + 1, stack))
         p.setCTF(CTFModel(defocusU=10000, defocusV=10000, defocusAngle=0))
@@ -44,7 +44,7 @@ def _micrographs(tmp_path, n=2, px=1.0, closed=True, **acq):
 
 def _volume(tmp_path, px=2.0, box=16):
     path = str(tmp_path / ("map_%g.mrc" % px))
-    io.write_mrc(path, np.zeros((box, box, box), np.float32), px)
+    write_mrc(path, np.zeros((box, box, box), np.float32), px)
     v = Volume(location=path)
     v.setSamplingRate(px)
     return v

@@ -53,7 +53,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import pytest
 
-from deepcryo.core import io
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import ParticleStar, make_optics, read_particles, write_particles
 from deepcryo.core.simulate import phantom_states, phantom_volume, random_poses
 
 RELION_PROJECT = shutil.which("relion_project")
@@ -90,7 +91,7 @@ class RelionSet:
     folder: str
     volumes: List[np.ndarray]
     volume_paths: List[str]
-    truth: io.ParticleStar
+    truth: ParticleStar
     clean_star: str
     star: str
     noise_sigma: float
@@ -101,7 +102,7 @@ class RelionSet:
         return self.volumes[0]
 
 
-def truth_particles(spec: RenderSpec) -> io.ParticleStar:
+def truth_particles(spec: RenderSpec) -> ParticleStar:
     """The true poses (deg), origins (Å), CTF and state (``rlnClassNumber``, 1-based) of ``spec``, seeded, as a
     STAR without images."""
     rng = np.random.default_rng(spec.seed)
@@ -118,8 +119,8 @@ def truth_particles(spec: RenderSpec) -> io.ParticleStar:
         "rlnOriginXAngst": origins_A[:, 0], "rlnOriginYAngst": origins_A[:, 1],
         "rlnClassNumber": rng.permutation(np.arange(n) % spec.states) + 1,
     }
-    optics = io.make_optics(spec.pixel_size_A, spec.box, spec.voltage_kV, spec.cs_mm, spec.amplitude_contrast)
-    return io.ParticleStar(optics, particles, ".")
+    optics = make_optics(spec.pixel_size_A, spec.box, spec.voltage_kV, spec.cs_mm, spec.amplitude_contrast)
+    return ParticleStar(optics, particles, ".")
 
 
 def relion_project(folder: str, map_name: str, star_name: str, out_root: str, pixel_size_A: float,
@@ -166,29 +167,29 @@ def render(folder: str, spec: RenderSpec) -> RelionSet:
         for k, (vol, name) in enumerate(zip(vols, names)):
             idx = np.nonzero(state == k)[0]
             root = "proj" if single else "proj_state%02d" % (k + 1)
-            io.write_mrc(os.path.join(folder, name), vol, spec.pixel_size_A)
-            io.write_particles(os.path.join(folder, root + "_truth.star"), truth.subset(idx))
-            out = io.read_particles(relion_project(folder, name, root + "_truth.star", root, spec.pixel_size_A))
+            write_mrc(os.path.join(folder, name), vol, spec.pixel_size_A)
+            write_particles(os.path.join(folder, root + "_truth.star"), truth.subset(idx))
+            out = read_particles(relion_project(folder, name, root + "_truth.star", root, spec.pixel_size_A))
             # RELION read back our truth: the same poses, origins and defoci
             assert np.allclose(out.angles_deg(), truth.angles_deg()[idx], atol=1e-3)
             assert np.allclose(out.origins_A(), truth.origins_A()[idx], atol=1e-4)
-            images[idx], _ = io.read_mrc(os.path.join(folder, root + ".mrcs"))
+            images[idx], _ = read_mrc(os.path.join(folder, root + ".mrcs"))
             image_names[idx] = ["%06d@%s.mrcs" % (i + 1, root) for i in range(len(idx))]
-        io.write_particles(os.path.join(folder, "clean.star"), _with_images(truth, image_names, folder))
+        write_particles(os.path.join(folder, "clean.star"), _with_images(truth, image_names, folder))
         sigma, snr, star = 0.0, None, "clean.star"
         if spec.snr is not None:
             signal_var = float(images.var(axis=(1, 2)).mean())
             sigma = float(np.sqrt(signal_var / spec.snr))
             noise = np.random.default_rng([spec.seed, 1]).normal(size=images.shape).astype(np.float32) * sigma
             snr = signal_var / float(noise.var(axis=(1, 2)).mean())
-            io.write_mrc(os.path.join(folder, "particles.mrcs"), images + noise, spec.pixel_size_A, is_stack=True)
+            write_mrc(os.path.join(folder, "particles.mrcs"), images + noise, spec.pixel_size_A, is_stack=True)
             star = "particles.star"
-            io.write_particles(os.path.join(folder, star), _with_images(
+            write_particles(os.path.join(folder, star), _with_images(
                 truth, ["%06d@particles.mrcs" % (i + 1) for i in range(spec.n)], folder))
         done = {"spec": wanted, "noise_sigma": sigma, "snr": snr, "star": star}
         with open(record, "w") as f:
             json.dump(done, f)
-    vols = [io.read_mrc(os.path.join(folder, name))[0] for name in names]
+    vols = [read_mrc(os.path.join(folder, name))[0] for name in names]
     return RelionSet(spec, folder, vols, [os.path.join(folder, name) for name in names], truth,
                      os.path.join(folder, "clean.star"), os.path.join(folder, done["star"]), done["noise_sigma"],
                      done["snr"])

@@ -30,7 +30,7 @@ import pyworkflow.object as pwobj
 from pwem.objects import Acquisition, CTFModel, Particle, SetOfParticles, Transform
 
 from deepcryo.constants import RANDOM_SUBSET_ATTR
-from deepcryo.core import io
+from deepcryo.core.particles import read_particles
 
 
 def relionPoseToScipionMatrix(rot, tilt, psi, originXpx, originYpx):
@@ -45,7 +45,7 @@ def particleSetFromStar(starFn, sqliteFn, withAlignment=True, withCtf=True, subs
 
     ``subsets``: optional half-set labels (1/2) stored as ``_rlnRandomSubset``. Returns the set (open).
     """
-    star = io.read_particles(starFn)
+    star = read_particles(starFn)
     px = star.pixel_size_A
     voltage, cs, ac = (float(star.optics_value(c)[0]) for c in
                        ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"))

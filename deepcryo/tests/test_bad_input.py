@@ -17,9 +17,9 @@ import sys
 import pytest
 import torch
 
-from deepcryo.core import io
 from deepcryo.core import reconstruct as reconstruct_cli
 from deepcryo.core import simulate as simulate_cli
+from deepcryo.core.star import read_star
 from deepcryo.defocus import __main__ as defocus_cli
 from deepcryo.landscape import __main__ as landscape_cli
 from deepcryo.swiftalign import __main__ as swiftalign_cli
@@ -205,7 +205,7 @@ def test_bad_micrograph_among_good_ones_is_skipped(ws, tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 0
     assert len(err) == 1 and "skipped" in err[0] and "mic_1b.mrc" in err[0] and "NaN" in err[0], err
-    names = [os.path.basename(n) for n in io.read_star(out)["micrographs"]["rlnMicrographName"]]
+    names = [os.path.basename(n) for n in read_star(out)["micrographs"]["rlnMicrographName"]]
     assert names == ["mic_0.mrc", "mic_1.mrc", "mic_2.mrc"]
 
 

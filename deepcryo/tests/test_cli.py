@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepcryo.core import cli
-from deepcryo.core.io import InputError
+from deepcryo.core.errors import InputError
 
 PROGRAMS = ["deepcryo.swiftalign", "deepcryo.defocus", "deepcryo.landscape", "deepcryo.core.reconstruct",
             "deepcryo.core.simulate"]

@@ -32,7 +32,11 @@ from pwem.objects import Acquisition, CTFModel, Micrograph, SetOfMicrographs, Se
 
 from deepcryo import convert
 from deepcryo.constants import RANDOM_SUBSET_ATTR
-from deepcryo.core import geometry, io, reconstruct
+from deepcryo.core import geometry, reconstruct
+from deepcryo.core.errors import InputError
+from deepcryo.core.mrc import read_mrc, read_mrc_header, write_mrc
+from deepcryo.core.particles import ParticleStar, make_optics, read_particles, write_particles
+from deepcryo.core.star import read_star, write_star
 from deepcryo.tests.sets import particleSetFromStar, relionPoseToScipionMatrix
 
 BOX, PX, N = 16, 1.5, 60
@@ -66,7 +70,7 @@ class TestConvert(unittest.TestCase):
         angles[:4] = [[30, 0, 40], [-50, 180, 10], [0, 90, 0], [170, 1e-3, -170]]  # gimbal lock, axes
         cls.angles, cls.origins = angles, rng.uniform(-4, 4, (N, 2))  # origins in px
         cls.images = rng.normal(size=(N, BOX, BOX)).astype(np.float32)
-        io.write_mrc(os.path.join(cls.folder, "stack.mrcs"), cls.images, PX, is_stack=True)
+        write_mrc(os.path.join(cls.folder, "stack.mrcs"), cls.images, PX, is_stack=True)
         du = rng.uniform(12000, 20000, N)
         cls.defocus = np.column_stack([du, du - rng.uniform(0, 800, N), rng.uniform(0, 180, N)])
         particles = OrderedDict([
@@ -77,7 +81,7 @@ class TestConvert(unittest.TestCase):
             ("rlnAngleRot", angles[:, 0]), ("rlnAngleTilt", angles[:, 1]), ("rlnAnglePsi", angles[:, 2]),
             ("rlnOriginXAngst", cls.origins[:, 0] * PX), ("rlnOriginYAngst", cls.origins[:, 1] * PX)])
         cls.truthStar = os.path.join(cls.folder, "truth.star")
-        io.write_particles(cls.truthStar, io.ParticleStar(io.make_optics(PX, BOX, 200.0, 2.0, 0.07), particles,
+        write_particles(cls.truthStar, ParticleStar(make_optics(PX, BOX, 200.0, 2.0, 0.07), particles,
                                                           cls.folder))
         cls.subsets = rng.integers(1, 3, N)
         cls.parts = particleSetFromStar(cls.truthStar, os.path.join(cls.folder, "particles.sqlite"),
@@ -119,7 +123,7 @@ class TestConvert(unittest.TestCase):
     def testParticleSetToStarAndBack(self):
         starFn = self._path("written.star")
         convert.writeSetOfParticles(self.parts, starFn)
-        star = io.read_particles(starFn)
+        star = read_particles(starFn)
 
         # nothing the file holds is lost by read_particles
         written = _starColumns(starFn)
@@ -180,12 +184,12 @@ class TestConvert(unittest.TestCase):
     def testRowsMatchedByImageIdWhenReorderedOrDropped(self):
         starFn = self._path("written2.star")
         convert.writeSetOfParticles(self.parts, starFn)
-        star = io.read_particles(starFn)
+        star = read_particles(starFn)
         keep = np.arange(N)[::-1][np.arange(N) % 3 != 0]            # reversed, every third dropped
         star = star.subset(keep)
         star.particles["rlnMaxValueProbDistribution"] = star.particles["rlnImageId"] * 0.01
         shuffled = self._path("shuffled.star")
-        io.write_particles(shuffled, star)
+        write_particles(shuffled, star)
         out = self._newSet("subset.sqlite")
         convert.updateParticlesFromStar(self.parts, shuffled, out, extraColumns=["rlnMaxValueProbDistribution"])
         self.assertEqual(out.getSize(), len(keep))
@@ -200,19 +204,19 @@ class TestConvert(unittest.TestCase):
     def testNonMrcStackIsConvertedToMrcs(self):
         ImageHandler().convertStack(self._path("stack.mrcs"), self._path("stack.stk"))
         spiderStar = self._path("spider.star")
-        star = io.read_particles(self.truthStar)
+        star = read_particles(self.truthStar)
         star.particles["rlnImageName"] = np.array(["%06d@stack.stk" % (i + 1) for i in range(N)], dtype=object)
-        io.write_star(spiderStar, OrderedDict([("optics", star.optics), ("particles", star.particles)]))
+        write_star(spiderStar, OrderedDict([("optics", star.optics), ("particles", star.particles)]))
         parts = particleSetFromStar(spiderStar, self._path("spider.sqlite"))
-        with self.assertRaisesRegex(io.InputError, "not an MRC file"):
+        with self.assertRaisesRegex(InputError, "not an MRC file"):
             convert.writeSetOfParticles(parts, self._path("no_dir.star"))
         outFn = self._path("converted.star")
         convert.writeSetOfParticles(parts, outFn, outputDir=self._path("converted"))
-        converted = io.read_particles(outFn)
+        converted = read_particles(outFn)
         self.assertTrue(all(p.endswith(".mrcs") for _, p in converted.image_refs()))
         with converted.open_images() as stack:
             np.testing.assert_allclose(stack.read(np.arange(N)), self.images, atol=1e-6)
-        self.assertAlmostEqual(io.read_mrc_header(converted.image_refs()[0][1])[1], PX, places=3)
+        self.assertAlmostEqual(read_mrc_header(converted.image_refs()[0][1])[1], PX, places=3)
         parts.close()
 
     # ------------------------------------------------------------------------------------ bad input
@@ -220,22 +224,22 @@ class TestConvert(unittest.TestCase):
         empty = self._newSet("empty.sqlite")
         empty.setSamplingRate(PX)
         empty.write()
-        with self.assertRaisesRegex(io.InputError, "empty"):
+        with self.assertRaisesRegex(InputError, "empty"):
             convert.writeSetOfParticles(empty, self._path("empty.star"))
         empty.close()
 
         self.parts.setAlignment(pwem.ALIGN_2D)
         try:
-            with self.assertRaisesRegex(io.InputError, "alignment"):
+            with self.assertRaisesRegex(InputError, "alignment"):
                 convert.writeSetOfParticles(self.parts, self._path("align2d.star"))
         finally:
             self.parts.setAlignmentProj()
 
-        star = io.read_particles(self.truthStar)
+        star = read_particles(self.truthStar)
         star.optics["rlnImagePixelSize"] = np.array([2 * PX])
         wrongPixel = self._path("wrong_pixel.star")
-        io.write_particles(wrongPixel, star)
-        with self.assertRaisesRegex(io.InputError, "pixel size"):
+        write_particles(wrongPixel, star)
+        with self.assertRaisesRegex(InputError, "pixel size"):
             convert.updateParticlesFromStar(self.parts, wrongPixel, self._newSet("wrong.sqlite"))
 
         parts = SetOfParticles(filename=self._path("missing.sqlite"))
@@ -245,11 +249,11 @@ class TestConvert(unittest.TestCase):
             clone.setFileName(self._path("missing.mrcs"))
             parts.append(clone)
         parts.write()
-        with self.assertRaisesRegex(io.InputError, "missing.mrcs: file not found"):
+        with self.assertRaisesRegex(InputError, "missing.mrcs: file not found"):
             convert.writeSetOfParticles(parts, self._path("missing_out.star"))
         with open(self._path("stack.mrcs"), "rb") as f, open(self._path("missing.mrcs"), "wb") as g:
             g.write(f.read()[:4096])                                 # a truncated stack
-        with self.assertRaisesRegex(io.InputError, "missing.mrcs: not a readable MRC file"):
+        with self.assertRaisesRegex(InputError, "missing.mrcs: not a readable MRC file"):
             convert.writeSetOfParticles(parts, self._path("missing_out.star"))
         parts.close()
 
@@ -262,7 +266,7 @@ class TestConvert(unittest.TestCase):
             ("rlnDefocusAngle", np.array([30.0, 170.0])), ("rlnCtfMaxResolution", np.array([3.5, 4.25])),
             ("rlnCtfFigureOfMerit", np.array([0.25, 0.125])), ("rlnPhaseShift", np.array([0.0, 45.0])),
             ("rlnCtfImage", np.array(["mic1_psd.mrc", "mic2_psd.mrc"], dtype=object))])
-        io.write_star(starFn, OrderedDict([("optics", io.make_optics(1.0, 4096)), ("micrographs", micrographs)]))
+        write_star(starFn, OrderedDict([("optics", make_optics(1.0, 4096)), ("micrographs", micrographs)]))
         rows = convert.readCtfStar(starFn)
         self.assertEqual([r["rlnMicrographName"] for r in rows], ["mic1.mrc", "mic2.mrc"])
         first = convert.ctfRowToModel(rows[0], CTFModel())
@@ -277,8 +281,8 @@ class TestConvert(unittest.TestCase):
         self.assertEqual(second.getPhaseShift(), 45.0)
 
         del micrographs["rlnDefocusV"]
-        io.write_star(starFn, OrderedDict([("micrographs", micrographs)]))
-        with self.assertRaisesRegex(io.InputError, "rlnDefocusV"):
+        write_star(starFn, OrderedDict([("micrographs", micrographs)]))
+        with self.assertRaisesRegex(InputError, "rlnDefocusV"):
             convert.readCtfStar(starFn)
 
     def testWriteSetOfMicrographs(self):
@@ -288,26 +292,26 @@ class TestConvert(unittest.TestCase):
                                         magnification=50000))
         for i in range(3):
             fn = self._path("mic_%d.mrc" % i)
-            io.write_mrc(fn, np.zeros((32, 32), np.float32), 0.8)
+            write_mrc(fn, np.zeros((32, 32), np.float32), 0.8)
             mics.append(Micrograph(location=fn))
         mics.write()
         starFn = self._path("mics.star")
         convert.writeSetOfMicrographs(mics, starFn)
-        blocks = io.read_star(starFn)
+        blocks = read_star(starFn)
         self.assertEqual(list(blocks["micrographs"]["rlnMicrographName"]),
                          [self._path("mic_%d.mrc" % i) for i in range(3)])
         optics = blocks["optics"]
         self.assertEqual((optics["rlnMicrographPixelSize"][0], optics["rlnVoltage"][0],
                           optics["rlnSphericalAberration"][0], optics["rlnAmplitudeContrast"][0]), (0.8, 300, 2.7, 0.1))
         os.remove(self._path("mic_1.mrc"))
-        with self.assertRaisesRegex(io.InputError, "mic_1.mrc: micrograph file not found"):
+        with self.assertRaisesRegex(InputError, "mic_1.mrc: micrograph file not found"):
             convert.writeSetOfMicrographs(mics, starFn)
         mics.close()
 
     def testConvertVolume(self):
         data = np.random.default_rng(1).normal(size=(BOX, BOX, BOX)).astype(np.float32)
         mrcFn = self._path("volume.mrc")
-        io.write_mrc(mrcFn, data, PX)
+        write_mrc(mrcFn, data, PX)
         volume = Volume(location=mrcFn + ":mrc")
         volume.setSamplingRate(PX)
         self.assertEqual(convert.convertVolume(volume, self._path("volumes")), mrcFn)
@@ -316,11 +320,11 @@ class TestConvert(unittest.TestCase):
         volume.setLocation(spiderFn)
         converted = convert.convertVolume(volume, self._path("volumes"))
         self.assertEqual(converted, self._path(os.path.join("volumes", "volume.mrc")))
-        back, px = io.read_mrc(converted)
+        back, px = read_mrc(converted)
         np.testing.assert_allclose(back, data, atol=1e-6)
         self.assertAlmostEqual(px, PX, places=3)
         volume.setLocation(self._path("absent.mrc"))
-        with self.assertRaisesRegex(io.InputError, "absent.mrc: file not found"):
+        with self.assertRaisesRegex(InputError, "absent.mrc: file not found"):
             convert.convertVolume(volume, self._path("volumes"))
 
     def testReadFscStar(self):

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from deepcryo.core import ctf, fourier, fsc, geometry, io, projector, reconstruct, simulate
+from deepcryo.core import ctf, fourier, fsc, geometry, projector, reconstruct, simulate
+from deepcryo.core.errors import InputError
+from deepcryo.core.mrc import ImageStack, read_mrc, write_mrc
+from deepcryo.core.particles import read_particles, write_particles
+from deepcryo.core.star import write_star
 
 
 # ------------------------------------------------------------------------------------------------- CTF
@@ -130,7 +134,7 @@ def test_origin_convention(phantom32):
 
 def test_reconstruction_recovers_volume_with_ctf_and_symmetry(tmp_path, phantom32):
     star_path = simulate.write_particle_set(str(tmp_path), phantom32, 1500, 2.0, snr=None, seed=4)
-    star = io.read_particles(star_path)
+    star = read_particles(star_path)
     out = reconstruct.reconstruct_star(star, halves=True)
     curve = fsc.fsc(phantom32, out["map"])
     assert fsc.fsc_resolution_A(curve, 2.0, 0.5) <= 2.5 * 2.0
@@ -144,7 +148,7 @@ def test_reconstruction_recovers_volume_with_ctf_and_symmetry(tmp_path, phantom3
 
 def test_noisy_halves_fsc_tracks_truth(tmp_path, phantom32):
     star_path = simulate.write_particle_set(str(tmp_path), phantom32, 2000, 2.0, snr=0.1, seed=5)
-    out = reconstruct.reconstruct_star(io.read_particles(star_path), halves=True)
+    out = reconstruct.reconstruct_star(read_particles(star_path), halves=True)
     res_half = fsc.fsc_resolution_A(out["fsc"], 2.0, 0.143)
     res_truth = fsc.fsc_resolution_A(fsc.fsc(phantom32, out["map"]), 2.0, 0.5)
     assert res_half < 12.0 and res_truth < 12.0
@@ -152,7 +156,7 @@ def test_noisy_halves_fsc_tracks_truth(tmp_path, phantom32):
 
 
 def test_reconstruction_corners_and_wiener_term(tmp_path, phantom32):
-    star = io.read_particles(simulate.write_particle_set(str(tmp_path), phantom32, 600, 2.0, snr=0.05, seed=6))
+    star = read_particles(simulate.write_particle_set(str(tmp_path), phantom32, 600, 2.0, snr=0.05, seed=6))
     rec = reconstruct.Reconstructor(32)
     with star.open_images() as stack:
         images, rot, origins, ctf2d = reconstruct.batch_inputs(star, np.arange(len(star)), stack, "cpu")
@@ -174,8 +178,8 @@ def test_reconstruction_corners_and_wiener_term(tmp_path, phantom32):
 def test_simulation_is_deterministic(tmp_path, phantom32):
     a = simulate.write_particle_set(str(tmp_path / "a"), phantom32, 20, 2.0, seed=9)
     b = simulate.write_particle_set(str(tmp_path / "b"), phantom32, 20, 2.0, seed=9)
-    ia, _ = io.read_mrc(os.path.join(os.path.dirname(a), "particles.mrcs"))
-    ib, _ = io.read_mrc(os.path.join(os.path.dirname(b), "particles.mrcs"))
+    ia, _ = read_mrc(os.path.join(os.path.dirname(a), "particles.mrcs"))
+    ib, _ = read_mrc(os.path.join(os.path.dirname(b), "particles.mrcs"))
     assert np.array_equal(ia, ib)
 
 
@@ -189,11 +193,11 @@ def test_states_and_hinge_differ():
 # ---------------------------------------------------------------------------------------------- STAR IO
 def test_star_round_trip_keeps_every_column(tmp_path, phantom32):
     path = simulate.write_particle_set(str(tmp_path), phantom32, 30, 2.0, seed=2)
-    star = io.read_particles(path)
+    star = read_particles(path)
     star.particles["rlnRandomSubset"] = np.arange(30) % 2 + 1
     out = str(tmp_path / "sub" / "copy.star")
-    io.write_particles(out, star)
-    back = io.read_particles(out)
+    write_particles(out, star)
+    back = read_particles(out)
     assert list(back.particles) == list(star.particles)
     for k, v in star.particles.items():
         if k == "rlnImageName":
@@ -205,7 +209,7 @@ def test_star_round_trip_keeps_every_column(tmp_path, phantom32):
 
 def test_relion30_star_is_converted(tmp_path, phantom32):
     path = simulate.write_particle_set(str(tmp_path), phantom32, 5, 2.0, seed=2)
-    star = io.read_particles(path)
+    star = read_particles(path)
     cols = {
         "rlnImageName": star.particles["rlnImageName"],
         "rlnDefocusU": star.particles["rlnDefocusU"], "rlnDefocusV": star.particles["rlnDefocusV"],
@@ -218,8 +222,8 @@ def test_relion30_star_is_converted(tmp_path, phantom32):
         "rlnMagnification": np.full(5, 25000.0),
     }
     old = str(tmp_path / "old.star")
-    io.write_star(old, {"": cols})
-    back = io.read_particles(old)
+    write_star(old, {"": cols})
+    back = read_particles(old)
     assert back.pixel_size_A == pytest.approx(2.0)
     assert np.allclose(back.origins_A(), star.origins_A(), atol=1e-5)
     assert np.allclose(back.ctf_params()["voltage_kV"], 200.0)
@@ -237,10 +241,10 @@ def test_reconstruct_program_bad_inputs(tmp_path, phantom32):
     assert r.returncode != 0 and "missing.star: STAR file not found" in r.stderr
     path = simulate.write_particle_set(str(tmp_path / "s"), phantom32, 10, 2.0, seed=2)
     # STAR without angles
-    star = io.read_particles(path)
+    star = read_particles(path)
     for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
         del star.particles[c]
-    io.write_particles(str(tmp_path / "s" / "noangles.star"), star)
+    write_particles(str(tmp_path / "s" / "noangles.star"), star)
     r = _run("deepcryo.core.reconstruct", "--particles", str(tmp_path / "s" / "noangles.star"), "--output", out)
     assert r.returncode != 0 and "rlnAngleRot" in r.stderr
     # truncated stack
@@ -253,16 +257,16 @@ def test_reconstruct_program_bad_inputs(tmp_path, phantom32):
 
 
 def test_mixed_box_sizes_refused(tmp_path):
-    io.write_mrc(str(tmp_path / "a.mrcs"), np.zeros((2, 16, 16)), 1.0, is_stack=True)
-    io.write_mrc(str(tmp_path / "b.mrcs"), np.zeros((2, 20, 20)), 1.0, is_stack=True)
-    with pytest.raises(io.InputError, match="mixed box sizes"):
-        io.ImageStack([(0, str(tmp_path / "a.mrcs")), (0, str(tmp_path / "b.mrcs"))])
+    write_mrc(str(tmp_path / "a.mrcs"), np.zeros((2, 16, 16)), 1.0, is_stack=True)
+    write_mrc(str(tmp_path / "b.mrcs"), np.zeros((2, 20, 20)), 1.0, is_stack=True)
+    with pytest.raises(InputError, match="mixed box sizes"):
+        ImageStack([(0, str(tmp_path / "a.mrcs")), (0, str(tmp_path / "b.mrcs"))])
 
 
 def test_nan_image_refused(tmp_path):
     data = np.zeros((2, 16, 16), dtype=np.float32)
     data[1, 3, 3] = np.nan
-    io.write_mrc(str(tmp_path / "n.mrcs"), data, 1.0, is_stack=True)
-    with io.ImageStack([(0, str(tmp_path / "n.mrcs")), (1, str(tmp_path / "n.mrcs"))]) as s:
-        with pytest.raises(io.InputError, match="image 2 contains NaN"):
+    write_mrc(str(tmp_path / "n.mrcs"), data, 1.0, is_stack=True)
+    with ImageStack([(0, str(tmp_path / "n.mrcs")), (1, str(tmp_path / "n.mrcs"))]) as s:
+        with pytest.raises(InputError, match="image 2 contains NaN"):
             s.read([0, 1])

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from deepcryo.core import ctf as ctf_mod
-from deepcryo.core import io
+from deepcryo.core.errors import InputError
 from deepcryo.core.micrographs import random_micrograph_parameters, simulate_micrograph, simulate_micrograph_set
+from deepcryo.core.mrc import write_mrc
+from deepcryo.core.star import read_star
 from deepcryo.defocus import fit, model as model_mod, predict, train
 from deepcryo.defocus.__main__ import main
 from deepcryo.defocus.psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psd, compute_psds
@@ -32,7 +34,7 @@ def test_simulation_is_deterministic_and_standardised():
 
 def test_simulated_set_star(tmp_path):
     star, truths = simulate_micrograph_set(2, str(tmp_path), size_px=128, seed=1)
-    rows = io.read_star(star)["micrographs"]
+    rows = read_star(star)["micrographs"]
     assert list(rows["rlnMicrographName"]) == ["mic_0000.mrc", "mic_0001.mrc"]
     assert np.allclose(rows["rlnDefocusU"], [t["defocus_u_A"] for t in truths], atol=1e-3)
     assert os.path.exists(tmp_path / "mic_0001.mrc")
@@ -73,13 +75,13 @@ def test_psd_rings_follow_the_ctf():
 
 
 def test_psd_bad_inputs():
-    with pytest.raises(io.InputError, match="smaller than a PSD tile"):
+    with pytest.raises(InputError, match="smaller than a PSD tile"):
         compute_psd(np.zeros((32, 32), np.float32), 1.0)
     bad = np.ones((128, 128), np.float32)
     bad[3, 3] = np.nan
-    with pytest.raises(io.InputError, match="NaN"):
+    with pytest.raises(InputError, match="NaN"):
         compute_psd(bad, 1.0)
-    with pytest.raises(io.InputError, match="pixel size"):
+    with pytest.raises(InputError, match="pixel size"):
         compute_psd(np.ones((128, 128), np.float32), 0.0)
 
 
@@ -108,7 +110,7 @@ def _write(tmp_path, sims):
     entries = []
     for i, (img, t) in enumerate(sims):
         path = str(tmp_path / ("m%02d.mrc" % i))
-        io.write_mrc(path, img, t["pixel_size_A"])
+        write_mrc(path, img, t["pixel_size_A"])
         entries.append(predict.MicrographEntry(path, t["pixel_size_A"], t["voltage_kV"], t["cs_mm"],
                                                t["amplitude_contrast"]))
     return entries
@@ -201,7 +203,7 @@ def test_weight_files_are_checked(tmp_path):
     torch.save({"something": torch.zeros(2)}, str(tmp_path / "other.pt"))
     (tmp_path / "text.pt").write_text("not a model")
     for name in ("other.pt", "text.pt", "missing.pt"):
-        with pytest.raises(io.InputError, match="not a deepcryo defocus model|not found"):
+        with pytest.raises(InputError, match="not a deepcryo defocus model|not found"):
             model_mod.load_model(str(tmp_path / name))
     assert os.path.getsize(model_mod.SHIPPED_WEIGHTS) < 2e6
     # files written atomically get the mode open() would give (0644 with umask 022), not mkstemp's 0600
@@ -232,18 +234,18 @@ def test_train_resume_and_finetune(tmp_path):
 def test_predict_program_skips_bad_micrographs(tmp_path, capsys):
     sims = _simulated(2, 512, seed=11, pixel_size_range_A=(1.0, 1.5), voltages_kV=(300.0,))
     for i, (img, t) in enumerate(sims):
-        io.write_mrc(str(tmp_path / ("good%d.mrc" % i)), img, 1.2)
+        write_mrc(str(tmp_path / ("good%d.mrc" % i)), img, 1.2)
     bad = sims[0][0].copy()
     bad[0, 0] = np.nan
-    io.write_mrc(str(tmp_path / "nan.mrc"), bad, 1.2)
-    io.write_mrc(str(tmp_path / "tiny.mrc"), np.zeros((32, 32), np.float32), 1.2)
+    write_mrc(str(tmp_path / "nan.mrc"), bad, 1.2)
+    write_mrc(str(tmp_path / "tiny.mrc"), np.zeros((32, 32), np.float32), 1.2)
     (tmp_path / "broken.mrc").write_bytes(b"garbage")
     out = str(tmp_path / "ctf.star")
     rc = main(["predict", "--micrographs", str(tmp_path / "*.mrc"), "--pixel-size", "1.2", "--voltage", "300",
                "--cs", "2.7", "--amplitude-contrast", "0.07", "--output", out, "--batch-size", "3"])
     err = capsys.readouterr().err
     assert rc == 0 and err.count("skipped") == 3 and "NaN" in err and "smaller than a PSD tile" in err
-    rows = io.read_star(out)["micrographs"]
+    rows = read_star(out)["micrographs"]
     assert len(rows["rlnMicrographName"]) == 2
     for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit",
               "rlnCtfImage"):
@@ -253,8 +255,8 @@ def test_predict_program_skips_bad_micrographs(tmp_path, capsys):
 
 def test_predict_program_errors(tmp_path, capsys):
     img, _ = simulate_micrograph(256, seed=1)
-    io.write_mrc(str(tmp_path / "a.mrc"), img, 1.0)
-    io.write_mrc(str(tmp_path / "nopx.mrc"), img, 0.0)  # no --pixel-size and none in the header
+    write_mrc(str(tmp_path / "a.mrc"), img, 1.0)
+    write_mrc(str(tmp_path / "nopx.mrc"), img, 0.0)  # no --pixel-size and none in the header
     out = str(tmp_path / "ctf.star")
     assert main(["predict", "--micrographs", str(tmp_path / "nopx.mrc"), "--voltage", "300", "--cs", "2.7",
                  "--amplitude-contrast", "0.1", "--output", out]) == 2

@@ -13,8 +13,10 @@ import pytest
 import torch
 from pyworkflow.object import Pointer
 
-from deepcryo.core import io
 from deepcryo.core.cli import parse_devices
+from deepcryo.core.errors import InputError
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles
 from deepcryo.core.projector import Projector
 from deepcryo.core.simulate import phantom_volume, write_particle_set
 from deepcryo.protocols import (DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain, DeepCryoProtSwiftAlign,
@@ -68,10 +70,10 @@ def test_parse_devices_names_and_refusals(monkeypatch):
     for words, reason in [(["gpu"], "not a device"), (["cuda:x"], "not a device"), ([""], "no device"),
                           (["cpu", "cuda:0"], "not both"), (["cuda:0", "cuda"], "named twice"),
                           (["cuda:2"], "only 2 GPU(s) visible")]:
-        with pytest.raises(io.InputError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(InputError, match=reason.replace("(", r"\(").replace(")", r"\)")):
             parse_devices(words)
     _fake_cuda(monkeypatch, 0)
-    with pytest.raises(io.InputError, match="CUDA is not available"):
+    with pytest.raises(InputError, match="CUDA is not available"):
         parse_devices(["cuda"])
 
 
@@ -174,7 +176,7 @@ def test_to_devices_keeps_a_cpu_only_index_on_the_cpu_with_one_warning(monkeypat
 def small(tmp_path_factory):
     d = tmp_path_factory.mktemp("devices")
     vol = phantom_volume(24, seed=0)
-    io.write_mrc(str(d / "map.mrc"), vol, 4.0)
+    write_mrc(str(d / "map.mrc"), vol, 4.0)
     star = write_particle_set(str(d / "sim"), vol, 6, 4.0, snr=1.0, seed=1, max_shift_px=1.0,
                               defocus_range_A=(15000.0, 20000.0))
     return d, star
@@ -206,7 +208,7 @@ def test_train_chooses_the_factory_for_its_devices(small, monkeypatch, tmp_path)
     (n, dim, cpu), (_, _, gpu) = factories
     assert n >= 10000 and cpu == swindex.default_factory(n, dim) and gpu == swindex.default_factory(n, dim, True)
     assert projector_devices == ["cpu", "cuda:0"]
-    with pytest.raises(io.InputError, match="cannot be searched by faiss-gpu"):
+    with pytest.raises(InputError, match="cannot be searched by faiss-gpu"):
         swindex.train(str(d / "map.mrc"), star, str(tmp_path / "fs"), devices=["cuda:0"], index_factory=cpu, **kw)
     assert len(factories) == 2 and not (tmp_path / "fs").exists()
 
@@ -220,7 +222,7 @@ def test_refine_gives_its_device_to_the_index_and_the_search(small, monkeypatch,
     monkeypatch.setattr(swrefine.swindex, "load", lambda path, device: seen.update(load=device) or "bundle")
     monkeypatch.setattr(swrefine, "align", lambda bundle, s, **kw: seen.update(align=kw.get("devices")) or {})
     params = swrefine.RefineParams(device="cuda:0")
-    swrefine._align_global(phantom_volume(24), io.read_particles(star), 16.0, 15.0, 1.0, params, None,
+    swrefine._align_global(phantom_volume(24), read_particles(star), 16.0, 15.0, 1.0, params, None,
                            str(tmp_path), lambda m: None)
     assert seen == {"train": ["cuda:0"], "load": "cuda:0", "align": ["cuda:0"]}
 
@@ -319,7 +321,7 @@ def test_gallery_vectors_come_back_on_the_cpu(small):
     """The gallery computes on its projector's device and hands faiss CPU arrays (here both are the CPU; on a
     GPU, benchmarks/gpu.py compares the two)."""
     d, star = small
-    vol, _ = io.read_mrc(str(d / "map.mrc"))
+    vol, _ = read_mrc(str(d / "map.mrc"))
     from deepcryo.swiftalign.features import Band
     from deepcryo.swiftalign.gallery import Gallery
     band = Band(24, 4.0, 16.0)

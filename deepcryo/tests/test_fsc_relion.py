@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from deepcryo.core import fourier, io, simulate
+from deepcryo.core import fourier, simulate
 from deepcryo.core.fsc import (fsc, fsc_resolution_A, masked_fsc, randomization_shell, randomize_phases_beyond,
                                resolution_shell, shell_frequencies, solvent_corrected_fsc)
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.star import read_star
 
 BOX, PIXEL_A = 64, 2.0
 needs_relion = pytest.mark.skipif(shutil.which("relion_postprocess") is None,
@@ -125,8 +127,8 @@ def _write_postprocess_inputs(folder):
     arrays = {"half1": signal + 0.1 * rng.standard_normal(signal.shape),
               "half2": signal + 0.1 * rng.standard_normal(signal.shape), "mask": _tight_mask(vol, 0.1, 0.5)}
     for name, a in arrays.items():
-        io.write_mrc(os.path.join(folder, name + ".mrc"), a.astype(np.float32), PIXEL_A)
-    return {name: io.read_mrc(os.path.join(folder, name + ".mrc"))[0] for name in arrays}
+        write_mrc(os.path.join(folder, name + ".mrc"), a.astype(np.float32), PIXEL_A)
+    return {name: read_mrc(os.path.join(folder, name + ".mrc"))[0] for name in arrays}
 
 
 @needs_relion
@@ -136,7 +138,7 @@ def test_masked_resolution_and_curve_match_relion_postprocess(tmp_path):
     subprocess.run(["relion_postprocess", "--i", "half1.mrc", "--i2", "half2.mrc", "--mask", "mask.mrc",
                     "--angpix", str(PIXEL_A), "--o", "pp/postprocess"], cwd=str(tmp_path), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    star = io.read_star(str(tmp_path / "pp" / "postprocess.star"))
+    star = read_star(str(tmp_path / "pp" / "postprocess.star"))
     general, table = star["general"], star["fsc"]
     relion_A = float(np.ravel(general["rlnFinalResolution"])[0])
     col = {name: np.asarray(table[name], dtype=np.float64) for name in table}

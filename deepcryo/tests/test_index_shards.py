@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from deepcryo.core import io
+from deepcryo.core.errors import InputError
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles
 from deepcryo.core.projector import Projector
 from deepcryo.core.simulate import phantom_volume, write_particle_set
 from deepcryo.swiftalign import index as swindex
@@ -49,7 +51,7 @@ def data(tmp_path_factory):
     faiss.omp_set_num_threads(2)
     d = tmp_path_factory.mktemp("shards")
     vol = phantom_volume(32, seed=0)
-    io.write_mrc(str(d / "map.mrc"), vol, 2.0)
+    write_mrc(str(d / "map.mrc"), vol, 2.0)
     star = write_particle_set(str(d / "sim"), vol, 40, 2.0, snr=0.3, seed=3, max_shift_px=1.0,
                               defocus_range_A=(15000.0, 20000.0))
     m1 = swindex.train(str(d / "map.mrc"), star, str(d / "one"), index_factory="Flat", memory_limit_GB=4.0, **TRAIN)
@@ -85,7 +87,7 @@ def test_sharded_query_equals_one_shard(data, monkeypatch):
     if not (d / "six").exists():
         swindex.train(str(d / "map.mrc"), star, str(d / "six"), index_factory="Flat", memory_limit_GB=SMALL_GB,
                       **TRAIN)
-    particles = io.read_particles(star)
+    particles = read_particles(star)
     one, six = swindex.load(str(d / "one")), swindex.load(str(d / "six"))
     assert one.resident and not six.resident
     with particles.open_images() as stack:
@@ -127,7 +129,7 @@ def test_fast_scan_shards_equal_one_shard(data, tmp_path):
     shards and streamed gives exactly the lists of the same shards held in memory, and the lists of one
     shard up to the order of exact ties."""
     d, _ = data
-    volume, _ = io.read_mrc(str(d / "map.mrc"))
+    volume, _ = read_mrc(str(d / "map.mrc"))
     band = Band(32, 2.0, 8.0)
     optics = {"voltage_kV": 300.0, "cs_mm": 2.7, "amplitude_contrast": 0.1}
     gallery = Gallery.from_parameters(Projector(volume), band, 25.0, 1.0, 1.0, [15000.0, 20000.0], optics)
@@ -165,5 +167,5 @@ def test_killed_build_leftovers_and_bad_shard_list(data):
     for bad in ([], [{"first_id": 0}], None):
         manifest["shards"] = bad
         path.write_text(json.dumps(manifest))
-        with pytest.raises(io.InputError, match="shard list .* missing or malformed"):
+        with pytest.raises(InputError, match="shard list .* missing or malformed"):
             swindex.load(str(d / "again"))

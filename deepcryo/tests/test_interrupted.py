@@ -19,7 +19,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from deepcryo.core import io
+from deepcryo.core.particles import read_particles
 from deepcryo.defocus import model as defocus_model
 from deepcryo.defocus import train as defocus_train
 from deepcryo.landscape import train as landscape_train
@@ -152,7 +152,7 @@ def _landscape_args(star, out):
 
 
 def _latents(out):
-    star = io.read_particles(os.path.join(out, landscape_train.LATENT_STAR))
+    star = read_particles(os.path.join(out, landscape_train.LATENT_STAR))
     return np.stack([star.particles[c] for c in landscape_train.latent_columns(2)], 1)
 
 

@@ -16,7 +16,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from deepcryo.core import fourier
 from deepcryo.core.fsc import fsc
-from deepcryo.core.io import read_mrc, read_particles, write_particles
+from deepcryo.core.mrc import read_mrc
+from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.simulate import hinge_volume, phantom_states, write_particle_set
 from deepcryo.landscape import __main__ as cli
 from deepcryo.landscape.analyze import analyze
@@ -198,7 +199,7 @@ def test_pose_free_end_to_end(tmp_path):
     vols = phantom_states(BOX, 2, seed=0)
     state_of = np.random.default_rng(1).permutation(np.arange(400) % 2)
     star = write_particle_set(str(tmp_path / "sim"), vols, 400, PIXEL_A, snr=0.1, seed=0, state_of=state_of)
-    from deepcryo.core.io import write_mrc
+    from deepcryo.core.mrc import write_mrc
     ref = fourier.lowpass_volume(torch.as_tensor((vols[0] + vols[1]) / 2), 20.0, PIXEL_A).numpy()
     write_mrc(str(tmp_path / "ref.mrc"), ref.astype(np.float32), PIXEL_A)
     out = str(tmp_path / "vae")

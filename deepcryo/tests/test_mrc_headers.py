@@ -8,7 +8,7 @@
 * stacks with z = 0, z = x or z = the stack's depth; volumes with cubic and non-cubic voxels;
 * bad files: truncated, complex or unknown mode, pixel size missing or inconsistent.
 
-Each file is written here with mrcfile field by field, read back through :func:`deepcryo.core.io.read_mrc`
+Each file is written here with mrcfile field by field, read back through :func:`deepcryo.core.mrc.read_mrc`
 and ``read_mrc_header`` and compared with the values written. ``test_predict_reads_an_epu_header`` runs
 ``python -m deepcryo.defocus predict`` on a simulated micrograph (known CTF) saved with an EPU header and
 no ``--pixel-size``.
@@ -21,8 +21,10 @@ import mrcfile
 import numpy as np
 import pytest
 
-from deepcryo.core import io
+from deepcryo.core.errors import InputError
 from deepcryo.core.micrographs import simulate_micrograph
+from deepcryo.core.mrc import ImageStack, read_mrc, read_mrc_header
+from deepcryo.core.star import read_star
 from deepcryo.defocus import predict
 
 #: mrcfile warns about the damaged and mode-101 files that these tests write on purpose
@@ -73,10 +75,10 @@ def test_epu_micrograph_header(tmp_path, exttyp):
     with mrcfile.open(path) as m:  # the header is the one meant: mode 6, z = 0, an extended header
         assert (int(m.header.mode), float(m.voxel_size.z), m.header.exttyp.tobytes()) == (6, 0.0, exttyp)
         assert int(m.header.nsymbt) == 4 * FEI_BLOCK[exttyp]
-    data, px = io.read_mrc(path)
+    data, px = read_mrc(path)
     assert data.dtype == np.float32 and np.array_equal(data, counts.astype(np.float32))
     assert px == pytest.approx(EPU_PX, rel=1e-6)
-    assert io.read_mrc_header(path) == ((40, 48), pytest.approx(EPU_PX, rel=1e-6))
+    assert read_mrc_header(path) == ((40, 48), pytest.approx(EPU_PX, rel=1e-6))
 
 
 def test_compressed_micrograph(tmp_path):
@@ -86,9 +88,9 @@ def test_compressed_micrograph(tmp_path):
     with mrcfile.new(path, compression="gzip") as m:
         m.set_data(counts)
         m.voxel_size = (EPU_PX, EPU_PX, 0.0)
-    data, px = io.read_mrc(path)
+    data, px = read_mrc(path)
     assert np.array_equal(data, counts) and px == pytest.approx(EPU_PX, rel=1e-6)
-    assert io.read_mrc_header(path) == ((32, 40), pytest.approx(EPU_PX, rel=1e-6))
+    assert read_mrc_header(path) == ((32, 40), pytest.approx(EPU_PX, rel=1e-6))
 
 
 @pytest.mark.parametrize("dtype,mode", [(np.int8, 0), (np.int16, 1), (np.float32, 2), (np.uint16, 6),
@@ -104,7 +106,7 @@ def test_every_mode_reads_exactly_as_float32(tmp_path, dtype, mode):
     path = _write(str(tmp_path / ("mode%d.mrc" % mode)), values, (1.25, 1.25, 0.0))
     with mrcfile.open(path) as m:
         assert int(m.header.mode) == mode
-    data, px = io.read_mrc(path)
+    data, px = read_mrc(path)
     assert data.dtype == np.float32 and np.array_equal(data, values.astype(np.float32))
     assert px == pytest.approx(1.25)
 
@@ -121,8 +123,8 @@ def test_imod_mode_0_bytes(tmp_path, flags, signed):
             extra[40:48] = np.array([1146047817, flags], "<i4").tobytes()
             m.header.extra2 = bytes(extra)
     expected = (raw.view(np.int8) if signed else raw).astype(np.float32)
-    assert np.array_equal(io.read_mrc(path)[0], expected)
-    with io.ImageStack([(0, path)]) as stack:
+    assert np.array_equal(read_mrc(path)[0], expected)
+    with ImageStack([(0, path)]) as stack:
         assert np.array_equal(stack.read([0])[0], expected)
 
 
@@ -132,11 +134,11 @@ def test_mode_101_four_bit(tmp_path, nx):
     path = _write_4bit(str(tmp_path / "frames.mrc"), values, (1.05, 1.05, 0.0))
     with mrcfile.open(path, permissive=True) as m:
         assert int(m.header.mode) == 101 and os.path.getsize(path) == 1024 + 7 * ((nx + 1) // 2)
-    data, px = io.read_mrc(path)
+    data, px = read_mrc(path)
     assert data.dtype == np.float32 and np.array_equal(data, values) and px == pytest.approx(1.05)
-    assert io.read_mrc_header(path)[0] == (7, nx)
-    with pytest.raises(io.InputError, match="4-bit"):
-        io.ImageStack([(0, path)])
+    assert read_mrc_header(path)[0] == (7, nx)
+    with pytest.raises(InputError, match="4-bit"):
+        ImageStack([(0, path)])
 
 
 # ------------------------------------------------------------------------------------- stacks and volumes
@@ -146,25 +148,25 @@ def test_stack_pixel_size_is_x(tmp_path, name, z_A):
     """Stacks: z = 0 (some programs), z = x (mrcfile's ``voxel_size`` on stacks) or z = depth·x."""
     images = np.random.default_rng(0).normal(size=(5, 16, 16)).astype(np.float32)
     path = _write(str(tmp_path / name), images, (1.1, 1.1, z_A), ispg=0)
-    data, px = io.read_mrc(path)
+    data, px = read_mrc(path)
     assert np.array_equal(data, images) and px == pytest.approx(1.1)
-    assert io.read_mrc_header(path) == ((5, 16, 16), pytest.approx(1.1))
-    with io.ImageStack([(i, path) for i in range(5)]) as stack:
+    assert read_mrc_header(path) == ((5, 16, 16), pytest.approx(1.1))
+    with ImageStack([(i, path) for i in range(5)]) as stack:
         assert np.array_equal(stack.read(np.arange(5)), images)
 
 
 def test_volume_voxels(tmp_path):
     vol = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
-    assert io.read_mrc(_write(str(tmp_path / "cubic.mrc"), vol, (2.0, 2.0, 2.0), ispg=1))[1] == pytest.approx(2.0)
+    assert read_mrc(_write(str(tmp_path / "cubic.mrc"), vol, (2.0, 2.0, 2.0), ispg=1))[1] == pytest.approx(2.0)
     # RELION writes its maps with ispg 0; z = 0 is "not recorded"
-    assert io.read_mrc(_write(str(tmp_path / "relion.mrc"), vol, (2.0, 2.0, 2.0), ispg=0))[1] == pytest.approx(2.0)
-    assert io.read_mrc(_write(str(tmp_path / "z0.mrc"), vol, (2.0, 2.0, 0.0), ispg=1))[1] == pytest.approx(2.0)
+    assert read_mrc(_write(str(tmp_path / "relion.mrc"), vol, (2.0, 2.0, 2.0), ispg=0))[1] == pytest.approx(2.0)
+    assert read_mrc(_write(str(tmp_path / "z0.mrc"), vol, (2.0, 2.0, 0.0), ispg=1))[1] == pytest.approx(2.0)
     for name, voxel, ispg, words in (("flat.mrc", (2.0, 2.0, 3.0), 1, "set its space group ispg to 0"),
                                      ("flat0.mrc", (2.0, 2.0, 3.0), 0, "name it .mrcs"),
                                      ("skew.mrc", (2.0, 2.1, 2.0), 1, "not square")):
         path = _write(str(tmp_path / name), vol, voxel, ispg=ispg)
-        for read in (io.read_mrc, io.read_mrc_header):
-            with pytest.raises(io.InputError, match=words) as err:
+        for read in (read_mrc, read_mrc_header):
+            with pytest.raises(InputError, match=words) as err:
                 read(path)
             assert name in str(err.value) and "x=2, y=%g, z=%g" % voxel[1:] in str(err.value)
 
@@ -190,13 +192,13 @@ def test_bad_files_have_one_clear_message(tmp_path):
              (complex_path, "mode 4 is not an image mode deepcryo reads"), (mode3, "mode 3 is not an image mode"),
              (str(tmp_path / "four_cut.mrc"), "truncated"), (negative, "invalid voxel size"))
     for path, words in cases:
-        for read in (io.read_mrc, io.read_mrc_header):
-            with pytest.raises(io.InputError) as err:
+        for read in (read_mrc, read_mrc_header):
+            with pytest.raises(InputError) as err:
                 read(path)
             assert str(err.value).startswith(path + ": ") and words in str(err.value)
             assert len(str(err.value).splitlines()) == 1
     # a header without pixel size is not an error when reading: the caller decides
-    assert io.read_mrc(_write(str(tmp_path / "nopx.mrc"), counts, (0.0, 0.0, 0.0)))[1] == 0.0
+    assert read_mrc(_write(str(tmp_path / "nopx.mrc"), counts, (0.0, 0.0, 0.0)))[1] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ predict
@@ -209,7 +211,7 @@ def test_pixel_size_precedence():
         entry = predict.MicrographEntry("m.mrc", star_px, **acq)
         assert predict._complete(entry, {"pixel_size_A": given_px}, header_px) == source
         assert entry.pixel_size_A == expected
-    with pytest.raises(io.InputError, match="m.mrc: missing pixel size: the MRC header records none"):
+    with pytest.raises(InputError, match="m.mrc: missing pixel size: the MRC header records none"):
         predict._complete(predict.MicrographEntry("m.mrc", **acq), {}, 0.0)
 
 
@@ -227,6 +229,6 @@ def test_predict_reads_an_epu_header(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
     assert proc.returncode == 0, proc.stderr
     assert "pixel size 0.6666 Å/px (MRC header): 1 micrograph" in proc.stdout
-    row = {k: v[0] for k, v in io.read_star(out)["micrographs"].items()}
+    row = {k: v[0] for k, v in read_star(out)["micrographs"].items()}
     assert row["rlnMicrographPixelSize"] == pytest.approx(EPU_PX, rel=1e-5)
     assert abs(row["rlnDefocusU"] - truth["defocus_u_A"]) < 200 and abs(row["rlnDefocusV"] - truth["defocus_v_A"]) < 200

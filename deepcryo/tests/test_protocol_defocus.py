@@ -10,9 +10,10 @@ from pyworkflow.object import Set
 from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_CTF
-from deepcryo.core import io
 from deepcryo.core.ctf import ctf_2d
 from deepcryo.core.micrographs import simulate_micrograph
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.star import read_star
 from deepcryo.defocus.model import load_model
 from deepcryo.protocols import DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain
 from deepcryo.protocols.protocol_defocus import OUTPUT_MODEL
@@ -45,7 +46,7 @@ class TestDeepCryoDeepDefocusStreaming(ProtocolTest):
         for i in indices:
             img, _ = simulate_micrograph(768, pixel_size_A=PX, voltage_kV=VOLTAGE, cs_mm=CS, amplitude_contrast=AMP,
                                          seed=100 + i, **self.truths[i])
-            io.write_mrc(os.path.join(self.folder, "mic_%02d.mrc" % i), img, PX)
+            write_mrc(os.path.join(self.folder, "mic_%02d.mrc" % i), img, PX)
 
     def testStreamingThreeBursts(self):
         self._writeBurst(BURSTS[0])
@@ -92,7 +93,7 @@ class TestDeepCryoDeepDefocusTrainAndViewer(ProtocolTest):
         for i, t in enumerate(cls.truths):
             img, _ = simulate_micrograph(768, pixel_size_A=PX, voltage_kV=VOLTAGE, cs_mm=CS, amplitude_contrast=AMP,
                                          seed=200 + i, **t)
-            io.write_mrc(os.path.join(folder, "mic_%02d.mrc" % i), img, PX)
+            write_mrc(os.path.join(folder, "mic_%02d.mrc" % i), img, PX)
         cls.imp = cls.newProtocol(ProtImportMicrographs, filesPath=folder, filesPattern="mic_*.mrc", samplingRate=PX,
                                   voltage=VOLTAGE, sphericalAberration=CS, amplitudeContrast=AMP)
         cls.launchProtocol(cls.imp)
@@ -124,7 +125,7 @@ class TestDeepCryoDeepDefocusTrainAndViewer(ProtocolTest):
         path = getattr(train, OUTPUT_MODEL).getFileName()
         model, config = load_model(path)  # a deepcryo defocus model file, fine-tuned from the shipped one
         self.assertEqual(config["arch"], load_model()[1]["arch"])
-        labels = io.read_star(train._getExtraPath("labels.star"))["micrographs"]
+        labels = read_star(train._getExtraPath("labels.star"))["micrographs"]
         self.assertEqual(len(labels["rlnDefocusU"]), len(self.truths))
         second = self._predict(train)
 
@@ -139,7 +140,7 @@ class TestDeepCryoDeepDefocusTrainAndViewer(ProtocolTest):
         # the overlay's left half is the CTF² of the fitted values: its rings match the PSD's right half
         records = ctf_records(getattr(second, OUTPUT_CTF), self.imp.outputMicrographs.getAcquisition())
         r = records[0]
-        psd, _ = io.read_mrc(r["psd"])
+        psd, _ = read_mrc(r["psd"])
         img = psd_with_ctf(psd, r["psd_sampling_A"], r["defocus_u_A"], r["defocus_v_A"], r["defocus_angle_deg"],
                            r["voltage_kV"], r["cs_mm"], r["amplitude_contrast"])
         size, samp = psd.shape[-1], r["psd_sampling_A"]

@@ -28,7 +28,8 @@ import numpy as np
 from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME
-from deepcryo.core import fsc, io, simulate
+from deepcryo.core import fsc, simulate
+from deepcryo.core.mrc import read_mrc
 from deepcryo.protocols import DeepCryoProtReconstruct
 from deepcryo.tests.harness import ProtocolTest
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
@@ -65,7 +66,7 @@ class TestDeepCryoReconstruct(ProtocolTest):
 
         volume = getattr(prot, OUTPUT_VOLUME)
         self.assertEqual(volume.getSamplingRate(), PX)
-        data, px = io.read_mrc(volume.getFileName())
+        data, px = read_mrc(volume.getFileName())
         self.assertEqual((data.shape, px), ((BOX, BOX, BOX), PX))
         against_truth = fsc.fsc_resolution_A(fsc.fsc(self.truth, data), PX, 0.5)
         self.assertLessEqual(against_truth, MAX_RESOLUTION_A, "FSC 0.5 against the phantom at %.1f Å" % against_truth)

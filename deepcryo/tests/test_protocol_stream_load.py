@@ -15,8 +15,8 @@ from pyworkflow.object import Set
 from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_CTF
-from deepcryo.core import io
 from deepcryo.core.micrographs import simulate_micrograph
+from deepcryo.core.mrc import write_mrc
 from deepcryo.protocols import DeepCryoProtDeepDefocus
 from deepcryo.tests.harness import ProtocolTest, loadRun, waitForProtocol
 
@@ -41,7 +41,7 @@ class TestDeepCryoDefocusStreamingLoad(ProtocolTest):
             img, _ = simulate_micrograph(SIZE, pixel_size_A=PX, voltage_kV=VOLTAGE, cs_mm=CS, amplitude_contrast=AMP,
                                          defocus_u_A=mean + 300, defocus_v_A=mean - 300, defocus_angle_deg=20 * k,
                                          seed=k)
-            io.write_mrc(os.path.join(cls.source, "src_%d.mrc" % k), img, PX)
+            write_mrc(os.path.join(cls.source, "src_%d.mrc" % k), img, PX)
         bad = np.zeros((SIZE, SIZE), np.float32)
         bad[::7, ::5] = np.nan
         with mrcfile.new(os.path.join(cls.source, "bad.mrc")) as m:

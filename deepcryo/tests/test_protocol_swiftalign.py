@@ -30,7 +30,9 @@ from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import posesFromMatrices
-from deepcryo.core import geometry, io, simulate
+from deepcryo.core import geometry, simulate
+from deepcryo.core.mrc import write_mrc
+from deepcryo.core.particles import read_particles
 from deepcryo.protocols import DeepCryoProtSwiftAlign
 from deepcryo.tests.harness import ProtocolTest
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
@@ -47,7 +49,7 @@ class TestDeepCryoSwiftAlign(ProtocolTest):
         vol = simulate.phantom_volume(BOX, seed=5)
         cls.star = simulate.write_particle_set(folder, vol, N, PX, snr=0.1, seed=6, max_shift_px=2.0,
                                                defocus_range_A=(15000.0, 20000.0))
-        io.write_mrc(os.path.join(folder, "ref.mrc"), vol, PX)
+        write_mrc(os.path.join(folder, "ref.mrc"), vol, PX)
         cls.importParts = importParticleSet(
             cls, particleSetFromStar(cls.star, os.path.join(folder, "raw.sqlite"), withAlignment=False), PX)
         cls.importVol = cls.newProtocol(ProtImportVolumes, filesPath=folder, filesPattern="ref.mrc", samplingRate=PX)
@@ -64,7 +66,7 @@ class TestDeepCryoSwiftAlign(ProtocolTest):
         self.assertTrue(out.hasAlignmentProj())
         mats = np.stack([p.getTransform().getMatrix() for p in out.iterItems(orderBy="id")])
         angles, _ = posesFromMatrices(mats)
-        truth = io.read_particles(self.star, require_images=False).angles_deg()
+        truth = read_particles(self.star, require_images=False).angles_deg()
         err = geometry.pose_distance_deg(torch.as_tensor(truth), torch.as_tensor(np.asarray(angles))).numpy()
         self.assertGreater((err < 24.0).mean(), 0.9)
         self.assertTrue(hasattr(out.getFirstItem(), "_dcSwiftConfidence"))

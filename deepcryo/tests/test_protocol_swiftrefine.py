@@ -35,8 +35,10 @@ from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME
 from deepcryo.convert import fscResolution, posesFromMatrices
-from deepcryo.core import fourier, geometry, io, simulate
+from deepcryo.core import fourier, geometry, simulate
 from deepcryo.core.fsc import fsc, fsc_resolution_A
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles
 from deepcryo.protocols import DeepCryoProtSwiftRefine
 from deepcryo.tests.harness import TIMEOUT_S, ProtocolTest, isAlive, waitForProtocol
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
@@ -71,7 +73,7 @@ class TestDeepCryoSwiftRefine(ProtocolTest):
         cls.vol = simulate.phantom_volume(BOX, seed=5)
         cls.star = simulate.write_particle_set(folder, cls.vol, N, PX, snr=0.2, seed=6, max_shift_px=2.0,
                                                defocus_range_A=(15000.0, 25000.0))
-        io.write_mrc(os.path.join(folder, "ref.mrc"),
+        write_mrc(os.path.join(folder, "ref.mrc"),
                      fourier.lowpass_volume(torch.as_tensor(cls.vol), 30.0, PX).numpy(), PX)
         cls.importParts = importParticleSet(
             cls, particleSetFromStar(cls.star, os.path.join(folder, "raw.sqlite"), withAlignment=False), PX)
@@ -91,13 +93,13 @@ class TestDeepCryoSwiftRefine(ProtocolTest):
         self.assertTrue(hasattr(first, "_dcSwiftScore"))
         mats = np.stack([p.getTransform().getMatrix() for p in out.iterItems(orderBy="id")])
         angles, _ = posesFromMatrices(mats)
-        truth = io.read_particles(self.star, require_images=False).angles_deg()
+        truth = read_particles(self.star, require_images=False).angles_deg()
         err = geometry.pose_distance_deg(torch.as_tensor(truth), torch.as_tensor(np.asarray(angles))).numpy()
         self.assertLess(np.median(err), 5.0)
         volume = getattr(prot, OUTPUT_VOLUME)
         self.assertEqual(len(volume.getHalfMaps().split(",")), 2)
         self.assertAlmostEqual(volume.getSamplingRate(), PX)
-        final, _ = io.read_mrc(volume.getFileName())
+        final, _ = read_mrc(volume.getFileName())
         self.assertLess(fsc_resolution_A(fsc(self.vol, final), PX, 0.5), 16.0)     # 30 Å at the start
         res = fscResolution(getattr(prot, OUTPUT_FSC), PX)
         self.assertLess(res, 16.0)
@@ -150,15 +152,15 @@ class TestDeepCryoSwiftRefine(ProtocolTest):
         self.assertEqual([h["iteration"] for h in prot.history()], [1, 2])
         mats = np.stack([p.getTransform().getMatrix() for p in getattr(prot, OUTPUT_PARTICLES).iterItems(orderBy="id")])
         angles, _ = posesFromMatrices(mats)
-        truth = io.read_particles(self.star, require_images=False).angles_deg()
+        truth = read_particles(self.star, require_images=False).angles_deg()
         err = geometry.pose_distance_deg(torch.as_tensor(truth), torch.as_tensor(np.asarray(angles))).numpy()
         self.assertLess(np.median(err), 5.0)
-        final, _ = io.read_mrc(getattr(prot, OUTPUT_VOLUME).getFileName())
+        final, _ = read_mrc(getattr(prot, OUTPUT_VOLUME).getFileName())
         self.assertLess(fsc_resolution_A(fsc(self.vol, final), PX, 0.5), 16.0)
 
     def testValidateMismatchedMap(self):
         folder = os.path.abspath(self.proj.getPath("simulated"))
-        io.write_mrc(os.path.join(folder, "small.mrc"), np.zeros((32, 32, 32), np.float32), PX)
+        write_mrc(os.path.join(folder, "small.mrc"), np.zeros((32, 32, 32), np.float32), PX)
         small = self.newProtocol(ProtImportVolumes, filesPath=folder, filesPattern="small.mrc", samplingRate=PX)
         self.launchProtocol(small)
         prot = self.newProtocol(DeepCryoProtSwiftRefine, initialResolution=4.0)

@@ -26,9 +26,12 @@ import numpy as np
 import pytest
 import torch
 
-from deepcryo.core import fourier, io
+from deepcryo.core import fourier
 from deepcryo.core.geometry import pose_distance_deg
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.simulate import phantom_volume, write_particle_set
+from deepcryo.core.star import read_star
 from deepcryo.swiftalign import __main__ as cli
 
 PX = 4.0
@@ -117,12 +120,12 @@ def _resume(args):
 def problem(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
     vol = phantom_volume(32, seed=0)
-    star = io.read_particles(write_particle_set(str(d / "sim"), vol, 300, PX, snr=0.2, seed=3, max_shift_px=2.0,
+    star = read_particles(write_particle_set(str(d / "sim"), vol, 300, PX, snr=0.2, seed=3, max_shift_px=2.0,
                                                 defocus_range_A=(15000.0, 25000.0)))
     for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
         star.particles.pop(column)
-    io.write_particles(str(d / "sim" / "input.star"), star)
-    io.write_mrc(str(d / "ref.mrc"), fourier.lowpass_volume(torch.as_tensor(vol), 30.0, PX).numpy(), PX)
+    write_particles(str(d / "sim" / "input.star"), star)
+    write_mrc(str(d / "ref.mrc"), fourier.lowpass_volume(torch.as_tensor(vol), 30.0, PX).numpy(), PX)
     problem = dict(input=str(d / "sim" / "input.star"), ref=str(d / "ref.mrc"), out=str(d / "uninterrupted"))
     proc = _run(_args(problem, problem["out"]))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -145,17 +148,17 @@ def _model(folder):
 
 
 def _fsc(path):
-    return np.asarray(io.read_star(path)["fsc"]["rlnFourierShellCorrelation"], dtype=np.float64)
+    return np.asarray(read_star(path)["fsc"]["rlnFourierShellCorrelation"], dtype=np.float64)
 
 
 def _assert_same_map(a, b, tol=1e-4):
-    va, vb = io.read_mrc(a)[0], io.read_mrc(b)[0]
+    va, vb = read_mrc(a)[0], read_mrc(b)[0]
     assert va.shape == vb.shape, a
     assert np.abs(va - vb).max() <= tol * np.abs(vb).max(), a
 
 
 def _assert_same_particles(a, b):
-    pa, pb = io.read_particles(a, require_images=False), io.read_particles(b, require_images=False)
+    pa, pb = read_particles(a, require_images=False), read_particles(b, require_images=False)
     assert sorted(pa.particles) == sorted(pb.particles), a
     assert pose_distance_deg(torch.as_tensor(pa.angles_deg()), torch.as_tensor(pb.angles_deg())).max() < 1e-3, a
     assert np.allclose(pa.origins_A(), pb.origins_A(), atol=1e-4), a
@@ -174,8 +177,8 @@ def _assert_protocol_reads(out):
     assert len(iteration_fsc_curves(out)) == ITERATIONS
     plot_refine_history(history)
     for name in ("map.mrc", "half1.mrc", "half2.mrc"):
-        assert io.read_mrc(os.path.join(out, name))[0].shape == (32, 32, 32)
-    assert len(io.read_particles(os.path.join(out, "particles.star"), require_images=False)) == 300
+        assert read_mrc(os.path.join(out, name))[0].shape == (32, 32, 32)
+    assert len(read_particles(os.path.join(out, "particles.star"), require_images=False)) == 300
 
 
 def _assert_same_result(out, ref):

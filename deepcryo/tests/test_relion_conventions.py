@@ -8,7 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from deepcryo.core import fsc, io, projector, reconstruct, simulate, ctf
+from deepcryo.core import fsc, projector, reconstruct, simulate, ctf
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles
 
 pytestmark = pytest.mark.skipif(shutil.which("relion_project") is None, reason="RELION (relion_project) not installed")
 
@@ -20,18 +22,18 @@ def relion_set(tmp_path_factory):
     """3000 particle poses/origins/defoci (truth), and RELION's noiseless CTF projections of the phantom."""
     folder = str(tmp_path_factory.mktemp("relion"))
     vol = simulate.phantom_volume(BOX, seed=11)
-    io.write_mrc(os.path.join(folder, "truth.mrc"), vol, PIXEL_A)
+    write_mrc(os.path.join(folder, "truth.mrc"), vol, PIXEL_A)
     star_path = simulate.write_particle_set(folder, vol, 3000, PIXEL_A, snr=None, seed=12, max_shift_px=4.0,
                                             astigmatism_A=2000.0, defocus_range_A=(5000.0, 30000.0))
     subprocess.run(["relion_project", "--i", "truth.mrc", "--ang", os.path.basename(star_path), "--ctf",
                     "--angpix", str(PIXEL_A), "--o", "relion_proj"], cwd=folder, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return folder, vol, io.read_particles(star_path), io.read_particles(os.path.join(folder, "relion_proj.star"))
+    return folder, vol, read_particles(star_path), read_particles(os.path.join(folder, "relion_proj.star"))
 
 
 def test_projector_reproduces_relion_project(relion_set):
     folder, vol, star, _ = relion_set
-    relion_images, _ = io.read_mrc(os.path.join(folder, "relion_proj.mrcs"))
+    relion_images, _ = read_mrc(os.path.join(folder, "relion_proj.mrcs"))
     idx = np.arange(200)
     p = {k: v[idx] for k, v in star.ctf_params().items()}
     ours = projector.Projector(vol).project(star.angles_deg()[idx], star.origins_A()[idx] / PIXEL_A,
@@ -66,8 +68,8 @@ def test_noisy_reconstruction_as_good_as_relion_reconstruct(tmp_path):
     subprocess.run(["relion_reconstruct", "--i", os.path.basename(star_path), "--o", "relion.mrc", "--ctf",
                     "--angpix", str(PIXEL_A), "--j", "2"], cwd=str(tmp_path), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    theirs, _ = io.read_mrc(str(tmp_path / "relion.mrc"))
-    ours = reconstruct.reconstruct_star(io.read_particles(star_path))["map"]
+    theirs, _ = read_mrc(str(tmp_path / "relion.mrc"))
+    ours = reconstruct.reconstruct_star(read_particles(star_path))["map"]
     c_ours, c_theirs = fsc.fsc(vol, ours), fsc.fsc(vol, theirs)
     shells = slice(4, BOX // 2 - 2)
     gap = c_theirs[shells] - c_ours[shells]

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from deepcryo.core import fourier, io
+from deepcryo.core import fourier
 from deepcryo.core.ctf import ctf_2d
 from deepcryo.core.fsc import fsc, fsc_resolution_A
 from deepcryo.core.geometry import pose_distance_deg
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.reconstruct import reconstruct_star
 from deepcryo.swiftalign.index import train
 from deepcryo.swiftalign.query import query
@@ -60,11 +62,11 @@ def test_ctf_matches_relions_ctf_without_our_projector(relion_rendered, tmp_path
                                     defocus_range_A=(5000.0, 30000.0)))
     folder = str(tmp_path)
     shutil.copy(rs.volume_paths[0], folder)
-    io.write_particles(os.path.join(folder, "truth.star"), rs.truth)
+    write_particles(os.path.join(folder, "truth.star"), rs.truth)
     spectra = {}
     for root, options in (("plain", ()), ("ctf", ("--ctf",)), ("flip", ("--ctf", "--ctf_phase_flip"))):
         relion_project(folder, os.path.basename(rs.volume_paths[0]), "truth.star", root, PX, options)
-        spectra[root] = fourier.fft2c(torch.as_tensor(io.read_mrc(os.path.join(folder, root + ".mrcs"))[0],
+        spectra[root] = fourier.fft2c(torch.as_tensor(read_mrc(os.path.join(folder, root + ".mrcs"))[0],
                                                       dtype=torch.float64))
     plain = spectra["plain"]
     r = fourier.radius_grid_2d(rs.spec.box)
@@ -92,8 +94,8 @@ def test_true_pose_reconstruction_as_good_as_relion_reconstruct(relion_rendered)
         subprocess.run(["relion_reconstruct", "--i", os.path.basename(rs.star), "--o", os.path.basename(out),
                         "--ctf", "--angpix", str(PX), "--j", "2"], cwd=rs.folder, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    theirs, _ = io.read_mrc(out)
-    ours = reconstruct_star(io.read_particles(rs.star))["map"]
+    theirs, _ = read_mrc(out)
+    ours = reconstruct_star(read_particles(rs.star))["map"]
     c_ours, c_theirs = fsc(rs.volume, ours), fsc(rs.volume, theirs)
     box = rs.spec.box
     shells = slice(4, box // 2 - 2)
@@ -130,12 +132,12 @@ def test_swiftalign_local_accuracy(flat_alignment):
     """test_swiftalign.py::test_local_mode_recovers_perturbed_poses on RELION's particles. Measured, RELION-
     rendered / deepcryo-simulated: median error 7.48° → 2.24° / 2.28°, 100 % / 100 % within a step and 1 px."""
     rs, d, _ = flat_alignment
-    truth = io.read_particles(rs.star)
+    truth = read_particles(rs.star)
     rng = np.random.default_rng(1)
     prior = truth.copy()
     prior.set_poses(truth.angles_deg() + rng.uniform(-8, 8, size=(len(truth), 3)),
                     truth.origins_A() + rng.uniform(-2, 2, size=(len(truth), 2)))
-    io.write_particles(str(d / "prior.star"), prior)
+    write_particles(str(d / "prior.star"), prior)
     res = query(str(d / "flat"), rs.star, None, k=3, local=True, prior=str(d / "prior.star"), local_steps=2,
                 local_shift_px=3.0, log=lambda m: None)
     before, _ = _pose_errors(rs.truth, prior.angles_deg(), prior.origins_A())
@@ -155,7 +157,7 @@ def refined(relion_rendered, tmp_path_factory):
     d = tmp_path_factory.mktemp("swiftrefine_relion")
     inp = strip_poses(rs.star, str(d / "input.star"))
     ref = str(d / "initial.mrc")
-    io.write_mrc(ref, fourier.lowpass_volume(torch.as_tensor(rs.volume), 30.0, PX).numpy(), PX)
+    write_mrc(ref, fourier.lowpass_volume(torch.as_tensor(rs.volume), 30.0, PX).numpy(), PX)
     out = str(d / "out")
     model = refine_3d(inp, ref, out, RefineParams(max_iterations=6), log=print)
     return rs, out, model
@@ -171,11 +173,11 @@ def test_swiftres_accuracy(refined):
     (last shell above the threshold, masked FSC corrected), RELION-rendered: 2.18°, 0.3 %, 0.24 px, 7.11 Å (true
     poses 7.53 Å), final 6.74 Å."""
     rs, out, model = refined
-    o = io.read_particles(os.path.join(out, "particles.star"), require_images=False)
+    o = read_particles(os.path.join(out, "particles.star"), require_images=False)
     ang, shift = _pose_errors(rs.truth, o.angles_deg(), o.origins_A())
-    final, _ = io.read_mrc(os.path.join(out, "map.mrc"))
+    final, _ = read_mrc(os.path.join(out, "map.mrc"))
     res_truth = fsc_resolution_A(fsc(rs.volume, final), PX, 0.5)
-    true_poses = fsc_resolution_A(fsc(rs.volume, reconstruct_star(io.read_particles(rs.star))["map"]), PX, 0.5)
+    true_poses = fsc_resolution_A(fsc(rs.volume, reconstruct_star(read_particles(rs.star))["map"]), PX, 0.5)
     print("SwiftRes on RELION particles: median angular error %.2f°, > 10°: %.2f %%, median shift %.2f px; "
           "FSC 0.5 vs truth %.2f Å (true poses %.2f Å); half maps %.2f Å, final %.2f Å; %d iterations"
           % (np.median(ang), 100 * np.mean(ang > 10), np.median(shift), res_truth, true_poses,
@@ -198,7 +200,7 @@ def test_landscape_batches_follow_relions_conventions(relion_rendered):
     from deepcryo.landscape.train import consensus_map
     rs = relion_rendered(RenderSpec(n=1000, snr=None, seed=5))
     work = 32
-    data = ParticleBatches(io.read_particles(rs.star), box=work)
+    data = ParticleBatches(read_particles(rs.star), box=work)
     truth = fourier.ifft3c(fourier.crop_to(fourier.fft3c(torch.as_tensor(rs.volume, dtype=torch.float64)), work,
                                            3)).real.to(torch.float32)
     spectra, rotations, ctf = data.get(np.arange(200))
@@ -229,7 +231,7 @@ def test_landscape_two_states_on_relion_particles(relion_rendered, tmp_path):
     torch.manual_seed(0)
     train_vae(rs.star, str(tmp_path / "vae"), latent_dim=8, epochs=3, box=24, batch_size=64, learning_rate=3e-3)
     analyze(str(tmp_path / "vae"), n_clusters=2, max_clusters=3, trajectory_steps=3, n_pcs=1, umap=False)
-    star = io.read_particles(str(tmp_path / "vae" / "analysis" / "particles.star"))
+    star = read_particles(str(tmp_path / "vae" / "analysis" / "particles.star"))
     ari = adjusted_rand_score(star.particles["rlnClassNumber"], star.particles["dcCluster"])
     print("landscape on RELION particles: ARI %.3f" % ari)
     assert ari >= 0.8, ari

@@ -38,7 +38,8 @@ import unittest
 from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import DEEPCRYO_PYTHON, OUTPUT_VOLUME
-from deepcryo.core import io, simulate
+from deepcryo.core import simulate
+from deepcryo.core.mrc import read_mrc
 from deepcryo.protocols import DeepCryoProtReconstruct
 from deepcryo.tests.harness import TIMEOUT_S, ProtocolTest
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
@@ -62,7 +63,7 @@ class TestReconstructInConfiguredHome(ProtocolTest):
         prot = self.newProtocol(DeepCryoProtReconstruct, doHalfMaps=False, numberOfThreads=1)
         prot.inputParticles.set(self.importParts.outputParticles)
         self.launchProtocol(prot)
-        data, px = io.read_mrc(getattr(prot, OUTPUT_VOLUME).getFileName())
+        data, px = read_mrc(getattr(prot, OUTPUT_VOLUME).getFileName())
         self.assertEqual((data.shape, px), ((BOX, BOX, BOX), PX))
 
 

@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from deepcryo.core import io
 from deepcryo.core import reconstruct as reconstruct_cli
+from deepcryo.core.errors import InputError
+from deepcryo.core.particles import read_particles
+from deepcryo.core.star import write_star
 from deepcryo.defocus import __main__ as defocus_cli
 from deepcryo.defocus import model as defocus_model
 from deepcryo.defocus import train as defocus_train
@@ -64,7 +66,7 @@ def test_crafted_model_files_are_refused_everywhere(ws, tmp_path, capsys):
     os.remove(marker)
     refused = 0
     for name, path in files.items():
-        with pytest.raises(io.InputError, match="not a deepcryo defocus model"):
+        with pytest.raises(InputError, match="not a deepcryo defocus model"):
             defocus_model.load_model(path)
         # defocus training checkpoint (--continue)
         out = tmp_path / ("train_" + os.path.basename(path))
@@ -72,13 +74,13 @@ def test_crafted_model_files_are_refused_everywhere(ws, tmp_path, capsys):
         shutil.copy(path, str(out / "m.pt.ckpt"))
         arrays = {"psd": np.zeros((4, 3, 128, 128), np.float16), "acq": np.ones((4, 2), np.float32),
                   "labels": np.ones((4, 3), np.float32)}
-        with pytest.raises(io.InputError, match="not a deepcryo defocus checkpoint"):
+        with pytest.raises(InputError, match="not a deepcryo defocus checkpoint"):
             defocus_train.train(arrays, str(out / "m.pt"), epochs=1, resume=True)
         # landscape checkpoint (analyze, --continue)
         vae = tmp_path / ("vae_" + os.path.basename(path))
         vae.mkdir()
         shutil.copy(path, str(vae / landscape_train.CHECKPOINT))
-        with pytest.raises(io.InputError, match="not a deepcryo landscape checkpoint"):
+        with pytest.raises(InputError, match="not a deepcryo landscape checkpoint"):
             landscape_train.load_model(str(vae))
         assert landscape_cli.main(["train", "--particles", ws["star"], "--output-dir", str(vae), "--continue"]) == 2
         # the programs: one line
@@ -95,7 +97,7 @@ def test_crafted_model_files_are_refused_everywhere(ws, tmp_path, capsys):
     # numpy files: the defocus training cache and the swiftalign index weights (pickled object arrays)
     cache = str(tmp_path / "cache.npz")
     np.savez(cache, psd=np.array([Malicious(marker)], dtype=object), acq=np.zeros(1), labels=np.zeros(1))
-    with pytest.raises(io.InputError, match="not a deepcryo defocus training cache"):
+    with pytest.raises(InputError, match="not a deepcryo defocus training cache"):
         defocus_train.load_arrays(cache)
     index = tmp_path / "index"
     shutil.copytree(str(ws["root"] / "index"), str(index))
@@ -177,11 +179,11 @@ def updir(ws, tmp_path, monkeypatch):
     shutil.copy(ws["ref"], str(data / "map.mrc"))
     for i in range(3):
         shutil.copy(os.path.join(os.path.dirname(ws["mic"]), "mic_%d.mrc" % i), str(data / ("mic_%d.mrc" % i)))
-    star = io.read_particles(ws["star"])
+    star = read_particles(ws["star"])
     star.particles["rlnImageName"] = np.array(["%06d@../../data/particles.mrcs" % (i + 1) for i in range(len(star))],
                                               dtype=object)
-    io.write_star(str(root / "job" / "in" / "particles.star"), {"optics": star.optics, "particles": star.particles})
-    io.write_star(str(root / "job" / "in" / "mics.star"), {"micrographs": {
+    write_star(str(root / "job" / "in" / "particles.star"), {"optics": star.optics, "particles": star.particles})
+    write_star(str(root / "job" / "in" / "mics.star"), {"micrographs": {
         "rlnMicrographName": np.array(["../../data/mic_%d.mrc" % i for i in range(3)], dtype=object)}})
 
     def refuse(*a, **k):

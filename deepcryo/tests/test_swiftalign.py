@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from deepcryo.core import io
 from deepcryo.core.geometry import pose_distance_deg
+from deepcryo.core.mrc import write_mrc
+from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.simulate import phantom_volume, write_particle_set
 from deepcryo.swiftalign import __main__ as cli
 from deepcryo.swiftalign.index import merge_topk, train
@@ -25,14 +26,14 @@ def data(tmp_path_factory):
     faiss.omp_set_num_threads(2)
     d = tmp_path_factory.mktemp("swiftalign")
     vol = phantom_volume(64, seed=0)
-    io.write_mrc(str(d / "map.mrc"), vol, 2.0)
+    write_mrc(str(d / "map.mrc"), vol, 2.0)
     star = write_particle_set(str(d / "sim"), vol, 120, 2.0, snr=0.1, seed=3, max_shift_px=3.0,
                               defocus_range_A=(15000.0, 20000.0))
     return d, star
 
 
 def _accuracy(truth_star, aligned):
-    t = io.read_particles(truth_star, require_images=False)
+    t = read_particles(truth_star, require_images=False)
     ang = pose_distance_deg(torch.as_tensor(t.angles_deg()), torch.as_tensor(aligned["angles_deg"])).numpy()
     shift = np.linalg.norm(t.origins_A() - aligned["origins_A"], axis=1) / t.pixel_size_A
     return (ang < 2 * STEP_DEG) & (shift < 1.0)
@@ -49,7 +50,7 @@ def test_exact_index_accuracy(data, flat):
     d, star = data
     good = _accuracy(star, flat)
     assert good.mean() >= 0.9, good.mean()
-    out = io.read_particles(str(d / "flat.star"))
+    out = read_particles(str(d / "flat.star"))
     assert {"dcSwiftScore", "dcSwiftConfidence", "dcSwiftCtfGroup"} <= set(out.particles)
     assert np.all(np.isin(out.particles["dcSwiftCtfGroup"], [0, 1]))
     assert np.median(flat["confidence"][good]) > 0
@@ -71,12 +72,12 @@ def test_compressed_index_vs_exact(data, flat):
 
 def test_local_mode_recovers_perturbed_poses(data):
     d, star = data
-    truth = io.read_particles(star)
+    truth = read_particles(star)
     rng = np.random.default_rng(1)
     prior = truth.copy()
     prior.set_poses(truth.angles_deg() + rng.uniform(-8, 8, size=(len(truth), 3)),
                     truth.origins_A() + rng.uniform(-2, 2, size=(len(truth), 2)))
-    io.write_particles(str(d / "sim" / "prior.star"), prior)
+    write_particles(str(d / "sim" / "prior.star"), prior)
     res = query(str(d / "flat"), star, str(d / "local.star"), k=3, local=True, prior=str(d / "sim" / "prior.star"),
                 local_steps=2, local_shift_px=3.0, log=lambda m: None)
     before = pose_distance_deg(torch.as_tensor(truth.angles_deg()), torch.as_tensor(prior.angles_deg())).numpy()
@@ -95,18 +96,18 @@ def test_merge_topk_across_shards():
 
 def test_bad_inputs(data, tmp_path, capsys):
     d, star = data
-    io.write_mrc(str(tmp_path / "small.mrc"), np.zeros((48, 48, 48), np.float32), 2.0)
-    io.write_mrc(str(tmp_path / "px.mrc"), np.zeros((64, 64, 64), np.float32), 1.5)
+    write_mrc(str(tmp_path / "small.mrc"), np.zeros((48, 48, 48), np.float32), 2.0)
+    write_mrc(str(tmp_path / "px.mrc"), np.zeros((64, 64, 64), np.float32), 1.5)
     base = ["train", "--particles", star, "--angular-step", "20", "--max-shift", "1", "--max-resolution", "20"]
     for ref, word in [("small.mrc", "box size mismatch"), ("px.mrc", "pixel size mismatch")]:
         out = tmp_path / ("idx_" + ref)
         assert cli.main(base + ["--reference", str(tmp_path / ref), "--output", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert word in err and "\n" not in err and not out.exists()
-    nocft = io.read_particles(star)
+    nocft = read_particles(star)
     for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
         del nocft.particles[c]
-    io.write_particles(str(d / "sim" / "noctf.star"), nocft)
+    write_particles(str(d / "sim" / "noctf.star"), nocft)
     assert cli.main(["query", "--index", str(d / "flat"), "--particles", str(d / "sim" / "noctf.star"),
                      "--output", str(tmp_path / "a.star")]) == 2
     assert "rlnDefocus" in capsys.readouterr().err and not (tmp_path / "a.star").exists()

@@ -17,9 +17,11 @@ import pytest
 import torch
 from scipy.stats import mannwhitneyu
 
-from deepcryo.core import fourier, io
+from deepcryo.core import fourier
 from deepcryo.core.fsc import fsc, fsc_resolution_A
 from deepcryo.core.geometry import pose_distance_deg
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles
 from deepcryo.core.simulate import phantom_states, phantom_volume, write_particle_set
 from deepcryo.swiftalign import __main__ as cli
 from deepcryo.swiftalign.refine import RefineParams, join_halves, reference_filter, refine_3d
@@ -30,13 +32,13 @@ PX = 2.0
 
 
 def _lowpassed(vol, path, resolution_A=30.0):
-    io.write_mrc(path, fourier.lowpass_volume(torch.as_tensor(vol), resolution_A, PX).numpy(), PX)
+    write_mrc(path, fourier.lowpass_volume(torch.as_tensor(vol), resolution_A, PX).numpy(), PX)
     return path
 
 
 def _angle_errors(truth_star, out_star, symmetry="C1"):
-    t = io.read_particles(truth_star, require_images=False)
-    o = io.read_particles(out_star, require_images=False)
+    t = read_particles(truth_star, require_images=False)
+    o = read_particles(out_star, require_images=False)
     return pose_distance_deg(torch.as_tensor(t.angles_deg()), torch.as_tensor(o.angles_deg()), symmetry).numpy()
 
 
@@ -66,11 +68,11 @@ def test_refinement_recovers_poses_and_map(main_run):
     assert np.median(err) < 3.0                   # 2.10° measured
     assert np.mean(err > 10) < 0.01               # 0.2 % measured; 2.0 % when the global iteration's runner-up
                                                   # poses are not searched again (pseudo-2-fold mates)
-    t = io.read_particles(main_run["truth"], require_images=False)
-    o = io.read_particles(os.path.join(out, "particles.star"), require_images=False)
+    t = read_particles(main_run["truth"], require_images=False)
+    o = read_particles(os.path.join(out, "particles.star"), require_images=False)
     shift_err = np.linalg.norm(t.origins_A() - o.origins_A(), axis=1) / PX
     assert np.median(shift_err) < 0.75
-    final, _ = io.read_mrc(os.path.join(out, "map.mrc"))
+    final, _ = read_mrc(os.path.join(out, "map.mrc"))
     res_truth = fsc_resolution_A(fsc(main_run["vol"], final), PX, 0.5)
     print("FSC 0.5 vs truth %.2f Å, half-map %.2f Å" % (res_truth, main_run["model"]["resolution_A"]))
     assert res_truth < 7.0                       # 6.52 Å measured (7.04 Å without the pose-posterior final
@@ -85,7 +87,7 @@ def test_refinement_recovers_poses_and_map(main_run):
     # gold standard: the half sets are a fixed split of the particles
     halves = np.asarray(o.particles["rlnRandomSubset"])
     assert set(np.unique(halves)) == {1, 2} and abs(np.mean(halves == 1) - 0.5) < 0.01
-    first = io.read_particles(os.path.join(out, "it001_particles.star"), require_images=False)
+    first = read_particles(os.path.join(out, "it001_particles.star"), require_images=False)
     assert np.array_equal(np.asarray(first.particles["rlnRandomSubset"]), halves)
 
 
@@ -116,8 +118,8 @@ def test_continue_resumes_after_last_iteration(main_run, tmp_path):
     with open(os.path.join(out, "model.json")) as f:
         assert [h["iteration"] for h in json.load(f)["history"]] == [1, 2]
     for h in (1, 2):
-        a, _ = io.read_mrc(os.path.join(out, "it002_half%d.mrc" % h))
-        b, _ = io.read_mrc(os.path.join(src, "it002_half%d.mrc" % h))
+        a, _ = read_mrc(os.path.join(out, "it002_half%d.mrc" % h))
+        b, _ = read_mrc(os.path.join(src, "it002_half%d.mrc" % h))
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
 
 
@@ -132,13 +134,13 @@ def test_multi_reference_classifies_states(tmp_path):
     out = str(tmp_path / "out")
     model = refine_3d(inp, refs, out, RefineParams(max_iterations=3, initial_resolution_A=20.0))
     assert model["n_classes"] == 2
-    t = io.read_particles(truth, require_images=False)
-    o = io.read_particles(os.path.join(out, "particles.star"), require_images=False)
+    t = read_particles(truth, require_images=False)
+    o = read_particles(os.path.join(out, "particles.star"), require_images=False)
     agreement = np.mean(np.asarray(t.particles["rlnClassNumber"]) == np.asarray(o.particles["rlnClassNumber"]))
     print("class agreement %.3f" % agreement)
     assert agreement > 0.85
     for k in range(2):
-        m, _ = io.read_mrc(os.path.join(out, "class%03d_map.mrc" % (k + 1)))
+        m, _ = read_mrc(os.path.join(out, "class%03d_map.mrc" % (k + 1)))
         own = np.corrcoef(m.ravel(), states[k].ravel())[0, 1]
         other = np.corrcoef(m.ravel(), states[1 - k].ravel())[0, 1]
         assert own > other
@@ -170,10 +172,10 @@ def test_bad_input_one_clear_line(tmp_path, case, capsys):
     vol = phantom_volume(32, seed=2)
     star = write_particle_set(str(tmp_path / "sim"), vol, 8, PX, snr=0.1, seed=1)
     ref = str(tmp_path / "ref.mrc")
-    io.write_mrc(ref, vol, PX if case != "pixel" else 1.5)
+    write_mrc(ref, vol, PX if case != "pixel" else 1.5)
     args = ["refine", "--particles", star, "--reference", ref, "--output-dir", str(tmp_path / "out")]
     if case == "mask":
-        io.write_mrc(str(tmp_path / "mask.mrc"), np.ones((16, 16, 16), np.float32), PX)
+        write_mrc(str(tmp_path / "mask.mrc"), np.ones((16, 16, 16), np.float32), PX)
         args += ["--mask", str(tmp_path / "mask.mrc")]
     elif case == "symmetry":
         args += ["--symmetry", "X5"]
@@ -200,7 +202,7 @@ def test_repetition_consensus_leaves_out_wrong_poses(tmp_path):
     out = str(tmp_path / "out")
     model = refine_3d(inp, _lowpassed(vol, str(tmp_path / "ref.mrc")), out,
                    RefineParams(max_iterations=2, repetitions=2))
-    o = io.read_particles(os.path.join(out, "particles.star"), require_images=False)
+    o = read_particles(os.path.join(out, "particles.star"), require_images=False)
     kept = np.asarray(o.particles["dcSwiftKept"], dtype=bool)
     err = _angle_errors(truth, os.path.join(out, "particles.star"))
     print("kept %.1f%%: median error kept %.2f°, left out %.2f°" % (100 * kept.mean(), np.median(err[kept]),
@@ -229,7 +231,7 @@ def test_symmetric_refinement_c4(tmp_path):
     refine_3d(inp, _lowpassed(vol, str(tmp_path / "ref.mrc"), 15.0), out,
            RefineParams(symmetry="C4", max_iterations=2, initial_resolution_A=15.0))
     err = _angle_errors(truth, os.path.join(out, "particles.star"), "C4")
-    final, _ = io.read_mrc(os.path.join(out, "map.mrc"))
+    final, _ = read_mrc(os.path.join(out, "map.mrc"))
     res = fsc_resolution_A(fsc(vol, final), PX, 0.5)
     print("C4: median angular error %.2f°, FSC 0.5 vs truth %.2f Å" % (np.median(err), res))
     assert np.median(err) < 5.0

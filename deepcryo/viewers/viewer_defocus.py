@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from pyworkflow.viewer import DESKTOP_TKINTER, Viewer  # noqa: E402
 
 from deepcryo.core import ctf as ctf_mod  # noqa: E402
-from deepcryo.core import io  # noqa: E402
+from deepcryo.core.mrc import read_mrc, read_mrc_header  # noqa: E402
 from deepcryo.protocols.protocol_defocus import FLAG_ATTR, DeepCryoProtDeepDefocus  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def plot_defocus_summary(records, path=None):
     first = next((r for r in records if r.get("psd")), None)
     ax = axes[0, 0]
     if first is not None:
-        psd, _ = io.read_mrc(first["psd"])
+        psd, _ = read_mrc(first["psd"])
         img = psd_with_ctf(psd, first["psd_sampling_A"], first["defocus_u_A"], first["defocus_v_A"],
                            first["defocus_angle_deg"], first["voltage_kV"], first["cs_mm"],
                            first["amplitude_contrast"])
@@ -99,7 +99,7 @@ def ctf_records(ctfSet, acquisition):
             defocus_u_A=ctf.getDefocusU(), defocus_v_A=ctf.getDefocusV(), defocus_angle_deg=ctf.getDefocusAngle(),
             resolution_A=ctf.getResolution(), flagged=bool(getattr(ctf, FLAG_ATTR).get())
             if hasattr(ctf, FLAG_ATTR) else False,
-            psd=psd, psd_sampling_A=io.read_mrc_header(psd)[1] if psd else None,
+            psd=psd, psd_sampling_A=read_mrc_header(psd)[1] if psd else None,
             voltage_kV=acquisition.getVoltage(), cs_mm=acquisition.getSphericalAberration(),
             amplitude_contrast=acquisition.getAmplitudeContrast()))
     return records

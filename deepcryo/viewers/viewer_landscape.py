@@ -36,7 +36,8 @@ import pyworkflow.protocol.params as params
 from pwem.viewers import EmProtocolViewer
 from pyworkflow.gui.plotter import Plotter
 
-from deepcryo.core.io import read_mrc, read_particles
+from deepcryo.core.mrc import read_mrc
+from deepcryo.core.particles import read_particles
 from deepcryo.landscape.density import draw_density_panels
 from deepcryo.protocols import DeepCryoProtVaeAnalyze
 

@@ -32,7 +32,8 @@ import numpy as np
 import pyworkflow.protocol.params as params
 from pwem.viewers import EmProtocolViewer
 
-from deepcryo.core import io
+from deepcryo.core.particles import read_particles
+from deepcryo.core.star import read_star
 from deepcryo.protocols import DeepCryoProtSwiftRefine
 from deepcryo.viewers.plots import plot_fsc_curves
 from deepcryo.viewers.viewer_swiftalign import plotAngularDistribution
@@ -43,7 +44,7 @@ def iteration_fsc_curves(refine_dir, class_number=None):
     pattern = "it[0-9][0-9][0-9]_%sfsc.star" % ("" if class_number is None else "class%03d_" % class_number)
     curves = {}
     for path in sorted(glob.glob(os.path.join(refine_dir, pattern))):
-        table = next(iter(io.read_star(path).values()))
+        table = next(iter(read_star(path).values()))
         it = int(re.match(r"it(\d{3})", os.path.basename(path)).group(1))
         curves["iteration %d" % it] = np.asarray(table["rlnFourierShellCorrelation"], dtype=np.float64)
     return curves
@@ -124,6 +125,6 @@ class DeepCryoSwiftRefineViewer(EmProtocolViewer):
         path = os.path.join(self._refineDir(), "particles.star")
         if not os.path.exists(path):
             return [self.errorMessage("No output particles yet.")]
-        star = io.read_particles(path, require_images=False)
+        star = read_particles(path, require_images=False)
         return [plotAngularDistribution(star.angles_deg(), "Angular distribution (%d particles)" % len(star))]
 

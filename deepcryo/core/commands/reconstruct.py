@@ -15,9 +15,12 @@ import os
 
 from deepcryo.constants import SYMMETRY_NAMES
 
-from .. import cli, io
+from .. import cli
+from ..errors import InputError
 from ..fsc import fsc_resolution_A
 from ..geometry import symmetry_matrices
+from ..mrc import write_mrc
+from ..particles import read_particles
 from ..reconstruct import reconstruct_star, write_fsc_star
 
 logger = logging.getLogger(__name__)
@@ -45,17 +48,17 @@ def main(args):
     try:
         symmetry_matrices(args.symmetry)
     except ValueError as exc:
-        raise io.InputError(str(exc)) from exc
-    star = io.read_particles(args.particles)
+        raise InputError(str(exc)) from exc
+    star = read_particles(args.particles)
     star.require("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
     result = reconstruct_star(star, args.halves, args.symmetry, args.max_resolution or None, args.batch_size,
                               args.device, args.seed, _progress)
     px = star.pixel_size_A
     root, ext = os.path.splitext(args.output)
-    io.write_mrc(args.output, result["map"], px)
+    write_mrc(args.output, result["map"], px)
     if args.halves:
-        io.write_mrc(root + "_half1" + (ext or ".mrc"), result["half1"], px)
-        io.write_mrc(root + "_half2" + (ext or ".mrc"), result["half2"], px)
+        write_mrc(root + "_half1" + (ext or ".mrc"), result["half1"], px)
+        write_mrc(root + "_half2" + (ext or ".mrc"), result["half2"], px)
         write_fsc_star(root + "_fsc.star", result["fsc"], result["map"].shape[-1], px)
         logger.info("resolution (FSC 0.143): %.2f A; (FSC 0.5): %.2f A",
                     fsc_resolution_A(result["fsc"], px, 0.143), fsc_resolution_A(result["fsc"], px, 0.5))

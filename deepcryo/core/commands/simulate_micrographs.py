@@ -11,7 +11,7 @@ the simulation is :func:`deepcryo.core.micrographs.simulate_micrograph`.
 """
 import logging
 
-from .. import io
+from ..errors import InputError
 from ..micrographs import simulate_micrograph_set
 
 logger = logging.getLogger(__name__)
@@ -33,9 +33,9 @@ def add_args(parser):
 
 def main(args):
     if args.n < 1 or args.size < 64 or not 0 < args.pixel_size_min <= args.pixel_size_max:
-        raise io.InputError("need --n >= 1, --size >= 64 and 0 < --pixel-size-min <= --pixel-size-max")
+        raise InputError("need --n >= 1, --size >= 64 and 0 < --pixel-size-min <= --pixel-size-max")
     if not 0 < args.defocus_min <= args.defocus_max or args.astigmatism < 0:
-        raise io.InputError("need 0 < --defocus-min <= --defocus-max and --astigmatism >= 0")
+        raise InputError("need 0 < --defocus-min <= --defocus-max and --astigmatism >= 0")
     star, _ = simulate_micrograph_set(
         args.n, args.output_dir, size_px=args.size, seed=args.seed,
         pixel_size_range_A=(args.pixel_size_min, args.pixel_size_max), voltages_kV=tuple(args.voltages),

@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from .. import io
+from ..errors import InputError
+from ..mrc import write_mrc
 from ..simulate import hinge_volume, phantom_states, phantom_volume, write_particle_set
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def add_args(parser):
 
 def main(args):
     if args.box < 8 or args.n < 1 or args.pixel_size <= 0 or args.voltage <= 0 or args.cs < 0:
-        raise io.InputError("need --box >= 8, --n >= 1, --pixel-size > 0, --voltage > 0 and --cs >= 0")
+        raise InputError("need --box >= 8, --n >= 1, --pixel-size > 0, --voltage > 0 and --cs >= 0")
     kw = dict(snr=args.snr or None, seed=args.seed, defocus_range_A=(args.defocus_min, args.defocus_max),
               astigmatism_A=args.astigmatism, max_shift_px=args.max_shift, bfactor_A2=args.bfactor,
               coloured_noise=args.coloured_noise)
@@ -50,15 +51,15 @@ def main(args):
     os.makedirs(args.output_dir, exist_ok=True)
     if args.hinge:
         vols = lambda t: hinge_volume(args.box, t, seed=args.seed)  # noqa: E731
-        io.write_mrc(os.path.join(args.output_dir, "truth_t0.mrc"), vols(0.0), args.pixel_size)
-        io.write_mrc(os.path.join(args.output_dir, "truth_t1.mrc"), vols(1.0), args.pixel_size)
+        write_mrc(os.path.join(args.output_dir, "truth_t0.mrc"), vols(0.0), args.pixel_size)
+        write_mrc(os.path.join(args.output_dir, "truth_t1.mrc"), vols(1.0), args.pixel_size)
     elif args.states > 1:
         vols = phantom_states(args.box, args.states, seed=args.seed)
         for k, v in enumerate(vols):
-            io.write_mrc(os.path.join(args.output_dir, "truth_state%02d.mrc" % (k + 1)), v, args.pixel_size)
+            write_mrc(os.path.join(args.output_dir, "truth_state%02d.mrc" % (k + 1)), v, args.pixel_size)
         kw["state_of"] = np.random.default_rng(args.seed + 1).permutation(np.arange(args.n) % args.states)
     else:
         vols = phantom_volume(args.box, seed=args.seed)
-        io.write_mrc(os.path.join(args.output_dir, "truth.mrc"), vols, args.pixel_size)
+        write_mrc(os.path.join(args.output_dir, "truth.mrc"), vols, args.pixel_size)
     star = write_particle_set(args.output_dir, vols, args.n, args.pixel_size, **optics, **kw)
     logger.info("wrote %s (%d particles, box %d, %.3g Å/px)", star, args.n, args.box, args.pixel_size)

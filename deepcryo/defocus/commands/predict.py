@@ -19,7 +19,7 @@ A single unusable micrograph among others is reported ("skipped ...", on stderr)
 import logging
 
 from deepcryo.core import cli
-from deepcryo.core.io import InputError
+from deepcryo.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import logging
 import os
 
 from deepcryo.core import cli
-from deepcryo.core.io import InputError
+from deepcryo.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

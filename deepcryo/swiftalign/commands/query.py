@@ -17,7 +17,7 @@ warning line.
 import logging
 import time
 
-from deepcryo.core.io import InputError
+from deepcryo.core.errors import InputError
 
 from ..query import query
 from ._shared import add_common_args

@@ -19,7 +19,7 @@ import time
 
 from deepcryo.constants import SYMMETRY_NAMES
 from deepcryo.core import cli
-from deepcryo.core.io import InputError
+from deepcryo.core.errors import InputError
 
 from ..refine import RefineParams, refine
 from ._shared import add_common_args

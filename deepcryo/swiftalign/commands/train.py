@@ -17,7 +17,7 @@ import logging
 import time
 
 from deepcryo.constants import SYMMETRY_NAMES
-from deepcryo.core.io import InputError
+from deepcryo.core.errors import InputError
 
 from ..index import train
 from ._shared import add_common_args
