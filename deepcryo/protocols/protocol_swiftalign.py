@@ -71,6 +71,10 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
                       label="Max shift (px)")
         form.addParam("ctfGroups", params.IntParam, default=8, validators=[params.Positive],
                       label="CTF groups", expertLevel=params.LEVEL_ADVANCED)
+        form.addParam("doWhiten", params.BooleanParam, default=False, label="Whiten by the noise?",
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help="Weight frequencies by the inverse noise power of the particles (estimated "
+                           "from their corners) in the search vectors.")
         form.addParam("indexType", params.EnumParam, choices=["auto", "exact (flat)", "custom"], default=0,
                       display=params.EnumParam.DISPLAY_HLIST, label="Index type")
         form.addParam("indexFactory", params.StringParam, default="OPQ48_192,IVF4096,PQ48",
@@ -115,6 +119,8 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
                 "--output", self._getExtraPath("index")] + self._common()
         if self.samplingMode.get() == 0:
             args += ["--angular-step", self.angularStep.get()]
+        if self.doWhiten:
+            args += ["--whiten"]
         if self.indexType.get() == 1:
             args += ["--index-factory", "Flat"]
         elif self.indexType.get() == 2:

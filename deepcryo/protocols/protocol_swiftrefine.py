@@ -102,6 +102,24 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
                       help="Defocus clusters of the global index.")
         form.addParam("numberOfMatches", params.IntParam, default=3, validators=[params.Positive],
                       label="Candidates refined (k)", expertLevel=params.LEVEL_ADVANCED)
+        form.addParam("nprobe", params.IntParam, default=32, validators=[params.Positive], label="nprobe",
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help="Inverted lists of the global index visited per particle.")
+        form.addParam("doWhiten", params.BooleanParam, default=False, label="Whiten by the noise?",
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help="Weight frequencies by the inverse noise power of the particles in the "
+                           "alignment.")
+        form.addParam("joinResolution", params.FloatParam, default=40.0, validators=[params.Positive],
+                      label="Join halves below (Å)", expertLevel=params.LEVEL_ADVANCED,
+                      help="The two half references share their Fourier components at resolutions lower "
+                           "than this (RELION's --low_resol_join_halves).")
+        form.addParam("randomSeed", params.IntParam, default=0, label="Random seed",
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help="Seed of the half split (when the particles have none) and of the "
+                           "perturbed samplings of the repetition consensus.")
+        form.addParam("memoryLimit", params.FloatParam, default=4.0, validators=[params.Positive],
+                      label="Memory limit (GB)", expertLevel=params.LEVEL_ADVANCED,
+                      help="Bounds the index build and search of the global iterations.")
         addGpuParams(form, gpuHelp="The one GPU to use, e.g. 0.")
         form.addParallelSection(threads=2, mpi=0)
 
@@ -128,7 +146,9 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
                  "--max-iterations", self.maxIterations.get(), "--global-iterations", self.globalIterations.get(),
                  "--local-steps", self.localSteps.get(), "--ctf-groups", self.ctfGroups.get(),
                  "--k", self.numberOfMatches.get(), "--threads", self.numberOfThreads.get(),
-                 "--repetitions", 2 if self.doConsensus else 1,
+                 "--repetitions", 2 if self.doConsensus else 1, "--nprobe", self.nprobe.get(),
+                 "--join-resolution", self.joinResolution.get(), "--seed", self.randomSeed.get(),
+                 "--memory-limit", self.memoryLimit.get(),
                  "--continue"]  # resumes after the last finished iteration (Scipion's continue mode)
         if self.particleDiameter.get() > 0:
             args += ["--particle-diameter", self.particleDiameter.get()]
@@ -138,6 +158,8 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
             args += ["--mask", convertVolume(self.inputMask.get(), self._getExtraPath("references"))]
         if self._gpus():
             args += ["--device", "cuda:0"]  # the one GPU left visible by CUDA_VISIBLE_DEVICES
+        if self.doWhiten:
+            args += ["--whiten"]
         self._runProgram("swiftalign", args)
 
     def createOutputStep(self):
