@@ -1,7 +1,7 @@
 """SwiftRes: iterative gold-standard 3D refinement driven by SwiftAlign (Lauzirika's "swiftres" loop).
 
 Each iteration (:func:`refine_3d`) runs ``align_global | align_local → reconstruct_halves →
-update_references → converged?`` over a :class:`RefineState`; for each half set h ∈ {1, 2} and each class k
+update_references → check_convergence`` over a :class:`RefineState`; for each half set h ∈ {1, 2} and each class k
 (one class unless several initial maps are given):
 
 1. **Align** the half's particles against that half's reference only (gold standard):
@@ -485,7 +485,7 @@ def refine_3d(particles: Union[str, ParticleStar], references: Union[str, Sequen
         t_align = time.time() - t0
         recs, half_maps, curves, class_res = reconstruct_halves(star, state, mask_t, params, iteration)
         new_resolution = update_references(state, recs, curves, class_res, mask_t, params, px)
-        entry = converged(state, iteration, is_global, sampling, new_resolution, class_res, change_deg)
+        entry = check_convergence(state, iteration, is_global, sampling, new_resolution, class_res, change_deg)
         entry.update(mean_shift_change_A=float(np.mean(shift_change_A)), **_population(state, len(maps)))
         entry.update(align_seconds=t_align, seconds=time.time() - t0, cpu_seconds=time.process_time() - cpu0)
         _save_iteration(state, star, layout, entry, half_maps, curves, params)
@@ -548,7 +548,8 @@ def _accept_poses(state: RefineState, aligned: Aligned, symmetry: str) -> Tuple[
 
 
 def reconstruct_halves(star: ParticleStar, state: RefineState, mask: torch.Tensor, params: "RefineParams",
-                       iteration: int):
+                       iteration: int) -> Tuple[List[List[Reconstructor]], List[Sequence[np.ndarray]],
+                                            List[np.ndarray], List[float]]:
     """Both half maps of each class from the kept particles at their poses, their masked FSC (corrected by
     phase randomisation) and resolution at 0.143. Returns (recs[k][h-1], half_maps[k], curves[k],
     class_resolution_A[k]); a class without particles in one half keeps its references as half maps, a zero
@@ -572,7 +573,7 @@ def reconstruct_halves(star: ParticleStar, state: RefineState, mask: torch.Tenso
     return recs, half_maps, curves, class_res
 
 
-def update_references(state: RefineState, recs, curves: Sequence[np.ndarray], class_resolution_A: Sequence[float],
+def update_references(state: RefineState, recs: Sequence[Sequence[Reconstructor]], curves: Sequence[np.ndarray], class_resolution_A: Sequence[float],
                       mask: torch.Tensor, params: "RefineParams", pixel_size_A: float) -> float:
     """The next references into ``state`` (:func:`.references.next_references`); returns the iteration's
     resolution (Å): the mean over the classes that have one, never beyond Nyquist."""
@@ -583,8 +584,8 @@ def update_references(state: RefineState, recs, curves: Sequence[np.ndarray], cl
     return new_resolution
 
 
-def converged(state: RefineState, iteration: int, is_global: bool, sampling: Sampling, new_resolution_A: float,
-              class_resolution_A: Sequence[float], change_deg: np.ndarray) -> Dict[str, Any]:
+def check_convergence(state: RefineState, iteration: int, is_global: bool, sampling: Sampling, new_resolution_A: float,
+                      class_resolution_A: Sequence[float], change_deg: np.ndarray) -> Dict[str, Any]:
     """Record ``new_resolution_A`` in ``state`` and decide convergence: a local iteration after two without a
     1 % improvement of the resolution, with a median pose change below the angular step. Returns the
     iteration's history entry so far (its sampling, resolution and pose change)."""
