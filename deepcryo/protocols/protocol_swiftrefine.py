@@ -17,9 +17,7 @@
 # *
 # **************************************************************************
 """Gold-standard iterative 3D refinement driven by SwiftAlign (``python -m deepcryo.swiftalign refine``)."""
-import json
 import os
-import re
 
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
@@ -31,6 +29,7 @@ from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME, SYMM
 from deepcryo.convert import convertVolume, readFscStar, updateParticlesFromStar
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import particleErrors, symmetryErrors
+from deepcryo.swiftalign.layout import RefineLayout
 
 OUTPUT_CLASSES = "outputClasses"
 SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftKept", "rlnClassNumber")
@@ -133,9 +132,12 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
     def _nClasses(self):
         return len(self.inputVolumes)
 
+    def _layout(self):
+        return RefineLayout(self._refineDir(), self._nClasses())
+
     def _classFile(self, k, what):
         """Final file ``what`` of class ``k`` (0-based) in the refinement folder."""
-        return self._refineDir(what if self._nClasses() == 1 else "class%03d_%s" % (k + 1, what))
+        return self._layout().class_path(what, k)
 
     # --------------------------- STEPS functions ---------------------------------------------------
     def refineStep(self):
@@ -166,7 +168,7 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
         inputSet = self.inputParticles.get()
         px = inputSet.getSamplingRate()
         particles = self._createSetOfParticles()
-        updateParticlesFromStar(inputSet, self._refineDir("particles.star"), particles, extraColumns=SCORE_COLUMNS)
+        updateParticlesFromStar(inputSet, self._layout().path("particles.star"), particles, extraColumns=SCORE_COLUMNS)
         outputs = {OUTPUT_PARTICLES: particles}
         if self._nClasses() == 1:
             volume = self._volume(0, px)
@@ -202,27 +204,12 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
         """The per-iteration records of the refinement (list of dicts; empty before the first iteration): from
         ``model.json`` at the end, else (running, or a ``model.json`` that an earlier version's ``--continue`` wrote
         without them) from the last iteration's ``it###_model.json``."""
-        path = self._refineDir("model.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                model = json.load(f)
-            if "history" in model:
-                return model["history"]
-        done = sorted(f for f in os.listdir(self._refineDir()) if re.match(r"it\d{3}_model\.json$", f)) \
-            if os.path.isdir(self._refineDir()) else []
-        if not done:
-            return []
-        with open(self._refineDir(done[-1])) as f:
-            return json.load(f)["history"]
+        return RefineLayout(self._refineDir()).history()
 
     def finalResolution(self):
         """Resolution (Å, half-map FSC 0.143, masked and corrected by phase randomisation) of the final
         pose-weighted half maps, or None before the end."""
-        path = self._refineDir("model.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            return json.load(f).get("final_resolution_A")
+        return RefineLayout(self._refineDir()).final_resolution()
 
     def _validate(self):
         errors = []

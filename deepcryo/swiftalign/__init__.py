@@ -6,7 +6,15 @@ Modules: :mod:`.features` (image → vector), :mod:`.gallery` (lazy reference ga
 Library entry points: :func:`.index.train`, :func:`.query.query` (files) and :func:`.query.align`
 (arrays, for refinement loops). Programs: ``python -m deepcryo.swiftalign train|query`` (see :mod:`.__main__`).
 """
-from .index import load, train
-from .query import align
+import importlib
 
 __all__ = ["train", "load", "align"]
+_HOME = {"train": ".index", "load": ".index", "align": ".query"}
+
+
+def __getattr__(name):
+    """``train``, ``load`` and ``align`` imported on first use, so that importing :mod:`.layout` (the Scipion
+    protocol and viewer do) does not load faiss."""
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name], __name__), name)
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))

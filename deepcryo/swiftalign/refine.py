@@ -1,7 +1,8 @@
 """SwiftRes: iterative gold-standard 3D refinement driven by SwiftAlign (Lauzirika's "swiftres" loop).
 
-Each iteration, for each half set h ∈ {1, 2} and each class k (one class unless several initial maps are
-given):
+Each iteration (:func:`refine_3d`) runs ``align_global | align_local → reconstruct_halves →
+update_references → check_convergence`` over a :class:`RefineState`; for each half set h ∈ {1, 2} and each class k
+(one class unless several initial maps are given):
 
 1. **Align** the half's particles against that half's reference only (gold standard):
 
@@ -10,43 +11,38 @@ given):
      exactly with each particle's own CTF, then refined by pattern search (:func:`.query.align`);
    * *local* iterations: every pose within ±``local_steps`` angular steps and ±2 shift steps of the
      previous one, scored exactly (no index needed), the best one refined by pattern search (one pass
-     per level: on 300 simulated particles at SNR 0.1 this costs 4× less CPU than the global mode's
-     three candidates with two passes, for a median angular error of 2.29° instead of 2.18°).
+     per level: much cheaper than the global mode's three candidates with two passes, for nearly the same
+     accuracy).
 
    With several classes each particle takes the class whose reference it matches best.
 
    **Two hypotheses across the switch to local searches.** A global search at low resolution cannot
-   tell a pose from its mate under a pseudo-symmetry of the particle: on the simulated phantom of
-   ``benchmarks/refine.py`` (2000 particles, SNR 0.1, 30 Å start) 5 % of the particles took a pose
-   150–180° off in the 17° global iteration, and no local iteration could leave it. RELION avoids this by
-   searching globally until its sampling is fine (≈ 7 iterations, most of its time); here each global
-   iteration also keeps each particle's runner-up, the best refined candidate more than two angular
-   steps from the winner (:func:`.query.select_and_refine`), and the next iteration runs its local search
-   from both and keeps the better-scoring result, at that iteration's much finer reference. On that set
-   the runner-up lies within 20° of the truth for 82 % of the wrong winners.
+   tell a pose from its mate under a pseudo-symmetry of the particle: some particles take a pose 150–180°
+   off in the coarse global iteration, and no local iteration can leave it. RELION avoids this by
+   searching globally until its sampling is fine (most of its time); here each global iteration also keeps
+   each particle's runner-up, the best refined candidate more than two angular steps from the winner
+   (:func:`.query.select_and_refine`), and the next iteration runs its local search from both and keeps the
+   better-scoring result, at that iteration's much finer reference, where the runner-up of a wrong winner
+   usually lies near the truth.
 2. **Reconstruct** both halves (:class:`deepcryo.core.reconstruct.Reconstructor`, CTF-weighted), compute
    their FSC inside the refinement mask, corrected for the mask by phase randomisation as relion_postprocess
    does (:func:`deepcryo.core.fsc.masked_fsc`; a tight mask alone makes the FSC, and so the steps, the filter
    and the stopping, optimistic), and the resolution at FSC 0.143 as RELION reports it (the last shell
    above 0.143, :func:`deepcryo.core.fsc.fsc_resolution_A`). This corrected FSC is the one used below and
    written to ``fsc.star``.
-3. **New references**: each half map reconstructed again with RELION's Wiener term (τ² from the half-map
-   FSC, :func:`deepcryo.core.fsc.fsc_to_half_ssnr`; on the benchmark's 2000 particles this lowers the
-   median angular error from 2.07° to 1.96°), weighted by ``sqrt(2·FSC / (1 + FSC))`` (Rosenthal &
-   Henderson's C_ref, the filter cisTEM and RELION's post-processing use), cut at the resolution, its
-   Fourier components below ``join_resolution_A`` (40 Å) averaged with the other half's (RELION's ``--low_resol_join_halves``,
-   which keeps the halves in one frame and hand), and multiplied by the mask (the user's, or a soft sphere
-   of the particle diameter).
-4. **Next sampling** from the resolution r (Å) and the particle diameter D (Å):
+3. **New references** (:func:`.references.next_references`): each half map reconstructed again with RELION's
+   Wiener term, weighted by Rosenthal & Henderson's C_ref, cut at the resolution, its Fourier components
+   below ``join_resolution_A`` (40 Å) averaged with the other half's (RELION's ``--low_resol_join_halves``)
+   and masked.
+4. **Next sampling** from the resolution r (Å) and the particle diameter D (Å) (:mod:`.sampling`):
 
    * angular step ``asin(r / D)``. A rotation by θ moves the particle's edge by ``D·θ/2``; at θ = r/D that is
      half a resolution element, the width of the correlation peak at resolution r, so a grid this fine
-     puts every particle in its peak's basin. The seed's text uses the box (N·px) for D (finer and more
-     costly than needed: the particle, not the box, rotates) and its code twice the angle (which can miss
-     the basin). The pattern search of :func:`.query.refine_poses` then halves the step four times (to
-     step/16), so the grid does not limit the accuracy;
-   * shift step ``r / (4·px)`` (≥ 0.5 px): a shift of r/4 turns the phase at the band edge by 90°. The
-     seed's text has r/(2·px), its code r/(4·px); the pattern search refines it to step/16 as well.
+     puts every particle in its peak's basin (the particle, not the box, rotates, so D and not N·px). The
+     pattern search of :func:`.query.refine_poses` then halves the step four times (to step/16), so the grid
+     does not limit the accuracy;
+   * shift step ``r / (4·px)`` (≥ 0.5 px): a shift of r/4 turns the phase at the band edge by 90°; the
+     pattern search refines it to step/16 as well.
 
 Optional **repetition consensus** (the seed's idea, ``repetitions=2``): each half is aligned twice, with
 galleries rotated rigidly by two different random rotations (global) or priors moved by half a step
@@ -57,104 +53,62 @@ is kept.
 **Convergence**: stop after the first local iteration at which the resolution has not improved by 1 % for
 two iterations and the median pose change is below the angular step, or at ``max_iterations``.
 
-**Final maps with pose posteriors.** At SNR 0.1 a particle's pose is uncertain by about the median error
-(2°), and inserting it at one pose throws that uncertainty away; RELION marginalises over it in every
-iteration. Once, after the last iteration, each half is reconstructed again with every kept particle
-inserted at the 33 poses within ±2 half angular steps of its final pose (each with its best origin within
-± half a shift step), weighted by a tempered posterior against its own half's latest reference
-(:func:`.query.pose_posterior`). On the benchmark's 2000 particles this moves the half-map FSC 0.143 from
-7.23 to 6.56 Å (masked 6.35 → 6.20 Å) and the map against the truth from 7.33 to 6.72 Å (masked 6.38 →
-6.23 Å), for 41 s (a third of the run). ``half1.mrc``, ``half2.mrc``, their FSC (``fsc.star``) and
-``map.mrc`` (both halves' data together) are these reconstructions; the per-iteration files keep the best
-poses only. ``model.json`` gives both resolutions (``resolution_A``: the last iteration's;
-``final_resolution_A``: the final maps').
+**Final maps with pose posteriors.** At low SNR a particle's pose is uncertain by about the median error,
+and inserting it at one pose throws that uncertainty away; RELION marginalises over it in every iteration.
+Once, after the last iteration, each half is reconstructed again with every kept particle inserted at the
+33 poses within ±2 half angular steps of its final pose (each with its best origin within ± half a shift
+step), weighted by a tempered posterior against its own half's latest reference
+(:func:`.query.pose_posterior`); this improves both the half-map FSC and the map against the truth, for a
+fraction of the run's time. ``half1.mrc``, ``half2.mrc``, their FSC (``fsc.star``) and ``map.mrc`` (both
+halves' data together) are these reconstructions; the per-iteration files keep the best poses only.
+``model.json`` gives both resolutions (``resolution_A``: the last iteration's; ``final_resolution_A``: the
+final maps'). Measured figures: ``benchmarks/RESULTS.md``.
 
-Files in ``output_dir`` (one class; with K classes ``it###_class###_half1.mrc`` and so on):
+**Files** in ``output_dir``: see :mod:`.layout` (``it###_*`` per iteration, ``it###_model.json`` written
+last; ``map.mrc`` … ``model.json`` at the end). ``it###_model.json`` also holds the state of the random
+generator of the perturbations (``random_state``), so a run killed at any point and resumed gives the result
+of an uninterrupted run; ``resume`` after the last iteration redoes the final pass unless it finds a complete
+``model.json``, and removes it before running further iterations.
 
-* per iteration: ``it###_half1.mrc``, ``it###_half2.mrc``, ``it###_fsc.star``, ``it###_particles.star``,
-  ``it###_model.json`` (resolution, steps, mode, pose change, fraction kept, seconds, and the whole history
-  and settings). The model file is written last: an iteration counts as done only when it exists, which is
-  what ``resume`` looks for;
-* at the end: ``map.mrc``, ``half1.mrc``, ``half2.mrc``, ``fsc.star``, ``particles.star``, then ``model.json``
-  (the last iteration's record with the history, the settings and the final resolution). Like the iteration's
-  model file it is written last, so its presence says the final outputs are complete: ``resume`` after the
-  last iteration redoes the final pass unless it finds it, and removes it before running further iterations.
-
-Every file is written atomically (:func:`deepcryo.core.files.atomic_output`) and ``it###_model.json`` also
-holds the state of the random generator of the perturbations (``random_state``), so a run killed at any point
-and resumed gives the result of an uninterrupted run.
+Three records, three names: a *history entry* (one iteration's figures), the *iteration record* written to
+``it###_model.json`` (the last entry, the whole history, the settings, the number of classes) and the *final
+record* written to ``model.json`` and returned (the iteration record plus the final resolution).
 
 Particles are written with rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, rlnRandomSubset (1/2), rlnClassNumber
 (1-based), dcSwiftScore and dcSwiftKept (1 if used in the last reconstruction).
 """
-import glob
-import json
+import dataclasses
+import logging
 import math
 import os
-import re
 import shutil
 import time
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from deepcryo.core import fourier
 from deepcryo.core.errors import InputError
-from deepcryo.core.files import atomic_output, remove_stale_parts_in
-from deepcryo.core.fsc import fsc_resolution_A, fsc_to_half_ssnr, masked_fsc, spherical_mask
+from deepcryo.core.files import remove_stale_parts_in
+from deepcryo.core.fsc import fsc_resolution_A, masked_fsc
 from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg, symmetry_matrices
-from deepcryo.core.mrc import read_mrc, write_mrc
-from deepcryo.core.particles import read_particles, write_particles
+from deepcryo.core.mrc import write_mrc
+from deepcryo.core.particles import ParticleStar, read_particles
 from deepcryo.core.projector import Projector
-from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, insert_particles, write_fsc_star
+from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, insert_particles
 
 from . import index as swindex
 from .features import Band
 from .gallery import gallery_poses, shift_grid
+from .layout import RefineLayout
 from .query import ParticleBatch, align, pose_posterior
+from .references import initial_references, next_references, read_mask, read_references, refinement_mask
 from .sampling import angular_step_for_diameter, shift_step_for_resolution
 
-__all__ = ["reference_filter", "join_halves", "refinement_mask",
-           "RefineParams", "refine_3d", "LocalReference"]
+__all__ = ["RefineParams", "RefineState", "refine_3d", "LocalReference"]
 
-
-# ------------------------------------------------------------------------------------------ references
-def reference_filter(curve, resolution_A, box, pixel_size_A):
-    """Per-shell filter (N//2 + 1,): ``sqrt(2·FSC / (1 + FSC))`` for FSC > 0, zero beyond ``resolution_A``."""
-    c = np.clip(np.asarray(curve, dtype=np.float64), 0.0, 1.0)
-    w = np.sqrt(2.0 * c / (1.0 + c))
-    shells = np.arange(len(c))
-    w[shells > box * pixel_size_A / resolution_A] = 0.0
-    w[0] = 1.0
-    return w
-
-
-def _apply_shell_filter(volume, weights):
-    v = torch.as_tensor(volume, dtype=torch.float32)
-    n = v.shape[-1]
-    r = torch.round(fourier.radius_grid_3d(n)).long().clamp(max=len(weights) - 1)
-    w = torch.as_tensor(weights, dtype=torch.float32)[r]
-    w = torch.where(fourier.radius_grid_3d(n) > n // 2, torch.zeros_like(w), w)
-    return fourier.ifft3c(fourier.fft3c(v) * w).real
-
-
-def join_halves(half1, half2, join_resolution_A, pixel_size_A):
-    """Both halves with their Fourier components below ``join_resolution_A`` (Å) replaced by the halves' mean."""
-    v1, v2 = torch.as_tensor(half1, dtype=torch.float32), torch.as_tensor(half2, dtype=torch.float32)
-    n = v1.shape[-1]
-    low = (fourier.radius_grid_3d(n) <= n * pixel_size_A / join_resolution_A).to(torch.float32)
-    f1, f2 = fourier.fft3c(v1), fourier.fft3c(v2)
-    mean = 0.5 * (f1 + f2)
-    return (fourier.ifft3c(low * mean + (1 - low) * f1).real.numpy(),
-            fourier.ifft3c(low * mean + (1 - low) * f2).real.numpy())
-
-
-def refinement_mask(box, pixel_size_A, diameter_A, mask=None):
-    """The user's mask (N, N, N) or a soft sphere of ``diameter_A`` with a 3 px cosine edge."""
-    if mask is not None:
-        return torch.as_tensor(mask, dtype=torch.float32)
-    radius = min(box / 2 - 1, diameter_A / (2 * pixel_size_A))
-    return spherical_mask(box, radius_px=max(1.0, radius - 3.0), edge_px=3.0)
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ alignment
@@ -162,8 +116,9 @@ class LocalReference:
     """What :func:`.query.align` needs for a local search, without a faiss index: the projector of the
     reference, the band up to ``max_resolution_A`` and the sampling steps."""
 
-    def __init__(self, volume, pixel_size_A, max_resolution_A, angular_step_deg, shift_step_px, max_shift_px,
-                 symmetry, sqrt_weights=None, device="cpu"):
+    def __init__(self, volume: np.ndarray, pixel_size_A: float, max_resolution_A: float, angular_step_deg: float,
+                 shift_step_px: float, max_shift_px: float, symmetry: str, sqrt_weights: Optional[torch.Tensor] = None,
+                 device: str = "cpu"):
         box = volume.shape[-1]
         self.projector = Projector(volume, device=device)
         self.band = Band(box, pixel_size_A, max_resolution_A)
@@ -181,7 +136,7 @@ def _random_rotation(angle_deg, rng):
 
 
 class RefineParams:
-    """Settings of :func:`refine` (see the module docstring for their role).
+    """Settings of :func:`refine_3d` (see the module docstring for their role).
 
     Args:
         symmetry: point group, RELION's name and operators (``constants.SYMMETRY_NAMES``).
@@ -224,7 +179,7 @@ class RefineParams:
         self.memory_limit_GB = float(memory_limit_GB)
         self.flat_index_GB = float(flat_index_GB)
 
-    def check(self, box, pixel_size_A):
+    def check(self, box: int, pixel_size_A: float) -> None:
         """Raise InputError on values that cannot work for particles of ``box`` px at ``pixel_size_A``."""
         try:
             symmetry_matrices(self.symmetry)
@@ -248,7 +203,7 @@ class RefineParams:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("device %s requested but CUDA is not available" % self.device)
 
-    def as_dict(self):
+    def as_dict(self) -> Dict[str, Any]:
         return dict(vars(self))
 
 
@@ -256,7 +211,7 @@ def _max_shift_px(params, box):
     return params.max_shift_px if params.max_shift_px is not None else max(1.0, round(0.1 * box))
 
 
-def _align_global(reference, star, res_A, step_deg, sstep_px, params, rotation, work_dir, log):
+def _align_global(reference, star, res_A, step_deg, sstep_px, params, rotation, work_dir):
     """Align ``star`` to ``reference`` (N, N, N) at resolution ``res_A`` through a SwiftAlign index of it;
     returns the :func:`.query.align` dict."""
     px = star.pixel_size_A
@@ -272,7 +227,7 @@ def _align_global(reference, star, res_A, step_deg, sstep_px, params, rotation, 
                   index_factory="Flat" if flat else None,
                   max_shift_px=max_shift, shift_step_px=sstep_px, n_ctf_groups=params.n_ctf_groups,
                   symmetry=params.symmetry, whiten=params.whiten, memory_limit_GB=params.memory_limit_GB,
-                  grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device], log=log)
+                  grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device], log=logger.info)
     bundle = swindex.load(index_dir, params.device)
     out = align(bundle, star, k=params.k, nprobe=params.nprobe, memory_limit_GB=params.memory_limit_GB,
                 devices=[params.device], log=lambda msg: None)
@@ -299,8 +254,8 @@ def _align_local(reference, star, res_A, step_deg, sstep_px, params, prior, rota
                  memory_limit_GB=params.memory_limit_GB, log=lambda msg: None, passes=1, refine_far=False)
 
 
-def _align_class(reference, sub, is_global, prior, alternatives, res_A, step_deg, sstep_px, params, rng, work_dir,
-                 log):
+def _align_class(reference, sub, is_global, prior, alternatives, res_A, step_deg, sstep_px, params, rng,
+                 work_dir):
     """Align the particles ``sub`` of one half to one class's ``reference``: ``params.repetitions`` searches (the
     second on a grid rotated by half a step, drawn from ``rng``), the better score per particle kept and the
     two searches' agreement recorded; a local iteration also tries the runner-up poses ``alternatives``."""
@@ -308,7 +263,7 @@ def _align_class(reference, sub, is_global, prior, alternatives, res_A, step_deg
     for r in range(params.repetitions):
         rotation = _random_rotation(0.5 * step_deg, rng).to(torch.float64) if r == 1 else None
         if is_global:
-            reps.append(_align_global(reference, sub, res_A, step_deg, sstep_px, params, rotation, work_dir, log))
+            reps.append(_align_global(reference, sub, res_A, step_deg, sstep_px, params, rotation, work_dir))
         else:
             reps.append(_align_local(reference, sub, res_A, step_deg, sstep_px, params, prior, rotation))
     best = reps[0]
@@ -320,59 +275,11 @@ def _align_class(reference, sub, is_global, prior, alternatives, res_A, step_deg
                 for key, v in reps[0].items()}
         best["agree"] = d <= step_deg
     if alternatives is not None and not is_global:
-        best = _better_of(best, prior[0], alternatives, reference, sub, res_A, step_deg, sstep_px, params, log)
+        best = _better_of(best, prior[0], alternatives, reference, sub, res_A, step_deg, sstep_px, params)
     return best
 
 
-# ------------------------------------------------------------------------------------------ files
-def _name(output_dir, iteration, n_classes, cls, what):
-    prefix = "" if iteration is None else "it%03d_" % iteration
-    cpart = "" if n_classes == 1 else "class%03d_" % (cls + 1)
-    return os.path.join(output_dir, prefix + cpart + what)
-
-
-def _write_json(path, data):
-    with atomic_output(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-
-
-def _copy(src, dst):
-    with atomic_output(dst) as tmp:
-        shutil.copyfile(src, tmp)
-
-
-def _remove(path):
-    if os.path.exists(path):
-        os.remove(path)
-
-
-def _model(history, params, n_classes):
-    """What ``it###_model.json`` and ``model.json`` hold: the last iteration's record (``history[-1]``), the
-    whole ``history``, the settings and the number of classes."""
-    return dict(history[-1], history=history, params=params.as_dict(), n_classes=n_classes)
-
-
-def _finished_model(path, last):
-    """The final model ``path`` when it exists and belongs to iteration ``last`` (so the final outputs beside
-    it are complete), else None."""
-    try:
-        with open(path) as f:
-            model = json.load(f)
-    except (FileNotFoundError, ValueError):
-        return None
-    complete = model.get("iteration") == last and "history" in model and "final_resolution_A" in model
-    return model if complete else None
-
-
-def last_completed_iteration(output_dir):
-    """The highest iteration with an ``it###_model.json`` in ``output_dir`` (0 when none)."""
-    done = [int(m.group(1)) for p in glob.glob(os.path.join(output_dir, "it[0-9][0-9][0-9]_model.json"))
-            for m in [re.match(r"it(\d{3})_model\.json$", os.path.basename(p))] if m]
-    return max(done) if done else 0
-
-
-# ------------------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------------------ reconstruction
 def _reconstruct(star, halves, classes, keep, n_classes, params):
     """Half-map reconstructors recs[k][h-1] of the kept particles."""
     device = torch.device(params.device)
@@ -422,19 +329,65 @@ def _posterior_reconstruct(star, halves, classes, keep, refs, resolution_A, diam
     return recs
 
 
-def refine_3d(particles, references, output_dir, params=None, mask=None, resume=False, log=print):
-    """Run the refinement (module docstring). Returns the final model dict.
+# ------------------------------------------------------------------------------------------ state
+class Sampling(NamedTuple):
+    """One iteration's search: alignment resolution (Å), angular step (°) and shift step (px)."""
+    resolution_A: float
+    angular_step_deg: float
+    shift_step_px: float
 
-    Args:
-        particles: particle STAR path (or :class:`~deepcryo.core.particles.ParticleStar`) with CTF columns.
-        references: initial map path(s) (MRC), same box and pixel size; several → multi-reference refinement.
-        output_dir: folder for every output.
-        params: :class:`RefineParams`.
-        mask: optional MRC path of a mask (values 0–1) for FSC and references.
-        resume: continue after the last completed iteration found in ``output_dir``; a finished run (complete
-            ``model.json``) is left as it is.
-    """
-    params = params or RefineParams()
+
+def iteration_sampling(resolution_A: float, pixel_size_A: float, diameter_A: float) -> Sampling:
+    """The sampling of an iteration after one at ``resolution_A`` (never beyond Nyquist) for a particle of
+    ``diameter_A`` (:mod:`.sampling`)."""
+    res_A = max(resolution_A, 2 * pixel_size_A)
+    return Sampling(res_A, angular_step_for_diameter(res_A, diameter_A), shift_step_for_resolution(res_A, pixel_size_A))
+
+
+@dataclasses.dataclass
+class RefineState:
+    """What the iterations change; per particle (N rows) unless said otherwise. ``history`` holds one entry
+    per completed iteration; ``rng`` draws the perturbations of the repetition consensus."""
+    halves: np.ndarray                   # (N,) half set, 1 or 2
+    classes: np.ndarray                  # (N,) class, 0-based
+    angles_deg: np.ndarray               # (N, 3) rlnAngleRot, Tilt, Psi
+    origins_A: np.ndarray                # (N, 2) rlnOriginX/YAngst
+    keep: np.ndarray                     # (N,) used in the last reconstruction
+    scores: np.ndarray                   # (N,) score of the pose
+    alternatives: Optional[Tuple[np.ndarray, np.ndarray]]  # runner-up (angles, origins) of the last global iteration
+    refs: List[Sequence[np.ndarray]]     # refs[k][h-1]: class k's reference for half h
+    resolution_A: float                  # of the last iteration (the initial low-pass before the first)
+    rng: np.random.Generator
+    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    best_resolution_A: float = math.inf
+    stalls: int = 0                      # iterations since the resolution last improved by 1 %
+    converged: bool = False
+
+    @property
+    def iteration(self) -> int:
+        """The last completed iteration (0 before the first)."""
+        return self.history[-1]["iteration"] if self.history else 0
+
+
+class Aligned(NamedTuple):
+    """The poses of one iteration's alignment (N rows); ``agree``: the two repetitions agree (all True with one),
+    ``alternatives``: runner-up (angles, origins) of a global search, None after a local one."""
+    angles_deg: np.ndarray
+    origins_A: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray
+    agree: np.ndarray
+    alternatives: Optional[Tuple[np.ndarray, np.ndarray]]
+
+
+def _iteration_record(history: List[Dict[str, Any]], params: "RefineParams", n_classes: int) -> Dict[str, Any]:
+    """What ``it###_model.json`` holds (besides the random state): the last history entry, the whole
+    ``history``, the settings and the number of classes."""
+    return dict(history[-1], history=history, params=params.as_dict(), n_classes=n_classes)
+
+
+def _read_inputs(particles, references, mask, params):
+    """The particles, the initial maps and the mask (or None), checked against each other and ``params``."""
     star = read_particles(particles) if isinstance(particles, str) else particles
     references = [references] if isinstance(references, str) else list(references)
     if len(star) < 4:
@@ -442,216 +395,272 @@ def refine_3d(particles, references, output_dir, params=None, mask=None, resume=
     star.require("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
     px, box = star.pixel_size_A, star.box_size
     params.check(box, px)
-    maps = []
-    for path in references:
-        vol, vpx = read_mrc(path)
-        if vol.ndim != 3 or set(vol.shape) != {box}:
-            raise InputError("%s: reference shape %s does not match the %d px particles" % (path, vol.shape, box))
-        if abs(vpx - px) > 1e-3 * px:
-            raise InputError("%s: pixel size %.4f Å/px differs from the particles' %.4f Å/px" % (path, vpx, px))
-        maps.append(vol)
-    mask_vol = None
-    if mask:
-        mask_vol, mpx = read_mrc(mask)
-        if mask_vol.shape != (box,) * 3:
-            raise InputError("%s: mask shape %s does not match the %d px particles" % (mask, mask_vol.shape, box))
-        if mask_vol.min() < -1e-3 or mask_vol.max() > 1 + 1e-3 or mask_vol.max() <= 0:
-            raise InputError("%s: a mask must have values in [0, 1] and not be empty" % mask)
-    diameter = params.particle_diameter_A or 0.8 * box * px
-    mask_t = refinement_mask(box, px, diameter, mask_vol)
-    n_classes = len(maps)
-    os.makedirs(output_dir, exist_ok=True)
-    work_dir = os.path.join(output_dir, "work")
-    os.makedirs(work_dir, exist_ok=True)
+    return star, read_references(references, box, px), read_mask(mask, box)
+
+
+def _initial_state(star: ParticleStar, maps: Sequence[np.ndarray], mask: torch.Tensor,
+                   params: "RefineParams") -> RefineState:
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
-
     halves = half_split(star, params.seed)
     n = len(star)
-    classes = np.zeros(n, dtype=np.int64)
     angles, origins = (star.angles_deg(), star.origins_A()) if star.has_poses() else (np.zeros((n, 3)), np.zeros((n, 2)))
-    keep = np.ones(n, dtype=bool)
-    score = np.zeros(n)
-    alternatives = None    # runner-up (angles, origins) of the last global iteration, for the next local one
-    refs = [[fourier.lowpass_volume(torch.as_tensor(m), params.initial_resolution_A, px).numpy() * mask_t.numpy()
-             for _ in range(2)] for m in maps]
-    resolution = params.initial_resolution_A
-    history, start = [], 1
+    return RefineState(halves=halves, classes=np.zeros(n, dtype=np.int64), angles_deg=angles, origins_A=origins,
+                       keep=np.ones(n, dtype=bool), scores=np.zeros(n), alternatives=None,
+                       refs=initial_references(maps, params.initial_resolution_A, star.pixel_size_A, mask),
+                       resolution_A=params.initial_resolution_A, rng=rng)
+
+
+def _resume(state: RefineState, layout: RefineLayout, n_particles: int) -> None:
+    """``state`` after the last completed iteration of ``layout`` (unchanged when there is none)."""
+    remove_stale_parts_in(layout.output_dir)  # temporaries of a run killed while writing
+    it = layout.last_completed_iteration()
+    if it == 0:
+        return
+    record, prev, refs = layout.read_iteration(it)
+    if len(prev) != n_particles:
+        raise InputError("cannot continue: %s has %d particles, the input %d"
+                         % (layout.output_dir, len(prev), n_particles))
+    state.history = record["history"]
+    state.angles_deg, state.origins_A = prev.angles_deg(), prev.origins_A()
+    state.halves = np.asarray(prev.particles["rlnRandomSubset"], dtype=np.int64)
+    state.classes = np.asarray(prev.particles["rlnClassNumber"], dtype=np.int64) - 1
+    state.keep = np.asarray(prev.particles["dcSwiftKept"], dtype=bool)
+    state.scores = np.asarray(prev.particles["dcSwiftScore"], dtype=np.float64)
+    state.alternatives = _read_alternatives(prev)
+    if "random_state" in record:         # the draws of an uninterrupted run (older files lack it)
+        state.rng.bit_generator.state = record["random_state"]
+    state.resolution_A = record["resolution_A"]
+    state.refs = refs
+    state.best_resolution_A = min(h["resolution_A"] for h in state.history)
+    state.stalls = state.history[-1]["stalls"]
+    state.converged = bool(state.history[-1].get("converged"))
+    logger.info("continuing after iteration %d (resolution %.2f Å)", it, state.resolution_A)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def refine_3d(particles: Union[str, ParticleStar], references: Union[str, Sequence[str]], output_dir: str,
+              params: Optional["RefineParams"] = None, mask: Optional[str] = None,
+              resume: bool = False) -> Dict[str, Any]:
+    """Run the refinement (module docstring). Returns the final record (what ``model.json`` holds).
+
+    Args:
+        particles: particle STAR path (or :class:`~deepcryo.core.particles.ParticleStar`) with CTF columns.
+        references: initial map path(s) (MRC), same box and pixel size; several → multi-reference refinement.
+        output_dir: folder for every output (:class:`.layout.RefineLayout`).
+        params: :class:`RefineParams`.
+        mask: optional MRC path of a mask (values 0–1) for FSC and references.
+        resume: continue after the last completed iteration found in ``output_dir``; a finished run (complete
+            ``model.json``) is left as it is.
+    """
+    params = params or RefineParams()
+    star, maps, mask_vol = _read_inputs(particles, references, mask, params)
+    px, box = star.pixel_size_A, star.box_size
+    diameter_A = params.particle_diameter_A or 0.8 * box * px
+    mask_t = refinement_mask(box, px, diameter_A, mask_vol)
+    layout = RefineLayout(output_dir, len(maps))
+    os.makedirs(output_dir, exist_ok=True)
+    os.makedirs(layout.work_dir, exist_ok=True)
+    state = _initial_state(star, maps, mask_t, params)
     if resume:
-        remove_stale_parts_in(output_dir)  # temporaries of a run killed while writing
-        start = last_completed_iteration(output_dir) + 1
-        if start > 1:
-            it = start - 1
-            with open(os.path.join(output_dir, "it%03d_model.json" % it)) as f:
-                model = json.load(f)
-            history = model["history"]
-            prev = read_particles(os.path.join(output_dir, "it%03d_particles.star" % it))
-            if len(prev) != n:
-                raise InputError("cannot continue: %s has %d particles, the input %d"
-                                    % (output_dir, len(prev), n))
-            angles, origins = prev.angles_deg(), prev.origins_A()
-            halves = np.asarray(prev.particles["rlnRandomSubset"], dtype=np.int64)
-            classes = np.asarray(prev.particles["rlnClassNumber"], dtype=np.int64) - 1
-            keep = np.asarray(prev.particles["dcSwiftKept"], dtype=bool)
-            score = np.asarray(prev.particles["dcSwiftScore"], dtype=np.float64)
-            alternatives = _read_alternatives(prev)
-            if "random_state" in model:         # the draws of an uninterrupted run (older files lack it)
-                rng.bit_generator.state = model["random_state"]
-            resolution = model["resolution_A"]
-            refs = [[read_mrc(_name(output_dir, it, n_classes, k, "ref_half%d.mrc" % h))[0] for h in (1, 2)]
-                    for k in range(n_classes)]
-            log("continuing after iteration %d (resolution %.2f Å)" % (it, resolution))
-    model = _model(history, params, n_classes) if history else None
-    best_res, stalls = (min(h["resolution_A"] for h in history), history[-1]["stalls"]) if history else (math.inf, 0)
-    converged = bool(history and history[-1].get("converged"))
-    iteration = start
-    final_path = os.path.join(output_dir, "model.json")
-    if iteration <= params.max_iterations and not converged:
-        _remove(final_path)                # the final outputs, if any, are those of an earlier iteration
-    elif model is not None:
-        finished = _finished_model(final_path, model["iteration"])
+        _resume(state, layout, len(star))
+    if state.iteration < params.max_iterations and not state.converged:
+        layout.remove_final_record()     # the final outputs, if any, are those of an earlier iteration
+    elif state.history:
+        finished = layout.finished_record(state.iteration)
         if finished is not None:
-            shutil.rmtree(work_dir, ignore_errors=True)
-            log("%s: finished after iteration %d, nothing to do" % (output_dir, model["iteration"]))
+            shutil.rmtree(layout.work_dir, ignore_errors=True)
+            logger.info("%s: finished after iteration %d, nothing to do", output_dir, state.iteration)
             return finished
-    while iteration <= params.max_iterations and not converged:
+    while state.iteration < params.max_iterations and not state.converged:
         t0, cpu0 = time.time(), time.process_time()
+        iteration = state.iteration + 1
         is_global = iteration <= params.global_iterations or (iteration == 1 and not star.has_poses())
-        res_align = max(resolution, 2 * px)
-        step = angular_step_for_diameter(res_align, diameter)
-        sstep = shift_step_for_resolution(res_align, px)
-        new_angles, new_origins, new_score = angles.copy(), origins.copy(), np.full(n, -np.inf)
-        new_classes = classes.copy()
-        agree = np.ones(n, dtype=bool)
-        alt_angles, alt_origins = new_angles.copy(), new_origins.copy()
-        for h in (1, 2):
-            sel = np.nonzero(halves == h)[0]
-            sub = star.subset(sel)
-            per_class = []
-            for k in range(n_classes):
-                per_class.append(_align_class(
-                    refs[k][h - 1], sub, is_global, (angles[sel], origins[sel]),
-                    None if alternatives is None else (alternatives[0][sel], alternatives[1][sel]),
-                    res_align, step, sstep, params, rng, work_dir, log))
-            scores = np.stack([c["score"] for c in per_class])
-            win = scores.argmax(0)
-            ar = np.arange(len(sel))
-            new_classes[sel] = win
-            new_angles[sel] = np.stack([c["angles_deg"] for c in per_class])[win, ar]
-            new_origins[sel] = np.stack([c["origins_A"] for c in per_class])[win, ar]
-            new_score[sel] = scores[win, ar]
-            if is_global:
-                alt_angles[sel] = np.stack([c["alt_angles_deg"] for c in per_class])[win, ar]
-                alt_origins[sel] = np.stack([c["alt_origins_A"] for c in per_class])[win, ar]
-            if params.repetitions == 2:
-                agree[sel] = np.stack([c["agree"] for c in per_class])[win, ar]
-        change = pose_distance_deg(torch.as_tensor(angles), torch.as_tensor(new_angles), params.symmetry).numpy()
-        shift_change = np.linalg.norm(new_origins - origins, axis=1)
-        angles, origins, score, classes, keep = new_angles, new_origins, new_score, new_classes, agree
-        alternatives = (alt_angles, alt_origins) if is_global else None
+        sampling = iteration_sampling(state.resolution_A, px, diameter_A)
+        if is_global:
+            aligned = align_global(state, star, sampling, params, layout.work_dir)
+        else:
+            aligned = align_local(state, star, sampling, params)
+        change_deg, shift_change_A = _accept_poses(state, aligned, params.symmetry)
         t_align = time.time() - t0
-        recs = _reconstruct(_with_poses(star, angles, origins), halves, classes, keep, n_classes, params)
-        curves, half_maps, res_k = [], [], []
-        for k in range(n_classes):
-            if min(recs[k][0].count, recs[k][1].count) == 0:
-                log("class %d has no particles in one half: its reference is kept" % (k + 1))
-                half_maps.append(refs[k])
-                curves.append(np.zeros(box // 2 + 1))
-                res_k.append(math.inf)
-                continue
-            h1, h2 = recs[k][0].reconstruct(), recs[k][1].reconstruct()
-            curve = masked_fsc(h1, h2, mask_t.numpy(), seed=params.seed + iteration).corrected
-            curves.append(curve)
-            half_maps.append((h1, h2))
-            res_k.append(fsc_resolution_A(curve, px, 0.143))
-        finite = [r for r in res_k if math.isfinite(r)]
-        new_resolution = max(2 * px, float(np.mean(finite))) if finite else resolution
-        # references for the next iteration
-        new_refs = []
-        for k in range(n_classes):
-            if not math.isfinite(res_k[k]):
-                new_refs.append(refs[k])
-                continue
-            filt = reference_filter(curves[k], res_k[k], box, px)
-            ssnr = fsc_to_half_ssnr(curves[k])
-            f1 = _apply_shell_filter(recs[k][0].reconstruct(ssnr=ssnr), filt).numpy()
-            f2 = _apply_shell_filter(recs[k][1].reconstruct(ssnr=ssnr), filt).numpy()
-            j1, j2 = join_halves(f1, f2, params.join_resolution_A, px)
-            new_refs.append([j1 * mask_t.numpy(), j2 * mask_t.numpy()])
-        refs = new_refs
-        improved = new_resolution < best_res * 0.99
-        best_res = min(best_res, new_resolution)
-        stalls = 0 if improved else stalls + 1
-        median_change = float(np.median(change))
-        converged = (not is_global and stalls >= 2 and median_change < step)
-        resolution = new_resolution
-        entry = {"iteration": iteration, "mode": "global" if is_global else "local", "align_resolution_A": res_align,
-                 "angular_step_deg": step, "shift_step_px": sstep, "resolution_A": new_resolution,
-                 "class_resolution_A": [float(r) for r in res_k], "median_angle_change_deg": median_change,
-                 "mean_shift_change_A": float(np.mean(shift_change)), "fraction_kept": float(keep.mean()),
-                 "class_fractions": [float(np.mean(classes == k)) for k in range(n_classes)],
-                 "mean_score": float(np.mean(score)), "stalls": stalls, "converged": converged,
-                 "align_seconds": t_align, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0}
-        history.append(entry)
-        out_star = _output_star(star, angles, origins, halves, classes, score, keep, alternatives)
-        for k in range(n_classes):
-            write_mrc(_name(output_dir, iteration, n_classes, k, "half1.mrc"), half_maps[k][0], px)
-            write_mrc(_name(output_dir, iteration, n_classes, k, "half2.mrc"), half_maps[k][1], px)
-            write_mrc(_name(output_dir, iteration, n_classes, k, "ref_half1.mrc"), refs[k][0], px)
-            write_mrc(_name(output_dir, iteration, n_classes, k, "ref_half2.mrc"), refs[k][1], px)
-            write_fsc_star(_name(output_dir, iteration, n_classes, k, "fsc.star"), curves[k], box, px)
-        write_particles(os.path.join(output_dir, "it%03d_particles.star" % iteration), out_star)
-        model = _model(history, params, n_classes)
-        _write_json(os.path.join(output_dir, "it%03d_model.json" % iteration),
-                    dict(model, random_state=rng.bit_generator.state))
-        log("iteration %d (%s): align %.2f Å, step %.2f°, shift step %.2f px -> resolution %.2f Å; "
-            "median pose change %.2f°, kept %.1f%%, %.1f s"
-            % (iteration, entry["mode"], res_align, step, sstep, new_resolution, median_change,
-               100 * keep.mean(), entry["seconds"]))
-        iteration += 1
-    if model is None:
+        recs, half_maps, curves, class_res = reconstruct_halves(star, state, mask_t, params, iteration)
+        new_resolution = update_references(state, recs, curves, class_res, mask_t, params, px)
+        entry = check_convergence(state, iteration, is_global, sampling, new_resolution, class_res, change_deg)
+        entry.update(mean_shift_change_A=float(np.mean(shift_change_A)), **_population(state, len(maps)))
+        entry.update(align_seconds=t_align, seconds=time.time() - t0, cpu_seconds=time.process_time() - cpu0)
+        _save_iteration(state, star, layout, entry, half_maps, curves, params)
+    if not state.history:
         raise InputError("%s: nothing to continue from and no iteration to run" % output_dir)
-    last = model["iteration"]
-    # final outputs: the last particles; both halves reconstructed with pose posteriors, their FSC, the map
-    final_star = read_particles(os.path.join(output_dir, "it%03d_particles.star" % last))
+    return _final_maps(state, layout, mask_t, diameter_A, params)
+
+
+def align_global(state: RefineState, star: ParticleStar, sampling: Sampling, params: "RefineParams",
+                 work_dir: str) -> Aligned:
+    """Every particle searched globally against its half's reference of each class (an index each, built in
+    ``work_dir``), with its runner-up pose kept for the next iteration."""
+    return _align_halves(state, star, True, sampling, params, work_dir)
+
+
+def align_local(state: RefineState, star: ParticleStar, sampling: Sampling, params: "RefineParams") -> Aligned:
+    """Every particle searched around its pose (and its runner-up after a global iteration) against its half's
+    reference of each class, scored exactly."""
+    return _align_halves(state, star, False, sampling, params, None)
+
+
+def _align_halves(state, star, is_global, sampling, params, work_dir):
+    """:func:`_align_class` per half and class; each particle takes the class whose reference it matches best."""
+    n, n_classes = len(star), len(state.refs)
+    new_angles, new_origins, new_score = state.angles_deg.copy(), state.origins_A.copy(), np.full(n, -np.inf)
+    new_classes = state.classes.copy()
+    agree = np.ones(n, dtype=bool)
+    alt_angles, alt_origins = new_angles.copy(), new_origins.copy()
+    for h in (1, 2):
+        sel = np.nonzero(state.halves == h)[0]
+        sub = star.subset(sel)
+        prior = (state.angles_deg[sel], state.origins_A[sel])
+        alternatives = None if state.alternatives is None else (state.alternatives[0][sel], state.alternatives[1][sel])
+        per_class = [_align_class(state.refs[k][h - 1], sub, is_global, prior, alternatives, *sampling, params,
+                                  state.rng, work_dir) for k in range(n_classes)]
+        scores = np.stack([c["score"] for c in per_class])
+        win = scores.argmax(0)
+        ar = np.arange(len(sel))
+        new_classes[sel] = win
+        new_angles[sel] = np.stack([c["angles_deg"] for c in per_class])[win, ar]
+        new_origins[sel] = np.stack([c["origins_A"] for c in per_class])[win, ar]
+        new_score[sel] = scores[win, ar]
+        if is_global:
+            alt_angles[sel] = np.stack([c["alt_angles_deg"] for c in per_class])[win, ar]
+            alt_origins[sel] = np.stack([c["alt_origins_A"] for c in per_class])[win, ar]
+        if params.repetitions == 2:
+            agree[sel] = np.stack([c["agree"] for c in per_class])[win, ar]
+    return Aligned(new_angles, new_origins, new_classes, new_score, agree,
+                   (alt_angles, alt_origins) if is_global else None)
+
+
+def _accept_poses(state: RefineState, aligned: Aligned, symmetry: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Take the ``aligned`` poses into ``state``; returns each particle's pose change (°) and shift change (Å)."""
+    change = pose_distance_deg(torch.as_tensor(state.angles_deg), torch.as_tensor(aligned.angles_deg),
+                               symmetry).numpy()
+    shift_change = np.linalg.norm(aligned.origins_A - state.origins_A, axis=1)
+    state.angles_deg, state.origins_A, state.scores = aligned.angles_deg, aligned.origins_A, aligned.scores
+    state.classes, state.keep, state.alternatives = aligned.classes, aligned.agree, aligned.alternatives
+    return change, shift_change
+
+
+def reconstruct_halves(star: ParticleStar, state: RefineState, mask: torch.Tensor, params: "RefineParams",
+                       iteration: int) -> Tuple[List[List[Reconstructor]], List[Sequence[np.ndarray]],
+                                            List[np.ndarray], List[float]]:
+    """Both half maps of each class from the kept particles at their poses, their masked FSC (corrected by
+    phase randomisation) and resolution at 0.143. Returns (recs[k][h-1], half_maps[k], curves[k],
+    class_resolution_A[k]); a class without particles in one half keeps its references as half maps, a zero
+    FSC and an infinite resolution."""
+    n_classes, box, px = len(state.refs), star.box_size, star.pixel_size_A
+    recs = _reconstruct(_with_poses(star, state.angles_deg, state.origins_A), state.halves, state.classes,
+                        state.keep, n_classes, params)
+    curves, half_maps, class_res = [], [], []
+    for k in range(n_classes):
+        if min(recs[k][0].count, recs[k][1].count) == 0:
+            logger.info("class %d has no particles in one half: its reference is kept", k + 1)
+            half_maps.append(state.refs[k])
+            curves.append(np.zeros(box // 2 + 1))
+            class_res.append(math.inf)
+            continue
+        h1, h2 = recs[k][0].reconstruct(), recs[k][1].reconstruct()
+        curve = masked_fsc(h1, h2, mask.numpy(), seed=params.seed + iteration).corrected
+        curves.append(curve)
+        half_maps.append((h1, h2))
+        class_res.append(fsc_resolution_A(curve, px, 0.143))
+    return recs, half_maps, curves, class_res
+
+
+def update_references(state: RefineState, recs: Sequence[Sequence[Reconstructor]], curves: Sequence[np.ndarray], class_resolution_A: Sequence[float],
+                      mask: torch.Tensor, params: "RefineParams", pixel_size_A: float) -> float:
+    """The next references into ``state`` (:func:`.references.next_references`); returns the iteration's
+    resolution (Å): the mean over the classes that have one, never beyond Nyquist."""
+    finite = [r for r in class_resolution_A if math.isfinite(r)]
+    new_resolution = max(2 * pixel_size_A, float(np.mean(finite))) if finite else state.resolution_A
+    state.refs = next_references(recs, curves, class_resolution_A, state.refs, mask, params.join_resolution_A,
+                                 pixel_size_A)
+    return new_resolution
+
+
+def check_convergence(state: RefineState, iteration: int, is_global: bool, sampling: Sampling, new_resolution_A: float,
+                      class_resolution_A: Sequence[float], change_deg: np.ndarray) -> Dict[str, Any]:
+    """Record ``new_resolution_A`` in ``state`` and decide convergence: a local iteration after two without a
+    1 % improvement of the resolution, with a median pose change below the angular step. Returns the
+    iteration's history entry so far (its sampling, resolution and pose change)."""
+    improved = new_resolution_A < state.best_resolution_A * 0.99
+    state.best_resolution_A = min(state.best_resolution_A, new_resolution_A)
+    state.stalls = 0 if improved else state.stalls + 1
+    median_change = float(np.median(change_deg))
+    state.converged = (not is_global and state.stalls >= 2 and median_change < sampling.angular_step_deg)
+    state.resolution_A = new_resolution_A
+    return {"iteration": iteration, "mode": "global" if is_global else "local",
+            "align_resolution_A": sampling.resolution_A, "angular_step_deg": sampling.angular_step_deg,
+            "shift_step_px": sampling.shift_step_px, "resolution_A": new_resolution_A,
+            "class_resolution_A": [float(r) for r in class_resolution_A], "median_angle_change_deg": median_change}
+
+
+def _population(state: RefineState, n_classes: int) -> Dict[str, Any]:
+    """The history entry's figures of the particle set, then the convergence state (in the files' key order)."""
+    return {"fraction_kept": float(state.keep.mean()),
+            "class_fractions": [float(np.mean(state.classes == k)) for k in range(n_classes)],
+            "mean_score": float(np.mean(state.scores)), "stalls": state.stalls, "converged": state.converged}
+
+
+def _save_iteration(state, star, layout, entry, half_maps, curves, params):
+    """Append ``entry`` to the history and write the iteration's files (:meth:`.layout.RefineLayout.write_iteration`)."""
+    state.history.append(entry)
+    out_star = _output_star(star, state.angles_deg, state.origins_A, state.halves, state.classes, state.scores,
+                            state.keep, state.alternatives)
+    layout.write_iteration(entry["iteration"], half_maps, state.refs, curves, out_star,
+                           _iteration_record(state.history, params, layout.n_classes), state.rng.bit_generator.state,
+                           star.pixel_size_A)
+    logger.info("iteration %d (%s): align %.2f Å, step %.2f°, shift step %.2f px -> resolution %.2f Å; "
+                "median pose change %.2f°, kept %.1f%%, %.1f s",
+                entry["iteration"], entry["mode"], entry["align_resolution_A"], entry["angular_step_deg"],
+                entry["shift_step_px"], entry["resolution_A"], entry["median_angle_change_deg"],
+                100 * state.keep.mean(), entry["seconds"])
+
+
+def _final_maps(state: RefineState, layout: RefineLayout, mask: torch.Tensor, diameter_A: float,
+                params: "RefineParams") -> Dict[str, Any]:
+    """The final outputs from the last iteration's particles: both halves reconstructed with pose posteriors,
+    their FSC, the map, then ``model.json``; returns the final record."""
+    record = _iteration_record(state.history, params, layout.n_classes)
+    last, n_classes = record["iteration"], layout.n_classes
+    final_star = read_particles(layout.iteration_particles_path(last))
+    px, box = final_star.pixel_size_A, final_star.box_size
     final_halves = np.asarray(final_star.particles["rlnRandomSubset"])
     final_classes = np.asarray(final_star.particles["rlnClassNumber"]) - 1
     final_keep = np.asarray(final_star.particles["dcSwiftKept"], dtype=bool)
     t0 = time.time()
-    recs = _posterior_reconstruct(final_star, final_halves, final_classes, final_keep, refs, model["resolution_A"],
-                                  diameter, n_classes, params)
+    recs = _posterior_reconstruct(final_star, final_halves, final_classes, final_keep, state.refs,
+                                  record["resolution_A"], diameter_A, n_classes, params)
     final_res = []
     for k in range(n_classes):
         if min(recs[k][0].count, recs[k][1].count) == 0:
             final_res.append(math.inf)
-            for name in ("half1.mrc", "half2.mrc", "fsc.star"):
-                _copy(_name(output_dir, last, n_classes, k, name), _name(output_dir, None, n_classes, k, name))
+            layout.copy_iteration_class_files(last, k)
         else:
             h1, h2 = recs[k][0].reconstruct(), recs[k][1].reconstruct()
-            curve = masked_fsc(h1, h2, mask_t.numpy(), seed=params.seed + last + 1).corrected
+            curve = masked_fsc(h1, h2, mask.numpy(), seed=params.seed + last + 1).corrected
             final_res.append(fsc_resolution_A(curve, px, 0.143))
-            write_mrc(_name(output_dir, None, n_classes, k, "half1.mrc"), h1, px)
-            write_mrc(_name(output_dir, None, n_classes, k, "half2.mrc"), h2, px)
-            write_fsc_star(_name(output_dir, None, n_classes, k, "fsc.star"), curve, box, px)
+            layout.write_final_class(k, h1, h2, curve, px)
         total = Reconstructor(box, symmetry=params.symmetry, device=torch.device(params.device))
         total.add(recs[k][0])
         total.add(recs[k][1])
-        write_mrc(_name(output_dir, None, n_classes, k, "map.mrc"), total.reconstruct(), px)
+        layout.write_final_map(k, total.reconstruct(), px)
     finite = [r for r in final_res if math.isfinite(r)]
-    model = dict(model, final_resolution_A=float(np.mean(finite)) if finite else model["resolution_A"],
-                 final_class_resolution_A=[float(r) for r in final_res], final_seconds=time.time() - t0)
-    _copy(os.path.join(output_dir, "it%03d_particles.star" % last), os.path.join(output_dir, "particles.star"))
-    _write_json(final_path, model)                         # last: it marks the final outputs as complete
-    shutil.rmtree(work_dir, ignore_errors=True)
-    log("final: %d iterations (%s); pose-weighted half maps: resolution %.2f Å (FSC 0.143; the last iteration's "
-        "best poses alone: %.2f Å), %.1f s"
-        % (last, "converged" if model["converged"] else "stopped at the iteration limit",
-           model["final_resolution_A"], model["resolution_A"], model["final_seconds"]))
-    return model
-
-
-# The name commands/refine.py imports until its call site follows the rename (at merge).
-refine = refine_3d
+    final_record = dict(record, final_resolution_A=float(np.mean(finite)) if finite else record["resolution_A"],
+                        final_class_resolution_A=[float(r) for r in final_res], final_seconds=time.time() - t0)
+    layout.write_final_record(last, final_record)      # model.json last: it marks the final outputs as complete
+    shutil.rmtree(layout.work_dir, ignore_errors=True)
+    logger.info("final: %d iterations (%s); pose-weighted half maps: resolution %.2f Å (FSC 0.143; the last "
+                "iteration's best poses alone: %.2f Å), %.1f s",
+                last, "converged" if final_record["converged"] else "stopped at the iteration limit",
+                final_record["final_resolution_A"], final_record["resolution_A"], final_record["final_seconds"])
+    return final_record
 
 
 def _with_poses(star, angles, origins):
@@ -686,7 +695,7 @@ def _read_alternatives(star):
     return values[:, :3], values[:, 3:]
 
 
-def _better_of(result, prior_angles, alternatives, reference, sub, res_A, step_deg, sstep_px, params, log):
+def _better_of(result, prior_angles, alternatives, reference, sub, res_A, step_deg, sstep_px, params):
     """``result`` (a local :func:`.query.align` dict over the particles ``sub`` from ``prior_angles``) with each
     particle whose runner-up pose (``alternatives``: angles (M, 3), origins Å (M, 2)) differs from its prior
     by more than one step searched locally from the runner-up too, the better-scoring pose kept."""
@@ -702,5 +711,5 @@ def _better_of(result, prior_angles, alternatives, reference, sub, res_A, step_d
     merged = {key: value.copy() for key, value in result.items()}
     for key, value in second.items():
         merged[key][rows[better]] = value[better]
-    log("runner-up poses searched for %d particles, %d of them better" % (len(rows), int(better.sum())))
+    logger.info("runner-up poses searched for %d particles, %d of them better", len(rows), int(better.sum()))
     return merged

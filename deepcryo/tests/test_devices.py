@@ -223,7 +223,7 @@ def test_refine_gives_its_device_to_the_index_and_the_search(small, monkeypatch,
     monkeypatch.setattr(swrefine, "align", lambda bundle, s, **kw: seen.update(align=kw.get("devices")) or {})
     params = swrefine.RefineParams(device="cuda:0")
     swrefine._align_global(phantom_volume(24), read_particles(star), 16.0, 15.0, 1.0, params, None,
-                           str(tmp_path), lambda m: None)
+                           str(tmp_path))
     assert seen == {"train": ["cuda:0"], "load": "cuda:0", "align": ["cuda:0"]}
 
 

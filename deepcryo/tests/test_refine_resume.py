@@ -58,19 +58,19 @@ STAGES = {
 
 def _arm(stage):
     """Make the call that marks ``stage`` SIGKILL this process (run in the child only)."""
-    from deepcryo.swiftalign import refine as r
+    from deepcryo.swiftalign import layout, refine as r
     named = lambda name: (lambda n, a: os.path.basename(a[0]) == name)  # noqa: E731
     replacing = lambda name: (lambda n, a: os.path.basename(a[1]) == name)  # noqa: E731
     owner, attr, when = {
         "input preparation": (r, "half_split", lambda n, a: True),
         "global alignment": (r.swindex, "load", lambda n, a: n == 2),               # half 2's index is built
-        "global iteration output": (r, "_write_json", named("it001_model.json")),   # it001_* but the model
+        "global iteration output": (layout, "_write_json", named("it001_model.json")),   # it001_* but the model
         "local alignment": (r, "align", lambda n, a: n == 2),
         "local reconstruction": (r.Reconstructor, "reconstruct", lambda n, a: n == 1),
         "local iteration output": (os, "replace", replacing("it002_particles.star")),  # inside the write
         "final pass": (r, "pose_posterior", lambda n, a: n == 2),
         "final maps": (os, "replace", replacing("map.mrc")),                        # inside the write
-        "final model": (r, "_write_json", named("model.json")),
+        "final model": (layout, "_write_json", named("model.json")),
         "clean-up": (r.shutil, "rmtree", named("work")),
     }[stage]
     original, calls = getattr(owner, attr), []

@@ -159,7 +159,7 @@ def refined(relion_rendered, tmp_path_factory):
     ref = str(d / "initial.mrc")
     write_mrc(ref, fourier.lowpass_volume(torch.as_tensor(rs.volume), 30.0, PX).numpy(), PX)
     out = str(d / "out")
-    model = refine_3d(inp, ref, out, RefineParams(max_iterations=6), log=print)
+    model = refine_3d(inp, ref, out, RefineParams(max_iterations=6))
     return rs, out, model
 
 

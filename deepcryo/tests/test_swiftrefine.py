@@ -24,7 +24,8 @@ from deepcryo.core.mrc import read_mrc, write_mrc
 from deepcryo.core.particles import read_particles
 from deepcryo.core.simulate import phantom_states, phantom_volume, write_particle_set
 from deepcryo.swiftalign import __main__ as cli
-from deepcryo.swiftalign.refine import RefineParams, join_halves, reference_filter, refine_3d
+from deepcryo.swiftalign.references import join_halves, reference_filter
+from deepcryo.swiftalign.refine import RefineParams, refine_3d
 from deepcryo.swiftalign.sampling import angular_step_for_diameter, shift_step_for_resolution
 from deepcryo.tests.poses import strip_poses
 
@@ -53,7 +54,7 @@ def main_run(tmp_path_factory):
     inp = strip_poses(truth_star, str(d / "sim" / "input.star"))
     ref = _lowpassed(vol, str(d / "initial.mrc"))
     out = str(d / "out")
-    model = refine_3d(inp, ref, out, RefineParams(max_iterations=6), log=print)
+    model = refine_3d(inp, ref, out, RefineParams(max_iterations=6))
     return dict(dir=d, vol=vol, truth=truth_star, input=inp, ref=ref, out=out, model=model)
 
 

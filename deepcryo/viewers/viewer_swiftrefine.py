@@ -22,9 +22,7 @@ fraction of particles kept, angular distribution.
 The figures come from plain functions of the refinement folder (:func:`iteration_fsc_curves`,
 :func:`plot_refine_history`), usable headless (Agg) as well as from the viewer.
 """
-import glob
 import os
-import re
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -35,17 +33,16 @@ from pwem.viewers import EmProtocolViewer
 from deepcryo.core.particles import read_particles
 from deepcryo.core.star import read_star
 from deepcryo.protocols import DeepCryoProtSwiftRefine
+from deepcryo.swiftalign.layout import RefineLayout
 from deepcryo.viewers.plots import plot_fsc_curves
 from deepcryo.viewers.viewer_swiftalign import plotAngularDistribution
 
 
 def iteration_fsc_curves(refine_dir, class_number=None):
     """``{"iteration N": curve}`` from ``it###[_class###]_fsc.star`` of a refinement folder, in order."""
-    pattern = "it[0-9][0-9][0-9]_%sfsc.star" % ("" if class_number is None else "class%03d_" % class_number)
     curves = {}
-    for path in sorted(glob.glob(os.path.join(refine_dir, pattern))):
+    for it, path in RefineLayout(refine_dir).iteration_fsc_paths(class_number):
         table = next(iter(read_star(path).values()))
-        it = int(re.match(r"it(\d{3})", os.path.basename(path)).group(1))
         curves["iteration %d" % it] = np.asarray(table["rlnFourierShellCorrelation"], dtype=np.float64)
     return curves
 
@@ -122,7 +119,7 @@ class DeepCryoSwiftRefineViewer(EmProtocolViewer):
         return [_show_png(fig, self.protocol._getExtraPath("refine_history.png"), "Refinement history")]
 
     def _showAngles(self, paramName=None):
-        path = os.path.join(self._refineDir(), "particles.star")
+        path = RefineLayout(self._refineDir()).path("particles.star")
         if not os.path.exists(path):
             return [self.errorMessage("No output particles yet.")]
         star = read_particles(path, require_images=False)

@@ -21,7 +21,7 @@ from deepcryo.constants import SYMMETRY_NAMES
 from deepcryo.core import cli
 from deepcryo.core.errors import InputError
 
-from ..refine import RefineParams, refine
+from ..refine import RefineParams, refine_3d
 from ._shared import add_common_args
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ def main(args):
                           whiten=args.whiten, seed=args.seed, device=args.device, batch_size=args.batch_size,
                           memory_limit_GB=args.memory_limit)
     try:
-        refine(args.particles, args.reference, args.output_dir, params, mask=args.mask, resume=args.resume,
-               log=logger.info)
+        refine_3d(args.particles, args.reference, args.output_dir, params, mask=args.mask, resume=args.resume)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     logger.info("wrote %s (%.1f s)", args.output_dir, time.time() - t0)
