@@ -62,7 +62,7 @@ _ID_BYTES = 8
 # sub-quantizer counts (= code bytes at 8 bits) of faiss-gpu's GpuIndexIVFPQ (IVFPQ::isSupportedPQCodeLength;
 # 56, 64 and 96 only with float16 lookup tables)
 GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
-_log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def default_factory(n_entries, dim, gpu=False):
@@ -97,7 +97,7 @@ def _core(index):
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message):
-    _log.warning(message)
+    logger.warning(message)
 
 
 def faiss_gpu_ids(devices):
@@ -195,7 +195,7 @@ def _batch_size(dim, memory_bytes):
     return max(1, int(memory_bytes // 8 // (3 * 4 * dim)))
 
 
-def train_template(gallery, factory, memory_bytes, log=print, seed=0):
+def train_template(gallery, factory, memory_bytes, seed=0):
     """The empty index ``factory`` trained on :func:`train_size` random gallery entries (computed batch by
     batch into one float32 array, so the sample is the only large buffer)."""
     dim = gallery.band.dim
@@ -210,7 +210,7 @@ def train_template(gallery, factory, memory_bytes, log=print, seed=0):
             sample[s:s + step] = gallery.vectors(ids[s:s + step]).numpy()
         template.train(sample)
         del sample
-        log("trained %s on %d vectors in %.1f s" % (factory, len(ids), time.time() - t0))
+        logger.info("trained %s on %d vectors in %.1f s", factory, len(ids), time.time() - t0)
     return template
 
 
@@ -221,7 +221,7 @@ def _write_shard(index, directory, number):
     return name
 
 
-def fill_shards(gallery, template, memory_bytes, directory, log=print):
+def fill_shards(gallery, template, memory_bytes, directory):
     """Add the whole gallery, streamed in batches, to copies of the trained ``template``; each copy is
     written (atomically) to ``directory/shard_###.faiss`` and released as soon as it holds
     :func:`shard_capacity` references, so one shard at a time is in memory.
@@ -242,25 +242,25 @@ def fill_shards(gallery, template, memory_bytes, directory, log=print):
         current.add(vecs.numpy())
         del vecs
         if first + current.ntotal >= next_report:
-            log("added %d / %d references (%.0f s)" % (first + current.ntotal, len(gallery), time.time() - t0))
+            logger.info("added %d / %d references (%.0f s)", first + current.ntotal, len(gallery), time.time() - t0)
             next_report += len(gallery) / 10
     shards.append({"file": _write_shard(current, directory, len(shards)), "first_id": int(first),
                    "n": int(current.ntotal)})
     return shards
 
 
-def build_index(gallery, factory, memory_bytes, directory, log=print, seed=0):
+def build_index(gallery, factory, memory_bytes, directory, seed=0):
     """Train ``factory`` on a gallery sample (:func:`train_template`) and fill it into shards written to
     ``directory`` (:func:`fill_shards`), all within ``memory_bytes`` (see the module docstring).
 
     Returns (the manifest's shard list, bytes per reference).
     """
-    template = train_template(gallery, factory, memory_bytes, log, seed)
+    template = train_template(gallery, factory, memory_bytes, seed)
     per_ref = bytes_per_reference(template)
     t0 = time.time()
-    shards = fill_shards(gallery, template, memory_bytes, directory, log)
-    log("index filled: %d references in %d shard(s), %d bytes each, %.1f s"
-        % (len(gallery), len(shards), per_ref, time.time() - t0))
+    shards = fill_shards(gallery, template, memory_bytes, directory)
+    logger.info("index filled: %d references in %d shard(s), %d bytes each, %.1f s",
+                len(gallery), len(shards), per_ref, time.time() - t0)
     return shards, per_ref
 
 
@@ -454,7 +454,7 @@ def _build_folder(output_dir):
 
 def train(reference, particles, output_dir, angular_step_deg=None, max_resolution_A=None, max_shift_px=5.0,
           shift_step_px=None, index_factory=None, n_ctf_groups=8, symmetry="C1", whiten=False, normalise=True,
-          memory_limit_GB=4.0, grid_rotation=None, devices=None, log=print):
+          memory_limit_GB=4.0, grid_rotation=None, devices=None):
     """Build ``output_dir`` (an index) for aligning ``particles`` (STAR path or ParticleStar) to ``reference``.
 
     Args:
@@ -511,14 +511,15 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
     factory = index_factory or default_factory(len(gallery), band.dim, gpu)
     if gpu:
         _require_gpu_factory(factory, band.dim)
-    log("gallery: %d poses x %d CTF groups x %d shifts = %d references, %d dims (%.1f Å, step %.2f°, shift step %.2f px)"
-        % (gallery.n_poses, gallery.n_groups, gallery.n_shifts, len(gallery), band.dim, max_resolution_A,
-           angular_step_deg, float(gallery.origins_px[1, 0] - gallery.origins_px[0, 0]) if gallery.n_shifts > 1 else 0))
+    logger.info("gallery: %d poses x %d CTF groups x %d shifts = %d references, %d dims (%.1f Å, step %.2f°, "
+                "shift step %.2f px)", gallery.n_poses, gallery.n_groups, gallery.n_shifts, len(gallery), band.dim,
+                max_resolution_A, angular_step_deg,
+                float(gallery.origins_px[1, 0] - gallery.origins_px[0, 0]) if gallery.n_shifts > 1 else 0)
     output_dir = os.path.abspath(output_dir)
     tmp = _build_folder(output_dir)
     try:
         try:
-            shards, per_ref = build_index(gallery, factory, memory_bytes, tmp, log)
+            shards, per_ref = build_index(gallery, factory, memory_bytes, tmp)
         except RuntimeError as exc:
             raise InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
         manifest = {"format": "deepcryo-swiftalign-1", "reference": "reference.mrc", "box": box,

@@ -24,6 +24,7 @@ origin, all scored exactly; the k best are refined as above ("far" then means mo
 Angles are RELION ZYZ (degrees), origins RELION's (px here, Å in STAR files): the particle centre sits at
 ``N//2 - origin``.
 """
+import logging
 import math
 import time
 from typing import NamedTuple
@@ -42,6 +43,8 @@ from .gallery import band_slices
 
 __all__ = ["ParticleBatch", "score_poses", "axis_angle_matrices", "refine_poses", "global_candidates", "index_matches",
            "local_candidates", "pose_posterior", "Selection", "select_and_refine", "align", "query"]
+
+logger = logging.getLogger(__name__)
 
 
 class ParticleBatch:
@@ -163,12 +166,13 @@ def index_matches(bundle, stack, ctf, rows, n, nprobe, batch_size, memory_bytes,
     return swindex.search(bundle.shards(devices), vectors, n, nprobe, memory_bytes)[1]
 
 
-def _search_block(bundle, n_matches, batch_size, memory_bytes, n, log):
+def _search_block(bundle, n_matches, batch_size, memory_bytes, n):
     """Particles per :func:`index_matches` call for a streamed index: as many batches as an eighth of the
     memory holds (a vector and the running top-k per particle)."""
     if bundle.shard_bytes > memory_bytes / 2:
-        log("warning: index shards of %.2f GB were built for a larger memory limit than %.2f GB; "
-            "rebuild the index with this --memory-limit to stay within it" % (bundle.shard_bytes / 1e9, memory_bytes / 1e9))
+        logger.warning("warning: index shards of %.2f GB were built for a larger memory limit than %.2f GB; "
+                       "rebuild the index with this --memory-limit to stay within it",
+                       bundle.shard_bytes / 1e9, memory_bytes / 1e9)
     per_particle = 4 * bundle.band.dim + 12 * n_matches
     return min(n, max(1, int(memory_bytes // 8 // per_particle) // batch_size) * batch_size)
 
@@ -268,7 +272,7 @@ def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score
 
 
 def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prior_origins_A=None,
-          local_steps=2, local_shift_px=None, batch_size=None, memory_limit_GB=4.0, devices=None, log=print,
+          local_steps=2, local_shift_px=None, batch_size=None, memory_limit_GB=4.0, devices=None,
           levels=4, passes=2, refine_far=True):
     """Align the particles of ``star`` (a checked :class:`ParticleStar`) with an :class:`.index.IndexBundle`.
 
@@ -299,7 +303,7 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
         local_shift_px = m["max_shift_px"] if local_shift_px is None else local_shift_px
     else:
         memory_bytes = memory_limit_GB * 1e9
-        block = batch_size if bundle.resident else _search_block(bundle, 4 * k, batch_size, memory_bytes, n, log)
+        block = batch_size if bundle.resident else _search_block(bundle, 4 * k, batch_size, memory_bytes, n)
         block_start, block_ids = 0, np.zeros((0, 4 * k), dtype=np.int64)     # index matches of particles block_start…
     t0 = time.time()
     with star.open_images() as stack:
@@ -331,13 +335,13 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
             out["alt_score"][idx] = f_score.numpy()
             if group is not None:
                 out["ctf_group"][idx] = group[torch.arange(len(idx)), w_idx].numpy()
-            log("aligned %d / %d particles (%.1f s, %.1f ms/particle)"
-                % (idx[-1] + 1, n, time.time() - t0, 1e3 * (time.time() - t0) / (idx[-1] + 1)))
+            logger.debug("aligned %d / %d particles (%.1f s, %.1f ms/particle)",
+                         idx[-1] + 1, n, time.time() - t0, 1e3 * (time.time() - t0) / (idx[-1] + 1))
     return out
 
 
 def query(index_dir, particles, output, k=5, nprobe=32, local=False, prior=None, local_steps=2,
-          local_shift_px=None, devices=None, memory_limit_GB=4.0, log=print):
+          local_shift_px=None, devices=None, memory_limit_GB=4.0):
     """Align the particles of STAR ``particles`` with ``index_dir`` and write ``output`` (STAR).
 
     Local mode takes the prior poses from STAR ``prior`` (default: the particles' own angles and origins).
@@ -361,7 +365,7 @@ def query(index_dir, particles, output, k=5, nprobe=32, local=False, prior=None,
         prior_angles, prior_origins = pstar.angles_deg(), pstar.origins_A()
     result = align(bundle, star, k=k, nprobe=nprobe, local=local, prior_angles_deg=prior_angles,
                    prior_origins_A=prior_origins, local_steps=local_steps, local_shift_px=local_shift_px,
-                   memory_limit_GB=memory_limit_GB, devices=devices, log=log)
+                   memory_limit_GB=memory_limit_GB, devices=devices)
     if output is not None:
         out = star.copy()
         out.set_poses(result["angles_deg"], result["origins_A"])

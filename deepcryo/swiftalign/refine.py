@@ -272,10 +272,10 @@ def _align_global(reference, star, res_A, step_deg, sstep_px, params, rotation, 
                   index_factory="Flat" if flat else None,
                   max_shift_px=max_shift, shift_step_px=sstep_px, n_ctf_groups=params.n_ctf_groups,
                   symmetry=params.symmetry, whiten=params.whiten, memory_limit_GB=params.memory_limit_GB,
-                  grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device], log=log)
+                  grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device])
     bundle = swindex.load(index_dir, params.device)
     out = align(bundle, star, k=params.k, nprobe=params.nprobe, memory_limit_GB=params.memory_limit_GB,
-                devices=[params.device], log=lambda msg: None)
+                devices=[params.device])
     shutil.rmtree(index_dir, ignore_errors=True)
     return out
 
@@ -296,7 +296,7 @@ def _align_local(reference, star, res_A, step_deg, sstep_px, params, prior, rota
     ref = LocalReference(reference, px, res_A, step_deg, sstep_px, max_shift, params.symmetry, sqrt_w, params.device)
     return align(ref, star, k=1, local=True, prior_angles_deg=angles, prior_origins_A=origins_A,
                  local_steps=params.local_steps, local_shift_px=min(max_shift, 2 * sstep_px),
-                 memory_limit_GB=params.memory_limit_GB, log=lambda msg: None, passes=1, refine_far=False)
+                 memory_limit_GB=params.memory_limit_GB, passes=1, refine_far=False)
 
 
 def _align_class(reference, sub, is_global, prior, alternatives, res_A, step_deg, sstep_px, params, rng, work_dir,
