@@ -52,6 +52,7 @@ from deepcryo.core.projector import Projector
 from .features import Band, noise_weights
 from .sampling import angular_step_for_box, shift_step_for_resolution
 from .gallery import Gallery, ctf_groups, gallery_poses, group_ctf_band
+from .target import SearchIndex
 
 __all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "shard_capacity", "train_template",
            "fill_shards", "build_index", "merge_topk", "search", "set_nprobe", "to_devices", "train", "IndexBundle",
@@ -341,8 +342,9 @@ def _read_faiss(path):
         raise InputError("%s: not a readable faiss index (corrupt, truncated or another format)" % path)
 
 
-class IndexBundle:
-    """A loaded ``index_dir``: manifest, projector of the map, band, gallery and (lazily) the shards."""
+class IndexBundle(SearchIndex):
+    """A loaded ``index_dir``: manifest, projector of the map, band, gallery and (lazily) the shards; the
+    :class:`.target.SearchIndex` that :func:`.query.align` searches."""
 
     def __init__(self, directory, manifest, device="cpu"):
         self.directory = directory

@@ -40,9 +40,11 @@ from deepcryo.core.particles import read_particles, write_particles
 from . import index as swindex
 from .features import vectors_from_band
 from .gallery import band_slices
+from .target import AlignTarget, SearchIndex
 
-__all__ = ["ParticleBatch", "score_poses", "axis_angle_matrices", "refine_poses", "global_candidates", "index_matches",
-           "local_candidates", "pose_posterior", "Selection", "select_and_refine", "align", "query"]
+__all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_poses", "axis_angle_matrices", "refine_poses",
+           "global_candidates", "index_matches", "local_candidates", "pose_posterior", "Selection", "select_and_refine",
+           "align", "query"]
 
 logger = logging.getLogger(__name__)
 
@@ -271,10 +273,12 @@ def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score
     return Selection(w_rot, w_org, w_score, gap, top[ar, win], f_rot, f_org, f_score)
 
 
-def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prior_origins_A=None,
+def align(bundle: AlignTarget, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prior_origins_A=None,
           local_steps=2, local_shift_px=None, batch_size=None, memory_limit_GB=4.0, devices=None,
           levels=4, passes=2, refine_far=True):
-    """Align the particles of ``star`` (a checked :class:`ParticleStar`) with an :class:`.index.IndexBundle`.
+    """Align the particles of ``star`` (a checked :class:`ParticleStar`) with ``bundle``: any
+    :class:`AlignTarget` in local mode (``refine.LocalReference``: a map without an index), a
+    :class:`SearchIndex` (:class:`.index.IndexBundle`) in global mode.
 
     Global mode searches ``4·k`` index matches, re-ranks them exactly and refines the best ``k``; local mode
     scores every pose within ±``local_steps`` angular steps and ±``local_shift_px`` px of the prior and
