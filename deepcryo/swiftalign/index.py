@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import faiss
 import numpy as np
@@ -66,7 +67,7 @@ GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 9
 logger = logging.getLogger(__name__)
 
 
-def default_factory(n_entries, dim, gpu=False):
+def default_factory(n_entries: int, dim: int, gpu: bool = False) -> str:
     """faiss factory string for a gallery of ``n_entries`` vectors of ``dim`` floats, for a CPU index or,
     with ``gpu``, for one that faiss-gpu can search (see module docstring)."""
     if n_entries < 10000:
@@ -79,7 +80,7 @@ def default_factory(n_entries, dim, gpu=False):
     return "PCA%d,IVF%d,PQ%dx4fs" % (d, nlist, d // 2)
 
 
-def gpu_capable(index):
+def gpu_capable(index: faiss.Index) -> bool:
     """Whether faiss-gpu can hold ``index`` (a CPU index, trained or not): a flat index, IVF-Flat, IVF-SQ, or
     IVF-PQ with 8-bit codes and a sub-quantizer count of :data:`GPU_PQ_SUBQUANTIZERS`, possibly behind a
     transform (PCA, OPQ). Fast-scan (``…fs``) and graph indexes are CPU-only."""
@@ -101,7 +102,7 @@ def _warn_once(message):
     logger.warning(message)
 
 
-def faiss_gpu_ids(devices):
+def faiss_gpu_ids(devices: Optional[Sequence[str]]) -> List[int]:
     """GPU ids of the CUDA devices in ``devices`` (['cuda:0', …], as checked by
     :func:`deepcryo.core.cli.parse_devices`) that faiss can search on; [] for CPU devices, and [] with one
     warning line when GPUs are asked for but this faiss has no GPU support or sees fewer GPUs."""
@@ -124,7 +125,7 @@ def _nlist(index):
     return ivf.nlist if ivf is not None else 0
 
 
-def train_size(index, n_entries, dim, memory_bytes):
+def train_size(index: faiss.Index, n_entries: int, dim: int, memory_bytes: float) -> int:
     """Training sample size: 30 vectors per inverted list (at least 10 000 for the PQ codebooks), at most
     the gallery and an eighth of the memory limit (faiss holds a few more copies of the sample while it
     trains: the PCA-transformed vectors, the k-means subsample, the residuals)."""
@@ -134,13 +135,13 @@ def train_size(index, n_entries, dim, memory_bytes):
     return int(min(n_entries, want, memory_bytes // 8 // (4 * dim)))
 
 
-def shard_capacity(bytes_per_ref, memory_bytes):
+def shard_capacity(bytes_per_ref: int, memory_bytes: float) -> int:
     """References per shard: a quarter of the memory limit at ``bytes_per_ref`` bytes each (faiss grows an
     inverted list by doubling its capacity, so a full shard may take up to twice its stored bytes)."""
     return max(1, int(memory_bytes // 4 // bytes_per_ref))
 
 
-def bytes_per_reference(index):
+def bytes_per_reference(index: faiss.Index) -> int:
     """Bytes one stored reference takes in ``index`` (code + id for IVF, raw vector for flat)."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -148,7 +149,7 @@ def bytes_per_reference(index):
     return index.sa_code_size() if hasattr(index, "sa_code_size") else 4 * index.d
 
 
-def set_nprobe(index, nprobe):
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     """Set the number of inverted lists a search visits (no-op for non-IVF indexes). A faiss-gpu IVF index
     (from :func:`to_devices`) takes it through faiss' GpuParameterSpace, at most 2048 (its k-selection limit)."""
     ivf = faiss.try_extract_index_ivf(index)
@@ -170,7 +171,7 @@ def _gpu_ivf(index):
     return inner if isinstance(inner, faiss.GpuIndexIVF) else None
 
 
-def to_devices(index, devices):
+def to_devices(index: faiss.Index, devices: Optional[Sequence[str]]) -> faiss.Index:
     """``index`` moved to the CUDA GPUs of ``devices`` (['cuda:0', 'cuda:1', …]), sharded over several, with
     float16 lookup tables; unchanged on CPU. When GPUs are asked for but faiss cannot use them
     (:func:`faiss_gpu_ids`) or cannot hold this index type (:func:`gpu_capable`: a fast-scan index built for
@@ -196,7 +197,7 @@ def _batch_size(dim, memory_bytes):
     return max(1, int(memory_bytes // 8 // (3 * 4 * dim)))
 
 
-def train_template(gallery, factory, memory_bytes, seed=0):
+def train_template(gallery: Gallery, factory: str, memory_bytes: float, seed: int = 0) -> faiss.Index:
     """The empty index ``factory`` trained on :func:`train_size` random gallery entries (computed batch by
     batch into one float32 array, so the sample is the only large buffer)."""
     dim = gallery.band.dim
@@ -222,7 +223,7 @@ def _write_shard(index, directory, number):
     return name
 
 
-def fill_shards(gallery, template, memory_bytes, directory):
+def fill_shards(gallery: Gallery, template: faiss.Index, memory_bytes: float, directory: str) -> List[Dict[str, Any]]:
     """Add the whole gallery, streamed in batches, to copies of the trained ``template``; each copy is
     written (atomically) to ``directory/shard_###.faiss`` and released as soon as it holds
     :func:`shard_capacity` references, so one shard at a time is in memory.
@@ -250,7 +251,8 @@ def fill_shards(gallery, template, memory_bytes, directory):
     return shards
 
 
-def build_index(gallery, factory, memory_bytes, directory, seed=0):
+def build_index(gallery: Gallery, factory: str, memory_bytes: float, directory: str,
+                seed: int = 0) -> Tuple[List[Dict[str, Any]], int]:
     """Train ``factory`` on a gallery sample (:func:`train_template`) and fill it into shards written to
     ``directory`` (:func:`fill_shards`), all within ``memory_bytes`` (see the module docstring).
 
@@ -265,7 +267,7 @@ def build_index(gallery, factory, memory_bytes, directory, seed=0):
     return shards, per_ref
 
 
-def merge_topk(distances, labels, k):
+def merge_topk(distances: Sequence[np.ndarray], labels: Sequence[np.ndarray], k: int) -> Tuple[np.ndarray, np.ndarray]:
     """Merge per-shard results: lists of (B, k_i) distances and global labels → the k smallest, sorted.
 
     Missing results (label -1) carry distance +inf and sort last. Ties keep the order of the lists.
@@ -288,7 +290,8 @@ def _search_bytes_per_query(index, nprobe, k):
     return per_query
 
 
-def search(shards, vectors, k, nprobe, memory_bytes=None):
+def search(shards: Iterable[Tuple[int, faiss.Index]], vectors: np.ndarray, k: int, nprobe: int,
+           memory_bytes: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k (distances, global entry ids) of (B, dim) float32 ``vectors`` over ``shards``.
 
     ``shards``: (first id, faiss index) pairs, a list or :meth:`IndexBundle.shards` (read one at a time).
@@ -346,7 +349,7 @@ class IndexBundle(SearchIndex):
     """A loaded ``index_dir``: manifest, projector of the map, band, gallery and (lazily) the shards; the
     :class:`.target.SearchIndex` that :func:`.query.align` searches."""
 
-    def __init__(self, directory, manifest, device="cpu"):
+    def __init__(self, directory: str, manifest: Dict[str, Any], device: str = "cpu") -> None:
         self.directory = directory
         self.manifest = manifest
         volume, _ = read_mrc(os.path.join(directory, manifest["reference"]))
@@ -363,16 +366,16 @@ class IndexBundle(SearchIndex):
         self._shards = None
 
     @property
-    def resident(self):
+    def resident(self) -> bool:
         """True when the index is one shard, kept in memory after its first read."""
         return len(self.manifest["shards"]) == 1
 
     @property
-    def shard_bytes(self):
+    def shard_bytes(self) -> int:
         """Size (bytes) of the largest shard file: about the memory one shard takes once read."""
         return max(os.path.getsize(os.path.join(self.directory, s["file"])) for s in self.manifest["shards"])
 
-    def shards(self, devices=None):
+    def shards(self, devices: Optional[Sequence[str]] = None) -> Iterable[Tuple[int, faiss.Index]]:
         """The shards as (first id, faiss index) pairs, for :func:`search`: a list read once and kept when
         the index is :attr:`resident`, else an iterable that reads each shard from disk when reached and
         lets it go before the next (each pass reads the whole index)."""
@@ -396,7 +399,7 @@ class _ShardReader:
             del index
 
 
-def load(index_dir, device="cpu"):
+def load(index_dir: str, device: str = "cpu") -> IndexBundle:
     """Load an ``index_dir`` written by :func:`train`."""
     path = os.path.join(index_dir, MANIFEST)
     if not os.path.exists(path):
@@ -416,7 +419,7 @@ def load(index_dir, device="cpu"):
     return IndexBundle(os.path.abspath(index_dir), manifest, device)
 
 
-def check_particles(star, box, pixel_size_A, what):
+def check_particles(star: ParticleStar, box: int, pixel_size_A: float, what: str) -> None:
     """Raise InputError unless the particles have CTF columns and match the box and pixel size."""
     star.require("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
     if star.box_size != box:
@@ -434,7 +437,7 @@ def particle_noise_weights(band: Band, star: ParticleStar, n_images: int = 2000)
         return noise_weights(band, band.from_images(stack.read(idx)))
 
 
-def particle_optics(star):
+def particle_optics(star: ParticleStar) -> Dict[str, float]:
     """dict(voltage_kV, cs_mm, amplitude_contrast) of the particles (means over optics groups)."""
     return {"voltage_kV": float(np.mean(star.optics_value("rlnVoltage"))),
             "cs_mm": float(np.mean(star.optics_value("rlnSphericalAberration"))),
@@ -454,9 +457,12 @@ def _build_folder(output_dir):
     return tempfile.mkdtemp(prefix=prefix, dir=parent)
 
 
-def train(reference, particles, output_dir, angular_step_deg=None, max_resolution_A=None, max_shift_px=5.0,
-          shift_step_px=None, index_factory=None, n_ctf_groups=8, symmetry="C1", whiten=False, normalise=True,
-          memory_limit_GB=4.0, grid_rotation=None, devices=None):
+def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
+          angular_step_deg: Optional[float] = None, max_resolution_A: Optional[float] = None,
+          max_shift_px: float = 5.0, shift_step_px: Optional[float] = None, index_factory: Optional[str] = None,
+          n_ctf_groups: int = 8, symmetry: str = "C1", whiten: bool = False, normalise: bool = True,
+          memory_limit_GB: float = 4.0, grid_rotation: Optional[np.ndarray] = None,
+          devices: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Build ``output_dir`` (an index) for aligning ``particles`` (STAR path or ParticleStar) to ``reference``.
 
     Args:

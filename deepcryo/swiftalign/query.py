@@ -27,7 +27,7 @@ Angles are RELION ZYZ (degrees), origins RELION's (px here, Å in STAR files): t
 import logging
 import math
 import time
-from typing import NamedTuple
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,10 +35,12 @@ import torch
 from deepcryo.core.ctf import ctf_from_freqs
 from deepcryo.core.errors import InputError
 from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg
-from deepcryo.core.particles import read_particles, write_particles
+from deepcryo.core.mrc import ImageStack
+from deepcryo.core.particles import ParticleStar, read_particles, write_particles
+from deepcryo.core.projector import Projector
 
 from . import index as swindex
-from .features import vectors_from_band
+from .features import Band, vectors_from_band
 from .gallery import band_slices
 from .target import AlignTarget, SearchIndex
 
@@ -52,21 +54,23 @@ logger = logging.getLogger(__name__)
 class ParticleBatch:
     """Band coefficients (B, P) complex of particle images and their CTFs (B, P) at the band frequencies."""
 
-    def __init__(self, band, images, ctf_params, sqrt_weights=None):
+    def __init__(self, band: Band, images: Union[np.ndarray, torch.Tensor], ctf_params: Mapping[str, np.ndarray],
+                 sqrt_weights: Optional[torch.Tensor] = None) -> None:
         self.coeffs = band.from_images(images)
         self.ctf = ctf_from_freqs(band.freqs_invA, *(torch.as_tensor(ctf_params[k], dtype=torch.float32) for k in (
             "defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kV", "cs_mm", "amplitude_contrast",
             "phase_shift_deg", "bfactor_A2")))
         self.sqrt_weights = sqrt_weights
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.coeffs.shape[0]
 
-    def vectors(self, normalise=True):
+    def vectors(self, normalise: bool = True) -> torch.Tensor:
         return vectors_from_band(self.coeffs, self.sqrt_weights, normalise)
 
 
-def score_poses(projector, band, particles, rotations, origins_px, offsets_px):
+def score_poses(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
+                origins_px: torch.Tensor, offsets_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """Normalised Fourier correlation (B, C, S) of particles with references at C poses × S origin offsets.
 
     Args:
@@ -92,7 +96,7 @@ def score_poses(projector, band, particles, rotations, origins_px, offsets_px):
     return num / norm[..., None]
 
 
-def axis_angle_matrices(vectors_rad):
+def axis_angle_matrices(vectors_rad: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """(…, 3) rotation vectors (axis · angle, radians) → (…, 3, 3) rotation matrices (Rodrigues)."""
     v = torch.as_tensor(vectors_rad, dtype=torch.float64)
     theta = v.norm(dim=-1, keepdim=True)
@@ -114,7 +118,9 @@ def _unit_moves(h_rad):
     return axis_angle_matrices(vecs).to(torch.float32)
 
 
-def refine_poses(projector, band, particles, rotations, origins_px, angular_step_deg, shift_step_px, levels=4, passes=2):
+def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
+                 origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, levels: int = 4,
+                 passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pattern-search refinement of (B, C) candidate poses; returns refined (rotations, origins, scores (B, C)).
 
     Level ``l`` (1..levels) tries the 7 rotations {I, ±h about x, y, z} left-multiplied (projection frame)
@@ -144,7 +150,7 @@ def refine_poses(projector, band, particles, rotations, origins_px, angular_step
     return rot, org, score
 
 
-def global_candidates(bundle, ids):
+def global_candidates(bundle: SearchIndex, ids: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index matches ``ids`` (B, n) (entry ids, -1 for none) → rotations (B, n, 3, 3), origins (B, n, 2),
     CTF groups (B, n); a missing match repeats the particle's first one."""
     ids = np.where(ids < 0, np.maximum(ids[:, :1], 0), ids)
@@ -154,7 +160,9 @@ def global_candidates(bundle, ids):
     return rot, org, torch.as_tensor(group)
 
 
-def index_matches(bundle, stack, ctf, rows, n, nprobe, batch_size, memory_bytes, devices=None):
+def index_matches(bundle: SearchIndex, stack: ImageStack, ctf: Mapping[str, np.ndarray], rows: np.ndarray, n: int,
+                  nprobe: int, batch_size: int, memory_bytes: float,
+                  devices: Optional[Sequence[str]] = None) -> np.ndarray:
     """Entry ids (len(rows), n) of the ``n`` nearest index references of the particles ``rows`` of the open
     ``stack`` (``ctf``: the STAR's CTF parameter arrays): their vectors are computed ``batch_size`` images at
     a time into one array, then searched in one pass over the shards (:func:`.index.search`), so a
@@ -179,8 +187,9 @@ def _search_block(bundle, n_matches, batch_size, memory_bytes, n):
     return min(n, max(1, int(memory_bytes // 8 // per_particle) // batch_size) * batch_size)
 
 
-def local_candidates(projector, band, particles, prior_rotations, prior_origins_px, angular_step_deg,
-                     shift_step_px, max_steps, max_shift_px):
+def local_candidates(projector: Projector, band: Band, particles: ParticleBatch, prior_rotations: torch.Tensor,
+                     prior_origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, max_steps: int,
+                     max_shift_px: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every rotation within ±``max_steps`` angular steps of the prior (a cubic grid of axis-angle vectors
     of spacing one step, inside the ball of radius ``max_steps`` steps), each with its best origin within
     ±``max_shift_px`` of the prior origin: rotations (B, Q, 3, 3), origins (B, Q, 2), exact scores (B, Q)."""
@@ -198,8 +207,9 @@ def local_candidates(projector, band, particles, prior_rotations, prior_origins_
     return rot, prior_origins_px[:, None] + offsets[arg], score
 
 
-def pose_posterior(projector, band, particles, rotations, origins_px, angular_step_deg, shift_step_px, max_steps=2,
-                   temper=4.0):
+def pose_posterior(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
+                   origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, max_steps: int = 2,
+                   temper: float = 4.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tempered posterior over the poses near each particle's pose: the rotations of :func:`local_candidates`
     within ±``max_steps`` steps of ``angular_step_deg`` around ``rotations`` (B, 3, 3), each with its best
     origin within ±``shift_step_px`` of ``origins_px`` (B, 2), weighted by
@@ -238,8 +248,10 @@ class Selection(NamedTuple):
     runner_up_score: torch.Tensor  # (B,)
 
 
-def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score, k, angular_step_deg,
-                      shift_step_px, far_deg, symmetry, levels=4, passes=2, refine_far=True) -> Selection:
+def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch, pool_rot: torch.Tensor,
+                      pool_org: torch.Tensor, pool_score: torch.Tensor, k: int, angular_step_deg: float,
+                      shift_step_px: float, far_deg: float, symmetry: str, levels: int = 4, passes: int = 2,
+                      refine_far: bool = True) -> Selection:
     """Refine the k best pool candidates (by exact score), pick the winner, and measure its confidence:
     the gap to the refined best pool candidate farther than ``far_deg`` from the winner (or, when the
     pool has none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's
@@ -273,9 +285,11 @@ def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score
     return Selection(w_rot, w_org, w_score, gap, top[ar, win], f_rot, f_org, f_score)
 
 
-def align(bundle: AlignTarget, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prior_origins_A=None,
-          local_steps=2, local_shift_px=None, batch_size=None, memory_limit_GB=4.0, devices=None,
-          levels=4, passes=2, refine_far=True):
+def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32, local: bool = False,
+          prior_angles_deg: Optional[np.ndarray] = None, prior_origins_A: Optional[np.ndarray] = None,
+          local_steps: int = 2, local_shift_px: Optional[float] = None, batch_size: Optional[int] = None,
+          memory_limit_GB: float = 4.0, devices: Optional[Sequence[str]] = None, levels: int = 4, passes: int = 2,
+          refine_far: bool = True) -> Dict[str, np.ndarray]:
     """Align the particles of ``star`` (a checked :class:`ParticleStar`) with ``bundle``: any
     :class:`AlignTarget` in local mode (``refine.LocalReference``: a map without an index), a
     :class:`SearchIndex` (:class:`.index.IndexBundle`) in global mode.
@@ -344,8 +358,10 @@ def align(bundle: AlignTarget, star, k=5, nprobe=32, local=False, prior_angles_d
     return out
 
 
-def query(index_dir, particles, output, k=5, nprobe=32, local=False, prior=None, local_steps=2,
-          local_shift_px=None, devices=None, memory_limit_GB=4.0):
+def query(index_dir: str, particles: Union[str, ParticleStar], output: Optional[str], k: int = 5, nprobe: int = 32,
+          local: bool = False, prior: Optional[Union[str, ParticleStar]] = None, local_steps: int = 2,
+          local_shift_px: Optional[float] = None, devices: Optional[Sequence[str]] = None,
+          memory_limit_GB: float = 4.0) -> Dict[str, np.ndarray]:
     """Align the particles of STAR ``particles`` with ``index_dir`` and write ``output`` (STAR).
 
     Local mode takes the prior poses from STAR ``prior`` (default: the particles' own angles and origins).
