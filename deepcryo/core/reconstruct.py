@@ -9,10 +9,8 @@ shell's mean. The inverse transform is cropped back to N, divided by the triline
 (``sinc²`` per axis), and its corners beyond radius N/2 are replaced by their mean (:func:`mask_corners`).
 
 RELION also replaces the voxel-by-voxel division by Pipe & Menon's iterative density compensation
-(10 iterations with a Kaiser–Bessel blob). Measured on 4000 simulated particles (96 px, SNR 0.1, true
-poses, ``benchmarks/reconstruct.py``), it changed the FSC against the truth by at most 0.002 per shell and
-lowered the real-space correlation with the truth from 0.839 to 0.819, for twice the time: it is not used.
-The 0.4 Å by which relion_reconstruct used to beat this reconstruction there came from the corners alone.
+(10 iterations with a Kaiser–Bessel blob). It is not used: on simulated particles with true poses it
+did not bring the map closer to the truth and cost twice the time (``benchmarks/RESULTS.md``).
 
 Memory is bounded: particles stream in batches from memory-mapped stacks; only the two padded grids
 (data and weight) are held, ``(pad·N)³`` complex + real.

@@ -7,16 +7,15 @@ Index types are faiss ``index_factory`` strings (metric L2 on unit vectors, i.e.
 * default from the gallery size (:func:`default_factory`): ``PCA{d},IVF{nlist},PQ{d/2}x4fs`` — a PCA to
   d <= 192 dims, ``nlist`` inverted lists (≈ sqrt(n), a power of 2) and 4-bit fast-scan product codes of
   d/2 sub-vectors (<= 48 bytes): code + 8-byte id <= 56 bytes per reference. Galleries under 10 000
-  references get ``Flat``. The seed's ``OPQ48_192,IVF<n>,PQ48`` (8-bit PQ) is accepted as a custom
-  string, but training 8-bit codebooks was pathologically slow with faiss-cpu 1.15 on the 2-core
-  development machine (25 s for 8 sub-quantizers on 2 000 points), hence the 4-bit default.
+  references get ``Flat``. 8-bit PQ strings such as ``OPQ48_192,IVF<n>,PQ48`` are accepted as custom
+  strings; the default uses 4-bit codes because faiss-cpu trains 8-bit codebooks far more slowly
+  (``benchmarks/RESULTS.md``).
 * for an index searched on CUDA GPUs (``default_factory(..., gpu=True)``): ``PCA{4m},IVF{nlist},PQ{m}``, 8-bit
   codes of 4-dim sub-vectors, m <= 48 one of the sub-quantizer counts faiss-gpu's GpuIndexIVFPQ implements:
   faiss-gpu has no fast-scan index (its cloner refuses ``…fs``) and its IVF-PQ takes only 8-bit codes
   outside cuVS. The code is as small as the CPU default's (m bytes, <= 48), searched with float16 lookup
-  tables. It is trained on the CPU like every index, and 8-bit codebooks train slowly there: on 10 000
-  vectors of 384 dims, one thread of the (busy) development machine, ``PCA192,IVF128,PQ48`` took 168 s
-  against 1.1 s for ``PCA192,IVF128,PQ96x4fs``, with the same 48-byte codes.
+  tables. It is trained on the CPU like every index, and 8-bit codebooks train slowly there (much more
+  slowly than the 4-bit fast-scan codes of the same size: ``benchmarks/RESULTS.md``).
 
 Memory: a gallery larger than the memory limit is split into shards of consecutive entry ids, each a copy
 of the one trained index holding at most a quarter of the limit (:func:`shard_capacity`). Each shard is

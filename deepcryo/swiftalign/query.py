@@ -218,10 +218,10 @@ def pose_posterior(projector: Projector, band: Band, particles: ParticleBatch, r
     For an image dominated by Gaussian noise, fitted with its best scale, the log-likelihood of a pose is
     ``−|x|²(1 − c²)/σ² ≈ −P(1 − c²)`` (``P`` complex band coefficients, ``c`` the normalised correlation),
     so ``temper=1`` is that likelihood. It ignores the errors of the reference, which broaden the real
-    posterior: on 2000 simulated particles (``benchmarks/refine.py``) tempering by 1, 2 and 4 gave final
-    maps at 7.11, 6.82 and 6.72 Å against the truth (hard assignment: 7.33 Å). A nearly flat weight over
-    the candidates (κ = 10 on the score itself) gave 6.68 Å there, but it spreads every particle alike,
-    whatever its signal; the tempered likelihood sharpens with the particle's correlation and band size.
+    posterior, hence the default temper of 4 (better final maps than 1 or 2 or a hard assignment on
+    simulated particles: ``benchmarks/RESULTS.md``). A nearly flat weight over the candidates would spread
+    every particle alike, whatever its signal; the tempered likelihood sharpens with the particle's
+    correlation and band size.
 
     Returns rotations (B, Q, 3, 3), origins (B, Q, 2) px and weights (B, Q) summing to 1 per particle.
     """
