@@ -106,14 +106,16 @@ def child(args):
     """Child: the synthetic build or query."""
     import faiss
     import torch
+    from deepcryo.core.cli import configure_logging
     from deepcryo.swiftalign import index as swindex
+    configure_logging()                       # the build's progress lines go to the child's log file
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     n, limit, out = int(args.references[0]), args.memory_limit[0] * 1e9, args.work_dir
     gallery = _synthetic_gallery(n)
     if args.child == "build":
         os.makedirs(out, exist_ok=True)
-        shards, per_ref = swindex.build_index(gallery, args.index_factory, limit, out, log=print)
+        shards, per_ref = swindex.build_index(gallery, args.index_factory, limit, out)
         with open(os.path.join(out, swindex.MANIFEST), "w") as f:
             json.dump({"factory": args.index_factory, "dim": gallery.band.dim, "n_references": n,
                        "bytes_per_reference": per_ref, "shards": shards}, f)

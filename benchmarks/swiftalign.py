@@ -39,8 +39,7 @@ def run(args):
             out = os.path.join(args.work_dir, "%s_%g" % (kind, step))
             (m, train_wall, _) = _timed(lambda: swindex.train(
                 args.reference, star, out, angular_step_deg=step, max_resolution_A=args.max_resolution,
-                max_shift_px=args.max_shift, n_ctf_groups=args.ctf_groups, index_factory=factory,
-                log=lambda s: None))
+                max_shift_px=args.max_shift, n_ctf_groups=args.ctf_groups, index_factory=factory))
             bundle = swindex.load(out)
             shards = bundle.shards()
             with star.open_images() as stack:
@@ -48,7 +47,7 @@ def run(args):
                                       bundle.sqrt_weights)
             vecs = parts.vectors(m["normalise"]).numpy()
             _, s_wall, s_cpu = _timed(lambda: swindex.search(shards, vecs, 4 * args.k, args.nprobe))
-            aligned, a_wall, _ = _timed(lambda: align(bundle, star, k=args.k, nprobe=args.nprobe, log=lambda s: None))
+            aligned, a_wall, _ = _timed(lambda: align(bundle, star, k=args.k, nprobe=args.nprobe))
             ang = pose_distance_deg(torch.as_tensor(truth_angles), torch.as_tensor(aligned["angles_deg"])).numpy()
             sh = np.linalg.norm(truth_origins - aligned["origins_A"], axis=1) / star.pixel_size_A
             res[kind] = dict(factory=m["factory"], n=m["n_references"], bpr=m["bytes_per_reference"],

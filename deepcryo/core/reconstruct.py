@@ -9,10 +9,8 @@ shell's mean. The inverse transform is cropped back to N, divided by the triline
 (``sinc²`` per axis), and its corners beyond radius N/2 are replaced by their mean (:func:`mask_corners`).
 
 RELION also replaces the voxel-by-voxel division by Pipe & Menon's iterative density compensation
-(10 iterations with a Kaiser–Bessel blob). Measured on 4000 simulated particles (96 px, SNR 0.1, true
-poses, ``benchmarks/reconstruct.py``), it changed the FSC against the truth by at most 0.002 per shell and
-lowered the real-space correlation with the truth from 0.839 to 0.819, for twice the time: it is not used.
-The 0.4 Å by which relion_reconstruct used to beat this reconstruction there came from the corners alone.
+(10 iterations with a Kaiser–Bessel blob). It is not used: on simulated particles with true poses it
+did not bring the map closer to the truth and cost twice the time (``benchmarks/RESULTS.md``).
 
 Memory is bounded: particles stream in batches from memory-mapped stacks; only the two padded grids
 (data and weight) are held, ``(pad·N)³`` complex + real.
@@ -23,6 +21,7 @@ Program (options and examples in :mod:`deepcryo.core.commands.reconstruct`)::
 """
 import sys
 import time
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,6 +30,8 @@ from . import fourier
 from .ctf import ctf_2d
 from .fsc import fsc, shell_frequencies
 from .geometry import euler_to_matrix, symmetry_matrices
+from .mrc import ImageStack
+from .particles import ParticleStar
 from .projector import gridding_kernel_1d
 from .star import write_star
 
@@ -48,7 +49,8 @@ class Reconstructor:
         device: torch device.
     """
 
-    def __init__(self, box, pad=2, symmetry="C1", max_radius_px=None, device=None):
+    def __init__(self, box: int, pad: int = 2, symmetry: str = "C1", max_radius_px: Optional[float] = None,
+                 device: Optional[Union[str, torch.device]] = None) -> None:
         self.box = int(box)
         self.padded_box = int(pad * box)
         self.device = torch.device(device or "cpu")
@@ -70,7 +72,7 @@ class Reconstructor:
                                              for dx in (0, 1)], device=self.device)
         self.count = 0
 
-    def insert(self, spectra, ctf2, rotations):
+    def insert(self, spectra: torch.Tensor, ctf2: torch.Tensor, rotations: torch.Tensor) -> None:
         """Insert centred, CTF-multiplied spectra (B, N, N) complex with their CTF² (B, N, N) at (B, 3, 3) poses.
 
         Only the half slice kx >= 0 is inserted: its Friedel mates are restored once, in
@@ -93,7 +95,9 @@ class Reconstructor:
             self.grid.index_add_(0, idx.reshape(-1), (vals[:, None, :] * w[..., None]).reshape(-1, 3))
         self.count += b
 
-    def insert_images(self, images, rotations, origins_px=None, ctf=None):
+    def insert_images(self, images: torch.Tensor, rotations: torch.Tensor,
+                      origins_px: Optional[Union[np.ndarray, torch.Tensor]] = None,
+                      ctf: Optional[torch.Tensor] = None) -> None:
         """Insert real images (B, N, N): origins (B, 2) px are undone, ``ctf`` (B, N, N) multiplies."""
         spec = fourier.fft2c(images.to(self.device, torch.float32))
         if origins_px is not None:
@@ -104,12 +108,12 @@ class Reconstructor:
         spec = spec * ctf
         self.insert(spec, ctf * ctf, rotations.to(self.device, torch.float32))
 
-    def add(self, other):
+    def add(self, other: "Reconstructor") -> None:
         """Accumulate another reconstructor's grid (same geometry)."""
         self.grid += other.grid
         self.count += other.count
 
-    def reconstruct(self, ssnr=None):
+    def reconstruct(self, ssnr: Optional[Union[np.ndarray, torch.Tensor]] = None) -> np.ndarray:
         """Return the map (N, N, N) float32 numpy.
 
         Args:
@@ -145,11 +149,11 @@ class Reconstructor:
         return mask_corners(vol).cpu().numpy().astype(np.float32)
 
 
-def mask_corners(volume, width_px=3.0):
+def mask_corners(volume: torch.Tensor, width_px: float = 3.0) -> torch.Tensor:
     """``volume`` (N, N, N) with everything beyond radius N/2 replaced by its mean there, through a raised-
     cosine edge of ``width_px`` (RELION's ``softMaskOutsideMap``, applied to every reconstruction). The
-    corners hold no particle, only noise that the gridding correction amplifies most: on 4000 simulated
-    particles (96 px) leaving them in doubled the map's noise power against the truth."""
+    corners hold no particle, only noise that the gridding correction amplifies most (measured:
+    ``benchmarks/RESULTS.md``)."""
     n = volume.shape[-1]
     r = fourier.radius_grid_3d(n, device=volume.device)
     outside = 1 - fourier.soft_edge(r, n / 2, width_px)                        # 0 inside N/2, 1 beyond N/2 + width
@@ -159,7 +163,7 @@ def mask_corners(volume, width_px=3.0):
     return (1 - outside) * volume + outside * background
 
 
-def half_split(star, seed=0):
+def half_split(star: ParticleStar, seed: int = 0) -> np.ndarray:
     """Half-set labels 1/2 per particle: ``rlnRandomSubset`` when present, else a seeded random split."""
     if "rlnRandomSubset" in star.particles:
         sub = np.asarray(star.particles["rlnRandomSubset"], dtype=np.int64)
@@ -171,7 +175,9 @@ def half_split(star, seed=0):
     return labels
 
 
-def batch_inputs(star, indices, stack, device):
+def batch_inputs(star: ParticleStar, indices: np.ndarray, stack: ImageStack,
+                 device: Union[str, torch.device]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            Optional[torch.Tensor]]:
     """Images, pose matrices, origins (px) and CTFs (B, N, N) of particles ``indices`` of ``star``."""
     px = star.pixel_size_A
     images = torch.from_numpy(stack.read(indices)).to(device)
@@ -184,8 +190,9 @@ def batch_inputs(star, indices, stack, device):
     return images, rot, origins, ctf
 
 
-def insert_particles(star, stack, labels: np.ndarray, recs: dict, batch_size: int, device: torch.device,
-                     progress=None) -> None:
+def insert_particles(star: ParticleStar, stack: ImageStack, labels: np.ndarray, recs: Dict[int, Reconstructor],
+                     batch_size: int, device: torch.device,
+                     progress: Optional[Callable[[int, int, float], None]] = None) -> None:
     """Insert each particle ``i`` of ``star`` (images read from the open ``stack``) into ``recs[labels[i]]``,
     ``batch_size`` particles at a time; particles whose label has no reconstructor are skipped. ``progress``
     (optional) is called as ``progress(done, total, elapsed_s)`` after each batch."""
@@ -202,8 +209,10 @@ def insert_particles(star, stack, labels: np.ndarray, recs: dict, batch_size: in
             progress(done, len(star), time.time() - t0)
 
 
-def reconstruct_star(star, halves=False, symmetry="C1", max_resolution_A=None, batch_size=256, device="cpu",
-                     seed=0, progress=None):
+def reconstruct_star(star: ParticleStar, halves: bool = False, symmetry: str = "C1",
+                     max_resolution_A: Optional[float] = None, batch_size: int = 256,
+                     device: Union[str, torch.device] = "cpu", seed: int = 0,
+                     progress: Optional[Callable[[int, int, float], None]] = None) -> Dict[str, np.ndarray]:
     """Reconstruct the map(s) of a :class:`~deepcryo.core.particles.ParticleStar` (needs poses; CTF if present).
 
     Returns ``{"map": vol}`` or, with ``halves``, ``{"map", "half1", "half2", "fsc"}``.
@@ -227,7 +236,7 @@ def reconstruct_star(star, halves=False, symmetry="C1", max_resolution_A=None, b
     return {"map": total.reconstruct(), "half1": half1, "half2": half2, "fsc": fsc(half1, half2)}
 
 
-def write_fsc_star(path, curve, box, pixel_size_A):
+def write_fsc_star(path: str, curve: np.ndarray, box: int, pixel_size_A: float) -> None:
     """Write an FSC curve as STAR (``rlnSpectralIndex``, ``rlnResolution`` 1/Å, ``rlnAngstromResolution``,
     ``rlnFourierShellCorrelation``)."""
     freqs = shell_frequencies(box, pixel_size_A)
@@ -237,7 +246,7 @@ def write_fsc_star(path, curve, box, pixel_size_A):
                                  "rlnAngstromResolution": ang, "rlnFourierShellCorrelation": np.asarray(curve)}})
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m deepcryo.core.reconstruct``: the command :mod:`deepcryo.core.commands.reconstruct`."""
     from .cli import run_program
     from .commands import reconstruct as command

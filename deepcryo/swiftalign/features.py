@@ -12,7 +12,9 @@ Fourier distance over the half band. With ``normalise`` every vector has unit no
 L2 distance is ``2 - 2·ρ``, ρ the (weighted) correlation of the two images over the band.
 """
 import math
+from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from deepcryo.core import bands, fourier
@@ -20,7 +22,7 @@ from deepcryo.core import bands, fourier
 __all__ = ["Band", "band_radius_px", "vectors_from_band", "noise_weights"]
 
 
-def band_radius_px(box, pixel_size_A, max_resolution_A):
+def band_radius_px(box: int, pixel_size_A: float, max_resolution_A: float) -> float:
     """Band radius in Fourier pixels of a ``box`` px image for a resolution limit in Å (capped at Nyquist)."""
     if max_resolution_A < 2 * pixel_size_A:
         raise ValueError("max resolution %.3g Å is beyond Nyquist (%.3g Å)" % (max_resolution_A, 2 * pixel_size_A))
@@ -36,7 +38,7 @@ class Band:
         radius_px: (P,) frequency radius in Fourier pixels.
     """
 
-    def __init__(self, box, pixel_size_A, max_resolution_A):
+    def __init__(self, box: int, pixel_size_A: float, max_resolution_A: float) -> None:
         self.box = int(box)
         self.pixel_size_A = float(pixel_size_A)
         self.max_resolution_A = float(max_resolution_A)
@@ -47,35 +49,36 @@ class Band:
         self.freqs_px = (k.reshape(-1, 2)[self.pixels] / self.box).contiguous()
         self.radius_px = r.reshape(-1)[self.pixels]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.pixels)
 
     @property
-    def dim(self):
+    def dim(self) -> int:
         """Length of the real vectors: 2 × number of coefficients."""
         return 2 * len(self.pixels)
 
     @property
-    def freqs_invA(self):
+    def freqs_invA(self) -> torch.Tensor:
         """(P, 2) band frequencies in 1/Å."""
         return self.freqs_px / self.pixel_size_A
 
-    def gather(self, spectra):
+    def gather(self, spectra: torch.Tensor) -> torch.Tensor:
         """Band coefficients (B, P) complex of centred spectra (B, N, N)."""
         return spectra.reshape(spectra.shape[0], -1).index_select(1, self.pixels.to(spectra.device))
 
-    def from_images(self, images):
+    def from_images(self, images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """Band coefficients (B, P) complex of real images (B, N, N)."""
         return self.gather(fourier.fft2c(torch.as_tensor(images, dtype=torch.float32)))
 
-    def phase_ramps(self, origins_px):
+    def phase_ramps(self, origins_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """(..., P) complex ramps that move image content by ``-origin`` (RELION origin, px)."""
         origins_px = torch.as_tensor(origins_px, dtype=torch.float32)
         phase = 2.0 * math.pi * (origins_px @ self.freqs_px.T)
         return torch.polar(torch.ones_like(phase), phase)
 
 
-def vectors_from_band(coeffs, sqrt_weights=None, normalise=True):
+def vectors_from_band(coeffs: torch.Tensor, sqrt_weights: Optional[torch.Tensor] = None,
+                      normalise: bool = True) -> torch.Tensor:
     """Float32 search vectors (..., 2P) from band coefficients (..., P) complex (see module docstring)."""
     if sqrt_weights is not None:
         coeffs = coeffs * sqrt_weights
@@ -85,7 +88,7 @@ def vectors_from_band(coeffs, sqrt_weights=None, normalise=True):
     return vec.contiguous()
 
 
-def noise_weights(band, coeffs):
+def noise_weights(band: Band, coeffs: torch.Tensor) -> torch.Tensor:
     """Whitening weights (P,): 1 / the radial mean power of band coefficients (B, P), normalised to mean 1.
 
     At the low SNR of particle images their power spectrum is dominated by the noise, so this is the

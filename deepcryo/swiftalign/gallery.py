@@ -16,6 +16,7 @@ so the gallery is never materialised: :meth:`Gallery.batches` yields (ids, vecto
 :meth:`Gallery.vectors` computes any set of entries.
 """
 import math
+from typing import Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,13 +24,15 @@ import torch.nn.functional as F
 
 from deepcryo.core.ctf import ctf_from_freqs
 from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, sample_poses
+from deepcryo.core.projector import Projector
 
-from .features import vectors_from_band
+from .features import Band, vectors_from_band
 
 __all__ = ["gallery_poses", "band_slices", "shift_grid", "ctf_groups", "Gallery"]
 
 
-def gallery_poses(angular_step_deg, symmetry="C1", grid_rotation=None):
+def gallery_poses(angular_step_deg: float, symmetry: str = "C1",
+                  grid_rotation: Optional[Union[np.ndarray, torch.Tensor]] = None) -> np.ndarray:
     """(M, 3) gallery poses (degrees): :func:`sample_poses` at ``angular_step_deg`` for directions and psi,
     each pose matrix ``A`` replaced by ``A · G`` when a grid rotation ``G`` (3, 3) is given. A rigid rotation
     of the grid keeps its spacing but moves every sample: two galleries with different ``G`` are the
@@ -42,7 +45,8 @@ def gallery_poses(angular_step_deg, symmetry="C1", grid_rotation=None):
     return matrix_to_euler(rot).numpy()
 
 
-def band_slices(projector, rotations, freqs_px):
+def band_slices(projector: Projector, rotations: Union[np.ndarray, torch.Tensor],
+                freqs_px: torch.Tensor) -> torch.Tensor:
     """Central-slice values (B, P) complex of the projector's map at band frequencies, on the projector's
     device (the inputs are moved there).
 
@@ -63,7 +67,7 @@ def band_slices(projector, rotations, freqs_px):
     return torch.complex(out[0], out[1])
 
 
-def shift_grid(max_shift_px, shift_step_px):
+def shift_grid(max_shift_px: float, shift_step_px: float) -> np.ndarray:
     """(S, 2) origins (px) on a square grid spanning exactly ±``max_shift_px`` with a step <= ``shift_step_px``."""
     if max_shift_px <= 0:
         return np.zeros((1, 2))
@@ -73,7 +77,7 @@ def shift_grid(max_shift_px, shift_step_px):
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
-def ctf_groups(defocus_A, n_groups):
+def ctf_groups(defocus_A: np.ndarray, n_groups: int) -> Tuple[np.ndarray, np.ndarray]:
     """Cluster particles by mean defocus (1D k-means from quantiles).
 
     Returns (group mean defoci (G,) in Å, ascending; (N,) group index of each particle). G <= n_groups.
@@ -112,7 +116,9 @@ class Gallery:
         sqrt_weights: (P,) whitening (or None); normalise: unit-norm vectors.
     """
 
-    def __init__(self, projector, band, poses_deg, origins_px, group_ctfs=None, sqrt_weights=None, normalise=True):
+    def __init__(self, projector: Projector, band: Band, poses_deg: np.ndarray, origins_px: np.ndarray,
+                 group_ctfs: Optional[torch.Tensor] = None, sqrt_weights: Optional[torch.Tensor] = None,
+                 normalise: bool = True) -> None:
         self.projector = projector
         self.band = band
         self.poses_deg = np.asarray(poses_deg, dtype=np.float64)
@@ -126,8 +132,10 @@ class Gallery:
         self.normalise = normalise
 
     @classmethod
-    def from_parameters(cls, projector, band, angular_step_deg, max_shift_px, shift_step_px, group_defocus_A,
-                        optics, symmetry="C1", sqrt_weights=None, normalise=True, grid_rotation=None):
+    def from_parameters(cls, projector: Projector, band: Band, angular_step_deg: float, max_shift_px: float,
+                        shift_step_px: float, group_defocus_A: Optional[Sequence[float]], optics: Mapping[str, float],
+                        symmetry: str = "C1", sqrt_weights: Optional[torch.Tensor] = None, normalise: bool = True,
+                        grid_rotation: Optional[np.ndarray] = None) -> "Gallery":
         """Gallery on :func:`sample_poses` (``angular_step_deg`` for directions and psi), the shift grid and
         CTF groups of mean defoci ``group_defocus_A`` with ``optics`` = dict(voltage_kV, cs_mm, amplitude_contrast).
         ``grid_rotation`` (3, 3) rotates the whole pose grid rigidly (see :func:`gallery_poses`)."""
@@ -137,41 +145,41 @@ class Gallery:
         return cls(projector, band, poses, origins, ctfs, sqrt_weights, normalise)
 
     @property
-    def n_poses(self):
+    def n_poses(self) -> int:
         return len(self.poses_deg)
 
     @property
-    def n_groups(self):
+    def n_groups(self) -> int:
         return self.group_ctfs.shape[0]
 
     @property
-    def n_shifts(self):
+    def n_shifts(self) -> int:
         return len(self.origins_px)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.n_poses * self.n_groups * self.n_shifts
 
-    def decode(self, ids):
+    def decode(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Entry ids (any shape) → (pose index, CTF group, shift index) arrays of the same shape."""
         ids = np.asarray(ids, dtype=np.int64)
         shift = ids % self.n_shifts
         rest = ids // self.n_shifts
         return rest // self.n_groups, rest % self.n_groups, shift
 
-    def pose_vectors(self, pose_index):
+    def pose_vectors(self, pose_index: np.ndarray) -> torch.Tensor:
         """Vectors (B·G·S, dim) of every entry of the poses ``pose_index`` (B,), in id order."""
         coeffs = band_slices(self.projector, self.rotations[torch.as_tensor(pose_index)], self.band.freqs_px)
         full = coeffs[:, None, None, :] * self.group_ctfs[None, :, None, :] * self.ramps[None, None]
         return vectors_from_band(full, self.sqrt_weights, self.normalise).reshape(-1, self.band.dim).cpu()
 
-    def vectors(self, ids):
+    def vectors(self, ids: np.ndarray) -> torch.Tensor:
         """Vectors (len(ids), dim) of arbitrary entries."""
         pose, group, shift = self.decode(ids)
         coeffs = band_slices(self.projector, self.rotations[torch.as_tensor(pose)], self.band.freqs_px)
         full = coeffs * self.group_ctfs[torch.as_tensor(group)] * self.ramps[torch.as_tensor(shift)]
         return vectors_from_band(full, self.sqrt_weights, self.normalise).cpu()
 
-    def batches(self, max_vectors):
+    def batches(self, max_vectors: int) -> Iterator[Tuple[int, torch.Tensor]]:
         """Yield ``(first_id, vectors)`` over the whole gallery in id order, about ``max_vectors`` at a time."""
         per_pose = self.n_groups * self.n_shifts
         poses_per_batch = max(1, max_vectors // per_pose)
@@ -179,7 +187,7 @@ class Gallery:
             idx = np.arange(start, min(start + poses_per_batch, self.n_poses))
             yield start * per_pose, self.pose_vectors(idx)
 
-    def sample_ids(self, n, seed=0):
+    def sample_ids(self, n: int, seed: int = 0) -> np.ndarray:
         """``n`` distinct random entry ids (all of them when the gallery is smaller)."""
         if n >= len(self):
             return np.arange(len(self))
@@ -187,7 +195,7 @@ class Gallery:
         return np.sort(rng.choice(len(self), size=n, replace=False))
 
 
-def group_ctf_band(band, group_defocus_A, optics):
+def group_ctf_band(band: Band, group_defocus_A: Sequence[float], optics: Mapping[str, float]) -> torch.Tensor:
     """(G, P) CTF at the band frequencies for each group mean defocus (Å), without astigmatism."""
     d = np.asarray(group_defocus_A, dtype=np.float64)
     return ctf_from_freqs(band.freqs_invA, d, d, 0.0, optics["voltage_kV"], optics["cs_mm"],

@@ -7,16 +7,15 @@ Index types are faiss ``index_factory`` strings (metric L2 on unit vectors, i.e.
 * default from the gallery size (:func:`default_factory`): ``PCA{d},IVF{nlist},PQ{d/2}x4fs`` — a PCA to
   d <= 192 dims, ``nlist`` inverted lists (≈ sqrt(n), a power of 2) and 4-bit fast-scan product codes of
   d/2 sub-vectors (<= 48 bytes): code + 8-byte id <= 56 bytes per reference. Galleries under 10 000
-  references get ``Flat``. The seed's ``OPQ48_192,IVF<n>,PQ48`` (8-bit PQ) is accepted as a custom
-  string, but training 8-bit codebooks was pathologically slow with faiss-cpu 1.15 on the 2-core
-  development machine (25 s for 8 sub-quantizers on 2 000 points), hence the 4-bit default.
+  references get ``Flat``. 8-bit PQ strings such as ``OPQ48_192,IVF<n>,PQ48`` are accepted as custom
+  strings; the default uses 4-bit codes because faiss-cpu trains 8-bit codebooks far more slowly
+  (``benchmarks/RESULTS.md``).
 * for an index searched on CUDA GPUs (``default_factory(..., gpu=True)``): ``PCA{4m},IVF{nlist},PQ{m}``, 8-bit
   codes of 4-dim sub-vectors, m <= 48 one of the sub-quantizer counts faiss-gpu's GpuIndexIVFPQ implements:
   faiss-gpu has no fast-scan index (its cloner refuses ``…fs``) and its IVF-PQ takes only 8-bit codes
   outside cuVS. The code is as small as the CPU default's (m bytes, <= 48), searched with float16 lookup
-  tables. It is trained on the CPU like every index, and 8-bit codebooks train slowly there: on 10 000
-  vectors of 384 dims, one thread of the (busy) development machine, ``PCA192,IVF128,PQ48`` took 168 s
-  against 1.1 s for ``PCA192,IVF128,PQ96x4fs``, with the same 48-byte codes.
+  tables. It is trained on the CPU like every index, and 8-bit codebooks train slowly there (much more
+  slowly than the 4-bit fast-scan codes of the same size: ``benchmarks/RESULTS.md``).
 
 Memory: a gallery larger than the memory limit is split into shards of consecutive entry ids, each a copy
 of the one trained index holding at most a quarter of the limit (:func:`shard_capacity`). Each shard is
@@ -38,6 +37,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import faiss
 import numpy as np
@@ -52,6 +52,7 @@ from deepcryo.core.projector import Projector
 from .features import Band, noise_weights
 from .sampling import angular_step_for_box, shift_step_for_resolution
 from .gallery import Gallery, ctf_groups, gallery_poses, group_ctf_band
+from .target import SearchIndex
 
 __all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "shard_capacity", "train_template",
            "fill_shards", "build_index", "merge_topk", "search", "set_nprobe", "to_devices", "train", "IndexBundle",
@@ -62,10 +63,10 @@ _ID_BYTES = 8
 # sub-quantizer counts (= code bytes at 8 bits) of faiss-gpu's GpuIndexIVFPQ (IVFPQ::isSupportedPQCodeLength;
 # 56, 64 and 96 only with float16 lookup tables)
 GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
-_log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
-def default_factory(n_entries, dim, gpu=False):
+def default_factory(n_entries: int, dim: int, gpu: bool = False) -> str:
     """faiss factory string for a gallery of ``n_entries`` vectors of ``dim`` floats, for a CPU index or,
     with ``gpu``, for one that faiss-gpu can search (see module docstring)."""
     if n_entries < 10000:
@@ -78,7 +79,7 @@ def default_factory(n_entries, dim, gpu=False):
     return "PCA%d,IVF%d,PQ%dx4fs" % (d, nlist, d // 2)
 
 
-def gpu_capable(index):
+def gpu_capable(index: faiss.Index) -> bool:
     """Whether faiss-gpu can hold ``index`` (a CPU index, trained or not): a flat index, IVF-Flat, IVF-SQ, or
     IVF-PQ with 8-bit codes and a sub-quantizer count of :data:`GPU_PQ_SUBQUANTIZERS`, possibly behind a
     transform (PCA, OPQ). Fast-scan (``…fs``) and graph indexes are CPU-only."""
@@ -97,10 +98,10 @@ def _core(index):
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message):
-    _log.warning(message)
+    logger.warning(message)
 
 
-def faiss_gpu_ids(devices):
+def faiss_gpu_ids(devices: Optional[Sequence[str]]) -> List[int]:
     """GPU ids of the CUDA devices in ``devices`` (['cuda:0', …], as checked by
     :func:`deepcryo.core.cli.parse_devices`) that faiss can search on; [] for CPU devices, and [] with one
     warning line when GPUs are asked for but this faiss has no GPU support or sees fewer GPUs."""
@@ -123,7 +124,7 @@ def _nlist(index):
     return ivf.nlist if ivf is not None else 0
 
 
-def train_size(index, n_entries, dim, memory_bytes):
+def train_size(index: faiss.Index, n_entries: int, dim: int, memory_bytes: float) -> int:
     """Training sample size: 30 vectors per inverted list (at least 10 000 for the PQ codebooks), at most
     the gallery and an eighth of the memory limit (faiss holds a few more copies of the sample while it
     trains: the PCA-transformed vectors, the k-means subsample, the residuals)."""
@@ -133,13 +134,13 @@ def train_size(index, n_entries, dim, memory_bytes):
     return int(min(n_entries, want, memory_bytes // 8 // (4 * dim)))
 
 
-def shard_capacity(bytes_per_ref, memory_bytes):
+def shard_capacity(bytes_per_ref: int, memory_bytes: float) -> int:
     """References per shard: a quarter of the memory limit at ``bytes_per_ref`` bytes each (faiss grows an
     inverted list by doubling its capacity, so a full shard may take up to twice its stored bytes)."""
     return max(1, int(memory_bytes // 4 // bytes_per_ref))
 
 
-def bytes_per_reference(index):
+def bytes_per_reference(index: faiss.Index) -> int:
     """Bytes one stored reference takes in ``index`` (code + id for IVF, raw vector for flat)."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -147,7 +148,7 @@ def bytes_per_reference(index):
     return index.sa_code_size() if hasattr(index, "sa_code_size") else 4 * index.d
 
 
-def set_nprobe(index, nprobe):
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     """Set the number of inverted lists a search visits (no-op for non-IVF indexes). A faiss-gpu IVF index
     (from :func:`to_devices`) takes it through faiss' GpuParameterSpace, at most 2048 (its k-selection limit)."""
     ivf = faiss.try_extract_index_ivf(index)
@@ -169,7 +170,7 @@ def _gpu_ivf(index):
     return inner if isinstance(inner, faiss.GpuIndexIVF) else None
 
 
-def to_devices(index, devices):
+def to_devices(index: faiss.Index, devices: Optional[Sequence[str]]) -> faiss.Index:
     """``index`` moved to the CUDA GPUs of ``devices`` (['cuda:0', 'cuda:1', …]), sharded over several, with
     float16 lookup tables; unchanged on CPU. When GPUs are asked for but faiss cannot use them
     (:func:`faiss_gpu_ids`) or cannot hold this index type (:func:`gpu_capable`: a fast-scan index built for
@@ -195,7 +196,7 @@ def _batch_size(dim, memory_bytes):
     return max(1, int(memory_bytes // 8 // (3 * 4 * dim)))
 
 
-def train_template(gallery, factory, memory_bytes, log=print, seed=0):
+def train_template(gallery: Gallery, factory: str, memory_bytes: float, seed: int = 0) -> faiss.Index:
     """The empty index ``factory`` trained on :func:`train_size` random gallery entries (computed batch by
     batch into one float32 array, so the sample is the only large buffer)."""
     dim = gallery.band.dim
@@ -210,7 +211,7 @@ def train_template(gallery, factory, memory_bytes, log=print, seed=0):
             sample[s:s + step] = gallery.vectors(ids[s:s + step]).numpy()
         template.train(sample)
         del sample
-        log("trained %s on %d vectors in %.1f s" % (factory, len(ids), time.time() - t0))
+        logger.info("trained %s on %d vectors in %.1f s", factory, len(ids), time.time() - t0)
     return template
 
 
@@ -221,7 +222,7 @@ def _write_shard(index, directory, number):
     return name
 
 
-def fill_shards(gallery, template, memory_bytes, directory, log=print):
+def fill_shards(gallery: Gallery, template: faiss.Index, memory_bytes: float, directory: str) -> List[Dict[str, Any]]:
     """Add the whole gallery, streamed in batches, to copies of the trained ``template``; each copy is
     written (atomically) to ``directory/shard_###.faiss`` and released as soon as it holds
     :func:`shard_capacity` references, so one shard at a time is in memory.
@@ -242,29 +243,30 @@ def fill_shards(gallery, template, memory_bytes, directory, log=print):
         current.add(vecs.numpy())
         del vecs
         if first + current.ntotal >= next_report:
-            log("added %d / %d references (%.0f s)" % (first + current.ntotal, len(gallery), time.time() - t0))
+            logger.info("added %d / %d references (%.0f s)", first + current.ntotal, len(gallery), time.time() - t0)
             next_report += len(gallery) / 10
     shards.append({"file": _write_shard(current, directory, len(shards)), "first_id": int(first),
                    "n": int(current.ntotal)})
     return shards
 
 
-def build_index(gallery, factory, memory_bytes, directory, log=print, seed=0):
+def build_index(gallery: Gallery, factory: str, memory_bytes: float, directory: str,
+                seed: int = 0) -> Tuple[List[Dict[str, Any]], int]:
     """Train ``factory`` on a gallery sample (:func:`train_template`) and fill it into shards written to
     ``directory`` (:func:`fill_shards`), all within ``memory_bytes`` (see the module docstring).
 
     Returns (the manifest's shard list, bytes per reference).
     """
-    template = train_template(gallery, factory, memory_bytes, log, seed)
+    template = train_template(gallery, factory, memory_bytes, seed)
     per_ref = bytes_per_reference(template)
     t0 = time.time()
-    shards = fill_shards(gallery, template, memory_bytes, directory, log)
-    log("index filled: %d references in %d shard(s), %d bytes each, %.1f s"
-        % (len(gallery), len(shards), per_ref, time.time() - t0))
+    shards = fill_shards(gallery, template, memory_bytes, directory)
+    logger.info("index filled: %d references in %d shard(s), %d bytes each, %.1f s",
+                len(gallery), len(shards), per_ref, time.time() - t0)
     return shards, per_ref
 
 
-def merge_topk(distances, labels, k):
+def merge_topk(distances: Sequence[np.ndarray], labels: Sequence[np.ndarray], k: int) -> Tuple[np.ndarray, np.ndarray]:
     """Merge per-shard results: lists of (B, k_i) distances and global labels → the k smallest, sorted.
 
     Missing results (label -1) carry distance +inf and sort last. Ties keep the order of the lists.
@@ -287,7 +289,8 @@ def _search_bytes_per_query(index, nprobe, k):
     return per_query
 
 
-def search(shards, vectors, k, nprobe, memory_bytes=None):
+def search(shards: Iterable[Tuple[int, faiss.Index]], vectors: np.ndarray, k: int, nprobe: int,
+           memory_bytes: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k (distances, global entry ids) of (B, dim) float32 ``vectors`` over ``shards``.
 
     ``shards``: (first id, faiss index) pairs, a list or :meth:`IndexBundle.shards` (read one at a time).
@@ -341,10 +344,11 @@ def _read_faiss(path):
         raise InputError("%s: not a readable faiss index (corrupt, truncated or another format)" % path)
 
 
-class IndexBundle:
-    """A loaded ``index_dir``: manifest, projector of the map, band, gallery and (lazily) the shards."""
+class IndexBundle(SearchIndex):
+    """A loaded ``index_dir``: manifest, projector of the map, band, gallery and (lazily) the shards; the
+    :class:`.target.SearchIndex` that :func:`.query.align` searches."""
 
-    def __init__(self, directory, manifest, device="cpu"):
+    def __init__(self, directory: str, manifest: Dict[str, Any], device: str = "cpu") -> None:
         self.directory = directory
         self.manifest = manifest
         volume, _ = read_mrc(os.path.join(directory, manifest["reference"]))
@@ -361,16 +365,16 @@ class IndexBundle:
         self._shards = None
 
     @property
-    def resident(self):
+    def resident(self) -> bool:
         """True when the index is one shard, kept in memory after its first read."""
         return len(self.manifest["shards"]) == 1
 
     @property
-    def shard_bytes(self):
+    def shard_bytes(self) -> int:
         """Size (bytes) of the largest shard file: about the memory one shard takes once read."""
         return max(os.path.getsize(os.path.join(self.directory, s["file"])) for s in self.manifest["shards"])
 
-    def shards(self, devices=None):
+    def shards(self, devices: Optional[Sequence[str]] = None) -> Iterable[Tuple[int, faiss.Index]]:
         """The shards as (first id, faiss index) pairs, for :func:`search`: a list read once and kept when
         the index is :attr:`resident`, else an iterable that reads each shard from disk when reached and
         lets it go before the next (each pass reads the whole index)."""
@@ -394,7 +398,7 @@ class _ShardReader:
             del index
 
 
-def load(index_dir, device="cpu"):
+def load(index_dir: str, device: str = "cpu") -> IndexBundle:
     """Load an ``index_dir`` written by :func:`train`."""
     path = os.path.join(index_dir, MANIFEST)
     if not os.path.exists(path):
@@ -414,7 +418,7 @@ def load(index_dir, device="cpu"):
     return IndexBundle(os.path.abspath(index_dir), manifest, device)
 
 
-def check_particles(star, box, pixel_size_A, what):
+def check_particles(star: ParticleStar, box: int, pixel_size_A: float, what: str) -> None:
     """Raise InputError unless the particles have CTF columns and match the box and pixel size."""
     star.require("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
     if star.box_size != box:
@@ -432,7 +436,7 @@ def particle_noise_weights(band: Band, star: ParticleStar, n_images: int = 2000)
         return noise_weights(band, band.from_images(stack.read(idx)))
 
 
-def particle_optics(star):
+def particle_optics(star: ParticleStar) -> Dict[str, float]:
     """dict(voltage_kV, cs_mm, amplitude_contrast) of the particles (means over optics groups)."""
     return {"voltage_kV": float(np.mean(star.optics_value("rlnVoltage"))),
             "cs_mm": float(np.mean(star.optics_value("rlnSphericalAberration"))),
@@ -452,9 +456,12 @@ def _build_folder(output_dir):
     return tempfile.mkdtemp(prefix=prefix, dir=parent)
 
 
-def train(reference, particles, output_dir, angular_step_deg=None, max_resolution_A=None, max_shift_px=5.0,
-          shift_step_px=None, index_factory=None, n_ctf_groups=8, symmetry="C1", whiten=False, normalise=True,
-          memory_limit_GB=4.0, grid_rotation=None, devices=None, log=print):
+def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
+          angular_step_deg: Optional[float] = None, max_resolution_A: Optional[float] = None,
+          max_shift_px: float = 5.0, shift_step_px: Optional[float] = None, index_factory: Optional[str] = None,
+          n_ctf_groups: int = 8, symmetry: str = "C1", whiten: bool = False, normalise: bool = True,
+          memory_limit_GB: float = 4.0, grid_rotation: Optional[np.ndarray] = None,
+          devices: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Build ``output_dir`` (an index) for aligning ``particles`` (STAR path or ParticleStar) to ``reference``.
 
     Args:
@@ -511,14 +518,15 @@ def train(reference, particles, output_dir, angular_step_deg=None, max_resolutio
     factory = index_factory or default_factory(len(gallery), band.dim, gpu)
     if gpu:
         _require_gpu_factory(factory, band.dim)
-    log("gallery: %d poses x %d CTF groups x %d shifts = %d references, %d dims (%.1f Å, step %.2f°, shift step %.2f px)"
-        % (gallery.n_poses, gallery.n_groups, gallery.n_shifts, len(gallery), band.dim, max_resolution_A,
-           angular_step_deg, float(gallery.origins_px[1, 0] - gallery.origins_px[0, 0]) if gallery.n_shifts > 1 else 0))
+    logger.info("gallery: %d poses x %d CTF groups x %d shifts = %d references, %d dims (%.1f Å, step %.2f°, "
+                "shift step %.2f px)", gallery.n_poses, gallery.n_groups, gallery.n_shifts, len(gallery), band.dim,
+                max_resolution_A, angular_step_deg,
+                float(gallery.origins_px[1, 0] - gallery.origins_px[0, 0]) if gallery.n_shifts > 1 else 0)
     output_dir = os.path.abspath(output_dir)
     tmp = _build_folder(output_dir)
     try:
         try:
-            shards, per_ref = build_index(gallery, factory, memory_bytes, tmp, log)
+            shards, per_ref = build_index(gallery, factory, memory_bytes, tmp)
         except RuntimeError as exc:
             raise InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
         manifest = {"format": "deepcryo-swiftalign-1", "reference": "reference.mrc", "box": box,

@@ -24,9 +24,10 @@ origin, all scored exactly; the k best are refined as above ("far" then means mo
 Angles are RELION ZYZ (degrees), origins RELION's (px here, Å in STAR files): the particle centre sits at
 ``N//2 - origin``.
 """
+import logging
 import math
 import time
-from typing import NamedTuple
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,34 +35,42 @@ import torch
 from deepcryo.core.ctf import ctf_from_freqs
 from deepcryo.core.errors import InputError
 from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg
-from deepcryo.core.particles import read_particles, write_particles
+from deepcryo.core.mrc import ImageStack
+from deepcryo.core.particles import ParticleStar, read_particles, write_particles
+from deepcryo.core.projector import Projector
 
 from . import index as swindex
-from .features import vectors_from_band
+from .features import Band, vectors_from_band
 from .gallery import band_slices
+from .target import AlignTarget, SearchIndex
 
-__all__ = ["ParticleBatch", "score_poses", "axis_angle_matrices", "refine_poses", "global_candidates", "index_matches",
-           "local_candidates", "pose_posterior", "Selection", "select_and_refine", "align", "query"]
+__all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_poses", "axis_angle_matrices", "refine_poses",
+           "global_candidates", "index_matches", "local_candidates", "pose_posterior", "Selection", "select_and_refine",
+           "align", "query"]
+
+logger = logging.getLogger(__name__)
 
 
 class ParticleBatch:
     """Band coefficients (B, P) complex of particle images and their CTFs (B, P) at the band frequencies."""
 
-    def __init__(self, band, images, ctf_params, sqrt_weights=None):
+    def __init__(self, band: Band, images: Union[np.ndarray, torch.Tensor], ctf_params: Mapping[str, np.ndarray],
+                 sqrt_weights: Optional[torch.Tensor] = None) -> None:
         self.coeffs = band.from_images(images)
         self.ctf = ctf_from_freqs(band.freqs_invA, *(torch.as_tensor(ctf_params[k], dtype=torch.float32) for k in (
             "defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kV", "cs_mm", "amplitude_contrast",
             "phase_shift_deg", "bfactor_A2")))
         self.sqrt_weights = sqrt_weights
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.coeffs.shape[0]
 
-    def vectors(self, normalise=True):
+    def vectors(self, normalise: bool = True) -> torch.Tensor:
         return vectors_from_band(self.coeffs, self.sqrt_weights, normalise)
 
 
-def score_poses(projector, band, particles, rotations, origins_px, offsets_px):
+def score_poses(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
+                origins_px: torch.Tensor, offsets_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """Normalised Fourier correlation (B, C, S) of particles with references at C poses × S origin offsets.
 
     Args:
@@ -87,7 +96,7 @@ def score_poses(projector, band, particles, rotations, origins_px, offsets_px):
     return num / norm[..., None]
 
 
-def axis_angle_matrices(vectors_rad):
+def axis_angle_matrices(vectors_rad: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """(…, 3) rotation vectors (axis · angle, radians) → (…, 3, 3) rotation matrices (Rodrigues)."""
     v = torch.as_tensor(vectors_rad, dtype=torch.float64)
     theta = v.norm(dim=-1, keepdim=True)
@@ -109,7 +118,9 @@ def _unit_moves(h_rad):
     return axis_angle_matrices(vecs).to(torch.float32)
 
 
-def refine_poses(projector, band, particles, rotations, origins_px, angular_step_deg, shift_step_px, levels=4, passes=2):
+def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
+                 origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, levels: int = 4,
+                 passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pattern-search refinement of (B, C) candidate poses; returns refined (rotations, origins, scores (B, C)).
 
     Level ``l`` (1..levels) tries the 7 rotations {I, ±h about x, y, z} left-multiplied (projection frame)
@@ -139,7 +150,7 @@ def refine_poses(projector, band, particles, rotations, origins_px, angular_step
     return rot, org, score
 
 
-def global_candidates(bundle, ids):
+def global_candidates(bundle: SearchIndex, ids: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index matches ``ids`` (B, n) (entry ids, -1 for none) → rotations (B, n, 3, 3), origins (B, n, 2),
     CTF groups (B, n); a missing match repeats the particle's first one."""
     ids = np.where(ids < 0, np.maximum(ids[:, :1], 0), ids)
@@ -149,7 +160,9 @@ def global_candidates(bundle, ids):
     return rot, org, torch.as_tensor(group)
 
 
-def index_matches(bundle, stack, ctf, rows, n, nprobe, batch_size, memory_bytes, devices=None):
+def index_matches(bundle: SearchIndex, stack: ImageStack, ctf: Mapping[str, np.ndarray], rows: np.ndarray, n: int,
+                  nprobe: int, batch_size: int, memory_bytes: float,
+                  devices: Optional[Sequence[str]] = None) -> np.ndarray:
     """Entry ids (len(rows), n) of the ``n`` nearest index references of the particles ``rows`` of the open
     ``stack`` (``ctf``: the STAR's CTF parameter arrays): their vectors are computed ``batch_size`` images at
     a time into one array, then searched in one pass over the shards (:func:`.index.search`), so a
@@ -163,18 +176,20 @@ def index_matches(bundle, stack, ctf, rows, n, nprobe, batch_size, memory_bytes,
     return swindex.search(bundle.shards(devices), vectors, n, nprobe, memory_bytes)[1]
 
 
-def _search_block(bundle, n_matches, batch_size, memory_bytes, n, log):
+def _search_block(bundle, n_matches, batch_size, memory_bytes, n):
     """Particles per :func:`index_matches` call for a streamed index: as many batches as an eighth of the
     memory holds (a vector and the running top-k per particle)."""
     if bundle.shard_bytes > memory_bytes / 2:
-        log("warning: index shards of %.2f GB were built for a larger memory limit than %.2f GB; "
-            "rebuild the index with this --memory-limit to stay within it" % (bundle.shard_bytes / 1e9, memory_bytes / 1e9))
+        logger.warning("warning: index shards of %.2f GB were built for a larger memory limit than %.2f GB; "
+                       "rebuild the index with this --memory-limit to stay within it",
+                       bundle.shard_bytes / 1e9, memory_bytes / 1e9)
     per_particle = 4 * bundle.band.dim + 12 * n_matches
     return min(n, max(1, int(memory_bytes // 8 // per_particle) // batch_size) * batch_size)
 
 
-def local_candidates(projector, band, particles, prior_rotations, prior_origins_px, angular_step_deg,
-                     shift_step_px, max_steps, max_shift_px):
+def local_candidates(projector: Projector, band: Band, particles: ParticleBatch, prior_rotations: torch.Tensor,
+                     prior_origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, max_steps: int,
+                     max_shift_px: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every rotation within ±``max_steps`` angular steps of the prior (a cubic grid of axis-angle vectors
     of spacing one step, inside the ball of radius ``max_steps`` steps), each with its best origin within
     ±``max_shift_px`` of the prior origin: rotations (B, Q, 3, 3), origins (B, Q, 2), exact scores (B, Q)."""
@@ -192,8 +207,9 @@ def local_candidates(projector, band, particles, prior_rotations, prior_origins_
     return rot, prior_origins_px[:, None] + offsets[arg], score
 
 
-def pose_posterior(projector, band, particles, rotations, origins_px, angular_step_deg, shift_step_px, max_steps=2,
-                   temper=4.0):
+def pose_posterior(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
+                   origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, max_steps: int = 2,
+                   temper: float = 4.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tempered posterior over the poses near each particle's pose: the rotations of :func:`local_candidates`
     within ±``max_steps`` steps of ``angular_step_deg`` around ``rotations`` (B, 3, 3), each with its best
     origin within ±``shift_step_px`` of ``origins_px`` (B, 2), weighted by
@@ -202,10 +218,10 @@ def pose_posterior(projector, band, particles, rotations, origins_px, angular_st
     For an image dominated by Gaussian noise, fitted with its best scale, the log-likelihood of a pose is
     ``−|x|²(1 − c²)/σ² ≈ −P(1 − c²)`` (``P`` complex band coefficients, ``c`` the normalised correlation),
     so ``temper=1`` is that likelihood. It ignores the errors of the reference, which broaden the real
-    posterior: on 2000 simulated particles (``benchmarks/refine.py``) tempering by 1, 2 and 4 gave final
-    maps at 7.11, 6.82 and 6.72 Å against the truth (hard assignment: 7.33 Å). A nearly flat weight over
-    the candidates (κ = 10 on the score itself) gave 6.68 Å there, but it spreads every particle alike,
-    whatever its signal; the tempered likelihood sharpens with the particle's correlation and band size.
+    posterior, hence the default temper of 4 (better final maps than 1 or 2 or a hard assignment on
+    simulated particles: ``benchmarks/RESULTS.md``). A nearly flat weight over the candidates would spread
+    every particle alike, whatever its signal; the tempered likelihood sharpens with the particle's
+    correlation and band size.
 
     Returns rotations (B, Q, 3, 3), origins (B, Q, 2) px and weights (B, Q) summing to 1 per particle.
     """
@@ -232,8 +248,10 @@ class Selection(NamedTuple):
     runner_up_score: torch.Tensor  # (B,)
 
 
-def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score, k, angular_step_deg,
-                      shift_step_px, far_deg, symmetry, levels=4, passes=2, refine_far=True) -> Selection:
+def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch, pool_rot: torch.Tensor,
+                      pool_org: torch.Tensor, pool_score: torch.Tensor, k: int, angular_step_deg: float,
+                      shift_step_px: float, far_deg: float, symmetry: str, levels: int = 4, passes: int = 2,
+                      refine_far: bool = True) -> Selection:
     """Refine the k best pool candidates (by exact score), pick the winner, and measure its confidence:
     the gap to the refined best pool candidate farther than ``far_deg`` from the winner (or, when the
     pool has none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's
@@ -267,10 +285,14 @@ def select_and_refine(projector, band, particles, pool_rot, pool_org, pool_score
     return Selection(w_rot, w_org, w_score, gap, top[ar, win], f_rot, f_org, f_score)
 
 
-def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prior_origins_A=None,
-          local_steps=2, local_shift_px=None, batch_size=None, memory_limit_GB=4.0, devices=None, log=print,
-          levels=4, passes=2, refine_far=True):
-    """Align the particles of ``star`` (a checked :class:`ParticleStar`) with an :class:`.index.IndexBundle`.
+def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32, local: bool = False,
+          prior_angles_deg: Optional[np.ndarray] = None, prior_origins_A: Optional[np.ndarray] = None,
+          local_steps: int = 2, local_shift_px: Optional[float] = None, batch_size: Optional[int] = None,
+          memory_limit_GB: float = 4.0, devices: Optional[Sequence[str]] = None, levels: int = 4, passes: int = 2,
+          refine_far: bool = True) -> Dict[str, np.ndarray]:
+    """Align the particles of ``star`` (a checked :class:`ParticleStar`) with ``bundle``: any
+    :class:`AlignTarget` in local mode (``refine.LocalReference``: a map without an index), a
+    :class:`SearchIndex` (:class:`.index.IndexBundle`) in global mode.
 
     Global mode searches ``4·k`` index matches, re-ranks them exactly and refines the best ``k``; local mode
     scores every pose within ±``local_steps`` angular steps and ±``local_shift_px`` px of the prior and
@@ -299,7 +321,7 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
         local_shift_px = m["max_shift_px"] if local_shift_px is None else local_shift_px
     else:
         memory_bytes = memory_limit_GB * 1e9
-        block = batch_size if bundle.resident else _search_block(bundle, 4 * k, batch_size, memory_bytes, n, log)
+        block = batch_size if bundle.resident else _search_block(bundle, 4 * k, batch_size, memory_bytes, n)
         block_start, block_ids = 0, np.zeros((0, 4 * k), dtype=np.int64)     # index matches of particles block_start…
     t0 = time.time()
     with star.open_images() as stack:
@@ -331,13 +353,15 @@ def align(bundle, star, k=5, nprobe=32, local=False, prior_angles_deg=None, prio
             out["alt_score"][idx] = f_score.numpy()
             if group is not None:
                 out["ctf_group"][idx] = group[torch.arange(len(idx)), w_idx].numpy()
-            log("aligned %d / %d particles (%.1f s, %.1f ms/particle)"
-                % (idx[-1] + 1, n, time.time() - t0, 1e3 * (time.time() - t0) / (idx[-1] + 1)))
+            logger.debug("aligned %d / %d particles (%.1f s, %.1f ms/particle)",
+                         idx[-1] + 1, n, time.time() - t0, 1e3 * (time.time() - t0) / (idx[-1] + 1))
     return out
 
 
-def query(index_dir, particles, output, k=5, nprobe=32, local=False, prior=None, local_steps=2,
-          local_shift_px=None, devices=None, memory_limit_GB=4.0, log=print):
+def query(index_dir: str, particles: Union[str, ParticleStar], output: Optional[str], k: int = 5, nprobe: int = 32,
+          local: bool = False, prior: Optional[Union[str, ParticleStar]] = None, local_steps: int = 2,
+          local_shift_px: Optional[float] = None, devices: Optional[Sequence[str]] = None,
+          memory_limit_GB: float = 4.0) -> Dict[str, np.ndarray]:
     """Align the particles of STAR ``particles`` with ``index_dir`` and write ``output`` (STAR).
 
     Local mode takes the prior poses from STAR ``prior`` (default: the particles' own angles and origins).
@@ -361,7 +385,7 @@ def query(index_dir, particles, output, k=5, nprobe=32, local=False, prior=None,
         prior_angles, prior_origins = pstar.angles_deg(), pstar.origins_A()
     result = align(bundle, star, k=k, nprobe=nprobe, local=local, prior_angles_deg=prior_angles,
                    prior_origins_A=prior_origins, local_steps=local_steps, local_shift_px=local_shift_px,
-                   memory_limit_GB=memory_limit_GB, devices=devices, log=log)
+                   memory_limit_GB=memory_limit_GB, devices=devices)
     if output is not None:
         out = star.copy()
         out.set_poses(result["angles_deg"], result["origins_A"])

@@ -105,6 +105,7 @@ from .layout import RefineLayout
 from .query import ParticleBatch, align, pose_posterior
 from .references import initial_references, next_references, read_mask, read_references, refinement_mask
 from .sampling import angular_step_for_diameter, shift_step_for_resolution
+from .target import AlignTarget
 
 __all__ = ["RefineParams", "RefineState", "refine_3d", "LocalReference"]
 
@@ -112,8 +113,8 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ alignment
-class LocalReference:
-    """What :func:`.query.align` needs for a local search, without a faiss index: the projector of the
+class LocalReference(AlignTarget):
+    """The :class:`.target.AlignTarget` of a local search: what :func:`.query.align` needs, without a faiss index: the projector of the
     reference, the band up to ``max_resolution_A`` and the sampling steps."""
 
     def __init__(self, volume: np.ndarray, pixel_size_A: float, max_resolution_A: float, angular_step_deg: float,
@@ -227,10 +228,10 @@ def _align_global(reference, star, res_A, step_deg, sstep_px, params, rotation, 
                   index_factory="Flat" if flat else None,
                   max_shift_px=max_shift, shift_step_px=sstep_px, n_ctf_groups=params.n_ctf_groups,
                   symmetry=params.symmetry, whiten=params.whiten, memory_limit_GB=params.memory_limit_GB,
-                  grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device], log=logger.info)
+                  grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device])
     bundle = swindex.load(index_dir, params.device)
     out = align(bundle, star, k=params.k, nprobe=params.nprobe, memory_limit_GB=params.memory_limit_GB,
-                devices=[params.device], log=lambda msg: None)
+                devices=[params.device])
     shutil.rmtree(index_dir, ignore_errors=True)
     return out
 
@@ -251,7 +252,7 @@ def _align_local(reference, star, res_A, step_deg, sstep_px, params, prior, rota
     ref = LocalReference(reference, px, res_A, step_deg, sstep_px, max_shift, params.symmetry, sqrt_w, params.device)
     return align(ref, star, k=1, local=True, prior_angles_deg=angles, prior_origins_A=origins_A,
                  local_steps=params.local_steps, local_shift_px=min(max_shift, 2 * sstep_px),
-                 memory_limit_GB=params.memory_limit_GB, log=lambda msg: None, passes=1, refine_far=False)
+                 memory_limit_GB=params.memory_limit_GB, passes=1, refine_far=False)
 
 
 def _align_class(reference, sub, is_global, prior, alternatives, res_A, step_deg, sstep_px, params, rng,

@@ -193,13 +193,12 @@ def test_train_chooses_the_factory_for_its_devices(small, monkeypatch, tmp_path)
     projector_devices, factories = [], []
     monkeypatch.setattr(swindex, "Projector", lambda vol, device: projector_devices.append(device) or Projector(vol))
 
-    def build(gallery, factory, memory_bytes, directory, log):
+    def build(gallery, factory, memory_bytes, directory):
         factories.append((len(gallery), gallery.band.dim, factory))
         raise _Stop
 
     monkeypatch.setattr(swindex, "build_index", build)
-    kw = dict(angular_step_deg=15.0, max_resolution_A=16.0, max_shift_px=2.0, shift_step_px=0.5, n_ctf_groups=2,
-              log=lambda m: None)
+    kw = dict(angular_step_deg=15.0, max_resolution_A=16.0, max_shift_px=2.0, shift_step_px=0.5, n_ctf_groups=2)
     with pytest.raises(_Stop):
         swindex.train(str(d / "map.mrc"), star, str(tmp_path / "cpu"), devices=["cpu"], **kw)
     _FakeFaissGpu(monkeypatch, n_gpus=1)

@@ -5,6 +5,7 @@ Gallery: phantom, 32 px, 2 Å/px, 25° steps, 8 Å band (196 dims), origins with
 groups: 18 090 references. A memory limit of 0.01 GB makes Flat shards of 3 188 references (6 shards).
 """
 import json
+import logging
 import os
 import weakref
 
@@ -23,8 +24,7 @@ from deepcryo.swiftalign.features import Band
 from deepcryo.swiftalign.gallery import Gallery
 from deepcryo.swiftalign.query import align
 
-TRAIN = dict(angular_step_deg=25.0, max_resolution_A=8.0, max_shift_px=1.0, shift_step_px=1.0, n_ctf_groups=2,
-             log=lambda m: None)
+TRAIN = dict(angular_step_deg=25.0, max_resolution_A=8.0, max_shift_px=1.0, shift_step_px=1.0, n_ctf_groups=2)
 SMALL_GB = 0.01
 
 
@@ -80,7 +80,7 @@ def test_build_writes_each_shard_when_full_and_holds_one(data, monkeypatch):
 MANIFEST_NAME = swindex.MANIFEST
 
 
-def test_sharded_query_equals_one_shard(data, monkeypatch):
+def test_sharded_query_equals_one_shard(data, monkeypatch, caplog):
     """The same matches, poses and scores from 6 shards streamed one at a time (in 5 blocks of 8 particles)
     as from one shard in memory; never two shards alive at once."""
     d, star = data
@@ -100,12 +100,13 @@ def test_sharded_query_equals_one_shard(data, monkeypatch):
 
     live = _Live(swindex._read_faiss)
     monkeypatch.setattr(swindex, "_read_faiss", live)
-    logs = []
-    r6 = align(six, particles, k=2, batch_size=8, memory_limit_GB=1e-4, log=logs.append)
+    with caplog.at_level(logging.WARNING, logger="deepcryo.swiftalign.query"):
+        r6 = align(six, particles, k=2, batch_size=8, memory_limit_GB=1e-4)
+    logs = [r.getMessage() for r in caplog.records]
     monkeypatch.undo()
     assert live.most == 1 and live.now == 0
     assert any("rebuild the index" in line for line in logs)          # shards larger than this limit
-    r1 = align(one, particles, k=2, batch_size=8, log=lambda m: None)
+    r1 = align(one, particles, k=2, batch_size=8)
     for key in r1:
         assert np.array_equal(r1[key], r6[key]), key
 
@@ -133,12 +134,12 @@ def test_fast_scan_shards_equal_one_shard(data, tmp_path):
     band = Band(32, 2.0, 8.0)
     optics = {"voltage_kV": 300.0, "cs_mm": 2.7, "amplitude_contrast": 0.1}
     gallery = Gallery.from_parameters(Projector(volume), band, 25.0, 1.0, 1.0, [15000.0, 20000.0], optics)
-    template = swindex.train_template(gallery, "PCA64,IVF64,PQ32x4fs", 4e9, log=lambda m: None)
+    template = swindex.train_template(gallery, "PCA64,IVF64,PQ32x4fs", 4e9)
     per_ref = swindex.bytes_per_reference(template)
     small = 4 * per_ref * 5000                                                  # 5000 references per shard
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    one = swindex.fill_shards(gallery, template, 4e9, str(tmp_path / "a"), log=lambda m: None)
-    many = swindex.fill_shards(gallery, template, small, str(tmp_path / "b"), log=lambda m: None)
+    one = swindex.fill_shards(gallery, template, 4e9, str(tmp_path / "a"))
+    many = swindex.fill_shards(gallery, template, small, str(tmp_path / "b"))
     assert len(one) == 1 and len(many) >= 3
 
     rng = np.random.default_rng(0)

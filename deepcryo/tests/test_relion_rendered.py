@@ -112,8 +112,8 @@ def test_true_pose_reconstruction_as_good_as_relion_reconstruct(relion_rendered)
 def flat_alignment(relion_rendered, tmp_path_factory):
     rs = relion_rendered(ALIGN_SPEC)
     d = tmp_path_factory.mktemp("swiftalign_relion")
-    train(rs.volume_paths[0], rs.star, str(d / "flat"), index_factory="Flat", log=lambda m: None, **ALIGN_TRAIN)
-    return rs, d, query(str(d / "flat"), rs.star, None, k=5, log=lambda m: None)
+    train(rs.volume_paths[0], rs.star, str(d / "flat"), index_factory="Flat", **ALIGN_TRAIN)
+    return rs, d, query(str(d / "flat"), rs.star, None, k=5)
 
 
 def test_swiftalign_global_accuracy(flat_alignment):
@@ -139,7 +139,7 @@ def test_swiftalign_local_accuracy(flat_alignment):
                     truth.origins_A() + rng.uniform(-2, 2, size=(len(truth), 2)))
     write_particles(str(d / "prior.star"), prior)
     res = query(str(d / "flat"), rs.star, None, k=3, local=True, prior=str(d / "prior.star"), local_steps=2,
-                local_shift_px=3.0, log=lambda m: None)
+                local_shift_px=3.0)
     before, _ = _pose_errors(rs.truth, prior.angles_deg(), prior.origins_A())
     after, shift = _pose_errors(rs.truth, res["angles_deg"], res["origins_A"])
     print("local: median error %.2f° -> %.2f°, %.1f %% within a step and 1 px" %

@@ -42,8 +42,8 @@ def _accuracy(truth_star, aligned):
 @pytest.fixture(scope="module")
 def flat(data):
     d, star = data
-    train(str(d / "map.mrc"), star, str(d / "flat"), index_factory="Flat", log=lambda m: None, **TRAIN)
-    return query(str(d / "flat"), star, str(d / "flat.star"), k=5, log=lambda m: None)
+    train(str(d / "map.mrc"), star, str(d / "flat"), index_factory="Flat", **TRAIN)
+    return query(str(d / "flat"), star, str(d / "flat.star"), k=5)
 
 
 def test_exact_index_accuracy(data, flat):
@@ -63,9 +63,9 @@ def test_exact_index_accuracy(data, flat):
 
 def test_compressed_index_vs_exact(data, flat):
     d, star = data
-    m = train(str(d / "map.mrc"), star, str(d / "pq"), log=lambda m: None, **TRAIN)
+    m = train(str(d / "map.mrc"), star, str(d / "pq"), **TRAIN)
     assert m["factory"].startswith("PCA") and m["bytes_per_reference"] <= 64
-    res = query(str(d / "pq"), star, None, k=5, nprobe=32, log=lambda m: None)
+    res = query(str(d / "pq"), star, None, k=5, nprobe=32)
     exact_good = _accuracy(star, flat)
     assert (_accuracy(star, res) & exact_good).sum() >= 0.95 * exact_good.sum()
 
@@ -79,7 +79,7 @@ def test_local_mode_recovers_perturbed_poses(data):
                     truth.origins_A() + rng.uniform(-2, 2, size=(len(truth), 2)))
     write_particles(str(d / "sim" / "prior.star"), prior)
     res = query(str(d / "flat"), star, str(d / "local.star"), k=3, local=True, prior=str(d / "sim" / "prior.star"),
-                local_steps=2, local_shift_px=3.0, log=lambda m: None)
+                local_steps=2, local_shift_px=3.0)
     before = pose_distance_deg(torch.as_tensor(truth.angles_deg()), torch.as_tensor(prior.angles_deg())).numpy()
     after = pose_distance_deg(torch.as_tensor(truth.angles_deg()), torch.as_tensor(res["angles_deg"])).numpy()
     shift = np.linalg.norm(truth.origins_A() - res["origins_A"], axis=1) / 2.0

@@ -40,10 +40,17 @@ def add_args(parser):
 
 def main(args):
     t0 = time.time()
+    # align's per-batch progress lines are DEBUG (refine aligns at every iteration and keeps them quiet);
+    # this program shows them
+    progress = logging.getLogger(query.__module__)
+    level = progress.level
+    progress.setLevel(logging.DEBUG)
     try:
         query(args.index, args.particles, args.output, k=args.k, nprobe=args.nprobe, local=args.local,
               prior=args.prior, local_steps=args.local_steps, local_shift_px=args.local_shift,
-              devices=args.devices, memory_limit_GB=args.memory_limit, log=logger.info)
+              devices=args.devices, memory_limit_GB=args.memory_limit)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    finally:
+        progress.setLevel(level)
     logger.info("wrote %s (%.1f s)", args.output, time.time() - t0)

@@ -50,7 +50,7 @@ def main(args):
         m = train(args.reference, args.particles, args.output, angular_step_deg=args.angular_step,
                   max_resolution_A=args.max_resolution, max_shift_px=args.max_shift, shift_step_px=args.shift_step,
                   index_factory=args.index_factory, n_ctf_groups=args.ctf_groups, symmetry=args.symmetry,
-                  whiten=args.whiten, memory_limit_GB=args.memory_limit, devices=args.devices, log=logger.info)
+                  whiten=args.whiten, memory_limit_GB=args.memory_limit, devices=args.devices)
     except ValueError as exc:  # an unknown symmetry, a resolution beyond Nyquist
         raise InputError(str(exc)) from exc
     logger.info("wrote %s: %d references, %s, %d bytes/reference (%.1f s)", args.output, m["n_references"],
