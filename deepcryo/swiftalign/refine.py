@@ -111,10 +111,15 @@ __all__ = ["RefineParams", "RefineState", "refine_3d", "LocalReference"]
 
 logger = logging.getLogger(__name__)
 
+#: Galleries whose raw vectors fit in this many GB get an exact ``Flat`` index (no training, exhaustive search:
+#: faster than training a compressed index for the small galleries of the first, low-resolution iteration);
+#: larger ones get SwiftAlign's compressed default.
+FLAT_INDEX_GB = 1.0
+
 
 # ------------------------------------------------------------------------------------------ alignment
 class LocalReference(AlignTarget):
-    """The :class:`.target.AlignTarget` of a local search: what :func:`.query.align` needs, without a faiss index: the projector of the
+    """The :class:`.target.AlignTarget` of a local search, without a faiss index: the projector of the
     reference, the band up to ``max_resolution_A`` and the sampling steps."""
 
     def __init__(self, volume: np.ndarray, pixel_size_A: float, max_resolution_A: float, angular_step_deg: float,
@@ -150,9 +155,7 @@ class RefineParams:
         repetitions: 1, or 2 for the repetition consensus.
         n_ctf_groups: CTF groups of the global index; k: candidates refined per particle; nprobe: faiss probes.
         whiten: weight frequencies by the inverse noise power of the particles.
-        flat_index_GB: galleries whose raw vectors fit in this many GB get an exact ``Flat`` index (no
-            training, exhaustive search: faster than training a compressed index for the small galleries
-            of the first, low-resolution iteration); larger ones get SwiftAlign's compressed default.
+        memory_limit_GB: bound of the global iterations' index build and search.
         seed: seed of the half split (when rlnRandomSubset is absent) and of the perturbations.
         device: 'cpu' or 'cuda[:i]'; batch_size: particles per reconstruction batch.
     """
@@ -160,7 +163,7 @@ class RefineParams:
     def __init__(self, symmetry="C1", initial_resolution_A=30.0, particle_diameter_A=None, max_iterations=12,
                  global_iterations=1, local_steps=2, max_shift_px=None, join_resolution_A=40.0, repetitions=1,
                  n_ctf_groups=4, k=3, nprobe=32, whiten=False, seed=0, device="cpu", batch_size=256,
-                 memory_limit_GB=4.0, flat_index_GB=1.0):
+                 memory_limit_GB=4.0):
         self.symmetry = symmetry
         self.initial_resolution_A = float(initial_resolution_A)
         self.particle_diameter_A = particle_diameter_A
@@ -178,7 +181,6 @@ class RefineParams:
         self.device = device
         self.batch_size = int(batch_size)
         self.memory_limit_GB = float(memory_limit_GB)
-        self.flat_index_GB = float(flat_index_GB)
 
     def check(self, box: int, pixel_size_A: float) -> None:
         """Raise InputError on values that cannot work for particles of ``box`` px at ``pixel_size_A``."""
@@ -223,7 +225,7 @@ def _align_global(reference, star, res_A, step_deg, sstep_px, params, rotation, 
     index_dir = os.path.join(work_dir, "index")
     n_refs = (len(gallery_poses(step_deg, params.symmetry)) * params.n_ctf_groups
               * len(shift_grid(max_shift, sstep_px)))
-    flat = n_refs * Band(box, px, res_A).dim * 4 <= params.flat_index_GB * 1e9
+    flat = n_refs * Band(box, px, res_A).dim * 4 <= FLAT_INDEX_GB * 1e9
     swindex.train(ref_path, star, index_dir, angular_step_deg=step_deg, max_resolution_A=res_A,
                   index_factory="Flat" if flat else None,
                   max_shift_px=max_shift, shift_step_px=sstep_px, n_ctf_groups=params.n_ctf_groups,
