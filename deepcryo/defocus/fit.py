@@ -7,7 +7,7 @@ used: the PSD is a power). γ follows :mod:`deepcryo.core.ctf`:
 ``Δf(φ) = z + a·cos(2(φ − θ))``, z the mean defocus (Å), ``a = (U − V)/2`` (Å), θ the angle (degrees from
 the x axis to U). The optimiser works on ``(z, a cos 2θ, a sin 2θ)``, smooth at zero astigmatism.
 
-* :func:`refine` — local fit from a start (the CNN's guess): a 1D scan of the mean defocus around the start
+* :func:`refine_ctf` — local fit from a start (the CNN's guess): a 1D scan of the mean defocus around the start
   (± max(5000 Å, 25 % of the start), low-resolution band), then Adam on (z, a cos 2θ, a sin 2θ [, phase]) over a
   low then the full band.
 * :func:`exhaustive_search` — CTFFIND-style baseline without any start: a 2D grid of mean defocus ×
@@ -28,7 +28,7 @@ from ..core import ctf as ctf_mod
 from ..core import fourier
 from ..core.bands import band_indices
 
-__all__ = ["BandPixels", "refine", "exhaustive_search", "fit_resolution", "score_params", "FitResult",
+__all__ = ["BandPixels", "refine_ctf", "exhaustive_search", "fit_resolution", "score_params", "FitResult",
            "disagreement_flag", "score_only"]
 
 SEARCH_LOW_BAND_A = 8.0  # high-resolution limit (Å) of the robust search stages
@@ -146,7 +146,7 @@ def _best(scores, *cands):
     return [c[rows, k] for c in cands]
 
 
-def refine(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, torch.Tensor],
+def refine_ctf(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, torch.Tensor],
            start_v_A: Union[float, torch.Tensor], start_angle_deg: Union[float, torch.Tensor],
            voltage_kV: Union[float, torch.Tensor], cs_mm: Union[float, torch.Tensor],
            amplitude_contrast: Union[float, torch.Tensor], low_A: float = 30.0, high_A: float = 5.0,
@@ -224,7 +224,7 @@ def exhaustive_search(psd: torch.Tensor, sampling_A: float, voltage_kV: Union[fl
                       astigmatism_max_A: float = 2000.0, astigmatism_step_A: float = 500.0,
                       angle_step_deg: float = 15.0, iterations: Tuple[int, int] = (60, 100),
                       chunk: int = 4096) -> FitResult:
-    """CTFFIND-style baseline: 2D grid search (no start), then :func:`refine`'s local optimisation.
+    """CTFFIND-style baseline: 2D grid search (no start), then :func:`refine_ctf`'s local optimisation.
 
     Grid: mean defocus over ``defocus_range_A`` every ``defocus_step_A`` (Å); U − V from 0 to
     ``astigmatism_max_A`` every ``astigmatism_step_A`` (Å); angle every ``angle_step_deg`` degrees; scored on

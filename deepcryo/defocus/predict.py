@@ -4,7 +4,7 @@ Per micrograph, :func:`estimate_batch` computes
 
 1. the CNN input with :func:`deepcryo.defocus.psd.compute_psd` (samplings 1, 2, 3 Å/px, 128 px);
 2. the fit PSD with the same function at ``fit_sampling_A(pixel_size, high_A)`` Å/px, :data:`FIT_SIZE_PX` px;
-3. the CNN's U, V, angle; then :func:`deepcryo.defocus.fit.refine` from it (or, with ``refine=False``,
+3. the CNN's U, V, angle; then :func:`deepcryo.defocus.fit.refine_ctf` from it (or, with ``refine=False``,
    only the CNN's values, scored on the fit PSD);
 4. figure of merit (band correlation with CTF²), fit resolution (Å), and a low-confidence flag when the
    CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`).
@@ -169,7 +169,7 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
         cs = [e.cs_mm for e in sub]
         amp = [e.amplitude_contrast for e in sub]
         if refine:
-            res = fit_mod.refine(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A,
+            res = fit_mod.refine_ctf(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A,
                                  fit_phase=fit_phase)
         else:
             res = fit_mod.score_only(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A)

@@ -155,7 +155,7 @@ def test_refine_recovers_from_a_start_far_off():
                                  defocus_angle_deg=60, voltage_kV=300, seed=12)
     psd, samp = _fit_psd(img, t)
     acq = (t["voltage_kV"], t["cs_mm"], t["amplitude_contrast"])
-    res = fit.refine(psd, samp, [48600.0], [47400.0], [20.0], *acq)
+    res = fit.refine_ctf(psd, samp, [48600.0], [47400.0], [20.0], *acq)
     assert abs(float(res.defocus_u_A[0]) - 40600) < 150 and abs(float(res.defocus_v_A[0]) - 39400) < 150
     assert bool(fit.disagreement_flag(torch.tensor([48600.0]), torch.tensor([47400.0]), res)[0])  # CNN was far
 
