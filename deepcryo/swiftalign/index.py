@@ -56,7 +56,7 @@ from .target import SearchIndex
 
 __all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "shard_capacity", "train_template",
            "fill_shards", "build_index", "merge_topk", "search", "set_nprobe", "to_devices", "train", "IndexBundle",
-           "load", "MANIFEST", "particle_noise_weights"]
+           "load", "MANIFEST", "check_particles", "check_reference_map", "particle_noise_weights"]
 
 MANIFEST = "manifest.json"
 _ID_BYTES = 8
@@ -428,6 +428,15 @@ def check_particles(star: ParticleStar, box: int, pixel_size_A: float, what: str
                             % (star.pixel_size_A, what, pixel_size_A))
 
 
+def check_reference_map(volume: np.ndarray, map_pixel_size_A: float, star: ParticleStar, path: str) -> None:
+    """Raise InputError unless the map ``volume`` read from ``path`` is cubic and has the box and pixel size of
+    the particles ``star`` (:func:`check_particles`); :func:`deepcryo.core.mrc.read_mrc` already refuses
+    NaN/Inf. The one check of a reference map, for SwiftAlign's index and SwiftRes's initial maps."""
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise InputError("%s: the reference must be a cubic map, got shape %s" % (path, volume.shape))
+    check_particles(star, volume.shape[-1], map_pixel_size_A, "map %s" % path)
+
+
 def particle_noise_weights(band: Band, star: ParticleStar, n_images: int = 2000) -> torch.Tensor:
     """Whitening weights (P,) of :func:`.features.noise_weights` from up to ``n_images`` particles of ``star``
     spread evenly over the stack (at particle SNR their power spectrum is the noise's)."""
@@ -484,10 +493,8 @@ def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
     """
     star = read_particles(particles) if isinstance(particles, str) else particles
     volume, map_px = read_mrc(reference)
-    if volume.ndim != 3 or len(set(volume.shape)) != 1:
-        raise InputError("%s: the reference must be a cubic map, got shape %s" % (reference, volume.shape))
+    check_reference_map(volume, map_px, star, reference)
     box, px = star.box_size, star.pixel_size_A
-    check_particles(star, volume.shape[-1], map_px, "map %s" % reference)
     if angular_step_deg is None and max_resolution_A is None:
         raise InputError("give an angular step or a maximum resolution")
     if max_resolution_A is None:

@@ -21,30 +21,23 @@ from deepcryo.core import fourier
 from deepcryo.core.errors import InputError
 from deepcryo.core.fsc import fsc_to_half_ssnr, spherical_mask
 from deepcryo.core.mrc import read_mrc
+from deepcryo.core.particles import ParticleStar
 from deepcryo.core.reconstruct import Reconstructor
 
-__all__ = ["reference_filter", "apply_shell_filter", "join_halves", "refinement_mask", "check_reference_map",
+from .index import check_reference_map
+
+__all__ = ["reference_filter", "apply_shell_filter", "join_halves", "refinement_mask",
            "read_references", "read_mask", "initial_references", "next_references"]
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def check_reference_map(volume: np.ndarray, map_pixel_size_A: float, box: int, pixel_size_A: float,
-                        path: str) -> None:
-    """Raise InputError unless the map ``volume`` (read from ``path``; :func:`deepcryo.core.mrc.read_mrc`
-    already refuses NaN/Inf) is cubic with the particles' ``box`` (px) and ``pixel_size_A`` (to 0.1 %)."""
-    if volume.ndim != 3 or set(volume.shape) != {box}:
-        raise InputError("%s: reference shape %s does not match the %d px particles" % (path, volume.shape, box))
-    if abs(map_pixel_size_A - pixel_size_A) > 1e-3 * pixel_size_A:
-        raise InputError("%s: pixel size %.4f Å/px differs from the particles' %.4f Å/px"
-                         % (path, map_pixel_size_A, pixel_size_A))
-
-
-def read_references(paths: Sequence[str], box: int, pixel_size_A: float) -> List[np.ndarray]:
-    """The maps (N, N, N) at ``paths`` (MRC), each checked by :func:`check_reference_map`."""
+def read_references(paths: Sequence[str], star: ParticleStar) -> List[np.ndarray]:
+    """The maps (N, N, N) at ``paths`` (MRC), each checked against the particles ``star`` by
+    :func:`.index.check_reference_map`."""
     maps = []
     for path in paths:
         volume, map_px = read_mrc(path)
-        check_reference_map(volume, map_px, box, pixel_size_A, path)
+        check_reference_map(volume, map_px, star, path)
         maps.append(volume)
     return maps
 

@@ -398,7 +398,7 @@ def _read_inputs(particles, references, mask, params):
     star.require("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
     px, box = star.pixel_size_A, star.box_size
     params.check(box, px)
-    return star, read_references(references, box, px), read_mask(mask, box)
+    return star, read_references(references, star), read_mask(mask, box)
 
 
 def _initial_state(star: ParticleStar, maps: Sequence[np.ndarray], mask: torch.Tensor,
