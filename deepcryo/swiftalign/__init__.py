@@ -1,10 +1,13 @@
 """SwiftAlign: particle alignment as a nearest-neighbour search over compressed Fourier vectors
 (Lauzirika, 2023), with exact re-ranking and local refinement.
 
-Modules: :mod:`.features` (image → vector), :mod:`.gallery` (lazy reference gallery), :mod:`.index`
-(faiss index: train, fill, shards, save/load), :mod:`.query` (search, re-rank, refine, local mode).
-Library entry points: :func:`.index.train`, :func:`.query.query` (files) and :func:`.query.align`
-(arrays, for refinement loops). Programs: ``python -m deepcryo.swiftalign train|query`` (see :mod:`.__main__`).
+Modules: :mod:`.features` (image → vector), :mod:`.gallery` (lazy reference gallery), :mod:`.sampling`
+(angular and shift steps), :mod:`.index` (faiss index: train, fill, shards, save/load), :mod:`.target` (what
+:func:`.query.align` searches), :mod:`.query` (search, re-rank, refine, local mode); SwiftRes:
+:mod:`.refine` (the iteration loop), :mod:`.references` (filters, halves, masks) and :mod:`.layout` (its
+output folder). Library entry points: :func:`.index.train`, :func:`.query.query` (files) and
+:func:`.query.align` (arrays, for refinement loops). Programs: ``python -m deepcryo.swiftalign
+train|query|refine`` (one module each in :mod:`.commands`).
 """
 import importlib
 
