@@ -13,6 +13,7 @@ Conventions
 Every problem with a file raises :class:`~deepcryo.core.errors.InputError` with one line naming it.
 """
 import math
+import mmap
 import os
 import warnings
 from collections import OrderedDict
@@ -240,6 +241,20 @@ class ImageStack:
             self._maps[path] = m
         return _typed_data(self._maps[path])
 
+    def _release(self, path, start, stop):
+        """Drop images ``start:stop`` of ``path`` from this process's resident memory once copied out: the
+        pages of a read-only mapping stay in the page cache, but the peak RSS stays that of one batch
+        however many particles are streamed."""
+        data = self._maps[path].data
+        mapping = getattr(data, "_mmap", None)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        image_bytes = data[0].nbytes if data.ndim == 3 else data.nbytes
+        mapped_from = data.offset - data.offset % mmap.ALLOCATIONGRANULARITY     # as numpy.memmap maps it
+        first = data.offset - mapped_from + start * image_bytes
+        begin = first - first % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, begin, data.offset - mapped_from + stop * image_bytes - begin)
+
     def _count(self, path):
         data = self._open(path)
         return 1 if data.ndim == 2 else data.shape[0]
@@ -250,10 +265,15 @@ class ImageStack:
     def read(self, indices: Sequence[int], check_finite: bool = True) -> np.ndarray:
         """Return float32 images ``(len(indices), box, box)`` for positions ``indices`` of ``refs``."""
         out = np.empty((len(indices), self.box, self.box), dtype=np.float32)
+        touched = {}
         for k, i in enumerate(indices):
             idx, path = self.refs[i]
             data = self._open(path)
             out[k] = data if data.ndim == 2 else data[idx]
+            lo, hi = touched.get(path, (idx, idx))
+            touched[path] = (min(lo, idx), max(hi, idx))
+        for path, (lo, hi) in touched.items():
+            self._release(path, lo, hi + 1)
         if check_finite and not np.isfinite(out).all():
             bad = [self.refs[indices[k]] for k in np.nonzero(~np.isfinite(out).reshape(len(out), -1).all(1))[0]]
             raise InputError("%s: image %d contains NaN or Inf values" % (bad[0][1], bad[0][0] + 1))

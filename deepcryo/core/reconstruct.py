@@ -12,13 +12,19 @@ RELION also replaces the voxel-by-voxel division by Pipe & Menon's iterative den
 (10 iterations with a Kaiser–Bessel blob). It is not used: on simulated particles with true poses it
 did not bring the map closer to the truth and cost twice the time (``benchmarks/RESULTS.md``).
 
-Memory is bounded: particles stream in batches from memory-mapped stacks; only the two padded grids
-(data and weight) are held, ``(pad·N)³`` complex + real.
+The grid holds the Hermitian half kx >= 0 (as RELION's): a slice point with kx < 0 is inserted as its
+Friedel mate, so each particle is read, transformed (a real-input FFT) and CTF-weighted at the ``≈ π N²/8``
+pixels it inserts, and the map comes back by one real-output inverse FFT.
+
+Memory is bounded: particles stream in batches from memory-mapped stacks whose pages are released once
+read; only the two padded half grids (data and weight) are held, ``M² (M/2 + 1)`` complex + real for
+``M = pad·N``.
 
 Program (options and examples in :mod:`deepcryo.core.commands.reconstruct`)::
 
     python -m deepcryo.core.reconstruct --particles P.star --output map.mrc --halves --symmetry C1
 """
+import math
 import sys
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 
 from . import fourier
-from .ctf import ctf_2d
+from .ctf import ctf_2d, ctf_from_freqs
 from .fsc import fsc, shell_frequencies
 from .geometry import euler_to_matrix, symmetry_matrices
 from .mrc import ImageStack
@@ -39,7 +45,12 @@ __all__ = ["Reconstructor", "insert_particles", "reconstruct_star", "mask_corner
 
 
 class Reconstructor:
-    """Accumulates particle spectra and CTF² weights in a padded Fourier grid.
+    """Accumulates particle spectra and CTF² weights in a padded, Hermitian-half Fourier grid.
+
+    The grid holds the half space kx >= 0 only (RELION's ``BackProjector`` layout): a real map's transform
+    is Hermitian, so a slice point with kx < 0 is inserted as its Friedel mate (−k, conjugate value), and
+    the one plane kx = 0 that holds both mates is made Hermitian in :meth:`reconstruct`. Data (complex)
+    and weights (real) are two flat arrays so each insertion is two scatter-adds.
 
     Args:
         box: image and map size N (px).
@@ -56,62 +67,136 @@ class Reconstructor:
         self.device = torch.device(device or "cpu")
         self.max_radius_px = max_radius_px
         self.symmetry = symmetry_matrices(symmetry).to(torch.float32).to(self.device)
-        # The grid has one extra plane per axis: trilinear corners of frequencies up to Nyquist reach index
-        # M, so no bounds checks are needed. Columns: real, imag, weight.
-        self._stride = self.padded_box + 2
-        self.grid = torch.zeros((self._stride ** 3, 3), dtype=torch.float32, device=self.device)
-        # the inserted half slice (kx >= 0, radius <= max): frequencies (P0, 3) and flat image indices
-        k = fourier.freq_grid_2d(self.box, device=self.device)
-        r = fourier.radius_grid_2d(self.box, device=self.device)
-        keep = ((k[..., 0] >= 0) & (r <= (max_radius_px or self.box / 2))).reshape(-1)
-        self._pixels = torch.nonzero(keep).squeeze(1)
+        m = self.padded_box
+        # Trilinear corners of frequencies up to Nyquist reach index M along y and z (centred at M/2) and
+        # M/2 + 1 along x (from 0), so the arrays carry one spare plane per axis and need no bounds checks.
+        self._shape = (m + 2, m + 2, m // 2 + 2)                                  # (z, y, x)
+        size = self._shape[0] * self._shape[1] * self._shape[2]
+        self.data = torch.zeros(size, dtype=torch.complex64, device=self.device)
+        self.weight = torch.zeros(size, dtype=torch.float32, device=self.device)
+        # the inserted half slice (kx >= 0, radius <= max): frequencies (P, 3) in cycles/px and the flat
+        # indices of those pixels in a centred (N, N) spectrum and in a half (N, N//2 + 1) spectrum
+        n = self.box
+        k = fourier.freq_grid_2d(n, device=self.device)
+        r = fourier.radius_grid_2d(n, device=self.device)
+        keep = (k[..., 0] >= 0) & (r <= (max_radius_px or n / 2))
+        self._pixels = torch.nonzero(keep.reshape(-1)).squeeze(1)
+        keep_half = torch.zeros((n, n // 2 + 1), dtype=torch.bool, device=self.device)   # rfft layout
+        keep_half[:, :n - n // 2] = keep[:, n // 2:]
+        self._half_pixels = torch.nonzero(keep_half.reshape(-1)).squeeze(1)
         k = k.reshape(-1, 2)[self._pixels]
         self._freqs = torch.cat([k, torch.zeros_like(k[:, :1])], dim=1)
-        s = self._stride
-        self._corner_offsets = torch.tensor([dz * s * s + dy * s + dx for dz in (0, 1) for dy in (0, 1)
+        sy, sx = self._shape[1], self._shape[2]
+        self._corner_offsets = torch.tensor([dz * sy * sx + dy * sx + dx for dz in (0, 1) for dy in (0, 1)
                                              for dx in (0, 1)], device=self.device)
         self.count = 0
+
+    @property
+    def slice_freqs(self) -> torch.Tensor:
+        """(P, 2) frequencies (fx, fy) in cycles/px of the inserted half-slice pixels (kx >= 0)."""
+        return self._freqs[:, :2]
+
+    def slice_ctf(self, pixel_size_A: float, **ctf_params) -> torch.Tensor:
+        """(B, P) CTF at the inserted pixels; ``ctf_params`` as :func:`deepcryo.core.ctf.ctf_from_freqs`."""
+        return ctf_from_freqs(self.slice_freqs / pixel_size_A, **ctf_params)
 
     def insert(self, spectra: torch.Tensor, ctf2: torch.Tensor, rotations: torch.Tensor) -> None:
         """Insert centred, CTF-multiplied spectra (B, N, N) complex with their CTF² (B, N, N) at (B, 3, 3) poses.
 
-        Only the half slice kx >= 0 is inserted: its Friedel mates are restored once, in
-        :meth:`reconstruct`, by Hermitian symmetry.
+        Only the half slice kx >= 0 is inserted: its Friedel mates carry the same information.
         """
-        b, m, s = spectra.shape[0], self.padded_box, self._stride
-        flat = spectra.reshape(b, -1).index_select(1, self._pixels)
-        vals = torch.stack([flat.real, flat.imag, ctf2.reshape(b, -1).index_select(1, self._pixels)], -1)
-        vals = vals.reshape(-1, 3)
-        for sym in self.symmetry:
-            pts = (torch.matmul(self._freqs, rotations @ sym.T) * m + m // 2).reshape(-1, 3)   # k·A, grid units
-            base = torch.floor(pts)
-            frac = pts - base
-            base = base.long()
-            wx = torch.stack([1 - frac[:, 0], frac[:, 0]], 1)
-            wy = torch.stack([1 - frac[:, 1], frac[:, 1]], 1)
-            wz = torch.stack([1 - frac[:, 2], frac[:, 2]], 1)
-            w = (wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(-1, 8)
-            idx = ((base[:, 2] * s + base[:, 1]) * s + base[:, 0])[:, None] + self._corner_offsets
-            self.grid.index_add_(0, idx.reshape(-1), (vals[:, None, :] * w[..., None]).reshape(-1, 3))
-        self.count += b
+        b = spectra.shape[0]
+        self.insert_slices(spectra.reshape(b, -1).index_select(1, self._pixels),
+                           ctf2.reshape(b, -1).index_select(1, self._pixels), rotations)
+
+    def slice_spectra(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, P) centred spectra of real images (B, N, N) at the inserted pixels, by a real-input FFT."""
+        images = images.to(self.device, torch.float32)
+        half = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))       # x from 0, y from 0
+        half = torch.fft.fftshift(half, dim=-2).reshape(images.shape[0], -1)     # y centred, as the slice
+        return half.index_select(1, self._half_pixels)
+
+    def slice_phase_shift(self, origins_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+        """(B, P) phase ramps at the inserted pixels that undo RELION origins (B, 2) px (x, y)."""
+        origins = torch.as_tensor(origins_px, dtype=torch.float32, device=self.device)
+        phase = (-2.0 * math.pi) * (origins @ self.slice_freqs.T)
+        return torch.polar(torch.ones_like(phase), phase)
 
     def insert_images(self, images: torch.Tensor, rotations: torch.Tensor,
                       origins_px: Optional[Union[np.ndarray, torch.Tensor]] = None,
                       ctf: Optional[torch.Tensor] = None) -> None:
-        """Insert real images (B, N, N): origins (B, 2) px are undone, ``ctf`` (B, N, N) multiplies."""
-        spec = fourier.fft2c(images.to(self.device, torch.float32))
+        """Insert real images (B, N, N): origins (B, 2) px are undone, ``ctf`` multiplies: (B, N, N) on the
+        centred grid, or (B, P) at the inserted pixels (:meth:`slice_ctf`)."""
+        spec = self.slice_spectra(images)
         if origins_px is not None:
-            spec = spec * fourier.phase_shift_2d(self.box, torch.as_tensor(origins_px, dtype=torch.float32,
-                                                                           device=self.device), device=self.device)
+            spec = spec * self.slice_phase_shift(origins_px)
         if ctf is None:
-            ctf = torch.ones_like(spec.real)
-        spec = spec * ctf
-        self.insert(spec, ctf * ctf, rotations.to(self.device, torch.float32))
+            self.insert_slices(spec, torch.ones_like(spec.real), rotations)
+            return
+        if ctf.dim() == 3:
+            ctf = ctf.reshape(ctf.shape[0], -1).index_select(1, self._pixels.to(ctf.device))
+        ctf = ctf.to(self.device, torch.float32)
+        self.insert_slices(spec * ctf, ctf * ctf, rotations)
+
+    def insert_slices(self, values: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor,
+                      chunk: int = 32) -> None:
+        """Insert (B, P) complex ``values`` and real ``weights`` at the half-slice pixels (:attr:`slice_freqs`)
+        of (B, 3, 3) poses, and at each symmetry copy; ``chunk`` particles at a time bound the temporaries."""
+        rotations = rotations.to(self.device, torch.float32)
+        values, weights = values.to(self.device), weights.to(self.device, torch.float32)
+        for start in range(0, values.shape[0], chunk):
+            stop = start + chunk
+            for sym in self.symmetry:
+                self._splat(values[start:stop], weights[start:stop], rotations[start:stop] @ sym.T)
+        self.count += values.shape[0]
+
+    def _splat(self, values: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor) -> None:
+        """Trilinear scatter-add of one chunk at poses ``rotations`` (no symmetry)."""
+        m = self.padded_box
+        # k·A for k = (fx, fy, 0): components (b, 3, P), each a contiguous (b, P) plane, in padded-grid px
+        pts = torch.matmul(rotations[:, :2, :].transpose(1, 2) * m, self._freqs[:, :2].T)
+        sign = 1.0 - 2.0 * (pts[:, 0] < 0).to(torch.float32)                  # −1: stored as (−k, conjugate)
+        pts = pts * sign[:, None]
+        pts[:, 1:] += m // 2
+        base = torch.floor(pts)
+        frac = pts - base
+        sy, sx = self._shape[1], self._shape[2]
+        flat = ((base[:, 2].double() * sy + base[:, 1]) * sx + base[:, 0]).long()
+        fx, fy, fz = frac.unbind(1)
+        gx, gy, gz = 1 - fx, 1 - fy, 1 - fz
+        w = torch.stack([z * y * x for z in (gz, fz) for y in (gy, fy) for x in (gx, fx)], -1)   # (b, P, 8)
+        idx = (flat[..., None] + self._corner_offsets).reshape(-1)
+        re, im = values.real, values.imag * sign
+        data = torch.stack([w * re[..., None], w * im[..., None]], -1).reshape(-1, 2)
+        if self.device.type == "cpu":
+            self.data.scatter_add_(0, idx, torch.view_as_complex(data))
+        else:                                          # CUDA: float atomics on the real and imaginary parts
+            torch.view_as_real(self.data).index_add_(0, idx, data)
+        self.weight.scatter_add_(0, idx, (weights[..., None] * w).reshape(-1))
 
     def add(self, other: "Reconstructor") -> None:
         """Accumulate another reconstructor's grid (same geometry)."""
-        self.grid += other.grid
+        self.data += other.data
+        self.weight += other.weight
         self.count += other.count
+
+    def _hermitian_half(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Data (M, M, M/2 + 1) complex and weights, y and z centred at M/2: the spare planes folded back
+        (index M of y and z is frequency −M/2 of the periodic grid), the plane kx = 0 made Hermitian."""
+        m = self.padded_box
+        data = self.data.reshape(self._shape)[:, :, :m // 2 + 1]
+        weight = self.weight.reshape(self._shape)[:, :, :m // 2 + 1]
+        out = []
+        for grid in (data, weight):
+            grid = grid.clone()
+            grid[0] += grid[m]
+            grid[:, 0] += grid[:, m]
+            grid = grid[:m, :m]
+            plane = grid[:, :, 0]
+            mate = torch.roll(torch.flip(plane, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))   # index i -> M - i
+            grid[:, :, 0] = plane + (mate.conj() if grid.is_complex() else mate)
+            out.append(grid)
+        return out[0], out[1]
 
     def reconstruct(self, ssnr: Optional[Union[np.ndarray, torch.Tensor]] = None) -> np.ndarray:
         """Return the map (N, N, N) float32 numpy.
@@ -123,26 +208,42 @@ class Reconstructor:
                 weights, ``W̄`` the shell's mean weight (RELION's τ² regularisation). Without it the
                 weight is floored at 1e-3 of its shell's mean.
         """
-        m, n, s = self.padded_box, self.box, self._stride
-        grid = self.grid.reshape(s, s, s, 3)[:m + 1, :m + 1, :m + 1]
-        grid = grid + torch.flip(grid, dims=(0, 1, 2)) * torch.tensor([1.0, -1.0, 1.0], device=self.device)
-        grid = grid[:m, :m, :m]                  # Friedel mates restored (i <-> M - i); drop the extra plane
-        data = torch.complex(grid[..., 0], grid[..., 1])
-        weight = grid[..., 2]
-        radius = fourier.radius_grid_3d(m, device=self.device) / (m / n)       # in N-grid Fourier pixels
-        inside = radius <= (self.max_radius_px or n / 2)
-        n_shells = n // 2 + 1
-        shells = torch.round(radius).long().clamp(max=n_shells - 1)
-        counts = torch.zeros(n_shells, device=self.device).index_add_(0, shells[inside], torch.ones_like(weight[inside]))
-        shell_w = torch.zeros(n_shells, device=self.device).index_add_(0, shells[inside], weight[inside])
+        m, n = self.padded_box, self.box
+        data, weight = self._hermitian_half()
+        n_shells, r_max = n // 2 + 1, self.max_radius_px or n / 2
+        f = torch.arange(m, device=self.device, dtype=torch.float32) - m // 2
+        fx = torch.arange(m // 2 + 1, device=self.device, dtype=torch.float32)
+        plane_r2 = f[:, None] ** 2 + fx[None, :] ** 2                            # (y, x) of one z plane
+        # shell means over the whole sphere: every voxel kx > 0 stands for itself and its Friedel mate
+        multiplicity = torch.where(fx == 0, 1.0, 2.0).expand_as(plane_r2)
+
+        def plane_shells(z):
+            radius = torch.sqrt(plane_r2 + f[z] ** 2) / (m / n)                 # in N-grid Fourier pixels
+            inside = radius <= r_max
+            return inside, torch.round(radius).long().clamp_(max=n_shells - 1)
+
+        counts = torch.zeros(n_shells, device=self.device)
+        shell_w = torch.zeros(n_shells, device=self.device)
+        for z in range(m):                         # plane by plane: no whole-grid temporaries
+            inside, shells = plane_shells(z)
+            counts.index_add_(0, shells[inside], multiplicity[inside])
+            shell_w.index_add_(0, shells[inside], (weight[z] * multiplicity)[inside])
         shell_w = (shell_w / counts.clamp(min=1)).clamp(min=1e-30)
         if ssnr is not None:
             ssnr = torch.as_tensor(ssnr, dtype=torch.float32, device=self.device)[:n_shells].clamp(min=1e-6)
-            denom = weight + (shell_w / ssnr)[shells]
-        else:
-            denom = torch.maximum(weight, 1e-3 * shell_w[shells])
-        ft = torch.where(inside, data / denom, torch.zeros_like(data))
-        vol = fourier.ifft3c(ft).real
+            wiener = shell_w / ssnr
+        for z in range(m):
+            inside, shells = plane_shells(z)
+            if ssnr is not None:
+                denom = weight[z] + wiener[shells]
+            else:
+                denom = torch.maximum(weight[z], 1e-3 * shell_w[shells])
+            data[z] = torch.where(inside, data[z] / denom, torch.zeros_like(data[z]))
+        del weight
+        ft = torch.fft.ifftshift(data, dim=(0, 1))
+        del data
+        vol = torch.fft.fftshift(torch.fft.irfftn(ft, s=(m, m, m), dim=(0, 1, 2)))
+        del ft
         vol = fourier.crop_to(vol, n, 3)
         g = gridding_kernel_1d(n, m, device=self.device)
         vol = vol / (g[:, None, None] * g[None, :, None] * g[None, None, :])
@@ -175,35 +276,42 @@ def half_split(star: ParticleStar, seed: int = 0) -> np.ndarray:
     return labels
 
 
-def batch_inputs(star: ParticleStar, indices: np.ndarray, stack: ImageStack,
-                 device: Union[str, torch.device]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                            Optional[torch.Tensor]]:
-    """Images, pose matrices, origins (px) and CTFs (B, N, N) of particles ``indices`` of ``star``."""
+def batch_inputs(star: ParticleStar, indices: np.ndarray, stack: ImageStack, device: Union[str, torch.device],
+                 with_ctf: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Images, pose matrices, origins (px) and (``with_ctf``, when the STAR has CTF columns) CTFs (B, N, N) of
+    particles ``indices`` of ``star``."""
     px = star.pixel_size_A
     images = torch.from_numpy(stack.read(indices)).to(device)
     rot = euler_to_matrix(torch.as_tensor(star.angles_deg()[indices])).to(torch.float32).to(device)
     origins = torch.as_tensor(star.origins_A()[indices] / px, dtype=torch.float32, device=device)
     ctf = None
-    if star.has_ctf():
+    if with_ctf and star.has_ctf():
         p = {k: v[indices] for k, v in star.ctf_params().items()}
         ctf = ctf_2d(stack.box, px, device=device, **p)
     return images, rot, origins, ctf
 
 
 def insert_particles(star: ParticleStar, stack: ImageStack, labels: np.ndarray, recs: Dict[int, Reconstructor],
-                     batch_size: int, device: torch.device,
-                     progress: Optional[Callable[[int, int, float], None]] = None) -> None:
+                     batch_size: int, progress: Optional[Callable[[int, int, float], None]] = None) -> None:
     """Insert each particle ``i`` of ``star`` (images read from the open ``stack``) into ``recs[labels[i]]``,
-    ``batch_size`` particles at a time; particles whose label has no reconstructor are skipped. ``progress``
-    (optional) is called as ``progress(done, total, elapsed_s)`` after each batch."""
+    ``batch_size`` particles at a time; particles whose label has no reconstructor are skipped. The CTF is
+    computed at the inserted pixels only. ``progress`` (optional) is called as ``progress(done, total,
+    elapsed_s)`` after each batch."""
+    px = star.pixel_size_A
+    angles, origins_px = star.angles_deg(), star.origins_A() / px
+    ctf_params = star.ctf_params() if star.has_ctf() else None
     done, t0 = 0, time.time()
     for start in range(0, len(star), batch_size):
         idx = np.arange(start, min(start + batch_size, len(star)))
-        images, rot, origins, ctf = batch_inputs(star, idx, stack, device)
+        images = torch.from_numpy(stack.read(idx))
         for label, rec in recs.items():
-            sel = torch.as_tensor(labels[idx] == label, device=device)
-            if sel.any():
-                rec.insert_images(images[sel], rot[sel], origins[sel], None if ctf is None else ctf[sel])
+            sel = np.nonzero(labels[idx] == label)[0]
+            if len(sel) == 0:
+                continue
+            rows = idx[sel]
+            rot = euler_to_matrix(torch.as_tensor(angles[rows])).to(torch.float32)
+            ctf = None if ctf_params is None else rec.slice_ctf(px, **{k: v[rows] for k, v in ctf_params.items()})
+            rec.insert_images(images[sel], rot, origins_px[rows], ctf)
         done += len(idx)
         if progress:
             progress(done, len(star), time.time() - t0)
@@ -226,14 +334,12 @@ def reconstruct_star(star: ParticleStar, halves: bool = False, symmetry: str = "
         labels = half_split(star, seed) if halves else np.ones(len(star), dtype=np.int64)
         recs = {h: Reconstructor(box, symmetry=symmetry, max_radius_px=max_r, device=device)
                 for h in np.unique(labels)}
-        insert_particles(star, stack, labels, recs, batch_size, device, progress)
+        insert_particles(star, stack, labels, recs, batch_size, progress)
     if not halves:
         return {"map": recs[1].reconstruct()}
     half1, half2 = recs[1].reconstruct(), recs[2].reconstruct()
-    total = Reconstructor(box, symmetry=symmetry, max_radius_px=max_r, device=device)
-    total.add(recs[1])
-    total.add(recs[2])
-    return {"map": total.reconstruct(), "half1": half1, "half2": half2, "fsc": fsc(half1, half2)}
+    recs[1].add(recs[2])                        # the halves are done: the first grid becomes the full set's
+    return {"map": recs[1].reconstruct(), "half1": half1, "half2": half2, "fsc": fsc(half1, half2)}
 
 
 def write_fsc_star(path: str, curve: np.ndarray, box: int, pixel_size_A: float) -> None:

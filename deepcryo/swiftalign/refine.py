@@ -88,7 +88,6 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from deepcryo.core import fourier
 from deepcryo.core.errors import InputError
 from deepcryo.core.files import remove_stale_parts_in
 from deepcryo.core.fsc import fsc_resolution_A, masked_fsc
@@ -292,7 +291,7 @@ def _reconstruct(star, halves, classes, keep, n_classes, params):
     labels = np.where(keep, 2 * classes + halves - 1, -1)
     with star.open_images() as stack:
         insert_particles(star, stack, labels, {2 * k + h - 1: recs[k][h - 1] for k in range(n_classes) for h in (1, 2)},
-                         params.batch_size, device)
+                         params.batch_size)
     return recs
 
 
@@ -313,22 +312,22 @@ def _posterior_reconstruct(star, halves, classes, keep, refs, resolution_A, diam
     with star.open_images() as stack:
         for start in range(0, len(star), batch):
             idx = np.arange(start, min(start + batch, len(star)))
-            images, rot, origins, ctf = batch_inputs(star, idx, stack, device)
-            spectra = fourier.fft2c(images)
+            images, rot, origins, _ = batch_inputs(star, idx, stack, "cpu", with_ctf=False)
             for k in range(n_classes):
                 for h in (1, 2):
                     sel = np.nonzero((halves[idx] == h) & (classes[idx] == k) & keep[idx])[0]
                     if len(sel) == 0:
                         continue
-                    parts = ParticleBatch(band, images[sel].cpu(), {key: v[idx[sel]] for key, v in ctf_params.items()})
-                    q_rot, q_org, weight = pose_posterior(projectors[k][h - 1], band, parts, rot[sel].cpu(),
-                                                          origins[sel].cpu(), step, sstep)
+                    rec, rows = recs[k][h - 1], idx[sel]
+                    parts = ParticleBatch(band, images[sel], {key: v[rows] for key, v in ctf_params.items()})
+                    q_rot, q_org, weight = pose_posterior(projectors[k][h - 1], band, parts, rot[sel],
+                                                          origins[sel], step, sstep)
                     b, q = weight.shape
-                    w = weight.to(device).reshape(b * q, 1, 1)
-                    ramps = fourier.phase_shift_2d(box, q_org.to(device).reshape(b * q, 2), device=device)
-                    data = (spectra[sel] * ctf[sel]).repeat_interleave(q, dim=0) * ramps * w
-                    recs[k][h - 1].insert(data, (ctf[sel] ** 2).repeat_interleave(q, dim=0) * w,
-                                          q_rot.to(device).reshape(b * q, 3, 3))
+                    w = weight.to(device).reshape(b * q, 1)
+                    ctf = rec.slice_ctf(px, **{key: v[rows] for key, v in ctf_params.items()})
+                    data = (rec.slice_spectra(images[sel]) * ctf).repeat_interleave(q, dim=0)
+                    data = data * rec.slice_phase_shift(q_org.reshape(b * q, 2)) * w
+                    rec.insert_slices(data, (ctf * ctf).repeat_interleave(q, dim=0) * w, q_rot.reshape(b * q, 3, 3))
     return recs
 
 
