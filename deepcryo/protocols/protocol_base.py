@@ -23,6 +23,7 @@ writing the input particles as a RELION STAR, and the checks of the GPU list.
 ``ProtCTFMicrographs``, ...), so each protocol keeps its place in Scipion's tree and its form.
 """
 import pyworkflow.protocol.params as params
+from pyworkflow.constants import QUEUE_FOR_JOBS
 
 from deepcryo import Plugin
 from deepcryo.convert import writeSetOfParticles
@@ -64,6 +65,18 @@ class DeepCryoProtBase:
         """``cuda:N`` of every GPU Scipion gave the running step (for a program that spreads over several; the
         ids ``%(GPU)s`` would be replaced with, which is a space-separated list and so no device name)."""
         return ["cuda:%s" % g for g in self._stepsExecutor.getGpuList()] if self.usesGpu() else []
+
+    def getSubmitDict(self):
+        """Scipion's queue variables, with ``GPU_COUNT`` the GPUs one job needs (for ``--gres=gpu:%_(GPU_COUNT)s``)
+        unless the queue's form sets it: none without "Use GPU"; one per step job where steps run side by side
+        (each step's program uses one GPU); the whole list for a job running the whole protocol or its one GPU
+        step. Scipion's own value is the length of the GPU list, even when the GPU is not used."""
+        submit = super().getSubmitDict()
+        _, queueParams = self.getQueueParams()
+        if "GPU_COUNT" not in queueParams:
+            perStep = self.modeParallel() and submit.get(QUEUE_FOR_JOBS) == "Y"
+            submit["GPU_COUNT"] = 0 if not self.usesGpu() else 1 if perStep else len(self.getGpuList())
+        return submit
 
     def _runProgram(self, engine, args, *words, **kwargs):
         """Run ``python -m deepcryo.<engine> [words] args``; ``args`` may hold numbers (written with ``str``);
