@@ -266,7 +266,8 @@ def slurm_cluster(cpus=None, partition="debug", keep=False):
     """Start a one-node SLURM cluster, yield its :class:`SlurmCluster`, stop it afterwards.
 
     Args:
-        cpus: CPUs of the node (default: the CPUs this process may use, ``nproc``).
+        cpus: CPUs of the node (default: the CPUs this process may use, ``nproc``, and at least 2 so that two
+            one-CPU jobs can run side by side on any machine: the node is declared, not probed).
         partition: name of its one (default) partition.
         keep: keep the state folder (logs, ``jobcomp.txt``) after the stop; also with ``DEEPCRYO_KEEP_SLURM=1``.
 
@@ -277,7 +278,7 @@ def slurm_cluster(cpus=None, partition="debug", keep=False):
     problem = _install()
     if problem:
         pytest.skip("SLURM test cluster: %s" % problem)
-    cpus = cpus or len(os.sched_getaffinity(0))
+    cpus = cpus or max(2, len(os.sched_getaffinity(0)))
     hostname = socket.gethostname().split(".")[0]
     realMemoryMB = max(1, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2)
     cluster = SlurmCluster(tempfile.mkdtemp(prefix="deepcryo_slurm_"), hostname, partition, cpus)
