@@ -117,6 +117,10 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
             self.warning("CTF estimation failed for micrographs %s: %s"
                          % ([m.getObjId() for m in micList], str(exc).splitlines()[0] if str(exc) else exc))
             return
+        if not os.path.exists(outStar):  # a program that failed in a queue job: Scipion sees no exit status there
+            self.warning("CTF estimation failed for micrographs %s: no %s (see the job's log in the run's logs)"
+                         % ([m.getObjId() for m in micList], outStar))
+            return
         rows = {row["rlnMicrographName"]: row for row in readCtfStar(outStar)}
         for mic in micList:
             row = rows.get(os.path.abspath(mic.getFileName()))

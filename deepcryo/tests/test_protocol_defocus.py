@@ -226,3 +226,20 @@ def test_cpu_batches_do_not_wait_for_a_gpu(monkeypatch, tmp_path):
     commands, met = _runBatchStepsConcurrently(monkeypatch, tmp_path, False, "0")
     assert met == 2, commands
     assert [_devices(c) for c in commands] == ["cpu", "cpu"], commands
+
+
+def test_batch_whose_queue_job_failed_is_skipped(monkeypatch, tmp_path):
+    """Through a queue, runJob returns when the job ends, whatever the program's exit status: a batch whose
+    program wrote no CTF is reported and skipped (the stream goes on), as when runJob raises."""
+    from deepcryo.tests.protocol_inputs import _micrographs
+
+    mics = _micrographs(tmp_path, n=2)
+    prot = DeepCryoProtDeepDefocus(workingDir=str(tmp_path / "run"))
+    prot.inputMicrographs.set(mics)
+    os.makedirs(prot._getTmpPath(), exist_ok=True)
+    prot._defineCtfParamsDict()
+    warnings = []
+    monkeypatch.setattr(prot, "runJob", lambda program, args, **kw: None)  # the job ran, the program failed
+    monkeypatch.setattr(prot, "warning", warnings.append)
+    prot._estimateCtfList([m.clone() for m in mics])
+    assert len(warnings) == 1 and "CTF estimation failed for micrographs [1, 2]" in warnings[0], warnings
