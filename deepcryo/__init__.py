@@ -101,32 +101,18 @@ def _buildPluginClass():
             return environ
 
         @classmethod
-        def getProgram(cls, engine, *args, gpus=None):
-            """Command line ``[CUDA_VISIBLE_DEVICES=g] <python> -m deepcryo.<engine> [args...]``.
+        def getProgram(cls, engine, *args):
+            """Command line ``<python> -m deepcryo.<engine> [args...]``.
 
             Args:
                 engine: one of ``constants.ENGINES`` (e.g. ``'core.reconstruct'``, ``'defocus'``).
                 args: optional leading words, e.g. a subcommand (``'predict'``); the protocol passes
-                    the options to ``runJob``.
-                gpus: GPU ids to expose to the program (it then sees them as cuda:0, cuda:1, ...).
+                    the options to ``runJob``, the GPU among them as ``--device cuda:%(GPU)s`` (the
+                    GPU Scipion gave the step; see ``protocols.protocol_base.GPU_DEVICE``).
             """
             if engine not in ENGINES:
                 raise ValueError("unknown deepcryo engine %r (known: %s)" % (engine, ", ".join(ENGINES)))
-            words = [shlex.quote(cls.getPython()), "-m", "deepcryo." + engine]
-            words += [str(a) for a in args]
-            if gpus:
-                words.insert(0, cls.getCudaVisibleDevices(gpus))
-            return " ".join(words)
-
-        @staticmethod
-        def getCudaVisibleDevices(gpus):
-            """``'CUDA_VISIBLE_DEVICES=0,2'`` for GPU ids ``[0, 2]`` (or the string ``'0 2'``)."""
-            if isinstance(gpus, str):
-                gpus = gpus.replace(",", " ").split()
-            ids = [str(int(g)) for g in gpus]
-            if not ids:
-                raise ValueError("no GPU ids given")
-            return "CUDA_VISIBLE_DEVICES=" + ",".join(ids)
+            return " ".join([shlex.quote(cls.getPython()), "-m", "deepcryo." + engine] + [str(a) for a in args])
 
         @classmethod
         def defineBinaries(cls, env):

@@ -21,6 +21,7 @@ import os
 
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
+from pyworkflow.protocol.constants import STEPS_PARALLEL
 from pyworkflow.object import Boolean, Integer
 from pyworkflow.utils import Message
 from pwem.objects import CTFModel, EMFile, SetOfCTF
@@ -49,6 +50,7 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
     _devStatus = BETA
     _possibleOutputs = {OUTPUT_CTF: SetOfCTF}
     recalculate = Boolean(False, objDoStore=False)
+    stepsExecutionMode = STEPS_PARALLEL  # (as ProtCTFMicrographs): batches run side by side
 
     # --------------------------- DEFINE param functions --------------------------------------------
     def _defineParams(self, form):
@@ -73,7 +75,19 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
                      useGpuHelp="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
         self._defineStreamingParams(form)
         form.getParam("streamingBatchSize").setDefault(Integer(8))
-        form.addParallelSection(threads=2, mpi=0)
+        form.addParallelSection(threads=3, mpi=0, binThreads=1,
+                                binThreadsHelp="Threads of each batch's program. Scipion threads - 1 batches "
+                                               "run at a time, each on its own GPU when GPUs are used.")
+
+    # --------------------------- INSERT steps functions --------------------------------------------
+    def _insertCtfStep(self, mic, prerequisites, *args):
+        return self._insertCtfListStep([mic], prerequisites, *args)
+
+    def _insertCtfListStep(self, micList, prerequisites, *args):
+        """One step per batch of micrographs (one program, one model load); it waits for a GPU slot only when
+        the user asked for GPUs, so CPU batches run side by side."""
+        return self._insertFunctionStep(self.estimateCtfListStep, [mic.getMicName() for mic in micList], *args,
+                                        prerequisites=prerequisites, needsGPU=self.usesGpu())
 
     # --------------------------- STEPS functions ---------------------------------------------------
     def _defineCtfParamsDict(self):
@@ -90,7 +104,7 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
         writeMicrographListStar(inStar, micList, self._params["acquisition"], self._params["samplingRate"])
         args = ["--micrographs", inStar, "--output", outStar, "--batch-size", len(micList),
                 "--low-resolution", self.lowRes.get(), "--high-resolution", self.highRes.get(),
-                "--threads", self.numberOfThreads.get(), "--device", "cuda" if self._gpus() else "cpu"]
+                "--threads", self.getBinThreads()] + self._deviceArgs()
         if not self.doRefine:
             args.append("--no-refine")
         if self.fitPhaseShift:
@@ -102,6 +116,10 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
         except Exception as exc:  # the stream goes on; these micrographs get no CTF
             self.warning("CTF estimation failed for micrographs %s: %s"
                          % ([m.getObjId() for m in micList], str(exc).splitlines()[0] if str(exc) else exc))
+            return
+        if not os.path.exists(outStar):  # a program that failed in a queue job: Scipion sees no exit status there
+            self.warning("CTF estimation failed for micrographs %s: no %s (see the job's log in the run's logs)"
+                         % ([m.getObjId() for m in micList], outStar))
             return
         rows = {row["rlnMicrographName"]: row for row in readCtfStar(outStar)}
         for mic in micList:
@@ -134,7 +152,7 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
             errors += defocusModelErrors(self.trainedModel.get().getFileName())
         if not 0 < self.highRes.get() < self.lowRes.get():
             errors.append("The resolution band needs 0 < highest < lowest (Å).")
-        errors += self._oneGpuErrors("The estimation")
+        errors += self._gpuPerStepErrors()
         return errors
 
     def _summary(self):
@@ -185,7 +203,7 @@ class DeepCryoProtDeepDefocusTrain(DeepCryoProtBase, EMProtocol):
 
     def trainStep(self):
         args = ["--output", self._getExtraPath("defocus_model.pt"), "--epochs", self.epochs.get(),
-                "--threads", self.numberOfThreads.get(), "--device", "cuda" if self._gpus() else "cpu"]
+                "--threads", self.numberOfThreads.get()] + self._deviceArgs()
         if self.useSimulation:
             args += ["--simulate", self.numberOfSimulated.get()]
         else:

@@ -87,8 +87,8 @@ class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
             args += ["--max-resolution", self.maxResolution.get()]
         if self.doHalfMaps:
             args.append("--halves")
-        if self._gpus():
-            args += ["--device", "cuda:0"]  # the one GPU left visible by CUDA_VISIBLE_DEVICES
+        if self.usesGpu():
+            args += self._deviceArgs()
         self._runProgram("core.reconstruct", args)
 
     def createOutputStep(self):

@@ -21,6 +21,7 @@ import numpy as np
 
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
+from pyworkflow.protocol.constants import STEPS_PARALLEL
 from pyworkflow.utils import Message
 from pwem.objects import SetOfParticles
 from pwem.protocols import ProtRefine3D
@@ -47,6 +48,7 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
     _label = "swiftalign"
     _devStatus = BETA
     _possibleOutputs = {OUTPUT_PARTICLES: SetOfParticles}
+    stepsExecutionMode = STEPS_PARALLEL  # the query chunks run side by side
 
     # --------------------------- DEFINE param functions --------------------------------------------
     def _defineParams(self, form):
@@ -91,24 +93,27 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
                       label="Memory limit (GB)", expertLevel=params.LEVEL_ADVANCED)
         form.addParam("particlesPerStep", params.IntParam, default=5000, validators=[params.Positive],
                       label="Particles per query step", expertLevel=params.LEVEL_ADVANCED)
-        addGpuParams(form, gpuLabel="GPU IDs")
-        form.addParallelSection(threads=2, mpi=0)
+        addGpuParams(form, gpuLabel="GPU IDs",
+                     gpuHelp="GPUs for the steps: each step (index build, one query chunk) runs on one of them.")
+        form.addParallelSection(threads=3, mpi=0, binThreads=2,
+                                binThreadsHelp="Threads of each step's program. Scipion threads - 1 steps (query "
+                                               "chunks) run at a time, each on its own GPU when GPUs are used.")
 
     # --------------------------- INSERT steps functions --------------------------------------------
     def _insertAllSteps(self):
         convert = self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        train = self._insertFunctionStep(self.trainStep, prerequisites=[convert])
+        train = self._insertFunctionStep(self.trainStep, prerequisites=[convert], needsGPU=self.usesGpu())
         n = self.inputParticles.get().getSize()
         chunks = max(1, int(np.ceil(n / self.particlesPerStep.get())))
-        queries = [self._insertFunctionStep(self.queryStep, i, chunks, prerequisites=[train])
-                   for i in range(chunks)]
+        queries = [self._insertFunctionStep(self.queryStep, i, chunks, prerequisites=[train], needsGPU=self.usesGpu())
+                   for i in range(chunks)]  # side by side, each loading the index once
         self._insertFunctionStep(self.createOutputStep, chunks, prerequisites=queries, needsGPU=False)
 
     # --------------------------- STEPS functions ---------------------------------------------------
     def _common(self):
-        args = ["--threads", self.numberOfThreads.get(), "--memory-limit", self.memoryLimit.get()]
+        args = ["--threads", self.getBinThreads(), "--memory-limit", self.memoryLimit.get()]
         if self.usesGpu():
-            args += ["--device"] + ["cuda:%d" % i for i in range(len(self.getGpuList()))]
+            args += self._deviceArgs()
         return args
 
     def trainStep(self):
@@ -156,6 +161,7 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
             if self.localSearch and not particles.hasAlignmentProj():
                 errors.append("Local search needs particles with a 3D alignment.")
         errors += symmetryErrors(self.symmetryGroup.get())
+        errors += self._gpuPerStepErrors()
         if particles is not None and volume is not None:
             if volume.getXDim() != particles.getXDim():
                 errors.append("Box size mismatch: particles %d px, map %d px."

@@ -158,8 +158,8 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
             args += ["--max-shift", self.maxShift.get()]
         if self.inputMask.get() is not None:
             args += ["--mask", convertVolume(self.inputMask.get(), self._getExtraPath("references"))]
-        if self._gpus():
-            args += ["--device", "cuda:0"]  # the one GPU left visible by CUDA_VISIBLE_DEVICES
+        if self.usesGpu():
+            args += self._deviceArgs()
         if self.doWhiten:
             args += ["--whiten"]
         self._runProgram("swiftalign", args)

@@ -135,9 +135,8 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
             for name in ("checkpoint.pt", "consensus.mrc"):
                 shutil.copy(os.path.join(previous, name), self.getTrainDir())
             args.append("--continue")
-        gpus = self._gpus()
-        if gpus:
-            args += ["--device", ",".join("cuda:%d" % i for i in range(len(gpus)))]
+        if self.usesGpu():  # several GPUs: the list %(GPU)s would become is no device name, so it is written out
+            args += ["--device", ",".join(self._stepGpuDevices())]
         self._runProgram("landscape", args)
 
     def createOutputStep(self):

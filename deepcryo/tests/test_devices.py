@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from pyworkflow.object import Pointer
+from pyworkflow.protocol.executor import StepExecutor
 
 from deepcryo.core.cli import parse_devices
 from deepcryo.core.errors import InputError
@@ -21,6 +22,7 @@ from deepcryo.core.projector import Projector
 from deepcryo.core.simulate import phantom_volume, write_particle_set
 from deepcryo.protocols import (DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain, DeepCryoProtSwiftAlign,
                                 DeepCryoProtSwiftRefine, DeepCryoProtVaeTrain)
+from deepcryo.protocols.protocol_base import GPU_DEVICE
 from deepcryo.swiftalign import index as swindex
 from deepcryo.swiftalign import refine as swrefine
 from deepcryo.tests.protocol_inputs import _micrographs, _particles, _volume
@@ -246,33 +248,34 @@ def _device_words(args):
 
 
 def test_vae_protocol_uses_a_gpu_only_when_asked(monkeypatch, tmp_path):
+    """The VAE's one step trains on every GPU Scipion gave it (here, serial steps: the whole list)."""
     monkeypatch.chdir(tmp_path)
     particles = _particles(tmp_path)
-    for use_gpu, gpus, visible, device in [(None, None, None, []), (True, "0 2", "CUDA_VISIBLE_DEVICES=0,2",
-                                                                     ["cuda:0,cuda:1"])]:
+    for use_gpu, gpus, device in [(None, None, []), (True, "0 2", ["cuda:0,cuda:2"])]:
         prot = DeepCryoProtVaeTrain()
         prot.inputParticles.set(particles)
         if use_gpu is not None:
             prot.useGpu.set(use_gpu)
             prot.gpuList.set(gpus)
+        prot.setStepsExecutor(StepExecutor(None, gpuList=prot.getGpuList()))
         jobs = _run_jobs(monkeypatch, prot)
         prot.trainStep()
         (program, args), = jobs
-        assert ("CUDA_VISIBLE_DEVICES" in program) == bool(visible) and (visible or "") in program
+        assert "CUDA_VISIBLE_DEVICES" not in program
         assert _device_words(args) == device
 
 
 def test_defocus_protocols_pass_their_device(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     mics = _micrographs(tmp_path)
-    for use_gpu, visible, device in [(False, False, "cpu"), (True, True, "cuda")]:
+    for use_gpu, device in [(False, "cpu"), (True, GPU_DEVICE)]:
         prot = DeepCryoProtDeepDefocusTrain()
         prot.useSimulation.set(True)
         prot.useGpu.set(use_gpu)
         jobs = _run_jobs(monkeypatch, prot)
         prot.trainStep()
         (program, args), = jobs
-        assert ("CUDA_VISIBLE_DEVICES=0 " in program) == visible and _device_words(args)[:1] == [device]
+        assert "CUDA_VISIBLE_DEVICES" not in program and _device_words(args)[:1] == [device]
 
         prot = DeepCryoProtDeepDefocus()
         prot.inputMicrographs.set(mics)
@@ -282,9 +285,11 @@ def test_defocus_protocols_pass_their_device(monkeypatch, tmp_path):
         monkeypatch.setattr(prot, "warning", lambda msg: None)
         prot._estimateCtfList(list(mics))  # the failed batch is reported and skipped
         (program, args), = jobs
-        assert ("CUDA_VISIBLE_DEVICES=0 " in program) == visible and _device_words(args)[:1] == [device]
-        prot.gpuList.set("0 1")
+        assert "CUDA_VISIBLE_DEVICES" not in program and _device_words(args)[:1] == [device]
+        prot.gpuList.set("0 1 2")  # one GPU per batch step, 2 step threads (Scipion threads 3)
         assert any("one GPU" in e for e in prot._validate()) == use_gpu
+        prot.gpuList.set("0 1")
+        assert not any("one GPU" in e for e in prot._validate())
 
 
 def test_swiftalign_protocols_pass_their_devices(monkeypatch, tmp_path):
@@ -292,13 +297,15 @@ def test_swiftalign_protocols_pass_their_devices(monkeypatch, tmp_path):
     assert "--device" not in prot._common()
     prot.useGpu.set(True)
     prot.gpuList.set("1 3")
-    assert _device_words(" ".join(map(str, prot._common()))) == ["cuda:0", "cuda:1"]
-    assert prot._gpus() == [1, 3]
+    assert _device_words(" ".join(map(str, prot._common()))) == [GPU_DEVICE]  # each step on the GPU it is given
+    assert not any("one GPU" in e for e in prot._validate())
+    prot.numberOfThreads.set(2)  # one step at a time: one GPU
+    assert any("one GPU" in e for e in prot._validate())
 
     monkeypatch.chdir(tmp_path)
     import deepcryo.protocols.protocol_swiftrefine as module
     monkeypatch.setattr(module, "convertVolume", lambda vol, folder: "ref.mrc")
-    for use_gpu, device in [(False, []), (True, ["cuda:0"])]:
+    for use_gpu, device in [(False, []), (True, [GPU_DEVICE])]:
         prot = DeepCryoProtSwiftRefine()
         prot.inputVolumes.append(Pointer(_volume(tmp_path)))
         prot.useGpu.set(use_gpu)
@@ -306,7 +313,7 @@ def test_swiftalign_protocols_pass_their_devices(monkeypatch, tmp_path):
         jobs = _run_jobs(monkeypatch, prot)
         prot.refineStep()
         (program, args), = jobs
-        assert ("CUDA_VISIBLE_DEVICES=2 " in program) == use_gpu and _device_words(args)[:1] == device
+        assert "CUDA_VISIBLE_DEVICES" not in program and _device_words(args)[:1] == device
 
 
 def test_gpu_defaults_are_off():

@@ -66,13 +66,10 @@ class TestPlugin(unittest.TestCase):
         python = self.Plugin.getPython()
         self.assertEqual(python, sys.executable)
         self.assertEqual(self.Plugin.getProgram("core.reconstruct"), "%s -m deepcryo.core.reconstruct" % python)
-        self.assertEqual(self.Plugin.getProgram("defocus", "predict", gpus=[1, 3]),
-                         "CUDA_VISIBLE_DEVICES=1,3 %s -m deepcryo.defocus predict" % python)
-        self.assertEqual(self.Plugin.getCudaVisibleDevices("0 2"), "CUDA_VISIBLE_DEVICES=0,2")
+        # no GPU list in the program: the step's GPU comes as --device cuda:%(GPU)s, substituted by Scipion
+        self.assertEqual(self.Plugin.getProgram("defocus", "predict"), "%s -m deepcryo.defocus predict" % python)
         with self.assertRaisesRegex(ValueError, "unknown deepcryo engine"):
             self.Plugin.getProgram("core.refine")
-        with self.assertRaisesRegex(ValueError, "no GPU"):
-            self.Plugin.getCudaVisibleDevices([])
 
     def testOwnPythonGetsNoScipionPythonPath(self):
         self._setEnv(PYTHONPATH="/scipion/site-packages")

@@ -155,3 +155,91 @@ class TestDeepCryoDeepDefocusTrainAndViewer(ProtocolTest):
                        AMP)[0].numpy()[:, :half][band] ** 2
         self.assertGreater(np.corrcoef(left, truth)[0, 1], 0.9)  # the drawn rings are the true ones
         self.assertTrue(np.allclose(img[:, half:], np.clip(psd[:, half:], img.min(), img.max()), atol=1e-5))
+
+
+def _runBatchStepsConcurrently(monkeypatch, tmp_path, useGpu, gpuList):
+    """Run two batch steps of a defocus protocol through Scipion's ThreadStepExecutor (2 step threads, as with
+    3 Scipion threads) without running the program: Scipion builds each command line (``buildRunCommand``,
+    which replaces ``%(GPU)s`` with the step's GPUs) and the recorder holds it until both steps are running.
+    Returns the command lines and how many steps met while running."""
+    import threading
+
+    import pyworkflow.utils.process as process
+    from pyworkflow.protocol.executor import ThreadStepExecutor
+
+    from deepcryo.tests.protocol_inputs import _micrographs
+
+    mics = _micrographs(tmp_path, n=2)
+    prot = DeepCryoProtDeepDefocus(workingDir=str(tmp_path / "run"))
+    prot.inputMicrographs.set(mics)
+    prot.useGpu.set(useGpu)
+    prot.gpuList.set(gpuList)
+    prot.numberOfThreads.set(3)
+    for folder in (prot._getTmpPath(), prot._getExtraPath("DONE")):
+        os.makedirs(folder, exist_ok=True)
+    prot._defineCtfParamsDict()
+    prot.micDict = {}
+    for m in mics:
+        m.setMicName(os.path.basename(m.getFileName()))
+        prot.micDict[m.getMicName()] = m.clone()
+    for m in prot.micDict.values():
+        prot._insertCtfListStep([m], [])
+    for i, step in enumerate(prot._steps):
+        step.setObjId(i + 1)  # the ids a stored run gives its steps; the executor books GPU slots by them
+    monkeypatch.setattr(prot, "getSubmitDict", lambda: {})
+    monkeypatch.setattr(prot, "warning", lambda msg: None)
+    commands, met = [], []
+    together = threading.Barrier(2, timeout=10)
+
+    def recordJob(log, program, params, numberOfMpi, numberOfThreads, hostConfig, env=None, cwd=None,
+                  gpuList=None, executable=None, context=None):
+        commands.append(process.buildRunCommand(program, params, numberOfMpi, hostConfig, gpuList=gpuList))
+        together.wait()
+        met.append(True)
+        raise RuntimeError("recorded, not run")  # the batch reports it and the stream goes on
+
+    monkeypatch.setattr(process, "runJob", recordJob)
+    executor = ThreadStepExecutor(None, 2, gpuList=prot.getGpuList())
+    executor.setProtocol(prot)
+    prot.setStepsExecutor(executor)
+    executor.runSteps(prot._steps, lambda step: None, lambda step: True, lambda: None, stepsCheckSecs=60)
+    return commands, len(met)
+
+
+def _devices(command):
+    words = command.split()
+    return words[words.index("--device") + 1]
+
+
+def test_concurrent_batches_get_their_own_gpu(monkeypatch, tmp_path):
+    """GPUs "0 1", 2 step threads: the two batches run at once, one with --device cuda:0, the other cuda:1 (the ids
+    Scipion gave them, in their command lines); no CUDA_VISIBLE_DEVICES of the user's list."""
+    commands, met = _runBatchStepsConcurrently(monkeypatch, tmp_path, True, "0 1")
+    assert met == 2, commands
+    assert sorted(_devices(c) for c in commands) == ["cuda:0", "cuda:1"], commands
+    assert not any("CUDA_VISIBLE_DEVICES" in c for c in commands), commands
+
+
+def test_cpu_batches_do_not_wait_for_a_gpu(monkeypatch, tmp_path):
+    """Without "Use GPU" the steps need no GPU: two CPU batches run side by side even though the (hidden) GPU
+    list holds one id, which would give a single GPU slot."""
+    commands, met = _runBatchStepsConcurrently(monkeypatch, tmp_path, False, "0")
+    assert met == 2, commands
+    assert [_devices(c) for c in commands] == ["cpu", "cpu"], commands
+
+
+def test_batch_whose_queue_job_failed_is_skipped(monkeypatch, tmp_path):
+    """Through a queue, runJob returns when the job ends, whatever the program's exit status: a batch whose
+    program wrote no CTF is reported and skipped (the stream goes on), as when runJob raises."""
+    from deepcryo.tests.protocol_inputs import _micrographs
+
+    mics = _micrographs(tmp_path, n=2)
+    prot = DeepCryoProtDeepDefocus(workingDir=str(tmp_path / "run"))
+    prot.inputMicrographs.set(mics)
+    os.makedirs(prot._getTmpPath(), exist_ok=True)
+    prot._defineCtfParamsDict()
+    warnings = []
+    monkeypatch.setattr(prot, "runJob", lambda program, args, **kw: None)  # the job ran, the program failed
+    monkeypatch.setattr(prot, "warning", warnings.append)
+    prot._estimateCtfList([m.clone() for m in mics])
+    assert len(warnings) == 1 and "CTF estimation failed for micrographs [1, 2]" in warnings[0], warnings
