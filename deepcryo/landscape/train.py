@@ -265,7 +265,8 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
             first. Started by srun or torchrun (:func:`deepcryo.landscape.distributed.read_launch` finds
             more than one process), this process is one rank and ``devices`` is ``cpu`` or one CUDA device,
             which stands for the rank's GPU (:func:`deepcryo.landscape.distributed.rank_device`); every rank
-            prepares the same start (consensus map, noise), rank 0 writes the files.
+            prepares the same start (consensus map, noise; DDP then gives all ranks rank 0's parameters and
+            buffers), rank 0 writes the files.
         pose_free: ignore the particles' poses and learn them with the pose head (``pose_heads`` candidates
             per particle); ``reference``: optional MRC map to start V₀ from (otherwise a soft sphere).
     """
