@@ -17,9 +17,13 @@ matched to the images' low-resolution power (shells up to D/8); the noise spectr
 radial power (signal included: an overestimate at high SNR, close at SNR ≤ 0.1). See
 :mod:`deepcryo.landscape.model` for the pose head and its mirror-hand guard.
 
-Several devices (``--device cuda:0,cuda:1``) train with torch DistributedDataParallel, one process per
-device, each on its share of every epoch's shuffled order (the last ``n mod devices`` particles of the
-order wait for the next epoch, so that all shares are equal); rank 0 writes the outputs.
+Several processes train one model with torch DistributedDataParallel (NCCL on GPUs, gloo on CPUs), each on
+its share of every epoch's shuffled order (the last ``n mod processes`` particles of the order wait for the
+next epoch, so that all shares are equal); rank 0 writes the outputs, the same files as a single process.
+The processes come from the program itself, one per device of ``--device cuda:0,cuda:1``, or from a
+launcher across nodes: ``srun`` (one rank per SLURM task) or ``torchrun``, each process then on its own
+GPU (``--device cuda``) or CPU (``--device cpu``); see :mod:`deepcryo.landscape.distributed`. The batch size
+is per process, so the global batch grows with the number of processes.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from ..core.particles import write_particles
 from ..core.projector import Projector
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches, load_particles
+from .distributed import DistributedLaunch, local_launch, rank_device, read_launch
 from .model import LandscapeVAE, radial_noise_variance, soft_sphere
 
 logger = logging.getLogger(__name__)
@@ -174,16 +179,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(rank, devices, cfg, init, port):
-    """Train on ``devices[rank]``; with several devices as one DDP process among ``len(devices)``."""
-    world = len(devices)
-    device = torch.device(devices[rank])
+def _run(cfg, init, device, launch: DistributedLaunch):
+    """Train on ``device``: alone, or as rank ``launch.rank`` of ``launch.world_size`` DDP processes."""
+    world, rank = launch.world_size, launch.rank
+    device = torch.device(device)
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, init_method="tcp://127.0.0.1:%d" % port,
-                                             rank=rank, world_size=world)
+        torch.distributed.init_process_group(backend, init_method=launch.init_method, rank=rank, world_size=world)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        logger.info("rank %d of %d (%s launch, local rank %d, rendezvous %s:%d, %s on %s)", rank, world,
+                    launch.source, launch.local_rank, launch.master_addr, launch.master_port, backend, device)
     torch.manual_seed(cfg["seed"])
     pose_free = cfg.get("pose_free", False)
     star = load_particles(cfg["particles"], poses=not pose_free)
@@ -228,13 +234,18 @@ def _run(rank, devices, cfg, init, port):
         write_particles(os.path.join(cfg["output_dir"], LATENT_STAR), out)
     data.close()
     if world > 1:
+        # Equal sums on every rank show that the ranks trained one model (DDP averaged their gradients).
+        checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
+        logger.info("rank %d of %d done: parameter checksum %.12e", rank, world, checksum)
         torch.distributed.destroy_process_group()
 
 
-def _ddp_entry(rank, devices, cfg, init, port, log_to_console):
+def _ddp_entry(rank, devices, cfg, init, port, log_to_console, threads):
+    """One process spawned by :func:`train` for ``devices[rank]`` (the parent's logging and torch threads)."""
     if log_to_console:  # a spawned process starts with logging unconfigured: log as the parent program does
         configure_logging()
-    _run(rank, devices, cfg, init, port)
+    torch.set_num_threads(threads)
+    _run(cfg, init, devices[rank], local_launch(rank, len(devices), port))
 
 
 def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20, box: Optional[int] = None,
@@ -250,12 +261,21 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
         box: working box (px, even); the particle box when None. batch_size: particles per step (per device).
         beta: weight of the KL term. n_basis, hidden: decoder basis volumes and MLP width.
         devices: torch device names (checked by :func:`deepcryo.core.cli.parse_devices`); several →
-            DistributedDataParallel. The consensus map is reconstructed on the first.
+            DistributedDataParallel, one spawned process each. The consensus map is reconstructed on the
+            first. Started by srun or torchrun (:func:`deepcryo.landscape.distributed.read_launch` finds
+            more than one process), this process is one rank and ``devices`` is ``cpu`` or one CUDA device,
+            which stands for the rank's GPU (:func:`deepcryo.landscape.distributed.rank_device`); every rank
+            prepares the same start (consensus map, noise; DDP then gives all ranks rank 0's parameters and
+            buffers), rank 0 writes the files.
         pose_free: ignore the particles' poses and learn them with the pose head (``pose_heads`` candidates
             per particle); ``reference``: optional MRC map to start V₀ from (otherwise a soft sphere).
     """
     if latent_dim < 1 or epochs < 1 or batch_size < 1 or n_basis < 1 or beta < 0:
         raise InputError("need --latent-dim, --epochs, --batch-size and --basis >= 1 and --beta >= 0")
+    launch = read_launch(os.environ)
+    if launch.world_size > 1:
+        devices = [rank_device(launch, list(devices), torch.cuda.device_count() if devices[0] != "cpu" else 0)]
+    writer = launch.rank == 0
     ckpt_path = os.path.join(output_dir, CHECKPOINT)
     cfg = {"particles": os.path.abspath(particles), "output_dir": os.path.abspath(output_dir),
            "latent_dim": int(latent_dim), "epochs": int(epochs), "batch_size": int(batch_size),
@@ -265,8 +285,8 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
     if resume:
         if not os.path.exists(ckpt_path):
             raise InputError("%s: no checkpoint to continue from" % ckpt_path)
-        for name in (CHECKPOINT, LATENT_STAR, "consensus.mrc"):  # temporary files of a run killed while writing
-            remove_stale_parts(os.path.join(output_dir, name))
+        for name in (CHECKPOINT, LATENT_STAR, "consensus.mrc") if writer else ():
+            remove_stale_parts(os.path.join(output_dir, name))  # temporary files of a run killed while writing
         ckpt = read_checkpoint(ckpt_path)
         old = ckpt["config"]
         for k in ("latent_dim", "n_basis", "hidden", "pose_free"):
@@ -275,14 +295,15 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
         cfg.update(box=old["box"], scale=old["scale"], particles=os.path.abspath(particles))
         init = {"mean_volume": ckpt["model"]["volumes"][0], "noise_var": ckpt["model"]["noise_var"],
                 "checkpoint": ckpt}
-        if ckpt["epoch"] >= cfg["epochs"]:
+        if ckpt["epoch"] >= cfg["epochs"] and writer:
             logger.info("checkpoint already at epoch %d of %d; nothing to train", ckpt["epoch"], cfg["epochs"])
     else:
         star = load_particles(particles, poses=not pose_free)
         data = ParticleBatches(star, box, poses=not pose_free)
         if reference and not os.path.exists(reference):
             raise InputError("%s: not found" % reference)
-        os.makedirs(output_dir, exist_ok=True)
+        if writer:
+            os.makedirs(output_dir, exist_ok=True)
         cfg.update(box=data.box, scale=data.scale)
         t0 = time.time()
         if pose_free:
@@ -290,16 +311,17 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
         else:
             volume = consensus_map(data, 256, devices[0])
             noise_var = noise_estimate(data, volume, 2000, 256)
-        write_mrc(os.path.join(output_dir, "consensus.mrc"), volume.numpy() * data.scale, data.pixel_size_A)
         init = {"mean_volume": volume, "noise_var": noise_var}
         data.close()
-        logger.info("%d particles, box %d px at %.3f Å/px; %s and noise spectrum in %.1f s",
-                    len(star), cfg["box"], data.pixel_size_A,
-                    "pose-free start volume" if pose_free else "consensus map", time.time() - t0)
+        if writer:
+            write_mrc(os.path.join(output_dir, "consensus.mrc"), volume.numpy() * data.scale, data.pixel_size_A)
+            logger.info("%d particles, box %d px at %.3f Å/px; %s and noise spectrum in %.1f s",
+                        len(star), cfg["box"], data.pixel_size_A,
+                        "pose-free start volume" if pose_free else "consensus map", time.time() - t0)
     devices = list(devices)
-    if len(devices) > 1:
-        torch.multiprocessing.spawn(_ddp_entry, args=(devices, cfg, init, _free_port(), logging_configured()),
-                                    nprocs=len(devices))
+    if launch.world_size == 1 and len(devices) > 1:
+        torch.multiprocessing.spawn(_ddp_entry, nprocs=len(devices), args=(
+            devices, cfg, init, _free_port(), logging_configured(), torch.get_num_threads()))
     else:
-        _run(0, devices, cfg, init, None)
+        _run(cfg, init, devices[0], launch)
     return output_dir

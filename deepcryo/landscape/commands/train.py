@@ -9,10 +9,16 @@ Example::
         --epochs 20 --box 32 --continue
     python -m deepcryo.landscape train --particles P.star --output-dir vae --device cuda:0,cuda:1
     python -m deepcryo.landscape train --particles P.star --output-dir vae_pf --pose-free --reference map.mrc
+    srun --ntasks-per-node=4 --gpus-per-node=4 python -m deepcryo.landscape train --particles P.star \
+        --output-dir vae --device cuda
+    torchrun --nproc-per-node=2 -m deepcryo.landscape train --particles P.star --output-dir vae --device cpu
 
 The particles need consensus poses and CTF (RELION 3.1 STAR); with ``--pose-free`` (the seed's method, see
 README "Pose-free mode" for its measured accuracy) only the CTF is read and a pose head learns the poses.
-Several devices train with DistributedDataParallel, one process each.
+Several devices train with DistributedDataParallel, one process each. Started by ``srun`` (several SLURM
+tasks, on one node or several) or ``torchrun``, every process is one rank of the same training: ``--device
+cuda`` puts each on its own GPU (the GPU of its local rank, or the one GPU SLURM gave the task), ``--device cpu``
+trains on CPUs (gloo); rank 0 writes the same files as a single process. The batch size is per process.
 """
 from deepcryo.core import cli
 
@@ -29,7 +35,8 @@ def add_args(parser):
     parser.add_argument("--basis", type=int, default=16, help="basis volumes of the decoder")
     parser.add_argument("--learning-rate", type=float, default=3e-3,
                         help="Adam step size (3e-3 converges in 3-4 epochs on the simulated sets; 1e-3 needs more)")
-    cli.add_device_argument(parser, several=True)
+    cli.add_device_argument(parser, several=True, help_extra="; under srun or torchrun each process is one rank: "
+                                                          "cpu, or cuda for the rank's own GPU")
     cli.add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
     cli.add_continue_argument(parser, "output-dir/checkpoint.pt")
