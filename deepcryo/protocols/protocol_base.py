@@ -51,7 +51,9 @@ class DeepCryoProtBase:
 
     def _runProgram(self, engine, args, *words, **kwargs):
         """Run ``python -m deepcryo.<engine> [words] args`` with the chosen GPUs made visible; ``args`` may
-        hold numbers (written with ``str``); ``kwargs`` go to ``runJob`` (e.g. ``env``)."""
+        hold numbers (written with ``str``); ``kwargs`` go to ``runJob``. The program's environment is
+        ``Plugin.getEnviron()`` (Scipion's, without its PYTHONPATH when ``DEEPCRYO_PYTHON`` is another Python)."""
+        kwargs.setdefault("env", Plugin.getEnviron())
         self.runJob(Plugin.getProgram(engine, *words, gpus=self._gpus()), " ".join(str(a) for a in args),
                     **kwargs)
 

@@ -146,10 +146,26 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
                 % (ctfs.getSize(), flagged)]
 
     def _methods(self):
-        return ["The CTF of each micrograph was estimated with deepcryo's deep micrograph defocus: a CNN "
-                "first guess from PSDs at 1, 2 and 3 Å/px%s."
-                % (", refined by fitting the 2D CTF to the PSD between %.1f and %.1f Å"
-                   % (self.lowRes.get(), self.highRes.get()) if self.doRefine else "")]
+        mics = self.inputMicrographs.get()
+        if mics is None or not hasattr(self, OUTPUT_CTF):
+            return []
+        ctfs = getattr(self, OUTPUT_CTF)
+        model = (self.getObjectTag("trainedModel") if self.trainedModel.get() is not None
+                 else "the network shipped with deepcryo (trained on simulated micrographs)")
+        text = ("The contrast transfer function (CTF) of %d micrographs of %s was estimated with deepcryo's deep "
+                "micrograph defocus [MarchanTorres2021]: a convolutional network (%s) gave a first guess of the "
+                "defocus from the background-subtracted power spectra (PSDs) of each micrograph at 1, 2 and 3 Å/px"
+                % (ctfs.getSize(), self.getObjectTag("inputMicrographs"), model))
+        if self.doRefine:
+            text += (", refined by fitting the 2D CTF (defocus U and V, astigmatism angle%s) to the PSD between "
+                     "%.1f and %.1f Å" % (" and phase shift" if self.fitPhaseShift else "", self.lowRes.get(),
+                                          self.highRes.get()))
+        text += (". The output %s holds, for each micrograph, the defocus, the fit resolution and a figure of "
+                 "merit (correlation of the PSD with the CTF²)." % self.getObjectTag(OUTPUT_CTF))
+        return [text]
+
+    def _citations(self):
+        return ["MarchanTorres2021"]
 
 
 class DeepCryoProtDeepDefocusTrain(DeepCryoProtBase, EMProtocol):
@@ -217,3 +233,18 @@ class DeepCryoProtDeepDefocusTrain(DeepCryoProtBase, EMProtocol):
         if hasattr(self, OUTPUT_MODEL):
             return ["Model: %s" % getattr(self, OUTPUT_MODEL).getFileName()]
         return ["Not trained yet."]
+
+    def _methods(self):
+        if not hasattr(self, OUTPUT_MODEL):
+            return []
+        start = ("fine-tuned from the weights shipped with deepcryo" if self.fineTune
+                 else "trained from random initial weights")
+        data = ("%d simulated micrographs of known CTF" % self.numberOfSimulated.get() if self.useSimulation
+                else "the micrographs of %s, with their defocus as labels" % self.getObjectTag("inputCTF"))
+        return ["The defocus network of deepcryo's deep micrograph defocus [MarchanTorres2021] was %s on %s, "
+                "for at most %d epochs (training stops earlier when the error on held-out micrographs stops "
+                "improving). The trained model is %s." % (start, data, self.epochs.get(),
+                                                          self.getObjectTag(OUTPUT_MODEL))]
+
+    def _citations(self):
+        return ["MarchanTorres2021"]
