@@ -80,7 +80,7 @@
 @article{Douze2024,
   author = {Douze, Matthijs and Guzhva, Alexandr and Deng, Chengqi and Johnson, Jeff and Szilvasy, Gergely and Mazaré, Pierre-Emmanuel and Lomeli, Maria and Hosseini, Lucas and Jégou, Hervé},
   title = {The {Faiss} library},
-  journal = {arXiv preprint arXiv:2401.08281},
+  journal = {arXiv:2401.08281},
   year = {2024},
   doi = {https://doi.org/10.48550/arXiv.2401.08281}
 }

@@ -150,12 +150,13 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
         if mics is None or not hasattr(self, OUTPUT_CTF):
             return []
         ctfs = getattr(self, OUTPUT_CTF)
-        model = (self.getObjectTag("trainedModel") if self.trainedModel.get() is not None
-                 else "the network shipped with deepcryo (trained on simulated micrographs)")
+        network = ("the convolutional network of %s" % self.getObjectTag("trainedModel")
+                   if self.trainedModel.get() is not None
+                   else "the convolutional network shipped with deepcryo (trained on simulated micrographs)")
         text = ("The contrast transfer function (CTF) of %d micrographs of %s was estimated with deepcryo's deep "
-                "micrograph defocus [MarchanTorres2021]: a convolutional network (%s) gave a first guess of the "
-                "defocus from the background-subtracted power spectra (PSDs) of each micrograph at 1, 2 and 3 Å/px"
-                % (ctfs.getSize(), self.getObjectTag("inputMicrographs"), model))
+                "micrograph defocus ([MarchanTorres2021]): %s gave a first guess of the defocus from the "
+                "background-subtracted power spectra (PSDs) of each micrograph at 1, 2 and 3 Å/px"
+                % (ctfs.getSize(), self.getObjectTag("inputMicrographs"), network))
         if self.doRefine:
             text += (", refined by fitting the 2D CTF (defocus U and V, astigmatism angle%s) to the PSD between "
                      "%.1f and %.1f Å" % (" and phase shift" if self.fitPhaseShift else "", self.lowRes.get(),
@@ -241,9 +242,10 @@ class DeepCryoProtDeepDefocusTrain(DeepCryoProtBase, EMProtocol):
                  else "trained from random initial weights")
         data = ("%d simulated micrographs of known CTF" % self.numberOfSimulated.get() if self.useSimulation
                 else "the micrographs of %s, with their defocus as labels" % self.getObjectTag("inputCTF"))
-        return ["The defocus network of deepcryo's deep micrograph defocus [MarchanTorres2021] was %s on %s, "
-                "for at most %d epochs (training stops earlier when the error on held-out micrographs stops "
+        return ["The defocus network of deepcryo's deep micrograph defocus ([MarchanTorres2021]) was %s on %s, "
+                "for at most %d epoch%s (training stops earlier when the error on held-out micrographs stops "
                 "improving). The trained model is %s." % (start, data, self.epochs.get(),
+                                                          "" if self.epochs.get() == 1 else "s",
                                                           self.getObjectTag(OUTPUT_MODEL))]
 
     def _citations(self):

@@ -143,8 +143,8 @@ class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
             return []
         limit = ("%.2f Å" % self.maxResolution.get()) if self.maxResolution.get() > 0 else "Nyquist"
         methods = ["A 3D map (%s) was reconstructed with deepcryo from %d particles of %s at their given orientations "
-                   "and shifts, by CTF-weighted direct Fourier inversion [Vilas2022] as relion_reconstruct does "
-                   "[Scheres2012a], imposing %s symmetry with RELION's symmetry operators [Zivanov2018] and using "
+                   "and shifts, by CTF-weighted direct Fourier inversion ([Vilas2022]) as relion_reconstruct does "
+                   "([Scheres2012a]), imposing %s symmetry with RELION's symmetry operators ([Zivanov2018]) and using "
                    "frequencies up to %s."
                    % (self.getObjectTag(OUTPUT_VOLUME), self.inputParticles.get().getSize(),
                       self.getObjectTag("inputParticles"), self.symmetryGroup.get(), limit)]

@@ -271,22 +271,23 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
         hist = self.history() if os.path.isdir(self._refineDir()) else []
         if not hist:
             return []
+        globalIterations = self.globalIterations.get()
         text = ("%d particles of %s were refined against %s with deepcryo swiftrefine, a gold-standard refinement "
-                "[ScheresChen2012] with RELION's conventions [Scheres2012a] [Zivanov2018]: the two halves of the "
-                "particles were aligned independently against their own references by SwiftAlign projection "
-                "matching [Lauzirika2023] (a faiss index [Johnson2019] [Douze2024] of compressed projections "
-                "[Jegou2011] in the %s global iteration%s, local searches of ±%d angular steps afterwards) and "
-                "reconstructed by CTF-weighted direct Fourier inversion, with %s symmetry, from an initial "
-                "resolution of %.0f Å%s."
+                "([ScheresChen2012]) that follows RELION's conventions ([Scheres2012a] [Zivanov2018]), with %s "
+                "symmetry, from an initial resolution of %.0f Å. In each iteration the two halves of the particles "
+                "were aligned independently against their own references with SwiftAlign ([Lauzirika2023]): "
+                "against a faiss index ([Johnson2019] [Douze2024]) of compressed projections ([Jegou2011]) in the "
+                "first %s, then by local searches within ±%d angular steps of the previous poses. The half maps "
+                "were reconstructed by CTF-weighted direct Fourier inversion%s."
                 % (self.inputParticles.get().getSize(), self.getObjectTag("inputParticles"),
-                   ", ".join(self.getObjectTag(p.get()) for p in self.inputVolumes),
-                   "first" if self.globalIterations.get() == 1 else "first %d" % self.globalIterations.get(),
-                   "" if self.globalIterations.get() == 1 else "s", self.localSteps.get(),
-                   self.symmetryGroup.get(), self.initialResolution.get(),
-                   "; particles whose poses disagreed between two differently perturbed alignments were left "
-                   "out of the reconstructions" if self.doConsensus else ""))
+                   ", ".join(self.getObjectTag(p.get()) for p in self.inputVolumes), self.symmetryGroup.get(),
+                   self.initialResolution.get(),
+                   "iteration" if globalIterations == 1 else "%d iterations" % globalIterations,
+                   self.localSteps.get(),
+                   ", leaving out the particles whose poses disagreed between two differently perturbed "
+                   "alignments" if self.doConsensus else ""))
         text += (" The half-map Fourier shell correlation in the mask, corrected by phase randomisation "
-                 "[Chen2013] as relion_postprocess does, reached %.2f Å (0.143 threshold) after %d iterations "
+                 "([Chen2013]) as relion_postprocess does, reached %.2f Å (0.143 threshold) after %d iterations "
                  "(%s)." % (self.finalResolution() or hist[-1]["resolution_A"], len(hist),
                             "converged" if hist[-1]["converged"] else "iteration limit"))
         if self._nClasses() > 1:

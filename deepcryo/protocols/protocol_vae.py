@@ -196,11 +196,12 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
         particles = self.inputParticles.get()
         box = min(self.workingBox.get(), particles.getXDim())
         text = ("The conformational landscape of %d particles of %s was learned with deepcryo's landscape VAE, a "
-                "variational autoencoder [Kingma2014] with a %d-dimensional latent space, trained for %d epochs "
+                "variational autoencoder ([Kingma2014]) with a %d-dimensional latent space, trained for %d epoch%s "
                 "(batch size %d, KL weight β = %g, %d basis volumes) on the particle images Fourier-cropped to "
                 "%d px (%.2f Å/px). "
                 % (particles.getSize(), self.getObjectTag("inputParticles"), self.latentDim.get(),
-                   self.epochs.get(), self.batchSize.get(), self.beta.get(), self.basis.get(), box,
+                   self.epochs.get(), "" if self.epochs.get() == 1 else "s", self.batchSize.get(), self.beta.get(),
+                   self.basis.get(), box,
                    particles.getSamplingRate() * particles.getXDim() / box))
         if self.poseFree:
             text += ("The particles' poses were not used: a pose head predicted each particle's orientation and "
@@ -208,7 +209,7 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                      "experimental), and the decoded volume's projection at that pose, modulated by the "
                      "particle's CTF, was compared with the image.")
         else:
-            text += ("As in cryoDRGN [Zhong2021], each particle's consensus pose and CTF were used: the encoder "
+            text += ("As in cryoDRGN ([Zhong2021]), each particle's consensus pose and CTF were used: the encoder "
                      "maps the particle to latent coordinates, and the decoder maps them to a volume whose "
                      "projection at the particle's pose, modulated by its CTF, is compared with the image "
                      "(after the landscape networks of [Bunzel2022]).")
@@ -317,7 +318,7 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
                     "Gaussian mixtures)" % summary["clusters_used"] if self.numberOfClusters.get() == 0
                     else "%d clusters" % summary["clusters_used"])
         return ["The latent coordinates learned by %s were analysed with deepcryo as cryoDRGN's analysis does "
-                "[Zhong2021]: %s embeddings of the latent space, k-means clustering into %s, one map per cluster "
+                "([Zhong2021]): %s embeddings of the latent space, k-means clustering into %s, one map per cluster "
                 "reconstructed from its particles at their consensus poses (output %s), and %d volumes decoded "
                 "along the first principal component from −2 to +2 standard deviations (output %s)."
                 % (self.getObjectTag("trainRun"), self.EMBEDDINGS[self.embedding.get()], clusters,
