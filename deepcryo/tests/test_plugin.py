@@ -206,9 +206,12 @@ class TestPlugin(unittest.TestCase):
                       words)
         self.assertEqual(install._targets, [os.path.join(folder, "deepcryo_env_installed")])
         self.assertEqual(self.Plugin.getEnvPython(), os.path.join(folder, "venv", "bin", "python"))
-        # a checkout (installp --devel) goes in editable; this test runs from one
+        # a checkout (installp --devel) goes in editable, an installed release by its version
         root = os.path.dirname(os.path.dirname(os.path.abspath(deepcryo.__file__)))
-        self.assertEqual(deepcryo._pluginRequirement(), "-e %s" % shlex.quote(root))
+        with mock.patch("os.path.isfile", lambda path: path == os.path.join(root, "pyproject.toml")):
+            self.assertEqual(deepcryo._pluginRequirement(), "-e %s" % shlex.quote(root))
+        with mock.patch("os.path.isfile", lambda path: False):
+            self.assertEqual(deepcryo._pluginRequirement(), "scipion-em-deepcryo==%s" % deepcryo.__version__)
 
     def testPythonFollowsDeepcryoPython(self):
         """``DEEPCRYO_PYTHON = <the environment's python>`` in scipion.conf (Scipion exports it) selects it."""
