@@ -36,6 +36,16 @@ __version__ = "0.1.0"
 _logo = "deepcryo_logo.png"
 _references = ["delaRosaTrevin2016"]
 
+#: The optional separate environment of the programs (``Plugin.defineBinaries``): package name, the
+#: torch build (CPU; the CUDA build can replace it in the environment), the other libraries, and the file
+#: that marks a finished installation.
+ENV_PACKAGE = "deepcryo-env"
+ENV_TORCH = "torch==2.13.0"
+ENV_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+ENV_REQUIREMENTS = ("faiss-cpu", "numpy", "scipy", "mrcfile", "emtable", "matplotlib", "scikit-learn")
+ENV_FLAG = "deepcryo_env_installed"
+DISTRIBUTION = "scipion-em-deepcryo"
+
 
 def expandPath(path):
     """``path`` with ``~`` and ``$VARS`` expanded.
@@ -45,6 +55,27 @@ def expandPath(path):
     values into the environment as written: unexpanded, a quoted ``~`` reaches the shell literally.
     """
     return os.path.expandvars(os.path.expanduser(path))
+
+
+def _projectUrl():
+    """The project's home page from the installed distribution's metadata (pyproject's ``[project.urls]``),
+    or '' when it has none (Scipion then shows no link rather than pwem's)."""
+    from importlib import metadata
+    try:
+        meta = metadata.metadata(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return ""
+    urls = [u.split(",", 1)[-1].strip() for u in meta.get_all("Project-URL") or []]
+    return (urls + [meta.get("Home-page") or ""])[0]
+
+
+def _pluginRequirement():
+    """What pip installs as this plugin into the separate environment: the source checkout itself
+    (editable) when the plugin runs from one (``scipion3 installp --devel``), else this release."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "pyproject.toml")):
+        return "-e %s" % shlex.quote(root)
+    return "%s==%s" % (DISTRIBUTION, __version__)
 
 
 def _buildPluginClass():
@@ -60,6 +91,7 @@ def _buildPluginClass():
         ``DEEPCRYO_PYTHON`` (default: the Python running Scipion).
         """
         _pathVars = []
+        _url = _projectUrl()
 
         @classmethod
         def _defineVar(cls, varName, defaultValue, description="Missing", var_type=None):
@@ -115,9 +147,44 @@ def _buildPluginClass():
             return " ".join([shlex.quote(cls.getPython()), "-m", "deepcryo." + engine] + [str(a) for a in args])
 
         @classmethod
+        def getEnvFolder(cls):
+            """Folder of the optional separate environment that ``scipion3 installb deepcryo-env`` makes
+            (``$EM_ROOT/deepcryo-env-<version>``)."""
+            return os.path.join(pwem.Config.EM_ROOT, "%s-%s" % (ENV_PACKAGE, __version__))
+
+        @classmethod
+        def getEnvPython(cls):
+            """The interpreter of the separate environment: set ``DEEPCRYO_PYTHON`` to it to use it."""
+            return os.path.join(cls.getEnvFolder(), "venv", "bin", "python")
+
+        @classmethod
         def defineBinaries(cls, env):
-            """Nothing to install: the programs are this package's Python modules; their
-            dependencies are installed with the plugin (``pip install scipion-em-deepcryo``)."""
+            """The optional separate environment ``deepcryo-env`` (not installed by default).
+
+            By default nothing is installed: the programs are this package's modules and run under
+            Scipion's Python, which then needs torch and faiss (installed with the plugin). Instead,
+            ``scipion3 installb deepcryo-env`` makes a virtual environment with Scipion's Python (venv
+            module) and installs into it torch (CPU build), faiss-cpu, the other libraries of the programs
+            and this plugin without its Scipion dependencies; ``DEEPCRYO_PYTHON`` set to
+            :meth:`getEnvPython` then selects it. Scipion's ``PYTHONPATH`` is unset for the installation,
+            so that pip does not take Scipion's packages for the environment's.
+            """
+            python = "venv/bin/python"
+            pip = "%s -m pip install --no-cache-dir" % python
+            commands = [
+                ("unset PYTHONPATH && %s -m venv venv" % shlex.quote(sys.executable), python),
+                (" && ".join(["unset PYTHONPATH",
+                              "%s --upgrade pip" % pip,
+                              "%s %s --index-url %s" % (pip, ENV_TORCH, ENV_TORCH_INDEX),
+                              "%s %s" % (pip, " ".join(ENV_REQUIREMENTS)),
+                              "%s --no-deps %s" % (pip, _pluginRequirement()),
+                              "%s -c 'import torch, faiss, deepcryo.core.cli'" % python,
+                              "touch %s" % ENV_FLAG,
+                              "echo 'deepcryo-env installed: set DEEPCRYO_PYTHON = %s in scipion.conf'"
+                              % cls.getEnvPython()]),
+                 ENV_FLAG),
+            ]
+            env.addPackage(ENV_PACKAGE, version=__version__, tar="void.tgz", commands=commands, default=False)
 
     Plugin.__qualname__ = "Plugin"
     return Plugin

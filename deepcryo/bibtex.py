@@ -21,6 +21,7 @@
   author = {Marchán Torres, Daniel},
   title = {Deep Learning model to estimate the defocus in Cryogenic Electron Microscopy},
   school = {University of Navarra},
+  journal = {Master's thesis, University of Navarra},
   year = {2021},
   note = {Master thesis, carried out at the Biocomputing Unit of the National Center for Biotechnology (CNB-CSIC), Madrid}
 }
@@ -29,6 +30,7 @@
   author = {Bunzel, Georg},
   title = {Neural Network Based Methods for the Conformational Landscape Determination in High Resolution Cryo-Electron Microscopy},
   school = {Georg-August-Universität Göttingen},
+  journal = {Doctoral thesis, Georg-August-Universität Göttingen},
   year = {2022},
   note = {Doctoral thesis (Dr. rer. nat.), PhD Programme in Computer Science (PCS)}
 }
@@ -37,6 +39,7 @@
   author = {Lauzirika Zarrabeitia, Oier},
   title = {Development of a fast image alignment algorithm for Cryo-Electron Microscopy},
   school = {Universidad Politécnica de Madrid, ETSI de Telecomunicación},
+  journal = {Master's thesis, Universidad Politécnica de Madrid},
   year = {2023},
   note = {Master thesis, supervised by C. O. S. Sorzano (CNB-CSIC) and N. García Santos}
 }
@@ -49,7 +52,7 @@
   volume = {122},
   number = {17},
   pages = {13915--13951},
-  doi = {10.1021/acs.chemrev.1c00850}
+  doi = {https://doi.org/10.1021/acs.chemrev.1c00850}
 }
 
 @article{Jegou2011,
@@ -60,7 +63,7 @@
   volume = {33},
   number = {1},
   pages = {117--128},
-  doi = {10.1109/TPAMI.2010.57}
+  doi = {https://doi.org/10.1109/TPAMI.2010.57}
 }
 
 @article{Johnson2019,
@@ -71,7 +74,86 @@
   volume = {7},
   number = {3},
   pages = {535--547},
-  doi = {10.1109/TBDATA.2019.2921572}
+  doi = {https://doi.org/10.1109/TBDATA.2019.2921572}
+}
+
+@article{Douze2024,
+  author = {Douze, Matthijs and Guzhva, Alexandr and Deng, Chengqi and Johnson, Jeff and Szilvasy, Gergely and Mazaré, Pierre-Emmanuel and Lomeli, Maria and Hosseini, Lucas and Jégou, Hervé},
+  title = {The {Faiss} library},
+  journal = {arXiv:2401.08281},
+  year = {2024},
+  doi = {https://doi.org/10.48550/arXiv.2401.08281}
+}
+
+@inproceedings{Ge2013,
+  author = {Ge, Tiezheng and He, Kaiming and Ke, Qifa and Sun, Jian},
+  title = {Optimized Product Quantization for Approximate Nearest Neighbor Search},
+  booktitle = {Proceedings of the IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year = {2013},
+  pages = {2946--2953},
+  url = {https://openaccess.thecvf.com/content_cvpr_2013/html/Ge_Optimized_Product_Quantization_2013_CVPR_paper.html}
+}
+
+@article{Scheres2012a,
+  author = {Scheres, Sjors H. W.},
+  title = {A {Bayesian} View on Cryo-{EM} Structure Determination},
+  journal = {Journal of Molecular Biology},
+  year = {2012},
+  volume = {415},
+  number = {2},
+  pages = {406--418},
+  doi = {https://doi.org/10.1016/j.jmb.2011.11.010}
+}
+
+@article{ScheresChen2012,
+  author = {Scheres, Sjors H. W. and Chen, Shaoxia},
+  title = {Prevention of overfitting in cryo-{EM} structure determination},
+  journal = {Nature Methods},
+  year = {2012},
+  volume = {9},
+  pages = {853--854},
+  doi = {https://doi.org/10.1038/nmeth.2115}
+}
+
+@article{Chen2013,
+  author = {Chen, Shaoxia and McMullan, Greg and Faruqi, Abdul R. and Murshudov, Garib N. and Short, Judith M. and Scheres, Sjors H. W. and Henderson, Richard},
+  title = {High-resolution noise substitution to measure overfitting and validate resolution in {3D} structure determination by single particle electron cryomicroscopy},
+  journal = {Ultramicroscopy},
+  year = {2013},
+  volume = {135},
+  pages = {24--35},
+  doi = {https://doi.org/10.1016/j.ultramic.2013.06.004}
+}
+
+@article{Zivanov2018,
+  author = {Zivanov, Jasenko and Nakane, Takanori and Forsberg, Björn O. and Kimanius, Dari and Hagen, Wim J. H. and Lindahl, Erik and Scheres, Sjors H. W.},
+  title = {New tools for automated high-resolution cryo-{EM} structure determination in {RELION-3}},
+  journal = {eLife},
+  year = {2018},
+  volume = {7},
+  pages = {e42166},
+  doi = {https://doi.org/10.7554/eLife.42166}
+}
+
+@inproceedings{Kingma2014,
+  author = {Kingma, Diederik P. and Welling, Max},
+  title = {Auto-Encoding Variational {Bayes}},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year = {2014},
+  eprint = {1312.6114},
+  archiveprefix = {arXiv},
+  url = {https://arxiv.org/abs/1312.6114}
+}
+
+@article{Zhong2021,
+  author = {Zhong, Ellen D. and Bepler, Tristan and Berger, Bonnie and Davis, Joseph H.},
+  title = {{CryoDRGN}: reconstruction of heterogeneous cryo-{EM} structures using neural networks},
+  journal = {Nature Methods},
+  year = {2021},
+  volume = {18},
+  number = {2},
+  pages = {176--185},
+  doi = {https://doi.org/10.1038/s41592-020-01049-4}
 }
 
 @article{delaRosaTrevin2016,
@@ -82,6 +164,6 @@
   volume = {195},
   number = {1},
   pages = {93--99},
-  doi = {10.1016/j.jsb.2016.04.010}
+  doi = {https://doi.org/10.1016/j.jsb.2016.04.010}
 }
 """

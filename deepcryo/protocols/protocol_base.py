@@ -80,10 +80,12 @@ class DeepCryoProtBase:
 
     def _runProgram(self, engine, args, *words, **kwargs):
         """Run ``python -m deepcryo.<engine> [words] args``; ``args`` may hold numbers (written with ``str``);
-        ``kwargs`` go to ``runJob`` (e.g. ``env``).
+        ``kwargs`` go to ``runJob``. The program's environment is ``Plugin.getEnviron()`` (Scipion's, without
+        its PYTHONPATH when ``DEEPCRYO_PYTHON`` is another Python).
 
         With a GPU, Scipion %-formats the arguments to replace ``%(GPU)s``: any other ``%`` (a file name) is
         doubled so that it comes through as written."""
+        kwargs.setdefault("env", Plugin.getEnviron())
         line = " ".join(str(a) for a in args)
         if self.usesGpu() and GPU_DEVICE in line:
             line = line.replace("%", "%%").replace("%%(GPU)s", "%(GPU)s")

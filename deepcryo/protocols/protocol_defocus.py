@@ -27,7 +27,6 @@ from pyworkflow.utils import Message
 from pwem.objects import CTFModel, EMFile, SetOfCTF
 from pwem.protocols import EMProtocol, ProtCTFMicrographs
 
-from deepcryo import Plugin
 from deepcryo.constants import OUTPUT_CTF
 from deepcryo.convert import (ctfRowToModel, readCtfStar, writeCtfLabelsStar, writeCtfRowStar,
                               writeMicrographListStar)
@@ -112,7 +111,7 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
         if self.trainedModel.get() is not None:
             args += ["--model", self.trainedModel.get().getFileName()]
         try:
-            self._runProgram("defocus", args, "predict", env=Plugin.getEnviron())
+            self._runProgram("defocus", args, "predict")
         except Exception as exc:  # the stream goes on; these micrographs get no CTF
             self.warning("CTF estimation failed for micrographs %s: %s"
                          % ([m.getObjId() for m in micList], str(exc).splitlines()[0] if str(exc) else exc))
@@ -164,10 +163,27 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
                 % (ctfs.getSize(), flagged)]
 
     def _methods(self):
-        return ["The CTF of each micrograph was estimated with deepcryo's deep micrograph defocus: a CNN "
-                "first guess from PSDs at 1, 2 and 3 Å/px%s."
-                % (", refined by fitting the 2D CTF to the PSD between %.1f and %.1f Å"
-                   % (self.lowRes.get(), self.highRes.get()) if self.doRefine else "")]
+        mics = self.inputMicrographs.get()
+        if mics is None or not hasattr(self, OUTPUT_CTF):
+            return []
+        ctfs = getattr(self, OUTPUT_CTF)
+        network = ("the convolutional network of %s" % self.getObjectTag("trainedModel")
+                   if self.trainedModel.get() is not None
+                   else "the convolutional network shipped with deepcryo (trained on simulated micrographs)")
+        text = ("The contrast transfer function (CTF) of %d micrographs of %s was estimated with deepcryo's deep "
+                "micrograph defocus ([MarchanTorres2021]): %s gave a first guess of the defocus from the "
+                "background-subtracted power spectra (PSDs) of each micrograph at 1, 2 and 3 Å/px"
+                % (ctfs.getSize(), self.getObjectTag("inputMicrographs"), network))
+        if self.doRefine:
+            text += (", refined by fitting the 2D CTF (defocus U and V, astigmatism angle%s) to the PSD between "
+                     "%.1f and %.1f Å" % (" and phase shift" if self.fitPhaseShift else "", self.lowRes.get(),
+                                          self.highRes.get()))
+        text += (". The output %s holds, for each micrograph, the defocus, the fit resolution and a figure of "
+                 "merit (correlation of the PSD with the CTF²)." % self.getObjectTag(OUTPUT_CTF))
+        return [text]
+
+    def _citations(self):
+        return ["MarchanTorres2021"]
 
 
 class DeepCryoProtDeepDefocusTrain(DeepCryoProtBase, EMProtocol):
@@ -210,7 +226,7 @@ class DeepCryoProtDeepDefocusTrain(DeepCryoProtBase, EMProtocol):
             args += ["--star", self._getExtraPath("labels.star")]
         if self.fineTune:
             args += ["--init", "shipped"]
-        self._runProgram("defocus", args, "train", env=Plugin.getEnviron())
+        self._runProgram("defocus", args, "train")
 
     def createOutputStep(self):
         model = EMFile(filename=self._getExtraPath("defocus_model.pt"))
@@ -235,3 +251,19 @@ class DeepCryoProtDeepDefocusTrain(DeepCryoProtBase, EMProtocol):
         if hasattr(self, OUTPUT_MODEL):
             return ["Model: %s" % getattr(self, OUTPUT_MODEL).getFileName()]
         return ["Not trained yet."]
+
+    def _methods(self):
+        if not hasattr(self, OUTPUT_MODEL):
+            return []
+        start = ("fine-tuned from the weights shipped with deepcryo" if self.fineTune
+                 else "trained from random initial weights")
+        data = ("%d simulated micrographs of known CTF" % self.numberOfSimulated.get() if self.useSimulation
+                else "the micrographs of %s, with their defocus as labels" % self.getObjectTag("inputCTF"))
+        return ["The defocus network of deepcryo's deep micrograph defocus ([MarchanTorres2021]) was %s on %s, "
+                "for at most %d epoch%s (training stops earlier when the error on held-out micrographs stops "
+                "improving). The trained model is %s." % (start, data, self.epochs.get(),
+                                                          "" if self.epochs.get() == 1 else "s",
+                                                          self.getObjectTag(OUTPUT_MODEL))]
+
+    def _citations(self):
+        return ["MarchanTorres2021"]

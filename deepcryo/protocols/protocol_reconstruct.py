@@ -142,15 +142,17 @@ class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
         if not hasattr(self, OUTPUT_VOLUME):
             return []
         limit = ("%.2f Å" % self.maxResolution.get()) if self.maxResolution.get() > 0 else "Nyquist"
-        methods = ["A 3D map was reconstructed from %d particles of %s by CTF-weighted direct Fourier "
-                   "inversion [Vilas2022] with deepcryo, imposing %s symmetry and using frequencies up "
-                   "to %s." % (self.inputParticles.get().getSize(), self.getObjectTag("inputParticles"),
-                               self.symmetryGroup.get(), limit)]
+        methods = ["A 3D map (%s) was reconstructed with deepcryo from %d particles of %s at their given orientations "
+                   "and shifts, by CTF-weighted direct Fourier inversion ([Vilas2022]) as relion_reconstruct does "
+                   "([Scheres2012a]), imposing %s symmetry with RELION's symmetry operators ([Zivanov2018]) and using "
+                   "frequencies up to %s."
+                   % (self.getObjectTag(OUTPUT_VOLUME), self.inputParticles.get().getSize(),
+                      self.getObjectTag("inputParticles"), self.symmetryGroup.get(), limit)]
         if hasattr(self, OUTPUT_FSC):
-            methods.append("The resolution of the map, from the Fourier shell correlation of two half "
-                           "maps reconstructed from independent halves of the particles, is %.2f Å "
-                           "(FSC 0.143)." % self._fscResolution(0.143))
+            methods.append("Two half maps were reconstructed from independent halves of the particles; their "
+                           "Fourier shell correlation (%s, unmasked) reaches the 0.143 threshold at %.2f Å."
+                           % (self.getObjectTag(OUTPUT_FSC), self._fscResolution(0.143)))
         return methods
 
     def _citations(self):
-        return ["Vilas2022"]
+        return ["Vilas2022", "Scheres2012a", "Zivanov2018"]

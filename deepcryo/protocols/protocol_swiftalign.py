@@ -178,3 +178,46 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
             return ["Output particles not ready yet."]
         return ["%d particles aligned against %s."
                 % (getattr(self, OUTPUT_PARTICLES).getSize(), self.getObjectTag("inputVolume"))]
+
+    def _methods(self):
+        if not hasattr(self, OUTPUT_PARTICLES):
+            return []
+        sampling = ("an angular step of %g°" % self.angularStep.get() if self.samplingMode.get() == 0
+                    else "an angular step set by the %g Å target resolution" % self.maxResolution.get())
+        text = ("Orientations and shifts of %d particles of %s were assigned with SwiftAlign ([Lauzirika2023]) as "
+                "implemented in deepcryo. Projections of %s (%s symmetry, %s, shifts up to ±%g px, %d CTF groups) "
+                "were stored as Fourier vectors up to %g Å%s in a faiss ([Johnson2019] [Douze2024]) index: %s. "
+                "Each particle's %d best candidates (nprobe %d) were re-scored with its own CTF and refined "
+                "locally%s. Euler angles, shifts and symmetry operators follow RELION's conventions "
+                "([Scheres2012a] [Zivanov2018]). The output particles (%s) carry the correlation score and a "
+                "confidence."
+                % (getattr(self, OUTPUT_PARTICLES).getSize(), self.getObjectTag("inputParticles"),
+                   self.getObjectTag("inputVolume"), self.symmetryGroup.get(), sampling, self.maxShift.get(),
+                   self.ctfGroups.get(), self.maxResolution.get(),
+                   ", weighted by the inverse noise power of the particles" if self.doWhiten else "",
+                   self._indexText(), self.numberOfMatches.get(), self.nprobe.get(),
+                   "; the search was restricted to ±%d angular steps around the particles' previous orientations"
+                   % self.localSteps.get() if self.localSearch else "", self.getObjectTag(OUTPUT_PARTICLES)))
+        return [text]
+
+    def _indexFactory(self):
+        return self.indexFactory.get().strip()
+
+    def _usesOpq(self):
+        return self.indexType.get() == 2 and "OPQ" in self._indexFactory()
+
+    def _indexText(self):
+        """The faiss index of the search, as a methods text names it."""
+        if self.indexType.get() == 1:
+            return "exact (flat)"
+        if self.indexType.get() == 2:
+            return "'%s', product quantization ([Jegou2011]%s)" % (
+                self._indexFactory(), ", optimized: [Ge2013]" if self._usesOpq() else "")
+        return ("chosen from the size of the gallery: exact for small galleries, otherwise PCA, inverted lists "
+                "and product quantization ([Jegou2011])")
+
+    def _citations(self):
+        cites = ["Lauzirika2023", "Johnson2019", "Douze2024", "Jegou2011"]
+        if self._usesOpq():
+            cites.append("Ge2013")
+        return cites + ["Scheres2012a", "Zivanov2018"]

@@ -271,15 +271,31 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
         hist = self.history() if os.path.isdir(self._refineDir()) else []
         if not hist:
             return []
-        return ["%d particles were refined against %s with deepcryo swiftrefine (gold-standard halves, "
-                "SwiftAlign projection matching [Lauzirika2023], CTF-weighted Fourier reconstruction) "
-                "with %s symmetry, from an initial resolution of %.0f Å; the half-map FSC in the mask, corrected "
-                "by phase randomisation as relion_postprocess does, reached %.2f Å (0.143 threshold) after %d "
-                "iterations."
-                % (self.inputParticles.get().getSize(), ", ".join(p.get().getFileName() for p in self.inputVolumes),
-                   self.symmetryGroup.get(), self.initialResolution.get(),
-                   self.finalResolution() or hist[-1]["resolution_A"], len(hist))]
+        globalIterations = self.globalIterations.get()
+        text = ("%d particles of %s were refined against %s with deepcryo swiftrefine, a gold-standard refinement "
+                "([ScheresChen2012]) that follows RELION's conventions ([Scheres2012a] [Zivanov2018]), with %s "
+                "symmetry, from an initial resolution of %.0f Å. In each iteration the two halves of the particles "
+                "were aligned independently against their own references with SwiftAlign ([Lauzirika2023]): "
+                "against a faiss index ([Johnson2019] [Douze2024]) of compressed projections ([Jegou2011]) in the "
+                "first %s, then by local searches within ±%d angular steps of the previous poses. The half maps "
+                "were reconstructed by CTF-weighted direct Fourier inversion%s."
+                % (self.inputParticles.get().getSize(), self.getObjectTag("inputParticles"),
+                   ", ".join(self.getObjectTag(p.get()) for p in self.inputVolumes), self.symmetryGroup.get(),
+                   self.initialResolution.get(),
+                   "iteration" if globalIterations == 1 else "%d iterations" % globalIterations,
+                   self.localSteps.get(),
+                   ", leaving out the particles whose poses disagreed between two differently perturbed "
+                   "alignments" if self.doConsensus else ""))
+        text += (" The half-map Fourier shell correlation in the mask, corrected by phase randomisation "
+                 "([Chen2013]) as relion_postprocess does, reached %.2f Å (0.143 threshold) after %d iterations "
+                 "(%s)." % (self.finalResolution() or hist[-1]["resolution_A"], len(hist),
+                            "converged" if hist[-1]["converged"] else "iteration limit"))
+        if self._nClasses() > 1:
+            text += (" With %d initial maps, each particle was assigned to the class it matched best (output %s)."
+                     % (self._nClasses(), self.getObjectTag(OUTPUT_CLASSES) if hasattr(self, OUTPUT_CLASSES)
+                        else "3D classes"))
+        return [text]
 
     def _citations(self):
-        return ["Lauzirika2023"]
-
+        return ["Lauzirika2023", "ScheresChen2012", "Chen2013", "Johnson2019", "Douze2024", "Jegou2011",
+                "Scheres2012a", "Zivanov2018"]

@@ -27,7 +27,7 @@ import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
 from pyworkflow.utils import Message
 from pwem.constants import ALIGN_NONE
-from pwem.objects import ParticleFlex, SetOfVolumes, Volume
+from pwem.objects import ParticleFlex, SetOfClasses3D, SetOfParticlesFlex, SetOfVolumes, Volume
 from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
 
 from deepcryo.constants import OUTPUT_PARTICLES
@@ -66,7 +66,7 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
     """
     _label = "landscape VAE train"
     _devStatus = BETA
-    _possibleOutputs = {OUTPUT_PARTICLES: ParticleFlex}
+    _possibleOutputs = {OUTPUT_PARTICLES: SetOfParticlesFlex}
 
     def _defineParams(self, form):
         form.addSection(label=Message.LABEL_INPUT)
@@ -189,6 +189,35 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                 % (getattr(self, OUTPUT_PARTICLES).getSize(), self.latentDim.get(),
                    " and predicted poses (pose-free)" if self.poseFree else "")]
 
+    def _methods(self):
+        if not hasattr(self, OUTPUT_PARTICLES):
+            return []
+        particles = self.inputParticles.get()
+        box = min(self.workingBox.get(), particles.getXDim())
+        text = ("The conformational landscape of %d particles of %s was learned with deepcryo's landscape VAE, a "
+                "variational autoencoder ([Kingma2014]) with a %d-dimensional latent space, trained for %d epoch%s "
+                "(batch size %d, KL weight β = %g, %d basis volumes) on the particle images Fourier-cropped to "
+                "%d px (%.2f Å/px). "
+                % (particles.getSize(), self.getObjectTag("inputParticles"), self.latentDim.get(),
+                   self.epochs.get(), "" if self.epochs.get() == 1 else "s", self.batchSize.get(), self.beta.get(),
+                   self.basis.get(), box,
+                   particles.getSamplingRate() * particles.getXDim() / box))
+        if self.poseFree:
+            text += ("The particles' poses were not used: a pose head predicted each particle's orientation and "
+                     "shift together with its latent coordinates (pose-free mode, after [Bunzel2022]; "
+                     "experimental), and the decoded volume's projection at that pose, modulated by the "
+                     "particle's CTF, was compared with the image.")
+        else:
+            text += ("As in cryoDRGN ([Zhong2021]), each particle's consensus pose and CTF were used: the encoder "
+                     "maps the particle to latent coordinates, and the decoder maps them to a volume whose "
+                     "projection at the particle's pose, modulated by its CTF, is compared with the image "
+                     "(after the landscape networks of [Bunzel2022]).")
+        return [text + " The output particles (%s) carry their latent coordinates."
+                % self.getObjectTag(OUTPUT_PARTICLES)]
+
+    def _citations(self):
+        return ["Kingma2014", "Zhong2021", "Bunzel2022"]
+
 
 class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
     """Analyses a trained landscape VAE: embeddings (PCA, optionally UMAP), a landscape plot (density
@@ -199,7 +228,7 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
     """
     _label = "landscape VAE analyze"
     _devStatus = BETA
-    _possibleOutputs = {OUTPUT_CLASSES: None, OUTPUT_TRAJECTORY: SetOfVolumes}
+    _possibleOutputs = {OUTPUT_CLASSES: SetOfClasses3D, OUTPUT_TRAJECTORY: SetOfVolumes}
 
     EMBEDDINGS = ["PCA", "PCA and UMAP"]
 
@@ -278,3 +307,22 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
             lines.append("cluster %d: %d particles; decoded vs reconstructed FSC 0.5 at %.1f Å"
                          % (c["cluster"], c["particles"], c["decoded_vs_reconstructed_fsc05_A"]))
         return lines
+
+    def _methods(self):
+        if not hasattr(self, OUTPUT_CLASSES):
+            return []
+        with open(self._getExtraPath("analysis", "summary.json")) as f:
+            summary = json.load(f)
+        clusters = ("%d clusters (the number suggested by the elbow of the Bayesian information criterion of "
+                    "Gaussian mixtures)" % summary["clusters_used"] if self.numberOfClusters.get() == 0
+                    else "%d clusters" % summary["clusters_used"])
+        return ["The latent coordinates learned by %s were analysed with deepcryo as cryoDRGN's analysis does "
+                "([Zhong2021]): %s embeddings of the latent space, k-means clustering into %s, one map per cluster "
+                "reconstructed from its particles at their consensus poses (output %s), and %d volumes decoded "
+                "along the first principal component from −2 to +2 standard deviations (output %s)."
+                % (self.getObjectTag("trainRun"), self.EMBEDDINGS[self.embedding.get()], clusters,
+                   self.getObjectTag(OUTPUT_CLASSES), self.trajectorySteps.get(),
+                   self.getObjectTag(OUTPUT_TRAJECTORY))]
+
+    def _citations(self):
+        return ["Zhong2021", "Bunzel2022"]

@@ -28,6 +28,7 @@ dies, or stalls makes the test fail with the run's name, status, what was awaite
 hanging.
 """
 import os
+import re
 import time
 
 from deepcryo import scipion_env
@@ -35,7 +36,7 @@ from deepcryo import scipion_env
 PRIVATE_ROOT = scipion_env.setup()
 
 import psutil  # noqa: E402
-from pyworkflow.protocol import getProtocolFromDb  # noqa: E402 -- pyworkflow only after setup()
+from pyworkflow.protocol import Protocol, getProtocolFromDb  # noqa: E402 -- pyworkflow only after setup()
 from pyworkflow.tests import BaseTest  # noqa: E402
 
 #: Longest wait of a test for one protocol run or state, in s. The slowest run of the suite takes a few
@@ -106,6 +107,26 @@ def waitForProtocol(prot, until=None, what="the run to finish", timeout_s=None, 
         raise AssertionError("waiting for %s: %s. %s" % (what, problem, describeRun(prot, run)))
 
 
+def checkFinishedRun(prot):
+    """What every finished deepcryo run must give Scipion: each output declared in ``_possibleOutputs`` with its
+    exact class (Scipion offers these to the protocols scheduled after it), and a methods text whose
+    ``[references]`` are keys of the plugin's BibTeX that ``_citations`` lists. Raises ``AssertionError``."""
+    possible = dict(prot.getPossibleOutputs() or {})
+    defined = {name: type(output) for name, output in prot.iterOutputAttributes()}
+    wrong = {name: (cls.__name__, getattr(possible.get(name), "__name__", possible.get(name)))
+             for name, cls in defined.items() if possible.get(name) is not cls}
+    assert not wrong, "%s: outputs (defined, declared in _possibleOutputs): %s" % (prot.getClassName(), wrong)
+    assert type(prot)._methods is not Protocol._methods, "%s has no _methods" % prot.getClassName()
+    methods = " ".join(prot._methods())
+    assert methods, "%s: no methods text after a finished run" % prot.getClassName()
+    text = re.sub(r"\[\[[^\]]*\]\[[^\]]*\]\]", "", methods)  # without the links to objects ([[sci-open:id][name]])
+    keys = set(re.findall(r"\[([^\[\]]*)\]", text))  # Scipion links "[Key]", one key per bracket
+    bibtex = prot.getClassPackage()._bibtex
+    assert keys <= set(bibtex) and keys <= set(prot._citations()), \
+        "%s: methods cite %s; bibtex has %s, _citations() %s" % (prot.getClassName(), sorted(keys),
+                                                                sorted(keys & set(bibtex)), prot._citations())
+
+
 class ProtocolTest(BaseTest):
     """pyworkflow's ``BaseTest`` whose waits for protocols have a deadline (:func:`waitForProtocol`)."""
 
@@ -120,6 +141,8 @@ class ProtocolTest(BaseTest):
         else:
             waitForProtocol(prot)
         cls.proj._updateProtocol(prot)
+        if prot.getClassPackageName() == "deepcryo" and prot.isFinished():
+            checkFinishedRun(prot)
         return prot
 
     @classmethod

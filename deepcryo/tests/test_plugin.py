@@ -28,11 +28,15 @@ import unittest
 from unittest import mock
 
 import pwem
+import pyworkflow
+from pyworkflow.gui.project.viewprotocols_extra import ProtocolTreeConfig
 from pyworkflow.protocol import Protocol
+from scipion.install.funcs import Environment
 
 import deepcryo
 import deepcryo.protocols
 from deepcryo.constants import DEEPCRYO_PYTHON
+from deepcryo.protocols.protocol_base import DeepCryoProtBase
 
 
 def _treeProtocols(nodes):
@@ -40,6 +44,15 @@ def _treeProtocols(nodes):
         if node.get("tag") == "protocol":
             yield node["value"]
         yield from _treeProtocols(node.get("children", []))
+
+
+def _visibleProtocols(menu):
+    """Class names of the protocols that a view of Scipion's protocol tree shows."""
+    for node in menu.childs:
+        if node.visible:
+            if node.tag == "protocol":
+                yield node.value
+            yield from _visibleProtocols(node)
 
 
 class TestPlugin(unittest.TestCase):
@@ -108,6 +121,112 @@ class TestPlugin(unittest.TestCase):
         for cls in self._protocolClasses():
             keys += cls()._citations()
         self.assertEqual([k for k in keys if k not in bibtex], [])
+
+    def testCitationsShowTheirVenueAndLinkToThePaper(self):
+        """pwem prints a reference as ``Author et al., <journal or booktitle>, year`` and links its doi (else its
+        url): a thesis needs a venue there, and the link must be a web address (a bare DOI opens nothing)."""
+        prot = Protocol()
+        for key, entry in self.module._bibtex.items():
+            with self.subTest(key=key):
+                text = prot._getCiteText(entry)
+                self.assertNotIn(", ,", text)
+                self.assertTrue(entry.get("journal") or entry.get("booktitle"), text)
+                link = entry.get("doi") or entry.get("url")
+                if link:
+                    self.assertRegex(link, r"^https://")
+                    self.assertTrue(text.startswith("[[%s][" % link), text)
+
+    def testEveryProtocolCitesAndDescribesItsMethod(self):
+        for cls in self._protocolClasses():
+            with self.subTest(protocol=cls.__name__):
+                self.assertTrue(cls()._citations(), "no references")
+                self.assertIsNot(cls._methods, Protocol._methods, "no methods text")
+                self.assertEqual(cls()._methods(), [], "a methods text before the run")
+
+    def testPossibleOutputsAreClasses(self):
+        """Scipion offers ``_possibleOutputs`` to the protocols scheduled after a run: classes of sets or objects
+        (what each run really defines is checked after every protocol test run, ``harness.checkFinishedRun``)."""
+        for cls in self._protocolClasses():
+            with self.subTest(protocol=cls.__name__):
+                for name, outputClass in dict(cls._possibleOutputs).items():
+                    self.assertTrue(inspect.isclass(outputClass), "%s: %r" % (name, outputClass))
+        self.assertEqual(deepcryo.protocols.DeepCryoProtVaeTrain._possibleOutputs,
+                         {"outputParticles": pwem.objects.SetOfParticlesFlex})
+        self.assertIs(deepcryo.protocols.DeepCryoProtVaeAnalyze._possibleOutputs["outputClasses"],
+                      pwem.objects.SetOfClasses3D)
+
+    def testUrlIsTheProjectsNotPwems(self):
+        self.assertNotEqual(self.Plugin.getUrl(), pwem.Plugin.getUrl())
+        self.assertEqual(self.Plugin.getUrl(), deepcryo._projectUrl())
+
+    def testProgramsRunWithoutScipionPythonPath(self):
+        """Every program goes through ``_runProgram``, which passes ``Plugin.getEnviron()`` to ``runJob``: with
+        ``DEEPCRYO_PYTHON`` another Python, a PYTHONPATH set for Scipion does not reach the program."""
+        self._setEnv(PYTHONPATH="/scipion/site-packages")
+        self.Plugin._addVar(DEEPCRYO_PYTHON, "/opt/deepcryo-env/bin/python")
+        for cls in self._protocolClasses():
+            with self.subTest(protocol=cls.__name__):
+                self.assertTrue(issubclass(cls, DeepCryoProtBase))
+                prot, jobs = cls(), []
+                prot.runJob = lambda program, args, **kwargs: jobs.append((program, args, kwargs))
+                prot._gpus = lambda: None
+                prot._runProgram("core.reconstruct", ["--threads", 2])
+                program, args, kwargs = jobs[0]
+                self.assertTrue(program.startswith("/opt/deepcryo-env/bin/python -m deepcryo."), program)
+                self.assertIn("PATH", kwargs["env"])
+                self.assertNotIn("PYTHONPATH", kwargs["env"])
+        for module in (deepcryo.protocols.protocol_defocus, deepcryo.protocols.protocol_reconstruct,
+                       deepcryo.protocols.protocol_swiftalign, deepcryo.protocols.protocol_swiftrefine,
+                       deepcryo.protocols.protocol_vae):
+            self.assertNotIn(".runJob(", inspect.getsource(module), module.__name__)
+
+    def testSeparateEnvironmentRecipe(self):
+        """``scipion3 installb deepcryo-env`` (optional, not installed by default): a venv of Scipion's Python
+        with torch (CPU build), faiss and deepcryo, installed without Scipion's PYTHONPATH; what Scipion would
+        run is read from its own installer (``--show`` runs nothing)."""
+        env = Environment(args=["deepcryo-env", "--show"])
+        self.Plugin.defineBinaries(env)
+        target = env.getTarget("deepcryo-env-%s" % deepcryo.__version__)
+        self.assertFalse(target.isDefault())
+        folder = self.Plugin.getEnvFolder()
+        commands = [c for c in target.getCommands() if isinstance(c._cmd, str) and "venv" in c._cmd]
+        self.assertEqual([c._cwd for c in commands], [folder, folder])
+        create, install = commands
+        self.assertEqual(create._cmd, "unset PYTHONPATH && %s -m venv venv" % shlex.quote(sys.executable))
+        self.assertEqual(create._targets, [os.path.join(folder, "venv/bin/python")])
+        words = install._cmd.split(" && ")
+        self.assertEqual(words[0], "unset PYTHONPATH")
+        self.assertIn("venv/bin/python -m pip install --no-cache-dir torch==2.13.0 "
+                      "--index-url https://download.pytorch.org/whl/cpu", words)
+        self.assertTrue(any(w.startswith("venv/bin/python -m pip install") and " faiss-cpu " in w for w in words))
+        self.assertIn("venv/bin/python -m pip install --no-cache-dir --no-deps %s" % deepcryo._pluginRequirement(),
+                      words)
+        self.assertEqual(install._targets, [os.path.join(folder, "deepcryo_env_installed")])
+        self.assertEqual(self.Plugin.getEnvPython(), os.path.join(folder, "venv", "bin", "python"))
+        # a checkout (installp --devel) goes in editable, an installed release by its version
+        root = os.path.dirname(os.path.dirname(os.path.abspath(deepcryo.__file__)))
+        with mock.patch("os.path.isfile", lambda path: path == os.path.join(root, "pyproject.toml")):
+            self.assertEqual(deepcryo._pluginRequirement(), "-e %s" % shlex.quote(root))
+        with mock.patch("os.path.isfile", lambda path: False):
+            self.assertEqual(deepcryo._pluginRequirement(), "scipion-em-deepcryo==%s" % deepcryo.__version__)
+
+    def testPythonFollowsDeepcryoPython(self):
+        """``DEEPCRYO_PYTHON = <the environment's python>`` in scipion.conf (Scipion exports it) selects it."""
+        envPython = self.Plugin.getEnvPython()
+        self._setEnv(DEEPCRYO_PYTHON=envPython, PYTHONPATH="/scipion/site-packages")
+        self.Plugin._defineVariables()
+        self.assertEqual(self.Plugin.getPython(), envPython)
+        self.assertTrue(self.Plugin.usesOwnPython())
+        self.assertTrue(self.Plugin.getProgram("swiftalign").startswith(shlex.quote(envPython) + " -m "))
+        self.assertNotIn("PYTHONPATH", self.Plugin.getEnviron())
+
+    def testVaeProtocolsInTheFlexibilityHubView(self):
+        """The protocol tree Scipion's GUI builds (pwem's protocols.conf and every plugin's) shows the VAE
+        protocols in the Flexibility Hub view, as cryoDRGN's, and keeps them in the SPA view."""
+        views = ProtocolTreeConfig.load(pwem.Domain, pyworkflow.Config.SCIPION_PROTOCOLS)
+        vae = {"DeepCryoProtVaeTrain", "DeepCryoProtVaeAnalyze"}
+        self.assertEqual(vae & set(_visibleProtocols(views["Flexibility Hub"])), vae)
+        self.assertEqual(vae & set(_visibleProtocols(views["Protocols SPA"])), vae)
 
     def testEveryProtocolIsInTheProtocolTree(self):
         config = configparser.ConfigParser()
