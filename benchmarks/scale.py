@@ -151,6 +151,7 @@ def render_streamed(folder: str, spec: RenderSpec, n_groups: int = DEFOCUS_GROUP
         with open(record) as f:
             if json.load(f) == json.loads(json.dumps(wanted)):
                 return files
+    t0 = time.time()
     truth = truth_particles(spec)
     _defocus_groups(truth, spec, n_groups)
     vol = phantom_volume(spec.box, seed=spec.volume_seed)
@@ -193,6 +194,8 @@ def render_streamed(folder: str, spec: RenderSpec, n_groups: int = DEFOCUS_GROUP
     write_particles(files["star_nopose"], star)
     with open(record, "w") as f:
         json.dump(wanted, f)
+    print("rendered %d particles of %d px with relion_project in %.0f s (%s)" % (spec.n, spec.box, time.time() - t0,
+                                                                             folder), flush=True)
     return files
 
 
@@ -253,10 +256,24 @@ def render_micrographs(folder: str, rung: Rung, pixel_size_A: float = 1.0) -> Li
 
 
 # ------------------------------------------------------------------------------------------------------- timing
-def run_timed(cmd: List[str], cwd: str, log_path: str, env: dict, timeout_s: float) -> dict:
+def _gpu_used_mb() -> Optional[float]:
+    """Memory in use on the first GPU (MB, ``nvidia-smi``: the whole device, not one process: the PID
+    namespaces of containers hide the processes), None without ``nvidia-smi``."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return float(out.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def run_timed(cmd: List[str], cwd: str, log_path: str, env: dict, timeout_s: float, gpu: bool = False) -> dict:
     """Run ``cmd`` as one child (its own process group) and return its own ``os.wait4`` figures: wall_s, cpu_s
     (user + system, the child and the processes it waited for), rss_mb (peak resident set of the largest of
-    them), returncode; killed (SIGTERM to its group) after ``timeout_s``."""
+    them), returncode; killed (SIGTERM to its group) after ``timeout_s``. With ``gpu``, gpu_mb: the peak GPU
+    memory in use above its level at the start, sampled about once a second (None without ``nvidia-smi``)."""
+    gpu0 = _gpu_used_mb() if gpu else None
+    gpu_peak = gpu0
     t0 = time.time()
     with open(log_path, "w") as log:
         log.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
@@ -271,10 +288,13 @@ def run_timed(cmd: List[str], cwd: str, log_path: str, env: dict, timeout_s: flo
             if not killed and time.time() - t0 > timeout_s:
                 os.killpg(child.pid, signal.SIGTERM)
                 killed = True
-            time.sleep(0.2)
+            if gpu0 is not None:
+                gpu_peak = max(gpu_peak, _gpu_used_mb() or 0.0)
+            time.sleep(0.2 if gpu0 is None else 0.8)
     child.returncode = os.waitstatus_to_exitcode(status)
     return {"wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
-            "returncode": child.returncode, "killed": killed}
+            "returncode": child.returncode, "killed": killed,
+            "gpu_mb": None if gpu0 is None else gpu_peak - gpu0}
 
 
 def _context(args, rung: Rung, files: Dict[str, str], out: str, rung_dir: str) -> dict:
@@ -349,12 +369,13 @@ def measure(args, name: str, rung: Rung, program: str, records: List[dict]) -> d
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=os.pathsep.join([REPO] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
     cwd = os.path.dirname(files["star"]) if files else rung_dir    # RELION reads image names from the cwd
-    t = run_timed(cmd, cwd, os.path.join(rung_dir, program + ".log"), env, 180 * args.max_minutes)
+    t = run_timed(cmd, cwd, os.path.join(rung_dir, program + ".log"), env, 180 * args.max_minutes,
+                  gpu=prog.deepcryo and args.device.startswith("cuda"))
     scale = rung.n / n_run
     rec = {"rung": name, "program": program, "unit": prog.unit, "n": rung.n, "n_run": n_run, "box": rung.box,
            "shape": list(rung.micrograph_shape), "px": ctx["px"], "device": args.device if prog.deepcryo else "cpu",
            "threads": args.threads, "wall_s": t["wall_s"] * scale, "cpu_s": t["cpu_s"] * scale,
-           "rss_mb": t["rss_mb"], "returncode": t["returncode"], "command": " ".join(cmd),
+           "rss_mb": t["rss_mb"], "gpu_mb": t["gpu_mb"], "returncode": t["returncode"], "command": " ".join(cmd),
            "date": _now(), "load": os.getloadavg()[0]}
     if t["killed"]:
         note = "killed after %.0f min" % (t["wall_s"] / 60)
@@ -397,12 +418,13 @@ def markdown_table(records: List[dict]) -> str:
     rungs = list(RUNGS)
     rows = sorted(records, key=lambda r: (order[r["program"]], r["device"], rungs.index(r["rung"])))
     lines = ["| program | device | rung | N | box | Å/px | wall s | CPU s | CPU per item | marginal CPU ms/particle "
-             "| peak RSS MB | note |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| peak RSS MB | GPU MB | note |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         box = "×".join(str(v) for v in r["shape"][::-1]) if r["shape"] else str(r["box"])
-        lines.append("| %s | %s | %s | %d | %s | %.2f | %.1f | %.1f | %s | %s | %.0f | %s |" % (
+        gpu = "" if r.get("gpu_mb") is None else "%.0f" % r["gpu_mb"]
+        lines.append("| %s | %s | %s | %d | %s | %.2f | %.1f | %.1f | %s | %s | %.0f | %s | %s |" % (
             r["program"], r["device"], r["rung"], r["n"], box, r["px"], r["wall_s"], r["cpu_s"], _per_unit(r),
-            _marginal(r, records), r["rss_mb"], r["note"]))
+            _marginal(r, records), r["rss_mb"], gpu, r["note"]))
     return "\n".join(lines)
 
 
