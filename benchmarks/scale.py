@@ -28,6 +28,7 @@ them, so the ladder can be climbed over several invocations. ``--results FILE`` 
     python benchmarks/scale.py --work /tmp/scale --max-minutes 60                 # the whole ladder
     python benchmarks/scale.py --rungs 10k@128 --programs reconstruct relion_reconstruct --work /tmp/scale
     python benchmarks/scale.py --work /tmp/scale --device cuda                    # deepcryo on the GPU
+    python benchmarks/scale.py --work /tmp/scale --report-only --results benchmarks/RESULTS.md
 """
 import argparse
 import dataclasses
@@ -428,53 +429,68 @@ def markdown_table(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ladders(records: List[dict]):
+    """The two ladders of the records: (box, N values) with most N at one box (the N ladder, box 128 in the
+    full run) and (N, boxes) with most boxes at one N (the box ladder, N = 10 k in the full run)."""
+    ok = [r for r in records if r["unit"] == "particle" and r["returncode"] == 0]
+    boxes = {r["box"]: sorted({s["n"] for s in ok if s["box"] == r["box"]}) for r in ok}
+    ns = {r["n"]: sorted({s["box"] for s in ok if s["n"] == r["n"]}) for r in ok}
+    box = max(boxes, key=lambda b: (len(boxes[b]), b == 128), default=None)
+    n = max(ns, key=lambda k: (len(ns[k]), k == 10000), default=None)
+    return box, n
+
+
 def growth_summary(records: List[dict]) -> str:
-    """Flatness in N at box 128 and growth with the box at N = 10 k (CPU ratio / pixel-count ratio)."""
+    """Flatness in N (CPU ms and peak RSS per rung) and growth with the box (CPU ratio / pixel-count ratio)."""
+    box, n = _ladders(records)
     out = []
     for program in PARTICLE_PROGRAMS:
         for device in sorted({r["device"] for r in records}):
             mine = [r for r in records if r["program"] == program and r["device"] == device and r["returncode"] == 0]
-            by_n = sorted((r for r in mine if r["box"] == 128), key=lambda r: r["n"])
+            by_n = sorted((r for r in mine if r["box"] == box), key=lambda r: r["n"])
             if len(by_n) > 1:
-                out.append("- %s (%s), box 128, N %s: CPU ms/particle %s; peak RSS %s MB" % (
-                    program, device, " → ".join(str(r["n"]) for r in by_n),
+                out.append("- %s (%s), box %d, N %s: CPU ms/particle %s; peak RSS %s MB" % (
+                    program, device, box, " → ".join(str(r["n"]) for r in by_n),
                     " → ".join("%.2f" % (1e3 * r["cpu_s"] / r["n"]) for r in by_n),
                     " → ".join("%.0f" % r["rss_mb"] for r in by_n)))
-            by_box = sorted((r for r in mine if r["n"] == 10000), key=lambda r: r["box"])
+            by_box = sorted((r for r in mine if r["n"] == n), key=lambda r: r["box"])
             if len(by_box) > 1:
                 b0 = by_box[0]
-                out.append("- %s (%s), N 10 k, box %s: CPU growth / pixel-count growth %s; peak RSS %s MB" % (
-                    program, device, " → ".join(str(r["box"]) for r in by_box),
+                out.append("- %s (%s), N %d, box %s: CPU growth / pixel-count growth %s; peak RSS %s MB" % (
+                    program, device, n, " → ".join(str(r["box"]) for r in by_box),
                     " → ".join("%.2f" % (r["cpu_s"] / b0["cpu_s"] / (r["box"] / b0["box"]) ** 2) for r in by_box),
                     " → ".join("%.0f" % r["rss_mb"] for r in by_box)))
     return "\n".join(out)
 
 
 def plot(records: List[dict], path: str) -> None:
-    """CPU ms per particle against N (box 128) and against the box (N = 10 k), one line per program."""
+    """CPU ms per particle against N (at the box of the N ladder) and against the box (at the N of the box
+    ladder), one line per program and device; RELION dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    box, n = _ladders(records)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for program in PARTICLE_PROGRAMS:
         for device in sorted({r["device"] for r in records}):
             mine = [r for r in records if r["program"] == program and r["device"] == device and r["returncode"] == 0]
             style = "--" if not PROGRAMS[program].deepcryo else "-"
             label = program + ("" if device == "cpu" else " (%s)" % device)
-            for ax, sel, key in ((axes[0], [r for r in mine if r["box"] == 128], "n"),
-                                 (axes[1], [r for r in mine if r["n"] == 10000], "box")):
+            for ax, sel, key in ((axes[0], [r for r in mine if r["box"] == box], "n"),
+                                 (axes[1], [r for r in mine if r["n"] == n], "box")):
                 sel = sorted(sel, key=lambda r: r[key])
                 if sel:
                     ax.plot([r[key] for r in sel], [1e3 * r["cpu_s"] / r["n"] for r in sel], style, marker="o",
                             label=label)
-    axes[0].set(xscale="log", yscale="log", xlabel="particles (box 128, 1.5 Å/px)", ylabel="CPU ms per particle")
-    axes[1].set(xscale="log", yscale="log", xlabel="box (px; N = 10 k, 192 Å)", ylabel="CPU ms per particle")
+    axes[0].set(xscale="log", yscale="log", xlabel="particles (box %s px)" % box, ylabel="CPU ms per particle")
+    axes[1].set(xscale="log", yscale="log", xlabel="box (px, same %g Å object; N = %s)" % (SPECIMEN_A, n),
+                ylabel="CPU ms per particle")
     boxes = np.array([64, 256])
-    axes[1].plot(boxes, 0.1 * (boxes / 64.0) ** 2, ":", color="grey", label="∝ pixel count")
+    axes[1].plot(boxes, (boxes / 64.0) ** 2, ":", color="grey", label="∝ pixel count")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle("deepcryo (solid) and RELION (dashed): CPU per particle; relion_project renders, SNR 0.1")
+    fig.suptitle("deepcryo (solid) and RELION (dashed): CPU per particle, particles rendered by relion_project")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -491,9 +507,10 @@ def main(argv=None):
                         "run is stopped after 3× this")
     p.add_argument("--results", help="append the markdown table to this file")
     p.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scale.png"))
+    p.add_argument("--report-only", action="store_true", help="only print the table and plot WORK/results.json")
     args = p.parse_args(argv)
     for exe in ("relion_project", "relion_reconstruct", "relion_refine"):
-        if shutil.which(exe) is None:
+        if shutil.which(exe) is None and not args.report_only:
             sys.exit("%s not found (apt-get install relion)" % exe)
     args.work = os.path.abspath(args.work)
     os.makedirs(args.work, exist_ok=True)
@@ -503,7 +520,7 @@ def main(argv=None):
         with open(results_path) as f:
             records = json.load(f)
     rungs = sorted(args.rungs, key=lambda r: (bool(RUNGS[r].micrograph_shape), RUNGS[r].n * RUNGS[r].box ** 2))
-    for name in rungs:
+    for name in [] if args.report_only else rungs:
         rung = RUNGS[name]
         for program in args.programs:
             if (PROGRAMS[program].unit == "micrograph") != bool(rung.micrograph_shape):
