@@ -331,6 +331,13 @@ def _check(program: str, out: str, files: Dict[str, str], truth_mics: List[dict]
             err = [0.5 * (abs(est[os.path.basename(m["name"])][0] - m["u"]) + abs(est[os.path.basename(m["name"])][1]
                                                                                    - m["v"])) for m in truth_mics]
             return "defocus MAE %.0f Å" % np.mean(err)
+        if program == "swiftres_refine":
+            with open(os.path.join(out, "..", "swiftres_refine.log")) as f:
+                text = f.read()
+            it = re.findall(r"iteration 1 \(global\).* ([0-9.]+) s$", text, re.M)
+            final = re.findall(r"^final: .* ([0-9.]+) s$", text, re.M)
+            return "wall: iteration %s s, to the end of the final half maps %s s" % (
+                it[-1] if it else "?", final[-1] if final else "?")
         if program == "landscape_train":
             with open(os.path.join(out, "..", "landscape_train.log")) as f:
                 epoch = re.findall(r"epoch 1/1 .* ([0-9.]+) s", f.read())
@@ -487,7 +494,10 @@ def plot(records: List[dict], path: str) -> None:
                 ylabel="CPU ms per particle")
     boxes = np.array([64, 256])
     axes[1].plot(boxes, (boxes / 64.0) ** 2, ":", color="grey", label="∝ pixel count")
-    for ax in axes:
+    for ax, key in zip(axes, ("n", "box")):
+        ticks = sorted({r[key] for r in records if r["unit"] == "particle"})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle("deepcryo (solid) and RELION (dashed): CPU per particle, particles rendered by relion_project")
