@@ -316,6 +316,28 @@ def _predicted_wall_s(records: List[dict], program: str, rung: Rung) -> Optional
     return near["wall_s"] / near["n"] * rung.n * (rung.box / near["box"]) ** 2
 
 
+def _predicted_rss_mb(records: List[dict], program: str, rung: Rung) -> Optional[float]:
+    """Peak RSS of ``program`` at ``rung`` from its measured rungs of the largest boxes up to ``rung.box``: ∝ box^e,
+    e measured between the two largest boxes (clipped to 2–3: images to maps), 3 with one box only."""
+    done = [r for r in records if r["program"] == program and r["returncode"] == 0 and 0 < r["box"] <= rung.box]
+    by_box = {r["box"]: max(s["rss_mb"] for s in done if s["box"] == r["box"]) for r in done}
+    if not by_box:
+        return None
+    boxes = sorted(by_box)
+    e = 3.0
+    if len(boxes) > 1:
+        e = min(3.0, max(2.0, math.log(by_box[boxes[-1]] / by_box[boxes[-2]]) / math.log(boxes[-1] / boxes[-2])))
+    return by_box[boxes[-1]] * (rung.box / boxes[-1]) ** e
+
+
+def _available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return math.inf
+
+
 def _check(program: str, out: str, files: Dict[str, str], truth_mics: List[dict]) -> str:
     """A one-line sanity figure of a finished run (accuracy is measured by the other benchmarks)."""
     try:
@@ -368,6 +390,15 @@ def measure(args, name: str, rung: Rung, program: str, records: List[dict]) -> d
         if n_run < rung.n:
             files = subset_star(files, n_run)
             note = "extrapolated from %d particles (×%.1f)" % (n_run, rung.n / n_run)
+    rss = _predicted_rss_mb(records, program, rung) if rung.box else None
+    if rss and args.memory_guard and rss > 0.8 * _available_mb():
+        note = "skipped: predicted peak RSS %.1f GB > 80%% of the %.1f GB available" % (rss / 1024,
+                                                                                      _available_mb() / 1024)
+        print("%-12s %-20s %s" % (name, program, note), flush=True)
+        return {"rung": name, "program": program, "unit": prog.unit, "n": rung.n, "n_run": 0, "box": rung.box,
+                "shape": [], "px": rung.pixel_size_A, "device": args.device if prog.deepcryo else "cpu",
+                "threads": args.threads, "wall_s": 0.0, "cpu_s": 0.0, "rss_mb": rss, "gpu_mb": None, "returncode": -1,
+                "command": "", "date": _now(), "load": os.getloadavg()[0], "note": note}
     out = os.path.join(rung_dir, program)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
@@ -515,6 +546,8 @@ def main(argv=None):
     p.add_argument("--max-minutes", type=float, default=60.0,
                    help="a per-particle run predicted to take longer runs on a subset and is extrapolated; every "
                         "run is stopped after 3× this")
+    p.add_argument("--no-memory-guard", dest="memory_guard", action="store_false",
+                   help="run also where the peak RSS predicted from smaller boxes exceeds 80%% of the free memory")
     p.add_argument("--results", help="append the markdown table to this file")
     p.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scale.png"))
     p.add_argument("--report-only", action="store_true", help="only print the table and plot WORK/results.json")
