@@ -82,7 +82,7 @@ def bench_swiftalign(work, device, n, threads):
         common = ["--particles", star, "--threads", threads, "--device", dev]
         _, t_train = _timed(lambda: _run("swiftalign", ["train", "--reference", os.path.join(work, "map.mrc"),
                                                         "--angular-step", step, "--max-resolution", 16,
-                                                        "--max-shift", 3, "--ctf-groups", 2, "--output", index]
+                                                        "--max-shift", 3, "--output", index]
                                          + common))
         out = index + ".star"
         _, t_query = _timed(lambda: _run("swiftalign", ["query", "--index", index, "--output", out] + common))

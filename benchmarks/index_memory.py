@@ -8,7 +8,7 @@ smaller than itself. The map, the particles and the angular steps are made by a 
 * ``baseline``: a Python process that imports the programs (torch, faiss, deepcryo) and exits: the fixed
   footprint that any run has before it holds a byte of index;
 * ``python -m deepcryo.swiftalign train --memory-limit L`` on a phantom map (32 px, 2 Å/px, 8 Å band: 196
-  dims), 2 CTF groups, origins within ±1 px (9 shifts), the angular step chosen to give about N references;
+  dims), origins within ±1 px (9 searched per particle), the angular step chosen to give about N references;
 * ``python -m deepcryo.swiftalign query --memory-limit L --k 1`` of simulated particles with that index.
 
 With ``--synthetic`` the children build and search through the same code (:func:`.index.build_index`,
@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-BOX, PIXEL_A, RESOLUTION_A, GROUPS, SHIFTS = 32, 2.0, 8.0, 2, 9
+BOX, PIXEL_A, RESOLUTION_A = 32, 2.0, 8.0
 
 
 def _child(cmd, log_path):
@@ -53,7 +53,7 @@ def _child(cmd, log_path):
 def _step_for(n_references):
     """Angular step (degrees) whose gallery has about ``n_references`` entries (poses ∝ step⁻³)."""
     from deepcryo.core.geometry import sample_poses
-    want = n_references / (GROUPS * SHIFTS)
+    want = n_references
     step = 15.0 * (len(sample_poses(15.0, 15.0)) / want) ** (1 / 3)
     for _ in range(3):
         step *= (len(sample_poses(step, step)) / want) ** (1 / 3)
@@ -189,7 +189,7 @@ def run(args):
         common = ["--particles", star, "--memory-limit", str(limit), "--threads", str(args.threads)]
         code, b_wall, b_rss = _child(py + ["-m", "deepcryo.swiftalign", "train", "--reference", ref] + common +
                                      ["--angular-step", "%.4f" % step, "--max-resolution", str(RESOLUTION_A),
-                                      "--max-shift", "1", "--shift-step", "1", "--ctf-groups", str(GROUPS),
+                                      "--max-shift", "1", "--shift-step", "1",
                                       "--index-factory", args.index_factory, "--output", out],
                                      out + "_train.log")
         if code:

@@ -39,13 +39,13 @@ def run(args):
             out = os.path.join(args.work_dir, "%s_%g" % (kind, step))
             (m, train_wall, _) = _timed(lambda: swindex.train(
                 args.reference, star, out, angular_step_deg=step, max_resolution_A=args.max_resolution,
-                max_shift_px=args.max_shift, n_ctf_groups=args.ctf_groups, index_factory=factory))
+                max_shift_px=args.max_shift, index_factory=factory))
             bundle = swindex.load(out)
             shards = bundle.shards()
             with star.open_images() as stack:
                 parts = ParticleBatch(bundle.band, stack.read(np.arange(len(star))), star.ctf_params(),
                                       bundle.sqrt_weights)
-            vecs = parts.vectors(m["normalise"]).numpy()
+            vecs = parts.search_vectors(bundle.band, bundle.origins_px, m["normalise"]).numpy()
             _, s_wall, s_cpu = _timed(lambda: swindex.search(shards, vecs, 4 * args.k, args.nprobe))
             aligned, a_wall, _ = _timed(lambda: align(bundle, star, k=args.k, nprobe=args.nprobe))
             ang = pose_distance_deg(torch.as_tensor(truth_angles), torch.as_tensor(aligned["angles_deg"])).numpy()
@@ -70,7 +70,6 @@ def main():
     p.add_argument("--steps", type=float, nargs="+", default=[15.0, 10.0], help="angular steps, degrees")
     p.add_argument("--max-resolution", type=float, default=16.0)
     p.add_argument("--max-shift", type=float, default=3.0)
-    p.add_argument("--ctf-groups", type=int, default=2)
     p.add_argument("--index-factory", default=None, help="compressed index (default: from the gallery size)")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--nprobe", type=int, default=32)

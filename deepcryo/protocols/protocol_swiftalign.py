@@ -32,15 +32,15 @@ from deepcryo.convert import (convertVolume, mergeParticlesStars, splitParticles
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
-SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftConfidence", "dcSwiftCtfGroup")
+SCORE_COLUMNS = ("dcSwiftScore", "dcSwiftConfidence")
 
 
 class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
     """Assigns Euler angles and shifts to particles by matching them against projections of a map.
 
-    The projections (an even sampling of directions × in-plane angles × shifts × CTF groups) are
-    stored as compressed Fourier vectors in a faiss index; each particle is searched in the index,
-    its best matches are re-scored exactly with its own CTF and refined locally (SwiftAlign,
+    The projections (an even sampling of directions × in-plane angles) are stored as compressed
+    Fourier vectors in a faiss index; each particle, multiplied by its CTF, is searched in the index
+    at every origin within the shift range, its best matches are re-scored exactly with its own CTF and refined locally (SwiftAlign,
     Lauzirika 2023). Local mode searches only around the particles' current alignment.
     Outputs: particles with projection alignment, the correlation score (_dcSwiftScore) and a
     confidence (_dcSwiftConfidence, score gap to the best pose far from the winner).
@@ -71,8 +71,6 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
                            "sets the angular step, asin(resolution / (box · pixel size)).")
         form.addParam("maxShift", params.FloatParam, default=5.0, validators=[params.GE(0)],
                       label="Max shift (px)")
-        form.addParam("ctfGroups", params.IntParam, default=8, validators=[params.Positive],
-                      label="CTF groups", expertLevel=params.LEVEL_ADVANCED)
         form.addParam("doWhiten", params.BooleanParam, default=False, label="Whiten by the noise?",
                       expertLevel=params.LEVEL_ADVANCED,
                       help="Weight frequencies by the inverse noise power of the particles (estimated "
@@ -120,7 +118,7 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
         ref = convertVolume(self.inputVolume.get(), self._getExtraPath())
         args = ["train", "--reference", ref, "--particles", self._inputParticlesStar(),
                 "--max-resolution", self.maxResolution.get(), "--max-shift", self.maxShift.get(),
-                "--ctf-groups", self.ctfGroups.get(), "--symmetry", self.symmetryGroup.get().strip().upper(),
+                "--symmetry", self.symmetryGroup.get().strip().upper(),
                 "--output", self._getExtraPath("index")] + self._common()
         if self.samplingMode.get() == 0:
             args += ["--angular-step", self.angularStep.get()]

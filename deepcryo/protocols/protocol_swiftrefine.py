@@ -96,9 +96,6 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
                       help="Align each half twice with differently perturbed samplings and leave out "
                            "of each reconstruction the particles whose two poses disagree by more "
                            "than one angular step (about twice the alignment time).")
-        form.addParam("ctfGroups", params.IntParam, default=4, validators=[params.Positive],
-                      label="CTF groups", expertLevel=params.LEVEL_ADVANCED,
-                      help="Defocus clusters of the global index.")
         form.addParam("numberOfMatches", params.IntParam, default=3, validators=[params.Positive],
                       label="Candidates refined (k)", expertLevel=params.LEVEL_ADVANCED)
         form.addParam("nprobe", params.IntParam, default=32, validators=[params.Positive], label="nprobe",
@@ -146,7 +143,7 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
         args += ["--output-dir", self._refineDir(), "--symmetry", self.symmetryGroup.get().strip().upper(),
                  "--initial-resolution", self.initialResolution.get(),
                  "--max-iterations", self.maxIterations.get(), "--global-iterations", self.globalIterations.get(),
-                 "--local-steps", self.localSteps.get(), "--ctf-groups", self.ctfGroups.get(),
+                 "--local-steps", self.localSteps.get(),
                  "--k", self.numberOfMatches.get(), "--threads", self.numberOfThreads.get(),
                  "--repetitions", 2 if self.doConsensus else 1, "--nprobe", self.nprobe.get(),
                  "--join-resolution", self.joinResolution.get(), "--seed", self.randomSeed.get(),

@@ -1,14 +1,16 @@
-"""The reference gallery: projections of the map on poses × shifts × CTF groups, generated lazily.
+"""The reference gallery: projections of the map on the sampled poses, generated lazily.
 
-Entries are numbered ``id = (pose · G + group) · S + shift`` over
-
-* poses: :func:`deepcryo.core.geometry.sample_poses` (even sphere directions × in-plane angles, step in
-  degrees, asymmetric unit of the symmetry group);
-* G CTF groups: particles clustered by mean defocus (:func:`ctf_groups`); each group's reference CTF is the
-  CTF at the group's mean defocus (no astigmatism) with the particles' optics;
-* S shifts: a square grid of RELION origins (px) within ±max shift (:func:`shift_grid`), applied as phase
-  ramps on the band (an entry with origin ``o`` is the reference moved by ``-o``, as a particle whose
-  ``rlnOrigin`` is ``o``).
+Entry ``id`` is the pose index into :func:`gallery_poses` (even sphere directions × in-plane angles, step in
+degrees, asymmetric unit of the symmetry group). A reference is the projection itself: no CTF, no shift.
+The particle side carries both (:mod:`.query`): a particle is searched by its CTF-multiplied band, moved back
+by each origin of the shift grid (:func:`shift_grid`), one search vector per origin. CTF · x correlated with
+a projection P is the numerator of the exact score, Σ conj(CTF·P)·x, and a particle moved back by its origin
+correlates with the centred projection as the moved projection does with the particle (a phase ramp is
+unitary); so the search ranks as exhaustive scoring of poses × origins would, up to the per-pose norm
+‖CTF·P‖ that the exact re-ranking restores. The gallery is then ``shifts × CTF groups`` times smaller than
+one that stores every shifted, CTF-modulated reference: building it costs a few seconds where the other
+cost most of an alignment (``benchmarks/RESULTS.md``), and one index serves every particle, whatever its
+defocus.
 
 Projections are central slices of the map's padded 3D transform sampled at the band frequencies only
 (:func:`band_slices`, the Fourier-slice theorem, same interpolation as :class:`deepcryo.core.projector.Projector`),
@@ -16,19 +18,18 @@ so the gallery is never materialised: :meth:`Gallery.batches` yields (ids, vecto
 :meth:`Gallery.vectors` computes any set of entries.
 """
 import math
-from typing import Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepcryo.core.ctf import ctf_from_freqs
 from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, sample_poses
 from deepcryo.core.projector import Projector
 
 from .features import Band, vectors_from_band
 
-__all__ = ["gallery_poses", "band_slices", "shift_grid", "ctf_groups", "Gallery"]
+__all__ = ["gallery_poses", "band_slices", "shift_grid", "Gallery"]
 
 
 def gallery_poses(angular_step_deg: float, symmetry: str = "C1",
@@ -77,27 +78,9 @@ def shift_grid(max_shift_px: float, shift_step_px: float) -> np.ndarray:
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
-def ctf_groups(defocus_A: np.ndarray, n_groups: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Cluster particles by mean defocus (1D k-means from quantiles).
-
-    Returns (group mean defoci (G,) in Å, ascending; (N,) group index of each particle). G <= n_groups.
-    """
-    d = np.asarray(defocus_A, dtype=np.float64)
-    centres = np.unique(np.quantile(d, (np.arange(n_groups) + 0.5) / n_groups))
-    for _ in range(20):
-        label = np.abs(d[:, None] - centres[None]).argmin(1)
-        new = np.array([d[label == g].mean() for g in range(len(centres)) if np.any(label == g)])
-        if len(new) == len(centres) and np.allclose(new, centres):
-            break
-        centres = new
-    label = np.abs(d[:, None] - centres[None]).argmin(1)
-    return centres, label
-
-
 def _pose_matrices(poses_deg, chunk=65536):
     """float32 (M, 3, 3) matrices of (M, 3) poses (degrees), ``chunk`` poses at a time: the float64
-    intermediates of :func:`euler_to_matrix` for the million poses of a 20 M-reference gallery would
-    take 250 MB at once."""
+    intermediates of :func:`euler_to_matrix` for millions of poses would take hundreds of MB at once."""
     out = torch.empty(len(poses_deg), 3, 3)
     for s in range(0, len(poses_deg), chunk):
         out[s:s + chunk] = euler_to_matrix(torch.as_tensor(poses_deg[s:s + chunk])).to(torch.float32)
@@ -105,87 +88,37 @@ def _pose_matrices(poses_deg, chunk=65536):
 
 
 class Gallery:
-    """Lazy gallery of reference vectors (see module docstring).
+    """Lazy gallery of reference vectors, one per pose (see module docstring).
 
     Args:
         projector: Projector of the reference map.
         band: :class:`deepcryo.swiftalign.features.Band` of the search vectors.
         poses_deg: (M, 3) rot, tilt, psi (degrees).
-        origins_px: (S, 2) origins (px).
-        group_ctfs: (G, P) CTF of each group at the band frequencies (None: no CTF, G = 1).
         sqrt_weights: (P,) whitening (or None); normalise: unit-norm vectors.
     """
 
-    def __init__(self, projector: Projector, band: Band, poses_deg: np.ndarray, origins_px: np.ndarray,
-                 group_ctfs: Optional[torch.Tensor] = None, sqrt_weights: Optional[torch.Tensor] = None,
-                 normalise: bool = True) -> None:
+    def __init__(self, projector: Projector, band: Band, poses_deg: np.ndarray,
+                 sqrt_weights: Optional[torch.Tensor] = None, normalise: bool = True) -> None:
         self.projector = projector
         self.band = band
         self.poses_deg = np.asarray(poses_deg, dtype=np.float64)
         self.rotations = _pose_matrices(self.poses_deg)
-        self.origins_px = np.asarray(origins_px, dtype=np.float64)
-        device = projector.device  # the vectors are computed where the projector is, then returned on the CPU
-        self.ramps = band.phase_ramps(self.origins_px).to(device)                  # (S, P)
-        self.group_ctfs = (torch.ones(1, len(band)) if group_ctfs is None
-                           else torch.as_tensor(group_ctfs, dtype=torch.float32)).to(device)
-        self.sqrt_weights = None if sqrt_weights is None else sqrt_weights.to(device)
+        # the vectors are computed where the projector is, then returned on the CPU
+        self.sqrt_weights = None if sqrt_weights is None else sqrt_weights.to(projector.device)
         self.normalise = normalise
 
-    @classmethod
-    def from_parameters(cls, projector: Projector, band: Band, angular_step_deg: float, max_shift_px: float,
-                        shift_step_px: float, group_defocus_A: Optional[Sequence[float]], optics: Mapping[str, float],
-                        symmetry: str = "C1", sqrt_weights: Optional[torch.Tensor] = None, normalise: bool = True,
-                        grid_rotation: Optional[np.ndarray] = None) -> "Gallery":
-        """Gallery on :func:`sample_poses` (``angular_step_deg`` for directions and psi), the shift grid and
-        CTF groups of mean defoci ``group_defocus_A`` with ``optics`` = dict(voltage_kV, cs_mm, amplitude_contrast).
-        ``grid_rotation`` (3, 3) rotates the whole pose grid rigidly (see :func:`gallery_poses`)."""
-        poses = gallery_poses(angular_step_deg, symmetry, grid_rotation)
-        origins = shift_grid(max_shift_px, shift_step_px)
-        ctfs = group_ctf_band(band, group_defocus_A, optics) if group_defocus_A is not None else None
-        return cls(projector, band, poses, origins, ctfs, sqrt_weights, normalise)
-
-    @property
-    def n_poses(self) -> int:
+    def __len__(self) -> int:
         return len(self.poses_deg)
 
-    @property
-    def n_groups(self) -> int:
-        return self.group_ctfs.shape[0]
-
-    @property
-    def n_shifts(self) -> int:
-        return len(self.origins_px)
-
-    def __len__(self) -> int:
-        return self.n_poses * self.n_groups * self.n_shifts
-
-    def decode(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Entry ids (any shape) → (pose index, CTF group, shift index) arrays of the same shape."""
-        ids = np.asarray(ids, dtype=np.int64)
-        shift = ids % self.n_shifts
-        rest = ids // self.n_shifts
-        return rest // self.n_groups, rest % self.n_groups, shift
-
-    def pose_vectors(self, pose_index: np.ndarray) -> torch.Tensor:
-        """Vectors (B·G·S, dim) of every entry of the poses ``pose_index`` (B,), in id order."""
-        coeffs = band_slices(self.projector, self.rotations[torch.as_tensor(pose_index)], self.band.freqs_px)
-        full = coeffs[:, None, None, :] * self.group_ctfs[None, :, None, :] * self.ramps[None, None]
-        return vectors_from_band(full, self.sqrt_weights, self.normalise).reshape(-1, self.band.dim).cpu()
-
     def vectors(self, ids: np.ndarray) -> torch.Tensor:
-        """Vectors (len(ids), dim) of arbitrary entries."""
-        pose, group, shift = self.decode(ids)
-        coeffs = band_slices(self.projector, self.rotations[torch.as_tensor(pose)], self.band.freqs_px)
-        full = coeffs * self.group_ctfs[torch.as_tensor(group)] * self.ramps[torch.as_tensor(shift)]
-        return vectors_from_band(full, self.sqrt_weights, self.normalise).cpu()
+        """Vectors (len(ids), dim) of the poses ``ids``."""
+        coeffs = band_slices(self.projector, self.rotations[torch.as_tensor(ids)], self.band.freqs_px)
+        return vectors_from_band(coeffs, self.sqrt_weights, self.normalise).cpu()
 
     def batches(self, max_vectors: int) -> Iterator[Tuple[int, torch.Tensor]]:
-        """Yield ``(first_id, vectors)`` over the whole gallery in id order, about ``max_vectors`` at a time."""
-        per_pose = self.n_groups * self.n_shifts
-        poses_per_batch = max(1, max_vectors // per_pose)
-        for start in range(0, self.n_poses, poses_per_batch):
-            idx = np.arange(start, min(start + poses_per_batch, self.n_poses))
-            yield start * per_pose, self.pose_vectors(idx)
+        """Yield ``(first_id, vectors)`` over the whole gallery in id order, ``max_vectors`` at a time."""
+        for start in range(0, len(self), max(1, max_vectors)):
+            yield start, self.vectors(np.arange(start, min(start + max(1, max_vectors), len(self))))
 
     def sample_ids(self, n: int, seed: int = 0) -> np.ndarray:
         """``n`` distinct random entry ids (all of them when the gallery is smaller)."""
@@ -193,13 +126,3 @@ class Gallery:
             return np.arange(len(self))
         rng = np.random.default_rng(seed)
         return np.sort(rng.choice(len(self), size=n, replace=False))
-
-
-def group_ctf_band(band: Band, group_defocus_A: Sequence[float], optics: Mapping[str, float]) -> torch.Tensor:
-    """(G, P) CTF at the band frequencies for each group mean defocus (Å), without astigmatism."""
-    d = np.asarray(group_defocus_A, dtype=np.float64)
-    return ctf_from_freqs(band.freqs_invA, d, d, 0.0, optics["voltage_kV"], optics["cs_mm"],
-                          optics["amplitude_contrast"])
-
-
-__all__.append("group_ctf_band")

@@ -27,7 +27,9 @@ fast-scan inverted lists of the default factory (``IO_FLAG_MMAP`` maps only plai
 explicit reads.
 
 ``index_dir/manifest.json`` holds everything the query needs: the map (``reference.mrc``, copied), the
-band, the gallery parameters (poses, shifts, CTF groups), the shards and their first ids.
+band, the gallery parameters (poses; the origins each particle is searched at), the shards and their first
+ids. An index built by deepcryo before the pose-only gallery (format ``deepcryo-swiftalign-1``) is refused
+with a request to rebuild it.
 """
 import functools
 import json
@@ -51,7 +53,7 @@ from deepcryo.core.projector import Projector
 
 from .features import Band, noise_weights
 from .sampling import angular_step_for_box, shift_step_for_resolution
-from .gallery import Gallery, ctf_groups, gallery_poses, group_ctf_band
+from .gallery import Gallery, gallery_poses, shift_grid
 from .target import SearchIndex
 
 __all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "shard_capacity", "train_template",
@@ -59,6 +61,7 @@ __all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "sha
            "load", "MANIFEST", "check_particles", "check_reference_map", "particle_noise_weights"]
 
 MANIFEST = "manifest.json"
+FORMAT = "deepcryo-swiftalign-2"
 _ID_BYTES = 8
 # sub-quantizer counts (= code bytes at 8 bits) of faiss-gpu's GpuIndexIVFPQ (IVFPQ::isSupportedPQCodeLength;
 # 56, 64 and 96 only with float16 lookup tables)
@@ -357,11 +360,10 @@ class IndexBundle(SearchIndex):
         self.band = Band(m["box"], m["pixel_size_A"], m["max_resolution_A"])
         self.sqrt_weights = (torch.as_tensor(_load_npy(os.path.join(directory, m["weights"])), dtype=torch.float32)
                              if m.get("weights") else None)
-        self.optics = m["optics"]
         self.gallery = Gallery(self.projector, self.band, gallery_poses(m["angular_step_deg"], m["symmetry"],
                                                                         m.get("grid_rotation")),
-                               np.asarray(m["origins_px"]), group_ctf_band(self.band, m["group_defocus_A"], m["optics"]),
                                self.sqrt_weights, m["normalise"])
+        self.origins_px = np.asarray(m["origins_px"], dtype=np.float64)
         self._shards = None
 
     @property
@@ -408,9 +410,11 @@ def load(index_dir: str, device: str = "cpu") -> IndexBundle:
             manifest = json.load(f)
     except (OSError, ValueError) as exc:
         raise InputError("%s: not a readable swiftalign manifest (%s)" % (path, str(exc).splitlines()[0]))
-    if not isinstance(manifest, dict) or manifest.get("format") != "deepcryo-swiftalign-1":
-        raise InputError("%s: not a swiftalign index (no deepcryo-swiftalign-1 format tag in %s)"
-                            % (index_dir, MANIFEST))
+    if isinstance(manifest, dict) and manifest.get("format") == "deepcryo-swiftalign-1":
+        raise InputError("%s: an index of an earlier deepcryo (a gallery of shifted, CTF-grouped references); "
+                         "rebuild it with train" % index_dir)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError("%s: not a swiftalign index (no %s format tag in %s)" % (index_dir, FORMAT, MANIFEST))
     shards = manifest.get("shards")
     if not shards or not all(isinstance(e, dict) and "file" in e and "first_id" in e for e in shards):
         raise InputError("%s: the shard list of %s is missing or malformed (rebuild the index with train)"
@@ -445,13 +449,6 @@ def particle_noise_weights(band: Band, star: ParticleStar, n_images: int = 2000)
         return noise_weights(band, band.from_images(stack.read(idx)))
 
 
-def particle_optics(star: ParticleStar) -> Dict[str, float]:
-    """dict(voltage_kV, cs_mm, amplitude_contrast) of the particles (means over optics groups)."""
-    return {"voltage_kV": float(np.mean(star.optics_value("rlnVoltage"))),
-            "cs_mm": float(np.mean(star.optics_value("rlnSphericalAberration"))),
-            "amplitude_contrast": float(np.mean(star.optics_value("rlnAmplitudeContrast")))}
-
-
 def _build_folder(output_dir):
     """A new temporary folder beside ``output_dir`` where the shards are written while they fill (renamed to
     ``output_dir`` at the end). Those of an earlier build of the same ``output_dir`` that was killed
@@ -468,7 +465,7 @@ def _build_folder(output_dir):
 def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
           angular_step_deg: Optional[float] = None, max_resolution_A: Optional[float] = None,
           max_shift_px: float = 5.0, shift_step_px: Optional[float] = None, index_factory: Optional[str] = None,
-          n_ctf_groups: int = 8, symmetry: str = "C1", whiten: bool = False, normalise: bool = True,
+          symmetry: str = "C1", whiten: bool = False, normalise: bool = True,
           memory_limit_GB: float = 4.0, grid_rotation: Optional[np.ndarray] = None,
           devices: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Build ``output_dir`` (an index) for aligning ``particles`` (STAR path or ParticleStar) to ``reference``.
@@ -478,11 +475,11 @@ def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
         angular_step_deg: direction and in-plane step (degrees); default from ``max_resolution_A``.
         max_resolution_A: band limit of the vectors (Å); default: the resolution whose step is
             ``angular_step_deg`` (at least Nyquist). One of the two is needed.
-        max_shift_px: largest |origin| per axis searched (px).
+        max_shift_px: largest |origin| per axis searched (px): each particle is searched at every origin
+            of the shift grid (:func:`.gallery.shift_grid`), not stored in the index.
         shift_step_px: shift grid step (px); default ``max_resolution_A / (4 · pixel size)`` (Xmipp's).
         index_factory: faiss factory string, None for :func:`default_factory` (its GPU choice when faiss can
             search on the CUDA ``devices``; a factory faiss-gpu cannot search is then refused).
-        n_ctf_groups: number of defocus clusters (CTF groups).
         whiten: weight frequencies by the inverse noise power estimated from the particles.
         memory_limit_GB: bound on the memory used for batches, the training sample and the shard being
             filled (see the module docstring); the shards are written to ``output_dir`` as they fill.
@@ -510,9 +507,6 @@ def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
         raise InputError("max shift must be >= 0 px")
     shift_step_px = shift_step_px or shift_step_for_resolution(max_resolution_A, px)
     memory_bytes = memory_limit_GB * 1e9
-    ctf = star.ctf_params()
-    group_defocus, _ = ctf_groups(0.5 * (ctf["defocus_u_A"] + ctf["defocus_v_A"]), max(1, int(n_ctf_groups)))
-    optics = particle_optics(star)
     band = Band(box, px, max_resolution_A)
     weights = None
     if whiten:
@@ -520,15 +514,14 @@ def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
     gpu = bool(faiss_gpu_ids(devices))
     projector = Projector(volume, device=devices[0] if devices else "cpu")
     sqrt_w = None if weights is None else torch.sqrt(weights)
-    gallery = Gallery.from_parameters(projector, band, angular_step_deg, max_shift_px, shift_step_px, group_defocus,
-                                      optics, symmetry, sqrt_w, normalise, grid_rotation)
+    gallery = Gallery(projector, band, gallery_poses(angular_step_deg, symmetry, grid_rotation), sqrt_w, normalise)
+    origins = shift_grid(max_shift_px, shift_step_px)
     factory = index_factory or default_factory(len(gallery), band.dim, gpu)
     if gpu:
         _require_gpu_factory(factory, band.dim)
-    logger.info("gallery: %d poses x %d CTF groups x %d shifts = %d references, %d dims (%.1f Å, step %.2f°, "
-                "shift step %.2f px)", gallery.n_poses, gallery.n_groups, gallery.n_shifts, len(gallery), band.dim,
-                max_resolution_A, angular_step_deg,
-                float(gallery.origins_px[1, 0] - gallery.origins_px[0, 0]) if gallery.n_shifts > 1 else 0)
+    logger.info("gallery: %d poses = references, %d dims (%.1f Å, step %.2f°); each particle searched at %d "
+                "origins (shift step %.2f px)", len(gallery), band.dim, max_resolution_A, angular_step_deg,
+                len(origins), float(origins[1, 0] - origins[0, 0]) if len(origins) > 1 else 0)
     output_dir = os.path.abspath(output_dir)
     tmp = _build_folder(output_dir)
     try:
@@ -536,11 +529,10 @@ def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
             shards, per_ref = build_index(gallery, factory, memory_bytes, tmp)
         except RuntimeError as exc:
             raise InputError("faiss could not build index %r: %s" % (factory, str(exc).strip().splitlines()[-1]))
-        manifest = {"format": "deepcryo-swiftalign-1", "reference": "reference.mrc", "box": box,
+        manifest = {"format": FORMAT, "reference": "reference.mrc", "box": box,
                     "pixel_size_A": px, "max_resolution_A": max_resolution_A, "angular_step_deg": angular_step_deg,
                     "symmetry": symmetry, "max_shift_px": max_shift_px,
-                    "shift_step_px": float(shift_step_px), "origins_px": gallery.origins_px.tolist(),
-                    "group_defocus_A": [float(d) for d in group_defocus], "optics": optics, "normalise": normalise,
+                    "shift_step_px": float(shift_step_px), "origins_px": origins.tolist(), "normalise": normalise,
                     "weights": "weights.npy" if weights is not None else None, "factory": factory,
                     "grid_rotation": None if grid_rotation is None else np.asarray(grid_rotation).tolist(),
                     "dim": band.dim, "n_references": len(gallery), "bytes_per_reference": per_ref,

@@ -2,11 +2,14 @@
 
 For each particle (batched):
 
-1. **Search**: its band vector (:mod:`.features`) → the ``4·k`` nearest gallery references over every shard
-   of the index, visiting ``nprobe`` inverted lists (:func:`.index.search`; top-k lists merged across
-   shards). Each match gives a pose, an origin and the CTF group. An index of several shards is read from
-   disk one shard at a time, so the particles are searched in blocks as large as the memory limit allows
-   (:func:`index_matches`; their images are read twice, once for the search and once for the scoring).
+1. **Search**: its CTF-multiplied band (:mod:`.features`), moved back by each origin of the index's shift
+   grid, one search vector per origin (:meth:`ParticleBatch.search_vectors`; why: :mod:`.gallery`) → the
+   ``4·k`` nearest gallery references of each vector over every shard of the index, visiting ``nprobe``
+   inverted lists (:func:`.index.search`; top-k lists merged across shards), then the ``4·k`` nearest over
+   all origins, one per pose (:func:`nearest_poses`). Each match gives a pose and an origin. An index of
+   several shards is read from disk one shard at a time, so the particles are searched in blocks as large
+   as the memory limit allows (:func:`index_matches`; their images are read twice, once for the search and
+   once for the scoring).
 2. **Exact re-ranking**: each match is scored by the full-precision normalised Fourier correlation over
    the band between the particle and the reference projected at the match's pose, multiplied by the
    particle's *own* CTF and moved by the match's origin (:func:`score_poses`).
@@ -45,7 +48,7 @@ from .gallery import band_slices
 from .target import AlignTarget, SearchIndex
 
 __all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_poses", "axis_angle_matrices", "refine_poses",
-           "global_candidates", "index_matches", "local_candidates", "pose_posterior", "Selection", "select_and_refine",
+           "nearest_poses", "global_candidates", "index_matches", "local_candidates", "pose_posterior", "Selection", "select_and_refine",
            "align", "query"]
 
 logger = logging.getLogger(__name__)
@@ -65,8 +68,14 @@ class ParticleBatch:
     def __len__(self) -> int:
         return self.coeffs.shape[0]
 
-    def vectors(self, normalise: bool = True) -> torch.Tensor:
-        return vectors_from_band(self.coeffs, self.sqrt_weights, normalise)
+    def search_vectors(self, band: Band, origins_px: Union[np.ndarray, torch.Tensor],
+                       normalise: bool = True) -> torch.Tensor:
+        """(B·S, dim) index search vectors, particle-major: each particle's band multiplied by its CTF and
+        moved back by each of the S origins (S, 2) px (the reference a particle with that origin matches
+        is the centred projection; see :mod:`.gallery`)."""
+        undo = band.phase_ramps(torch.as_tensor(origins_px, dtype=torch.float32)).conj()          # (S, P)
+        moved = (self.coeffs * self.ctf)[:, None] * undo[None]                                  # (B, S, P)
+        return vectors_from_band(moved, self.sqrt_weights, normalise).reshape(-1, band.dim)
 
 
 def score_poses(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
@@ -150,30 +159,57 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
     return rot, org, score
 
 
-def global_candidates(bundle: SearchIndex, ids: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Index matches ``ids`` (B, n) (entry ids, -1 for none) → rotations (B, n, 3, 3), origins (B, n, 2),
-    CTF groups (B, n); a missing match repeats the particle's first one."""
-    ids = np.where(ids < 0, np.maximum(ids[:, :1], 0), ids)
-    pose, group, shift = bundle.gallery.decode(ids)
-    rot = bundle.gallery.rotations[torch.as_tensor(pose)]
-    org = torch.as_tensor(bundle.gallery.origins_px[shift], dtype=torch.float32)
-    return rot, org, torch.as_tensor(group)
+def nearest_poses(distances: np.ndarray, ids: np.ndarray, n_origins: int, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The ``n`` nearest distinct poses of each particle over its ``n_origins`` search vectors.
+
+    Args:
+        distances, ids: (B·S, m) index results of :meth:`ParticleBatch.search_vectors` (ids -1: no match).
+    Returns:
+        pose ids (B, n) and origin indices (B, n), nearest first, each pose at the origin where it matched
+        best; a particle with fewer than ``n`` distinct matches repeats its nearest one (pose 0 if none).
+    """
+    m = ids.shape[1]
+    b = ids.shape[0] // n_origins
+    dist = np.where(ids < 0, np.inf, distances).reshape(b, n_origins * m)
+    ids = ids.reshape(b, n_origins * m)
+    origin = np.repeat(np.arange(n_origins), m)
+    poses, origins = np.zeros((b, n), dtype=np.int64), np.zeros((b, n), dtype=np.int64)
+    for i in range(b):
+        order = np.argsort(dist[i], kind="stable")
+        order = order[np.isfinite(dist[i, order])]
+        _, first = np.unique(ids[i, order], return_index=True)
+        keep = order[np.sort(first)][:n]
+        if len(keep) == 0:
+            continue
+        keep = np.concatenate([keep, np.full(n - len(keep), keep[0])])
+        poses[i], origins[i] = ids[i, keep], origin[keep]
+    return poses, origins
+
+
+def global_candidates(bundle: SearchIndex, poses: np.ndarray,
+                      origins: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pose ids and origin indices (B, n) of :func:`nearest_poses` → rotations (B, n, 3, 3), origins (B, n, 2) px."""
+    rot = bundle.gallery.rotations[torch.as_tensor(poses)]
+    return rot, torch.as_tensor(bundle.origins_px[origins], dtype=torch.float32)
 
 
 def index_matches(bundle: SearchIndex, stack: ImageStack, ctf: Mapping[str, np.ndarray], rows: np.ndarray, n: int,
                   nprobe: int, batch_size: int, memory_bytes: float,
-                  devices: Optional[Sequence[str]] = None) -> np.ndarray:
-    """Entry ids (len(rows), n) of the ``n`` nearest index references of the particles ``rows`` of the open
-    ``stack`` (``ctf``: the STAR's CTF parameter arrays): their vectors are computed ``batch_size`` images at
-    a time into one array, then searched in one pass over the shards (:func:`.index.search`), so a
-    streamed index is read once per call, not once per batch."""
-    vectors = np.empty((len(rows), bundle.band.dim), dtype=np.float32)
+                  devices: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Pose ids and origin indices (len(rows), n) (:func:`nearest_poses`) of the particles ``rows`` of the
+    open ``stack`` (``ctf``: the STAR's CTF parameter arrays): their search vectors are computed
+    ``batch_size`` images at a time into one array, then searched in one pass over the shards
+    (:func:`.index.search`), so a streamed index is read once per call, not once per batch."""
+    n_origins = len(bundle.origins_px)
+    vectors = np.empty((len(rows) * n_origins, bundle.band.dim), dtype=np.float32)
     for s in range(0, len(rows), batch_size):
         idx = rows[s:s + batch_size]
         parts = ParticleBatch(bundle.band, stack.read(idx), {key: v[idx] for key, v in ctf.items()},
                               bundle.sqrt_weights)
-        vectors[s:s + len(idx)] = parts.vectors(bundle.manifest["normalise"]).numpy()
-    return swindex.search(bundle.shards(devices), vectors, n, nprobe, memory_bytes)[1]
+        vectors[s * n_origins:(s + len(idx)) * n_origins] = parts.search_vectors(
+            bundle.band, bundle.origins_px, bundle.manifest["normalise"]).numpy()
+    distances, ids = swindex.search(bundle.shards(devices), vectors, n, nprobe, memory_bytes)
+    return nearest_poses(distances, ids, n_origins, n)
 
 
 def _search_block(bundle, n_matches, batch_size, memory_bytes, n):
@@ -183,7 +219,7 @@ def _search_block(bundle, n_matches, batch_size, memory_bytes, n):
         logger.warning("warning: index shards of %.2f GB were built for a larger memory limit than %.2f GB; "
                        "rebuild the index with this --memory-limit to stay within it",
                        bundle.shard_bytes / 1e9, memory_bytes / 1e9)
-    per_particle = 4 * bundle.band.dim + 12 * n_matches
+    per_particle = len(bundle.origins_px) * (4 * bundle.band.dim + 12 * n_matches)
     return min(n, max(1, int(memory_bytes // 8 // per_particle) // batch_size) * batch_size)
 
 
@@ -300,8 +336,7 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
     the refinement (:func:`select_and_refine`); the defaults are the most thorough.
 
     Returns dict of arrays: ``angles_deg`` (N, 3), ``origins_A`` (N, 2), ``score`` (N,) the normalised
-    correlation of the winner, ``confidence`` (N,), ``ctf_group`` (N,) the CTF group of the matched
-    reference (-1 in local mode), and the runner-up far from the winner (:func:`select_and_refine`):
+    correlation of the winner, ``confidence`` (N,), and the runner-up far from the winner (:func:`select_and_refine`):
     ``alt_angles_deg`` (N, 3), ``alt_origins_A`` (N, 2), ``alt_score`` (N,).
     """
     m = bundle.manifest
@@ -313,7 +348,7 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
         per_particle = 8 * len(band) * (k * 7 * 9 + 8 * k + 130)
         batch_size = int(max(8, min(512, memory_limit_GB * 1e9 / 8 / per_particle)))
     out = {"angles_deg": np.zeros((n, 3)), "origins_A": np.zeros((n, 2)), "score": np.zeros(n),
-           "confidence": np.zeros(n), "ctf_group": np.full(n, -1, dtype=np.int64),
+           "confidence": np.zeros(n),
            "alt_angles_deg": np.zeros((n, 3)), "alt_origins_A": np.zeros((n, 2)), "alt_score": np.zeros(n)}
     if local:
         prior_rot = euler_to_matrix(torch.as_tensor(prior_angles_deg)).to(torch.float32)
@@ -321,8 +356,8 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
         local_shift_px = m["max_shift_px"] if local_shift_px is None else local_shift_px
     else:
         memory_bytes = memory_limit_GB * 1e9
-        block = batch_size if bundle.resident else _search_block(bundle, 4 * k, batch_size, memory_bytes, n)
-        block_start, block_ids = 0, np.zeros((0, 4 * k), dtype=np.int64)     # index matches of particles block_start…
+        block_size = batch_size if bundle.resident else _search_block(bundle, 4 * k, batch_size, memory_bytes, n)
+        block_start, block = 0, (np.zeros((0, 4 * k), dtype=np.int64),) * 2   # matches of particles block_start…
     t0 = time.time()
     with star.open_images() as stack:
         for idx, images in stack.batches(batch_size):
@@ -330,18 +365,21 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
             if local:
                 rot, org, pool_score = local_candidates(bundle.projector, band, parts, prior_rot[idx], prior_org[idx],
                                                         step, sstep, local_steps, local_shift_px)
-                group, far_deg = None, step
+                far_deg = step
             else:
-                if idx[-1] >= block_start + len(block_ids):
+                if idx[-1] >= block_start + len(block[0]):
                     block_start = idx[0]
-                    block_ids = (swindex.search(bundle.shards(devices), parts.vectors(m["normalise"]).numpy(),
-                                                4 * k, nprobe, memory_bytes)[1] if bundle.resident else
-                                 index_matches(bundle, stack, ctf, np.arange(block_start, min(block_start + block, n)),
-                                               4 * k, nprobe, batch_size, memory_bytes, devices))
-                rot, org, group = global_candidates(bundle, block_ids[idx - block_start])
+                    if bundle.resident:
+                        distances, ids = swindex.search(bundle.shards(devices), parts.search_vectors(
+                            band, bundle.origins_px, m["normalise"]).numpy(), 4 * k, nprobe, memory_bytes)
+                        block = nearest_poses(distances, ids, len(bundle.origins_px), 4 * k)
+                    else:
+                        block = index_matches(bundle, stack, ctf, np.arange(block_start, min(block_start + block_size, n)),
+                                              4 * k, nprobe, batch_size, memory_bytes, devices)
+                rot, org = global_candidates(bundle, block[0][idx - block_start], block[1][idx - block_start])
                 pool_score = score_poses(bundle.projector, band, parts, rot, org, torch.zeros(1, 2))[..., 0]
                 far_deg = 2 * step
-            (w_rot, w_org, w_score, gap, w_idx,
+            (w_rot, w_org, w_score, gap, _,
              f_rot, f_org, f_score) = select_and_refine(bundle.projector, band, parts, rot, org, pool_score, k, step,
                                                         sstep, far_deg, symmetry, levels, passes, refine_far)
             out["angles_deg"][idx] = matrix_to_euler(w_rot.double()).numpy()
@@ -351,8 +389,6 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
             out["alt_angles_deg"][idx] = matrix_to_euler(f_rot.double()).numpy()
             out["alt_origins_A"][idx] = (f_org * px).numpy()
             out["alt_score"][idx] = f_score.numpy()
-            if group is not None:
-                out["ctf_group"][idx] = group[torch.arange(len(idx)), w_idx].numpy()
             logger.debug("aligned %d / %d particles (%.1f s, %.1f ms/particle)",
                          idx[-1] + 1, n, time.time() - t0, 1e3 * (time.time() - t0) / (idx[-1] + 1))
     return out
@@ -366,7 +402,7 @@ def query(index_dir: str, particles: Union[str, ParticleStar], output: Optional[
 
     Local mode takes the prior poses from STAR ``prior`` (default: the particles' own angles and origins).
     The output is the input table with rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst replaced and the columns
-    ``dcSwiftScore``, ``dcSwiftConfidence`` and ``dcSwiftCtfGroup`` added. Returns the result arrays.
+    ``dcSwiftScore`` and ``dcSwiftConfidence`` added. Returns the result arrays.
     """
     if k < 1 or nprobe < 1:
         raise InputError("k and nprobe must be >= 1")
@@ -391,6 +427,5 @@ def query(index_dir: str, particles: Union[str, ParticleStar], output: Optional[
         out.set_poses(result["angles_deg"], result["origins_A"])
         out.particles["dcSwiftScore"] = result["score"]
         out.particles["dcSwiftConfidence"] = result["confidence"]
-        out.particles["dcSwiftCtfGroup"] = result["ctf_group"]
         write_particles(output, out)
     return result

@@ -7,7 +7,7 @@ update_references → check_convergence`` over a :class:`RefineState`; for each 
 1. **Align** the half's particles against that half's reference only (gold standard):
 
    * *global* iterations (the first ``global_iterations``): a SwiftAlign index of the reference at the
-     current angular and shift steps (:func:`.index.train`, faiss, CTF groups), searched and re-ranked
+     current angular and shift steps (:func:`.index.train`, faiss), searched and re-ranked
      exactly with each particle's own CTF, then refined by pattern search (:func:`.query.align`);
    * *local* iterations: every pose within ±``local_steps`` angular steps and ±2 shift steps of the
      previous one, scored exactly (no index needed), the best one refined by pattern search (one pass
@@ -99,7 +99,7 @@ from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, i
 
 from . import index as swindex
 from .features import Band
-from .gallery import gallery_poses, shift_grid
+from .gallery import gallery_poses
 from .layout import RefineLayout
 from .query import ParticleBatch, align, pose_posterior
 from .references import initial_references, next_references, read_mask, read_references, refinement_mask
@@ -152,7 +152,7 @@ class RefineParams:
         local_steps: local search range, ± angular steps; max_shift_px: global origin search range, ± px.
         join_resolution_A: the halves share their Fourier components below this (Å).
         repetitions: 1, or 2 for the repetition consensus.
-        n_ctf_groups: CTF groups of the global index; k: candidates refined per particle; nprobe: faiss probes.
+        k: candidates refined per particle; nprobe: faiss probes.
         whiten: weight frequencies by the inverse noise power of the particles.
         memory_limit_GB: bound of the global iterations' index build and search.
         seed: seed of the half split (when rlnRandomSubset is absent) and of the perturbations.
@@ -160,8 +160,7 @@ class RefineParams:
     """
 
     def __init__(self, symmetry="C1", initial_resolution_A=30.0, particle_diameter_A=None, max_iterations=12,
-                 global_iterations=1, local_steps=2, max_shift_px=None, join_resolution_A=40.0, repetitions=1,
-                 n_ctf_groups=4, k=3, nprobe=32, whiten=False, seed=0, device="cpu", batch_size=256,
+                 global_iterations=1, local_steps=2, max_shift_px=None, join_resolution_A=40.0, repetitions=1, k=3, nprobe=32, whiten=False, seed=0, device="cpu", batch_size=256,
                  memory_limit_GB=4.0):
         self.symmetry = symmetry
         self.initial_resolution_A = float(initial_resolution_A)
@@ -172,7 +171,6 @@ class RefineParams:
         self.max_shift_px = max_shift_px
         self.join_resolution_A = float(join_resolution_A)
         self.repetitions = int(repetitions)
-        self.n_ctf_groups = int(n_ctf_groups)
         self.k = int(k)
         self.nprobe = int(nprobe)
         self.whiten = bool(whiten)
@@ -222,12 +220,10 @@ def _align_global(reference, star, res_A, step_deg, sstep_px, params, rotation, 
     ref_path = os.path.join(work_dir, "reference.mrc")
     write_mrc(ref_path, reference, px)
     index_dir = os.path.join(work_dir, "index")
-    n_refs = (len(gallery_poses(step_deg, params.symmetry)) * params.n_ctf_groups
-              * len(shift_grid(max_shift, sstep_px)))
-    flat = n_refs * Band(box, px, res_A).dim * 4 <= FLAT_INDEX_GB * 1e9
+    flat = len(gallery_poses(step_deg, params.symmetry)) * Band(box, px, res_A).dim * 4 <= FLAT_INDEX_GB * 1e9
     swindex.train(ref_path, star, index_dir, angular_step_deg=step_deg, max_resolution_A=res_A,
                   index_factory="Flat" if flat else None,
-                  max_shift_px=max_shift, shift_step_px=sstep_px, n_ctf_groups=params.n_ctf_groups,
+                  max_shift_px=max_shift, shift_step_px=sstep_px,
                   symmetry=params.symmetry, whiten=params.whiten, memory_limit_GB=params.memory_limit_GB,
                   grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device])
     bundle = swindex.load(index_dir, params.device)

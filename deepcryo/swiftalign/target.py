@@ -6,6 +6,7 @@ It lives in its own module because :mod:`.index` implements it and :mod:`.query`
 """
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
+import numpy as np
 import torch
 
 from deepcryo.core.projector import Projector
@@ -40,11 +41,12 @@ class SearchIndex(AlignTarget, Protocol):
     """An :class:`AlignTarget` with a searchable gallery: what the global search needs in addition.
 
     Attributes:
-        gallery: the :class:`.gallery.Gallery` whose entry ids the index returns (decoded into pose, CTF group
-            and origin).
+        gallery: the :class:`.gallery.Gallery` whose entry ids (poses) the index returns.
+        origins_px: (S, 2) origins (px) each particle is searched at (:meth:`.query.ParticleBatch.search_vectors`).
     """
 
     gallery: Gallery
+    origins_px: np.ndarray
 
     @property
     def resident(self) -> bool:

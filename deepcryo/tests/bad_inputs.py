@@ -152,7 +152,7 @@ def ws(tmp_path_factory):
     malicious_file(d("bad", "vae_malicious", "checkpoint.pt"), w["marker"])
     # a good swiftalign index, and broken copies
     assert swiftalign_cli.main(["train", "--reference", ref, "--particles", star, "--angular-step", "30",
-                                "--max-shift", "0", "--ctf-groups", "1", "--index-factory", "Flat",
+                                "--max-shift", "0", "--index-factory", "Flat",
                                 "--threads", "1", "--output", d("index")]) == 0
     shutil.copytree(d("index"), d("bad", "index_foreign"))
     with open(d("bad", "index_foreign", "manifest.json"), "w") as f:

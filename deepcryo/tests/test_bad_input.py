@@ -67,7 +67,7 @@ def _cases():
         add("reconstruct", label, ["--particles", star, "--output", "@OUT@/map.mrc", "--halves"], words)
         if label not in IMAGE_CASES:
             add("swiftalign train", label, ["train", "--reference", "@REF@", "--particles", star, "--angular-step",
-                                            "30", "--max-shift", "0", "--ctf-groups", "1", "--index-factory", "Flat",
+                                            "30", "--max-shift", "0", "--index-factory", "Flat",
                                             "--threads", "1", "--output", "@OUT@/index"], words)
         add("swiftalign query", label, ["query", "--index", "@INDEX@", "--particles", star, "--threads", "1",
                                         "--output", "@OUT@/aligned.star"], words)

@@ -200,7 +200,7 @@ def test_train_chooses_the_factory_for_its_devices(small, monkeypatch, tmp_path)
         raise _Stop
 
     monkeypatch.setattr(swindex, "build_index", build)
-    kw = dict(angular_step_deg=15.0, max_resolution_A=16.0, max_shift_px=2.0, shift_step_px=0.5, n_ctf_groups=2)
+    kw = dict(angular_step_deg=10.0, max_resolution_A=16.0, max_shift_px=2.0, shift_step_px=0.5)
     with pytest.raises(_Stop):
         swindex.train(str(d / "map.mrc"), star, str(tmp_path / "cpu"), devices=["cpu"], **kw)
     _FakeFaissGpu(monkeypatch, n_gpus=1)
@@ -329,10 +329,8 @@ def test_gallery_vectors_come_back_on_the_cpu(small):
     d, star = small
     vol, _ = read_mrc(str(d / "map.mrc"))
     from deepcryo.swiftalign.features import Band
-    from deepcryo.swiftalign.gallery import Gallery
+    from deepcryo.swiftalign.gallery import Gallery, gallery_poses
     band = Band(24, 4.0, 16.0)
-    g = Gallery.from_parameters(Projector(vol), band, 30.0, 1.0, 1.0, [15000.0], dict(voltage_kV=300.0, cs_mm=2.7,
-                                                                                     amplitude_contrast=0.1),
-                                sqrt_weights=torch.ones(len(band)))
+    g = Gallery(Projector(vol), band, gallery_poses(30.0), sqrt_weights=torch.ones(len(band)))
     v = g.vectors(np.arange(5))
     assert v.device.type == "cpu" and torch.allclose(v, next(g.batches(5))[1][:5])

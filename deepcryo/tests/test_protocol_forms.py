@@ -38,21 +38,21 @@ def test_every_refine_setting_is_on_the_swiftrefine_form(monkeypatch, tmp_path):
     prot.inputParticles.set(_particles(tmp_path))
     prot.inputVolumes.append(Pointer(_volume(tmp_path)))
     values = dict(symmetryGroup="d7", initialResolution=25.0, particleDiameter=120.0, maxIterations=7,
-                  globalIterations=2, localSteps=3, maxShift=4.0, doConsensus=True, ctfGroups=6,
+                  globalIterations=2, localSteps=3, maxShift=4.0, doConsensus=True,
                   numberOfMatches=5, nprobe=64, doWhiten=True, joinResolution=35.0, randomSeed=11,
                   memoryLimit=2.5)
     for name, value in values.items():
         getattr(prot, name).set(value)
     args = _recorded_args(monkeypatch, prot, prot.refineStep, refine_command)
     given = dict(symmetry="D7", initial_resolution_A=25.0, particle_diameter_A=120.0, max_iterations=7,
-                 global_iterations=2, local_steps=3, max_shift_px=4.0, repetitions=2, n_ctf_groups=6, k=5,
+                 global_iterations=2, local_steps=3, max_shift_px=4.0, repetitions=2, k=5,
                  nprobe=64, whiten=True, join_resolution_A=35.0, seed=11, memory_limit_GB=2.5)
     fields = set(inspect.signature(RefineParams).parameters)
     assert fields == set(given) | set(NOT_ON_FORM), fields ^ (set(given) | set(NOT_ON_FORM))
     got = dict(symmetry=args.symmetry, initial_resolution_A=args.initial_resolution,
                particle_diameter_A=args.particle_diameter, max_iterations=args.max_iterations,
                global_iterations=args.global_iterations, local_steps=args.local_steps, max_shift_px=args.max_shift,
-               repetitions=args.repetitions, n_ctf_groups=args.ctf_groups, k=args.k, nprobe=args.nprobe,
+               repetitions=args.repetitions, k=args.k, nprobe=args.nprobe,
                whiten=args.whiten, join_resolution_A=args.join_resolution, seed=args.seed,
                memory_limit_GB=args.memory_limit)
     assert got == given
@@ -66,9 +66,9 @@ def test_swiftalign_form_reaches_train(monkeypatch, tmp_path):
     prot = DeepCryoProtSwiftAlign()
     prot.inputParticles.set(_particles(tmp_path))
     prot.inputVolume.set(_volume(tmp_path))
-    for name, value in dict(samplingMode=0, angularStep=7.5, maxResolution=12.0, maxShift=3.0, ctfGroups=5,
+    for name, value in dict(samplingMode=0, angularStep=7.5, maxResolution=12.0, maxShift=3.0,
                             doWhiten=True, memoryLimit=1.5, symmetryGroup="c3").items():
         getattr(prot, name).set(value)
     args = _recorded_args(monkeypatch, prot, prot.trainStep, train_command)
-    assert (args.angular_step, args.max_resolution, args.max_shift, args.ctf_groups, args.whiten,
-            args.memory_limit, args.symmetry) == (7.5, 12.0, 3.0, 5, True, 1.5, "C3")
+    assert (args.angular_step, args.max_resolution, args.max_shift, args.whiten,
+            args.memory_limit, args.symmetry) == (7.5, 12.0, 3.0, True, 1.5, "C3")

@@ -57,7 +57,7 @@ class TestDeepCryoSwiftAlign(ProtocolTest):
 
     def testAlign(self):
         prot = self.newProtocol(DeepCryoProtSwiftAlign, samplingMode=0, angularStep=12.0, maxResolution=15.0,
-                                maxShift=2.0, ctfGroups=2, indexType=1, particlesPerStep=80, numberOfThreads=2)
+                                maxShift=2.0, indexType=1, particlesPerStep=80, numberOfThreads=2)
         prot.inputParticles.set(self.importParts.outputParticles)
         prot.inputVolume.set(self.importVol.outputVolume)
         self.launchProtocol(prot)

@@ -32,7 +32,7 @@ PX = 2.0
 # test_swiftalign.py: 120 particles, 64 px, SNR 0.1, defocus 1.5–2 µm, origins ±3 px
 ALIGN_SPEC = RenderSpec(n=120, snr=0.1, seed=3, defocus_range_A=(15000.0, 20000.0))
 ALIGN_STEP_DEG = 12.0
-ALIGN_TRAIN = dict(angular_step_deg=ALIGN_STEP_DEG, max_resolution_A=16.0, max_shift_px=3.0, n_ctf_groups=2)
+ALIGN_TRAIN = dict(angular_step_deg=ALIGN_STEP_DEG, max_resolution_A=16.0, max_shift_px=3.0)
 # test_swiftrefine.py's main case (64 px, SNR 0.1, defocus 1.5–2.5 µm, origins ±3 px) with 1000 particles instead
 # of 2000, to halve the time
 REFINE_SPEC = RenderSpec(n=1000, snr=0.1, seed=3)

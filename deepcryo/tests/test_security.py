@@ -201,7 +201,7 @@ PROGRAMS = [
                                            "--no-refine"] + ACQ),
     ("swiftalign train", swiftalign_cli.main, ["train", "--reference", "@ROOT@/data/map.mrc", "--particles",
                                                "@IN@/particles.star", "--angular-step", "30", "--max-shift", "0",
-                                               "--ctf-groups", "1", "--index-factory", "Flat", "--whiten",
+                                               "--index-factory", "Flat", "--whiten",
                                                "--threads", "1", "--output", "@OUT@/index"]),
     ("landscape train", landscape_cli.main, ["train", "--particles", "@IN@/particles.star", "--output-dir",
                                              "@OUT@/vae", "--epochs", "1", "--latent-dim", "2", "--basis", "2",

@@ -9,7 +9,7 @@ Example::
 
 Writes a RELION 3.1 STAR with the angles (rlnAngleRot/Tilt/Psi, degrees) and origins (rlnOriginX/YAngst, Å)
 found, and the columns dcSwiftScore (normalised correlation), dcSwiftConfidence (score gap to the best pose
-far from the winner) and dcSwiftCtfGroup (CTF group of the matched reference). With ``--device cuda…`` the
+far from the winner). With ``--device cuda…`` the
 index is searched with faiss-gpu, sharded over the GPUs; the exact scoring of the candidates stays on the CPU.
 A faiss without GPU support, or an index built for the CPU (fast-scan), is searched on the CPU with one
 warning line.

@@ -46,7 +46,6 @@ def add_args(parser):
                         help="the half maps share their Fourier components below this resolution, Å")
     parser.add_argument("--repetitions", type=int, default=1, choices=(1, 2),
                         help="2: align twice with differently perturbed samplings, leave out disagreeing particles")
-    parser.add_argument("--ctf-groups", type=int, default=4, help="CTF groups of the global index")
     parser.add_argument("--k", type=int, default=3, help="candidates refined per particle")
     parser.add_argument("--nprobe", type=int, default=32, help="inverted lists of the global index visited per search")
     parser.add_argument("--whiten", action="store_true", help="weight frequencies by the inverse noise power")
@@ -61,7 +60,7 @@ def main(args):
                           particle_diameter_A=args.particle_diameter, max_iterations=args.max_iterations,
                           global_iterations=args.global_iterations, local_steps=args.local_steps,
                           max_shift_px=args.max_shift, join_resolution_A=args.join_resolution,
-                          repetitions=args.repetitions, n_ctf_groups=args.ctf_groups, k=args.k, nprobe=args.nprobe,
+                          repetitions=args.repetitions, k=args.k, nprobe=args.nprobe,
                           whiten=args.whiten, seed=args.seed, device=args.device, batch_size=args.batch_size,
                           memory_limit_GB=args.memory_limit)
     try:

@@ -5,7 +5,7 @@ Example::
     python -m deepcryo.swiftalign train --reference map.mrc --particles P.star --angular-step 7.5 \\
         --max-shift 4 --max-resolution 16 --output index_dir/
     python -m deepcryo.swiftalign train --reference map.mrc --particles P.star --max-resolution 12 \\
-        --max-shift 8 --index-factory Flat --ctf-groups 4 --output exact_index/
+        --max-shift 8 --index-factory Flat --output exact_index/
     python -m deepcryo.swiftalign train --reference map.mrc --particles P.star --angular-step 7.5 \\
         --output gpu_index/ --device cuda:0 cuda:1
 
@@ -35,7 +35,6 @@ def add_args(parser):
     parser.add_argument("--shift-step", type=float, help="shift grid step, px (default max resolution / (4 px size))")
     parser.add_argument("--index-factory", help="faiss index_factory string (default from the gallery size; "
                                                 "'Flat' = exact search)")
-    parser.add_argument("--ctf-groups", type=int, default=8, help="number of defocus clusters (CTF groups)")
     parser.add_argument("--symmetry", default="C1",
                         help="point group, RELION's names and operators (default C1): " + SYMMETRY_NAMES)
     parser.add_argument("--whiten", action="store_true", help="weight frequencies by the inverse noise power")
@@ -49,7 +48,7 @@ def main(args):
     try:
         m = train(args.reference, args.particles, args.output, angular_step_deg=args.angular_step,
                   max_resolution_A=args.max_resolution, max_shift_px=args.max_shift, shift_step_px=args.shift_step,
-                  index_factory=args.index_factory, n_ctf_groups=args.ctf_groups, symmetry=args.symmetry,
+                  index_factory=args.index_factory, symmetry=args.symmetry,
                   whiten=args.whiten, memory_limit_GB=args.memory_limit, devices=args.devices)
     except ValueError as exc:  # an unknown symmetry, a resolution beyond Nyquist
         raise InputError(str(exc)) from exc

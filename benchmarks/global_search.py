@@ -1,0 +1,178 @@
+"""SwiftAlign's global search against an exhaustive search of the same poses with the same scores.
+
+Particles are rendered by ``relion_project`` (:mod:`deepcryo.tests.relion_data`: the phantom, uniform poses,
+origins uniform within ±``--max-shift`` px, CTF, white noise at ``--snr``), so neither program sees images
+of deepcryo's own simulator. For each angular step:
+
+* **index** (the product): ``python -m deepcryo.swiftalign train`` then ``query`` (default factory, k, nprobe),
+  run as child processes on all particles; CPU seconds (user + system), wall seconds and peak RSS of each
+  child (``os.wait4``), start-up included;
+* **exhaustive**: every gallery pose × every origin of the same shift grid scored with the exact score of the
+  re-ranking (normalised correlation with the particle's own CTF, whitening as the index: none), computed as
+  one real matrix product per block of poses (:func:`exhaustive_pool`), then the same refinement of the
+  ``k`` best and the same choice of the winner (:func:`deepcryo.swiftalign.query.select_and_refine`). It
+  runs in this process on the first ``--exhaustive-particles`` particles (it costs seconds per particle);
+  its CPU time is extrapolated linearly to all of them, saying so.
+
+A pose is correct when its angle is within two angular steps of the truth (over the symmetry copies) and its
+origin within 1.5 px. The table gives each method's correct share on the exhaustive subset, the share of
+the exhaustive search's correct particles that the index also gets right, and the CPU ratio.
+
+    python benchmarks/global_search.py --n 10000 --steps 7.5 3.75 --work-dir /tmp/gs
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from deepcryo.core.geometry import euler_to_matrix, pose_distance_deg
+from deepcryo.core.particles import read_particles
+from deepcryo.core.projector import Projector
+from deepcryo.swiftalign.features import Band
+from deepcryo.swiftalign.gallery import band_slices, gallery_poses, shift_grid
+from deepcryo.swiftalign.query import ParticleBatch, select_and_refine
+from deepcryo.swiftalign.sampling import shift_step_for_resolution
+from deepcryo.tests.relion_data import RenderSpec, render
+
+
+def _child(cmd, log_path):
+    """Run ``cmd``; (CPU s, wall s, peak RSS MB) of that child alone."""
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit("%s failed, see %s" % (" ".join(cmd), log_path))
+    return usage.ru_utime + usage.ru_stime, time.time() - t0, usage.ru_maxrss / 1024.0
+
+
+def exhaustive_pool(projector, band, parts, rotations, origins_px, n_keep, pose_block=2048):
+    """The ``n_keep`` best (pose, origin) of every particle by exact score over all ``rotations`` (M, 3, 3) ×
+    ``origins_px`` (S, 2): rotations (B, n, 3, 3), origins (B, n, 2), scores (B, n)."""
+    b, s = len(parts), len(origins_px)
+    undo = band.phase_ramps(torch.as_tensor(origins_px, dtype=torch.float32)).conj()          # (S, P)
+    y = (parts.coeffs * parts.ctf)[:, None] * undo[None]                                     # (B, S, P)
+    y = torch.cat([y.real, y.imag], -1).reshape(b * s, -1)                                   # (B·S, 2P)
+    ctf2 = parts.ctf ** 2                                                                    # (B, P)
+    x_norm = (parts.coeffs.abs() ** 2).sum(-1)                                               # (B,)
+    best = torch.full((b, n_keep), -np.inf)
+    best_id = torch.zeros((b, n_keep), dtype=torch.int64)
+    for start in range(0, len(rotations), pose_block):
+        ref = band_slices(projector, rotations[start:start + pose_block], band.freqs_px)     # (C, P)
+        c = ref.shape[0]
+        num = torch.cat([ref.real, ref.imag], -1) @ y.T                                      # (C, B·S)
+        ref_norm = (ref.abs() ** 2) @ ctf2.T                                                 # (C, B)
+        score = num.reshape(c, b, s) / torch.sqrt(ref_norm * x_norm).clamp_min(1e-20)[..., None]
+        score = score.permute(1, 0, 2).reshape(b, c * s)
+        ids = (start + torch.arange(c))[:, None] * s + torch.arange(s)[None]                  # pose·S + origin
+        merged = torch.cat([best, score], 1)
+        top = merged.topk(n_keep, dim=1)
+        best = top.values
+        best_id = torch.gather(torch.cat([best_id, ids.reshape(1, -1).expand(b, -1)], 1), 1, top.indices)
+    pose, origin = best_id // s, best_id % s
+    return rotations[pose], torch.as_tensor(origins_px, dtype=torch.float32)[origin], best
+
+
+def exhaustive(reference, star, subset, step, res_A, max_shift, k, threads):
+    """Exhaustive search + the product's refinement on particles ``subset``: angles (n, 3), origins_A (n, 2),
+    CPU s."""
+    torch.set_num_threads(threads)
+    t0 = time.process_time()
+    from deepcryo.core.mrc import read_mrc
+    volume, _ = read_mrc(reference)
+    px = star.pixel_size_A
+    projector, band = Projector(volume), Band(star.box_size, px, res_A)
+    rotations = euler_to_matrix(torch.as_tensor(gallery_poses(step))).to(torch.float32)
+    sstep = shift_step_for_resolution(res_A, px)
+    origins = shift_grid(max_shift, sstep)
+    ctf = star.ctf_params()
+    angles, origins_A = np.zeros((len(subset), 3)), np.zeros((len(subset), 2))
+    from deepcryo.core.geometry import matrix_to_euler
+    with star.open_images() as stack:
+        for s in range(0, len(subset), 16):
+            idx = subset[s:s + 16]
+            parts = ParticleBatch(band, stack.read(idx), {key: v[idx] for key, v in ctf.items()})
+            rot, org, score = exhaustive_pool(projector, band, parts, rotations, origins, 4 * k)
+            sel = select_and_refine(projector, band, parts, rot, org, score, k, step, sstep, 2 * step, "C1")
+            angles[s:s + len(idx)] = matrix_to_euler(sel.rotation.double()).numpy()
+            origins_A[s:s + len(idx)] = (sel.origin_px * px).numpy()
+    return angles, origins_A, time.process_time() - t0
+
+
+def correct(star, rows, angles, origins_A, step):
+    ang = pose_distance_deg(torch.as_tensor(star.angles_deg()[rows]), torch.as_tensor(angles)).numpy()
+    shift = np.linalg.norm(star.origins_A()[rows] - origins_A, axis=1) / star.pixel_size_A
+    return (ang <= 2 * step) & (shift <= 1.5), ang
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=10000, help="particles")
+    p.add_argument("--box", type=int, default=128)
+    p.add_argument("--pixel-size", type=float, default=1.5)
+    p.add_argument("--snr", type=float, default=0.1)
+    p.add_argument("--max-shift", type=float, default=6.0, help="origins of the truth and of the search, ± px")
+    p.add_argument("--max-resolution", type=float, default=12.0, help="band limit of the search, Å")
+    p.add_argument("--steps", type=float, nargs="+", default=[7.5, 3.75], help="angular steps, degrees")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--exhaustive-particles", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work-dir", required=True)
+    args = p.parse_args(argv)
+    spec = RenderSpec(n=args.n, box=args.box, pixel_size_A=args.pixel_size, snr=args.snr, seed=11,
+                      max_shift_px=args.max_shift, defocus_range_A=(10000.0, 30000.0))
+    rs = render(os.path.join(args.work_dir, "data"), spec)
+    star = read_particles(rs.star)
+    subset = np.arange(min(args.exhaustive_particles, len(star)))
+    py = [sys.executable, "-m", "deepcryo.swiftalign"]
+    common = ["--particles", rs.star, "--threads", str(args.threads)]
+    rows = []
+    for step in args.steps:
+        out = os.path.join(args.work_dir, "index_%g" % step)
+        t_cpu, t_wall, t_rss = _child(py + ["train", "--reference", rs.volume_paths[0], "--angular-step", str(step),
+                                            "--max-resolution", str(args.max_resolution),
+                                            "--max-shift", str(args.max_shift), "--output", out] + common,
+                                      out + "_train.log")
+        aligned = out + "_aligned.star"
+        q_cpu, q_wall, q_rss = _child(py + ["query", "--index", out, "--k", str(args.k), "--nprobe", str(args.nprobe),
+                                            "--output", aligned] + common, out + "_query.log")
+        with open(os.path.join(out, "manifest.json")) as f:
+            manifest = json.load(f)
+        res = read_particles(aligned)
+        ok_index, ang_index = correct(star, np.arange(len(star)), res.angles_deg(), res.origins_A(), step)
+        e_angles, e_origins, e_cpu = exhaustive(rs.volume_paths[0], star, subset, step, args.max_resolution,
+                                                args.max_shift, args.k, args.threads)
+        ok_exh, ang_exh = correct(star, subset, e_angles, e_origins, step)
+        e_cpu_all = e_cpu / len(subset) * len(star)
+        kept = (ok_index[subset] & ok_exh).sum() / max(1, ok_exh.sum())
+        rows.append(dict(step=step, references=manifest["n_references"], factory=manifest["factory"],
+                         origins=len(manifest["origins_px"]), train_cpu=t_cpu, train_wall=t_wall, train_rss=t_rss,
+                         query_cpu=q_cpu, query_wall=q_wall, query_rss=q_rss, exhaustive_cpu_subset=e_cpu,
+                         exhaustive_cpu_extrapolated=e_cpu_all, index_correct=float(ok_index.mean()),
+                         index_correct_subset=float(ok_index[subset].mean()),
+                         exhaustive_correct_subset=float(ok_exh.mean()), kept=float(kept),
+                         index_median_deg=float(np.median(ang_index)), exhaustive_median_deg=float(np.median(ang_exh)),
+                         cpu_ratio=e_cpu_all / (t_cpu + q_cpu)))
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| step | references (factory) | origins searched | index train + query CPU s (wall s; peak RSS MB) "
+          "| exhaustive CPU s (from %d particles) | CPU ratio | correct: index (all / subset) | correct: exhaustive "
+          "(subset) | exhaustive's correct kept | median error index / exhaustive |" % len(subset))
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| %g° | %d (%s) | %d | %.0f + %.0f (%.0f + %.0f; %.0f / %.0f) | %.0f | %.1f× | %.1f %% / %.1f %% | %.1f %% "
+              "| %.1f %% | %.2f° / %.2f° |" % (
+                  r["step"], r["references"], r["factory"], r["origins"], r["train_cpu"], r["query_cpu"],
+                  r["train_wall"], r["query_wall"], r["train_rss"], r["query_rss"], r["exhaustive_cpu_extrapolated"],
+                  r["cpu_ratio"], 100 * r["index_correct"], 100 * r["index_correct_subset"],
+                  100 * r["exhaustive_correct_subset"], 100 * r["kept"], r["index_median_deg"],
+                  r["exhaustive_median_deg"]))
+
+
+if __name__ == "__main__":
+    main()
