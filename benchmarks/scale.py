@@ -103,7 +103,7 @@ PROGRAMS: Dict[str, Program] = {
     "relion_reconstruct": Program("relion_reconstruct --i {star} --o {out}/map.mrc --ctf --angpix {px} --j {threads}",
                                   deepcryo=False),
     "swiftalign_train": Program(DC + ".swiftalign train --reference {map} --particles {star} --angular-step 15 "
-                                "--max-shift {shift_px} --max-resolution 12 --ctf-groups 8 --output {out}/index"
+                                "--max-shift {shift_px} --max-resolution 12 --output {out}/index"
                                 + DEV, unit="index"),
     "swiftalign_query": Program(DC + ".swiftalign query --index {index} --particles {star} --output "
                                 "{out}/aligned.star" + DEV),

@@ -183,17 +183,16 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
         sampling = ("an angular step of %g°" % self.angularStep.get() if self.samplingMode.get() == 0
                     else "an angular step set by the %g Å target resolution" % self.maxResolution.get())
         text = ("Orientations and shifts of %d particles of %s were assigned with SwiftAlign ([Lauzirika2023]) as "
-                "implemented in deepcryo. Projections of %s (%s symmetry, %s, shifts up to ±%g px, %d CTF groups) "
-                "were stored as Fourier vectors up to %g Å%s in a faiss ([Johnson2019] [Douze2024]) index: %s. "
-                "Each particle's %d best candidates (nprobe %d) were re-scored with its own CTF and refined "
-                "locally%s. Euler angles, shifts and symmetry operators follow RELION's conventions "
+                "implemented in deepcryo. Projections of %s (%s symmetry, %s) were stored as Fourier "
+                "vectors up to %g Å%s in a faiss ([Johnson2019] [Douze2024]) index: %s. Each particle, "
+                "multiplied by its CTF, was searched at every origin up to ±%g px; its %d best candidates "
+                "(nprobe %d) were re-scored with its own CTF and refined locally%s. Euler angles, shifts and symmetry operators follow RELION's conventions "
                 "([Scheres2012a] [Zivanov2018]). The output particles (%s) carry the correlation score and a "
                 "confidence."
                 % (getattr(self, OUTPUT_PARTICLES).getSize(), self.getObjectTag("inputParticles"),
-                   self.getObjectTag("inputVolume"), self.symmetryGroup.get(), sampling, self.maxShift.get(),
-                   self.ctfGroups.get(), self.maxResolution.get(),
+                   self.getObjectTag("inputVolume"), self.symmetryGroup.get(), sampling, self.maxResolution.get(),
                    ", weighted by the inverse noise power of the particles" if self.doWhiten else "",
-                   self._indexText(), self.numberOfMatches.get(), self.nprobe.get(),
+                   self._indexText(), self.maxShift.get(), self.numberOfMatches.get(), self.nprobe.get(),
                    "; the search was restricted to ±%d angular steps around the particles' previous orientations"
                    % self.localSteps.get() if self.localSearch else "", self.getObjectTag(OUTPUT_PARTICLES)))
         return [text]

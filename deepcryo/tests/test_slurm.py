@@ -155,7 +155,7 @@ def _assertSeparateJobs(steps, count):
 
 def _swiftAlign(project):
     prot = project.newProtocol(DeepCryoProtSwiftAlign, samplingMode=0, angularStep=15.0, maxResolution=15.0,
-                               maxShift=2.0, ctfGroups=2, indexType=1, particlesPerStep=N_PARTICLES // 2)
+                               maxShift=2.0, indexType=1, particlesPerStep=N_PARTICLES // 2)
     prot.inputParticles.set(project.particles.outputParticles)
     prot.inputVolume.set(project.volume.outputVolume)
     return prot
