@@ -11,7 +11,7 @@ deepcryo's simulator.
 
 Each program runs as its own process, through its command line (the table :data:`PROGRAMS`: adjust flags there),
 timed by ``os.wait4`` on that child alone: CPU seconds (user + system), wall seconds and its peak RSS
-(``ru_maxrss``). Rungs (:data:`RUNGS`): N = 2 k, 10 k, 50 k at box 128 and box 64 / 128 / 256 at N = 10 k, plus
+(``ru_maxrss``). Rungs (:data:`RUNGS`): N = 2 k, 10 k, 50 k at box 128, box 64 / 128 / 256 at N = 10 k and 2 k at box 256 (the marginal cost per particle at 256), plus
 ``2k@64`` (a quick one) and two micrograph sizes (4096², 5760 × 4092). ``relion_refine`` (one iteration, 7.5°,
 K = 1, 2 threads) always runs on a subset of :attr:`Program.subset` particles and is scaled by N / n. Any
 per-particle program whose wall time, predicted from a rung already measured (scaled by N and by the pixel count),
@@ -79,10 +79,10 @@ class Rung:
 
 RUNGS: Dict[str, Rung] = {
     "2k@64": Rung(2000, 64), "2k@128": Rung(2000, 128), "10k@128": Rung(10000, 128), "50k@128": Rung(50000, 128),
-    "10k@64": Rung(10000, 64), "10k@256": Rung(10000, 256),
+    "10k@64": Rung(10000, 64), "2k@256": Rung(2000, 256), "10k@256": Rung(10000, 256),
     "mic4096": Rung(4, micrograph_shape=(4096, 4096)), "mic5760x4092": Rung(4, micrograph_shape=(4092, 5760)),
 }
-LADDER = ["2k@128", "10k@128", "50k@128", "10k@64", "10k@256", "mic4096", "mic5760x4092"]
+LADDER = ["2k@128", "10k@128", "50k@128", "10k@64", "2k@256", "10k@256", "mic4096", "mic5760x4092"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,6 +60,28 @@ def test_exact_index_accuracy(data, flat):
     assert np.all(flat["alt_score"] <= flat["score"] + 1e-6)
 
 
+def test_index_is_one_vector_per_pose_and_an_old_index_asks_to_be_rebuilt(data, flat, tmp_path):
+    """The gallery holds the poses only (no shifts, no CTF groups): its size is the pose count whatever the
+    shift range; an index of the earlier format (shifted, CTF-grouped references) is refused with one line."""
+    import json
+    import shutil
+    from deepcryo.core.errors import InputError
+    from deepcryo.swiftalign.gallery import gallery_poses, shift_grid
+    from deepcryo.swiftalign.index import load
+    d, _ = data
+    with open(d / "flat" / "manifest.json") as f:
+        manifest = json.load(f)
+    assert manifest["n_references"] == len(gallery_poses(STEP_DEG))
+    assert np.allclose(manifest["origins_px"], shift_grid(3.0, manifest["shift_step_px"]))
+    old = tmp_path / "old"
+    shutil.copytree(d / "flat", old)
+    manifest["format"] = "deepcryo-swiftalign-1"
+    with open(old / "manifest.json", "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(InputError, match="earlier deepcryo.*rebuild it"):
+        load(str(old))
+
+
 def test_compressed_index_vs_exact(data, flat):
     d, star = data
     m = train(str(d / "map.mrc"), star, str(d / "pq"), index_factory="PCA96,IVF64,PQ48x4fs", **TRAIN)
