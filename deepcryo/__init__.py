@@ -32,6 +32,13 @@ import sys
 
 from .constants import DEEPCRYO_PYTHON, ENGINES
 
+# OpenMP threads that wait at a barrier sleep instead of spinning. On the shared nodes deepcryo runs on (a
+# cluster node, a workstation busy with other jobs) a spinning thread burns the CPU its descheduled partner
+# needs: the reconstruction of 2000 particles at 2 threads on a loaded 2-core machine took 4 times the CPU
+# seconds and 3.5 times the wall time of a passive wait (benchmarks/RESULTS.md). Set before torch loads
+# OpenMP, i.e. before any engine module is imported; a value the user exported wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 _logo = "deepcryo_logo.png"
 _references = ["delaRosaTrevin2016"]
