@@ -279,7 +279,12 @@ def run_timed(cmd: List[str], cwd: str, log_path: str, env: dict, timeout_s: flo
     with open(log_path, "w") as log:
         log.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
         log.flush()
-        child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+        # Linux carries a parent's peak RSS into its child's ru_maxrss over fork and exec, and this process
+        # holds torch and rendered images: GNU time, a small process, starts the program and reports its
+        # own peak (%M, KB) instead.
+        rss_path = log_path + ".maxrss"
+        timer = ["/usr/bin/time", "-f", "%M", "-o", rss_path] if os.path.exists("/usr/bin/time") else []
+        child = subprocess.Popen(timer + cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         killed = False
         while True:
@@ -293,7 +298,12 @@ def run_timed(cmd: List[str], cwd: str, log_path: str, env: dict, timeout_s: flo
                 gpu_peak = max(gpu_peak, _gpu_used_mb() or 0.0)
             time.sleep(0.2 if gpu0 is None else 0.8)
     child.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+    rss_mb = usage.ru_maxrss / 1024
+    if timer and os.path.exists(rss_path):
+        with open(rss_path) as f:
+            lines = [line for line in f.read().split() if line.isdigit()]
+        rss_mb = int(lines[-1]) / 1024 if lines else rss_mb
+    return {"wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": rss_mb,
             "returncode": child.returncode, "killed": killed,
             "gpu_mb": None if gpu0 is None else gpu_peak - gpu0}
 

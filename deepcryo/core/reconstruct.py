@@ -90,6 +90,7 @@ class Reconstructor:
         self._corner_offsets = torch.tensor([dz * sy * sx + dy * sx + dx for dz in (0, 1) for dy in (0, 1)
                                              for dx in (0, 1)], device=self.device)
         self.count = 0
+        self._folded = False
 
     @property
     def slice_freqs(self) -> torch.Tensor:
@@ -142,6 +143,8 @@ class Reconstructor:
                       chunk: int = 32) -> None:
         """Insert (B, P) complex ``values`` and real ``weights`` at the half-slice pixels (:attr:`slice_freqs`)
         of (B, 3, 3) poses, and at each symmetry copy; ``chunk`` particles at a time bound the temporaries."""
+        if self._folded:
+            raise RuntimeError("particles inserted into a reconstructor after reconstruct()")
         rotations = rotations.to(self.device, torch.float32)
         values, weights = values.to(self.device), weights.to(self.device, torch.float32)
         for start in range(0, values.shape[0], chunk):
@@ -175,31 +178,35 @@ class Reconstructor:
         self.weight.scatter_add_(0, idx, (weights[..., None] * w).reshape(-1))
 
     def add(self, other: "Reconstructor") -> None:
-        """Accumulate another reconstructor's grid (same geometry)."""
+        """Accumulate another reconstructor's grid (same geometry); folds both first when either has been
+        reconstructed (:meth:`_fold` is linear, so folded grids add)."""
+        if self._folded or other._folded:
+            self._fold()
+            other._fold()
         self.data += other.data
         self.weight += other.weight
         self.count += other.count
 
-    def _hermitian_half(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Data (M, M, M/2 + 1) complex and weights, y and z centred at M/2: the spare planes folded back
-        (index M of y and z is frequency −M/2 of the periodic grid), the plane kx = 0 made Hermitian."""
+    def _fold(self) -> None:
+        """Once, in place: the spare planes folded back (index M of y and z is frequency −M/2 of the periodic
+        grid) and the plane kx = 0 made Hermitian. Done in place because at box 256 a copy of the grids is
+        another 0.8 GB; no particle may be inserted afterwards."""
+        if self._folded:
+            return
         m = self.padded_box
-        data = self.data.reshape(self._shape)[:, :, :m // 2 + 1]
-        weight = self.weight.reshape(self._shape)[:, :, :m // 2 + 1]
-        out = []
-        for grid in (data, weight):
-            grid = grid.clone()
+        for grid in (self.data.reshape(self._shape), self.weight.reshape(self._shape)):
             grid[0] += grid[m]
+            grid[m] = 0
             grid[:, 0] += grid[:, m]
-            grid = grid[:m, :m]
-            plane = grid[:, :, 0]
+            grid[:, m] = 0
+            plane = grid[:m, :m, 0]
             mate = torch.roll(torch.flip(plane, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))   # index i -> M - i
-            grid[:, :, 0] = plane + (mate.conj() if grid.is_complex() else mate)
-            out.append(grid)
-        return out[0], out[1]
+            grid[:m, :m, 0] = plane + (mate.conj() if grid.is_complex() else mate)
+        self._folded = True
 
     def reconstruct(self, ssnr: Optional[Union[np.ndarray, torch.Tensor]] = None) -> np.ndarray:
-        """Return the map (N, N, N) float32 numpy.
+        """Return the map (N, N, N) float32 numpy. May be called again (another ``ssnr``, after :meth:`add`),
+        but no particle can be inserted after it.
 
         Args:
             ssnr: optional (N//2 + 1,) spectral SNR per shell of the N grid of the map being reconstructed
@@ -209,7 +216,9 @@ class Reconstructor:
                 weight is floored at 1e-3 of its shell's mean.
         """
         m, n = self.padded_box, self.box
-        data, weight = self._hermitian_half()
+        self._fold()
+        data = self.data.reshape(self._shape)[:m, :m, :m // 2 + 1]                # y, z centred at M/2
+        weight = self.weight.reshape(self._shape)[:m, :m, :m // 2 + 1]
         n_shells, r_max = n // 2 + 1, self.max_radius_px or n / 2
         f = torch.arange(m, device=self.device, dtype=torch.float32) - m // 2
         fx = torch.arange(m // 2 + 1, device=self.device, dtype=torch.float32)
@@ -232,19 +241,20 @@ class Reconstructor:
         if ssnr is not None:
             ssnr = torch.as_tensor(ssnr, dtype=torch.float32, device=self.device)[:n_shells].clamp(min=1e-6)
             wiener = shell_w / ssnr
+        # the divided transform, written plane by plane straight into FFT order (ifftshift of y and z)
+        ft = torch.empty((m, m, m // 2 + 1), dtype=torch.complex64, device=self.device)
         for z in range(m):
             inside, shells = plane_shells(z)
             if ssnr is not None:
                 denom = weight[z] + wiener[shells]
             else:
                 denom = torch.maximum(weight[z], 1e-3 * shell_w[shells])
-            data[z] = torch.where(inside, data[z] / denom, torch.zeros_like(data[z]))
-        del weight
-        ft = torch.fft.ifftshift(data, dim=(0, 1))
-        del data
-        vol = torch.fft.fftshift(torch.fft.irfftn(ft, s=(m, m, m), dim=(0, 1, 2)))
+            plane = torch.where(inside, data[z] / denom, torch.zeros_like(data[z]))
+            ft[(z + m // 2) % m] = torch.roll(plane, shifts=m // 2, dims=0)
+        vol = torch.fft.irfftn(ft, s=(m, m, m), dim=(0, 1, 2))                    # origin at index 0
         del ft
-        vol = fourier.crop_to(vol, n, 3)
+        keep = (torch.arange(n, device=self.device) - n // 2) % m                # the centred N³, unshifted
+        vol = vol[keep][:, keep][:, :, keep]
         g = gridding_kernel_1d(n, m, device=self.device)
         vol = vol / (g[:, None, None] * g[None, :, None] * g[None, None, :])
         return mask_corners(vol).cpu().numpy().astype(np.float32)
