@@ -10,8 +10,8 @@ program are rendered here with a short numpy Thon-ring model (:func:`render_micr
 deepcryo's simulator.
 
 Each program runs as its own process, through its command line (the table :data:`PROGRAMS`: adjust flags there),
-timed by ``os.wait4`` on that child alone: CPU seconds (user + system), wall seconds and its peak RSS
-(``ru_maxrss``). Rungs (:data:`RUNGS`): N = 2 k, 10 k, 50 k at box 128 and box 64 / 128 / 256 at N = 10 k, plus
+timed by ``os.wait4`` on that program alone (forked by a small launcher, :data:`_WAIT4`, so that its ``ru_maxrss``
+does not inherit this script's): CPU seconds (user + system), wall seconds and its peak RSS. Rungs (:data:`RUNGS`): N = 2 k, 10 k, 50 k at box 128 and box 64 / 128 / 256 at N = 10 k, plus
 ``2k@64`` (a quick one) and two micrograph sizes (4096², 5760 × 4092). ``relion_refine`` (one iteration, 7.5°,
 K = 1, 2 threads) always runs on a subset of :attr:`Program.subset` particles and is scaled by N / n. Any
 per-particle program whose wall time, predicted from a rung already measured (scaled by N and by the pixel count),
@@ -268,34 +268,53 @@ def _gpu_used_mb() -> Optional[float]:
         return None
 
 
+# Forks the program and writes its own os.wait4 rusage. Run as a fresh ``python -S`` (~10 MB), so that the
+# program's ru_maxrss starts from this small process and not from this benchmark's: Linux keeps the resident
+# high-water mark across fork (and vfork) and exec, so a program started from here directly would report at
+# least this process's peak RSS (torch, the renderings).
+_WAIT4 = """import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kb": ru.ru_maxrss}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_timed(cmd: List[str], cwd: str, log_path: str, env: dict, timeout_s: float, gpu: bool = False) -> dict:
-    """Run ``cmd`` as one child (its own process group) and return its own ``os.wait4`` figures: wall_s, cpu_s
-    (user + system, the child and the processes it waited for), rss_mb (peak resident set of the largest of
-    them), returncode; killed (SIGTERM to its group) after ``timeout_s``. With ``gpu``, gpu_mb: the peak GPU
-    memory in use above its level at the start, sampled about once a second (None without ``nvidia-smi``)."""
+    """Run ``cmd`` in its own process group under the :data:`_WAIT4` launcher and return the program's own
+    ``os.wait4`` figures: cpu_s (user + system of the program and the processes it waited for), rss_mb (peak
+    resident set of the largest of them), and wall_s, returncode; killed (SIGTERM to its group) after
+    ``timeout_s`` (then cpu_s and rss_mb are NaN). With ``gpu``, gpu_mb: the peak GPU memory in use above its
+    level at the start, sampled about once a second (None without ``nvidia-smi``)."""
     gpu0 = _gpu_used_mb() if gpu else None
     gpu_peak = gpu0
+    usage_path = log_path + ".rusage.json"
+    if os.path.exists(usage_path):
+        os.remove(usage_path)
     t0 = time.time()
     with open(log_path, "w") as log:
         log.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
         log.flush()
-        child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        child = subprocess.Popen([sys.executable, "-S", "-c", _WAIT4, usage_path] + cmd, cwd=cwd, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         killed = False
-        while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                break
+        while child.poll() is None:
             if not killed and time.time() - t0 > timeout_s:
                 os.killpg(child.pid, signal.SIGTERM)
                 killed = True
             if gpu0 is not None:
                 gpu_peak = max(gpu_peak, _gpu_used_mb() or 0.0)
             time.sleep(0.2 if gpu0 is None else 0.8)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
-            "returncode": child.returncode, "killed": killed,
-            "gpu_mb": None if gpu0 is None else gpu_peak - gpu0}
+    wall = time.time() - t0
+    usage = {"cpu_s": math.nan, "maxrss_kb": math.nan}
+    if os.path.exists(usage_path):
+        with open(usage_path) as f:
+            usage = json.load(f)
+    return {"wall_s": wall, "cpu_s": usage["cpu_s"], "rss_mb": usage["maxrss_kb"] / 1024,
+            "returncode": child.returncode, "killed": killed, "gpu_mb": None if gpu0 is None else gpu_peak - gpu0}
 
 
 def _context(args, rung: Rung, files: Dict[str, str], out: str, rung_dir: str) -> dict:
