@@ -11,9 +11,12 @@ deepcryo's simulator.
 
 Each program runs as its own process, through its command line (the table :data:`PROGRAMS`: adjust flags there),
 timed by ``os.wait4`` on that program alone (forked by a small launcher, :data:`_WAIT4`, so that its ``ru_maxrss``
-does not inherit this script's): CPU seconds (user + system), wall seconds and its peak RSS. Rungs (:data:`RUNGS`): N = 2 k, 10 k, 50 k at box 128 and box 64 / 128 / 256 at N = 10 k, plus
-``2k@64`` (a quick one) and two micrograph sizes (4096², 5760 × 4092). ``relion_refine`` (one iteration, 7.5°,
-K = 1, 2 threads) always runs on a subset of :attr:`Program.subset` particles and is scaled by N / n. Any
+does not inherit this script's): CPU seconds (user + system), wall seconds and its peak RSS. Rungs
+(:data:`RUNGS`): N = 2 k, 10 k, 50 k at box 128 and box 64 / 128 / 256 at N = 10 k, plus ``2k@64`` (a quick one)
+and two micrograph sizes (4096², 5760 × 4092). One SwiftRes iteration (``--max-iterations 1``) includes its final
+pose-weighted half maps at full resolution; ``relion_refine`` (one iteration, 7.5°, K = 1, 2 threads, first
+iteration by cross-correlation at 30 Å) always runs on a subset of :attr:`Program.subset` particles and is scaled
+by N / n. Any
 per-particle program whose wall time, predicted from a rung already measured (scaled by N and by the pixel count),
 exceeds ``--max-minutes`` runs on the subset that fits and is scaled the same way; the table says so
 ("extrapolated from n"). A linear scaling of a subset counts the start-up and the per-map work N / n times, so it
@@ -22,10 +25,11 @@ in N) does not.
 
 Every measurement is kept in ``WORK/results.json``; the table and the plot (``--plot``, default
 ``benchmarks/scale.png``: CPU ms per particle against N at box 128 and against the box at N = 10 k) show all of
-them, so the ladder can be climbed over several invocations. ``--results FILE`` appends the markdown table to FILE.
+them (a run whose peak RSS, predicted from the smaller boxes, would exceed 80 % of the free memory is skipped and
+listed as such), so the ladder can be climbed over several invocations. ``--results FILE`` appends the markdown table to FILE.
 
-    python benchmarks/scale.py --rungs 2k@64 2k@128 --work /tmp/scale            # quick check (~40 min, 2 cores)
-    python benchmarks/scale.py --work /tmp/scale --max-minutes 60                 # the whole ladder
+    python benchmarks/scale.py --rungs 2k@64 2k@128 --work /tmp/scale            # quick check (~1 h, 2 shared cores)
+    python benchmarks/scale.py --work /tmp/scale --max-minutes 30                 # the whole ladder (~6 h, 2 cores)
     python benchmarks/scale.py --rungs 10k@128 --programs reconstruct relion_reconstruct --work /tmp/scale
     python benchmarks/scale.py --work /tmp/scale --device cuda                    # deepcryo on the GPU
     python benchmarks/scale.py --work /tmp/scale --report-only --results benchmarks/RESULTS.md
