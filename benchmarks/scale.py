@@ -10,10 +10,13 @@ program are rendered here with a short numpy Thon-ring model (:func:`render_micr
 deepcryo's simulator.
 
 Each program runs as its own process, through its command line (the table :data:`PROGRAMS`: adjust flags there),
-timed by ``os.wait4`` on that child alone: CPU seconds (user + system), wall seconds and its peak RSS
-(``ru_maxrss``). Rungs (:data:`RUNGS`): N = 2 k, 10 k, 50 k at box 128, box 64 / 128 / 256 at N = 10 k and 2 k at box 256 (the marginal cost per particle at 256), plus
-``2k@64`` (a quick one) and two micrograph sizes (4096², 5760 × 4092). ``relion_refine`` (one iteration, 7.5°,
-K = 1, 2 threads) always runs on a subset of :attr:`Program.subset` particles and is scaled by N / n. Any
+timed by ``os.wait4`` on that program alone (forked by a small launcher, :data:`_WAIT4`, so that its ``ru_maxrss``
+does not inherit this script's): CPU seconds (user + system), wall seconds and its peak RSS. Rungs
+(:data:`RUNGS`): N = 2 k, 10 k, 50 k at box 128, box 64 / 128 / 256 at N = 10 k, 2 k at box 256 (the marginal
+cost per particle there), ``2k@64`` (a quick one) and two micrograph sizes (4096², 5760 × 4092). One SwiftRes iteration (``--max-iterations 1``) includes its final
+pose-weighted half maps at full resolution; ``relion_refine`` (one iteration, 7.5°, K = 1, 2 threads, first
+iteration by cross-correlation at 30 Å) always runs on a subset of :attr:`Program.subset` particles and is scaled
+by N / n. Any
 per-particle program whose wall time, predicted from a rung already measured (scaled by N and by the pixel count),
 exceeds ``--max-minutes`` runs on the subset that fits and is scaled the same way; the table says so
 ("extrapolated from n"). A linear scaling of a subset counts the start-up and the per-map work N / n times, so it
@@ -22,10 +25,11 @@ in N) does not.
 
 Every measurement is kept in ``WORK/results.json``; the table and the plot (``--plot``, default
 ``benchmarks/scale.png``: CPU ms per particle against N at box 128 and against the box at N = 10 k) show all of
-them, so the ladder can be climbed over several invocations. ``--results FILE`` appends the markdown table to FILE.
+them (a run whose peak RSS, predicted from the smaller boxes, would exceed 80 % of the free memory is skipped and
+listed as such), so the ladder can be climbed over several invocations. ``--results FILE`` appends the markdown table to FILE.
 
-    python benchmarks/scale.py --rungs 2k@64 2k@128 --work /tmp/scale            # quick check (~40 min, 2 cores)
-    python benchmarks/scale.py --work /tmp/scale --max-minutes 60                 # the whole ladder
+    python benchmarks/scale.py --rungs 2k@64 2k@128 --work /tmp/scale            # quick check (~1 h, 2 shared cores)
+    python benchmarks/scale.py --work /tmp/scale --max-minutes 30                 # the whole ladder (~6 h, 2 cores)
     python benchmarks/scale.py --rungs 10k@128 --programs reconstruct relion_reconstruct --work /tmp/scale
     python benchmarks/scale.py --work /tmp/scale --device cuda                    # deepcryo on the GPU
     python benchmarks/scale.py --work /tmp/scale --report-only --results benchmarks/RESULTS.md
@@ -102,7 +106,7 @@ PROGRAMS: Dict[str, Program] = {
     "reconstruct": Program(DC + ".core.reconstruct --particles {star} --output {out}/map.mrc" + DEV),
     "relion_reconstruct": Program("relion_reconstruct --i {star} --o {out}/map.mrc --ctf --angpix {px} --j {threads}",
                                   deepcryo=False),
-    "swiftalign_train": Program(DC + ".swiftalign train --reference {map} --particles {star} --angular-step 15 "
+    "swiftalign_train": Program(DC + ".swiftalign train --reference {map} --particles {star} --angular-step 7.5 "
                                 "--max-shift {shift_px} --max-resolution 12 --output {out}/index"
                                 + DEV, unit="index"),
     "swiftalign_query": Program(DC + ".swiftalign query --index {index} --particles {star} --output "
@@ -268,44 +272,53 @@ def _gpu_used_mb() -> Optional[float]:
         return None
 
 
+# Forks the program and writes its own os.wait4 rusage. Run as a fresh ``python -S`` (~10 MB), so that the
+# program's ru_maxrss starts from this small process and not from this benchmark's: Linux keeps the resident
+# high-water mark across fork (and vfork) and exec, so a program started from here directly would report at
+# least this process's peak RSS (torch, the renderings).
+_WAIT4 = """import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kb": ru.ru_maxrss}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_timed(cmd: List[str], cwd: str, log_path: str, env: dict, timeout_s: float, gpu: bool = False) -> dict:
-    """Run ``cmd`` as one child (its own process group) and return its own ``os.wait4`` figures: wall_s, cpu_s
-    (user + system, the child and the processes it waited for), rss_mb (peak resident set of the largest of
-    them), returncode; killed (SIGTERM to its group) after ``timeout_s``. With ``gpu``, gpu_mb: the peak GPU
-    memory in use above its level at the start, sampled about once a second (None without ``nvidia-smi``)."""
+    """Run ``cmd`` in its own process group under the :data:`_WAIT4` launcher and return the program's own
+    ``os.wait4`` figures: cpu_s (user + system of the program and the processes it waited for), rss_mb (peak
+    resident set of the largest of them), and wall_s, returncode; killed (SIGTERM to its group) after
+    ``timeout_s`` (then cpu_s and rss_mb are NaN). With ``gpu``, gpu_mb: the peak GPU memory in use above its
+    level at the start, sampled about once a second (None without ``nvidia-smi``)."""
     gpu0 = _gpu_used_mb() if gpu else None
     gpu_peak = gpu0
+    usage_path = log_path + ".rusage.json"
+    if os.path.exists(usage_path):
+        os.remove(usage_path)
     t0 = time.time()
     with open(log_path, "w") as log:
         log.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
         log.flush()
-        # Linux carries a parent's peak RSS into its child's ru_maxrss over fork and exec, and this process
-        # holds torch and rendered images: GNU time, a small process, starts the program and reports its
-        # own peak (%M, KB) instead.
-        rss_path = log_path + ".maxrss"
-        timer = ["/usr/bin/time", "-f", "%M", "-o", rss_path] if os.path.exists("/usr/bin/time") else []
-        child = subprocess.Popen(timer + cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        child = subprocess.Popen([sys.executable, "-S", "-c", _WAIT4, usage_path] + cmd, cwd=cwd, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         killed = False
-        while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                break
+        while child.poll() is None:
             if not killed and time.time() - t0 > timeout_s:
                 os.killpg(child.pid, signal.SIGTERM)
                 killed = True
             if gpu0 is not None:
                 gpu_peak = max(gpu_peak, _gpu_used_mb() or 0.0)
             time.sleep(0.2 if gpu0 is None else 0.8)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    rss_mb = usage.ru_maxrss / 1024
-    if timer and os.path.exists(rss_path):
-        with open(rss_path) as f:
-            lines = [line for line in f.read().split() if line.isdigit()]
-        rss_mb = int(lines[-1]) / 1024 if lines else rss_mb
-    return {"wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": rss_mb,
-            "returncode": child.returncode, "killed": killed,
-            "gpu_mb": None if gpu0 is None else gpu_peak - gpu0}
+    wall = time.time() - t0
+    usage = {"cpu_s": math.nan, "maxrss_kb": math.nan}
+    if os.path.exists(usage_path):
+        with open(usage_path) as f:
+            usage = json.load(f)
+    return {"wall_s": wall, "cpu_s": usage["cpu_s"], "rss_mb": usage["maxrss_kb"] / 1024,
+            "returncode": child.returncode, "killed": killed, "gpu_mb": None if gpu0 is None else gpu_peak - gpu0}
 
 
 def _context(args, rung: Rung, files: Dict[str, str], out: str, rung_dir: str) -> dict:
