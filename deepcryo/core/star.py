@@ -59,6 +59,15 @@ def read_star(path: str) -> Dict[str, Dict[str, np.ndarray]]:
     return blocks
 
 
+def as_written(values) -> np.ndarray:
+    """``values`` (any shape) as :func:`write_star` writes them (floats to 6 decimals), read back: what a
+    program continuing from the file sees, so that a run resumed from its files equals one that never stopped."""
+    values = np.asarray(values)
+    if values.dtype.kind != "f":
+        return values
+    return np.asarray([float(s) for s in _format_column(values.ravel())], dtype=values.dtype).reshape(values.shape)
+
+
 def _format_column(values):
     values = np.asarray(values)
     if values.dtype.kind in "iu":

@@ -96,6 +96,7 @@ from deepcryo.core.mrc import write_mrc
 from deepcryo.core.particles import ParticleStar, read_particles
 from deepcryo.core.projector import Projector
 from deepcryo.core.reconstruct import Reconstructor, batch_inputs, half_split, insert_particles
+from deepcryo.core.star import as_written
 
 from . import index as swindex
 from .features import Band
@@ -614,6 +615,11 @@ def _save_iteration(state, star, layout, entry, half_maps, curves, params):
     layout.write_iteration(entry["iteration"], half_maps, state.refs, curves, out_star,
                            _iteration_record(state.history, params, layout.n_classes), state.rng.bit_generator.state,
                            star.pixel_size_A)
+    # go on from what the files hold, as a resumed run does: a pose rounded to 6 decimals can tip a near tie
+    state.angles_deg, state.origins_A, state.scores = (as_written(state.angles_deg), as_written(state.origins_A),
+                                                       as_written(state.scores))
+    if state.alternatives is not None:
+        state.alternatives = tuple(as_written(a) for a in state.alternatives)
     logger.info("iteration %d (%s): align %.2f Å, step %.2f°, shift step %.2f px -> resolution %.2f Å; "
                 "median pose change %.2f°, kept %.1f%%, %.1f s",
                 entry["iteration"], entry["mode"], entry["align_resolution_A"], entry["angular_step_deg"],
