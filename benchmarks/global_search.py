@@ -10,9 +10,14 @@ of deepcryo's own simulator. For each angular step:
 * **exhaustive**: every gallery pose × every origin of the same shift grid scored with the exact score of the
   re-ranking (normalised correlation with the particle's own CTF, whitening as the index: none), computed as
   one real matrix product per block of poses (:func:`exhaustive_pool`), then the same refinement of the
-  ``k`` best and the same choice of the winner (:func:`deepcryo.swiftalign.query.select_and_refine`). It
-  runs in this process on the first ``--exhaustive-particles`` particles (it costs seconds per particle);
-  its CPU time is extrapolated linearly to all of them, saying so.
+  ``k`` best and the same choice of the winner (:func:`deepcryo.swiftalign.query.select_and_refine`).
+
+Both searches also run in this process on the first ``--exhaustive-particles`` particles (:func:`stages`),
+timed stage by stage: the *search* (index: search vectors, faiss, exact re-ranking of the 4·k matches;
+exhaustive: the scoring of every pose and origin) and the *refinement* that follows it (the same code for
+both). The search ratio is exhaustive search CPU / (train CPU + index search CPU), both scaled to all
+particles; the whole-alignment ratio adds each path's refinement (the index path: the query program's own
+CPU time on all particles).
 
 A pose is correct when its angle is within two angular steps of the truth (over the symmetry copies) and its
 origin within 1.5 px. The table gives each method's correct share on the exhaustive subset, the share of
@@ -32,8 +37,6 @@ import torch
 
 from deepcryo.core.geometry import euler_to_matrix, pose_distance_deg
 from deepcryo.core.particles import read_particles
-from deepcryo.core.projector import Projector
-from deepcryo.swiftalign.features import Band
 from deepcryo.swiftalign.gallery import band_slices, gallery_poses, shift_grid
 from deepcryo.swiftalign.query import ParticleBatch, select_and_refine
 from deepcryo.swiftalign.sampling import shift_step_for_resolution
@@ -78,30 +81,52 @@ def exhaustive_pool(projector, band, parts, rotations, origins_px, n_keep, pose_
     return rotations[pose], torch.as_tensor(origins_px, dtype=torch.float32)[origin], best
 
 
-def exhaustive(reference, star, subset, step, res_A, max_shift, k, threads):
-    """Exhaustive search + the product's refinement on particles ``subset``: angles (n, 3), origins_A (n, 2),
-    CPU s."""
+def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads):
+    """Both searches on particles ``subset``, in this process, each followed by the same refinement: CPU
+    seconds of each search stage (index: search vectors, faiss search, exact re-ranking of the 4k matches;
+    exhaustive: :func:`exhaustive_pool`) and of the refinements, and the poses (angles (n, 3), origins_A
+    (n, 2)) of each path."""
+    import faiss
+    from deepcryo.core.geometry import matrix_to_euler
+    from deepcryo.swiftalign import index as swindex
+    from deepcryo.swiftalign.query import global_candidates, nearest_poses, score_poses
     torch.set_num_threads(threads)
-    t0 = time.process_time()
-    from deepcryo.core.mrc import read_mrc
-    volume, _ = read_mrc(reference)
+    faiss.omp_set_num_threads(threads)
     px = star.pixel_size_A
-    projector, band = Projector(volume), Band(star.box_size, px, res_A)
+    bundle = swindex.load(index_dir)
+    projector, band = bundle.projector, bundle.band
     rotations = euler_to_matrix(torch.as_tensor(gallery_poses(step))).to(torch.float32)
     sstep = shift_step_for_resolution(res_A, px)
     origins = shift_grid(max_shift, sstep)
+    assert np.allclose(origins, bundle.origins_px) and len(rotations) == len(bundle.gallery)
     ctf = star.ctf_params()
-    angles, origins_A = np.zeros((len(subset), 3)), np.zeros((len(subset), 2))
-    from deepcryo.core.geometry import matrix_to_euler
+    cpu = dict(index_search=0.0, index_refine=0.0, exhaustive_search=0.0, exhaustive_refine=0.0)
+    poses = {name: (np.zeros((len(subset), 3)), np.zeros((len(subset), 2))) for name in ("index", "exhaustive")}
+
+    def refine(name, parts, rot, org, score, rows):
+        t0 = time.process_time()
+        sel = select_and_refine(projector, band, parts, rot, org, score, k, step, sstep, 2 * step, "C1")
+        cpu[name + "_refine"] += time.process_time() - t0
+        poses[name][0][rows] = matrix_to_euler(sel.rotation.double()).numpy()
+        poses[name][1][rows] = (sel.origin_px * px).numpy()
+
     with star.open_images() as stack:
         for s in range(0, len(subset), 16):
             idx = subset[s:s + 16]
+            rows = np.arange(s, s + len(idx))
             parts = ParticleBatch(band, stack.read(idx), {key: v[idx] for key, v in ctf.items()})
+            t0 = time.process_time()
+            distances, ids = swindex.search(bundle.shards(), parts.search_vectors(band, origins).numpy(), 4 * k,
+                                            nprobe)
+            rot, org = global_candidates(bundle, *nearest_poses(distances, ids, len(origins), 4 * k))
+            score = score_poses(projector, band, parts, rot, org, torch.zeros(1, 2))[..., 0]
+            cpu["index_search"] += time.process_time() - t0
+            refine("index", parts, rot, org, score, rows)
+            t0 = time.process_time()
             rot, org, score = exhaustive_pool(projector, band, parts, rotations, origins, 4 * k)
-            sel = select_and_refine(projector, band, parts, rot, org, score, k, step, sstep, 2 * step, "C1")
-            angles[s:s + len(idx)] = matrix_to_euler(sel.rotation.double()).numpy()
-            origins_A[s:s + len(idx)] = (sel.origin_px * px).numpy()
-    return angles, origins_A, time.process_time() - t0
+            cpu["exhaustive_search"] += time.process_time() - t0
+            refine("exhaustive", parts, rot, org, score, rows)
+    return cpu, poses
 
 
 def correct(star, rows, angles, origins_A, step):
@@ -146,33 +171,37 @@ def main(argv=None):
             manifest = json.load(f)
         res = read_particles(aligned)
         ok_index, ang_index = correct(star, np.arange(len(star)), res.angles_deg(), res.origins_A(), step)
-        e_angles, e_origins, e_cpu = exhaustive(rs.volume_paths[0], star, subset, step, args.max_resolution,
-                                                args.max_shift, args.k, args.threads)
-        ok_exh, ang_exh = correct(star, subset, e_angles, e_origins, step)
-        e_cpu_all = e_cpu / len(subset) * len(star)
-        kept = (ok_index[subset] & ok_exh).sum() / max(1, ok_exh.sum())
+        cpu, poses = stages(star, subset, out, step, args.max_resolution, args.max_shift,
+                            args.k, args.nprobe, args.threads)
+        ok_sub, _ = correct(star, subset, *poses["index"], step)
+        ok_exh, ang_exh = correct(star, subset, *poses["exhaustive"], step)
+        scale = len(star) / len(subset)
+        kept = (ok_sub & ok_exh).sum() / max(1, ok_exh.sum())
+        search_index = t_cpu + cpu["index_search"] * scale
+        search_exh = cpu["exhaustive_search"] * scale
         rows.append(dict(step=step, references=manifest["n_references"], factory=manifest["factory"],
                          origins=len(manifest["origins_px"]), train_cpu=t_cpu, train_wall=t_wall, train_rss=t_rss,
-                         query_cpu=q_cpu, query_wall=q_wall, query_rss=q_rss, exhaustive_cpu_subset=e_cpu,
-                         exhaustive_cpu_extrapolated=e_cpu_all, index_correct=float(ok_index.mean()),
-                         index_correct_subset=float(ok_index[subset].mean()),
+                         query_cpu=q_cpu, query_wall=q_wall, query_rss=q_rss, subset=len(subset),
+                         stage_cpu_subset=cpu, search_cpu_index=search_index, search_cpu_exhaustive=search_exh,
+                         search_ratio=search_exh / search_index,
+                         whole_ratio=(search_exh + cpu["exhaustive_refine"] * scale) / (t_cpu + q_cpu),
+                         index_correct=float(ok_index.mean()), index_correct_subset=float(ok_sub.mean()),
                          exhaustive_correct_subset=float(ok_exh.mean()), kept=float(kept),
-                         index_median_deg=float(np.median(ang_index)), exhaustive_median_deg=float(np.median(ang_exh)),
-                         cpu_ratio=e_cpu_all / (t_cpu + q_cpu)))
+                         index_median_deg=float(np.median(ang_index)), exhaustive_median_deg=float(np.median(ang_exh))))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| step | references (factory) | origins searched | index train + query CPU s (wall s; peak RSS MB) "
-          "| exhaustive CPU s (from %d particles) | CPU ratio | correct: index (all / subset) | correct: exhaustive "
-          "(subset) | exhaustive's correct kept | median error index / exhaustive |" % len(subset))
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| step | references (factory) | origins per particle | train CPU s (wall; RSS MB) | query CPU s, all "
+          "particles (wall; RSS MB) | search CPU s, %d particles: index (train + search + re-rank) / exhaustive "
+          "| ratio | whole alignment ratio | correct: index all / subset | correct: exhaustive | exhaustive's "
+          "correct kept | median error index / exhaustive |" % args.n)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print("| %g° | %d (%s) | %d | %.0f + %.0f (%.0f + %.0f; %.0f / %.0f) | %.0f | %.1f× | %.1f %% / %.1f %% | %.1f %% "
-              "| %.1f %% | %.2f° / %.2f° |" % (
-                  r["step"], r["references"], r["factory"], r["origins"], r["train_cpu"], r["query_cpu"],
-                  r["train_wall"], r["query_wall"], r["train_rss"], r["query_rss"], r["exhaustive_cpu_extrapolated"],
-                  r["cpu_ratio"], 100 * r["index_correct"], 100 * r["index_correct_subset"],
-                  100 * r["exhaustive_correct_subset"], 100 * r["kept"], r["index_median_deg"],
-                  r["exhaustive_median_deg"]))
-
+        print("| %g° | %d (%s) | %d | %.0f (%.0f; %.0f) | %.0f (%.0f; %.0f) | %.0f / %.0f | %.1f× | %.1f× | %.1f %% / %.1f %% "
+              "| %.1f %% | %.1f %% | %.2f° / %.2f° |" % (
+                  r["step"], r["references"], r["factory"], r["origins"], r["train_cpu"], r["train_wall"],
+                  r["train_rss"], r["query_cpu"], r["query_wall"], r["query_rss"], r["search_cpu_index"],
+                  r["search_cpu_exhaustive"], r["search_ratio"], r["whole_ratio"], 100 * r["index_correct"],
+                  100 * r["index_correct_subset"], 100 * r["exhaustive_correct_subset"], 100 * r["kept"],
+                  r["index_median_deg"], r["exhaustive_median_deg"]))
 
 if __name__ == "__main__":
     main()
