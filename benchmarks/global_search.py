@@ -44,14 +44,20 @@ from deepcryo.tests.relion_data import RenderSpec, render
 
 
 def _child(cmd, log_path):
-    """Run ``cmd``; (CPU s, wall s, peak RSS MB) of that child alone."""
+    """Run ``cmd``; (CPU s, wall s, peak RSS MB) of that child alone. Linux carries a parent's peak RSS into its
+    child's ``ru_maxrss`` over fork and exec, so GNU time (a small process) starts the program and reports
+    its own peak."""
+    rss_path = log_path + ".maxrss"
     t0 = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss_path] + cmd, stdout=log,
+                                stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status):
         raise SystemExit("%s failed, see %s" % (" ".join(cmd), log_path))
-    return usage.ru_utime + usage.ru_stime, time.time() - t0, usage.ru_maxrss / 1024.0
+    with open(rss_path) as f:
+        rss_kb = int(f.read().split()[-1])
+    return usage.ru_utime + usage.ru_stime, time.time() - t0, rss_kb / 1024.0
 
 
 def exhaustive_pool(projector, band, parts, rotations, origins_px, n_keep, pose_block=2048):
