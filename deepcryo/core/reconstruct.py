@@ -140,9 +140,12 @@ class Reconstructor:
         self.insert_slices(spec * ctf, ctf * ctf, rotations)
 
     def insert_slices(self, values: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor,
-                      chunk: int = 32) -> None:
+                      chunk: Optional[int] = None) -> None:
         """Insert (B, P) complex ``values`` and real ``weights`` at the half-slice pixels (:attr:`slice_freqs`)
-        of (B, 3, 3) poses, and at each symmetry copy; ``chunk`` particles at a time bound the temporaries."""
+        of (B, 3, 3) poses, and at each symmetry copy, ``chunk`` particles at a time: by default
+        ``1024 // N``, about 10⁵ trilinear points, whose corner values (8 per point) stay in the CPU cache
+        between their computation and the scatter (the fastest chunk measured at box 64, 128 and 256)."""
+        chunk = chunk or max(1, 1024 // self.box)
         if self._folded:
             raise RuntimeError("particles inserted into a reconstructor after reconstruct()")
         rotations = rotations.to(self.device, torch.float32)
