@@ -122,8 +122,8 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads):
             rows = np.arange(s, s + len(idx))
             parts = ParticleBatch(band, stack.read(idx), {key: v[idx] for key, v in ctf.items()})
             t0 = time.process_time()
-            distances, ids = swindex.search(bundle.shards(), parts.search_vectors(band, origins).numpy(), 4 * k,
-                                            nprobe)
+            vectors = parts.search_vectors(band, origins, ctf_rms=bundle.gallery.ctf_rms).numpy()
+            distances, ids = swindex.search(bundle.shards(), vectors, 4 * k, nprobe)
             rot, org = global_candidates(bundle, *nearest_poses(distances, ids, len(origins), 4 * k))
             score = score_poses(projector, band, parts, rot, org, torch.zeros(1, 2))[..., 0]
             cpu["index_search"] += time.process_time() - t0

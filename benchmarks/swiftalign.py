@@ -45,7 +45,7 @@ def run(args):
             with star.open_images() as stack:
                 parts = ParticleBatch(bundle.band, stack.read(np.arange(len(star))), star.ctf_params(),
                                       bundle.sqrt_weights)
-            vecs = parts.search_vectors(bundle.band, bundle.origins_px, m["normalise"]).numpy()
+            vecs = parts.search_vectors(bundle.band, bundle.origins_px, m["normalise"], bundle.gallery.ctf_rms).numpy()
             _, s_wall, s_cpu = _timed(lambda: swindex.search(shards, vecs, 4 * args.k, args.nprobe))
             aligned, a_wall, _ = _timed(lambda: align(bundle, star, k=args.k, nprobe=args.nprobe))
             ang = pose_distance_deg(torch.as_tensor(truth_angles), torch.as_tensor(aligned["angles_deg"])).numpy()

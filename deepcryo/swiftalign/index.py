@@ -45,6 +45,7 @@ import faiss
 import numpy as np
 import torch
 
+from deepcryo.core.ctf import ctf_from_freqs
 from deepcryo.core.errors import InputError
 from deepcryo.core.files import atomic_output
 from deepcryo.core.mrc import read_mrc, write_mrc
@@ -58,7 +59,7 @@ from .target import SearchIndex
 
 __all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "shard_capacity", "train_template",
            "fill_shards", "build_index", "merge_topk", "search", "set_nprobe", "to_devices", "train", "IndexBundle",
-           "load", "MANIFEST", "check_particles", "check_reference_map", "particle_noise_weights"]
+           "load", "MANIFEST", "check_particles", "check_reference_map", "particle_noise_weights", "particle_ctf_rms"]
 
 MANIFEST = "manifest.json"
 FORMAT = "deepcryo-swiftalign-2"
@@ -360,9 +361,10 @@ class IndexBundle(SearchIndex):
         self.band = Band(m["box"], m["pixel_size_A"], m["max_resolution_A"])
         self.sqrt_weights = (torch.as_tensor(_load_npy(os.path.join(directory, m["weights"])), dtype=torch.float32)
                              if m.get("weights") else None)
+        ctf_rms = torch.as_tensor(_load_npy(os.path.join(directory, m["ctf_rms"])), dtype=torch.float32)
         self.gallery = Gallery(self.projector, self.band, gallery_poses(m["angular_step_deg"], m["symmetry"],
                                                                         m.get("grid_rotation")),
-                               self.sqrt_weights, m["normalise"])
+                               self.sqrt_weights, m["normalise"], ctf_rms)
         self.origins_px = np.asarray(m["origins_px"], dtype=np.float64)
         self._shards = None
 
@@ -441,6 +443,18 @@ def check_reference_map(volume: np.ndarray, map_pixel_size_A: float, star: Parti
     check_particles(star, volume.shape[-1], map_pixel_size_A, "map %s" % path)
 
 
+def particle_ctf_rms(band: Band, star: ParticleStar, n_particles: int = 5000, floor: float = 0.05) -> torch.Tensor:
+    """(P,) root-mean-square CTF of (a seeded sample of up to ``n_particles``) particles at the band
+    frequencies, at least ``floor``: the weight that keeps the index's reference norms close to the exact
+    score's (:mod:`.gallery`)."""
+    rows = np.arange(len(star))
+    if len(rows) > n_particles:
+        rows = np.sort(np.random.default_rng(0).choice(rows, n_particles, replace=False))
+    params = {k: torch.as_tensor(v[rows], dtype=torch.float32) for k, v in star.ctf_params().items()}
+    ctf = ctf_from_freqs(band.freqs_invA, **params)
+    return torch.sqrt((ctf ** 2).mean(0)).clamp_min(floor)
+
+
 def particle_noise_weights(band: Band, star: ParticleStar, n_images: int = 2000) -> torch.Tensor:
     """Whitening weights (P,) of :func:`.features.noise_weights` from up to ``n_images`` particles of ``star``
     spread evenly over the stack (at particle SNR their power spectrum is the noise's)."""
@@ -514,7 +528,9 @@ def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
     gpu = bool(faiss_gpu_ids(devices))
     projector = Projector(volume, device=devices[0] if devices else "cpu")
     sqrt_w = None if weights is None else torch.sqrt(weights)
-    gallery = Gallery(projector, band, gallery_poses(angular_step_deg, symmetry, grid_rotation), sqrt_w, normalise)
+    ctf_rms = particle_ctf_rms(band, star)
+    gallery = Gallery(projector, band, gallery_poses(angular_step_deg, symmetry, grid_rotation), sqrt_w, normalise,
+                      ctf_rms)
     origins = shift_grid(max_shift_px, shift_step_px)
     factory = index_factory or default_factory(len(gallery), band.dim, gpu)
     if gpu:
@@ -533,13 +549,15 @@ def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
                     "pixel_size_A": px, "max_resolution_A": max_resolution_A, "angular_step_deg": angular_step_deg,
                     "symmetry": symmetry, "max_shift_px": max_shift_px,
                     "shift_step_px": float(shift_step_px), "origins_px": origins.tolist(), "normalise": normalise,
-                    "weights": "weights.npy" if weights is not None else None, "factory": factory,
+                    "weights": "weights.npy" if weights is not None else None, "ctf_rms": "ctf_rms.npy",
+                    "factory": factory,
                     "grid_rotation": None if grid_rotation is None else np.asarray(grid_rotation).tolist(),
                     "dim": band.dim, "n_references": len(gallery), "bytes_per_reference": per_ref,
                     "shards": shards}
         write_mrc(os.path.join(tmp, "reference.mrc"), volume, px)
         if weights is not None:
             np.save(os.path.join(tmp, "weights.npy"), torch.sqrt(weights).numpy())
+        np.save(os.path.join(tmp, "ctf_rms.npy"), ctf_rms.numpy())
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         if os.path.isdir(output_dir):

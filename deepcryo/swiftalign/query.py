@@ -68,13 +68,14 @@ class ParticleBatch:
     def __len__(self) -> int:
         return self.coeffs.shape[0]
 
-    def search_vectors(self, band: Band, origins_px: Union[np.ndarray, torch.Tensor],
-                       normalise: bool = True) -> torch.Tensor:
-        """(B·S, dim) index search vectors, particle-major: each particle's band multiplied by its CTF and
-        moved back by each of the S origins (S, 2) px (the reference a particle with that origin matches
-        is the centred projection; see :mod:`.gallery`)."""
+    def search_vectors(self, band: Band, origins_px: Union[np.ndarray, torch.Tensor], normalise: bool = True,
+                       ctf_rms: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B·S, dim) index search vectors, particle-major: each particle's band multiplied by its CTF (divided
+        by the index's ``ctf_rms`` (P,) when given) and moved back by each of the S origins (S, 2) px (the
+        reference a particle with that origin matches is the centred projection; see :mod:`.gallery`)."""
         undo = band.phase_ramps(torch.as_tensor(origins_px, dtype=torch.float32)).conj()          # (S, P)
-        moved = (self.coeffs * self.ctf)[:, None] * undo[None]                                  # (B, S, P)
+        corrected = self.coeffs * self.ctf if ctf_rms is None else self.coeffs * self.ctf / ctf_rms
+        moved = corrected[:, None] * undo[None]                                                 # (B, S, P)
         return vectors_from_band(moved, self.sqrt_weights, normalise).reshape(-1, band.dim)
 
 
@@ -207,7 +208,7 @@ def index_matches(bundle: SearchIndex, stack: ImageStack, ctf: Mapping[str, np.n
         parts = ParticleBatch(bundle.band, stack.read(idx), {key: v[idx] for key, v in ctf.items()},
                               bundle.sqrt_weights)
         vectors[s * n_origins:(s + len(idx)) * n_origins] = parts.search_vectors(
-            bundle.band, bundle.origins_px, bundle.manifest["normalise"]).numpy()
+            bundle.band, bundle.origins_px, bundle.manifest["normalise"], bundle.gallery.ctf_rms).numpy()
     distances, ids = swindex.search(bundle.shards(devices), vectors, n, nprobe, memory_bytes)
     return nearest_poses(distances, ids, n_origins, n)
 
@@ -371,7 +372,8 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
                     block_start = idx[0]
                     if bundle.resident:
                         distances, ids = swindex.search(bundle.shards(devices), parts.search_vectors(
-                            band, bundle.origins_px, m["normalise"]).numpy(), 4 * k, nprobe, memory_bytes)
+                            band, bundle.origins_px, m["normalise"], bundle.gallery.ctf_rms).numpy(), 4 * k, nprobe,
+                            memory_bytes)
                         block = nearest_poses(distances, ids, len(bundle.origins_px), 4 * k)
                     else:
                         block = index_matches(bundle, stack, ctf, np.arange(block_start, min(block_start + block_size, n)),

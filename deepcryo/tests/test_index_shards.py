@@ -93,7 +93,7 @@ def test_sharded_query_equals_one_shard(data, monkeypatch, caplog):
     with particles.open_images() as stack:
         from deepcryo.swiftalign.query import ParticleBatch
         vecs = ParticleBatch(one.band, stack.read(np.arange(len(particles))), particles.ctf_params(),
-                             None).search_vectors(one.band, one.origins_px).numpy()
+                             None).search_vectors(one.band, one.origins_px, ctf_rms=one.gallery.ctf_rms).numpy()
     d1, l1 = swindex.search(one.shards(), vecs, 20, 32)
     d6, l6 = swindex.search(six.shards(), vecs, 20, 32, memory_bytes=1e5)   # chunks of a few vectors
     assert np.array_equal(l1, l6) and np.array_equal(d1, d6) and (l1 >= 0).all()
