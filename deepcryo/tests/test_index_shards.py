@@ -74,7 +74,7 @@ def test_build_writes_each_shard_when_full_and_holds_one(data, monkeypatch):
     cap = swindex.shard_capacity(m["bytes_per_reference"], SMALL_GB * 1e9)
     for s in shards:
         assert s["n"] <= cap and faiss.read_index(str(d / "six" / s["file"])).ntotal == s["n"]
-    assert sorted(os.listdir(d / "six")) == sorted([MANIFEST_NAME, "reference.mrc"] + [s["file"] for s in shards])
+    assert sorted(os.listdir(d / "six")) == sorted([MANIFEST_NAME, "reference.mrc", "ctf_rms.npy"] + [s["file"] for s in shards])
 
 
 MANIFEST_NAME = swindex.MANIFEST
