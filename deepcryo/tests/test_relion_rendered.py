@@ -86,8 +86,9 @@ def test_ctf_matches_relions_ctf_without_our_projector(relion_rendered, tmp_path
 # ------------------------------------------------------------------------------------ reconstruction
 def test_true_pose_reconstruction_as_good_as_relion_reconstruct(relion_rendered):
     """RELION-rendered noisy particles (SNR 0.1, CTF, 1000), true poses, through ``core.reconstruct`` and
-    ``relion_reconstruct --ctf``: the FSC against the truth agrees shell by shell (the same threshold as
-    test_relion_conventions.py, which compares on deepcryo-simulated particles)."""
+    ``relion_reconstruct --ctf``: the FSC against the truth within 0.01 of RELION's in every shell (largest gap
+    measured 0.008 after the Hermitian-half reconstruction; test_relion_conventions.py holds 0.02 on
+    deepcryo-simulated particles)."""
     rs = relion_rendered(REFINE_SPEC)
     out = os.path.join(rs.folder, "relion_reconstruct.mrc")
     if not os.path.exists(out):
@@ -102,7 +103,7 @@ def test_true_pose_reconstruction_as_good_as_relion_reconstruct(relion_rendered)
     gap = c_theirs[shells] - c_ours[shells]
     print("FSC 0.5 vs truth: deepcryo %.2f Å, relion_reconstruct %.2f Å; largest gap %.3f"
           % (fsc_resolution_A(c_ours, PX, 0.5), fsc_resolution_A(c_theirs, PX, 0.5), gap.max()))
-    assert gap.max() < 0.02, "RELION better by %.3f at shell %d" % (gap.max(), 4 + int(gap.argmax()))
+    assert gap.max() < 0.01, "RELION better by %.3f at shell %d" % (gap.max(), 4 + int(gap.argmax()))
     assert np.corrcoef(rs.volume.ravel(), ours.ravel())[0, 1] >= \
         np.corrcoef(rs.volume.ravel(), theirs.ravel())[0, 1] - 0.01
 
