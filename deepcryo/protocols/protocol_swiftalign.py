@@ -70,7 +70,10 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
                       help="Resolution limit of the search vectors; with 'target resolution' it also "
                            "sets the angular step, asin(resolution / (box · pixel size)).")
         form.addParam("maxShift", params.FloatParam, default=5.0, validators=[params.GE(0)],
-                      label="Max shift (px)")
+                      label="Max shift (px)",
+                      help="Largest origin searched per axis. Each particle is searched at every origin of a "
+                           "grid within ± this (step: max resolution / (4 · pixel size)); the index holds the "
+                           "poses only and does not grow with it, the search time does.")
         form.addParam("doWhiten", params.BooleanParam, default=False, label="Whiten by the noise?",
                       expertLevel=params.LEVEL_ADVANCED,
                       help="Weight frequencies by the inverse noise power of the particles (estimated "
