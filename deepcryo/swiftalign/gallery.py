@@ -10,12 +10,11 @@ unitary); so the search ranks as exhaustive scoring of poses × origins would, u
 ‖CTF·P‖. That norm is kept close by one weight on both sides: the references are multiplied by the particles'
 RMS CTF over the band (``ctf_rms``, over a sample of the particles; astigmatism and defocus spread average
 out) and the particle's CTF-multiplied band is divided by it, which leaves the numerator exact and makes the
-reference norm ‖P·ctf_rms‖ ≈ ‖P·CTF‖. Without it the low frequencies, where the CTF is weak but the projection
-strong, dominated ‖P‖ and misranked poses at SwiftRes's 30 Å start (1.2 % of the particles beyond 10° in its
-test against 0.2 %); the exact re-ranking uses each particle's own CTF. The gallery is then ``shifts × CTF groups`` times smaller than
-one that stores every shifted, CTF-modulated reference: building it costs a few seconds where the other
-cost most of an alignment (``benchmarks/RESULTS.md``), and one index serves every particle, whatever its
-defocus.
+reference norm ‖P·ctf_rms‖ ≈ ‖P·CTF‖. Without it the low frequencies, where the CTF is weak but the
+projection strong, dominate ‖P‖ and misrank poses at low resolution (SwiftRes's first, 30 Å iteration); the
+exact re-ranking then uses each particle's own CTF. The gallery is ``shifts × CTF groups`` times smaller than
+one that stores every shifted, CTF-modulated reference, so building it is a small part of an alignment instead
+of most of it, and one index serves every particle whatever its defocus (``benchmarks/RESULTS.md``).
 
 Projections are central slices of the map's padded 3D transform sampled at the band frequencies only
 (:func:`band_slices`, the Fourier-slice theorem, same interpolation as :class:`deepcryo.core.projector.Projector`),
