@@ -28,7 +28,6 @@ the exhaustive search's correct particles that the index also gets right, and th
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -41,23 +40,16 @@ from deepcryo.swiftalign.gallery import band_slices, gallery_poses, shift_grid
 from deepcryo.swiftalign.query import ParticleBatch, select_and_refine
 from deepcryo.swiftalign.sampling import shift_step_for_resolution
 from deepcryo.tests.relion_data import RenderSpec, render
+from scale import run_timed  # benchmarks/scale.py, beside this script
 
 
 def _child(cmd, log_path):
-    """Run ``cmd``; (CPU s, wall s, peak RSS MB) of that child alone. Linux carries a parent's peak RSS into its
-    child's ``ru_maxrss`` over fork and exec, so GNU time (a small process) starts the program and reports
-    its own peak."""
-    rss_path = log_path + ".maxrss"
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss_path] + cmd, stdout=log,
-                                stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
+    """Run ``cmd`` (the ladder's timed launcher, :func:`scale.run_timed`); (CPU s, wall s, peak RSS MB) of that
+    program alone."""
+    run = run_timed(cmd, os.getcwd(), log_path, dict(os.environ), timeout_s=float("inf"))
+    if run["returncode"]:
         raise SystemExit("%s failed, see %s" % (" ".join(cmd), log_path))
-    with open(rss_path) as f:
-        rss_kb = int(f.read().split()[-1])
-    return usage.ru_utime + usage.ru_stime, time.time() - t0, rss_kb / 1024.0
+    return run["cpu_s"], run["wall_s"], run["rss_mb"]
 
 
 def exhaustive_pool(projector, band, parts, rotations, origins_px, n_keep, pose_block=2048):

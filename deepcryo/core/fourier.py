@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = ["fft2c", "ifft2c", "fft3c", "ifft3c", "freqs_1d", "freq_grid_2d", "freq_grid_3d", "radius_grid_2d",
-           "radius_grid_3d", "fourier_crop_2d", "fourier_pad_2d", "resize_images", "phase_shift_2d",
+           "radius_grid_3d", "fourier_crop_2d", "fourier_pad_2d", "resize_images", "phase_ramps", "phase_shift_2d",
            "shift_images", "lowpass_filter", "bandpass_filter", "radial_average", "soft_edge",
            "downsample_images", "lowpass_volume"]
 
@@ -117,6 +118,14 @@ def resize_images(images: torch.Tensor, n_out: int) -> torch.Tensor:
 
 
 downsample_images = resize_images
+
+
+def phase_ramps(freqs_px: torch.Tensor, shifts_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """Phase ramps (B, P) complex at frequencies ``freqs_px`` (P, 2) = (fx, fy) cycles/px that translate
+    image content by ``shifts_px`` (B, 2) = (dx, dy) px: ``exp(-2πi f·shift)``, on ``freqs_px``'s device."""
+    shifts = torch.as_tensor(shifts_px, dtype=torch.float32, device=freqs_px.device)
+    phase = (-2.0 * math.pi) * (shifts @ freqs_px.T)
+    return torch.polar(torch.ones_like(phase), phase)
 
 
 def phase_shift_2d(n: int, shifts_px: torch.Tensor, device: Optional[Union[str, torch.device]] = None,

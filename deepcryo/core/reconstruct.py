@@ -24,7 +24,6 @@ Program (options and examples in :mod:`deepcryo.core.commands.reconstruct`)::
 
     python -m deepcryo.core.reconstruct --particles P.star --output map.mrc --halves --symmetry C1
 """
-import math
 import sys
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
@@ -118,10 +117,9 @@ class Reconstructor:
         return half.index_select(1, self._half_pixels)
 
     def slice_phase_shift(self, origins_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-        """(B, P) phase ramps at the inserted pixels that undo RELION origins (B, 2) px (x, y)."""
-        origins = torch.as_tensor(origins_px, dtype=torch.float32, device=self.device)
-        phase = (-2.0 * math.pi) * (origins @ self.slice_freqs.T)
-        return torch.polar(torch.ones_like(phase), phase)
+        """(B, P) phase ramps at the inserted pixels that undo RELION origins (B, 2) px (x, y): moving the
+        content by +origin brings the particle centre back to N//2."""
+        return fourier.phase_ramps(self.slice_freqs, origins_px)
 
     def insert_images(self, images: torch.Tensor, rotations: torch.Tensor,
                       origins_px: Optional[Union[np.ndarray, torch.Tensor]] = None,

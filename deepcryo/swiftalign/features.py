@@ -11,7 +11,6 @@ float32. Interleaving keeps the Euclidean norm, so the L2 distance between vecto
 Fourier distance over the half band. With ``normalise`` every vector has unit norm and the squared
 L2 distance is ``2 - 2·ρ``, ρ the (weighted) correlation of the two images over the band.
 """
-import math
 from typing import Optional, Union
 
 import numpy as np
@@ -72,9 +71,7 @@ class Band:
 
     def phase_ramps(self, origins_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """(..., P) complex ramps that move image content by ``-origin`` (RELION origin, px)."""
-        origins_px = torch.as_tensor(origins_px, dtype=torch.float32)
-        phase = 2.0 * math.pi * (origins_px @ self.freqs_px.T)
-        return torch.polar(torch.ones_like(phase), phase)
+        return fourier.phase_ramps(self.freqs_px, -torch.as_tensor(origins_px, dtype=torch.float32))
 
 
 def vectors_from_band(coeffs: torch.Tensor, sqrt_weights: Optional[torch.Tensor] = None,

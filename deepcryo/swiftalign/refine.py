@@ -316,12 +316,13 @@ def _posterior_reconstruct(star, halves, classes, keep, refs, resolution_A, diam
                     if len(sel) == 0:
                         continue
                     rec, rows = recs[k][h - 1], idx[sel]
-                    parts = ParticleBatch(band, images[sel], {key: v[rows] for key, v in ctf_params.items()})
+                    params_sel = {key: v[rows] for key, v in ctf_params.items()}
+                    parts = ParticleBatch(band, images[sel], params_sel)
                     q_rot, q_org, weight = pose_posterior(projectors[k][h - 1], band, parts, rot[sel],
                                                           origins[sel], step, sstep)
                     b, q = weight.shape
                     w = weight.to(device).reshape(b * q, 1)
-                    ctf = rec.slice_ctf(px, **{key: v[rows] for key, v in ctf_params.items()})
+                    ctf = rec.slice_ctf(px, **params_sel)
                     data = (rec.slice_spectra(images[sel]) * ctf).repeat_interleave(q, dim=0)
                     data = data * rec.slice_phase_shift(q_org.reshape(b * q, 2)) * w
                     rec.insert_slices(data, (ctf * ctf).repeat_interleave(q, dim=0) * w, q_rot.reshape(b * q, 3, 3))
