@@ -55,10 +55,12 @@ import numpy as np
 import torch
 
 from deepcryo.core import fourier
+from deepcryo.core.ctf import ctf_2d
 from deepcryo.core.geometry import pose_distance_deg
 from deepcryo.core.mrc import write_mrc
 from deepcryo.core.star import read_star
-from deepcryo.core.particles import read_particles, write_particles
+from deepcryo.core.particles import ParticleStar, read_particles, write_particles
+from deepcryo.core.projector import Projector
 from deepcryo.core.simulate import phantom_volume
 from deepcryo.tests.relion_data import RenderSpec, relion_project, truth_particles
 
@@ -140,18 +142,35 @@ def _defocus_groups(star, spec: RenderSpec, n_groups: int) -> None:
     p["rlnMicrographName"] = np.array(["defocus_group%02d.mrc" % (g + 1) for g in group], dtype=object)
 
 
-def render_streamed(folder: str, spec: RenderSpec, n_groups: int = DEFOCUS_GROUPS) -> Dict[str, str]:
+def deepcryo_project(volume: np.ndarray, truth: ParticleStar, device: str, batch: int = 256) -> np.ndarray:
+    """Clean images (B, box, box) of ``truth``'s poses, origins and CTF by deepcryo's own projector and CTF: the
+    stand-in renderer (``--renderer deepcryo``) on machines without RELION (the GPU machines lent here), where
+    only speed is measured, not agreement with an independent renderer."""
+    projector = Projector(volume, device=device)
+    ctf, angles, origins_px = truth.ctf_params(), truth.angles_deg(), truth.origins_A() / truth.pixel_size_A
+    out = np.empty((len(truth), truth.box_size, truth.box_size), dtype=np.float32)
+    for start in range(0, len(truth), batch):
+        sl = slice(start, min(start + batch, len(truth)))
+        c = ctf_2d(truth.box_size, truth.pixel_size_A, device=device,
+                   **{k: torch.as_tensor(v[sl], device=device) for k, v in ctf.items()})
+        out[sl] = projector.project(angles[sl], origins_px[sl], c).cpu().numpy()
+    return out
+
+
+def render_streamed(folder: str, spec: RenderSpec, n_groups: int = DEFOCUS_GROUPS,
+                    renderer: str = "relion", device: str = "cpu") -> Dict[str, str]:
     """Render ``spec`` with ``relion_project`` into ``folder/particles.mrcs`` + ``particles.star`` without ever
     holding the whole stack: chunks of at most 10 k images and :data:`CHUNK_BYTES` are projected (RELION's pixels,
     CTF and origins), their noise added (σ² = mean image variance of the first chunk / SNR, as
     :mod:`deepcryo.tests.relion_data` defines it, seeded per chunk) and written into a memory-mapped stack.
     Also writes ``particles_nopose.star`` (no angles, origins: the refinement's input), ``truth.mrc`` and
-    ``initial.mrc`` (the truth low-passed to 30 Å). Reuses a finished rendering of the same spec."""
+    ``initial.mrc`` (the truth low-passed to 30 Å). Reuses a finished rendering of the same spec. ``renderer``
+    "deepcryo": :func:`deepcryo_project` on ``device`` instead of ``relion_project``."""
     os.makedirs(folder, exist_ok=True)
     files = {k: os.path.join(folder, v) for k, v in (("star", "particles.star"), ("star_nopose", "particles_nopose.star"),
                                                      ("map", "truth.mrc"), ("initial", "initial.mrc"))}
     record = os.path.join(folder, "spec.json")
-    wanted = {"spec": dataclasses.asdict(spec), "groups": n_groups}
+    wanted = {"spec": dataclasses.asdict(spec), "groups": n_groups, "renderer": renderer}
     if os.path.exists(record):
         with open(record) as f:
             if json.load(f) == json.loads(json.dumps(wanted)):
@@ -169,22 +188,25 @@ def render_streamed(folder: str, spec: RenderSpec, n_groups: int = DEFOCUS_GROUP
     with mrcfile.new_mmap(stack_path, shape=(spec.n, spec.box, spec.box), mrc_mode=2, overwrite=True) as stack:
         for k, start in enumerate(range(0, spec.n, chunk)):
             idx = np.arange(start, min(start + chunk, spec.n))
-            write_particles(os.path.join(folder, "chunk_truth.star"), truth.subset(idx))
-            out = read_particles(relion_project(folder, "truth.mrc", "chunk_truth.star", "chunk", spec.pixel_size_A))
-            if not np.allclose(out.angles_deg(), truth.angles_deg()[idx], atol=1e-3):
-                raise RuntimeError("relion_project did not read the poses back (chunk %d)" % k)
-            with mrcfile.mmap(os.path.join(folder, "chunk.mrcs"), permissive=True) as clean:
-                images = np.asarray(clean.data, dtype=np.float32)
-                if sigma is None:
-                    sigma = float(np.sqrt(images.var(axis=(1, 2)).mean() / spec.snr))
-                images = images + sigma * np.random.default_rng([spec.seed, 1, k]).standard_normal(
-                    images.shape, dtype=np.float32)
+            if renderer == "deepcryo":
+                images = deepcryo_project(vol, truth.subset(idx), device)
+            else:
+                write_particles(os.path.join(folder, "chunk_truth.star"), truth.subset(idx))
+                out = read_particles(relion_project(folder, "truth.mrc", "chunk_truth.star", "chunk",
+                                                    spec.pixel_size_A))
+                if not np.allclose(out.angles_deg(), truth.angles_deg()[idx], atol=1e-3):
+                    raise RuntimeError("relion_project did not read the poses back (chunk %d)" % k)
+                with mrcfile.mmap(os.path.join(folder, "chunk.mrcs"), permissive=True) as clean:
+                    images = np.array(clean.data, dtype=np.float32)
+                for name in ("chunk.mrcs", "chunk.star", "chunk_truth.star"):
+                    os.remove(os.path.join(folder, name))
+            if sigma is None:
+                sigma = float(np.sqrt(images.var(axis=(1, 2)).mean() / spec.snr))
+            images += sigma * np.random.default_rng([spec.seed, 1, k]).standard_normal(images.shape, dtype=np.float32)
             stack.data[idx[0]:idx[-1] + 1] = images
             total, total_sq = total + float(images.sum(dtype=np.float64)), total_sq + float((images ** 2).sum(dtype=np.float64))
             lo, hi = min(lo, float(images.min())), max(hi, float(images.max()))
             del images
-            for name in ("chunk.mrcs", "chunk.star", "chunk_truth.star"):
-                os.remove(os.path.join(folder, name))
         count = spec.n * spec.box ** 2
         stack.header.ispg = 0
         stack.voxel_size = spec.pixel_size_A
@@ -199,8 +221,9 @@ def render_streamed(folder: str, spec: RenderSpec, n_groups: int = DEFOCUS_GROUP
     write_particles(files["star_nopose"], star)
     with open(record, "w") as f:
         json.dump(wanted, f)
-    print("rendered %d particles of %d px with relion_project in %.0f s (%s)" % (spec.n, spec.box, time.time() - t0,
-                                                                             folder), flush=True)
+    print("rendered %d particles of %d px with %s in %.0f s (%s)" % (
+        spec.n, spec.box, "relion_project" if renderer == "relion" else "deepcryo's projector", time.time() - t0,
+        folder), flush=True)
     return files
 
 
@@ -403,7 +426,8 @@ def measure(args, name: str, rung: Rung, program: str, records: List[dict]) -> d
     else:
         files = render_streamed(os.path.join(rung_dir, "data"), RenderSpec(
             n=rung.n, box=rung.box, pixel_size_A=rung.pixel_size_A, snr=SNR, seed=1, max_shift_px=MAX_SHIFT_A /
-            rung.pixel_size_A, defocus_range_A=(10000.0, 25000.0)))
+            rung.pixel_size_A, defocus_range_A=(10000.0, 25000.0)), renderer=args.renderer,
+            device=args.device)
     n_run, note = rung.n, ""
     if prog.unit == "particle":
         n_run = min(rung.n, prog.subset or rung.n)
@@ -566,6 +590,11 @@ def main(argv=None):
     p.add_argument("--work", required=True, help="folder for the renderings, runs and results.json")
     p.add_argument("--device", default="cpu", help="deepcryo's --device (RELION runs on the CPU)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--renderer", choices=("relion", "deepcryo"), default="relion",
+                   help="who renders the particles: relion_project (independent of deepcryo), or deepcryo's own "
+                        "projector where RELION is not installed (speed only)")
+    p.add_argument("--deadline-minutes", type=float, default=0.0,
+                   help="start no new run after this many minutes from the start (0: no limit)")
     p.add_argument("--max-minutes", type=float, default=60.0,
                    help="a per-particle run predicted to take longer runs on a subset and is extrapolated; every "
                         "run is stopped after 3× this")
@@ -575,9 +604,12 @@ def main(argv=None):
     p.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scale.png"))
     p.add_argument("--report-only", action="store_true", help="only print the table and plot WORK/results.json")
     args = p.parse_args(argv)
-    for exe in ("relion_project", "relion_reconstruct", "relion_refine"):
+    needed = [p for p in args.programs if not PROGRAMS[p].deepcryo] + (["relion_project"] if args.renderer == "relion"
+                                                                         else [])
+    for exe in needed:
         if shutil.which(exe) is None and not args.report_only:
             sys.exit("%s not found (apt-get install relion)" % exe)
+    started = time.time()
     args.work = os.path.abspath(args.work)
     os.makedirs(args.work, exist_ok=True)
     results_path = os.path.join(args.work, "results.json")
@@ -592,6 +624,9 @@ def main(argv=None):
             if (PROGRAMS[program].unit == "micrograph") != bool(rung.micrograph_shape):
                 continue
             device = args.device if PROGRAMS[program].deepcryo else "cpu"
+            if args.deadline_minutes and time.time() - started > 60 * args.deadline_minutes:
+                print("%-12s %-20s not started: past --deadline-minutes" % (name, program), flush=True)
+                continue
             rec = measure(args, name, rung, program, records)
             records = [r for r in records if (r["rung"], r["program"], r["device"]) != (name, program, device)] + [rec]
             with open(results_path, "w") as f:
