@@ -27,6 +27,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -58,6 +59,16 @@ def _run(module, argv):
 def _faiss_gpu():
     import faiss
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _guarded(name, bench, *args):
+    """``bench(*args)``, or one failed row when it raises: the steps after a failing one still run, so one lease of
+    a GPU machine shows every failing path, not only the first."""
+    try:
+        return bench(*args)
+    except Exception as exc:    # noqa: BLE001 -- reported in the table, the run goes on
+        traceback.print_exc()
+        return [(name, math.nan, math.nan, "error: %s" % str(exc).splitlines()[-1][:120], False)]
 
 
 def _aligned_fraction(truth, aligned_star, step_deg):
@@ -174,11 +185,14 @@ def main(argv=None):
              time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())), flush=True)
     work = args.work_dir or tempfile.mkdtemp(prefix="deepcryo_gpu_")
     rows = []
-    align_rows, star = bench_swiftalign(work, args.device, n_particles, args.threads)
-    rows += align_rows
-    rows += bench_refine(work, args.device, star, args.threads)
-    rows += bench_defocus(work, args.device, n_mics, mic_px, args.threads)
-    rows += bench_landscape(work, args.device, 4 * n_particles, args.threads)
+    align = _guarded("swiftalign", bench_swiftalign, work, args.device, n_particles, args.threads)
+    if isinstance(align, tuple):
+        rows += align[0]
+        rows += _guarded("swiftalign refine", bench_refine, work, args.device, align[1], args.threads)
+    else:
+        rows += align
+    rows += _guarded("defocus", bench_defocus, work, args.device, n_mics, mic_px, args.threads)
+    rows += _guarded("landscape", bench_landscape, work, args.device, 4 * n_particles, args.threads)
     print("\n| step | cpu s | %s s | speed-up | figures (cpu / %s) | check |" % (args.device, args.device))
     print("|---|---|---|---|---|---|")
     for name, tc, tg, figures, ok in rows:

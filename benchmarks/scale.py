@@ -37,6 +37,7 @@ listed as such), so the ladder can be climbed over several invocations. ``--resu
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -62,7 +63,23 @@ from deepcryo.core.star import read_star
 from deepcryo.core.particles import ParticleStar, read_particles, write_particles
 from deepcryo.core.projector import Projector
 from deepcryo.core.simulate import phantom_volume
-from deepcryo.tests.relion_data import RenderSpec, relion_project, truth_particles
+
+
+def _load_relion_data():
+    """The tests' RELION renderer (:mod:`deepcryo.tests.relion_data`), loaded from its file without running the
+    test package's Scipion set-up: this script also runs where Scipion is not installed (the GPU machines)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepcryo", "tests",
+                        "relion_data.py")
+    spec = importlib.util.spec_from_file_location("deepcryo_relion_data", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module        # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+_relion_data = _load_relion_data()
+RenderSpec, relion_project, truth_particles = (_relion_data.RenderSpec, _relion_data.relion_project,
+                                               _relion_data.truth_particles)
 
 SPECIMEN_A = 192.0                 # box side in Å at every box (1.5 Å/px at box 128)
 MAX_SHIFT_A = 4.5                  # rendered origins: uniform within ± this, per axis

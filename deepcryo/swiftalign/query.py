@@ -74,7 +74,7 @@ class ParticleBatch:
         by the index's ``ctf_rms`` (P,) when given) and moved back by each of the S origins (S, 2) px (the
         reference a particle with that origin matches is the centred projection; see :mod:`.gallery`)."""
         undo = band.phase_ramps(torch.as_tensor(origins_px, dtype=torch.float32)).conj()          # (S, P)
-        corrected = self.coeffs * self.ctf if ctf_rms is None else self.coeffs * self.ctf / ctf_rms
+        corrected = self.coeffs * self.ctf if ctf_rms is None else self.coeffs * self.ctf / ctf_rms.to(self.coeffs.device)
         moved = corrected[:, None] * undo[None]                                                 # (B, S, P)
         return vectors_from_band(moved, self.sqrt_weights, normalise).reshape(-1, band.dim)
 
