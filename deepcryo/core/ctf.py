@@ -64,16 +64,22 @@ def ctf_from_freqs(freqs_invA: torch.Tensor, defocus_u_A: Union[float, torch.Ten
     """
     fx, fy = freqs_invA[:, 0][None], freqs_invA[:, 1][None]
     s2 = fx * fx + fy * fy
-    azimuth = torch.atan2(fy, fx)
     du, dv, ang = (_col(v, freqs_invA) for v in (defocus_u_A, defocus_v_A, defocus_angle_deg))
     volt, cs, w = (_col(v, freqs_invA) for v in (voltage_kV, cs_mm, amplitude_contrast))
     shift, bfac = _col(phase_shift_deg, freqs_invA), _col(bfactor_A2, freqs_invA)
     lam = wavelength_A(volt)
-    dz = defocus_at_azimuth(du, dv, ang, azimuth)
-    gamma = (math.pi * lam * dz * s2 - 0.5 * math.pi * (cs * 1e7) * lam ** 3 * s2 * s2
-             + torch.atan(w / torch.sqrt(1.0 - w * w)) + shift * (math.pi / 180.0))
+    # dz(φ)·s² of :func:`defocus_at_azimuth`, expanded with cos 2(φ − α) = cos 2φ cos 2α + sin 2φ sin 2α and
+    # s² cos 2φ = fx² − fy², s² sin 2φ = 2 fx fy: no angle or cosine per pixel and particle
+    two_alpha = ang * (math.pi / 90.0)
+    half = 0.5 * (du - dv)
+    dz_s2 = (0.5 * (du + dv)) * s2 + (half * torch.cos(two_alpha)) * (fx * fx - fy * fy) \
+        + (half * torch.sin(two_alpha)) * (2.0 * fx * fy)
+    gamma = (math.pi * lam) * dz_s2 - (0.5 * math.pi * (cs * 1e7) * lam ** 3) * (s2 * s2) \
+        + (torch.atan(w / torch.sqrt(1.0 - w * w)) + shift * (math.pi / 180.0))
     ctf = torch.sin(gamma)
-    return ctf * torch.exp(-bfac * s2 / 4.0)
+    if bool((bfac != 0).any()):
+        ctf = ctf * torch.exp(-bfac * s2 / 4.0)
+    return ctf
 
 
 def ctf_2d(box: int, pixel_size_A: float, defocus_u_A: Union[float, torch.Tensor],
