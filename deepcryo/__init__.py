@@ -64,23 +64,52 @@ def expandPath(path):
     return os.path.expandvars(os.path.expanduser(path))
 
 
-def _projectUrl():
-    """The project's home page from the installed distribution's metadata (pyproject's ``[project.urls]``),
-    or '' when it has none (Scipion then shows no link rather than pwem's)."""
+def _checkoutRoot():
+    """The source checkout the plugin runs from (the folder of ``pyproject.toml`` above the package), or None
+    when it runs from an installed wheel."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return root if os.path.isfile(os.path.join(root, "pyproject.toml")) else None
+
+
+def _checkoutHomepage(root):
+    """``Homepage`` of ``[project.urls]`` in the checkout's ``pyproject.toml`` ('' without one, or on a Python
+    older than 3.11, which has no TOML reader: the installed metadata then gives it)."""
+    try:
+        import tomllib
+    except ImportError:
+        return ""
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f).get("project", {}).get("urls", {}).get("Homepage", "")
+
+
+def _installedHomepage():
+    """``Homepage`` of the installed distribution's metadata (``Project-URL: Homepage, <url>``, which pip writes
+    from pyproject's ``[project.urls]``), or ''."""
     from importlib import metadata
     try:
         meta = metadata.metadata(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return ""
-    urls = [u.split(",", 1)[-1].strip() for u in meta.get_all("Project-URL") or []]
-    return (urls + [meta.get("Home-page") or ""])[0]
+    for entry in meta.get_all("Project-URL") or []:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() == "homepage":
+            return url.strip()
+    return ""
+
+
+def _projectUrl():
+    """The project's home page, ``Homepage`` of pyproject's ``[project.urls]``: read from the source checkout
+    the plugin runs from (the metadata of an editable install dates from its installation), else from the
+    installed distribution's metadata; '' when neither has it (Scipion then shows no link rather than pwem's)."""
+    root = _checkoutRoot()
+    return (_checkoutHomepage(root) if root else "") or _installedHomepage()
 
 
 def _pluginRequirement():
     """What pip installs as this plugin into the separate environment: the source checkout itself
     (editable) when the plugin runs from one (``scipion3 installp --devel``), else this release."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(root, "pyproject.toml")):
+    root = _checkoutRoot()
+    if root:
         return "-e %s" % shlex.quote(root)
     return "%s==%s" % (DISTRIBUTION, __version__)
 

@@ -44,6 +44,11 @@ SYMMETRY_HELP = ("Point group of the map, with RELION's names and operators (any
                  "cNv, cNh, sN (N even), dNv, dNh, td, th, oh, ih (= i2h), i1h-i4h. c1: no symmetry.")
 
 # -------------------------------------------------------------------------------------- output names
+#: Particle diameter assumed when none is given, as a fraction of the box side (box × pixel size): particles
+#: are boxed with room around them, typically 1.2-1.5 × their diameter (SwiftRes's angular step and automatic
+#: mask, the wizards' starting value).
+DEFAULT_DIAMETER_BOX_FRACTION = 0.8
+
 OUTPUT_VOLUME = "outputVolume"
 OUTPUT_FSC = "outputFSC"
 OUTPUT_PARTICLES = "outputParticles"

@@ -29,8 +29,8 @@ import torch
 from . import fourier
 
 __all__ = ["fsc", "fsc_resolution_A", "resolution_shell", "shell_frequencies", "randomize_phases_beyond",
-           "randomization_shell", "solvent_corrected_fsc", "MaskedFSC", "masked_fsc", "spherical_mask",
-           "fsc_to_ssnr", "fsc_to_half_ssnr", "RANDOMIZE_FSC_AT"]
+           "randomization_shell", "solvent_corrected_fsc", "MaskedFSC", "masked_fsc", "particle_mask",
+           "spherical_mask", "fsc_to_ssnr", "fsc_to_half_ssnr", "RANDOMIZE_FSC_AT"]
 
 RANDOMIZE_FSC_AT = 0.8
 """Unmasked FSC below which relion_postprocess randomises phases (its ``--randomize_at_fsc`` default)."""
@@ -166,6 +166,13 @@ def masked_fsc(half1: Union[torch.Tensor, np.ndarray], half2: Union[torch.Tensor
     if resolution_shell(unmasked) > resolution_shell(corrected):
         return MaskedFSC(unmasked, masked, random_masked, unmasked, shell, False)
     return MaskedFSC(unmasked, masked, random_masked, corrected, shell, True)
+
+
+def particle_mask(box: int, pixel_size_A: float, diameter_A: float, edge_px: float = 3.0) -> torch.Tensor:
+    """(N, N, N) soft sphere of a particle of ``diameter_A`` (Å): its cosine edge of ``edge_px`` ends at the
+    diameter (or 1 px inside the box), so the mask takes nothing outside the particle."""
+    radius = min(box / 2 - 1, diameter_A / (2 * pixel_size_A))
+    return spherical_mask(box, radius_px=max(1.0, radius - edge_px), edge_px=edge_px)
 
 
 def spherical_mask(box: int, radius_px: Optional[float] = None, edge_px: float = 5.0,

@@ -24,7 +24,7 @@ from pyworkflow.utils import Message
 from pwem.objects import FSC, Volume
 from pwem.protocols import ProtReconstruct3D
 
-from deepcryo.constants import OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_HELP
+from deepcryo.constants import DEFAULT_DIAMETER_BOX_FRACTION, OUTPUT_FSC, OUTPUT_VOLUME, SYMMETRY_HELP
 from deepcryo.convert import fscResolution, readFscStar
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import particleErrors, symmetryErrors
@@ -61,6 +61,14 @@ class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
                       help="Also reconstruct two half maps, each from one half of the particles, and "
                            "their FSC. The halves are the particles' random subsets when they have "
                            "them (e.g. from a RELION refinement), otherwise a random split.")
+        form.addParam("maskDiameter", params.FloatParam, default=0.0, validators=[params.GE(0)],
+                      condition="doHalfMaps", label="Mask diameter (Å)",
+                      help="Diameter of the particle, in Å: the FSC of the half maps is measured inside a soft "
+                           "sphere of this diameter and corrected for the mask by phase randomisation, as "
+                           "relion_postprocess does, so the solvent's noise around the particle does not lower "
+                           "the resolution. 0: no mask, the FSC of the whole box. The wizard draws it on the "
+                           "particles (%d%% of their box is the usual particle size)."
+                           % round(100 * DEFAULT_DIAMETER_BOX_FRACTION))
         addGpuParams(form, gpuHelp="The one GPU to use, e.g. 0.",
                      useGpuHelp="Reconstruct on a CUDA GPU instead of the CPU threads.")
         form.addParallelSection(threads=4, mpi=0)
@@ -87,6 +95,8 @@ class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
             args += ["--max-resolution", self.maxResolution.get()]
         if self.doHalfMaps:
             args.append("--halves")
+            if self.maskDiameter.get() > 0:
+                args += ["--mask-diameter", self.maskDiameter.get()]
         if self.usesGpu():
             args += self._deviceArgs()
         self._runProgram("core.reconstruct", args)
@@ -120,6 +130,13 @@ class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
                               "for Nyquist." % (self.maxResolution.get(), 2 * sr, sr))
             if self.doHalfMaps and particles.getSize() == 1:
                 errors.append("Half maps need at least 2 particles.")
+            box = particles.getXDim() or 0
+            if self.doHalfMaps and sr and box and self.maskDiameter.get() > 1.5 * box * sr:
+                errors.append("Mask diameter %.1f Å is larger than 1.5 × the box (%.1f Å); 0 measures the FSC of "
+                              "the whole box." % (self.maskDiameter.get(), box * sr))
+            if self.doHalfMaps and sr and 0 < self.maskDiameter.get() < 8 * sr:
+                errors.append("Mask diameter %.1f Å is below 8 pixels (%.1f Å): nothing of the particle would be "
+                              "left inside its soft edge." % (self.maskDiameter.get(), 8 * sr))
         errors += symmetryErrors(self.symmetryGroup.get())
         errors += self._oneGpuErrors("The reconstruction")
         return errors
@@ -130,9 +147,11 @@ class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
         summary = ["Map reconstructed from %d particles with symmetry %s."
                    % (self.inputParticles.get().getSize(), self.symmetryGroup.get())]
         if hasattr(self, OUTPUT_FSC):
-            summary.append("Half-map FSC resolution (unmasked; the last shell above the threshold, as RELION "
+            where = ("in a %.0f Å sphere, corrected by phase randomisation" % self.maskDiameter.get()
+                     if self.maskDiameter.get() > 0 else "unmasked")
+            summary.append("Half-map FSC resolution (%s; the last shell above the threshold, as RELION "
                            "reports): %.2f Å (FSC 0.143), %.2f Å (FSC 0.5)."
-                           % (self._fscResolution(0.143), self._fscResolution(0.5)))
+                           % (where, self._fscResolution(0.143), self._fscResolution(0.5)))
         return summary
 
     def _fscResolution(self, threshold):
@@ -149,10 +168,12 @@ class DeepCryoProtReconstruct(DeepCryoProtBase, ProtReconstruct3D):
                    % (self.getObjectTag(OUTPUT_VOLUME), self.inputParticles.get().getSize(),
                       self.getObjectTag("inputParticles"), self.symmetryGroup.get(), limit)]
         if hasattr(self, OUTPUT_FSC):
+            where = ("in a soft sphere of %.0f Å diameter, corrected by phase randomisation ([Chen2013]) as "
+                     "relion_postprocess does" % self.maskDiameter.get() if self.maskDiameter.get() > 0 else "unmasked")
             methods.append("Two half maps were reconstructed from independent halves of the particles; their "
-                           "Fourier shell correlation (%s, unmasked) reaches the 0.143 threshold at %.2f Å."
-                           % (self.getObjectTag(OUTPUT_FSC), self._fscResolution(0.143)))
+                           "Fourier shell correlation (%s, %s) reaches the 0.143 threshold at %.2f Å."
+                           % (self.getObjectTag(OUTPUT_FSC), where, self._fscResolution(0.143)))
         return methods
 
     def _citations(self):
-        return ["Vilas2022", "Scheres2012a", "Zivanov2018"]
+        return ["Vilas2022", "Scheres2012a", "Zivanov2018"] + (["Chen2013"] if self.maskDiameter.get() > 0 else [])

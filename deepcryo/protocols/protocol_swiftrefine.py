@@ -25,7 +25,8 @@ from pyworkflow.utils import Message
 from pwem.objects import FSC, SetOfClasses3D, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 
-from deepcryo.constants import OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME, SYMMETRY_HELP
+from deepcryo.constants import (DEFAULT_DIAMETER_BOX_FRACTION, OUTPUT_FSC, OUTPUT_PARTICLES, OUTPUT_VOLUME,
+                                SYMMETRY_HELP)
 from deepcryo.convert import convertVolume, readFscStar, updateParticlesFromStar
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import particleErrors, symmetryErrors
@@ -73,8 +74,12 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
                            "iteration aligns up to it. 30-60 Å avoids reference bias.")
         form.addParam("particleDiameter", params.FloatParam, default=0.0, validators=[params.GE(0)],
                       label="Particle diameter (Å)",
-                      help="Sets the angular step (asin(resolution / diameter)) and the automatic "
-                           "spherical mask. 0: 80% of the box.")
+                      help="Largest diameter of the particle, in Å. It sets the angular step (asin(resolution / "
+                           "diameter)) and the automatic spherical mask (a soft sphere of this diameter). 0: "
+                           "%d%% of the input's box (box × pixel size of the particles), right for particles "
+                           "boxed with the usual margin. The wizard draws it on a central slice of the initial "
+                           "map. It must exceed the initial resolution and stay within 1.5 × the box."
+                           % round(100 * DEFAULT_DIAMETER_BOX_FRACTION))
         form.addParam("inputMask", params.PointerParam, pointerClass="VolumeMask", allowsNull=True,
                       label="Mask (optional)",
                       help="Applied to the references and to the half maps for the FSC. Default: a "
@@ -232,9 +237,14 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
                 if sr and abs(vol.getSamplingRate() - sr) > 1e-3 * sr:
                     errors.append("%s (%s): pixel size %.4f Å/px differs from the particles' %.4f Å/px."
                                   % (what, vol.getFileName(), vol.getSamplingRate(), sr))
-            if sr and self.particleDiameter.get() > 1.5 * box * sr:
+            diameter = self.particleDiameter.get()
+            if sr and diameter > 1.5 * box * sr:
                 errors.append("Particle diameter %.1f Å is larger than 1.5 × the box (%.1f Å)."
-                              % (self.particleDiameter.get(), box * sr))
+                              % (diameter, box * sr))
+            if 0 < diameter <= self.initialResolution.get():
+                errors.append("Particle diameter %.1f Å must exceed the initial resolution %.1f Å (the angular "
+                              "step is asin(resolution / diameter)); 0 takes %d%% of the box."
+                              % (diameter, self.initialResolution.get(), round(100 * DEFAULT_DIAMETER_BOX_FRACTION)))
         if not volumes:
             errors.append("Give at least one initial map.")
         errors += symmetryErrors(self.symmetryGroup.get())

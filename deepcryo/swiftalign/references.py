@@ -19,7 +19,7 @@ import torch
 
 from deepcryo.core import fourier
 from deepcryo.core.errors import InputError
-from deepcryo.core.fsc import fsc_to_half_ssnr, spherical_mask
+from deepcryo.core.fsc import fsc_to_half_ssnr, particle_mask
 from deepcryo.core.mrc import read_mrc
 from deepcryo.core.particles import ParticleStar
 from deepcryo.core.reconstruct import Reconstructor
@@ -59,8 +59,7 @@ def refinement_mask(box: int, pixel_size_A: float, diameter_A: float,
     """The user's mask (N, N, N) or a soft sphere of ``diameter_A`` with a 3 px cosine edge."""
     if mask is not None:
         return torch.as_tensor(mask, dtype=torch.float32)
-    radius = min(box / 2 - 1, diameter_A / (2 * pixel_size_A))
-    return spherical_mask(box, radius_px=max(1.0, radius - 3.0), edge_px=3.0)
+    return particle_mask(box, pixel_size_A, diameter_A)
 
 
 def initial_references(maps: Sequence[np.ndarray], resolution_A: float, pixel_size_A: float,

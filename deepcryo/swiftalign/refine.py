@@ -88,6 +88,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from deepcryo.constants import DEFAULT_DIAMETER_BOX_FRACTION
 from deepcryo.core.errors import InputError
 from deepcryo.core.files import remove_stale_parts_in
 from deepcryo.core.fsc import fsc_resolution_A, masked_fsc
@@ -456,7 +457,7 @@ def refine_3d(particles: Union[str, ParticleStar], references: Union[str, Sequen
     params = params or RefineParams()
     star, maps, mask_vol = _read_inputs(particles, references, mask, params)
     px, box = star.pixel_size_A, star.box_size
-    diameter_A = params.particle_diameter_A or 0.8 * box * px
+    diameter_A = params.particle_diameter_A or DEFAULT_DIAMETER_BOX_FRACTION * box * px
     mask_t = refinement_mask(box, px, diameter_A, mask_vol)
     layout = RefineLayout(output_dir, len(maps))
     os.makedirs(output_dir, exist_ok=True)

@@ -155,9 +155,32 @@ class TestPlugin(unittest.TestCase):
         self.assertIs(deepcryo.protocols.DeepCryoProtVaeAnalyze._possibleOutputs["outputClasses"],
                       pwem.objects.SetOfClasses3D)
 
-    def testUrlIsTheProjectsNotPwems(self):
+    @unittest.skipIf(sys.version_info < (3, 11), "reads pyproject.toml with tomllib (Python 3.11+)")
+    def testUrlIsTheProjectsHomepage(self):
+        """Scipion links the plugin to ``Plugin._url``: the ``Homepage`` of pyproject's ``[project.urls]`` (one
+        place for it), not pwem's."""
+        import tomllib
+        with open(os.path.join(os.path.dirname(os.path.dirname(deepcryo.__file__)), "pyproject.toml"), "rb") as f:
+            urls = tomllib.load(f)["project"]["urls"]
+        self.assertEqual(urls["Homepage"], "https://github.com/deepcryo/scipion-em-deepcryo")
+        self.assertEqual(self.Plugin.getUrl(), urls["Homepage"])
+        self.assertEqual(self.module._pluginInstance.getUrl(), urls["Homepage"])
         self.assertNotEqual(self.Plugin.getUrl(), pwem.Plugin.getUrl())
-        self.assertEqual(self.Plugin.getUrl(), deepcryo._projectUrl())
+
+    def testUrlOfAnInstalledPlugin(self):
+        """Installed from a wheel (no pyproject beside the package), the home page comes from the distribution's
+        metadata: its ``Project-URL: Homepage, ...`` whatever other project URLs come first."""
+        from email.message import Message
+        meta = Message()
+        meta["Project-URL"] = "Source, https://example.org/src"
+        meta["Project-URL"] = "Homepage, https://example.org/home"
+        with mock.patch("importlib.metadata.metadata", return_value=meta):
+            self.assertEqual(deepcryo._installedHomepage(), "https://example.org/home")
+        with mock.patch("importlib.metadata.metadata", return_value=Message()):
+            self.assertEqual(deepcryo._installedHomepage(), "")
+        with mock.patch.object(deepcryo, "_checkoutRoot", return_value=None), \
+                mock.patch.object(deepcryo, "_installedHomepage", return_value="https://example.org/home"):
+            self.assertEqual(deepcryo._projectUrl(), "https://example.org/home")
 
     def testProgramsRunWithoutScipionPythonPath(self):
         """Every program goes through ``_runProgram``, which passes ``Plugin.getEnviron()`` to ``runJob``: with

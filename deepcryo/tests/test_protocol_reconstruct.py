@@ -79,6 +79,19 @@ class TestDeepCryoReconstruct(ProtocolTest):
         self.assertLessEqual(halves, MAX_RESOLUTION_A, "half-map FSC 0.143 at %.1f Å" % halves)
         self.assertTrue(any("resolution" in line for line in prot.summary()))
 
+    def testMaskedFsc(self):
+        """With a mask diameter, the output FSC is the half maps' FSC in that sphere, corrected by phase
+        randomisation; summary and methods say so."""
+        diameter = 0.8 * BOX * PX
+        prot = self._newReconstruct(self.importAligned.outputParticles, maskDiameter=diameter)
+        self.launchProtocol(prot)
+        half1, half2 = (read_mrc(path)[0] for path in getattr(prot, OUTPUT_VOLUME).getHalfMaps().split(","))
+        expected = fsc.masked_fsc(half1, half2, fsc.particle_mask(BOX, PX, diameter).numpy())
+        _, y = getattr(prot, OUTPUT_FSC).getData()
+        np.testing.assert_allclose([float(v) for v in y], expected.corrected, atol=1e-5)
+        self.assertTrue(any("in a 96 Å sphere, corrected by phase randomisation" in line for line in prot.summary()))
+        self.assertIn("[Chen2013]", " ".join(prot.methods()))
+
     def testValidateRejectsBadInput(self):
         prot = self._newReconstruct(self.importRaw.outputParticles, symmetryGroup="x3", maxResolution=4.0)
         errors = "\n".join(prot.validate())

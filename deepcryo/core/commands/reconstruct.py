@@ -4,9 +4,11 @@ Example::
 
     python -m deepcryo.core.reconstruct --particles P.star --output map.mrc --halves --symmetry C1
     python -m deepcryo.core.reconstruct --particles P.star --output map.mrc --max-resolution 8 --device cuda
+    python -m deepcryo.core.reconstruct --particles P.star --output map.mrc --halves --mask-diameter 180
 
 writes ``map.mrc`` (with ``--halves`` also ``map_half1.mrc``, ``map_half2.mrc`` and ``map_fsc.star``) and
-prints the half-map FSC resolution at 0.143. Half sets come from ``rlnRandomSubset`` when present,
+prints the half-map FSC resolution at 0.143; with ``--mask-diameter`` the FSC is that inside a soft sphere of the
+particle, corrected for the mask by phase randomisation (:func:`deepcryo.core.fsc.masked_fsc`). Half sets come from ``rlnRandomSubset`` when present,
 otherwise from a seeded random split (which is written nowhere, the input is only read). The method is in
 :mod:`deepcryo.core.reconstruct`.
 """
@@ -17,7 +19,7 @@ from deepcryo.constants import SYMMETRY_NAMES
 
 from .. import cli
 from ..errors import InputError
-from ..fsc import fsc_resolution_A
+from ..fsc import fsc_resolution_A, masked_fsc, particle_mask
 from ..geometry import symmetry_matrices
 from ..mrc import write_mrc
 from ..particles import read_particles
@@ -34,6 +36,9 @@ def add_args(parser):
                         help="point group, RELION's names and operators (default C1): " + SYMMETRY_NAMES)
     parser.add_argument("--max-resolution", type=float, default=0.0,
                         help="highest resolution inserted, Å (0: Nyquist)")
+    parser.add_argument("--mask-diameter", type=float, default=0.0,
+                        help="with --halves: FSC inside a soft sphere of this particle diameter, Å, corrected for "
+                             "the mask by phase randomisation as relion_postprocess (0: unmasked FSC)")
     parser.add_argument("--batch-size", type=int, default=256, help="particles per batch (memory bound)")
     cli.add_device_argument(parser)
     cli.add_threads_argument(parser)
@@ -49,6 +54,8 @@ def main(args):
         symmetry_matrices(args.symmetry)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    if args.mask_diameter < 0:
+        raise InputError("--mask-diameter must be >= 0 Å (0: unmasked FSC), got %g" % args.mask_diameter)
     star = read_particles(args.particles)
     star.require("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
     result = reconstruct_star(star, args.halves, args.symmetry, args.max_resolution or None, args.batch_size,
@@ -59,7 +66,13 @@ def main(args):
     if args.halves:
         write_mrc(root + "_half1" + (ext or ".mrc"), result["half1"], px)
         write_mrc(root + "_half2" + (ext or ".mrc"), result["half2"], px)
-        write_fsc_star(root + "_fsc.star", result["fsc"], result["map"].shape[-1], px)
-        logger.info("resolution (FSC 0.143): %.2f A; (FSC 0.5): %.2f A",
-                    fsc_resolution_A(result["fsc"], px, 0.143), fsc_resolution_A(result["fsc"], px, 0.5))
+        box = result["map"].shape[-1]
+        curve = result["fsc"]
+        if args.mask_diameter > 0:
+            curve = masked_fsc(result["half1"], result["half2"], particle_mask(box, px, args.mask_diameter).numpy(),
+                               seed=args.seed).corrected
+        write_fsc_star(root + "_fsc.star", curve, box, px)
+        logger.info("resolution (FSC 0.143%s): %.2f A; (FSC 0.5): %.2f A",
+                    ", in a %g A sphere" % args.mask_diameter if args.mask_diameter > 0 else "",
+                    fsc_resolution_A(curve, px, 0.143), fsc_resolution_A(curve, px, 0.5))
     logger.info("wrote %s", args.output)
