@@ -148,6 +148,7 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
         z = np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in _latentColumns(star)], 1)
         outSet = self._createSetOfParticlesFlex(progName=PROG_NAME)
         outSet.copyInfo(inputSet)
+        outSet.setHasCTF(inputSet.hasCTF())   # SetOfParticlesFlex.copyInfo from a SetOfParticles leaves it out
         poseFree = bool(self.poseFree)
         if poseFree:
             outSet.setAlignmentProj()

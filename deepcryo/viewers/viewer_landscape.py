@@ -48,7 +48,8 @@ from deepcryo.core.particles import read_particles
 from deepcryo.landscape.density import draw_density_panels
 from deepcryo.landscape.selection import select_by_polygon, write_selection
 from deepcryo.protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect
-from deepcryo.viewers.volumes import ChimeraVolume, chimerax_plugin, run_chimera_script, write_chimera_script
+from deepcryo.viewers.volumes import (CHIMERAX, ChimeraVolume, addVolumeDisplayParam, chimerax_plugin,
+                                      run_chimera_script, write_chimera_script)
 
 __all__ = ["load_analysis", "plot_landscape", "plot_cluster_volumes", "plot_traversal", "plot_png",
            "LandscapeLasso", "DeepCryoLandscapeViewer"]
@@ -273,20 +274,13 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
     _targets = [DeepCryoProtVaeAnalyze]
 
     EMBEDDINGS = ["PCA", "UMAP"]
-    SLICES, CHIMERAX = 0, 1
 
     def _defineParams(self, form):
         form.addSection(label="Visualization")
         form.addParam("embedding", params.EnumParam, choices=self.EMBEDDINGS, default=0,
                       display=params.EnumParam.DISPLAY_HLIST, label="Embedding",
                       help="UMAP only when the analysis computed it.")
-        form.addParam("displayVolumes", params.EnumParam, choices=["slices", "ChimeraX"],
-                      default=self.CHIMERAX if chimerax_plugin() else self.SLICES,
-                      display=params.EnumParam.DISPLAY_HLIST, label="Show volumes with",
-                      help="ChimeraX needs Scipion's ChimeraX plugin (scipion-em-chimera) and its ChimeraX; "
-                           "without them the volumes are shown as projections and central sections. In "
-                           "ChimeraX the cluster volumes are tiled (decoded above, reconstructed below) and the "
-                           "traversal is a volume series played back and forth, all at one contour level.")
+        addVolumeDisplayParam(form)
         form.addParam("doShowLandscape", params.LabelParam, label="Landscape (clusters, density, −ln density)")
         form.addParam("doSelectParticles", params.LabelParam,
                       label="Select particles on the landscape (lasso) → subset",
@@ -351,7 +345,7 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
 
     def _chimerax(self):
         """The ChimeraX plugin when the user chose ChimeraX and it is installed, else None (slices)."""
-        return chimerax_plugin() if self.displayVolumes.get() == self.CHIMERAX else None
+        return chimerax_plugin() if self.displayVolumes.get() == CHIMERAX else None
 
     def _volumeEntry(self, path, sampling_A):
         """Voxel size and Scipion's origin of an analysis volume (as its outputs' volumes have them)."""

@@ -40,11 +40,10 @@ from deepcryo.core.mrc import read_mrc
 logger = logging.getLogger(__name__)
 
 __all__ = ["ChimeraVolume", "shared_contour_level", "write_chimera_script", "chimerax_plugin", "run_chimera_script",
-           "volume_entries", "plot_volume_slices"]
+           "volume_entries", "plot_volume_slices", "show_map_and_half_maps", "addVolumeDisplayParam"]
 
-#: Layouts of :func:`write_chimera_script`: side by side, a volume series (trajectory) played as a movie, or
-#: superposed (a map with its half maps).
-LAYOUTS = ("tile", "vseries", "overlay")
+#: Layouts of :func:`write_chimera_script`: side by side, or a volume series (trajectory) played as a movie.
+LAYOUTS = ("tile", "vseries")
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,8 @@ def write_chimera_script(path: str, volumes: Sequence[ChimeraVolume], layout: st
                        level: Optional[float] = None, columns: Optional[int] = None) -> str:
     """Write a ChimeraX command script (``.cxc``) that opens ``volumes`` and returns ``path``.
 
-    ``layout``: ``"tile"`` (side by side, ``columns`` per row), ``"vseries"`` (one model whose frames are the
-    volumes, played back and forth: a latent trajectory) or ``"overlay"`` (superposed, transparent from the
-    second on: a map and its half maps). ``level``: contour level for all volumes (default
+    ``layout``: ``"tile"`` (side by side, ``columns`` per row) or ``"vseries"`` (one model whose frames are
+    the volumes, played back and forth: a latent trajectory). ``level``: contour level for all volumes (default
     :func:`shared_contour_level`). File names are absolute and quoted (project folders may hold spaces).
     """
     if layout not in LAYOUTS:
@@ -91,8 +89,6 @@ def write_chimera_script(path: str, volumes: Sequence[ChimeraVolume], layout: st
                      % ((model, vol.sampling_A) + tuple(vol.origin_A) + (level,)))
     if layout == "tile" and len(volumes) > 1:
         lines.append("tile #1-%d columns %d spacingFactor 1.2" % (len(volumes), columns or len(volumes)))
-    elif layout == "overlay" and len(volumes) > 1:
-        lines.append("transparency #2-%d 60" % len(volumes))
     lines.append("view")
     if layout == "vseries":
         lines.append("vseries play #1 loop true direction oscillate")
@@ -161,3 +157,35 @@ def plot_volume_slices(labelled_paths, fig=None):
         ax[0, j].set_title(label, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+#: Choices of the viewers' "Show volumes with" parameter (:func:`addVolumeDisplayParam`).
+SLICES, CHIMERAX = 0, 1
+
+
+def addVolumeDisplayParam(form):
+    """The viewers' "Show volumes with" choice: ChimeraX by default when its plugin is installed, else slices."""
+    from pyworkflow.protocol import params
+    form.addParam("displayVolumes", params.EnumParam, choices=["slices", "ChimeraX"],
+                  default=CHIMERAX if chimerax_plugin() else SLICES,
+                  display=params.EnumParam.DISPLAY_HLIST, label="Show volumes with",
+                  help="ChimeraX needs Scipion's ChimeraX plugin (scipion-em-chimera) and its ChimeraX; without "
+                       "them the volumes are shown as central sections. In ChimeraX several volumes are tiled "
+                       "side by side (a trajectory is a volume series played back and forth), all at one "
+                       "contour level.")
+
+
+def show_map_and_half_maps(volume, script_path, display, title="map and half maps"):
+    """Views of a Scipion ``Volume`` with its half maps: ChimeraX (tiled, script at ``script_path``) when
+    ``display`` is :data:`CHIMERAX` and the plugin is installed, returning no view; else a Plotter of their
+    central sections."""
+    entries = volume_entries(volume, withHalfMaps=True)
+    plugin = chimerax_plugin() if display == CHIMERAX else None
+    if plugin is not None:
+        run_chimera_script(write_chimera_script(script_path, entries, "tile"), plugin)
+        return []
+    from pyworkflow.gui.plotter import Plotter
+    plotter = Plotter(windowTitle=title)
+    plot_volume_slices([("half map %d" % i if i else "map", e.path) for i, e in enumerate(entries)],
+                       fig=plotter.getFigure())
+    return [plotter]
