@@ -331,7 +331,7 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
         return ["Zhong2021", "Bunzel2022"]
 
 
-class DeepCryoProtVaeSelect(ProtProcessParticles, ProtFlexBase):
+class DeepCryoProtVaeSelect(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase):
     """Subset of the particles of a landscape-VAE analysis, chosen on its landscape: the particles inside a
     region drawn in the viewer (its selection file), inside a polygon typed as coordinates, or in given clusters.
 
