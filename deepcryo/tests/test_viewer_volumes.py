@@ -1,8 +1,8 @@
-"""Volumes in the viewers: a map and its half maps open in ChimeraX through Scipion's ChimeraX plugin when it is
+"""Volumes in the viewers (reconstruct, SwiftRefine): a map and its half maps open in ChimeraX through Scipion's ChimeraX plugin when it is
 installed (here a stand-in ``chimera`` module put in ``sys.modules``), as central sections when it is absent.
 
-The viewer of DeepCryoProtReconstruct is given a map and half maps written here (known voxel size and a
-non-default origin), without running the protocol.
+The viewers of DeepCryoProtReconstruct and DeepCryoProtSwiftRefine are given a map and half maps written here
+(known voxel size and a non-default origin), without running the protocols.
 """
 import os
 import sys
@@ -15,9 +15,9 @@ from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_VOLUME
 from deepcryo.core.mrc import write_mrc
-from deepcryo.protocols import DeepCryoProtReconstruct
+from deepcryo.protocols import DeepCryoProtReconstruct, DeepCryoProtSwiftRefine
 from deepcryo.tests.harness import ProtocolTest
-from deepcryo.viewers import DeepCryoReconstructViewer
+from deepcryo.viewers import DeepCryoReconstructViewer, DeepCryoSwiftRefineViewer
 from deepcryo.viewers.volumes import CHIMERAX, SLICES, shared_contour_level
 
 BOX, PX, ORIGIN = 16, 2.5, (-12.5, -20.0, -7.5)
@@ -40,13 +40,15 @@ def fakeChimeraModule(program, calls):
 
 
 class TestMapViewer(ProtocolTest):
+    """The reconstruct viewer."""
+    protocolClass, viewerClass = DeepCryoProtReconstruct, DeepCryoReconstructViewer
 
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
 
     def setUp(self):
-        self.prot = self.newProtocol(DeepCryoProtReconstruct)
+        self.prot = self.newProtocol(self.protocolClass)
         self.proj.saveProtocol(self.prot)
         os.makedirs(self.prot._getExtraPath(), exist_ok=True)
         rng = np.random.default_rng(1)
@@ -64,7 +66,7 @@ class TestMapViewer(ProtocolTest):
         setattr(self.prot, OUTPUT_VOLUME, volume)
 
     def _viewer(self):
-        viewer = DeepCryoReconstructViewer(project=self.proj, protocol=self.prot)
+        viewer = self.viewerClass(project=self.proj, protocol=self.prot)
         viewer.setProtocol(self.prot)
         return viewer
 
@@ -117,3 +119,8 @@ class TestMapViewer(ProtocolTest):
             views = viewer._showMaps()
         self.assertEqual(len(views), 1)
         views[0].close()
+
+
+class TestSwiftRefineMapViewer(TestMapViewer):
+    """The same from the SwiftRefine viewer (one class: its output volume)."""
+    protocolClass, viewerClass = DeepCryoProtSwiftRefine, DeepCryoSwiftRefineViewer

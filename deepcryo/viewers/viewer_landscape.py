@@ -226,10 +226,12 @@ class LandscapeLasso:
         for c in np.unique(self.labels):
             centre = xy[self.labels == c].mean(0)
             self.ax.text(centre[0], centre[1], str(c), fontsize=12, weight="bold", ha="center", va="center",
-                         bbox=dict(facecolor="white", alpha=0.7, lw=0))
+                         bbox=dict(facecolor="white", alpha=0.7, lw=0), zorder=5)
         self.highlight = self.ax.scatter(np.empty(0), np.empty(0), s=14, facecolors="none", edgecolors="red",
                                          linewidths=0.8)
+        self.outline, = self.ax.plot([], [], "k--", lw=1)
         names = ("UMAP1", "UMAP2") if embedding == "UMAP" else ("PC1", "PC2")
+        self.fig.text(0.02, 0.04, "Each stroke replaces the selection;\nthe file keeps the last one.", fontsize=8)
         self.ax.set_xlabel(names[0])
         self.ax.set_ylabel(names[1])
         self.ax.set_title("Draw around particles to select them (%d particles)" % len(xy), fontsize=10)
@@ -246,6 +248,8 @@ class LandscapeLasso:
             return self.selected
         self.selected = select_by_polygon(self.ids, self.xy, vertices)
         self.highlight.set_offsets(self.xy[np.isin(self.ids, self.selected)])
+        closed = np.vstack([vertices, vertices[:1]])
+        self.outline.set_data(closed[:, 0], closed[:, 1])
         write_selection(self.path, self.selected, self.embedding, vertices)
         self.ax.set_title("%d of %d particles selected (saved in %s)"
                           % (len(self.selected), len(self.xy), os.path.basename(self.path)), fontsize=10)
@@ -277,23 +281,26 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
 
     def _defineParams(self, form):
         form.addSection(label="Visualization")
-        form.addParam("embedding", params.EnumParam, choices=self.EMBEDDINGS, default=0,
-                      display=params.EnumParam.DISPLAY_HLIST, label="Embedding",
-                      help="UMAP only when the analysis computed it.")
-        addVolumeDisplayParam(form)
-        form.addParam("doShowLandscape", params.LabelParam, label="Landscape (clusters, density, −ln density)")
-        form.addParam("doSelectParticles", params.LabelParam,
-                      label="Select particles on the landscape (lasso) → subset",
-                      help="Draw around particles on the chosen embedding; the selection is saved in the "
-                           "analysis' extra folder (landscape_selection.txt), and 'Create subset' runs "
-                           "'landscape VAE select', whose output is those particles with their latent "
-                           "coordinates.")
-        form.addParam("doShowClusterVolumes", params.LabelParam, label="Cluster volumes in landscape order")
-        form.addParam("pc", params.IntParam, default=1, validators=[params.GE(1)],
-                      label="Principal component of the traversal")
-        form.addParam("doShowTraversal", params.LabelParam, label="Latent traversal (volumes along the PC)")
-        form.addParam("doShowBic", params.LabelParam, label="Gaussian-mixture BIC against K")
-        form.addParam("doShowFsc", params.LabelParam, label="FSC decoded vs reconstructed")
+        group = form.addGroup("Landscape")
+        group.addParam("embedding", params.EnumParam, choices=self.EMBEDDINGS, default=0,
+                       display=params.EnumParam.DISPLAY_HLIST, label="Embedding",
+                       help="UMAP only when the analysis computed it.")
+        group.addParam("doShowLandscape", params.LabelParam, label="Landscape (clusters, density, −ln density)")
+        group.addParam("doSelectParticles", params.LabelParam,
+                       label="Select particles on the landscape (lasso) → subset",
+                       help="Draw around particles on the chosen embedding; the selection is saved in the "
+                            "analysis' extra folder (landscape_selection.txt), and 'Create subset' runs "
+                            "'landscape VAE select', whose output is those particles with their latent "
+                            "coordinates.")
+        group = form.addGroup("Volumes")
+        addVolumeDisplayParam(group)
+        group.addParam("doShowClusterVolumes", params.LabelParam, label="Cluster volumes in landscape order")
+        group.addParam("pc", params.IntParam, default=1, validators=[params.GE(1)],
+                       label="Principal component of the traversal")
+        group.addParam("doShowTraversal", params.LabelParam, label="Latent traversal (volumes along the PC)")
+        group = form.addGroup("Diagnostics")
+        group.addParam("doShowBic", params.LabelParam, label="Gaussian-mixture BIC against K")
+        group.addParam("doShowFsc", params.LabelParam, label="FSC decoded vs reconstructed")
 
     def _getVisualizeDict(self):
         return {"doShowLandscape": self._showLandscape, "doSelectParticles": self._selectParticles,
