@@ -220,8 +220,9 @@ class TestDeepCryoVae(ProtocolTest):
         viewer = DeepCryoLandscapeViewer(project=self.proj, protocol=analyze)
         viewer.setProtocol(analyze)
         plotter = viewer._getVisualizeDict()["doSelectParticles"]("doSelectParticles")[0]
-        self.assertEqual(sorted(plotter.lasso.select(polygon)), sorted(ids[inside].tolist()))
-        drawn = plotter.lasso.create()
+        lasso = plotter.getFigure().deepcryo_lasso
+        self.assertEqual(sorted(lasso.select(polygon)), sorted(ids[inside].tolist()))
+        drawn = lasso.create()
         plotter.close()
         waitForProtocol(drawn)
         self.proj._updateProtocol(drawn)

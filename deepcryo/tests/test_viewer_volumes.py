@@ -1,5 +1,6 @@
-"""Volumes in the viewers (reconstruct, SwiftRefine): a map and its half maps open in ChimeraX through Scipion's ChimeraX plugin when it is
-installed (here a stand-in ``chimera`` module put in ``sys.modules``), as central sections when it is absent.
+"""Volumes in the viewers (reconstruct, SwiftRefine): a map and its half maps open in ChimeraX through Scipion's
+ChimeraX plugin when it is installed (here a stand-in ``chimera`` module put in ``sys.modules``), as central
+sections when it is absent.
 
 The viewers of DeepCryoProtReconstruct and DeepCryoProtSwiftRefine are given a map and half maps written here
 (known voxel size and a non-default origin), without running the protocols.

@@ -48,8 +48,8 @@ from deepcryo.core.particles import read_particles
 from deepcryo.landscape.density import draw_density_panels
 from deepcryo.landscape.selection import select_by_polygon, write_selection
 from deepcryo.protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect
-from deepcryo.viewers.volumes import (CHIMERAX, ChimeraVolume, addVolumeDisplayParam, chimerax_plugin,
-                                      run_chimera_script, write_chimera_script)
+from deepcryo.viewers.volumes import (CHIMERAX, addVolumeDisplayParam, chimerax_plugin, run_chimera_script,
+                                      volume_entries, write_chimera_script)
 
 __all__ = ["load_analysis", "plot_landscape", "plot_cluster_volumes", "plot_traversal", "plot_png",
            "LandscapeLasso", "DeepCryoLandscapeViewer"]
@@ -206,8 +206,8 @@ class LandscapeLasso:
     """Particle selection on the landscape with a lasso: each stroke around particles of the scatter selects
     those inside it (:func:`select_by_polygon`, even-odd rule), circles them in red and writes their ids to
     ``path`` (:func:`write_selection`, with the polygon drawn); the button "Create subset" calls
-    ``on_create(path)``. Keep a reference to this object while its figure is shown (matplotlib holds widgets
-    weakly)."""
+    ``on_create(path)``. The figure holds this object: matplotlib keeps only weak references to a widget's
+    callbacks, and the viewer's plotter is dropped once shown."""
 
     def __init__(self, analysis, embedding="PCA", path="landscape_selection.txt", on_create=None, fig=None):
         from matplotlib.widgets import Button, LassoSelector
@@ -220,6 +220,7 @@ class LandscapeLasso:
         self.embedding, self.path, self.on_create = embedding, path, on_create
         self.selected = []
         self.fig = _figure(fig, (7.5, 7.2))
+        self.fig.deepcryo_lasso = self
         self.ax = self.fig.add_axes([0.11, 0.15, 0.85, 0.77])
         self.ax.scatter(xy[:, 0], xy[:, 1], c=self.labels, s=4, cmap="tab10", vmin=1,
                         vmax=max(10, self.labels.max()), alpha=0.6)
@@ -330,8 +331,8 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
         embedding = self.EMBEDDINGS[self.embedding.get()]
         plotter = self._plotter("select particles (%s)" % embedding)
         try:
-            plotter.lasso = LandscapeLasso(self._analysis(), embedding, self.protocol._getExtraPath(
-                "landscape_selection.txt"), on_create=self._createSubset, fig=plotter.getFigure())
+            LandscapeLasso(self._analysis(), embedding, self.protocol._getExtraPath("landscape_selection.txt"),
+                           on_create=self._createSubset, fig=plotter.getFigure())
         except ValueError as exc:
             plotter.close()
             return [self.errorMessage(str(exc), title="No selection possible")]
@@ -354,13 +355,13 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
         """The ChimeraX plugin when the user chose ChimeraX and it is installed, else None (slices)."""
         return chimerax_plugin() if self.displayVolumes.get() == CHIMERAX else None
 
-    def _volumeEntry(self, path, sampling_A):
+    @staticmethod
+    def _volumeEntry(path, sampling_A):
         """Voxel size and Scipion's origin of an analysis volume (as its outputs' volumes have them)."""
         from pwem.objects import Volume
         volume = Volume(location=path)
         volume.setSamplingRate(sampling_A)
-        origin = tuple(float(x) for x in volume.getOrigin(force=True).getShifts())
-        return ChimeraVolume(path, sampling_A, origin)
+        return volume_entries(volume)[0]
 
     def _openInChimerax(self, plugin, analysis, name, paths, layout, columns=None):
         px = analysis["summary"]["pixel_size_A"]
@@ -389,8 +390,8 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
                                       % (pc, sorted(analysis["trajectories"])), title="No trajectory")]
         plugin = self._chimerax()
         if plugin is not None:
-            return self._openInChimerax(plugin, analysis, "chimerax_traversal_pc%d.cxc" % pc, analysis["trajectories"][pc],
-                                        "vseries")
+            return self._openInChimerax(plugin, analysis, "chimerax_traversal_pc%d.cxc" % pc,
+                                        analysis["trajectories"][pc], "vseries")
         plotter = self._plotter("latent traversal along PC%d" % pc)
         plot_traversal(analysis, pc, fig=plotter.getFigure())
         return [plotter]

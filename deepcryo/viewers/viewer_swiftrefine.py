@@ -102,7 +102,8 @@ class DeepCryoSwiftRefineViewer(EmProtocolViewer):
         form.addParam("doShowAngles", params.LabelParam, label="Angular distribution (final)")
 
     def _getVisualizeDict(self):
-        return {"doShowMaps": self._showMaps, "doShowFsc": self._showFsc, "doShowHistory": self._showHistory, "doShowAngles": self._showAngles}
+        return {"doShowMaps": self._showMaps, "doShowFsc": self._showFsc, "doShowHistory": self._showHistory,
+                "doShowAngles": self._showAngles}
 
     def _refineDir(self):
         return self.protocol._getExtraPath("refine")
