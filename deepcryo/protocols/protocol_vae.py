@@ -380,12 +380,12 @@ class DeepCryoProtVaeSelect(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase
 
     def _selectedIds(self):
         """Ids of the chosen particles, with the choice described in words."""
-        if self.selectBy == self.SELECT_FILE:
+        if self.selectBy.get() == self.SELECT_FILE:
             ids, header = selection.read_selection(self.selectionFile.get())
-            return ids, "a region drawn on the %s landscape" % header.get("embedding", "")
+            return ids, "a region drawn on the %s landscape" % header.get("embedding", "chosen")
         columns = self._analysisColumns()
         ids = columns["rlnImageId"]
-        if self.selectBy == self.SELECT_POLYGON:
+        if self.selectBy.get() == self.SELECT_POLYGON:
             embedding = self.EMBEDDINGS[self.embedding.get()]
             vertices = selection.parse_polygon(self.polygon.get())
             return (selection.select_by_polygon(ids, selection.embedding_xy(columns, embedding), vertices),
@@ -433,12 +433,12 @@ class DeepCryoProtVaeSelect(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase
         if run is not None and not hasattr(run, OUTPUT_CLASSES):
             errors.append("The analysis run has not finished.")
         try:
-            if self.selectBy == self.SELECT_FILE:
+            if self.selectBy.get() == self.SELECT_FILE:
                 if not self.selectionFile.get() or not os.path.exists(self.selectionFile.get()):
                     errors.append("Choose the selection file written by the analysis viewer.")
                 else:
                     selection.read_selection(self.selectionFile.get())
-            elif self.selectBy == self.SELECT_POLYGON:
+            elif self.selectBy.get() == self.SELECT_POLYGON:
                 selection.parse_polygon(self.polygon.get())
             elif not self.clusters.get() or not self._clusterNumbers():
                 errors.append("Give the numbers of the clusters to keep.")
