@@ -16,7 +16,7 @@
 # * along with this program.  If not, see <https://www.gnu.org/licenses/>.
 # *
 # **************************************************************************
-"""Conformational landscape VAE (``deepcryo.landscape``): training and analysis protocols."""
+"""Conformational landscape VAE (``deepcryo.landscape``): training, analysis and particle-selection protocols."""
 import json
 import os
 import shutil
@@ -32,7 +32,9 @@ from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import copyVolumeMrc, rowToAlignment
+from deepcryo.core.errors import InputError
 from deepcryo.core.particles import read_particles
+from deepcryo.landscape import selection
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import particleErrors
 
@@ -146,6 +148,7 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
         z = np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in _latentColumns(star)], 1)
         outSet = self._createSetOfParticlesFlex(progName=PROG_NAME)
         outSet.copyInfo(inputSet)
+        outSet.setHasCTF(inputSet.hasCTF())   # SetOfParticlesFlex.copyInfo from a SetOfParticles leaves it out
         poseFree = bool(self.poseFree)
         if poseFree:
             outSet.setAlignmentProj()
@@ -326,3 +329,140 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
 
     def _citations(self):
         return ["Zhong2021", "Bunzel2022"]
+
+
+class DeepCryoProtVaeSelect(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase):
+    """Subset of the particles of a landscape-VAE analysis, chosen on its landscape: the particles inside a
+    region drawn in the viewer (its selection file), inside a polygon typed as coordinates, or in given clusters.
+
+    The output holds the training run's particles themselves (latent coordinates, CTF, poses), so it can be
+    refined, reconstructed or analysed again.
+    """
+    _label = "landscape VAE select"
+    _devStatus = BETA
+    _possibleOutputs = {OUTPUT_PARTICLES: SetOfParticlesFlex}
+
+    SELECT_FILE, SELECT_POLYGON, SELECT_CLUSTERS = 0, 1, 2
+    EMBEDDINGS = list(selection.EMBEDDING_COLUMNS)
+
+    def _defineParams(self, form):
+        form.addSection(label=Message.LABEL_INPUT)
+        form.addParam("analyzeRun", params.PointerParam, pointerClass="DeepCryoProtVaeAnalyze", important=True,
+                      label="Analysis run", help="The particles come from its training run's output.")
+        form.addParam("selectBy", params.EnumParam, choices=["region drawn in the viewer", "polygon",
+                                                             "clusters"],
+                      default=self.SELECT_FILE, label="Select by",
+                      help="Region drawn in the viewer: the selection file that the analysis viewer's "
+                           "'Select particles on the landscape' writes (its button 'Create subset' fills this "
+                           "form). Polygon: vertices typed on an embedding. Clusters: the analysis' cluster "
+                           "numbers.")
+        form.addParam("selectionFile", params.FileParam, condition="selectBy == %d" % self.SELECT_FILE,
+                      label="Selection file", help="Particle ids, one per line (lines starting with # ignored).")
+        form.addParam("embedding", params.EnumParam, choices=self.EMBEDDINGS, default=0,
+                      display=params.EnumParam.DISPLAY_HLIST, condition="selectBy == %d" % self.SELECT_POLYGON,
+                      label="Embedding", help="The landscape the polygon is drawn on (UMAP only if computed).")
+        form.addParam("polygon", params.StringParam, condition="selectBy == %d" % self.SELECT_POLYGON,
+                      label="Polygon vertices", help="x y pairs in the embedding's units, e.g. "
+                                                     "'-1 -1, 1 -1, 1 1, -1 1'; the polygon closes itself.")
+        form.addParam("clusters", params.NumericListParam, condition="selectBy == %d" % self.SELECT_CLUSTERS,
+                      label="Clusters", help="Cluster numbers as the analysis shows them, e.g. '1 3' or '2-4'.")
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.selectStep)
+        self._insertFunctionStep(self.createOutputStep)
+
+    # --------------------------- STEPS functions ---------------------------------------------------
+    def _analysisColumns(self):
+        star = read_particles(os.path.join(self.analyzeRun.get()._getExtraPath("analysis"), "particles.star"),
+                              require_images=False)
+        star.require("rlnImageId")
+        return star.particles
+
+    def _selectedIds(self):
+        """Ids of the chosen particles, with the choice described in words."""
+        if self.selectBy.get() == self.SELECT_FILE:
+            ids, header = selection.read_selection(self.selectionFile.get())
+            return ids, "a region drawn on the %s landscape" % header.get("embedding", "chosen")
+        columns = self._analysisColumns()
+        ids = columns["rlnImageId"]
+        if self.selectBy.get() == self.SELECT_POLYGON:
+            embedding = self.EMBEDDINGS[self.embedding.get()]
+            vertices = selection.parse_polygon(self.polygon.get())
+            return (selection.select_by_polygon(ids, selection.embedding_xy(columns, embedding), vertices),
+                    "the polygon %s on the %s landscape" % (selection.format_polygon(vertices), embedding))
+        wanted = self._clusterNumbers()
+        return (selection.select_by_clusters(ids, columns["dcCluster"], wanted),
+                "cluster%s %s" % ("" if len(wanted) == 1 else "s", ", ".join(map(str, wanted))))
+
+    def _clusterNumbers(self):
+        return sorted(set(int(c) for c in self.clusters.getListFromRange()))
+
+    def selectStep(self):
+        ids, how = self._selectedIds()
+        if not ids:
+            raise InputError("No particle selected by %s." % how)
+        selection.write_selection(self._getExtraPath("selection.txt"), ids)
+        with open(self._getExtraPath("selection_how.txt"), "w") as f:
+            f.write(how + "\n")
+
+    def createOutputStep(self):
+        wanted, _ = selection.read_selection(self._getExtraPath("selection.txt"))
+        wanted = set(wanted)
+        inputSet = self._inputParticles()
+
+        def keepSelected(item, _row=None):
+            item._appendItem = item.getObjId() in wanted
+
+        outSet = self._createSetOfParticlesFlex(progName=PROG_NAME)
+        outSet.copyInfo(inputSet)
+        outSet.copyItems(inputSet, updateItemCallback=keepSelected)
+        missing = len(wanted) - outSet.getSize()
+        if missing:
+            raise InputError("%d of the %d selected particle ids are not particles of %s (a selection made on "
+                             "another analysis?)" % (missing, len(wanted), self.getObjectTag("analyzeRun")))
+        self._defineOutputs(**{OUTPUT_PARTICLES: outSet})
+        self._defineSourceRelation(self.analyzeRun.get().trainRun.get().outputParticles, outSet)
+
+    def _inputParticles(self):
+        return getattr(self.analyzeRun.get().trainRun.get(), OUTPUT_PARTICLES)
+
+    # --------------------------- INFO functions ----------------------------------------------------
+    def _validate(self):
+        errors = []
+        run = self.analyzeRun.get()
+        if run is not None and not hasattr(run, OUTPUT_CLASSES):
+            errors.append("The analysis run has not finished.")
+        try:
+            if self.selectBy.get() == self.SELECT_FILE:
+                if not self.selectionFile.get() or not os.path.exists(self.selectionFile.get()):
+                    errors.append("Choose the selection file written by the analysis viewer.")
+                else:
+                    selection.read_selection(self.selectionFile.get())
+            elif self.selectBy.get() == self.SELECT_POLYGON:
+                selection.parse_polygon(self.polygon.get())
+            elif not self.clusters.get() or not self._clusterNumbers():
+                errors.append("Give the numbers of the clusters to keep.")
+        except (InputError, ValueError) as exc:
+            errors.append(str(exc))
+        return errors
+
+    def _how(self):
+        with open(self._getExtraPath("selection_how.txt")) as f:
+            return f.read().strip()
+
+    def _summary(self):
+        if not hasattr(self, OUTPUT_PARTICLES):
+            return ["Selection not made yet."]
+        return ["%d of %d particles, selected by %s."
+                % (getattr(self, OUTPUT_PARTICLES).getSize(), self._inputParticles().getSize(), self._how())]
+
+    def _methods(self):
+        if not hasattr(self, OUTPUT_PARTICLES):
+            return []
+        return ["%d of the %d particles analysed by %s were selected by %s on the conformational landscape "
+                "(latent space of the VAE, [Zhong2021]); the subset (%s) keeps their latent coordinates."
+                % (getattr(self, OUTPUT_PARTICLES).getSize(), self._inputParticles().getSize(),
+                   self.getObjectTag("analyzeRun"), self._how(), self.getObjectTag(OUTPUT_PARTICLES))]
+
+    def _citations(self):
+        return ["Zhong2021"]

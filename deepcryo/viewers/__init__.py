@@ -21,3 +21,4 @@ from .viewer_defocus import DeepCryoDefocusViewer
 from .viewer_swiftalign import DeepCryoSwiftAlignViewer
 from .viewer_landscape import DeepCryoLandscapeViewer
 from .viewer_swiftrefine import DeepCryoSwiftRefineViewer
+from .viewer_reconstruct import DeepCryoReconstructViewer

@@ -24,10 +24,17 @@ with ``dcPC1/2``, ``dcUMAP1/2``, ``dcCluster``; ``cluster_KK_{decoded,reconstruc
 folder (:func:`load_analysis`) and fill a matplotlib figure; they need no display (a fresh
 ``matplotlib.figure.Figure`` when none is given, savable with ``fig.savefig``), and the viewer wraps the
 same figures in Scipion ``Plotter`` views. Volumes are shown as projections along z and central xy sections,
-in the analysis' intensity units; coordinates are in latent PCA (or UMAP) units.
+in the analysis' intensity units; coordinates are in latent PCA (or UMAP) units. With Scipion's ChimeraX plugin
+installed, the cluster volumes (tiled) and the traversal (a volume series) open in ChimeraX instead
+(:mod:`deepcryo.viewers.volumes`).
+
+Particles are selected on the landscape with a lasso (:class:`LandscapeLasso`): each stroke writes the particles
+inside it to a selection file in the analysis' extra folder, and the button "Create subset" runs
+:class:`DeepCryoProtVaeSelect` on that file, which outputs the subset of the training run's particles.
 """
 import json
 import os
+import shutil
 from glob import glob
 
 import numpy as np
@@ -39,14 +46,18 @@ from pyworkflow.gui.plotter import Plotter
 from deepcryo.core.mrc import read_mrc
 from deepcryo.core.particles import read_particles
 from deepcryo.landscape.density import draw_density_panels
-from deepcryo.protocols import DeepCryoProtVaeAnalyze
+from deepcryo.landscape.selection import select_by_polygon, write_selection
+from deepcryo.protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect
+from deepcryo.viewers.volumes import (CHIMERAX, addVolumeDisplayParam, chimerax_plugin, run_chimera_script,
+                                      volume_entries, write_chimera_script)
 
 __all__ = ["load_analysis", "plot_landscape", "plot_cluster_volumes", "plot_traversal", "plot_png",
-           "DeepCryoLandscapeViewer"]
+           "LandscapeLasso", "DeepCryoLandscapeViewer"]
 
 
 def load_analysis(folder):
     """Dict with the analysis in ``folder``: ``pca`` (N, 2), ``umap`` (N, 2) or None, ``labels`` (N,) 1-based,
+    ``ids`` (N,) the particles' Scipion ids (None for a STAR not written from Scipion),
     ``summary`` (summary.json), ``clusters`` [(decoded path, reconstructed path)] by cluster number and
     ``trajectories`` {PC number: [volume paths by step]}."""
     star = read_particles(os.path.join(folder, "particles.star"), require_images=False)
@@ -64,6 +75,7 @@ def load_analysis(folder):
         "umap": (np.stack([np.asarray(p["dcUMAP1"], float), np.asarray(p["dcUMAP2"], float)], 1)
                  if "dcUMAP1" in p else None),
         "labels": np.asarray(p["dcCluster"], dtype=np.int64),
+        "ids": np.asarray(p["rlnImageId"], dtype=np.int64) if "rlnImageId" in p else None,
         "summary": summary,
         "clusters": [tuple(os.path.join(folder, "cluster_%02d_%s.mrc" % (c, kind))
                            for kind in ("decoded", "reconstructed")) for c in range(1, k + 1)],
@@ -190,10 +202,79 @@ def plot_png(path, title="", fig=None):
     return fig
 
 
+class LandscapeLasso:
+    """Particle selection on the landscape with a lasso: each stroke around particles of the scatter selects
+    those inside it (:func:`select_by_polygon`, even-odd rule), circles them in red and writes their ids to
+    ``path`` (:func:`write_selection`, with the polygon drawn); the button "Create subset" calls
+    ``on_create(path)``. The figure holds this object: matplotlib keeps only weak references to a widget's
+    callbacks, and the viewer's plotter is dropped once shown."""
+
+    def __init__(self, analysis, embedding="PCA", path="landscape_selection.txt", on_create=None, fig=None):
+        from matplotlib.widgets import Button, LassoSelector
+        xy = analysis["umap"] if embedding == "UMAP" else analysis["pca"]
+        if xy is None:
+            raise ValueError("this analysis has no UMAP embedding (umap-learn was not installed or not asked for)")
+        if analysis["ids"] is None:
+            raise ValueError("the analysis' particles.star has no rlnImageId: its particles are not a Scipion set")
+        self.xy, self.ids, self.labels = xy, analysis["ids"], analysis["labels"]
+        self.embedding, self.path, self.on_create = embedding, path, on_create
+        self.selected = []
+        self.fig = _figure(fig, (7.5, 7.2))
+        self.fig.deepcryo_lasso = self
+        self.ax = self.fig.add_axes([0.11, 0.15, 0.85, 0.77])
+        self.ax.scatter(xy[:, 0], xy[:, 1], c=self.labels, s=4, cmap="tab10", vmin=1,
+                        vmax=max(10, self.labels.max()), alpha=0.6)
+        for c in np.unique(self.labels):
+            centre = xy[self.labels == c].mean(0)
+            self.ax.text(centre[0], centre[1], str(c), fontsize=12, weight="bold", ha="center", va="center",
+                         bbox=dict(facecolor="white", alpha=0.7, lw=0), zorder=5)
+        self.highlight = self.ax.scatter(np.empty(0), np.empty(0), s=14, facecolors="none", edgecolors="red",
+                                         linewidths=0.8)
+        self.outline, = self.ax.plot([], [], "k--", lw=1)
+        names = ("UMAP1", "UMAP2") if embedding == "UMAP" else ("PC1", "PC2")
+        self.fig.text(0.02, 0.04, "Each stroke replaces the selection;\nthe file keeps the last one.", fontsize=8)
+        self.ax.set_xlabel(names[0])
+        self.ax.set_ylabel(names[1])
+        self.ax.set_title("Draw around particles to select them (%d particles)" % len(xy), fontsize=10)
+        self.lasso = LassoSelector(self.ax, onselect=self.select)
+        self.button = None
+        if on_create is not None:
+            self.button = Button(self.fig.add_axes([0.68, 0.02, 0.28, 0.06]), "Create subset")
+            self.button.on_clicked(lambda _event: self.create())
+
+    def select(self, vertices):
+        """Select the particles inside the closed polygon ``vertices`` (the lasso's stroke); return their ids."""
+        vertices = np.asarray(vertices, dtype=np.float64)
+        if len(vertices) < 3:
+            return self.selected
+        self.selected = select_by_polygon(self.ids, self.xy, vertices)
+        self.highlight.set_offsets(self.xy[np.isin(self.ids, self.selected)])
+        closed = np.vstack([vertices, vertices[:1]])
+        self.outline.set_data(closed[:, 0], closed[:, 1])
+        write_selection(self.path, self.selected, self.embedding, vertices)
+        self.ax.set_title("%d of %d particles selected (saved in %s)"
+                          % (len(self.selected), len(self.xy), os.path.basename(self.path)), fontsize=10)
+        self.fig.canvas.draw_idle()
+        return self.selected
+
+    def create(self):
+        """``on_create(path)`` with the current selection (None when nothing is selected)."""
+        if not self.selected:
+            self.ax.set_title("Select particles first: draw around them", fontsize=10)
+            self.fig.canvas.draw_idle()
+            return None
+        result = self.on_create(self.path)
+        self.ax.set_title("%d particles: subset protocol launched (see the project window)" % len(self.selected),
+                          fontsize=10)
+        self.fig.canvas.draw_idle()
+        return result
+
+
 class DeepCryoLandscapeViewer(EmProtocolViewer):
     """Landscape of a landscape-VAE analysis coloured by cluster and by density (−ln density), the cluster
     volumes in landscape order (decoded and reconstructed), the latent traversal along a principal
-    component, and the BIC and decoded-vs-reconstructed FSC plots."""
+    component, and the BIC and decoded-vs-reconstructed FSC plots; volumes in ChimeraX when its Scipion plugin
+    is installed. Particles selected on the landscape with a lasso become a subset (DeepCryoProtVaeSelect)."""
     _label = "viewer landscape"
     _targets = [DeepCryoProtVaeAnalyze]
 
@@ -201,19 +282,30 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
 
     def _defineParams(self, form):
         form.addSection(label="Visualization")
-        form.addParam("embedding", params.EnumParam, choices=self.EMBEDDINGS, default=0,
-                      display=params.EnumParam.DISPLAY_HLIST, label="Embedding",
-                      help="UMAP only when the analysis computed it.")
-        form.addParam("doShowLandscape", params.LabelParam, label="Landscape (clusters, density, −ln density)")
-        form.addParam("doShowClusterVolumes", params.LabelParam, label="Cluster volumes in landscape order")
-        form.addParam("pc", params.IntParam, default=1, validators=[params.GE(1)],
-                      label="Principal component of the traversal")
-        form.addParam("doShowTraversal", params.LabelParam, label="Latent traversal (volumes along the PC)")
-        form.addParam("doShowBic", params.LabelParam, label="Gaussian-mixture BIC against K")
-        form.addParam("doShowFsc", params.LabelParam, label="FSC decoded vs reconstructed")
+        group = form.addGroup("Landscape")
+        group.addParam("embedding", params.EnumParam, choices=self.EMBEDDINGS, default=0,
+                       display=params.EnumParam.DISPLAY_HLIST, label="Embedding",
+                       help="UMAP only when the analysis computed it.")
+        group.addParam("doShowLandscape", params.LabelParam, label="Landscape (clusters, density, −ln density)")
+        group.addParam("doSelectParticles", params.LabelParam,
+                       label="Select particles on the landscape (lasso) → subset",
+                       help="Draw around particles on the chosen embedding; the selection is saved in the "
+                            "analysis' extra folder (landscape_selection.txt), and 'Create subset' runs "
+                            "'landscape VAE select', whose output is those particles with their latent "
+                            "coordinates.")
+        group = form.addGroup("Volumes")
+        addVolumeDisplayParam(group)
+        group.addParam("doShowClusterVolumes", params.LabelParam, label="Cluster volumes in landscape order")
+        group.addParam("pc", params.IntParam, default=1, validators=[params.GE(1)],
+                       label="Principal component of the traversal")
+        group.addParam("doShowTraversal", params.LabelParam, label="Latent traversal (volumes along the PC)")
+        group = form.addGroup("Diagnostics")
+        group.addParam("doShowBic", params.LabelParam, label="Gaussian-mixture BIC against K")
+        group.addParam("doShowFsc", params.LabelParam, label="FSC decoded vs reconstructed")
 
     def _getVisualizeDict(self):
-        return {"doShowLandscape": self._showLandscape, "doShowClusterVolumes": self._showClusterVolumes,
+        return {"doShowLandscape": self._showLandscape, "doSelectParticles": self._selectParticles,
+                "doShowClusterVolumes": self._showClusterVolumes,
                 "doShowTraversal": self._showTraversal, "doShowBic": self._showPng,
                 "doShowFsc": self._showPng}
 
@@ -235,9 +327,59 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
         plot_landscape(analysis, embedding, fig=plotter.getFigure())
         return [plotter]
 
+    def _selectParticles(self, paramName=None):
+        embedding = self.EMBEDDINGS[self.embedding.get()]
+        plotter = self._plotter("select particles (%s)" % embedding)
+        try:
+            LandscapeLasso(self._analysis(), embedding, self.protocol._getExtraPath("landscape_selection.txt"),
+                           on_create=self._createSubset, fig=plotter.getFigure())
+        except ValueError as exc:
+            plotter.close()
+            return [self.errorMessage(str(exc), title="No selection possible")]
+        return [plotter]
+
+    def _createSubset(self, path):
+        """Launch DeepCryoProtVaeSelect on a copy of the selection file ``path`` (numbered, so that each run
+        keeps its own); return the protocol."""
+        number = len(glob(self.protocol._getExtraPath("selection_*.txt"))) + 1
+        kept = self.protocol._getExtraPath("selection_%03d.txt" % number)
+        shutil.copy(path, kept)
+        project = self.getProject()
+        prot = project.newProtocol(DeepCryoProtVaeSelect, objLabel="landscape selection %d" % number,
+                                   selectBy=DeepCryoProtVaeSelect.SELECT_FILE, selectionFile=kept)
+        prot.analyzeRun.set(self.protocol)
+        project.launchProtocol(prot)
+        return prot
+
+    def _chimerax(self):
+        """The ChimeraX plugin when the user chose ChimeraX and it is installed, else None (slices)."""
+        return chimerax_plugin() if self.displayVolumes.get() == CHIMERAX else None
+
+    @staticmethod
+    def _volumeEntry(path, sampling_A):
+        """Voxel size and Scipion's origin of an analysis volume (as its outputs' volumes have them)."""
+        from pwem.objects import Volume
+        volume = Volume(location=path)
+        volume.setSamplingRate(sampling_A)
+        return volume_entries(volume)[0]
+
+    def _openInChimerax(self, plugin, analysis, name, paths, layout, columns=None):
+        px = analysis["summary"]["pixel_size_A"]
+        script = write_chimera_script(self.protocol._getExtraPath(name), [self._volumeEntry(p, px) for p in paths],
+                                      layout=layout, columns=columns)
+        run_chimera_script(script, plugin)
+        return []
+
     def _showClusterVolumes(self, paramName=None):
+        analysis = self._analysis()
+        plugin = self._chimerax()
+        if plugin is not None:
+            order = cluster_order(analysis)
+            paths = ([analysis["clusters"][c - 1][0] for c in order]
+                     + [analysis["clusters"][c - 1][1] for c in order])
+            return self._openInChimerax(plugin, analysis, "chimerax_clusters.cxc", paths, "tile", columns=len(order))
         plotter = self._plotter("cluster volumes")
-        plot_cluster_volumes(self._analysis(), fig=plotter.getFigure())
+        plot_cluster_volumes(analysis, fig=plotter.getFigure())
         return [plotter]
 
     def _showTraversal(self, paramName=None):
@@ -246,6 +388,10 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
         if pc not in analysis["trajectories"]:
             return [self.errorMessage("No trajectory along PC%d (the analysis has PC %s)."
                                       % (pc, sorted(analysis["trajectories"])), title="No trajectory")]
+        plugin = self._chimerax()
+        if plugin is not None:
+            return self._openInChimerax(plugin, analysis, "chimerax_traversal_pc%d.cxc" % pc,
+                                        analysis["trajectories"][pc], "vseries")
         plotter = self._plotter("latent traversal along PC%d" % pc)
         plot_traversal(analysis, pc, fig=plotter.getFigure())
         return [plotter]

@@ -16,8 +16,9 @@
 # * along with this program.  If not, see <https://www.gnu.org/licenses/>.
 # *
 # **************************************************************************
-"""Viewer of DeepCryoProtSwiftRefine: FSC per iteration, resolution and sampling per iteration, pose changes,
-fraction of particles kept, angular distribution.
+"""Viewer of DeepCryoProtSwiftRefine: the final map and half maps (ChimeraX when its Scipion plugin is installed,
+central sections otherwise), FSC per iteration, resolution and sampling per iteration, pose changes, fraction of
+particles kept, angular distribution.
 
 The figures come from plain functions of the refinement folder (:func:`iteration_fsc_curves`,
 :func:`plot_refine_history`), usable headless (Agg) as well as from the viewer.
@@ -30,12 +31,14 @@ import numpy as np
 import pyworkflow.protocol.params as params
 from pwem.viewers import EmProtocolViewer
 
+from deepcryo.constants import OUTPUT_VOLUME
 from deepcryo.core.particles import read_particles
 from deepcryo.core.star import read_star
 from deepcryo.protocols import DeepCryoProtSwiftRefine
 from deepcryo.swiftalign.layout import RefineLayout
 from deepcryo.viewers.plots import plot_fsc_curves
 from deepcryo.viewers.viewer_swiftalign import plotAngularDistribution
+from deepcryo.viewers.volumes import addVolumeDisplayParam, show_map_and_half_maps
 
 
 def iteration_fsc_curves(refine_dir, class_number=None):
@@ -83,24 +86,43 @@ def _show_png(fig, path, title):
 
 
 class DeepCryoSwiftRefineViewer(EmProtocolViewer):
-    """FSC per iteration, resolution vs iteration, angular distribution, particles kept."""
+    """Map and half maps, FSC per iteration, resolution vs iteration, angular distribution, particles kept."""
     _label = "viewer swiftrefine"
     _targets = [DeepCryoProtSwiftRefine]
 
     def _defineParams(self, form):
         form.addSection(label="Visualization")
         form.addParam("classNumber", params.IntParam, default=1, label="Class",
-                      help="Class whose FSC curves are shown (multi-reference runs).")
+                      help="Class whose maps and FSC curves are shown (multi-reference runs).")
+        addVolumeDisplayParam(form)
+        form.addParam("doShowMaps", params.LabelParam, label="Final map and half maps")
         form.addParam("doShowFsc", params.LabelParam, label="FSC per iteration")
         form.addParam("doShowHistory", params.LabelParam,
                       label="Resolution, sampling, pose change and particles kept per iteration")
         form.addParam("doShowAngles", params.LabelParam, label="Angular distribution (final)")
 
     def _getVisualizeDict(self):
-        return {"doShowFsc": self._showFsc, "doShowHistory": self._showHistory, "doShowAngles": self._showAngles}
+        return {"doShowMaps": self._showMaps, "doShowFsc": self._showFsc, "doShowHistory": self._showHistory,
+                "doShowAngles": self._showAngles}
 
     def _refineDir(self):
         return self.protocol._getExtraPath("refine")
+
+    def _finalVolume(self):
+        """The output map of the class shown (None before the end)."""
+        if hasattr(self.protocol, OUTPUT_VOLUME):
+            return getattr(self.protocol, OUTPUT_VOLUME)
+        classes = getattr(self.protocol, "outputClasses", None)
+        if classes is None or self.classNumber.get() not in [c.getObjId() for c in classes]:
+            return None
+        return classes[self.classNumber.get()].getRepresentative()
+
+    def _showMaps(self, paramName=None):
+        volume = self._finalVolume()
+        if volume is None:
+            return [self.errorMessage("No final map yet (or no class %d)." % self.classNumber.get())]
+        return show_map_and_half_maps(volume, self.protocol._getExtraPath("chimerax_maps.cxc"),
+                                      self.displayVolumes.get())
 
     def _showFsc(self, paramName=None):
         multi = len(self.protocol.inputVolumes) > 1

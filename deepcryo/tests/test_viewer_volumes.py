@@ -1,0 +1,127 @@
+"""Volumes in the viewers (reconstruct, SwiftRefine): a map and its half maps open in ChimeraX through Scipion's
+ChimeraX plugin when it is installed (here a stand-in ``chimera`` module put in ``sys.modules``), as central
+sections when it is absent.
+
+The viewers of DeepCryoProtReconstruct and DeepCryoProtSwiftRefine are given a map and half maps written here
+(known voxel size and a non-default origin), without running the protocols.
+"""
+import os
+import sys
+import types
+from unittest import mock
+
+import numpy as np
+from pwem.objects import Transform, Volume
+from pyworkflow.tests import setupTestProject
+
+from deepcryo.constants import OUTPUT_VOLUME
+from deepcryo.core.mrc import write_mrc
+from deepcryo.protocols import DeepCryoProtReconstruct, DeepCryoProtSwiftRefine
+from deepcryo.tests.harness import ProtocolTest
+from deepcryo.viewers import DeepCryoReconstructViewer, DeepCryoSwiftRefineViewer
+from deepcryo.viewers.volumes import CHIMERAX, SLICES, shared_contour_level
+
+BOX, PX, ORIGIN = 16, 2.5, (-12.5, -20.0, -7.5)
+
+
+def fakeChimeraModule(program, calls):
+    """A module ``chimera`` whose ``Plugin`` has the plugin's ``getProgram`` and ``runChimeraProgram``."""
+    class Plugin:
+        @classmethod
+        def getProgram(cls):
+            return program
+
+        @classmethod
+        def runChimeraProgram(cls, program, args="", cwd=None, extraEnv=None):
+            calls.append((program, args, cwd))
+
+    module = types.ModuleType("chimera")
+    module.Plugin = Plugin
+    return module
+
+
+class TestMapViewer(ProtocolTest):
+    """The reconstruct viewer."""
+    protocolClass, viewerClass = DeepCryoProtReconstruct, DeepCryoReconstructViewer
+
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+
+    def setUp(self):
+        self.prot = self.newProtocol(self.protocolClass)
+        self.proj.saveProtocol(self.prot)
+        os.makedirs(self.prot._getExtraPath(), exist_ok=True)
+        rng = np.random.default_rng(1)
+        self.paths = []
+        for i, name in enumerate(("map.mrc", "half1.mrc", "half2.mrc")):
+            path = self.prot._getExtraPath(name)
+            write_mrc(path, rng.normal(size=(BOX,) * 3).astype(np.float32) * (i + 1), PX)
+            self.paths.append(path)
+        volume = Volume(location=self.paths[0])
+        volume.setSamplingRate(PX)
+        volume.setHalfMaps(self.paths[1:])
+        origin = Transform()
+        origin.setShifts(*ORIGIN)
+        volume.setOrigin(origin)
+        setattr(self.prot, OUTPUT_VOLUME, volume)
+
+    def _viewer(self):
+        viewer = self.viewerClass(project=self.proj, protocol=self.prot)
+        viewer.setProtocol(self.prot)
+        return viewer
+
+    def testSlicesWithoutChimerax(self):
+        with mock.patch.dict(sys.modules, {"chimera": None}):          # import chimera fails
+            viewer = self._viewer()
+            self.assertEqual(viewer.displayVolumes.get(), SLICES)
+            viewer.displayVolumes.set(CHIMERAX)                         # asked for, but absent: slices
+            views = viewer._getVisualizeDict()["doShowMaps"]("doShowMaps")
+        self.assertEqual(len(views), 1)
+        axes = views[0].getFigure().axes
+        self.assertEqual(len(axes), 3 * 3)
+        self.assertEqual([a.get_title() for a in axes[:3]], ["map", "half map 1", "half map 2"])
+        views[0].close()
+        self.assertFalse(os.path.exists(self.prot._getExtraPath("chimerax_maps.cxc")))
+
+    def testChimeraxScript(self):
+        """The .cxc opens the map and half maps by absolute path with the volume's voxel size and origin, one
+        contour level (the 1 % of all their voxels), tiled; the plugin's runner gets it in the background."""
+        program = self.proj.getTmpPath("ChimeraX")
+        open(program, "w").close()
+        calls = []
+        with mock.patch.dict(sys.modules, {"chimera": fakeChimeraModule(program, calls)}):
+            viewer = self._viewer()
+            self.assertEqual(viewer.displayVolumes.get(), CHIMERAX)    # the default when installed
+            self.assertEqual(viewer._showMaps(), [])
+        script = os.path.abspath(self.prot._getExtraPath("chimerax_maps.cxc"))
+        self.assertEqual(calls, [(program, '"%s" &' % script, os.path.dirname(script))])
+        lines = open(script).read().splitlines()
+        values = np.sort(np.concatenate([np.fromfile(p, np.float32, offset=1024) for p in self.paths]))
+        rank = 0.99 * (len(values) - 1)                  # 1 % of the voxels above, linear between ranks
+        low = int(rank)
+        level = float(values[low] + (rank - low) * (values[low + 1] - values[low]))
+        self.assertAlmostEqual(shared_contour_level(self.paths), level, places=4)
+        self.assertEqual(lines[:3], ['open "%s"' % os.path.abspath(p) for p in self.paths])
+        for i in range(3):
+            words = lines[3 + i].split()
+            self.assertEqual(words[:2], ["volume", "#%d" % (i + 1)])
+            self.assertEqual(float(words[words.index("voxelSize") + 1]), PX)
+            self.assertEqual(tuple(float(x) for x in words[words.index("origin") + 1].split(",")), ORIGIN)
+            self.assertEqual(words[words.index("step") + 1], "1")
+            self.assertAlmostEqual(float(words[words.index("level") + 1]), level, places=4)
+        self.assertEqual(lines[6:], ["tile #1-3 columns 3 spacingFactor 1.2", "view"])
+
+    def testChimeraxAbsentBinary(self):
+        """A plugin whose ChimeraX program is missing counts as absent: slices."""
+        with mock.patch.dict(sys.modules, {"chimera": fakeChimeraModule("/nonexistent/ChimeraX", [])}):
+            viewer = self._viewer()
+            self.assertEqual(viewer.displayVolumes.get(), SLICES)
+            views = viewer._showMaps()
+        self.assertEqual(len(views), 1)
+        views[0].close()
+
+
+class TestSwiftRefineMapViewer(TestMapViewer):
+    """The same from the SwiftRefine viewer (one class: its output volume)."""
+    protocolClass, viewerClass = DeepCryoProtSwiftRefine, DeepCryoSwiftRefineViewer
