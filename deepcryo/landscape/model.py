@@ -62,7 +62,7 @@ Loss per particle: NLL + β·KL(q(z|X) ‖ N(0, I)).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -350,20 +350,16 @@ class LandscapeVAE(nn.Module):
             loss = loss + self.distill_weight * distill
         return {"loss": loss.mean(), "nll": nll.mean(), "kl": kl.mean()}
 
-    def encode_batch(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor,
-                     with_poses: bool = False
-                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """Latent means (B, L) without gradients, for spectra and CTFs (B, D, D) and poses (B, 3, 3).
-
-        ``with_poses``: also return the poses used, (B, 3, 3) matrices A (mirror hand applied) and shifts
-        (B, 2) px of the working box (the given ones in the main mode, the predicted ones when pose-free).
-        """
+    def posterior(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The encoder's Gaussian q(z|X) without gradients: mean (B, L), standard deviation σ (B, L) (latent
+        units; the prior is N(0, I), so σ near 1 means the image says little about that coordinate), and the
+        poses used: (B, 3, 3) matrices A (mirror hand applied) and shifts (B, 2) px of the
+        working box (the given poses and None in the main mode, the predicted ones when pose-free)."""
         with torch.no_grad():
             spectra, ctf, sl, (rot, hand, shifts, _) = self._posed(spectra, rotations, ctf, self.basis_ft())
-            mu = self.encode(spectra, ctf, sl)[0]
-            if not with_poses:
-                return mu
+            mu, logvar = self.encode(spectra, ctf, sl)
             if hand is not None:
                 mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0], device=rot.device))
                 rot = torch.where(hand[:, None, None] < 0, mirror @ rot @ mirror, rot)
-            return mu, rot, shifts
+            return mu, torch.exp(0.5 * logvar), rot, shifts

@@ -6,7 +6,10 @@ Output folder layout:
   (``--continue`` resumes from it); load with ``torch.load(path, weights_only=True)``.
 - ``consensus.mrc``: the consensus map at the working box (initial mean volume of the decoder; pose-free: the
   starting volume, reference or sphere).
-- ``particles_latent.star``: the input particles with their latent means ``dcLatent01`` … (written at the end);
+- ``particles_latent.star``: the input particles with their latent means ``dcLatent01`` … and the encoder's
+  standard deviations ``dcZSigma01`` … (σ of the Gaussian q(z|X), per coordinate, in latent units: the
+  uncertainty of each particle's position in the landscape; the prior is N(0, I), so σ ≪ 1 where the image
+  pins the particle down and σ → 1 where it does not) (written at the end);
   in pose-free mode their angles and origins (``rlnAngle*``, ``rlnOrigin*Angst``) are replaced by the
   predicted ones (hand chosen by the model, frame of the learned volume), so ``analyze`` reconstructs the
   clusters at those.
@@ -31,7 +34,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,7 +44,7 @@ from ..core.cli import configure_logging, logging_configured
 from ..core.errors import InputError, load_error_reason
 from ..core.files import atomic_output, remove_stale_parts
 from ..core.geometry import matrix_to_euler, quaternion_to_matrix
-from ..core.mrc import read_mrc, write_mrc
+from ..core.mrc import read_mrc, read_mrc_header, write_mrc
 from ..core.particles import write_particles
 from ..core.projector import Projector
 from ..core.reconstruct import Reconstructor
@@ -51,7 +54,8 @@ from .model import LandscapeVAE, radial_noise_variance, soft_sphere
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train", "load_model", "encode_all", "latent_columns", "CHECKPOINT"]
+__all__ = ["train", "load_model", "encode_posterior", "Posterior", "latent_columns", "sigma_columns",
+           "latent_pixel_size_A", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 LATENT_STAR = "particles_latent.star"
@@ -60,6 +64,20 @@ LATENT_STAR = "particles_latent.star"
 def latent_columns(latent_dim: int) -> List[str]:
     """STAR column names of the latent coordinates."""
     return ["dcLatent%02d" % (i + 1) for i in range(latent_dim)]
+
+
+def sigma_columns(latent_dim: int) -> List[str]:
+    """STAR column names of the latent coordinates' uncertainty σ (not ``dcLatent…``: readers that collect
+    every ``dcLatent`` column must not take them for coordinates)."""
+    return ["dcZSigma%02d" % (i + 1) for i in range(latent_dim)]
+
+
+def latent_pixel_size_A(train_dir: str) -> float:
+    """Pixel size (Å/px) of the working box of a training folder (from its ``consensus.mrc``, written at it)."""
+    path = os.path.join(train_dir, "consensus.mrc")
+    if not os.path.exists(path):
+        raise InputError("%s: not found (train first)" % path)
+    return read_mrc_header(path)[1]
 
 
 def consensus_map(data: ParticleBatches, batch_size: int, device: Union[str, torch.device]) -> torch.Tensor:
@@ -109,24 +127,27 @@ def load_model(output_dir: str, device: Union[str, torch.device] = "cpu") -> Tup
     return model.to(device), ckpt
 
 
-def encode_all(model: LandscapeVAE, data: ParticleBatches, batch_size: int, device: Union[str, torch.device] = "cpu",
-               with_poses: bool = False) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Latent means (N, L) of every particle, in STAR order.
+class Posterior(NamedTuple):
+    """The encoder's output for every particle, in STAR order (:func:`encode_posterior`)."""
+    z: np.ndarray            #: (N, L) latent means
+    sigma: np.ndarray        #: (N, L) standard deviations of q(z|X), latent units
+    rotations: np.ndarray    #: (N, 3, 3) pose matrices A used (predicted ones when pose-free)
+    shifts: np.ndarray       #: (N, 2) origins used, px of the working box (zeros with given poses)
 
-    ``with_poses``: also the poses used, (N, 3, 3) matrices A and (N, 2) origins in px of the working box.
-    """
+
+def encode_posterior(model: LandscapeVAE, data: ParticleBatches, batch_size: int,
+                     device: Union[str, torch.device] = "cpu") -> Posterior:
+    """Latent means, their uncertainty σ and the poses used, for every particle (see :class:`Posterior`)."""
     model.eval()
-    out = np.empty((len(data), model.latent_dim), dtype=np.float32)
-    rots, shifts = np.zeros((len(data), 3, 3), np.float32), np.zeros((len(data), 2), np.float32)
+    n, dim = len(data), model.latent_dim
+    out = Posterior(np.empty((n, dim), np.float32), np.empty((n, dim), np.float32),
+                    np.zeros((n, 3, 3), np.float32), np.zeros((n, 2), np.float32))
     for idx, spectra, rot, ctf in data.batches(batch_size, device=device):
-        if not with_poses:
-            out[idx] = model.encode_batch(spectra, rot, ctf).cpu().numpy()
-            continue
-        z, r, t = model.encode_batch(spectra, rot, ctf, with_poses=True)
-        out[idx], rots[idx] = z.cpu().numpy(), r.cpu().numpy()
+        mu, sigma, r, t = model.posterior(spectra, rot, ctf)
+        out.z[idx], out.sigma[idx], out.rotations[idx] = mu.cpu().numpy(), sigma.cpu().numpy(), r.cpu().numpy()
         if t is not None:
-            shifts[idx] = t.cpu().numpy()
-    return (out, rots, shifts) if with_poses else out
+            out.shifts[idx] = t.cpu().numpy()
+    return out
 
 
 def pose_free_start(data: ParticleBatches, reference: Optional[torch.Tensor] = None, n_sample: int = 1000,
@@ -225,12 +246,13 @@ def _run(cfg, init, device, launch: DistributedLaunch):
             logger.info("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s",
                         epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0)
     if rank == 0:
-        z, rot, shifts = encode_all(model, data, cfg["batch_size"], device, with_poses=True)
+        post = encode_posterior(model, data, cfg["batch_size"], device)
         out = star.copy()
         if pose_free:
-            out.set_poses(matrix_to_euler(torch.from_numpy(rot)).numpy(), shifts * data.pixel_size_A)
-        for i, c in enumerate(latent_columns(z.shape[1])):
-            out.particles[c] = z[:, i].astype(np.float64)
+            out.set_poses(matrix_to_euler(torch.from_numpy(post.rotations)).numpy(), post.shifts * data.pixel_size_A)
+        for i, (c, s) in enumerate(zip(latent_columns(model.latent_dim), sigma_columns(model.latent_dim))):
+            out.particles[c] = post.z[:, i].astype(np.float64)
+            out.particles[s] = post.sigma[:, i].astype(np.float64)
         write_particles(os.path.join(cfg["output_dir"], LATENT_STAR), out)
     data.close()
     if world > 1:
