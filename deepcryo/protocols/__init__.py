@@ -19,6 +19,6 @@
 """deepcryo's protocols (one import line per protocol: Scipion discovers them here)."""
 from .protocol_reconstruct import DeepCryoProtReconstruct
 from .protocol_defocus import DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain
-from .protocol_vae import DeepCryoProtVaeTrain, DeepCryoProtVaeAnalyze
+from .protocol_vae import DeepCryoProtVaeTrain, DeepCryoProtVaeAnalyze, DeepCryoProtVaeVolumes
 from .protocol_swiftalign import DeepCryoProtSwiftAlign
 from .protocol_swiftrefine import DeepCryoProtSwiftRefine

@@ -16,10 +16,11 @@
 # * along with this program.  If not, see <https://www.gnu.org/licenses/>.
 # *
 # **************************************************************************
-"""DeepCryoProtVaeTrain / DeepCryoProtVaeAnalyze headless on a small simulated two-state set (CPU).
+"""DeepCryoProtVaeTrain / DeepCryoProtVaeAnalyze / DeepCryoProtVaeVolumes headless on a small simulated two-state set (CPU).
 
-Checks the Scipion wiring (flexible particles with latent coordinates, resume, classes with one
-volume each, trajectory, the landscape viewer drawn headless); the accuracy of the engine is tested in
+Checks the Scipion wiring (flexible particles with latent coordinates and their σ, resume, gold-standard
+halves resumed and summarised, classes with one volume each, trajectory, the landscape viewer drawn
+headless, PC and path volumes); the accuracy of the engine is tested in
 ``test_landscape.py``.
 
 The project has a name unique to this process: ``setupTestProject`` names it after the class, and
@@ -32,12 +33,14 @@ import os
 import uuid
 
 import numpy as np
+import torch
 from pyworkflow.project import Manager
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.core import simulate
-from deepcryo.protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeTrain
-from deepcryo.protocols.protocol_vae import OUTPUT_CLASSES, OUTPUT_TRAJECTORY
+from deepcryo.protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeTrain, DeepCryoProtVaeVolumes
+from deepcryo.protocols.protocol_vae import (OUTPUT_CLASSES, OUTPUT_PATH_VOLUMES, OUTPUT_PC_VOLUMES, OUTPUT_TRAJECTORY,
+                                             SIGMA_ATTR)
 from deepcryo.tests.harness import ProtocolTest
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
@@ -67,11 +70,22 @@ class TestDeepCryoVae(ProtocolTest):
         return prot
 
     def testTrainContinueAnalyze(self):
-        first = self._train(epochs=1, objLabel="vae 1 epoch")
-        second = self._train(epochs=2, continueRun=True, previousRun=first, objLabel="vae continued")
+        first = self._train(epochs=1, goldStandard=True, objLabel="vae 1 epoch, halves")
+        second = self._train(epochs=2, goldStandard=True, continueRun=True, previousRun=first,
+                             objLabel="vae continued, halves")
         flex = getattr(second, OUTPUT_PARTICLES)
         self.assertEqual(flex.getSize(), N)
         self.assertEqual(len(flex.getFirstItem().getZFlex()), 2)
+        sigma = [float(v) for v in getattr(flex.getFirstItem(), SIGMA_ATTR)]
+        self.assertEqual(len(sigma), 2)
+        self.assertTrue(all(v > 0 for v in sigma))
+        # the halves continued too (epoch 2 of their checkpoints), and the summary shows their agreement
+        for half in ("half1", "half2"):
+            ckpt = torch.load(os.path.join(second.getHalvesDir(), half, "checkpoint.pt"), weights_only=True)
+            self.assertEqual(ckpt["epoch"], 2)
+        summary = "\n".join(second.summary())
+        self.assertIn("Gold-standard halves", summary)
+        self.assertIn("half-map FSC 0.5", summary)
 
         analyze = self.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=2, trajectorySteps=3,
                                    numberOfThreads=1)
@@ -85,6 +99,27 @@ class TestDeepCryoVae(ProtocolTest):
         self.assertEqual(getattr(analyze, OUTPUT_TRAJECTORY).getSize(), 3)
         self.assertTrue(any("clusters" in line for line in analyze.summary()))
         self._checkViewer(analyze)
+        self._checkVolumes(analyze)
+
+    def _checkVolumes(self, analyze):
+        """PC trajectories and a path between the two clusters, as sets of volumes at the working pixel size."""
+        prot = self.newProtocol(DeepCryoProtVaeVolumes, pcs=2, pcPoints=3, doPath=True, pathFrom=2, pathTo=1,
+                                pathPoints=4, neighbors=5)
+        prot.analyzeRun.set(analyze)
+        self.assertEqual(prot.validate(), [])
+        self.launchProtocol(prot)
+        pcs, path = getattr(prot, OUTPUT_PC_VOLUMES), getattr(prot, OUTPUT_PATH_VOLUMES)
+        self.assertEqual((pcs.getSize(), path.getSize()), (6, 4))
+        workPx = PX * BOX / 16
+        for vols in (pcs, path):
+            self.assertAlmostEqual(vols.getSamplingRate(), workPx, places=5)
+            vol = vols.getFirstItem()
+            self.assertAlmostEqual(vol.getSamplingRate(), workPx, places=5)
+            self.assertEqual(vol.getDim(), (16, 16, 16))
+        self.assertTrue(any("path of" in line for line in prot.summary()))
+        bad = self.newProtocol(DeepCryoProtVaeVolumes, pcs=0, doPath=True, pathFrom=1, pathTo=3)
+        bad.analyzeRun.set(analyze)
+        self.assertIn("clusters 1 to 2", "\n".join(bad.validate()))
 
     def _checkViewer(self, analyze):
         """Every view of the landscape viewer, drawn headless (Agg) and saved."""
