@@ -117,6 +117,7 @@ def train_halves(particles: str, output_dir: str, n_clusters: int = 2, seed: int
     halves = half_split(star, seed)
     if min(np.sum(halves == 1), np.sum(halves == 2)) < 2:
         raise InputError("%s: each half set needs at least 2 particles (rlnRandomSubset 1 and 2)" % particles)
+    ParticleBatches(star, train_args.get("box")).close()   # images and box checked before anything is written
     os.makedirs(output_dir, exist_ok=True)
     dirs = []
     for h in (1, 2):

@@ -144,6 +144,7 @@ def test_volumes_bad_input(halves, tmp_path, capsys):
         code = cli.main(["volumes", train_dir, "--output-dir", str(tmp_path / "out")] + extra)
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "out").exists(), extra
 
 
 def test_latent_sigma_beside_z(halves):
