@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -49,7 +50,9 @@ def read_latent_file(path: str, latent_dim: int) -> np.ndarray:
     if not os.path.exists(path):
         raise InputError("%s: not found" % path)
     try:
-        z = np.load(path) if path.endswith(".npy") else np.loadtxt(path, ndmin=2)
+        with warnings.catch_warnings():        # an empty file is reported below, not as a numpy warning
+            warnings.simplefilter("ignore", UserWarning)
+            z = np.load(path) if path.endswith(".npy") else np.loadtxt(path, ndmin=2)
     except (ValueError, OSError) as exc:
         raise InputError("%s: not a table of latent points (%s)" % (path, str(exc).splitlines()[0][:80]))
     z = np.asarray(z, dtype=np.float64)

@@ -418,7 +418,7 @@ class DeepCryoProtVaeVolumes(DeepCryoProtBase, ProtAnalysis3D):
         form.addParam("pcs", params.IntParam, default=2, validators=[params.GE(0)],
                       label="Principal components", help="Number of principal components with a trajectory (0: none).")
         form.addParam("pcPoints", params.IntParam, default=10, validators=[params.GE(2)], condition="pcs > 0",
-                      label="Volumes per component")
+                      label="Volumes per component", help="Evenly spaced along the component between the percentiles.")
         form.addParam("pcLow", params.FloatParam, default=5.0, validators=[params.Range(0, 100)],
                       condition="pcs > 0", expertLevel=params.LEVEL_ADVANCED, label="From percentile",
                       help="The trajectory runs between these percentiles of the particles' scores on the component.")
@@ -427,11 +427,12 @@ class DeepCryoProtVaeVolumes(DeepCryoProtBase, ProtAnalysis3D):
         form.addParam("doPath", params.BooleanParam, default=True, label="Path between two clusters?",
                       help="Volumes along the shortest path through the particles' latents between two clusters.")
         form.addParam("pathFrom", params.IntParam, default=1, validators=[params.GE(1)], condition="doPath",
-                      label="From cluster")
+                      label="From cluster", help="Cluster (class) number of the analysis where the path starts: at "
+                                                 "the particle nearest to its centre.")
         form.addParam("pathTo", params.IntParam, default=2, validators=[params.GE(1)], condition="doPath",
-                      label="To cluster")
+                      label="To cluster", help="Cluster (class) number where the path ends.")
         form.addParam("pathPoints", params.IntParam, default=10, validators=[params.GE(2)], condition="doPath",
-                      label="Volumes along the path")
+                      label="Volumes along the path", help="Evenly spaced in latent distance along the path.")
         form.addParam("neighbors", params.IntParam, default=10, validators=[params.GE(1)], condition="doPath",
                       expertLevel=params.LEVEL_ADVANCED, label="Neighbours in the graph",
                       help="Each particle is joined to this many nearest particles in latent space; more joins "

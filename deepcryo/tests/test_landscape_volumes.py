@@ -131,10 +131,12 @@ def test_volumes_bad_input(halves, tmp_path, capsys):
     np.savetxt(str(tmp_path / "z3.txt"), np.zeros((2, 3)))
     np.save(str(tmp_path / "z.npy"), np.zeros((2, LATENT + 1)))
     (tmp_path / "text.txt").write_text("a b c\n")
+    (tmp_path / "empty.txt").write_text("# no points\n")
     cases = [(["--zfile", str(tmp_path / "z3.txt")], "3 values"),
              (["--zfile", str(tmp_path / "z.npy")], "%d values" % (LATENT + 1)),
              (["--zfile", str(tmp_path / "text.txt")], "not a table"),
              (["--zfile", str(tmp_path / "none.txt")], "not found"),
+             (["--zfile", str(tmp_path / "empty.txt")], "one latent point per row"),
              (["--path-particles", "0", str(N // 2)], "out of range"),
              (["--path-zfile", str(tmp_path / "z3.txt")], "3 values"),
              (["--pc", str(LATENT + 1)], "--pc"),
