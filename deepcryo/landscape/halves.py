@@ -37,6 +37,7 @@ from ..core.particles import write_particles
 from ..core.reconstruct import half_split
 from .analyze import cluster_latents
 from .dataset import ParticleBatches, load_particles
+from .distributed import read_launch
 from .train import encode_posterior, latent_pixel_size_A, load_model, train
 from .volumes import decode_volumes
 
@@ -65,9 +66,10 @@ def canonical_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.svd(basis(a).T @ basis(b), compute_uv=False)
 
 
-def compare_halves(half1_dir: str, half2_dir: str, particles: str, n_clusters: int = 2,
-                   batch_size: int = 256) -> Dict[str, Any]:
-    """Agreement of two trained halves on every particle of ``particles`` (see the module docstring)."""
+def compare_halves(half1_dir: str, half2_dir: str, particles: str, n_clusters: int = 2, batch_size: int = 256,
+                   device: str = "cpu") -> Dict[str, Any]:
+    """Agreement of two trained halves on every particle of ``particles`` (see the module docstring); the
+    particles are encoded on ``device``."""
     from sklearn.metrics import adjusted_rand_score
     if n_clusters < 1:
         raise InputError("--clusters must be >= 1")
@@ -76,9 +78,9 @@ def compare_halves(half1_dir: str, half2_dir: str, particles: str, n_clusters: i
         raise InputError("%s: %d particles cannot make %d clusters" % (particles, len(star), n_clusters))
     models, latents = [], []
     for folder in (half1_dir, half2_dir):
-        model, ckpt = load_model(folder)
+        model, ckpt = load_model(folder, device)
         data = ParticleBatches(star, ckpt["config"]["box"], scale=ckpt["config"]["scale"])
-        latents.append(encode_posterior(model, data, batch_size).z.astype(np.float64))
+        latents.append(encode_posterior(model, data, batch_size, device).z.astype(np.float64))
         data.close()
         models.append((model, float(ckpt["config"]["scale"])))
     if models[0][0].box != models[1][0].box:
@@ -112,7 +114,12 @@ def train_halves(particles: str, output_dir: str, n_clusters: int = 2, seed: int
 
     The halves are ``rlnRandomSubset`` (1/2) when the STAR has it, else a random split seeded by ``seed``; the
     split is written as ``half1.star`` and ``half2.star``. With ``resume`` each half continues its checkpoint.
+    One process (several GPUs: ``devices``, one DDP process each, spawned per half); the particles are
+    encoded for the comparison on the first device.
     """
+    if read_launch(os.environ).world_size > 1:
+        raise InputError("halves runs as one process (not under srun or torchrun): give several GPUs with "
+                         "--device cuda:0,cuda:1")
     star = load_particles(particles)
     halves = half_split(star, seed)
     if min(np.sum(halves == 1), np.sum(halves == 2)) < 2:
@@ -127,7 +134,8 @@ def train_halves(particles: str, output_dir: str, n_clusters: int = 2, seed: int
         logger.info("half %d: %d particles", h, int(np.sum(halves == h)))
         train(half_star, dirs[-1], seed=seed, **train_args)
     summary = compare_halves(dirs[0], dirs[1], particles, n_clusters,
-                             batch_size=max(64, int(train_args.get("batch_size", 64))))
+                             batch_size=max(64, int(train_args.get("batch_size", 64))),
+                             device=list(train_args.get("devices", ["cpu"]))[0])
     summary["split"] = "rlnRandomSubset" if "rlnRandomSubset" in star.particles else "random (seed %d)" % seed
     path = os.path.join(output_dir, SUMMARY)
     with open(path, "w") as f:
