@@ -107,9 +107,11 @@ def _plot_curves(path, x, curves, xlabel, ylabel, labels):
     plt.close(fig)
 
 
-def cluster_reconstruction(data: ParticleBatches, indices: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Map (D, D, D) of particles ``indices`` at their consensus poses, in the dataset's intensity scale."""
-    rec = Reconstructor(data.box)
+def cluster_reconstruction(data: ParticleBatches, indices: np.ndarray, batch_size: int = 256,
+                           symmetry: str = "C1") -> np.ndarray:
+    """Map (D, D, D) of particles ``indices`` at their consensus poses (point group ``symmetry``), in the
+    dataset's intensity scale."""
+    rec = Reconstructor(data.box, symmetry=symmetry)
     for start in range(0, len(indices), batch_size):
         spectra, rot, ctf = data.get(np.sort(indices[start:start + batch_size]))
         rec.insert(spectra * ctf, ctf * ctf, rot)
@@ -181,7 +183,7 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
         clusters, curves = [], []
         for c in range(k):
             members = np.nonzero(labels == c)[0]
-            recon = cluster_reconstruction(data, members) * scale
+            recon = cluster_reconstruction(data, members, symmetry=cfg.get("symmetry", "C1")) * scale
             write_mrc(os.path.join(work, "cluster_%02d_decoded.mrc" % (c + 1)), decoded[c], px)
             write_mrc(os.path.join(work, "cluster_%02d_reconstructed.mrc" % (c + 1)), recon, px)
             curve = fsc(decoded[c] * mask, recon * mask)

@@ -43,7 +43,7 @@ from ..core import fourier
 from ..core.cli import configure_logging, logging_configured
 from ..core.errors import InputError, load_error_reason
 from ..core.files import atomic_output, remove_stale_parts
-from ..core.geometry import matrix_to_euler, quaternion_to_matrix
+from ..core.geometry import matrix_to_euler, quaternion_to_matrix, symmetry_matrices
 from ..core.mrc import read_mrc, read_mrc_header, write_mrc
 from ..core.particles import write_particles
 from ..core.projector import Projector
@@ -80,9 +80,11 @@ def latent_pixel_size_A(train_dir: str) -> float:
     return read_mrc_header(path)[1]
 
 
-def consensus_map(data: ParticleBatches, batch_size: int, device: Union[str, torch.device]) -> torch.Tensor:
-    """Consensus reconstruction (D, D, D) at the working box from the dataset's (scaled) spectra."""
-    rec = Reconstructor(data.box, device=device)
+def consensus_map(data: ParticleBatches, batch_size: int, device: Union[str, torch.device],
+                  symmetry: str = "C1") -> torch.Tensor:
+    """Consensus reconstruction (D, D, D) at the working box from the dataset's (scaled) spectra, with the
+    point group ``symmetry``."""
+    rec = Reconstructor(data.box, symmetry=symmetry, device=device)
     for _, spectra, rot, ctf in data.batches(batch_size, device=device):
         rec.insert(spectra * ctf, ctf * ctf, rot)
     return torch.from_numpy(rec.reconstruct())
@@ -122,7 +124,8 @@ def load_model(output_dir: str, device: Union[str, torch.device] = "cpu") -> Tup
     state = ckpt["model"]
     model = LandscapeVAE(cfg["box"], cfg["latent_dim"], cfg["n_basis"], cfg["hidden"],
                          state["volumes"][0], state["noise_var"], pose_free=cfg.get("pose_free", False),
-                         pose_heads=cfg.get("pose_heads", 8), max_shift_px=cfg.get("max_shift_px"))
+                         pose_heads=cfg.get("pose_heads", 8), max_shift_px=cfg.get("max_shift_px"),
+                         symmetry=cfg.get("symmetry", "C1"))
     model.load_state_dict(state)
     return model.to(device), ckpt
 
@@ -217,7 +220,7 @@ def _run(cfg, init, device, launch: DistributedLaunch):
     data = ParticleBatches(star, cfg["box"], scale=cfg["scale"], poses=not pose_free)
     model = LandscapeVAE(data.box, cfg["latent_dim"], cfg["n_basis"], cfg["hidden"],
                          init["mean_volume"], init["noise_var"], pose_free=pose_free,
-                         pose_heads=cfg.get("pose_heads", 8)).to(device)
+                         pose_heads=cfg.get("pose_heads", 8), symmetry=cfg.get("symmetry", "C1")).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])
     start_epoch, history = 0, []
     if init.get("checkpoint") is not None:
@@ -273,7 +276,7 @@ def _ddp_entry(rank, devices, cfg, init, port, log_to_console, threads):
 def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20, box: Optional[int] = None,
           batch_size: int = 64, beta: float = 1.0, n_basis: int = 16, hidden: int = 128, learning_rate: float = 3e-3,
           devices: Sequence[str] = ("cpu",), resume: bool = False, seed: int = 0, pose_free: bool = False,
-          reference: Optional[str] = None, pose_heads: int = 8) -> str:
+          reference: Optional[str] = None, pose_heads: int = 8, symmetry: str = "C1") -> str:
     """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
 
     Args:
@@ -291,9 +294,17 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
             buffers), rank 0 writes the files.
         pose_free: ignore the particles' poses and learn them with the pose head (``pose_heads`` candidates
             per particle); ``reference``: optional MRC map to start V₀ from (otherwise a soft sphere).
+        symmetry: point group of every decoded volume and of the consensus map (RELION's names; see
+            :mod:`deepcryo.landscape.model`, "Symmetry"); not with ``pose_free``.
     """
     if latent_dim < 1 or epochs < 1 or batch_size < 1 or n_basis < 1 or beta < 0:
         raise InputError("need --latent-dim, --epochs, --batch-size and --basis >= 1 and --beta >= 0")
+    try:
+        symmetry = "C1" if len(symmetry_matrices(symmetry)) == 1 else str(symmetry).strip().upper()
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    if pose_free and symmetry != "C1":
+        raise InputError("--symmetry %s: the pose-free mode learns its own frame, give C1" % symmetry)
     launch = read_launch(os.environ)
     if launch.world_size > 1:
         devices = [rank_device(launch, list(devices), torch.cuda.device_count() if devices[0] != "cpu" else 0)]
@@ -303,7 +314,7 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
            "latent_dim": int(latent_dim), "epochs": int(epochs), "batch_size": int(batch_size),
            "beta": float(beta), "n_basis": int(n_basis), "hidden": int(hidden),
            "learning_rate": float(learning_rate), "seed": int(seed), "pose_free": bool(pose_free),
-           "pose_heads": int(pose_heads)}
+           "pose_heads": int(pose_heads), "symmetry": symmetry}
     if resume:
         if not os.path.exists(ckpt_path):
             raise InputError("%s: no checkpoint to continue from" % ckpt_path)
@@ -311,9 +322,10 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
             remove_stale_parts(os.path.join(output_dir, name))  # temporary files of a run killed while writing
         ckpt = read_checkpoint(ckpt_path)
         old = ckpt["config"]
-        for k in ("latent_dim", "n_basis", "hidden", "pose_free"):
-            if old.get(k, False) != cfg[k]:
-                raise InputError("--continue: %s %s differs from the checkpoint's %s" % (k, cfg[k], old[k]))
+        for k, default in (("latent_dim", None), ("n_basis", None), ("hidden", None), ("pose_free", False),
+                           ("symmetry", "C1")):
+            if old.get(k, default) != cfg[k]:
+                raise InputError("--continue: %s %s differs from the checkpoint's %s" % (k, cfg[k], old.get(k, default)))
         cfg.update(box=old["box"], scale=old["scale"], particles=os.path.abspath(particles))
         init = {"mean_volume": ckpt["model"]["volumes"][0], "noise_var": ckpt["model"]["noise_var"],
                 "checkpoint": ckpt}
@@ -331,7 +343,7 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
         if pose_free:
             volume, noise_var = pose_free_start(data, reference)
         else:
-            volume = consensus_map(data, 256, devices[0])
+            volume = consensus_map(data, 256, devices[0], symmetry)
             noise_var = noise_estimate(data, volume, 2000, 256)
         init = {"mean_volume": volume, "noise_var": noise_var}
         data.close()

@@ -50,6 +50,8 @@ def add_training_args(parser):
     cli.add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
     cli.add_continue_argument(parser, "output-dir/checkpoint.pt")
+    parser.add_argument("--symmetry", default="C1", help="point group of the particles, RELION's names (default "
+                                                         "C1): every decoded volume has it")
 
 
 def main(args):
@@ -57,4 +59,4 @@ def main(args):
     train(args.particles, args.output_dir, latent_dim=args.latent_dim, epochs=args.epochs, box=args.box,
           batch_size=args.batch_size, beta=args.beta, n_basis=args.basis, learning_rate=args.learning_rate,
           devices=args.devices, resume=args.resume, seed=args.seed, pose_free=args.pose_free,
-          reference=args.reference, pose_heads=args.pose_heads)
+          reference=args.reference, pose_heads=args.pose_heads, symmetry=args.symmetry)
