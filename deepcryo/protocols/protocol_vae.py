@@ -31,11 +31,11 @@ from pwem.constants import ALIGN_NONE
 from pwem.objects import ParticleFlex, SetOfClasses3D, SetOfParticlesFlex, SetOfVolumes, Volume
 from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
 
-from deepcryo.constants import OUTPUT_PARTICLES
+from deepcryo.constants import OUTPUT_PARTICLES, SYMMETRY_HELP
 from deepcryo.convert import copyVolumeMrc, rowToAlignment
 from deepcryo.core.particles import read_particles
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
-from deepcryo.protocols.validation import particleErrors
+from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
 OUTPUT_CLASSES = "outputClasses"
 OUTPUT_TRAJECTORY = "outputTrajectory"
@@ -110,6 +110,11 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
         form.addParam("referenceVolume", params.PointerParam, pointerClass="Volume", allowsNull=True,
                       condition="poseFree", label="Starting volume (optional)",
                       help="Low-resolution map to start the mean volume from; default a soft sphere.")
+        form.addParam("symmetryGroup", params.StringParam, default="c1", condition="not poseFree",
+                      label="Symmetry group",
+                      help=SYMMETRY_HELP + " Every volume of the landscape has this symmetry; each particle costs "
+                                           "one slice per operator, so for t, o and i symmetry-expand the particles "
+                                           "(relion_particle_symmetry_expand) and use c1.")
         form.addParam("latentDim", params.IntParam, default=8, validators=[params.GE(1)],
                       label="Latent dimension", help="Dimension of the latent (conformational) space.")
         form.addParam("workingBox", params.IntParam, default=64, validators=[params.GE(8)],
@@ -169,6 +174,8 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                    "--threads", self.numberOfThreads.get()]
         if self.usesGpu():  # several GPUs: the list %(GPU)s would become is no device name, so it is written out
             options += ["--device", ",".join(self._stepGpuDevices())]
+        if not self.poseFree:
+            options += ["--symmetry", self.symmetryGroup.get().strip()]
         args = ["train", "--output-dir", self.getTrainDir()] + options
         if self.poseFree:
             args.append("--pose-free")
@@ -241,6 +248,12 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
             errors.append("A pose-free run cannot continue a run with given poses (or the reverse).")
         if self.workingBox.get() % 2:
             errors.append("The working box must be even.")
+        if not self.poseFree:
+            errors += symmetryErrors(self.symmetryGroup.get())
+        previous = self.previousRun.get() if self.continueRun else None
+        if previous is not None and not self.poseFree and not previous.poseFree \
+                and previous.symmetryGroup.get().strip().upper() != self.symmetryGroup.get().strip().upper():
+            errors.append("The symmetry group must be the previous run's (%s)." % previous.symmetryGroup.get())
         if self.continueRun and self.previousRun.get() is None:
             errors.append("Choose the previous run to continue.")
         return errors
@@ -279,6 +292,9 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                      "maps the particle to latent coordinates, and the decoder maps them to a volume whose "
                      "projection at the particle's pose, modulated by its CTF, is compared with the image "
                      "(after the landscape networks of [Bunzel2022]).")
+        if not self.poseFree and self.symmetryGroup.get().strip().upper() != "C1":
+            text += (" Every decoded volume had %s symmetry (the average of the decoder's volume over the "
+                     "group's operators)." % self.symmetryGroup.get().strip().upper())
         if self._doHalves():
             text += (" Two more VAEs were trained independently on the two half sets of the particles, and their "
                      "landscapes compared on every particle (affine map between the latent spaces, k-means "

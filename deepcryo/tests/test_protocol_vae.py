@@ -149,8 +149,12 @@ class TestDeepCryoVae(ProtocolTest):
         self.assertIn("cannot continue", "\n".join(prot.validate()))
 
     def testValidateNeedsPreviousRun(self):
-        prot = self.newProtocol(DeepCryoProtVaeTrain, continueRun=True, workingBox=15)
+        prot = self.newProtocol(DeepCryoProtVaeTrain, continueRun=True, workingBox=15, symmetryGroup="q5")
         prot.inputParticles.set(self.importProt.outputParticles)
         errors = "\n".join(prot.validate())
         self.assertIn("previous run", errors)
         self.assertIn("even", errors)
+        self.assertIn("Unknown symmetry group 'q5'", errors)
+        prot.symmetryGroup.set("d2")
+        prot.previousRun.set(self.newProtocol(DeepCryoProtVaeTrain, symmetryGroup="c2"))
+        self.assertIn("the previous run's (c2)", "\n".join(prot.validate()))
