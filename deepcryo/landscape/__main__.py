@@ -5,6 +5,8 @@ Examples::
     python -m deepcryo.landscape train --particles sim/particles.star --output-dir vae --latent-dim 8 \\
         --epochs 10 --box 32
     python -m deepcryo.landscape analyze vae --clusters 2
+    python -m deepcryo.landscape volumes vae --output-dir vae/volumes --pc 2 --path-particles 12 873
+    python -m deepcryo.landscape halves --particles sim/particles.star --output-dir halves --box 32
 
 ``python -m deepcryo.landscape COMMAND --help`` shows each command's options and examples. Errors in the
 input are reported in one line and the program exits with status 2.
@@ -13,9 +15,9 @@ import sys
 
 from deepcryo.core.cli import run_program
 
-from .commands import analyze, train
+from .commands import analyze, halves, train, volumes
 
-COMMANDS = {"train": train, "analyze": analyze}
+COMMANDS = {"train": train, "analyze": analyze, "volumes": volumes, "halves": halves}
 
 
 def main(argv=None):

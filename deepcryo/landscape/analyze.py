@@ -6,6 +6,7 @@ Writes into ``train_dir/analysis`` or ``--output-dir`` (built in a temporary fol
   is installed and asked for) and ``dcCluster`` (1-based k-means label);
 - ``landscape.png``: PC1–PC2 coloured by cluster, the density and ``−ln density`` (the "free-energy" view;
   ``kT`` units up to a constant); ``landscape_umap.png`` likewise; ``bic.png``: GMM BIC against K;
+- ``cluster_centres.txt``: the k-means centres, one latent row per cluster (a ``--zfile`` for ``volumes``);
 - ``cluster_KK_decoded.mrc`` (decoder at the k-means centre) and ``cluster_KK_reconstructed.mrc``
   (the cluster's particles reconstructed with :class:`deepcryo.core.reconstruct.Reconstructor` at their
   consensus poses); their FSC says whether the decoder can be trusted (``fsc.png``);
@@ -24,7 +25,6 @@ import tempfile
 from typing import List, Optional, Tuple
 
 import numpy as np
-import torch
 
 from ..core.errors import InputError
 from ..core.fsc import fsc, fsc_resolution_A, shell_frequencies
@@ -34,8 +34,11 @@ from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches
 from .density import draw_density_panels
 from .train import LATENT_STAR, latent_columns, load_model
+from .volumes import decode_volumes, fit_pca, pc_points
 
 logger = logging.getLogger(__name__)
+
+CENTRES = "cluster_centres.txt"
 
 __all__ = ["analyze", "suggest_clusters", "cluster_latents"]
 
@@ -104,9 +107,11 @@ def _plot_curves(path, x, curves, xlabel, ylabel, labels):
     plt.close(fig)
 
 
-def cluster_reconstruction(data: ParticleBatches, indices: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Map (D, D, D) of particles ``indices`` at their consensus poses, in the dataset's intensity scale."""
-    rec = Reconstructor(data.box)
+def cluster_reconstruction(data: ParticleBatches, indices: np.ndarray, batch_size: int = 256,
+                           symmetry: str = "C1") -> np.ndarray:
+    """Map (D, D, D) of particles ``indices`` at their consensus poses (point group ``symmetry``), in the
+    dataset's intensity scale."""
+    rec = Reconstructor(data.box, symmetry=symmetry)
     for start in range(0, len(indices), batch_size):
         spectra, rot, ctf = data.get(np.sort(indices[start:start + batch_size]))
         rec.insert(spectra * ctf, ctf * ctf, rot)
@@ -124,7 +129,6 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
         trajectory_steps: volumes along each of the first ``n_pcs`` principal components.
         umap: also embed with UMAP when umap-learn is installed.
     """
-    from sklearn.decomposition import PCA
     if n_clusters < 0 or max_clusters < 1 or trajectory_steps < 2 or n_pcs < 1:
         raise InputError("need --clusters >= 0, --max-clusters >= 1, --trajectory-steps >= 2 and --pcs >= 1")
     star_path = os.path.join(train_dir, LATENT_STAR)
@@ -138,7 +142,7 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
     if len(z) < 2 or n_clusters > len(z):
         raise InputError("%s: %d particles cannot make %d clusters" % (star_path, len(z), n_clusters))
     n_pcs = min(n_pcs, z.shape[1])
-    pca = PCA(min(z.shape[1], len(z)), random_state=seed).fit(z)
+    pca = fit_pca(z)
     pcs = pca.transform(z)
     suggested, bic = suggest_clusters(z, max_clusters, seed)
     k = n_clusters or suggested
@@ -171,13 +175,15 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
         _plot_curves(os.path.join(work, "bic.png"), np.arange(1, len(bic) + 1), [bic], "K",
                      "GMM BIC (informative PCs)", ["BIC"])
         write_particles(os.path.join(work, "particles.star"), out)
+        np.savetxt(os.path.join(work, CENTRES), centres, fmt="%.17g",
+                   header="k-means centres (latent coordinates), one row per cluster, cluster 1 first")
 
-        decoded = model.volume(torch.as_tensor(centres, dtype=torch.float32)).numpy() * scale
+        decoded = decode_volumes(model, centres, scale)
         mask = model.mask3d.numpy()
         clusters, curves = [], []
         for c in range(k):
             members = np.nonzero(labels == c)[0]
-            recon = cluster_reconstruction(data, members) * scale
+            recon = cluster_reconstruction(data, members, symmetry=cfg.get("symmetry", "C1")) * scale
             write_mrc(os.path.join(work, "cluster_%02d_decoded.mrc" % (c + 1)), decoded[c], px)
             write_mrc(os.path.join(work, "cluster_%02d_reconstructed.mrc" % (c + 1)), recon, px)
             curve = fsc(decoded[c] * mask, recon * mask)
@@ -193,9 +199,7 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
 
         steps = np.linspace(-2.0, 2.0, trajectory_steps)
         for j in range(n_pcs):
-            comp = np.zeros((trajectory_steps, pca.n_components_))
-            comp[:, j] = steps * np.sqrt(pca.explained_variance_[j])
-            vols = model.volume(torch.as_tensor(pca.inverse_transform(comp), dtype=torch.float32)).numpy() * scale
+            vols = decode_volumes(model, pc_points(pca, j, steps * np.sqrt(pca.explained_variance_[j])), scale)
             for s, v in enumerate(vols):
                 write_mrc(os.path.join(work, "pc%d_step%02d.mrc" % (j + 1, s + 1)), v, px)
         summary = {"suggested_clusters": suggested, "clusters_used": k, "bic": bic,

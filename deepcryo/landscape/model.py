@@ -53,6 +53,17 @@ spectrum centred by the chosen shift). V₀ starts from a reference map when one
 soft sphere (no consensus map exists without poses); a sphere carries no orientation, so without a
 reference the search has nothing to lock onto (measured figures: README).
 
+Symmetry
+--------
+With a point group G (``symmetry``, RELION's names and operators, :func:`deepcryo.core.geometry.symmetry_matrices`)
+the decoded volume is the group average ``V_G(x) = (1/|G|) Σ_S V(S x)`` of the decoder's volume. Its Fourier
+transform is the average of ``V̂(S q)``, so its central slice at pose A is the average of the slices of V at the
+symmetry-copy poses ``A Sᵀ`` (the copies :class:`deepcryo.core.reconstruct.Reconstructor` inserts): every
+conformation the decoder can produce is G-symmetric, and the encoder sees slices of symmetric volumes. The
+slices cost |G| lookups per particle (the memory of a batch grows by |G|): fine for Cn and Dn; for T, O and I,
+RELION's symmetry expansion of the particles with C1 here is the cheaper route. Decoded volumes
+(:meth:`LandscapeVAE.volume`) are averaged in real space (trilinear, exact for 2- and 4-folds on the grid axes).
+
 Likelihood
 ----------
 Gaussian noise with a radial spectrum σ²(k) estimated from the consensus residuals; for centred
@@ -62,7 +73,7 @@ Loss per particle: NLL + β·KL(q(z|X) ‖ N(0, I)).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -70,9 +81,10 @@ import torch.nn.functional as F
 
 from ..core import fourier
 from ..core.fsc import spherical_mask
+from ..core.geometry import symmetry_matrices
 from ..core.projector import gridding_kernel_1d
 
-__all__ = ["LandscapeVAE", "radial_noise_variance", "soft_sphere"]
+__all__ = ["LandscapeVAE", "radial_noise_variance", "soft_sphere", "symmetrize_volumes"]
 
 
 def soft_sphere(box: int, radius_px: Optional[float] = None) -> torch.Tensor:
@@ -80,6 +92,23 @@ def soft_sphere(box: int, radius_px: Optional[float] = None) -> torch.Tensor:
     r = fourier.radius_grid_3d(box)
     radius = box / 4.0 if radius_px is None else radius_px
     return fourier.soft_edge(r, radius, max(1.0, box / 12.0))
+
+
+def symmetrize_volumes(volumes: torch.Tensor, operators: torch.Tensor) -> torch.Tensor:
+    """Group average ``(1/G) Σ_S V(S x)`` of real-space volumes (K, D, D, D) over operators (G, 3, 3).
+
+    ``x = (x, y, z)`` in px from the centre ``D//2`` along array axes (2, 1, 0) (the projector's convention);
+    trilinear interpolation, zero outside the box.
+    """
+    d = volumes.shape[-1]
+    idx = torch.arange(d, dtype=volumes.dtype, device=volumes.device) - d // 2
+    z, y, x = torch.meshgrid(idx, idx, idx, indexing="ij")
+    points = torch.stack([x, y, z], -1)                                                # (D, D, D, 3)
+    out = torch.zeros_like(volumes)
+    for op in operators.to(volumes):
+        grid = (2.0 * (points @ op.T + d // 2) / (d - 1) - 1.0).expand(len(volumes), d, d, d, 3)
+        out += F.grid_sample(volumes[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+    return out / len(operators)
 
 
 def _mlp(n_in, hidden, n_out, layers=2):
@@ -114,12 +143,17 @@ class LandscapeVAE(nn.Module):
         hidden: width of the encoder and coefficient MLPs.
         mean_volume: (D, D, D) initial V₀ (consensus map at the working box, in the dataset's intensity scale).
         noise_var: (D, D) noise variance per Fourier pixel (see :func:`radial_noise_variance`).
+        symmetry: point group of every decoded volume (RELION's names; C1: none); not with ``pose_free``.
     """
 
     def __init__(self, box: int, latent_dim: int, n_basis: int, hidden: int, mean_volume: torch.Tensor,
                  noise_var: torch.Tensor, pose_free: bool = False, pose_heads: int = 8,
-                 max_shift_px: Optional[float] = None) -> None:
+                 max_shift_px: Optional[float] = None, symmetry: str = "C1") -> None:
         super().__init__()
+        self.symmetry = str(symmetry).strip().upper()
+        self.register_buffer("sym_ops", symmetry_matrices(self.symmetry).to(torch.float32), persistent=False)
+        if pose_free and len(self.sym_ops) > 1:
+            raise ValueError("the pose-free mode does not take a symmetry group")
         self.box, self.latent_dim, self.n_basis, self.hidden = int(box), int(latent_dim), int(n_basis), int(hidden)
         self.pose_free, self.pose_heads = bool(pose_free), int(pose_heads)
         self.max_shift_px = float(self.box / 8.0 if max_shift_px is None else max_shift_px)
@@ -174,7 +208,8 @@ class LandscapeVAE(nn.Module):
     def config(self) -> Dict[str, Any]:
         """Constructor arguments other than the tensors (for checkpoints)."""
         return {"box": self.box, "latent_dim": self.latent_dim, "n_basis": self.n_basis, "hidden": self.hidden,
-                "pose_free": self.pose_free, "pose_heads": self.pose_heads, "max_shift_px": self.max_shift_px}
+                "pose_free": self.pose_free, "pose_heads": self.pose_heads, "max_shift_px": self.max_shift_px,
+                "symmetry": self.symmetry}
 
     def select(self, images_ft: torch.Tensor) -> torch.Tensor:
         """The model's Fourier pixels (..., K) of centred (..., D, D) arrays (spectra, CTFs)."""
@@ -307,8 +342,8 @@ class LandscapeVAE(nn.Module):
         """Real-space volumes (K, D, D, D) for latents z (K, L) (dataset intensity scale)."""
         with torch.no_grad():
             c = self.coefficients(torch.as_tensor(z, dtype=torch.float32, device=self.volumes.device))
-            vols = self.volumes[0] + torch.einsum("km,mzyx->kzyx", c, self.volumes[1:])
-            return vols * self.mask3d
+            vols = (self.volumes[0] + torch.einsum("km,mzyx->kzyx", c, self.volumes[1:])) * self.mask3d
+            return symmetrize_volumes(vols, self.sym_ops) if len(self.sym_ops) > 1 else vols
 
     # ----------------------------------------------------------------------------------------- encoder
     def encode(self, spectra: torch.Tensor, ctf: torch.Tensor, slices: torch.Tensor) -> Tuple[torch.Tensor,
@@ -330,7 +365,16 @@ class LandscapeVAE(nn.Module):
         if self.pose_free:
             rotations, hand, shifts, distill = self.choose_poses(spectra, ctf, table)
             spectra = spectra * self._shift_phase(shifts)
-        return spectra, ctf, self.slices(rotations, table, hand), (rotations, hand, shifts, distill)
+        return spectra, ctf, self._symmetric_slices(rotations, table, hand), (rotations, hand, shifts, distill)
+
+    def _symmetric_slices(self, rotations, table, hand):
+        """:meth:`slices` of the group-averaged volumes: the mean of the slices at the copies ``A Sᵀ``."""
+        g = len(self.sym_ops)
+        if g == 1:
+            return self.slices(rotations, table, hand)
+        copies = (rotations[:, None] @ self.sym_ops.transpose(1, 2)[None]).reshape(-1, 3, 3)
+        sl = self.slices(copies, table)
+        return sl.reshape((len(rotations), g) + sl.shape[1:]).mean(1)
 
     def forward(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor,
                 beta: float = 1.0) -> Dict[str, torch.Tensor]:
@@ -350,20 +394,16 @@ class LandscapeVAE(nn.Module):
             loss = loss + self.distill_weight * distill
         return {"loss": loss.mean(), "nll": nll.mean(), "kl": kl.mean()}
 
-    def encode_batch(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor,
-                     with_poses: bool = False
-                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """Latent means (B, L) without gradients, for spectra and CTFs (B, D, D) and poses (B, 3, 3).
-
-        ``with_poses``: also return the poses used, (B, 3, 3) matrices A (mirror hand applied) and shifts
-        (B, 2) px of the working box (the given ones in the main mode, the predicted ones when pose-free).
-        """
+    def posterior(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The encoder's Gaussian q(z|X) without gradients: mean (B, L), standard deviation σ (B, L) (latent
+        units; the prior is N(0, I), so σ near 1 means the image says little about that coordinate), and the
+        poses used: (B, 3, 3) matrices A (mirror hand applied) and shifts (B, 2) px of the
+        working box (the given poses and None in the main mode, the predicted ones when pose-free)."""
         with torch.no_grad():
             spectra, ctf, sl, (rot, hand, shifts, _) = self._posed(spectra, rotations, ctf, self.basis_ft())
-            mu = self.encode(spectra, ctf, sl)[0]
-            if not with_poses:
-                return mu
+            mu, logvar = self.encode(spectra, ctf, sl)
             if hand is not None:
                 mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0], device=rot.device))
                 rot = torch.where(hand[:, None, None] < 0, mirror @ rot @ mirror, rot)
-            return mu, rot, shifts
+            return mu, torch.exp(0.5 * logvar), rot, shifts

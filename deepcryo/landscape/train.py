@@ -6,7 +6,10 @@ Output folder layout:
   (``--continue`` resumes from it); load with ``torch.load(path, weights_only=True)``.
 - ``consensus.mrc``: the consensus map at the working box (initial mean volume of the decoder; pose-free: the
   starting volume, reference or sphere).
-- ``particles_latent.star``: the input particles with their latent means ``dcLatent01`` … (written at the end);
+- ``particles_latent.star``: the input particles with their latent means ``dcLatent01`` … and the encoder's
+  standard deviations ``dcZSigma01`` … (σ of the Gaussian q(z|X), per coordinate, in latent units: the
+  uncertainty of each particle's position in the landscape; the prior is N(0, I), so σ ≪ 1 where the image
+  pins the particle down and σ → 1 where it does not) (written at the end);
   in pose-free mode their angles and origins (``rlnAngle*``, ``rlnOrigin*Angst``) are replaced by the
   predicted ones (hand chosen by the model, frame of the learned volume), so ``analyze`` reconstructs the
   clusters at those.
@@ -31,7 +34,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,8 +43,8 @@ from ..core import fourier
 from ..core.cli import configure_logging, logging_configured
 from ..core.errors import InputError, load_error_reason
 from ..core.files import atomic_output, remove_stale_parts
-from ..core.geometry import matrix_to_euler, quaternion_to_matrix
-from ..core.mrc import read_mrc, write_mrc
+from ..core.geometry import matrix_to_euler, quaternion_to_matrix, symmetry_matrices
+from ..core.mrc import read_mrc, read_mrc_header, write_mrc
 from ..core.particles import write_particles
 from ..core.projector import Projector
 from ..core.reconstruct import Reconstructor
@@ -51,7 +54,8 @@ from .model import LandscapeVAE, radial_noise_variance, soft_sphere
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train", "load_model", "encode_all", "latent_columns", "CHECKPOINT"]
+__all__ = ["train", "load_model", "encode_posterior", "Posterior", "latent_columns", "sigma_columns",
+           "latent_pixel_size_A", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 LATENT_STAR = "particles_latent.star"
@@ -62,9 +66,25 @@ def latent_columns(latent_dim: int) -> List[str]:
     return ["dcLatent%02d" % (i + 1) for i in range(latent_dim)]
 
 
-def consensus_map(data: ParticleBatches, batch_size: int, device: Union[str, torch.device]) -> torch.Tensor:
-    """Consensus reconstruction (D, D, D) at the working box from the dataset's (scaled) spectra."""
-    rec = Reconstructor(data.box, device=device)
+def sigma_columns(latent_dim: int) -> List[str]:
+    """STAR column names of the latent coordinates' uncertainty σ (not ``dcLatent…``: readers that collect
+    every ``dcLatent`` column must not take them for coordinates)."""
+    return ["dcZSigma%02d" % (i + 1) for i in range(latent_dim)]
+
+
+def latent_pixel_size_A(train_dir: str) -> float:
+    """Pixel size (Å/px) of the working box of a training folder (from its ``consensus.mrc``, written at it)."""
+    path = os.path.join(train_dir, "consensus.mrc")
+    if not os.path.exists(path):
+        raise InputError("%s: not found (train first)" % path)
+    return read_mrc_header(path)[1]
+
+
+def consensus_map(data: ParticleBatches, batch_size: int, device: Union[str, torch.device],
+                  symmetry: str = "C1") -> torch.Tensor:
+    """Consensus reconstruction (D, D, D) at the working box from the dataset's (scaled) spectra, with the
+    point group ``symmetry``."""
+    rec = Reconstructor(data.box, symmetry=symmetry, device=device)
     for _, spectra, rot, ctf in data.batches(batch_size, device=device):
         rec.insert(spectra * ctf, ctf * ctf, rot)
     return torch.from_numpy(rec.reconstruct())
@@ -104,29 +124,33 @@ def load_model(output_dir: str, device: Union[str, torch.device] = "cpu") -> Tup
     state = ckpt["model"]
     model = LandscapeVAE(cfg["box"], cfg["latent_dim"], cfg["n_basis"], cfg["hidden"],
                          state["volumes"][0], state["noise_var"], pose_free=cfg.get("pose_free", False),
-                         pose_heads=cfg.get("pose_heads", 8), max_shift_px=cfg.get("max_shift_px"))
+                         pose_heads=cfg.get("pose_heads", 8), max_shift_px=cfg.get("max_shift_px"),
+                         symmetry=cfg.get("symmetry", "C1"))
     model.load_state_dict(state)
     return model.to(device), ckpt
 
 
-def encode_all(model: LandscapeVAE, data: ParticleBatches, batch_size: int, device: Union[str, torch.device] = "cpu",
-               with_poses: bool = False) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Latent means (N, L) of every particle, in STAR order.
+class Posterior(NamedTuple):
+    """The encoder's output for every particle, in STAR order (:func:`encode_posterior`)."""
+    z: np.ndarray            #: (N, L) latent means
+    sigma: np.ndarray        #: (N, L) standard deviations of q(z|X), latent units
+    rotations: np.ndarray    #: (N, 3, 3) pose matrices A used (predicted ones when pose-free)
+    shifts: np.ndarray       #: (N, 2) origins used, px of the working box (zeros with given poses)
 
-    ``with_poses``: also the poses used, (N, 3, 3) matrices A and (N, 2) origins in px of the working box.
-    """
+
+def encode_posterior(model: LandscapeVAE, data: ParticleBatches, batch_size: int,
+                     device: Union[str, torch.device] = "cpu") -> Posterior:
+    """Latent means, their uncertainty σ and the poses used, for every particle (see :class:`Posterior`)."""
     model.eval()
-    out = np.empty((len(data), model.latent_dim), dtype=np.float32)
-    rots, shifts = np.zeros((len(data), 3, 3), np.float32), np.zeros((len(data), 2), np.float32)
+    n, dim = len(data), model.latent_dim
+    out = Posterior(np.empty((n, dim), np.float32), np.empty((n, dim), np.float32),
+                    np.zeros((n, 3, 3), np.float32), np.zeros((n, 2), np.float32))
     for idx, spectra, rot, ctf in data.batches(batch_size, device=device):
-        if not with_poses:
-            out[idx] = model.encode_batch(spectra, rot, ctf).cpu().numpy()
-            continue
-        z, r, t = model.encode_batch(spectra, rot, ctf, with_poses=True)
-        out[idx], rots[idx] = z.cpu().numpy(), r.cpu().numpy()
+        mu, sigma, r, t = model.posterior(spectra, rot, ctf)
+        out.z[idx], out.sigma[idx], out.rotations[idx] = mu.cpu().numpy(), sigma.cpu().numpy(), r.cpu().numpy()
         if t is not None:
-            shifts[idx] = t.cpu().numpy()
-    return (out, rots, shifts) if with_poses else out
+            out.shifts[idx] = t.cpu().numpy()
+    return out
 
 
 def pose_free_start(data: ParticleBatches, reference: Optional[torch.Tensor] = None, n_sample: int = 1000,
@@ -196,7 +220,7 @@ def _run(cfg, init, device, launch: DistributedLaunch):
     data = ParticleBatches(star, cfg["box"], scale=cfg["scale"], poses=not pose_free)
     model = LandscapeVAE(data.box, cfg["latent_dim"], cfg["n_basis"], cfg["hidden"],
                          init["mean_volume"], init["noise_var"], pose_free=pose_free,
-                         pose_heads=cfg.get("pose_heads", 8)).to(device)
+                         pose_heads=cfg.get("pose_heads", 8), symmetry=cfg.get("symmetry", "C1")).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])
     start_epoch, history = 0, []
     if init.get("checkpoint") is not None:
@@ -225,12 +249,13 @@ def _run(cfg, init, device, launch: DistributedLaunch):
             logger.info("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s",
                         epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0)
     if rank == 0:
-        z, rot, shifts = encode_all(model, data, cfg["batch_size"], device, with_poses=True)
+        post = encode_posterior(model, data, cfg["batch_size"], device)
         out = star.copy()
         if pose_free:
-            out.set_poses(matrix_to_euler(torch.from_numpy(rot)).numpy(), shifts * data.pixel_size_A)
-        for i, c in enumerate(latent_columns(z.shape[1])):
-            out.particles[c] = z[:, i].astype(np.float64)
+            out.set_poses(matrix_to_euler(torch.from_numpy(post.rotations)).numpy(), post.shifts * data.pixel_size_A)
+        for i, (c, s) in enumerate(zip(latent_columns(model.latent_dim), sigma_columns(model.latent_dim))):
+            out.particles[c] = post.z[:, i].astype(np.float64)
+            out.particles[s] = post.sigma[:, i].astype(np.float64)
         write_particles(os.path.join(cfg["output_dir"], LATENT_STAR), out)
     data.close()
     if world > 1:
@@ -251,7 +276,7 @@ def _ddp_entry(rank, devices, cfg, init, port, log_to_console, threads):
 def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20, box: Optional[int] = None,
           batch_size: int = 64, beta: float = 1.0, n_basis: int = 16, hidden: int = 128, learning_rate: float = 3e-3,
           devices: Sequence[str] = ("cpu",), resume: bool = False, seed: int = 0, pose_free: bool = False,
-          reference: Optional[str] = None, pose_heads: int = 8) -> str:
+          reference: Optional[str] = None, pose_heads: int = 8, symmetry: str = "C1") -> str:
     """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
 
     Args:
@@ -269,9 +294,17 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
             buffers), rank 0 writes the files.
         pose_free: ignore the particles' poses and learn them with the pose head (``pose_heads`` candidates
             per particle); ``reference``: optional MRC map to start V₀ from (otherwise a soft sphere).
+        symmetry: point group of every decoded volume and of the consensus map (RELION's names; see
+            :mod:`deepcryo.landscape.model`, "Symmetry"); not with ``pose_free``.
     """
     if latent_dim < 1 or epochs < 1 or batch_size < 1 or n_basis < 1 or beta < 0:
         raise InputError("need --latent-dim, --epochs, --batch-size and --basis >= 1 and --beta >= 0")
+    try:
+        symmetry = "C1" if len(symmetry_matrices(symmetry)) == 1 else str(symmetry).strip().upper()
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    if pose_free and symmetry != "C1":
+        raise InputError("--symmetry %s: the pose-free mode learns its own frame, give C1" % symmetry)
     launch = read_launch(os.environ)
     if launch.world_size > 1:
         devices = [rank_device(launch, list(devices), torch.cuda.device_count() if devices[0] != "cpu" else 0)]
@@ -281,7 +314,7 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
            "latent_dim": int(latent_dim), "epochs": int(epochs), "batch_size": int(batch_size),
            "beta": float(beta), "n_basis": int(n_basis), "hidden": int(hidden),
            "learning_rate": float(learning_rate), "seed": int(seed), "pose_free": bool(pose_free),
-           "pose_heads": int(pose_heads)}
+           "pose_heads": int(pose_heads), "symmetry": symmetry}
     if resume:
         if not os.path.exists(ckpt_path):
             raise InputError("%s: no checkpoint to continue from" % ckpt_path)
@@ -289,9 +322,10 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
             remove_stale_parts(os.path.join(output_dir, name))  # temporary files of a run killed while writing
         ckpt = read_checkpoint(ckpt_path)
         old = ckpt["config"]
-        for k in ("latent_dim", "n_basis", "hidden", "pose_free"):
-            if old.get(k, False) != cfg[k]:
-                raise InputError("--continue: %s %s differs from the checkpoint's %s" % (k, cfg[k], old[k]))
+        for k, default in (("latent_dim", None), ("n_basis", None), ("hidden", None), ("pose_free", False),
+                           ("symmetry", "C1")):
+            if old.get(k, default) != cfg[k]:
+                raise InputError("--continue: %s %s differs from the checkpoint's %s" % (k, cfg[k], old.get(k, default)))
         cfg.update(box=old["box"], scale=old["scale"], particles=os.path.abspath(particles))
         init = {"mean_volume": ckpt["model"]["volumes"][0], "noise_var": ckpt["model"]["noise_var"],
                 "checkpoint": ckpt}
@@ -309,7 +343,7 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
         if pose_free:
             volume, noise_var = pose_free_start(data, reference)
         else:
-            volume = consensus_map(data, 256, devices[0])
+            volume = consensus_map(data, 256, devices[0], symmetry)
             noise_var = noise_estimate(data, volume, 2000, 256)
         init = {"mean_volume": volume, "noise_var": noise_var}
         data.close()

@@ -19,6 +19,7 @@
 """deepcryo's protocols (one import line per protocol: Scipion discovers them here)."""
 from .protocol_reconstruct import DeepCryoProtReconstruct
 from .protocol_defocus import DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain
-from .protocol_vae import DeepCryoProtVaeTrain, DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect
+from .protocol_vae import (DeepCryoProtVaeTrain, DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect,
+                           DeepCryoProtVaeVolumes)
 from .protocol_swiftalign import DeepCryoProtSwiftAlign
 from .protocol_swiftrefine import DeepCryoProtSwiftRefine

@@ -23,6 +23,7 @@ import shutil
 from glob import glob
 
 import numpy as np
+import pyworkflow.object as pwobj
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
 from pyworkflow.utils import Message
@@ -30,22 +31,42 @@ from pwem.constants import ALIGN_NONE
 from pwem.objects import ParticleFlex, SetOfClasses3D, SetOfParticlesFlex, SetOfVolumes, Volume
 from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
 
-from deepcryo.constants import OUTPUT_PARTICLES
+from deepcryo.constants import OUTPUT_PARTICLES, SYMMETRY_HELP
 from deepcryo.convert import copyVolumeMrc, rowToAlignment
 from deepcryo.core.errors import InputError
 from deepcryo.core.particles import read_particles
 from deepcryo.landscape import selection
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
-from deepcryo.protocols.validation import particleErrors
+from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
 OUTPUT_CLASSES = "outputClasses"
 OUTPUT_TRAJECTORY = "outputTrajectory"
+OUTPUT_PC_VOLUMES = "outputPcVolumes"
+OUTPUT_PATH_VOLUMES = "outputPathVolumes"
+SIGMA_ATTR = "_deepcryoZSigma"
 PROG_NAME = "deepcryo.landscape"
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 
 
 def _latentColumns(star):
     return sorted(c for c in star.particles if c.startswith("dcLatent"))
+
+
+def _sigmaColumns(star):
+    return sorted(c for c in star.particles if c.startswith("dcZSigma"))
+
+
+def _halvesLines(path):
+    """Summary lines of a ``halves.json`` (gold-standard agreement of two half-set trainings)."""
+    with open(path) as f:
+        h = json.load(f)
+    lines = ["Gold-standard halves (%s): latent R² half 2 → half 1 %.2f, first canonical correlation %.2f, "
+             "k-means ARI %.2f." % (h["split"], h["r2_half2_to_half1"], h["canonical_correlations"][0],
+                                    h["cluster_ari"])]
+    for c in h["conformations"]:
+        lines.append("cluster %d (%d particles): half-map FSC 0.5 at %.1f Å, 0.143 at %.1f Å"
+                     % (c["cluster"], c["particles"], c["fsc05_A"], c["fsc0143_A"]))
+    return lines
 
 
 def _rowsById(star):
@@ -60,7 +81,15 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
     The particles' consensus poses and CTF are used: the encoder maps each particle to a point of a
     low-dimensional latent space, the decoder maps a latent point to a volume whose projection at the
     particle's pose, times its CTF, should match the image. Images are Fourier-cropped to the working
-    box. The output particles carry their latent coordinates (flexibility hub "zFlex").
+    box. The output particles carry their latent coordinates (flexibility hub "zFlex") and their uncertainty
+    (attribute ``_deepcryoZSigma``: the encoder's standard deviation σ per coordinate, latent units; the
+    prior is N(0, I), so σ near 1 means the image does not place the particle along that coordinate).
+
+    Gold-standard halves (optional): two more VAEs are trained independently on the two half sets (the
+    particles' random subsets when they have them, else a random split) and compared on every particle: R²
+    of the best affine map between their latent spaces, k-means agreement (ARI) and the FSC of the two halves'
+    volumes at corresponding latent points. The summary shows the figures; a landscape the halves do not
+    share is not supported by the data.
 
     Pose-free mode (experimental, the original method of the seed thesis): the particles' poses are not
     used; a pose head predicts them (quaternion + shift, both hands scored). Its measured accuracy is in
@@ -83,6 +112,11 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
         form.addParam("referenceVolume", params.PointerParam, pointerClass="Volume", allowsNull=True,
                       condition="poseFree", label="Starting volume (optional)",
                       help="Low-resolution map to start the mean volume from; default a soft sphere.")
+        form.addParam("symmetryGroup", params.StringParam, default="c1", condition="not poseFree",
+                      label="Symmetry group",
+                      help=SYMMETRY_HELP + " Every volume of the landscape has this symmetry; each particle costs "
+                                           "one slice per operator, so for t, o and i symmetry-expand the particles "
+                                           "(relion_particle_symmetry_expand) and use c1.")
         form.addParam("latentDim", params.IntParam, default=8, validators=[params.GE(1)],
                       label="Latent dimension", help="Dimension of the latent (conformational) space.")
         form.addParam("workingBox", params.IntParam, default=64, validators=[params.GE(8)],
@@ -97,6 +131,14 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                       help="Weight of the Kullback-Leibler term of the VAE loss.")
         form.addParam("basis", params.IntParam, default=16, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED, label="Basis volumes", help="Number of basis volumes of the decoder.")
+        form.addParam("goldStandard", params.BooleanParam, default=False, condition="not poseFree",
+                      label="Gold-standard halves?",
+                      help="Also train one VAE per half set (the particles' random subsets, else a random split) "
+                           "and report how well the two landscapes agree (latent R², cluster ARI, half-map FSC "
+                           "per cluster). Triples the training time.")
+        form.addParam("halfClusters", params.IntParam, default=2, validators=[params.GE(1)],
+                      condition="goldStandard and not poseFree", label="Clusters compared",
+                      help="k-means clusters whose labels and volumes are compared between the halves.")
         form.addParam("continueRun", params.BooleanParam, default=False, label="Continue a previous run?",
                       help="Resume from the last epoch of a previous training on the same particles.")
         form.addParam("previousRun", params.PointerParam, pointerClass="DeepCryoProtVaeTrain",
@@ -121,12 +163,22 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
         if ref is not None:
             copyVolumeMrc(ref, self._getExtraPath("reference.mrc"))
 
+    def getHalvesDir(self):
+        return self._getExtraPath("halves")
+
+    def _doHalves(self):
+        return bool(self.goldStandard) and not self.poseFree
+
     def trainStep(self):
-        args = ["train", "--particles", self._inputParticlesStar(), "--output-dir",
-                self.getTrainDir(), "--latent-dim", self.latentDim.get(), "--epochs", self.epochs.get(),
-                "--box", min(self.workingBox.get(), self.inputParticles.get().getXDim()),
-                "--batch-size", self.batchSize.get(), "--beta", self.beta.get(), "--basis", self.basis.get(),
-                "--threads", self.numberOfThreads.get()]
+        options = ["--particles", self._inputParticlesStar(), "--latent-dim", self.latentDim.get(),
+                   "--epochs", self.epochs.get(), "--box", min(self.workingBox.get(), self.inputParticles.get().getXDim()),
+                   "--batch-size", self.batchSize.get(), "--beta", self.beta.get(), "--basis", self.basis.get(),
+                   "--threads", self.numberOfThreads.get()]
+        if self.usesGpu():  # several GPUs: the list %(GPU)s would become is no device name, so it is written out
+            options += ["--device", ",".join(self._stepGpuDevices())]
+        if not self.poseFree:
+            options += ["--symmetry", self.symmetryGroup.get().strip()]
+        args = ["train", "--output-dir", self.getTrainDir()] + options
         if self.poseFree:
             args.append("--pose-free")
             if self.referenceVolume.get() is not None:
@@ -137,15 +189,30 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
             for name in ("checkpoint.pt", "consensus.mrc"):
                 shutil.copy(os.path.join(previous, name), self.getTrainDir())
             args.append("--continue")
-        if self.usesGpu():  # several GPUs: the list %(GPU)s would become is no device name, so it is written out
-            args += ["--device", ",".join(self._stepGpuDevices())]
         self._runProgram("landscape", args)
+        if self._doHalves():
+            self._runProgram("landscape", ["halves", "--output-dir", self.getHalvesDir(), "--clusters",
+                                           self.halfClusters.get()] + options + self._continueHalves())
+
+    def _continueHalves(self):
+        """``--continue`` with the previous run's half checkpoints copied, when it trained halves."""
+        previous = self.previousRun.get() if self.continueRun else None
+        if previous is None or not os.path.exists(os.path.join(previous.getHalvesDir(), "half2", "checkpoint.pt")):
+            return []
+        for half in ("half1", "half2"):
+            os.makedirs(os.path.join(self.getHalvesDir(), half), exist_ok=True)
+            for name in ("checkpoint.pt", "consensus.mrc"):
+                shutil.copy(os.path.join(previous.getHalvesDir(), half, name), os.path.join(self.getHalvesDir(), half))
+        return ["--continue"]
 
     def createOutputStep(self):
         inputSet = self.inputParticles.get()
         star = read_particles(os.path.join(self.getTrainDir(), "particles_latent.star"), require_images=False)
         rows = _rowsById(star)
         z = np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in _latentColumns(star)], 1)
+        sigmaColumns = _sigmaColumns(star)
+        sigma = (np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in sigmaColumns], 1)
+                 if sigmaColumns else None)
         outSet = self._createSetOfParticlesFlex(progName=PROG_NAME)
         outSet.copyInfo(inputSet)
         outSet.setHasCTF(inputSet.hasCTF())   # SetOfParticlesFlex.copyInfo from a SetOfParticles leaves it out
@@ -162,6 +229,9 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
             flex.copyInfo(particle)
             flex.setObjId(particle.getObjId())
             flex.setZFlex([float(v) for v in z[r]])
+            if sigma is not None:
+                setattr(flex, SIGMA_ATTR, pwobj.CsvList(pType=float))
+                getattr(flex, SIGMA_ATTR).set([float(v) for v in sigma[r]])
             if poseFree:   # the predicted poses, in the learned volume's frame and hand
                 flex.setTransform(rowToAlignment({c: star.particles[c][r] for c in POSE_COLUMNS}, px))
             outSet.append(flex)
@@ -181,6 +251,12 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
             errors.append("A pose-free run cannot continue a run with given poses (or the reverse).")
         if self.workingBox.get() % 2:
             errors.append("The working box must be even.")
+        if not self.poseFree:
+            errors += symmetryErrors(self.symmetryGroup.get())
+        previous = self.previousRun.get() if self.continueRun else None
+        if previous is not None and not self.poseFree and not previous.poseFree \
+                and previous.symmetryGroup.get().strip().upper() != self.symmetryGroup.get().strip().upper():
+            errors.append("The symmetry group must be the previous run's (%s)." % previous.symmetryGroup.get())
         if self.continueRun and self.previousRun.get() is None:
             errors.append("Choose the previous run to continue.")
         return errors
@@ -188,9 +264,13 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
     def _summary(self):
         if not hasattr(self, OUTPUT_PARTICLES):
             return ["Training not finished yet."]
-        return ["%d particles with %d-dimensional latent coordinates%s."
-                % (getattr(self, OUTPUT_PARTICLES).getSize(), self.latentDim.get(),
-                   " and predicted poses (pose-free)" if self.poseFree else "")]
+        lines = ["%d particles with %d-dimensional latent coordinates%s."
+                 % (getattr(self, OUTPUT_PARTICLES).getSize(), self.latentDim.get(),
+                    " and predicted poses (pose-free)" if self.poseFree else "")]
+        halves = os.path.join(self.getHalvesDir(), "halves.json")
+        if self._doHalves() and os.path.exists(halves):
+            lines += _halvesLines(halves)
+        return lines
 
     def _methods(self):
         if not hasattr(self, OUTPUT_PARTICLES):
@@ -215,6 +295,13 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                      "maps the particle to latent coordinates, and the decoder maps them to a volume whose "
                      "projection at the particle's pose, modulated by its CTF, is compared with the image "
                      "(after the landscape networks of [Bunzel2022]).")
+        if not self.poseFree and self.symmetryGroup.get().strip().upper() != "C1":
+            text += (" Every decoded volume had %s symmetry (the average of the decoder's volume over the "
+                     "group's operators)." % self.symmetryGroup.get().strip().upper())
+        if self._doHalves():
+            text += (" Two more VAEs were trained independently on the two half sets of the particles, and their "
+                     "landscapes compared on every particle (affine map between the latent spaces, k-means "
+                     "agreement, FSC of the halves' volumes at corresponding latent points).")
         return [text + " The output particles (%s) carry their latent coordinates."
                 % self.getObjectTag(OUTPUT_PARTICLES)]
 
@@ -463,6 +550,150 @@ class DeepCryoProtVaeSelect(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase
                 "(latent space of the VAE, [Zhong2021]); the subset (%s) keeps their latent coordinates."
                 % (getattr(self, OUTPUT_PARTICLES).getSize(), self._inputParticles().getSize(),
                    self.getObjectTag("analyzeRun"), self._how(), self.getObjectTag(OUTPUT_PARTICLES))]
+
+    def _citations(self):
+        return ["Zhong2021"]
+
+
+class DeepCryoProtVaeVolumes(DeepCryoProtBase, ProtAnalysis3D):
+    """Volumes of a landscape VAE along chosen trajectories: along the first principal components of the
+    particles' latent coordinates (between two percentiles of the particles' scores, as cryoDRGN's
+    ``analyze --pc``), and along a path through the data between two clusters of an analysis (the shortest
+    path in the k-nearest-neighbour graph of the particles' latents, from the particle nearest to one cluster
+    centre to the particle nearest to the other, as cryoDRGN's ``graph_traversal``). The volumes are decoded at
+    the training's working box and pixel size; their latent points are in the extra folder (``*_z.txt``).
+    """
+    _label = "landscape VAE volumes"
+    _devStatus = BETA
+    _possibleOutputs = {OUTPUT_PC_VOLUMES: SetOfVolumes, OUTPUT_PATH_VOLUMES: SetOfVolumes}
+
+    def _defineParams(self, form):
+        form.addSection(label=Message.LABEL_INPUT)
+        form.addParam("analyzeRun", params.PointerParam, pointerClass="DeepCryoProtVaeAnalyze", important=True,
+                      label="Landscape analysis", help="The analysis whose training and clusters are used.")
+        form.addParam("pcs", params.IntParam, default=2, validators=[params.GE(0)],
+                      label="Principal components", help="Number of principal components with a trajectory (0: none).")
+        form.addParam("pcPoints", params.IntParam, default=10, validators=[params.GE(2)], condition="pcs > 0",
+                      label="Volumes per component", help="Evenly spaced along the component between the percentiles.")
+        form.addParam("pcLow", params.FloatParam, default=5.0, validators=[params.Range(0, 100)],
+                      condition="pcs > 0", expertLevel=params.LEVEL_ADVANCED, label="From percentile",
+                      help="The trajectory runs between these percentiles of the particles' scores on the component.")
+        form.addParam("pcHigh", params.FloatParam, default=95.0, validators=[params.Range(0, 100)],
+                      condition="pcs > 0", expertLevel=params.LEVEL_ADVANCED, label="To percentile")
+        form.addParam("doPath", params.BooleanParam, default=True, label="Path between two clusters?",
+                      help="Volumes along the shortest path through the particles' latents between two clusters.")
+        form.addParam("pathFrom", params.IntParam, default=1, validators=[params.GE(1)], condition="doPath",
+                      label="From cluster", help="Cluster (class) number of the analysis where the path starts: at "
+                                                 "the particle nearest to its centre.")
+        form.addParam("pathTo", params.IntParam, default=2, validators=[params.GE(1)], condition="doPath",
+                      label="To cluster", help="Cluster (class) number where the path ends.")
+        form.addParam("pathPoints", params.IntParam, default=10, validators=[params.GE(2)], condition="doPath",
+                      label="Volumes along the path", help="Evenly spaced in latent distance along the path.")
+        form.addParam("neighbors", params.IntParam, default=10, validators=[params.GE(1)], condition="doPath",
+                      expertLevel=params.LEVEL_ADVANCED, label="Neighbours in the graph",
+                      help="Each particle is joined to this many nearest particles in latent space; more joins "
+                           "separated groups.")
+        form.addParallelSection(threads=1, mpi=0)
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.volumesStep)
+        self._insertFunctionStep(self.createOutputStep)
+
+    def _analysisDir(self):
+        return self.analyzeRun.get()._getExtraPath("analysis")
+
+    def volumesStep(self):
+        args = ["volumes", self.analyzeRun.get().trainRun.get().getTrainDir(), "--output-dir",
+                self._getExtraPath("volumes"), "--threads", self.numberOfThreads.get()]
+        if self.pcs.get() > 0:
+            args += ["--pc", self.pcs.get(), "--pc-points", self.pcPoints.get(),
+                     "--percentiles", self.pcLow.get(), self.pcHigh.get()]
+        if self.doPath:
+            args += ["--path-zfile", os.path.join(self._analysisDir(), "cluster_centres.txt"),
+                     "--path-rows", self.pathFrom.get(), self.pathTo.get(),
+                     "--path-points", self.pathPoints.get(), "--neighbors", self.neighbors.get()]
+        self._runProgram("landscape", args)
+
+    def _volumeSet(self, summary, names, suffix):
+        volumes = self._createSetOfVolumes(suffix)
+        volumes.setSamplingRate(summary["pixel_size_A"])
+        for name in names:
+            for fn in summary["sets"][name]["volumes"]:
+                vol = Volume(location=self._getExtraPath("volumes", fn))
+                vol.setSamplingRate(summary["pixel_size_A"])
+                volumes.append(vol)
+        return volumes
+
+    def createOutputStep(self):
+        with open(self._getExtraPath("volumes", "volumes.json")) as f:
+            summary = json.load(f)
+        outputs = {}
+        if self.pcs.get() > 0:
+            outputs[OUTPUT_PC_VOLUMES] = self._volumeSet(summary, ["pc%d" % (j + 1) for j in range(self.pcs.get())],
+                                                         "pcs")
+        if self.doPath:
+            outputs[OUTPUT_PATH_VOLUMES] = self._volumeSet(summary, ["path"], "path")
+        self._defineOutputs(**outputs)
+        particles = self.analyzeRun.get().trainRun.get().inputParticles
+        for output in outputs.values():
+            self._defineSourceRelation(particles, output)
+
+    def _validate(self):
+        errors = []
+        run = self.analyzeRun.get()
+        if run is not None:
+            if not hasattr(run, OUTPUT_CLASSES):
+                errors.append("The analysis has not finished.")
+            elif self.doPath:
+                centres = os.path.join(self._analysisDir(), "cluster_centres.txt")
+                if not os.path.exists(centres):
+                    errors.append("The analysis has no cluster centres (%s): run the analysis again." % centres)
+                else:
+                    n = getattr(run, OUTPUT_CLASSES).getSize()
+                    for label, k in (("From", self.pathFrom.get()), ("To", self.pathTo.get())):
+                        if not 1 <= k <= n:
+                            errors.append("%s cluster %d: the analysis has clusters 1 to %d." % (label, k, n))
+            latentDim = run.trainRun.get().latentDim.get() if run.trainRun.get() is not None else 0
+            if self.pcs.get() > latentDim > 0:
+                errors.append("At most %d principal components (the latent dimension)." % latentDim)
+        if self.pcs.get() == 0 and not self.doPath:
+            errors.append("Nothing to decode: ask for principal components or a path.")
+        if self.pcs.get() > 0 and self.pcLow.get() >= self.pcHigh.get():
+            errors.append("The first percentile must be below the second.")
+        if self.doPath and self.pathFrom.get() == self.pathTo.get():
+            errors.append("Choose two different clusters for the path.")
+        return errors
+
+    def _summary(self):
+        if not (hasattr(self, OUTPUT_PC_VOLUMES) or hasattr(self, OUTPUT_PATH_VOLUMES)):
+            return ["Volumes not decoded yet."]
+        lines = []
+        if hasattr(self, OUTPUT_PC_VOLUMES):
+            lines.append("%d volumes along each of %d principal components (percentiles %g to %g)."
+                         % (self.pcPoints.get(), self.pcs.get(), self.pcLow.get(), self.pcHigh.get()))
+        if hasattr(self, OUTPUT_PATH_VOLUMES):
+            with open(self._getExtraPath("volumes", "volumes.json")) as f:
+                path = json.load(f)["sets"]["path"]
+            lines.append("%d volumes along a path of %d particles from cluster %d to cluster %d."
+                         % (len(path["volumes"]), len(path["particles"]), self.pathFrom.get(), self.pathTo.get()))
+        return lines
+
+    def _methods(self):
+        if not (hasattr(self, OUTPUT_PC_VOLUMES) or hasattr(self, OUTPUT_PATH_VOLUMES)):
+            return []
+        parts = []
+        if hasattr(self, OUTPUT_PC_VOLUMES):
+            parts.append("%d volumes along each of the first %d principal components of the particles' latent "
+                         "coordinates, between the %g and %g percentiles of their scores (output %s)"
+                         % (self.pcPoints.get(), self.pcs.get(), self.pcLow.get(), self.pcHigh.get(),
+                            self.getObjectTag(OUTPUT_PC_VOLUMES)))
+        if hasattr(self, OUTPUT_PATH_VOLUMES):
+            parts.append("%d volumes along the shortest path between clusters %d and %d in the %d-nearest-neighbour "
+                         "graph of the latent coordinates (output %s)"
+                         % (self.pathPoints.get(), self.pathFrom.get(), self.pathTo.get(), self.neighbors.get(),
+                            self.getObjectTag(OUTPUT_PATH_VOLUMES)))
+        return ["The landscape of %s was sampled as in cryoDRGN ([Zhong2021]): %s were decoded."
+                % (self.getObjectTag("analyzeRun"), " and ".join(parts))]
 
     def _citations(self):
         return ["Zhong2021"]

@@ -73,6 +73,8 @@ def _cases():
                                         "--output", "@OUT@/aligned.star"], words)
         add("landscape train", label, ["train", "--particles", star, "--output-dir", "@OUT@/vae", "--epochs", "1",
                                        "--latent-dim", "2", "--basis", "2", "--batch-size", "8"], words)
+        add("landscape halves", label, ["halves", "--particles", star, "--output-dir", "@OUT@/halves", "--epochs",
+                                        "1", "--latent-dim", "2", "--basis", "2", "--batch-size", "8"], words)
     add("reconstruct", "STAR without required columns", ["--particles", B("no_angles.star"),
                                                           "--output", "@OUT@/map.mrc"], ["no_angles.star", "rlnAngleRot"])
     add("swiftalign train", "STAR without required columns",
@@ -103,6 +105,7 @@ def _cases():
                                 ["checkpoint.pt", "not a deepcryo"]),
                                ("model file crafted to run code", B("vae_malicious"), ["checkpoint.pt", "not a deepcryo"])):
         add("landscape analyze", label, ["analyze", tdir, "--output-dir", "@OUT@/analysis", "--no-umap"], words)
+        add("landscape volumes", label, ["volumes", tdir, "--output-dir", "@OUT@/volumes", "--pc", "1"], words)
         add("landscape train --continue", label,
             ["train", "--particles", "@STAR@", "--output-dir", tdir, "--continue", "--epochs", "2"], words)
     # defocus predict: a single micrograph (all bad → error), by glob or STAR
@@ -155,7 +158,8 @@ def _cases():
 MAINS = {"reconstruct": reconstruct_cli.main, "simulate": simulate_cli.main, "defocus predict": defocus_cli.main,
          "defocus train": defocus_cli.main, "swiftalign train": swiftalign_cli.main,
          "swiftalign query": swiftalign_cli.main, "landscape train": landscape_cli.main,
-         "landscape train --continue": landscape_cli.main, "landscape analyze": landscape_cli.main}
+         "landscape train --continue": landscape_cli.main, "landscape analyze": landscape_cli.main,
+         "landscape halves": landscape_cli.main, "landscape volumes": landscape_cli.main}
 
 
 def _fill(argv, ws, out):

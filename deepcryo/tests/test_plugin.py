@@ -247,7 +247,7 @@ class TestPlugin(unittest.TestCase):
         """The protocol tree Scipion's GUI builds (pwem's protocols.conf and every plugin's) shows the VAE
         protocols in the Flexibility Hub view, as cryoDRGN's, and keeps them in the SPA view."""
         views = ProtocolTreeConfig.load(pwem.Domain, pyworkflow.Config.SCIPION_PROTOCOLS)
-        vae = {"DeepCryoProtVaeTrain", "DeepCryoProtVaeAnalyze", "DeepCryoProtVaeSelect"}
+        vae = {"DeepCryoProtVaeTrain", "DeepCryoProtVaeAnalyze", "DeepCryoProtVaeSelect", "DeepCryoProtVaeVolumes"}
         self.assertEqual(vae & set(_visibleProtocols(views["Flexibility Hub"])), vae)
         self.assertEqual(vae & set(_visibleProtocols(views["Protocols SPA"])), vae)
 

@@ -16,12 +16,13 @@
 # * along with this program.  If not, see <https://www.gnu.org/licenses/>.
 # *
 # **************************************************************************
-"""DeepCryoProtVaeTrain / DeepCryoProtVaeAnalyze headless on a small simulated two-state set (CPU).
+"""DeepCryoProtVaeTrain / Analyze / Select / Volumes headless on a small simulated two-state set (CPU).
 
-Checks the Scipion wiring (flexible particles with latent coordinates, resume, classes with one
-volume each, trajectory, the landscape viewer drawn headless, its volumes in ChimeraX through a stand-in for
-Scipion's ChimeraX plugin, particle subsets chosen on the landscape by polygon, clusters or the viewer's lasso);
-the accuracy of the engine is tested in ``test_landscape.py``.
+Checks the Scipion wiring (flexible particles with latent coordinates and their σ, resume, gold-standard
+halves resumed and summarised, classes with one volume each, trajectory, the landscape viewer drawn
+headless, its volumes in ChimeraX through a stand-in for Scipion's ChimeraX plugin, particle subsets
+chosen on the landscape by polygon, clusters or the viewer's lasso, PC and path volumes); the accuracy
+of the engine is tested in ``test_landscape.py``.
 
 The project has a name unique to this process: ``setupTestProject`` names it after the class, and
 ``Manager.createProject`` deletes an existing project of that name, so two runs of this test sharing one
@@ -37,6 +38,7 @@ import uuid
 from unittest import mock
 
 import numpy as np
+import torch
 from pwem.objects import SetOfParticlesFlex
 from pyworkflow.project import Manager
 
@@ -44,8 +46,10 @@ from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.core import simulate
 from deepcryo.core.mrc import read_mrc_header
 from deepcryo.core.particles import read_particles
-from deepcryo.protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect, DeepCryoProtVaeTrain
-from deepcryo.protocols.protocol_vae import OUTPUT_CLASSES, OUTPUT_TRAJECTORY
+from deepcryo.protocols import (DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect, DeepCryoProtVaeTrain,
+                                DeepCryoProtVaeVolumes)
+from deepcryo.protocols.protocol_vae import (OUTPUT_CLASSES, OUTPUT_PATH_VOLUMES, OUTPUT_PC_VOLUMES, OUTPUT_TRAJECTORY,
+                                             SIGMA_ATTR)
 from deepcryo.tests.harness import ProtocolTest, waitForProtocol
 from deepcryo.viewers.volumes import CHIMERAX, SLICES
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
@@ -76,12 +80,23 @@ class TestDeepCryoVae(ProtocolTest):
         return prot
 
     def testTrainContinueAnalyze(self):
-        first = self._train(epochs=1, objLabel="vae 1 epoch")
-        second = self._train(epochs=2, continueRun=True, previousRun=first, objLabel="vae continued")
+        first = self._train(epochs=1, goldStandard=True, objLabel="vae 1 epoch, halves")
+        second = self._train(epochs=2, goldStandard=True, continueRun=True, previousRun=first,
+                             objLabel="vae continued, halves")
         flex = getattr(second, OUTPUT_PARTICLES)
         self.assertEqual(flex.getSize(), N)
         self.assertEqual(len(flex.getFirstItem().getZFlex()), 2)
         self.assertTrue(flex.hasCTF())          # so that protocols asking for particles with CTF accept them
+        sigma = [float(v) for v in getattr(flex.getFirstItem(), SIGMA_ATTR)]
+        self.assertEqual(len(sigma), 2)
+        self.assertTrue(all(v > 0 for v in sigma))
+        # the halves continued too (epoch 2 of their checkpoints), and the summary shows their agreement
+        for half in ("half1", "half2"):
+            ckpt = torch.load(os.path.join(second.getHalvesDir(), half, "checkpoint.pt"), weights_only=True)
+            self.assertEqual(ckpt["epoch"], 2)
+        summary = "\n".join(second.summary())
+        self.assertIn("Gold-standard halves", summary)
+        self.assertIn("half-map FSC 0.5", summary)
 
         analyze = self.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=2, trajectorySteps=3,
                                    numberOfThreads=1)
@@ -97,6 +112,27 @@ class TestDeepCryoVae(ProtocolTest):
         self._checkViewer(analyze)
         self._checkChimerax(analyze)
         self._checkSelect(analyze, flex)
+        self._checkVolumes(analyze)
+
+    def _checkVolumes(self, analyze):
+        """PC trajectories and a path between the two clusters, as sets of volumes at the working pixel size."""
+        prot = self.newProtocol(DeepCryoProtVaeVolumes, pcs=2, pcPoints=3, doPath=True, pathFrom=2, pathTo=1,
+                                pathPoints=4, neighbors=5)
+        prot.analyzeRun.set(analyze)
+        self.assertEqual(prot.validate(), [])
+        self.launchProtocol(prot)
+        pcs, path = getattr(prot, OUTPUT_PC_VOLUMES), getattr(prot, OUTPUT_PATH_VOLUMES)
+        self.assertEqual((pcs.getSize(), path.getSize()), (6, 4))
+        workPx = PX * BOX / 16
+        for vols in (pcs, path):
+            self.assertAlmostEqual(vols.getSamplingRate(), workPx, places=5)
+            vol = vols.getFirstItem()
+            self.assertAlmostEqual(vol.getSamplingRate(), workPx, places=5)
+            self.assertEqual(vol.getDim(), (16, 16, 16))
+        self.assertTrue(any("path of" in line for line in prot.summary()))
+        bad = self.newProtocol(DeepCryoProtVaeVolumes, pcs=0, doPath=True, pathFrom=1, pathTo=3)
+        bad.analyzeRun.set(analyze)
+        self.assertIn("clusters 1 to 2", "\n".join(bad.validate()))
 
     def _checkViewer(self, analyze):
         """Every view of the landscape viewer, drawn headless (Agg) and saved."""
@@ -251,8 +287,12 @@ class TestDeepCryoVae(ProtocolTest):
         self.assertIn("cannot continue", "\n".join(prot.validate()))
 
     def testValidateNeedsPreviousRun(self):
-        prot = self.newProtocol(DeepCryoProtVaeTrain, continueRun=True, workingBox=15)
+        prot = self.newProtocol(DeepCryoProtVaeTrain, continueRun=True, workingBox=15, symmetryGroup="q5")
         prot.inputParticles.set(self.importProt.outputParticles)
         errors = "\n".join(prot.validate())
         self.assertIn("previous run", errors)
         self.assertIn("even", errors)
+        self.assertIn("Unknown symmetry group 'q5'", errors)
+        prot.symmetryGroup.set("d2")
+        prot.previousRun.set(self.newProtocol(DeepCryoProtVaeTrain, symmetryGroup="c2"))
+        self.assertIn("the previous run's (c2)", "\n".join(prot.validate()))

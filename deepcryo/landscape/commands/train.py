@@ -24,6 +24,16 @@ from deepcryo.core import cli
 
 
 def add_args(parser):
+    add_training_args(parser)
+    parser.add_argument("--pose-free", action="store_true",
+                        help="ignore the particles' poses: learn them with a pose head (quaternion + shift)")
+    parser.add_argument("--reference", default=None, help="pose-free: MRC map to start the mean volume from "
+                                                          "(default: a soft sphere)")
+    parser.add_argument("--pose-heads", type=int, default=8, help="pose-free: candidate poses per particle")
+
+
+def add_training_args(parser):
+    """The options of a training with given poses (shared with ``halves``)."""
     parser.add_argument("--particles", required=True, help="RELION 3.1 STAR with poses and CTF")
     parser.add_argument("--output-dir", required=True, help="output folder (checkpoint, consensus map, latents)")
     parser.add_argument("--latent-dim", type=int, default=8, help="latent dimension")
@@ -40,11 +50,8 @@ def add_args(parser):
     cli.add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
     cli.add_continue_argument(parser, "output-dir/checkpoint.pt")
-    parser.add_argument("--pose-free", action="store_true",
-                        help="ignore the particles' poses: learn them with a pose head (quaternion + shift)")
-    parser.add_argument("--reference", default=None, help="pose-free: MRC map to start the mean volume from "
-                                                          "(default: a soft sphere)")
-    parser.add_argument("--pose-heads", type=int, default=8, help="pose-free: candidate poses per particle")
+    parser.add_argument("--symmetry", default="C1", help="point group of the particles, RELION's names (default "
+                                                         "C1): every decoded volume has it")
 
 
 def main(args):
@@ -52,4 +59,4 @@ def main(args):
     train(args.particles, args.output_dir, latent_dim=args.latent_dim, epochs=args.epochs, box=args.box,
           batch_size=args.batch_size, beta=args.beta, n_basis=args.basis, learning_rate=args.learning_rate,
           devices=args.devices, resume=args.resume, seed=args.seed, pose_free=args.pose_free,
-          reference=args.reference, pose_heads=args.pose_heads)
+          reference=args.reference, pose_heads=args.pose_heads, symmetry=args.symmetry)
