@@ -29,7 +29,7 @@ from ..core import fourier
 from ..core.bands import band_indices
 
 __all__ = ["BandPixels", "refine_ctf", "exhaustive_search", "fit_resolution", "score_params", "FitResult",
-           "disagreement_flag", "score_only"]
+           "disagreement_flag", "score_only", "parameter_covariance", "select_astigmatism"]
 
 SEARCH_LOW_BAND_A = 8.0  # high-resolution limit (Å) of the robust search stages
 
@@ -38,10 +38,12 @@ class BandPixels:
     """Half-plane pixels (:mod:`deepcryo.core.bands`) of a centred ``size_px`` PSD at ``sampling_A`` Å/px
     between ``low_A`` and ``high_A``.
 
-    Holds ``index`` (flat pixel indices), ``s2`` (1/Å²), ``cos2`` and ``sin2`` (of twice the azimuth).
+    Holds ``size_px``, ``index`` (flat pixel indices), ``s2`` (1/Å²), ``cos2`` and ``sin2`` (of twice the
+    azimuth).
     """
 
     def __init__(self, size_px, sampling_A, low_A, high_A, device=None):
+        self.size_px = size_px
         grid = fourier.freq_grid_2d(size_px, device=device).reshape(-1, 2) / sampling_A
         s = grid.norm(dim=1)
         self.index = band_indices(grid, s, 1.0 / low_A, 1.0 / high_A)
@@ -92,9 +94,105 @@ def score_params(psd: torch.Tensor, sampling_A: float, band, z: torch.Tensor, ax
     return _corr(data, torch.sin(_gamma(band, z, ax, ay, phase_rad, *acq)) ** 2)
 
 
+def _residual_correlation(resid, band, max_lag_px):
+    """Sum of the residual's normalised autocorrelation over lags |dx|, |dy| <= ``max_lag_px`` (B,), >= 1:
+    neighbouring PSD pixels are not independent (Hann taper, Welch overlap, resampling), and a sum of
+    correlated pixels has this factor more variance than the pixel count says."""
+    b, size_px = resid.shape[0], band.size_px
+    img = torch.zeros(b, size_px * size_px, device=resid.device, dtype=resid.dtype)
+    img[:, band.index] = resid
+    mask = torch.zeros(size_px * size_px, device=resid.device, dtype=resid.dtype)
+    mask[band.index] = 1.0
+    img, mask = img.reshape(b, size_px, size_px), mask.reshape(size_px, size_px)
+    var0 = (img * img).sum(dim=(1, 2)) / mask.sum()
+    total = torch.zeros(b, device=resid.device, dtype=resid.dtype)
+    for dy in range(-max_lag_px, max_lag_px + 1):
+        for dx in range(-max_lag_px, max_lag_px + 1):
+            count = (mask * torch.roll(mask, (dy, dx), (0, 1))).sum()
+            if count > 0:
+                total += (img * torch.roll(img, (dy, dx), (1, 2))).sum(dim=(1, 2)) / count
+    return (total / var0.clamp(min=1e-30)).clamp(min=1.0)
+
+
+def _score_outer(scores, band, max_lag_px):
+    """Σ over pixel pairs closer than ``max_lag_px`` (in x and y) of ``g(x) g(x')ᵀ`` for per-pixel score
+    vectors ``g`` (B, M, P): the variance of the summed scores when neighbouring pixels are correlated and the
+    noise is not the same everywhere (heteroscedasticity- and autocorrelation-consistent, "sandwich")."""
+    b, _, p = scores.shape
+    size_px = band.size_px
+    img = torch.zeros(b, size_px * size_px, p, device=scores.device, dtype=scores.dtype)
+    img[:, band.index] = scores
+    img = img.reshape(b, size_px, size_px, p)
+    total = torch.zeros(b, p, p, device=scores.device, dtype=scores.dtype)
+    for dy in range(-max_lag_px, max_lag_px + 1):
+        for dx in range(-max_lag_px, max_lag_px + 1):
+            shifted = torch.roll(img, (dy, dx), (1, 2))
+            total += torch.einsum("byxi,byxj->bij", img, shifted)
+    return 0.5 * (total + total.transpose(1, 2))
+
+
+def parameter_covariance(psd: torch.Tensor, band: BandPixels, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor,
+                         phase_rad: torch.Tensor, acq, fit_astigmatism: bool = True, fit_phase: bool = False,
+                         max_lag_px: int = 3, shells: int = 16, sandwich: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Covariance (B, P, P) of the fitted ``(z[, ax, ay][, phase])`` (Å², rad²) at the optimum, Gauss-Newton,
+    and the number of independent pixels (B,) (band pixels / residual autocorrelation).
+
+    Maximising the band correlation is least squares of the PSD on ``α + β sin²γ``. The ring amplitude is
+    not the same at every frequency (envelope, specimen): β(s) is estimated in ``shells`` shells of s² (equal
+    numbers of Thon rings), so that pixels beyond the rings' reach carry no information. With ``J`` the
+    Jacobian of ``β(s) sin²γ`` with respect to the parameters (and the nuisance offset and scales), the
+    covariance is ``σ² (JᵀJ)⁻¹ · c``: σ² the residual variance per pixel and ``c`` the residual's summed
+    autocorrelation (:func:`_residual_correlation`: the PSD pixels are not independent). This is the
+    statistical error of the fit on this PSD; a wrong Thon-ring basin is not in it (:func:`disagreement_flag`).
+    """
+    with torch.no_grad():
+        d = band.take(psd)
+        d = d - d.mean(dim=-1, keepdim=True)
+        gam = _gamma(band, z, ax, ay, phase_rad, *acq)
+        m = torch.sin(gam) ** 2
+        s2 = band.s2
+        shell = ((s2 - s2.min()) / (s2.max() - s2.min()).clamp(min=1e-30) * shells).long().clamp(max=shells - 1)
+        onehot = torch.nn.functional.one_hot(shell, shells).to(d.dtype)  # (M, shells)
+        count = onehot.sum(0).clamp(min=1)
+        mc = m - (m @ onehot / count) @ onehot.T  # centred within each shell
+        dc = d - (d @ onehot / count) @ onehot.T
+        mm = ((mc * mc) @ onehot).clamp(min=1e-12)
+        beta = (dc * mc) @ onehot / mm  # (B, shells)
+        resid = dc - (beta @ onehot.T) * mc
+        # noise alone gives each shell's β a variance (σ²_shell / Σ mc²) and so information where there is none:
+        # shrink β² by it (shells without rings then count for nothing)
+        var_beta = (resid * resid) @ onehot / count / mm * _residual_correlation(resid, band, max_lag_px)[:, None]
+        beta = (beta.clamp(min=0) ** 2 - var_beta).clamp(min=0).sqrt()
+        beta_px = beta @ onehot.T
+        dg = beta_px * torch.sin(2 * gam)  # d(β sin²γ)/dγ
+        kz = (math.pi * ctf_mod.wavelength_A(acq[0]))[:, None] * s2  # dγ/dz (1/Å)
+        cols = [dg * kz]
+        if fit_astigmatism:
+            cols += [dg * kz * band.cos2, dg * kz * band.sin2]
+        if fit_phase:
+            cols.append(dg)
+        jac = torch.stack(cols, dim=-1)
+        nuisance = torch.cat([onehot[None].expand(d.shape[0], -1, -1), mc[..., None] * onehot], dim=-1)
+        # project the nuisance (per-shell offsets and scales) out of the Jacobian
+        nt = nuisance.transpose(1, 2)
+        coef = torch.linalg.lstsq(nt @ nuisance + 1e-9 * torch.eye(nuisance.shape[-1]), nt @ jac).solution
+        jac = jac - nuisance @ coef
+        n_pix, n_par = jac.shape[1], jac.shape[2] + nuisance.shape[2]
+        sigma2 = (resid * resid).sum(-1) / max(n_pix - n_par, 1)
+        correlation = _residual_correlation(resid, band, max_lag_px)
+        bread = torch.linalg.inv(jac.transpose(1, 2) @ jac)
+        if sandwich:
+            cov = bread @ _score_outer(jac * resid[..., None], band, max_lag_px) @ bread
+        else:
+            cov = bread * (sigma2 * correlation)[:, None, None]
+    return cov, n_pix / correlation
+
+
 class FitResult:
     """Fitted CTFs (tensors of shape (B,)): defocus_u_A, defocus_v_A (Å, U >= V), defocus_angle_deg
-    ([0, 180)), phase_shift_deg, figure_of_merit (band correlation), resolution_A (see :func:`fit_resolution`)."""
+    ([0, 180)), phase_shift_deg, figure_of_merit (band correlation), resolution_A (see :func:`fit_resolution`),
+    defocus_sigma_A (standard error of the mean defocus (U + V)/2, Å, see :func:`parameter_covariance`; NaN
+    until :func:`_finish` fills it)."""
 
     def __init__(self, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor, phase_rad: torch.Tensor,
                  fom: torch.Tensor) -> None:
@@ -105,20 +203,23 @@ class FitResult:
         self.phase_shift_deg = (torch.rad2deg(phase_rad) % 180.0).detach()
         self.figure_of_merit = fom.detach()
         self.resolution_A = torch.full_like(z, float("nan"))
+        self.defocus_sigma_A = torch.full_like(z, float("nan"))
         self._z, self._ax, self._ay, self._phase = z.detach(), ax.detach(), ay.detach(), phase_rad.detach()
 
 
-def _local(psd, sampling_A, bands, z, ax, ay, phase, acq, fit_phase, iterations):
-    """Adam on (z, ax, ay[, phase]) in units of 10⁴ Å (radians) over successive bands."""
+def _local(psd, sampling_A, bands, z, ax, ay, phase, acq, fit_phase, iterations, fit_astigmatism=True):
+    """Adam on (z[, ax, ay][, phase]) in units of 10⁴ Å (radians) over successive bands (``ax``, ``ay`` held
+    where ``fit_astigmatism`` is False)."""
     scale = 1e4
-    params = [(z / scale).clone().requires_grad_(True), (ax / scale).clone().requires_grad_(True),
-              (ay / scale).clone().requires_grad_(True)]
+    params = [(z / scale).clone().requires_grad_(True), (ax / scale).clone().requires_grad_(fit_astigmatism),
+              (ay / scale).clone().requires_grad_(fit_astigmatism)]
     ph = phase.clone().requires_grad_(fit_phase)
     if fit_phase:
         params.append(ph)
+    free = [p for p in params if p.requires_grad]
     for band, n_iter, lr0 in zip(bands, iterations, (0.004, 0.002)):
         data = _prep(band.take(psd))
-        opt = torch.optim.Adam(params, lr=lr0)
+        opt = torch.optim.Adam(free, lr=lr0)
         for it in range(n_iter):
             for g in opt.param_groups:
                 g["lr"] = lr0 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / n_iter)))
@@ -132,6 +233,42 @@ def _local(psd, sampling_A, bands, z, ax, ay, phase, acq, fit_phase, iterations)
         z, ax, ay = (p.detach() * scale for p in params[:3])
         fom = _corr(_prep(band.take(psd)), torch.sin(_gamma(band, z, ax, ay, ph.detach(), *acq)) ** 2)
     return z, ax, ay, ph.detach(), fom
+
+
+def select_astigmatism(psd: torch.Tensor, bands, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor,
+                       phase_rad: torch.Tensor, acq, fit_phase: bool, iterations: Tuple[int, int]):
+    """Round or astigmatic model per micrograph (BIC), and the mean defocus's standard error (Å).
+
+    The fitted astigmatism magnitude is never negative and the 2D score has noise-driven astigmatic optima, so
+    on weak rings U − V grows by hundreds of Å on round truth. The round model (U = V) is refitted from the
+    mean defocus, and the two extra parameters (ax, ay) are kept only where they pay for themselves by the
+    Bayesian information criterion: ``N ln((1 − ρ₀²)/(1 − ρ₁²)) > 2 ln N`` (least squares of the PSD on CTF²;
+    ρ₀, ρ₁ the band correlations of the round and astigmatic fits, N the independent band pixels of
+    :func:`parameter_covariance`). Returns ``(z, ax, ay, phase, fom, sigma_z)``, each (B,).
+    """
+    band = bands[-1]
+    zero = torch.zeros_like(z)
+    zr, _, _, pr, fom_r = _local(psd, None, bands, z, zero, zero, phase_rad, acq, fit_phase,
+                                 (iterations[0] // 2, iterations[1] // 2), fit_astigmatism=False)
+    cov, n_eff = parameter_covariance(psd, band, z, ax, ay, phase_rad, acq, True, fit_phase)
+    cov_r, _ = parameter_covariance(psd, band, zr, zero, zero, pr, acq, False, fit_phase)
+    with torch.no_grad():
+        fom = _corr(_prep(band.take(psd)), torch.sin(_gamma(band, z, ax, ay, phase_rad, *acq)) ** 2)
+    gain = n_eff * torch.log((1 - fom_r * fom_r).clamp(min=1e-12) / (1 - fom * fom).clamp(min=1e-12))
+    astig = gain > 2.0 * torch.log(n_eff)
+    sigma = torch.where(astig, cov[:, 0, 0], cov_r[:, 0, 0]).clamp(min=0).sqrt()
+    pick = [torch.where(astig, x1, x0) for x1, x0 in ((z, zr), (ax, zero), (ay, zero), (phase_rad, pr),
+                                                       (fom, fom_r))]
+    return (*pick, sigma)
+
+
+def _finish(psd, sampling_A, bands, z, ax, ay, ph, acq, fit_phase, iterations, low_A):
+    """:func:`select_astigmatism`, then the :class:`FitResult` with its resolution and σ."""
+    z, ax, ay, ph, fom, sigma = select_astigmatism(psd, bands, z, ax, ay, ph, acq, fit_phase, iterations)
+    result = FitResult(z, ax, ay, ph, fom)
+    result.defocus_sigma_A = sigma
+    result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
+    return result
 
 
 def _bands(size_px, sampling_A, low_A, high_A, device):
@@ -191,10 +328,8 @@ def refine_ctf(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, tor
     with torch.no_grad():
         scores = score_params(psd, sampling_A, lowband, zc, axc, ayc, phc, *acq)
     z, ax, ay, ph = _best(scores, zc, axc, ayc, phc)
-    z, ax, ay, ph, fom = _local(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, fit_phase, iterations)
-    result = FitResult(z, ax, ay, ph, fom)
-    result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
-    return result
+    z, ax, ay, ph, _ = _local(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, fit_phase, iterations)
+    return _finish(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, fit_phase, iterations, low_A)
 
 
 def score_only(psd: torch.Tensor, sampling_A: float, defocus_u_A: Union[float, torch.Tensor],
@@ -213,6 +348,8 @@ def score_only(psd: torch.Tensor, sampling_A: float, defocus_u_A: Union[float, t
     with torch.no_grad():
         fom = score_params(psd, sampling_A, band, z[:, None], ax[:, None], ay[:, None], ph[:, None], *acq)[:, 0]
     result = FitResult(z, ax, ay, ph, fom)
+    cov, _ = parameter_covariance(psd, band, z, ax, ay, ph, acq)
+    result.defocus_sigma_A = cov[:, 0, 0].clamp(min=0).sqrt()
     result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
     return result
 
@@ -256,10 +393,8 @@ def exhaustive_search(psd: torch.Tensor, sampling_A: float, voltage_kV: Union[fl
             bz = torch.where(better, cz[0, k], bz)
             bax = torch.where(better, cax[0, k], bax)
             bay = torch.where(better, cay[0, k], bay)
-    z, ax, ay, ph, fom = _local(psd, sampling_A, (lowband, band), bz, bax, bay, zero, acq, False, iterations)
-    result = FitResult(z, ax, ay, ph, fom)
-    result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
-    return result
+    z, ax, ay, ph, _ = _local(psd, sampling_A, (lowband, band), bz, bax, bay, zero, acq, False, iterations)
+    return _finish(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, False, iterations, low_A)
 
 
 def fit_resolution(psd: torch.Tensor, sampling_A: float, result: FitResult, acq, low_A: float,

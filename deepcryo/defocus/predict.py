@@ -6,8 +6,9 @@ Per micrograph, :func:`estimate_batch` computes
 2. the fit PSD with the same function at ``fit_sampling_A(pixel_size, high_A)`` Å/px, :data:`FIT_SIZE_PX` px;
 3. the CNN's U, V, angle; then :func:`deepcryo.defocus.fit.refine_ctf` from it (or, with ``refine=False``,
    only the CNN's values, scored on the fit PSD);
-4. figure of merit (band correlation with CTF²), fit resolution (Å), and a low-confidence flag when the
-   CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`).
+4. figure of merit (band correlation with CTF²), fit resolution (Å), the defocus's standard error σ (Å, from
+   the fit's curvature: :func:`deepcryo.defocus.fit.parameter_covariance`), and a low-confidence flag when
+   the CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`).
 
 The pixel size is the STAR's ``rlnMicrographPixelSize``, else the one given (``--pixel-size``), else the
 MRC header's x/y size (EPU's micrographs carry ``(p, p, 0)``). A micrograph that cannot be used
@@ -126,7 +127,7 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
     """Estimate the CTF of a list of :class:`MicrographEntry`; returns a list of result dicts (skipped
     micrographs are left out and passed to ``on_skip(path, message)``). Each dict: ``micrograph``,
     ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``phase_shift_deg``, ``resolution_A``,
-    ``figure_of_merit``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` (file or None),
+    ``figure_of_merit``, ``defocus_sigma_A``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` (file or None),
     ``pixel_size_A`` and ``pixel_size_from`` ("STAR", "command line" for ``defaults``, or "MRC header")."""
     defaults = defaults or {}
     items = []
@@ -185,7 +186,8 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
                 ("micrograph", e.path), ("defocus_u_A", float(res.defocus_u_A[j])),
                 ("defocus_v_A", float(res.defocus_v_A[j])), ("defocus_angle_deg", float(res.defocus_angle_deg[j])),
                 ("phase_shift_deg", float(res.phase_shift_deg[j])), ("resolution_A", float(res.resolution_A[j])),
-                ("figure_of_merit", float(res.figure_of_merit[j])), ("cnn_u_A", float(cu[i])),
+                ("figure_of_merit", float(res.figure_of_merit[j])),
+                ("defocus_sigma_A", float(res.defocus_sigma_A[j])), ("cnn_u_A", float(cu[i])),
                 ("cnn_v_A", float(cv[i])), ("cnn_angle_deg", float(ca[i])), ("flagged", bool(flags[j])),
                 ("psd", psd_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
                 ("pixel_size_from", items[i][4]), ("voltage_kV", e.voltage_kV), ("cs_mm", e.cs_mm),
@@ -197,7 +199,8 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
     """RELION CTF STAR (``data_micrographs``): rlnMicrographName, rlnDefocusU/V (Å), rlnDefocusAngle (deg),
     rlnCtfMaxResolution (Å), rlnCtfFigureOfMerit, rlnCtfImage (PSD MRC), [rlnPhaseShift], plus
     rlnMicrographPixelSize/rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast and deepcryo's
-    dcCnnDefocusU/V/Angle and dcCtfFlagged (1 = CNN and fit disagree)."""
+    dcDefocusSigma (standard error of the mean defocus, Å), dcCnnDefocusU/V/Angle and dcCtfFlagged (1 = CNN
+    and fit disagree)."""
     def col(key, dtype=np.float64):
         return np.array([r[key] for r in results], dtype=dtype)
 
@@ -212,6 +215,7 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
     cols["rlnVoltage"] = col("voltage_kV")
     cols["rlnSphericalAberration"] = col("cs_mm")
     cols["rlnAmplitudeContrast"] = col("amplitude_contrast")
+    cols["dcDefocusSigma"] = col("defocus_sigma_A")
     cols["dcCnnDefocusU"] = col("cnn_u_A")
     cols["dcCnnDefocusV"] = col("cnn_v_A")
     cols["dcCnnDefocusAngle"] = col("cnn_angle_deg")
