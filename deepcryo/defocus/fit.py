@@ -244,7 +244,8 @@ def select_astigmatism(psd: torch.Tensor, bands, z: torch.Tensor, ax: torch.Tens
     mean defocus, and the two extra parameters (ax, ay) are kept only where they pay for themselves by the
     Bayesian information criterion: ``N ln((1 − ρ₀²)/(1 − ρ₁²)) > 2 ln N`` (least squares of the PSD on CTF²;
     ρ₀, ρ₁ the band correlations of the round and astigmatic fits, N the independent band pixels of
-    :func:`parameter_covariance`). Returns ``(z, ax, ay, phase, fom, sigma_z)``, each (B,).
+    :func:`parameter_covariance`). σ: the chosen model's :func:`parameter_covariance`, plus the squared
+    difference of the two models' mean defoci. Returns ``(z, ax, ay, phase, fom, sigma_z)``, each (B,).
     """
     band = bands[-1]
     zero = torch.zeros_like(z)
@@ -256,7 +257,9 @@ def select_astigmatism(psd: torch.Tensor, bands, z: torch.Tensor, ax: torch.Tens
         fom = _corr(_prep(band.take(psd)), torch.sin(_gamma(band, z, ax, ay, phase_rad, *acq)) ** 2)
     gain = n_eff * torch.log((1 - fom_r * fom_r).clamp(min=1e-12) / (1 - fom * fom).clamp(min=1e-12))
     astig = gain > 2.0 * torch.log(n_eff)
-    sigma = torch.where(astig, cov[:, 0, 0], cov_r[:, 0, 0]).clamp(min=0).sqrt()
+    # the model choice is uncertain too: the two models' mean defoci differ by more than their curvature says
+    # where the astigmatism is weakly determined (model averaging: their squared difference adds to the variance)
+    sigma = (torch.where(astig, cov[:, 0, 0], cov_r[:, 0, 0]).clamp(min=0) + (z - zr) ** 2).sqrt()
     pick = [torch.where(astig, x1, x0) for x1, x0 in ((z, zr), (ax, zero), (ay, zero), (phase_rad, pr),
                                                        (fom, fom_r))]
     return (*pick, sigma)

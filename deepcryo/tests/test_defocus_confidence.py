@@ -107,7 +107,7 @@ def test_defocus_sigma_is_calibrated(tmp_path, cnn):
     """The standard error σ of the mean defocus (from the fit's curvature) covers the error: |error| <= 2σ for
     at least 90 % of weak-ring micrographs (contrast 2.5–5 %, U − V 0–1000 Å), and σ is larger where the rings
     are weaker."""
-    entries, truth = _field_set(tmp_path, 20, seed=21, astigmatism_A=(0.0, 1000.0), contrast=(0.025, 0.05))
+    entries, truth = _field_set(tmp_path, 40, seed=21, astigmatism_A=(0.0, 1000.0), contrast=(0.025, 0.05))
     results = predict.estimate_batch(entries, cnn)
     err = np.array([0.5 * (r["defocus_u_A"] + r["defocus_v_A"] - t["u"] - t["v"]) for r, t in zip(results, truth)])
     sigma = np.array([r["defocus_sigma_A"] for r in results])
