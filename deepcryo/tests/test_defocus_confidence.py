@@ -115,3 +115,15 @@ def test_defocus_sigma_is_calibrated(tmp_path, cnn):
     assert np.mean(np.abs(err) <= 2 * sigma) >= 0.9, (err, sigma)
     fom = np.array([r["figure_of_merit"] for r in results])
     assert np.corrcoef(fom, sigma)[0, 1] < -0.3
+
+
+def test_phase_shift_of_phase_plate_micrographs(tmp_path, cnn):
+    """Volta phase plate, truth 0–180°: the fitted phase shift is within 10° of the truth (modulo 180°, as
+    CTF² is) for 7 of 8 micrographs, median within 5°; the defocus of those within 300 Å. (Measured: one
+    micrograph of the 8 lands 44° off, in the basin where phase and defocus trade off at low resolution.)"""
+    entries, truth = _field_set(tmp_path, 8, seed=4, phase_range_deg=(0.0, 180.0), contrast=(0.08, 0.08))
+    results = predict.estimate_batch(entries, cnn, fit_phase=True)
+    err = np.array([abs((r["phase_shift_deg"] - t["phase"] + 90) % 180 - 90) for r, t in zip(results, truth)])
+    assert np.sum(err < 10.0) >= 7 and np.median(err) < 5.0, (err, [t["phase"] for t in truth])
+    dz = np.array([0.5 * (r["defocus_u_A"] + r["defocus_v_A"] - t["u"] - t["v"]) for r, t in zip(results, truth)])
+    assert np.abs(dz[err < 10.0]).max() < 300.0, dz
