@@ -292,7 +292,7 @@ def refine_ctf(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, tor
            amplitude_contrast: Union[float, torch.Tensor], low_A: float = 30.0, high_A: float = 5.0,
            fit_phase: bool = False, start_phase_deg: Union[float, torch.Tensor] = 0.0,
            iterations: Tuple[int, int] = (60, 100), scan_min_A: float = 5000.0, scan_fraction: float = 0.25,
-           scan_steps: int = 101) -> FitResult:
+           scan_steps: int = 101, defocus_range_A: Tuple[float, float] = (500.0, math.inf)) -> FitResult:
     """Local CTF fit from a start (e.g. the CNN's guess), batched over B micrographs.
 
     Args:
@@ -305,6 +305,7 @@ def refine_ctf(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, tor
         scan_min_A, scan_fraction, scan_steps: the first stage scans the mean defocus over
             start ± max(``scan_min_A``, ``scan_fraction`` · start) Å in ``scan_steps`` steps (low band 30–8 Å),
             so a start that is off by up to 25 % of the defocus still lands in the right Thon-ring basin.
+        defocus_range_A: (min, max) mean defocus (Å) of the scan's candidates.
     Returns:
         :class:`FitResult` with ``resolution_A`` filled in.
     """
@@ -322,7 +323,7 @@ def refine_ctf(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, tor
     dz = torch.linspace(-1.0, 1.0, scan_steps, device=dev)[None, :] * half[:, None]  # (B, steps)
     phases = torch.deg2rad(torch.arange(0.0, 180.0, 30.0, device=dev)) if fit_phase else \
         torch.deg2rad(_acq(start_phase_deg, 1, dev))
-    zc = (z0[:, None, None, None] + dz[:, :, None, None]).clamp(min=500.0)
+    zc = (z0[:, None, None, None] + dz[:, :, None, None]).clamp(min=defocus_range_A[0], max=defocus_range_A[1])
     astig = torch.tensor([1.0, 0.0], device=dev)[None, None, :, None]
     axc, ayc = ax0[:, None, None, None] * astig, ay0[:, None, None, None] * astig
     shape = (b, scan_steps, 2, phases.numel())

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -123,12 +123,15 @@ def _complete(entry, defaults, header_pixel_size_A):
 def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, refine: bool = True, low_A: float = 30.0,
                    high_A: float = 5.0, fit_phase: bool = False, device: Union[str, torch.device] = "cpu",
                    psd_dir: Optional[str] = None, defaults: Optional[Dict[str, float]] = None,
-                   on_skip: Optional[Callable[[str, str], None]] = None ) -> List[Dict[str, Any]]:
+                   on_skip: Optional[Callable[[str, str], None]] = None,
+                   defocus_range_A: Tuple[float, float] = (500.0, math.inf)) -> List[Dict[str, Any]]:
     """Estimate the CTF of a list of :class:`MicrographEntry`; returns a list of result dicts (skipped
     micrographs are left out and passed to ``on_skip(path, message)``). Each dict: ``micrograph``,
     ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``phase_shift_deg``, ``resolution_A``,
     ``figure_of_merit``, ``defocus_sigma_A``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` (file or None),
-    ``pixel_size_A`` and ``pixel_size_from`` ("STAR", "command line" for ``defaults``, or "MRC header")."""
+    ``pixel_size_A`` and ``pixel_size_from`` ("STAR", "command line" for ``defaults``, or "MRC header").
+    ``defocus_range_A``: (min, max) defocus (Å): the CNN's U and V are clipped to it and the fit's scan stays
+    in it."""
     defaults = defaults or {}
     items = []
     for e in entries:
@@ -159,6 +162,7 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
                                          len(items)).to(device)
     with torch.no_grad():
         cu, cv, ca = model_mod.decode(model(cnn_in, acq))
+        cu, cv = (t.clamp(min=defocus_range_A[0], max=defocus_range_A[1]) for t in (cu, cv))
     results = [None] * len(items)
     by_sampling = OrderedDict()
     for i, it in enumerate(items):
@@ -171,7 +175,7 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
         amp = [e.amplitude_contrast for e in sub]
         if refine:
             res = fit_mod.refine_ctf(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A,
-                                 fit_phase=fit_phase)
+                                 fit_phase=fit_phase, defocus_range_A=defocus_range_A)
         else:
             res = fit_mod.score_only(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A)
         flags = fit_mod.disagreement_flag(cu[idx], cv[idx], res)
@@ -225,7 +229,8 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
 
 def predict(spec: str, output: str, model_path: Optional[str] = None, refine: bool = True, low_A: float = 30.0,
             high_A: float = 5.0, fit_phase: bool = False, batch_size: int = 8, device: Union[str, torch.device] = "cpu",
-            defaults: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+            defaults: Optional[Dict[str, float]] = None,
+            defocus_range_A: Tuple[float, float] = (500.0, math.inf)) -> List[Dict[str, Any]]:
     """Whole program: micrographs (glob or STAR) → ``output`` STAR (+ PSDs in ``<output stem>_psd/``).
 
     Returns the list of result dicts. Raises InputError when no micrograph could be processed.
@@ -243,7 +248,7 @@ def predict(spec: str, output: str, model_path: Optional[str] = None, refine: bo
 
     for i in range(0, len(entries), batch_size):
         results += estimate_batch(entries[i:i + batch_size], model, refine, low_A, high_A, fit_phase, device,
-                                  psd_dir, defaults, on_skip=on_skip)
+                                  psd_dir, defaults, on_skip=on_skip, defocus_range_A=defocus_range_A)
         logger.info("%d/%d micrographs", min(i + batch_size, len(entries)), len(entries))
     for (px, source), n in Counter((r["pixel_size_A"], r["pixel_size_from"]) for r in results).items():
         logger.info("pixel size %.4f Å/px (%s): %d micrograph%s", px, source, n, "s" * (n != 1))

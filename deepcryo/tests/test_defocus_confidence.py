@@ -127,3 +127,21 @@ def test_phase_shift_of_phase_plate_micrographs(tmp_path, cnn):
     assert np.sum(err < 10.0) >= 7 and np.median(err) < 5.0, (err, [t["phase"] for t in truth])
     dz = np.array([0.5 * (r["defocus_u_A"] + r["defocus_v_A"] - t["u"] - t["v"]) for r, t in zip(results, truth)])
     assert np.abs(dz[err < 10.0]).max() < 300.0, dz
+
+
+def test_defocus_range_options(tmp_path, capsys, cnn):
+    """--defocus-min/--defocus-max: a range that excludes the CNN's guess clips it, and the fit stays in the
+    range's reach; min >= max is one clear error; the STAR carries dcDefocusSigma."""
+    from deepcryo.core.star import read_star
+    from deepcryo.defocus.__main__ import main
+    entries, truth = _field_set(tmp_path, 1, seed=5, contrast=(0.1, 0.1))
+    results = predict.estimate_batch(entries, cnn, defocus_range_A=(500.0, 0.5 * truth[0]["u"]))
+    assert results[0]["cnn_u_A"] <= 0.5 * truth[0]["u"] and results[0]["defocus_u_A"] < 0.8 * truth[0]["u"]
+    out = str(tmp_path / "ctf.star")
+    common = ["predict", "--micrographs", entries[0].path, "--pixel-size", "1", "--voltage", "300", "--cs", "2.7",
+              "--amplitude-contrast", "0.07", "--output", out]
+    assert main(common + ["--defocus-min", "20000", "--defocus-max", "10000"]) == 2
+    assert "--defocus-min < --defocus-max" in capsys.readouterr().err
+    assert main(common + ["--defocus-min", "2000", "--defocus-max", "40000"]) == 0
+    row = read_star(out)["micrographs"]
+    assert abs(float(row["rlnDefocusU"][0]) - truth[0]["u"]) < 200 and float(row["dcDefocusSigma"][0]) > 0
