@@ -27,7 +27,7 @@ from pyworkflow.viewer import DESKTOP_TKINTER, Viewer  # noqa: E402
 
 from deepcryo.core import ctf as ctf_mod  # noqa: E402
 from deepcryo.core.mrc import read_mrc, read_mrc_header  # noqa: E402
-from deepcryo.protocols.protocol_defocus import FLAG_ATTR, DeepCryoProtDeepDefocus  # noqa: E402
+from deepcryo.protocols.protocol_defocus import FLAG_ATTR, SIGMA_ATTR, DeepCryoProtDeepDefocus  # noqa: E402
 
 
 def psd_with_ctf(psd, sampling_A, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
@@ -47,8 +47,9 @@ def psd_with_ctf(psd, sampling_A, defocus_u_A, defocus_v_A, defocus_angle_deg, v
 def plot_defocus_summary(records, path=None):
     """Four panels from ``records`` (dicts with micrograph, defocus_u_A, defocus_v_A, defocus_angle_deg,
     resolution_A, flagged, and optionally psd (MRC path), psd_sampling_A, voltage_kV, cs_mm,
-    amplitude_contrast): PSD|CTF² of the first record, U and V per micrograph (flagged ones marked),
-    histogram of fit resolution, list of flagged micrographs. Saves to ``path``; returns the figure."""
+    amplitude_contrast, phase_shift_deg, defocus_sigma_A): PSD|CTF² (with the phase shift) of the first record,
+    U and V per micrograph with ±2σ bars (flagged ones marked), histogram of fit resolution, list of flagged
+    micrographs (and the phase shifts when any). Saves to ``path``; returns the figure."""
     fig, axes = plt.subplots(2, 2, figsize=(10, 8))
     first = next((r for r in records if r.get("psd")), None)
     ax = axes[0, 0]
@@ -56,17 +57,24 @@ def plot_defocus_summary(records, path=None):
         psd, _ = read_mrc(first["psd"])
         img = psd_with_ctf(psd, first["psd_sampling_A"], first["defocus_u_A"], first["defocus_v_A"],
                            first["defocus_angle_deg"], first["voltage_kV"], first["cs_mm"],
-                           first["amplitude_contrast"])
+                           first["amplitude_contrast"], first.get("phase_shift_deg") or 0.0)
         ax.imshow(img, cmap="gray", origin="lower")
-        ax.set_title("fitted CTF² | PSD (%s)" % first["micrograph"].split("/")[-1], fontsize=9)
+        title = "fitted CTF² | PSD (%s)" % first["micrograph"].split("/")[-1]
+        if first.get("phase_shift_deg"):
+            title += ", phase shift %.0f°" % first["phase_shift_deg"]
+        ax.set_title(title, fontsize=9)
     ax.axis("off")
     idx = np.arange(len(records))
     u = np.array([r["defocus_u_A"] for r in records])
     v = np.array([r["defocus_v_A"] for r in records])
     flagged = np.array([bool(r["flagged"]) for r in records])
     ax = axes[0, 1]
+    sigma = np.array([r.get("defocus_sigma_A") or np.nan for r in records], dtype=float)
     ax.plot(idx, u, "o-", ms=3, label="defocus U")
     ax.plot(idx, v, "s-", ms=3, label="defocus V")
+    if np.isfinite(sigma).any():
+        ax.errorbar(idx, 0.5 * (u + v), yerr=2 * sigma, fmt="none", ecolor="k", capsize=2,
+                    label="±2σ (mean defocus)")
     if flagged.any():
         ax.plot(idx[flagged], u[flagged], "rx", ms=9, label="flagged")
     ax.set_xlabel("micrograph")
@@ -80,9 +88,11 @@ def plot_defocus_summary(records, path=None):
     ax = axes[1, 1]
     ax.axis("off")
     names = [r["micrograph"].split("/")[-1] for r, f in zip(records, flagged) if f]
-    ax.text(0, 1, "flagged (CNN and fit disagree, or low figure of merit): %d\n" % len(names)
-            + "\n".join(names[:25]), va="top",
-            fontsize=8, family="monospace")
+    text = "flagged (CNN and fit disagree, or low figure of merit): %d\n" % len(names) + "\n".join(names[:20])
+    phases = [r.get("phase_shift_deg") or 0.0 for r in records]
+    if any(phases):
+        text += "\n\nphase shift (°): " + ", ".join("%.0f" % p for p in phases[:20])
+    ax.text(0, 1, text, va="top", fontsize=8, family="monospace")
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=100)
@@ -97,7 +107,9 @@ def ctf_records(ctfSet, acquisition):
         records.append(dict(
             micrograph=ctf.getMicrograph().getFileName() if ctf.getMicrograph() else str(ctf.getObjId()),
             defocus_u_A=ctf.getDefocusU(), defocus_v_A=ctf.getDefocusV(), defocus_angle_deg=ctf.getDefocusAngle(),
-            resolution_A=ctf.getResolution(), flagged=bool(getattr(ctf, FLAG_ATTR).get())
+            resolution_A=ctf.getResolution(), phase_shift_deg=ctf.getPhaseShift() or 0.0,
+            defocus_sigma_A=getattr(ctf, SIGMA_ATTR).get() if hasattr(ctf, SIGMA_ATTR) else None,
+            flagged=bool(getattr(ctf, FLAG_ATTR).get())
             if hasattr(ctf, FLAG_ATTR) else False,
             psd=psd, psd_sampling_A=read_mrc_header(psd)[1] if psd else None,
             voltage_kV=acquisition.getVoltage(), cs_mm=acquisition.getSphericalAberration(),
