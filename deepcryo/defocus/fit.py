@@ -15,6 +15,9 @@ the x axis to U). The optimiser works on ``(z, a cos 2θ, a sin 2θ)``, smooth a
 * :func:`fit_resolution` — CTFFIND-style: the PSD is averaged over equal-phase bins of the fitted CTF
   (astigmatism removed), and the resolution (Å) is where the correlation between this 1D average and the
   fitted CTF², in a window 3 Thon-ring periods wide moving outwards, first drops below 0.5.
+* :func:`parameter_covariance` / :func:`select_astigmatism` — the fit's standard errors (Gauss-Newton) and the
+  choice, by BIC, between a round and an astigmatic CTF (noise alone would inflate U − V on weak rings).
+* :func:`rotational_average` — CTFFIND's ``_avrot.txt`` rows (rotational average, EPA, fitted CTF², correlation).
 * :func:`disagreement_flag` — low confidence: CNN and fit disagree, or a low figure of merit.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..core import fourier
 from ..core.bands import band_indices
 
 __all__ = ["BandPixels", "refine_ctf", "exhaustive_search", "fit_resolution", "score_params", "FitResult",
-           "disagreement_flag", "score_only", "parameter_covariance", "select_astigmatism"]
+           "disagreement_flag", "score_only", "parameter_covariance", "select_astigmatism", "rotational_average"]
 
 SEARCH_LOW_BAND_A = 8.0  # high-resolution limit (Å) of the robust search stages
 
@@ -454,6 +457,67 @@ def fit_resolution(psd: torch.Tensor, sampling_A: float, result: FitResult, acq,
         s_res = torch.where(first >= 0, s_fail, s_last)
         s_res = torch.where(s_res > 0, s_res, s_last)
     return 1.0 / s_res
+
+
+def rotational_average(psd: torch.Tensor, sampling_A: float, result: FitResult, acq) -> torch.Tensor:
+    """CTFFIND's ``_avrot.txt`` rows for each PSD, (B, 6, S/2): 1. spatial frequency (1/Å, shell centres of the
+    PSD's grid); 2. rotational average of the PSD; 3. rotational average with the astigmatism taken out (each
+    pixel moved to the frequency where the round CTF of the mean defocus has its phase γ); 4. the fitted CTF²
+    (round, mean defocus, with the phase shift); 5. the correlation of rows 3 and 4 in a window one Thon ring
+    wide around each frequency; 6. twice the correlation's standard error for noise alone (2/√n, n shells in the
+    window). Shells without PSD pixels hold 0. The PSD is that of :func:`~deepcryo.defocus.psd.compute_psd`
+    (background subtracted, so rows 2-3 oscillate around 0 and row 4 is on its own scale, as in CTFFIND)."""
+    size = psd.shape[-1]
+    b, n = psd.shape[0], size // 2
+    dev = psd.device
+    band = BandPixels(size, sampling_A, size * sampling_A, 2.0 * sampling_A, dev)  # all but the centre pixel
+    step = 1.0 / (size * sampling_A)
+    s_centre = (torch.arange(n, device=dev, dtype=psd.dtype) + 0.5) * step
+    volt, cs, amp = acq
+    lam = ctf_mod.wavelength_A(volt)
+    with torch.no_grad():
+        data = band.take(psd)
+        ok = (data != 0).to(data.dtype)
+        gam = _gamma(band, result._z, result._ax, result._ay, result._phase, *acq)
+        c0 = (torch.atan(amp / torch.sqrt(1 - amp * amp)) + result._phase)[:, None]
+        a = (math.pi * lam * result._z)[:, None]
+        c4 = ((0.5 * math.pi * 1e7) * cs * lam ** 3)[:, None]
+        g = gam - c0
+        disc = (a * a - 4 * c4 * g).clamp(min=0)
+        s2_eq = torch.where(c4 > 0, (a - disc.sqrt()) / (2 * c4).clamp(min=1e-30), g / a)
+        s_eq = s2_eq.clamp(min=0).sqrt()
+
+        def shell_mean(s_px):
+            k = torch.floor(s_px / step).long().clamp(max=n)  # shell n: beyond the last, dropped
+            flat = (k + (n + 1) * torch.arange(b, device=dev)[:, None]).reshape(-1)
+            tot = torch.zeros(b * (n + 1), device=dev).index_add_(0, flat, (data * ok).reshape(-1))
+            cnt = torch.zeros(b * (n + 1), device=dev).index_add_(0, flat, ok.expand_as(data).reshape(-1))
+            return (tot / cnt.clamp(min=1)).reshape(b, n + 1)[:, :n], cnt.reshape(b, n + 1)[:, :n]
+
+        plain, _ = shell_mean(band.s.expand(b, -1))
+        epa, counts = shell_mean(s_eq)
+        s2 = s_centre[None] ** 2
+        model = torch.sin(a * s2 - c4 * s2 * s2 + c0) ** 2
+        # window: one Thon ring, Δs = 1 / (2 s λ z), in shells, 3 to 20 shells either side
+        half = (1.0 / (2 * s_centre[None] * lam[:, None] * result._z[:, None]) / step / 2).round().clamp(3, 20).long()
+        # windowed sums from cumulative sums (shells without pixels left out)
+        w = (counts > 0).to(data.dtype)
+        j = torch.arange(n, device=dev)[None]
+        lo, hi = (j - half).clamp(min=0), (j + half + 1).clamp(max=n)
+
+        def window_sum(x):
+            c = torch.nn.functional.pad(torch.cumsum(x * w, dim=1), (1, 0))
+            return c.gather(1, hi) - c.gather(1, lo)
+        k = window_sum(torch.ones_like(epa))
+        sx, sy = window_sum(epa), window_sum(model)
+        sxy, sxx, syy = window_sum(epa * model), window_sum(epa * epa), window_sum(model * model)
+        k1 = k.clamp(min=1)
+        cov = sxy - sx * sy / k1
+        var = ((sxx - sx * sx / k1) * (syy - sy * sy / k1)).clamp(min=1e-24)
+        enough = k >= 3
+        cc = torch.where(enough, cov / var.sqrt(), torch.zeros_like(cov))
+        sig = torch.where(enough, 2.0 / k1.sqrt(), torch.zeros_like(cov))
+    return torch.stack([s_centre[None].expand(b, -1), plain, epa, model, cc, sig], dim=1)
 
 
 def disagreement_flag(start_u_A: torch.Tensor, start_v_A: torch.Tensor, result: FitResult, tolerance_A: float = 1500.0,

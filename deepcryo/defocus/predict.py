@@ -38,7 +38,7 @@ from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psds
 logger = logging.getLogger(__name__)
 
 __all__ = ["MicrographEntry", "list_micrographs", "fit_sampling_A", "estimate_batch", "predict", "write_ctf_star",
-           "FIT_SIZE_PX"]
+           "write_avrot", "FIT_SIZE_PX"]
 
 FIT_SIZE_PX = 384
 
@@ -128,7 +128,8 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
     """Estimate the CTF of a list of :class:`MicrographEntry`; returns a list of result dicts (skipped
     micrographs are left out and passed to ``on_skip(path, message)``). Each dict: ``micrograph``,
     ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``phase_shift_deg``, ``resolution_A``,
-    ``figure_of_merit``, ``defocus_sigma_A``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` (file or None),
+    ``figure_of_merit``, ``defocus_sigma_A``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` and
+    ``avrot`` (files, with ``psd_dir``, else None),
     ``pixel_size_A`` and ``pixel_size_from`` ("STAR", "command line" for ``defaults``, or "MRC header").
     ``defocus_range_A``: (min, max) defocus (Å): the CNN's U and V are clipped to it and the fit's scan stays
     in it."""
@@ -179,13 +180,17 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
         else:
             res = fit_mod.score_only(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A)
         flags = fit_mod.disagreement_flag(cu[idx], cv[idx], res)
+        acq_t = [torch.as_tensor(x, dtype=torch.float32, device=psd.device) for x in (volt, cs, amp)]
+        avrot = fit_mod.rotational_average(psd, samp, res, acq_t).cpu().numpy() if psd_dir else None
         for j, i in enumerate(idx):
             e = items[i][0]
-            psd_path = None
+            psd_path = avrot_path = None
             if psd_dir:
                 base = os.path.splitext(os.path.basename(e.path))[0]
                 psd_path = os.path.join(psd_dir, "%s_psd.mrc" % base)
                 write_mrc(psd_path, psd[j].cpu().numpy(), samp)
+                avrot_path = os.path.join(psd_dir, "%s_avrot.txt" % base)
+                write_avrot(avrot_path, avrot[j])
             results[i] = OrderedDict([
                 ("micrograph", e.path), ("defocus_u_A", float(res.defocus_u_A[j])),
                 ("defocus_v_A", float(res.defocus_v_A[j])), ("defocus_angle_deg", float(res.defocus_angle_deg[j])),
@@ -193,17 +198,27 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
                 ("figure_of_merit", float(res.figure_of_merit[j])),
                 ("defocus_sigma_A", float(res.defocus_sigma_A[j])), ("cnn_u_A", float(cu[i])),
                 ("cnn_v_A", float(cv[i])), ("cnn_angle_deg", float(ca[i])), ("flagged", bool(flags[j])),
-                ("psd", psd_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
+                ("psd", psd_path), ("avrot", avrot_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
                 ("pixel_size_from", items[i][4]), ("voltage_kV", e.voltage_kV), ("cs_mm", e.cs_mm),
                 ("amplitude_contrast", e.amplitude_contrast)])
     return results
+
+
+def write_avrot(path: str, rows: np.ndarray) -> None:
+    """CTFFIND's ``_avrot.txt``: 6 rows (:func:`deepcryo.defocus.fit.rotational_average`) of one micrograph,
+    behind ``#`` comment lines saying what each row is."""
+    header = ("deepcryo rotational average (CTFFIND _avrot.txt layout), one row each:\n"
+              "1: spatial frequency (1/Angstroms); 2: rotational average of the PSD (background subtracted);\n"
+              "3: rotational average, astigmatism taken out; 4: fitted CTF^2 (round, mean defocus);\n"
+              "5: cross-correlation of rows 3 and 4 (one-ring window); 6: 2sigma of that correlation for noise")
+    np.savetxt(path, np.asarray(rows, dtype=np.float64), fmt="%.6g", header=header)
 
 
 def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: bool = False) -> None:
     """RELION CTF STAR (``data_micrographs``): rlnMicrographName, rlnDefocusU/V (Å), rlnDefocusAngle (deg),
     rlnCtfMaxResolution (Å), rlnCtfFigureOfMerit, rlnCtfImage (PSD MRC), [rlnPhaseShift], plus
     rlnMicrographPixelSize/rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast and deepcryo's
-    dcDefocusSigma (standard error of the mean defocus, Å), dcCnnDefocusU/V/Angle and dcCtfFlagged (1 = CNN
+    dcCtfAvrot (the micrograph's :func:`write_avrot` file), dcDefocusSigma (standard error of the mean defocus, Å), dcCnnDefocusU/V/Angle and dcCtfFlagged (1 = CNN
     and fit disagree)."""
     def col(key, dtype=np.float64):
         return np.array([r[key] for r in results], dtype=dtype)
@@ -213,6 +228,7 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
                         ("rlnCtfMaxResolution", col("resolution_A")), ("rlnCtfFigureOfMerit", col("figure_of_merit"))])
     if all(r["psd"] for r in results):
         cols["rlnCtfImage"] = col("psd", object)
+        cols["dcCtfAvrot"] = col("avrot", object)
     if with_phase:
         cols["rlnPhaseShift"] = col("phase_shift_deg")
     cols["rlnMicrographPixelSize"] = col("pixel_size_A")

@@ -22,7 +22,7 @@ import os
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
 from pyworkflow.protocol.constants import STEPS_PARALLEL
-from pyworkflow.object import Boolean, Float, Integer
+from pyworkflow.object import Boolean, Integer
 from pyworkflow.utils import Message
 from pwem.objects import CTFModel, EMFile, SetOfCTF
 from pwem.protocols import EMProtocol, ProtCTFMicrographs
@@ -34,7 +34,6 @@ from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
 from deepcryo.protocols.validation import acquisitionErrors, defocusModelErrors
 
 FLAG_ATTR = "_deepcryo_flagged"
-SIGMA_ATTR = "_deepcryo_defocusSigma"
 OUTPUT_MODEL = "outputModel"
 
 
@@ -43,8 +42,9 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
     it arrives: a small CNN reads background-subtracted PSDs at 1, 2 and 3 Å/px and gives a first guess,
     which a physics fit of the 2D CTF to the PSD refines over a resolution band. The output SetOfCTF
     carries the fit resolution, a figure of merit (correlation of the PSD with CTF²), the defocus's standard
-    error (Å, ``_deepcryo_defocusSigma``), the phase shift when fitted, the PSD file and a flag when the CNN
-    and the fit disagree. Micrographs are processed in batches, each exactly once;
+    error (Å, ``_deepcryo_defocusSigma``), the phase shift when fitted, the PSD file, the 1D rotational average
+    with the fitted CTF (``_deepcryo_ctfAvrot``, CTFFIND's ``_avrot.txt`` layout) and a flag when the CNN and
+    the fit disagree. Micrographs are processed in batches, each exactly once;
     unusable ones (unreadable, NaN, too small) are reported in the log and skipped.
     """
     _label = "deep micrograph defocus"
@@ -146,8 +146,6 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
         row = readCtfStar(self._getMicCtfStar(mic))[0]  # raises for a skipped micrograph: reported, not output
         ctf = ctfRowToModel(row, CTFModel())
         setattr(ctf, FLAG_ATTR, Boolean(bool(row.get("dcCtfFlagged", 0))))
-        if "dcDefocusSigma" in row:
-            setattr(ctf, SIGMA_ATTR, Float(float(row["dcDefocusSigma"])))
         ctf.setMicrograph(mic)
         return ctf
 
