@@ -64,6 +64,11 @@ class DeepCryoPsdBandDialog(CtfDialog):
         self.rightPreview.updateData(psd)
         self.manageMaskVals()
 
+    def showValues(self, var2set, labSlider):
+        """The slider's frequency in cycles/px and, always, in Å (pwem shows only px at 1 Å/px)."""
+        freq = max(labSlider.slider.get(), 1e-4)
+        var2set.set("{:.3f} 1/px | {:5.1f} Å".format(freq, self.firstItem.getSamplingRate() / freq))
+
 
 class DeepCryoDefocusBandWizard(CtfWizard):
     """Resolution band of the fit, picked on the PSD of the input micrographs (rings: the band's ends)."""

@@ -161,3 +161,20 @@ def test_rotational_average_file(tmp_path, cnn):
     plain = np.corrcoef(rows[1][band], rows[3][band])[0, 1]
     assert epa > 0.8 and epa > plain + 0.1, (epa, plain)
     assert np.mean(rows[4][band] > rows[5][band]) > 0.8
+
+
+def test_band_wizard_conversions_and_preview(tmp_path):
+    """The band wizard's Å ↔ cycles/px round trip, and its PSD preview (deepcryo's PSD over the micrograph's
+    Nyquist): the first Thon ring's radius in the preview is where the truth puts it."""
+    from deepcryo.wizards_defocus import band_to_frequencies, frequencies_to_band, preview_images
+    assert frequencies_to_band(*band_to_frequencies(30.0, 5.0, 1.3), 1.3) == (30.0, 5.0)
+    assert band_to_frequencies(30.0, 1.0, 1.3)[1] == 0.5  # beyond Nyquist: clipped
+    entries, truth = _field_set(tmp_path, 1, seed=8, contrast=(0.15, 0.15))
+    mic, psd = preview_images(entries[0].path, 1.0, 256)
+    assert mic.shape == (256, 256) and psd.shape == (256, 256)
+    yy, xx = np.mgrid[:256, :256] - 128
+    r = np.hypot(xx, yy)
+    profile = np.array([psd[(r >= k - 0.5) & (r < k + 0.5)].mean() for k in range(4, 60)])
+    lam = _wavelength_A(300.0)
+    first_peak_px = math.sqrt(0.5 / (lam * truth[0]["u"])) * 256  # γ ≈ π/2: the first maximum of CTF²
+    assert abs(4 + int(np.argmax(profile[: int(first_peak_px * 1.4)])) - first_peak_px) < 3
