@@ -136,16 +136,17 @@ def _score_outer(scores, band, max_lag_px):
 
 def parameter_covariance(psd: torch.Tensor, band: BandPixels, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor,
                          phase_rad: torch.Tensor, acq, fit_astigmatism: bool = True, fit_phase: bool = False,
-                         max_lag_px: int = 3, shells: int = 16, sandwich: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                         max_lag_px: int = 3, shells: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
     """Covariance (B, P, P) of the fitted ``(z[, ax, ay][, phase])`` (Å², rad²) at the optimum, Gauss-Newton,
     and the number of independent pixels (B,) (band pixels / residual autocorrelation).
 
     Maximising the band correlation is least squares of the PSD on ``α + β sin²γ``. The ring amplitude is
     not the same at every frequency (envelope, specimen): β(s) is estimated in ``shells`` shells of s² (equal
     numbers of Thon rings), so that pixels beyond the rings' reach carry no information. With ``J`` the
-    Jacobian of ``β(s) sin²γ`` with respect to the parameters (and the nuisance offset and scales), the
-    covariance is ``σ² (JᵀJ)⁻¹ · c``: σ² the residual variance per pixel and ``c`` the residual's summed
-    autocorrelation (:func:`_residual_correlation`: the PSD pixels are not independent). This is the
+    Jacobian of ``β(s) sin²γ`` with respect to the parameters (the per-shell offsets and scales projected
+    out) and ``r`` the residuals, the covariance is the sandwich ``(JᵀJ)⁻¹ (Σ r_i r_j J_i J_jᵀ) (JᵀJ)⁻¹`` over
+    pixel pairs within ``max_lag_px`` (:func:`_score_outer`): the noise of a log-periodogram is neither the same
+    everywhere (it follows the rings) nor independent between neighbours (Hann taper, resampling). This is the
     statistical error of the fit on this PSD; a wrong Thon-ring basin is not in it (:func:`disagreement_flag`).
     """
     with torch.no_grad():
@@ -162,9 +163,10 @@ def parameter_covariance(psd: torch.Tensor, band: BandPixels, z: torch.Tensor, a
         mm = ((mc * mc) @ onehot).clamp(min=1e-12)
         beta = (dc * mc) @ onehot / mm  # (B, shells)
         resid = dc - (beta @ onehot.T) * mc
+        correlation = _residual_correlation(resid, band, max_lag_px)
         # noise alone gives each shell's β a variance (σ²_shell / Σ mc²) and so information where there is none:
         # shrink β² by it (shells without rings then count for nothing)
-        var_beta = (resid * resid) @ onehot / count / mm * _residual_correlation(resid, band, max_lag_px)[:, None]
+        var_beta = (resid * resid) @ onehot / count / mm * correlation[:, None]
         beta = (beta.clamp(min=0) ** 2 - var_beta).clamp(min=0).sqrt()
         beta_px = beta @ onehot.T
         dg = beta_px * torch.sin(2 * gam)  # d(β sin²γ)/dγ
@@ -178,17 +180,11 @@ def parameter_covariance(psd: torch.Tensor, band: BandPixels, z: torch.Tensor, a
         nuisance = torch.cat([onehot[None].expand(d.shape[0], -1, -1), mc[..., None] * onehot], dim=-1)
         # project the nuisance (per-shell offsets and scales) out of the Jacobian
         nt = nuisance.transpose(1, 2)
-        coef = torch.linalg.lstsq(nt @ nuisance + 1e-9 * torch.eye(nuisance.shape[-1]), nt @ jac).solution
+        coef = torch.linalg.lstsq(nt @ nuisance + 1e-9 * torch.eye(nuisance.shape[-1], device=d.device), nt @ jac).solution
         jac = jac - nuisance @ coef
-        n_pix, n_par = jac.shape[1], jac.shape[2] + nuisance.shape[2]
-        sigma2 = (resid * resid).sum(-1) / max(n_pix - n_par, 1)
-        correlation = _residual_correlation(resid, band, max_lag_px)
         bread = torch.linalg.inv(jac.transpose(1, 2) @ jac)
-        if sandwich:
-            cov = bread @ _score_outer(jac * resid[..., None], band, max_lag_px) @ bread
-        else:
-            cov = bread * (sigma2 * correlation)[:, None, None]
-    return cov, n_pix / correlation
+        cov = bread @ _score_outer(jac * resid[..., None], band, max_lag_px) @ bread
+    return cov, band.index.numel() / correlation
 
 
 class FitResult:
