@@ -380,13 +380,17 @@ def writeCtfLabelsStar(ctfSet, starFn):
 
 # ------------------------------------------------------------------------------------------------- CTF
 CTF_REQUIRED = ("rlnMicrographName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+#: CTFModel attributes of deepcryo's CTF estimation: the mean defocus's standard error (Å, ``dcDefocusSigma``)
+#: and the 1D rotational-average file (CTFFIND's ``_avrot.txt`` layout, ``dcCtfAvrot``)
+CTF_SIGMA_ATTR = "_deepcryo_defocusSigma"
+CTF_AVROT_ATTR = "_deepcryo_ctfAvrot"
 
 
 def readCtfStar(starFn):
     """Rows of a RELION CTF STAR (``data_micrographs``, or the first non-optics block) as a list of
     dicts: floats for numeric columns, str otherwise. Needs ``rlnMicrographName`` and
     ``rlnDefocusU/V/Angle``; may have ``rlnCtfMaxResolution``, ``rlnCtfFigureOfMerit``,
-    ``rlnCtfImage`` and ``rlnPhaseShift``."""
+    ``rlnCtfImage``, ``rlnPhaseShift``, ``dcDefocusSigma`` and ``dcCtfAvrot``."""
     blocks = read_star(starFn)
     name = "micrographs" if "micrographs" in blocks else next((b for b in blocks if b != "optics"), None)
     if name is None:
@@ -402,7 +406,9 @@ def readCtfStar(starFn):
 def ctfRowToModel(row, ctfModel):
     """Fill a Scipion ``CTFModel`` from one :func:`readCtfStar` row and return it: defocus (Å,
     standardized to U >= V, 0 <= angle < 180), resolution (``rlnCtfMaxResolution``, Å), fit quality
-    (``rlnCtfFigureOfMerit``), phase shift (degrees, when nonzero) and PSD file (``rlnCtfImage``)."""
+    (``rlnCtfFigureOfMerit``), phase shift (degrees, when nonzero), PSD file (``rlnCtfImage``), and deepcryo's
+    defocus standard error (``dcDefocusSigma``, Å) and rotational-average file (``dcCtfAvrot``) as the
+    attributes :data:`CTF_SIGMA_ATTR` and :data:`CTF_AVROT_ATTR`."""
     ctfModel.setStandardDefocus(row["rlnDefocusU"], row["rlnDefocusV"], row["rlnDefocusAngle"])
     if "rlnCtfMaxResolution" in row:
         ctfModel.setResolution(row["rlnCtfMaxResolution"])
@@ -412,6 +418,10 @@ def ctfRowToModel(row, ctfModel):
         ctfModel.setPhaseShift(row["rlnPhaseShift"])
     if row.get("rlnCtfImage"):
         ctfModel.setPsdFile(row["rlnCtfImage"])
+    if "dcDefocusSigma" in row:
+        setattr(ctfModel, CTF_SIGMA_ATTR, pwobj.Float(row["dcDefocusSigma"]))
+    if row.get("dcCtfAvrot"):
+        setattr(ctfModel, CTF_AVROT_ATTR, pwobj.String(row["dcCtfAvrot"]))
     return ctfModel
 
 

@@ -15,6 +15,9 @@ the x axis to U). The optimiser works on ``(z, a cos 2θ, a sin 2θ)``, smooth a
 * :func:`fit_resolution` — CTFFIND-style: the PSD is averaged over equal-phase bins of the fitted CTF
   (astigmatism removed), and the resolution (Å) is where the correlation between this 1D average and the
   fitted CTF², in a window 3 Thon-ring periods wide moving outwards, first drops below 0.5.
+* :func:`parameter_covariance` / :func:`select_astigmatism` — the fit's standard errors (Gauss-Newton) and the
+  choice, by BIC, between a round and an astigmatic CTF (noise alone would inflate U − V on weak rings).
+* :func:`rotational_average` — CTFFIND's ``_avrot.txt`` rows (rotational average, EPA, fitted CTF², correlation).
 * :func:`disagreement_flag` — low confidence: CNN and fit disagree, or a low figure of merit.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..core import fourier
 from ..core.bands import band_indices
 
 __all__ = ["BandPixels", "refine_ctf", "exhaustive_search", "fit_resolution", "score_params", "FitResult",
-           "disagreement_flag", "score_only"]
+           "disagreement_flag", "score_only", "parameter_covariance", "select_astigmatism", "rotational_average"]
 
 SEARCH_LOW_BAND_A = 8.0  # high-resolution limit (Å) of the robust search stages
 
@@ -38,10 +41,12 @@ class BandPixels:
     """Half-plane pixels (:mod:`deepcryo.core.bands`) of a centred ``size_px`` PSD at ``sampling_A`` Å/px
     between ``low_A`` and ``high_A``.
 
-    Holds ``index`` (flat pixel indices), ``s2`` (1/Å²), ``cos2`` and ``sin2`` (of twice the azimuth).
+    Holds ``size_px``, ``index`` (flat pixel indices), ``s2`` (1/Å²), ``cos2`` and ``sin2`` (of twice the
+    azimuth).
     """
 
     def __init__(self, size_px, sampling_A, low_A, high_A, device=None):
+        self.size_px = size_px
         grid = fourier.freq_grid_2d(size_px, device=device).reshape(-1, 2) / sampling_A
         s = grid.norm(dim=1)
         self.index = band_indices(grid, s, 1.0 / low_A, 1.0 / high_A)
@@ -92,9 +97,101 @@ def score_params(psd: torch.Tensor, sampling_A: float, band, z: torch.Tensor, ax
     return _corr(data, torch.sin(_gamma(band, z, ax, ay, phase_rad, *acq)) ** 2)
 
 
+def _residual_correlation(resid, band, max_lag_px):
+    """Sum of the residual's normalised autocorrelation over lags |dx|, |dy| <= ``max_lag_px`` (B,), >= 1:
+    neighbouring PSD pixels are not independent (Hann taper, Welch overlap, resampling), and a sum of
+    correlated pixels has this factor more variance than the pixel count says."""
+    b, size_px = resid.shape[0], band.size_px
+    img = torch.zeros(b, size_px * size_px, device=resid.device, dtype=resid.dtype)
+    img[:, band.index] = resid
+    mask = torch.zeros(size_px * size_px, device=resid.device, dtype=resid.dtype)
+    mask[band.index] = 1.0
+    img, mask = img.reshape(b, size_px, size_px), mask.reshape(size_px, size_px)
+    var0 = (img * img).sum(dim=(1, 2)) / mask.sum()
+    total = torch.zeros(b, device=resid.device, dtype=resid.dtype)
+    for dy in range(-max_lag_px, max_lag_px + 1):
+        for dx in range(-max_lag_px, max_lag_px + 1):
+            count = (mask * torch.roll(mask, (dy, dx), (0, 1))).sum()
+            if count > 0:
+                total += (img * torch.roll(img, (dy, dx), (1, 2))).sum(dim=(1, 2)) / count
+    return (total / var0.clamp(min=1e-30)).clamp(min=1.0)
+
+
+def _score_outer(scores, band, max_lag_px):
+    """Σ over pixel pairs closer than ``max_lag_px`` (in x and y) of ``g(x) g(x')ᵀ`` for per-pixel score
+    vectors ``g`` (B, M, P): the variance of the summed scores when neighbouring pixels are correlated and the
+    noise is not the same everywhere (heteroscedasticity- and autocorrelation-consistent, "sandwich")."""
+    b, _, p = scores.shape
+    size_px = band.size_px
+    img = torch.zeros(b, size_px * size_px, p, device=scores.device, dtype=scores.dtype)
+    img[:, band.index] = scores
+    img = img.reshape(b, size_px, size_px, p)
+    total = torch.zeros(b, p, p, device=scores.device, dtype=scores.dtype)
+    for dy in range(-max_lag_px, max_lag_px + 1):
+        for dx in range(-max_lag_px, max_lag_px + 1):
+            shifted = torch.roll(img, (dy, dx), (1, 2))
+            total += torch.einsum("byxi,byxj->bij", img, shifted)
+    return 0.5 * (total + total.transpose(1, 2))
+
+
+def parameter_covariance(psd: torch.Tensor, band: BandPixels, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor,
+                         phase_rad: torch.Tensor, acq, fit_astigmatism: bool = True, fit_phase: bool = False,
+                         max_lag_px: int = 3, shells: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Covariance (B, P, P) of the fitted ``(z[, ax, ay][, phase])`` (Å², rad²) at the optimum, Gauss-Newton,
+    and the number of independent pixels (B,) (band pixels / residual autocorrelation).
+
+    Maximising the band correlation is least squares of the PSD on ``α + β sin²γ``. The ring amplitude is
+    not the same at every frequency (envelope, specimen): β(s) is estimated in ``shells`` shells of s² (equal
+    numbers of Thon rings), so that pixels beyond the rings' reach carry no information. With ``J`` the
+    Jacobian of ``β(s) sin²γ`` with respect to the parameters (the per-shell offsets and scales projected
+    out) and ``r`` the residuals, the covariance is the sandwich ``(JᵀJ)⁻¹ (Σ r_i r_j J_i J_jᵀ) (JᵀJ)⁻¹`` over
+    pixel pairs within ``max_lag_px`` (:func:`_score_outer`): the noise of a log-periodogram is neither the same
+    everywhere (it follows the rings) nor independent between neighbours (Hann taper, resampling). This is the
+    statistical error of the fit on this PSD; a wrong Thon-ring basin is not in it (:func:`disagreement_flag`).
+    """
+    with torch.no_grad():
+        d = band.take(psd)
+        d = d - d.mean(dim=-1, keepdim=True)
+        gam = _gamma(band, z, ax, ay, phase_rad, *acq)
+        m = torch.sin(gam) ** 2
+        s2 = band.s2
+        shell = ((s2 - s2.min()) / (s2.max() - s2.min()).clamp(min=1e-30) * shells).long().clamp(max=shells - 1)
+        onehot = torch.nn.functional.one_hot(shell, shells).to(d.dtype)  # (M, shells)
+        count = onehot.sum(0).clamp(min=1)
+        mc = m - (m @ onehot / count) @ onehot.T  # centred within each shell
+        dc = d - (d @ onehot / count) @ onehot.T
+        mm = ((mc * mc) @ onehot).clamp(min=1e-12)
+        beta = (dc * mc) @ onehot / mm  # (B, shells)
+        resid = dc - (beta @ onehot.T) * mc
+        correlation = _residual_correlation(resid, band, max_lag_px)
+        # noise alone gives each shell's β a variance (σ²_shell / Σ mc²) and so information where there is none:
+        # shrink β² by it (shells without rings then count for nothing)
+        var_beta = (resid * resid) @ onehot / count / mm * correlation[:, None]
+        beta = (beta.clamp(min=0) ** 2 - var_beta).clamp(min=0).sqrt()
+        beta_px = beta @ onehot.T
+        dg = beta_px * torch.sin(2 * gam)  # d(β sin²γ)/dγ
+        kz = (math.pi * ctf_mod.wavelength_A(acq[0]))[:, None] * s2  # dγ/dz (1/Å)
+        cols = [dg * kz]
+        if fit_astigmatism:
+            cols += [dg * kz * band.cos2, dg * kz * band.sin2]
+        if fit_phase:
+            cols.append(dg)
+        jac = torch.stack(cols, dim=-1)
+        nuisance = torch.cat([onehot[None].expand(d.shape[0], -1, -1), mc[..., None] * onehot], dim=-1)
+        # project the nuisance (per-shell offsets and scales) out of the Jacobian
+        nt = nuisance.transpose(1, 2)
+        coef = torch.linalg.lstsq(nt @ nuisance + 1e-9 * torch.eye(nuisance.shape[-1], device=d.device), nt @ jac).solution
+        jac = jac - nuisance @ coef
+        bread = torch.linalg.inv(jac.transpose(1, 2) @ jac)
+        cov = bread @ _score_outer(jac * resid[..., None], band, max_lag_px) @ bread
+    return cov, band.index.numel() / correlation
+
+
 class FitResult:
     """Fitted CTFs (tensors of shape (B,)): defocus_u_A, defocus_v_A (Å, U >= V), defocus_angle_deg
-    ([0, 180)), phase_shift_deg, figure_of_merit (band correlation), resolution_A (see :func:`fit_resolution`)."""
+    ([0, 180)), phase_shift_deg, figure_of_merit (band correlation), resolution_A (see :func:`fit_resolution`),
+    defocus_sigma_A (standard error of the mean defocus (U + V)/2, Å, see :func:`parameter_covariance`; NaN
+    until :func:`_finish` fills it)."""
 
     def __init__(self, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor, phase_rad: torch.Tensor,
                  fom: torch.Tensor) -> None:
@@ -105,20 +202,23 @@ class FitResult:
         self.phase_shift_deg = (torch.rad2deg(phase_rad) % 180.0).detach()
         self.figure_of_merit = fom.detach()
         self.resolution_A = torch.full_like(z, float("nan"))
+        self.defocus_sigma_A = torch.full_like(z, float("nan"))
         self._z, self._ax, self._ay, self._phase = z.detach(), ax.detach(), ay.detach(), phase_rad.detach()
 
 
-def _local(psd, sampling_A, bands, z, ax, ay, phase, acq, fit_phase, iterations):
-    """Adam on (z, ax, ay[, phase]) in units of 10⁴ Å (radians) over successive bands."""
+def _local(psd, sampling_A, bands, z, ax, ay, phase, acq, fit_phase, iterations, fit_astigmatism=True):
+    """Adam on (z[, ax, ay][, phase]) in units of 10⁴ Å (radians) over successive bands (``ax``, ``ay`` held
+    where ``fit_astigmatism`` is False)."""
     scale = 1e4
-    params = [(z / scale).clone().requires_grad_(True), (ax / scale).clone().requires_grad_(True),
-              (ay / scale).clone().requires_grad_(True)]
+    params = [(z / scale).clone().requires_grad_(True), (ax / scale).clone().requires_grad_(fit_astigmatism),
+              (ay / scale).clone().requires_grad_(fit_astigmatism)]
     ph = phase.clone().requires_grad_(fit_phase)
     if fit_phase:
         params.append(ph)
+    free = [p for p in params if p.requires_grad]
     for band, n_iter, lr0 in zip(bands, iterations, (0.004, 0.002)):
         data = _prep(band.take(psd))
-        opt = torch.optim.Adam(params, lr=lr0)
+        opt = torch.optim.Adam(free, lr=lr0)
         for it in range(n_iter):
             for g in opt.param_groups:
                 g["lr"] = lr0 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / n_iter)))
@@ -132,6 +232,45 @@ def _local(psd, sampling_A, bands, z, ax, ay, phase, acq, fit_phase, iterations)
         z, ax, ay = (p.detach() * scale for p in params[:3])
         fom = _corr(_prep(band.take(psd)), torch.sin(_gamma(band, z, ax, ay, ph.detach(), *acq)) ** 2)
     return z, ax, ay, ph.detach(), fom
+
+
+def select_astigmatism(psd: torch.Tensor, bands, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor,
+                       phase_rad: torch.Tensor, acq, fit_phase: bool, iterations: Tuple[int, int]):
+    """Round or astigmatic model per micrograph (BIC), and the mean defocus's standard error (Å).
+
+    The fitted astigmatism magnitude is never negative and the 2D score has noise-driven astigmatic optima, so
+    on weak rings U − V grows by hundreds of Å on round truth. The round model (U = V) is refitted from the
+    mean defocus, and the two extra parameters (ax, ay) are kept only where they pay for themselves by the
+    Bayesian information criterion: ``N ln((1 − ρ₀²)/(1 − ρ₁²)) > 2 ln N`` (least squares of the PSD on CTF²;
+    ρ₀, ρ₁ the band correlations of the round and astigmatic fits, N the independent band pixels of
+    :func:`parameter_covariance`). σ: the chosen model's :func:`parameter_covariance`, plus the squared
+    difference of the two models' mean defoci. Returns ``(z, ax, ay, phase, fom, sigma_z)``, each (B,).
+    """
+    band = bands[-1]
+    zero = torch.zeros_like(z)
+    zr, _, _, pr, fom_r = _local(psd, None, bands, z, zero, zero, phase_rad, acq, fit_phase,
+                                 (iterations[0] // 2, iterations[1] // 2), fit_astigmatism=False)
+    cov, n_eff = parameter_covariance(psd, band, z, ax, ay, phase_rad, acq, True, fit_phase)
+    cov_r, _ = parameter_covariance(psd, band, zr, zero, zero, pr, acq, False, fit_phase)
+    with torch.no_grad():
+        fom = _corr(_prep(band.take(psd)), torch.sin(_gamma(band, z, ax, ay, phase_rad, *acq)) ** 2)
+    gain = n_eff * torch.log((1 - fom_r * fom_r).clamp(min=1e-12) / (1 - fom * fom).clamp(min=1e-12))
+    astig = gain > 2.0 * torch.log(n_eff)
+    # the model choice is uncertain too: the two models' mean defoci differ by more than their curvature says
+    # where the astigmatism is weakly determined (model averaging: their squared difference adds to the variance)
+    sigma = (torch.where(astig, cov[:, 0, 0], cov_r[:, 0, 0]).clamp(min=0) + (z - zr) ** 2).sqrt()
+    pick = [torch.where(astig, x1, x0) for x1, x0 in ((z, zr), (ax, zero), (ay, zero), (phase_rad, pr),
+                                                       (fom, fom_r))]
+    return (*pick, sigma)
+
+
+def _finish(psd, sampling_A, bands, z, ax, ay, ph, acq, fit_phase, iterations, low_A):
+    """:func:`select_astigmatism`, then the :class:`FitResult` with its resolution and σ."""
+    z, ax, ay, ph, fom, sigma = select_astigmatism(psd, bands, z, ax, ay, ph, acq, fit_phase, iterations)
+    result = FitResult(z, ax, ay, ph, fom)
+    result.defocus_sigma_A = sigma
+    result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
+    return result
 
 
 def _bands(size_px, sampling_A, low_A, high_A, device):
@@ -152,7 +291,7 @@ def refine_ctf(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, tor
            amplitude_contrast: Union[float, torch.Tensor], low_A: float = 30.0, high_A: float = 5.0,
            fit_phase: bool = False, start_phase_deg: Union[float, torch.Tensor] = 0.0,
            iterations: Tuple[int, int] = (60, 100), scan_min_A: float = 5000.0, scan_fraction: float = 0.25,
-           scan_steps: int = 101) -> FitResult:
+           scan_steps: int = 101, defocus_range_A: Tuple[float, float] = (500.0, math.inf)) -> FitResult:
     """Local CTF fit from a start (e.g. the CNN's guess), batched over B micrographs.
 
     Args:
@@ -165,6 +304,7 @@ def refine_ctf(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, tor
         scan_min_A, scan_fraction, scan_steps: the first stage scans the mean defocus over
             start ± max(``scan_min_A``, ``scan_fraction`` · start) Å in ``scan_steps`` steps (low band 30–8 Å),
             so a start that is off by up to 25 % of the defocus still lands in the right Thon-ring basin.
+        defocus_range_A: (min, max) mean defocus (Å) of the scan's candidates.
     Returns:
         :class:`FitResult` with ``resolution_A`` filled in.
     """
@@ -182,7 +322,7 @@ def refine_ctf(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, tor
     dz = torch.linspace(-1.0, 1.0, scan_steps, device=dev)[None, :] * half[:, None]  # (B, steps)
     phases = torch.deg2rad(torch.arange(0.0, 180.0, 30.0, device=dev)) if fit_phase else \
         torch.deg2rad(_acq(start_phase_deg, 1, dev))
-    zc = (z0[:, None, None, None] + dz[:, :, None, None]).clamp(min=500.0)
+    zc = (z0[:, None, None, None] + dz[:, :, None, None]).clamp(min=defocus_range_A[0], max=defocus_range_A[1])
     astig = torch.tensor([1.0, 0.0], device=dev)[None, None, :, None]
     axc, ayc = ax0[:, None, None, None] * astig, ay0[:, None, None, None] * astig
     shape = (b, scan_steps, 2, phases.numel())
@@ -191,10 +331,8 @@ def refine_ctf(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, tor
     with torch.no_grad():
         scores = score_params(psd, sampling_A, lowband, zc, axc, ayc, phc, *acq)
     z, ax, ay, ph = _best(scores, zc, axc, ayc, phc)
-    z, ax, ay, ph, fom = _local(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, fit_phase, iterations)
-    result = FitResult(z, ax, ay, ph, fom)
-    result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
-    return result
+    z, ax, ay, ph, _ = _local(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, fit_phase, iterations)
+    return _finish(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, fit_phase, iterations, low_A)
 
 
 def score_only(psd: torch.Tensor, sampling_A: float, defocus_u_A: Union[float, torch.Tensor],
@@ -213,6 +351,8 @@ def score_only(psd: torch.Tensor, sampling_A: float, defocus_u_A: Union[float, t
     with torch.no_grad():
         fom = score_params(psd, sampling_A, band, z[:, None], ax[:, None], ay[:, None], ph[:, None], *acq)[:, 0]
     result = FitResult(z, ax, ay, ph, fom)
+    cov, _ = parameter_covariance(psd, band, z, ax, ay, ph, acq)
+    result.defocus_sigma_A = cov[:, 0, 0].clamp(min=0).sqrt()
     result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
     return result
 
@@ -256,10 +396,8 @@ def exhaustive_search(psd: torch.Tensor, sampling_A: float, voltage_kV: Union[fl
             bz = torch.where(better, cz[0, k], bz)
             bax = torch.where(better, cax[0, k], bax)
             bay = torch.where(better, cay[0, k], bay)
-    z, ax, ay, ph, fom = _local(psd, sampling_A, (lowband, band), bz, bax, bay, zero, acq, False, iterations)
-    result = FitResult(z, ax, ay, ph, fom)
-    result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
-    return result
+    z, ax, ay, ph, _ = _local(psd, sampling_A, (lowband, band), bz, bax, bay, zero, acq, False, iterations)
+    return _finish(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, False, iterations, low_A)
 
 
 def fit_resolution(psd: torch.Tensor, sampling_A: float, result: FitResult, acq, low_A: float,
@@ -315,6 +453,67 @@ def fit_resolution(psd: torch.Tensor, sampling_A: float, result: FitResult, acq,
         s_res = torch.where(first >= 0, s_fail, s_last)
         s_res = torch.where(s_res > 0, s_res, s_last)
     return 1.0 / s_res
+
+
+def rotational_average(psd: torch.Tensor, sampling_A: float, result: FitResult, acq) -> torch.Tensor:
+    """CTFFIND's ``_avrot.txt`` rows for each PSD, (B, 6, S/2): 1. spatial frequency (1/Å, shell centres of the
+    PSD's grid); 2. rotational average of the PSD; 3. rotational average with the astigmatism taken out (each
+    pixel moved to the frequency where the round CTF of the mean defocus has its phase γ); 4. the fitted CTF²
+    (round, mean defocus, with the phase shift); 5. the correlation of rows 3 and 4 in a window one Thon ring
+    wide around each frequency; 6. twice the correlation's standard error for noise alone (2/√n, n shells in the
+    window). Shells without PSD pixels hold 0. The PSD is that of :func:`~deepcryo.defocus.psd.compute_psd`
+    (background subtracted, so rows 2-3 oscillate around 0 and row 4 is on its own scale, as in CTFFIND)."""
+    size = psd.shape[-1]
+    b, n = psd.shape[0], size // 2
+    dev = psd.device
+    band = BandPixels(size, sampling_A, size * sampling_A, 2.0 * sampling_A, dev)  # all but the centre pixel
+    step = 1.0 / (size * sampling_A)
+    s_centre = (torch.arange(n, device=dev, dtype=psd.dtype) + 0.5) * step
+    volt, cs, amp = acq
+    lam = ctf_mod.wavelength_A(volt)
+    with torch.no_grad():
+        data = band.take(psd)
+        ok = (data != 0).to(data.dtype)
+        gam = _gamma(band, result._z, result._ax, result._ay, result._phase, *acq)
+        c0 = (torch.atan(amp / torch.sqrt(1 - amp * amp)) + result._phase)[:, None]
+        a = (math.pi * lam * result._z)[:, None]
+        c4 = ((0.5 * math.pi * 1e7) * cs * lam ** 3)[:, None]
+        g = gam - c0
+        disc = (a * a - 4 * c4 * g).clamp(min=0)
+        s2_eq = torch.where(c4 > 0, (a - disc.sqrt()) / (2 * c4).clamp(min=1e-30), g / a)
+        s_eq = s2_eq.clamp(min=0).sqrt()
+
+        def shell_mean(s_px):
+            k = torch.floor(s_px / step).long().clamp(max=n)  # shell n: beyond the last, dropped
+            flat = (k + (n + 1) * torch.arange(b, device=dev)[:, None]).reshape(-1)
+            tot = torch.zeros(b * (n + 1), device=dev).index_add_(0, flat, (data * ok).reshape(-1))
+            cnt = torch.zeros(b * (n + 1), device=dev).index_add_(0, flat, ok.expand_as(data).reshape(-1))
+            return (tot / cnt.clamp(min=1)).reshape(b, n + 1)[:, :n], cnt.reshape(b, n + 1)[:, :n]
+
+        plain, _ = shell_mean(band.s.expand(b, -1))
+        epa, counts = shell_mean(s_eq)
+        s2 = s_centre[None] ** 2
+        model = torch.sin(a * s2 - c4 * s2 * s2 + c0) ** 2
+        # window: one Thon ring, Δs = 1 / (2 s λ z), in shells, 3 to 20 shells either side
+        half = (1.0 / (2 * s_centre[None] * lam[:, None] * result._z[:, None]) / step / 2).round().clamp(3, 20).long()
+        # windowed sums from cumulative sums (shells without pixels left out)
+        w = (counts > 0).to(data.dtype)
+        j = torch.arange(n, device=dev)[None]
+        lo, hi = (j - half).clamp(min=0), (j + half + 1).clamp(max=n)
+
+        def window_sum(x):
+            c = torch.nn.functional.pad(torch.cumsum(x * w, dim=1), (1, 0))
+            return c.gather(1, hi) - c.gather(1, lo)
+        k = window_sum(torch.ones_like(epa))
+        sx, sy = window_sum(epa), window_sum(model)
+        sxy, sxx, syy = window_sum(epa * model), window_sum(epa * epa), window_sum(model * model)
+        k1 = k.clamp(min=1)
+        cov = sxy - sx * sy / k1
+        var = ((sxx - sx * sx / k1) * (syy - sy * sy / k1)).clamp(min=1e-24)
+        enough = k >= 3
+        cc = torch.where(enough, cov / var.sqrt(), torch.zeros_like(cov))
+        sig = torch.where(enough, 2.0 / k1.sqrt(), torch.zeros_like(cov))
+    return torch.stack([s_centre[None].expand(b, -1), plain, epa, model, cc, sig], dim=1)
 
 
 def disagreement_flag(start_u_A: torch.Tensor, start_v_A: torch.Tensor, result: FitResult, tolerance_A: float = 1500.0,

@@ -6,8 +6,9 @@ Per micrograph, :func:`estimate_batch` computes
 2. the fit PSD with the same function at ``fit_sampling_A(pixel_size, high_A)`` Å/px, :data:`FIT_SIZE_PX` px;
 3. the CNN's U, V, angle; then :func:`deepcryo.defocus.fit.refine_ctf` from it (or, with ``refine=False``,
    only the CNN's values, scored on the fit PSD);
-4. figure of merit (band correlation with CTF²), fit resolution (Å), and a low-confidence flag when the
-   CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`).
+4. figure of merit (band correlation with CTF²), fit resolution (Å), the defocus's standard error σ (Å, from
+   the fit's curvature: :func:`deepcryo.defocus.fit.parameter_covariance`), and a low-confidence flag when
+   the CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`).
 
 The pixel size is the STAR's ``rlnMicrographPixelSize``, else the one given (``--pixel-size``), else the
 MRC header's x/y size (EPU's micrographs carry ``(p, p, 0)``). A micrograph that cannot be used
@@ -22,7 +23,7 @@ import logging
 import math
 import os
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psds
 logger = logging.getLogger(__name__)
 
 __all__ = ["MicrographEntry", "list_micrographs", "fit_sampling_A", "estimate_batch", "predict", "write_ctf_star",
-           "FIT_SIZE_PX"]
+           "write_avrot", "FIT_SIZE_PX"]
 
 FIT_SIZE_PX = 384
 
@@ -122,12 +123,16 @@ def _complete(entry, defaults, header_pixel_size_A):
 def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, refine: bool = True, low_A: float = 30.0,
                    high_A: float = 5.0, fit_phase: bool = False, device: Union[str, torch.device] = "cpu",
                    psd_dir: Optional[str] = None, defaults: Optional[Dict[str, float]] = None,
-                   on_skip: Optional[Callable[[str, str], None]] = None ) -> List[Dict[str, Any]]:
+                   on_skip: Optional[Callable[[str, str], None]] = None,
+                   defocus_range_A: Tuple[float, float] = (500.0, math.inf)) -> List[Dict[str, Any]]:
     """Estimate the CTF of a list of :class:`MicrographEntry`; returns a list of result dicts (skipped
     micrographs are left out and passed to ``on_skip(path, message)``). Each dict: ``micrograph``,
     ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``phase_shift_deg``, ``resolution_A``,
-    ``figure_of_merit``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` (file or None),
-    ``pixel_size_A`` and ``pixel_size_from`` ("STAR", "command line" for ``defaults``, or "MRC header")."""
+    ``figure_of_merit``, ``defocus_sigma_A``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` and
+    ``avrot`` (files, with ``psd_dir``, else None),
+    ``pixel_size_A`` and ``pixel_size_from`` ("STAR", "command line" for ``defaults``, or "MRC header").
+    ``defocus_range_A``: (min, max) defocus (Å): the CNN's U and V are clipped to it and the fit's scan stays
+    in it."""
     defaults = defaults or {}
     items = []
     for e in entries:
@@ -158,6 +163,7 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
                                          len(items)).to(device)
     with torch.no_grad():
         cu, cv, ca = model_mod.decode(model(cnn_in, acq))
+        cu, cv = (t.clamp(min=defocus_range_A[0], max=defocus_range_A[1]) for t in (cu, cv))
     results = [None] * len(items)
     by_sampling = OrderedDict()
     for i, it in enumerate(items):
@@ -170,34 +176,50 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
         amp = [e.amplitude_contrast for e in sub]
         if refine:
             res = fit_mod.refine_ctf(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A,
-                                 fit_phase=fit_phase)
+                                 fit_phase=fit_phase, defocus_range_A=defocus_range_A)
         else:
             res = fit_mod.score_only(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A)
         flags = fit_mod.disagreement_flag(cu[idx], cv[idx], res)
+        acq_t = [torch.as_tensor(x, dtype=torch.float32, device=psd.device) for x in (volt, cs, amp)]
+        avrot = fit_mod.rotational_average(psd, samp, res, acq_t).cpu().numpy() if psd_dir else None
         for j, i in enumerate(idx):
             e = items[i][0]
-            psd_path = None
+            psd_path = avrot_path = None
             if psd_dir:
                 base = os.path.splitext(os.path.basename(e.path))[0]
                 psd_path = os.path.join(psd_dir, "%s_psd.mrc" % base)
                 write_mrc(psd_path, psd[j].cpu().numpy(), samp)
+                avrot_path = os.path.join(psd_dir, "%s_avrot.txt" % base)
+                write_avrot(avrot_path, avrot[j])
             results[i] = OrderedDict([
                 ("micrograph", e.path), ("defocus_u_A", float(res.defocus_u_A[j])),
                 ("defocus_v_A", float(res.defocus_v_A[j])), ("defocus_angle_deg", float(res.defocus_angle_deg[j])),
                 ("phase_shift_deg", float(res.phase_shift_deg[j])), ("resolution_A", float(res.resolution_A[j])),
-                ("figure_of_merit", float(res.figure_of_merit[j])), ("cnn_u_A", float(cu[i])),
+                ("figure_of_merit", float(res.figure_of_merit[j])),
+                ("defocus_sigma_A", float(res.defocus_sigma_A[j])), ("cnn_u_A", float(cu[i])),
                 ("cnn_v_A", float(cv[i])), ("cnn_angle_deg", float(ca[i])), ("flagged", bool(flags[j])),
-                ("psd", psd_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
+                ("psd", psd_path), ("avrot", avrot_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
                 ("pixel_size_from", items[i][4]), ("voltage_kV", e.voltage_kV), ("cs_mm", e.cs_mm),
                 ("amplitude_contrast", e.amplitude_contrast)])
     return results
+
+
+def write_avrot(path: str, rows: np.ndarray) -> None:
+    """CTFFIND's ``_avrot.txt``: 6 rows (:func:`deepcryo.defocus.fit.rotational_average`) of one micrograph,
+    behind ``#`` comment lines saying what each row is."""
+    header = ("deepcryo rotational average (CTFFIND _avrot.txt layout), one row each:\n"
+              "1: spatial frequency (1/Angstroms); 2: rotational average of the PSD (background subtracted);\n"
+              "3: rotational average, astigmatism taken out; 4: fitted CTF^2 (round, mean defocus);\n"
+              "5: cross-correlation of rows 3 and 4 (one-ring window); 6: 2sigma of that correlation for noise")
+    np.savetxt(path, np.asarray(rows, dtype=np.float64), fmt="%.6g", header=header)
 
 
 def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: bool = False) -> None:
     """RELION CTF STAR (``data_micrographs``): rlnMicrographName, rlnDefocusU/V (Å), rlnDefocusAngle (deg),
     rlnCtfMaxResolution (Å), rlnCtfFigureOfMerit, rlnCtfImage (PSD MRC), [rlnPhaseShift], plus
     rlnMicrographPixelSize/rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast and deepcryo's
-    dcCnnDefocusU/V/Angle and dcCtfFlagged (1 = CNN and fit disagree)."""
+    dcCtfAvrot (the micrograph's :func:`write_avrot` file), dcDefocusSigma (standard error of the mean defocus, Å), dcCnnDefocusU/V/Angle and dcCtfFlagged (1 = CNN
+    and fit disagree)."""
     def col(key, dtype=np.float64):
         return np.array([r[key] for r in results], dtype=dtype)
 
@@ -206,12 +228,14 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
                         ("rlnCtfMaxResolution", col("resolution_A")), ("rlnCtfFigureOfMerit", col("figure_of_merit"))])
     if all(r["psd"] for r in results):
         cols["rlnCtfImage"] = col("psd", object)
+        cols["dcCtfAvrot"] = col("avrot", object)
     if with_phase:
         cols["rlnPhaseShift"] = col("phase_shift_deg")
     cols["rlnMicrographPixelSize"] = col("pixel_size_A")
     cols["rlnVoltage"] = col("voltage_kV")
     cols["rlnSphericalAberration"] = col("cs_mm")
     cols["rlnAmplitudeContrast"] = col("amplitude_contrast")
+    cols["dcDefocusSigma"] = col("defocus_sigma_A")
     cols["dcCnnDefocusU"] = col("cnn_u_A")
     cols["dcCnnDefocusV"] = col("cnn_v_A")
     cols["dcCnnDefocusAngle"] = col("cnn_angle_deg")
@@ -221,7 +245,8 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
 
 def predict(spec: str, output: str, model_path: Optional[str] = None, refine: bool = True, low_A: float = 30.0,
             high_A: float = 5.0, fit_phase: bool = False, batch_size: int = 8, device: Union[str, torch.device] = "cpu",
-            defaults: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+            defaults: Optional[Dict[str, float]] = None,
+            defocus_range_A: Tuple[float, float] = (500.0, math.inf)) -> List[Dict[str, Any]]:
     """Whole program: micrographs (glob or STAR) → ``output`` STAR (+ PSDs in ``<output stem>_psd/``).
 
     Returns the list of result dicts. Raises InputError when no micrograph could be processed.
@@ -239,7 +264,7 @@ def predict(spec: str, output: str, model_path: Optional[str] = None, refine: bo
 
     for i in range(0, len(entries), batch_size):
         results += estimate_batch(entries[i:i + batch_size], model, refine, low_A, high_A, fit_phase, device,
-                                  psd_dir, defaults, on_skip=on_skip)
+                                  psd_dir, defaults, on_skip=on_skip, defocus_range_A=defocus_range_A)
         logger.info("%d/%d micrographs", min(i + batch_size, len(entries)), len(entries))
     for (px, source), n in Counter((r["pixel_size_A"], r["pixel_size_from"]) for r in results).items():
         logger.info("pixel size %.4f Å/px (%s): %d micrograph%s", px, source, n, "s" * (n != 1))

@@ -41,8 +41,10 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
     """Estimates the CTF (defocus U/V, astigmatism angle, optional phase shift) of every micrograph as
     it arrives: a small CNN reads background-subtracted PSDs at 1, 2 and 3 Å/px and gives a first guess,
     which a physics fit of the 2D CTF to the PSD refines over a resolution band. The output SetOfCTF
-    carries the fit resolution, a figure of merit (correlation of the PSD with CTF²), the PSD file and a
-    flag when the CNN and the fit disagree. Micrographs are processed in batches, each exactly once;
+    carries the fit resolution, a figure of merit (correlation of the PSD with CTF²), the defocus's standard
+    error (Å, ``_deepcryo_defocusSigma``), the phase shift when fitted, the PSD file, the 1D rotational average
+    with the fitted CTF (``_deepcryo_ctfAvrot``, CTFFIND's ``_avrot.txt`` layout) and a flag when the CNN and
+    the fit disagree. Micrographs are processed in batches, each exactly once;
     unusable ones (unreadable, NaN, too small) are reported in the log and skipped.
     """
     _label = "deep micrograph defocus"
@@ -65,9 +67,16 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
                            "defocus 0.3-5 µm).")
         form.addParam("doRefine", params.BooleanParam, default=True, label="Refine with the CTF fit?",
                       help="Fit the 2D CTF to the PSD from the CNN's guess (accurate). No: CNN only.")
-        line = form.addLine("Resolution band (Å)", help="Frequencies used by the fit, in Å.")
+        line = form.addLine("Resolution band (Å)", expertLevel=params.LEVEL_ADVANCED,
+                            help="Frequencies used by the fit, in Å (CTFFIND's 'resolution range'): from the "
+                                 "first Thon ring to where the rings fade.")
         line.addParam("lowRes", params.FloatParam, default=30.0, label="Lowest")
         line.addParam("highRes", params.FloatParam, default=5.0, label="Highest")
+        line = form.addLine("Defocus search range (Å)", expertLevel=params.LEVEL_ADVANCED,
+                            help="Mean defocus searched, in Å (positive = underfocus). The CNN's guess is "
+                                 "clipped to this range and the fit stays inside it. Highest 0: no limit.")
+        line.addParam("minDefocus", params.FloatParam, default=500.0, label="Min")
+        line.addParam("maxDefocus", params.FloatParam, default=0.0, label="Max")
         form.addParam("fitPhaseShift", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                       label="Fit a phase shift?", help="For phase-plate data.")
         addGpuParams(form, gpuHelp="The GPU to use, e.g. 0.",
@@ -103,7 +112,9 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
         writeMicrographListStar(inStar, micList, self._params["acquisition"], self._params["samplingRate"])
         args = ["--micrographs", inStar, "--output", outStar, "--batch-size", len(micList),
                 "--low-resolution", self.lowRes.get(), "--high-resolution", self.highRes.get(),
-                "--threads", self.getBinThreads()] + self._deviceArgs()
+                "--defocus-min", self.minDefocus.get(), "--threads", self.getBinThreads()] + self._deviceArgs()
+        if self.maxDefocus.get() > 0:
+            args += ["--defocus-max", self.maxDefocus.get()]
         if not self.doRefine:
             args.append("--no-refine")
         if self.fitPhaseShift:
@@ -151,6 +162,8 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
             errors += defocusModelErrors(self.trainedModel.get().getFileName())
         if not 0 < self.highRes.get() < self.lowRes.get():
             errors.append("The resolution band needs 0 < highest < lowest (Å).")
+        if not 0 < self.minDefocus.get() or 0 < self.maxDefocus.get() <= self.minDefocus.get():
+            errors.append("The defocus search range needs 0 < min < max (Å), or max 0 for no limit.")
         errors += self._gpuPerStepErrors()
         return errors
 

@@ -10,6 +10,7 @@ from pyworkflow.object import Set
 from pyworkflow.tests import setupTestProject
 
 from deepcryo.constants import OUTPUT_CTF
+from deepcryo.convert import CTF_AVROT_ATTR, CTF_SIGMA_ATTR
 from deepcryo.core.ctf import ctf_2d
 from deepcryo.core.micrographs import simulate_micrograph
 from deepcryo.core.mrc import read_mrc, write_mrc
@@ -111,6 +112,8 @@ class TestDeepCryoDeepDefocusTrainAndViewer(ProtocolTest):
         for ctf in ctfs:
             t = self.truths[int(os.path.basename(ctf.getMicrograph().getFileName())[4:6])]
             errors += [abs(ctf.getDefocusU() - t["defocus_u_A"]), abs(ctf.getDefocusV() - t["defocus_v_A"])]
+            self.assertGreater(getattr(ctf, CTF_SIGMA_ATTR).get(), 0)  # the defocus's standard error (Å)
+            self.assertEqual(np.loadtxt(getattr(ctf, CTF_AVROT_ATTR).get()).shape[0], 6)  # CTFFIND's avrot rows
         self.assertEqual(ctfs.getSize(), len(self.truths))
         self.assertLess(np.mean(errors), 150.0, "MAE %.0f Å" % np.mean(errors))
         return prot
@@ -128,14 +131,20 @@ class TestDeepCryoDeepDefocusTrainAndViewer(ProtocolTest):
         labels = read_star(train._getExtraPath("labels.star"))["micrographs"]
         self.assertEqual(len(labels["rlnDefocusU"]), len(self.truths))
         second = self._predict(train)
+        bad = self.newProtocol(DeepCryoProtDeepDefocus, minDefocus=20000.0, maxDefocus=10000.0)
+        bad.inputMicrographs.set(self.imp)
+        bad.inputMicrographs.setExtended("outputMicrographs")
+        self.assertTrue(any("defocus search range" in e for e in bad.validate()))
 
         # viewer, headless: the PNG summary and one plotter
         import matplotlib
         matplotlib.use("Agg")
         from deepcryo.viewers.viewer_defocus import DeepCryoDefocusViewer, ctf_records, psd_with_ctf
+        from pwem.viewers.views import CtfView
         views = DeepCryoDefocusViewer(project=self.proj)._visualize(second)
         png = second._getExtraPath("defocus_summary.png")
-        self.assertEqual(len(views), 1)
+        self.assertEqual(len(views), 2)
+        self.assertIsInstance(views[1], CtfView)  # pwem's CTF table of the output
         self.assertTrue(os.path.getsize(png) > 10000)
         # the overlay's left half is the CTF² of the fitted values: its rings match the PSD's right half
         records = ctf_records(getattr(second, OUTPUT_CTF), self.imp.outputMicrographs.getAcquisition())

@@ -16,8 +16,9 @@
 # * along with this program.  If not, see <https://www.gnu.org/licenses/>.
 # *
 # **************************************************************************
-"""Viewer of 'deep micrograph defocus': PSD with the fitted CTF over half of it, defocus per micrograph,
-fit-resolution histogram, flagged micrographs. The figures are plain functions (headless, Agg)."""
+"""Viewer of 'deep micrograph defocus': PSD with the fitted CTF over half of it, the 1D rotational average,
+defocus per micrograph with ±2σ, fit-resolution histogram, flagged micrographs, and pwem's CTF table. The
+figures are plain functions (headless, Agg)."""
 import matplotlib
 
 matplotlib.use("Agg", force=False)
@@ -27,6 +28,7 @@ from pyworkflow.viewer import DESKTOP_TKINTER, Viewer  # noqa: E402
 
 from deepcryo.core import ctf as ctf_mod  # noqa: E402
 from deepcryo.core.mrc import read_mrc, read_mrc_header  # noqa: E402
+from deepcryo.convert import CTF_AVROT_ATTR, CTF_SIGMA_ATTR  # noqa: E402
 from deepcryo.protocols.protocol_defocus import FLAG_ATTR, DeepCryoProtDeepDefocus  # noqa: E402
 
 
@@ -44,29 +46,59 @@ def psd_with_ctf(psd, sampling_A, defocus_u_A, defocus_v_A, defocus_angle_deg, v
     return np.clip(out, lo, hi)
 
 
+def plot_rotational_average(ax, rows):
+    """CTFFIND-style 1D plot on ``ax`` from an ``_avrot.txt``'s 6 rows: the astigmatism-corrected rotational
+    average of the PSD and the fitted CTF² (rescaled to it), their windowed correlation and its 2σ noise level."""
+    s, epa, model, cc, two_sigma = rows[0], rows[2], rows[3], rows[4], rows[5]
+    filled = epa != 0
+    lo, hi = (np.percentile(epa[filled], [2, 98]) if filled.any() else (-1.0, 1.0))
+    ax.plot(s, epa, lw=0.8, label="rotational average (astigmatism corrected)")
+    ax.plot(s, lo + (hi - lo) * model, lw=0.8, label="fitted CTF²")
+    ax.plot(s, cc * (hi - lo) / 2 + hi + (hi - lo) * 0.6, lw=0.8, label="correlation (shifted up)")
+    ax.plot(s, two_sigma * (hi - lo) / 2 + hi + (hi - lo) * 0.6, "k:", lw=0.8, label="2σ of the correlation")
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_yticks([])
+    ax.legend(fontsize=7, loc="lower left")
+
+
 def plot_defocus_summary(records, path=None):
     """Four panels from ``records`` (dicts with micrograph, defocus_u_A, defocus_v_A, defocus_angle_deg,
     resolution_A, flagged, and optionally psd (MRC path), psd_sampling_A, voltage_kV, cs_mm,
-    amplitude_contrast): PSD|CTF² of the first record, U and V per micrograph (flagged ones marked),
-    histogram of fit resolution, list of flagged micrographs. Saves to ``path``; returns the figure."""
-    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    amplitude_contrast, phase_shift_deg, defocus_sigma_A, avrot (``_avrot.txt`` path)): PSD|CTF² (with the phase
+    shift) of the first record and its 1D rotational average with the fitted CTF², U and V per micrograph with
+    ±2σ bars (flagged ones marked), histogram of fit resolution, list of flagged micrographs (and the phase
+    shifts when any). Saves to ``path``; returns the figure."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     first = next((r for r in records if r.get("psd")), None)
     ax = axes[0, 0]
     if first is not None:
         psd, _ = read_mrc(first["psd"])
         img = psd_with_ctf(psd, first["psd_sampling_A"], first["defocus_u_A"], first["defocus_v_A"],
                            first["defocus_angle_deg"], first["voltage_kV"], first["cs_mm"],
-                           first["amplitude_contrast"])
+                           first["amplitude_contrast"], first.get("phase_shift_deg") or 0.0)
         ax.imshow(img, cmap="gray", origin="lower")
-        ax.set_title("fitted CTF² | PSD (%s)" % first["micrograph"].split("/")[-1], fontsize=9)
+        title = "fitted CTF² | PSD (%s)" % first["micrograph"].split("/")[-1]
+        if first.get("phase_shift_deg"):
+            title += ", phase shift %.0f°" % first["phase_shift_deg"]
+        ax.set_title(title, fontsize=9)
     ax.axis("off")
+    ax = axes[0, 1]
+    if first is not None and first.get("avrot"):
+        plot_rotational_average(ax, np.loadtxt(first["avrot"]))
+        ax.set_title("1D rotational average (%s)" % first["micrograph"].split("/")[-1], fontsize=9)
+    else:
+        ax.axis("off")
     idx = np.arange(len(records))
     u = np.array([r["defocus_u_A"] for r in records])
     v = np.array([r["defocus_v_A"] for r in records])
     flagged = np.array([bool(r["flagged"]) for r in records])
-    ax = axes[0, 1]
+    ax = axes[0, 2]
+    sigma = np.array([r.get("defocus_sigma_A") or np.nan for r in records], dtype=float)
     ax.plot(idx, u, "o-", ms=3, label="defocus U")
     ax.plot(idx, v, "s-", ms=3, label="defocus V")
+    if np.isfinite(sigma).any():
+        ax.errorbar(idx, 0.5 * (u + v), yerr=2 * sigma, fmt="none", ecolor="k", capsize=2,
+                    label="±2σ (mean defocus)")
     if flagged.any():
         ax.plot(idx[flagged], u[flagged], "rx", ms=9, label="flagged")
     ax.set_xlabel("micrograph")
@@ -77,12 +109,15 @@ def plot_defocus_summary(records, path=None):
     ax.hist(res[np.isfinite(res)], bins=20)
     ax.set_xlabel("fit resolution (Å)")
     ax.set_ylabel("micrographs")
+    axes[1, 2].axis("off")
     ax = axes[1, 1]
     ax.axis("off")
     names = [r["micrograph"].split("/")[-1] for r, f in zip(records, flagged) if f]
-    ax.text(0, 1, "flagged (CNN and fit disagree, or low figure of merit): %d\n" % len(names)
-            + "\n".join(names[:25]), va="top",
-            fontsize=8, family="monospace")
+    text = "flagged (CNN and fit disagree, or low figure of merit): %d\n" % len(names) + "\n".join(names[:20])
+    phases = [r.get("phase_shift_deg") or 0.0 for r in records]
+    if any(phases):
+        text += "\n\nphase shift (°): " + ", ".join("%.0f" % p for p in phases[:20])
+    ax.text(0, 1, text, va="top", fontsize=8, family="monospace")
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=100)
@@ -97,7 +132,10 @@ def ctf_records(ctfSet, acquisition):
         records.append(dict(
             micrograph=ctf.getMicrograph().getFileName() if ctf.getMicrograph() else str(ctf.getObjId()),
             defocus_u_A=ctf.getDefocusU(), defocus_v_A=ctf.getDefocusV(), defocus_angle_deg=ctf.getDefocusAngle(),
-            resolution_A=ctf.getResolution(), flagged=bool(getattr(ctf, FLAG_ATTR).get())
+            resolution_A=ctf.getResolution(), phase_shift_deg=ctf.getPhaseShift() or 0.0,
+            defocus_sigma_A=getattr(ctf, CTF_SIGMA_ATTR).get() if hasattr(ctf, CTF_SIGMA_ATTR) else None,
+            avrot=getattr(ctf, CTF_AVROT_ATTR).get() if hasattr(ctf, CTF_AVROT_ATTR) else None,
+            flagged=bool(getattr(ctf, FLAG_ATTR).get())
             if hasattr(ctf, FLAG_ATTR) else False,
             psd=psd, psd_sampling_A=read_mrc_header(psd)[1] if psd else None,
             voltage_kV=acquisition.getVoltage(), cs_mm=acquisition.getSphericalAberration(),
@@ -106,7 +144,8 @@ def ctf_records(ctfSet, acquisition):
 
 
 class DeepCryoDefocusViewer(Viewer):
-    """PSD with the fitted CTF, defocus per micrograph, fit-resolution histogram, flagged micrographs."""
+    """PSD with the fitted CTF, 1D rotational average, defocus per micrograph with ±2σ, fit-resolution
+    histogram, flagged micrographs; and pwem's CTF table (PSD thumbnails, sortable columns)."""
     _environments = [DESKTOP_TKINTER]
     _targets = [DeepCryoProtDeepDefocus]
     _name = "deep defocus viewer"
@@ -123,4 +162,6 @@ class DeepCryoDefocusViewer(Viewer):
         ax = plotter.createSubPlot("deep micrograph defocus", "", "")
         ax.imshow(plt.imread(path))
         ax.axis("off")
-        return [plotter]
+        from pwem.viewers.views import CtfView
+        # pwem's CTF table: PSD thumbnails, defocus, resolution, sortable columns (as for CTFFIND's output)
+        return [plotter, CtfView(self.getProject(), ctfs)]

@@ -10,6 +10,11 @@ Example::
     python -m deepcryo.defocus predict --micrographs 'Images-Disc1/*/Data/*_Data_*[0-9].mrc' --voltage 300 --cs 2.7 \\
         --amplitude-contrast 0.1 --output ctf.star
 
+    # a known defocus range (Å) and a band where the rings are (CTFFIND's search range and resolution band)
+    python -m deepcryo.defocus predict --micrographs 'mics/*.mrc' --pixel-size 1.0 --voltage 300 --cs 2.7 \
+        --amplitude-contrast 0.07 --defocus-min 5000 --defocus-max 30000 --low-resolution 25 \
+        --high-resolution 4 --output ctf.star
+
     # CNN only, from a RELION micrograph STAR (acquisition read from it), own model, first GPU
     python -m deepcryo.defocus predict --micrographs micrographs.star --output ctf.star --no-refine \\
         --model my_model.pt --device cuda
@@ -35,6 +40,9 @@ def add_args(parser):
     parser.add_argument("--phase-shift", action="store_true", help="also fit a phase shift (phase plate)")
     parser.add_argument("--low-resolution", type=float, default=30.0, help="fit band low-resolution end, Å")
     parser.add_argument("--high-resolution", type=float, default=5.0, help="fit band high-resolution end, Å")
+    parser.add_argument("--defocus-min", type=float, default=500.0, help="smallest defocus searched, Å")
+    parser.add_argument("--defocus-max", type=float, default=float("inf"),
+                        help="largest defocus searched, Å (default: no limit); the CNN's guess is clipped to the range")
     parser.add_argument("--model", help="weight file (default: the shipped weights)")
     parser.add_argument("--batch-size", type=int, default=8, help="micrographs per batch")
     cli.add_device_argument(parser)
@@ -45,12 +53,15 @@ def main(args):
     from .. import predict
     if not 0 < args.high_resolution < args.low_resolution:
         raise InputError("need 0 < --high-resolution < --low-resolution (Å)")
+    if not 0 < args.defocus_min < args.defocus_max:
+        raise InputError("need 0 < --defocus-min < --defocus-max (Å)")
     if args.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     defaults = dict(pixel_size_A=args.pixel_size, voltage_kV=args.voltage, cs_mm=args.cs,
                     amplitude_contrast=args.amplitude_contrast)
     results = predict.predict(args.micrographs, args.output, args.model, refine=not args.no_refine,
                               low_A=args.low_resolution, high_A=args.high_resolution, fit_phase=args.phase_shift,
-                              batch_size=args.batch_size, device=args.device, defaults=defaults)
+                              batch_size=args.batch_size, device=args.device, defaults=defaults,
+                              defocus_range_A=(args.defocus_min, args.defocus_max))
     flagged = sum(r["flagged"] for r in results)
     logger.info("wrote %s (%d micrographs, %d flagged)", args.output, len(results), flagged)
