@@ -166,7 +166,7 @@ def test_rotational_average_file(tmp_path, cnn):
 def test_band_wizard_conversions_and_preview(tmp_path):
     """The band wizard's Å ↔ cycles/px round trip, and its PSD preview (deepcryo's PSD over the micrograph's
     Nyquist): the first Thon ring's radius in the preview is where the truth puts it."""
-    from deepcryo.wizards_defocus import band_to_frequencies, frequencies_to_band, preview_images
+    from deepcryo.wizards import band_to_frequencies, frequencies_to_band, preview_images
     assert frequencies_to_band(*band_to_frequencies(30.0, 5.0, 1.3), 1.3) == (30.0, 5.0)
     assert band_to_frequencies(30.0, 1.0, 1.3)[1] == 0.5  # beyond Nyquist: clipped
     entries, truth = _field_set(tmp_path, 1, seed=8, contrast=(0.15, 0.15))

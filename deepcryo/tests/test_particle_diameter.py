@@ -58,6 +58,13 @@ class TestDiameterWizard(unittest.TestCase):
         self.assertEqual(pwem.Domain.findWizards(DeepCryoProtReconstruct(), DESKTOP_TKINTER),
                          {"maskDiameter": DeepCryoParticleDiameterWizard})
 
+    def testDefocusBandWizardRegistered(self):
+        """The deep defocus band wizard is found by Scipion for both ends of the band."""
+        from deepcryo.protocols import DeepCryoProtDeepDefocus
+        from deepcryo.wizards import DeepCryoDefocusBandWizard
+        self.assertEqual(pwem.Domain.findWizards(DeepCryoProtDeepDefocus(), DESKTOP_TKINTER),
+                         {"lowRes": DeepCryoDefocusBandWizard, "highRes": DeepCryoDefocusBandWizard})
+
     def testRefineOpensOnTheMapAtTheDefaultDiameter(self):
         wizard = DeepCryoParticleDiameterWizard()
         prot = DeepCryoProtSwiftRefine()
