@@ -268,6 +268,17 @@ def pose_posterior(projector: Projector, band: Band, particles: ParticleBatch, r
     return rot, org, torch.softmax(logw, dim=1)
 
 
+def significant_poses(weights: torch.Tensor, fraction: float = 0.999) -> torch.Tensor:
+    """(B, Q) bool: per particle, the fewest poses of ``weights`` (B, Q) (rows summing to 1) that together hold at
+    least ``fraction`` of the weight, heaviest first (RELION's "significant" poses, its ``--adaptive_fraction``).
+    A tempered posterior at a refinement's final resolution puts nearly all its weight on a few of its poses,
+    so inserting only these leaves the maps unchanged to ``1 - fraction`` of the weight and skips most insertions."""
+    ordered, order = weights.sort(dim=1, descending=True)
+    before = ordered.cumsum(1) - ordered                   # weight of the heavier poses
+    keep_sorted = before < fraction
+    return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+
+
 def _take(x, index):
     """x (B, C, ...) gathered at index (B, K) along dim 1."""
     return x[torch.arange(x.shape[0])[:, None], index]
