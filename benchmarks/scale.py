@@ -60,7 +60,9 @@ from deepcryo.core.mrc import write_mrc
 from deepcryo.core.star import read_star
 from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.simulate import phantom_volume
-from deepcryo.tests.relion_data import RenderSpec, relion_project, truth_particles
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from relion_data import RenderSpec, relion_project, truth_particles  # noqa: E402  (tests/relion_data.py)
 
 SPECIMEN_A = 192.0                 # box side in Å at every box (1.5 Å/px at box 128)
 MAX_SHIFT_A = 4.5                  # rendered origins: uniform within ± this, per axis
@@ -144,7 +146,7 @@ def render_streamed(folder: str, spec: RenderSpec, n_groups: int = DEFOCUS_GROUP
     """Render ``spec`` with ``relion_project`` into ``folder/particles.mrcs`` + ``particles.star`` without ever
     holding the whole stack: chunks of at most 10 k images and :data:`CHUNK_BYTES` are projected (RELION's pixels,
     CTF and origins), their noise added (σ² = mean image variance of the first chunk / SNR, as
-    :mod:`deepcryo.tests.relion_data` defines it, seeded per chunk) and written into a memory-mapped stack.
+    ``tests/relion_data.py`` defines it, seeded per chunk) and written into a memory-mapped stack.
     Also writes ``particles_nopose.star`` (no angles, origins: the refinement's input), ``truth.mrc`` and
     ``initial.mrc`` (the truth low-passed to 30 Å). Reuses a finished rendering of the same spec."""
     os.makedirs(folder, exist_ok=True)

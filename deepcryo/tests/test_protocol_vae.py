@@ -20,7 +20,7 @@
 
 Checks the Scipion wiring (flexible particles with latent coordinates, resume, classes with one
 volume each, trajectory, the landscape viewer drawn headless); the accuracy of the engine is tested in
-``test_landscape.py``.
+``tests/test_landscape.py``.
 
 The project has a name unique to this process: ``setupTestProject`` names it after the class, and
 ``Manager.createProject`` deletes an existing project of that name, so two runs of this test sharing one

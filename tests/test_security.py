@@ -31,7 +31,9 @@ from deepcryo.defocus import train as defocus_train
 from deepcryo.landscape import __main__ as landscape_cli
 from deepcryo.landscape import train as landscape_train
 from deepcryo.swiftalign import __main__ as swiftalign_cli
-from deepcryo.tests.bad_inputs import ACQ, Malicious, malicious_file
+from deepcryo.tests.malicious import Malicious, malicious_file
+
+from bad_inputs import ACQ
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the Scipion side is not part of "the programs", but is scanned too
