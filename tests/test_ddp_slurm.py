@@ -38,7 +38,7 @@ def _train_command(star, out, *options):
 
 def _environ(base):
     """One torch thread per process (two ranks on a 2-core node); this checkout's deepcryo in every process."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return dict(base, OMP_NUM_THREADS="1",
                 PYTHONPATH=os.pathsep.join(p for p in (root, base.get("PYTHONPATH")) if p))
 

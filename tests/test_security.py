@@ -35,7 +35,7 @@ from deepcryo.tests.malicious import Malicious, malicious_file
 
 from bad_inputs import ACQ
 
-PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepcryo")  # this checkout's
 #: the Scipion side is not part of "the programs", but is scanned too
 SOURCES = sorted(os.path.join(r, f) for r, _, fs in os.walk(PACKAGE) for f in fs
                  if f.endswith(".py") and "/tests" not in r)
