@@ -1,6 +1,6 @@
 """SwiftAlign's global search against an exhaustive search of the same poses with the same scores.
 
-Particles are rendered by ``relion_project`` (:mod:`deepcryo.tests.relion_data`: the phantom, uniform poses,
+Particles are rendered by ``relion_project`` (``tests/relion_data.py``: the phantom, uniform poses,
 origins uniform within ±``--max-shift`` px, CTF, white noise at ``--snr``), so neither program sees images
 of deepcryo's own simulator. For each angular step:
 
@@ -39,8 +39,10 @@ from deepcryo.core.particles import read_particles
 from deepcryo.swiftalign.gallery import band_slices, gallery_poses, shift_grid
 from deepcryo.swiftalign.query import ParticleBatch, select_and_refine
 from deepcryo.swiftalign.sampling import shift_step_for_resolution
-from deepcryo.tests.relion_data import RenderSpec, render
 from scale import run_timed  # benchmarks/scale.py, beside this script
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from relion_data import RenderSpec, render  # noqa: E402  (tests/relion_data.py)
 
 
 def _child(cmd, log_path):

@@ -37,7 +37,6 @@ listed as such), so the ladder can be climbed over several invocations. ``--resu
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -64,22 +63,8 @@ from deepcryo.core.particles import ParticleStar, read_particles, write_particle
 from deepcryo.core.projector import Projector
 from deepcryo.core.simulate import phantom_volume
 
-
-def _load_relion_data():
-    """The tests' RELION renderer (:mod:`deepcryo.tests.relion_data`), loaded from its file without running the
-    test package's Scipion set-up: this script also runs where Scipion is not installed (the GPU machines)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepcryo", "tests",
-                        "relion_data.py")
-    spec = importlib.util.spec_from_file_location("deepcryo_relion_data", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module        # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-_relion_data = _load_relion_data()
-RenderSpec, relion_project, truth_particles = (_relion_data.RenderSpec, _relion_data.relion_project,
-                                               _relion_data.truth_particles)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from relion_data import RenderSpec, relion_project, truth_particles  # noqa: E402  (tests/relion_data.py)
 
 SPECIMEN_A = 192.0                 # box side in Å at every box (1.5 Å/px at box 128)
 MAX_SHIFT_A = 4.5                  # rendered origins: uniform within ± this, per axis
@@ -179,7 +164,7 @@ def render_streamed(folder: str, spec: RenderSpec, n_groups: int = DEFOCUS_GROUP
     """Render ``spec`` with ``relion_project`` into ``folder/particles.mrcs`` + ``particles.star`` without ever
     holding the whole stack: chunks of at most 10 k images and :data:`CHUNK_BYTES` are projected (RELION's pixels,
     CTF and origins), their noise added (σ² = mean image variance of the first chunk / SNR, as
-    :mod:`deepcryo.tests.relion_data` defines it, seeded per chunk) and written into a memory-mapped stack.
+    ``tests/relion_data.py`` defines it, seeded per chunk) and written into a memory-mapped stack.
     Also writes ``particles_nopose.star`` (no angles, origins: the refinement's input), ``truth.mrc`` and
     ``initial.mrc`` (the truth low-passed to 30 Å). Reuses a finished rendering of the same spec. ``renderer``
     "deepcryo": :func:`deepcryo_project` on ``device`` instead of ``relion_project``."""

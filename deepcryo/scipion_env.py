@@ -21,7 +21,7 @@
 Import this module before pyworkflow: pyworkflow reads its configuration (``SCIPION_HOME``,
 ``SCIPION_USER_DATA``, ``SCIPION_HOSTS``...) from the environment once, when it is first imported.
 ``deepcryo/tests/__init__.py`` imports it first, and ``import deepcryo`` does not import pyworkflow, so
-under ``pytest deepcryo/tests`` it runs before pyworkflow. Scipion's runners import pyworkflow first:
+under ``pytest tests deepcryo/tests`` it runs before pyworkflow. Scipion's runners import pyworkflow first:
 ``python -m scipion tests deepcryo.tests`` (needs ``SCIPION_HOME`` set, to any folder) and
 ``SCIPION_DOMAIN=pwem python -m pyworkflow.apps.pw_run_tests deepcryo.tests``; there the settings
 below are applied to the loaded ``pyworkflow.Config`` as well.

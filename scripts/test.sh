@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Lint (ruff, configured in pyproject.toml; any finding fails the run) then run the whole deepcryo test suite
-# headless on CPU (unit tests, RELION convention tests, Scipion protocol tests, Scipion through a one-node SLURM
-# queue). Creates .venv if needed and installs RELION 3.1 and SLURM (Debian packages) when possible.
+# headless on CPU: tests/ (engine tests, RELION convention tests, Scipion through a one-node SLURM queue) and
+# deepcryo/tests (the plugin's Scipion tests: protocols, conversions; also run by `scipion tests deepcryo.tests`).
+# Creates .venv if needed and installs RELION 3.1 and SLURM (Debian packages) when possible.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -13,6 +14,6 @@ if ! command -v slurmctld >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v ap
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
     || echo "warning: could not install slurm-wlm/munge; the SLURM queue tests will be skipped"
 fi
-.venv/bin/ruff check deepcryo benchmarks scripts
+.venv/bin/ruff check deepcryo benchmarks scripts tests
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-exec .venv/bin/python -m pytest -q -p no:cacheprovider deepcryo/tests "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider tests deepcryo/tests "$@"

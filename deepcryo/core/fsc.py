@@ -6,7 +6,7 @@ Conventions (RELION 3.1's, read from its ``src/fftw.cpp`` getFSC and ``src/postp
   pixels), k = 0 … N/2; shell k is the frequency ``k / (N · pixel_size_A)`` 1/Å, i.e. the resolution
   ``N · pixel_size_A / k`` Å. The sums run over the whole spectrum; RELION's run over the half spectrum of
   its real-to-complex transform, which weighs the x = 0 plane twice as much as the others: the curves
-  differ by about 0.01 per shell on 64³ maps (``deepcryo/tests/test_fsc_relion.py``);
+  differ by about 0.01 per shell on 64³ maps (``tests/test_fsc_relion.py``);
 * the resolution at a threshold is that of the **last shell before the curve first drops below it**, not
   interpolated (postprocessing.cpp: ``global_resol = XSIZE * angpix / i`` for the last i with FSC ≥ 0.143);
 * a masked FSC is corrected for the correlation that the mask itself creates by phase randomisation

@@ -16,12 +16,12 @@
 # * along with this program.  If not, see <https://www.gnu.org/licenses/>.
 # *
 # **************************************************************************
-"""deepcryo's tests: engines (no Scipion needed), conversions and protocols (headless Scipion).
+"""deepcryo's Scipion tests: the plugin, conversions and protocols (headless Scipion), ``unittest.TestCase``
+classes (pyworkflow's ``BaseTest`` for protocol runs) that need no pytest, as a plain ``scipion3 installp`` has
+none. The engine tests (pytest, no Scipion needed) are in the repository's ``tests/`` folder.
 
-Run with ``pytest deepcryo/tests`` or ``python -m scipion tests deepcryo.tests``; :mod:`.harness`
-(imported first) prepares the Scipion environment. Scipion's runner is unittest's: it runs the
-``unittest.TestCase`` classes (protocol and conversion tests); the plain pytest functions of the
-engine tests run under pytest only.
+Run with ``python -m scipion tests deepcryo.tests`` (``--grep deepcryo`` lists them, ``--run`` runs them) or
+``pytest deepcryo/tests``; :mod:`.harness` (imported first) prepares the Scipion environment.
 """
 import os
 

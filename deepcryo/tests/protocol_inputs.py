@@ -1,5 +1,5 @@
 """Scipion input sets for the protocols' ``_validate`` tests (``test_protocol_bad_input.py``,
-``test_devices.py``): particles, micrographs and a volume written to temporary sqlite files."""
+``tests/test_devices.py``): particles, micrographs and a volume written to temporary sqlite files."""
 import os
 
 import numpy as np

@@ -6,10 +6,18 @@ program's own parser.
 """
 import argparse
 import inspect
+import os
+import pathlib
 import shlex
+import shutil
+import tempfile
+import unittest
+from unittest import mock
 
 from pyworkflow.object import Pointer
 
+import deepcryo.protocols.protocol_swiftalign as swiftalign_module
+import deepcryo.protocols.protocol_swiftrefine as swiftrefine_module
 from deepcryo.protocols import DeepCryoProtSwiftAlign, DeepCryoProtSwiftRefine
 from deepcryo.swiftalign.commands import refine as refine_command
 from deepcryo.swiftalign.commands import train as train_command
@@ -20,55 +28,61 @@ from deepcryo.tests.protocol_inputs import _particles, _volume
 NOT_ON_FORM = {"device": "useGpu/gpuList", "batch_size": "memory only"}
 
 
-def _recorded_args(monkeypatch, prot, step, command):
+def _recorded_args(prot, step, command):
     jobs = []
-    monkeypatch.setattr(prot, "runJob", lambda program, args, **kw: jobs.append(args))
-    step()
+    with mock.patch.object(prot, "runJob", lambda program, args, **kw: jobs.append(args)):
+        step()
     parser = argparse.ArgumentParser()
     command.add_args(parser)
     words = shlex.split(jobs[-1])
     return parser.parse_args(words[1:])  # words[0] is the subcommand
 
 
-def test_every_refine_setting_is_on_the_swiftrefine_form(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    import deepcryo.protocols.protocol_swiftrefine as module
-    monkeypatch.setattr(module, "convertVolume", lambda vol, folder: "ref.mrc")
-    prot = DeepCryoProtSwiftRefine()
-    prot.inputParticles.set(_particles(tmp_path))
-    prot.inputVolumes.append(Pointer(_volume(tmp_path)))
-    values = dict(symmetryGroup="d7", initialResolution=25.0, particleDiameter=120.0, maxIterations=7,
-                  globalIterations=2, localSteps=3, maxShift=4.0, doConsensus=True,
-                  numberOfMatches=5, nprobe=64, doWhiten=True, joinResolution=35.0, randomSeed=11,
-                  memoryLimit=2.5)
-    for name, value in values.items():
-        getattr(prot, name).set(value)
-    args = _recorded_args(monkeypatch, prot, prot.refineStep, refine_command)
-    given = dict(symmetry="D7", initial_resolution_A=25.0, particle_diameter_A=120.0, max_iterations=7,
-                 global_iterations=2, local_steps=3, max_shift_px=4.0, repetitions=2, k=5,
-                 nprobe=64, whiten=True, join_resolution_A=35.0, seed=11, memory_limit_GB=2.5)
-    fields = set(inspect.signature(RefineParams).parameters)
-    assert fields == set(given) | set(NOT_ON_FORM), fields ^ (set(given) | set(NOT_ON_FORM))
-    got = dict(symmetry=args.symmetry, initial_resolution_A=args.initial_resolution,
-               particle_diameter_A=args.particle_diameter, max_iterations=args.max_iterations,
-               global_iterations=args.global_iterations, local_steps=args.local_steps, max_shift_px=args.max_shift,
-               repetitions=args.repetitions, k=args.k, nprobe=args.nprobe,
-               whiten=args.whiten, join_resolution_A=args.join_resolution, seed=args.seed,
-               memory_limit_GB=args.memory_limit)
-    assert got == given
-    assert args.resume                                  # Scipion's continue mode resumes the iterations
+class TestProtocolForms(unittest.TestCase):
 
+    def setUp(self):
+        """A temporary working folder (the protocol's steps write there); the reference map's conversion skipped."""
+        self.folder = pathlib.Path(tempfile.mkdtemp(prefix="deepcryo-forms-"))
+        self.addCleanup(shutil.rmtree, str(self.folder), True)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(str(self.folder))
+        for module in (swiftalign_module, swiftrefine_module):
+            patcher = mock.patch.object(module, "convertVolume", lambda vol, folder: "ref.mrc")
+            patcher.start()
+            self.addCleanup(patcher.stop)
 
-def test_swiftalign_form_reaches_train(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    import deepcryo.protocols.protocol_swiftalign as module
-    monkeypatch.setattr(module, "convertVolume", lambda vol, folder: "ref.mrc")
-    prot = DeepCryoProtSwiftAlign()
-    prot.inputParticles.set(_particles(tmp_path))
-    prot.inputVolume.set(_volume(tmp_path))
-    for name, value in dict(samplingMode=0, angularStep=7.5, maxResolution=12.0, maxShift=3.0,
-                            doWhiten=True, memoryLimit=1.5, symmetryGroup="c3").items():
-        getattr(prot, name).set(value)
-    args = _recorded_args(monkeypatch, prot, prot.trainStep, train_command)
-    assert (args.angular_step, args.max_resolution, args.max_shift, args.whiten,
-            args.memory_limit, args.symmetry) == (7.5, 12.0, 3.0, True, 1.5, "C3")
+    def testEveryRefineSettingIsOnTheSwiftRefineForm(self):
+        prot = DeepCryoProtSwiftRefine()
+        prot.inputParticles.set(_particles(self.folder))
+        prot.inputVolumes.append(Pointer(_volume(self.folder)))
+        values = dict(symmetryGroup="d7", initialResolution=25.0, particleDiameter=120.0, maxIterations=7,
+                      globalIterations=2, localSteps=3, maxShift=4.0, doConsensus=True,
+                      numberOfMatches=5, nprobe=64, doWhiten=True, joinResolution=35.0, randomSeed=11,
+                      memoryLimit=2.5)
+        for name, value in values.items():
+            getattr(prot, name).set(value)
+        args = _recorded_args(prot, prot.refineStep, refine_command)
+        given = dict(symmetry="D7", initial_resolution_A=25.0, particle_diameter_A=120.0, max_iterations=7,
+                     global_iterations=2, local_steps=3, max_shift_px=4.0, repetitions=2, k=5,
+                     nprobe=64, whiten=True, join_resolution_A=35.0, seed=11, memory_limit_GB=2.5)
+        fields = set(inspect.signature(RefineParams).parameters)
+        self.assertEqual(fields, set(given) | set(NOT_ON_FORM), fields ^ (set(given) | set(NOT_ON_FORM)))
+        got = dict(symmetry=args.symmetry, initial_resolution_A=args.initial_resolution,
+                   particle_diameter_A=args.particle_diameter, max_iterations=args.max_iterations,
+                   global_iterations=args.global_iterations, local_steps=args.local_steps,
+                   max_shift_px=args.max_shift, repetitions=args.repetitions, k=args.k, nprobe=args.nprobe,
+                   whiten=args.whiten, join_resolution_A=args.join_resolution, seed=args.seed,
+                   memory_limit_GB=args.memory_limit)
+        self.assertEqual(got, given)
+        self.assertTrue(args.resume)                         # Scipion's continue mode resumes the iterations
+
+    def testSwiftAlignFormReachesTrain(self):
+        prot = DeepCryoProtSwiftAlign()
+        prot.inputParticles.set(_particles(self.folder))
+        prot.inputVolume.set(_volume(self.folder))
+        for name, value in dict(samplingMode=0, angularStep=7.5, maxResolution=12.0, maxShift=3.0,
+                                doWhiten=True, memoryLimit=1.5, symmetryGroup="c3").items():
+            getattr(prot, name).set(value)
+        args = _recorded_args(prot, prot.trainStep, train_command)
+        self.assertEqual((args.angular_step, args.max_resolution, args.max_shift, args.whiten,
+                          args.memory_limit, args.symmetry), (7.5, 12.0, 3.0, True, 1.5, "C3"))

@@ -22,7 +22,7 @@ Checks the Scipion wiring (flexible particles with latent coordinates and their 
 halves resumed and summarised, classes with one volume each, trajectory, the landscape viewer drawn
 headless, its volumes in ChimeraX through a stand-in for Scipion's ChimeraX plugin, particle subsets
 chosen on the landscape by polygon, clusters or the viewer's lasso, PC and path volumes); the accuracy
-of the engine is tested in ``test_landscape.py``.
+of the engine is tested in ``tests/test_landscape.py``.
 
 The project has a name unique to this process: ``setupTestProject`` names it after the class, and
 ``Manager.createProject`` deletes an existing project of that name, so two runs of this test sharing one

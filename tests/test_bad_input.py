@@ -24,7 +24,8 @@ from deepcryo.defocus import __main__ as defocus_cli
 from deepcryo.landscape import __main__ as landscape_cli
 from deepcryo.swiftalign import __main__ as swiftalign_cli
 
-from deepcryo.tests.bad_inputs import ACQ
+
+from bad_inputs import ACQ
 
 TABLE = []
 

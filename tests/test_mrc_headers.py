@@ -31,7 +31,7 @@ from deepcryo.defocus import predict
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:mrcfile")
 
 EPU_PX = 0.6666  # Å/px, as EPU writes it (voxel_size = (0.6666, 0.6666, 0))
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout
 #: bytes per image of the FEI extended header (one block per image, EPU writes 1024 blocks)
 FEI_BLOCK = {b"FEI1": 768, b"FEI2": 888}
 

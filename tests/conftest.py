@@ -16,14 +16,21 @@
 # * along with this program.  If not, see <https://www.gnu.org/licenses/>.
 # *
 # **************************************************************************
-"""pytest hooks: the Scipion environment (see :mod:`deepcryo.tests.harness`) in the report header; the shared
-fixtures ``relion_rendered`` (particle sets rendered by relion_project, :mod:`deepcryo.tests.relion_data`) and
-``ws`` (good and bad program inputs, :mod:`deepcryo.tests.bad_inputs`)."""
+"""pytest setup of deepcryo's engine tests (this folder; run with ``pytest tests deepcryo/tests``, as
+``scripts/test.sh`` does). The Scipion-facing tests (protocols, conversions, the plugin) are in ``deepcryo/tests``
+and run without pytest too, under ``scipion tests deepcryo.tests``.
+
+Here: the Scipion environment of :mod:`deepcryo.tests.harness`, prepared before any test imports pyworkflow, in
+the report header; the shared fixtures ``relion_rendered`` (particle sets rendered by relion_project,
+``relion_data.py``) and ``ws`` (good and bad program inputs, ``bad_inputs.py``). The helper modules of this folder
+are imported by name (``from relion_data import ...``): pytest puts this folder, which is no package, on
+``sys.path``."""
 import os
 
 from deepcryo.tests import harness
-from deepcryo.tests.bad_inputs import ws  # noqa: F401  (fixture: good inputs and every bad file)
-from deepcryo.tests.relion_data import relion_rendered  # noqa: F401  (fixture: particles rendered by RELION)
+
+from bad_inputs import ws  # noqa: F401  (fixture: good inputs and every bad file)
+from relion_data import relion_rendered  # noqa: F401  (fixture: particles rendered by RELION)
 
 
 def pytest_report_header(config):

@@ -214,7 +214,7 @@ def test_every_torch_save_is_atomic():
     """Every ``torch.save`` in deepcryo (model files, checkpoints) writes inside ``with atomic_output(...)``:
     a temporary name in the same folder, renamed (``os.replace``) only once complete."""
     import ast
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepcryo")
     found = 0
     for r, _, fs in os.walk(package):
         if "/tests" in r:

@@ -18,7 +18,7 @@
 # **************************************************************************
 """deepcryo protocols through a real SLURM queue (Scipion's "Use a queue engine", one job per step).
 
-A one-node SLURM cluster (:mod:`deepcryo.tests.slurm_cluster`, 2 CPUs) and a SLURM ``hosts.conf`` (read by the
+A one-node SLURM cluster (``tests/slurm_cluster.py``, 2 CPUs) and a SLURM ``hosts.conf`` (read by the
 protocol runs through ``SCIPION_HOSTS``) take SwiftAlign (index step, then two query chunks) and the deep defocus
 (two batches of micrographs), 3 Scipion threads so two steps run at a time. Each program must have run as its own
 SLURM job (SLURM's job completion log), the two query / batch jobs side by side (their run times overlap), and the
@@ -41,7 +41,8 @@ from deepcryo.core.mrc import write_mrc
 from deepcryo.protocols import DeepCryoProtDeepDefocus, DeepCryoProtSwiftAlign, DeepCryoProtVaeTrain
 from deepcryo.tests.harness import ProtocolTest
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
-from deepcryo.tests.slurm_cluster import slurm  # noqa: F401  (fixture: the test cluster)
+
+from slurm_cluster import slurm  # noqa: F401  (fixture: the test cluster)
 
 #: Scipion's SLURM host configuration (as in Scipion's documentation), with a queue that sends each step as a
 #: job of JOB_CPUS CPUs (Scipion's JOB_THREADS counts the protocol's step threads, not a step's program threads).

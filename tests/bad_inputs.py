@@ -1,6 +1,6 @@
-"""Shared bad inputs of the program and protocol bad-input tests (``test_bad_input.py``, ``test_security.py``,
-``test_protocol_bad_input.py``): the tiny good data set, every bad file built from it (fixture ``ws``, made
-available by ``conftest.py``) and the malicious pickle payload."""
+"""Shared bad inputs of the programs' bad-input tests (``test_bad_input.py``, ``test_security.py``): the tiny
+good data set and every bad file built from it (fixture ``ws``, made available by ``conftest.py``), among them
+the malicious pickle payload of :mod:`deepcryo.tests.malicious`."""
 import os
 import shutil
 
@@ -15,6 +15,7 @@ from deepcryo.core.mrc import read_mrc, write_mrc
 from deepcryo.core.particles import read_particles
 from deepcryo.core.star import write_star
 from deepcryo.swiftalign import __main__ as swiftalign_cli
+from deepcryo.tests.malicious import malicious_file
 
 
 PX, BOX, N = 4.0, 16, 24
@@ -54,23 +55,6 @@ def _star_variant(src, dst, drop=(), optics=None, names=None, empty=False):
     blocks = {"optics": opt, "particles": parts}
     write_star(dst, blocks)
     return dst
-
-
-class Malicious:
-    """A pickle payload that would create a marker file when unpickled."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def malicious_file(path, marker, wrap=None):
-    """``torch.save`` of a dict holding a code-running object (the classic model-file attack)."""
-    payload = {"format": wrap, "model": Malicious(marker)} if wrap else Malicious(marker)
-    torch.save(payload, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Accuracy and conventions on particles rendered by RELION 3.1's ``relion_project`` (CTF, poses, origins), not
 by deepcryo's own projector and CTF, so that a convention error shared by the simulator and an engine cannot
-cancel out (:mod:`deepcryo.tests.relion_data`). A test that mirrors an in-house test keeps that test's
+cancel out (``tests/relion_data.py``). A test that mirrors an in-house test keeps that test's
 specification and thresholds (SwiftRes: 1000 particles instead of 2000, see its docstring); the figures
 measured on RELION-rendered and on deepcryo-simulated particles are in the docstrings. Skipped where RELION is
 not installed (``scripts/test.sh`` installs it).
@@ -23,8 +23,9 @@ from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.reconstruct import reconstruct_star
 from deepcryo.swiftalign.index import train
 from deepcryo.swiftalign.query import query
-from deepcryo.tests.poses import strip_poses
-from deepcryo.tests.relion_data import RenderSpec, relion_project, requires_relion
+
+from poses import strip_poses
+from relion_data import RenderSpec, relion_project, requires_relion
 
 pytestmark = requires_relion
 

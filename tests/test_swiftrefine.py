@@ -27,7 +27,8 @@ from deepcryo.swiftalign import __main__ as cli
 from deepcryo.swiftalign.references import join_halves, reference_filter
 from deepcryo.swiftalign.refine import RefineParams, refine_3d
 from deepcryo.swiftalign.sampling import angular_step_for_diameter, shift_step_for_resolution
-from deepcryo.tests.poses import strip_poses
+
+from poses import strip_poses
 
 PX = 2.0
 

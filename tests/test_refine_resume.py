@@ -91,9 +91,8 @@ def _args(problem, out, iterations=ITERATIONS, repetitions=1):
 
 def _run(args, stage=None):
     """``python -m deepcryo.swiftalign args`` in a new process (through this module, armed, with ``stage``)."""
-    program = ["deepcryo.tests.test_refine_resume", stage] if stage else ["deepcryo.swiftalign"]
-    return subprocess.run([sys.executable, "-m"] + program + args, capture_output=True, text=True, env=ENV,
-                          timeout=600)
+    program = [__file__, stage] if stage else ["-m", "deepcryo.swiftalign"]
+    return subprocess.run([sys.executable] + program + args, capture_output=True, text=True, env=ENV, timeout=600)
 
 
 def _kill(args, stage):
@@ -263,7 +262,7 @@ def test_protocol_history_without_history_in_model(problem, tmp_path):
 
 
 if __name__ == "__main__":
-    # python -m deepcryo.tests.test_refine_resume STAGE refine ARGS…: the refinement, SIGKILLed at STAGE
+    # python tests/test_refine_resume.py STAGE refine ARGS…: the refinement, SIGKILLed at STAGE
     _arm(sys.argv[1])
     from deepcryo.swiftalign.__main__ import main
     sys.exit(main(sys.argv[2:]))

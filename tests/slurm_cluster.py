@@ -24,7 +24,7 @@ Usage, as a context manager or as the module-scoped pytest fixture ``slurm``::
     with slurm_cluster() as cluster:            # skips the test (one line) where it cannot run
         subprocess.run(["sbatch", "-p", cluster.partition, "job.sh"], env=cluster.environ(), check=True)
 
-    def test_x(slurm):                          # from deepcryo.tests.slurm_cluster import slurm
+    def test_x(slurm):                          # from slurm_cluster import slurm
         ...
 
 Everything the cluster writes lives in its state folder (``cluster.state_dir``): ``slurm.conf``, its own

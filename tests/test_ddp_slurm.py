@@ -1,5 +1,5 @@
 """The landscape VAE trained by processes that a launcher started, gloo on CPUs: two SLURM tasks (``sbatch -n 2``
-with ``srun`` inside) on the one-node test cluster of :mod:`deepcryo.tests.slurm_cluster`, and two torchrun
+with ``srun`` inside) on the one-node test cluster of ``tests/slurm_cluster.py``, and two torchrun
 processes, against the same training started by the program itself.
 
 Each launched process must become one rank of a 2-process DistributedDataParallel training (rank-tagged lines of
@@ -22,7 +22,8 @@ from deepcryo.core.mrc import read_mrc
 from deepcryo.core.particles import read_particles
 from deepcryo.core.simulate import phantom_states, write_particle_set
 from deepcryo.landscape.train import CHECKPOINT, LATENT_STAR, latent_columns
-from deepcryo.tests.slurm_cluster import slurm_cluster
+
+from slurm_cluster import slurm_cluster
 
 LATENT_DIM = 2
 #: Per-process batch 8 on 2 ranks = the single process's 16: the same particles in each optimiser step.
@@ -37,7 +38,7 @@ def _train_command(star, out, *options):
 
 def _environ(base):
     """One torch thread per process (two ranks on a 2-core node); this checkout's deepcryo in every process."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return dict(base, OMP_NUM_THREADS="1",
                 PYTHONPATH=os.pathsep.join(p for p in (root, base.get("PYTHONPATH")) if p))
 

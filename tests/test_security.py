@@ -31,9 +31,11 @@ from deepcryo.defocus import train as defocus_train
 from deepcryo.landscape import __main__ as landscape_cli
 from deepcryo.landscape import train as landscape_train
 from deepcryo.swiftalign import __main__ as swiftalign_cli
-from deepcryo.tests.bad_inputs import ACQ, Malicious, malicious_file
+from deepcryo.tests.malicious import Malicious, malicious_file
 
-PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bad_inputs import ACQ
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepcryo")  # this checkout's
 #: the Scipion side is not part of "the programs", but is scanned too
 SOURCES = sorted(os.path.join(r, f) for r, _, fs in os.walk(PACKAGE) for f in fs
                  if f.endswith(".py") and "/tests" not in r)
