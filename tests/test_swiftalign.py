@@ -14,7 +14,7 @@ from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.simulate import phantom_volume, write_particle_set
 from deepcryo.swiftalign import __main__ as cli
 from deepcryo.swiftalign.index import merge_topk, train
-from deepcryo.swiftalign.query import query
+from deepcryo.swiftalign.query import query, significant_poses
 
 STEP_DEG = 12.0
 TRAIN = dict(angular_step_deg=STEP_DEG, max_resolution_A=16.0, max_shift_px=3.0)
@@ -141,3 +141,19 @@ def test_bad_inputs(data, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error:") and not (tmp_path / "b.star").exists()
     assert cli.main(["query", "--index", str(tmp_path), "--particles", star, "--output", str(tmp_path / "c.star")]) == 2
     assert "not a swiftalign index" in capsys.readouterr().err
+
+
+def test_significant_poses_hold_the_fraction_with_the_fewest_poses():
+    """RELION's significant poses: per particle the heaviest poses whose weights reach the fraction, no more."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 33, generator=g) * torch.linspace(0.1, 8.0, 50)[:, None]   # flat to peaked rows
+    weights = torch.softmax(logits, dim=1)
+    keep = significant_poses(weights, 0.999)
+    kept_mass = (weights * keep).sum(1)
+    assert bool((kept_mass >= 0.999 - 1e-6).all())
+    dropped = weights.masked_fill(keep, -1.0).max(1).values       # the heaviest pose left out, -1 if none
+    lightest_kept = weights.masked_fill(~keep, 2.0).min(1).values
+    assert bool((dropped <= lightest_kept).all())                 # heaviest first
+    assert bool(((kept_mass - lightest_kept) < 0.999 + 1e-6).all())  # one fewer would not reach the fraction
+    assert int(keep.sum(1)[0]) == 33 and int(keep.sum(1)[-1]) < 15   # a flat row keeps all, a peaked one few
+    assert significant_poses(torch.eye(4)).equal(torch.eye(4, dtype=torch.bool))
