@@ -28,8 +28,8 @@ Conventions
 * CTF: defocus U/V in Å (positive underfocus), astigmatism angle in degrees: the same numbers in
   Scipion's ``CTFModel`` and in RELION, no conversion.
 * Projection alignment (``ALIGN_PROJ``): RELION stores Euler angles (rot, tilt, psi), in degrees, whose
-  matrix ``A`` (:func:`deepcryo.core.geometry.euler_to_matrix`) maps volume to projection coordinates,
-  and the origin ``o`` (``rlnOriginX/YAngst``), the shift that brings the particle to the box centre.
+  matrix ``A`` (:func:`deepcryo.core.euler.euler_to_matrix`, numpy: this module runs without torch) maps
+  volume to projection coordinates, and the origin ``o`` (``rlnOriginX/YAngst``), the shift that brings the particle to the box centre.
   Scipion stores the 4×4 matrix ``M = inv([[A, -o/px], [0, 1]]) = [[Aᵀ, Aᵀ·o/px], [0, 1]]`` (shifts in
   pixels), exactly as scipion-em-relion's ``convert31`` reader, whose formula is
   ``inv(euler_matrix(-rot, -tilt, -psi, 'szyz'))`` with translation ``-shifts``.
@@ -46,9 +46,9 @@ from pwem.emlib.image import ImageHandler
 from pwem.objects import FSC, Transform
 
 from deepcryo.constants import RANDOM_SUBSET_ATTR
-from deepcryo.core import geometry
+from deepcryo.core import euler
 from deepcryo.core.errors import InputError
-from deepcryo.core.fsc import fsc_resolution_A
+from deepcryo.core.resolution import fsc_resolution_A
 from deepcryo.core.mrc import read_mrc, read_mrc_header, write_mrc
 from deepcryo.core.particles import ParticleStar, read_particles, write_particles
 from deepcryo.core.star import read_star, write_star
@@ -68,7 +68,7 @@ def projectionMatrices(angles_deg, origins_px):
         angles_deg: (N, 3) rot, tilt, psi in degrees (RELION ZYZ convention).
         origins_px: (N, 2) origins x, y in pixels (RELION ``rlnOriginX/YAngst`` / pixel size).
     """
-    a = geometry.euler_to_matrix(np.asarray(angles_deg, dtype=np.float64).reshape(-1, 3)).numpy()
+    a = euler.euler_to_matrix(np.asarray(angles_deg, dtype=np.float64).reshape(-1, 3))
     o = np.zeros((len(a), 3))
     o[:, :2] = np.asarray(origins_px, dtype=np.float64).reshape(-1, 2)
     m = np.zeros((len(a), 4, 4))
@@ -85,7 +85,7 @@ def posesFromMatrices(matrices):
     matrix. The z component of the origin is dropped (particles are 2D images).
     """
     inv = np.linalg.inv(np.asarray(matrices, dtype=np.float64).reshape(-1, 4, 4))
-    angles = geometry.matrix_to_euler(inv[:, :3, :3]).numpy()
+    angles = euler.matrix_to_euler(inv[:, :3, :3])
     return angles, -inv[:, :2, 3]
 
 

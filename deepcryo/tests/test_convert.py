@@ -32,7 +32,7 @@ from pwem.objects import Acquisition, CTFModel, Micrograph, SetOfMicrographs, Se
 
 from deepcryo import convert
 from deepcryo.constants import RANDOM_SUBSET_ATTR
-from deepcryo.core import geometry, reconstruct
+from deepcryo.core import geometry, resolution
 from deepcryo.core.errors import InputError
 from deepcryo.core.mrc import read_mrc, read_mrc_header, write_mrc
 from deepcryo.core.particles import ParticleStar, make_optics, read_particles, write_particles
@@ -330,7 +330,7 @@ class TestConvert(unittest.TestCase):
     def testReadFscStar(self):
         curve = np.linspace(1.0, -0.1, BOX // 2 + 1)
         fn = self._path("fsc.star")
-        reconstruct.write_fsc_star(fn, curve, BOX, PX)
+        resolution.write_fsc_star(fn, curve, BOX, PX)
         x, y = convert.readFscStar(fn).getData()
         np.testing.assert_allclose([float(v) for v in x], np.arange(BOX // 2 + 1) / (BOX * PX), atol=1e-6)
         np.testing.assert_allclose([float(v) for v in y], curve, atol=1e-6)
