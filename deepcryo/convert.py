@@ -380,17 +380,19 @@ def writeCtfLabelsStar(ctfSet, starFn):
 
 # ------------------------------------------------------------------------------------------------- CTF
 CTF_REQUIRED = ("rlnMicrographName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
-#: CTFModel attributes of deepcryo's CTF estimation: the mean defocus's standard error (Å, ``dcDefocusSigma``)
-#: and the 1D rotational-average file (CTFFIND's ``_avrot.txt`` layout, ``dcCtfAvrot``)
+#: CTFModel attributes of deepcryo's CTF estimation: the mean defocus's standard error (Å, ``dcDefocusSigma``),
+#: the 1D rotational-average file (CTFFIND's ``_avrot.txt`` layout, ``dcCtfAvrot``) and the fitted CTF² on the
+#: PSD's grid (MRC, ``dcCtfModelImage``)
 CTF_SIGMA_ATTR = "_deepcryo_defocusSigma"
 CTF_AVROT_ATTR = "_deepcryo_ctfAvrot"
+CTF_MODEL_IMAGE_ATTR = "_deepcryo_ctfModelImage"
 
 
 def readCtfStar(starFn):
     """Rows of a RELION CTF STAR (``data_micrographs``, or the first non-optics block) as a list of
     dicts: floats for numeric columns, str otherwise. Needs ``rlnMicrographName`` and
     ``rlnDefocusU/V/Angle``; may have ``rlnCtfMaxResolution``, ``rlnCtfFigureOfMerit``,
-    ``rlnCtfImage``, ``rlnPhaseShift``, ``dcDefocusSigma`` and ``dcCtfAvrot``."""
+    ``rlnCtfImage``, ``rlnPhaseShift``, ``dcDefocusSigma``, ``dcCtfAvrot`` and ``dcCtfModelImage``."""
     blocks = read_star(starFn)
     name = "micrographs" if "micrographs" in blocks else next((b for b in blocks if b != "optics"), None)
     if name is None:
@@ -407,8 +409,9 @@ def ctfRowToModel(row, ctfModel):
     """Fill a Scipion ``CTFModel`` from one :func:`readCtfStar` row and return it: defocus (Å,
     standardized to U >= V, 0 <= angle < 180), resolution (``rlnCtfMaxResolution``, Å), fit quality
     (``rlnCtfFigureOfMerit``), phase shift (degrees, when nonzero), PSD file (``rlnCtfImage``), and deepcryo's
-    defocus standard error (``dcDefocusSigma``, Å) and rotational-average file (``dcCtfAvrot``) as the
-    attributes :data:`CTF_SIGMA_ATTR` and :data:`CTF_AVROT_ATTR`."""
+    defocus standard error (``dcDefocusSigma``, Å), rotational-average file (``dcCtfAvrot``) and fitted-CTF²
+    image (``dcCtfModelImage``) as the attributes :data:`CTF_SIGMA_ATTR`, :data:`CTF_AVROT_ATTR` and
+    :data:`CTF_MODEL_IMAGE_ATTR`."""
     ctfModel.setStandardDefocus(row["rlnDefocusU"], row["rlnDefocusV"], row["rlnDefocusAngle"])
     if "rlnCtfMaxResolution" in row:
         ctfModel.setResolution(row["rlnCtfMaxResolution"])
@@ -422,6 +425,8 @@ def ctfRowToModel(row, ctfModel):
         setattr(ctfModel, CTF_SIGMA_ATTR, pwobj.Float(row["dcDefocusSigma"]))
     if row.get("dcCtfAvrot"):
         setattr(ctfModel, CTF_AVROT_ATTR, pwobj.String(row["dcCtfAvrot"]))
+    if row.get("dcCtfModelImage"):
+        setattr(ctfModel, CTF_MODEL_IMAGE_ATTR, pwobj.String(row["dcCtfModelImage"]))
     return ctfModel
 
 
