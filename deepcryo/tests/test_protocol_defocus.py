@@ -147,7 +147,7 @@ class TestDeepCryoDeepDefocusTrainAndViewer(ProtocolTest):
         self.assertIsInstance(views[1], CtfView)  # pwem's CTF table of the output
         self.assertTrue(os.path.getsize(png) > 10000)
         # the overlay's left half is the CTF² of the fitted values: its rings match the PSD's right half
-        records = ctf_records(getattr(second, OUTPUT_CTF), self.imp.outputMicrographs.getAcquisition())
+        records = ctf_records(getattr(second, OUTPUT_CTF))
         r = records[0]
         psd, _ = read_mrc(r["psd"])
         img = psd_with_ctf(psd, read_mrc(r["ctf_image"])[0])  # the program's fitted CTF² beside the PSD
