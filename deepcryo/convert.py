@@ -28,8 +28,8 @@ Conventions
 * CTF: defocus U/V in Å (positive underfocus), astigmatism angle in degrees: the same numbers in
   Scipion's ``CTFModel`` and in RELION, no conversion.
 * Projection alignment (``ALIGN_PROJ``): RELION stores Euler angles (rot, tilt, psi), in degrees, whose
-  matrix ``A`` (:func:`deepcryo.core.geometry.euler_to_matrix`) maps volume to projection coordinates,
-  and the origin ``o`` (``rlnOriginX/YAngst``), the shift that brings the particle to the box centre.
+  matrix ``A`` (:func:`deepcryo.core.euler.euler_to_matrix`, numpy: this module runs without torch) maps
+  volume to projection coordinates, and the origin ``o`` (``rlnOriginX/YAngst``), the shift that brings the particle to the box centre.
   Scipion stores the 4×4 matrix ``M = inv([[A, -o/px], [0, 1]]) = [[Aᵀ, Aᵀ·o/px], [0, 1]]`` (shifts in
   pixels), exactly as scipion-em-relion's ``convert31`` reader, whose formula is
   ``inv(euler_matrix(-rot, -tilt, -psi, 'szyz'))`` with translation ``-shifts``.
@@ -46,9 +46,9 @@ from pwem.emlib.image import ImageHandler
 from pwem.objects import FSC, Transform
 
 from deepcryo.constants import RANDOM_SUBSET_ATTR
-from deepcryo.core import geometry
+from deepcryo.core import euler
 from deepcryo.core.errors import InputError
-from deepcryo.core.fsc import fsc_resolution_A
+from deepcryo.core.resolution import fsc_resolution_A
 from deepcryo.core.mrc import read_mrc, read_mrc_header, write_mrc
 from deepcryo.core.particles import ParticleStar, read_particles, write_particles
 from deepcryo.core.star import read_star, write_star
@@ -68,7 +68,7 @@ def projectionMatrices(angles_deg, origins_px):
         angles_deg: (N, 3) rot, tilt, psi in degrees (RELION ZYZ convention).
         origins_px: (N, 2) origins x, y in pixels (RELION ``rlnOriginX/YAngst`` / pixel size).
     """
-    a = geometry.euler_to_matrix(np.asarray(angles_deg, dtype=np.float64).reshape(-1, 3)).numpy()
+    a = euler.euler_to_matrix(np.asarray(angles_deg, dtype=np.float64).reshape(-1, 3))
     o = np.zeros((len(a), 3))
     o[:, :2] = np.asarray(origins_px, dtype=np.float64).reshape(-1, 2)
     m = np.zeros((len(a), 4, 4))
@@ -85,7 +85,7 @@ def posesFromMatrices(matrices):
     matrix. The z component of the origin is dropped (particles are 2D images).
     """
     inv = np.linalg.inv(np.asarray(matrices, dtype=np.float64).reshape(-1, 4, 4))
-    angles = geometry.matrix_to_euler(inv[:, :3, :3]).numpy()
+    angles = euler.matrix_to_euler(inv[:, :3, :3])
     return angles, -inv[:, :2, 3]
 
 
@@ -380,17 +380,19 @@ def writeCtfLabelsStar(ctfSet, starFn):
 
 # ------------------------------------------------------------------------------------------------- CTF
 CTF_REQUIRED = ("rlnMicrographName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
-#: CTFModel attributes of deepcryo's CTF estimation: the mean defocus's standard error (Å, ``dcDefocusSigma``)
-#: and the 1D rotational-average file (CTFFIND's ``_avrot.txt`` layout, ``dcCtfAvrot``)
+#: CTFModel attributes of deepcryo's CTF estimation: the mean defocus's standard error (Å, ``dcDefocusSigma``),
+#: the 1D rotational-average file (CTFFIND's ``_avrot.txt`` layout, ``dcCtfAvrot``) and the fitted CTF² on the
+#: PSD's grid (MRC, ``dcCtfModelImage``)
 CTF_SIGMA_ATTR = "_deepcryo_defocusSigma"
 CTF_AVROT_ATTR = "_deepcryo_ctfAvrot"
+CTF_MODEL_IMAGE_ATTR = "_deepcryo_ctfModelImage"
 
 
 def readCtfStar(starFn):
     """Rows of a RELION CTF STAR (``data_micrographs``, or the first non-optics block) as a list of
     dicts: floats for numeric columns, str otherwise. Needs ``rlnMicrographName`` and
     ``rlnDefocusU/V/Angle``; may have ``rlnCtfMaxResolution``, ``rlnCtfFigureOfMerit``,
-    ``rlnCtfImage``, ``rlnPhaseShift``, ``dcDefocusSigma`` and ``dcCtfAvrot``."""
+    ``rlnCtfImage``, ``rlnPhaseShift``, ``dcDefocusSigma``, ``dcCtfAvrot`` and ``dcCtfModelImage``."""
     blocks = read_star(starFn)
     name = "micrographs" if "micrographs" in blocks else next((b for b in blocks if b != "optics"), None)
     if name is None:
@@ -407,8 +409,9 @@ def ctfRowToModel(row, ctfModel):
     """Fill a Scipion ``CTFModel`` from one :func:`readCtfStar` row and return it: defocus (Å,
     standardized to U >= V, 0 <= angle < 180), resolution (``rlnCtfMaxResolution``, Å), fit quality
     (``rlnCtfFigureOfMerit``), phase shift (degrees, when nonzero), PSD file (``rlnCtfImage``), and deepcryo's
-    defocus standard error (``dcDefocusSigma``, Å) and rotational-average file (``dcCtfAvrot``) as the
-    attributes :data:`CTF_SIGMA_ATTR` and :data:`CTF_AVROT_ATTR`."""
+    defocus standard error (``dcDefocusSigma``, Å), rotational-average file (``dcCtfAvrot``) and fitted-CTF²
+    image (``dcCtfModelImage``) as the attributes :data:`CTF_SIGMA_ATTR`, :data:`CTF_AVROT_ATTR` and
+    :data:`CTF_MODEL_IMAGE_ATTR`."""
     ctfModel.setStandardDefocus(row["rlnDefocusU"], row["rlnDefocusV"], row["rlnDefocusAngle"])
     if "rlnCtfMaxResolution" in row:
         ctfModel.setResolution(row["rlnCtfMaxResolution"])
@@ -422,6 +425,8 @@ def ctfRowToModel(row, ctfModel):
         setattr(ctfModel, CTF_SIGMA_ATTR, pwobj.Float(row["dcDefocusSigma"]))
     if row.get("dcCtfAvrot"):
         setattr(ctfModel, CTF_AVROT_ATTR, pwobj.String(row["dcCtfAvrot"]))
+    if row.get("dcCtfModelImage"):
+        setattr(ctfModel, CTF_MODEL_IMAGE_ATTR, pwobj.String(row["dcCtfModelImage"]))
     return ctfModel
 
 

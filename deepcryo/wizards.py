@@ -21,15 +21,20 @@ form, next to the parameter they fill in. The particle or mask diameter drawn on
 relion's and cistem's), and the deep defocus fit's resolution band picked on a micrograph's PSD, as CTFFIND's
 (pwem's :class:`~pwem.wizards.wizard.CtfWizard` and its ring dialog; the previews are deepcryo's own PSD, the
 one the fit uses, so no Xmipp is needed)."""
+import os
+import shlex
+import subprocess
+import tempfile
+
 import numpy as np
 import pyworkflow.gui.dialog as dialog
 from pyworkflow.object import PointerList
 from pwem.constants import UNIT_ANGSTROM
 from pwem.wizards.wizard import CtfDialog, CtfWizard, ParticleMaskRadiusWizard
 
+from deepcryo import Plugin
 from deepcryo.constants import DEFAULT_DIAMETER_BOX_FRACTION
 from deepcryo.core.mrc import read_mrc
-from deepcryo.defocus.psd import compute_psd
 from deepcryo.protocols import DeepCryoProtDeepDefocus, DeepCryoProtReconstruct, DeepCryoProtSwiftRefine
 
 
@@ -91,15 +96,25 @@ def frequencies_to_band(low_freq, high_freq, pixel_size_A):
 
 
 def preview_images(path, pixel_size_A, size_px=256):
-    """(micrograph binned to ≤ ``size_px``, its PSD over the whole micrograph's Nyquist (``size_px``²)), from
-    :func:`deepcryo.defocus.psd.compute_psd`, the function the fit uses."""
+    """(micrograph binned to ≤ ``size_px``, its PSD over the whole micrograph's Nyquist (``size_px``²)). The PSD
+    is :func:`deepcryo.defocus.psd.compute_psd`, the function the fit uses, computed by the programs' Python
+    (``python -m deepcryo.defocus psd`` with ``DEEPCRYO_PYTHON``, as Xmipp's wizards run Xmipp programs):
+    Scipion's own Python needs no torch. Raises RuntimeError with the program's error line when it fails."""
     image, _ = read_mrc(path)
     image = np.asarray(image, dtype=np.float32).reshape(image.shape[-2:])
     step = max(1, int(np.ceil(max(image.shape) / size_px)))
     h, w = (image.shape[0] // step) * step, (image.shape[1] // step) * step
     binned = image[:h, :w].reshape(h // step, step, w // step, step).mean(axis=(1, 3))
-    psd = compute_psd(image, pixel_size_A, (pixel_size_A,), size_px)[0, 0].numpy()
-    return binned, psd
+    with tempfile.TemporaryDirectory(prefix="deepcryo_psd_") as tmp:
+        output = os.path.join(tmp, "psd.mrc")
+        command = Plugin.getProgram("defocus", "psd", "--micrograph", shlex.quote(path), "--pixel-size",
+                                    repr(float(pixel_size_A)), "--size", int(size_px), "--output", output)
+        done = subprocess.run(command, shell=True, env=Plugin.getEnviron(), capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["exit status %d" % done.returncode]
+            raise RuntimeError(lines[-1])
+        psd, _ = read_mrc(output)
+    return binned, psd.reshape(psd.shape[-2:])
 
 
 class DeepCryoPsdBandDialog(CtfDialog):

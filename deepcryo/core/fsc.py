@@ -8,7 +8,7 @@ Conventions (RELION 3.1's, read from its ``src/fftw.cpp`` getFSC and ``src/postp
   its real-to-complex transform, which weighs the x = 0 plane twice as much as the others: the curves
   differ by about 0.01 per shell on 64³ maps (``tests/test_fsc_relion.py``);
 * the resolution at a threshold is that of the **last shell before the curve first drops below it**, not
-  interpolated (postprocessing.cpp: ``global_resol = XSIZE * angpix / i`` for the last i with FSC ≥ 0.143);
+  interpolated (:mod:`deepcryo.core.resolution`, numpy only, whose functions this module re-exports);
 * a masked FSC is corrected for the correlation that the mask itself creates by phase randomisation
   (Chen et al. 2013, Ultramicroscopy 135:24): the half maps' phases are randomised beyond the shell where
   their unmasked FSC first drops below 0.8, the randomised maps are masked, and from two shells beyond
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import fourier
+from .resolution import fsc_resolution_A, resolution_shell, shell_frequencies
 
 __all__ = ["fsc", "fsc_resolution_A", "resolution_shell", "shell_frequencies", "randomize_phases_beyond",
            "randomization_shell", "solvent_corrected_fsc", "MaskedFSC", "masked_fsc", "particle_mask",
@@ -53,27 +54,6 @@ def fsc(volume1: Union[torch.Tensor, np.ndarray], volume2: Union[torch.Tensor, n
     num = shell_sum((f1 * f2.conj()).real)
     den = torch.sqrt(shell_sum(f1.abs() ** 2) * shell_sum(f2.abs() ** 2))
     return (num / den.clamp(min=1e-30)).numpy()
-
-
-def shell_frequencies(box: int, pixel_size_A: float) -> np.ndarray:
-    """Spatial frequency (1/Å) of each FSC shell."""
-    return np.arange(box // 2 + 1) / (box * pixel_size_A)
-
-
-def resolution_shell(curve: np.ndarray, threshold: float = 0.143) -> int:
-    """The last shell k ≥ 1 before ``curve`` first drops below ``threshold`` (shell 0, the mean, is not looked
-    at); 0 if shell 1 is already below, the last shell (Nyquist) if the curve never drops below."""
-    below = np.nonzero(np.asarray(curve)[1:] < threshold)[0]
-    return int(below[0]) if len(below) else len(curve) - 1
-
-
-def fsc_resolution_A(curve: np.ndarray, pixel_size_A: float, threshold: float = 0.143) -> float:
-    """Resolution (Å) that RELION reports for an FSC curve (N//2 + 1,) of an N-voxel box (N even): ``N ·
-    pixel_size_A / k`` for the last shell k before the curve first drops below ``threshold``, no
-    interpolation (:func:`resolution_shell`); Nyquist if it never drops, ``inf`` if shell 1 is below."""
-    k = resolution_shell(curve, threshold)
-    box = 2 * (len(curve) - 1)
-    return float(box * pixel_size_A / k) if k > 0 else math.inf
 
 
 def fsc_to_ssnr(curve: np.ndarray, floor: float = 1e-3) -> np.ndarray:

@@ -29,6 +29,8 @@ import torch
 
 from deepcryo.constants import SYMMETRY_NAMES
 
+from . import euler
+
 __all__ = ["euler_to_matrix", "matrix_to_euler", "matrix_to_quaternion", "quaternion_to_matrix",
            "rotation_angle_deg", "pose_distance_deg", "viewing_direction", "direction_distance_deg",
            "sphere_directions", "sample_poses", "symmetry_matrices", "equivalent_poses", "SYMMETRY_NAMES",
@@ -42,35 +44,18 @@ def _as_tensor(x, dtype=None):
 
 
 def euler_to_matrix(angles_deg: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
-    """(..., 3) rot, tilt, psi in degrees → (..., 3, 3) rotation matrices (RELION convention)."""
-    a = torch.deg2rad(_as_tensor(angles_deg))
-    ca, sa = torch.cos(a[..., 0]), torch.sin(a[..., 0])
-    cb, sb = torch.cos(a[..., 1]), torch.sin(a[..., 1])
-    cg, sg = torch.cos(a[..., 2]), torch.sin(a[..., 2])
-    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
-    row0 = torch.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], dim=-1)
-    row1 = torch.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], dim=-1)
-    row2 = torch.stack([sc, ss, cb], dim=-1)
-    return torch.stack([row0, row1, row2], dim=-2)
+    """(..., 3) rot, tilt, psi in degrees → (..., 3, 3) rotation matrices (RELION convention); the formulas
+    of :func:`deepcryo.core.euler.euler_to_matrix` on tensors."""
+    return euler.euler_to_matrix(_as_tensor(angles_deg), xp=torch)
 
 
 def matrix_to_euler(matrix: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     """(..., 3, 3) rotation matrices → (..., 3) rot, tilt, psi in degrees, tilt in [0, 180].
 
     Inverse of :func:`euler_to_matrix`; at tilt 0 or 180 the split between rot and psi is arbitrary and
-    psi is set to 0 (RELION's choice).
+    psi is set to 0 (RELION's choice). The formulas of :func:`deepcryo.core.euler.matrix_to_euler` on tensors.
     """
-    m = _as_tensor(matrix)
-    cos_tilt = m[..., 2, 2].clamp(-1.0, 1.0)
-    sin_tilt = torch.sqrt(m[..., 2, 0] ** 2 + m[..., 2, 1] ** 2)
-    tilt = torch.atan2(sin_tilt, cos_tilt)
-    regular = sin_tilt > 1e-6
-    # at the poles A = Rz(psi) Ry(0 or 180) Rz(rot) collapses to one in-plane angle, read off row 0
-    flip = torch.where(cos_tilt < 0, -1.0, 1.0).to(m.dtype)
-    rot = torch.where(regular, torch.atan2(m[..., 2, 1], m[..., 2, 0]),
-                      torch.atan2(flip * m[..., 0, 1], flip * m[..., 0, 0]))
-    psi = torch.where(regular, torch.atan2(m[..., 1, 2], -m[..., 0, 2]), torch.zeros_like(rot))
-    return torch.rad2deg(torch.stack([rot, tilt, psi], dim=-1))
+    return euler.matrix_to_euler(_as_tensor(matrix), xp=torch)
 
 
 def matrix_to_quaternion(matrix: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:

@@ -33,12 +33,11 @@ import torch
 
 from . import fourier
 from .ctf import ctf_2d, ctf_from_freqs
-from .fsc import fsc, shell_frequencies
+from .fsc import fsc
 from .geometry import euler_to_matrix, symmetry_matrices
 from .mrc import ImageStack
 from .particles import ParticleStar
 from .projector import gridding_kernel_1d
-from .star import write_star
 
 __all__ = ["Reconstructor", "insert_particles", "reconstruct_star", "mask_corners", "half_split", "main"]
 
@@ -351,16 +350,6 @@ def reconstruct_star(star: ParticleStar, halves: bool = False, symmetry: str = "
     half1, half2 = recs[1].reconstruct(), recs[2].reconstruct()
     recs[1].add(recs[2])                        # the halves are done: the first grid becomes the full set's
     return {"map": recs[1].reconstruct(), "half1": half1, "half2": half2, "fsc": fsc(half1, half2)}
-
-
-def write_fsc_star(path: str, curve: np.ndarray, box: int, pixel_size_A: float) -> None:
-    """Write an FSC curve as STAR (``rlnSpectralIndex``, ``rlnResolution`` 1/Å, ``rlnAngstromResolution``,
-    ``rlnFourierShellCorrelation``)."""
-    freqs = shell_frequencies(box, pixel_size_A)
-    with np.errstate(divide="ignore"):
-        ang = np.where(freqs > 0, 1.0 / np.maximum(freqs, 1e-30), 999.0)
-    write_star(path, {"fsc": {"rlnSpectralIndex": np.arange(len(curve)), "rlnResolution": freqs,
-                                 "rlnAngstromResolution": ang, "rlnFourierShellCorrelation": np.asarray(curve)}})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..core import ctf as ctf_mod
 from ..core.errors import InputError
 from ..core.mrc import read_mrc, write_mrc
 from ..core.star import read_star, write_star
@@ -38,7 +39,7 @@ from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psds
 logger = logging.getLogger(__name__)
 
 __all__ = ["MicrographEntry", "list_micrographs", "fit_sampling_A", "estimate_batch", "predict", "write_ctf_star",
-           "write_avrot", "FIT_SIZE_PX"]
+           "write_avrot", "fitted_ctf2", "FIT_SIZE_PX"]
 
 FIT_SIZE_PX = 384
 
@@ -128,8 +129,8 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
     """Estimate the CTF of a list of :class:`MicrographEntry`; returns a list of result dicts (skipped
     micrographs are left out and passed to ``on_skip(path, message)``). Each dict: ``micrograph``,
     ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``phase_shift_deg``, ``resolution_A``,
-    ``figure_of_merit``, ``defocus_sigma_A``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd`` and
-    ``avrot`` (files, with ``psd_dir``, else None),
+    ``figure_of_merit``, ``defocus_sigma_A``, ``cnn_u_A``, ``cnn_v_A``, ``cnn_angle_deg``, ``flagged``, ``psd``,
+    ``avrot`` and ``ctf_image`` (files, with ``psd_dir``, else None),
     ``pixel_size_A`` and ``pixel_size_from`` ("STAR", "command line" for ``defaults``, or "MRC header").
     ``defocus_range_A``: (min, max) defocus (Å): the CNN's U and V are clipped to it and the fit's scan stays
     in it."""
@@ -184,13 +185,15 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
         avrot = fit_mod.rotational_average(psd, samp, res, acq_t).cpu().numpy() if psd_dir else None
         for j, i in enumerate(idx):
             e = items[i][0]
-            psd_path = avrot_path = None
+            psd_path = avrot_path = model_path = None
             if psd_dir:
                 base = os.path.splitext(os.path.basename(e.path))[0]
                 psd_path = os.path.join(psd_dir, "%s_psd.mrc" % base)
                 write_mrc(psd_path, psd[j].cpu().numpy(), samp)
                 avrot_path = os.path.join(psd_dir, "%s_avrot.txt" % base)
                 write_avrot(avrot_path, avrot[j])
+                model_path = os.path.join(psd_dir, "%s_ctf.mrc" % base)
+                write_mrc(model_path, fitted_ctf2(psd.shape[-1], samp, res, j, e), samp)
             results[i] = OrderedDict([
                 ("micrograph", e.path), ("defocus_u_A", float(res.defocus_u_A[j])),
                 ("defocus_v_A", float(res.defocus_v_A[j])), ("defocus_angle_deg", float(res.defocus_angle_deg[j])),
@@ -198,10 +201,21 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
                 ("figure_of_merit", float(res.figure_of_merit[j])),
                 ("defocus_sigma_A", float(res.defocus_sigma_A[j])), ("cnn_u_A", float(cu[i])),
                 ("cnn_v_A", float(cv[i])), ("cnn_angle_deg", float(ca[i])), ("flagged", bool(flags[j])),
-                ("psd", psd_path), ("avrot", avrot_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
+                ("psd", psd_path), ("avrot", avrot_path), ("ctf_image", model_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
                 ("pixel_size_from", items[i][4]), ("voltage_kV", e.voltage_kV), ("cs_mm", e.cs_mm),
                 ("amplitude_contrast", e.amplitude_contrast)])
     return results
+
+
+def fitted_ctf2(size_px: int, sampling_A: float, result: fit_mod.FitResult, index: int,
+                entry: MicrographEntry) -> np.ndarray:
+    """The fitted CTF² (size_px, size_px) of micrograph ``index`` of ``result`` on its PSD's grid (``sampling_A``
+    Å/px), written beside the PSD as CTFFIND writes its diagnostic image: the viewer, in Scipion's Python,
+    shows it without computing a CTF (and without torch)."""
+    ctf = ctf_mod.ctf_2d(size_px, sampling_A, float(result.defocus_u_A[index]), float(result.defocus_v_A[index]),
+                         float(result.defocus_angle_deg[index]), entry.voltage_kV, entry.cs_mm,
+                         entry.amplitude_contrast, float(result.phase_shift_deg[index]))[0]
+    return (ctf ** 2).numpy()
 
 
 def write_avrot(path: str, rows: np.ndarray) -> None:
@@ -218,7 +232,8 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
     """RELION CTF STAR (``data_micrographs``): rlnMicrographName, rlnDefocusU/V (Å), rlnDefocusAngle (deg),
     rlnCtfMaxResolution (Å), rlnCtfFigureOfMerit, rlnCtfImage (PSD MRC), [rlnPhaseShift], plus
     rlnMicrographPixelSize/rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast and deepcryo's
-    dcCtfAvrot (the micrograph's :func:`write_avrot` file), dcDefocusSigma (standard error of the mean defocus, Å), dcCnnDefocusU/V/Angle and dcCtfFlagged (1 = CNN
+    dcCtfAvrot (the micrograph's :func:`write_avrot` file), dcCtfModelImage (its :func:`fitted_ctf2` MRC),
+    dcDefocusSigma (standard error of the mean defocus, Å), dcCnnDefocusU/V/Angle and dcCtfFlagged (1 = CNN
     and fit disagree)."""
     def col(key, dtype=np.float64):
         return np.array([r[key] for r in results], dtype=dtype)
@@ -229,6 +244,7 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
     if all(r["psd"] for r in results):
         cols["rlnCtfImage"] = col("psd", object)
         cols["dcCtfAvrot"] = col("avrot", object)
+        cols["dcCtfModelImage"] = col("ctf_image", object)
     if with_phase:
         cols["rlnPhaseShift"] = col("phase_shift_deg")
     cols["rlnMicrographPixelSize"] = col("pixel_size_A")

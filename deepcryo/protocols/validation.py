@@ -22,9 +22,10 @@ The programs check the same things again (the protocols only catch them before a
 """
 import os
 import re
+import shlex
+import subprocess
 
 from deepcryo.constants import SYMMETRY_NAMES, SYMMETRY_PATTERN
-from deepcryo.core.errors import InputError
 
 
 def _label(imgSet, what):
@@ -56,20 +57,22 @@ def acquisitionErrors(imgSet, what="Input set"):
 
 
 def defocusModelErrors(path):
-    """Errors for a user-supplied defocus model file: missing, or not a deepcryo defocus model (read with
-    ``torch.load(weights_only=True)``, never executing code). Without torch in this Python the file is only
-    checked to exist (the program checks it when it runs)."""
+    """Errors for a user-supplied defocus model file: missing, or not a deepcryo defocus model. The file is
+    checked by the programs' Python (``python -m deepcryo.defocus check-model``, run with ``DEEPCRYO_PYTHON``:
+    Scipion's own Python may have no torch), which reads it with ``torch.load(weights_only=True)``, never
+    executing code; its one ``error:`` line becomes the message."""
     if not path or not os.path.exists(path):
         return ["Trained model %s: file not found." % path]
-    try:
-        from deepcryo.defocus.model import load_model
-    except ImportError:
+    from deepcryo import Plugin
+    command = Plugin.getProgram("defocus", "check-model", "--model", shlex.quote(path))
+    done = subprocess.run(command, shell=True, env=Plugin.getEnviron(), capture_output=True, text=True)
+    if done.returncode == 0:
         return []
-    try:
-        load_model(path)
-    except InputError as exc:
-        return ["Trained model %s" % exc]
-    return []
+    lines = done.stderr.strip().splitlines() or ["exit status %d" % done.returncode]
+    error = next((line for line in lines if line.startswith("error: ")), None)
+    if error is not None:
+        return ["Trained model %s" % error[len("error: "):]]
+    return ["Trained model %s: could not be checked with %s (%s)." % (path, Plugin.getPython(), lines[-1])]
 
 
 def symmetryErrors(name):

@@ -27,7 +27,7 @@ import numpy as np
 from deepcryo.core.files import atomic_output
 from deepcryo.core.mrc import read_mrc, write_mrc
 from deepcryo.core.particles import ParticleStar, read_particles, write_particles
-from deepcryo.core.reconstruct import write_fsc_star
+from deepcryo.core.resolution import write_fsc_star
 
 __all__ = ["RefineLayout"]
 

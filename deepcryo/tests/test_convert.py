@@ -32,7 +32,7 @@ from pwem.objects import Acquisition, CTFModel, Micrograph, SetOfMicrographs, Se
 
 from deepcryo import convert
 from deepcryo.constants import RANDOM_SUBSET_ATTR
-from deepcryo.core import geometry, reconstruct
+from deepcryo.core import resolution
 from deepcryo.core.errors import InputError
 from deepcryo.core.mrc import read_mrc, read_mrc_header, write_mrc
 from deepcryo.core.particles import ParticleStar, make_optics, read_particles, write_particles
@@ -56,7 +56,10 @@ def _starColumns(path):
 
 
 def _rotations(angles_deg):
-    return geometry.euler_to_matrix(np.asarray(angles_deg, dtype=np.float64)).numpy()
+    """RELION's matrices A (N, 3, 3) of poses, from Scipion's own formula (the top-left block of a Scipion
+    ALIGN_PROJ matrix is Aᵀ): no deepcryo code and no torch, so this module also runs without torch
+    (``test_scipion_side_without_torch``)."""
+    return np.stack([relionPoseToScipionMatrix(*a, 0.0, 0.0)[:3, :3].T for a in np.reshape(angles_deg, (-1, 3))])
 
 
 class TestConvert(unittest.TestCase):
@@ -330,7 +333,7 @@ class TestConvert(unittest.TestCase):
     def testReadFscStar(self):
         curve = np.linspace(1.0, -0.1, BOX // 2 + 1)
         fn = self._path("fsc.star")
-        reconstruct.write_fsc_star(fn, curve, BOX, PX)
+        resolution.write_fsc_star(fn, curve, BOX, PX)
         x, y = convert.readFscStar(fn).getData()
         np.testing.assert_allclose([float(v) for v in x], np.arange(BOX // 2 + 1) / (BOX * PX), atol=1e-6)
         np.testing.assert_allclose([float(v) for v in y], curve, atol=1e-6)

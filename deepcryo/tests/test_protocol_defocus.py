@@ -147,11 +147,10 @@ class TestDeepCryoDeepDefocusTrainAndViewer(ProtocolTest):
         self.assertIsInstance(views[1], CtfView)  # pwem's CTF table of the output
         self.assertTrue(os.path.getsize(png) > 10000)
         # the overlay's left half is the CTF² of the fitted values: its rings match the PSD's right half
-        records = ctf_records(getattr(second, OUTPUT_CTF), self.imp.outputMicrographs.getAcquisition())
+        records = ctf_records(getattr(second, OUTPUT_CTF))
         r = records[0]
         psd, _ = read_mrc(r["psd"])
-        img = psd_with_ctf(psd, r["psd_sampling_A"], r["defocus_u_A"], r["defocus_v_A"], r["defocus_angle_deg"],
-                           r["voltage_kV"], r["cs_mm"], r["amplitude_contrast"])
+        img = psd_with_ctf(psd, read_mrc(r["ctf_image"])[0])  # the program's fitted CTF² beside the PSD
         size, samp = psd.shape[-1], r["psd_sampling_A"]
         half = size // 2  # the PSD is centrosymmetric: its left half mirrors the right half shown
         yy, xx = np.mgrid[:size, :half] - half

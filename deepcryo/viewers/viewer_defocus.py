@@ -26,20 +26,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from pyworkflow.viewer import DESKTOP_TKINTER, Viewer  # noqa: E402
 
-from deepcryo.core import ctf as ctf_mod  # noqa: E402
 from deepcryo.core.mrc import read_mrc, read_mrc_header  # noqa: E402
-from deepcryo.convert import CTF_AVROT_ATTR, CTF_SIGMA_ATTR  # noqa: E402
+from deepcryo.convert import CTF_AVROT_ATTR, CTF_MODEL_IMAGE_ATTR, CTF_SIGMA_ATTR  # noqa: E402
 from deepcryo.protocols.protocol_defocus import FLAG_ATTR, DeepCryoProtDeepDefocus  # noqa: E402
 
 
-def psd_with_ctf(psd, sampling_A, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
-                 amplitude_contrast, phase_shift_deg=0.0):
-    """Image (S, S): the PSD on the right half (x >= centre), the fitted CTF² (scaled to the PSD's range)
-    on the left half, so the Thon rings can be checked for continuity across the middle."""
+def psd_with_ctf(psd, ctf2):
+    """Image (S, S): the PSD on the right half (x >= centre), the fitted CTF² ``ctf2`` (S, S; the program's
+    ``_ctf.mrc``, scaled to the PSD's range) on the left half, so the Thon rings can be checked for continuity
+    across the middle."""
     psd = np.asarray(psd, dtype=np.float32)
     size = psd.shape[-1]
-    model = ctf_mod.ctf_2d(size, sampling_A, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
-                           amplitude_contrast, phase_shift_deg)[0].numpy() ** 2
+    model = np.asarray(ctf2, dtype=np.float32).reshape(psd.shape)
     lo, hi = np.percentile(psd[psd != 0], [2, 98]) if np.any(psd != 0) else (0.0, 1.0)
     out = psd.copy()
     out[:, :size // 2] = lo + (hi - lo) * model[:, :size // 2]
@@ -63,9 +61,9 @@ def plot_rotational_average(ax, rows):
 
 def plot_defocus_summary(records, path=None):
     """Four panels from ``records`` (dicts with micrograph, defocus_u_A, defocus_v_A, defocus_angle_deg,
-    resolution_A, flagged, and optionally psd (MRC path), psd_sampling_A, voltage_kV, cs_mm,
-    amplitude_contrast, phase_shift_deg, defocus_sigma_A, avrot (``_avrot.txt`` path)): PSD|CTF² (with the phase
-    shift) of the first record and its 1D rotational average with the fitted CTF², U and V per micrograph with
+    resolution_A, flagged, and optionally psd (MRC path), psd_sampling_A, ctf_image (the program's fitted CTF²
+    beside the PSD, MRC path), phase_shift_deg, defocus_sigma_A, avrot (``_avrot.txt`` path)): PSD|CTF² (PSD only
+    without ctf_image) of the first record and its 1D rotational average with the fitted CTF², U and V per micrograph with
     ±2σ bars (flagged ones marked), histogram of fit resolution, list of flagged micrographs (and the phase
     shifts when any). Saves to ``path``; returns the figure."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
@@ -73,11 +71,9 @@ def plot_defocus_summary(records, path=None):
     ax = axes[0, 0]
     if first is not None:
         psd, _ = read_mrc(first["psd"])
-        img = psd_with_ctf(psd, first["psd_sampling_A"], first["defocus_u_A"], first["defocus_v_A"],
-                           first["defocus_angle_deg"], first["voltage_kV"], first["cs_mm"],
-                           first["amplitude_contrast"], first.get("phase_shift_deg") or 0.0)
+        img = psd_with_ctf(psd, read_mrc(first["ctf_image"])[0]) if first.get("ctf_image") else psd
         ax.imshow(img, cmap="gray", origin="lower")
-        title = "fitted CTF² | PSD (%s)" % first["micrograph"].split("/")[-1]
+        title = ("fitted CTF² | PSD (%s)" if first.get("ctf_image") else "PSD (%s)") % first["micrograph"].split("/")[-1]
         if first.get("phase_shift_deg"):
             title += ", phase shift %.0f°" % first["phase_shift_deg"]
         ax.set_title(title, fontsize=9)
@@ -124,7 +120,7 @@ def plot_defocus_summary(records, path=None):
     return fig
 
 
-def ctf_records(ctfSet, acquisition):
+def ctf_records(ctfSet):
     """Records for :func:`plot_defocus_summary` from a SetOfCTF of :class:`DeepCryoProtDeepDefocus`."""
     records = []
     for ctf in ctfSet.iterItems(orderBy="id"):
@@ -135,11 +131,10 @@ def ctf_records(ctfSet, acquisition):
             resolution_A=ctf.getResolution(), phase_shift_deg=ctf.getPhaseShift() or 0.0,
             defocus_sigma_A=getattr(ctf, CTF_SIGMA_ATTR).get() if hasattr(ctf, CTF_SIGMA_ATTR) else None,
             avrot=getattr(ctf, CTF_AVROT_ATTR).get() if hasattr(ctf, CTF_AVROT_ATTR) else None,
+            ctf_image=getattr(ctf, CTF_MODEL_IMAGE_ATTR).get() if hasattr(ctf, CTF_MODEL_IMAGE_ATTR) else None,
             flagged=bool(getattr(ctf, FLAG_ATTR).get())
             if hasattr(ctf, FLAG_ATTR) else False,
-            psd=psd, psd_sampling_A=read_mrc_header(psd)[1] if psd else None,
-            voltage_kV=acquisition.getVoltage(), cs_mm=acquisition.getSphericalAberration(),
-            amplitude_contrast=acquisition.getAmplitudeContrast()))
+            psd=psd, psd_sampling_A=read_mrc_header(psd)[1] if psd else None))
     return records
 
 
@@ -154,9 +149,8 @@ class DeepCryoDefocusViewer(Viewer):
         ctfs = getattr(obj, "outputCTF", None)
         if ctfs is None:
             return []
-        mics = obj.inputMicrographs.get()
         path = obj._getExtraPath("defocus_summary.png")
-        plt.close(plot_defocus_summary(ctf_records(ctfs, mics.getAcquisition()), path))
+        plt.close(plot_defocus_summary(ctf_records(ctfs), path))
         from pyworkflow.gui.plotter import Plotter
         plotter = Plotter(windowTitle="deep micrograph defocus")
         ax = plotter.createSubPlot("deep micrograph defocus", "", "")

@@ -23,7 +23,8 @@ from ..fsc import fsc_resolution_A, masked_fsc, particle_mask
 from ..geometry import symmetry_matrices
 from ..mrc import write_mrc
 from ..particles import read_particles
-from ..reconstruct import reconstruct_star, write_fsc_star
+from ..reconstruct import reconstruct_star
+from ..resolution import write_fsc_star
 
 logger = logging.getLogger(__name__)
 
