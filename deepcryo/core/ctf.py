@@ -22,7 +22,7 @@ import torch
 
 from . import fourier
 
-__all__ = ["wavelength_A", "ctf_2d", "ctf_from_freqs", "defocus_at_azimuth", "ctf_1d"]
+__all__ = ["wavelength_A", "ctf_2d", "ctf_from_freqs", "ctf_phase_from_freqs", "defocus_at_azimuth", "ctf_1d"]
 
 
 def wavelength_A(voltage_kV: Union[float, torch.Tensor]) -> torch.Tensor:
@@ -47,6 +47,24 @@ def defocus_at_azimuth(defocus_u_A: Union[float, torch.Tensor], defocus_v_A: Uni
     return mean + half * torch.cos(2.0 * (azimuth_rad - defocus_angle_deg * (math.pi / 180.0)))
 
 
+def ctf_phase_from_freqs(freqs_invA: torch.Tensor, defocus_u_A: Union[float, torch.Tensor],
+                         defocus_v_A: Union[float, torch.Tensor], defocus_angle_deg: Union[float, torch.Tensor],
+                         voltage_kV: Union[float, torch.Tensor], cs_mm: Union[float, torch.Tensor],
+                         amplitude_contrast: Union[float, torch.Tensor],
+                         phase_shift_deg: Union[float, torch.Tensor] = 0.0) -> torch.Tensor:
+    """The phase γ (B, M) in radians, ``CTF = sin γ`` (arguments as in :func:`ctf_from_freqs`)."""
+    fx, fy = freqs_invA[:, 0][None], freqs_invA[:, 1][None]
+    s2 = fx * fx + fy * fy
+    azimuth = torch.atan2(fy, fx)
+    du, dv, ang = (_col(v, freqs_invA) for v in (defocus_u_A, defocus_v_A, defocus_angle_deg))
+    volt, cs, w = (_col(v, freqs_invA) for v in (voltage_kV, cs_mm, amplitude_contrast))
+    shift = _col(phase_shift_deg, freqs_invA)
+    lam = wavelength_A(volt)
+    dz = defocus_at_azimuth(du, dv, ang, azimuth)
+    return (math.pi * lam * dz * s2 - 0.5 * math.pi * (cs * 1e7) * lam ** 3 * s2 * s2
+            + torch.atan(w / torch.sqrt(1.0 - w * w)) + shift * (math.pi / 180.0))
+
+
 def ctf_from_freqs(freqs_invA: torch.Tensor, defocus_u_A: Union[float, torch.Tensor],
                    defocus_v_A: Union[float, torch.Tensor], defocus_angle_deg: Union[float, torch.Tensor],
                    voltage_kV: Union[float, torch.Tensor], cs_mm: Union[float, torch.Tensor],
@@ -62,18 +80,10 @@ def ctf_from_freqs(freqs_invA: torch.Tensor, defocus_u_A: Union[float, torch.Ten
     Returns:
         (B, M) tensor.
     """
-    fx, fy = freqs_invA[:, 0][None], freqs_invA[:, 1][None]
-    s2 = fx * fx + fy * fy
-    azimuth = torch.atan2(fy, fx)
-    du, dv, ang = (_col(v, freqs_invA) for v in (defocus_u_A, defocus_v_A, defocus_angle_deg))
-    volt, cs, w = (_col(v, freqs_invA) for v in (voltage_kV, cs_mm, amplitude_contrast))
-    shift, bfac = _col(phase_shift_deg, freqs_invA), _col(bfactor_A2, freqs_invA)
-    lam = wavelength_A(volt)
-    dz = defocus_at_azimuth(du, dv, ang, azimuth)
-    gamma = (math.pi * lam * dz * s2 - 0.5 * math.pi * (cs * 1e7) * lam ** 3 * s2 * s2
-             + torch.atan(w / torch.sqrt(1.0 - w * w)) + shift * (math.pi / 180.0))
-    ctf = torch.sin(gamma)
-    return ctf * torch.exp(-bfac * s2 / 4.0)
+    gamma = ctf_phase_from_freqs(freqs_invA, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
+                                 amplitude_contrast, phase_shift_deg)
+    s2 = freqs_invA[:, 0][None] ** 2 + freqs_invA[:, 1][None] ** 2
+    return torch.sin(gamma) * torch.exp(-_col(bfactor_A2, freqs_invA) * s2 / 4.0)
 
 
 def ctf_2d(box: int, pixel_size_A: float, defocus_u_A: Union[float, torch.Tensor],
