@@ -115,10 +115,11 @@ def save_arrays(path: str, arrays: Dict[str, np.ndarray]) -> None:
 
 
 def load_arrays(path: str) -> Dict[str, np.ndarray]:
-    """Training arrays from :func:`save_arrays` (``image_model`` too when the cache has it)."""
+    """Training arrays from :func:`save_arrays` (``image_model`` and ``phase_shift_deg`` too when there)."""
     try:
         with np.load(path) as data:
-            return {k: data[k] for k in ("psd", "acq", "labels", "image_model") if k in data or k != "image_model"}
+            return {k: data[k] for k in ("psd", "acq", "labels", "image_model", "phase_shift_deg")
+                    if k in data or k in ("psd", "acq", "labels")}
     except (OSError, KeyError, ValueError) as exc:
         raise InputError("%s: not a deepcryo defocus training cache (%s)" % (path, exc))
 
@@ -202,7 +203,8 @@ def evaluate(model: torch.nn.Module, arrays: Dict[str, np.ndarray], batch_size: 
 
 
 def validation_figures(model: torch.nn.Module, arrays: Dict[str, np.ndarray], batch_size: int = 256) -> Dict[str, Any]:
-    """Error figures of a model on labelled arrays, overall and per image model (when ``image_model`` is there).
+    """Error figures of a model on labelled arrays: overall, per image model (when ``image_model`` is there) and
+    with/without a phase plate (when ``phase_shift_deg`` is there).
 
     Per group: ``n``, ``mae_A`` (mean of |ΔU| and |ΔV|), ``median_A``, ``p90_A`` (of the per-micrograph mean
     |ΔU|, |ΔV|), ``astigmatism_bias_A`` (mean of estimated minus true U − V: positive = inflated astigmatism),
@@ -216,6 +218,9 @@ def validation_figures(model: torch.nn.Module, arrays: Dict[str, np.ndarray], ba
     if "image_model" in arrays:
         kinds = torch.as_tensor(arrays["image_model"]).long()
         groups.update({name: kinds == i for i, name in enumerate(IMAGE_MODELS) if bool((kinds == i).any())})
+    if "phase_shift_deg" in arrays:
+        plate = torch.as_tensor(arrays["phase_shift_deg"]) > 0
+        groups.update({k: sel for k, sel in (("phase_plate", plate), ("no_phase_plate", ~plate)) if bool(sel.any())})
     out = {}
     for name, sel in groups.items():
         e = err[sel]

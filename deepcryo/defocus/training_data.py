@@ -43,7 +43,7 @@ frequencies beyond Nyquist and non-stationarity (particles clustered on part of 
 :func:`realise_micrograph` draws a real-space micrograph of the same spectrum (tests, benchmarks).
 
 Parameters of one micrograph are a plain dict (:func:`draw_parameters`); :func:`training_arrays` makes the
-``{"psd", "acq", "labels", "image_model"}`` arrays of :mod:`deepcryo.defocus.train`, in parallel processes.
+``{"psd", "acq", "labels", "image_model", "phase_shift_deg"}`` arrays of :mod:`deepcryo.defocus.train`, in parallel processes.
 """
 from __future__ import annotations
 
@@ -335,25 +335,28 @@ def realise_micrograph(prm: Dict[str, Any], generator: torch.Generator) -> np.nd
 
 
 def _arrays_chunk(args):
-    """Worker: (seed, n, ranges) → (psd (n, C, S, S) float16, acq (n, 2), labels (n, 3), image_model (n,))."""
+    """Worker: (seed, n, ranges) → (psd (n, C, S, S) float16, acq (n, 2), labels (n, 3), image_model (n,),
+    phase_shift_deg (n,))."""
     seed, n, ranges = args
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(seed))
     psd = np.empty((n, len(CNN_SAMPLINGS_A), CNN_SIZE_PX, CNN_SIZE_PX), dtype=np.float16)
     acq, labels, models = np.empty((n, 2), np.float32), np.empty((n, 3), np.float32), np.empty(n, np.int8)
+    phases = np.empty(n, np.float32)
     for i in range(n):
         prm = draw_parameters(rng, ranges)
         psd[i] = simulate_psd(prm, gen).numpy()
         acq[i] = (prm["voltage_kV"], prm["cs_mm"])
         labels[i] = (prm["defocus_u_A"], prm["defocus_v_A"], prm["defocus_angle_deg"])
         models[i] = IMAGE_MODELS.index(prm["image_model"])
-    return psd, acq, labels, models
+        phases[i] = prm["phase_shift_deg"]
+    return psd, acq, labels, models, phases
 
 
 def training_arrays(n: int, seed: int = 0, ranges: Optional[Ranges] = None, workers: int = 1,
                     chunk: int = 250) -> Dict[str, np.ndarray]:
     """``n`` simulated CNN inputs with labels: ``{"psd": (n, 3, S, S) float16, "acq": (n, 2) voltage kV / Cs
-    mm, "labels": (n, 3) U Å, V Å, angle deg, "image_model": (n,) index in IMAGE_MODELS}``.
+    mm, "labels": (n, 3) U Å, V Å, angle deg, "image_model": (n,) index in IMAGE_MODELS, "phase_shift_deg": (n,)}``.
 
     Chunks of ``chunk`` micrographs are seeded ``(seed, chunk index)``, so the arrays do not depend on
     ``workers`` (processes; 1 = in this process).
@@ -375,5 +378,5 @@ def training_arrays(n: int, seed: int = 0, ranges: Optional[Ranges] = None, work
         for job in jobs:
             parts.append(_arrays_chunk(job))
             logger.info("simulated %d/%d PSDs", sum(len(p[0]) for p in parts), n)
-    return {key: np.concatenate([p[i] for p in parts]) for i, key in enumerate(("psd", "acq", "labels",
-                                                                                  "image_model"))}
+    keys = ("psd", "acq", "labels", "image_model", "phase_shift_deg")
+    return {key: np.concatenate([p[i] for p in parts]) for i, key in enumerate(keys)}

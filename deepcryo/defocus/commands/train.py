@@ -183,7 +183,7 @@ def main(args):
                 args.output, summary["best_val_mae_A"], summary["n_val"])
     for name, fig in summary["validation"].items():
         before = (summary["validation_of_init_weights"] or {}).get(name)
-        logger.info("validation %-10s n %5d  MAE %6.0f Å  median %6.0f  p90 %6.0f  U-V bias %+6.0f Å%s", name, fig["n"],
+        logger.info("validation %-14s n %5d  MAE %6.0f Å  median %6.0f  p90 %6.0f  U-V bias %+6.0f Å%s", name, fig["n"],
                     fig["mae_A"], fig["median_A"], fig["p90_A"], fig["astigmatism_bias_A"],
                     "  (init weights: MAE %.0f, U-V bias %+.0f)" % (before["mae_A"], before["astigmatism_bias_A"])
                     if before else "")
