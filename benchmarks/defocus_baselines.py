@@ -59,7 +59,7 @@ def estimate_tce(mic):
     import torch
     import torch_ctf_estimation as tce
     with mrcfile.open(mic["path"], permissive=True) as f:
-        image = torch.as_tensor(np.asarray(f.data, dtype=np.float32))
+        image = torch.as_tensor(np.array(f.data, dtype=np.float32))  # a writable copy
     optics = tce.OpticalParams(pixel_spacing_angstroms=mic["pixel_size_A"], voltage_kev=mic["voltage_kV"],
                                spherical_aberration_mm=mic["cs_mm"],
                                amplitude_contrast_fraction=mic["amplitude_contrast"])

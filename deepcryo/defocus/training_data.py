@@ -201,30 +201,29 @@ def _nps(f, prm):
 def _hann_autocorrelation(lag):
     """Autocorrelation of the Hann window ``sin²(πt)``, t in [0, 1], at ``lag`` tile lengths (1 at 0, 0 at ≥ 1):
     the Fourier transform of ``|W|²``, by which the Welch step damps a ring pattern of ``lag`` cycles per bin."""
-    u = (2.0 * math.pi * lag.clamp(max=1.0))
-    # closed form of ∫ sin²(πt) sin²(π(t+τ)) dt over the overlap, divided by ∫ sin⁴(πt) dt = 3/8
     tau = lag.clamp(max=1.0)
-    val = ((1.0 - tau) * (2.0 + torch.cos(u)) / 8.0 + 3.0 * torch.sin(u) / (16.0 * math.pi))
-    return val / 0.375
+    u = 2.0 * math.pi * tau
+    # closed form of ∫ sin²(πt) sin²(π(t+τ)) dt over the overlap, divided by ∫ sin⁴(πt) dt = 3/8
+    return ((1.0 - tau) * (2.0 + torch.cos(u)) / 8.0 + 3.0 * torch.sin(u) / (16.0 * math.pi)) / 0.375
 
 
-def _ctf2(fx, fy, prm, bin_invA=None):
-    """CTF² at (fx, fy) 1/Å; with ``bin_invA`` (the periodogram's bin, 1/Å), averaged over the Hann window's
-    spectral kernel: ``(1 − cos 2γ · A(τx) A(τy)) / 2`` with τ the local ring frequency of 2γ in cycles per
+def _ctf2(fx, fy, prm, welch_grid=False):
+    """CTF² at (fx, fy) 1/Å; with ``welch_grid`` ((fx, fy) is a periodogram's grid of bins), averaged over the
+    Hann window's spectral kernel: ``(1 − cos 2γ · A(τx) A(τy)) / 2`` with τ the local ring frequency of 2γ in cycles per
     bin and A the window's autocorrelation (rings finer than a bin average out instead of aliasing)."""
     shape = fx.shape
     freqs = torch.stack([fx.reshape(-1), fy.reshape(-1)], dim=1)
     gamma = ctf_mod.ctf_phase_from_freqs(freqs, prm["defocus_u_A"], prm["defocus_v_A"], prm["defocus_angle_deg"],
                                          prm["voltage_kV"], prm["cs_mm"], prm["amplitude_contrast"],
                                          prm["phase_shift_deg"])[0].reshape(shape)
-    if bin_invA is None:
+    if not welch_grid:
         return torch.sin(gamma) ** 2
     gy, gx = torch.gradient(2.0 * gamma)  # radians per bin (the grid's step is one bin)
     damp = _hann_autocorrelation(gx.abs() / (2.0 * math.pi)) * _hann_autocorrelation(gy.abs() / (2.0 * math.pi))
     return 0.5 * (1.0 - torch.cos(2.0 * gamma) * damp)
 
 
-def _signal(fx, fy, prm, bin_invA=None):
+def _signal(fx, fy, prm, welch_grid=False):
     """CTF-modulated, enveloped and detector-filtered specimen power (unnormalised) at (fx, fy) in 1/Å."""
     s2 = fx * fx + fy * fy
     s = s2.sqrt()
@@ -232,16 +231,16 @@ def _signal(fx, fy, prm, bin_invA=None):
     drift = torch.sinc(prm["drift_A"] * (fx * math.cos(psi) + fy * math.sin(psi))) ** 2
     envelope = torch.exp(-0.5 * prm["bfactor_A2"] * s2 - 4.0 * math.pi ** 2 * prm["vibration_A"] ** 2 * s2)
     mtf2 = _mtf(s * prm["pixel_size_A"], prm) ** 2
-    return _specimen_spectrum(s, prm) * _ctf2(fx, fy, prm, bin_invA) * envelope * drift * mtf2
+    return _specimen_spectrum(s, prm) * _ctf2(fx, fy, prm, welch_grid) * envelope * drift * mtf2
 
 
 def power_spectrum(fx_invA: torch.Tensor, fy_invA: torch.Tensor, prm: Dict[str, Any],
-                   bin_invA: Optional[float] = None) -> torch.Tensor:
+                   welch_grid: bool = False) -> torch.Tensor:
     """Expected power ``P`` of the relative intensity at frequencies (fx, fy) in 1/Å (tensors of one shape),
     per pixel of the micrograph (the formula of the module docstring); ``prm`` from :func:`draw_parameters`.
 
-    With ``bin_invA``, (fx, fy) must be a regular grid of that step and P is the expected Welch periodogram
-    of Hann tiles of ``1 / (bin_invA · pixel size)`` px (Thon rings finer than a bin averaged out)."""
+    With ``welch_grid``, (fx, fy) must be the frequency grid of a tile's DFT (2D, one bin per element) and P is
+    the expected Welch periodogram of Hann tiles (Thon rings finer than a bin averaged out)."""
     p = prm["pixel_size_A"]
     # normaliser: the mean signal power over the micrograph's whole frequency square (64² grid)
     g = (torch.arange(64, dtype=fx_invA.dtype) - 32) / (64 * p)
@@ -251,7 +250,7 @@ def power_spectrum(fx_invA: torch.Tensor, fy_invA: torch.Tensor, prm: Dict[str, 
     s = s2.sqrt()
     f = s * p
     mtf2 = _mtf(f, prm) ** 2
-    signal = prm["contrast"] ** 2 * _signal(fx_invA, fy_invA, prm, bin_invA) / norm
+    signal = prm["contrast"] ** 2 * _signal(fx_invA, fy_invA, prm, welch_grid) / norm
     background = prm["contrast"] ** 2 * prm["background"] * torch.exp(-s2 * prm["background_width_A"] ** 2) * mtf2
     coloured = prm["coloured_noise"] * (1.0 + (f / 0.05) ** 2) ** (-0.5 * prm["coloured_noise_exponent"])
     noise = (_nps(f, prm) + coloured) / (prm["dose_e_per_A2"] * p * p)
@@ -293,7 +292,7 @@ def simulate_periodogram(prm: Dict[str, Any], sampling_A: float, generator: torc
     step = 1.0 / (tile * prm["pixel_size_A"])
     k = torch.arange(-half, half + 1, dtype=torch.float32) * step
     fy, fx = torch.meshgrid(k, k, indexing="ij")
-    expected = power_spectrum(fx, fy, prm, bin_invA=step)
+    expected = power_spectrum(fx, fy, prm, welch_grid=True)
     draws = min(count, _MAX_DRAWS)
     speckle = _speckle(draws, expected.shape[-1], generator)
     if count > draws:  # the deviation of `draws` averaged periodograms, scaled to that of `count`
