@@ -84,7 +84,8 @@ def make_sets(args, work):
         out = os.path.join(work, "aspire")
         subprocess.run([args.baseline_python, os.path.join(os.path.dirname(__file__), "defocus_baselines.py"),
                         "simulate-aspire", "--n", str(args.n_aspire), "--size", "2048", "--seed", str(args.seed),
-                        "--output-dir", out], check=True, stdout=subprocess.DEVNULL, env=_baseline_env(args))
+                        "--output-dir", out], check=True, stdout=subprocess.DEVNULL, env=_baseline_env(args),
+                       cwd=work)  # ASPIRE writes logs/ into its working directory
         with open(os.path.join(out, "truth.json")) as f:
             for t in json.load(f):
                 sets["aspire"].append(_mic(t["path"], (t["defocus_u_A"], t["defocus_v_A"], t["defocus_angle_deg"]),
@@ -140,7 +141,7 @@ def run_baselines(mics, args, work):
                    for m in mics], f)
     subprocess.run([args.baseline_python, os.path.join(os.path.dirname(__file__), "defocus_baselines.py"),
                     "estimate", "--input", listing, "--output", out], check=True, stdout=subprocess.DEVNULL,
-                   env=_baseline_env(args))
+                   env=_baseline_env(args), cwd=work)  # ASPIRE writes logs/ into its working directory
     with open(out) as f:
         rows = json.load(f)
     for m, row in zip(mics, rows):
