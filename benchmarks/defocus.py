@@ -92,7 +92,7 @@ def make_sets(args, work):
                                            t["pixel_size_A"]))
     if args.real_dir:
         for name, px in REAL:
-            sets["real"].append(_mic(os.path.join(args.real_dir, name), None, px))
+            sets["real"].append(_mic(os.path.abspath(os.path.join(args.real_dir, name)), None, px))
     return {k: v for k, v in sets.items() if v}
 
 
