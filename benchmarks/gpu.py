@@ -140,7 +140,7 @@ def bench_defocus(work, device, n_mics, size_px, threads):
     maes = {}
     for key, dev in _runs(device):
         out = os.path.join(work, "defocus_%s.pt" % key)
-        _, times[key] = _timed(lambda: _run("defocus", ["train", "--simulate", 16, "--sim-size", size_px,
+        _, times[key] = _timed(lambda: _run("defocus", ["train", "--simulate", 16, "--simulator", "micrographs", "--sim-size", size_px,
                                                         "--epochs", 1, "--batch-size", 8, "--output", out,
                                                         "--threads", threads, "--device", dev]))
         state = torch.load(out + ".ckpt", map_location="cpu", weights_only=True)

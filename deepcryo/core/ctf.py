@@ -22,7 +22,7 @@ import torch
 
 from . import fourier
 
-__all__ = ["wavelength_A", "ctf_2d", "ctf_from_freqs", "defocus_at_azimuth", "ctf_1d"]
+__all__ = ["wavelength_A", "ctf_2d", "ctf_from_freqs", "ctf_phase_from_freqs", "defocus_at_azimuth", "ctf_1d"]
 
 
 def wavelength_A(voltage_kV: Union[float, torch.Tensor]) -> torch.Tensor:
@@ -47,6 +47,28 @@ def defocus_at_azimuth(defocus_u_A: Union[float, torch.Tensor], defocus_v_A: Uni
     return mean + half * torch.cos(2.0 * (azimuth_rad - defocus_angle_deg * (math.pi / 180.0)))
 
 
+def ctf_phase_from_freqs(freqs_invA: torch.Tensor, defocus_u_A: Union[float, torch.Tensor],
+                         defocus_v_A: Union[float, torch.Tensor], defocus_angle_deg: Union[float, torch.Tensor],
+                         voltage_kV: Union[float, torch.Tensor], cs_mm: Union[float, torch.Tensor],
+                         amplitude_contrast: Union[float, torch.Tensor],
+                         phase_shift_deg: Union[float, torch.Tensor] = 0.0) -> torch.Tensor:
+    """The phase γ (B, M) in radians, ``CTF = sin γ`` (arguments as in :func:`ctf_from_freqs`)."""
+    fx, fy = freqs_invA[:, 0][None], freqs_invA[:, 1][None]
+    s2 = fx * fx + fy * fy
+    du, dv, ang = (_col(v, freqs_invA) for v in (defocus_u_A, defocus_v_A, defocus_angle_deg))
+    volt, cs, w = (_col(v, freqs_invA) for v in (voltage_kV, cs_mm, amplitude_contrast))
+    shift = _col(phase_shift_deg, freqs_invA)
+    lam = wavelength_A(volt)
+    # dz(φ)·s² of :func:`defocus_at_azimuth`, expanded with cos 2(φ − α) = cos 2φ cos 2α + sin 2φ sin 2α and
+    # s² cos 2φ = fx² − fy², s² sin 2φ = 2 fx fy: no angle or cosine per pixel and particle
+    two_alpha = ang * (math.pi / 90.0)
+    half = 0.5 * (du - dv)
+    dz_s2 = (0.5 * (du + dv)) * s2 + (half * torch.cos(two_alpha)) * (fx * fx - fy * fy) \
+        + (half * torch.sin(two_alpha)) * (2.0 * fx * fy)
+    return (math.pi * lam) * dz_s2 - (0.5 * math.pi * (cs * 1e7) * lam ** 3) * (s2 * s2) \
+        + (torch.atan(w / torch.sqrt(1.0 - w * w)) + shift * (math.pi / 180.0))
+
+
 def ctf_from_freqs(freqs_invA: torch.Tensor, defocus_u_A: Union[float, torch.Tensor],
                    defocus_v_A: Union[float, torch.Tensor], defocus_angle_deg: Union[float, torch.Tensor],
                    voltage_kV: Union[float, torch.Tensor], cs_mm: Union[float, torch.Tensor],
@@ -62,22 +84,12 @@ def ctf_from_freqs(freqs_invA: torch.Tensor, defocus_u_A: Union[float, torch.Ten
     Returns:
         (B, M) tensor.
     """
-    fx, fy = freqs_invA[:, 0][None], freqs_invA[:, 1][None]
-    s2 = fx * fx + fy * fy
-    du, dv, ang = (_col(v, freqs_invA) for v in (defocus_u_A, defocus_v_A, defocus_angle_deg))
-    volt, cs, w = (_col(v, freqs_invA) for v in (voltage_kV, cs_mm, amplitude_contrast))
-    shift, bfac = _col(phase_shift_deg, freqs_invA), _col(bfactor_A2, freqs_invA)
-    lam = wavelength_A(volt)
-    # dz(φ)·s² of :func:`defocus_at_azimuth`, expanded with cos 2(φ − α) = cos 2φ cos 2α + sin 2φ sin 2α and
-    # s² cos 2φ = fx² − fy², s² sin 2φ = 2 fx fy: no angle or cosine per pixel and particle
-    two_alpha = ang * (math.pi / 90.0)
-    half = 0.5 * (du - dv)
-    dz_s2 = (0.5 * (du + dv)) * s2 + (half * torch.cos(two_alpha)) * (fx * fx - fy * fy) \
-        + (half * torch.sin(two_alpha)) * (2.0 * fx * fy)
-    gamma = (math.pi * lam) * dz_s2 - (0.5 * math.pi * (cs * 1e7) * lam ** 3) * (s2 * s2) \
-        + (torch.atan(w / torch.sqrt(1.0 - w * w)) + shift * (math.pi / 180.0))
+    gamma = ctf_phase_from_freqs(freqs_invA, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
+                                 amplitude_contrast, phase_shift_deg)
     ctf = torch.sin(gamma)
-    if bool((bfac != 0).any()):
+    bfac = _col(bfactor_A2, freqs_invA)
+    if bool((bfac != 0).any()):            # the envelope only when some B-factor is not 0 (one exp per pixel)
+        s2 = freqs_invA[:, 0][None] ** 2 + freqs_invA[:, 1][None] ** 2
         ctf = ctf * torch.exp(-bfac * s2 / 4.0)
     return ctf
 

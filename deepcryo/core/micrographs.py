@@ -25,8 +25,6 @@ import torch
 
 from . import ctf as ctf_mod
 from .errors import InputError
-from .mrc import write_mrc
-from .star import write_star
 
 __all__ = ["simulate_micrograph", "simulate_micrograph_set", "random_micrograph_parameters", "TRUTH_COLUMNS"]
 
@@ -135,6 +133,8 @@ def simulate_micrograph_set(n: int, out_dir: str, size_px: int = 1024, seed: int
     ``rlnMicrographName`` (relative to the STAR's folder) and the RELION CTF columns of
     :data:`TRUTH_COLUMNS` per micrograph. Returns ``(star path, list of truth dicts)``.
     """
+    from .mrc import write_mrc  # here: simulating in memory (training) needs neither mrcfile nor emtable
+    from .star import write_star
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     truths, names = [], []

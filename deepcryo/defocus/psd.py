@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..core import fourier
 from ..core.errors import InputError
 
-__all__ = ["compute_psd", "compute_psds", "tile_size_px", "MIN_TILE_PX", "CNN_SAMPLINGS_A", "CNN_SIZE_PX"]
+__all__ = ["compute_psd", "compute_psds", "tile_size_px", "normalised_log_psd", "periodogram_half_width", "MIN_TILE_PX", "CNN_SAMPLINGS_A", "CNN_SIZE_PX"]
 
 #: the model's input: samplings (Å/px) and image side (px) of its three PSD channels
 CNN_SAMPLINGS_A = (1.0, 2.0, 3.0)
@@ -148,46 +148,67 @@ def compute_psds(micrographs: torch.Tensor, pixel_size_A: float,
     if bool((var == 0).any()):
         raise InputError("micrograph is constant (zero variance)")
     var = var.clamp(min=1e-30)
-    b = mics.shape[0]
     powers = {}
     out = []
     for samplings_A, size_px in requests:
-        grid_c = fourier.freq_grid_2d(size_px, device=mics.device)  # cycles/px at the output sampling
-        r_out = fourier.radius_grid_2d(size_px, device=mics.device)
-        n_shells = size_px // 2 + 1
-        shell = torch.round(r_out).long().clamp(max=n_shells - 1)
         channels = []
         for sampling in samplings_A:
             tile = tile_size_px(side, pixel_size_A, sampling, size_px)
-            freqs = grid_c / sampling  # 1/Å
-            kmax = int(math.ceil(float(freqs.abs().max()) * pixel_size_A * tile)) + 1  # bilinear neighbours
-            key = (tile, min(kmax, tile // 2))
+            key = (tile, periodogram_half_width(pixel_size_A, tile, sampling))
             if key not in powers:
-                powers[key] = _welch(mics, mean, tile, kmax) / var[:, None, None]
-            power = powers[key]
-            k = (power.shape[-1] - 1) // 2
-            # position in the tile's centred periodogram (cycles/px of the micrograph · tile), then to [-1, 1]
-            pos = freqs * pixel_size_A * tile + k
-            norm = (pos + 0.5) / (2 * k + 1) * 2.0 - 1.0
-            sampled = F.grid_sample(power[:, None], norm[None].expand(b, -1, -1, -1), mode="bilinear",
-                                    padding_mode="border", align_corners=False)[:, 0]
-            inside = (freqs.abs() <= 0.5 / pixel_size_A).all(dim=-1) & (r_out > 0.5)
-            logp = torch.log(sampled.clamp(min=1e-30))
-            mask = inside.to(logp.dtype)
-            counts = torch.zeros(n_shells, device=mics.device).index_add_(0, shell.reshape(-1), mask.reshape(-1))
-            sums = torch.zeros(b, n_shells, device=mics.device).index_add_(
-                1, shell.reshape(-1), (logp * mask).reshape(b, -1))
-            valid = counts > 0
-            mean_r = sums / counts.clamp(min=1)
-            mean_r = _fill_invalid(mean_r, valid)
-            background = _smooth_radial(mean_r, size_px / 24.0)
-            resid = (logp - background[:, shell]) * mask
-            sq = torch.zeros(b, n_shells, device=mics.device).index_add_(1, shell.reshape(-1),
-                                                                          (resid ** 2).reshape(b, -1))
-            rms = _smooth_radial(_fill_invalid(sq / counts.clamp(min=1), valid), size_px / 24.0).clamp(min=1e-6).sqrt()
-            channels.append(((resid / rms[:, shell]).clamp(-4.0, 4.0) * mask))
+                powers[key] = _welch(mics, mean, tile, key[1]) / var[:, None, None]
+            channels.append(normalised_log_psd(powers[key], pixel_size_A, tile, sampling, size_px))
         out.append(torch.stack(channels, dim=1))
     return out
+
+
+def periodogram_half_width(pixel_size_A: float, tile_px: int, sampling_A: float) -> int:
+    """Half width K (cycles per tile) of the centred periodogram crop that a ``CNN_SIZE_PX``-style output at
+    ``sampling_A`` Å/px reads (its corner frequency ``0.5 / sampling_A`` plus the bilinear neighbour), at most
+    ``tile_px // 2``."""
+    corner = float(torch.tensor(0.5) / sampling_A)  # float32, as the output grid's corner frequency
+    kmax = int(math.ceil(corner * pixel_size_A * tile_px)) + 1
+    return int(min(kmax, tile_px // 2))
+
+
+def normalised_log_psd(power: torch.Tensor, pixel_size_A: float, tile_px: int, sampling_A: float,
+                       size_px: int) -> torch.Tensor:
+    """Steps 2-3 of :func:`compute_psd` for one channel: a centred periodogram → the normalised log-PSD.
+
+    Args:
+        power: (B, 2K+1, 2K+1) averaged periodograms of ``tile_px`` tiles, zero frequency at index K,
+            frequency step ``1 / (tile_px · pixel_size_A)`` 1/Å (what the Welch step gives, or a simulation
+            of it: :mod:`deepcryo.defocus.training_data`).
+        pixel_size_A: micrograph pixel size (Å/px); frequencies beyond its Nyquist are masked.
+        sampling_A, size_px: output sampling (Å/px) and side (px).
+    Returns:
+        (B, size_px, size_px) float32, background-subtracted, unit radial RMS, clipped to [-4, 4], 0 outside.
+    """
+    b = power.shape[0]
+    device = power.device
+    grid_c = fourier.freq_grid_2d(size_px, device=device)  # cycles/px at the output sampling
+    r_out = fourier.radius_grid_2d(size_px, device=device)
+    n_shells = size_px // 2 + 1
+    shell = torch.round(r_out).long().clamp(max=n_shells - 1)
+    freqs = grid_c / sampling_A  # 1/Å
+    k = (power.shape[-1] - 1) // 2
+    # position in the tile's centred periodogram (cycles/px of the micrograph · tile), then to [-1, 1]
+    pos = freqs * pixel_size_A * tile_px + k
+    norm = (pos + 0.5) / (2 * k + 1) * 2.0 - 1.0
+    sampled = F.grid_sample(power[:, None], norm[None].expand(b, -1, -1, -1), mode="bilinear",
+                            padding_mode="border", align_corners=False)[:, 0]
+    inside = (freqs.abs() <= 0.5 / pixel_size_A).all(dim=-1) & (r_out > 0.5)
+    logp = torch.log(sampled.clamp(min=1e-30))
+    mask = inside.to(logp.dtype)
+    counts = torch.zeros(n_shells, device=device).index_add_(0, shell.reshape(-1), mask.reshape(-1))
+    sums = torch.zeros(b, n_shells, device=device).index_add_(1, shell.reshape(-1), (logp * mask).reshape(b, -1))
+    valid = counts > 0
+    mean_r = _fill_invalid(sums / counts.clamp(min=1), valid)
+    background = _smooth_radial(mean_r, size_px / 24.0)
+    resid = (logp - background[:, shell]) * mask
+    sq = torch.zeros(b, n_shells, device=device).index_add_(1, shell.reshape(-1), (resid ** 2).reshape(b, -1))
+    rms = _smooth_radial(_fill_invalid(sq / counts.clamp(min=1), valid), size_px / 24.0).clamp(min=1e-6).sqrt()
+    return (resid / rms[:, shell]).clamp(-4.0, 4.0) * mask
 
 
 def _fill_invalid(profile, valid):

@@ -28,14 +28,13 @@ import torch
 from ..core.errors import InputError, load_error_reason
 from ..core.files import atomic_output, remove_stale_parts
 from ..core.micrographs import random_micrograph_parameters, simulate_micrograph
-from ..core.mrc import read_mrc
-from ..core.star import read_star
 from . import model as model_mod
 from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psd
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["simulate_training_arrays", "star_training_arrays", "augment", "train", "save_arrays", "load_arrays"]
+__all__ = ["simulate_training_arrays", "star_training_arrays", "augment", "train", "save_arrays", "load_arrays",
+           "evaluate", "validation_figures"]
 
 CHECKPOINT_FORMAT = "deepcryo.defocus.checkpoint/1"
 
@@ -67,6 +66,8 @@ def star_training_arrays(star_path: str, voltage_kV: Optional[float] = None, cs_
     """Model inputs from a STAR of micrographs with labels (``rlnMicrographName``, ``rlnDefocusU/V/Angle``;
     pixel size, voltage and Cs from ``rlnMicrographPixelSize``/``rlnVoltage``/``rlnSphericalAberration``
     columns, a ``data_optics`` block, or the arguments). Same dict as :func:`simulate_training_arrays`."""
+    from ..core.mrc import read_mrc  # here, not at the top: training from simulations needs no mrcfile/emtable
+    from ..core.star import read_star
     blocks = read_star(star_path)
     name = "micrographs" if "micrographs" in blocks else next(b for b in blocks if b != "optics")
     cols = blocks[name]
@@ -114,10 +115,11 @@ def save_arrays(path: str, arrays: Dict[str, np.ndarray]) -> None:
 
 
 def load_arrays(path: str) -> Dict[str, np.ndarray]:
-    """Training arrays from :func:`save_arrays`."""
+    """Training arrays from :func:`save_arrays` (``image_model`` and ``phase_shift_deg`` too when there)."""
     try:
         with np.load(path) as data:
-            return {k: data[k] for k in ("psd", "acq", "labels")}
+            return {k: data[k] for k in ("psd", "acq", "labels", "image_model", "phase_shift_deg")
+                    if k in data or k in ("psd", "acq", "labels")}
     except (OSError, KeyError, ValueError) as exc:
         raise InputError("%s: not a deepcryo defocus training cache (%s)" % (path, exc))
 
@@ -128,9 +130,9 @@ def augment(psd: torch.Tensor, angle_deg: torch.Tensor, ops: torch.Tensor) -> Tu
     ``ops`` (B,) integers 0..7: bit 0 = mirror x (θ → −θ), bits 1-2 = number of 90° rotations
     (each θ → θ + 90°). The centre ``S // 2`` stays fixed (flip/rotate then roll by one pixel).
     """
-    out, angles = psd.clone(), torch.as_tensor(angle_deg, dtype=torch.float32).clone()
+    out, angles = psd.clone(), torch.as_tensor(angle_deg, dtype=torch.float32, device=psd.device).clone()
     for op in range(8):
-        sel = ops == op
+        sel = ops.to(psd.device) == op
         if not bool(sel.any()):
             continue
         x, a = out[sel], angles[sel]
@@ -169,26 +171,67 @@ def _loss(out, labels, profile=None, phi=None):
     return loss.mean()
 
 
-def evaluate(model: torch.nn.Module, arrays: Dict[str, np.ndarray], batch_size: int = 64) -> Tuple[float, float]:
-    """(MAE of U and V in Å, median angle error in degrees where U − V > 300 Å) of a model on arrays
-    (computed on the model's device)."""
+def _predict(model, arrays, batch_size):
+    """(U, V, angle) tensors (B,) on the CPU of a model (on its device) for training arrays."""
     model.eval()
     device = next(model.parameters()).device
-    psd = torch.as_tensor(arrays["psd"]).float()
+    psd = torch.as_tensor(arrays["psd"])
     acq = torch.as_tensor(arrays["acq"])
-    labels = torch.as_tensor(arrays["labels"])
     outs = []
     with torch.no_grad():
         for i in range(0, len(psd), batch_size):
             a = acq[i:i + batch_size]
             feats = model_mod.acquisition_features(a[:, 0], a[:, 1], len(a)).to(device)
-            outs.append(model(psd[i:i + batch_size].to(device), feats).cpu())
-    u, v, ang = model_mod.decode(torch.cat(outs))
-    mae = 0.5 * ((u - labels[:, 0]).abs() + (v - labels[:, 1]).abs()).mean()
+            outs.append(model(psd[i:i + batch_size].to(device).float(), feats).cpu())
+    return model_mod.decode(torch.cat(outs))
+
+
+def _angle_errors(ang, labels):
     d = (ang - labels[:, 2]).abs() % 180.0
-    d = torch.minimum(d, 180.0 - d)
+    return torch.minimum(d, 180.0 - d)
+
+
+def evaluate(model: torch.nn.Module, arrays: Dict[str, np.ndarray], batch_size: int = 64) -> Tuple[float, float]:
+    """(MAE of U and V in Å, median angle error in degrees where U − V > 300 Å) of a model on arrays
+    (computed on the model's device)."""
+    labels = torch.as_tensor(arrays["labels"])
+    u, v, ang = _predict(model, arrays, batch_size)
+    mae = 0.5 * ((u - labels[:, 0]).abs() + (v - labels[:, 1]).abs()).mean()
+    d = _angle_errors(ang, labels)
     astig = (labels[:, 0] - labels[:, 1]) > 300.0
     return float(mae), float(d[astig].median()) if bool(astig.any()) else float("nan")
+
+
+def validation_figures(model: torch.nn.Module, arrays: Dict[str, np.ndarray], batch_size: int = 256) -> Dict[str, Any]:
+    """Error figures of a model on labelled arrays: overall, per image model (when ``image_model`` is there) and
+    with/without a phase plate (when ``phase_shift_deg`` is there).
+
+    Per group: ``n``, ``mae_A`` (mean of |ΔU| and |ΔV|), ``median_A``, ``p90_A`` (of the per-micrograph mean
+    |ΔU|, |ΔV|), ``astigmatism_bias_A`` (mean of estimated minus true U − V: positive = inflated astigmatism),
+    ``mean_defocus_bias_A`` and ``median_angle_error_deg`` (where the true U − V > 300 Å)."""
+    from .training_data import IMAGE_MODELS
+    labels = torch.as_tensor(arrays["labels"]).double()
+    u, v, ang = (x.double() for x in _predict(model, arrays, batch_size))
+    err = 0.5 * ((u - labels[:, 0]).abs() + (v - labels[:, 1]).abs())
+    dang = _angle_errors(ang, labels)
+    groups = {"all": torch.ones(len(err), dtype=torch.bool)}
+    if "image_model" in arrays:
+        kinds = torch.as_tensor(arrays["image_model"]).long()
+        groups.update({name: kinds == i for i, name in enumerate(IMAGE_MODELS) if bool((kinds == i).any())})
+    if "phase_shift_deg" in arrays:
+        plate = torch.as_tensor(arrays["phase_shift_deg"]) > 0
+        groups.update({k: sel for k, sel in (("phase_plate", plate), ("no_phase_plate", ~plate)) if bool(sel.any())})
+    out = {}
+    for name, sel in groups.items():
+        e = err[sel]
+        astig = sel & ((labels[:, 0] - labels[:, 1]) > 300.0)
+        out[name] = {
+            "n": int(sel.sum()), "mae_A": round(float(e.mean()), 1), "median_A": round(float(e.median()), 1),
+            "p90_A": round(float(torch.quantile(e, 0.9)), 1),
+            "astigmatism_bias_A": round(float(((u - v) - (labels[:, 0] - labels[:, 1]))[sel].mean()), 1),
+            "mean_defocus_bias_A": round(float((0.5 * (u + v - labels[:, 0] - labels[:, 1]))[sel].mean()), 1),
+            "median_angle_error_deg": round(float(dang[astig].median()), 2) if bool(astig.any()) else None}
+    return out
 
 
 def _subset(arrays, idx):
@@ -198,7 +241,8 @@ def _subset(arrays, idx):
 def train(arrays: Dict[str, np.ndarray], output: str, config: Optional[Dict[str, Any]] = None,
           init_weights: Optional[str] = None, epochs: int = 60, batch_size: int = 32, learning_rate: float = 1e-3,
           patience: int = 8, val_fraction: float = 0.15, seed: int = 0, checkpoint: Optional[str] = None,
-          resume: bool = False, device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+          resume: bool = False, device: Union[str, torch.device] = "cpu",
+          time_limit_s: Optional[float] = None) -> Dict[str, Any]:
     """Train (or fine-tune from ``init_weights``) a defocus model and write the best weights to ``output``.
 
     Args:
@@ -209,10 +253,14 @@ def train(arrays: Dict[str, np.ndarray], output: str, config: Optional[Dict[str,
         epochs, batch_size, learning_rate (Adam's step size), patience (epochs without improvement before
             stopping), val_fraction, seed.
         checkpoint: checkpoint file (default ``output + ".ckpt"``); ``resume`` continues from it.
-        device: torch device of the model and its batches. Shuffling and augmentation draw from torch's CPU
-            generator on the CPU, so a run sees the same batches on any device.
+        device: torch device of the model and of the training set. Shuffling and augmentation draw from
+            torch's CPU generator, so a run sees the same batches on any device.
+        time_limit_s: no new epoch is started when it would end after this many seconds (wall clock,
+            estimated from the last epoch); None = no limit.
     Returns:
-        dict with ``best_val_mae_A``, ``val_angle_error_deg``, ``epochs``, ``n_train``, ``n_val``.
+        dict with ``best_val_mae_A``, ``val_angle_error_deg``, ``epochs``, ``n_train``, ``n_val``, ``seconds``
+        (of the epochs), ``config``, ``validation`` (:func:`validation_figures` of the best weights on the
+        validation split) and ``validation_of_init_weights`` (the same for ``init_weights``, None without).
     """
     n = len(arrays["psd"])
     if n < 4:
@@ -223,12 +271,14 @@ def train(arrays: Dict[str, np.ndarray], output: str, config: Optional[Dict[str,
     val, tr = _subset(arrays, order[:n_val]), _subset(arrays, order[n_val:])  # split BEFORE augmentation
     if init_weights:
         model, config = model_mod.load_model(init_weights)
+        config = {k: v for k, v in config.items() if not k.startswith("val_")}  # the figures of its training
         model.train()
     else:
         config = dict(config or {"arch": "rings", "width": 16})
         model = model_mod.build_model(config)
     model.to(device)
     config.update(samplings_A=list(CNN_SAMPLINGS_A), size_px=CNN_SIZE_PX)
+    initial_figures = validation_figures(model, val) if init_weights else None
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, patience // 3))
     checkpoint = checkpoint or output + ".ckpt"
@@ -249,23 +299,26 @@ def train(arrays: Dict[str, np.ndarray], output: str, config: Optional[Dict[str,
         start, best, stale = int(state["epoch"]), float(state["best"]), int(state["stale"])
         torch.set_rng_state(state["rng"])
         logger.info("resumed from %s at epoch %d (best val MAE %.0f Å)", checkpoint, start, best)
-    psd = torch.as_tensor(tr["psd"])
-    acq = torch.as_tensor(tr["acq"])
-    labels = torch.as_tensor(tr["labels"])
+    # the training set lives on the model's device (float16 PSDs: 100 kB per micrograph)
+    psd = torch.as_tensor(tr["psd"]).to(device)
+    feats_all = model_mod.acquisition_features(torch.as_tensor(tr["acq"][:, 0]), torch.as_tensor(tr["acq"][:, 1]),
+                                               len(psd)).to(device)
+    labels = torch.as_tensor(tr["labels"]).to(device)
     angle_err = float("nan")
     epoch = start
+    t_start = time.time()
     for epoch in range(start, epochs):
         t0 = time.time()
         model.train()
         perm = torch.randperm(len(psd))
-        total = 0.0
+        total = torch.zeros((), device=device)
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
-            x, ang = augment(psd[idx].float(), labels[idx, 2], torch.randint(0, 8, (len(idx),)))
-            lab = torch.stack([labels[idx, 0], labels[idx, 1], ang], dim=1).to(device)
-            x = x.to(device)
-            a = acq[idx]
-            feats = model_mod.acquisition_features(a[:, 0], a[:, 1], len(idx)).to(device)
+            ops = torch.randint(0, 8, (len(idx),)).to(device)
+            idx = idx.to(device)
+            x, ang = augment(psd[idx].float(), labels[idx, 2], ops)
+            lab = torch.stack([labels[idx, 0], labels[idx, 1], ang], dim=1)
+            feats = feats_all[idx]
             if isinstance(model, model_mod.PolarDefocusNet):
                 prof = model.profile(x, feats)
                 out = model.from_harmonics(*model.harmonics_of(prof))
@@ -275,7 +328,7 @@ def train(arrays: Dict[str, np.ndarray], output: str, config: Optional[Dict[str,
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)
         val_mae, angle_err = evaluate(model, val)
         sched.step(val_mae)
         improved = val_mae < best
@@ -290,10 +343,16 @@ def train(arrays: Dict[str, np.ndarray], output: str, config: Optional[Dict[str,
                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "stale": stale,
                         "rng": torch.get_rng_state()}, tmp)
         logger.info("epoch %d: train loss %.4f, val MAE %.0f Å, val angle error %.1f°, lr %.2g, %.0f s%s",
-                    epoch + 1, total / len(psd), val_mae, angle_err, opt.param_groups[0]["lr"], time.time() - t0,
+                    epoch + 1, float(total) / len(psd), val_mae, angle_err, opt.param_groups[0]["lr"], time.time() - t0,
                     " *" if improved else "")
         if stale >= patience:
             logger.info("early stop: no improvement for %d epochs", patience)
             break
+        if time_limit_s and time.time() - t_start + (time.time() - t0) > time_limit_s:
+            logger.info("stop: another epoch would pass the time limit of %.0f s", time_limit_s)
+            break
+    best_model, _ = model_mod.load_model(output, device=device)
     return {"best_val_mae_A": best, "val_angle_error_deg": angle_err, "epochs": epoch + 1,
-            "n_train": len(psd), "n_val": n_val, "config": json.loads(json.dumps(config))}
+            "n_train": len(psd), "n_val": n_val, "seconds": round(time.time() - t_start, 1),
+            "config": json.loads(json.dumps(config)), "validation": validation_figures(best_model, val),
+            "validation_of_init_weights": initial_figures}
