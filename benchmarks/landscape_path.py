@@ -1,0 +1,142 @@
+"""The user's landscape path end to end: RELION-rendered two-state particles → SwiftRes → VAE → clusters (issue 17).
+
+1. ``relion_project`` renders ``--n`` particles of two states (:func:`deepcryo.core.simulate.phantom_states`, a
+   35° domain hinge; half the particles each) at ``--box`` px, 2 Å/px, SNR ``--snr``
+   (:mod:`deepcryo.tests.relion_data`);
+2. ``python -m deepcryo.swiftalign refine`` from the map of state 1 low-passed to 30 Å (``--initial-resolution
+   30``) estimates the poses; their error against the truth is the angle of ``A_trueᵀ·A_est`` (the reference is
+   in the true frame and hand, so no global alignment is taken out);
+3. ``python -m deepcryo.landscape train`` (working box ``--work-box``, ``--epochs``) on the estimated poses and,
+   for reference, on the true poses; ``--refine-poses`` also trains on the estimated poses with the VAE's pose
+   refinement (:mod:`deepcryo.landscape.pose_refine`), whose refined poses are scored like SwiftRes's;
+4. ``python -m deepcryo.landscape analyze --clusters 2``: adjusted Rand index of its k-means clusters against the
+   true states.
+
+Prints one table: median pose error, % of particles beyond 10°, ARI, CPU seconds (user + system of the child
+processes) per run. The rendering and the SwiftRes run are kept in ``--work`` and reused when run again.
+
+    python benchmarks/landscape_path.py --n 2000 --box 64 --work-box 32 --epochs 8 --threads 2 \\
+        --work /tmp/lpath --refine-poses
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from deepcryo.core.geometry import euler_to_matrix, rotation_angle_deg  # noqa: E402
+from deepcryo.core.particles import read_particles  # noqa: E402
+from deepcryo.tests.relion_data import RenderSpec, render  # noqa: E402
+
+
+def _run(cmd, log):
+    """Run ``cmd`` (its output appended to ``log``); CPU seconds (user + system) of the child."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log, "a") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def pose_errors_deg(star, truth_by_name):
+    """Per-particle angle (deg) between the STAR's poses and the true ones (matched by image name)."""
+    names = np.asarray(star.particles["rlnImageName"])
+    true = np.stack([truth_by_name[n] for n in names])
+    a = euler_to_matrix(torch.as_tensor(star.angles_deg()))
+    b = euler_to_matrix(torch.as_tensor(true))
+    return rotation_angle_deg(b.transpose(1, 2) @ a).numpy()
+
+
+def ari_of_analysis(folder, state_by_name):
+    from sklearn.metrics import adjusted_rand_score
+    star = read_particles(os.path.join(folder, "analysis", "particles.star"), require_images=False)
+    names = np.asarray(star.particles["rlnImageName"])
+    return float(adjusted_rand_score([state_by_name[n] for n in names], np.asarray(star.particles["dcCluster"])))
+
+
+def vae(star_path, out, args, log, extra=()):
+    py = sys.executable
+    cpu = _run([py, "-m", "deepcryo.landscape", "train", "--particles", star_path, "--output-dir", out,
+                "--box", str(args.work_box), "--epochs", str(args.epochs), "--latent-dim", str(args.latent_dim),
+                "--threads", str(args.threads), "--seed", str(args.seed)] + list(extra), log)
+    cpu += _run([py, "-m", "deepcryo.landscape", "analyze", out, "--clusters", "2", "--no-umap",
+                 "--trajectory-steps", "2", "--pcs", "1"], log)
+    return cpu
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--box", type=int, default=64)
+    p.add_argument("--snr", type=float, default=0.1)
+    p.add_argument("--work-box", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--latent-dim", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine-poses", action="store_true", help="also train with the VAE's pose refinement")
+    p.add_argument("--skip-true", action="store_true", help="skip the reference run on the true poses")
+    p.add_argument("--work", default="/tmp/landscape_path")
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.makedirs(args.work, exist_ok=True)
+    log = os.path.join(args.work, "log.txt")
+    spec = RenderSpec(n=args.n, box=args.box, snr=args.snr, states=2, seed=args.seed)
+    data = render(os.path.join(args.work, "data"), spec)
+    truth = read_particles(data.star)
+    names = np.asarray(truth.particles["rlnImageName"])
+    truth_by_name = dict(zip(names, truth.angles_deg()))
+    state_by_name = dict(zip(names, np.asarray(truth.particles["rlnClassNumber"])))
+
+    refined = os.path.join(args.work, "swiftres")
+    timing = os.path.join(refined, "cpu_s.json")
+    if not os.path.exists(timing):
+        cpu = _run([sys.executable, "-m", "deepcryo.swiftalign", "refine", "--particles", data.star,
+                    "--reference", data.volume_paths[0], "--initial-resolution", "30", "--output-dir", refined,
+                    "--threads", str(args.threads), "--seed", str(args.seed)], log)
+        with open(timing, "w") as f:
+            json.dump(cpu, f)
+    with open(timing) as f:
+        swift_cpu = json.load(f)
+    est_star = os.path.join(refined, "particles.star")
+    err = pose_errors_deg(read_particles(est_star, require_images=False), truth_by_name)
+
+    rows = [("SwiftRes poses", float(np.median(err)), 100 * float(np.mean(err > 10)), float("nan"), swift_cpu)]
+    runs = [("VAE, estimated poses", est_star, "vae_est", ())]
+    if args.refine_poses:
+        runs.append(("VAE --refine-poses, estimated poses", est_star, "vae_refine", ("--refine-poses",)))
+    if not args.skip_true:
+        runs.append(("VAE, true poses", data.star, "vae_true", ()))
+    for label, star_path, name, extra in runs:
+        out = os.path.join(args.work, name)
+        t0 = time.time()
+        cpu = vae(star_path, out, args, log, extra)
+        ari = ari_of_analysis(out, state_by_name)
+        med = frac = float("nan")
+        if extra:
+            e = pose_errors_deg(read_particles(os.path.join(out, "particles_latent.star"), require_images=False),
+                                truth_by_name)
+            med, frac = float(np.median(e)), 100 * float(np.mean(e > 10))
+        elif star_path == est_star:
+            med, frac = rows[0][1], rows[0][2]
+        elif star_path == data.star:
+            med, frac = 0.0, 0.0
+        rows.append((label, med, frac, ari, cpu))
+        print("%s done in %.0f s wall" % (label, time.time() - t0), file=sys.stderr)
+
+    print("%d particles, box %d px at 2 Å/px, SNR %.3f (measured), 2 states; VAE box %d, %d epochs, latent %d"
+          % (args.n, args.box, data.snr, args.work_box, args.epochs, args.latent_dim))
+    print("%-38s %12s %8s %7s %8s" % ("run", "median err°", "% >10°", "ARI", "CPU s"))
+    for label, med, frac, ari, cpu in rows:
+        print("%-38s %12.2f %8.1f %7.3f %8.0f" % (label, med, frac, ari, cpu))
+
+
+if __name__ == "__main__":
+    main()
