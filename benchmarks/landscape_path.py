@@ -45,10 +45,15 @@ def _run(cmd, log):
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def image_keys(star):
+    """``index@stack file name`` of every particle (the programs write the stack path relative or absolute)."""
+    return [n.split("@")[0].lstrip("0") + "@" + os.path.basename(n.split("@")[1])
+            for n in np.asarray(star.particles["rlnImageName"])]
+
+
 def pose_errors_deg(star, truth_by_name):
-    """Per-particle angle (deg) between the STAR's poses and the true ones (matched by image name)."""
-    names = np.asarray(star.particles["rlnImageName"])
-    true = np.stack([truth_by_name[n] for n in names])
+    """Per-particle angle (deg) between the STAR's poses and the true ones (matched by image)."""
+    true = np.stack([truth_by_name[n] for n in image_keys(star)])
     a = euler_to_matrix(torch.as_tensor(star.angles_deg()))
     b = euler_to_matrix(torch.as_tensor(true))
     return rotation_angle_deg(b.transpose(1, 2) @ a).numpy()
@@ -57,8 +62,8 @@ def pose_errors_deg(star, truth_by_name):
 def ari_of_analysis(folder, state_by_name):
     from sklearn.metrics import adjusted_rand_score
     star = read_particles(os.path.join(folder, "analysis", "particles.star"), require_images=False)
-    names = np.asarray(star.particles["rlnImageName"])
-    return float(adjusted_rand_score([state_by_name[n] for n in names], np.asarray(star.particles["dcCluster"])))
+    return float(adjusted_rand_score([state_by_name[n] for n in image_keys(star)],
+                                     np.asarray(star.particles["dcCluster"])))
 
 
 def vae(star_path, out, args, log, extra=()):
@@ -91,7 +96,7 @@ def main():
     spec = RenderSpec(n=args.n, box=args.box, snr=args.snr, states=2, seed=args.seed)
     data = render(os.path.join(args.work, "data"), spec)
     truth = read_particles(data.star)
-    names = np.asarray(truth.particles["rlnImageName"])
+    names = image_keys(truth)
     truth_by_name = dict(zip(names, truth.angles_deg()))
     state_by_name = dict(zip(names, np.asarray(truth.particles["rlnClassNumber"])))
 
