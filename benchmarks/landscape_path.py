@@ -7,17 +7,20 @@
    30``) estimates the poses; their error against the truth is the angle of ``A_trueᵀ·A_est`` (the reference is
    in the true frame and hand, so no global alignment is taken out);
 3. ``python -m deepcryo.landscape train`` (working box ``--work-box``, ``--epochs``) on the estimated poses and,
-   for reference, on the true poses; ``--refine-poses`` also trains on the estimated poses with the VAE's pose
-   refinement (:mod:`deepcryo.landscape.pose_refine`), whose refined poses are scored like SwiftRes's;
-4. ``python -m deepcryo.landscape analyze --clusters 2``: adjusted Rand index of its k-means clusters against the
-   true states.
+   for reference, on the true poses;
+4. ``python -m deepcryo.landscape analyze --clusters 2``: adjusted Rand index (ARI) of its k-means clusters against
+   the true states;
+5. with ``--two-pass``, the heterogeneity-aware consensus: SwiftRes again from the raw particles with two
+   references, the two cluster reconstructions of step 4 Fourier-padded to the particle box
+   (``--initial-resolution 15``, one global iteration), so each particle is aligned to the map of its own state;
+   the ARI of its class assignment; then steps 3 and 4 on its poses.
 
 Prints one table: median pose error, % of particles beyond 10° (also after the best rotation of each true
-state's frame, see :func:`state_aligned_errors_deg`), ARI, CPU seconds (user + system of the child
-processes) per run. The rendering and the SwiftRes run are kept in ``--work`` and reused when run again.
+state's frame, see :func:`state_aligned_errors_deg`), ARI, CPU seconds (user + system of the child processes)
+per run. The rendering and the first SwiftRes run are kept in ``--work`` and reused when run again.
 
     python benchmarks/landscape_path.py --n 2000 --box 64 --work-box 32 --epochs 8 --threads 2 \\
-        --work /tmp/lpath --refine-poses
+        --work /tmp/lpath --two-pass
 """
 import argparse
 import json
@@ -100,11 +103,11 @@ def cluster_references(analysis_dir, box, pixel_size_A, out_dir):
     return paths
 
 
-def vae(star_path, out, args, log, extra=()):
+def vae(star_path, out, args, log):
     py = sys.executable
     cpu = _run([py, "-m", "deepcryo.landscape", "train", "--particles", star_path, "--output-dir", out,
                 "--box", str(args.work_box), "--epochs", str(args.epochs), "--latent-dim", str(args.latent_dim),
-                "--threads", str(args.threads), "--seed", str(args.seed)] + list(extra), log)
+                "--threads", str(args.threads), "--seed", str(args.seed)], log)
     cpu += _run([py, "-m", "deepcryo.landscape", "analyze", out, "--clusters", "2", "--no-umap",
                  "--trajectory-steps", "2", "--pcs", "1"], log)
     return cpu
@@ -120,12 +123,10 @@ def main():
     p.add_argument("--latent-dim", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--refine-poses", action="store_true", help="also train with the VAE's pose refinement")
     p.add_argument("--skip-true", action="store_true", help="skip the reference run on the true poses")
     p.add_argument("--skip-estimated", action="store_true", help="skip the run on the estimated poses alone")
     p.add_argument("--two-pass", action="store_true",
-                   help="then SwiftRes with two classes from the (refined, if run) VAE's cluster maps, and the VAE "
-                        "on its poses")
+                   help="then SwiftRes with two classes from the VAE's cluster maps, and the VAE on its poses")
     p.add_argument("--work", default="/tmp/landscape_path")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -157,22 +158,20 @@ def main():
         return float(np.median(e)), 100 * float(np.mean(e > 10)), float(np.median(a)), 100 * float(np.mean(a > 10))
 
     rows = [("SwiftRes poses",) + pose_figures(est_star) + (float("nan"), swift_cpu)]
-    runs = [] if args.skip_estimated else [("VAE, estimated poses", est_star, "vae_est", ())]
-    if args.refine_poses:
-        runs.append(("VAE --refine-poses, estimated poses", est_star, "vae_refine", ("--refine-poses",)))
+    runs = [] if args.skip_estimated else [("VAE, estimated poses", est_star, "vae_est")]
     if not args.skip_true:
-        runs.append(("VAE, true poses", data.star, "vae_true", ()))
-    for label, star_path, name, extra in runs:
+        runs.append(("VAE, true poses", data.star, "vae_true"))
+    for label, star_path, name in runs:
         out = os.path.join(args.work, name)
         t0 = time.time()
-        cpu = vae(star_path, out, args, log, extra)
+        cpu = vae(star_path, out, args, log)
         ari = ari_of_analysis(out, state_by_name)
         poses = pose_figures(os.path.join(out, "particles_latent.star"))   # the poses the VAE used
         rows.append((label,) + poses + (ari, cpu))
         print("%s done in %.0f s wall" % (label, time.time() - t0), file=sys.stderr)
 
     if args.two_pass:
-        first = os.path.join(args.work, "vae_refine" if args.refine_poses else "vae_est", "analysis")
+        first = os.path.join(args.work, "vae_est", "analysis")
         refs = cluster_references(first, args.box, spec.pixel_size_A, os.path.join(args.work, "classes"))
         second = os.path.join(args.work, "swiftres_2class")
         cpu = _run([sys.executable, "-m", "deepcryo.swiftalign", "refine", "--particles", data.star,

@@ -67,16 +67,6 @@ class ParticleBatches:
     def __len__(self):
         return len(self.star)
 
-    @property
-    def rotations(self) -> torch.Tensor:
-        """(N, 3, 3) pose matrices of all particles (identities when ``poses`` is False)."""
-        return self._rotations
-
-    @property
-    def origins_px(self) -> torch.Tensor:
-        """(N, 2) RELION origins of all particles, px of the working box (``poses`` True only)."""
-        return self._origins_px
-
     def _estimate_scale(self):
         idx = np.linspace(0, len(self) - 1, min(len(self), 1000)).astype(np.int64)
         images = fourier.resize_images(torch.from_numpy(self.stack.read(idx)), self.box)

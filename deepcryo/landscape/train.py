@@ -51,7 +51,6 @@ from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches, load_particles
 from .distributed import DistributedLaunch, local_launch, rank_device, read_launch
 from .model import LandscapeVAE, radial_noise_variance, soft_sphere
-from .pose_refine import PoseOffsets
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +58,6 @@ __all__ = ["train", "load_model", "encode_posterior", "Posterior", "latent_colum
            "latent_pixel_size_A", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
-
-#: ``--refine-poses``: epochs trained at the consensus poses before the corrections move (the decoder first
-#: learns the states, then the poses follow the decoded volumes), and SparseAdam step sizes of the
-#: corrections (radians, px of the working box; Adam's first steps move each coordinate by about this much).
-POSE_WARMUP_EPOCHS = 1
-POSE_LR_RAD = 0.03
-POSE_LR_PX = 0.1
 LATENT_STAR = "particles_latent.star"
 
 
@@ -147,17 +139,13 @@ class Posterior(NamedTuple):
 
 
 def encode_posterior(model: LandscapeVAE, data: ParticleBatches, batch_size: int,
-                     device: Union[str, torch.device] = "cpu", offsets: Optional[PoseOffsets] = None) -> Posterior:
-    """Latent means, their uncertainty σ and the poses used, for every particle (see :class:`Posterior`);
-    ``offsets``: the particles' pose corrections (``--refine-poses``), applied before encoding."""
+                     device: Union[str, torch.device] = "cpu") -> Posterior:
+    """Latent means, their uncertainty σ and the poses used, for every particle (see :class:`Posterior`)."""
     model.eval()
     n, dim = len(data), model.latent_dim
     out = Posterior(np.empty((n, dim), np.float32), np.empty((n, dim), np.float32),
                     np.zeros((n, 3, 3), np.float32), np.zeros((n, 2), np.float32))
     for idx, spectra, rot, ctf in data.batches(batch_size, device=device):
-        if offsets is not None:
-            with torch.no_grad():
-                spectra, rot, _ = offsets(idx, spectra, rot)
         mu, sigma, r, t = model.posterior(spectra, rot, ctf)
         out.z[idx], out.sigma[idx], out.rotations[idx] = mu.cpu().numpy(), sigma.cpu().numpy(), r.cpu().numpy()
         if t is not None:
@@ -200,13 +188,11 @@ def pose_free_start(data: ParticleBatches, reference: Optional[torch.Tensor] = N
     return vol, radial_noise_variance(torch.cat(spectra_all), d)
 
 
-def _save_checkpoint(output_dir, model, optimizer, epoch, cfg, history, offsets=None, pose_optimizer=None):
+def _save_checkpoint(output_dir, model, optimizer, epoch, cfg, history):
     module = model.module if hasattr(model, "module") else model
     ckpt = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
             "config": dict(cfg, **module.config()), "history": history,
             "rng": torch.get_rng_state()}  # resumed runs draw the same noise as uninterrupted ones
-    if offsets is not None:
-        ckpt.update(pose_offsets=offsets.state_dict(), pose_optimizer=pose_optimizer.state_dict())
     with atomic_output(os.path.join(output_dir, CHECKPOINT)) as tmp:
         torch.save(ckpt, tmp)
 
@@ -236,18 +222,10 @@ def _run(cfg, init, device, launch: DistributedLaunch):
                          init["mean_volume"], init["noise_var"], pose_free=pose_free,
                          pose_heads=cfg.get("pose_heads", 8), symmetry=cfg.get("symmetry", "C1")).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])
-    offsets = pose_optimizer = None
-    if cfg.get("refine_poses", False):
-        offsets = PoseOffsets(len(data)).to(device)
-        pose_optimizer = torch.optim.SparseAdam([{"params": offsets.omega.parameters(), "lr": POSE_LR_RAD},
-                                                 {"params": offsets.shift.parameters(), "lr": POSE_LR_PX}])
     start_epoch, history = 0, []
     if init.get("checkpoint") is not None:
         model.load_state_dict(init["checkpoint"]["model"])
         optimizer.load_state_dict(init["checkpoint"]["optimizer"])
-        if offsets is not None:
-            offsets.load_state_dict(init["checkpoint"]["pose_offsets"])
-            pose_optimizer.load_state_dict(init["checkpoint"]["pose_optimizer"])
         start_epoch, history = init["checkpoint"]["epoch"], list(init["checkpoint"]["history"])
         if "rng" in init["checkpoint"] and device.type == "cpu":
             torch.set_rng_state(init["checkpoint"]["rng"])
@@ -258,36 +236,21 @@ def _run(cfg, init, device, launch: DistributedLaunch):
         order = np.random.default_rng(cfg["seed"] + epoch).permutation(n)[: n - n % world][rank::world]
         sums = np.zeros(3)
         net.train()
-        move_poses = offsets is not None and epoch >= POSE_WARMUP_EPOCHS
-        for idx, spectra, rot, ctf in data.batches(cfg["batch_size"], order, device):
-            prior = None
-            if offsets is not None:
-                spectra, rot, prior = offsets(idx, spectra, rot)
+        for _, spectra, rot, ctf in data.batches(cfg["batch_size"], order, device):
             terms = net(spectra, rot, ctf, beta=cfg["beta"])
-            loss = terms["loss"] + prior.mean() if move_poses else terms["loss"]
             optimizer.zero_grad()
-            if offsets is not None:
-                pose_optimizer.zero_grad()
-            loss.backward()
+            terms["loss"].backward()
             optimizer.step()
-            if move_poses:
-                pose_optimizer.step()
             sums += len(spectra) * np.array([terms[k].item() for k in ("loss", "nll", "kl")])
         sums /= len(order)
         history.append([float(v) for v in sums])
         if rank == 0:
-            _save_checkpoint(cfg["output_dir"], net, optimizer, epoch + 1, cfg, history, offsets, pose_optimizer)
+            _save_checkpoint(cfg["output_dir"], net, optimizer, epoch + 1, cfg, history)
             logger.info("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s",
                         epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0)
     if rank == 0:
-        post = encode_posterior(model, data, cfg["batch_size"], device, offsets)
+        post = encode_posterior(model, data, cfg["batch_size"], device)
         out = star.copy()
-        if offsets is not None:
-            rot, origins_px = offsets.corrected_poses(data.rotations, data.origins_px)
-            out.set_poses(matrix_to_euler(rot).numpy(), origins_px.numpy() * data.pixel_size_A)
-            angle = torch.linalg.norm(offsets.omega.weight.detach().cpu(), dim=1) * 180.0 / np.pi
-            logger.info("pose refinement: median correction %.2f°, %.1f%% of particles moved by more than 5°",
-                        float(angle.median()), 100.0 * float((angle > 5).float().mean()))
         if pose_free:
             out.set_poses(matrix_to_euler(torch.from_numpy(post.rotations)).numpy(), post.shifts * data.pixel_size_A)
         for i, (c, s) in enumerate(zip(latent_columns(model.latent_dim), sigma_columns(model.latent_dim))):
@@ -313,8 +276,7 @@ def _ddp_entry(rank, devices, cfg, init, port, log_to_console, threads):
 def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20, box: Optional[int] = None,
           batch_size: int = 64, beta: float = 1.0, n_basis: int = 16, hidden: int = 128, learning_rate: float = 3e-3,
           devices: Sequence[str] = ("cpu",), resume: bool = False, seed: int = 0, pose_free: bool = False,
-          reference: Optional[str] = None, pose_heads: int = 8, symmetry: str = "C1",
-          refine_poses: bool = False) -> str:
+          reference: Optional[str] = None, pose_heads: int = 8, symmetry: str = "C1") -> str:
     """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
 
     Args:
@@ -334,9 +296,6 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
             per particle); ``reference``: optional MRC map to start V₀ from (otherwise a soft sphere).
         symmetry: point group of every decoded volume and of the consensus map (RELION's names; see
             :mod:`deepcryo.landscape.model`, "Symmetry"); not with ``pose_free``.
-        refine_poses: learn a correction of every particle's pose jointly with the decoder
-            (:mod:`deepcryo.landscape.pose_refine`; after ``POSE_WARMUP_EPOCHS`` epochs at the consensus poses);
-            the latent STAR then carries the refined poses. One process only; not with ``pose_free``.
     """
     if latent_dim < 1 or epochs < 1 or batch_size < 1 or n_basis < 1 or beta < 0:
         raise InputError("need --latent-dim, --epochs, --batch-size and --basis >= 1 and --beta >= 0")
@@ -347,9 +306,6 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
     if pose_free and symmetry != "C1":
         raise InputError("--symmetry %s: the pose-free mode learns its own frame, give C1" % symmetry)
     launch = read_launch(os.environ)
-    if refine_poses and (pose_free or len(devices) > 1 or launch.world_size > 1):
-        raise InputError("--refine-poses refines given poses in one process: not with --pose-free or several "
-                         "devices/ranks")
     if launch.world_size > 1:
         devices = [rank_device(launch, list(devices), torch.cuda.device_count() if devices[0] != "cpu" else 0)]
     writer = launch.rank == 0
@@ -358,7 +314,7 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
            "latent_dim": int(latent_dim), "epochs": int(epochs), "batch_size": int(batch_size),
            "beta": float(beta), "n_basis": int(n_basis), "hidden": int(hidden),
            "learning_rate": float(learning_rate), "seed": int(seed), "pose_free": bool(pose_free),
-           "pose_heads": int(pose_heads), "symmetry": symmetry, "refine_poses": bool(refine_poses)}
+           "pose_heads": int(pose_heads), "symmetry": symmetry}
     if resume:
         if not os.path.exists(ckpt_path):
             raise InputError("%s: no checkpoint to continue from" % ckpt_path)
@@ -367,7 +323,7 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
         ckpt = read_checkpoint(ckpt_path)
         old = ckpt["config"]
         for k, default in (("latent_dim", None), ("n_basis", None), ("hidden", None), ("pose_free", False),
-                           ("symmetry", "C1"), ("refine_poses", False)):
+                           ("symmetry", "C1")):
             if old.get(k, default) != cfg[k]:
                 raise InputError("--continue: %s %s differs from the checkpoint's %s" % (k, cfg[k], old.get(k, default)))
         cfg.update(box=old["box"], scale=old["scale"], particles=os.path.abspath(particles))

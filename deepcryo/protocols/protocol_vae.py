@@ -117,12 +117,6 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                       help=SYMMETRY_HELP + " Every volume of the landscape has this symmetry; each particle costs "
                                            "one slice per operator, so for t, o and i symmetry-expand the particles "
                                            "(relion_particle_symmetry_expand) and use c1.")
-        form.addParam("refinePoses", params.BooleanParam, default=False, condition="not poseFree",
-                      label="Refine the poses?",
-                      help="Learn a correction of every particle's pose and origin together with the decoder "
-                           "(after one epoch at the consensus poses), so each conformation is explained at its "
-                           "own pose: consensus poses from a map of one state are biased for the others. The "
-                           "output particles carry the refined poses. One GPU or CPU process.")
         form.addParam("latentDim", params.IntParam, default=8, validators=[params.GE(1)],
                       label="Latent dimension", help="Dimension of the latent (conformational) space.")
         form.addParam("workingBox", params.IntParam, default=64, validators=[params.GE(8)],
@@ -185,8 +179,6 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
         if not self.poseFree:
             options += ["--symmetry", self.symmetryGroup.get().strip()]
         args = ["train", "--output-dir", self.getTrainDir()] + options
-        if self.refinePoses and not self.poseFree:
-            args.append("--refine-poses")
         if self.poseFree:
             args.append("--pose-free")
             if self.referenceVolume.get() is not None:
@@ -225,8 +217,7 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
         outSet.copyInfo(inputSet)
         outSet.setHasCTF(inputSet.hasCTF())   # SetOfParticlesFlex.copyInfo from a SetOfParticles leaves it out
         poseFree = bool(self.poseFree)
-        newPoses = poseFree or bool(self.refinePoses)
-        if newPoses:
+        if poseFree:
             outSet.setAlignmentProj()
             px = inputSet.getSamplingRate()
         outSet.getFlexInfo().setAttr("_deepcryoTrainDir", os.path.abspath(self.getTrainDir()))
@@ -241,7 +232,7 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
             if sigma is not None:
                 setattr(flex, SIGMA_ATTR, pwobj.CsvList(pType=float))
                 getattr(flex, SIGMA_ATTR).set([float(v) for v in sigma[r]])
-            if newPoses:   # the predicted (in the learned volume's frame and hand) or refined poses
+            if poseFree:   # the predicted poses, in the learned volume's frame and hand
                 flex.setTransform(rowToAlignment({c: star.particles[c][r] for c in POSE_COLUMNS}, px))
             outSet.append(flex)
         self._defineOutputs(**{OUTPUT_PARTICLES: outSet})

@@ -9,7 +9,6 @@ Example::
         --epochs 20 --box 32 --continue
     python -m deepcryo.landscape train --particles P.star --output-dir vae --device cuda:0,cuda:1
     python -m deepcryo.landscape train --particles P.star --output-dir vae_pf --pose-free --reference map.mrc
-    python -m deepcryo.landscape train --particles refine/particles.star --output-dir vae --box 32 --refine-poses
     srun --ntasks-per-node=4 --gpus-per-node=4 python -m deepcryo.landscape train --particles P.star \
         --output-dir vae --device cuda
     torchrun --nproc-per-node=2 -m deepcryo.landscape train --particles P.star --output-dir vae --device cpu
@@ -31,9 +30,6 @@ def add_args(parser):
     parser.add_argument("--reference", default=None, help="pose-free: MRC map to start the mean volume from "
                                                           "(default: a soft sphere)")
     parser.add_argument("--pose-heads", type=int, default=8, help="pose-free: candidate poses per particle")
-    parser.add_argument("--refine-poses", action="store_true",
-                        help="refine every particle's pose and origin jointly with the decoder (consensus poses "
-                             "from another state's map are biased); the latent STAR gets the refined poses")
 
 
 def add_training_args(parser):
@@ -63,5 +59,4 @@ def main(args):
     train(args.particles, args.output_dir, latent_dim=args.latent_dim, epochs=args.epochs, box=args.box,
           batch_size=args.batch_size, beta=args.beta, n_basis=args.basis, learning_rate=args.learning_rate,
           devices=args.devices, resume=args.resume, seed=args.seed, pose_free=args.pose_free,
-          reference=args.reference, pose_heads=args.pose_heads, symmetry=args.symmetry,
-          refine_poses=args.refine_poses)
+          reference=args.reference, pose_heads=args.pose_heads, symmetry=args.symmetry)
