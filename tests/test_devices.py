@@ -243,8 +243,9 @@ def _run_jobs(monkeypatch, prot, fail=False):
 
 
 def _device_words(args):
+    """The value of ``--device`` in a program's arguments, as a one-word list ([] without the option)."""
     words = str(args).split()
-    return words[words.index("--device") + 1:] if "--device" in words else []
+    return words[words.index("--device") + 1:words.index("--device") + 2] if "--device" in words else []
 
 
 def test_vae_protocol_uses_a_gpu_only_when_asked(monkeypatch, tmp_path):
