@@ -5,9 +5,14 @@ sections when it is absent.
 The viewers of DeepCryoProtReconstruct and DeepCryoProtSwiftRefine are given a map and half maps written here
 (known voxel size and a non-default origin), without running the protocols.
 """
+import importlib.util
 import os
+import shutil
 import sys
+import tempfile
+import time
 import types
+import unittest
 from unittest import mock
 
 import numpy as np
@@ -111,6 +116,35 @@ class TestMapViewer(ProtocolTest):
             self.assertEqual(words[words.index("step") + 1], "1")
             self.assertAlmostEqual(float(words[words.index("level") + 1]), level, places=4)
         self.assertEqual(lines[6:], ["tile #1-3 columns 3 spacingFactor 1.2", "view"])
+
+    @unittest.skipUnless(importlib.util.find_spec("chimera"), "scipion-em-chimera is not installed")
+    def testChimeraxThroughTheRealPlugin(self):
+        """scipion-em-chimera itself (its Plugin.getProgram, getEnviron and runChimeraProgram) starts the program
+        in CHIMERA_HOME/bin with the script: here a stand-in ChimeraX that records what it was given."""
+        home = tempfile.mkdtemp(prefix="chimerax_home_")
+        self.addCleanup(shutil.rmtree, home, ignore_errors=True)
+        record = os.path.join(home, "received.txt")
+        os.makedirs(os.path.join(home, "bin"), exist_ok=True)
+        program = os.path.join(home, "bin", "ChimeraX")
+        with open(program, "w") as f:
+            f.write('#!/bin/sh\necho "$1" > "%s.part"; cat "$1" >> "%s.part"; mv "%s.part" "%s"\n'
+                    % (record, record, record, record))
+        os.chmod(program, 0o755)
+        import chimera
+        with mock.patch.dict(os.environ, {"CHIMERA_HOME": home}):
+            chimera.Plugin._defineVariables()
+            self.assertEqual(chimera.Plugin.getProgram(), program)
+            viewer = self._viewer()
+            self.assertEqual(viewer.displayVolumes.get(), CHIMERAX)    # the default when installed
+            self.assertEqual(viewer._showMaps(), [])
+        for _ in range(100):                                           # the program runs in the background
+            if os.path.exists(record):
+                break
+            time.sleep(0.1)
+        script = os.path.abspath(self.prot._getExtraPath("chimerax_maps.cxc"))
+        lines = open(record).read().splitlines()
+        self.assertEqual(lines[0], script)
+        self.assertEqual(lines[1:4], ['open "%s"' % os.path.abspath(p) for p in self.paths])
 
     def testChimeraxAbsentBinary(self):
         """A plugin whose ChimeraX program is missing counts as absent: slices."""
