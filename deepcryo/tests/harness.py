@@ -30,6 +30,7 @@ hanging.
 import os
 import re
 import time
+import types
 
 from deepcryo import scipion_env
 
@@ -152,3 +153,20 @@ class ProtocolTest(BaseTest):
         waitForProtocol(prot, lambda run: run.hasAttribute(outputAttributeName),
                         "output %r" % outputAttributeName, timeOut, poll_s=sleepTime)
         cls.proj._updateProtocol(prot)
+
+
+def fakeChimeraModule(program, calls):
+    """A stand-in for scipion-em-chimera's module ``chimera``: its ``Plugin`` has the plugin's ``getProgram``
+    (``program``) and ``runChimeraProgram``, which appends ``(program, args, cwd)`` to ``calls``."""
+    class Plugin:
+        @classmethod
+        def getProgram(cls):
+            return program
+
+        @classmethod
+        def runChimeraProgram(cls, program, args="", cwd=None, extraEnv=None):
+            calls.append((program, args, cwd))
+
+    module = types.ModuleType("chimera")
+    module.Plugin = Plugin
+    return module

@@ -33,7 +33,6 @@ failure seen before).
 import glob
 import os
 import sys
-import types
 import uuid
 from unittest import mock
 
@@ -50,7 +49,7 @@ from deepcryo.protocols import (DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect, D
                                 DeepCryoProtVaeVolumes)
 from deepcryo.protocols.protocol_vae import (OUTPUT_CLASSES, OUTPUT_PATH_VOLUMES, OUTPUT_PC_VOLUMES, OUTPUT_TRAJECTORY,
                                              SIGMA_ATTR)
-from deepcryo.tests.harness import ProtocolTest, waitForProtocol
+from deepcryo.tests.harness import ProtocolTest, fakeChimeraModule, waitForProtocol
 from deepcryo.viewers.volumes import CHIMERAX, SLICES
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
@@ -155,18 +154,7 @@ class TestDeepCryoVae(ProtocolTest):
         """The cluster and traversal views of a viewer made while ``chimera`` is a stand-in plugin module:
         (scripts written, calls of the plugin's runner)."""
         calls = []
-
-        class Plugin:
-            @classmethod
-            def getProgram(cls):
-                return fakeProgram
-
-            @classmethod
-            def runChimeraProgram(cls, program, args="", cwd=None, extraEnv=None):
-                calls.append((program, args))
-
-        module = types.ModuleType("chimera")
-        module.Plugin = Plugin
+        module = fakeChimeraModule(fakeProgram, calls)
         from deepcryo.viewers import DeepCryoLandscapeViewer
         with mock.patch.dict(sys.modules, {"chimera": module}):
             viewer = DeepCryoLandscapeViewer(project=self.proj, protocol=analyze)
@@ -193,7 +181,7 @@ class TestDeepCryoVae(ProtocolTest):
         fakeProgram = self.proj.getTmpPath("ChimeraX")
         open(fakeProgram, "w").close()
         (clusters, traversal), scripts, calls = self._chimeraScripts(analyze, fakeProgram)
-        self.assertEqual(calls, [(fakeProgram, '"%s" &' % os.path.abspath(p)) for p in scripts])
+        self.assertEqual([c[:2] for c in calls], [(fakeProgram, '"%s" &' % os.path.abspath(p)) for p in scripts])
 
         folder = analyze._getExtraPath("analysis")
         from deepcryo.viewers.viewer_landscape import cluster_order, load_analysis

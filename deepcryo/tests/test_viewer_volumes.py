@@ -11,7 +11,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 import unittest
 from unittest import mock
 
@@ -22,27 +21,11 @@ from pyworkflow.tests import setupTestProject
 from deepcryo.constants import OUTPUT_VOLUME
 from deepcryo.core.mrc import write_mrc
 from deepcryo.protocols import DeepCryoProtReconstruct, DeepCryoProtSwiftRefine
-from deepcryo.tests.harness import ProtocolTest
+from deepcryo.tests.harness import ProtocolTest, fakeChimeraModule
 from deepcryo.viewers import DeepCryoReconstructViewer, DeepCryoSwiftRefineViewer
 from deepcryo.viewers.volumes import CHIMERAX, SLICES, shared_contour_level
 
 BOX, PX, ORIGIN = 16, 2.5, (-12.5, -20.0, -7.5)
-
-
-def fakeChimeraModule(program, calls):
-    """A module ``chimera`` whose ``Plugin`` has the plugin's ``getProgram`` and ``runChimeraProgram``."""
-    class Plugin:
-        @classmethod
-        def getProgram(cls):
-            return program
-
-        @classmethod
-        def runChimeraProgram(cls, program, args="", cwd=None, extraEnv=None):
-            calls.append((program, args, cwd))
-
-    module = types.ModuleType("chimera")
-    module.Plugin = Plugin
-    return module
 
 
 class TestMapViewer(ProtocolTest):
