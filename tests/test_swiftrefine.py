@@ -24,7 +24,8 @@ from deepcryo.core.mrc import read_mrc, write_mrc
 from deepcryo.core.particles import read_particles
 from deepcryo.core.simulate import phantom_states, phantom_volume, write_particle_set
 from deepcryo.swiftalign import __main__ as cli
-from deepcryo.swiftalign.references import join_halves, reference_filter
+from deepcryo.core.errors import InputError
+from deepcryo.swiftalign.references import join_halves, read_references, reference_filter
 from deepcryo.swiftalign.refine import RefineParams, refine_3d
 from deepcryo.swiftalign.sampling import angular_step_for_diameter, shift_step_for_resolution
 
@@ -238,3 +239,22 @@ def test_symmetric_refinement_c4(tmp_path):
     print("C4: median angular error %.2f°, FSC 0.5 vs truth %.2f Å" % (np.median(err), res))
     assert np.median(err) < 5.0
     assert res < 12.0
+
+
+def test_reference_at_another_voxel_size_of_the_same_box_is_resampled(tmp_path):
+    """A map of the particles' physical box at half their box (a landscape cluster map) starts a refinement:
+    it is Fourier-padded to the particles' box (the original map, cut at the small map's Nyquist); a map of
+    another physical size is refused with one clear error."""
+    vol = phantom_volume(32, seed=2)
+    star = read_particles(write_particle_set(str(tmp_path / "p"), vol, 4, 2.0, snr=None, seed=0))
+    small = fourier.resize_volume(torch.as_tensor(vol), 16).numpy()
+    write_mrc(str(tmp_path / "small.mrc"), small, 4.0)
+    (got,) = read_references([str(tmp_path / "small.mrc")], star)
+    assert got.shape == (32, 32, 32)
+    want = fourier.resize_volume(torch.as_tensor(small), 32).numpy()
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    assert abs(float(got.mean()) - float(vol.mean())) < 1e-5 * float(np.abs(vol).max())
+    assert np.corrcoef(got.ravel(), vol.ravel())[0, 1] > 0.95                # the same map, cut at 8 Å
+    write_mrc(str(tmp_path / "other.mrc"), small, 3.0)                     # 48 Å, not the particles' 64 Å
+    with pytest.raises(InputError, match="other.mrc"):
+        read_references([str(tmp_path / "other.mrc")], star)

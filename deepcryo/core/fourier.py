@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["fft2c", "ifft2c", "fft3c", "ifft3c", "freqs_1d", "freq_grid_2d", "freq_grid_3d", "radius_grid_2d",
-           "radius_grid_3d", "fourier_crop_2d", "fourier_pad_2d", "resize_images", "phase_ramps", "phase_shift_2d",
-           "shift_images", "lowpass_filter", "bandpass_filter", "radial_average", "soft_edge",
+           "radius_grid_3d", "fourier_crop_2d", "fourier_pad_2d", "resize_images", "resize_volume", "phase_ramps",
+           "phase_shift_2d", "shift_images", "lowpass_filter", "bandpass_filter", "radial_average", "soft_edge",
            "downsample_images", "lowpass_volume"]
 
 
@@ -118,6 +118,17 @@ def resize_images(images: torch.Tensor, n_out: int) -> torch.Tensor:
 
 
 downsample_images = resize_images
+
+
+def resize_volume(volume: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Fourier-crop (downsample) or zero-pad (upsample) a real volume (N, N, N) to (n_out, n_out, n_out): the same
+    physical box at N / n_out times the voxel size; values scaled so that the mean is preserved."""
+    n = volume.shape[-1]
+    if n_out == n:
+        return volume
+    ft = fft3c(volume.to(torch.float32))
+    ft = crop_to(ft, n_out, 3) if n_out < n else pad_to(ft, n_out, 3)
+    return ifft3c(ft).real * (n_out / n) ** 3
 
 
 def phase_ramps(freqs_px: torch.Tensor, shifts_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:

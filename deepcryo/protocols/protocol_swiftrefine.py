@@ -64,7 +64,9 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
                            "(_rlnRandomSubset, e.g. from a previous refinement) keep it.")
         form.addParam("inputVolumes", params.MultiPointerParam, pointerClass="Volume", important=True,
                       minNumObjects=1, label="Initial map(s)",
-                      help="Same box and pixel size as the particles. One map: a single refinement. "
+                      help="The particles' box and pixel size, or the same physical box at another pixel size "
+                           "(e.g. the landscape's cluster maps at its working box), which is resampled to the "
+                           "particles' box. One map: a single refinement. "
                            "Several maps: a multi-reference refinement, one 3D class per map.")
         form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry group",
                       help=SYMMETRY_HELP)
@@ -231,6 +233,9 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
                     [("Mask", self.inputMask.get())]:
                 if vol is None:
                     continue
+                if what != "Mask" and sr and vol.getXDim() != box and \
+                        abs(vol.getXDim() * vol.getSamplingRate() - box * sr) <= 0.01 * box * sr:
+                    continue    # the particles' physical box at another voxel size: the program resamples it
                 if vol.getXDim() != box:
                     errors.append("%s (%s): box %d px differs from the particles' %d px."
                                   % (what, vol.getFileName(), vol.getXDim(), box))

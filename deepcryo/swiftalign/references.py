@@ -11,6 +11,7 @@ components below the join resolution averaged with the other half's (RELION's ``
 which keeps the halves in one frame and hand), and multiplied by the mask (the user's, or a soft sphere of the
 particle diameter).
 """
+import logging
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -26,6 +27,8 @@ from deepcryo.core.reconstruct import Reconstructor
 
 from .index import check_reference_map
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["reference_filter", "apply_shell_filter", "join_halves", "refinement_mask",
            "read_references", "read_mask", "initial_references", "next_references"]
 
@@ -33,10 +36,17 @@ __all__ = ["reference_filter", "apply_shell_filter", "join_halves", "refinement_
 # ------------------------------------------------------------------------------------------ inputs
 def read_references(paths: Sequence[str], star: ParticleStar) -> List[np.ndarray]:
     """The maps (N, N, N) at ``paths`` (MRC), each checked against the particles ``star`` by
-    :func:`.index.check_reference_map`."""
+    :func:`.index.check_reference_map`. A cubic map of the particles' physical box (within 1 %) at another
+    voxel size is resampled to their box first (:func:`deepcryo.core.fourier.resize_volume`), so maps made at a
+    working box, such as the landscape's cluster maps, can start a refinement of the full-size particles."""
     maps = []
+    box, px = star.box_size, star.pixel_size_A
     for path in paths:
         volume, map_px = read_mrc(path)
+        n = volume.shape[-1]
+        if volume.ndim == 3 and len(set(volume.shape)) == 1 and n != box and abs(n * map_px - box * px) <= 0.01 * box * px:
+            logger.info("%s: %d px at %.4g Å/px resampled to the particles' %d px at %.4g Å/px", path, n, map_px, box, px)
+            volume, map_px = fourier.resize_volume(torch.as_tensor(volume), box).numpy(), px
         check_reference_map(volume, map_px, star, path)
         maps.append(volume)
     return maps

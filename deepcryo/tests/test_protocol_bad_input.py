@@ -15,7 +15,7 @@ import torch
 from pwem.objects import EMFile, SetOfCTF
 
 from deepcryo.protocols import (DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain, DeepCryoProtReconstruct,
-                                DeepCryoProtSwiftAlign, DeepCryoProtVaeTrain)
+                                DeepCryoProtSwiftAlign, DeepCryoProtSwiftRefine, DeepCryoProtVaeTrain)
 from deepcryo.tests.malicious import malicious_file
 from deepcryo.tests.protocol_inputs import _micrographs, _particles, _volume
 
@@ -71,6 +71,18 @@ class TestProtocolBadInput(unittest.TestCase):
         errors = _errors(DeepCryoProtSwiftAlign, inputParticles=_particles(folder), inputVolume=_volume(folder, 3.0))
         self.assertTrue(any("Pixel size mismatch: particles 2.0000 Å/px, map 3.0000 Å/px" in e for e in errors),
                         errors)
+
+    def testSwiftRefineTakesAMapOfTheSameBoxAtAnotherPixelSize(self):
+        """16 px at 2 Å/px particles: an 8 px map at 4 Å/px (the same 32 Å) is accepted, to be resampled by the
+        program; an 8 px map at 2 Å/px (16 Å) is refused."""
+        folder = self._folder()
+        particles = _particles(folder)
+        ok = _errors(DeepCryoProtSwiftRefine, inputParticles=particles,
+                     inputVolumes=[_volume(folder, 4.0, box=8)], initialResolution=30.0)
+        self.assertEqual([e for e in ok if "Initial map" in e], [])
+        bad = _errors(DeepCryoProtSwiftRefine, inputParticles=particles,
+                      inputVolumes=[_volume(folder, 2.0, box=8)], initialResolution=30.0)
+        self.assertTrue(any("box 8 px differs from the particles' 16 px" in e for e in bad), bad)
 
     def testDefocusProtocolRefuses(self):
         for label, kw, words in MIC_CASES:
