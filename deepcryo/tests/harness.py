@@ -29,6 +29,7 @@ hanging.
 """
 import os
 import re
+import shutil
 import time
 import types
 
@@ -170,3 +171,11 @@ def fakeChimeraModule(program, calls):
     module = types.ModuleType("chimera")
     module.Plugin = Plugin
     return module
+
+
+def deliverFile(source, folder, name):
+    """Put a copy of ``source`` into the watched ``folder`` as ``name`` the way a microscope's transfer does:
+    copied beside it under a hidden name, then renamed, so a streaming import never sees a partial file."""
+    tmp = os.path.join(folder, ".%s.part" % name)
+    shutil.copy(source, tmp)
+    os.replace(tmp, os.path.join(folder, name))

@@ -5,7 +5,6 @@ output when the input closes, and a downstream protocol (pwem's ProtSubSet) run 
 again after it closed must see the set grow.
 """
 import os
-import shutil
 import time
 
 import mrcfile
@@ -18,7 +17,7 @@ from deepcryo.constants import OUTPUT_CTF
 from deepcryo.core.micrographs import simulate_micrograph
 from deepcryo.core.mrc import write_mrc
 from deepcryo.protocols import DeepCryoProtDeepDefocus
-from deepcryo.tests.harness import ProtocolTest, loadRun, waitForProtocol
+from deepcryo.tests.harness import ProtocolTest, deliverFile, loadRun, waitForProtocol
 
 PX, VOLTAGE, CS, AMP = 1.2, 300.0, 2.7, 0.07
 N, SIZE, BAD = 200, 512, 100
@@ -51,9 +50,7 @@ class TestDeepCryoDefocusStreamingLoad(ProtocolTest):
     def _write(self, first, count):
         for i in range(first, first + count):
             src = os.path.join(self.source, "bad.mrc" if i == BAD else "src_%d.mrc" % (i % 8))
-            tmp = os.path.join(self.folder, ".mic_%03d.tmp" % i)
-            shutil.copy(src, tmp)  # complete files only appear under the watched name
-            os.replace(tmp, os.path.join(self.folder, "mic_%03d.mrc" % i))
+            deliverFile(src, self.folder, "mic_%03d.mrc" % i)
 
     def _ctfSize(self, prot):
         ctfs = getattr(loadRun(prot), OUTPUT_CTF, None)

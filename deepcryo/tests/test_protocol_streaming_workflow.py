@@ -30,7 +30,6 @@ still runs (an observation with fewer CTFs than the end, taken while the import 
 closed once the import closes; the selection holds exactly the micrographs whose true defocus passes its formula.
 """
 import os
-import shutil
 import time
 
 from pwem.protocols import ProtImportMicrographs, ProtSetFilter
@@ -41,7 +40,7 @@ from deepcryo.constants import OUTPUT_CTF
 from deepcryo.core.micrographs import simulate_micrograph
 from deepcryo.core.mrc import write_mrc
 from deepcryo.protocols import DeepCryoProtDeepDefocus
-from deepcryo.tests.harness import TIMEOUT_S, ProtocolTest, describeRun, loadRun
+from deepcryo.tests.harness import TIMEOUT_S, ProtocolTest, deliverFile, describeRun, loadRun
 
 PX, VOLTAGE, CS, AMP = 1.2, 300.0, 2.7, 0.07
 SIZE = 512
@@ -110,9 +109,7 @@ class TestDeepCryoScheduledStreamingWorkflow(ProtocolTest):
         microscope's transfer."""
         for i in indices:
             name = "mic_%02d.mrc" % i
-            tmp = os.path.join(self.folder, ".%s.part" % name)
-            shutil.copy(os.path.join(self.source, name), tmp)
-            os.replace(tmp, os.path.join(self.folder, name))
+            deliverFile(os.path.join(self.source, name), self.folder, name)
 
     def testScheduledImportDefocusSelection(self):
         self._deliver(BURSTS[0])
