@@ -25,6 +25,7 @@ Scipion. The Scipion :class:`Plugin` class is built on first access to ``deepcry
 Scipion's plugin discovery and ``from deepcryo import Plugin`` do), so a test harness can also
 configure Scipion before pyworkflow reads its configuration.
 """
+import importlib.util
 import os
 import shlex
 import shutil
@@ -52,6 +53,14 @@ ENV_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 ENV_REQUIREMENTS = ("faiss-cpu", "numpy", "scipy", "mrcfile", "emtable", "matplotlib", "scikit-learn")
 ENV_FLAG = "deepcryo_env_installed"
 DISTRIBUTION = "scipion-em-deepcryo"
+#: Modules the programs need beyond the Scipion side's (pip extra ``engines``, or the separate environment).
+ENGINE_MODULES = ("torch", "faiss")
+
+
+def missingEngineModules():
+    """Which of :data:`ENGINE_MODULES` the Python running Scipion cannot import (found without importing them,
+    so that Scipion's GUI, which asks every protocol whether it is installed, stays fast)."""
+    return [name for name in ENGINE_MODULES if importlib.util.find_spec(name) is None]
 
 
 def expandPath(path):
@@ -123,8 +132,10 @@ def _buildPluginClass():
     class Plugin(pwem.Plugin):
         """deepcryo's Scipion plugin: configuration and command lines of the internal programs.
 
-        Nothing is downloaded or compiled: the programs are Python modules of this package, run by
-        ``DEEPCRYO_PYTHON`` (default: the Python running Scipion).
+        Nothing is compiled: the programs are Python modules of this package, run by ``DEEPCRYO_PYTHON``:
+        Scipion's own Python when torch and faiss are installed there (``pip install
+        "scipion-em-deepcryo[engines]"``), else the separate environment ``deepcryo-env``, which ``scipion3
+        installp`` then installs as the plugin's default binaries.
         """
         _pathVars = []
         _url = _projectUrl()
@@ -141,9 +152,39 @@ def _buildPluginClass():
 
         @classmethod
         def _defineVariables(cls):
-            cls._defineVar(DEEPCRYO_PYTHON, sys.executable, var_type=VarTypes.PATH,
+            cls._defineVar(DEEPCRYO_PYTHON, cls.defaultPython(), var_type=VarTypes.PATH,
                            description="Python interpreter that runs deepcryo's programs "
                                        "(needs torch, numpy, mrcfile, emtable, faiss and deepcryo).")
+
+        @classmethod
+        def defaultPython(cls):
+            """``DEEPCRYO_PYTHON`` when scipion.conf does not set it: Scipion's own Python if it has torch and
+            faiss, else the separate environment's once installed (else Scipion's, which
+            :meth:`validateInstallation` then reports)."""
+            if missingEngineModules() and os.path.exists(cls.getEnvPython()):
+                return cls.getEnvPython()
+            return sys.executable
+
+        @classmethod
+        def validateInstallation(cls):
+            """Why the programs cannot run, one line each (none when they can); Scipion shows it on the form and
+            greys the protocols in its tree. Nothing is started: an interpreter of its own is only checked to
+            exist; Scipion's own Python, to find torch and faiss."""
+            python = cls.getPython()
+            if cls.usesOwnPython():
+                if shutil.which(python) is None:
+                    return ["DEEPCRYO_PYTHON = %s is not an executable file: install the separate environment "
+                            "(scipion3 installb %s) or set DEEPCRYO_PYTHON in scipion.conf to a Python with "
+                            "torch and faiss." % (python, ENV_PACKAGE)]
+                return []
+            missing = missingEngineModules()
+            if missing:
+                return ["deepcryo's programs need %s, which Scipion's Python (%s) does not have. Either "
+                        "install the separate environment (scipion3 installb %s, then set DEEPCRYO_PYTHON = %s "
+                        "in scipion.conf) or install them into Scipion's Python (pip install "
+                        "\"scipion-em-deepcryo[engines]\")." % (" and ".join(missing), python, ENV_PACKAGE,
+                                                                cls.getEnvPython())]
+            return []
 
         @classmethod
         def getPython(cls):
@@ -195,15 +236,17 @@ def _buildPluginClass():
 
         @classmethod
         def defineBinaries(cls, env):
-            """The optional separate environment ``deepcryo-env`` (not installed by default).
+            """The separate environment ``deepcryo-env``, so that torch and faiss need not live in Scipion's
+            Python.
 
-            By default nothing is installed: the programs are this package's modules and run under
-            Scipion's Python, which then needs torch and faiss (installed with the plugin). Instead,
-            ``scipion3 installb deepcryo-env`` makes a virtual environment with Scipion's Python (venv
-            module) and installs into it torch (CPU build), faiss-cpu, the other libraries of the programs
-            and this plugin without its Scipion dependencies; ``DEEPCRYO_PYTHON`` set to
-            :meth:`getEnvPython` then selects it. Scipion's ``PYTHONPATH`` is unset for the installation,
-            so that pip does not take Scipion's packages for the environment's.
+            The plugin's pip package does not depend on torch or faiss (they are its extra ``engines``). When
+            Scipion's Python lacks them, ``deepcryo-env`` is a default binary: ``scipion3 installp`` makes it
+            (``installb`` at any time): a virtual environment of Scipion's Python (venv module) with torch
+            (CPU build), faiss-cpu, the other libraries of the programs and this plugin without its Scipion
+            dependencies; :meth:`defaultPython` then selects it (or ``DEEPCRYO_PYTHON`` set to
+            :meth:`getEnvPython`). When Scipion's Python has them (``pip install
+            "scipion-em-deepcryo[engines]"``), it is optional. Scipion's ``PYTHONPATH`` is unset for the
+            installation, so that pip does not take Scipion's packages for the environment's.
             """
             python = "venv/bin/python"
             pip = "%s -m pip install --no-cache-dir" % python
@@ -220,7 +263,8 @@ def _buildPluginClass():
                               % cls.getEnvPython()]),
                  ENV_FLAG),
             ]
-            env.addPackage(ENV_PACKAGE, version=__version__, tar="void.tgz", commands=commands, default=False)
+            env.addPackage(ENV_PACKAGE, version=__version__, tar="void.tgz", commands=commands,
+                           default=bool(missingEngineModules()))
 
     Plugin.__qualname__ = "Plugin"
     return Plugin

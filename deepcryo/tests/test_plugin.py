@@ -24,6 +24,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import unittest
 from unittest import mock
 
@@ -232,6 +233,64 @@ class TestPlugin(unittest.TestCase):
             self.assertEqual(deepcryo._pluginRequirement(), "-e %s" % shlex.quote(root))
         with mock.patch("os.path.isfile", lambda path: False):
             self.assertEqual(deepcryo._pluginRequirement(), "scipion-em-deepcryo==%s" % deepcryo.__version__)
+
+    def testWithoutEnginesTheSeparateEnvironmentIsTheDefault(self):
+        """The pip package has no torch or faiss (extra ``engines``): where Scipion's Python lacks them,
+        ``installp`` installs ``deepcryo-env`` (a default binary), its Python becomes ``DEEPCRYO_PYTHON``'s
+        default once it exists, and until then every protocol reports one line naming both ways to install them;
+        with them, the environment stays optional and Scipion's Python runs the programs."""
+        envPython = os.path.join(tempfile.mkdtemp(prefix="deepcryo-env-"), "python")
+        self._setEnv()
+        os.environ.pop(DEEPCRYO_PYTHON, None)
+        for missing, envExists, python, default in ((["torch", "faiss"], True, envPython, True),
+                                                    (["faiss"], False, sys.executable, True),
+                                                    ([], True, sys.executable, False)):
+            with self.subTest(missing=missing, envExists=envExists):
+                if envExists:  # an executable stands in for the environment's Python
+                    with open(envPython, "w") as f:
+                        f.write("#!/bin/sh\n")
+                    os.chmod(envPython, 0o755)
+                elif os.path.exists(envPython):
+                    os.remove(envPython)
+                with mock.patch("deepcryo.missingEngineModules", lambda: list(missing)), \
+                        mock.patch.object(self.Plugin, "getEnvPython", lambda: envPython):
+                    env = Environment(args=["deepcryo-env", "--show"])
+                    self.Plugin.defineBinaries(env)
+                    self.assertEqual(env.getTarget("deepcryo-env-%s" % deepcryo.__version__).isDefault(), default)
+                    self.Plugin._defineVariables()
+                    self.assertEqual(self.Plugin.getPython(), python)
+                    errors = self.Plugin.validateInstallation()
+                    if python == sys.executable and missing:
+                        self.assertEqual(len(errors), 1, errors)
+                        self.assertIn("need faiss, which Scipion's Python", errors[0])
+                        self.assertIn("scipion3 installb deepcryo-env", errors[0])
+                        self.assertIn('pip install "scipion-em-deepcryo[engines]"', errors[0])
+                        self.assertFalse(deepcryo.protocols.DeepCryoProtReconstruct.isInstalled())
+                    else:
+                        self.assertEqual(errors, [])
+
+    def testMissingOwnPythonIsReported(self):
+        self.Plugin._addVar(DEEPCRYO_PYTHON, "/opt/no-such-env/bin/python")
+        errors = self.Plugin.validateInstallation()
+        self.assertEqual(len(errors), 1, errors)
+        self.assertTrue(errors[0].startswith("DEEPCRYO_PYTHON = /opt/no-such-env/bin/python is not an executable"),
+                        errors)
+        self.assertFalse(deepcryo.protocols.DeepCryoProtSwiftAlign.isInstalled())
+
+    def testPackageLeavesTorchAndFaissToTheEnginesExtra(self):
+        """``pip install scipion-em-deepcryo`` (what ``installp`` does) brings no torch or faiss into Scipion's
+        Python; the extras ``engines`` and ``gpu`` do."""
+        try:
+            import tomllib
+        except ImportError:
+            self.skipTest("reading pyproject.toml needs Python 3.11's tomllib")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(deepcryo.__file__)))
+        with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+            project = tomllib.load(f)["project"]
+        names = [d.split(">")[0].split("=")[0].split("[")[0].strip() for d in project["dependencies"]]
+        self.assertFalse({"torch", "faiss-cpu", "faiss-gpu-cu12"} & set(names), names)
+        self.assertIn("torch>=2.1", project["optional-dependencies"]["engines"])
+        self.assertIn("faiss-cpu", project["optional-dependencies"]["engines"])
 
     def testPythonFollowsDeepcryoPython(self):
         """``DEEPCRYO_PYTHON = <the environment's python>`` in scipion.conf (Scipion exports it) selects it."""

@@ -17,20 +17,25 @@
 # *
 # **************************************************************************
 """A streaming workflow as a user schedules it (headless Scipion, CPU): a streaming import of micrographs
-that arrive over time in a watched folder → deep defocus → a CTF-based selection (pwem's "filter set" with a
-defocus formula). The three protocols are saved and *scheduled* together (``Project.scheduleProtocol``, what
-the GUI's "Schedule" and ``pyworkflow.project.scripts.schedule`` do), so Scipion's scheduler starts each one
-when its input is there: the defocus as soon as the import has micrographs (it works in streaming), the
-selection when the CTFs are complete (pwem's filter does not work in streaming, the scheduler waits for its
-input set to close). pwem has no protocol that consumes a SetOfCTF while it grows: ``ProtCTFAssign`` overrides
-``_stepsCheck`` with a no-op, so the scheduler starts it at once and it copies the partial set.
+that arrive over time in a watched folder → deep defocus → the facility's CTF monitor (scipion-em-facilities'
+"ctf monitor", which reads the growing SetOfCTF while acquisition goes on, records every CTF and raises alarms)
+and a CTF-based selection (pwem's "filter set" with a defocus formula). The four protocols are saved and
+*scheduled* together (``Project.scheduleProtocol``, what the GUI's "Schedule" and
+``pyworkflow.project.scripts.schedule`` do), so Scipion's scheduler starts each one when its input is there: the
+defocus as soon as the import has micrographs (it works in streaming), the monitor with it, the selection when
+the CTFs are complete (pwem's filter does not work in streaming, the scheduler waits for its input set to close).
 
 Asserted: every micrograph gets exactly one CTF close to the simulated truth; the CTF set grows while the import
-still runs (an observation with fewer CTFs than the end, taken while the import is active); every output is
-closed once the import closes; the selection holds exactly the micrographs whose true defocus passes its formula.
+still runs (an observation with fewer CTFs than the end, taken while the import is active); the monitor has
+recorded some CTFs while the defocus was still running and, at the end, every CTF with the defocus values of the
+set; every output is closed once the import closes; the selection holds exactly the micrographs whose true
+defocus passes its formula.
 """
 import os
+import sqlite3
 import time
+
+from emfacilities.protocols import CTF_LOG_SQLITE, ProtMonitorCTF
 
 from pwem.protocols import ProtImportMicrographs, ProtSetFilter
 from pyworkflow.object import Set
@@ -77,6 +82,18 @@ def _waitRun(prot, until, what, observe=None, poll_s=1.0):
             raise AssertionError("waiting for %s: not there after %.0f s. %s" % (what, TIMEOUT_S,
                                                                                 describeRun(prot, run)))
         time.sleep(poll_s)
+
+
+def _monitored(monitor):
+    """(ctfID, defocus U, defocus V) rows the CTF monitor has recorded so far (none before its database exists)."""
+    path = monitor._getPath(CTF_LOG_SQLITE)
+    if not os.path.exists(path):
+        return []
+    with sqlite3.connect(path) as db:
+        try:
+            return db.execute("SELECT ctfID, defocusU, defocusV FROM log ORDER BY ctfID").fetchall()
+        except sqlite3.OperationalError:  # the table is not created yet
+            return []
 
 
 def _size(run, name):
@@ -126,13 +143,19 @@ class TestDeepCryoScheduledStreamingWorkflow(ProtocolTest):
         select.inputSet.set(defocus)
         select.inputSet.setExtended(OUTPUT_CTF)
         self.proj.saveProtocol(select)
-        for prot in (imp, defocus, select):  # the whole workflow at once, as the GUI's "Schedule" does
+        monitor = self.newProtocol(ProtMonitorCTF, samplingInterval=1, monitorTime=TIMEOUT_S / 60.0)
+        monitor.inputProtocol.set(defocus)
+        self.proj.saveProtocol(monitor)
+        for prot in (imp, defocus, monitor, select):  # the whole workflow at once, as the GUI's "Schedule" does
             self.proj.scheduleProtocol(prot)
 
         seen = []  # (import active, CTFs) at each poll
+        monitored_while_running = []  # CTFs the monitor had recorded at each poll while the defocus ran
 
         def observe(run):
             seen.append((loadRun(imp).isActive(), _size(run, OUTPUT_CTF)))
+            if run.isActive():
+                monitored_while_running.append(len(_monitored(monitor)))
 
         # the scheduler starts the defocus once the import has micrographs; more arrive while both run
         _waitRun(defocus, lambda run: run.isActive() and not run.isScheduled(), "the scheduler to start the defocus")
@@ -141,6 +164,7 @@ class TestDeepCryoScheduledStreamingWorkflow(ProtocolTest):
         self._deliver(BURSTS[2])
         defocus = _waitRun(defocus, lambda run: run.isFinished(), "the defocus to finish", observe)
         select = _waitRun(select, lambda run: run.isFinished(), "the selection to finish")
+        _waitRun(monitor, lambda run: run.isFinished(), "the monitor to finish")
         imp = loadRun(imp)
 
         # the CTF set grew while the import was still running, and everything closed
@@ -161,6 +185,15 @@ class TestDeepCryoScheduledStreamingWorkflow(ProtocolTest):
         self.assertEqual(sorted(ctfs), ["mic_%02d.mrc" % i for i in range(n)])
         errors = {name: abs((u + v) / 2 - MEANS[int(name[4:6])]) for name, (u, v) in ctfs.items()}
         self.assertLess(max(errors.values()), TOLERANCE_A, errors)
+
+        # the monitor consumed the set while it grew, and recorded every CTF as the set holds it
+        self.assertTrue(any(0 < k < n for k in monitored_while_running), monitored_while_running)
+        recorded = {ctf_id: (u, v) for ctf_id, u, v in _monitored(monitor)}
+        expected = {ctf.getObjId(): (ctf.getDefocusU(), ctf.getDefocusV()) for ctf in getattr(defocus, OUTPUT_CTF)}
+        self.assertEqual(sorted(recorded), sorted(expected))
+        for ctf_id, (u, v) in expected.items():
+            self.assertAlmostEqual(recorded[ctf_id][0], u, places=2)
+            self.assertAlmostEqual(recorded[ctf_id][1], v, places=2)
 
         # the selection consumed the complete set: exactly the micrographs whose true defocus passes
         selected = sorted(os.path.basename(c.getMicrograph().getFileName()) for c in getattr(select, OUTPUT_CTF))
