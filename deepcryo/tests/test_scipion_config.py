@@ -97,7 +97,9 @@ class TestScipionConfigHome(unittest.TestCase):
         conf.read(os.path.join(self.scipionHome, "config", "scipion.conf"))
         self.assertEqual(conf["PLUGINS"][DEEPCRYO_PYTHON], "~/miniconda/bin/python")  # the setup of the issue
 
-        tests = self._scipion("tests", "%s.%s" % (__name__, TestReconstructInConfiguredHome.__name__))
+        # by its package path: ``scipion tests deepcryo.tests`` loads this module by its bare name
+        module = "deepcryo.tests." + __name__.rpartition(".")[2]
+        tests = self._scipion("tests", "%s.%s" % (module, TestReconstructInConfiguredHome.__name__))
         self.assertEqual(tests.returncode, 0, tests.stdout[-6000:])
         project = os.path.join(self.home, "ScipionUserData", "projects", TestReconstructInConfiguredHome.__name__)
         maps = glob.glob(os.path.join(project, "Runs", "*DeepCryoProtReconstruct", "extra", "*.mrc"))
