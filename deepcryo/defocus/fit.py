@@ -56,6 +56,9 @@ class BandPixels:
         self.s4 = self.s2 * self.s2
         self.s = self.s2.sqrt()
         self.cos2, self.sin2 = torch.cos(2 * phi), torch.sin(2 * phi)
+        # γ = (πλz, πλa_x, πλa_y, −c₄, c₀) · basis: one small matrix product per set of parameters
+        self.gamma_basis = torch.stack([self.s2, self.s2 * self.cos2, self.s2 * self.sin2, self.s4,
+                                        torch.ones_like(self.s2)])
 
     def take(self, psd):
         """(B, M) values of (B, size, size) PSDs at the band pixels."""
@@ -65,11 +68,12 @@ class BandPixels:
 def _gamma(band, z, ax, ay, phase_rad, voltage_kV, cs_mm, amplitude_contrast):
     """Phase γ (..., M) for parameter tensors of shape (...,) broadcast over the band pixels."""
     lam = ctf_mod.wavelength_A(voltage_kV)
-    dz = z[..., None] + ax[..., None] * band.cos2 + ay[..., None] * band.sin2
     w = amplitude_contrast
     c4 = (0.5 * math.pi * 1e7) * cs_mm * lam * lam * lam
     c0 = torch.atan(w / torch.sqrt(1 - w * w)) + phase_rad
-    return torch.addcmul(c0[..., None] - c4[..., None] * band.s4, (math.pi * lam)[..., None] * dz, band.s2)
+    k = math.pi * lam
+    coef = torch.stack(torch.broadcast_tensors(k * z, k * ax, k * ay, -c4, c0), dim=-1)
+    return coef @ band.gamma_basis
 
 
 def _gamma_jacobian(band, voltage_kV, fit_astigmatism=True, fit_phase=False):
@@ -85,10 +89,12 @@ def _gamma_jacobian(band, voltage_kV, fit_astigmatism=True, fit_phase=False):
 
 
 def _corr(data, model):
-    """Pearson correlation over the last axis; ``data`` (B, M) centred & unit-norm, ``model`` (B, ..., M)."""
-    m = model - model.mean(dim=-1, keepdim=True)
-    d = data.reshape(data.shape[:1] + (1,) * (model.ndim - 2) + data.shape[1:])
-    return (m * d).sum(-1) / m.norm(dim=-1).clamp(min=1e-12)
+    """Pearson correlation over the last axis; ``data`` (B, M) centred & unit-norm, ``model`` (B, ..., M).
+    ``Σ data·(model − mean) = Σ data·model`` (data centred), and ``‖model − mean‖² = Σ model² − (Σ model)²/M``:
+    three passes over ``model``, no centred copy."""
+    dot = torch.bmm(model.reshape(model.shape[0], -1, model.shape[-1]), data[..., None]).reshape(model.shape[:-1])
+    var = torch.linalg.vector_norm(model, dim=-1) ** 2 - model.sum(-1) ** 2 / model.shape[-1]
+    return dot / var.clamp(min=0).sqrt().clamp(min=1e-12)
 
 
 def _prep(data):
@@ -211,7 +217,7 @@ class FitResult:
 
 
 def _corr_gradient(data, gam, jac):
-    """Band correlation ρ (B,) of ``data`` (centred, unit norm) with ``m = sin²γ``, and dρ/dθ (B, P) for
+    """dρ/dθ (B, P) of the band correlation ρ of ``data`` (centred, unit norm) with ``m = sin²γ``, for
     dγ/dθ = ``jac`` (B, M, P): dρ/dm = (data − ρ m_c/‖m_c‖)/‖m_c‖ (m_c: m centred; the centring's own
     derivative vanishes against centred data), dm/dγ = sin 2γ."""
     mc = torch.sin(gam) ** 2
@@ -219,7 +225,7 @@ def _corr_gradient(data, gam, jac):
     norm = mc.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     rho = (mc * data).sum(-1, keepdim=True) / norm
     dm = (data - rho * mc / norm) / norm * torch.sin(2 * gam)
-    return rho[:, 0], torch.bmm(dm[:, None], jac)[:, 0]
+    return torch.bmm(dm[:, None], jac)[:, 0]
 
 
 def _local(psd, sampling_A, bands, z, ax, ay, phase, acq, fit_phase, iterations, fit_astigmatism=True):
@@ -248,7 +254,7 @@ def _local(psd, sampling_A, bands, z, ax, ay, phase, acq, fit_phase, iterations,
             for it in range(n_iter):
                 lr = lr0 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / n_iter)))
                 gam = gam0 + torch.bmm(jac, (x - x0)[..., None])[..., 0]
-                grad = -_corr_gradient(data, gam, jac)[1]
+                grad = -_corr_gradient(data, gam, jac)
                 m1.lerp_(grad, 1 - beta1)
                 m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (m2.sqrt() / math.sqrt(1 - beta2 ** (it + 1))).add_(eps)
