@@ -20,8 +20,9 @@ torch-ctf-estimation on the first ``--baseline-n`` micrographs of each set and o
 
 Figures per set and estimator: MAE (mean of |ΔU| and |ΔV|, Å), median and 90th percentile of the per-micrograph
 error, U−V bias (mean of estimated minus true U − V, Å: positive = astigmatism inflated), median angle error
-(where the true U − V > 300 Å) and CPU seconds per micrograph (``time.process_time``, all threads; set (a) is
-4096², so its column is the CPU time per 4096² micrograph). One small warm-up micrograph is not counted.
+(where the true U − V > 300 Å), CPU seconds per micrograph (``time.process_time``, all threads; set (a) is
+4096², so its column is the CPU time per 4096² micrograph) and, for CNN + refinement, the calibration of its σ
+(the fraction of micrographs whose mean-defocus error is within 2σ of the written ``dcDefocusSigma``). One small warm-up micrograph is not counted.
 
 Example (the run of benchmarks/RESULTS.md)::
 
@@ -117,7 +118,7 @@ def run_deepcryo(mics, weights, label, device):
         c0 = time.process_time()
         r = predict.estimate_batch([entry], model, device=device)[0]
         m["estimates"]["%s CNN+fit" % label] = (r["defocus_u_A"], r["defocus_v_A"], r["defocus_angle_deg"],
-                                                time.process_time() - c0)
+                                                time.process_time() - c0, r["defocus_sigma_A"])
 
 
 def run_exhaustive(mics, device):
@@ -159,13 +160,16 @@ def figures(mics, method):
     if not rows:
         return None
     t = np.array([r[0] for r in rows])
-    e = np.array([r[1] for r in rows])
+    e = np.array([r[1][:4] for r in rows])
+    sigma = np.array([r[1][4] if len(r[1]) > 4 else np.nan for r in rows])
     err = 0.5 * (np.abs(e[:, 0] - t[:, 0]) + np.abs(e[:, 1] - t[:, 1]))
+    mean_err = 0.5 * np.abs(e[:, 0] + e[:, 1] - t[:, 0] - t[:, 1])
     astig = (t[:, 0] - t[:, 1]) > 300.0
     return dict(n=len(rows), mae_A=float(err.mean()), median_A=float(np.median(err)),
                 p90_A=float(np.percentile(err, 90)), uv_bias_A=float(((e[:, 0] - e[:, 1]) - (t[:, 0] - t[:, 1])).mean()),
                 angle_error_deg=float(np.median(_angle_error(e[astig, 2], t[astig, 2]))) if astig.any() else None,
-                cpu_s=float(e[:, 3].mean()))
+                cpu_s=float(e[:, 3].mean()),
+                within_2sigma=None if np.isnan(sigma).any() else float(np.mean(mean_err <= 2 * sigma)))
 
 
 def main():
@@ -209,15 +213,17 @@ def main():
         methods = list(dict.fromkeys(k for m in mics for k in m["estimates"]))
         if name != "real":
             print("\n(%s) %d micrographs" % (name, len(mics)))
-            print("| estimator | n | MAE (Å) | median | p90 | U−V bias (Å) | angle error (°) | CPU s/micrograph |")
-            print("|---|---|---|---|---|---|---|---|")
+            print("| estimator | n | MAE (Å) | median | p90 | U−V bias (Å) | angle error (°) | CPU s/micrograph "
+                  "| mean-defocus error ≤ 2σ |")
+            print("|---|---|---|---|---|---|---|---|---|")
             report["sets"][name] = {}
             for method in methods:
                 f = figures(mics, method)
                 report["sets"][name][method] = f
-                print("| %s | %d | %.0f | %.0f | %.0f | %+.0f | %s | %.2f |"
+                print("| %s | %d | %.0f | %.0f | %.0f | %+.0f | %s | %.2f | %s |"
                       % (method, f["n"], f["mae_A"], f["median_A"], f["p90_A"], f["uv_bias_A"],
-                         "%.2f" % f["angle_error_deg"] if f["angle_error_deg"] is not None else "-", f["cpu_s"]))
+                         "%.2f" % f["angle_error_deg"] if f["angle_error_deg"] is not None else "-", f["cpu_s"],
+                         "%.0f %%" % (100 * f["within_2sigma"]) if f["within_2sigma"] is not None else "-"))
             continue
         print("\n(real) no truth: U / V / angle of each estimator, and its difference from %s CNN+fit" % labels[0])
         print("| micrograph | estimator | U (Å) | V (Å) | angle (°) | Δ mean defocus (Å) | Δ(U−V) (Å) | CPU s |")

@@ -188,6 +188,48 @@ def test_exhaustive_search_finds_the_truth():
     assert abs(float(res.defocus_v_A[0]) - t["defocus_v_A"]) < 150
 
 
+def test_fit_internals_match_their_definitions():
+    """The fit's fast forms equal their definitions: γ (one matrix product) equals the CTF phase written out,
+    the analytic gradient of the band correlation equals autograd's, and the covariance's lag sums (FFT, box
+    sums) equal the explicit sums over shifted copies."""
+    torch.manual_seed(0)
+    band = fit.BandPixels(64, 2.0, 30.0, 5.0)
+    b, m = 2, band.index.numel()
+    z, ax, ay, ph = (torch.tensor([15000.0, 8000.0]), torch.tensor([300.0, -100.0]), torch.tensor([-200.0, 50.0]),
+                     torch.tensor([0.0, 0.5]))
+    acq = [torch.full((b,), v) for v in (300.0, 2.7, 0.07)]
+    lam = ctf_mod.wavelength_A(acq[0])[:, None]
+    dz = z[:, None] + ax[:, None] * band.cos2 + ay[:, None] * band.sin2
+    written = (torch.pi * lam * dz * band.s2 - 0.5 * torch.pi * 2.7e7 * lam ** 3 * band.s4
+               + torch.atan(torch.tensor(0.07 / (1 - 0.07 ** 2) ** 0.5)) + ph[:, None])
+    gam = fit._gamma(band, z, ax, ay, ph, *acq)
+    assert torch.allclose(gam, written, atol=1e-4)
+    data = fit._prep(torch.randn(b, m))
+    jac = fit._gamma_jacobian(band, acq[0], True, True)
+    theta = torch.zeros(b, 4, requires_grad=True)
+    fit._corr(data, torch.sin(gam + (jac @ theta[..., None])[..., 0]) ** 2).sum().backward()
+    assert torch.allclose(fit._corr_gradient(data, gam, jac), theta.grad, rtol=1e-3, atol=1e-7)
+    resid, scores, lag = torch.randn(b, m), torch.randn(b, m, 3), 2
+    img = torch.zeros(b, 64 * 64)
+    img[:, band.index] = resid
+    mask = torch.zeros(64 * 64)
+    mask[band.index] = 1.0
+    img, mask = img.reshape(b, 64, 64), mask.reshape(64, 64)
+    simg = torch.zeros(b, 64 * 64, 3)
+    simg[:, band.index] = scores
+    simg = simg.reshape(b, 64, 64, 3)
+    total, outer = torch.zeros(b), torch.zeros(b, 3, 3)
+    for dy in range(-lag, lag + 1):
+        for dx in range(-lag, lag + 1):
+            count = (mask * torch.roll(mask, (dy, dx), (0, 1))).sum()
+            total += (img * torch.roll(img, (dy, dx), (1, 2))).sum(dim=(1, 2)) / count
+            outer += torch.einsum("byxi,byxj->bij", simg, torch.roll(simg, (dy, dx), (1, 2)))
+    var0 = (img * img).sum(dim=(1, 2)) / mask.sum()
+    assert torch.allclose(fit._residual_correlation(resid, band, lag), (total / var0).clamp(min=1.0), rtol=1e-4)
+    assert torch.allclose(fit._score_outer(scores, band, lag), 0.5 * (outer + outer.transpose(1, 2)), rtol=1e-4,
+                          atol=1e-3)
+
+
 def test_disagreement_flag():
     res = fit.FitResult(torch.tensor([10000.0, 10000.0]), torch.zeros(2), torch.zeros(2), torch.zeros(2),
                         torch.ones(2))

@@ -56,6 +56,9 @@ class BandPixels:
         self.s4 = self.s2 * self.s2
         self.s = self.s2.sqrt()
         self.cos2, self.sin2 = torch.cos(2 * phi), torch.sin(2 * phi)
+        # γ = (πλz, πλa_x, πλa_y, −c₄, c₀) · basis: one small matrix product per set of parameters
+        self.gamma_basis = torch.stack([self.s2, self.s2 * self.cos2, self.s2 * self.sin2, self.s4,
+                                        torch.ones_like(self.s2)])
 
     def take(self, psd):
         """(B, M) values of (B, size, size) PSDs at the band pixels."""
@@ -65,18 +68,33 @@ class BandPixels:
 def _gamma(band, z, ax, ay, phase_rad, voltage_kV, cs_mm, amplitude_contrast):
     """Phase γ (..., M) for parameter tensors of shape (...,) broadcast over the band pixels."""
     lam = ctf_mod.wavelength_A(voltage_kV)
-    dz = z[..., None] + ax[..., None] * band.cos2 + ay[..., None] * band.sin2
     w = amplitude_contrast
     c4 = (0.5 * math.pi * 1e7) * cs_mm * lam * lam * lam
     c0 = torch.atan(w / torch.sqrt(1 - w * w)) + phase_rad
-    return torch.addcmul(c0[..., None] - c4[..., None] * band.s4, (math.pi * lam)[..., None] * dz, band.s2)
+    k = math.pi * lam
+    coef = torch.stack(torch.broadcast_tensors(k * z, k * ax, k * ay, -c4, c0), dim=-1)
+    return coef @ band.gamma_basis
+
+
+def _gamma_jacobian(band, voltage_kV, fit_astigmatism=True, fit_phase=False):
+    """dγ/d(z[, ax, ay][, phase]) (B, M, P) (1/Å, 1/rad) at the band pixels, for (B,) voltages (kV). γ is
+    linear in these parameters, so this does not depend on them."""
+    kz = (math.pi * ctf_mod.wavelength_A(voltage_kV))[:, None] * band.s2  # dγ/dz
+    cols = [kz]
+    if fit_astigmatism:
+        cols += [kz * band.cos2, kz * band.sin2]
+    if fit_phase:
+        cols.append(torch.ones_like(kz))
+    return torch.stack(cols, dim=-1)
 
 
 def _corr(data, model):
-    """Pearson correlation over the last axis; ``data`` (B, M) centred & unit-norm, ``model`` (B, ..., M)."""
-    m = model - model.mean(dim=-1, keepdim=True)
-    d = data.reshape(data.shape[:1] + (1,) * (model.ndim - 2) + data.shape[1:])
-    return (m * d).sum(-1) / m.norm(dim=-1).clamp(min=1e-12)
+    """Pearson correlation over the last axis; ``data`` (B, M) centred & unit-norm, ``model`` (B, ..., M).
+    ``Σ data·(model − mean) = Σ data·model`` (data centred), and ``‖model − mean‖² = Σ model² − (Σ model)²/M``:
+    three passes over ``model``, no centred copy."""
+    dot = torch.bmm(model.reshape(model.shape[0], -1, model.shape[-1]), data[..., None]).reshape(model.shape[:-1])
+    var = torch.linalg.vector_norm(model, dim=-1) ** 2 - model.sum(-1) ** 2 / model.shape[-1]
+    return dot / var.clamp(min=0).sqrt().clamp(min=1e-12)
 
 
 def _prep(data):
@@ -100,37 +118,35 @@ def score_params(psd: torch.Tensor, sampling_A: float, band, z: torch.Tensor, ax
 def _residual_correlation(resid, band, max_lag_px):
     """Sum of the residual's normalised autocorrelation over lags |dx|, |dy| <= ``max_lag_px`` (B,), >= 1:
     neighbouring PSD pixels are not independent (Hann taper, Welch overlap, resampling), and a sum of
-    correlated pixels has this factor more variance than the pixel count says."""
+    correlated pixels has this factor more variance than the pixel count says. Each lag's autocorrelation is
+    the (circular) sum of products of the residual with its shifted copy, divided by the number of band
+    pixel pairs at that lag; all lags at once from one FFT of the residual and one of the band's mask."""
     b, size_px = resid.shape[0], band.size_px
-    img = torch.zeros(b, size_px * size_px, device=resid.device, dtype=resid.dtype)
-    img[:, band.index] = resid
-    mask = torch.zeros(size_px * size_px, device=resid.device, dtype=resid.dtype)
-    mask[band.index] = 1.0
-    img, mask = img.reshape(b, size_px, size_px), mask.reshape(size_px, size_px)
-    var0 = (img * img).sum(dim=(1, 2)) / mask.sum()
-    total = torch.zeros(b, device=resid.device, dtype=resid.dtype)
-    for dy in range(-max_lag_px, max_lag_px + 1):
-        for dx in range(-max_lag_px, max_lag_px + 1):
-            count = (mask * torch.roll(mask, (dy, dx), (0, 1))).sum()
-            if count > 0:
-                total += (img * torch.roll(img, (dy, dx), (1, 2))).sum(dim=(1, 2)) / count
-    return (total / var0.clamp(min=1e-30)).clamp(min=1.0)
+    img = torch.zeros(b + 1, size_px * size_px, device=resid.device, dtype=torch.float64)
+    img[:b, band.index] = resid.to(torch.float64)
+    img[b, band.index] = 1.0  # the band's mask: pixel pairs per lag
+    spec = torch.fft.rfft2(img.reshape(b + 1, size_px, size_px))
+    lags = torch.arange(-max_lag_px, max_lag_px + 1, device=resid.device) % size_px
+    auto = torch.fft.irfft2(spec.real ** 2 + spec.imag ** 2, s=(size_px, size_px))[:, lags][:, :, lags]
+    counts = auto[b].round()
+    per_lag = torch.where(counts > 0, auto[:b] / counts.clamp(min=1), torch.zeros_like(auto[:b]))
+    var0 = per_lag[:, max_lag_px, max_lag_px]
+    return (per_lag.sum(dim=(1, 2)) / var0.clamp(min=1e-30)).clamp(min=1.0).to(resid.dtype)
 
 
 def _score_outer(scores, band, max_lag_px):
-    """Σ over pixel pairs closer than ``max_lag_px`` (in x and y) of ``g(x) g(x')ᵀ`` for per-pixel score
-    vectors ``g`` (B, M, P): the variance of the summed scores when neighbouring pixels are correlated and the
-    noise is not the same everywhere (heteroscedasticity- and autocorrelation-consistent, "sandwich")."""
+    """Σ over pixel pairs closer than ``max_lag_px`` (in x and y, circularly) of ``g(x) g(x')ᵀ`` for per-pixel
+    score vectors ``g`` (B, M, P): the variance of the summed scores when neighbouring pixels are correlated and
+    the noise is not the same everywhere (heteroscedasticity- and autocorrelation-consistent, "sandwich").
+    The pairs' sum is ``Σ_x g(x) G(x)ᵀ`` with ``G`` the box sum of ``g`` over the neighbourhood (separable)."""
     b, _, p = scores.shape
     size_px = band.size_px
     img = torch.zeros(b, size_px * size_px, p, device=scores.device, dtype=scores.dtype)
     img[:, band.index] = scores
     img = img.reshape(b, size_px, size_px, p)
-    total = torch.zeros(b, p, p, device=scores.device, dtype=scores.dtype)
-    for dy in range(-max_lag_px, max_lag_px + 1):
-        for dx in range(-max_lag_px, max_lag_px + 1):
-            shifted = torch.roll(img, (dy, dx), (1, 2))
-            total += torch.einsum("byxi,byxj->bij", img, shifted)
+    for dim in (1, 2):
+        img = sum(torch.roll(img, k, dim) for k in range(-max_lag_px, max_lag_px + 1))
+    total = torch.einsum("bmi,bmj->bij", scores, img.reshape(b, -1, p)[:, band.index])
     return 0.5 * (total + total.transpose(1, 2))
 
 
@@ -170,13 +186,7 @@ def parameter_covariance(psd: torch.Tensor, band: BandPixels, z: torch.Tensor, a
         beta = (beta.clamp(min=0) ** 2 - var_beta).clamp(min=0).sqrt()
         beta_px = beta @ onehot.T
         dg = beta_px * torch.sin(2 * gam)  # d(β sin²γ)/dγ
-        kz = (math.pi * ctf_mod.wavelength_A(acq[0]))[:, None] * s2  # dγ/dz (1/Å)
-        cols = [dg * kz]
-        if fit_astigmatism:
-            cols += [dg * kz * band.cos2, dg * kz * band.sin2]
-        if fit_phase:
-            cols.append(dg)
-        jac = torch.stack(cols, dim=-1)
+        jac = dg[..., None] * _gamma_jacobian(band, acq[0], fit_astigmatism, fit_phase)
         nuisance = torch.cat([onehot[None].expand(d.shape[0], -1, -1), mc[..., None] * onehot], dim=-1)
         # project the nuisance (per-shell offsets and scales) out of the Jacobian
         nt = nuisance.transpose(1, 2)
@@ -206,32 +216,53 @@ class FitResult:
         self._z, self._ax, self._ay, self._phase = z.detach(), ax.detach(), ay.detach(), phase_rad.detach()
 
 
+def _corr_gradient(data, gam, jac):
+    """dρ/dθ (B, P) of the band correlation ρ of ``data`` (centred, unit norm) with ``m = sin²γ``, for
+    dγ/dθ = ``jac`` (B, M, P): dρ/dm = (data − ρ m_c/‖m_c‖)/‖m_c‖ (m_c: m centred; the centring's own
+    derivative vanishes against centred data), dm/dγ = sin 2γ."""
+    mc = torch.sin(gam) ** 2
+    mc = mc - mc.mean(dim=-1, keepdim=True)
+    norm = mc.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    rho = (mc * data).sum(-1, keepdim=True) / norm
+    dm = (data - rho * mc / norm) / norm * torch.sin(2 * gam)
+    return torch.bmm(dm[:, None], jac)[:, 0]
+
+
 def _local(psd, sampling_A, bands, z, ax, ay, phase, acq, fit_phase, iterations, fit_astigmatism=True):
-    """Adam on (z[, ax, ay][, phase]) in units of 10⁴ Å (radians) over successive bands (``ax``, ``ay`` held
-    where ``fit_astigmatism`` is False)."""
-    scale = 1e4
-    params = [(z / scale).clone().requires_grad_(True), (ax / scale).clone().requires_grad_(fit_astigmatism),
-              (ay / scale).clone().requires_grad_(fit_astigmatism)]
-    ph = phase.clone().requires_grad_(fit_phase)
-    if fit_phase:
-        params.append(ph)
-    free = [p for p in params if p.requires_grad]
-    for band, n_iter, lr0 in zip(bands, iterations, (0.004, 0.002)):
-        data = _prep(band.take(psd))
-        opt = torch.optim.Adam(free, lr=lr0)
-        for it in range(n_iter):
-            for g in opt.param_groups:
-                g["lr"] = lr0 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / n_iter)))
-            opt.zero_grad()
-            gam = _gamma(band, params[0] * scale, params[1] * scale, params[2] * scale, ph, *acq)
-            loss = -_corr(data, torch.sin(gam) ** 2).sum()
-            loss.backward()
-            opt.step()
+    """Adam (β = 0.9, 0.999; restarted on each band, cosine-decayed step) on (z[, ax, ay][, phase]) in units of
+    10⁴ Å (radians) over successive bands (``ax``, ``ay`` held where ``fit_astigmatism`` is False), maximising
+    the summed band correlations. γ is linear in the parameters, so each band's γ and its Jacobian are computed
+    once and the gradient is analytic (:func:`_corr_gradient`); the few parameters are updated in place, as
+    ``torch.optim.Adam`` would, without its per-step overhead."""
+    scale = torch.tensor([1e4] * (3 if fit_astigmatism else 1) + [1.0] * fit_phase, device=psd.device)
+    free = [z] + ([ax, ay] if fit_astigmatism else []) + ([phase] if fit_phase else [])
+    x = torch.stack(free, dim=1) / scale
+
+    def params(x):
+        theta = x * scale
+        return (theta[:, 0], *((theta[:, 1], theta[:, 2]) if fit_astigmatism else (ax, ay)),
+                theta[:, -1] if fit_phase else phase)
+
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
     with torch.no_grad():
+        for band, n_iter, lr0 in zip(bands, iterations, (0.004, 0.002)):
+            data = _prep(band.take(psd))
+            x0 = x.clone()
+            gam0 = _gamma(band, *params(x0), *acq)
+            jac = _gamma_jacobian(band, acq[0], fit_astigmatism, fit_phase) * scale
+            m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
+            for it in range(n_iter):
+                lr = lr0 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / n_iter)))
+                gam = gam0 + torch.bmm(jac, (x - x0)[..., None])[..., 0]
+                grad = -_corr_gradient(data, gam, jac)
+                m1.lerp_(grad, 1 - beta1)
+                m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (m2.sqrt() / math.sqrt(1 - beta2 ** (it + 1))).add_(eps)
+                x.addcdiv_(m1, denom, value=-lr / (1 - beta1 ** (it + 1)))
         band = bands[-1]
-        z, ax, ay = (p.detach() * scale for p in params[:3])
-        fom = _corr(_prep(band.take(psd)), torch.sin(_gamma(band, z, ax, ay, ph.detach(), *acq)) ** 2)
-    return z, ax, ay, ph.detach(), fom
+        z, ax, ay, ph = params(x)
+        fom = _corr(_prep(band.take(psd)), torch.sin(_gamma(band, z, ax, ay, ph, *acq)) ** 2)
+    return z, ax, ay, ph, fom
 
 
 def select_astigmatism(psd: torch.Tensor, bands, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor,

@@ -134,77 +134,102 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
     ``pixel_size_A`` and ``pixel_size_from`` ("STAR", "command line" for ``defaults``, or "MRC header").
     ``defocus_range_A``: (min, max) defocus (Å): the CNN's U and V are clipped to it and the fit's scan stays
     in it."""
-    defaults = defaults or {}
-    items = []
-    for e in entries:
-        try:
-            image, header_px = read_mrc(e.path, check_finite=False)  # compute_psds checks (cheaper)
-            px_source = _complete(e, defaults, header_px)
-            if image.ndim == 3 and image.shape[0] == 1:
-                image = image[0]
-            if image.ndim != 2:
-                raise InputError("%s: not a single 2D micrograph" % e.path)
-            mic = torch.as_tensor(image, device=device)
-            samp = fit_sampling_A(e.pixel_size_A, high_A)
-            if high_A < 2.0 * samp:
-                raise InputError("%s: resolution limit %.2f Å beyond the micrograph's Nyquist" % (e.path, high_A))
-            # both inputs in one pass of validation/normalisation: identical to two compute_psd calls
-            cnn_in, fit_in = compute_psds(mic, e.pixel_size_A, [(CNN_SAMPLINGS_A, CNN_SIZE_PX),
-                                                                ((samp,), FIT_SIZE_PX)])
-            fit_in = fit_in[:, 0]
-            items.append((e, cnn_in, fit_in, samp, px_source))
-        except InputError as exc:
-            if on_skip is None:
-                raise
-            on_skip(e.path, str(exc))
-    if not items:
-        return []
-    cnn_in = torch.cat([it[1] for it in items])
-    acq = model_mod.acquisition_features([it[0].voltage_kV for it in items], [it[0].cs_mm for it in items],
-                                         len(items)).to(device)
-    with torch.no_grad():
-        cu, cv, ca = model_mod.decode(model(cnn_in, acq))
-        cu, cv = (t.clamp(min=defocus_range_A[0], max=defocus_range_A[1]) for t in (cu, cv))
-    results = [None] * len(items)
-    by_sampling = OrderedDict()
-    for i, it in enumerate(items):
-        by_sampling.setdefault(it[3], []).append(i)
-    for samp, idx in by_sampling.items():
-        psd = torch.cat([items[i][2] for i in idx])
-        sub = [items[i][0] for i in idx]
-        volt = [e.voltage_kV for e in sub]
-        cs = [e.cs_mm for e in sub]
-        amp = [e.amplitude_contrast for e in sub]
-        if refine:
-            res = fit_mod.refine_ctf(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A,
+    with _one_thread_on_cpu(device):
+        defaults = defaults or {}
+        items = []
+        for e in entries:
+            try:
+                image, header_px = read_mrc(e.path, check_finite=False)  # compute_psds checks (cheaper)
+                px_source = _complete(e, defaults, header_px)
+                if image.ndim == 3 and image.shape[0] == 1:
+                    image = image[0]
+                if image.ndim != 2:
+                    raise InputError("%s: not a single 2D micrograph" % e.path)
+                mic = torch.as_tensor(image, device=device)
+                samp = fit_sampling_A(e.pixel_size_A, high_A)
+                if high_A < 2.0 * samp:
+                    raise InputError("%s: resolution limit %.2f Å beyond the micrograph's Nyquist" % (e.path, high_A))
+                # both inputs in one pass of validation/normalisation: identical to two compute_psd calls
+                cnn_in, fit_in = compute_psds(mic, e.pixel_size_A, [(CNN_SAMPLINGS_A, CNN_SIZE_PX),
+                                                                    ((samp,), FIT_SIZE_PX)])
+                fit_in = fit_in[:, 0]
+                items.append((e, cnn_in, fit_in, samp, px_source))
+            except InputError as exc:
+                if on_skip is None:
+                    raise
+                on_skip(e.path, str(exc))
+        if not items:
+            return []
+        cnn_in = torch.cat([it[1] for it in items])
+        acq = model_mod.acquisition_features([it[0].voltage_kV for it in items], [it[0].cs_mm for it in items],
+                                             len(items)).to(device)
+        with torch.no_grad():
+            cu, cv, ca = model_mod.decode(model(cnn_in, acq))
+            cu, cv = (t.clamp(min=defocus_range_A[0], max=defocus_range_A[1]) for t in (cu, cv))
+        results = [None] * len(items)
+        by_sampling = OrderedDict()
+        for i, it in enumerate(items):
+            by_sampling.setdefault(it[3], []).append(i)
+        for samp, idx in by_sampling.items():
+            _fit_group(items, idx, samp, cu, cv, ca, results, refine, low_A, high_A, fit_phase, psd_dir, defocus_range_A)
+        return results
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(device):
+    """torch's intra-op threads set to one inside the block on the CPU (restored after). Per micrograph the work
+    is thousands of small operations (a row of PSD tiles, the band pixels of a 384² PSD): there, the threads'
+    synchronisation costs more than it saves. Measured on a shared 2-core machine (load 4-6), 4096²
+    micrograph: 2 threads took 2-8 CPU s and more wall time, one thread 0.5 CPU s. Micrographs are processed in
+    parallel by running several programs (the protocol's batches), not by threads inside these operations."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_group(items, idx, samp, cu, cv, ca, results, refine, low_A, high_A, fit_phase, psd_dir, defocus_range_A):
+    """Fit (or score) the micrographs ``idx`` of ``items`` whose fit PSDs share the sampling ``samp`` (Å/px),
+    write their PSD, ``_avrot.txt`` and CTF² files into ``psd_dir`` (when given) and fill ``results[i]``."""
+    psd = torch.cat([items[i][2] for i in idx])
+    sub = [items[i][0] for i in idx]
+    volt = [e.voltage_kV for e in sub]
+    cs = [e.cs_mm for e in sub]
+    amp = [e.amplitude_contrast for e in sub]
+    if refine:
+        res = fit_mod.refine_ctf(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A,
                                  fit_phase=fit_phase, defocus_range_A=defocus_range_A)
-        else:
-            res = fit_mod.score_only(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A)
-        flags = fit_mod.disagreement_flag(cu[idx], cv[idx], res)
-        acq_t = [torch.as_tensor(x, dtype=torch.float32, device=psd.device) for x in (volt, cs, amp)]
-        avrot = fit_mod.rotational_average(psd, samp, res, acq_t).cpu().numpy() if psd_dir else None
-        for j, i in enumerate(idx):
-            e = items[i][0]
-            psd_path = avrot_path = model_path = None
-            if psd_dir:
-                base = os.path.splitext(os.path.basename(e.path))[0]
-                psd_path = os.path.join(psd_dir, "%s_psd.mrc" % base)
-                write_mrc(psd_path, psd[j].cpu().numpy(), samp)
-                avrot_path = os.path.join(psd_dir, "%s_avrot.txt" % base)
-                write_avrot(avrot_path, avrot[j])
-                model_path = os.path.join(psd_dir, "%s_ctf.mrc" % base)
-                write_mrc(model_path, fitted_ctf2(psd.shape[-1], samp, res, j, e), samp)
-            results[i] = OrderedDict([
-                ("micrograph", e.path), ("defocus_u_A", float(res.defocus_u_A[j])),
-                ("defocus_v_A", float(res.defocus_v_A[j])), ("defocus_angle_deg", float(res.defocus_angle_deg[j])),
-                ("phase_shift_deg", float(res.phase_shift_deg[j])), ("resolution_A", float(res.resolution_A[j])),
-                ("figure_of_merit", float(res.figure_of_merit[j])),
-                ("defocus_sigma_A", float(res.defocus_sigma_A[j])), ("cnn_u_A", float(cu[i])),
-                ("cnn_v_A", float(cv[i])), ("cnn_angle_deg", float(ca[i])), ("flagged", bool(flags[j])),
-                ("psd", psd_path), ("avrot", avrot_path), ("ctf_image", model_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
-                ("pixel_size_from", items[i][4]), ("voltage_kV", e.voltage_kV), ("cs_mm", e.cs_mm),
-                ("amplitude_contrast", e.amplitude_contrast)])
-    return results
+    else:
+        res = fit_mod.score_only(psd, samp, cu[idx], cv[idx], ca[idx], volt, cs, amp, low_A=low_A, high_A=high_A)
+    flags = fit_mod.disagreement_flag(cu[idx], cv[idx], res)
+    acq_t = [torch.as_tensor(x, dtype=torch.float32, device=psd.device) for x in (volt, cs, amp)]
+    avrot = fit_mod.rotational_average(psd, samp, res, acq_t).cpu().numpy() if psd_dir else None
+    for j, i in enumerate(idx):
+        e = items[i][0]
+        psd_path = avrot_path = model_path = None
+        if psd_dir:
+            base = os.path.splitext(os.path.basename(e.path))[0]
+            psd_path = os.path.join(psd_dir, "%s_psd.mrc" % base)
+            write_mrc(psd_path, psd[j].cpu().numpy(), samp)
+            avrot_path = os.path.join(psd_dir, "%s_avrot.txt" % base)
+            write_avrot(avrot_path, avrot[j])
+            model_path = os.path.join(psd_dir, "%s_ctf.mrc" % base)
+            write_mrc(model_path, fitted_ctf2(psd.shape[-1], samp, res, j, e), samp)
+        results[i] = OrderedDict([
+            ("micrograph", e.path), ("defocus_u_A", float(res.defocus_u_A[j])),
+            ("defocus_v_A", float(res.defocus_v_A[j])), ("defocus_angle_deg", float(res.defocus_angle_deg[j])),
+            ("phase_shift_deg", float(res.phase_shift_deg[j])), ("resolution_A", float(res.resolution_A[j])),
+            ("figure_of_merit", float(res.figure_of_merit[j])),
+            ("defocus_sigma_A", float(res.defocus_sigma_A[j])), ("cnn_u_A", float(cu[i])),
+            ("cnn_v_A", float(cv[i])), ("cnn_angle_deg", float(ca[i])), ("flagged", bool(flags[j])),
+            ("psd", psd_path), ("avrot", avrot_path), ("ctf_image", model_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
+            ("pixel_size_from", items[i][4]), ("voltage_kV", e.voltage_kV), ("cs_mm", e.cs_mm),
+            ("amplitude_contrast", e.amplitude_contrast)])
 
 
 def fitted_ctf2(size_px: int, sampling_A: float, result: fit_mod.FitResult, index: int,

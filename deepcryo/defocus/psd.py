@@ -57,8 +57,8 @@ def _welch(mics, mean, tile, kmax=None):
     cycles per tile). Tiles overlap by 50 % when the micrograph holds fewer than 16 disjoint tiles,
     otherwise they are disjoint (enough averaging already, and half the memory traffic). ``mean`` (B,) is
     subtracted while tapering (one fused pass, no mean-free copy of the micrograph). Only the needed
-    frequencies are transformed: rfft along x, crop to K, fft along y of those columns, crop to |ky| <= K;
-    the periodograms are accumulated tile by tile with ``addcmul`` (re² + im²).
+    frequencies are transformed: rfft along x, crop to K, fft along y of those columns; the periodograms
+    (re² + im²) of each row of tiles are summed, and cropped to |ky| <= K at the end.
     """
     b, h, w = mics.shape
     K = tile // 2 if kmax is None else int(min(kmax, tile // 2))
@@ -67,17 +67,15 @@ def _welch(mics, mean, tile, kmax=None):
     win1 = torch.hann_window(tile, periodic=False, dtype=mics.dtype, device=mics.device)
     win = win1[:, None] * win1[None, :]
     offset = -mean[:, None, None, None] * win  # (B, 1, tile, tile): (x − mean)·win = x·win − mean·win
-    rows = torch.arange(-K, K + 1, device=mics.device) % tile  # ky = -K..K
-    acc = torch.zeros(b, 2 * K + 1, K + 1, dtype=mics.dtype, device=mics.device)
+    acc = torch.zeros(b, tile, K + 1, dtype=mics.dtype, device=mics.device)
     count = 0
     for y in range(0, h - tile + 1, step):
         tiles = mics[:, y:y + tile].unfold(2, tile, step).permute(0, 2, 1, 3)  # (B, nx, tile, tile) view
         half = torch.fft.rfft(torch.addcmul(offset, tiles, win), dim=-1)[..., :K + 1]
-        spec = torch.fft.fft(half, dim=-2)[..., rows, :]
-        re, im = spec.real, spec.imag
-        for k in range(spec.shape[1]):
-            acc.addcmul_(re[:, k], re[:, k]).addcmul_(im[:, k], im[:, k])
+        spec = torch.fft.fft(half, dim=-2)
+        acc += (spec.real.square() + spec.imag.square()).sum(dim=1)
         count += tiles.shape[1]
+    acc = acc[:, torch.arange(-K, K + 1, device=mics.device) % tile]  # ky = -K..K
     acc /= count * float(win.square().sum())
     # centred full spectrum from the half spectrum: P[ky, kx] = P[-ky, -kx] for real input
     i = torch.arange(2 * K + 1, device=mics.device)
@@ -141,8 +139,9 @@ def compute_psds(micrographs: torch.Tensor, pixel_size_A: float,
         raise InputError("micrograph of %dx%d px is smaller than a PSD tile (%d px)"
                          % (mics.shape[-1], mics.shape[-2], MIN_TILE_PX))
     # intensities: the mean is subtracted while tapering and the periodogram divided by the variance, so the
-    # PSD does not depend on dose scaling (one pass over the micrograph; NaN/Inf propagate into these)
-    var, mean = torch.var_mean(mics.flatten(1), dim=1)
+    # PSD does not depend on dose scaling (NaN/Inf propagate into these; two passes cost less than var_mean's one)
+    flat = mics.flatten(1)
+    var, mean = flat.var(dim=1), flat.mean(dim=1)
     if not (torch.isfinite(var).all() and torch.isfinite(mean).all()):
         raise InputError("micrograph contains NaN or Inf values")
     if bool((var == 0).any()):
