@@ -390,7 +390,7 @@ def insert_particles(star: ParticleStar, stack: ImageStack, labels: np.ndarray, 
             rows = idx[sel]
             rot = euler_to_matrix(torch.as_tensor(angles[rows])).to(torch.float32)
             ctf = None if ctf_params is None else rec.slice_ctf(px, **{k: v[rows] for k, v in ctf_params.items()})
-            rec.insert_images(images[sel], rot, origins_px[rows], ctf)
+            rec.insert_images(images if len(sel) == len(idx) else images[sel], rot, origins_px[rows], ctf)
         done += len(idx)
         if progress:
             progress(done, len(star), time.time() - t0)
