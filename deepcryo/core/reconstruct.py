@@ -160,7 +160,7 @@ class Reconstructor:
         """Insert real images (B, N, N): origins (B, 2) px are undone, ``ctf`` multiplies: (B, N, N) on the
         centred grid, or (B, P) at the inserted pixels (:meth:`slice_ctf`).
 
-        Done :meth:`chunk` particles at a time from the FFT to the scatter, so that every (chunk, P) array
+        Done :attr:`chunk` particles at a time from the FFT to the scatter, so that every (chunk, P) array
         stays in the CPU cache; the centring, the origin's phase ramp and the CTF are one complex factor
         ``polar(CTF, phase)`` per pixel."""
         b = images.shape[0]
