@@ -24,6 +24,7 @@ Program (options and examples in :mod:`deepcryo.core.commands.reconstruct`)::
 
     python -m deepcryo.core.reconstruct --particles P.star --output map.mrc --halves --symmetry C1
 """
+import math
 import sys
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
@@ -39,6 +40,8 @@ from .mrc import ImageStack
 from .particles import ParticleStar
 from .projector import gridding_kernel_1d
 
+_BRICK = 4                  # side (voxels) of the cubic bricks the grids are stored in while particles are inserted
+
 __all__ = ["Reconstructor", "insert_particles", "reconstruct_star", "mask_corners", "half_split", "main"]
 
 
@@ -49,6 +52,11 @@ class Reconstructor:
     is Hermitian, so a slice point with kx < 0 is inserted as its Friedel mate (−k, conjugate value), and
     the one plane kx = 0 that holds both mates is made Hermitian in :meth:`reconstruct`. Data (complex)
     and weights (real) are two flat arrays so each insertion is two scatter-adds.
+
+    While particles are inserted the arrays hold the grid in cubic bricks of ``_BRICK``³ voxels, each
+    contiguous, instead of rows along x: a slice's trilinear corners then fall in fewer cache lines and
+    pages of the large grid (the scatter-adds are bound by memory access). The first :meth:`reconstruct`
+    rewrites them as a plain (z, y, x) array.
 
     Args:
         box: image and map size N (px).
@@ -68,25 +76,41 @@ class Reconstructor:
         m = self.padded_box
         # Trilinear corners of frequencies up to Nyquist reach index M along y and z (centred at M/2) and
         # M/2 + 1 along x (from 0), so the arrays carry one spare plane per axis and need no bounds checks.
-        self._shape = (m + 2, m + 2, m // 2 + 2)                                  # (z, y, x)
+        self._bricks = tuple(-(-d // _BRICK) for d in (m + 2, m + 2, m // 2 + 2))   # (z, y, x) bricks
+        self._shape = tuple(d * _BRICK for d in self._bricks)                      # (z, y, x) voxels
         size = self._shape[0] * self._shape[1] * self._shape[2]
         self.data = torch.zeros(size, dtype=torch.complex64, device=self.device)
         self.weight = torch.zeros(size, dtype=torch.float32, device=self.device)
         # the inserted half slice (kx >= 0, radius <= max): frequencies (P, 3) in cycles/px and the flat
-        # indices of those pixels in a centred (N, N) spectrum and in a half (N, N//2 + 1) spectrum
+        # indices of those pixels in a centred (N, N) spectrum and in an uncentred rfft2 (N, N//2 + 1) one
         n = self.box
         k = fourier.freq_grid_2d(n, device=self.device)
         r = fourier.radius_grid_2d(n, device=self.device)
         keep = (k[..., 0] >= 0) & (r <= (max_radius_px or n / 2))
         self._pixels = torch.nonzero(keep.reshape(-1)).squeeze(1)
-        keep_half = torch.zeros((n, n // 2 + 1), dtype=torch.bool, device=self.device)   # rfft layout
+        keep_half = torch.zeros((n, n // 2 + 1), dtype=torch.bool, device=self.device)   # rfft layout, y centred
         keep_half[:, :n - n // 2] = keep[:, n // 2:]
-        self._half_pixels = torch.nonzero(keep_half.reshape(-1)).squeeze(1)
+        rfft_order = torch.fft.fftshift(torch.arange(keep_half.numel(), device=self.device).reshape(keep_half.shape),
+                                        dim=0).reshape(-1)
+        self._rfft_pixels = rfft_order[torch.nonzero(keep_half.reshape(-1)).squeeze(1)]
         k = k.reshape(-1, 2)[self._pixels]
         self._freqs = torch.cat([k, torch.zeros_like(k[:, :1])], dim=1)
-        sy, sx = self._shape[1], self._shape[2]
-        self._corner_offsets = torch.tensor([dz * sy * sx + dy * sx + dx for dz in (0, 1) for dy in (0, 1)
-                                             for dx in (0, 1)], device=self.device)
+        self._freqs_grid = (k * m).T.contiguous()                # (2, P) in padded-grid px, rotated by _splat
+        # the image's centre N//2 moved to the origin of the rfft2 (an ifftshift): a phase ramp, folded into
+        # the origin's (:meth:`_slice_phases`)
+        self._centre_px = float(n // 2)
+        self._centre_ramp = fourier.phase_ramps(k, [[-self._centre_px, -self._centre_px]])[0]
+        self._grid_centre = torch.tensor([[0.0], [m // 2], [m // 2]], device=self.device)
+        # brick layout: voxel (z, y, x) at offset_z[z] + offset_y[y] + offset_x[x]; per axis two tables,
+        # the offsets of index i and of i + 1 (the two trilinear corners along that axis)
+        b3, (_, by, bx) = _BRICK ** 3, self._bricks
+        self._corner_tables = []
+        for n_vox, brick_step, voxel_step in ((self._shape[2], b3, 1), (self._shape[1], bx * b3, _BRICK),
+                                              (self._shape[0], by * bx * b3, _BRICK ** 2)):
+            i = torch.arange(n_vox, device=self.device)
+            offset = (i // _BRICK) * brick_step + (i % _BRICK) * voxel_step
+            self._corner_tables.append((offset[:-1].contiguous(), offset[1:].contiguous()))
+        self._bricked = True
         self.count = 0
         self._folded = False
 
@@ -110,72 +134,104 @@ class Reconstructor:
 
     def slice_spectra(self, images: torch.Tensor) -> torch.Tensor:
         """(B, P) centred spectra of real images (B, N, N) at the inserted pixels, by a real-input FFT."""
-        images = images.to(self.device, torch.float32)
-        half = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))       # x from 0, y from 0
-        half = torch.fft.fftshift(half, dim=-2).reshape(images.shape[0], -1)     # y centred, as the slice
-        return half.index_select(1, self._half_pixels)
+        return self._rfft_slice(images) * self._centre_ramp
+
+    def _rfft_slice(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, P) uncentred rfft2 of images (B, N, N) (origin at pixel 0, not N//2) at the inserted pixels."""
+        half = torch.fft.rfft2(images.to(self.device, torch.float32))
+        return half.reshape(images.shape[0], -1).index_select(1, self._rfft_pixels)
 
     def slice_phase_shift(self, origins_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """(B, P) phase ramps at the inserted pixels that undo RELION origins (B, 2) px (x, y): moving the
         content by +origin brings the particle centre back to N//2."""
         return fourier.phase_ramps(self.slice_freqs, origins_px)
 
+    def _slice_phases(self, origins_px: Optional[torch.Tensor], b: int) -> torch.Tensor:
+        """(B, P) phases (rad) that centre an uncentred rfft2 and undo ``origins_px`` (B, 2): the angle of
+        ``_centre_ramp · slice_phase_shift(origins_px)``."""
+        shift = torch.full((b, 2), -self._centre_px, device=self.device)
+        if origins_px is not None:
+            shift += torch.as_tensor(origins_px, dtype=torch.float32, device=self.device)
+        return (-2.0 * math.pi) * (shift @ self.slice_freqs.T)
+
     def insert_images(self, images: torch.Tensor, rotations: torch.Tensor,
                       origins_px: Optional[Union[np.ndarray, torch.Tensor]] = None,
                       ctf: Optional[torch.Tensor] = None) -> None:
         """Insert real images (B, N, N): origins (B, 2) px are undone, ``ctf`` multiplies: (B, N, N) on the
-        centred grid, or (B, P) at the inserted pixels (:meth:`slice_ctf`)."""
-        spec = self.slice_spectra(images)
+        centred grid, or (B, P) at the inserted pixels (:meth:`slice_ctf`).
+
+        Done :attr:`chunk` particles at a time from the FFT to the scatter, so that every (chunk, P) array
+        stays in the CPU cache; the centring, the origin's phase ramp and the CTF are one complex factor
+        ``polar(CTF, phase)`` per pixel."""
+        b = images.shape[0]
+        rotations = rotations.to(self.device, torch.float32)
+        if ctf is not None:
+            if ctf.dim() == 3:
+                ctf = ctf.reshape(b, -1).index_select(1, self._pixels.to(ctf.device))
+            ctf = ctf.to(self.device, torch.float32)
         if origins_px is not None:
-            spec = spec * self.slice_phase_shift(origins_px)
-        if ctf is None:
-            self.insert_slices(spec, torch.ones_like(spec.real), rotations)
-            return
-        if ctf.dim() == 3:
-            ctf = ctf.reshape(ctf.shape[0], -1).index_select(1, self._pixels.to(ctf.device))
-        ctf = ctf.to(self.device, torch.float32)
-        self.insert_slices(spec * ctf, ctf * ctf, rotations)
+            origins_px = torch.as_tensor(origins_px, dtype=torch.float32, device=self.device)
+        step = self.chunk
+        for start in range(0, b, step):
+            stop = min(start + step, b)
+            phases = self._slice_phases(None if origins_px is None else origins_px[start:stop], stop - start)
+            c = torch.ones_like(phases) if ctf is None else ctf[start:stop]
+            values = self._rfft_slice(images[start:stop]).mul_(torch.polar(c, phases))
+            self._insert_chunk(values, c * c, rotations[start:stop])
+        self.count += b
+
+    @property
+    def chunk(self) -> int:
+        """Particles inserted at a time: ``1024 // N``, about 10⁵ trilinear points (the fastest measured at
+        box 64, 128 and 256, ``benchmarks/RESULTS.md``)."""
+        return max(1, 1024 // self.box)
 
     def insert_slices(self, values: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor,
                       chunk: Optional[int] = None) -> None:
         """Insert (B, P) complex ``values`` and real ``weights`` at the half-slice pixels (:attr:`slice_freqs`)
-        of (B, 3, 3) poses, and at each symmetry copy, ``chunk`` particles at a time: by default
-        ``1024 // N``, about 10⁵ trilinear points, whose corner values (8 per point) stay in the CPU cache
-        between their computation and the scatter (the fastest chunk measured at box 64, 128 and 256)."""
-        chunk = chunk or max(1, 1024 // self.box)
-        if self._folded:
-            raise RuntimeError("particles inserted into a reconstructor after reconstruct()")
+        of (B, 3, 3) poses, and at each symmetry copy, ``chunk`` particles at a time (default :attr:`chunk`)."""
+        chunk = chunk or self.chunk
         rotations = rotations.to(self.device, torch.float32)
         values, weights = values.to(self.device), weights.to(self.device, torch.float32)
         for start in range(0, values.shape[0], chunk):
             stop = start + chunk
-            for sym in self.symmetry:
-                self._splat(values[start:stop], weights[start:stop], rotations[start:stop] @ sym.T)
+            self._insert_chunk(values[start:stop], weights[start:stop], rotations[start:stop])
         self.count += values.shape[0]
 
+    def _insert_chunk(self, values: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor) -> None:
+        """One chunk at its poses and at each symmetry copy."""
+        if self._folded:
+            raise RuntimeError("particles inserted into a reconstructor after reconstruct()")
+        for sym in self.symmetry:
+            self._splat(values, weights, rotations @ sym.T)
+
     def _splat(self, values: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor) -> None:
-        """Trilinear scatter-add of one chunk at poses ``rotations`` (no symmetry)."""
-        m = self.padded_box
-        # k·A for k = (fx, fy, 0): components (b, 3, P), each a contiguous (b, P) plane, in padded-grid px
-        pts = torch.matmul(rotations[:, :2, :].transpose(1, 2) * m, self._freqs[:, :2].T)
-        sign = 1.0 - 2.0 * (pts[:, 0] < 0).to(torch.float32)                  # −1: stored as (−k, conjugate)
-        pts = pts * sign[:, None]
-        pts[:, 1:] += m // 2
-        base = torch.floor(pts)
-        frac = pts - base
-        sy, sx = self._shape[1], self._shape[2]
-        flat = ((base[:, 2].double() * sy + base[:, 1]) * sx + base[:, 0]).long()
-        fx, fy, fz = frac.unbind(1)
-        gx, gy, gz = 1 - fx, 1 - fy, 1 - fz
-        w = torch.stack([z * y * x for z in (gz, fz) for y in (gy, fy) for x in (gx, fx)], -1)   # (b, P, 8)
-        idx = (flat[..., None] + self._corner_offsets).reshape(-1)
-        re, im = values.real, values.imag * sign
-        data = torch.stack([w * re[..., None], w * im[..., None]], -1).reshape(-1, 2)
+        """Trilinear scatter-add of one chunk at poses ``rotations`` (no symmetry).
+
+        Arrays are (b, ..., P) with the pixels last, so that every elementwise step runs along contiguous
+        memory; the 8 corners of all points go to the grids corner by corner."""
+        b = values.shape[0]
+        # k·A for k = (fx, fy, 0): (b, 3, P) = (x, y, z) in padded-grid px; kx < 0 is stored as (−k, conjugate)
+        fx, fy = self._freqs_grid
+        pts = torch.addcmul(rotations[:, 0, :, None] * fx, rotations[:, 1, :, None], fy)
+        sign = pts[:, :1].sign().add_(0.5).sign_()                              # (b, 1, P): −1 where kx < 0
+        pts.mul_(sign).add_(self._grid_centre)
+        base = pts.floor()
+        frac = pts.sub_(base)
+        lower = base.to(torch.int32)
+        cx, cy, cz = (torch.stack([t.index_select(0, lower[:, a].reshape(-1)).view(b, -1) for t in tables], 1)
+                      for a, tables in enumerate(self._corner_tables))          # (b, 2, P) per axis
+        idx = ((cz[:, :, None] + cy[:, None, :])[:, :, :, None] + cx[:, None, None]).reshape(-1)
+        # corner weights (b, 2, 2, 2, P) in (z, y, x) order, as idx
+        g = torch.stack([1.0 - frac, frac], 1)                                 # (b, 2, 3 axes, P)
+        w = (g[:, :, None, 2] * g[:, None, :, 1])[:, :, :, None] * g[:, None, None, :, 0]
+        w = w.reshape(b, 8, -1)
+        data = (w * torch.complex(values.real, values.imag * sign[:, 0])[:, None]).reshape(-1)
         if self.device.type == "cpu":
-            self.data.scatter_add_(0, idx, torch.view_as_complex(data))
+            self.data.scatter_add_(0, idx, data)
         else:                                          # CUDA: float atomics on the real and imaginary parts
-            torch.view_as_real(self.data).index_add_(0, idx, data)
-        self.weight.scatter_add_(0, idx, (weights[..., None] * w).reshape(-1))
+            torch.view_as_real(self.data).index_add_(0, idx, torch.view_as_real(data))
+        self.weight.scatter_add_(0, idx, w.mul_(weights[:, None]).reshape(-1))
 
     def add(self, other: "Reconstructor") -> None:
         """Accumulate another reconstructor's grid (same geometry); folds both first when either has been
@@ -193,6 +249,7 @@ class Reconstructor:
         another 0.8 GB; no particle may be inserted afterwards."""
         if self._folded:
             return
+        self._unbrick()
         m = self.padded_box
         for grid in (self.data.reshape(self._shape), self.weight.reshape(self._shape)):
             grid[0] += grid[m]
@@ -203,6 +260,18 @@ class Reconstructor:
             mate = torch.roll(torch.flip(plane, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))   # index i -> M - i
             grid[:m, :m, 0] = plane + (mate.conj() if grid.is_complex() else mate)
         self._folded = True
+
+    def _unbrick(self) -> None:
+        """The grids rewritten from bricks to plain (z, y, x) arrays of the same shape, one at a time (a
+        copy: a grid's memory is held twice for a moment)."""
+        if not self._bricked:
+            return
+        bz, by, bx = self._bricks
+        for name in ("data", "weight"):
+            bricks = getattr(self, name).reshape(bz, by, bx, _BRICK, _BRICK, _BRICK)
+            setattr(self, name, bricks.permute(0, 3, 1, 4, 2, 5).reshape(-1))
+            del bricks
+        self._bricked = False
 
     def reconstruct(self, ssnr: Optional[Union[np.ndarray, torch.Tensor]] = None) -> np.ndarray:
         """Return the map (N, N, N) float32 numpy. May be called again (another ``ssnr``, after :meth:`add`),
@@ -321,7 +390,7 @@ def insert_particles(star: ParticleStar, stack: ImageStack, labels: np.ndarray, 
             rows = idx[sel]
             rot = euler_to_matrix(torch.as_tensor(angles[rows])).to(torch.float32)
             ctf = None if ctf_params is None else rec.slice_ctf(px, **{k: v[rows] for k, v in ctf_params.items()})
-            rec.insert_images(images[sel], rot, origins_px[rows], ctf)
+            rec.insert_images(images if len(sel) == len(idx) else images[sel], rot, origins_px[rows], ctf)
         done += len(idx)
         if progress:
             progress(done, len(star), time.time() - t0)
