@@ -179,9 +179,9 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
 def _one_thread_on_cpu(device):
     """torch's intra-op threads set to one inside the block on the CPU (restored after). Per micrograph the work
     is thousands of small operations (a row of PSD tiles, the band pixels of a 384² PSD): there, the threads'
-    synchronisation costs more than it saves. Measured on a shared 2-core machine (load 4-6), 4096²
-    micrograph: 2 threads took 2-8 CPU s and more wall time, one thread 0.5 CPU s. Micrographs are processed in
-    parallel by running several programs (the protocol's batches), not by threads inside these operations."""
+    synchronisation costs more than it saves (benchmarks/RESULTS.md, "Defocus CPU per micrograph"). Micrographs
+    are processed in parallel by running several programs (the protocol's batches), not by threads inside these
+    operations."""
     if torch.device(device).type != "cpu":
         yield
         return

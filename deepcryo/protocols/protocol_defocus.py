@@ -83,9 +83,9 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
                      useGpuHelp="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
         self._defineStreamingParams(form)
         form.getParam("streamingBatchSize").setDefault(Integer(8))
-        form.addParallelSection(threads=3, mpi=0, binThreads=1,
-                                binThreadsHelp="Threads of each batch's program. Scipion threads - 1 batches "
-                                               "run at a time, each on its own GPU when GPUs are used.")
+        # no threads per program: a batch's program works on one CPU thread (``predict._one_thread_on_cpu``);
+        # Scipion threads - 1 batches run side by side, each on its own GPU when GPUs are used
+        form.addParallelSection(threads=3, mpi=0)
 
     # --------------------------- INSERT steps functions --------------------------------------------
     def _insertCtfStep(self, mic, prerequisites, *args):
@@ -112,7 +112,7 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
         writeMicrographListStar(inStar, micList, self._params["acquisition"], self._params["samplingRate"])
         args = ["--micrographs", inStar, "--output", outStar, "--batch-size", len(micList),
                 "--low-resolution", self.lowRes.get(), "--high-resolution", self.highRes.get(),
-                "--defocus-min", self.minDefocus.get(), "--threads", self.getBinThreads()] + self._deviceArgs()
+                "--defocus-min", self.minDefocus.get(), "--threads", 1] + self._deviceArgs()
         if self.maxDefocus.get() > 0:
             args += ["--defocus-max", self.maxDefocus.get()]
         if not self.doRefine:
