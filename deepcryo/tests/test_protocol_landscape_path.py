@@ -34,6 +34,7 @@ the one-pass path (step 2), whose poses of the second state are aligned to the f
 this test's size (1 000 particles, box 64, VAE box 32, 8 epochs) over three renderings: see
 ``benchmarks/RESULTS.md``, "Landscape from estimated poses".
 """
+import logging
 import os
 import unittest
 import uuid
@@ -55,6 +56,7 @@ from deepcryo.tests.sets import importParticleSet, particleSetFromStar
 
 SPEC = RenderSpec(n=1000, box=64, pixel_size_A=2.0, snr=0.1, states=2, seed=0)
 WORK_BOX, EPOCHS = 32, 8
+logger = logging.getLogger(__name__)
 
 
 def classesAri(classes, states):
@@ -122,5 +124,6 @@ class TestDeepCryoLandscapePath(ProtocolTest):
         twoPass = classesAri(getattr(second, OUTPUT_CLASSES), self.states)
         figures = "ARI one pass %.3f, two passes %.3f (SwiftRes classes %.3f)" % (
             onePass, twoPass, classesAri(getattr(classes, SWIFT_CLASSES), self.states))
+        logger.info(figures)
         self.assertGreaterEqual(twoPass, 0.9, figures)
         self.assertGreater(twoPass, onePass, figures)
