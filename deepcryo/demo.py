@@ -248,7 +248,7 @@ def main(argv=None):
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--micrographs", type=int, default=6)
     p.add_argument("--micrograph-size", type=int, default=2048)
-    p.add_argument("--landscape-particles", type=int, default=2000,
+    p.add_argument("--landscape-particles", type=int, default=1000,
                    help="particles of the two-state set (refined twice, the landscape trained twice)")
     p.add_argument("--vae-epochs", type=int, default=8)
     args = p.parse_args(argv)
