@@ -7,9 +7,12 @@ Steps: simulate a particle set (phantom, CTF, noise) → import it into a Scipio
 printed as a table and saved as ``fsc.png``; then refine the same particles without their poses from the
 truth low-passed to 30 Å with ``DeepCryoProtSwiftRefine`` → resolution and angular error against the true
 poses; then simulate micrographs → ``DeepCryoProtDeepDefocus`` →
-defocus error against the simulation's truth; then simulate a two-state particle set → ``DeepCryoProtVaeTrain``
-→ ``DeepCryoProtVaeAnalyze`` (K = 2) → adjusted Rand index of the clusters against the true states. A private
-Scipion home and the project live under the output folder; nothing outside it is written.
+defocus error against the simulation's truth; then the landscape from estimated poses: simulate a two-state
+particle set without poses → ``DeepCryoProtSwiftRefine`` from state 1's map low-passed to 30 Å →
+``DeepCryoProtVaeTrain`` → ``DeepCryoProtVaeAnalyze`` (K = 2) → ``DeepCryoProtSwiftRefine`` with one class per
+cluster map → ``DeepCryoProtVaeTrain`` → ``DeepCryoProtVaeAnalyze``, with the adjusted Rand index of the clusters
+of both passes against the true states. A private Scipion home and the project live under the output folder;
+nothing outside it is written.
 """
 import argparse
 import os
@@ -146,49 +149,93 @@ def run_defocus(project, folder, n, size_px):
     return mae
 
 
-def run_landscape(project, folder, n, box, pixel_size_A, snr, epochs):
-    """Simulate a two-state set, train and analyse the landscape VAE, print the ARI against the true states."""
-    from pwem.protocols import ProtImportParticles
+def _clusters_ari(analyze, states):
+    """Adjusted Rand index of an analysis' clusters against the true state of each particle (by image index)."""
     from sklearn.metrics import adjusted_rand_score
 
-    from .tests.sets import particleSetFromStar
-    from .core import simulate
-    from .core.particles import read_particles
-    from .protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeTrain
-
-    _banner("simulating %d particles of two conformations (50/50, %d px, SNR %g) for the landscape VAE"
-            % (n, box, snr))
-    states = np.random.default_rng(4).permutation(np.arange(n) % 2)
-    star = simulate.write_particle_set(os.path.join(folder, "two_states"), simulate.phantom_states(box, 2, seed=0),
-                                       n, pixel_size_A, snr=snr, seed=4, state_of=states)
-    truth = np.asarray(read_particles(star).particles["rlnClassNumber"], dtype=np.int64)
-    parts = particleSetFromStar(star, os.path.join(folder, "two_states", "particles.sqlite"))
-    parts.close()
-    imp = project.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
-                              sqliteFile=parts.getFileName(), samplingRate=pixel_size_A, voltage=300.0,
-                              sphericalAberration=2.7, amplitudeContrast=0.1, objLabel="import two-state particles")
-    imp = _launch(project, imp)
-    _banner("landscape VAE: DeepCryoProtVaeTrain (%d epochs, working box %d) and DeepCryoProtVaeAnalyze (K = 2)"
-            % (epochs, box // 2))
-    train = project.newProtocol(DeepCryoProtVaeTrain, latentDim=8, workingBox=box // 2, epochs=epochs,
-                                useGpu=False, numberOfThreads=2, objLabel="deepcryo VAE train")
-    train.inputParticles.set(imp.outputParticles)
-    train = _launch(project, train)
-    analyze = project.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=2, numberOfThreads=2,
-                                  objLabel="deepcryo VAE analyze")
-    analyze.trainRun.set(train)
-    analyze = _launch(project, analyze)
     found, true = [], []
     for cls in analyze.outputClasses:
         for p in cls.iterItems():
             found.append(cls.getObjId())
-            true.append(truth[p.getIndex() - 1])
-    ari = adjusted_rand_score(true, found)
-    print("landscape VAE: %d clusters of %s particles; adjusted Rand index against the true states: %.3f "
+            true.append(states[p.getIndex() - 1])
+    return adjusted_rand_score(true, found)
+
+
+def _landscape_pass(project, refine, epochs, working_box, states, label):
+    """Train the landscape VAE on the particles refined by ``refine``, analyse it with K = 2; returns the analysis
+    and its ARI against the true states."""
+    from .protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeTrain
+
+    train = project.newProtocol(DeepCryoProtVaeTrain, latentDim=8, workingBox=working_box, epochs=epochs,
+                                useGpu=False, numberOfThreads=2, objLabel="deepcryo VAE train, %s" % label)
+    train.inputParticles.set(refine.outputParticles)
+    train = _launch(project, train)
+    analyze = project.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=2, numberOfThreads=2,
+                                  objLabel="deepcryo VAE analyze, %s" % label)
+    analyze.trainRun.set(train)
+    analyze = _launch(project, analyze)
+    ari = _clusters_ari(analyze, states)
+    print("landscape VAE, %s: %d clusters of %s particles; adjusted Rand index against the true states: %.3f "
           "(1 = perfect, 0 = chance); plots in %s"
-          % (len(analyze.outputClasses), [c.getSize() for c in analyze.outputClasses], ari,
-             analyze._getExtraPath("analysis")))
-    return ari
+          % (label, len(analyze.outputClasses), [c.getSize() for c in analyze.outputClasses], ari,
+             analyze._getExtraPath("analysis")), flush=True)
+    return analyze, ari
+
+
+def run_landscape(project, folder, n, box, pixel_size_A, snr, epochs, initial_resolution_A=30.0):
+    """The user's landscape path from particles without poses: simulate a two-state set, refine it with
+    DeepCryoProtSwiftRefine from state 1's map, train and analyse the VAE (K = 2); then refine again with one class
+    per cluster map of that analysis and train and analyse the VAE on those poses. Prints the ARI of both passes
+    against the true states and returns them."""
+    import torch
+    from pwem.protocols import ProtImportParticles, ProtImportVolumes
+    from pyworkflow.object import Pointer
+
+    from .tests.sets import particleSetFromStar
+    from .core import fourier, simulate
+    from .core.mrc import write_mrc
+    from .core.particles import read_particles
+    from .protocols import DeepCryoProtSwiftRefine
+
+    _banner("simulating %d particles of two conformations (50/50, %d px, SNR %g) for the landscape VAE"
+            % (n, box, snr))
+    data_dir = os.path.join(folder, "two_states")
+    maps = simulate.phantom_states(box, 2, seed=0)
+    states = np.random.default_rng(4).permutation(np.arange(n) % 2)
+    star = simulate.write_particle_set(data_dir, maps, n, pixel_size_A, snr=snr, seed=4, state_of=states)
+    truth = np.asarray(read_particles(star).particles["rlnClassNumber"], dtype=np.int64)
+    parts = particleSetFromStar(star, os.path.join(data_dir, "particles.sqlite"), withAlignment=False)
+    parts.close()
+    write_mrc(os.path.join(data_dir, "state1_initial.mrc"), fourier.lowpass_volume(
+        torch.as_tensor(maps[0]), initial_resolution_A, pixel_size_A).numpy(), pixel_size_A)
+    imp = project.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
+                              sqliteFile=parts.getFileName(), samplingRate=pixel_size_A, voltage=300.0,
+                              sphericalAberration=2.7, amplitudeContrast=0.1,
+                              objLabel="import two-state particles (no poses)")
+    imp = _launch(project, imp)
+    vol = project.newProtocol(ProtImportVolumes, filesPath=data_dir, filesPattern="state1_initial.mrc",
+                              samplingRate=pixel_size_A, objLabel="import state 1 low-passed")
+    vol = _launch(project, vol)
+
+    def refine(volumes, resolution_A, label):
+        prot = project.newProtocol(DeepCryoProtSwiftRefine, initialResolution=resolution_A, numberOfThreads=2,
+                                   objLabel="deepcryo swiftrefine, %s" % label)
+        prot.inputParticles.set(imp.outputParticles)
+        for v in volumes:
+            prot.inputVolumes.append(v)
+        return _launch(project, prot)
+
+    _banner("landscape from estimated poses, pass 1: DeepCryoProtSwiftRefine from state 1's map low-passed to "
+            "%g Å → DeepCryoProtVaeTrain (%d epochs, working box %d) → DeepCryoProtVaeAnalyze (K = 2)"
+            % (initial_resolution_A, epochs, box // 2))
+    consensus = refine([Pointer(vol.outputVolume)], initial_resolution_A, "one map")
+    first, ari_one = _landscape_pass(project, consensus, epochs, box // 2, truth, "one pass")
+    _banner("pass 2: DeepCryoProtSwiftRefine with one class per cluster map of pass 1 (15 Å) → VAE → analysis")
+    classes = refine([Pointer(first, extended="outputVolumes.%d" % v.getObjId()) for v in first.outputVolumes],
+                     15.0, "cluster maps")
+    _, ari_two = _landscape_pass(project, classes, epochs, box // 2, truth, "two passes")
+    print("landscape from estimated poses: ARI one pass %.3f, two passes %.3f" % (ari_one, ari_two))
+    return ari_one, ari_two
 
 
 def main(argv=None):
@@ -201,7 +248,9 @@ def main(argv=None):
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--micrographs", type=int, default=6)
     p.add_argument("--micrograph-size", type=int, default=2048)
-    p.add_argument("--vae-epochs", type=int, default=6)
+    p.add_argument("--landscape-particles", type=int, default=1000,
+                   help="particles of the two-state set (refined twice, the landscape trained twice)")
+    p.add_argument("--vae-epochs", type=int, default=8)
     args = p.parse_args(argv)
     folder = os.path.abspath(args.output_dir)
     os.makedirs(folder, exist_ok=True)
@@ -215,7 +264,7 @@ def main(argv=None):
     imported = run_reconstruction(project, folder, args.particles, args.box, args.pixel_size, args.snr)
     run_refinement(project, folder, imported, args.pixel_size)
     run_defocus(project, folder, args.micrographs, args.micrograph_size)
-    run_landscape(project, folder, args.particles, args.box, args.pixel_size, args.snr, args.vae_epochs)
+    run_landscape(project, folder, args.landscape_particles, args.box, args.pixel_size, args.snr, args.vae_epochs)
     return 0
 
 

@@ -67,7 +67,10 @@ class DeepCryoProtSwiftRefine(DeepCryoProtBase, ProtRefine3D):
                       help="The particles' box and pixel size, or the same physical box at another pixel size "
                            "(e.g. the landscape's cluster maps at its working box), which is resampled to the "
                            "particles' box. One map: a single refinement. "
-                           "Several maps: a multi-reference refinement, one 3D class per map.")
+                           "Several maps: a multi-reference refinement, one 3D class per map; e.g. the items of "
+                           "the output volumes of a landscape VAE analysis (one map per cluster), so that each "
+                           "particle is aligned to the map of its own state before the landscape is trained "
+                           "again on the new poses (the measured path started them at 15 Å).")
         form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry group",
                       help=SYMMETRY_HELP)
         form.addParam("initialResolution", params.FloatParam, default=30.0, validators=[params.Positive],

@@ -41,6 +41,7 @@ from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
 OUTPUT_CLASSES = "outputClasses"
 OUTPUT_TRAJECTORY = "outputTrajectory"
+OUTPUT_VOLUMES = "outputVolumes"
 OUTPUT_PC_VOLUMES = "outputPcVolumes"
 OUTPUT_PATH_VOLUMES = "outputPathVolumes"
 SIGMA_ATTR = "_deepcryoZSigma"
@@ -312,13 +313,20 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
 class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
     """Analyses a trained landscape VAE: embeddings (PCA, optionally UMAP), a landscape plot (density
     and −ln density), clusters (k-means; K suggested by a Gaussian-mixture BIC when not given), one volume
-    per cluster (reconstructed from its particles; the decoded volume is kept in the extra folder) and
-    volumes along the first principal component (trajectory; the second one's volumes are in the extra
-    folder for the viewer).
+    per cluster (reconstructed from its particles at the working box; the decoded volume is kept in the extra
+    folder) and volumes along the first principal component (trajectory; the second one's volumes are in the
+    extra folder for the viewer).
+
+    Outputs: the clusters as 3D classes (their maps as representatives), the same cluster maps as a set of
+    volumes (in cluster order, like RELION's 3D classification), and the trajectory. The cluster maps are the
+    initial maps of a multi-reference SwiftRes refinement (one class per cluster), which aligns each particle
+    to the map of its own state; a landscape trained on its poses separates the states better than one
+    trained on single-reference poses (README, "Landscape from estimated poses").
     """
     _label = "landscape VAE analyze"
     _devStatus = BETA
-    _possibleOutputs = {OUTPUT_CLASSES: SetOfClasses3D, OUTPUT_TRAJECTORY: SetOfVolumes}
+    _possibleOutputs = {OUTPUT_CLASSES: SetOfClasses3D, OUTPUT_VOLUMES: SetOfVolumes,
+                        OUTPUT_TRAJECTORY: SetOfVolumes}
 
     EMBEDDINGS = ["PCA", "PCA and UMAP"]
 
@@ -363,23 +371,34 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
             else:
                 item.setClassId(int(labels[r]))
 
+        def clusterMap(k):
+            return os.path.join(folder, "cluster_%02d_reconstructed.mrc" % k)
+
         def updateClass(cls):
-            fn = os.path.join(folder, "cluster_%02d_reconstructed.mrc" % cls.getObjId())
-            rep = Volume(location=fn)
+            rep = Volume(location=clusterMap(cls.getObjId()))
             rep.setSamplingRate(px)
             cls.setRepresentative(rep)
 
         classes = self._createSetOfClasses3D(particles)
         classes.classifyItems(updateItemCallback=updateItem, updateClassCallback=updateClass)
-        trajectory = self._createSetOfVolumes("trajectory")
-        trajectory.setSamplingRate(px)
-        for fn in sorted(glob(os.path.join(folder, "pc1_step*.mrc"))):
+        volumes = self._volumeSet([clusterMap(c["cluster"]) for c in summary["clusters"]], px, "clusters",
+                                  ["cluster %d" % c["cluster"] for c in summary["clusters"]])
+        trajectory = self._volumeSet(sorted(glob(os.path.join(folder, "pc1_step*.mrc"))), px, "trajectory")
+        outputs = {OUTPUT_CLASSES: classes, OUTPUT_VOLUMES: volumes, OUTPUT_TRAJECTORY: trajectory}
+        self._defineOutputs(**outputs)
+        for output in outputs.values():
+            self._defineSourceRelation(self.trainRun.get().inputParticles, output)
+
+    def _volumeSet(self, paths, px, suffix, labels=None):
+        volumes = self._createSetOfVolumes(suffix)
+        volumes.setSamplingRate(px)
+        for i, fn in enumerate(paths):
             vol = Volume(location=fn)
             vol.setSamplingRate(px)
-            trajectory.append(vol)
-        self._defineOutputs(**{OUTPUT_CLASSES: classes, OUTPUT_TRAJECTORY: trajectory})
-        self._defineSourceRelation(self.trainRun.get().inputParticles, classes)
-        self._defineSourceRelation(self.trainRun.get().inputParticles, trajectory)
+            if labels:
+                vol.setObjLabel(labels[i])
+            volumes.append(vol)
+        return volumes
 
     def _validate(self):
         run = self.trainRun.get()
@@ -408,10 +427,10 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
                     else "%d clusters" % summary["clusters_used"])
         return ["The latent coordinates learned by %s were analysed with deepcryo as cryoDRGN's analysis does "
                 "([Zhong2021]): %s embeddings of the latent space, k-means clustering into %s, one map per cluster "
-                "reconstructed from its particles at their consensus poses (output %s), and %d volumes decoded "
-                "along the first principal component from −2 to +2 standard deviations (output %s)."
+                "reconstructed from its particles at their consensus poses (outputs %s and %s), and %d volumes "
+                "decoded along the first principal component from −2 to +2 standard deviations (output %s)."
                 % (self.getObjectTag("trainRun"), self.EMBEDDINGS[self.embedding.get()], clusters,
-                   self.getObjectTag(OUTPUT_CLASSES), self.trajectorySteps.get(),
+                   self.getObjectTag(OUTPUT_CLASSES), self.getObjectTag(OUTPUT_VOLUMES), self.trajectorySteps.get(),
                    self.getObjectTag(OUTPUT_TRAJECTORY))]
 
     def _citations(self):
