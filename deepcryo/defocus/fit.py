@@ -15,8 +15,9 @@ the x axis to U). The optimiser works on ``(z, a cos 2θ, a sin 2θ)``, smooth a
 * :func:`fit_resolution` — CTFFIND-style: the PSD is averaged over equal-phase bins of the fitted CTF
   (astigmatism removed), and the resolution (Å) is where the correlation between this 1D average and the
   fitted CTF², in a window 3 Thon-ring periods wide moving outwards, first drops below 0.5.
-* :func:`parameter_covariance` / :func:`select_astigmatism` — the fit's standard errors (Gauss-Newton) and the
-  choice, by BIC, between a round and an astigmatic CTF (noise alone would inflate U − V on weak rings).
+* :func:`parameter_covariance` / :func:`select_astigmatism` — the fit's standard errors (Gauss-Newton; σ of the
+  mean defocus also carries the given amplitude contrast's uncertainty, :data:`AMPLITUDE_PHASE_SIGMA_DEG`) and
+  the choice, by BIC, between a round and an astigmatic CTF (noise alone would inflate U − V on weak rings).
 * :func:`rotational_average` — CTFFIND's ``_avrot.txt`` rows (rotational average, EPA, fitted CTF², correlation).
 * :func:`disagreement_flag` — low confidence: CNN and fit disagree, or a low figure of merit.
 """
