@@ -42,8 +42,9 @@ SEARCH_LOW_BAND_A = 8.0  # high-resolution limit (Å) of the robust search stage
 #: 0.05 rad RMS phase (non-linear, non-Gaussian scattering: its second-order term transfers with cos γ, not
 #: sin γ) shifts the Thon rings as an extra phase of a few degrees would, and a fit that holds w = 0.07 turns
 #: this into a mean-defocus bias of +0.1 to +0.4 % that its statistical σ cannot cover (benchmarks/RESULTS.md,
-#: "Defocus bias and σ calibration (issue 19)"). 2° is w = 0.07 ± 0.035; chosen on one benchmark seed, checked
-#: on another.
+#: "Defocus bias and σ calibration (issue 19)"; benchmarks/defocus_bias.py). Fitting the phase instead is no
+#: cure: on weak linear rings the phase and the defocus trade off (−0.3 %). 2° is w = 0.07 ± 0.035, chosen on
+#: seed 7 of benchmarks/defocus.py and checked on seed 11. Where the given w is exact, σ is conservative.
 AMPLITUDE_PHASE_SIGMA_DEG = 2.0
 
 
