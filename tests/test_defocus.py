@@ -230,6 +230,25 @@ def test_fit_internals_match_their_definitions():
                           atol=1e-3)
 
 
+def test_defocus_sensitivity_to_the_fixed_phase():
+    """``dz/dφ`` of :func:`fit.parameter_covariance` (first order, Gauss-Newton; σ's amplitude-contrast term) is
+    the fit's own response: refitting with the amplitude contrast 0.07 → 0.10 (1.7° more phase) moves the mean
+    defocus by −Δφ · dz/dφ within a factor 1.5 (a wrong sign, a missing projection of the per-shell nuisance or
+    a missing s² in the Jacobian is off by far more; measured: −714 vs 900 Å/rad)."""
+    img, t = simulate_micrograph(1024, pixel_size_A=1.0, defocus_u_A=20500, defocus_v_A=19500,
+                                 defocus_angle_deg=30, bfactor_A2=60.0, amplitude_contrast=0.07, seed=5)
+    psd, samp = _fit_psd(img, t)
+    fits = {w: fit.refine_ctf(psd, samp, [20500.0], [19500.0], [30.0], t["voltage_kV"], t["cs_mm"], w)
+            for w in (0.07, 0.10)}
+    r = fits[0.07]
+    acq = [torch.tensor([v]) for v in (t["voltage_kV"], t["cs_mm"], 0.07)]
+    band = fit.BandPixels(psd.shape[-1], samp, 30.0, 5.0)
+    _, _, dz_dphase = fit.parameter_covariance(psd, band, r._z, r._ax, r._ay, r._phase, acq, True, False)
+    dphase = float(np.arctan(0.10 / np.sqrt(1 - 0.01)) - np.arctan(0.07 / np.sqrt(1 - 0.07 ** 2)))
+    moved = float(fits[0.10]._z[0] - r._z[0]) / dphase
+    assert float(dz_dphase[0]) > 0 and 1 / 1.5 < -moved / float(dz_dphase[0]) < 1.5, (moved, float(dz_dphase[0]))
+
+
 def test_disagreement_flag():
     res = fit.FitResult(torch.tensor([10000.0, 10000.0]), torch.zeros(2), torch.zeros(2), torch.zeros(2),
                         torch.ones(2))

@@ -15,8 +15,9 @@ the x axis to U). The optimiser works on ``(z, a cos 2θ, a sin 2θ)``, smooth a
 * :func:`fit_resolution` — CTFFIND-style: the PSD is averaged over equal-phase bins of the fitted CTF
   (astigmatism removed), and the resolution (Å) is where the correlation between this 1D average and the
   fitted CTF², in a window 3 Thon-ring periods wide moving outwards, first drops below 0.5.
-* :func:`parameter_covariance` / :func:`select_astigmatism` — the fit's standard errors (Gauss-Newton) and the
-  choice, by BIC, between a round and an astigmatic CTF (noise alone would inflate U − V on weak rings).
+* :func:`parameter_covariance` / :func:`select_astigmatism` — the fit's standard errors (Gauss-Newton; σ of the
+  mean defocus also carries the given amplitude contrast's uncertainty, :data:`AMPLITUDE_PHASE_SIGMA_DEG`) and
+  the choice, by BIC, between a round and an astigmatic CTF (noise alone would inflate U − V on weak rings).
 * :func:`rotational_average` — CTFFIND's ``_avrot.txt`` rows (rotational average, EPA, fitted CTF², correlation).
 * :func:`disagreement_flag` — low confidence: CNN and fit disagree, or a low figure of merit.
 """
@@ -35,6 +36,16 @@ __all__ = ["BandPixels", "refine_ctf", "exhaustive_search", "fit_resolution", "s
            "disagreement_flag", "score_only", "parameter_covariance", "select_astigmatism", "rotational_average"]
 
 SEARCH_LOW_BAND_A = 8.0  # high-resolution limit (Å) of the robust search stages
+#: Uncertainty (1σ, degrees) of the CTF's fixed phase (``atan(w/√(1−w²))`` of the given amplitude contrast w,
+#: plus a given phase shift) that σ of the mean defocus includes when the phase is not fitted. The effective
+#: amplitude contrast of a specimen is not the nominal one: full wave propagation through a particle field of
+#: 0.05 rad RMS phase (non-linear, non-Gaussian scattering: its second-order term transfers with cos γ, not
+#: sin γ) shifts the Thon rings as an extra phase of a few degrees would, and a fit that holds w = 0.07 turns
+#: this into a mean-defocus bias of +0.1 to +0.4 % that its statistical σ cannot cover (benchmarks/RESULTS.md,
+#: "Defocus bias and σ calibration (issue 19)"; benchmarks/defocus_bias.py). Fitting the phase instead is no
+#: cure: on weak linear rings the phase and the defocus trade off (−0.3 %). 2° is w = 0.07 ± 0.035, chosen on
+#: seed 7 of benchmarks/defocus.py and checked on seed 11. Where the given w is exact, σ is conservative.
+AMPLITUDE_PHASE_SIGMA_DEG = 2.0
 
 
 class BandPixels:
@@ -152,9 +163,12 @@ def _score_outer(scores, band, max_lag_px):
 
 def parameter_covariance(psd: torch.Tensor, band: BandPixels, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor,
                          phase_rad: torch.Tensor, acq, fit_astigmatism: bool = True, fit_phase: bool = False,
-                         max_lag_px: int = 3, shells: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+                         max_lag_px: int = 3, shells: int = 16) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Covariance (B, P, P) of the fitted ``(z[, ax, ay][, phase])`` (Å², rad²) at the optimum, Gauss-Newton,
-    and the number of independent pixels (B,) (band pixels / residual autocorrelation).
+    the number of independent pixels (B,) (band pixels / residual autocorrelation), and ``dz/dφ`` (B,) (Å/rad):
+    how far the fitted mean defocus moves per radian of error in the phase that is held fixed (amplitude
+    contrast + phase shift; 0 where the phase is fitted), ``[(J_θᵀJ_θ)⁻¹ J_θᵀ J_φ]_z`` with the same projected
+    Jacobian (:data:`AMPLITUDE_PHASE_SIGMA_DEG`).
 
     Maximising the band correlation is least squares of the PSD on ``α + β sin²γ``. The ring amplitude is
     not the same at every frequency (envelope, specimen): β(s) is estimated in ``shells`` shells of s² (equal
@@ -163,7 +177,8 @@ def parameter_covariance(psd: torch.Tensor, band: BandPixels, z: torch.Tensor, a
     out) and ``r`` the residuals, the covariance is the sandwich ``(JᵀJ)⁻¹ (Σ r_i r_j J_i J_jᵀ) (JᵀJ)⁻¹`` over
     pixel pairs within ``max_lag_px`` (:func:`_score_outer`): the noise of a log-periodogram is neither the same
     everywhere (it follows the rings) nor independent between neighbours (Hann taper, resampling). This is the
-    statistical error of the fit on this PSD; a wrong Thon-ring basin is not in it (:func:`disagreement_flag`).
+    statistical error of the fit on this PSD; a wrong Thon-ring basin is not in it (:func:`disagreement_flag`),
+    nor the error of the fixed phase (the callers add it through ``dz/dφ``).
     """
     with torch.no_grad():
         d = band.take(psd)
@@ -186,15 +201,23 @@ def parameter_covariance(psd: torch.Tensor, band: BandPixels, z: torch.Tensor, a
         beta = (beta.clamp(min=0) ** 2 - var_beta).clamp(min=0).sqrt()
         beta_px = beta @ onehot.T
         dg = beta_px * torch.sin(2 * gam)  # d(β sin²γ)/dγ
-        jac = dg[..., None] * _gamma_jacobian(band, acq[0], fit_astigmatism, fit_phase)
+        jac = dg[..., None] * _gamma_jacobian(band, acq[0], fit_astigmatism, True)  # last column: the phase
         nuisance = torch.cat([onehot[None].expand(d.shape[0], -1, -1), mc[..., None] * onehot], dim=-1)
         # project the nuisance (per-shell offsets and scales) out of the Jacobian
         nt = nuisance.transpose(1, 2)
         coef = torch.linalg.lstsq(nt @ nuisance + 1e-9 * torch.eye(nuisance.shape[-1], device=d.device), nt @ jac).solution
         jac = jac - nuisance @ coef
-        bread = torch.linalg.inv(jac.transpose(1, 2) @ jac)
+        jac_phase = jac[..., -1:]
+        if not fit_phase:
+            jac = jac[..., :-1]
+        jtj = jac.transpose(1, 2) @ jac
+        bread = torch.linalg.inv(jtj)
         cov = bread @ _score_outer(jac * resid[..., None], band, max_lag_px) @ bread
-    return cov, band.index.numel() / correlation
+        if fit_phase:
+            dz_dphase = torch.zeros_like(z)
+        else:
+            dz_dphase = (bread @ (jac.transpose(1, 2) @ jac_phase))[:, 0, 0]  # the fit absorbs a phase error
+    return cov, band.index.numel() / correlation, dz_dphase
 
 
 class FitResult:
@@ -275,21 +298,24 @@ def select_astigmatism(psd: torch.Tensor, bands, z: torch.Tensor, ax: torch.Tens
     Bayesian information criterion: ``N ln((1 − ρ₀²)/(1 − ρ₁²)) > 2 ln N`` (least squares of the PSD on CTF²;
     ρ₀, ρ₁ the band correlations of the round and astigmatic fits, N the independent band pixels of
     :func:`parameter_covariance`). σ: the chosen model's :func:`parameter_covariance`, plus the squared
-    difference of the two models' mean defoci. Returns ``(z, ax, ay, phase, fom, sigma_z)``, each (B,).
+    difference of the two models' mean defoci, plus ``(dz/dφ · σ_φ)²`` (σ_φ = :data:`AMPLITUDE_PHASE_SIGMA_DEG`)
+    where the phase is held fixed. Returns ``(z, ax, ay, phase, fom, sigma_z)``, each (B,).
     """
     band = bands[-1]
     zero = torch.zeros_like(z)
     zr, _, _, pr, fom_r = _local(psd, None, bands, z, zero, zero, phase_rad, acq, fit_phase,
                                  (iterations[0] // 2, iterations[1] // 2), fit_astigmatism=False)
-    cov, n_eff = parameter_covariance(psd, band, z, ax, ay, phase_rad, acq, True, fit_phase)
-    cov_r, _ = parameter_covariance(psd, band, zr, zero, zero, pr, acq, False, fit_phase)
+    cov, n_eff, dz_dphase = parameter_covariance(psd, band, z, ax, ay, phase_rad, acq, True, fit_phase)
+    cov_r, _, dz_dphase_r = parameter_covariance(psd, band, zr, zero, zero, pr, acq, False, fit_phase)
     with torch.no_grad():
         fom = _corr(_prep(band.take(psd)), torch.sin(_gamma(band, z, ax, ay, phase_rad, *acq)) ** 2)
     gain = n_eff * torch.log((1 - fom_r * fom_r).clamp(min=1e-12) / (1 - fom * fom).clamp(min=1e-12))
     astig = gain > 2.0 * torch.log(n_eff)
     # the model choice is uncertain too: the two models' mean defoci differ by more than their curvature says
     # where the astigmatism is weakly determined (model averaging: their squared difference adds to the variance)
-    sigma = (torch.where(astig, cov[:, 0, 0], cov_r[:, 0, 0]).clamp(min=0) + (z - zr) ** 2).sqrt()
+    # and the fixed phase (amplitude contrast) is an assumption: its uncertainty propagates through dz/dφ
+    systematic = torch.where(astig, dz_dphase, dz_dphase_r) * math.radians(AMPLITUDE_PHASE_SIGMA_DEG)
+    sigma = (torch.where(astig, cov[:, 0, 0], cov_r[:, 0, 0]).clamp(min=0) + (z - zr) ** 2 + systematic ** 2).sqrt()
     pick = [torch.where(astig, x1, x0) for x1, x0 in ((z, zr), (ax, zero), (ay, zero), (phase_rad, pr),
                                                        (fom, fom_r))]
     return (*pick, sigma)
@@ -382,8 +408,9 @@ def score_only(psd: torch.Tensor, sampling_A: float, defocus_u_A: Union[float, t
     with torch.no_grad():
         fom = score_params(psd, sampling_A, band, z[:, None], ax[:, None], ay[:, None], ph[:, None], *acq)[:, 0]
     result = FitResult(z, ax, ay, ph, fom)
-    cov, _ = parameter_covariance(psd, band, z, ax, ay, ph, acq)
-    result.defocus_sigma_A = cov[:, 0, 0].clamp(min=0).sqrt()
+    cov, _, dz_dphase = parameter_covariance(psd, band, z, ax, ay, ph, acq)
+    result.defocus_sigma_A = (cov[:, 0, 0].clamp(min=0)
+                              + (dz_dphase * math.radians(AMPLITUDE_PHASE_SIGMA_DEG)) ** 2).sqrt()
     result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
     return result
 

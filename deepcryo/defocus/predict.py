@@ -7,7 +7,8 @@ Per micrograph, :func:`estimate_batch` computes
 3. the CNN's U, V, angle; then :func:`deepcryo.defocus.fit.refine_ctf` from it (or, with ``refine=False``,
    only the CNN's values, scored on the fit PSD);
 4. figure of merit (band correlation with CTF²), fit resolution (Å), the defocus's standard error σ (Å, from
-   the fit's curvature: :func:`deepcryo.defocus.fit.parameter_covariance`), and a low-confidence flag when
+   the fit's curvature: :func:`deepcryo.defocus.fit.parameter_covariance`, plus the given amplitude contrast's
+   uncertainty: :data:`deepcryo.defocus.fit.AMPLITUDE_PHASE_SIGMA_DEG`), and a low-confidence flag when
    the CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`).
 
 The pixel size is the STAR's ``rlnMicrographPixelSize``, else the one given (``--pixel-size``), else the
