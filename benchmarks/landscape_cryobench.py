@@ -40,8 +40,13 @@ true maps and the consensus are Fourier-cropped to it):
   scored volumes (cryoDRGN's preprocessing included).
 
 Published CryoBench FSC-AUC on IgG-1D (100 k particles, 128 px, SNR 0.01), for context: cryoDRGN 0.366,
-cryoSPARC 3DVA 0.351, RECOVAR 0.391, CryoSPIRE 0.402. RECOVAR (PyPI, JAX) is not run here: it was not installed
-and timed within the session that wrote this benchmark, and a flag that cannot be tested is left out.
+cryoSPARC 3DVA 0.351, RECOVAR 0.391, CryoSPIRE 0.402.
+
+RECOVAR is not run here. RECOVAR 1.0.5 (PyPI, JAX) installs in its own virtual environment and its ``pipeline``
+runs on CPU (``--accept-cpu --mask sphere --zdim 4`` on 400 particles at box 32: 264 s wall, 200 CPU s), but its
+``compute_state`` (volumes at 4 latent points by kernel regression) had not finished after 400 s on the 2-core
+development machine, so a RECOVAR run at the benchmark's size needs a GPU. Adding it follows cryoDRGN's pattern:
+latents in ``model/zdim_<d>/latent_coords.npy``, volumes from ``compute_state --latent-points <z.txt>``.
 
 Prints one markdown table per set and writes ``--json`` (default ``<workdir>/cryobench.json``) with every
 per-conformation score. Validation size (see benchmarks/RESULTS.md)::
@@ -183,7 +188,7 @@ def run_set(kind, args, work):
     methods = [("deepcryo", run_deepcryo)]
     if args.cryodrgn:
         methods.append(("cryoDRGN", run_cryodrgn))
-    entry = {"spec": dict(vars(spec)), "snr_measured": data.snr, "moving_mask_fraction":
+    entry = {"spec": dict(vars(spec)), "work_box": args.work_box, "snr_measured": data.snr, "moving_mask_fraction":
              float(masks["moving"].mean()), "methods": {}}
     for name, run in methods + [("consensus", None)]:
         out = os.path.join(work, kind, name)
@@ -210,8 +215,8 @@ def table(kind, entry):
     """The set's markdown table."""
     key, label = ("rho", "\\|ρ\\| PC1 vs conformation") if kind == "motion" else ("ari", "ARI")
     spec = entry["spec"]
-    lines = ["%s: %d particles, %d conformations, box %d, SNR %.3g, moving region %.1f %% of the box" % (
-                 kind, spec["n"], spec["states"], spec["box"], entry["snr_measured"],
+    lines = ["%s: %d particles, %d conformations, box %d scored at %d, SNR %.3g, moving region %.1f %% of the box" % (
+                 kind, spec["n"], spec["states"], spec["box"], entry["work_box"], entry["snr_measured"],
                  100 * entry["moving_mask_fraction"]), "",
              "| method | FSC-AUC whole | FSC-AUC moving | %s | CPU s |" % label, "|---|---|---|---|---|"]
     for name, r in entry["methods"].items():
