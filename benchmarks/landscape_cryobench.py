@@ -29,8 +29,8 @@ true maps and the consensus are Fourier-cropped to it):
   image, which costs N decodes and gives the same mean for a method whose latents cluster by conformation).
   Over the whole particle (a soft sphere of radius N/2 − 4 px with a 3 px edge) and inside the **moving region**
   (:func:`deepcryo.landscape.metrics.scoring_masks`: voxels where the standard deviation over the K true maps
-  exceeds 20 % of its maximum, extended by 1 px with a 2 px cosine edge, within that sphere; about 40 % of the
-  particle's density on the phantom hinge). Neither curve is corrected for its
+  exceeds 20 % of its maximum, extended by 1 px with a 2 px cosine edge, within that sphere; 40-50 % of the
+  phantom's density). Neither curve is corrected for its
   mask; all methods and the consensus share the masks. As CryoBench (its ``fsc`` and ``fsc_flipped``), each
   method's volumes are scored as written and mirrored (z flipped about the box centre), and the better hand over
   the whole particle is kept: a method's frame and hand are its own;

@@ -5,8 +5,8 @@
   latents against the true states, and |Spearman ρ| of the latent PC1 against the true hinge parameter;
 - CryoBench's volume scores (``benchmarks/landscape_cryobench.py``): :func:`fsc_auc` (area under an FSC curve),
   :func:`moving_mask` (where the true conformations differ), :func:`scoring_masks` (whole particle and moving
-  region), :func:`conformation_means` (mean latent of each
-  conformation's particles) and :func:`conformation_fsc_auc` (per-conformation FSC-AUC against the truth).
+  region), :func:`conformation_means` (mean latent of each conformation's particles) and
+  :func:`conformation_fsc_auc` (per-conformation FSC-AUC against the truth).
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from ..core.fsc import masked_fsc, solvent_corrected_fsc, spherical_mask
 from ..core.geometry import euler_to_matrix, rotation_angle_deg
 
 __all__ = ["pose_error_deg", "state_ari", "hinge_rho", "latents", "fsc_auc", "moving_mask", "scoring_masks",
-           "conformation_means",
-           "conformation_fsc_auc"]
+           "conformation_means", "conformation_fsc_auc"]
 
 _MIRROR = np.diag([1.0, 1.0, -1.0])
 
