@@ -25,13 +25,15 @@ true maps and the consensus are Fourier-cropped to it):
 - **FSC-AUC**: for each conformation k, the FSC between the method's volume for k and the true map of k, and
   its area against the spatial frequency in 1/px up to Nyquist (:func:`deepcryo.landscape.metrics.fsc_auc`;
   identical maps score 0.5), averaged over k. The volume for k is decoded at the **mean latent of k's particles**
-  (CryoBench's first protocol, its per-conformation FSC; its later per-image FSC decodes one volume per particle
-  image, which costs N decodes and gives the same mean for a method whose latents cluster by conformation).
+  (CryoBench's first protocol, its per-conformation FSC; its later per-image FSC decodes one volume at each
+  image's latent and so also penalises the spread of a conformation's latents, at N decodes: not done here).
   Over the whole particle (a soft sphere of radius N/2 − 4 px with a 3 px edge) and inside the **moving region**
   (:func:`deepcryo.landscape.metrics.scoring_masks`: voxels where the standard deviation over the K true maps
   exceeds 20 % of its maximum, extended by 1 px with a 2 px cosine edge, within that sphere; 40-50 % of the
-  phantom's density). Neither curve is corrected for its
-  mask; all methods and the consensus share the masks. As CryoBench (its ``fsc`` and ``fsc_flipped``), each
+  phantom's density). The masked curves are corrected for the correlation the mask itself creates, by phase
+  randomisation as relion_postprocess (:func:`deepcryo.landscape.metrics.conformation_fsc_auc`): uncorrected, the
+  tight moving-region mask scores the consensus higher there than over the whole particle. All methods and the
+  consensus share the masks. As CryoBench (its ``fsc`` and ``fsc_flipped``), each
   method's volumes are scored as written and mirrored (z flipped about the box centre), and the better hand over
   the whole particle is kept: a method's frame and hand are its own;
 - **|ρ|** (motion): |Spearman ρ| between the latent PC1 and the conformation index; **ARI** (discrete): adjusted
