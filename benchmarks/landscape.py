@@ -39,7 +39,7 @@ def scores(z, star):
     if "dcHingeParameter" in star.particles:
         rho = metrics.hinge_rho(z, star.particles["dcHingeParameter"])
     else:
-        ari = metrics.two_state_ari(z, np.asarray(star.particles["rlnClassNumber"], dtype=np.int64))
+        ari = metrics.state_ari(z, np.asarray(star.particles["rlnClassNumber"], dtype=np.int64))
     return ari, rho
 
 

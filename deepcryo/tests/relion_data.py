@@ -63,8 +63,9 @@ SKIP_REASON = ("RELION's relion_project is not installed (scripts/test.sh instal
 
 @dataclasses.dataclass(frozen=True)
 class RenderSpec:
-    """What to render. ``snr`` None: noiseless. ``states`` > 1: :func:`phantom_states` with the particles split
-    evenly at random between them. Units: px, Å, kV, mm."""
+    """What to render. ``snr`` None: noiseless. ``states`` > 1: :func:`phantom_states` (the phantom's domain turned
+    about its hinge by 0 … ``hinge_deg`` in ``states`` equal steps; many states sample a continuous motion) with
+    the particles split evenly at random between them. Units: px, Å, kV, mm, degrees."""
     n: int
     box: int = 64
     pixel_size_A: float = 2.0
@@ -78,6 +79,7 @@ class RenderSpec:
     voltage_kV: float = 300.0
     cs_mm: float = 2.7
     amplitude_contrast: float = 0.1
+    hinge_deg: float = 35.0
 
 
 @dataclasses.dataclass
@@ -158,7 +160,7 @@ def render(folder: str, spec: RenderSpec) -> RelionSet:
             done = json.load(f)
     if done is None or done["spec"] != wanted:
         vols = [phantom_volume(spec.box, seed=spec.volume_seed)] if single else \
-            phantom_states(spec.box, spec.states, seed=spec.volume_seed)
+            phantom_states(spec.box, spec.states, seed=spec.volume_seed, angle_deg=spec.hinge_deg)
         state = np.asarray(truth.particles["rlnClassNumber"]) - 1
         images = np.empty((spec.n, spec.box, spec.box), np.float32)
         image_names = np.empty(spec.n, dtype=object)
