@@ -124,6 +124,9 @@ PROGRAMS: Dict[str, Program] = {
                              "--oversampling 1 --pad 2 --sym C1 --norm --scale --dont_combine_weights_via_disc "
                              "--pool 30 --j {threads}", subset=500, deepcryo=False),
     "landscape_train": Program(DC + ".landscape train --particles {star} --output-dir {out} --epochs 1" + DEV),
+    # at box 256 users train at a smaller working box, as cryoDRGN's users downsample to 128 for a first pass
+    "landscape_train_box128": Program(DC + ".landscape train --particles {star} --output-dir {out} --epochs 1 "
+                                      "--box 128" + DEV),
     "defocus_predict": Program(DC + ".defocus predict --micrographs '{mics}/*.mrc' --pixel-size {px} --voltage 300 "
                                "--cs 2.7 --amplitude-contrast 0.07 --output {out}/ctf.star" + DEV, unit="micrograph"),
 }
@@ -408,8 +411,8 @@ def _check(program: str, out: str, files: Dict[str, str], truth_mics: List[dict]
             final = re.findall(r"^final: .* ([0-9.]+) s$", text, re.M)
             return "wall: iteration %s s, to the end of the final half maps %s s" % (
                 it[-1] if it else "?", final[-1] if final else "?")
-        if program == "landscape_train":
-            with open(os.path.join(out, "..", "landscape_train.log")) as f:
+        if program.startswith("landscape_train"):
+            with open(os.path.join(out, "..", program + ".log")) as f:
                 epoch = re.findall(r"epoch 1/1 .* ([0-9.]+) s", f.read())
             return "epoch %s s wall" % epoch[-1] if epoch else ""
     except (OSError, KeyError, ValueError, StopIteration) as exc:
