@@ -161,6 +161,13 @@ def _score_outer(scores, band, max_lag_px):
     return 0.5 * (total + total.transpose(1, 2))
 
 
+def _mean_defocus_variance(cov: torch.Tensor, dz_dphase: torch.Tensor) -> torch.Tensor:
+    """Variance (B,) (Å²) of the mean defocus: the fit's statistical variance (``cov[:, 0, 0]`` of
+    :func:`parameter_covariance`) plus the fixed phase's, ``(dz/dφ · σ_φ)²`` (σ_φ:
+    :data:`AMPLITUDE_PHASE_SIGMA_DEG`; ``dz/dφ`` is 0 where the phase is fitted)."""
+    return cov[:, 0, 0].clamp(min=0) + (dz_dphase * math.radians(AMPLITUDE_PHASE_SIGMA_DEG)) ** 2
+
+
 def parameter_covariance(psd: torch.Tensor, band: BandPixels, z: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor,
                          phase_rad: torch.Tensor, acq, fit_astigmatism: bool = True, fit_phase: bool = False,
                          max_lag_px: int = 3, shells: int = 16) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -314,8 +321,8 @@ def select_astigmatism(psd: torch.Tensor, bands, z: torch.Tensor, ax: torch.Tens
     # the model choice is uncertain too: the two models' mean defoci differ by more than their curvature says
     # where the astigmatism is weakly determined (model averaging: their squared difference adds to the variance)
     # and the fixed phase (amplitude contrast) is an assumption: its uncertainty propagates through dz/dφ
-    systematic = torch.where(astig, dz_dphase, dz_dphase_r) * math.radians(AMPLITUDE_PHASE_SIGMA_DEG)
-    sigma = (torch.where(astig, cov[:, 0, 0], cov_r[:, 0, 0]).clamp(min=0) + (z - zr) ** 2 + systematic ** 2).sqrt()
+    sigma = (torch.where(astig, _mean_defocus_variance(cov, dz_dphase), _mean_defocus_variance(cov_r, dz_dphase_r))
+             + (z - zr) ** 2).sqrt()
     pick = [torch.where(astig, x1, x0) for x1, x0 in ((z, zr), (ax, zero), (ay, zero), (phase_rad, pr),
                                                        (fom, fom_r))]
     return (*pick, sigma)
@@ -409,8 +416,7 @@ def score_only(psd: torch.Tensor, sampling_A: float, defocus_u_A: Union[float, t
         fom = score_params(psd, sampling_A, band, z[:, None], ax[:, None], ay[:, None], ph[:, None], *acq)[:, 0]
     result = FitResult(z, ax, ay, ph, fom)
     cov, _, dz_dphase = parameter_covariance(psd, band, z, ax, ay, ph, acq)
-    result.defocus_sigma_A = (cov[:, 0, 0].clamp(min=0)
-                              + (dz_dphase * math.radians(AMPLITUDE_PHASE_SIGMA_DEG)) ** 2).sqrt()
+    result.defocus_sigma_A = _mean_defocus_variance(cov, dz_dphase).sqrt()
     result.resolution_A = fit_resolution(psd, sampling_A, result, acq, low_A)
     return result
 
