@@ -43,12 +43,15 @@ def scores(z, star):
     return ari, rho
 
 
-def _timed(cmds, **kwargs):
-    """Run commands in turn; (wall s, CPU s of the children)."""
+def timed_commands(cmds, env=None):
+    """Run commands in turn (output to DEVNULL, RuntimeError with the failing command and the end of its stderr);
+    (wall s, CPU s of the children)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     for cmd in cmds:
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kwargs)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError("%s failed: %s" % (" ".join(cmd), done.stderr[-1500:]))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.time() - t0, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
@@ -59,31 +62,40 @@ def run_deepcryo(star_path, out, args, pose_free=False, reference=None):
            "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     if pose_free:
         cmd += ["--pose-free", "--reference", reference]
-    wall, cpu = _timed([cmd])
+    wall, cpu = timed_commands([cmd])
     star = read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
     return wall, cpu, metrics.latents(star), star
 
 
-def run_cryodrgn(star_path, out, args):
-    """Downsample, parse poses/CTF and train_vae with cryoDRGN; the wall time includes all four steps.
+def cryodrgn_environ(args):
+    """cryoDRGN's environment: its threads set, without deepcryo's PYTHONPATH (it runs in its own venv)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def run_cryodrgn(star_path, out, args, dim=None):
+    """Downsample, parse poses/CTF and train_vae with cryoDRGN (into ``out/train``); the wall time includes all
+    four steps. ``dim``: width of its 3-layer encoder and decoder (default: cryoDRGN's).
 
     ``--ps 0``: the simulated STAR has no ``rlnPhaseShift`` column, which cryoDRGN otherwise reads as NaN.
     """
     exe = args.cryodrgn
     folder = os.path.dirname(star_path)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    env.pop("PYTHONPATH", None)
     os.makedirs(out, exist_ok=True)
+    train = [exe, "train_vae", os.path.join(out, "particles_ds.mrcs"), "--poses", os.path.join(out, "poses.pkl"),
+             "--ctf", os.path.join(out, "ctf.pkl"), "--zdim", str(args.latent_dim), "-n", str(args.epochs),
+             "-b", str(args.batch_size), "--no-analysis", "-o", os.path.join(out, "train")]
+    if dim:
+        train += ["--enc-dim", str(dim), "--dec-dim", str(dim)]
     steps = [
         [exe, "downsample", os.path.join(folder, "particles.mrcs"), "-D", str(args.work_box),
          "-o", os.path.join(out, "particles_ds.mrcs")],
         [exe, "parse_pose_star", star_path, "-o", os.path.join(out, "poses.pkl"), "-D", str(args.box)],
         [exe, "parse_ctf_star", star_path, "-o", os.path.join(out, "ctf.pkl"), "-D", str(args.box), "--ps", "0"],
-        [exe, "train_vae", os.path.join(out, "particles_ds.mrcs"), "--poses", os.path.join(out, "poses.pkl"),
-         "--ctf", os.path.join(out, "ctf.pkl"), "--zdim", str(args.latent_dim), "-n", str(args.epochs),
-         "-b", str(args.batch_size), "--no-analysis", "-o", os.path.join(out, "train")],
+        train,
     ]
-    wall, cpu = _timed(steps, stderr=subprocess.DEVNULL, env=env)
+    wall, cpu = timed_commands(steps, env=cryodrgn_environ(args))
     with open(os.path.join(out, "train", "z.pkl"), "rb") as f:
         return wall, cpu, np.asarray(pickle.load(f)), None
 
@@ -131,7 +143,7 @@ def main(argv=None):
         for program, fn in runs:
             try:
                 wall, cpu, z, out_star = fn(star_path, os.path.join(work, name, program.replace(" ", "_")), args)
-            except subprocess.CalledProcessError as exc:
+            except RuntimeError as exc:  # timed_commands: a program failed
                 print("%-10s %-18s failed: %s" % (name, program, exc), flush=True)
                 continue
             times[program] = (wall, cpu)

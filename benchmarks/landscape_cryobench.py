@@ -66,9 +66,6 @@ import glob
 import json
 import logging
 import os
-import pickle
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,26 +75,16 @@ import torch
 
 from deepcryo.core.fourier import resize_volume
 from deepcryo.core.mrc import read_mrc
-from deepcryo.core.particles import read_particles
 from deepcryo.landscape import metrics
 from deepcryo.tests.relion_data import RenderSpec, render
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import landscape as pairwise  # noqa: E402  (benchmarks/landscape.py, a sibling benchmark module)
+from landscape import timed_commands  # noqa: E402
 
 logger = logging.getLogger("landscape_cryobench")
 
 SETS = ("motion", "discrete")
-
-
-def _timed(cmds, env=None):
-    """Run commands in turn (output to DEVNULL, RuntimeError with the failing command); (wall s, CPU s of the
-    children)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.time()
-    for cmd in cmds:
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        if done.returncode != 0:
-            raise RuntimeError("%s failed: %s" % (" ".join(cmd), done.stderr[-1500:]))
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.time() - t0, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def _read_volumes(paths):
@@ -106,46 +93,28 @@ def _read_volumes(paths):
 
 def run_deepcryo(star, conformation, out, args):
     """Train on ``star`` (true poses), decode at each conformation's mean latent; (volumes, latents, wall, CPU)."""
-    train = [sys.executable, "-m", "deepcryo.landscape", "train", "--particles", star, "--output-dir", out,
-             "--latent-dim", str(args.latent_dim), "--epochs", str(args.epochs), "--box", str(args.work_box),
-             "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-    wall, cpu = _timed([train])
-    z = metrics.latents(read_particles(os.path.join(out, "particles_latent.star"), require_images=False))
+    wall, cpu, z, _ = pairwise.run_deepcryo(star, out, args)
     zfile = os.path.join(out, "conformation_means.txt")
     np.savetxt(zfile, metrics.conformation_means(z, conformation))
     vols = os.path.join(out, "volumes")
-    w, c = _timed([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", vols,
-                    "--zfile", zfile, "--threads", str(args.threads)]])
+    w, c = timed_commands([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", vols,
+                            "--zfile", zfile, "--threads", str(args.threads)]])
     return _read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))), z, wall + w, cpu + c
 
 
 def run_cryodrgn(star, conformation, out, args):
-    """cryoDRGN 4.3.1 from the same STAR and stack: downsample, parse poses and CTF (``--ps 0``: the STAR has no
-    ``rlnPhaseShift``, which cryoDRGN would read as NaN), ``train_vae``, ``eval_vol`` at each conformation's mean
-    latent; (volumes, latents, wall, CPU)."""
-    exe, folder = args.cryodrgn, os.path.dirname(star)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    env.pop("PYTHONPATH", None)
-    os.makedirs(out, exist_ok=True)
-    stack, poses, ctf = (os.path.join(out, name) for name in ("particles_ds.mrcs", "poses.pkl", "ctf.pkl"))
+    """cryoDRGN 4.3.1 from the same STAR and stack (``benchmarks/landscape.py``'s downsample, parse and
+    ``train_vae``, networks ``--cryodrgn-dim`` wide), then ``eval_vol`` at each conformation's mean latent;
+    (volumes, latents, wall, CPU)."""
+    wall, cpu, z, _ = pairwise.run_cryodrgn(star, out, args, dim=args.cryodrgn_dim)
     train_dir = os.path.join(out, "train")
-    dim = str(args.cryodrgn_dim)
-    wall, cpu = _timed([
-        [exe, "downsample", os.path.join(folder, "particles.mrcs"), "-D", str(args.work_box), "-o", stack],
-        [exe, "parse_pose_star", star, "-o", poses, "-D", str(args.box)],
-        [exe, "parse_ctf_star", star, "-o", ctf, "-D", str(args.box), "--ps", "0"],
-        [exe, "train_vae", stack, "--poses", poses, "--ctf", ctf, "--zdim", str(args.latent_dim),
-         "-n", str(args.epochs), "-b", str(args.batch_size), "--enc-dim", dim, "--dec-dim", dim,
-         "--no-analysis", "-o", train_dir],
-    ], env=env)
-    with open(os.path.join(train_dir, "z.pkl"), "rb") as f:
-        z = np.asarray(pickle.load(f))
     zfile = os.path.join(out, "conformation_means.txt")
     np.savetxt(zfile, metrics.conformation_means(z, conformation))
     vols = os.path.join(out, "volumes")
-    w, c = _timed([[exe, "eval_vol", os.path.join(train_dir, "weights.pkl"), "-c",
-                    os.path.join(train_dir, "config.yaml"), "--zfile", zfile, "-o", vols,
-                    "--Apix", repr(args.pixel_size * args.box / args.work_box)]], env=env)
+    w, c = timed_commands([[args.cryodrgn, "eval_vol", os.path.join(train_dir, "weights.pkl"), "-c",
+                            os.path.join(train_dir, "config.yaml"), "--zfile", zfile, "-o", vols,
+                            "--Apix", repr(args.pixel_size * args.box / args.work_box)]],
+                          env=pairwise.cryodrgn_environ(args))
     return _read_volumes(sorted(glob.glob(os.path.join(vols, "*.mrc")))), z, wall + w, cpu + c
 
 
@@ -154,7 +123,7 @@ def run_consensus(star, n_conformations, out, args):
     conformation; (volumes, None, wall, CPU)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "consensus.mrc")
-    wall, cpu = _timed([[sys.executable, "-m", "deepcryo.core.reconstruct", "--particles", star, "--output", path,
+    wall, cpu = timed_commands([[sys.executable, "-m", "deepcryo.core.reconstruct", "--particles", star, "--output", path,
                          "--threads", str(args.threads)]])
     vol = resize_volume(torch.as_tensor(read_mrc(path)[0]), args.work_box).numpy()
     return np.repeat(vol[None].astype(np.float64), n_conformations, 0), None, wall, cpu
