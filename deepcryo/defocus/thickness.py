@@ -1,0 +1,130 @@
+"""Specimen (ice) thickness from the nodes of the Thon rings (CTFFIND5: Elferich, Kong, Zottig, Grigorieff 2024,
+eLife 13:RP97227; model of Tichelaar et al. 2020 and McMullan et al. 2015).
+
+A slab of thickness t holds scatterers at every defocus from Δf − t/2 to Δf + t/2. Their images add
+incoherently in the PSD, so the PSD carries CTF² averaged over the slab:
+
+    ``⟨sin²(γ + π λ s² z)⟩_z = ½ [1 − sinc(ξ) cos 2γ]``,  ``ξ = π λ s² t``,  ``sinc(ξ) = sin ξ / ξ``
+
+(γ the CTF phase of :mod:`deepcryo.core.ctf` at the slab's centre, s in 1/Å, λ in Å). The rings fade where
+sinc(ξ) = 0, at the "thickness nodes" ``s_n² = n / (λ t)``, and come back inverted (sinc < 0) beyond the first
+node: the node frequencies measure t.
+
+:func:`fit_thickness`, after the defocus fit: the band correlation of the PSD with this model (the same score
+as :mod:`deepcryo.defocus.fit`, which is the t = 0 case) (with a free ring scale per shell of s²: only the nodes count, not the fading, :func:`fit_thickness`) on a 1D grid of t, held defocus, astigmatism and phase;
+then a finer grid around the best; the thickness is kept only where it pays for its parameter by the BIC
+against t = 0 (as :func:`deepcryo.defocus.fit.select_astigmatism`), otherwise it is reported as 0.
+
+Degeneracy at small t: for ξ ≪ 1 at every frequency of the band, ``sinc(ξ) ≈ 1 − ξ²/6`` only lowers the ring
+contrast smoothly with s⁴ t², which the PSD's per-shell normalisation (:mod:`deepcryo.defocus.psd`) and, in a
+raw PSD, the envelope (B-factor) absorb. The thickness is measured through its first node only, so a slab
+whose first node lies beyond the band's high-resolution end, ``t < 1 / (λ s_max²)``, cannot be told from t = 0
+and is reported as 0 (with a margin, :data:`NODE_MARGIN`: :func:`min_thickness_A`, e.g. 780 Å at 300 kV and
+3.5 Å). Set the band's high-
+resolution end near Nyquist to see thin ice.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ..core import ctf as ctf_mod
+from . import fit as fit_mod
+
+__all__ = ["slab_ctf2", "min_thickness_A", "fit_thickness", "NODE_MARGIN"]
+
+#: a thickness counts only when the band's end is beyond its first node by this factor in s² (ξ_max ≥ 1.25 π): a
+#: quarter of the first inverted lobe must be inside the band, a node at its very edge being indistinguishable
+#: from the rings' fading
+NODE_MARGIN = 1.25
+
+
+def slab_ctf2(gamma: torch.Tensor, s2_invA2: torch.Tensor, wavelength_A: torch.Tensor,
+              thickness_A: torch.Tensor) -> torch.Tensor:
+    """CTF² averaged over a slab: ``½[1 − sinc(π λ s² t) cos 2γ]`` (broadcast); γ in rad at the slab's centre,
+    s² in 1/Å², λ and t in Å (``torch.sinc(x) = sin(πx)/(πx)``, hence its argument ``λ s² t``)."""
+    return 0.5 * (1.0 - torch.sinc(wavelength_A * s2_invA2 * thickness_A) * torch.cos(2.0 * gamma))
+
+
+def min_thickness_A(voltage_kV: float, high_A: float) -> float:
+    """Smallest thickness (Å) that :func:`fit_thickness` reports with a band ending at ``high_A`` Å: its first
+    node ``s₁² = 1/(λ t)`` lies inside the band by :data:`NODE_MARGIN` (``t ≥ NODE_MARGIN · high_A² / λ``)."""
+    return float(NODE_MARGIN * high_A ** 2 / ctf_mod.wavelength_A(voltage_kV))
+
+
+def fit_thickness(psd: torch.Tensor, sampling_A: float, result: fit_mod.FitResult, acq, low_A: float = 30.0,
+                  high_A: float = 5.0, thickness_range_A: Tuple[float, float] = (0.0, 4000.0),
+                  step_A: float = 20.0, shells: int = 24, z_half_A: float = 500.0, z_step_A: float = 10.0,
+                  chunk: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Slab thickness (Å) of B micrographs from their fit PSDs (module docstring).
+
+    Args:
+        psd: (B, S, S) PSDs of :func:`~deepcryo.defocus.psd.compute_psd` at ``sampling_A`` Å/px.
+        result: their defocus fit (:class:`~deepcryo.defocus.fit.FitResult`), held.
+        acq: (voltage kV, Cs mm, amplitude contrast), (B,) tensors.
+        low_A, high_A: band (Å); only nodes inside it count.
+        thickness_range_A, step_A: the grid (Å); then steps of ``step_A / 10`` within ± ``step_A`` of the best.
+        z_half_A, z_step_A: after the grid, the mean defocus is scanned again (Å) with the slab model at the best
+            t (astigmatism and phase held), then t on the fine grid (CTFFIND5 refines both together).
+        shells: shells of equal s² width in which the model's scale is free (see below).
+        chunk: thickness values scored at once (memory: B × chunk × band pixels).
+    Returns:
+        ``(thickness_A, figure_of_merit)``, (B,) each: the thickness (0 where the BIC keeps t = 0) and the band
+        correlation of the PSD with the slab model at that thickness.
+
+    Score: the fraction of the PSD's variance explained by the model with a free, non-negative scale (and offset)
+    in each of ``shells`` shells of s², i.e. ``Σ_shells max(0, ⟨d, m⟩)² / ‖m‖² / ‖d‖²`` (d, m centred within
+    the shell). A plain band correlation would also reward |sinc| as an envelope (the rings of a PSD fade with s
+    for many reasons: B-factor, drift, noise) and find "thickness" in thin ice; with the scale free per shell only
+    where the rings fade and change sign within a shell (the nodes) counts, and rings inverted beyond a node
+    (sinc < 0) can only be explained by a node, not by a negative scale.
+    """
+    dev = psd.device
+    band = fit_mod.BandPixels(psd.shape[-1], sampling_A, low_A, high_A, dev)
+    lam = ctf_mod.wavelength_A(acq[0])[:, None, None]  # (B, 1, 1)
+    s2 = band.s2
+    shell = ((s2 - s2.min()) / (s2.max() - s2.min()).clamp(min=1e-30) * shells).long().clamp(max=shells - 1)
+    onehot = torch.nn.functional.one_hot(shell, shells).to(psd.dtype)  # (M, shells)
+    count = onehot.sum(0).clamp(min=1)
+    with torch.no_grad():
+        data = band.take(psd)
+        data = data - (data @ onehot / count) @ onehot.T  # centred within each shell
+        total = (data * data).sum(dim=1, keepdim=True).clamp(min=1e-30)  # (B, 1)
+
+        def gamma_at(z):  # (B, 1, M)
+            return fit_mod._gamma(band, z, result._ax, result._ay, result._phase, *acq)[:, None]
+
+        gam = gamma_at(result._z)
+
+        def scores(gam, ts):  # ts (B, K) -> explained fractions (B, K)
+            out = []
+            for i in range(0, ts.shape[1], chunk):
+                m = slab_ctf2(gam, s2, lam, ts[:, i:i + chunk, None])  # (B, k, M)
+                dot = (m * data[:, None]) @ onehot  # (B, k, shells): Σ m·d (d centred: = Σ m_c·d_c)
+                mm = (m * m) @ onehot - (m @ onehot) ** 2 / count
+                out.append((dot.clamp(min=0) ** 2 / mm.clamp(min=1e-30)).sum(-1) / total)
+            return torch.cat(out, dim=1)
+
+        b = psd.shape[0]
+        grid = torch.arange(thickness_range_A[0], thickness_range_A[1] + 1e-3, step_A, device=dev)
+        t = fit_mod._best(scores(gam, grid[None].expand(b, -1)), grid[None].expand(b, -1))[0]
+        # the defocus again, with the slab model (rings beyond a node inside the fit band pulled the thin fit)
+        dz = torch.linspace(-z_half_A, z_half_A, 2 * int(z_half_A / z_step_A) + 1, device=dev)
+        z_scores = torch.stack([scores(gamma_at(result._z + d), t[:, None])[:, 0] for d in dz.tolist()], dim=1)
+        z = result._z + dz[z_scores.argmax(dim=1)]
+        gam = gamma_at(z)
+        fine = (t[:, None] + torch.linspace(-step_A, step_A, 21, device=dev)[None]).clamp(min=0.0)
+        fine_scores = scores(gam, fine)
+        t = fit_mod._best(fine_scores, fine)[0]
+        r2_t = fine_scores.max(dim=1).values
+        r2_0 = scores(gam, torch.zeros(b, 1, device=dev))[:, 0]
+    _, n_eff, _ = fit_mod.parameter_covariance(psd, band, z, result._ax, result._ay, result._phase, acq)
+    gain = n_eff * torch.log((1 - r2_0).clamp(min=1e-12) / (1 - r2_t).clamp(min=1e-12))
+    # a node at the band's edge is no evidence: the band must reach into the inverted rings beyond it
+    inside = t * s2.max() * ctf_mod.wavelength_A(acq[0]) >= NODE_MARGIN
+    keep = (gain > torch.log(n_eff)) & inside
+    t = torch.where(keep, t, torch.zeros_like(t))
+    with torch.no_grad():
+        fom = fit_mod._corr(fit_mod._prep(band.take(psd)), slab_ctf2(gam[:, 0], s2, lam[:, 0], t[:, None]))
+    return t, fom
