@@ -32,7 +32,7 @@ import torch
 from ..core import ctf as ctf_mod
 from . import fit as fit_mod
 
-__all__ = ["slab_ctf2", "min_thickness_A", "fit_thickness", "NODE_MARGIN"]
+__all__ = ["slab_ctf2", "min_thickness_A", "fit_thickness", "thickness_band_end_A", "NODE_MARGIN"]
 
 #: a thickness counts only when the band's end is beyond its first node by this factor in s² (ξ_max ≥ 1.25 π): a
 #: quarter of the first inverted lobe must be inside the band, a node at its very edge being indistinguishable
@@ -51,6 +51,15 @@ def min_thickness_A(voltage_kV: float, high_A: float) -> float:
     """Smallest thickness (Å) that :func:`fit_thickness` reports with a band ending at ``high_A`` Å: its first
     node ``s₁² = 1/(λ t)`` lies inside the band by :data:`NODE_MARGIN` (``t ≥ NODE_MARGIN · high_A² / λ``)."""
     return float(NODE_MARGIN * high_A ** 2 / ctf_mod.wavelength_A(voltage_kV))
+
+
+def thickness_band_end_A(pixel_size_A: float, defocus_max_A: float, voltage_kV: float, psd_size_px: int) -> float:
+    """High-resolution end (Å) of the thickness fit's band on a ``psd_size_px`` PSD at the micrograph's pixel size:
+    as far as the rings go in the PSD, i.e. the finer of 2.2 px (below Nyquist, where the PSD's resampling is
+    smooth) and where a Thon ring of the largest defocus (Å) spans 3 PSD pixels, ``Δs = 1 / (2 s λ Δf)``."""
+    lam = float(ctf_mod.wavelength_A(voltage_kV))
+    s_rings = psd_size_px * pixel_size_A / (6.0 * lam * max(defocus_max_A, 1.0))
+    return max(2.2 * pixel_size_A, 1.0 / s_rings)
 
 
 def fit_thickness(psd: torch.Tensor, sampling_A: float, result: fit_mod.FitResult, acq, low_A: float = 30.0,

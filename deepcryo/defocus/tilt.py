@@ -113,24 +113,22 @@ def fit_plane(x_A: np.ndarray, y_A: np.ndarray, defocus_A: np.ndarray, sigma_A: 
     return solve(keep), keep
 
 
-def fit_tilt(micrograph: torch.Tensor, pixel_size_A: float, sampling_A: float, z_A: float, ax_A: float, ay_A: float,
+def fit_tilt(psds: torch.Tensor, centres_A: torch.Tensor, sampling_A: float, z_A: float, ax_A: float, ay_A: float,
              phase_rad: float, voltage_kV: float, cs_mm: float, amplitude_contrast: float, low_A: float = 30.0,
-             high_A: float = 5.0, tile_px: int = TILE_PX) -> Dict[str, float]:
-    """Tilt angle and axis of one micrograph (H, W) from its tiles' defoci (module docstring).
+             high_A: float = 5.0) -> Dict[str, float]:
+    """Tilt angle and axis of one micrograph from its tiles' PSDs (module docstring).
 
     Args:
-        micrograph: (H, W) image; pixel_size_A: Å/px; sampling_A: Å/px of the tiles' PSDs (the fit's,
-            :func:`deepcryo.defocus.predict.fit_sampling_A`).
+        psds, centres_A: the tiles' PSDs (T, S, S) at ``sampling_A`` Å/px and centres (T, 2) (Å) of
+            :func:`tile_psds`.
         z_A, ax_A, ay_A, phase_rad: the micrograph's fitted mean defocus (Å), astigmatism (Å, ``(U − V)/2 ·
             (cos 2α, sin 2α)``) and phase (rad) (:class:`~deepcryo.defocus.fit.FitResult`); the tiles start from
             z and keep the astigmatism and phase.
         voltage_kV, cs_mm, amplitude_contrast: acquisition. low_A, high_A: the fit band (Å).
-        tile_px: tile side (px).
     Returns:
         dict: ``tilt_angle_deg``, ``tilt_axis_deg`` (module convention), ``defocus_gradient`` ((g_x, g_y), Å/Å),
         ``centre_defocus_A`` (Δf₀), ``tiles`` / ``tiles_used`` (counts); NaN angles when fewer than 3 tiles fit.
     """
-    psds, centres = tile_psds(micrograph, pixel_size_A, sampling_A, tile_px)
     n = psds.shape[0]
     dev = psds.device
 
@@ -140,7 +138,7 @@ def fit_tilt(micrograph: torch.Tensor, pixel_size_A: float, sampling_A: float, z
     acq = [col(voltage_kV), col(cs_mm), col(amplitude_contrast)]
     z, _, sigma = fit_mod.fit_mean_defocus(psds, sampling_A, col(z_A), col(ax_A), col(ay_A), col(phase_rad), acq,
                                            low_A=low_A, high_A=high_A)
-    c = centres.numpy()
+    c = centres_A.cpu().numpy()
     coef, keep = fit_plane(c[:, 0], c[:, 1], z.double().cpu().numpy(), sigma.double().cpu().numpy())
     if not np.all(np.isfinite(coef)):
         angle = axis = float("nan")
