@@ -177,6 +177,7 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
                     extras["thickness_psd"] = psds[-1][:, 0]
                 if fit_tilt:
                     extras["tiles"] = tilt_mod.tile_psds(mic, e.pixel_size_A, samp)
+                    extras["field_A"] = (mic.shape[-1] * e.pixel_size_A, mic.shape[-2] * e.pixel_size_A)
                 items.append((e, cnn_in, fit_in, samp, px_source, extras))
             except InputError as exc:
                 if on_skip is None:
@@ -270,13 +271,20 @@ def _tilt_thickness(item, result, low_A, high_A):
         fitted = tilt_mod.fit_tilt(tiles, centres, samp, float(z), float(ax), float(ay), float(phase), e.voltage_kV,
                                    e.cs_mm, e.amplitude_contrast, low_A=low_A, high_A=high_A)
         out["tilt_angle_deg"], out["tilt_axis_deg"] = fitted["tilt_angle_deg"], fitted["tilt_axis_deg"]
+        gradient = fitted["defocus_gradient"]
     if "thickness_psd" in extras:
         psd = extras["thickness_psd"]
         end = thickness_mod.thickness_band_end_A(e.pixel_size_A, result["defocus_u_A"], e.voltage_kV, psd.shape[-1])
         acq = [torch.tensor([v], dtype=torch.float32, device=psd.device)
                for v in (e.voltage_kV, e.cs_mm, e.amplitude_contrast)]
         fit = fit_mod.FitResult(z, ax, ay, phase, torch.zeros_like(z))
-        thick, _ = thickness_mod.fit_thickness(psd, e.pixel_size_A, fit, acq, low_A=low_A, high_A=end)
+        # a tilt spreads the defocus over the micrograph: the slab model is averaged over that spread, else the
+        # tilt's height range reads as thickness (CTFFIND5 fits the thickness on a tilt-corrected spectrum)
+        spread = None
+        if "tiles" in extras and all(math.isfinite(g) for g in gradient):
+            spread = thickness_mod.tilt_defocus_spread(gradient, *extras["field_A"])
+        thick, _ = thickness_mod.fit_thickness(psd, e.pixel_size_A, fit, acq, low_A=low_A, high_A=end,
+                                               defocus_spread=spread)
         out["ice_thickness_A"] = float(thick[0])
         out["ice_thickness_min_A"] = thickness_mod.min_thickness_A(e.voltage_kV, end)
     return out

@@ -11,7 +11,7 @@ sinc(ξ) = 0, at the "thickness nodes" ``s_n² = n / (λ t)``, and come back inv
 node: the node frequencies measure t.
 
 :func:`fit_thickness`, after the defocus fit: the band correlation of the PSD with this model (the same score
-as :mod:`deepcryo.defocus.fit`, which is the t = 0 case) (with a free ring scale per shell of s²: only the nodes count, not the fading, :func:`fit_thickness`) on a 1D grid of t, held defocus, astigmatism and phase;
+as :mod:`deepcryo.defocus.fit`, which is the t = 0 case) on a 1D grid of t, held defocus, astigmatism and phase;
 then a finer grid around the best; the thickness is kept only where it pays for its parameter by the BIC
 against t = 0 (as :func:`deepcryo.defocus.fit.select_astigmatism`), otherwise it is reported as 0.
 
@@ -20,19 +20,25 @@ contrast smoothly with s⁴ t², which the PSD's per-shell normalisation (:mod:`
 raw PSD, the envelope (B-factor) absorb. The thickness is measured through its first node only, so a slab
 whose first node lies beyond the band's high-resolution end, ``t < 1 / (λ s_max²)``, cannot be told from t = 0
 and is reported as 0 (with a margin, :data:`NODE_MARGIN`: :func:`min_thickness_A`, e.g. 780 Å at 300 kV and
-3.5 Å). Set the band's high-
-resolution end near Nyquist to see thin ice.
+3.5 Å). The band therefore reaches as far as the PSD shows rings (:func:`thickness_band_end_A`).
+
+Thick specimens: the defocus fit (CTF², t = 0) must end before the first node, ``1/s₁ = sqrt(λ t)`` (6.3 Å for
+2000 Å at 300 kV): beyond it the rings are inverted and the thin fit goes wrong. CTFFIND5 limits its first fit to
+the resolution where the thin fit holds; here the band is the user's (``--high-resolution``, default 5 Å: fine to
+~1300 Å at 300 kV). A tilted specimen's height range over the micrograph averages the PSD over defocus too and
+would read as thickness: with its tilt known, the model is averaged over that spread (``defocus_spread``).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..core import ctf as ctf_mod
 from . import fit as fit_mod
 
-__all__ = ["slab_ctf2", "min_thickness_A", "fit_thickness", "thickness_band_end_A", "NODE_MARGIN"]
+__all__ = ["slab_ctf2", "min_thickness_A", "fit_thickness", "thickness_band_end_A", "tilt_defocus_spread",
+           "NODE_MARGIN"]
 
 #: a thickness counts only when the band's end is beyond its first node by this factor in s² (ξ_max ≥ 1.25 π): a
 #: quarter of the first inverted lobe must be inside the band, a node at its very edge being indistinguishable
@@ -62,10 +68,26 @@ def thickness_band_end_A(pixel_size_A: float, defocus_max_A: float, voltage_kV: 
     return max(2.2 * pixel_size_A, 1.0 / s_rings)
 
 
+def tilt_defocus_spread(gradient: Tuple[float, float], width_A: float, height_A: float,
+                        bins: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Defocus offsets (Å) and weights (each (1, bins)) of a plane of ``gradient`` (g_x, g_y) (Å/Å,
+    :mod:`deepcryo.defocus.tilt`) over a ``width_A`` × ``height_A`` micrograph, relative to its mean: the
+    histogram of the height over the area (a 64 × 64 grid of positions), for :func:`fit_thickness`."""
+    x = (torch.arange(64, dtype=torch.float64) + 0.5) / 64 - 0.5
+    h = (gradient[0] * width_A * x[None, :] + gradient[1] * height_A * x[:, None]).reshape(-1)
+    lo, hi = float(h.min()), float(h.max())
+    if hi - lo < 1e-6:
+        return torch.zeros(1, 1), torch.ones(1, 1)
+    k = ((h - lo) / (hi - lo) * bins).long().clamp(max=bins - 1)
+    weights = torch.bincount(k, minlength=bins).double() / h.numel()
+    offsets = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
+    return offsets[None].float(), weights[None].float()
+
+
 def fit_thickness(psd: torch.Tensor, sampling_A: float, result: fit_mod.FitResult, acq, low_A: float = 30.0,
                   high_A: float = 5.0, thickness_range_A: Tuple[float, float] = (0.0, 4000.0),
-                  step_A: float = 20.0, shells: int = 24, z_half_A: float = 500.0, z_step_A: float = 10.0,
-                  chunk: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+                  step_A: float = 20.0, z_half_A: float = 500.0, z_step_A: float = 10.0,
+                  defocus_spread: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, chunk: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
     """Slab thickness (Å) of B micrographs from their fit PSDs (module docstring).
 
     Args:
@@ -76,44 +98,48 @@ def fit_thickness(psd: torch.Tensor, sampling_A: float, result: fit_mod.FitResul
         thickness_range_A, step_A: the grid (Å); then steps of ``step_A / 10`` within ± ``step_A`` of the best.
         z_half_A, z_step_A: after the grid, the mean defocus is scanned again (Å) with the slab model at the best
             t (astigmatism and phase held), then t on the fine grid (CTFFIND5 refines both together).
-        shells: shells of equal s² width in which the model's scale is free (see below).
+        defocus_spread: ``(offsets_A (B, H), weights (B, H))``: the PSD averages the slab model over these defocus
+            offsets (Å, relative to the fitted mean defocus; weights summing to 1) — a tilted specimen's height
+            over the micrograph (:func:`tilt_defocus_spread`), which would otherwise read as thickness.
         chunk: thickness values scored at once (memory: B × chunk × band pixels).
     Returns:
-        ``(thickness_A, figure_of_merit)``, (B,) each: the thickness (0 where the BIC keeps t = 0) and the band
+        ``(thickness_A, figure_of_merit)``, (B,) each: the thickness (0 where t = 0 is kept) and the band
         correlation of the PSD with the slab model at that thickness.
 
-    Score: the fraction of the PSD's variance explained by the model with a free, non-negative scale (and offset)
-    in each of ``shells`` shells of s², i.e. ``Σ_shells max(0, ⟨d, m⟩)² / ‖m‖² / ‖d‖²`` (d, m centred within
-    the shell). A plain band correlation would also reward |sinc| as an envelope (the rings of a PSD fade with s
-    for many reasons: B-factor, drift, noise) and find "thickness" in thin ice; with the scale free per shell only
-    where the rings fade and change sign within a shell (the nodes) counts, and rings inverted beyond a node
-    (sinc < 0) can only be explained by a node, not by a negative scale.
+    Score: the band correlation (Pearson) of the PSD with the model, as for the defocus (t = 0 is
+    :mod:`deepcryo.defocus.fit`'s score), CTFFIND5's choice. |sinc| fades the rings as any envelope does (B-factor,
+    drift, noise), so on thin ice the score also rises for a t whose first node lies just beyond the band, where
+    the rings of the PSD have faded anyway: such a t is not kept (:data:`NODE_MARGIN`). (A free ring scale per
+    shell of s², which would ignore the fading, was tried: it lets a large t with many nodes fit noise through
+    the signs of near-zero model rings, and failed on tilted micrographs.)
     """
     dev = psd.device
     band = fit_mod.BandPixels(psd.shape[-1], sampling_A, low_A, high_A, dev)
     lam = ctf_mod.wavelength_A(acq[0])[:, None, None]  # (B, 1, 1)
     s2 = band.s2
-    shell = ((s2 - s2.min()) / (s2.max() - s2.min()).clamp(min=1e-30) * shells).long().clamp(max=shells - 1)
-    onehot = torch.nn.functional.one_hot(shell, shells).to(psd.dtype)  # (M, shells)
-    count = onehot.sum(0).clamp(min=1)
     with torch.no_grad():
-        data = band.take(psd)
-        data = data - (data @ onehot / count) @ onehot.T  # centred within each shell
-        total = (data * data).sum(dim=1, keepdim=True).clamp(min=1e-30)  # (B, 1)
+        data = fit_mod._prep(band.take(psd))
+        if defocus_spread is None:
+            offsets, weights = torch.zeros(psd.shape[0], 1, device=dev), torch.ones(psd.shape[0], 1, device=dev)
+        else:
+            offsets, weights = (torch.as_tensor(v, dtype=psd.dtype, device=dev) for v in defocus_spread)
+        weights = weights[:, :, None, None]  # (B, H, 1, 1)
 
-        def gamma_at(z):  # (B, 1, M)
-            return fit_mod._gamma(band, z, result._ax, result._ay, result._phase, *acq)[:, None]
+        def gamma_at(z):  # (B, H, 1, M): the phase at each defocus offset
+            zs = (z[:, None] + offsets).reshape(-1)
+            rep = offsets.shape[1]
+            gam = fit_mod._gamma(band, zs, result._ax.repeat_interleave(rep), result._ay.repeat_interleave(rep),
+                                 result._phase.repeat_interleave(rep), *(a.repeat_interleave(rep) for a in acq))
+            return gam.reshape(z.shape[0], rep, 1, -1)
+
+        def model(gam, t):  # (B, k, M): the slab model averaged over the defocus offsets
+            return (weights * slab_ctf2(gam, s2, lam[:, None], t[:, None])).sum(dim=1)
 
         gam = gamma_at(result._z)
 
-        def scores(gam, ts):  # ts (B, K) -> explained fractions (B, K)
-            out = []
-            for i in range(0, ts.shape[1], chunk):
-                m = slab_ctf2(gam, s2, lam, ts[:, i:i + chunk, None])  # (B, k, M)
-                dot = (m * data[:, None]) @ onehot  # (B, k, shells): Σ m·d (d centred: = Σ m_c·d_c)
-                mm = (m * m) @ onehot - (m @ onehot) ** 2 / count
-                out.append((dot.clamp(min=0) ** 2 / mm.clamp(min=1e-30)).sum(-1) / total)
-            return torch.cat(out, dim=1)
+        def scores(gam, ts):  # ts (B, K) -> band correlations (B, K)
+            return torch.cat([fit_mod._corr(data, model(gam, ts[:, i:i + chunk, None]))
+                              for i in range(0, ts.shape[1], chunk)], dim=1)
 
         b = psd.shape[0]
         grid = torch.arange(thickness_range_A[0], thickness_range_A[1] + 1e-3, step_A, device=dev)
@@ -126,14 +152,11 @@ def fit_thickness(psd: torch.Tensor, sampling_A: float, result: fit_mod.FitResul
         fine = (t[:, None] + torch.linspace(-step_A, step_A, 21, device=dev)[None]).clamp(min=0.0)
         fine_scores = scores(gam, fine)
         t = fit_mod._best(fine_scores, fine)[0]
-        r2_t = fine_scores.max(dim=1).values
-        r2_0 = scores(gam, torch.zeros(b, 1, device=dev))[:, 0]
+        fom = fine_scores.max(dim=1).values
+        fom_0 = scores(gam, torch.zeros(b, 1, device=dev))[:, 0]
     _, n_eff, _ = fit_mod.parameter_covariance(psd, band, z, result._ax, result._ay, result._phase, acq)
-    gain = n_eff * torch.log((1 - r2_0).clamp(min=1e-12) / (1 - r2_t).clamp(min=1e-12))
+    gain = n_eff * torch.log((1 - fom_0 ** 2).clamp(min=1e-12) / (1 - fom ** 2).clamp(min=1e-12))
     # a node at the band's edge is no evidence: the band must reach into the inverted rings beyond it
     inside = t * s2.max() * ctf_mod.wavelength_A(acq[0]) >= NODE_MARGIN
     keep = (gain > torch.log(n_eff)) & inside
-    t = torch.where(keep, t, torch.zeros_like(t))
-    with torch.no_grad():
-        fom = fit_mod._corr(fit_mod._prep(band.take(psd)), slab_ctf2(gam[:, 0], s2, lam[:, 0], t[:, None]))
-    return t, fom
+    return torch.where(keep, t, torch.zeros_like(t)), torch.where(keep, fom, fom_0)
