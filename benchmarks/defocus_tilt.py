@@ -11,6 +11,7 @@ rings) is expected to read 0. Then the CPU seconds (one thread) of one ``--timin
 without the extras, with the tilt and with the thickness.
 
 usage: PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/defocus_tilt.py [--n 8] [--size 2048] [--timing-size 4096]
+       [--high-resolution 5]
 """
 import argparse
 import os
@@ -62,13 +63,13 @@ def _axis_error(a, b):
     return min(d, 360.0 - d)
 
 
-def accuracy(simulator, cases, size, model, folder):
+def accuracy(simulator, cases, size, model, folder, high_A):
     rows = []
     for i, (kind, case) in enumerate(cases):
         path = os.path.join(folder, "%s_%02d.mrc" % (simulator, i))
         write_mrc(path, _simulate(simulator, size, case), PX)
         entry = predict.MicrographEntry(path, PX, KV, CS, AMP)
-        r = predict.estimate_batch([entry], model, fit_tilt=True, fit_thickness=True)[0]
+        r = predict.estimate_batch([entry], model, high_A=high_A, fit_tilt=True, fit_thickness=True)[0]
         t_true = case.get("ice_thickness_A", 0.0)
         expected = t_true if t_true >= r["ice_thickness_min_A"] else 0.0
         rows.append(dict(kind=kind, tilt=case.get("tilt_angle_deg", 0.0), axis=case.get("tilt_axis_deg", np.nan),
@@ -122,13 +123,15 @@ def main():
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--timing-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--high-resolution", type=float, default=5.0,
+                        help="the defocus fit's band end (Å), the program's --high-resolution")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, _ = model_mod.load_model(None)
     cases = _cases(np.random.default_rng(args.seed), args.n)
     with tempfile.TemporaryDirectory() as folder:
         for simulator in ("deepcryo", "independent"):
-            summarise(simulator, accuracy(simulator, cases, args.size, model, folder))
+            summarise(simulator, accuracy(simulator, cases, args.size, model, folder, args.high_resolution))
         timing(args.timing_size, model, folder)
 
 

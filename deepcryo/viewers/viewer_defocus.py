@@ -71,13 +71,16 @@ def plot_tilt_thickness(ax, records):
         ax.axis("off")
         return
     handles = []
-    if np.isfinite(tilt).any():
-        handles += ax.plot(idx, tilt, "o-", ms=3, color="C2", label="tilt angle (°)")
-        ax.set_ylabel("tilt angle (°)")
     if np.isfinite(thick).any():
         ax2 = ax.twinx() if np.isfinite(tilt).any() else ax
-        handles += ax2.plot(idx, thick, "s-", ms=3, color="C3", label="ice thickness (Å; 0 = too thin to see)")
+        handles.append(ax2.bar(idx, np.nan_to_num(thick), width=0.5, alpha=0.4, color="C3",
+                               label="ice thickness (Å; 0 = too thin to see)"))
         ax2.set_ylabel("ice thickness (Å)")
+    if np.isfinite(tilt).any():  # the line over the bars
+        handles += ax.plot(idx, tilt, "o-", ms=4, color="C2", label="tilt angle (°)")
+        ax.set_ylabel("tilt angle (°)")
+        ax.set_zorder(2)
+        ax.patch.set_visible(False)
     ax.set_xlabel("micrograph")
     ax.legend(handles=handles, fontsize=8)
     ax.set_title("specimen tilt and thickness (CTFFIND5-style)", fontsize=9)
