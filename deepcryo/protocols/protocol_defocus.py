@@ -91,7 +91,9 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
                            "frequencies give the thickness of the specimen (Å, _deepcryo_iceThickness; "
                            "rlnCtfIceThickness in the STAR). Measured up to near Nyquist; thinner than "
                            "_deepcryo_iceThicknessMin (the first node beyond the rings) reads 0. On a tilted "
-                           "specimen it also counts the tilt's defocus range.")
+                           "specimen estimate the tilt too: its defocus range is then taken out, else it reads as "
+                           "thickness. Reliable on thick specimens (lamellae, > ~1500 Å); thinner ones read too "
+                           "thick on an independent simulator (benchmarks/RESULTS.md).")
         addGpuParams(form, gpuHelp="The GPU to use, e.g. 0.",
                      useGpuHelp="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
         self._defineStreamingParams(form)
@@ -212,7 +214,8 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
                                          ("the ice thickness from the Thon rings' nodes", self.fitThickness))
                   if self.doRefine and on]
         if extras:
-            text += "; %s were estimated as in CTFFIND5 (Elferich et al. 2024, eLife 13:RP97227)" % " and ".join(extras)
+            text += ("; %s %s estimated as in CTFFIND5 (Elferich et al. 2024, eLife 13:RP97227)"
+                     % (" and ".join(extras), "were" if len(extras) > 1 else "was"))
         text += (". The output %s holds, for each micrograph, the defocus, the fit resolution and a figure of "
                  "merit (correlation of the PSD with the CTF²)." % self.getObjectTag(OUTPUT_CTF))
         return [text]
