@@ -34,7 +34,7 @@ Validation (benchmarks/RESULTS.md, "Specimen tilt and ice thickness"): within 5 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -42,19 +42,23 @@ from ..core import ctf as ctf_mod
 from . import fit as fit_mod
 
 __all__ = ["slab_ctf2", "min_thickness_A", "fit_thickness", "thickness_band_end_A", "tilt_defocus_spread",
-           "NODE_MARGIN"]
+           "NODE_MARGIN", "ENVELOPE_ENDS"]
 
+#: ring envelopes of the models of :func:`fit_thickness`: exponential in s² across the band, down to these
+#: fractions at its high-resolution end (1: no fading)
+ENVELOPE_ENDS = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
 #: a thickness counts only when the band's end is beyond its first node by this factor in s² (ξ_max ≥ 1.25 π): a
 #: quarter of the first inverted lobe must be inside the band, a node at its very edge being indistinguishable
 #: from the rings' fading
 NODE_MARGIN = 1.25
 
 
-def slab_ctf2(gamma: torch.Tensor, s2_invA2: torch.Tensor, wavelength_A: torch.Tensor,
-              thickness_A: torch.Tensor) -> torch.Tensor:
-    """CTF² averaged over a slab: ``½[1 − sinc(π λ s² t) cos 2γ]`` (broadcast); γ in rad at the slab's centre,
-    s² in 1/Å², λ and t in Å (``torch.sinc(x) = sin(πx)/(πx)``, hence its argument ``λ s² t``)."""
-    return 0.5 * (1.0 - torch.sinc(wavelength_A * s2_invA2 * thickness_A) * torch.cos(2.0 * gamma))
+def slab_ctf2(gamma: torch.Tensor, s2_invA2: torch.Tensor, wavelength_A: torch.Tensor, thickness_A: torch.Tensor,
+              envelope: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+    """CTF² averaged over a slab: ``½[1 − E · sinc(π λ s² t) cos 2γ]`` (broadcast); γ in rad at the slab's centre,
+    s² in 1/Å², λ and t in Å (``torch.sinc(x) = sin(πx)/(πx)``, hence its argument ``λ s² t``); ``E`` the rings'
+    envelope (1: the plain CTF² average)."""
+    return 0.5 * (1.0 - envelope * torch.sinc(wavelength_A * s2_invA2 * thickness_A) * torch.cos(2.0 * gamma))
 
 
 def min_thickness_A(voltage_kV: float, high_A: float) -> float:
@@ -88,6 +92,24 @@ def tilt_defocus_spread(gradient: Tuple[float, float], width_A: float, height_A:
     return offsets[None].float(), weights[None].float()
 
 
+def _inverted_beyond_node(data, gam, s2, lam, t, n_eff, sigmas=3.0, min_pixels=50):
+    """(B,) bool: in the first inverted lobe of the slab (``π ≤ π λ s² t ≤ 2π``, inside the band), the PSD
+    (``data``, (B, M) band pixels) correlates with the lobe's inverted rings ``−sinc(ξ) cos 2γ`` (``gam``: phase
+    (B, H, 1, M), the first offset; a matched filter, weighted by |sinc|) by more than ``sigmas`` standard errors
+    of a noise correlation (1/√n, n the lobe's share of the ``n_eff`` independent band pixels). The slab model
+    also fits rings that merely fade into the noise (its main lobe is one more envelope shape); only rings that
+    come back inverted are the mark of a node."""
+    xi = lam[:, None] * s2[None, :] * t[:, None]  # ξ/π (B, M)
+    lobe = ((xi >= 1.0) & (xi <= 2.0)).to(data.dtype)
+    count = lobe.sum(dim=1)
+    inverted = -torch.sinc(xi) * torch.cos(2.0 * gam[:, 0, 0])
+    d = data - (data * lobe).sum(1, keepdim=True) / count.clamp(min=1)[:, None]
+    m = inverted - (inverted * lobe).sum(1, keepdim=True) / count.clamp(min=1)[:, None]
+    rho = (d * m * lobe).sum(1) / ((d * d * lobe).sum(1) * (m * m * lobe).sum(1)).sqrt().clamp(min=1e-30)
+    n_lobe = n_eff * count / s2.numel()
+    return (count >= min_pixels) & (rho > sigmas / n_lobe.clamp(min=1.0).sqrt())
+
+
 def fit_thickness(psd: torch.Tensor, sampling_A: float, result: fit_mod.FitResult, acq, low_A: float = 30.0,
                   high_A: float = 5.0, thickness_range_A: Tuple[float, float] = (0.0, 4000.0),
                   step_A: float = 20.0, z_half_A: float = 500.0, z_step_A: float = 10.0,
@@ -113,7 +135,11 @@ def fit_thickness(psd: torch.Tensor, sampling_A: float, result: fit_mod.FitResul
     Score: the band correlation (Pearson) of the PSD with the model, as for the defocus (t = 0 is
     :mod:`deepcryo.defocus.fit`'s score), CTFFIND5's choice. |sinc| fades the rings as any envelope does (B-factor,
     drift, noise), so on thin ice the score also rises for a t whose first node lies just beyond the band, where
-    the rings of the PSD have faded anyway: such a t is not kept (:data:`NODE_MARGIN`). (A free ring scale per
+    the rings of the PSD have faded anyway: such a t is not kept (:data:`NODE_MARGIN`). Inside the band too the
+    rings fade into the noise (B-factor, a specimen spectrum falling with s), which a plain correlation would
+    read as a node (a thin specimen with B = 250 Å² read 1300 Å): every model, thin or slab, takes the best of
+    the smooth envelopes :data:`ENVELOPE_ENDS`; and as the slab's main lobe is still one more envelope shape, the
+    thickness is kept only where the rings in its first inverted lobe are seen inverted (3 standard errors). (A free ring scale per
     shell of s², which would ignore the fading, was tried: it lets a large t with many nodes fit noise through
     the signs of near-zero model rings, and failed on tilted micrographs.)
     """
@@ -136,14 +162,18 @@ def fit_thickness(psd: torch.Tensor, sampling_A: float, result: fit_mod.FitResul
                                  result._phase.repeat_interleave(rep), *(a.repeat_interleave(rep) for a in acq))
             return gam.reshape(z.shape[0], rep, 1, -1)
 
-        def model(gam, t):  # (B, k, M): the slab model averaged over the defocus offsets
-            return (weights * slab_ctf2(gam, s2, lam[:, None], t[:, None])).sum(dim=1)
+        def model(gam, t, envelope):  # (B, k, M): the slab model averaged over the defocus offsets
+            return (weights * slab_ctf2(gam, s2, lam[:, None], t[:, None], envelope)).sum(dim=1)
 
         gam = gamma_at(result._z)
+        # ring envelopes e^((s² − s²_min) / (s²_max − s²_min)), e = the rings' amplitude at the band's end
+        x = (s2 - s2.min()) / (s2.max() - s2.min()).clamp(min=1e-30)
+        envelopes = [torch.pow(torch.tensor(e, device=dev), x) for e in ENVELOPE_ENDS]
 
-        def scores(gam, ts):  # ts (B, K) -> band correlations (B, K)
-            return torch.cat([fit_mod._corr(data, model(gam, ts[:, i:i + chunk, None]))
-                              for i in range(0, ts.shape[1], chunk)], dim=1)
+        def scores(gam, ts):  # ts (B, K) -> band correlations (B, K), the best envelope for each
+            return torch.stack([torch.cat([fit_mod._corr(data, model(gam, ts[:, i:i + chunk, None], env))
+                                           for i in range(0, ts.shape[1], chunk)], dim=1)
+                                for env in envelopes]).max(dim=0).values
 
         b = psd.shape[0]
         grid = torch.arange(thickness_range_A[0], thickness_range_A[1] + 1e-3, step_A, device=dev)
@@ -157,10 +187,10 @@ def fit_thickness(psd: torch.Tensor, sampling_A: float, result: fit_mod.FitResul
         fine_scores = scores(gam, fine)
         t = fit_mod._best(fine_scores, fine)[0]
         fom = fine_scores.max(dim=1).values
-        fom_0 = scores(gam, torch.zeros(b, 1, device=dev))[:, 0]
+        fom_0 = scores(gam, torch.zeros(b, 1, device=dev))[:, 0]  # the thin model, with the best envelope
     _, n_eff, _ = fit_mod.parameter_covariance(psd, band, z, result._ax, result._ay, result._phase, acq)
     gain = n_eff * torch.log((1 - fom_0 ** 2).clamp(min=1e-12) / (1 - fom ** 2).clamp(min=1e-12))
     # a node at the band's edge is no evidence: the band must reach into the inverted rings beyond it
     inside = t * s2.max() * ctf_mod.wavelength_A(acq[0]) >= NODE_MARGIN
-    keep = (gain > torch.log(n_eff)) & inside
+    keep = (gain > torch.log(n_eff)) & inside & _inverted_beyond_node(data, gam, s2, lam[:, 0, 0], t, n_eff)
     return torch.where(keep, t, torch.zeros_like(t)), torch.where(keep, fom, fom_0)
