@@ -389,7 +389,7 @@ CTF_MODEL_IMAGE_ATTR = "_deepcryo_ctfModelImage"
 #: optional CTFFIND5-style measurements (``predict --fit-tilt/--fit-thickness``): STAR column -> Float attribute
 #: of the CTFModel: the specimen's tilt angle and axis (degrees, CTFFIND5's convention,
 #: :mod:`deepcryo.defocus.tilt`), its thickness (Å) and the smallest thickness the fit band could show (Å; a
-#: thickness of 0 means thinner than that)
+#: thickness of 0 means no node was seen: thinner than that, or rings too weak beyond the first node)
 CTF_TILT_ANGLE_ATTR = "_deepcryo_tiltAngle"
 CTF_TILT_AXIS_ATTR = "_deepcryo_tiltAxis"
 CTF_THICKNESS_ATTR = "_deepcryo_iceThickness"

@@ -52,7 +52,8 @@ FIT_SIZE_PX = 384
 #: result key -> STAR column of the optional fits: the specimen's tilt angle and axis (degrees, CTFFIND5's
 #: convention, :mod:`deepcryo.defocus.tilt`; RELION has no column for a micrograph's specimen tilt, its
 #: rlnMicrographTiltAngle being a tomography stage angle) and its thickness (Å, RELION 5's column for CTFFIND5's
-#: sample thickness), with the smallest thickness the band could measure (Å; a thickness of 0 means "below it")
+#: sample thickness), with the smallest thickness the band could measure (Å; a thickness of 0 means "no node seen":
+#: thinner than that, or the rings beyond the first node too weak to show it)
 STAR_EXTRAS = OrderedDict([("tilt_angle_deg", "dcCtfTiltAngle"), ("tilt_axis_deg", "dcCtfTiltAxis"),
                            ("ice_thickness_A", "rlnCtfIceThickness"), ("ice_thickness_min_A", "dcCtfIceThicknessMin")])
 
@@ -149,7 +150,8 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
     ``defocus_range_A``: (min, max) defocus (Å): the CNN's U and V are clipped to it and the fit's scan stays
     in it. ``fit_tilt``: also ``tilt_angle_deg``, ``tilt_axis_deg`` (:mod:`deepcryo.defocus.tilt`; needs 2 × 2
     tiles of :data:`deepcryo.defocus.tilt.TILE_PX` px, else the micrograph is skipped). ``fit_thickness``: also
-    ``ice_thickness_A`` (0 = below ``ice_thickness_min_A``, :mod:`deepcryo.defocus.thickness`). Both need the
+    ``ice_thickness_A`` (0 = no node seen; never below ``ice_thickness_min_A``, :mod:`deepcryo.defocus.thickness`).
+    Both need the
     refinement (``refine``)."""
     with _one_thread_on_cpu(device):
         defaults = defaults or {}

@@ -13,14 +13,20 @@ node: the node frequencies measure t.
 :func:`fit_thickness`, after the defocus fit: the band correlation of the PSD with this model (the same score
 as :mod:`deepcryo.defocus.fit`, which is the t = 0 case) on a 1D grid of t, held defocus, astigmatism and phase;
 then a finer grid around the best; the thickness is kept only where it pays for its parameter by the BIC
-against t = 0 (as :func:`deepcryo.defocus.fit.select_astigmatism`), otherwise it is reported as 0.
+against t = 0 (as :func:`deepcryo.defocus.fit.select_astigmatism`) and the rings of its first inverted lobe are
+seen inverted, otherwise it is reported as 0 ("no node seen").
 
 Degeneracy at small t: for ξ ≪ 1 at every frequency of the band, ``sinc(ξ) ≈ 1 − ξ²/6`` only lowers the ring
 contrast smoothly with s⁴ t², which the PSD's per-shell normalisation (:mod:`deepcryo.defocus.psd`) and, in a
 raw PSD, the envelope (B-factor) absorb. The thickness is measured through its first node only, so a slab
 whose first node lies beyond the band's high-resolution end, ``t < 1 / (λ s_max²)``, cannot be told from t = 0
 and is reported as 0 (with a margin, :data:`NODE_MARGIN`: :func:`min_thickness_A`, e.g. 780 Å at 300 kV and
-3.5 Å). The band therefore reaches as far as the PSD shows rings (:func:`thickness_band_end_A`).
+3.5 Å). The band therefore reaches as far as the PSD shows rings (:func:`thickness_band_end_A`). Beyond that
+limit too, the sinc's main lobe is only a fade, which rings sinking into the noise (B-factor, a specimen spectrum
+falling with s) imitate: a thin specimen with B = 250 Å² read 950 Å. Only the inverted rings beyond the first
+node tell a slab, so a thickness is kept only where they are seen (3 standard errors); how thin a slab can be
+measured then depends on the rings' strength beyond its first node (on a simulated 2048² micrograph at 1.5 Å/px:
+800 Å not seen, its inverted lobe at 1.7 standard errors; 1000 Å and more seen).
 
 Thick specimens: the defocus fit (CTF², t = 0) must end before the first node, ``1/s₁ = sqrt(λ t)`` (6.3 Å for
 2000 Å at 300 kV): beyond it the rings are inverted and the thin fit goes wrong. CTFFIND5 limits its first fit to
@@ -28,9 +34,10 @@ the resolution where the thin fit holds; here the band is the user's (``--high-r
 ~1300 Å at 300 kV). A tilted specimen's height range over the micrograph averages the PSD over defocus too and
 would read as thickness: with its tilt known, the model is averaged over that spread (``defocus_spread``).
 
-Validation (benchmarks/RESULTS.md, "Specimen tilt and ice thickness"): within 5 % on deepcryo's own simulator
-(whose slab is this model); on the independent full-wave, multislice simulator, thick slabs (1600-1750 Å) within
-5 % but thin ones (< 900 Å) read 1000-1200 Å: ring changes of the non-linear image formation pass for a node.
+Validation (benchmarks/RESULTS.md, "Specimen tilt and ice thickness"): no thin specimen read as thick on either
+simulator (tilted ones included); 1170-1694 Å slabs within 7 % on deepcryo's own simulator (whose slab is this
+model); on the independent full-wave, multislice simulator no node is seen (0), its rings beyond 4-5 Å being
+too weak for the inverted-lobe test.
 """
 from __future__ import annotations
 

@@ -89,11 +89,10 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
                       condition="doRefine", label="Estimate the ice thickness?",
                       help="As CTFFIND5: the Thon rings fade and come back inverted at 'thickness nodes' whose "
                            "frequencies give the thickness of the specimen (Å, _deepcryo_iceThickness; "
-                           "rlnCtfIceThickness in the STAR). Measured up to near Nyquist; thinner than "
-                           "_deepcryo_iceThicknessMin (the first node beyond the rings) reads 0. On a tilted "
+                           "rlnCtfIceThickness in the STAR). Measured up to near Nyquist; 0 means no node was seen "
+                           "(thinner than _deepcryo_iceThicknessMin, or rings too weak beyond it). On a tilted "
                            "specimen estimate the tilt too: its defocus range is then taken out, else it reads as "
-                           "thickness. Reliable on thick specimens (lamellae, > ~1500 Å); thinner ones read too "
-                           "thick on an independent simulator (benchmarks/RESULTS.md).")
+                           "thickness. For thick specimens (lamellae); see benchmarks/RESULTS.md.")
         addGpuParams(form, gpuHelp="The GPU to use, e.g. 0.",
                      useGpuHelp="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
         self._defineStreamingParams(form)

@@ -74,7 +74,7 @@ def plot_tilt_thickness(ax, records):
     if np.isfinite(thick).any():
         ax2 = ax.twinx() if np.isfinite(tilt).any() else ax
         handles.append(ax2.bar(idx, np.nan_to_num(thick), width=0.5, alpha=0.4, color="C3",
-                               label="ice thickness (Å; 0 = too thin to see)"))
+                               label="ice thickness (Å; 0 = no node seen)"))
         ax2.set_ylabel("ice thickness (Å)")
     if np.isfinite(tilt).any():  # the line over the bars
         handles += ax.plot(idx, tilt, "o-", ms=4, color="C2", label="tilt angle (°)")

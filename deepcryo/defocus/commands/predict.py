@@ -52,8 +52,8 @@ def add_args(parser):
                              "defoci of 512 px tiles: STAR columns dcCtfTiltAngle, dcCtfTiltAxis (needs >= 1024 px)")
     parser.add_argument("--fit-thickness", action="store_true",
                         help="also fit the specimen's thickness (Å) from the Thon rings' nodes: STAR columns "
-                             "rlnCtfIceThickness (0 = thinner than dcCtfIceThicknessMin, what the rings can show; "
-                             "reliable for thick specimens, see benchmarks/RESULTS.md)")
+                             "rlnCtfIceThickness (0 = no node seen: thinner than dcCtfIceThicknessMin, or rings too "
+                             "weak beyond the first node; see benchmarks/RESULTS.md)")
     parser.add_argument("--model", help="weight file (default: the shipped weights)")
     parser.add_argument("--batch-size", type=int, default=8, help="micrographs per batch")
     cli.add_device_argument(parser)
