@@ -60,12 +60,13 @@ ENVELOPE_ENDS = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
 NODE_MARGIN = 1.25
 
 
-def slab_ctf2(gamma: torch.Tensor, s2_invA2: torch.Tensor, wavelength_A: torch.Tensor, thickness_A: torch.Tensor,
-              envelope: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
-    """CTF² averaged over a slab: ``½[1 − E · sinc(π λ s² t) cos 2γ]`` (broadcast); γ in rad at the slab's centre,
-    s² in 1/Å², λ and t in Å (``torch.sinc(x) = sin(πx)/(πx)``, hence its argument ``λ s² t``); ``E`` the rings'
-    envelope (1: the plain CTF² average)."""
-    return 0.5 * (1.0 - envelope * torch.sinc(wavelength_A * s2_invA2 * thickness_A) * torch.cos(2.0 * gamma))
+def slab_ctf2(cos_2gamma: torch.Tensor, s2_invA2: torch.Tensor, wavelength_A: torch.Tensor,
+              thickness_A: torch.Tensor, envelope: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+    """CTF² averaged over a slab: ``½[1 − E · sinc(π λ s² t) cos 2γ]`` (broadcast), given ``cos 2γ`` (γ the CTF
+    phase at the slab's centre; linear in it, so an average of cos 2γ over defocus offsets gives the average of the
+    model), s² in 1/Å², λ and t in Å (``torch.sinc(x) = sin(πx)/(πx)``, hence its argument ``λ s² t``); ``E`` the
+    rings' envelope (1: the plain CTF² average)."""
+    return 0.5 * (1.0 - envelope * torch.sinc(wavelength_A * s2_invA2 * thickness_A) * cos_2gamma)
 
 
 def min_thickness_A(voltage_kV: float, high_A: float) -> float:
@@ -99,17 +100,17 @@ def tilt_defocus_spread(gradient: Tuple[float, float], width_A: float, height_A:
     return offsets[None].float(), weights[None].float()
 
 
-def _inverted_beyond_node(data, gam, s2, lam, t, n_eff, sigmas=3.0, min_pixels=50):
+def _inverted_beyond_node(data, cos_2gamma, s2, lam, t, n_eff, sigmas=3.0, min_pixels=50):
     """(B,) bool: in the first inverted lobe of the slab (``π ≤ π λ s² t ≤ 2π``, inside the band), the PSD
-    (``data``, (B, M) band pixels) correlates with the lobe's inverted rings ``−sinc(ξ) cos 2γ`` (``gam``: phase
-    (B, H, 1, M), the first offset; a matched filter, weighted by |sinc|) by more than ``sigmas`` standard errors
+    (``data``, (B, M) band pixels) correlates with the lobe's inverted rings ``−sinc(ξ) cos 2γ`` (``cos_2gamma``
+    (B, M); a matched filter, weighted by |sinc|) by more than ``sigmas`` standard errors
     of a noise correlation (1/√n, n the lobe's share of the ``n_eff`` independent band pixels). The slab model
     also fits rings that merely fade into the noise (its main lobe is one more envelope shape); only rings that
     come back inverted are the mark of a node."""
     xi = lam[:, None] * s2[None, :] * t[:, None]  # ξ/π (B, M)
     lobe = ((xi >= 1.0) & (xi <= 2.0)).to(data.dtype)
     count = lobe.sum(dim=1)
-    inverted = -torch.sinc(xi) * torch.cos(2.0 * gam[:, 0, 0])
+    inverted = -torch.sinc(xi) * cos_2gamma
     d = data - (data * lobe).sum(1, keepdim=True) / count.clamp(min=1)[:, None]
     m = inverted - (inverted * lobe).sum(1, keepdim=True) / count.clamp(min=1)[:, None]
     rho = (d * m * lobe).sum(1) / ((d * d * lobe).sum(1) * (m * m * lobe).sum(1)).sqrt().clamp(min=1e-30)
@@ -162,42 +163,39 @@ def fit_thickness(psd: torch.Tensor, sampling_A: float, result: fit_mod.FitResul
             offsets, weights = (torch.as_tensor(v, dtype=psd.dtype, device=dev) for v in defocus_spread)
         weights = weights[:, :, None, None]  # (B, H, 1, 1)
 
-        def gamma_at(z):  # (B, H, 1, M): the phase at each defocus offset
+        def cos_2gamma_at(z):  # (B, 1, M): cos 2γ averaged over the defocus offsets (the model is linear in it)
             zs = (z[:, None] + offsets).reshape(-1)
             rep = offsets.shape[1]
             gam = fit_mod._gamma(band, zs, result._ax.repeat_interleave(rep), result._ay.repeat_interleave(rep),
                                  result._phase.repeat_interleave(rep), *(a.repeat_interleave(rep) for a in acq))
-            return gam.reshape(z.shape[0], rep, 1, -1)
+            return (weights * torch.cos(2.0 * gam.reshape(z.shape[0], rep, 1, -1))).sum(dim=1)
 
-        def model(gam, t, envelope):  # (B, k, M): the slab model averaged over the defocus offsets
-            return (weights * slab_ctf2(gam, s2, lam[:, None], t[:, None], envelope)).sum(dim=1)
-
-        gam = gamma_at(result._z)
+        c2 = cos_2gamma_at(result._z)
         # ring envelopes e^((s² − s²_min) / (s²_max − s²_min)), e = the rings' amplitude at the band's end
         x = (s2 - s2.min()) / (s2.max() - s2.min()).clamp(min=1e-30)
         envelopes = [torch.pow(torch.tensor(e, device=dev), x) for e in ENVELOPE_ENDS]
 
-        def scores(gam, ts):  # ts (B, K) -> band correlations (B, K), the best envelope for each
-            return torch.stack([torch.cat([fit_mod._corr(data, model(gam, ts[:, i:i + chunk, None], env))
+        def scores(c2, ts):  # ts (B, K) -> band correlations (B, K), the best envelope for each
+            return torch.stack([torch.cat([fit_mod._corr(data, slab_ctf2(c2, s2, lam, ts[:, i:i + chunk, None], env))
                                            for i in range(0, ts.shape[1], chunk)], dim=1)
                                 for env in envelopes]).max(dim=0).values
 
         b = psd.shape[0]
         grid = torch.arange(thickness_range_A[0], thickness_range_A[1] + 1e-3, step_A, device=dev)
-        t = fit_mod._best(scores(gam, grid[None].expand(b, -1)), grid[None].expand(b, -1))[0]
+        t = fit_mod._best(scores(c2, grid[None].expand(b, -1)), grid[None].expand(b, -1))[0]
         # the defocus again, with the slab model (rings beyond a node inside the fit band pulled the thin fit)
         dz = torch.linspace(-z_half_A, z_half_A, 2 * int(z_half_A / z_step_A) + 1, device=dev)
-        z_scores = torch.stack([scores(gamma_at(result._z + d), t[:, None])[:, 0] for d in dz.tolist()], dim=1)
+        z_scores = torch.stack([scores(cos_2gamma_at(result._z + d), t[:, None])[:, 0] for d in dz.tolist()], dim=1)
         z = result._z + dz[z_scores.argmax(dim=1)]
-        gam = gamma_at(z)
+        c2 = cos_2gamma_at(z)
         fine = (t[:, None] + torch.linspace(-step_A, step_A, 21, device=dev)[None]).clamp(min=0.0)
-        fine_scores = scores(gam, fine)
+        fine_scores = scores(c2, fine)
         t = fit_mod._best(fine_scores, fine)[0]
         fom = fine_scores.max(dim=1).values
-        fom_0 = scores(gam, torch.zeros(b, 1, device=dev))[:, 0]  # the thin model, with the best envelope
+        fom_0 = scores(c2, torch.zeros(b, 1, device=dev))[:, 0]  # the thin model, with the best envelope
     _, n_eff, _ = fit_mod.parameter_covariance(psd, band, z, result._ax, result._ay, result._phase, acq)
     gain = n_eff * torch.log((1 - fom_0 ** 2).clamp(min=1e-12) / (1 - fom ** 2).clamp(min=1e-12))
     # a node at the band's edge is no evidence: the band must reach into the inverted rings beyond it
     inside = t * s2.max() * ctf_mod.wavelength_A(acq[0]) >= NODE_MARGIN
-    keep = (gain > torch.log(n_eff)) & inside & _inverted_beyond_node(data, gam, s2, lam[:, 0, 0], t, n_eff)
+    keep = (gain > torch.log(n_eff)) & inside & _inverted_beyond_node(data, c2[:, 0], s2, lam[:, 0, 0], t, n_eff)
     return torch.where(keep, t, torch.zeros_like(t)), torch.where(keep, fom, fom_0)
