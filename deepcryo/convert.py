@@ -386,13 +386,25 @@ CTF_REQUIRED = ("rlnMicrographName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAn
 CTF_SIGMA_ATTR = "_deepcryo_defocusSigma"
 CTF_AVROT_ATTR = "_deepcryo_ctfAvrot"
 CTF_MODEL_IMAGE_ATTR = "_deepcryo_ctfModelImage"
+#: optional CTFFIND5-style measurements (``predict --fit-tilt/--fit-thickness``): STAR column -> Float attribute
+#: of the CTFModel: the specimen's tilt angle and axis (degrees, CTFFIND5's convention,
+#: :mod:`deepcryo.defocus.tilt`), its thickness (Å) and the smallest thickness the fit band could show (Å; a
+#: thickness of 0 means no node was seen: thinner than that, or rings too weak beyond the first node)
+CTF_TILT_ANGLE_ATTR = "_deepcryo_tiltAngle"
+CTF_TILT_AXIS_ATTR = "_deepcryo_tiltAxis"
+CTF_THICKNESS_ATTR = "_deepcryo_iceThickness"
+CTF_THICKNESS_MIN_ATTR = "_deepcryo_iceThicknessMin"
+CTF_EXTRA_ATTRS = OrderedDict([("dcCtfTiltAngle", CTF_TILT_ANGLE_ATTR), ("dcCtfTiltAxis", CTF_TILT_AXIS_ATTR),
+                               ("rlnCtfIceThickness", CTF_THICKNESS_ATTR),
+                               ("dcCtfIceThicknessMin", CTF_THICKNESS_MIN_ATTR)])
 
 
 def readCtfStar(starFn):
     """Rows of a RELION CTF STAR (``data_micrographs``, or the first non-optics block) as a list of
     dicts: floats for numeric columns, str otherwise. Needs ``rlnMicrographName`` and
     ``rlnDefocusU/V/Angle``; may have ``rlnCtfMaxResolution``, ``rlnCtfFigureOfMerit``,
-    ``rlnCtfImage``, ``rlnPhaseShift``, ``dcDefocusSigma``, ``dcCtfAvrot`` and ``dcCtfModelImage``."""
+    ``rlnCtfImage``, ``rlnPhaseShift``, ``dcDefocusSigma``, ``dcCtfAvrot``, ``dcCtfModelImage`` and the columns
+    of :data:`CTF_EXTRA_ATTRS`."""
     blocks = read_star(starFn)
     name = "micrographs" if "micrographs" in blocks else next((b for b in blocks if b != "optics"), None)
     if name is None:
@@ -411,7 +423,8 @@ def ctfRowToModel(row, ctfModel):
     (``rlnCtfFigureOfMerit``), phase shift (degrees, when nonzero), PSD file (``rlnCtfImage``), and deepcryo's
     defocus standard error (``dcDefocusSigma``, Å), rotational-average file (``dcCtfAvrot``) and fitted-CTF²
     image (``dcCtfModelImage``) as the attributes :data:`CTF_SIGMA_ATTR`, :data:`CTF_AVROT_ATTR` and
-    :data:`CTF_MODEL_IMAGE_ATTR`."""
+    :data:`CTF_MODEL_IMAGE_ATTR`, and the tilt / thickness columns present as the attributes of
+    :data:`CTF_EXTRA_ATTRS`."""
     ctfModel.setStandardDefocus(row["rlnDefocusU"], row["rlnDefocusV"], row["rlnDefocusAngle"])
     if "rlnCtfMaxResolution" in row:
         ctfModel.setResolution(row["rlnCtfMaxResolution"])
@@ -427,6 +440,9 @@ def ctfRowToModel(row, ctfModel):
         setattr(ctfModel, CTF_AVROT_ATTR, pwobj.String(row["dcCtfAvrot"]))
     if row.get("dcCtfModelImage"):
         setattr(ctfModel, CTF_MODEL_IMAGE_ATTR, pwobj.String(row["dcCtfModelImage"]))
+    for column, attr in CTF_EXTRA_ATTRS.items():
+        if column in row:
+            setattr(ctfModel, attr, pwobj.Float(row[column]))
     return ctfModel
 
 

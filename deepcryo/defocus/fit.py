@@ -18,6 +18,8 @@ the x axis to U). The optimiser works on ``(z, a cos 2θ, a sin 2θ)``, smooth a
 * :func:`parameter_covariance` / :func:`select_astigmatism` — the fit's standard errors (Gauss-Newton; σ of the
   mean defocus also carries the given amplitude contrast's uncertainty, :data:`AMPLITUDE_PHASE_SIGMA_DEG`) and
   the choice, by BIC, between a round and an astigmatic CTF (noise alone would inflate U − V on weak rings).
+* :func:`fit_mean_defocus` — the mean defocus alone, astigmatism and phase held (local PSDs of a tilted specimen,
+  :mod:`deepcryo.defocus.tilt`).
 * :func:`rotational_average` — CTFFIND's ``_avrot.txt`` rows (rotational average, EPA, fitted CTF², correlation).
 * :func:`disagreement_flag` — low confidence: CNN and fit disagree, or a low figure of merit.
 """
@@ -33,7 +35,8 @@ from ..core import fourier
 from ..core.bands import band_indices
 
 __all__ = ["BandPixels", "refine_ctf", "exhaustive_search", "fit_resolution", "score_params", "FitResult",
-           "disagreement_flag", "score_only", "parameter_covariance", "select_astigmatism", "rotational_average"]
+           "disagreement_flag", "score_only", "parameter_covariance", "select_astigmatism", "rotational_average",
+           "fit_mean_defocus"]
 
 SEARCH_LOW_BAND_A = 8.0  # high-resolution limit (Å) of the robust search stages
 #: Uncertainty (1σ, degrees) of the CTF's fixed phase (``atan(w/√(1−w²))`` of the given amplitude contrast w,
@@ -397,6 +400,31 @@ def refine_ctf(psd: torch.Tensor, sampling_A: float, start_u_A: Union[float, tor
     z, ax, ay, ph = _best(scores, zc, axc, ayc, phc)
     z, ax, ay, ph, _ = _local(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, fit_phase, iterations)
     return _finish(psd, sampling_A, (lowband, band), z, ax, ay, ph, acq, fit_phase, iterations, low_A)
+
+
+def fit_mean_defocus(psd: torch.Tensor, sampling_A: float, start_z_A: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor,
+                     phase_rad: torch.Tensor, acq, low_A: float = 30.0, high_A: float = 5.0,
+                     scan_min_A: float = 5000.0, scan_fraction: float = 0.25, scan_steps: int = 101,
+                     iterations: Tuple[int, int] = (60, 100)) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean defocus z (Å) of B PSDs with the astigmatism ``(ax, ay)`` (Å, the optimiser's parameters of
+    :class:`FitResult`) and the phase (rad) held: the scan of :func:`refine_ctf` around ``start_z_A`` (low band),
+    then Adam on z alone over the low then the full band. ``acq``: (voltage kV, Cs mm, amplitude contrast), (B,)
+    tensors; all others (B,). Returns ``(z, figure of merit, σ_z)``, each (B,): σ_z is the statistical standard
+    error of :func:`parameter_covariance` alone, without the fixed phase's term, which moves every PSD of one
+    micrograph alike (a tilt plane's slope does not see it)."""
+    dev = psd.device
+    size = psd.shape[-1]
+    lowband, band = _bands(size, sampling_A, low_A, high_A, dev)
+    half = torch.clamp(scan_fraction * start_z_A, min=scan_min_A)
+    zc = (start_z_A[:, None] + torch.linspace(-1.0, 1.0, scan_steps, device=dev)[None, :] * half[:, None]).clamp(min=1.0)
+    with torch.no_grad():
+        scores = score_params(psd, sampling_A, lowband, zc, ax[:, None].expand_as(zc), ay[:, None].expand_as(zc),
+                              phase_rad[:, None].expand_as(zc), *acq)
+    z = _best(scores, zc)[0]
+    z, _, _, _, fom = _local(psd, sampling_A, (lowband, band), z, ax, ay, phase_rad, acq, False, iterations,
+                             fit_astigmatism=False)
+    cov, _, _ = parameter_covariance(psd, band, z, ax, ay, phase_rad, acq, fit_astigmatism=False)
+    return z, fom, cov[:, 0, 0].clamp(min=0).sqrt()
 
 
 def score_only(psd: torch.Tensor, sampling_A: float, defocus_u_A: Union[float, torch.Tensor],

@@ -9,7 +9,11 @@ Per micrograph, :func:`estimate_batch` computes
 4. figure of merit (band correlation with CTF²), fit resolution (Å), the defocus's standard error σ (Å, from
    the fit's curvature: :func:`deepcryo.defocus.fit.parameter_covariance`, plus the given amplitude contrast's
    uncertainty: :data:`deepcryo.defocus.fit.AMPLITUDE_PHASE_SIGMA_DEG`), and a low-confidence flag when
-   the CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`).
+   the CNN and the fit disagree (:func:`deepcryo.defocus.fit.disagreement_flag`);
+5. optionally (CTFFIND5's extras, off by default) the specimen's tilt angle and axis from the defoci of 512 px
+   tiles (:mod:`deepcryo.defocus.tilt`, on PSDs at the fit's sampling) and its thickness from the Thon rings'
+   nodes (:mod:`deepcryo.defocus.thickness`, on a PSD at the micrograph's pixel size, band to
+   :func:`deepcryo.defocus.thickness.thickness_band_end_A`), both with the fitted defocus held.
 
 The pixel size is the STAR's ``rlnMicrographPixelSize``, else the one given (``--pixel-size``), else the
 MRC header's x/y size (EPU's micrographs carry ``(p, p, 0)``). A micrograph that cannot be used
@@ -35,14 +39,23 @@ from ..core.mrc import read_mrc, write_mrc
 from ..core.star import read_star, write_star
 from . import fit as fit_mod
 from . import model as model_mod
+from . import thickness as thickness_mod
+from . import tilt as tilt_mod
 from .psd import CNN_SAMPLINGS_A, CNN_SIZE_PX, compute_psds
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MicrographEntry", "list_micrographs", "fit_sampling_A", "estimate_batch", "predict", "write_ctf_star",
-           "write_avrot", "fitted_ctf2", "FIT_SIZE_PX"]
+           "write_avrot", "fitted_ctf2", "FIT_SIZE_PX", "STAR_EXTRAS"]
 
 FIT_SIZE_PX = 384
+#: result key -> STAR column of the optional fits: the specimen's tilt angle and axis (degrees, CTFFIND5's
+#: convention, :mod:`deepcryo.defocus.tilt`; RELION has no column for a micrograph's specimen tilt, its
+#: rlnMicrographTiltAngle being a tomography stage angle) and its thickness (Å, RELION 5's column for CTFFIND5's
+#: sample thickness), with the smallest thickness the band could measure (Å; a thickness of 0 means "no node seen":
+#: thinner than that, or the rings beyond the first node too weak to show it)
+STAR_EXTRAS = OrderedDict([("tilt_angle_deg", "dcCtfTiltAngle"), ("tilt_axis_deg", "dcCtfTiltAxis"),
+                           ("ice_thickness_A", "rlnCtfIceThickness"), ("ice_thickness_min_A", "dcCtfIceThicknessMin")])
 
 
 class MicrographEntry:
@@ -126,7 +139,8 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
                    high_A: float = 5.0, fit_phase: bool = False, device: Union[str, torch.device] = "cpu",
                    psd_dir: Optional[str] = None, defaults: Optional[Dict[str, float]] = None,
                    on_skip: Optional[Callable[[str, str], None]] = None,
-                   defocus_range_A: Tuple[float, float] = (500.0, math.inf)) -> List[Dict[str, Any]]:
+                   defocus_range_A: Tuple[float, float] = (500.0, math.inf), fit_tilt: bool = False,
+                   fit_thickness: bool = False) -> List[Dict[str, Any]]:
     """Estimate the CTF of a list of :class:`MicrographEntry`; returns a list of result dicts (skipped
     micrographs are left out and passed to ``on_skip(path, message)``). Each dict: ``micrograph``,
     ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``, ``phase_shift_deg``, ``resolution_A``,
@@ -134,7 +148,11 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
     ``avrot`` and ``ctf_image`` (files, with ``psd_dir``, else None),
     ``pixel_size_A`` and ``pixel_size_from`` ("STAR", "command line" for ``defaults``, or "MRC header").
     ``defocus_range_A``: (min, max) defocus (Å): the CNN's U and V are clipped to it and the fit's scan stays
-    in it."""
+    in it. ``fit_tilt``: also ``tilt_angle_deg``, ``tilt_axis_deg`` (:mod:`deepcryo.defocus.tilt`; needs 2 × 2
+    tiles of :data:`deepcryo.defocus.tilt.TILE_PX` px, else the micrograph is skipped). ``fit_thickness``: also
+    ``ice_thickness_A`` (0 = no node seen; never below ``ice_thickness_min_A``, :mod:`deepcryo.defocus.thickness`).
+    Both need the
+    refinement (``refine``)."""
     with _one_thread_on_cpu(device):
         defaults = defaults or {}
         items = []
@@ -150,11 +168,19 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
                 samp = fit_sampling_A(e.pixel_size_A, high_A)
                 if high_A < 2.0 * samp:
                     raise InputError("%s: resolution limit %.2f Å beyond the micrograph's Nyquist" % (e.path, high_A))
-                # both inputs in one pass of validation/normalisation: identical to two compute_psd calls
-                cnn_in, fit_in = compute_psds(mic, e.pixel_size_A, [(CNN_SAMPLINGS_A, CNN_SIZE_PX),
-                                                                    ((samp,), FIT_SIZE_PX)])
-                fit_in = fit_in[:, 0]
-                items.append((e, cnn_in, fit_in, samp, px_source))
+                # all inputs in one pass of validation/normalisation: identical to separate compute_psd calls
+                requests = [(CNN_SAMPLINGS_A, CNN_SIZE_PX), ((samp,), FIT_SIZE_PX)]
+                if fit_thickness and samp != e.pixel_size_A:
+                    requests.append(((e.pixel_size_A,), FIT_SIZE_PX))
+                psds = compute_psds(mic, e.pixel_size_A, requests)
+                cnn_in, fit_in = psds[0], psds[1][:, 0]
+                extras = {}
+                if fit_thickness:
+                    extras["thickness_psd"] = psds[-1][:, 0]
+                if fit_tilt:
+                    extras["tiles"] = tilt_mod.tile_psds(mic, e.pixel_size_A, samp)
+                    extras["field_A"] = (mic.shape[-1] * e.pixel_size_A, mic.shape[-2] * e.pixel_size_A)
+                items.append((e, cnn_in, fit_in, samp, px_source, extras))
             except InputError as exc:
                 if on_skip is None:
                     raise
@@ -173,6 +199,8 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
             by_sampling.setdefault(it[3], []).append(i)
         for samp, idx in by_sampling.items():
             _fit_group(items, idx, samp, cu, cv, ca, results, refine, low_A, high_A, fit_phase, psd_dir, defocus_range_A)
+            for i in idx:
+                results[i].update(_tilt_thickness(items[i], results[i], low_A, high_A))
         return results
 
 
@@ -230,7 +258,38 @@ def _fit_group(items, idx, samp, cu, cv, ca, results, refine, low_A, high_A, fit
             ("cnn_v_A", float(cv[i])), ("cnn_angle_deg", float(ca[i])), ("flagged", bool(flags[j])),
             ("psd", psd_path), ("avrot", avrot_path), ("ctf_image", model_path), ("psd_sampling_A", samp), ("pixel_size_A", e.pixel_size_A),
             ("pixel_size_from", items[i][4]), ("voltage_kV", e.voltage_kV), ("cs_mm", e.cs_mm),
-            ("amplitude_contrast", e.amplitude_contrast)])
+            ("amplitude_contrast", e.amplitude_contrast),
+            ("_fit", (res._z[j:j + 1], res._ax[j:j + 1], res._ay[j:j + 1], res._phase[j:j + 1]))])
+
+
+def _tilt_thickness(item, result, low_A, high_A):
+    """The optional tilt and thickness of one micrograph (``item`` of :func:`estimate_batch`), from its fitted
+    CTF (``result["_fit"]``: z, ax, ay, phase, (1,) tensors, removed here). Returns the result keys to add."""
+    e, samp, extras = item[0], item[3], item[5]
+    z, ax, ay, phase = result.pop("_fit")
+    out = OrderedDict()
+    if "tiles" in extras:
+        tiles, centres = extras["tiles"]
+        fitted = tilt_mod.fit_tilt(tiles, centres, samp, float(z), float(ax), float(ay), float(phase), e.voltage_kV,
+                                   e.cs_mm, e.amplitude_contrast, low_A=low_A, high_A=high_A)
+        out["tilt_angle_deg"], out["tilt_axis_deg"] = fitted["tilt_angle_deg"], fitted["tilt_axis_deg"]
+        gradient = fitted["defocus_gradient"]
+    if "thickness_psd" in extras:
+        psd = extras["thickness_psd"]
+        end = thickness_mod.thickness_band_end_A(e.pixel_size_A, result["defocus_u_A"], e.voltage_kV, psd.shape[-1])
+        acq = [torch.tensor([v], dtype=torch.float32, device=psd.device)
+               for v in (e.voltage_kV, e.cs_mm, e.amplitude_contrast)]
+        fit = fit_mod.FitResult(z, ax, ay, phase, torch.zeros_like(z))
+        # a tilt spreads the defocus over the micrograph: the slab model is averaged over that spread, else the
+        # tilt's height range reads as thickness (CTFFIND5 fits the thickness on a tilt-corrected spectrum)
+        spread = None
+        if "tiles" in extras and all(math.isfinite(g) for g in gradient):
+            spread = thickness_mod.tilt_defocus_spread(gradient, *extras["field_A"])
+        thick, _ = thickness_mod.fit_thickness(psd, e.pixel_size_A, fit, acq, low_A=low_A, high_A=end,
+                                               defocus_spread=spread)
+        out["ice_thickness_A"] = float(thick[0])
+        out["ice_thickness_min_A"] = thickness_mod.min_thickness_A(e.voltage_kV, end)
+    return out
 
 
 def fitted_ctf2(size_px: int, sampling_A: float, result: fit_mod.FitResult, index: int,
@@ -260,7 +319,7 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
     rlnMicrographPixelSize/rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast and deepcryo's
     dcCtfAvrot (the micrograph's :func:`write_avrot` file), dcCtfModelImage (its :func:`fitted_ctf2` MRC),
     dcDefocusSigma (standard error of the mean defocus, Å), dcCnnDefocusU/V/Angle and dcCtfFlagged (1 = CNN
-    and fit disagree)."""
+    and fit disagree); with the tilt and thickness fits, the columns of :data:`STAR_EXTRAS`."""
     def col(key, dtype=np.float64):
         return np.array([r[key] for r in results], dtype=dtype)
 
@@ -282,17 +341,25 @@ def write_ctf_star(path: str, results: Sequence[Dict[str, Any]], with_phase: boo
     cols["dcCnnDefocusV"] = col("cnn_v_A")
     cols["dcCnnDefocusAngle"] = col("cnn_angle_deg")
     cols["dcCtfFlagged"] = np.array([int(r["flagged"]) for r in results], dtype=np.int64)
+    for key, column in STAR_EXTRAS.items():
+        if all(key in r for r in results):
+            cols[column] = col(key)
     write_star(path, OrderedDict([("micrographs", cols)]))
 
 
 def predict(spec: str, output: str, model_path: Optional[str] = None, refine: bool = True, low_A: float = 30.0,
             high_A: float = 5.0, fit_phase: bool = False, batch_size: int = 8, device: Union[str, torch.device] = "cpu",
             defaults: Optional[Dict[str, float]] = None,
-            defocus_range_A: Tuple[float, float] = (500.0, math.inf)) -> List[Dict[str, Any]]:
+            defocus_range_A: Tuple[float, float] = (500.0, math.inf), fit_tilt: bool = False,
+            fit_thickness: bool = False) -> List[Dict[str, Any]]:
     """Whole program: micrographs (glob or STAR) → ``output`` STAR (+ PSDs in ``<output stem>_psd/``).
 
-    Returns the list of result dicts. Raises InputError when no micrograph could be processed.
+    Returns the list of result dicts. Raises InputError when no micrograph could be processed, or when the tilt
+    or thickness fit is asked for without the refinement.
     """
+    if (fit_tilt or fit_thickness) and not refine:
+        raise InputError("the tilt and thickness fits start from the refined CTF: they need the refinement "
+                         "(drop --no-refine)")
     entries = list_micrographs(spec)
     model, _ = model_mod.load_model(model_path, device=device)
     psd_dir = os.path.splitext(os.path.abspath(output))[0] + "_psd"
@@ -306,7 +373,8 @@ def predict(spec: str, output: str, model_path: Optional[str] = None, refine: bo
 
     for i in range(0, len(entries), batch_size):
         results += estimate_batch(entries[i:i + batch_size], model, refine, low_A, high_A, fit_phase, device,
-                                  psd_dir, defaults, on_skip=on_skip, defocus_range_A=defocus_range_A)
+                                  psd_dir, defaults, on_skip=on_skip, defocus_range_A=defocus_range_A,
+                                  fit_tilt=fit_tilt, fit_thickness=fit_thickness)
         logger.info("%d/%d micrographs", min(i + batch_size, len(entries)), len(entries))
     for (px, source), n in Counter((r["pixel_size_A"], r["pixel_size_from"]) for r in results).items():
         logger.info("pixel size %.4f Å/px (%s): %d micrograph%s", px, source, n, "s" * (n != 1))

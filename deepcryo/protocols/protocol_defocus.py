@@ -79,6 +79,20 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
         line.addParam("maxDefocus", params.FloatParam, default=0.0, label="Max")
         form.addParam("fitPhaseShift", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                       label="Fit a phase shift?", help="For phase-plate data.")
+        form.addParam("fitTilt", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
+                      condition="doRefine", label="Estimate the specimen tilt?",
+                      help="As CTFFIND5: the defocus of 512 px tiles, fitted as a plane over the micrograph, gives "
+                           "the tilt angle and axis (degrees; CTFFIND5's convention: the defocus grows along "
+                           "(sin axis, cos axis)), stored as _deepcryo_tiltAngle and _deepcryo_tiltAxis. For "
+                           "lamellae and tilted specimens; micrographs under 1024 px are skipped.")
+        form.addParam("fitThickness", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
+                      condition="doRefine", label="Estimate the ice thickness?",
+                      help="As CTFFIND5: the Thon rings fade and come back inverted at 'thickness nodes' whose "
+                           "frequencies give the thickness of the specimen (Å, _deepcryo_iceThickness; "
+                           "rlnCtfIceThickness in the STAR). Measured up to near Nyquist; 0 means no node was seen "
+                           "(thinner than _deepcryo_iceThicknessMin, or rings too weak beyond it). On a tilted "
+                           "specimen estimate the tilt too: its defocus range is then taken out, else it reads as "
+                           "thickness. For thick specimens (lamellae); see benchmarks/RESULTS.md.")
         addGpuParams(form, gpuHelp="The GPU to use, e.g. 0.",
                      useGpuHelp="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
         self._defineStreamingParams(form)
@@ -119,6 +133,10 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
             args.append("--no-refine")
         if self.fitPhaseShift:
             args.append("--phase-shift")
+        if self.doRefine and self.fitTilt:
+            args.append("--fit-tilt")
+        if self.doRefine and self.fitThickness:
+            args.append("--fit-thickness")
         if self.trainedModel.get() is not None:
             args += ["--model", self.trainedModel.get().getFileName()]
         try:
@@ -191,6 +209,12 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
             text += (", refined by fitting the 2D CTF (defocus U and V, astigmatism angle%s) to the PSD between "
                      "%.1f and %.1f Å" % (" and phase shift" if self.fitPhaseShift else "", self.lowRes.get(),
                                           self.highRes.get()))
+        extras = [name for name, on in (("the specimen tilt from the defocus of tiles", self.fitTilt),
+                                         ("the ice thickness from the Thon rings' nodes", self.fitThickness))
+                  if self.doRefine and on]
+        if extras:
+            text += ("; %s %s estimated as in CTFFIND5 (Elferich et al. 2024, eLife 13:RP97227)"
+                     % (" and ".join(extras), "were" if len(extras) > 1 else "was"))
         text += (". The output %s holds, for each micrograph, the defocus, the fit resolution and a figure of "
                  "merit (correlation of the PSD with the CTF²)." % self.getObjectTag(OUTPUT_CTF))
         return [text]

@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 from pyworkflow.viewer import DESKTOP_TKINTER, Viewer  # noqa: E402
 
 from deepcryo.core.mrc import read_mrc, read_mrc_header  # noqa: E402
-from deepcryo.convert import CTF_AVROT_ATTR, CTF_MODEL_IMAGE_ATTR, CTF_SIGMA_ATTR  # noqa: E402
+from deepcryo.convert import (CTF_AVROT_ATTR, CTF_MODEL_IMAGE_ATTR, CTF_SIGMA_ATTR, CTF_THICKNESS_ATTR,  # noqa: E402
+                              CTF_TILT_ANGLE_ATTR)
 from deepcryo.protocols.protocol_defocus import FLAG_ATTR, DeepCryoProtDeepDefocus  # noqa: E402
 
 
@@ -59,13 +60,40 @@ def plot_rotational_average(ax, rows):
     ax.legend(fontsize=7, loc="lower left")
 
 
+def plot_tilt_thickness(ax, records):
+    """Specimen tilt angle (degrees) and ice thickness (Å, right axis) per micrograph on ``ax``, from the records'
+    optional ``tilt_angle_deg`` / ``ice_thickness_A`` (``--fit-tilt`` / ``--fit-thickness``); the panel is left
+    empty when neither was fitted."""
+    idx = np.arange(len(records))
+    tilt = np.array([r.get("tilt_angle_deg", np.nan) for r in records], dtype=float)
+    thick = np.array([r.get("ice_thickness_A", np.nan) for r in records], dtype=float)
+    if not (np.isfinite(tilt).any() or np.isfinite(thick).any()):
+        ax.axis("off")
+        return
+    handles = []
+    if np.isfinite(thick).any():
+        ax2 = ax.twinx() if np.isfinite(tilt).any() else ax
+        handles.append(ax2.bar(idx, np.nan_to_num(thick), width=0.5, alpha=0.4, color="C3",
+                               label="ice thickness (Å; 0 = no node seen)"))
+        ax2.set_ylabel("ice thickness (Å)")
+    if np.isfinite(tilt).any():  # the line over the bars
+        handles += ax.plot(idx, tilt, "o-", ms=4, color="C2", label="tilt angle (°)")
+        ax.set_ylabel("tilt angle (°)")
+        ax.set_zorder(2)
+        ax.patch.set_visible(False)
+    ax.set_xlabel("micrograph")
+    ax.legend(handles=handles, fontsize=8)
+    ax.set_title("specimen tilt and thickness (CTFFIND5-style)", fontsize=9)
+
+
 def plot_defocus_summary(records, path=None):
     """Four panels from ``records`` (dicts with micrograph, defocus_u_A, defocus_v_A, defocus_angle_deg,
     resolution_A, flagged, and optionally psd (MRC path), psd_sampling_A, ctf_image (the program's fitted CTF²
     beside the PSD, MRC path), phase_shift_deg, defocus_sigma_A, avrot (``_avrot.txt`` path)): PSD|CTF² (PSD only
     without ctf_image) of the first record and its 1D rotational average with the fitted CTF², U and V per micrograph with
     ±2σ bars (flagged ones marked), histogram of fit resolution, list of flagged micrographs (and the phase
-    shifts when any). Saves to ``path``; returns the figure."""
+    shifts when any), and :func:`plot_tilt_thickness` when the records have a tilt or thickness. Saves to
+    ``path``; returns the figure."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     first = next((r for r in records if r.get("psd")), None)
     ax = axes[0, 0]
@@ -105,7 +133,7 @@ def plot_defocus_summary(records, path=None):
     ax.hist(res[np.isfinite(res)], bins=20)
     ax.set_xlabel("fit resolution (Å)")
     ax.set_ylabel("micrographs")
-    axes[1, 2].axis("off")
+    plot_tilt_thickness(axes[1, 2], records)
     ax = axes[1, 1]
     ax.axis("off")
     names = [r["micrograph"].split("/")[-1] for r, f in zip(records, flagged) if f]
@@ -123,9 +151,11 @@ def plot_defocus_summary(records, path=None):
 def ctf_records(ctfSet):
     """Records for :func:`plot_defocus_summary` from a SetOfCTF of :class:`DeepCryoProtDeepDefocus`."""
     records = []
+    extras = {CTF_TILT_ANGLE_ATTR: "tilt_angle_deg", CTF_THICKNESS_ATTR: "ice_thickness_A"}
     for ctf in ctfSet.iterItems(orderBy="id"):
         psd = ctf.getPsdFile()
         records.append(dict(
+            {key: getattr(ctf, attr).get() for attr, key in extras.items() if hasattr(ctf, attr)},
             micrograph=ctf.getMicrograph().getFileName() if ctf.getMicrograph() else str(ctf.getObjId()),
             defocus_u_A=ctf.getDefocusU(), defocus_v_A=ctf.getDefocusV(), defocus_angle_deg=ctf.getDefocusAngle(),
             resolution_A=ctf.getResolution(), phase_shift_deg=ctf.getPhaseShift() or 0.0,

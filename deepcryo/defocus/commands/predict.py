@@ -19,6 +19,10 @@ Example::
     python -m deepcryo.defocus predict --micrographs micrographs.star --output ctf.star --no-refine \\
         --model my_model.pt --device cuda
 
+    # also the specimen's tilt (angle, axis) and ice thickness, as CTFFIND5 (lamellae, tilted or thick specimens)
+    python -m deepcryo.defocus predict --micrographs 'mics/*.mrc' --pixel-size 1.5 --voltage 300 --cs 2.7 \
+        --amplitude-contrast 0.07 --fit-tilt --fit-thickness --output ctf.star
+
 A single unusable micrograph among others is reported ("skipped ...", on stderr) and the others go on.
 """
 import logging
@@ -43,6 +47,13 @@ def add_args(parser):
     parser.add_argument("--defocus-min", type=float, default=500.0, help="smallest defocus searched, Å")
     parser.add_argument("--defocus-max", type=float, default=float("inf"),
                         help="largest defocus searched, Å (default: no limit); the CNN's guess is clipped to the range")
+    parser.add_argument("--fit-tilt", action="store_true",
+                        help="also fit the specimen's tilt angle and axis (degrees, CTFFIND5's convention) from the "
+                             "defoci of 512 px tiles: STAR columns dcCtfTiltAngle, dcCtfTiltAxis (needs >= 1024 px)")
+    parser.add_argument("--fit-thickness", action="store_true",
+                        help="also fit the specimen's thickness (Å) from the Thon rings' nodes: STAR columns "
+                             "rlnCtfIceThickness (0 = no node seen: thinner than dcCtfIceThicknessMin, or rings too "
+                             "weak beyond the first node; see benchmarks/RESULTS.md)")
     parser.add_argument("--model", help="weight file (default: the shipped weights)")
     parser.add_argument("--batch-size", type=int, default=8, help="micrographs per batch")
     cli.add_device_argument(parser)
@@ -57,11 +68,14 @@ def main(args):
         raise InputError("need 0 < --defocus-min < --defocus-max (Å)")
     if args.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
+    if args.no_refine and (args.fit_tilt or args.fit_thickness):
+        raise InputError("--fit-tilt and --fit-thickness start from the refined CTF: drop --no-refine")
     defaults = dict(pixel_size_A=args.pixel_size, voltage_kV=args.voltage, cs_mm=args.cs,
                     amplitude_contrast=args.amplitude_contrast)
     results = predict.predict(args.micrographs, args.output, args.model, refine=not args.no_refine,
                               low_A=args.low_resolution, high_A=args.high_resolution, fit_phase=args.phase_shift,
                               batch_size=args.batch_size, device=args.device, defaults=defaults,
-                              defocus_range_A=(args.defocus_min, args.defocus_max))
+                              defocus_range_A=(args.defocus_min, args.defocus_max), fit_tilt=args.fit_tilt,
+                              fit_thickness=args.fit_thickness)
     flagged = sum(r["flagged"] for r in results)
     logger.info("wrote %s (%d micrographs, %d flagged)", args.output, len(results), flagged)
