@@ -66,6 +66,7 @@ import glob
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -74,13 +75,15 @@ import numpy as np
 import torch
 
 from deepcryo.core.fourier import resize_volume
-from deepcryo.core.mrc import read_mrc
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles
 from deepcryo.landscape import metrics
 from deepcryo.tests.relion_data import RenderSpec, render
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import landscape as pairwise  # noqa: E402  (benchmarks/landscape.py, a sibling benchmark module)
 from landscape import timed_commands  # noqa: E402
+from landscape_path import image_keys, pose_errors_deg, state_aligned_errors_deg  # noqa: E402
 
 logger = logging.getLogger("landscape_cryobench")
 
@@ -91,22 +94,27 @@ def _read_volumes(paths):
     return np.stack([read_mrc(p)[0] for p in paths]).astype(np.float64)
 
 
-def run_deepcryo(star, conformation, out, args):
-    """Train on ``star`` (true poses), decode at each conformation's mean latent; (volumes, latents, wall, CPU)."""
-    wall, cpu, z, _ = pairwise.run_deepcryo(star, out, args)
+def run_deepcryo(star, conformation_of, out, args):
+    """Train on ``star`` (its poses: true or estimated), decode at each conformation's mean latent; (volumes,
+    latents, conformation of each latent, wall, CPU). ``conformation_of``: image key -> true conformation (the
+    estimated STAR need not keep the rendered order)."""
+    wall, cpu, z, trained = pairwise.run_deepcryo(star, out, args)
+    conformation = np.array([conformation_of[k] for k in image_keys(trained)])
     zfile = os.path.join(out, "conformation_means.txt")
     np.savetxt(zfile, metrics.conformation_means(z, conformation))
     vols = os.path.join(out, "volumes")
     w, c = timed_commands([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", vols,
                             "--zfile", zfile, "--threads", str(args.threads)]])
-    return _read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))), z, wall + w, cpu + c
+    return _read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))), z, conformation, wall + w, cpu + c
 
 
-def run_cryodrgn(star, conformation, out, args):
+def run_cryodrgn(star, conformation_of, out, args):
     """cryoDRGN 4.3.1 from the same STAR and stack (``benchmarks/landscape.py``'s downsample, parse and
     ``train_vae``, networks ``--cryodrgn-dim`` wide), then ``eval_vol`` at each conformation's mean latent;
-    (volumes, latents, wall, CPU)."""
+    (volumes, latents, conformation of each latent, wall, CPU). ``star`` is the rendered one (cryoDRGN reads its
+    whole stack in order)."""
     wall, cpu, z, _ = pairwise.run_cryodrgn(star, out, args, dim=args.cryodrgn_dim)
+    conformation = np.array([conformation_of[k] for k in image_keys(read_particles(star, require_images=False))])
     train_dir = os.path.join(out, "train")
     zfile = os.path.join(out, "conformation_means.txt")
     np.savetxt(zfile, metrics.conformation_means(z, conformation))
@@ -115,18 +123,18 @@ def run_cryodrgn(star, conformation, out, args):
                             os.path.join(train_dir, "config.yaml"), "--zfile", zfile, "-o", vols,
                             "--Apix", repr(args.pixel_size * args.box / args.work_box)]],
                           env=pairwise.cryodrgn_environ(args))
-    return _read_volumes(sorted(glob.glob(os.path.join(vols, "*.mrc")))), z, wall + w, cpu + c
+    return _read_volumes(sorted(glob.glob(os.path.join(vols, "*.mrc")))), z, conformation, wall + w, cpu + c
 
 
 def run_consensus(star, n_conformations, out, args):
-    """Direct Fourier inversion of all particles with the true poses, cropped to the working box, once per
-    conformation; (volumes, None, wall, CPU)."""
+    """Direct Fourier inversion of all particles at the poses of ``star``, cropped to the working box, once per
+    conformation; (volumes, None, None, wall, CPU)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "consensus.mrc")
     wall, cpu = timed_commands([[sys.executable, "-m", "deepcryo.core.reconstruct", "--particles", star, "--output", path,
                          "--threads", str(args.threads)]])
     vol = resize_volume(torch.as_tensor(read_mrc(path)[0]), args.work_box).numpy()
-    return np.repeat(vol[None].astype(np.float64), n_conformations, 0), None, wall, cpu
+    return np.repeat(vol[None].astype(np.float64), n_conformations, 0), None, None, wall, cpu
 
 
 def mirrored(volumes: np.ndarray) -> np.ndarray:
@@ -144,6 +152,60 @@ def score(volumes, truths, masks):
     return best
 
 
+def alignment_mask(volumes: np.ndarray) -> np.ndarray:
+    """The particle without its moving region, (N, N, N) in [0, 1], from the true maps (K, N, N, N) at the particle
+    box: the whole-particle sphere times one minus the moving mask of :func:`metrics.scoring_masks`. As a SwiftRes
+    ``--mask``, the references are masked by it, so the particles are aligned on the part that does not move (what a
+    user draws around the rigid body in RELION's focused refinement)."""
+    masks = metrics.scoring_masks(volumes)
+    return masks["whole"] - masks["moving"]
+
+
+def swiftres_name(args):
+    """Folder suffix of one SwiftRes setting (``--align-mask``, ``--swiftres-extra``)."""
+    extra = "".join(c if c.isalnum() else "_" for c in args.swiftres_extra.replace("--", "")).strip("_")
+    return "swiftres" + ("_static" if args.align_mask == "static" else "") + ("_" + extra if extra else "")
+
+
+def run_swiftres(data, out, args):
+    """``python -m deepcryo.swiftalign refine`` of the unaligned particles (their true poses are not read) from the
+    middle conformation's map low-passed to 30 Å, as benchmarks/landscape_path.py from one state's map; reused when
+    ``out`` holds a finished run. (STAR path, wall, CPU)."""
+    star, record = os.path.join(out, "particles.star"), os.path.join(out, "time_s.json")
+    if not os.path.exists(record):
+        os.makedirs(out, exist_ok=True)
+        cmd = [sys.executable, "-m", "deepcryo.swiftalign", "refine", "--particles", data.star,
+               "--reference", data.volume_paths[len(data.volume_paths) // 2], "--initial-resolution", "30",
+               "--output-dir", out, "--threads", str(args.threads), "--seed", str(args.seed)]
+        if args.align_mask == "static":
+            mask = os.path.join(out, "static_mask.mrc")
+            write_mrc(mask, alignment_mask(np.stack(data.volumes)).astype(np.float32), args.pixel_size)
+            cmd += ["--mask", mask]
+        wall, cpu = timed_commands([cmd + shlex.split(args.swiftres_extra)])
+        with open(record, "w") as f:
+            json.dump([wall, cpu], f)
+    with open(record) as f:
+        wall, cpu = json.load(f)
+    return star, wall, cpu
+
+
+def pose_figures(star_path, truth, conformation_of):
+    """SwiftRes's pose error against the truth: median and % beyond 10°, raw and after the best rotation of each
+    conformation's frame (:func:`landscape_path.state_aligned_errors_deg`), overall and per conformation."""
+    star = read_particles(star_path, require_images=False)
+    keys = image_keys(truth)
+    truth_by_key = dict(zip(keys, truth.angles_deg()))
+    raw = pose_errors_deg(star, truth_by_key)
+    aligned = state_aligned_errors_deg(star, truth_by_key, conformation_of)
+    conformation = np.array([conformation_of[k] for k in image_keys(star)])
+    per = [(float(np.median(raw[conformation == k])), float(np.median(aligned[conformation == k])))
+           for k in range(int(conformation.max()) + 1)]
+    return {"median_deg": float(np.median(raw)), "pct_over_10": 100 * float(np.mean(raw > 10)),
+            "aligned_median_deg": float(np.median(aligned)), "aligned_pct_over_10": 100 * float(np.mean(aligned > 10)),
+            "per_conformation_median_deg": [p[0] for p in per],
+            "per_conformation_aligned_median_deg": [p[1] for p in per]}
+
+
 def run_set(kind, args, work):
     """Render one set, run every method on it and score it; the set's JSON entry."""
     states = args.conformations if kind == "motion" else args.states
@@ -153,37 +215,64 @@ def run_set(kind, args, work):
     data = render(os.path.join(work, kind, "data"), spec)
     logger.info("%s: rendered %d particles of %d conformations by relion_project in %.0f s (SNR %.3f)", kind,
                 args.n, states, time.time() - t0, data.snr)
-    conformation = np.asarray(data.truth.particles["rlnClassNumber"]) - 1
+    truth = read_particles(data.star)
+    conformation_of = dict(zip(image_keys(truth), np.asarray(truth.particles["rlnClassNumber"]) - 1))
     truths = np.stack([resize_volume(torch.as_tensor(v), args.work_box).numpy() for v in data.volumes])
     masks = metrics.scoring_masks(truths)
-    methods = [("deepcryo", run_deepcryo)]
-    if args.cryodrgn:
-        methods.append(("cryoDRGN", run_cryodrgn))
     entry = {"spec": dict(vars(spec)), "work_box": args.work_box, "snr_measured": data.snr, "moving_mask_fraction":
              float(masks["moving"].mean()), "methods": {}}
-    for name, run in methods + [("consensus", None)]:
-        out = os.path.join(work, kind, name)
+    runs = []    # (name, poses, STAR, method, CPU s of the poses)
+    if "true" in args.poses:
+        runs.append(("deepcryo", "true", data.star, run_deepcryo, 0.0))
+        if args.cryodrgn:
+            runs.append(("cryoDRGN", "true", data.star, run_cryodrgn, 0.0))
+        runs.append(("consensus", "true", data.star, None, 0.0))
+    if "estimated" in args.poses:
+        name = swiftres_name(args)
+        star, wall, cpu = run_swiftres(data, os.path.join(work, kind, name), args)
+        entry["swiftres"] = dict(pose_figures(star, truth, conformation_of), folder=name, wall_s=wall, cpu_s=cpu)
+        logger.info("%s %s: pose error median %.2f°, %.1f %% > 10°; %.0f CPU s", kind, name,
+                    entry["swiftres"]["median_deg"], entry["swiftres"]["pct_over_10"], cpu)
+        runs += [("deepcryo", "estimated", star, run_deepcryo, cpu), ("consensus", "estimated", star, None, cpu)]
+    for name, poses, star, run, pose_cpu in runs:
+        label = name if poses == "true" else "%s, %s poses" % (name, entry["swiftres"]["folder"])
+        out = os.path.join(work, kind, name if poses == "true" else name + "_" + entry["swiftres"]["folder"])
         t0 = time.time()
         if run is None:
-            vols, z, wall, cpu = run_consensus(data.star, states, out, args)
+            vols, z, conformation, wall, cpu = run_consensus(star, states, out, args)
         else:
-            vols, z, wall, cpu = run(data.star, conformation, out, args)
+            vols, z, conformation, wall, cpu = run(star, conformation_of, out, args)
         hand, aucs = score(vols, truths, masks)
-        result = {"auc_whole": float(aucs["whole"].mean()), "auc_moving": float(aucs["moving"].mean()),
+        result = {"poses": poses, "auc_whole": float(aucs["whole"].mean()), "auc_moving": float(aucs["moving"].mean()),
                   "auc_whole_per_conformation": aucs["whole"].tolist(),
-                  "auc_moving_per_conformation": aucs["moving"].tolist(), "hand": hand, "wall_s": wall, "cpu_s": cpu}
+                  "auc_moving_per_conformation": aucs["moving"].tolist(), "hand": hand, "wall_s": wall,
+                  "cpu_s": cpu + pose_cpu, "pose_cpu_s": pose_cpu}
         if z is not None:
             key, value = (("rho", metrics.hinge_rho(z, conformation)) if kind == "motion"
                           else ("ari", metrics.state_ari(z, conformation)))
             result[key] = value
-        entry["methods"][name] = result
-        logger.info("%s %s: %.0f s wall, %s", kind, name, time.time() - t0, json.dumps(
+        entry["methods"][label] = result
+        logger.info("%s %s: %.0f s wall, %s", kind, label, time.time() - t0, json.dumps(
             {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}))
     return entry
 
 
+SCORES = ("auc_whole", "auc_moving", "rho", "ari")
+
+
+def ratios(entry):
+    """Each score of deepcryo and of the consensus on estimated poses over the same on the true poses."""
+    methods = entry["methods"]
+    out = {}
+    for name in ("deepcryo", "consensus"):
+        est = [r for label, r in methods.items() if label.startswith(name + ", ") and r["poses"] == "estimated"]
+        if name in methods and est:
+            out[name] = {k: est[0][k] / methods[name][k] for k in SCORES if k in est[0] and methods[name][k]}
+    return out
+
+
 def table(kind, entry):
-    """The set's markdown table."""
+    """The set's markdown table, the estimated/true ratios and SwiftRes's pose error."""
     key, label = ("rho", "\\|ρ\\| PC1 vs conformation") if kind == "motion" else ("ari", "ARI")
     spec = entry["spec"]
     lines = ["%s: %d particles, %d conformations, box %d scored at %d, SNR %.3g, moving region %.1f %% of the box" % (
@@ -192,8 +281,19 @@ def table(kind, entry):
              "| method | FSC-AUC whole | FSC-AUC moving | %s | CPU s |" % label, "|---|---|---|---|---|"]
     for name, r in entry["methods"].items():
         ordering = "%.3f" % r[key] if key in r else "—"
-        lines.append("| %s | %.3f | %.3f | %s | %.0f |" % (name, r["auc_whole"], r["auc_moving"], ordering,
-                                                           r["cpu_s"]))
+        cpu = "%.0f" % r["cpu_s"] + (" (poses %.0f)" % r["pose_cpu_s"] if r.get("pose_cpu_s") else "")
+        lines.append("| %s | %.3f | %.3f | %s | %s |" % (name, r["auc_whole"], r["auc_moving"], ordering, cpu))
+    for name, ratio in ratios(entry).items():
+        lines.append("| %s: estimated / true | %s | %s | %s | |" % (name, *(
+            "%.3f" % ratio[k] if k in ratio else "—" for k in ("auc_whole", "auc_moving", key))))
+    if "swiftres" in entry:
+        p = entry["swiftres"]
+        lines += ["", "%s pose error: median %.2f°, %.1f %% > 10°; after each conformation's best rotation %.2f°, "
+                  "%.1f %% > 10°" % (p["folder"], p["median_deg"], p["pct_over_10"], p["aligned_median_deg"],
+                                      p["aligned_pct_over_10"]),
+                  "per conformation, median (aligned): " + ", ".join(
+                      "%.1f (%.1f)" % pair for pair in zip(p["per_conformation_median_deg"],
+                                                           p["per_conformation_aligned_median_deg"]))]
     return "\n".join(lines)
 
 
@@ -215,6 +315,11 @@ def main(argv=None):
     p.add_argument("--cryodrgn", default=None, help="cryodrgn executable of its own virtual environment")
     p.add_argument("--cryodrgn-dim", type=int, default=1024, help="width of cryoDRGN's 3-layer encoder and decoder")
     p.add_argument("--sets", default=",".join(SETS), help="comma-separated: " + ", ".join(SETS))
+    p.add_argument("--poses", default="true", choices=("true", "estimated", "true,estimated"),
+                   help="train on the true poses, on SwiftRes's poses of the unaligned particles, or both")
+    p.add_argument("--align-mask", default="sphere", choices=("sphere", "static"),
+                   help="SwiftRes mask: its soft sphere, or the particle without the true moving region")
+    p.add_argument("--swiftres-extra", default="", help="more options of swiftalign refine (one string)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="output JSON (default <workdir>/cryobench.json)")
     args = p.parse_args(argv)
