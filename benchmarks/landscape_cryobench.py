@@ -19,6 +19,15 @@ Each method runs on the true poses and CTF of the same STAR and stack:
 - ``consensus``: ``python -m deepcryo.core.reconstruct`` of all particles with the true poses, the floor: a
   method that does not beat it inside the moving region has not recovered the motion.
 
+With ``--poses true,estimated`` (or ``estimated``), the user's path as well: the particles' poses are not read but
+estimated by SwiftRes (``python -m deepcryo.swiftalign refine`` from the middle conformation's map low-passed to
+30 Å, as ``benchmarks/landscape_path.py`` from one state's map; ``--align-mask static`` masks the true moving region
+out of its references, ``--swiftres-extra`` passes more of its options), then deepcryo and the consensus run on
+those poses; the table adds each score's ratio to the same method's on the true poses and SwiftRes's pose error
+against the truth (median and % beyond 10°, raw and after each conformation's best rotation of its frame, also per
+conformation). ``--two-pass K`` then runs landscape_path's heterogeneity-aware consensus: SwiftRes again with the K
+cluster maps of ``analyze`` on that VAE as references (15 Å, one class each) and the VAE on its poses.
+
 Scores, as CryoBench (Jeon et al. 2024, arXiv:2408.05526) scores methods, at the working box ``--work-box`` (the
 true maps and the consensus are Fourier-cropped to it):
 
@@ -56,6 +65,11 @@ per-conformation score. Validation size (see benchmarks/RESULTS.md)::
     python benchmarks/landscape_cryobench.py --n 2000 --box 64 --work-box 32 --epochs 8 --snr 0.1 \\
         --cryodrgn /tmp/cdrgn/bin/cryodrgn --cryodrgn-dim 256
 
+From estimated poses at the issue's 4 000-particle, 20-epoch size::
+
+    python benchmarks/landscape_cryobench.py --n 4000 --box 64 --work-box 32 --epochs 20 --snr 0.1 \\
+        --poses true,estimated --threads 1
+
 The issue's size (≥ 20 k particles, SNR 0.1 and 0.01)::
 
     python benchmarks/landscape_cryobench.py --n 20000 --box 128 --work-box 64 --epochs 20 --snr 0.01 \\
@@ -83,7 +97,7 @@ from deepcryo.tests.relion_data import RenderSpec, render
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import landscape as pairwise  # noqa: E402  (benchmarks/landscape.py, a sibling benchmark module)
 from landscape import timed_commands  # noqa: E402
-from landscape_path import image_keys, pose_errors_deg, state_aligned_errors_deg  # noqa: E402
+from landscape_path import cluster_references, image_keys, pose_errors_deg, state_aligned_errors_deg  # noqa: E402,E501
 
 logger = logging.getLogger("landscape_cryobench")
 
@@ -162,21 +176,24 @@ def alignment_mask(volumes: np.ndarray) -> np.ndarray:
 
 
 def swiftres_name(args):
-    """Folder suffix of one SwiftRes setting (``--align-mask``, ``--swiftres-extra``)."""
+    """Folder of one SwiftRes setting (``--align-mask``, ``--swiftres-extra``)."""
     extra = "".join(c if c.isalnum() else "_" for c in args.swiftres_extra.replace("--", "")).strip("_")
     return "swiftres" + ("_static" if args.align_mask == "static" else "") + ("_" + extra if extra else "")
 
 
-def run_swiftres(data, out, args):
-    """``python -m deepcryo.swiftalign refine`` of the unaligned particles (their true poses are not read) from the
-    middle conformation's map low-passed to 30 Å, as benchmarks/landscape_path.py from one state's map; reused when
-    ``out`` holds a finished run. (STAR path, wall, CPU)."""
+def run_swiftres(data, out, args, references=None):
+    """``python -m deepcryo.swiftalign refine`` of the unaligned particles (their true poses are not read); reused
+    when ``out`` holds a finished run. Without ``references``, from the middle conformation's map low-passed to
+    30 Å (as benchmarks/landscape_path.py from one state's map); with them (the second pass), one class each from
+    15 Å and the same mask, as landscape_path's ``--two-pass``. (STAR path, wall, CPU)."""
     star, record = os.path.join(out, "particles.star"), os.path.join(out, "time_s.json")
     if not os.path.exists(record):
         os.makedirs(out, exist_ok=True)
-        cmd = [sys.executable, "-m", "deepcryo.swiftalign", "refine", "--particles", data.star,
-               "--reference", data.volume_paths[len(data.volume_paths) // 2], "--initial-resolution", "30",
-               "--output-dir", out, "--threads", str(args.threads), "--seed", str(args.seed)]
+        refs, resolution = ((references, "15") if references else
+                            ([data.volume_paths[len(data.volume_paths) // 2]], "30"))
+        cmd = [sys.executable, "-m", "deepcryo.swiftalign", "refine", "--particles", data.star, "--reference", *refs,
+               "--initial-resolution", resolution, "--output-dir", out, "--threads", str(args.threads),
+               "--seed", str(args.seed)]
         if args.align_mask == "static":
             mask = os.path.join(out, "static_mask.mrc")
             write_mrc(mask, alignment_mask(np.stack(data.volumes)).astype(np.float32), args.pixel_size)
@@ -187,6 +204,17 @@ def run_swiftres(data, out, args):
     with open(record) as f:
         wall, cpu = json.load(f)
     return star, wall, cpu
+
+
+def second_pass_references(vae_dir, data, args):
+    """``analyze --clusters K`` (K = ``--two-pass``) of the VAE trained on the first SwiftRes poses, its K cluster
+    reconstructions brought to the particle box (landscape_path's ``cluster_references``); (paths, wall, CPU)."""
+    wall, cpu = timed_commands([[sys.executable, "-m", "deepcryo.landscape", "analyze", vae_dir, "--clusters",
+                                 str(args.two_pass), "--no-umap", "--trajectory-steps", "2", "--pcs", "1",
+                                 "--threads", str(args.threads), "--seed", str(args.seed)]])
+    refs = cluster_references(os.path.join(vae_dir, "analysis"), args.box, args.pixel_size,
+                              os.path.join(vae_dir, "classes"), clusters=args.two_pass)
+    return refs, wall, cpu
 
 
 def pose_figures(star_path, truth, conformation_of):
@@ -221,22 +249,8 @@ def run_set(kind, args, work):
     masks = metrics.scoring_masks(truths)
     entry = {"spec": dict(vars(spec)), "work_box": args.work_box, "snr_measured": data.snr, "moving_mask_fraction":
              float(masks["moving"].mean()), "methods": {}}
-    runs = []    # (name, poses, STAR, method, CPU s of the poses)
-    if "true" in args.poses:
-        runs.append(("deepcryo", "true", data.star, run_deepcryo, 0.0))
-        if args.cryodrgn:
-            runs.append(("cryoDRGN", "true", data.star, run_cryodrgn, 0.0))
-        runs.append(("consensus", "true", data.star, None, 0.0))
-    if "estimated" in args.poses:
-        name = swiftres_name(args)
-        star, wall, cpu = run_swiftres(data, os.path.join(work, kind, name), args)
-        entry["swiftres"] = dict(pose_figures(star, truth, conformation_of), folder=name, wall_s=wall, cpu_s=cpu)
-        logger.info("%s %s: pose error median %.2f°, %.1f %% > 10°; %.0f CPU s", kind, name,
-                    entry["swiftres"]["median_deg"], entry["swiftres"]["pct_over_10"], cpu)
-        runs += [("deepcryo", "estimated", star, run_deepcryo, cpu), ("consensus", "estimated", star, None, cpu)]
-    for name, poses, star, run, pose_cpu in runs:
-        label = name if poses == "true" else "%s, %s poses" % (name, entry["swiftres"]["folder"])
-        out = os.path.join(work, kind, name if poses == "true" else name + "_" + entry["swiftres"]["folder"])
+
+    def score_run(label, poses, star, run, out, pose_cpu):
         t0 = time.time()
         if run is None:
             vols, z, conformation, wall, cpu = run_consensus(star, states, out, args)
@@ -254,6 +268,31 @@ def run_set(kind, args, work):
         entry["methods"][label] = result
         logger.info("%s %s: %.0f s wall, %s", kind, label, time.time() - t0, json.dumps(
             {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}))
+
+    def estimated(folder, references=None, pose_cpu=0.0):
+        """SwiftRes into ``folder``, its pose error, deepcryo and the consensus on its poses."""
+        star, wall, cpu = run_swiftres(data, os.path.join(work, kind, folder), args, references)
+        figures = dict(pose_figures(star, truth, conformation_of), wall_s=wall, cpu_s=cpu + pose_cpu)
+        entry.setdefault("pose_runs", {})[folder] = figures
+        logger.info("%s %s: pose error median %.2f°, %.1f %% > 10°; %.0f CPU s", kind, folder,
+                    figures["median_deg"], figures["pct_over_10"], cpu)
+        for name, run in (("deepcryo", run_deepcryo), ("consensus", None)):
+            score_run("%s, %s poses" % (name, folder), "estimated", star, run,
+                      os.path.join(work, kind, "%s_%s" % (name, folder)), figures["cpu_s"])
+        return os.path.join(work, kind, "deepcryo_" + folder), figures["cpu_s"]
+
+    if "true" in args.poses:
+        score_run("deepcryo", "true", data.star, run_deepcryo, os.path.join(work, kind, "deepcryo"), 0.0)
+        if args.cryodrgn:
+            score_run("cryoDRGN", "true", data.star, run_cryodrgn, os.path.join(work, kind, "cryoDRGN"), 0.0)
+        score_run("consensus", "true", data.star, None, os.path.join(work, kind, "consensus"), 0.0)
+    if "estimated" in args.poses:
+        folder = swiftres_name(args)
+        vae_dir, pose_cpu = estimated(folder)
+        if args.two_pass:
+            refs, _, cpu = second_pass_references(vae_dir, data, args)
+            vae_cpu = entry["methods"]["deepcryo, %s poses" % folder]["cpu_s"] - pose_cpu
+            estimated("%s_%dclass" % (folder, args.two_pass), refs, pose_cpu + vae_cpu + cpu)
     return entry
 
 
@@ -261,13 +300,13 @@ SCORES = ("auc_whole", "auc_moving", "rho", "ari")
 
 
 def ratios(entry):
-    """Each score of deepcryo and of the consensus on estimated poses over the same on the true poses."""
+    """label -> {score: value / the same method's value on the true poses} for each run on estimated poses."""
     methods = entry["methods"]
     out = {}
-    for name in ("deepcryo", "consensus"):
-        est = [r for label, r in methods.items() if label.startswith(name + ", ") and r["poses"] == "estimated"]
-        if name in methods and est:
-            out[name] = {k: est[0][k] / methods[name][k] for k in SCORES if k in est[0] and methods[name][k]}
+    for label, r in methods.items():
+        true = methods.get(label.split(", ")[0])
+        if r["poses"] == "estimated" and true is not None:
+            out[label] = {k: r[k] / true[k] for k in SCORES if k in r and true.get(k)}
     return out
 
 
@@ -284,12 +323,11 @@ def table(kind, entry):
         cpu = "%.0f" % r["cpu_s"] + (" (poses %.0f)" % r["pose_cpu_s"] if r.get("pose_cpu_s") else "")
         lines.append("| %s | %.3f | %.3f | %s | %s |" % (name, r["auc_whole"], r["auc_moving"], ordering, cpu))
     for name, ratio in ratios(entry).items():
-        lines.append("| %s: estimated / true | %s | %s | %s | |" % (name, *(
+        lines.append("| ratio %s / true poses | %s | %s | %s | |" % (name, *(
             "%.3f" % ratio[k] if k in ratio else "—" for k in ("auc_whole", "auc_moving", key))))
-    if "swiftres" in entry:
-        p = entry["swiftres"]
+    for folder, p in entry.get("pose_runs", {}).items():
         lines += ["", "%s pose error: median %.2f°, %.1f %% > 10°; after each conformation's best rotation %.2f°, "
-                  "%.1f %% > 10°" % (p["folder"], p["median_deg"], p["pct_over_10"], p["aligned_median_deg"],
+                  "%.1f %% > 10°" % (folder, p["median_deg"], p["pct_over_10"], p["aligned_median_deg"],
                                       p["aligned_pct_over_10"]),
                   "per conformation, median (aligned): " + ", ".join(
                       "%.1f (%.1f)" % pair for pair in zip(p["per_conformation_median_deg"],
@@ -320,6 +358,9 @@ def main(argv=None):
     p.add_argument("--align-mask", default="sphere", choices=("sphere", "static"),
                    help="SwiftRes mask: its soft sphere, or the particle without the true moving region")
     p.add_argument("--swiftres-extra", default="", help="more options of swiftalign refine (one string)")
+    p.add_argument("--two-pass", type=int, default=0, metavar="K",
+                   help="then SwiftRes again from the K cluster maps of the VAE on the first poses (one class each), "
+                        "and the VAE on its poses (landscape_path's --two-pass)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="output JSON (default <workdir>/cryobench.json)")
     args = p.parse_args(argv)
