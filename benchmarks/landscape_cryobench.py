@@ -22,7 +22,7 @@ Each method runs on the true poses and CTF of the same STAR and stack:
 With ``--poses true,estimated`` (or ``estimated``), the user's path as well: the particles' poses are not read but
 estimated by SwiftRes (``python -m deepcryo.swiftalign refine`` from the middle conformation's map low-passed to
 30 Å, as ``benchmarks/landscape_path.py`` from one state's map; ``--align-mask static`` masks the true moving region
-out of its references, ``--swiftres-extra`` passes more of its options), then deepcryo and the consensus run on
+out of its references in a local refinement from those poses, ``--swiftres-extra`` passes more of its options), then deepcryo and the consensus run on
 those poses; the table adds each score's ratio to the same method's on the true poses and SwiftRes's pose error
 against the truth (median and % beyond 10°, raw and after each conformation's best rotation of its frame, also per
 conformation). ``--two-pass K`` then runs landscape_path's heterogeneity-aware consensus: SwiftRes again with the K
@@ -182,28 +182,41 @@ def swiftres_name(args):
 
 
 def run_swiftres(data, out, args, references=None):
-    """``python -m deepcryo.swiftalign refine`` of the unaligned particles (their true poses are not read); reused
-    when ``out`` holds a finished run. Without ``references``, from the middle conformation's map low-passed to
-    30 Å (as benchmarks/landscape_path.py from one state's map); with them (the second pass), one class each from
-    15 Å and the same mask, as landscape_path's ``--two-pass``. (STAR path, wall, CPU)."""
+    """``python -m deepcryo.swiftalign refine`` of the unaligned particles; reused when ``out`` holds a finished run.
+    Without ``references``, from the middle conformation's map low-passed to 30 Å (as benchmarks/landscape_path.py
+    from one state's map), one global iteration (the STAR's true poses are not read: a global iteration searches all
+    poses and shifts without priors); with them (the second pass), one class each from 15 Å, global, with its soft
+    sphere, as landscape_path's ``--two-pass``. ``--align-mask static`` first runs the former with its soft sphere (folder ``swiftres``), then a
+    focused refinement from its poses, local only (``--global-iterations 0``), against its consensus map at its
+    resolution masked by :func:`alignment_mask`, as RELION users refine a rigid body after a consensus. (STAR path, wall, CPU: all
+    the SwiftRes runs that made it)."""
     star, record = os.path.join(out, "particles.star"), os.path.join(out, "time_s.json")
+    particles, before = data.star, (0.0, 0.0)
+    if args.align_mask == "static" and not references:
+        particles, *before = run_swiftres(data, os.path.join(os.path.dirname(out), "swiftres"),
+                                          argparse.Namespace(**dict(vars(args), align_mask="sphere")))
     if not os.path.exists(record):
         os.makedirs(out, exist_ok=True)
         refs, resolution = ((references, "15") if references else
                             ([data.volume_paths[len(data.volume_paths) // 2]], "30"))
-        cmd = [sys.executable, "-m", "deepcryo.swiftalign", "refine", "--particles", data.star, "--reference", *refs,
+        if particles != data.star:      # focused: the consensus map and resolution of the sphere run
+            consensus_dir = os.path.dirname(particles)
+            with open(os.path.join(consensus_dir, "model.json")) as f:
+                resolution = repr(json.load(f)["resolution_A"])
+            refs = [os.path.join(consensus_dir, "map.mrc")]
+        cmd = [sys.executable, "-m", "deepcryo.swiftalign", "refine", "--particles", particles, "--reference", *refs,
                "--initial-resolution", resolution, "--output-dir", out, "--threads", str(args.threads),
                "--seed", str(args.seed)]
-        if args.align_mask == "static":
+        if args.align_mask == "static" and not references:
             mask = os.path.join(out, "static_mask.mrc")
             write_mrc(mask, alignment_mask(np.stack(data.volumes)).astype(np.float32), args.pixel_size)
-            cmd += ["--mask", mask]
+            cmd += ["--mask", mask, "--global-iterations", "0"]
         wall, cpu = timed_commands([cmd + shlex.split(args.swiftres_extra)])
         with open(record, "w") as f:
             json.dump([wall, cpu], f)
     with open(record) as f:
         wall, cpu = json.load(f)
-    return star, wall, cpu
+    return star, wall + before[0], cpu + before[1]
 
 
 def second_pass_references(vae_dir, data, args):
@@ -356,7 +369,8 @@ def main(argv=None):
     p.add_argument("--poses", default="true", choices=("true", "estimated", "true,estimated"),
                    help="train on the true poses, on SwiftRes's poses of the unaligned particles, or both")
     p.add_argument("--align-mask", default="sphere", choices=("sphere", "static"),
-                   help="SwiftRes mask: its soft sphere, or the particle without the true moving region")
+                   help="SwiftRes mask: its soft sphere, or (static) a local refinement from those poses against "
+                        "the reference without the true moving region")
     p.add_argument("--swiftres-extra", default="", help="more options of swiftalign refine (one string)")
     p.add_argument("--two-pass", type=int, default=0, metavar="K",
                    help="then SwiftRes again from the K cluster maps of the VAE on the first poses (one class each), "
