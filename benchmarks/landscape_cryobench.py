@@ -89,6 +89,7 @@ import numpy as np
 import torch
 
 from deepcryo.core.fourier import resize_volume
+from deepcryo.core.geometry import euler_to_matrix, rotation_angle_deg
 from deepcryo.core.mrc import read_mrc, write_mrc
 from deepcryo.core.particles import read_particles
 from deepcryo.landscape import metrics
@@ -247,6 +248,34 @@ def pose_figures(star_path, truth, conformation_of):
             "per_conformation_aligned_median_deg": [p[1] for p in per]}
 
 
+def shared_turns(star_path, truth, conformation_of) -> np.ndarray:
+    """(K, 3, 3) the rotation G_k shared by conformation k's estimated poses: A_est ≈ A_true·G_k (the rotation
+    nearest to the mean of A_trueᵀ·A_est over k's particles). SwiftRes aligns every particle to one map, so the
+    particles of a conformation far from it take a common turn of their frame, which the VAE then decodes as a
+    rotated volume."""
+    star = read_particles(star_path, require_images=False)
+    keys = image_keys(truth)
+    truth_by_key = dict(zip(keys, truth.angles_deg()))
+    est = euler_to_matrix(torch.as_tensor(star.angles_deg())).numpy()
+    true = euler_to_matrix(torch.as_tensor(np.stack([truth_by_key[k] for k in image_keys(star)]))).numpy()
+    relative = np.einsum("nji,njk->nik", true, est)
+    conformation = np.array([conformation_of[k] for k in image_keys(star)], dtype=np.int64)
+    return np.stack([metrics._project_so3(relative[conformation == k].sum(0))
+                     for k in range(int(conformation.max()) + 1)])
+
+
+def undo_turn(volume: np.ndarray, turn: np.ndarray) -> np.ndarray:
+    """``volume`` (N, N, N, indexed [z, y, x]) decoded from particles whose poses carry the frame turn ``turn``
+    (A_est = A_true·G), brought back to the true frame: V(x) ← V(Gᵀx) about the box centre N/2 (trilinear).
+    Its projection at A_true then matches the input's at A_true·G."""
+    from scipy.ndimage import affine_transform
+    n = volume.shape[-1]
+    flip = np.eye(3)[::-1]                      # (x, y, z) <-> array axes (z, y, x)
+    matrix = flip @ np.asarray(turn).T @ flip
+    centre = np.full(3, n // 2, dtype=np.float64)
+    return affine_transform(np.asarray(volume, dtype=np.float64), matrix, offset=centre - matrix @ centre, order=1)
+
+
 def run_set(kind, args, work):
     """Render one set, run every method on it and score it; the set's JSON entry."""
     states = args.conformations if kind == "motion" else args.states
@@ -278,6 +307,12 @@ def run_set(kind, args, work):
             key, value = (("rho", metrics.hinge_rho(z, conformation)) if kind == "motion"
                           else ("ari", metrics.state_ari(z, conformation)))
             result[key] = value
+        if poses == "estimated" and run is not None:
+            turns = shared_turns(star, truth, conformation_of)
+            turned = np.stack([undo_turn(v, g) for v, g in zip(vols, turns)])
+            result.update({name + "_turn_out": float(metrics.conformation_fsc_auc(turned, truths, m).mean())
+                           for name, m in (("auc_whole", masks["whole"]), ("auc_moving", masks["moving"]))})
+            result["turn_deg"] = [float(a) for a in rotation_angle_deg(torch.as_tensor(turns)).numpy()]
         entry["methods"][label] = result
         logger.info("%s %s: %.0f s wall, %s", kind, label, time.time() - t0, json.dumps(
             {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}))
@@ -335,6 +370,10 @@ def table(kind, entry):
         ordering = "%.3f" % r[key] if key in r else "—"
         cpu = "%.0f" % r["cpu_s"] + (" (poses %.0f)" % r["pose_cpu_s"] if r.get("pose_cpu_s") else "")
         lines.append("| %s | %.3f | %.3f | %s | %s |" % (name, r["auc_whole"], r["auc_moving"], ordering, cpu))
+    for name, r in entry["methods"].items():
+        if "auc_whole_turn_out" in r:
+            lines.append("| %s, each conformation's shared turn taken out | %.3f | %.3f | | |" % (
+                name, r["auc_whole_turn_out"], r["auc_moving_turn_out"]))
     for name, ratio in ratios(entry).items():
         lines.append("| ratio %s / true poses | %s | %s | %s | |" % (name, *(
             "%.3f" % ratio[k] if k in ratio else "—" for k in ("auc_whole", "auc_moving", key))))
