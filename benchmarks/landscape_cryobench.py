@@ -25,7 +25,9 @@ estimated by SwiftRes (``python -m deepcryo.swiftalign refine`` from the middle 
 out of its references in a local refinement from those poses, ``--swiftres-extra`` passes more of its options), then deepcryo and the consensus run on
 those poses; the table adds each score's ratio to the same method's on the true poses and SwiftRes's pose error
 against the truth (median and % beyond 10°, raw and after each conformation's best rotation of its frame, also per
-conformation). ``--two-pass K`` then runs landscape_path's heterogeneity-aware consensus: SwiftRes again with the K
+conformation), and the VAE's scores after undoing the turn that each conformation's poses share
+(:func:`shared_turns`, :func:`undo_turn`: aligned to one map, a conformation far from it takes a common turn of its
+frame, and its decoded volume is turned with it; see benchmarks/RESULTS.md). ``--two-pass K`` then runs landscape_path's heterogeneity-aware consensus: SwiftRes again with the K
 cluster maps of ``analyze`` on that VAE as references (15 Å, one class each) and the VAE on its poses.
 
 Scores, as CryoBench (Jeon et al. 2024, arXiv:2408.05526) scores methods, at the working box ``--work-box`` (the
