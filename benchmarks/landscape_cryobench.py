@@ -19,6 +19,17 @@ Each method runs on the true poses and CTF of the same STAR and stack:
 - ``consensus``: ``python -m deepcryo.core.reconstruct`` of all particles with the true poses, the floor: a
   method that does not beat it inside the moving region has not recovered the motion.
 
+With ``--poses true,estimated`` (or ``estimated``), the user's path as well: the particles' poses are not read but
+estimated by SwiftRes (``python -m deepcryo.swiftalign refine`` from the middle conformation's map low-passed to
+30 Å, as ``benchmarks/landscape_path.py`` from one state's map; ``--align-mask static`` masks the true moving region
+out of its references in a local refinement from those poses, ``--swiftres-extra`` passes more of its options), then deepcryo and the consensus run on
+those poses; the table adds each score's ratio to the same method's on the true poses and SwiftRes's pose error
+against the truth (median and % beyond 10°, raw and after each conformation's best rotation of its frame, also per
+conformation), and the VAE's scores after undoing the turn that each conformation's poses share
+(:func:`shared_turns`, :func:`undo_turn`: aligned to one map, a conformation far from it takes a common turn of its
+frame, and its decoded volume is turned with it; see benchmarks/RESULTS.md). ``--two-pass K`` then runs landscape_path's heterogeneity-aware consensus: SwiftRes again with the K
+cluster maps of ``analyze`` on that VAE as references (15 Å, one class each) and the VAE on its poses.
+
 Scores, as CryoBench (Jeon et al. 2024, arXiv:2408.05526) scores methods, at the working box ``--work-box`` (the
 true maps and the consensus are Fourier-cropped to it):
 
@@ -56,6 +67,11 @@ per-conformation score. Validation size (see benchmarks/RESULTS.md)::
     python benchmarks/landscape_cryobench.py --n 2000 --box 64 --work-box 32 --epochs 8 --snr 0.1 \\
         --cryodrgn /tmp/cdrgn/bin/cryodrgn --cryodrgn-dim 256
 
+From estimated poses at the issue's 4 000-particle, 20-epoch size::
+
+    python benchmarks/landscape_cryobench.py --n 4000 --box 64 --work-box 32 --epochs 20 --snr 0.1 \\
+        --poses true,estimated --threads 1
+
 The issue's size (≥ 20 k particles, SNR 0.1 and 0.01)::
 
     python benchmarks/landscape_cryobench.py --n 20000 --box 128 --work-box 64 --epochs 20 --snr 0.01 \\
@@ -66,6 +82,7 @@ import glob
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -74,13 +91,16 @@ import numpy as np
 import torch
 
 from deepcryo.core.fourier import resize_volume
-from deepcryo.core.mrc import read_mrc
+from deepcryo.core.geometry import euler_to_matrix, rotation_angle_deg
+from deepcryo.core.mrc import read_mrc, write_mrc
+from deepcryo.core.particles import read_particles
 from deepcryo.landscape import metrics
 from deepcryo.tests.relion_data import RenderSpec, render
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import landscape as pairwise  # noqa: E402  (benchmarks/landscape.py, a sibling benchmark module)
 from landscape import timed_commands  # noqa: E402
+from landscape_path import cluster_references, image_keys, pose_errors_deg, state_aligned_errors_deg  # noqa: E402,E501
 
 logger = logging.getLogger("landscape_cryobench")
 
@@ -91,22 +111,27 @@ def _read_volumes(paths):
     return np.stack([read_mrc(p)[0] for p in paths]).astype(np.float64)
 
 
-def run_deepcryo(star, conformation, out, args):
-    """Train on ``star`` (true poses), decode at each conformation's mean latent; (volumes, latents, wall, CPU)."""
-    wall, cpu, z, _ = pairwise.run_deepcryo(star, out, args)
+def run_deepcryo(star, conformation_of, out, args):
+    """Train on ``star`` (its poses: true or estimated), decode at each conformation's mean latent; (volumes,
+    latents, conformation of each latent, wall, CPU). ``conformation_of``: image key -> true conformation (the
+    estimated STAR need not keep the rendered order)."""
+    wall, cpu, z, trained = pairwise.run_deepcryo(star, out, args)
+    conformation = np.array([conformation_of[k] for k in image_keys(trained)])
     zfile = os.path.join(out, "conformation_means.txt")
     np.savetxt(zfile, metrics.conformation_means(z, conformation))
     vols = os.path.join(out, "volumes")
     w, c = timed_commands([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", vols,
                             "--zfile", zfile, "--threads", str(args.threads)]])
-    return _read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))), z, wall + w, cpu + c
+    return _read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))), z, conformation, wall + w, cpu + c
 
 
-def run_cryodrgn(star, conformation, out, args):
+def run_cryodrgn(star, conformation_of, out, args):
     """cryoDRGN 4.3.1 from the same STAR and stack (``benchmarks/landscape.py``'s downsample, parse and
     ``train_vae``, networks ``--cryodrgn-dim`` wide), then ``eval_vol`` at each conformation's mean latent;
-    (volumes, latents, wall, CPU)."""
+    (volumes, latents, conformation of each latent, wall, CPU). ``star`` is the rendered one (cryoDRGN reads its
+    whole stack in order)."""
     wall, cpu, z, _ = pairwise.run_cryodrgn(star, out, args, dim=args.cryodrgn_dim)
+    conformation = np.array([conformation_of[k] for k in image_keys(read_particles(star, require_images=False))])
     train_dir = os.path.join(out, "train")
     zfile = os.path.join(out, "conformation_means.txt")
     np.savetxt(zfile, metrics.conformation_means(z, conformation))
@@ -115,18 +140,18 @@ def run_cryodrgn(star, conformation, out, args):
                             os.path.join(train_dir, "config.yaml"), "--zfile", zfile, "-o", vols,
                             "--Apix", repr(args.pixel_size * args.box / args.work_box)]],
                           env=pairwise.cryodrgn_environ(args))
-    return _read_volumes(sorted(glob.glob(os.path.join(vols, "*.mrc")))), z, wall + w, cpu + c
+    return _read_volumes(sorted(glob.glob(os.path.join(vols, "*.mrc")))), z, conformation, wall + w, cpu + c
 
 
 def run_consensus(star, n_conformations, out, args):
-    """Direct Fourier inversion of all particles with the true poses, cropped to the working box, once per
-    conformation; (volumes, None, wall, CPU)."""
+    """Direct Fourier inversion of all particles at the poses of ``star``, cropped to the working box, once per
+    conformation; (volumes, None, None, wall, CPU)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "consensus.mrc")
     wall, cpu = timed_commands([[sys.executable, "-m", "deepcryo.core.reconstruct", "--particles", star, "--output", path,
                          "--threads", str(args.threads)]])
     vol = resize_volume(torch.as_tensor(read_mrc(path)[0]), args.work_box).numpy()
-    return np.repeat(vol[None].astype(np.float64), n_conformations, 0), None, wall, cpu
+    return np.repeat(vol[None].astype(np.float64), n_conformations, 0), None, None, wall, cpu
 
 
 def mirrored(volumes: np.ndarray) -> np.ndarray:
@@ -144,6 +169,115 @@ def score(volumes, truths, masks):
     return best
 
 
+def alignment_mask(volumes: np.ndarray) -> np.ndarray:
+    """The particle without its moving region, (N, N, N) in [0, 1], from the true maps (K, N, N, N) at the particle
+    box: the whole-particle sphere times one minus the moving mask of :func:`metrics.scoring_masks`. As a SwiftRes
+    ``--mask``, the references are masked by it, so the particles are aligned on the part that does not move (what a
+    user draws around the rigid body in RELION's focused refinement)."""
+    masks = metrics.scoring_masks(volumes)
+    return masks["whole"] - masks["moving"]
+
+
+def swiftres_name(args):
+    """Folder of one SwiftRes setting (``--align-mask``, ``--swiftres-extra``)."""
+    extra = "".join(c if c.isalnum() else "_" for c in args.swiftres_extra.replace("--", "")).strip("_")
+    return "swiftres" + ("_static" if args.align_mask == "static" else "") + ("_" + extra if extra else "")
+
+
+def run_swiftres(data, out, args, references=None):
+    """``python -m deepcryo.swiftalign refine`` of the unaligned particles; reused when ``out`` holds a finished run.
+    Without ``references``, from the middle conformation's map low-passed to 30 Å (as benchmarks/landscape_path.py
+    from one state's map), one global iteration (the STAR's true poses are not read: a global iteration searches all
+    poses and shifts without priors); with them (the second pass), one class each from 15 Å, global, with its soft
+    sphere, as landscape_path's ``--two-pass``. ``--align-mask static`` first runs the former with its soft sphere (folder ``swiftres``), then a
+    focused refinement from its poses, local only (``--global-iterations 0``), against its consensus map at its
+    resolution masked by :func:`alignment_mask`, as RELION users refine a rigid body after a consensus. (STAR path, wall, CPU: all
+    the SwiftRes runs that made it)."""
+    star, record = os.path.join(out, "particles.star"), os.path.join(out, "time_s.json")
+    particles, before = data.star, (0.0, 0.0)
+    if args.align_mask == "static" and not references:
+        particles, *before = run_swiftres(data, os.path.join(os.path.dirname(out), "swiftres"),
+                                          argparse.Namespace(**dict(vars(args), align_mask="sphere")))
+    if not os.path.exists(record):
+        os.makedirs(out, exist_ok=True)
+        refs, resolution = ((references, "15") if references else
+                            ([data.volume_paths[len(data.volume_paths) // 2]], "30"))
+        if particles != data.star:      # focused: the consensus map and resolution of the sphere run
+            consensus_dir = os.path.dirname(particles)
+            with open(os.path.join(consensus_dir, "model.json")) as f:
+                resolution = repr(json.load(f)["resolution_A"])
+            refs = [os.path.join(consensus_dir, "map.mrc")]
+        cmd = [sys.executable, "-m", "deepcryo.swiftalign", "refine", "--particles", particles, "--reference", *refs,
+               "--initial-resolution", resolution, "--output-dir", out, "--threads", str(args.threads),
+               "--seed", str(args.seed)]
+        if args.align_mask == "static" and not references:
+            mask = os.path.join(out, "static_mask.mrc")
+            write_mrc(mask, alignment_mask(np.stack(data.volumes)).astype(np.float32), args.pixel_size)
+            cmd += ["--mask", mask, "--global-iterations", "0"]
+        wall, cpu = timed_commands([cmd + shlex.split(args.swiftres_extra)])
+        with open(record, "w") as f:
+            json.dump([wall, cpu], f)
+    with open(record) as f:
+        wall, cpu = json.load(f)
+    return star, wall + before[0], cpu + before[1]
+
+
+def second_pass_references(vae_dir, data, args):
+    """``analyze --clusters K`` (K = ``--two-pass``) of the VAE trained on the first SwiftRes poses, its K cluster
+    reconstructions brought to the particle box (landscape_path's ``cluster_references``); (paths, wall, CPU)."""
+    wall, cpu = timed_commands([[sys.executable, "-m", "deepcryo.landscape", "analyze", vae_dir, "--clusters",
+                                 str(args.two_pass), "--no-umap", "--trajectory-steps", "2", "--pcs", "1",
+                                 "--threads", str(args.threads), "--seed", str(args.seed)]])
+    refs = cluster_references(os.path.join(vae_dir, "analysis"), args.box, args.pixel_size,
+                              os.path.join(vae_dir, "classes"), clusters=args.two_pass)
+    return refs, wall, cpu
+
+
+def pose_figures(star_path, truth, conformation_of):
+    """SwiftRes's pose error against the truth: median and % beyond 10°, raw and after the best rotation of each
+    conformation's frame (:func:`landscape_path.state_aligned_errors_deg`), overall and per conformation."""
+    star = read_particles(star_path, require_images=False)
+    keys = image_keys(truth)
+    truth_by_key = dict(zip(keys, truth.angles_deg()))
+    raw = pose_errors_deg(star, truth_by_key)
+    aligned = state_aligned_errors_deg(star, truth_by_key, conformation_of)
+    conformation = np.array([conformation_of[k] for k in image_keys(star)])
+    per = [(float(np.median(raw[conformation == k])), float(np.median(aligned[conformation == k])))
+           for k in range(int(conformation.max()) + 1)]
+    return {"median_deg": float(np.median(raw)), "pct_over_10": 100 * float(np.mean(raw > 10)),
+            "aligned_median_deg": float(np.median(aligned)), "aligned_pct_over_10": 100 * float(np.mean(aligned > 10)),
+            "per_conformation_median_deg": [p[0] for p in per],
+            "per_conformation_aligned_median_deg": [p[1] for p in per]}
+
+
+def shared_turns(star_path, truth, conformation_of) -> np.ndarray:
+    """(K, 3, 3) the rotation G_k shared by conformation k's estimated poses: A_est ≈ A_true·G_k (the rotation
+    nearest to the mean of A_trueᵀ·A_est over k's particles). SwiftRes aligns every particle to one map, so the
+    particles of a conformation far from it take a common turn of their frame, which the VAE then decodes as a
+    rotated volume."""
+    star = read_particles(star_path, require_images=False)
+    keys = image_keys(truth)
+    truth_by_key = dict(zip(keys, truth.angles_deg()))
+    est = euler_to_matrix(torch.as_tensor(star.angles_deg())).numpy()
+    true = euler_to_matrix(torch.as_tensor(np.stack([truth_by_key[k] for k in image_keys(star)]))).numpy()
+    relative = np.einsum("nji,njk->nik", true, est)
+    conformation = np.array([conformation_of[k] for k in image_keys(star)], dtype=np.int64)
+    return np.stack([metrics._project_so3(relative[conformation == k].sum(0))
+                     for k in range(int(conformation.max()) + 1)])
+
+
+def undo_turn(volume: np.ndarray, turn: np.ndarray) -> np.ndarray:
+    """``volume`` (N, N, N, indexed [z, y, x]) decoded from particles whose poses carry the frame turn ``turn``
+    (A_est = A_true·G), brought back to the true frame: V(x) ← V(Gᵀx) about the box centre N/2 (trilinear).
+    Its projection at A_true then matches the input's at A_true·G."""
+    from scipy.ndimage import affine_transform
+    n = volume.shape[-1]
+    flip = np.eye(3)[::-1]                      # (x, y, z) <-> array axes (z, y, x)
+    matrix = flip @ np.asarray(turn).T @ flip
+    centre = np.full(3, n // 2, dtype=np.float64)
+    return affine_transform(np.asarray(volume, dtype=np.float64), matrix, offset=centre - matrix @ centre, order=1)
+
+
 def run_set(kind, args, work):
     """Render one set, run every method on it and score it; the set's JSON entry."""
     states = args.conformations if kind == "motion" else args.states
@@ -153,37 +287,81 @@ def run_set(kind, args, work):
     data = render(os.path.join(work, kind, "data"), spec)
     logger.info("%s: rendered %d particles of %d conformations by relion_project in %.0f s (SNR %.3f)", kind,
                 args.n, states, time.time() - t0, data.snr)
-    conformation = np.asarray(data.truth.particles["rlnClassNumber"]) - 1
+    truth = read_particles(data.star)
+    conformation_of = dict(zip(image_keys(truth), np.asarray(truth.particles["rlnClassNumber"]) - 1))
     truths = np.stack([resize_volume(torch.as_tensor(v), args.work_box).numpy() for v in data.volumes])
     masks = metrics.scoring_masks(truths)
-    methods = [("deepcryo", run_deepcryo)]
-    if args.cryodrgn:
-        methods.append(("cryoDRGN", run_cryodrgn))
     entry = {"spec": dict(vars(spec)), "work_box": args.work_box, "snr_measured": data.snr, "moving_mask_fraction":
              float(masks["moving"].mean()), "methods": {}}
-    for name, run in methods + [("consensus", None)]:
-        out = os.path.join(work, kind, name)
+
+    def score_run(label, poses, star, run, out, pose_cpu):
         t0 = time.time()
         if run is None:
-            vols, z, wall, cpu = run_consensus(data.star, states, out, args)
+            vols, z, conformation, wall, cpu = run_consensus(star, states, out, args)
         else:
-            vols, z, wall, cpu = run(data.star, conformation, out, args)
+            vols, z, conformation, wall, cpu = run(star, conformation_of, out, args)
         hand, aucs = score(vols, truths, masks)
-        result = {"auc_whole": float(aucs["whole"].mean()), "auc_moving": float(aucs["moving"].mean()),
+        result = {"poses": poses, "auc_whole": float(aucs["whole"].mean()), "auc_moving": float(aucs["moving"].mean()),
                   "auc_whole_per_conformation": aucs["whole"].tolist(),
-                  "auc_moving_per_conformation": aucs["moving"].tolist(), "hand": hand, "wall_s": wall, "cpu_s": cpu}
+                  "auc_moving_per_conformation": aucs["moving"].tolist(), "hand": hand, "wall_s": wall,
+                  "cpu_s": cpu + pose_cpu, "pose_cpu_s": pose_cpu}
         if z is not None:
             key, value = (("rho", metrics.hinge_rho(z, conformation)) if kind == "motion"
                           else ("ari", metrics.state_ari(z, conformation)))
             result[key] = value
-        entry["methods"][name] = result
-        logger.info("%s %s: %.0f s wall, %s", kind, name, time.time() - t0, json.dumps(
+        if poses == "estimated" and run is not None:
+            turns = shared_turns(star, truth, conformation_of)
+            turned = np.stack([undo_turn(v, g) for v, g in zip(vols, turns)])
+            result.update({name + "_turn_out": float(metrics.conformation_fsc_auc(turned, truths, m).mean())
+                           for name, m in (("auc_whole", masks["whole"]), ("auc_moving", masks["moving"]))})
+            result["turn_deg"] = [float(a) for a in rotation_angle_deg(torch.as_tensor(turns)).numpy()]
+        entry["methods"][label] = result
+        logger.info("%s %s: %.0f s wall, %s", kind, label, time.time() - t0, json.dumps(
             {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}))
+
+    def estimated(folder, references=None, pose_cpu=0.0):
+        """SwiftRes into ``folder``, its pose error, deepcryo and the consensus on its poses."""
+        star, wall, cpu = run_swiftres(data, os.path.join(work, kind, folder), args, references)
+        figures = dict(pose_figures(star, truth, conformation_of), wall_s=wall, cpu_s=cpu + pose_cpu)
+        entry.setdefault("pose_runs", {})[folder] = figures
+        logger.info("%s %s: pose error median %.2f°, %.1f %% > 10°; %.0f CPU s", kind, folder,
+                    figures["median_deg"], figures["pct_over_10"], cpu)
+        for name, run in (("deepcryo", run_deepcryo), ("consensus", None)):
+            score_run("%s, %s poses" % (name, folder), "estimated", star, run,
+                      os.path.join(work, kind, "%s_%s" % (name, folder)), figures["cpu_s"])
+        return os.path.join(work, kind, "deepcryo_" + folder), figures["cpu_s"]
+
+    if "true" in args.poses:
+        score_run("deepcryo", "true", data.star, run_deepcryo, os.path.join(work, kind, "deepcryo"), 0.0)
+        if args.cryodrgn:
+            score_run("cryoDRGN", "true", data.star, run_cryodrgn, os.path.join(work, kind, "cryoDRGN"), 0.0)
+        score_run("consensus", "true", data.star, None, os.path.join(work, kind, "consensus"), 0.0)
+    if "estimated" in args.poses:
+        folder = swiftres_name(args)
+        vae_dir, pose_cpu = estimated(folder)
+        if args.two_pass:
+            refs, _, cpu = second_pass_references(vae_dir, data, args)
+            vae_cpu = entry["methods"]["deepcryo, %s poses" % folder]["cpu_s"] - pose_cpu
+            estimated("%s_%dclass" % (folder, args.two_pass), refs, pose_cpu + vae_cpu + cpu)
     return entry
 
 
+SCORES = ("auc_whole", "auc_moving", "rho", "ari")
+
+
+def ratios(entry):
+    """label -> {score: value / the same method's value on the true poses} for each run on estimated poses."""
+    methods = entry["methods"]
+    out = {}
+    for label, r in methods.items():
+        true = methods.get(label.split(", ")[0])
+        if r["poses"] == "estimated" and true is not None:
+            out[label] = {k: r[k] / true[k] for k in SCORES if k in r and true.get(k)}
+    return out
+
+
 def table(kind, entry):
-    """The set's markdown table."""
+    """The set's markdown table, the estimated/true ratios and SwiftRes's pose error."""
     key, label = ("rho", "\\|ρ\\| PC1 vs conformation") if kind == "motion" else ("ari", "ARI")
     spec = entry["spec"]
     lines = ["%s: %d particles, %d conformations, box %d scored at %d, SNR %.3g, moving region %.1f %% of the box" % (
@@ -192,8 +370,22 @@ def table(kind, entry):
              "| method | FSC-AUC whole | FSC-AUC moving | %s | CPU s |" % label, "|---|---|---|---|---|"]
     for name, r in entry["methods"].items():
         ordering = "%.3f" % r[key] if key in r else "—"
-        lines.append("| %s | %.3f | %.3f | %s | %.0f |" % (name, r["auc_whole"], r["auc_moving"], ordering,
-                                                           r["cpu_s"]))
+        cpu = "%.0f" % r["cpu_s"] + (" (poses %.0f)" % r["pose_cpu_s"] if r.get("pose_cpu_s") else "")
+        lines.append("| %s | %.3f | %.3f | %s | %s |" % (name, r["auc_whole"], r["auc_moving"], ordering, cpu))
+    for name, r in entry["methods"].items():
+        if "auc_whole_turn_out" in r:
+            lines.append("| %s, each conformation's shared turn taken out | %.3f | %.3f | | |" % (
+                name, r["auc_whole_turn_out"], r["auc_moving_turn_out"]))
+    for name, ratio in ratios(entry).items():
+        lines.append("| ratio %s / true poses | %s | %s | %s | |" % (name, *(
+            "%.3f" % ratio[k] if k in ratio else "—" for k in ("auc_whole", "auc_moving", key))))
+    for folder, p in entry.get("pose_runs", {}).items():
+        lines += ["", "%s pose error: median %.2f°, %.1f %% > 10°; after each conformation's best rotation %.2f°, "
+                  "%.1f %% > 10°" % (folder, p["median_deg"], p["pct_over_10"], p["aligned_median_deg"],
+                                      p["aligned_pct_over_10"]),
+                  "per conformation, median (aligned): " + ", ".join(
+                      "%.1f (%.1f)" % pair for pair in zip(p["per_conformation_median_deg"],
+                                                           p["per_conformation_aligned_median_deg"]))]
     return "\n".join(lines)
 
 
@@ -215,6 +407,15 @@ def main(argv=None):
     p.add_argument("--cryodrgn", default=None, help="cryodrgn executable of its own virtual environment")
     p.add_argument("--cryodrgn-dim", type=int, default=1024, help="width of cryoDRGN's 3-layer encoder and decoder")
     p.add_argument("--sets", default=",".join(SETS), help="comma-separated: " + ", ".join(SETS))
+    p.add_argument("--poses", default="true", choices=("true", "estimated", "true,estimated"),
+                   help="train on the true poses, on SwiftRes's poses of the unaligned particles, or both")
+    p.add_argument("--align-mask", default="sphere", choices=("sphere", "static"),
+                   help="SwiftRes mask: its soft sphere, or (static) a local refinement from those poses against "
+                        "the reference without the true moving region")
+    p.add_argument("--swiftres-extra", default="", help="more options of swiftalign refine (one string)")
+    p.add_argument("--two-pass", type=int, default=0, metavar="K",
+                   help="then SwiftRes again from the K cluster maps of the VAE on the first poses (one class each), "
+                        "and the VAE on its poses (landscape_path's --two-pass)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="output JSON (default <workdir>/cryobench.json)")
     args = p.parse_args(argv)

@@ -90,12 +90,12 @@ def ari_of_analysis(folder, state_by_name):
                                      np.asarray(star.particles["dcCluster"])))
 
 
-def cluster_references(analysis_dir, box, pixel_size_A, out_dir):
-    """The two cluster reconstructions of ``analyze`` (working box) Fourier-padded to the particle box ``box``:
-    the references of the second, two-class SwiftRes pass. Returns their paths."""
+def cluster_references(analysis_dir, box, pixel_size_A, out_dir, clusters=2):
+    """The ``clusters`` cluster reconstructions of ``analyze`` (working box) Fourier-padded to the particle box
+    ``box``: the references of the second, multi-class SwiftRes pass. Returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for k in (1, 2):
+    for k in range(1, clusters + 1):
         vol, _ = read_mrc(os.path.join(analysis_dir, "cluster_%02d_reconstructed.mrc" % k))
         ft = fourier.pad_to(fourier.fft3c(torch.as_tensor(vol, dtype=torch.float64)), box, 3)
         paths.append(os.path.join(out_dir, "class%d.mrc" % k))

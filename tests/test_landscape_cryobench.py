@@ -58,3 +58,98 @@ def test_conformation_means_and_state_ari():
     np.testing.assert_allclose(metrics.conformation_means(z, states)[:, 0], [0.0, 3.0, 6.0], atol=0.1)
     assert metrics.state_ari(z, states) == pytest.approx(1.0)
     assert abs(metrics.state_ari(rng.normal(size=(150, 4)), states)) < 0.1
+
+
+# ------------------------------------------------------- the estimated-pose path (benchmarks/landscape_cryobench.py)
+
+@pytest.fixture(scope="module")
+def cryobench():
+    """The benchmark module (benchmarks/ is no package: put it on the path, as the benchmark itself does)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    import landscape_cryobench
+    return landscape_cryobench
+
+
+def test_alignment_mask_leaves_out_the_moving_domain(cryobench, hinge):
+    """SwiftRes's ``--align-mask static``: in [0, 1], about 0 where the conformations differ, about 1 on density
+    that all conformations share."""
+    mask = cryobench.alignment_mask(hinge)
+    masks = metrics.scoring_masks(hinge)
+    assert mask.min() >= -1e-9 and mask.max() <= 1 + 1e-9
+    assert mask[masks["moving"] > 0.99].max() < 1e-6
+    std = hinge.std(0)
+    static = (hinge.min(0) > 0.3 * hinge.max()) & (std < 0.01 * std.max())
+    assert static.sum() > 20 and mask[static].mean() > 0.9
+
+
+def test_pose_figures_match_particles_by_image_and_take_out_each_conformations_turn(cryobench, tmp_path):
+    """Conformation 1's estimated poses share a 20° turn of its frame (about z, rot + 20°), conformation 0's are
+    exact, and the estimated STAR lists the particles in another order: raw medians 0° and 20°, both about 0° after
+    each conformation's best rotation."""
+    from deepcryo.core.particles import write_particles
+    from relion_data import RenderSpec, truth_particles
+    truth = truth_particles(RenderSpec(n=60, states=2))
+    truth.particles["rlnImageName"] = np.array(["%06d@particles.mrcs" % (i + 1) for i in range(60)], dtype=object)
+    conformation_of = {"%d@particles.mrcs" % (i + 1): c - 1 for i, c in enumerate(truth.particles["rlnClassNumber"])}
+    order = np.random.default_rng(0).permutation(60)
+    est = truth.subset(order)
+    turned = np.asarray(est.particles["rlnClassNumber"]) == 2
+    est.particles["rlnAngleRot"] = np.asarray(est.particles["rlnAngleRot"]) + 20.0 * turned
+    write_particles(str(tmp_path / "est.star"), est)
+    p = cryobench.pose_figures(str(tmp_path / "est.star"), truth, conformation_of)
+    np.testing.assert_allclose(p["per_conformation_median_deg"], [0.0, 20.0], atol=1e-3)
+    np.testing.assert_allclose(p["per_conformation_aligned_median_deg"], [0.0, 0.0], atol=1e-3)
+    assert p["pct_over_10"] == pytest.approx(100 * turned.mean())
+
+
+def test_ratios_are_estimated_over_true(cryobench):
+    entry = {"methods": {
+        "deepcryo": {"poses": "true", "auc_whole": 0.4, "auc_moving": 0.5, "rho": 0.8},
+        "consensus": {"poses": "true", "auc_whole": 0.4, "auc_moving": 0.3},
+        "deepcryo, swiftres poses": {"poses": "estimated", "auc_whole": 0.3, "auc_moving": 0.25, "rho": 0.4},
+        "consensus, swiftres poses": {"poses": "estimated", "auc_whole": 0.2, "auc_moving": 0.3}}}
+    r = cryobench.ratios(entry)
+    assert set(r) == {"deepcryo, swiftres poses", "consensus, swiftres poses"}
+    assert r["deepcryo, swiftres poses"] == pytest.approx({"auc_whole": 0.75, "auc_moving": 0.5, "rho": 0.5})
+    assert r["consensus, swiftres poses"] == pytest.approx({"auc_whole": 0.5, "auc_moving": 1.0})
+
+
+def test_undo_turn_matches_the_projections_of_turned_poses(cryobench):
+    """A volume whose particles carry the frame turn G (A_est = A_true·G), brought back by ``undo_turn``, projects at
+    A_true as the turned volume projects at A_true·G: the convention of the projector (A maps the volume frame to
+    the projection frame), checked with its projections rather than assumed (the reverse turn fails)."""
+    import torch
+    from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler
+    from deepcryo.core.projector import Projector
+    true = hinge_volume(BOX, 0.5)
+    turn = euler_to_matrix(torch.tensor([[30.0, 25.0, -40.0]], dtype=torch.float64))[0].numpy()
+    turned = cryobench.undo_turn(true, turn.T)                  # V_est(x) = V_true(G x): undo_turn's inverse
+    assert np.corrcoef(cryobench.undo_turn(turned, turn).ravel(), true.ravel())[0, 1] > 0.99   # two resamplings
+    poses = np.array([[0.0, 0.0, 0.0], [50.0, 70.0, 10.0], [120.0, 100.0, -60.0]])
+    a_true = euler_to_matrix(torch.as_tensor(poses))
+    a_est = matrix_to_euler(a_true @ torch.as_tensor(turn)).numpy()
+    expected = Projector(true).project(poses).numpy()
+    got = Projector(turned.astype(np.float32)).project(a_est).numpy()
+    wrong = Projector(cryobench.undo_turn(true, turn).astype(np.float32)).project(a_est).numpy()
+    err, wrong_err = (np.linalg.norm(x - expected) / np.linalg.norm(expected) for x in (got, wrong))
+    assert err < 0.1 and wrong_err > 0.3
+
+
+def test_shared_turns_of_a_known_turn(cryobench, tmp_path):
+    """rot + 20° on every particle of conformation 1: its shared turn is 20° about z, conformation 0's none."""
+    import torch
+    from deepcryo.core.geometry import rotation_angle_deg
+    from deepcryo.core.particles import write_particles
+    from relion_data import RenderSpec, truth_particles
+    truth = truth_particles(RenderSpec(n=40, states=2))
+    truth.particles["rlnImageName"] = np.array(["%06d@particles.mrcs" % (i + 1) for i in range(40)], dtype=object)
+    conformation_of = {"%d@particles.mrcs" % (i + 1): c - 1 for i, c in enumerate(truth.particles["rlnClassNumber"])}
+    est = truth.copy()
+    est.particles["rlnAngleRot"] = np.asarray(est.particles["rlnAngleRot"]) + 20.0 * (
+        np.asarray(est.particles["rlnClassNumber"]) == 2)
+    write_particles(str(tmp_path / "est.star"), est)
+    turns = cryobench.shared_turns(str(tmp_path / "est.star"), truth, conformation_of)
+    np.testing.assert_allclose(rotation_angle_deg(torch.as_tensor(turns)).numpy(), [0.0, 20.0], atol=1e-3)
+    np.testing.assert_allclose(abs(turns[1][2, 2]), 1.0, atol=1e-6)     # about z
