@@ -177,6 +177,21 @@ def test_predict_writes_tilt_and_thickness_columns(tmp_path, tilted, thick):
                                              CTFModel()), convert.CTF_THICKNESS_ATTR)
 
 
+def test_predict_thick_slab_ends_the_defocus_band_before_its_node(tmp_path):
+    """A 2000 Å slab, flat, the default 5 Å band: its first node (6.3 Å) lies inside the band. The thin fit read
+    the defocus ~300 Å off and a false tilt of ~7° before the band was ended at the node automatically."""
+    img, _ = simulate_micrograph(SIZE, pixel_size_A=PX, defocus_u_A=12200.0, defocus_v_A=11800.0,
+                                 defocus_angle_deg=30.0, seed=5, layer_step_A=100.0, ice_thickness_A=2000.0)
+    write_mrc(str(tmp_path / "slab.mrc"), img, PX)
+    out = str(tmp_path / "ctf.star")
+    assert main(["predict", "--micrographs", str(tmp_path / "slab.mrc"), *ACQ, "--output", out,
+                 "--fit-tilt", "--fit-thickness"]) == 0
+    row = {k: v[0] for k, v in read_star(out)["micrographs"].items()}
+    assert abs(0.5 * (row["rlnDefocusU"] + row["rlnDefocusV"]) - 12000.0) <= 100.0
+    assert abs(row["rlnCtfIceThickness"] - 2000.0) <= 400.0
+    assert row["dcCtfTiltAngle"] <= 3.0
+
+
 def test_predict_tilt_and_thickness_errors(tmp_path, capsys):
     img, _ = simulate_micrograph(512, pixel_size_A=PX, seed=1)
     write_mrc(str(tmp_path / "small.mrc"), img, PX)

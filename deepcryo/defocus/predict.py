@@ -13,7 +13,11 @@ Per micrograph, :func:`estimate_batch` computes
 5. optionally (CTFFIND5's extras, off by default) the specimen's tilt angle and axis from the defoci of 512 px
    tiles (:mod:`deepcryo.defocus.tilt`, on PSDs at the fit's sampling) and its thickness from the Thon rings'
    nodes (:mod:`deepcryo.defocus.thickness`, on a PSD at the micrograph's pixel size, band to
-   :func:`deepcryo.defocus.thickness.thickness_band_end_A`), both with the fitted defocus held.
+   :func:`deepcryo.defocus.thickness.thickness_band_end_A`), both with the fitted defocus held. Where a
+   thickness node is seen inside the defocus band (thick ice: ≳ 1000 Å at 300 kV and 5 Å), steps 3-5 are done
+   once more with the band ended before the node (:func:`deepcryo.defocus.thickness.defocus_band_end_A`):
+   the thin CTF² model fits the inverted rings beyond a node with the wrong sign, which moves the defocus and
+   the tiles' defoci (false tilts).
 
 The pixel size is the STAR's ``rlnMicrographPixelSize``, else the one given (``--pixel-size``), else the
 MRC header's x/y size (EPU's micrographs carry ``(p, p, 0)``). A micrograph that cannot be used
@@ -200,7 +204,18 @@ def estimate_batch(entries: Sequence[MicrographEntry], model: torch.nn.Module, r
         for samp, idx in by_sampling.items():
             _fit_group(items, idx, samp, cu, cv, ca, results, refine, low_A, high_A, fit_phase, psd_dir, defocus_range_A)
             for i in idx:
-                results[i].update(_tilt_thickness(items[i], results[i], low_A, high_A))
+                extra = _tilt_thickness(items[i], results[i], low_A, high_A)
+                band_end = thickness_mod.defocus_band_end_A(items[i][0].voltage_kV, extra.get("ice_thickness_A", 0.0))
+                if band_end > high_A:
+                    # a node seen inside the band: the thin fit and the tiles' fits saw inverted rings, so the
+                    # defocus and tilt are fitted again on a band ended before the node (from the CNN's start, as
+                    # the first fit), and the thickness measured again from that defocus
+                    logger.info("%s: ice %.0f Å thick, its first node inside the %.1f Å band: defocus and tilt "
+                                "fitted again to %.1f Å", items[i][0].path, extra["ice_thickness_A"], high_A, band_end)
+                    _fit_group(items, [i], samp, cu, cv, ca, results, refine, low_A, band_end, fit_phase, psd_dir,
+                               defocus_range_A)
+                    extra = _tilt_thickness(items[i], results[i], low_A, band_end)
+                results[i].update(extra)
         return results
 
 

@@ -29,9 +29,12 @@ measured then depends on the rings' strength beyond its first node (on a simulat
 800 Å not seen, its inverted lobe at 1.7 standard errors; 1000 Å and more seen).
 
 Thick specimens: the defocus fit (CTF², t = 0) must end before the first node, ``1/s₁ = sqrt(λ t)`` (6.3 Å for
-2000 Å at 300 kV): beyond it the rings are inverted and the thin fit goes wrong. CTFFIND5 limits its first fit to
-the resolution where the thin fit holds; here the band is the user's (``--high-resolution``, default 5 Å: fine to
-~1300 Å at 300 kV). A tilted specimen's height range over the micrograph averages the PSD over defocus too and
+2000 Å at 300 kV): beyond it the rings are inverted, the thin model fits them with the wrong sign and the mean
+defocus moves (by ~350 Å for 2000 Å and a 5 Å band), and so do the tiles' defoci of the tilt fit (false tilts of
+7°). CTFFIND5 limits its first fit to the resolution where the thin fit holds. Here the user's band
+(``--high-resolution``, default 5 Å) holds to ~1000 Å at 300 kV; beyond, once a node is seen, the defocus and
+the tilt are fitted again with the band ended at :func:`defocus_band_end_A` (``deepcryo.defocus.predict``), and
+the thickness measured again from that defocus. A tilted specimen's height range over the micrograph averages the PSD over defocus too and
 would read as thickness: with its tilt known, the model is averaged over that spread (``defocus_spread``).
 
 Validation (benchmarks/RESULTS.md, "Specimen tilt and ice thickness"): no thin specimen read as thick on either
@@ -41,6 +44,7 @@ too weak for the inverted-lobe test.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -49,7 +53,7 @@ from ..core import ctf as ctf_mod
 from . import fit as fit_mod
 
 __all__ = ["slab_ctf2", "min_thickness_A", "fit_thickness", "thickness_band_end_A", "tilt_defocus_spread",
-           "NODE_MARGIN", "ENVELOPE_ENDS"]
+           "defocus_band_end_A", "NODE_MARGIN", "ENVELOPE_ENDS", "THIN_FIT_XI"]
 
 #: ring envelopes of the models of :func:`fit_thickness`: exponential in s² across the band, down to these
 #: fractions at its high-resolution end (1: no fading)
@@ -58,6 +62,10 @@ ENVELOPE_ENDS = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
 #: quarter of the first inverted lobe must be inside the band, a node at its very edge being indistinguishable
 #: from the rings' fading
 NODE_MARGIN = 1.25
+#: the thin (t = 0) defocus fit of a slab holds up to ``λ s² t`` = this (ξ = 0.75 π, the rings still at
+#: sinc = 0.30 of their contrast, on the near side of the first node, ξ = π): the slab's fading is symmetric
+#: about its centre and does not move the fitted defocus, the inverted rings beyond the node do
+THIN_FIT_XI = 0.75
 
 
 def slab_ctf2(cos_2gamma: torch.Tensor, s2_invA2: torch.Tensor, wavelength_A: torch.Tensor,
@@ -73,6 +81,13 @@ def min_thickness_A(voltage_kV: float, high_A: float) -> float:
     """Smallest thickness (Å) that :func:`fit_thickness` reports with a band ending at ``high_A`` Å: its first
     node ``s₁² = 1/(λ t)`` lies inside the band by :data:`NODE_MARGIN` (``t ≥ NODE_MARGIN · high_A² / λ``)."""
     return float(NODE_MARGIN * high_A ** 2 / ctf_mod.wavelength_A(voltage_kV))
+
+
+def defocus_band_end_A(voltage_kV: float, thickness_A: float) -> float:
+    """High-resolution end (Å) of the band where the thin defocus fit of a slab of ``thickness_A`` Å holds:
+    ``sqrt(λ t / THIN_FIT_XI)`` (:data:`THIN_FIT_XI`; 1.15 × the first node's ``sqrt(λ t)``: 7.3 Å for 2000 Å at
+    300 kV). 0 for t = 0 (no limit)."""
+    return math.sqrt(float(ctf_mod.wavelength_A(voltage_kV)) * thickness_A / THIN_FIT_XI)
 
 
 def thickness_band_end_A(pixel_size_A: float, defocus_max_A: float, voltage_kV: float, psd_size_px: int) -> float:

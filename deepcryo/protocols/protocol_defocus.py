@@ -92,7 +92,9 @@ class DeepCryoProtDeepDefocus(DeepCryoProtBase, ProtCTFMicrographs):
                            "rlnCtfIceThickness in the STAR). Measured up to near Nyquist; 0 means no node was seen "
                            "(thinner than _deepcryo_iceThicknessMin, or rings too weak beyond it). On a tilted "
                            "specimen estimate the tilt too: its defocus range is then taken out, else it reads as "
-                           "thickness. For thick specimens (lamellae); see benchmarks/RESULTS.md.")
+                           "thickness. Where a node lies inside the defocus fit's band (ice thicker than ~1000 Å "
+                           "at 300 kV and 5 Å), the defocus and the tilt are fitted again, automatically, with the "
+                           "band ended before it. For thick specimens (lamellae); see benchmarks/RESULTS.md.")
         addGpuParams(form, gpuHelp="The GPU to use, e.g. 0.",
                      useGpuHelp="Estimate on a CUDA GPU (a batch fails with one line if CUDA is not available).")
         self._defineStreamingParams(form)
