@@ -8,9 +8,13 @@ volumes are real-space (D, D, D) grids under a soft spherical mask; the particle
 exactly as :class:`deepcryo.core.projector.Projector` does (gridding correction, 2× zero padding, centred
 3D FFT, trilinear sampling at ``k·A``, see :func:`deepcryo.core.projector.slice_coordinates`), so decoded
 volumes and reconstructions share one convention. The padded transforms of the ``n_basis + 1`` volumes are
-computed once per optimisation step, whatever the batch size; each particle then costs one trilinear
-lookup of ``n_basis + 1`` values per Fourier pixel (half plane ``kx >= 0`` within radius D/2, by Friedel
-symmetry). The volume decoder is cheaper per particle than a coordinate-MLP decoder (figures in
+computed once per optimisation step, whatever the batch size, by FFTs (:func:`padded_half_transform`,
+O((M+1) D³ log D), and its adjoint in the backward pass); each particle then costs one trilinear lookup of
+``n_basis + 1`` values per Fourier pixel (half plane ``kx >= 0`` within radius D/2, by Friedel symmetry),
+O((M+1) D²), and its scatter in the backward pass. At the default batch of 64 the per-step transform is
+most of a step's cost from box ~100 on, so the cost per particle grows faster than the pixel count between
+box 64 and 128 (figures in ``benchmarks/RESULTS.md``); a larger batch spreads it over more particles. The
+volume decoder is cheaper per particle than a coordinate-MLP decoder (figures in
 ``benchmarks/RESULTS.md``) but not by orders of magnitude; it was chosen above all because the per-basis
 slices it produces are what the encoder consumes, and because V₀ starts at the consensus map. The price
 is expressiveness: motions are represented in an ``n_basis``-dimensional space of volumes, with a
@@ -114,32 +118,29 @@ def symmetrize_volumes(volumes: torch.Tensor, operators: torch.Tensor) -> torch.
 
 
 class Workspace:
-    """Large arrays reused from one training step to the next (the decoder's table, its gradient, the transform's
+    """Large arrays reused from one training step to the next (the decoder's table and the transform's
     intermediate), so that a step does not allocate, and page-fault, gigabytes afresh: at box 128 the table is
     (P, P, P/2+1, M+1) complex, 1.2 GB for 16 basis volumes. An array handed out is overwritten by the next
-    request under the same name; autograd's version counter turns any use of an overwritten saved table into
-    an error instead of a silent wrong gradient."""
+    request under the same name; autograd's version counter turns any use of an overwritten saved table (two
+    forward passes before one backward pass) into an error instead of a silent wrong gradient."""
 
     def __init__(self) -> None:
         self._arrays: Dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device,
-            zero: bool = False) -> torch.Tensor:
-        """The array ``name`` of this shape, dtype and device (new, or the previous one); zero-filled if asked."""
+    def get(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The array ``name`` of this shape, dtype and device (the previous one, or a new one): uninitialised."""
         a = self._arrays.get(name)
         if a is None or a.shape != shape or a.dtype != dtype or a.device != device:
             self._arrays.pop(name, None)
-            a = self._arrays[name] = torch.zeros(shape, dtype=dtype, device=device)
-        elif zero:
-            a.zero_()
+            a = self._arrays[name] = torch.empty(shape, dtype=dtype, device=device)
         return a
 
 
-def _array(workspace: Optional[Workspace], name: str, shape, dtype, device, zero: bool = False) -> torch.Tensor:
-    """``workspace.get(...)``, or a new array when there is no workspace."""
+def _array(workspace: Optional[Workspace], name: str, shape, dtype, device) -> torch.Tensor:
+    """``workspace.get(...)``, or a new uninitialised array when there is no workspace."""
     if workspace is None:
-        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
-    return workspace.get(name, tuple(shape), dtype, device, zero)
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.get(name, tuple(shape), dtype, device)
 
 
 def _rolled_pad(x: torch.Tensor, padded: int, dims: Tuple[int, ...]) -> torch.Tensor:
