@@ -357,7 +357,7 @@ class LandscapeVAE(nn.Module):
         sign = 1.0 - 2.0 * (torch.arange(self.box) % 2).to(torch.float32)
         self.register_buffer("_weight", self.mask3d / self.gridding * sign[:, None, None] * sign[None, :, None],
                              persistent=False)
-        self._workspace = Workspace()
+        self.workspace = Workspace()       # the decoder's table and intermediate, reused by basis_ft
 
     def config(self) -> Dict[str, Any]:
         """Constructor arguments other than the tensors (for checkpoints)."""
@@ -533,7 +533,7 @@ class LandscapeVAE(nn.Module):
 
         In pose-free mode ``rotations`` is ignored (and may be None).
         """
-        spectra, ctf, sl, (_, _, _, distill) = self._posed(spectra, rotations, ctf, self.basis_ft(self._workspace))
+        spectra, ctf, sl, (_, _, _, distill) = self._posed(spectra, rotations, ctf, self.basis_ft(self.workspace))
         mu, logvar = self.encode(spectra, ctf, sl)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         pred = self.decode_slice(z, sl) * ctf
@@ -545,15 +545,15 @@ class LandscapeVAE(nn.Module):
             loss = loss + self.distill_weight * distill
         return {"loss": loss.mean(), "nll": nll.mean(), "kl": kl.mean()}
 
-    def posterior(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def posterior(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor,
+                  table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The encoder's Gaussian q(z|X) without gradients: mean (B, L), standard deviation σ (B, L) (latent
         units; the prior is N(0, I), so σ near 1 means the image says little about that coordinate), and the
         poses used: (B, 3, 3) matrices A (mirror hand applied) and shifts (B, 2) px of the
-        working box (the given poses and None in the main mode, the predicted ones when pose-free)."""
+        working box (the given poses and None in the main mode, the predicted ones when pose-free).
+        ``table``: :meth:`basis_ft` of the current volumes, computed once for a pass over many batches."""
         with torch.no_grad():
-            spectra, ctf, sl, (rot, hand, shifts, _) = self._posed(spectra, rotations, ctf,
-                                                                   self.basis_ft(self._workspace))
+            spectra, ctf, sl, (rot, hand, shifts, _) = self._posed(spectra, rotations, ctf, table)
             mu, logvar = self.encode(spectra, ctf, sl)
             if hand is not None:
                 mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0], device=rot.device))
