@@ -8,9 +8,13 @@ volumes are real-space (D, D, D) grids under a soft spherical mask; the particle
 exactly as :class:`deepcryo.core.projector.Projector` does (gridding correction, 2× zero padding, centred
 3D FFT, trilinear sampling at ``k·A``, see :func:`deepcryo.core.projector.slice_coordinates`), so decoded
 volumes and reconstructions share one convention. The padded transforms of the ``n_basis + 1`` volumes are
-computed once per optimisation step, whatever the batch size; each particle then costs one trilinear
-lookup of ``n_basis + 1`` values per Fourier pixel (half plane ``kx >= 0`` within radius D/2, by Friedel
-symmetry). The volume decoder is cheaper per particle than a coordinate-MLP decoder (figures in
+computed once per optimisation step, whatever the batch size, by FFTs (:func:`padded_half_transform`,
+O((M+1) D³ log D), and its adjoint in the backward pass); each particle then costs one trilinear lookup of
+``n_basis + 1`` values per Fourier pixel (half plane ``kx >= 0`` within radius D/2, by Friedel symmetry),
+O((M+1) D²), and its scatter in the backward pass. At the default batch of 64 the per-step transform is
+most of a step's cost from box ~100 on, so the cost per particle grows faster than the pixel count between
+box 64 and 128 (figures in ``benchmarks/RESULTS.md``); a larger batch spreads it over more particles. The
+volume decoder is cheaper per particle than a coordinate-MLP decoder (figures in
 ``benchmarks/RESULTS.md``) but not by orders of magnitude; it was chosen above all because the per-basis
 slices it produces are what the encoder consumes, and because V₀ starts at the consensus map. The price
 is expressiveness: motions are represented in an ``n_basis``-dimensional space of volumes, with a
@@ -73,6 +77,7 @@ Loss per particle: NLL + β·KL(q(z|X) ‖ N(0, I)).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -84,7 +89,8 @@ from ..core.fsc import spherical_mask
 from ..core.geometry import symmetry_matrices
 from ..core.projector import gridding_kernel_1d
 
-__all__ = ["LandscapeVAE", "radial_noise_variance", "soft_sphere", "symmetrize_volumes"]
+__all__ = ["LandscapeVAE", "Workspace", "padded_half_transform", "padded_half_transform_adjoint",
+           "radial_noise_variance", "soft_sphere", "symmetrize_volumes"]
 
 
 def soft_sphere(box: int, radius_px: Optional[float] = None) -> torch.Tensor:
@@ -109,6 +115,162 @@ def symmetrize_volumes(volumes: torch.Tensor, operators: torch.Tensor) -> torch.
         grid = (2.0 * (points @ op.T + d // 2) / (d - 1) - 1.0).expand(len(volumes), d, d, d, 3)
         out += F.grid_sample(volumes[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
     return out / len(operators)
+
+
+class Workspace:
+    """Large arrays reused from one training step to the next (the decoder's table and the transform's
+    intermediate), so that a step does not allocate, and page-fault, gigabytes afresh: at box 128 the table is
+    (P, P, P/2+1, M+1) complex, 1.2 GB for 16 basis volumes. An array handed out is overwritten by the next
+    request under the same name; autograd's version counter turns any use of an overwritten saved table (two
+    forward passes before one backward pass) into an error instead of a silent wrong gradient."""
+
+    def __init__(self) -> None:
+        self._arrays: Dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The array ``name`` of this shape, dtype and device (the previous one, or a new one): uninitialised."""
+        a = self._arrays.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype or a.device != device:
+            self._arrays.pop(name, None)
+            a = self._arrays[name] = torch.empty(shape, dtype=dtype, device=device)
+        return a
+
+
+def _array(workspace: Optional[Workspace], name: str, shape, dtype, device) -> torch.Tensor:
+    """``workspace.get(...)``, or a new uninitialised array when there is no workspace."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.get(name, tuple(shape), dtype, device)
+
+
+def _rolled_pad(x: torch.Tensor, padded: int, dims: Tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad axes ``dims`` (each of length D) to ``padded`` with sample D//2 at index 0 (the second half of the
+    samples first, the first half at the end): an FFT of the result has its phase origin at the centre D//2."""
+    d = x.shape[dims[0]]
+    shape = list(x.shape)
+    for dim in dims:
+        shape[dim] = padded
+    out = x.new_zeros(shape)
+    halves = ((slice(0, d - d // 2), slice(d // 2, d)), (slice(padded - d // 2, padded), slice(0, d // 2)))
+    for parts in itertools.product(halves, repeat=len(dims)):
+        dst, src = [slice(None)] * x.dim(), [slice(None)] * x.dim()
+        for dim, (to, fro) in zip(dims, parts):
+            dst[dim], src[dim] = to, fro
+        out[tuple(dst)] = x[tuple(src)]
+    return out
+
+
+def _rolled_crop(x: torch.Tensor, box: int, dims: Tuple[int, ...]) -> torch.Tensor:
+    """Adjoint of :func:`_rolled_pad`: the D samples of each padded axis, back in their order."""
+    for dim in dims:
+        p = x.shape[dim]
+        x = torch.cat([x.narrow(dim, p - box // 2, box // 2), x.narrow(dim, 0, box - box // 2)], dim)
+    return x
+
+
+def _chunk(rows: int, row_bytes: int) -> int:
+    """Rows per chunk of a loop over a large array: about 8 MB of temporaries, whatever the box."""
+    return max(1, min(rows, (1 << 23) // row_bytes))
+
+
+def padded_half_transform(weighted: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
+    """Half-volume transform (P, P, P/2+1, C) of the 2× zero-padded, centred volumes: the table of the decoder.
+
+    ``weighted`` (C, D, D, D) real, indexed [z, y, x], already multiplied by the mask, the gridding correction
+    and the sign ``(−1)^(z+y)`` (which puts the zero frequency of the kz and ky axes at index P/2, as
+    :func:`deepcryo.core.fourier.fft3c` does, without shifting the transform). Result at [kz + P/2, ky + P/2, kx]
+    for kz, ky = −P/2 … P/2 − 1, kx = 0 … P/2: ``fft3c(pad_to(V, P))`` (V times the mask and gridding folded in
+    ``weighted``); by Friedel symmetry, the whole transform. Three 1D FFTs, each axis padded by
+    :func:`_rolled_pad`, the channels innermost throughout (the table's layout, which the slices' gather
+    needs): a real FFT along x, then along y over the D non-zero z planes only, then along z, in chunks of
+    planes so that every temporary is ~8 MB and every copy runs over contiguous rows. O(D³ log D) operations,
+    against O(D⁴) for matrix DFTs. With a ``workspace`` the table and the intermediate are its arrays.
+    """
+    c, d = weighted.shape[0], weighted.shape[-1]
+    p, x = 2 * d, d + 1
+    real = _rolled_pad(weighted.permute(1, 2, 3, 0), p, (2,))                        # (z, y, x, C)
+    ctype = torch.complex128 if weighted.dtype == torch.float64 else torch.complex64
+    mid = _array(workspace, "mid", (d, p, x, c), ctype, weighted.device)              # (z, ky, kx, C)
+    step = _chunk(d, p * x * c * mid.element_size())
+    for z0 in range(0, d, step):
+        half = torch.fft.rfft(real[z0:z0 + step], dim=2)
+        mid[z0:z0 + step] = torch.fft.fft(_rolled_pad(half, p, (1,)), dim=1)
+    del real
+    table = _array(workspace, "table", (p, p, x, c), ctype, weighted.device)         # (kz, ky, kx, C)
+    step = _chunk(p, p * x * c * table.element_size())
+    for y0 in range(0, p, step):
+        table[:, y0:y0 + step] = torch.fft.fft(_rolled_pad(mid[:, y0:y0 + step], p, (0,)), dim=0)
+    return table
+
+
+def padded_half_transform_adjoint(grad: torch.Tensor, box: int, workspace: Optional[Workspace] = None
+                                  ) -> torch.Tensor:
+    """Adjoint of :func:`padded_half_transform`: (C, D, D, D) real from a complex (P, P, P/2+1, C) table.
+
+    For a real loss L and ``grad = ∂L/∂Re T + i ∂L/∂Im T`` this is ``∂L/∂weighted``: the conjugate transposes
+    of the padded DFTs in reverse order (unnormalised inverse FFTs, then :func:`_rolled_crop`); for the real FFT
+    along x every bin but kx = 0 and P/2 stands for a conjugate pair, hence the halves before the Hermitian
+    inverse.
+    """
+    p, x, c = grad.shape[0], grad.shape[2], grad.shape[3]
+    mid = _array(workspace, "mid", (box, p, x, c), grad.dtype, grad.device)
+    step = _chunk(p, p * x * c * grad.element_size())
+    for y0 in range(0, p, step):
+        mid[:, y0:y0 + step] = _rolled_crop(torch.fft.ifft(grad[:, y0:y0 + step], dim=0, norm="forward"), box, (0,))
+    real = grad.new_empty((box, box, box, c), dtype=torch.float64 if grad.dtype == torch.complex128 else
+                          torch.float32)
+    step = _chunk(box, p * x * c * grad.element_size())
+    for z0 in range(0, box, step):
+        half = _rolled_crop(torch.fft.ifft(mid[z0:z0 + step], dim=1, norm="forward"), box, (1,))
+        half[:, :, 1:-1] *= 0.5
+        real[z0:z0 + step] = _rolled_crop(torch.fft.irfft(half, n=p, dim=2, norm="forward"), box, (2,))
+    return real.permute(3, 0, 1, 2)
+
+
+class _HalfTransform(torch.autograd.Function):
+    """:func:`padded_half_transform` as (P·P·(P/2+1), C, 2) real, with its adjoint as the backward pass."""
+
+    @staticmethod
+    def forward(ctx, weighted, workspace):
+        ctx.box, ctx.workspace = weighted.shape[-1], workspace
+        table = padded_half_transform(weighted, workspace)
+        return torch.view_as_real(table).reshape(-1, table.shape[-1], 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p = 2 * ctx.box
+        g = torch.view_as_complex(grad.contiguous()).reshape(p, p, ctx.box + 1, -1)
+        return padded_half_transform_adjoint(g, ctx.box, ctx.workspace), None
+
+
+class _Trilinear(torch.autograd.Function):
+    """Rows (R, F) = Σ_j w[:, j] · table[index[:, j]] over the 8 corners of each point, without the (R, 8, F) array.
+
+    Backward scatters into a dense table gradient (``index_add_``) and, when the weights need it (poses learnt
+    in the pose-free mode), returns their gradient from the same gathered rows.
+    """
+
+    @staticmethod
+    def forward(ctx, table, index, weight):
+        out = torch.zeros((len(index), table.shape[1]), dtype=table.dtype, device=table.device)
+        for j in range(index.shape[1]):
+            out.addcmul_(table.index_select(0, index[:, j]), weight[:, j:j + 1])
+        ctx.save_for_backward(table if ctx.needs_input_grad[2] else None, index, weight)
+        ctx.rows = table.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        table, index, weight = ctx.saved_tensors
+        grad_table = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_table = torch.zeros((ctx.rows, grad.shape[1]), dtype=grad.dtype, device=grad.device)
+            for j in range(index.shape[1]):
+                grad_table.index_add_(0, index[:, j], grad * weight[:, j:j + 1])
+        if ctx.needs_input_grad[2]:
+            grad_weight = torch.stack([(grad * table.index_select(0, index[:, j])).sum(1)
+                                       for j in range(index.shape[1])], 1)
+        return grad_table, None, grad_weight
 
 
 def _mlp(n_in, hidden, n_out, layers=2):
@@ -191,19 +353,11 @@ class LandscapeVAE(nn.Module):
             d = torch.tensor([-1.0, 0.0, 1.0])
             self.register_buffer("grid_shifts", torch.stack(torch.meshgrid(d, d, indexing="xy"), -1).reshape(-1, 2),
                                  persistent=False)
-        # separable DFT matrices of the padded, gridding-corrected volume (see basis_ft), not saved
-        pb, n = self.padded_box, torch.arange(self.box, dtype=torch.float64) - self.box // 2
-        kx = torch.arange(pb // 2 + 1, dtype=torch.float64)
-        kyz = torch.arange(pb, dtype=torch.float64) - pb // 2
-        g64 = g.to(torch.float64)[:, None]
-        fx = torch.polar(1.0 / g64.expand(-1, len(kx)), -2 * torch.pi * n[:, None] * kx[None] / pb)
-        fyz = torch.polar(1.0 / g64.expand(-1, len(kyz)), -2 * torch.pi * n[:, None] * kyz[None] / pb)
-        self.register_buffer("_dft_x", F.pad(fx, (0, 1)).to(torch.complex64), persistent=False)
-        self.register_buffer("_dft_yz", F.pad(fyz, (0, 2)).to(torch.complex64), persistent=False)
-        sx, syz = pb // 2 + 2, pb + 2
-        self._table_shape = (syz, syz, sx)
-        self.register_buffer("_corners", torch.tensor([dz * syz * sx + dy * sx + dx for dz in (0, 1)
-                                                       for dy in (0, 1) for dx in (0, 1)]), persistent=False)
+        # mask, gridding correction and the sign (−1)^(z+y) that centres the kz, ky axes (see basis_ft)
+        sign = 1.0 - 2.0 * (torch.arange(self.box) % 2).to(torch.float32)
+        self.register_buffer("_weight", self.mask3d / self.gridding * sign[:, None, None] * sign[None, :, None],
+                             persistent=False)
+        self.workspace = Workspace()       # the decoder's table and intermediate, reused by basis_ft
 
     def config(self) -> Dict[str, Any]:
         """Constructor arguments other than the tensors (for checkpoints)."""
@@ -216,47 +370,45 @@ class LandscapeVAE(nn.Module):
         return images_ft.reshape(images_ft.shape[:-2] + (-1,))[..., self.pixels]
 
     # ----------------------------------------------------------------------------------------- decoder
-    def basis_ft(self) -> torch.Tensor:
-        """(Z·Y·X, 2(M+1)) table of the padded centred transforms of the masked volumes (real, imag).
+    def basis_ft(self, workspace: Optional[Workspace] = None) -> torch.Tensor:
+        """(Z·Y·X, M+1, 2) table of the padded centred transforms of the masked volumes (real, imaginary).
 
-        Half volume kx = 0 … P/2 (Friedel), kz, ky = −P/2 … P/2 − 1, P = 2D; the 2× zero padding, the
-        real-space centring and the gridding correction are folded into three separable DFT matrices (one
-        complex matmul per axis: no padded copy, no FFT shifts). Extra zero planes (one along x, two along
-        y and z) keep the trilinear corners of frequencies up to Nyquist in bounds. Equal to
-        ``fft3c(pad_to(V·mask/gridding, P))`` on those frequencies.
+        Half volume kx = 0 … P/2 (Friedel), kz, ky = −P/2 … P/2 − 1, P = 2D, row ``(kz + P/2)·P·X + (ky + P/2)·X
+        + kx`` (X = P/2 + 1): equal to ``fft3c(pad_to(V·mask/gridding, P))`` on those frequencies (kx = P/2 taken
+        periodically from −P/2), computed by :func:`padded_half_transform` (FFTs, O(D³ log D) per step) with
+        its adjoint as the backward pass. With a ``workspace`` (:meth:`forward` passes the model's own) the table
+        is that workspace's array, overwritten by the next call.
         """
-        vols = (self.volumes * self.mask3d).to(torch.complex64)
-        a = torch.matmul(vols, self._dft_x)                                       # (C, z, y, kx)
-        b = torch.einsum("czyk,yj->czjk", a, self._dft_yz)                         # (C, z, ky, kx)
-        t = torch.einsum("czjk,zi->ijkc", b, self._dft_yz)                         # (kz, ky, kx, C)
-        return torch.cat([t.real, t.imag], -1).reshape(-1, 2 * t.shape[-1])
+        return _HalfTransform.apply(self.volumes * self._weight, workspace)
 
-    def slices(self, rotations: torch.Tensor, table: torch.Tensor, hand: Optional[torch.Tensor] = None,
-               channels: Optional[int] = None) -> torch.Tensor:
-        """Central slices (B, C, K) complex of every volume at (B, 3, 3) poses (trilinear, as the projector).
+    def slices(self, rotations: torch.Tensor, table: torch.Tensor, hand: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+        """Central slices (B, C, K) complex of the C volumes of ``table`` (:meth:`basis_ft`, or some of its
+        volumes, ``table[:, :1]`` for V₀) at (B, 3, 3) poses (trilinear, as the projector).
 
-        ``hand`` (B,) ±1: −1 samples the mirror pose M·A·M (z of the slice points negated).
-        ``channels``: number of volumes C taken from ``table`` (default: all, M+1).
+        ``hand`` (B,) ±1: −1 samples the mirror pose M·A·M (z of the slice points negated). Corners outside the
+        padded grid (at Nyquist) weigh zero, as :func:`torch.nn.functional.grid_sample`'s zero padding.
         """
         pts = torch.matmul(self.freqs, rotations)                                     # (B, K, 3), k·A
         if hand is not None:
             pts = torch.cat([pts[..., :2], pts[..., 2:] * hand[:, None, None]], -1)
         conj = torch.where(pts[..., 0] < 0, -1.0, 1.0)                               # Friedel: V(−k) = V(k)*
-        pts = pts * (conj * self.padded_box)[..., None]
-        pts = pts + torch.tensor([0.0, 1.0, 1.0], device=pts.device) * (self.padded_box // 2)
+        p = self.padded_box
+        pts = pts * (conj * p)[..., None]
+        pts = pts + torch.tensor([0.0, 1.0, 1.0], device=pts.device) * (p // 2)
         base = torch.floor(pts)
         frac = pts - base
-        base = base.long()
-        sz, sy, sx = self._table_shape
-        origin = (base[..., 2] * sy + base[..., 1]) * sx + base[..., 0]             # (B, K)
-        wx = torch.stack([1 - frac[..., 0], frac[..., 0]], -1)
-        wy = torch.stack([1 - frac[..., 1], frac[..., 1]], -1)
-        wz = torch.stack([1 - frac[..., 2], frac[..., 2]], -1)
-        w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).reshape(origin.shape + (8,))
-        vals = table[(origin[..., None] + self._corners).reshape(-1)].reshape(origin.shape + (8, -1))
-        out = (w[..., None] * vals).sum(-2)
-        m = table.shape[-1] // 2
-        return torch.complex(out[..., :m], out[..., m:] * conj[..., None]).transpose(1, 2)
+        lower = base.long()
+        corners = torch.stack([lower, lower + 1], -1)                                  # (B, K, 3 axes, 2)
+        size = torch.tensor([p // 2 + 1, p, p], device=pts.device)[:, None]
+        inside = (corners >= 0) & (corners < size)
+        w = torch.stack([1 - frac, frac], -1) * inside                                 # (B, K, 3, 2)
+        corners = torch.minimum(corners.clamp(min=0), size - 1)
+        index = ((corners[..., 2, :, None, None] * p + corners[..., 1, None, :, None]) * (p // 2 + 1)
+                 + corners[..., 0, None, None, :]).reshape(-1, 8)
+        w = (w[..., 2, :, None, None] * w[..., 1, None, :, None] * w[..., 0, None, None, :]).reshape(-1, 8)
+        out = _Trilinear.apply(table.reshape(len(table), -1), index, w).reshape(pts.shape[:2] + (-1, 2))
+        return torch.complex(out[..., 0], out[..., 1] * conj[..., None]).transpose(1, 2)
 
     # -------------------------------------------------------------------------------------- pose head
     def predict_poses(self, spectra: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -286,10 +438,9 @@ class LandscapeVAE(nn.Module):
         """
         rot, shifts = self.predict_poses(spectra)
         b, h = rot.shape[:2]
-        m = self.n_basis + 1
         weight = self.pixel_weight / self.select(self.noise_var)
         with torch.no_grad():
-            t0 = table[:, [0, m]]
+            t0 = table[:, :1]
             flat = rot.detach().reshape(b * h, 3, 3).repeat(2, 1, 1)
             hand = torch.cat([torch.ones(b * h), -torch.ones(b * h)]).to(rot)
             s0 = self.slices(flat, t0, hand)[:, 0].reshape(2, b, h, -1)              # (2, B, H, K)
@@ -382,7 +533,7 @@ class LandscapeVAE(nn.Module):
 
         In pose-free mode ``rotations`` is ignored (and may be None).
         """
-        spectra, ctf, sl, (_, _, _, distill) = self._posed(spectra, rotations, ctf, self.basis_ft())
+        spectra, ctf, sl, (_, _, _, distill) = self._posed(spectra, rotations, ctf, self.basis_ft(self.workspace))
         mu, logvar = self.encode(spectra, ctf, sl)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         pred = self.decode_slice(z, sl) * ctf
@@ -394,14 +545,15 @@ class LandscapeVAE(nn.Module):
             loss = loss + self.distill_weight * distill
         return {"loss": loss.mean(), "nll": nll.mean(), "kl": kl.mean()}
 
-    def posterior(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def posterior(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor,
+                  table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The encoder's Gaussian q(z|X) without gradients: mean (B, L), standard deviation σ (B, L) (latent
         units; the prior is N(0, I), so σ near 1 means the image says little about that coordinate), and the
         poses used: (B, 3, 3) matrices A (mirror hand applied) and shifts (B, 2) px of the
-        working box (the given poses and None in the main mode, the predicted ones when pose-free)."""
+        working box (the given poses and None in the main mode, the predicted ones when pose-free).
+        ``table``: :meth:`basis_ft` of the current volumes, computed once for a pass over many batches."""
         with torch.no_grad():
-            spectra, ctf, sl, (rot, hand, shifts, _) = self._posed(spectra, rotations, ctf, self.basis_ft())
+            spectra, ctf, sl, (rot, hand, shifts, _) = self._posed(spectra, rotations, ctf, table)
             mu, logvar = self.encode(spectra, ctf, sl)
             if hand is not None:
                 mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0], device=rot.device))

@@ -145,8 +145,10 @@ def encode_posterior(model: LandscapeVAE, data: ParticleBatches, batch_size: int
     n, dim = len(data), model.latent_dim
     out = Posterior(np.empty((n, dim), np.float32), np.empty((n, dim), np.float32),
                     np.zeros((n, 3, 3), np.float32), np.zeros((n, 2), np.float32))
+    with torch.no_grad():       # the volumes do not change during the pass; the workspace holds no second table
+        table = model.basis_ft(model.workspace)
     for idx, spectra, rot, ctf in data.batches(batch_size, device=device):
-        mu, sigma, r, t = model.posterior(spectra, rot, ctf)
+        mu, sigma, r, t = model.posterior(spectra, rot, ctf, table)
         out.z[idx], out.sigma[idx], out.rotations[idx] = mu.cpu().numpy(), sigma.cpu().numpy(), r.cpu().numpy()
         if t is not None:
             out.shifts[idx] = t.cpu().numpy()

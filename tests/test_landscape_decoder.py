@@ -1,0 +1,115 @@
+"""The landscape decoder's table and slices: FFT transform and gather against their definitions.
+
+:meth:`LandscapeVAE.basis_ft` must equal ``fft3c(pad_to(V·mask/gridding, 2D))`` on its half volume; its slices
+must equal the :class:`deepcryo.core.projector.Projector`'s; and the gradients of a loss through both, with
+respect to the volumes and to the poses (learnt in the pose-free mode), must equal those of the previous
+implementation (three separable matrix DFTs over a zero-bordered table, gathered by plain indexing), written
+out here as the reference.
+"""
+import torch
+import torch.nn.functional as F
+
+from deepcryo.core import fourier
+from deepcryo.core.geometry import quaternion_to_matrix
+from deepcryo.core.projector import Projector, gridding_kernel_1d
+from deepcryo.landscape.model import LandscapeVAE, _HalfTransform
+
+BOX = 16
+
+
+def _model(box=BOX, n_basis=3, seed=0):
+    torch.manual_seed(seed)
+    model = LandscapeVAE(box, 2, n_basis, 16, torch.randn(box, box, box), torch.ones(box, box))
+    with torch.no_grad():
+        model.volumes.normal_()                       # every volume with power up to Nyquist
+    return model
+
+
+def _half_of_fft3c(model):
+    """(P, P, P/2+1, C) reference: the centred transform of the padded volumes, kx = P/2 taken from −P/2."""
+    p = model.padded_box
+    vol = (model.volumes * model.mask3d / model.gridding).detach().to(torch.float64)
+    ft = fourier.fft3c(fourier.pad_to(vol, p, 3))
+    return torch.cat([ft[..., p // 2:], ft[..., :1]], -1).permute(1, 2, 3, 0)
+
+
+def _matrix_dft_slices(model, rotations):
+    """The decoder's slices as first written: separable DFT matrices and autograd through a gather."""
+    d, pb = model.box, model.padded_box
+    g = gridding_kernel_1d(d, pb).to(torch.float64)[:, None]
+    n = torch.arange(d, dtype=torch.float64) - d // 2
+    kx = torch.arange(pb // 2 + 1, dtype=torch.float64)
+    kyz = torch.arange(pb, dtype=torch.float64) - pb // 2
+    dft_x = F.pad(torch.polar(1.0 / g.expand(-1, len(kx)), -2 * torch.pi * n[:, None] * kx[None] / pb), (0, 1))
+    dft_yz = F.pad(torch.polar(1.0 / g.expand(-1, len(kyz)), -2 * torch.pi * n[:, None] * kyz[None] / pb), (0, 2))
+    vols = (model.volumes * model.mask3d).to(torch.complex128)
+    a = torch.matmul(vols, dft_x)
+    b = torch.einsum("czyk,yj->czjk", a, dft_yz)
+    t = torch.einsum("czjk,zi->ijkc", b, dft_yz)
+    table = torch.cat([t.real, t.imag], -1).reshape(-1, 2 * t.shape[-1])
+    sx, syz = pb // 2 + 2, pb + 2
+    corners = torch.tensor([dz * syz * sx + dy * sx + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
+    pts = torch.matmul(model.freqs.to(torch.float64), rotations)
+    conj = torch.where(pts[..., 0] < 0, -1.0, 1.0)
+    pts = pts * (conj * pb)[..., None] + torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64) * (pb // 2)
+    base = torch.floor(pts)
+    frac = pts - base
+    base = base.long()
+    origin = (base[..., 2] * syz + base[..., 1]) * sx + base[..., 0]
+    wx, wy, wz = (torch.stack([1 - frac[..., i], frac[..., i]], -1) for i in range(3))
+    w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).reshape(origin.shape + (8,))
+    vals = table[(origin[..., None] + corners).reshape(-1)].reshape(origin.shape + (8, -1))
+    out = (w[..., None] * vals).sum(-2)
+    m = table.shape[-1] // 2
+    return torch.complex(out[..., :m], out[..., m:] * conj[..., None]).transpose(1, 2)
+
+
+def test_basis_ft_is_the_padded_centred_transform():
+    """Table = ``fft3c(pad_to(V·mask/gridding, P))`` on kz, ky = −P/2 … P/2−1, kx = 0 … P/2, to float32
+    precision (fails if the centring phase or the (−1)^(z+y) sign is dropped: errors of order 1)."""
+    for box in (BOX, 18):
+        model = _model(box)
+        table = torch.view_as_complex(model.basis_ft().detach().contiguous()).to(torch.complex128)
+        ref = _half_of_fft3c(model).reshape(table.shape)
+        assert float((table - ref).abs().max() / ref.abs().max()) < 1e-5, box
+
+
+def test_slices_are_the_projectors():
+    """Slices of every volume at random poses = the projector's central slices (``grid_sample`` on the full
+    padded transform), at every kept pixel not next to the Nyquist circle (there the projector's grid has no
+    kx = +P/2 plane and reads zero, the decoder reads its periodic value; hence the 1 px margin)."""
+    model = _model()
+    rot = quaternion_to_matrix(torch.randn(6, 4))
+    sl = model.slices(rot, model.basis_ft()).detach()
+    inner = model.freqs[:, :2].norm(dim=1) * BOX <= BOX / 2 - 1
+    for c in range(model.n_basis + 1):
+        ref = model.select(Projector((model.volumes[c] * model.mask3d).detach()).project_ft(rot))[:, inner]
+        assert float((sl[:, c, inner] - ref).abs().max() / ref.abs().max()) < 1e-5, c
+
+
+def test_gradients_match_the_matrix_dft_decoder():
+    """Values and gradients (volumes, rotations) of a weighted loss on the slices, against the matrix-DFT
+    decoder computed in float64: relative errors at float32 precision."""
+    model = _model()
+    rot = quaternion_to_matrix(torch.randn(5, 4))
+    weights = torch.rand(5, model.n_basis + 1, len(model.pixels), dtype=torch.complex128)
+    results = []
+    for slices in (lambda r: model.slices(r.to(torch.float32), model.basis_ft()),
+                   lambda r: _matrix_dft_slices(model, r)):
+        r = rot.to(torch.float64).clone().requires_grad_()
+        model.volumes.grad = None
+        sl = slices(r)
+        loss = (weights * sl.to(torch.complex128)).real.sum() + (sl.abs() ** 2).sum()
+        loss.backward()
+        results.append((sl.detach().to(torch.complex128), model.volumes.grad.clone(), r.grad.clone()))
+    for new, ref in zip(results[0], results[1]):
+        ref = ref.to(new.dtype)
+        assert float((new - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_half_transform_adjoint_float64_gradcheck():
+    """The hand-written backward pass is the adjoint of the forward transform (torch.autograd.gradcheck in
+    float64, both even boxes of a small size)."""
+    for box in (4, 6):
+        weighted = torch.randn(2, box, box, box, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_HalfTransform.apply, (weighted, None), eps=1e-6, atol=1e-6)
