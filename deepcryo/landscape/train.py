@@ -30,6 +30,7 @@ is per process, so the global batch grows with the number of processes.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -266,7 +267,11 @@ def _run(cfg, init, device, launch: DistributedLaunch):
         logger.info("rank %d of %d done: parameter checksum %.12e", rank, world, checksum)
         # the ranks leave together: rank 0 encodes and writes the particles after the last epoch, and a rank
         # that tore its gloo group down meanwhile was seen to abort now and then at exit ("terminate called
-        # without an active exception", SIGABRT) in the test suite
+        # without an active exception", SIGABRT) in the test suite. The DDP wrapper goes first: its reducer
+        # keeps the last gradient all-reduce's gloo work (holding tensors) alive, and freeing that during the
+        # interpreter's finalisation, after the group is gone, is the other known cause of that abort.
+        del net
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
