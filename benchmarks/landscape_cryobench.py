@@ -114,15 +114,26 @@ def _read_volumes(paths):
 def run_deepcryo(star, conformation_of, out, args):
     """Train on ``star`` (its poses: true or estimated), decode at each conformation's mean latent; (volumes,
     latents, conformation of each latent, wall, CPU). ``conformation_of``: image key -> true conformation (the
-    estimated STAR need not keep the rendered order)."""
-    wall, cpu, z, trained = pairwise.run_deepcryo(star, out, args)
+    estimated STAR need not keep the rendered order). Reused when ``out`` holds a finished run (its ``time_s.json``
+    with that run's wall and CPU seconds)."""
+    record, vols = os.path.join(out, "time_s.json"), os.path.join(out, "volumes")
+    if os.path.exists(record):          # a finished run of this folder (same set, same poses): reused
+        with open(record) as f:
+            wall, cpu = json.load(f)
+        trained = read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
+        z = metrics.latents(trained)
+    else:
+        wall, cpu, z, trained = pairwise.run_deepcryo(star, out, args)
     conformation = np.array([conformation_of[k] for k in image_keys(trained)])
-    zfile = os.path.join(out, "conformation_means.txt")
-    np.savetxt(zfile, metrics.conformation_means(z, conformation))
-    vols = os.path.join(out, "volumes")
-    w, c = timed_commands([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", vols,
-                            "--zfile", zfile, "--threads", str(args.threads)]])
-    return _read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))), z, conformation, wall + w, cpu + c
+    if not os.path.exists(record):
+        zfile = os.path.join(out, "conformation_means.txt")
+        np.savetxt(zfile, metrics.conformation_means(z, conformation))
+        w, c = timed_commands([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", vols,
+                                "--zfile", zfile, "--threads", str(args.threads)]])
+        wall, cpu = wall + w, cpu + c
+        with open(record, "w") as f:
+            json.dump([wall, cpu], f)
+    return _read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))), z, conformation, wall, cpu
 
 
 def run_cryodrgn(star, conformation_of, out, args):
@@ -233,6 +244,58 @@ def second_pass_references(vae_dir, data, args):
     return refs, wall, cpu
 
 
+def body_frame_particles(vae_dir, out, args):
+    """``analyze --clusters K`` (K = ``--body-frame``) of the VAE trained on SwiftRes's poses into
+    ``vae_dir/analysis_bodyframe``, then ``python -m deepcryo.landscape frames`` of its particles and cluster maps
+    into ``out/particles.star``: each cluster's poses turned into the most populated cluster's body frame. Reused
+    when ``out`` holds a finished run; (STAR path, wall, CPU of analyze and frames)."""
+    star, record = os.path.join(out, "particles.star"), os.path.join(out, "time_s.json")
+    if not os.path.exists(record):
+        analysis = os.path.join(vae_dir, "analysis_bodyframe")
+        wall, cpu = timed_commands([
+            [sys.executable, "-m", "deepcryo.landscape", "analyze", vae_dir, "--clusters", str(args.body_frame),
+             "--no-umap", "--trajectory-steps", "2", "--pcs", "1", "--threads", str(args.threads), "--seed",
+             str(args.seed), "--output-dir", analysis],
+            [sys.executable, "-m", "deepcryo.landscape", "frames", "--particles",
+             os.path.join(analysis, "particles.star"), "--maps",
+             *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)],
+             "--output", star]])
+        with open(record, "w") as f:
+            json.dump([wall, cpu], f)
+    with open(record) as f:
+        wall, cpu = json.load(f)
+    return star, wall, cpu
+
+
+def body_frame_figures(star_path, truth, conformation_of):
+    """The turns that ``frames`` found for each cluster against the truth: per cluster its size, the angle of the
+    turn R found, of the turn G that its particles' SwiftRes poses share (A_est ≈ A_true·G, from the truth) and of
+    R·Gᵀ (0 when R undoes G exactly: the turned poses are A_est·Rᵀ); and the shared turn of each conformation's
+    turned poses (what is left of SwiftRes's turn)."""
+    with open(os.path.splitext(star_path)[0] + "_frames.json") as f:
+        found = json.load(f)
+    star = read_particles(star_path, require_images=False)
+    keys = image_keys(star)
+    truth_by_key = dict(zip(image_keys(truth), truth.angles_deg()))
+    turns = np.asarray(found["rotations"])
+    turned = euler_to_matrix(torch.as_tensor(star.angles_deg())).numpy()
+    true = euler_to_matrix(torch.as_tensor(np.stack([truth_by_key[k] for k in keys]))).numpy()
+    groups = np.asarray(star.particles[found["group_column"]], dtype=np.int64) - 1
+    before = np.einsum("nij,njk->nik", turned, turns[groups])          # A_est = A_turned·R
+    relative = np.einsum("nji,njk->nik", true, before)
+    shared = np.stack([metrics._project_so3(relative[groups == g].sum(0)) for g in range(len(turns))])
+    clusters = [{"cluster": g + 1, "particles": int((groups == g).sum()),
+                 "turn_found_deg": float(rotation_angle_deg(torch.as_tensor(turns[g]))),
+                 "swiftres_shared_turn_deg": float(rotation_angle_deg(torch.as_tensor(shared[g]))),
+                 "found_vs_shared_deg": float(rotation_angle_deg(torch.as_tensor(turns[g] @ shared[g].T))),
+                 "conformations": np.bincount([conformation_of[k] for k, m in zip(keys, groups == g) if m]).tolist()}
+                for g in range(len(turns))]
+    after = shared_turns(star_path, truth, conformation_of)
+    return {"reference_cluster": found["reference_group"], "clusters": clusters,
+            "static_body_fraction_of_particle": found["static_body_fraction_of_particle"],
+            "turn_left_deg": [float(a) for a in rotation_angle_deg(torch.as_tensor(after)).numpy()]}
+
+
 def pose_figures(star_path, truth, conformation_of):
     """SwiftRes's pose error against the truth: median and % beyond 10°, raw and after the best rotation of each
     conformation's frame (:func:`landscape_path.state_aligned_errors_deg`), overall and per conformation."""
@@ -319,17 +382,18 @@ def run_set(kind, args, work):
         logger.info("%s %s: %.0f s wall, %s", kind, label, time.time() - t0, json.dumps(
             {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}))
 
-    def estimated(folder, references=None, pose_cpu=0.0):
-        """SwiftRes into ``folder``, its pose error, deepcryo and the consensus on its poses."""
-        star, wall, cpu = run_swiftres(data, os.path.join(work, kind, folder), args, references)
+    def estimated(folder, references=None, pose_cpu=0.0, poses=None):
+        """SwiftRes into ``folder`` (or ``poses``: (STAR, wall, CPU) made otherwise), its pose error, deepcryo and
+        the consensus on its poses."""
+        star, wall, cpu = poses or run_swiftres(data, os.path.join(work, kind, folder), args, references)
         figures = dict(pose_figures(star, truth, conformation_of), wall_s=wall, cpu_s=cpu + pose_cpu)
         entry.setdefault("pose_runs", {})[folder] = figures
         logger.info("%s %s: pose error median %.2f°, %.1f %% > 10°; %.0f CPU s", kind, folder,
                     figures["median_deg"], figures["pct_over_10"], cpu)
         for name, run in (("deepcryo", run_deepcryo), ("consensus", None)):
             score_run("%s, %s poses" % (name, folder), "estimated", star, run,
-                      os.path.join(work, kind, "%s_%s" % (name, folder)), figures["cpu_s"])
-        return os.path.join(work, kind, "deepcryo_" + folder), figures["cpu_s"]
+                      os.path.join(work, kind, "%s_%s" % (name, folder.replace(" + ", "_"))), figures["cpu_s"])
+        return os.path.join(work, kind, "deepcryo_" + folder.replace(" + ", "_")), figures["cpu_s"]
 
     if "true" in args.poses:
         score_run("deepcryo", "true", data.star, run_deepcryo, os.path.join(work, kind, "deepcryo"), 0.0)
@@ -339,6 +403,13 @@ def run_set(kind, args, work):
     if "estimated" in args.poses:
         folder = swiftres_name(args)
         vae_dir, pose_cpu = estimated(folder)
+        if args.body_frame:
+            made = body_frame_particles(vae_dir, os.path.join(work, kind, "%s_bodyframe%d" % (folder, args.body_frame)),
+                                        args)
+            vae_cpu = entry["methods"]["deepcryo, %s poses" % folder]["cpu_s"] - pose_cpu
+            corrected = "%s + body frame" % folder
+            estimated(corrected, pose_cpu=pose_cpu + vae_cpu, poses=made)
+            entry["body_frame"] = body_frame_figures(made[0], truth, conformation_of)
         if args.two_pass:
             refs, _, cpu = second_pass_references(vae_dir, data, args)
             vae_cpu = entry["methods"]["deepcryo, %s poses" % folder]["cpu_s"] - pose_cpu
@@ -386,6 +457,16 @@ def table(kind, entry):
                   "per conformation, median (aligned): " + ", ".join(
                       "%.1f (%.1f)" % pair for pair in zip(p["per_conformation_median_deg"],
                                                            p["per_conformation_aligned_median_deg"]))]
+    if "body_frame" in entry:
+        b = entry["body_frame"]
+        lines += ["", "body frame (`frames` on %d clusters, reference cluster %d, static body %.0f %% of the particle "
+                  "mask): per cluster, particles, turn found, turn its SwiftRes poses share (from the truth), angle "
+                  "between them:" % (len(b["clusters"]), b["reference_cluster"],
+                                     100 * b["static_body_fraction_of_particle"]),
+                  "; ".join("%d: %d, %.1f°, %.1f°, %.1f°" % (c["cluster"], c["particles"], c["turn_found_deg"],
+                                                             c["swiftres_shared_turn_deg"], c["found_vs_shared_deg"])
+                            for c in b["clusters"]),
+                  "shared turn left per conformation: " + ", ".join("%.1f" % a for a in b["turn_left_deg"])]
     return "\n".join(lines)
 
 
@@ -416,6 +497,9 @@ def main(argv=None):
     p.add_argument("--two-pass", type=int, default=0, metavar="K",
                    help="then SwiftRes again from the K cluster maps of the VAE on the first poses (one class each), "
                         "and the VAE on its poses (landscape_path's --two-pass)")
+    p.add_argument("--body-frame", type=int, default=0, metavar="K",
+                   help="then analyze --clusters K of the VAE on SwiftRes's poses, frames (each cluster's poses "
+                        "turned into one body frame) and the VAE on the turned poses")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="output JSON (default <workdir>/cryobench.json)")
     args = p.parse_args(argv)
