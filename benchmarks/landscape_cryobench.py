@@ -246,8 +246,10 @@ def second_pass_references(vae_dir, data, args):
 
 def body_frame_particles(vae_dir, out, args):
     """``analyze --clusters K`` (K = ``--body-frame``) of the VAE trained on SwiftRes's poses into
-    ``vae_dir/analysis_bodyframe``, then ``python -m deepcryo.landscape frames`` of its particles and cluster maps
-    into ``out/particles.star``: each cluster's poses turned into the most populated cluster's body frame. Reused
+    ``vae_dir/analysis_bodyframe``, then ``python -m deepcryo.landscape frames`` of its particles into
+    ``out/particles.star``, with ``--body-frame-groups clusters`` on its K k-means clusters and their
+    reconstructions, with ``pc1`` on K equal bins along the latent's PC1 (maps reconstructed by ``frames`` at the
+    working box): each group's poses moved into one body frame (the mean of the groups'). Reused
     when ``out`` holds a finished run; (STAR path, wall, CPU of analyze and frames)."""
     star, record = os.path.join(out, "particles.star"), os.path.join(out, "time_s.json")
     if not os.path.exists(record):
@@ -257,9 +259,10 @@ def body_frame_particles(vae_dir, out, args):
              "--no-umap", "--trajectory-steps", "2", "--pcs", "1", "--threads", str(args.threads), "--seed",
              str(args.seed), "--output-dir", analysis],
             [sys.executable, "-m", "deepcryo.landscape", "frames", "--particles",
-             os.path.join(analysis, "particles.star"), "--maps",
-             *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)],
-             "--output", star]])
+             os.path.join(analysis, "particles.star"), "--output", star] + (
+                ["--group-column", "dcPC1", "--bins", str(args.body_frame), "--box", str(args.work_box)]
+                if args.body_frame_groups == "pc1" else
+                ["--maps", *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)]])])
         with open(record, "w") as f:
             json.dump([wall, cpu], f)
     with open(record) as f:
@@ -268,7 +271,7 @@ def body_frame_particles(vae_dir, out, args):
 
 
 def body_frame_figures(star_path, truth, conformation_of):
-    """The turns that ``frames`` found for each cluster against the truth: per cluster its size, the angle of the
+    """The turns that ``frames`` found for each group against the truth: per group its size, the angle of the
     turn R found, of the turn G that its particles' SwiftRes poses share (A_est ≈ A_true·G, from the truth) and of
     R·Gᵀ (0 when R undoes G exactly: the turned poses are A_est·Rᵀ); and the shared turn of each conformation's
     turned poses (what is left of SwiftRes's turn)."""
@@ -280,7 +283,7 @@ def body_frame_figures(star_path, truth, conformation_of):
     turns = np.asarray(found["rotations"])
     turned = euler_to_matrix(torch.as_tensor(star.angles_deg())).numpy()
     true = euler_to_matrix(torch.as_tensor(np.stack([truth_by_key[k] for k in keys]))).numpy()
-    groups = np.asarray(star.particles[found["group_column"]], dtype=np.int64) - 1
+    groups = np.asarray(star.particles["dcFrameGroup"], dtype=np.int64) - 1
     before = np.einsum("nij,njk->nik", turned, turns[groups])          # A_est = A_turned·R
     relative = np.einsum("nji,njk->nik", true, before)
     shared = np.stack([metrics._project_so3(relative[groups == g].sum(0)) for g in range(len(turns))])
@@ -291,7 +294,7 @@ def body_frame_figures(star_path, truth, conformation_of):
                  "conformations": np.bincount([conformation_of[k] for k, m in zip(keys, groups == g) if m]).tolist()}
                 for g in range(len(turns))]
     after = shared_turns(star_path, truth, conformation_of)
-    return {"reference_cluster": found["reference_group"], "clusters": clusters,
+    return {"reference_cluster": found.get("aligned_to_group", found.get("reference_group")), "clusters": clusters,
             "static_body_fraction_of_particle": found["static_body_fraction_of_particle"],
             "turn_left_deg": [float(a) for a in rotation_angle_deg(torch.as_tensor(after)).numpy()]}
 
@@ -392,8 +395,8 @@ def run_set(kind, args, work):
                     figures["median_deg"], figures["pct_over_10"], cpu)
         for name, run in (("deepcryo", run_deepcryo), ("consensus", None)):
             score_run("%s, %s poses" % (name, folder), "estimated", star, run,
-                      os.path.join(work, kind, "%s_%s" % (name, folder.replace(" + ", "_"))), figures["cpu_s"])
-        return os.path.join(work, kind, "deepcryo_" + folder.replace(" + ", "_")), figures["cpu_s"]
+                      os.path.join(work, kind, "%s_%s" % (name, folder.replace(" + ", "_").replace(" ", "_"))), figures["cpu_s"])
+        return os.path.join(work, kind, "deepcryo_" + folder.replace(" + ", "_").replace(" ", "_")), figures["cpu_s"]
 
     if "true" in args.poses:
         score_run("deepcryo", "true", data.star, run_deepcryo, os.path.join(work, kind, "deepcryo"), 0.0)
@@ -404,10 +407,10 @@ def run_set(kind, args, work):
         folder = swiftres_name(args)
         vae_dir, pose_cpu = estimated(folder)
         if args.body_frame:
-            made = body_frame_particles(vae_dir, os.path.join(work, kind, "%s_bodyframe%d" % (folder, args.body_frame)),
-                                        args)
+            made = body_frame_particles(vae_dir, os.path.join(work, kind, "%s_bodyframe_%s%d" % (
+                folder, args.body_frame_groups, args.body_frame)), args)
             vae_cpu = entry["methods"]["deepcryo, %s poses" % folder]["cpu_s"] - pose_cpu
-            corrected = "%s + body frame" % folder
+            corrected = "%s + body frame %s%d" % (folder, args.body_frame_groups, args.body_frame)
             estimated(corrected, pose_cpu=pose_cpu + vae_cpu, poses=made)
             entry["body_frame"] = body_frame_figures(made[0], truth, conformation_of)
         if args.two_pass:
@@ -459,8 +462,8 @@ def table(kind, entry):
                                                            p["per_conformation_aligned_median_deg"]))]
     if "body_frame" in entry:
         b = entry["body_frame"]
-        lines += ["", "body frame (`frames` on %d clusters, reference cluster %d, static body %.0f %% of the particle "
-                  "mask): per cluster, particles, turn found, turn its SwiftRes poses share (from the truth), angle "
+        lines += ["", "body frame (`frames` on %d groups, aligned to group %d, static body %.0f %% of the particle "
+                  "mask): per group, particles, turn found, turn its SwiftRes poses share (from the truth), angle "
                   "between them:" % (len(b["clusters"]), b["reference_cluster"],
                                      100 * b["static_body_fraction_of_particle"]),
                   "; ".join("%d: %d, %.1f°, %.1f°, %.1f°" % (c["cluster"], c["particles"], c["turn_found_deg"],
@@ -500,6 +503,8 @@ def main(argv=None):
     p.add_argument("--body-frame", type=int, default=0, metavar="K",
                    help="then analyze --clusters K of the VAE on SwiftRes's poses, frames (each cluster's poses "
                         "turned into one body frame) and the VAE on the turned poses")
+    p.add_argument("--body-frame-groups", default="pc1", choices=("pc1", "clusters"),
+                   help="the --body-frame groups: K equal bins along the latent's PC1, or analyze's K k-means clusters")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="output JSON (default <workdir>/cryobench.json)")
     args = p.parse_args(argv)
