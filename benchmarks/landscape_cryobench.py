@@ -406,13 +406,16 @@ def run_set(kind, args, work):
     if "estimated" in args.poses:
         folder = swiftres_name(args)
         vae_dir, pose_cpu = estimated(folder)
-        if args.body_frame:
-            made = body_frame_particles(vae_dir, os.path.join(work, kind, "%s_bodyframe_%s%d" % (
-                folder, args.body_frame_groups, args.body_frame)), args)
-            vae_cpu = entry["methods"]["deepcryo, %s poses" % folder]["cpu_s"] - pose_cpu
-            corrected = "%s + body frame %s%d" % (folder, args.body_frame_groups, args.body_frame)
-            estimated(corrected, pose_cpu=pose_cpu + vae_cpu, poses=made)
-            entry["body_frame"] = body_frame_figures(made[0], truth, conformation_of)
+        source, source_dir, source_cpu = folder, vae_dir, pose_cpu
+        for round_ in range(1, args.body_frame_rounds + 1 if args.body_frame else 1):
+            tag = "%s%d" % (args.body_frame_groups, args.body_frame) + (" x%d" % round_ if round_ > 1 else "")
+            made = body_frame_particles(source_dir, os.path.join(work, kind, "%s_bodyframe_%s" % (
+                folder, tag.replace(" ", "_"))), args)
+            vae_cpu = entry["methods"]["deepcryo, %s poses" % source]["cpu_s"] - source_cpu
+            source = "%s + body frame %s" % (folder, tag)
+            source_dir, source_cpu = estimated(source, pose_cpu=source_cpu + vae_cpu, poses=made)
+            entry.setdefault("body_frames", []).append(dict(body_frame_figures(made[0], truth, conformation_of),
+                                                            run=source))
         if args.two_pass:
             refs, _, cpu = second_pass_references(vae_dir, data, args)
             vae_cpu = entry["methods"]["deepcryo, %s poses" % folder]["cpu_s"] - pose_cpu
@@ -460,12 +463,10 @@ def table(kind, entry):
                   "per conformation, median (aligned): " + ", ".join(
                       "%.1f (%.1f)" % pair for pair in zip(p["per_conformation_median_deg"],
                                                            p["per_conformation_aligned_median_deg"]))]
-    if "body_frame" in entry:
-        b = entry["body_frame"]
-        lines += ["", "body frame (`frames` on %d groups, aligned to group %d, static body %.0f %% of the particle "
-                  "mask): per group, particles, turn found, turn its SwiftRes poses share (from the truth), angle "
-                  "between them:" % (len(b["clusters"]), b["reference_cluster"],
-                                     100 * b["static_body_fraction_of_particle"]),
+    for b in entry.get("body_frames", []):
+        lines += ["", "%s (`frames` on %d groups, aligned to group %d, static body %.0f %% of the particle mask): per "
+                  "group, particles, turn found, turn its input poses share (from the truth), angle between them:" % (
+                      b["run"], len(b["clusters"]), b["reference_cluster"], 100 * b["static_body_fraction_of_particle"]),
                   "; ".join("%d: %d, %.1f°, %.1f°, %.1f°" % (c["cluster"], c["particles"], c["turn_found_deg"],
                                                              c["swiftres_shared_turn_deg"], c["found_vs_shared_deg"])
                             for c in b["clusters"]),
@@ -505,6 +506,8 @@ def main(argv=None):
                         "turned into one body frame) and the VAE on the turned poses")
     p.add_argument("--body-frame-groups", default="pc1", choices=("pc1", "clusters"),
                    help="the --body-frame groups: K equal bins along the latent's PC1, or analyze's K k-means clusters")
+    p.add_argument("--body-frame-rounds", type=int, default=1,
+                   help="--body-frame again on the VAE of the previous round's poses, this many rounds in all")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="output JSON (default <workdir>/cryobench.json)")
     args = p.parse_args(argv)
