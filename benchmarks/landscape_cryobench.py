@@ -29,6 +29,9 @@ conformation), and the VAE's scores after undoing the turn that each conformatio
 (:func:`shared_turns`, :func:`undo_turn`: aligned to one map, a conformation far from it takes a common turn of its
 frame, and its decoded volume is turned with it; see benchmarks/RESULTS.md). ``--two-pass K`` then runs landscape_path's heterogeneity-aware consensus: SwiftRes again with the K
 cluster maps of ``analyze`` on that VAE as references (15 Å, one class each) and the VAE on its poses.
+``--body-frame K`` instead moves each group's poses into one body frame (``python -m deepcryo.landscape frames`` on
+K bins along that VAE's latent PC1, or with ``--body-frame-groups clusters`` on its K k-means clusters; see
+:mod:`deepcryo.landscape.frames`) and trains the VAE on the moved poses, ``--body-frame-rounds`` times in all.
 
 Scores, as CryoBench (Jeon et al. 2024, arXiv:2408.05526) scores methods, at the working box ``--work-box`` (the
 true maps and the consensus are Fourier-cropped to it):

@@ -5,8 +5,9 @@ Why: a consensus refinement (SwiftRes, RELION) aligns every particle to one map.
 by θ from that map's is then aligned in a frame turned by about θ/2, between its body and its domain, and all
 particles of that conformation share the turn. A VAE trained on those poses decodes each conformation in its own
 turned frame. Here the frames are measured and made one, from what a user has after a first landscape: the
-particles' poses, a grouping of the particles (the k-means clusters of ``python -m deepcryo.landscape analyze``)
-and a map of each group (its ``cluster_KK_reconstructed.mrc``, the group's particles at their poses):
+particles' poses, a grouping of the particles (equal bins along the latent's first principal component,
+:func:`quantile_groups`, or the k-means clusters of ``python -m deepcryo.landscape analyze``) and a map of each
+group (its particles at their poses, :func:`group_maps`, or analyze's ``cluster_KK_reconstructed.mrc``):
 
 1. :func:`static_body_mask`: where the group maps agree once turned into one frame (low standard deviation across
    them inside the particle), the varying region dilated and removed;
@@ -16,8 +17,13 @@ and a map of each group (its ``cluster_KK_reconstructed.mrc``, the group's parti
    maps turned by the rotations that overlay the most density (:func:`agreeing_mass`), so that the larger rigid
    part of the particle is taken as the body (a turn between body and domain, as the consensus's, overlays
    neither);
-3. :func:`turn_poses`: each of group k's poses A becomes A·R_kᵀ and its origin o (Å) o + (A·R_kᵀ·t_k)_xy, so that
-   its particles reconstruct the map so moved, the static body in the reference group's frame.
+3. :func:`body_frames` then moves all groups by one common motion into the mean of their frames (the consensus's
+   frame on average), and :func:`turn_poses` gives each of group k's poses A the pose A·R_kᵀ and its origin o (Å)
+   o + (A·R_kᵀ·t_k)_xy, so that its particles reconstruct the map so moved, the static body in the common frame.
+
+The overlay of group maps that still mix frames (a group spans several conformations) recovers only part of the
+turn, so running the VAE, ``analyze`` and this correction again on the moved poses takes out more (see
+benchmarks/RESULTS.md).
 
 Conventions: volumes are indexed [z, y, x]; positions are (x, y, z) in pixels from the box centre (index N // 2,
 the centre of :class:`deepcryo.core.projector.Projector` and of RELION). A pose A (RELION Euler ZYZ, see
@@ -26,9 +32,9 @@ volume by R and shifting it by t means V'(x) = V(Rᵀ (x − t)) (:func:`rotate_
 pose A' = A·Rᵀ with origin o + (A'·t)_xy equals the projection of V at pose A with origin o (RELION origins: the
 shift that brings the particle to the box centre), which is why the moved poses reconstruct the moved map. A
 rotation is given by a rotation vector ω (axis times angle in radians) or its 3×3 matrix
-(:func:`rotation_vector_matrix`). The shift matters: a consensus turns each conformation's frame about a point
-that is not the box centre (its hinge lies elsewhere), which is a turn about the centre plus a shift; a search of
-the rotation alone then finds a compromise (half the turn, on the phantom of benchmarks/landscape_cryobench.py).
+(:func:`rotation_vector_matrix`). The shift is searched with the rotation because a consensus turns each
+conformation's frame about a point that is not the box centre (its hinge lies elsewhere), which is a turn about the
+centre plus a shift; a search of the rotation alone settles on a smaller turn.
 """
 from __future__ import annotations
 
