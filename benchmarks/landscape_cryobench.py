@@ -263,9 +263,11 @@ def body_frame_particles(vae_dir, out, args):
              str(args.seed), "--output-dir", analysis],
             [sys.executable, "-m", "deepcryo.landscape", "frames", "--particles",
              os.path.join(analysis, "particles.star"), "--output", star] + (
-                ["--group-column", "dcPC1", "--bins", str(args.body_frame), "--box", str(args.work_box)]
+                ["--group-column", "dcPC1", "--bins", str(args.body_frame), "--box", str(args.work_box),
+                 "--resolution", repr(args.body_frame_resolution)]
                 if args.body_frame_groups == "pc1" else
-                ["--maps", *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)]])])
+                ["--resolution", repr(args.body_frame_resolution),
+                 "--maps", *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)]])])
         with open(record, "w") as f:
             json.dump([wall, cpu], f)
     with open(record) as f:
@@ -411,7 +413,8 @@ def run_set(kind, args, work):
         vae_dir, pose_cpu = estimated(folder)
         source, source_dir, source_cpu = folder, vae_dir, pose_cpu
         for round_ in range(1, args.body_frame_rounds + 1 if args.body_frame else 1):
-            tag = "%s%d" % (args.body_frame_groups, args.body_frame) + (" x%d" % round_ if round_ > 1 else "")
+            tag = "%s%d %gA" % (args.body_frame_groups, args.body_frame, args.body_frame_resolution) + (
+                " x%d" % round_ if round_ > 1 else "")
             made = body_frame_particles(source_dir, os.path.join(work, kind, "%s_bodyframe_%s" % (
                 folder, tag.replace(" ", "_"))), args)
             vae_cpu = entry["methods"]["deepcryo, %s poses" % source]["cpu_s"] - source_cpu
@@ -509,6 +512,8 @@ def main(argv=None):
                         "turned into one body frame) and the VAE on the turned poses")
     p.add_argument("--body-frame-groups", default="pc1", choices=("pc1", "clusters"),
                    help="the --body-frame groups: K equal bins along the latent's PC1, or analyze's K k-means clusters")
+    p.add_argument("--body-frame-resolution", type=float, default=10.0,
+                   help="low-pass of the group maps in frames (Å)")
     p.add_argument("--body-frame-rounds", type=int, default=1,
                    help="--body-frame again on the VAE of the previous round's poses, this many rounds in all")
     p.add_argument("--workdir", default=None)

@@ -361,7 +361,7 @@ def group_maps(star: ParticleStar, groups: np.ndarray, n_groups: int, box: int, 
 
 def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = None,
                    group_column: str = "dcCluster", bins: int = 0, box: int = 32, reference: Optional[int] = None,
-                   max_angle_deg: float = 20.0, max_shift_A: float = 8.0, resolution_A: float = 15.0
+                   max_angle_deg: float = 20.0, max_shift_A: float = 8.0, resolution_A: float = 10.0
                    ) -> Dict[str, object]:
     """Write ``output``, the particles of ``particles`` with each group's poses and origins moved into one body
     frame (:func:`body_frames` on the group maps low-passed to ``resolution_A``, shifts up to ``max_shift_A`` per
