@@ -29,6 +29,9 @@ conformation), and the VAE's scores after undoing the turn that each conformatio
 (:func:`shared_turns`, :func:`undo_turn`: aligned to one map, a conformation far from it takes a common turn of its
 frame, and its decoded volume is turned with it; see benchmarks/RESULTS.md). ``--two-pass K`` then runs landscape_path's heterogeneity-aware consensus: SwiftRes again with the K
 cluster maps of ``analyze`` on that VAE as references (15 Å, one class each) and the VAE on its poses.
+``--body-frame K`` instead moves each group's poses into one body frame (``python -m deepcryo.landscape frames`` on
+K bins along that VAE's latent PC1, or with ``--body-frame-groups clusters`` on its K k-means clusters; see
+:mod:`deepcryo.landscape.frames`) and trains the VAE on the moved poses, ``--body-frame-rounds`` times in all.
 
 Scores, as CryoBench (Jeon et al. 2024, arXiv:2408.05526) scores methods, at the working box ``--work-box`` (the
 true maps and the consensus are Fourier-cropped to it):
@@ -114,15 +117,26 @@ def _read_volumes(paths):
 def run_deepcryo(star, conformation_of, out, args):
     """Train on ``star`` (its poses: true or estimated), decode at each conformation's mean latent; (volumes,
     latents, conformation of each latent, wall, CPU). ``conformation_of``: image key -> true conformation (the
-    estimated STAR need not keep the rendered order)."""
-    wall, cpu, z, trained = pairwise.run_deepcryo(star, out, args)
+    estimated STAR need not keep the rendered order). Reused when ``out`` holds a finished run (its ``time_s.json``
+    with that run's wall and CPU seconds)."""
+    record, vols = os.path.join(out, "time_s.json"), os.path.join(out, "volumes")
+    if os.path.exists(record):          # a finished run of this folder (same set, same poses): reused
+        with open(record) as f:
+            wall, cpu = json.load(f)
+        trained = read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
+        z = metrics.latents(trained)
+    else:
+        wall, cpu, z, trained = pairwise.run_deepcryo(star, out, args)
     conformation = np.array([conformation_of[k] for k in image_keys(trained)])
-    zfile = os.path.join(out, "conformation_means.txt")
-    np.savetxt(zfile, metrics.conformation_means(z, conformation))
-    vols = os.path.join(out, "volumes")
-    w, c = timed_commands([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", vols,
-                            "--zfile", zfile, "--threads", str(args.threads)]])
-    return _read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))), z, conformation, wall + w, cpu + c
+    if not os.path.exists(record):
+        zfile = os.path.join(out, "conformation_means.txt")
+        np.savetxt(zfile, metrics.conformation_means(z, conformation))
+        w, c = timed_commands([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", vols,
+                                "--zfile", zfile, "--threads", str(args.threads)]])
+        wall, cpu = wall + w, cpu + c
+        with open(record, "w") as f:
+            json.dump([wall, cpu], f)
+    return _read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))), z, conformation, wall, cpu
 
 
 def run_cryodrgn(star, conformation_of, out, args):
@@ -233,6 +247,63 @@ def second_pass_references(vae_dir, data, args):
     return refs, wall, cpu
 
 
+def body_frame_particles(vae_dir, out, args):
+    """``analyze --clusters K`` (K = ``--body-frame``) of the VAE trained on SwiftRes's poses into
+    ``vae_dir/analysis_bodyframe``, then ``python -m deepcryo.landscape frames`` of its particles into
+    ``out/particles.star``, with ``--body-frame-groups clusters`` on its K k-means clusters and their
+    reconstructions, with ``pc1`` on K equal bins along the latent's PC1 (maps reconstructed by ``frames`` at the
+    working box): each group's poses moved into one body frame (the mean of the groups'). Reused
+    when ``out`` holds a finished run; (STAR path, wall, CPU of analyze and frames)."""
+    star, record = os.path.join(out, "particles.star"), os.path.join(out, "time_s.json")
+    if not os.path.exists(record):
+        analysis = os.path.join(vae_dir, "analysis_bodyframe")
+        wall, cpu = timed_commands([
+            [sys.executable, "-m", "deepcryo.landscape", "analyze", vae_dir, "--clusters", str(args.body_frame),
+             "--no-umap", "--trajectory-steps", "2", "--pcs", "1", "--threads", str(args.threads), "--seed",
+             str(args.seed), "--output-dir", analysis],
+            [sys.executable, "-m", "deepcryo.landscape", "frames", "--particles",
+             os.path.join(analysis, "particles.star"), "--output", star] + (
+                ["--group-column", "dcPC1", "--bins", str(args.body_frame), "--box", str(args.work_box),
+                 "--resolution", repr(args.body_frame_resolution)]
+                if args.body_frame_groups == "pc1" else
+                ["--resolution", repr(args.body_frame_resolution),
+                 "--maps", *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)]])])
+        with open(record, "w") as f:
+            json.dump([wall, cpu], f)
+    with open(record) as f:
+        wall, cpu = json.load(f)
+    return star, wall, cpu
+
+
+def body_frame_figures(star_path, truth, conformation_of):
+    """The turns that ``frames`` found for each group against the truth: per group its size, the angle of the
+    turn R found, of the turn G that its particles' SwiftRes poses share (A_est ≈ A_true·G, from the truth) and of
+    R·Gᵀ (0 when R undoes G exactly: the turned poses are A_est·Rᵀ); and the shared turn of each conformation's
+    turned poses (what is left of SwiftRes's turn)."""
+    with open(os.path.splitext(star_path)[0] + "_frames.json") as f:
+        found = json.load(f)
+    star = read_particles(star_path, require_images=False)
+    keys = image_keys(star)
+    truth_by_key = dict(zip(image_keys(truth), truth.angles_deg()))
+    turns = np.asarray(found["rotations"])
+    turned = euler_to_matrix(torch.as_tensor(star.angles_deg())).numpy()
+    true = euler_to_matrix(torch.as_tensor(np.stack([truth_by_key[k] for k in keys]))).numpy()
+    groups = np.asarray(star.particles["dcFrameGroup"], dtype=np.int64) - 1
+    before = np.einsum("nij,njk->nik", turned, turns[groups])          # A_est = A_turned·R
+    relative = np.einsum("nji,njk->nik", true, before)
+    shared = np.stack([metrics._project_so3(relative[groups == g].sum(0)) for g in range(len(turns))])
+    clusters = [{"cluster": g + 1, "particles": int((groups == g).sum()),
+                 "turn_found_deg": float(rotation_angle_deg(torch.as_tensor(turns[g]))),
+                 "swiftres_shared_turn_deg": float(rotation_angle_deg(torch.as_tensor(shared[g]))),
+                 "found_vs_shared_deg": float(rotation_angle_deg(torch.as_tensor(turns[g] @ shared[g].T))),
+                 "conformations": np.bincount([conformation_of[k] for k, m in zip(keys, groups == g) if m]).tolist()}
+                for g in range(len(turns))]
+    after = shared_turns(star_path, truth, conformation_of)
+    return {"reference_cluster": found.get("aligned_to_group", found.get("reference_group")), "clusters": clusters,
+            "static_body_fraction_of_particle": found["static_body_fraction_of_particle"],
+            "turn_left_deg": [float(a) for a in rotation_angle_deg(torch.as_tensor(after)).numpy()]}
+
+
 def pose_figures(star_path, truth, conformation_of):
     """SwiftRes's pose error against the truth: median and % beyond 10°, raw and after the best rotation of each
     conformation's frame (:func:`landscape_path.state_aligned_errors_deg`), overall and per conformation."""
@@ -319,17 +390,18 @@ def run_set(kind, args, work):
         logger.info("%s %s: %.0f s wall, %s", kind, label, time.time() - t0, json.dumps(
             {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}))
 
-    def estimated(folder, references=None, pose_cpu=0.0):
-        """SwiftRes into ``folder``, its pose error, deepcryo and the consensus on its poses."""
-        star, wall, cpu = run_swiftres(data, os.path.join(work, kind, folder), args, references)
+    def estimated(folder, references=None, pose_cpu=0.0, poses=None):
+        """SwiftRes into ``folder`` (or ``poses``: (STAR, wall, CPU) made otherwise), its pose error, deepcryo and
+        the consensus on its poses."""
+        star, wall, cpu = poses or run_swiftres(data, os.path.join(work, kind, folder), args, references)
         figures = dict(pose_figures(star, truth, conformation_of), wall_s=wall, cpu_s=cpu + pose_cpu)
         entry.setdefault("pose_runs", {})[folder] = figures
         logger.info("%s %s: pose error median %.2f°, %.1f %% > 10°; %.0f CPU s", kind, folder,
                     figures["median_deg"], figures["pct_over_10"], cpu)
         for name, run in (("deepcryo", run_deepcryo), ("consensus", None)):
             score_run("%s, %s poses" % (name, folder), "estimated", star, run,
-                      os.path.join(work, kind, "%s_%s" % (name, folder)), figures["cpu_s"])
-        return os.path.join(work, kind, "deepcryo_" + folder), figures["cpu_s"]
+                      os.path.join(work, kind, "%s_%s" % (name, folder.replace(" + ", "_").replace(" ", "_"))), figures["cpu_s"])
+        return os.path.join(work, kind, "deepcryo_" + folder.replace(" + ", "_").replace(" ", "_")), figures["cpu_s"]
 
     if "true" in args.poses:
         score_run("deepcryo", "true", data.star, run_deepcryo, os.path.join(work, kind, "deepcryo"), 0.0)
@@ -339,6 +411,17 @@ def run_set(kind, args, work):
     if "estimated" in args.poses:
         folder = swiftres_name(args)
         vae_dir, pose_cpu = estimated(folder)
+        source, source_dir, source_cpu = folder, vae_dir, pose_cpu
+        for round_ in range(1, args.body_frame_rounds + 1 if args.body_frame else 1):
+            tag = "%s%d %gA" % (args.body_frame_groups, args.body_frame, args.body_frame_resolution) + (
+                " x%d" % round_ if round_ > 1 else "")
+            made = body_frame_particles(source_dir, os.path.join(work, kind, "%s_bodyframe_%s" % (
+                folder, tag.replace(" ", "_"))), args)
+            vae_cpu = entry["methods"]["deepcryo, %s poses" % source]["cpu_s"] - source_cpu
+            source = "%s + body frame %s" % (folder, tag)
+            source_dir, source_cpu = estimated(source, pose_cpu=source_cpu + vae_cpu, poses=made)
+            entry.setdefault("body_frames", []).append(dict(body_frame_figures(made[0], truth, conformation_of),
+                                                            run=source))
         if args.two_pass:
             refs, _, cpu = second_pass_references(vae_dir, data, args)
             vae_cpu = entry["methods"]["deepcryo, %s poses" % folder]["cpu_s"] - pose_cpu
@@ -386,6 +469,14 @@ def table(kind, entry):
                   "per conformation, median (aligned): " + ", ".join(
                       "%.1f (%.1f)" % pair for pair in zip(p["per_conformation_median_deg"],
                                                            p["per_conformation_aligned_median_deg"]))]
+    for b in entry.get("body_frames", []):
+        lines += ["", "%s (`frames` on %d groups, aligned to group %d, static body %.0f %% of the particle mask): per "
+                  "group, particles, turn found, turn its input poses share (from the truth), angle between them:" % (
+                      b["run"], len(b["clusters"]), b["reference_cluster"], 100 * b["static_body_fraction_of_particle"]),
+                  "; ".join("%d: %d, %.1f°, %.1f°, %.1f°" % (c["cluster"], c["particles"], c["turn_found_deg"],
+                                                             c["swiftres_shared_turn_deg"], c["found_vs_shared_deg"])
+                            for c in b["clusters"]),
+                  "shared turn left per conformation: " + ", ".join("%.1f" % a for a in b["turn_left_deg"])]
     return "\n".join(lines)
 
 
@@ -416,6 +507,15 @@ def main(argv=None):
     p.add_argument("--two-pass", type=int, default=0, metavar="K",
                    help="then SwiftRes again from the K cluster maps of the VAE on the first poses (one class each), "
                         "and the VAE on its poses (landscape_path's --two-pass)")
+    p.add_argument("--body-frame", type=int, default=0, metavar="K",
+                   help="then analyze --clusters K of the VAE on SwiftRes's poses, frames (each cluster's poses "
+                        "turned into one body frame) and the VAE on the turned poses")
+    p.add_argument("--body-frame-groups", default="pc1", choices=("pc1", "clusters"),
+                   help="the --body-frame groups: K equal bins along the latent's PC1, or analyze's K k-means clusters")
+    p.add_argument("--body-frame-resolution", type=float, default=10.0,
+                   help="low-pass of the group maps in frames (Å)")
+    p.add_argument("--body-frame-rounds", type=int, default=1,
+                   help="--body-frame again on the VAE of the previous round's poses, this many rounds in all")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="output JSON (default <workdir>/cryobench.json)")
     args = p.parse_args(argv)

@@ -6,6 +6,8 @@ Examples::
         --epochs 10 --box 32
     python -m deepcryo.landscape analyze vae --clusters 2
     python -m deepcryo.landscape volumes vae --output-dir vae/volumes --pc 2 --path-particles 12 873
+    python -m deepcryo.landscape frames --particles vae/analysis/particles.star \\
+        --maps vae/analysis/cluster_*_reconstructed.mrc --output frames/particles.star
     python -m deepcryo.landscape halves --particles sim/particles.star --output-dir halves --box 32
 
 ``python -m deepcryo.landscape COMMAND --help`` shows each command's options and examples. Errors in the
@@ -15,9 +17,10 @@ import sys
 
 from deepcryo.core.cli import run_program
 
-from .commands import analyze, halves, train, volumes
+from .commands import analyze, frames, halves, train, volumes
 
-COMMANDS = {"train": train, "analyze": analyze, "volumes": volumes, "halves": halves}
+COMMANDS = {"train": train, "analyze": analyze, "volumes": volumes, "frames": frames,
+            "halves": halves}
 
 
 def main(argv=None):

@@ -1,0 +1,427 @@
+"""One frame for the static body of every group of a landscape: the frame turn that a consensus alignment gives
+each conformation, measured on the group maps and taken out of the poses.
+
+Why: a consensus refinement (SwiftRes, RELION) aligns every particle to one map. A particle whose domain is turned
+by θ from that map's is then aligned in a frame turned by about θ/2, between its body and its domain, and all
+particles of that conformation share the turn. A VAE trained on those poses decodes each conformation in its own
+turned frame. Here the frames are measured and made one, from what a user has after a first landscape: the
+particles' poses, a grouping of the particles (equal bins along the latent's first principal component,
+:func:`quantile_groups`, or the k-means clusters of ``python -m deepcryo.landscape analyze``) and a map of each
+group (its particles at their poses, :func:`group_maps`, or analyze's ``cluster_KK_reconstructed.mrc``):
+
+1. :func:`static_body_mask`: where the group maps agree once turned into one frame (low standard deviation across
+   them inside the particle), the varying region dilated and removed;
+2. :func:`align_group_map`: the small rigid motion (rotation R_k about the box centre, then shift t_k) that overlays
+   group k's static body on the reference group's (coarse grid of rotations, then a local search of rotation and
+   shift on finer and finer steps, masked correlation). The first static body is found on the
+   maps turned by the rotations that overlay the most density (:func:`agreeing_mass`), so that the larger rigid
+   part of the particle is taken as the body (a turn between body and domain, as the consensus's, overlays
+   neither);
+3. :func:`body_frames` then moves all groups by one common motion into the mean of their frames (the consensus's
+   frame on average), and :func:`turn_poses` gives each of group k's poses A the pose A·R_kᵀ and its origin o (Å)
+   o + (A·R_kᵀ·t_k)_xy, so that its particles reconstruct the map so moved, the static body in the common frame.
+
+The overlay of group maps that still mix frames (a group spans several conformations) recovers only part of the
+turn, so running the VAE, ``analyze`` and this correction again on the moved poses takes out more (see
+benchmarks/RESULTS.md).
+
+Conventions: volumes are indexed [z, y, x]; positions are (x, y, z) in pixels from the box centre (index N // 2,
+the centre of :class:`deepcryo.core.projector.Projector` and of RELION). A pose A (RELION Euler ZYZ, see
+:mod:`deepcryo.core.geometry`) maps volume coordinates to the projection frame: the image is ∫ V(Aᵀ x) dz. Turning a
+volume by R and shifting it by t means V'(x) = V(Rᵀ (x − t)) (:func:`rotate_volumes`). The projection of V' at
+pose A' = A·Rᵀ with origin o + (A'·t)_xy equals the projection of V at pose A with origin o (RELION origins: the
+shift that brings the particle to the box centre), which is why the moved poses reconstruct the moved map. A
+rotation is given by a rotation vector ω (axis times angle in radians) or its 3×3 matrix
+(:func:`rotation_vector_matrix`). The shift is searched with the rotation because a consensus turns each
+conformation's frame about a point that is not the box centre (its hinge lies elsewhere), which is a turn about the
+centre plus a shift; a search of the rotation alone settles on a smaller turn.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import InputError
+from ..core.fourier import lowpass_volume, resize_volume
+from ..core.geometry import euler_to_matrix, matrix_to_euler, rotation_angle_deg
+from ..core.mrc import read_mrc, write_mrc
+from ..core.particles import ParticleStar, read_particles, write_particles
+from ..core.reconstruct import Reconstructor, insert_particles
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["rotation_vector_matrix", "rotation_grid", "rotate_volumes", "particle_mask", "static_body_mask",
+           "agreeing_mass", "masked_correlation", "align_group_map", "body_frames", "turn_poses", "turn_particles", "quantile_groups", "group_maps", "correct_frames"]
+
+
+def rotation_vector_matrix(omega: np.ndarray) -> np.ndarray:
+    """(..., 3) rotation vectors (axis × angle, radians) → (..., 3, 3) rotation matrices (Rodrigues), acting on
+    (x, y, z) column vectors: a positive angle turns counter-clockwise about the axis."""
+    omega = np.asarray(omega, dtype=np.float64)
+    angle = np.linalg.norm(omega, axis=-1)[..., None, None]
+    k = np.zeros(omega.shape[:-1] + (3, 3))
+    k[..., 0, 1], k[..., 0, 2], k[..., 1, 2] = -omega[..., 2], omega[..., 1], -omega[..., 0]
+    k = k - np.swapaxes(k, -1, -2)
+    safe = np.where(angle > 1e-12, angle, 1.0)
+    sin_term = np.where(angle > 1e-12, np.sin(angle) / safe, 1.0)
+    cos_term = np.where(angle > 1e-12, (1 - np.cos(angle)) / safe ** 2, 0.5)
+    return np.eye(3) + sin_term * k + cos_term * (k @ k)
+
+
+def rotation_grid(max_angle_deg: float, step_deg: float) -> np.ndarray:
+    """(M, 3, 3) rotations whose rotation vectors lie on a cubic grid of spacing ``step_deg`` inside the ball of
+    radius ``max_angle_deg`` (degrees), the identity included."""
+    n = int(np.floor(max_angle_deg / step_deg + 1e-9))
+    axis = np.arange(-n, n + 1) * step_deg
+    omega = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    omega = omega[np.linalg.norm(omega, axis=1) <= max_angle_deg + 1e-9]
+    return rotation_vector_matrix(np.radians(omega))
+
+
+def rotate_volumes(volume: torch.Tensor, rotations: torch.Tensor, shifts: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+    """``volume`` (N, N, N) turned by each of ``rotations`` (M, 3, 3) about the box centre N // 2, then shifted by
+    ``shifts`` (M, 3) (x, y, z) px (default none): out[m](x) = volume(R_mᵀ (x − t_m)), trilinear, zero outside the
+    box; (M, N, N, N) in the volume's dtype."""
+    n = volume.shape[-1]
+    rotations = torch.as_tensor(rotations, dtype=volume.dtype)
+    centre = n // 2
+    c = torch.arange(n, dtype=volume.dtype) - centre
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    pts = torch.stack([x, y, z], -1)[None]                                  # (1, N, N, N, 3) (x, y, z)
+    if shifts is not None:
+        pts = pts - torch.as_tensor(shifts, dtype=volume.dtype)[:, None, None, None, :]
+    src = torch.einsum("mdhwj,mjk->mdhwk", pts.expand(len(rotations), n, n, n, 3), rotations)   # (Rᵀ x)ᵀ
+    grid = (src + centre) / (n - 1) * 2 - 1                                 # align_corners=True
+    vol = volume[None, None].expand(len(rotations), 1, n, n, n)
+    return F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+
+
+def _dilate(mask: torch.Tensor, radius_px: int) -> torch.Tensor:
+    """Binary dilation (N, N, N) by a cube of half-width ``radius_px``."""
+    if radius_px <= 0:
+        return mask
+    size = 2 * radius_px + 1
+    return F.max_pool3d(mask[None, None].to(torch.float64), size, stride=1, padding=radius_px)[0, 0] > 0.5
+
+
+def _normalise(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each map (K, N, N, N) to zero mean and unit standard deviation inside ``mask`` (maps of groups of different
+    sizes differ in scale)."""
+    inside = maps[:, mask]
+    return (maps - inside.mean(1)[:, None, None, None]) / inside.std(1)[:, None, None, None]
+
+
+def particle_mask(maps: np.ndarray, threshold: float = 0.15, dilate_px: int = 2) -> np.ndarray:
+    """(N, N, N) bool: where the mean of ``maps`` (K, N, N, N) exceeds ``threshold`` times its maximum, dilated by
+    ``dilate_px`` pixels: the particle, whatever its conformation."""
+    mean = np.asarray(maps, dtype=np.float64).mean(0)
+    core = torch.as_tensor(mean > threshold * mean.max())
+    return _dilate(core, dilate_px).numpy()
+
+
+def static_body_mask(aligned_maps: np.ndarray, inside: np.ndarray, weights: Optional[np.ndarray] = None,
+                     varying_fraction: float = 0.25, dilate_px: int = 2) -> np.ndarray:
+    """(N, N, N) bool, the static body: voxels of ``inside`` (the particle mask) where the group maps agree.
+
+    ``aligned_maps`` (K, N, N, N) are the group maps in one frame, normalised alike; the varying region is where
+    their standard deviation across groups (weighted by ``weights``, e.g. the groups' sizes) exceeds
+    ``varying_fraction`` of its maximum inside the particle, dilated by ``dilate_px`` pixels and removed."""
+    w = np.ones(len(aligned_maps)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    mean = np.tensordot(w, aligned_maps, 1)
+    std = np.sqrt(np.tensordot(w, (aligned_maps - mean) ** 2, 1))
+    varying = inside & (std > varying_fraction * std[inside].max())
+    return inside & ~_dilate(torch.as_tensor(varying), dilate_px).numpy()
+
+
+def agreeing_mass(turned: torch.Tensor, reference: torch.Tensor, inside: torch.Tensor,
+                  tolerance: float = 0.1, smooth_px: int = 1) -> torch.Tensor:
+    """(M,) the reference's density (its positive part, inside the particle mask) where each turned map (M, N, N, N)
+    agrees with the reference (N, N, N): the local mean squared difference, over a cube of half-width
+    ``smooth_px``, below ``tolerance`` times the local mean square of the two maps. The turn that overlays the
+    larger rigid part of the particle scores highest; a turn between two parts overlays neither."""
+    size = 2 * smooth_px + 1
+
+    def local(x):
+        return F.avg_pool3d(x[:, None], size, stride=1, padding=smooth_px)[:, 0]
+
+    diff = local((turned - reference) ** 2)
+    power = local(0.5 * (turned ** 2 + reference ** 2)) + 1e-12
+    density = torch.clamp(reference, min=0) * inside
+    return ((diff < tolerance * power) * density).sum((1, 2, 3))
+
+
+def masked_correlation(turned: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(M,) Pearson correlation of each turned map (M, N, N, N) with the reference (N, N, N) over the voxels of
+    ``mask`` (N, N, N, bool)."""
+    a, b = turned[:, mask], reference[mask]
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean()
+    return (a @ b) / (a.norm(dim=1) * b.norm() + 1e-12)
+
+
+def _best(volume, reference, rotations, shifts, score, batch=256):
+    """(rotation, shift, score) of the best ``score(moved, reference)`` over the candidate motions ``rotations``
+    (M, 3, 3) and ``shifts`` (M, 3), in batches."""
+    best, best_score = None, -np.inf
+    for start in range(0, len(rotations), batch):
+        s = score(rotate_volumes(volume, torch.as_tensor(rotations[start:start + batch]),
+                                 torch.as_tensor(shifts[start:start + batch])), reference)
+        i = int(torch.argmax(s))
+        if float(s[i]) > best_score:
+            best, best_score = (rotations[start + i], shifts[start + i]), float(s[i])
+    return best[0], best[1], best_score
+
+
+_STEPS = np.concatenate([np.eye(6), -np.eye(6)])      # one step along each rotation-vector and shift coordinate
+
+
+def _local_search(volume, reference, score, rotation, shift, max_angle_deg, max_shift_px, angle_step_deg=2.0,
+                  shift_step_px=0.5, final_angle_step_deg=0.2):
+    """Compass search of the rigid motion near (``rotation``, ``shift``): the best of the 12 motions one step away
+    along one rotation-vector or shift coordinate, moved to while it improves the score, then the steps halved,
+    until the angle step is below ``final_angle_step_deg``; motions kept within ``max_angle_deg`` of the identity and
+    ``max_shift_px`` per axis. (rotation, shift, score)."""
+    best = _best(volume, reference, rotation[None], shift[None], score)[2]
+    while angle_step_deg >= final_angle_step_deg:
+        rot = rotation_vector_matrix(np.radians(_STEPS[:, :3] * angle_step_deg)) @ rotation
+        sh = shift + _STEPS[:, 3:] * shift_step_px
+        keep = ((rotation_angle_deg(torch.as_tensor(rot)).numpy() <= max_angle_deg + 1e-6)
+                & (np.abs(sh).max(1) <= max_shift_px + 1e-9))
+        r, t, value = _best(volume, reference, rot[keep], sh[keep], score)
+        if value > best + 1e-12:
+            rotation, shift, best = r, t, value
+        else:
+            angle_step_deg, shift_step_px = angle_step_deg / 2, shift_step_px / 2
+    return rotation, shift, best
+
+
+def align_group_map(volume: np.ndarray, reference: np.ndarray, mask: np.ndarray, max_angle_deg: float = 20.0,
+                    max_shift_px: float = 2.0, coarse_step_deg: float = 4.0, shift: Optional[np.ndarray] = None
+                    ) -> Tuple[np.ndarray, np.ndarray, float]:
+    """The rigid motion (rotation R (3, 3) about the box centre, at most ``max_angle_deg`` degrees, then shift t
+    (3,) px, at most ``max_shift_px`` per axis) that best overlays ``volume`` so moved (V(Rᵀ (x − t))) on
+    ``reference`` inside ``mask`` (masked correlation): the best rotation of a grid of step ``coarse_step_deg``
+    over the whole range at the shift ``shift`` (default none), then a local search of rotation and shift
+    together on finer and finer steps; (R, t, correlation)."""
+    v = torch.as_tensor(np.asarray(volume, dtype=np.float64))
+    ref = torch.as_tensor(np.asarray(reference, dtype=np.float64))
+    mask = torch.as_tensor(mask)
+    shift = np.zeros(3) if shift is None else np.asarray(shift, dtype=np.float64)
+
+    def score(t, r):
+        return masked_correlation(t, r, mask)
+
+    grid = rotation_grid(max_angle_deg, coarse_step_deg)
+    rotation, _, _ = _best(v, ref, grid, np.repeat(shift[None], len(grid), 0), score)
+    return _local_search(v, ref, score, rotation, shift, max_angle_deg, max_shift_px)
+
+
+def _agreeing_start(volume, reference, inside, max_angle_deg, max_shift_px, step_deg, tolerance):
+    """The rigid motion of ``volume`` that agrees with ``reference`` over the most density (:func:`agreeing_mass`):
+    the best rotation of a grid of ``step_deg`` within ``max_angle_deg``, then a local search of rotation and
+    shift; (rotation, shift)."""
+    v, ref = torch.as_tensor(volume), torch.as_tensor(reference)
+    inside = torch.as_tensor(inside)
+
+    def score(t, r):
+        return agreeing_mass(t, r, inside, tolerance)
+
+    grid = rotation_grid(max_angle_deg, step_deg)
+    best, _, _ = _best(v, ref, grid, np.zeros((len(grid), 3)), score)
+    rotation, shift, _ = _local_search(v, ref, score, best, np.zeros(3), max_angle_deg, max_shift_px,
+                                       final_angle_step_deg=0.5)
+    return rotation, shift
+
+
+def body_frames(maps: np.ndarray, sizes: Optional[Sequence[int]] = None, reference: Optional[int] = None,
+                max_angle_deg: float = 20.0, max_shift_px: float = 2.0, coarse_step_deg: float = 4.0,
+                iterations: int = 2, varying_fraction: float = 0.25, tolerance: float = 0.1, frame: str = "mean"
+                ) -> Dict[str, np.ndarray]:
+    """The rigid motion (R_k, t_k) of each group map (K, N, N, N) that brings its static body onto the reference
+    group's (:func:`rotate_volumes`: V(R_kᵀ (x − t_k)), t_k in px of the maps).
+
+    ``reference``: index of the group the others are aligned to (default the most populated one by ``sizes``, else
+    the middle one). ``frame``: ``"mean"`` (default) then moves all groups by one common motion, so that their
+    motions average to none (weighted by ``sizes``): the body lands in the mean of the groups' frames, which is the
+    consensus's frame on average (a consensus aligned to one map turns the conformations on either side of it in
+    opposite senses); ``"reference"`` keeps the reference group's frame. Each group is first moved onto the reference by the motion (rotation grid of
+    ``coarse_step_deg`` within ``max_angle_deg``, then a local search with shifts up to ``max_shift_px``) that
+    overlays the most density (:func:`agreeing_mass` with ``tolerance``: the larger rigid part is taken as the
+    body); then, ``iterations`` times, the static body is found on the maps so moved (:func:`static_body_mask` with
+    ``varying_fraction``, weighted by ``sizes``) and each motion searched again by masked correlation on it
+    (:func:`align_group_map`). The maps are first brought to zero mean and unit standard deviation inside the
+    particle mask (:func:`particle_mask`).
+
+    Returns ``rotations`` (K, 3, 3), ``shifts_px`` (K, 3), ``angles_deg`` (K,), ``correlation`` (K,) on the
+    static body, ``static`` and ``particle`` masks (N, N, N) bool, and ``reference`` (the index used).
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    k = len(maps)
+    if frame not in ("mean", "reference"):
+        raise InputError("frame %r: 'mean' or 'reference'" % frame)
+    if maps.ndim != 4 or k < 2 or len(set(maps.shape[1:])) != 1:
+        raise InputError("need 2 or more cubic group maps of one box, got shape %s" % (maps.shape,))
+    weights = np.ones(k) if sizes is None else np.asarray(sizes, dtype=np.float64)
+    if reference is None:
+        reference = int(np.argmax(weights)) if sizes is not None else k // 2
+    inside = particle_mask(maps)
+    maps = _normalise(maps, inside)
+    ref = maps[reference]
+    rotations, shifts = np.repeat(np.eye(3)[None], k, 0), np.zeros((k, 3))
+    for g in range(k):
+        if g != reference:
+            rotations[g], shifts[g] = _agreeing_start(maps[g], ref, inside, max_angle_deg, max_shift_px,
+                                                      coarse_step_deg, tolerance)
+    correlation = np.ones(k)
+    static = inside
+    for _ in range(iterations):
+        moved = np.stack([rotate_volumes(torch.as_tensor(m), torch.as_tensor(r[None]), torch.as_tensor(t[None]))[0]
+                          .numpy() for m, r, t in zip(maps, rotations, shifts)])
+        static = static_body_mask(moved, inside, weights, varying_fraction)
+        for g in range(k):
+            if g != reference:
+                rotations[g], shifts[g], correlation[g] = align_group_map(
+                    maps[g], ref, static, max_angle_deg, max_shift_px, coarse_step_deg, shift=shifts[g])
+    if frame == "mean":
+        rotations, shifts = _recentre(rotations, shifts, weights)
+    angles = rotation_angle_deg(torch.as_tensor(rotations)).numpy()
+    logger.info("static body %.0f %% of the particle mask; turns (deg) %s, shifts (px) %s",
+                100 * static.sum() / inside.sum(), np.round(angles, 2).tolist(), np.round(shifts, 2).tolist())
+    return {"rotations": rotations, "shifts_px": shifts, "angles_deg": angles, "correlation": correlation,
+            "static": static, "particle": inside, "reference": np.int64(reference)}
+
+
+def _recentre(rotations, shifts, weights):
+    """The motions (R_k, t_k) followed by the common motion C (rotation C, shift c) that makes their weighted mean
+    the identity: C = (mean R_k)ᵀ (projected onto the rotations), c = −C·(mean t_k); (rotations, shifts)."""
+    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    u, _, vt = np.linalg.svd(np.tensordot(w, rotations, 1))
+    mean = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
+    common = mean.T
+    return common @ rotations, (shifts - w @ shifts) @ common.T
+
+
+def turn_poses(angles_deg: np.ndarray, origins_A: np.ndarray, rotation: np.ndarray, shift_A: np.ndarray
+               ) -> Tuple[np.ndarray, np.ndarray]:
+    """Poses and origins for the map moved by (R, t): (N, 3) Euler angles (degrees, RELION ZYZ) of A' = A·Rᵀ and
+    (N, 2) origins (Å) o + (A'·t)_xy, ``shift_A`` t (3,) in Å. The images, unchanged, then reconstruct V(Rᵀ (x − t)):
+    its projection at A' with origin o + (A'·t)_xy is that of V at A with origin o."""
+    a = euler_to_matrix(torch.as_tensor(np.asarray(angles_deg, dtype=np.float64))).numpy()
+    turned = a @ np.asarray(rotation, dtype=np.float64).T
+    origins = np.asarray(origins_A, dtype=np.float64) + (turned @ np.asarray(shift_A, dtype=np.float64))[:, :2]
+    return matrix_to_euler(torch.as_tensor(turned)).numpy(), origins
+
+
+def turn_particles(star: ParticleStar, groups: np.ndarray, rotations: np.ndarray, shifts_A: np.ndarray
+                   ) -> ParticleStar:
+    """A copy of ``star`` with group g's poses and origins (``groups`` (N,), 0-based) moved by ``rotations[g]``
+    and ``shifts_A[g]`` (Å) (:func:`turn_poses`); every other column is kept."""
+    groups = np.asarray(groups, dtype=np.int64)
+    if len(groups) != len(star) or groups.min() < 0 or groups.max() >= len(rotations):
+        raise InputError("%d group labels for %d particles and %d turns" % (len(groups), len(star), len(rotations)))
+    angles, origins = star.angles_deg(), star.origins_A()
+    new_angles, new_origins = angles.copy(), origins.copy()
+    for g, (r, t) in enumerate(zip(rotations, shifts_A)):
+        members = groups == g
+        if members.any():
+            new_angles[members], new_origins[members] = turn_poses(angles[members], origins[members], r, t)
+    out = star.copy()
+    out.set_poses(new_angles, new_origins)
+    return out
+
+
+def quantile_groups(values: np.ndarray, n_groups: int) -> np.ndarray:
+    """(N,) 0-based groups of equal size along ``values`` (e.g. the latent's first principal component, along which
+    a continuous motion runs; k-means of the latent may split it across the motion instead)."""
+    order = np.argsort(np.asarray(values, dtype=np.float64), kind="stable")
+    groups = np.empty(len(order), dtype=np.int64)
+    groups[order] = np.arange(len(order)) * n_groups // len(order)
+    return groups
+
+
+def group_maps(star: ParticleStar, groups: np.ndarray, n_groups: int, box: int, batch_size: int = 256
+               ) -> Tuple[np.ndarray, float]:
+    """Each group's map (n_groups, box, box, box) from its particles at their poses (CTF-weighted direct Fourier
+    inversion, :func:`deepcryo.core.reconstruct.insert_particles`), Fourier-cropped to ``box``; (maps, Å/px)."""
+    with star.open_images() as stack:
+        recs = {g: Reconstructor(stack.box) for g in range(n_groups)}
+        insert_particles(star, stack, np.asarray(groups, dtype=np.int64), recs, batch_size)
+        full = stack.box
+    maps = np.stack([resize_volume(torch.as_tensor(recs[g].reconstruct()), box).numpy() for g in range(n_groups)])
+    return maps, star.pixel_size_A * full / box
+
+
+def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = None,
+                   group_column: str = "dcCluster", bins: int = 0, box: int = 32, reference: Optional[int] = None,
+                   max_angle_deg: float = 20.0, max_shift_A: float = 8.0, resolution_A: float = 10.0
+                   ) -> Dict[str, object]:
+    """Write ``output``, the particles of ``particles`` with each group's poses and origins moved into one body
+    frame (:func:`body_frames` on the group maps low-passed to ``resolution_A``, shifts up to ``max_shift_A`` per
+    axis; :func:`turn_particles`), beside it ``<output stem>_frames.json`` (the groups, turns, shifts and
+    correlations on the static body) and ``<output stem>_static_body.mrc`` (the static body mask, 0/1, at the
+    maps' box); returns the JSON's content.
+
+    Groups: with ``bins`` > 0, ``bins`` equal groups along ``group_column`` (:func:`quantile_groups`, e.g.
+    ``dcPC1``); else ``group_column`` holds the 1-based group (``dcCluster``: analyze's k-means clusters).
+    ``maps``: one map per group, group 1 first, as analyze's ``cluster_KK_reconstructed.mrc`` (any box: the turns
+    are angles, the shifts are converted with the maps' pixel size); without them each group's particles are
+    reconstructed at ``box`` (:func:`group_maps`). Group maps of a few hundred noisy particles need the low-pass.
+    ``reference``: 1-based group whose frame the others take (default none: all groups into the mean of their
+    frames, :func:`body_frames`)."""
+    star = read_particles(particles)
+    if group_column not in star.particles:
+        raise InputError("%s: no %s column (analyze writes dcCluster and dcPC1)" % (particles, group_column))
+    values = np.asarray(star.particles[group_column], dtype=np.float64)
+    if bins > 0:
+        groups, n_groups = quantile_groups(values, bins), bins
+    else:
+        groups = values.astype(np.int64) - 1
+        n_groups = len(maps) if maps else int(groups.max()) + 1
+    if groups.min() < 0 or groups.max() >= n_groups or (maps and len(maps) != n_groups):
+        raise InputError("%s: groups %d … %d in %s but %d maps" % (particles, groups.min() + 1, groups.max() + 1,
+                                                                  group_column, len(maps or [])))
+    if reference is not None and not 1 <= reference <= n_groups:
+        raise InputError("--reference %d: not a group 1 … %d" % (reference, n_groups))
+    if maps:
+        volumes = [read_mrc(path) for path in maps]
+        raw, pixel_A = np.stack([v for v, _ in volumes]), volumes[0][1]
+    else:
+        raw, pixel_A = group_maps(star, groups, n_groups, box)
+    filtered = np.stack([lowpass_volume(torch.as_tensor(v, dtype=torch.float64), resolution_A, pixel_A).numpy()
+                         for v in raw])
+    sizes = group_sizes(groups, n_groups)
+    found = body_frames(filtered, sizes=sizes, reference=None if reference is None else reference - 1,
+                        max_angle_deg=max_angle_deg, max_shift_px=max_shift_A / pixel_A,
+                        frame="mean" if reference is None else "reference")
+    shifts_A = found["shifts_px"] * pixel_A
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    out = turn_particles(star, groups, found["rotations"], shifts_A)
+    out.particles["dcFrameGroup"] = groups + 1
+    write_particles(output, out)
+    stem = os.path.splitext(output)[0]
+    write_mrc(stem + "_static_body.mrc", found["static"].astype(np.float32), pixel_A)
+    summary = {"particles": os.path.abspath(particles), "maps": [os.path.abspath(m) for m in maps or []],
+               "group_column": group_column, "bins": bins, "aligned_to_group": int(found["reference"]) + 1,
+               "frame": "mean" if reference is None else "group %d" % reference, "group_sizes": sizes,
+               "resolution_A": resolution_A, "turn_deg": found["angles_deg"].tolist(),
+               "rotations": found["rotations"].tolist(), "shifts_A": shifts_A.tolist(),
+               "static_body_correlation": found["correlation"].tolist(),
+               "static_body_fraction_of_particle": float(found["static"].sum() / found["particle"].sum())}
+    with open(stem + "_frames.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    logger.info("%s: %d particles in %d groups, turned by %s degrees (frame: %s)", output, len(star), n_groups,
+                np.round(found["angles_deg"], 2).tolist(), summary["frame"])
+    return summary
+
+
+def group_sizes(groups: np.ndarray, n_groups: int) -> List[int]:
+    """Particles per group (``groups`` 0-based)."""
+    return np.bincount(np.asarray(groups, dtype=np.int64), minlength=n_groups).tolist()
