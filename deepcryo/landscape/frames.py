@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import InputError
+from ..core.files import atomic_output
 from ..core.fourier import lowpass_volume, resize_volume
 from ..core.geometry import euler_to_matrix, matrix_to_euler, rotation_angle_deg
 from ..core.mrc import read_mrc, write_mrc
@@ -415,7 +416,7 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
                "rotations": found["rotations"].tolist(), "shifts_A": shifts_A.tolist(),
                "static_body_correlation": found["correlation"].tolist(),
                "static_body_fraction_of_particle": float(found["static"].sum() / found["particle"].sum())}
-    with open(stem + "_frames.json", "w") as f:
+    with atomic_output(stem + "_frames.json") as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     logger.info("%s: %d particles in %d groups, turned by %s degrees (frame: %s)", output, len(star), n_groups,
                 np.round(found["angles_deg"], 2).tolist(), summary["frame"])
