@@ -68,24 +68,7 @@ def particle_field_micrograph(shape=(2048, 2048), pixel_size_A=1.0, voltage_kV=3
         return _thick_tilted(rng, species, shape, pixel_size_A, n_particles, voltage_kV, cs_mm, amplitude_contrast,
                              defocus_u_A, defocus_v_A, defocus_angle_deg, bfactor_A2, dose_e_per_A2, phase_rms_rad,
                              ice_fraction, ice_thickness_A, n_slices, tilt_angle_deg, tilt_axis_deg, tilt_step_A)
-    xs, ys = [], []
-    for _ in range(n_particles):
-        atoms = species[rng.integers(n_species)] @ _rotation(rng).T / pixel_size_A
-        centre = rng.uniform((0, 0), (w, h))
-        xs.append(atoms[:, 0] + centre[0])
-        ys.append(atoms[:, 1] + centre[1])
-    xs, ys = np.concatenate(xs) % w, np.concatenate(ys) % h
-    potential, _, _ = np.histogram2d(ys, xs, bins=(h, w), range=((0, h), (0, w)))
-    ky = np.fft.fftfreq(h)[:, None] / pixel_size_A
-    kx = np.fft.rfftfreq(w)[None, :] / pixel_size_A
-    k2 = kx * kx + ky * ky
-    atom_blur = np.exp(-2.0 * math.pi ** 2 * 1.0 ** 2 * k2)  # 1 Å atomic form factor
-    vp = np.fft.irfft2(np.fft.rfft2(potential) * atom_blur, s=shape)
-    ice = rng.normal(size=shape)
-    ice = np.fft.irfft2(np.fft.rfft2(ice) * np.exp(-(k2 * 9.0)), s=shape)
-    vp = vp / vp.std() + ice_fraction * ice / ice.std()
-    vp = vp - vp.mean()
-    phase = phase_rms_rad * vp / vp.std()
+    phase = _projected_phase(rng, species, shape, pixel_size_A, n_particles, ice_fraction, phase_rms_rad)
     w_abs = amplitude_contrast / math.sqrt(1.0 - amplitude_contrast ** 2)
     exit_wave = np.exp((1j - w_abs) * phase)
     lam = _wavelength_A(voltage_kV)
@@ -98,19 +81,33 @@ def particle_field_micrograph(shape=(2048, 2048), pixel_size_A=1.0, voltage_kV=3
     chi_k = math.pi * lam * kk * (0.5 * cs_mm * 1e7 * lam ** 2 * kk - dz)
     envelope = np.exp(-bfactor_A2 * kk / 4.0)
     wave = np.fft.ifft2(np.fft.fft2(exit_wave) * np.exp(-1j * chi_k) * envelope)
-    intensity = np.abs(wave) ** 2
+    counts = _detect(rng, np.abs(wave) ** 2, pixel_size_A, dose_e_per_A2)
+    return counts, _truth(defocus_u_A, defocus_v_A, defocus_angle_deg, pixel_size_A, voltage_kV, cs_mm,
+                          amplitude_contrast)
+
+
+def _detect(rng, intensity, pixel_size_A, dose_e_per_A2):
+    """Counts (H, W) float32 of an intensity image (1 = the unscattered beam): pixel-aperture MTF, then Poisson
+    at ``dose_e_per_A2``."""
+    h, w = intensity.shape
     mtf = np.sinc(np.fft.fftfreq(h))[:, None] * np.sinc(np.fft.rfftfreq(w))[None, :]
-    intensity = np.fft.irfft2(np.fft.rfft2(intensity) * mtf, s=shape)
-    counts = rng.poisson(np.clip(intensity, 0, None) * dose_e_per_A2 * pixel_size_A ** 2).astype(np.float32)
+    intensity = np.fft.irfft2(np.fft.rfft2(intensity) * mtf, s=intensity.shape)
+    return rng.poisson(np.clip(intensity, 0, None) * dose_e_per_A2 * pixel_size_A ** 2).astype(np.float32)
+
+
+def _truth(defocus_u_A, defocus_v_A, defocus_angle_deg, pixel_size_A, voltage_kV, cs_mm, amplitude_contrast,
+           **extra):
+    """The truth dict: U ≥ V (Å), the angle from x to U in [0, 180), the acquisition, and ``extra``."""
     u, v, ang = float(defocus_u_A), float(defocus_v_A), float(defocus_angle_deg)
     if v > u:
         u, v, ang = v, u, ang + 90.0
-    return counts, dict(defocus_u_A=u, defocus_v_A=v, defocus_angle_deg=ang % 180.0, pixel_size_A=pixel_size_A,
-                        voltage_kV=voltage_kV, cs_mm=cs_mm, amplitude_contrast=amplitude_contrast)
+    return dict(defocus_u_A=u, defocus_v_A=v, defocus_angle_deg=ang % 180.0, pixel_size_A=pixel_size_A,
+                voltage_kV=voltage_kV, cs_mm=cs_mm, amplitude_contrast=amplitude_contrast, **extra)
 
 
-def _slice_phase(rng, species, shape, pixel_size_A, n_particles, ice_fraction):
-    """Projected potential (H, W) of ``n_particles`` particles and ice, zero mean, unit RMS."""
+def _projected_phase(rng, species, shape, pixel_size_A, n_particles, ice_fraction, phase_rms_rad):
+    """Phase shift (H, W) in radians of ``n_particles`` particles (point atoms blurred by a 1 Å form factor) and
+    ice (white noise low-passed at 3 Å, ``ice_fraction`` of the particles' RMS), zero mean, RMS ``phase_rms_rad``."""
     h, w = shape
     xs, ys = [], []
     for _ in range(n_particles):
@@ -125,7 +122,7 @@ def _slice_phase(rng, species, shape, pixel_size_A, n_particles, ice_fraction):
     ice = np.fft.irfft2(np.fft.rfft2(rng.normal(size=shape)) * np.exp(-(k2 * 9.0)), s=shape)
     vp = vp / vp.std() + ice_fraction * ice / ice.std()
     vp = vp - vp.mean()
-    return vp / vp.std()
+    return phase_rms_rad * vp / vp.std()
 
 
 def _thick_tilted(rng, species, shape, pixel_size_A, n_particles, voltage_kV, cs_mm, amplitude_contrast, defocus_u_A,
@@ -143,8 +140,8 @@ def _thick_tilted(rng, species, shape, pixel_size_A, n_particles, voltage_kV, cs
     offsets = thickness_A * (0.5 - (np.arange(slices) + 0.5) / slices)
     wave = np.ones(shape, dtype=np.complex128)
     for k in range(slices):
-        phase = phase_rms_rad / math.sqrt(slices) * _slice_phase(rng, species, shape, pixel_size_A,
-                                                                 max(1, n_particles // slices), ice_fraction)
+        phase = _projected_phase(rng, species, shape, pixel_size_A, max(1, n_particles // slices), ice_fraction,
+                                 phase_rms_rad / math.sqrt(slices))
         wave = wave * np.exp((1j - w_abs) * phase)
         if k + 1 < slices:
             wave = np.fft.ifft2(np.fft.fft2(wave) * np.exp(1j * math.pi * lam * (offsets[k] - offsets[k + 1]) * kk))
@@ -163,16 +160,10 @@ def _thick_tilted(rng, species, shape, pixel_size_A, n_particles, voltage_kV, cs
         chi_k = math.pi * lam * kk * (0.5 * cs_mm * 1e7 * lam ** 2 * kk - (dz + j * tilt_step_A))
         image = np.abs(np.fft.ifft2(spectrum * np.exp(-1j * chi_k) * envelope)) ** 2
         intensity = np.where(step == j, image, intensity)
-    mtf = np.sinc(np.fft.fftfreq(h))[:, None] * np.sinc(np.fft.rfftfreq(w))[None, :]
-    intensity = np.fft.irfft2(np.fft.rfft2(intensity) * mtf, s=shape)
-    counts = rng.poisson(np.clip(intensity, 0, None) * dose_e_per_A2 * pixel_size_A ** 2).astype(np.float32)
-    u, v, ang = float(defocus_u_A), float(defocus_v_A), float(defocus_angle_deg)
-    if v > u:
-        u, v, ang = v, u, ang + 90.0
-    return counts, dict(defocus_u_A=u, defocus_v_A=v, defocus_angle_deg=ang % 180.0, pixel_size_A=pixel_size_A,
-                        voltage_kV=voltage_kV, cs_mm=cs_mm, amplitude_contrast=amplitude_contrast,
-                        ice_thickness_A=float(thickness_A), tilt_angle_deg=float(tilt_angle_deg),
-                        tilt_axis_deg=float(tilt_axis_deg) % 360.0)
+    counts = _detect(rng, intensity, pixel_size_A, dose_e_per_A2)
+    return counts, _truth(defocus_u_A, defocus_v_A, defocus_angle_deg, pixel_size_A, voltage_kV, cs_mm,
+                          amplitude_contrast, ice_thickness_A=float(thickness_A),
+                          tilt_angle_deg=float(tilt_angle_deg), tilt_axis_deg=float(tilt_axis_deg) % 360.0)
 
 
 def random_truth(rng, defocus_range_A=(5000.0, 30000.0), astigmatism_max_A=1500.0):
