@@ -98,6 +98,7 @@ from deepcryo.core.geometry import euler_to_matrix, rotation_angle_deg
 from deepcryo.core.mrc import read_mrc, write_mrc
 from deepcryo.core.particles import read_particles
 from deepcryo.landscape import metrics
+from deepcryo.landscape.frames import rotate_volumes
 from deepcryo.tests.relion_data import RenderSpec, render
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -340,13 +341,11 @@ def shared_turns(star_path, truth, conformation_of) -> np.ndarray:
 def undo_turn(volume: np.ndarray, turn: np.ndarray) -> np.ndarray:
     """``volume`` (N, N, N, indexed [z, y, x]) decoded from particles whose poses carry the frame turn ``turn``
     (A_est = A_true·G), brought back to the true frame: V(x) ← V(Gᵀx) about the box centre N/2 (trilinear).
-    Its projection at A_true then matches the input's at A_true·G."""
-    from scipy.ndimage import affine_transform
-    n = volume.shape[-1]
-    flip = np.eye(3)[::-1]                      # (x, y, z) <-> array axes (z, y, x)
-    matrix = flip @ np.asarray(turn).T @ flip
-    centre = np.full(3, n // 2, dtype=np.float64)
-    return affine_transform(np.asarray(volume, dtype=np.float64), matrix, offset=centre - matrix @ centre, order=1)
+    Its projection at A_true then matches the input's at A_true·G. (:func:`deepcryo.landscape.frames.rotate_volumes`
+    with the rotation G.)"""
+    turned = rotate_volumes(torch.as_tensor(volume, dtype=torch.float64),
+                            torch.as_tensor(np.asarray(turn), dtype=torch.float64)[None])
+    return turned[0].numpy()
 
 
 def run_set(kind, args, work):
