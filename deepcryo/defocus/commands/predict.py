@@ -68,8 +68,6 @@ def main(args):
         raise InputError("need 0 < --defocus-min < --defocus-max (Å)")
     if args.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
-    if args.no_refine and (args.fit_tilt or args.fit_thickness):
-        raise InputError("--fit-tilt and --fit-thickness start from the refined CTF: drop --no-refine")
     defaults = dict(pixel_size_A=args.pixel_size, voltage_kV=args.voltage, cs_mm=args.cs,
                     amplitude_contrast=args.amplitude_contrast)
     results = predict.predict(args.micrographs, args.output, args.model, refine=not args.no_refine,
