@@ -113,3 +113,55 @@ def test_half_transform_adjoint_float64_gradcheck():
     for box in (4, 6):
         weighted = torch.randn(2, box, box, box, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(_HalfTransform.apply, (weighted, None), eps=1e-6, atol=1e-6)
+
+
+def _batches(model, n_batches, batch=4, seed=1):
+    """Random spectra, poses and CTFs at the model's box, as ``ParticleBatches.batches`` yields them."""
+    g = torch.Generator().manual_seed(seed)
+    d = model.box
+    out = []
+    for i in range(n_batches):
+        spectra = torch.complex(torch.randn(batch, d, d, generator=g), torch.randn(batch, d, d, generator=g))
+        rot = quaternion_to_matrix(torch.randn(batch, 4, generator=g))
+        ctf = 0.5 + torch.rand(batch, d, d, generator=g)
+        out.append((torch.arange(i * batch, (i + 1) * batch), spectra, rot, ctf))
+    return out
+
+
+def _plain_steps(model, batches, volume_steps):
+    """Reference of :func:`train_epoch`: autograd through ``basis_ft`` at every batch, the networks stepped at
+    every batch, the volumes' gradients kept aside and their mean applied once per ``volume_steps`` batches."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    kept = []
+    for i, (_, spectra, rot, ctf) in enumerate(batches):
+        optimizer.zero_grad()
+        model(spectra, rot, ctf)["loss"].backward()
+        kept.append(model.volumes.grad)
+        model.volumes.grad = None
+        if len(kept) == volume_steps or i == len(batches) - 1:
+            model.volumes.grad = torch.stack(kept).mean(0)
+            kept = []
+        optimizer.step()
+
+
+def test_train_epoch_steps_the_volumes_on_the_mean_gradient_of_volume_steps_batches():
+    """:func:`train_epoch` (one table per ``volume_steps`` batches, its gradient accumulated and carried to the
+    volumes by the adjoint) leaves every parameter where the plain autograd reference does, for 1 (the plain
+    training step) and for 3 steps per update over 7 batches (two full windows and one of 1 at the end). Fails
+    if the accumulator is not zeroed between windows, if the volumes step every batch, or if the last window is
+    dropped."""
+    from deepcryo.landscape.train import default_volume_steps, train_epoch
+    assert [default_volume_steps(d) for d in (32, 64, 90, 128, 256)] == [1, 1, 2, 4, 16]
+    for volume_steps in (1, 3):
+        batches = _batches(_model(), 7)
+        ours, ref = _model(), _model()
+        torch.manual_seed(5)
+        sums = train_epoch(ours, ours, torch.optim.Adam(ours.parameters(), lr=1e-2), batches, 1.0, volume_steps)
+        torch.manual_seed(5)
+        _plain_steps(ref, batches, volume_steps)
+        assert sums.shape == (3,) and sums[0] > 0
+        for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+            scale = float(b.detach().abs().max())
+            assert float((a - b).detach().abs().max()) <= 1e-4 * scale, (volume_steps, name)
+        moved = float((ours.volumes - _model().volumes).detach().abs().max())
+        assert moved > 1e-3, volume_steps

@@ -77,7 +77,9 @@ Loss per particle: NLL + β·KL(q(z|X) ‖ N(0, I)).
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -133,7 +135,30 @@ class Workspace:
         if a is None or a.shape != shape or a.dtype != dtype or a.device != device:
             self._arrays.pop(name, None)
             a = self._arrays[name] = torch.empty(shape, dtype=dtype, device=device)
+            _advise_huge_pages(a)
         return a
+
+
+_HUGE_PAGE, _MADV_HUGEPAGE = 2 << 20, 14
+
+
+def _advise_huge_pages(a: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages (2 MB) under a large CPU array not yet touched (``madvise``): the
+    decoder's gathers and scatters reach the table's rows at random, and with 4 kB pages each also misses the
+    TLB. Best effort: nothing happens on other systems, on GPUs, for arrays under 64 MB, or where the kernel
+    refuses (``/sys/kernel/mm/transparent_hugepage/enabled`` set to ``never``)."""
+    size = a.numel() * a.element_size()
+    if a.device.type != "cpu" or not sys.platform.startswith("linux") or size < (64 << 20):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    start = -(-a.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    end = (a.data_ptr() + size) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+
 
 
 def _array(workspace: Optional[Workspace], name: str, shape, dtype, device) -> torch.Tensor:
@@ -246,31 +271,35 @@ class _HalfTransform(torch.autograd.Function):
 class _Trilinear(torch.autograd.Function):
     """Rows (R, F) = Σ_j w[:, j] · table[index[:, j]] over the 8 corners of each point, without the (R, 8, F) array.
 
-    Backward scatters into a dense table gradient (``index_add_``) and, when the weights need it (poses learnt
-    in the pose-free mode), returns their gradient from the same gathered rows.
+    Backward scatters ``∂L/∂table`` (``index_add_``) into ``table_grad`` when one is given (the training loop's
+    accumulator, see :func:`deepcryo.landscape.train.train_epoch`; the table itself then gets no gradient), or
+    else into a new dense table gradient; when the weights need it (poses learnt in the pose-free mode), it
+    returns their gradient from the same gathered rows.
     """
 
     @staticmethod
-    def forward(ctx, table, index, weight):
+    def forward(ctx, table, index, weight, table_grad):
         out = torch.zeros((len(index), table.shape[1]), dtype=table.dtype, device=table.device)
         for j in range(index.shape[1]):
             out.addcmul_(table.index_select(0, index[:, j]), weight[:, j:j + 1])
         ctx.save_for_backward(table if ctx.needs_input_grad[2] else None, index, weight)
-        ctx.rows = table.shape[0]
+        ctx.rows, ctx.table_grad = table.shape[0], table_grad
         return out
 
     @staticmethod
     def backward(ctx, grad):
         table, index, weight = ctx.saved_tensors
         grad_table = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_table = torch.zeros((ctx.rows, grad.shape[1]), dtype=grad.dtype, device=grad.device)
+        if ctx.table_grad is not None or ctx.needs_input_grad[0]:
+            into = ctx.table_grad
+            if into is None:
+                into = grad_table = torch.zeros((ctx.rows, grad.shape[1]), dtype=grad.dtype, device=grad.device)
             for j in range(index.shape[1]):
-                grad_table.index_add_(0, index[:, j], grad * weight[:, j:j + 1])
+                into.index_add_(0, index[:, j], grad * weight[:, j:j + 1])
         if ctx.needs_input_grad[2]:
             grad_weight = torch.stack([(grad * table.index_select(0, index[:, j])).sum(1)
                                        for j in range(index.shape[1])], 1)
-        return grad_table, None, grad_weight
+        return grad_table, None, grad_weight, None
 
 
 def _mlp(n_in, hidden, n_out, layers=2):
@@ -381,13 +410,14 @@ class LandscapeVAE(nn.Module):
         """
         return _HalfTransform.apply(self.volumes * self._weight, workspace)
 
-    def slices(self, rotations: torch.Tensor, table: torch.Tensor, hand: Optional[torch.Tensor] = None
-               ) -> torch.Tensor:
+    def slices(self, rotations: torch.Tensor, table: torch.Tensor, hand: Optional[torch.Tensor] = None,
+               table_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Central slices (B, C, K) complex of the C volumes of ``table`` (:meth:`basis_ft`, or some of its
         volumes, ``table[:, :1]`` for V₀) at (B, 3, 3) poses (trilinear, as the projector).
 
         ``hand`` (B,) ±1: −1 samples the mirror pose M·A·M (z of the slice points negated). Corners outside the
         padded grid (at Nyquist) weigh zero, as :func:`torch.nn.functional.grid_sample`'s zero padding.
+        ``table_grad`` (Z·Y·X, 2C) real: the backward pass adds ``∂L/∂table`` into it (see :class:`_Trilinear`).
         """
         pts = torch.matmul(self.freqs, rotations)                                     # (B, K, 3), k·A
         if hand is not None:
@@ -407,7 +437,7 @@ class LandscapeVAE(nn.Module):
         index = ((corners[..., 2, :, None, None] * p + corners[..., 1, None, :, None]) * (p // 2 + 1)
                  + corners[..., 0, None, None, :]).reshape(-1, 8)
         w = (w[..., 2, :, None, None] * w[..., 1, None, :, None] * w[..., 0, None, None, :]).reshape(-1, 8)
-        out = _Trilinear.apply(table.reshape(len(table), -1), index, w).reshape(pts.shape[:2] + (-1, 2))
+        out = _Trilinear.apply(table.reshape(len(table), -1), index, w, table_grad).reshape(pts.shape[:2] + (-1, 2))
         return torch.complex(out[..., 0], out[..., 1] * conj[..., None]).transpose(1, 2)
 
     # -------------------------------------------------------------------------------------- pose head
@@ -509,31 +539,41 @@ class LandscapeVAE(nn.Module):
         return out[:, :self.latent_dim], out[:, self.latent_dim:].clamp(-10.0, 5.0)
 
     # ------------------------------------------------------------------------------------------- loss
-    def _posed(self, spectra, rotations, ctf, table):
+    def _posed(self, spectra, rotations, ctf, table, table_grad=None):
         """Selected spectra (centred by the predicted shift in pose-free mode), slices and pose outputs."""
         spectra, ctf = self.select(spectra), self.select(ctf)
         hand = shifts = distill = None
         if self.pose_free:
             rotations, hand, shifts, distill = self.choose_poses(spectra, ctf, table)
             spectra = spectra * self._shift_phase(shifts)
-        return spectra, ctf, self._symmetric_slices(rotations, table, hand), (rotations, hand, shifts, distill)
+        return (spectra, ctf, self._symmetric_slices(rotations, table, hand, table_grad),
+                (rotations, hand, shifts, distill))
 
-    def _symmetric_slices(self, rotations, table, hand):
+    def _symmetric_slices(self, rotations, table, hand, table_grad=None):
         """:meth:`slices` of the group-averaged volumes: the mean of the slices at the copies ``A Sᵀ``."""
         g = len(self.sym_ops)
         if g == 1:
-            return self.slices(rotations, table, hand)
+            return self.slices(rotations, table, hand, table_grad)
         copies = (rotations[:, None] @ self.sym_ops.transpose(1, 2)[None]).reshape(-1, 3, 3)
-        sl = self.slices(copies, table)
+        sl = self.slices(copies, table, table_grad=table_grad)
         return sl.reshape((len(rotations), g) + sl.shape[1:]).mean(1)
 
     def forward(self, spectra: torch.Tensor, rotations: Optional[torch.Tensor], ctf: torch.Tensor,
-                beta: float = 1.0) -> Dict[str, torch.Tensor]:
+                beta: float = 1.0, table: Optional[torch.Tensor] = None, table_grad: Optional[torch.Tensor] = None
+                ) -> Dict[str, torch.Tensor]:
         """Per-batch mean loss terms ``{"loss", "nll", "kl"}`` for spectra and CTFs (B, D, D), poses (B, 3, 3).
 
-        In pose-free mode ``rotations`` is ignored (and may be None).
+        In pose-free mode ``rotations`` is ignored (and may be None). Without ``table`` the decoder's table is
+        computed here (:meth:`basis_ft`) and the loss's gradient reaches the volumes through it. With a
+        ``table`` (detached :meth:`basis_ft` output) and its accumulator ``table_grad`` (same rows, 2C real
+        columns), the backward pass adds ``∂loss/∂table`` into ``table_grad`` and the volumes get no
+        gradient: the caller carries it to them (:func:`deepcryo.landscape.train.train_epoch`).
         """
-        spectra, ctf, sl, (_, _, _, distill) = self._posed(spectra, rotations, ctf, self.basis_ft(self.workspace))
+        if table is None:
+            table = self.basis_ft(self.workspace)
+        elif table_grad is not None:
+            table = table.detach().requires_grad_()  # so that autograd runs the slices' backward into table_grad
+        spectra, ctf, sl, (_, _, _, distill) = self._posed(spectra, rotations, ctf, table, table_grad)
         mu, logvar = self.encode(spectra, ctf, sl)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         pred = self.decode_slice(z, sl) * ctf

@@ -206,6 +206,63 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def default_volume_steps(box: int) -> int:
+    """Steps per update of the decoder's volumes at working box D: ``max(1, round((D/64)²))``.
+
+    A step costs work per particle that grows with the pixel count (its slices: gathers, scatters, encoder) and
+    work that does not depend on the batch and grows as D³ log D (the volumes' transform to the decoder's
+    table, its adjoint and Adam over 17·D³ values). Summing the volumes' gradient over (D/64)² batches before
+    each update spreads the second over as many more particles, so that the cost per particle grows no faster
+    than the pixel count; at D ≤ 90 it is 1 (an update every step). The networks still step every batch.
+    """
+    return max(1, int(round((box / 64.0) ** 2)))
+
+
+def train_epoch(net: torch.nn.Module, model: LandscapeVAE, optimizer: torch.optim.Optimizer, batches, beta: float,
+                volume_steps: int) -> np.ndarray:
+    """One pass over ``batches`` (``(indices, spectra, rotations, ctf)``); returns the sums over its particles of
+    the loss, NLL and KL (3,).
+
+    Every batch steps the encoder and coefficient networks. The decoder's table (:meth:`LandscapeVAE.basis_ft`)
+    is computed once per ``volume_steps`` batches; their slices' backward passes add ``∂loss/∂table`` into one
+    accumulator, carried to the volumes by the transform's adjoint after the last of them (and at the end of
+    the pass), so the volumes take one Adam step on the mean gradient of those batches: with
+    ``volume_steps = 1``, exactly the plain step. Under DDP (``net`` wraps ``model``, the volumes left out of
+    its reducer) the volumes' gradient is all-reduced here, at the same steps on every rank (equal shares).
+    """
+    world = torch.distributed.get_world_size() if net is not model else 1
+    sums, table, window = np.zeros(3), None, 0
+    for _, spectra, rot, ctf in batches:
+        if table is None:
+            table = model.basis_ft(model.workspace)
+            table_grad = model.workspace.get("table_grad", (table.shape[0], 2 * table.shape[1]), table.dtype,
+                                             table.device).zero_()
+        terms = net(spectra, rot, ctf, beta=beta, table=table.detach(), table_grad=table_grad)
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        window += 1
+        if window == volume_steps:
+            _volume_gradient(model, table, table_grad, window, world)
+            table, window = None, 0
+        optimizer.step()
+        sums += len(spectra) * np.array([terms[k].item() for k in ("loss", "nll", "kl")])
+    if window:
+        optimizer.zero_grad()
+        _volume_gradient(model, table, table_grad, window, world)
+        optimizer.step()
+    return sums
+
+
+def _volume_gradient(model, table, table_grad, steps, world):
+    """Set the volumes' gradient to the mean over ``steps`` batches (and ``world`` ranks) of the accumulated
+    ``∂loss/∂table``, through the transform's adjoint (the backward pass of ``table``'s graph)."""
+    table.backward(table_grad.view(table.shape))
+    model.volumes.grad /= steps
+    if world > 1:
+        torch.distributed.all_reduce(model.volumes.grad)
+        model.volumes.grad /= world
+
+
 def _run(cfg, init, device, launch: DistributedLaunch):
     """Train on ``device``: alone, or as rank ``launch.rank`` of ``launch.world_size`` DDP processes."""
     world, rank = launch.world_size, launch.rank
@@ -232,20 +289,23 @@ def _run(cfg, init, device, launch: DistributedLaunch):
         start_epoch, history = init["checkpoint"]["epoch"], list(init["checkpoint"]["history"])
         if "rng" in init["checkpoint"] and device.type == "cpu":
             torch.set_rng_state(init["checkpoint"]["rng"])
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if world > 1:
+        # the volumes' gradient is summed over volume_steps batches and all-reduced by train_epoch, not by DDP
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["volumes"])
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        torch.distributed.broadcast(model.volumes.data, 0)
+    else:
+        net = model
+    volume_steps = cfg.get("volume_steps") or default_volume_steps(data.box)
+    if start_epoch < cfg["epochs"]:
+        logger.info("decoder volumes updated every %d step%s", volume_steps, "s" if volume_steps > 1 else "")
     n = len(data)
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.time()
         order = np.random.default_rng(cfg["seed"] + epoch).permutation(n)[: n - n % world][rank::world]
-        sums = np.zeros(3)
         net.train()
-        for _, spectra, rot, ctf in data.batches(cfg["batch_size"], order, device):
-            terms = net(spectra, rot, ctf, beta=cfg["beta"])
-            optimizer.zero_grad()
-            terms["loss"].backward()
-            optimizer.step()
-            sums += len(spectra) * np.array([terms[k].item() for k in ("loss", "nll", "kl")])
-        sums /= len(order)
+        sums = train_epoch(net, model, optimizer, data.batches(cfg["batch_size"], order, device), cfg["beta"],
+                           volume_steps) / len(order)
         history.append([float(v) for v in sums])
         if rank == 0:
             _save_checkpoint(cfg["output_dir"], net, optimizer, epoch + 1, cfg, history)
@@ -287,7 +347,8 @@ def _ddp_entry(rank, devices, cfg, init, port, log_to_console, threads):
 def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20, box: Optional[int] = None,
           batch_size: int = 64, beta: float = 1.0, n_basis: int = 16, hidden: int = 128, learning_rate: float = 3e-3,
           devices: Sequence[str] = ("cpu",), resume: bool = False, seed: int = 0, pose_free: bool = False,
-          reference: Optional[str] = None, pose_heads: int = 8, symmetry: str = "C1") -> str:
+          reference: Optional[str] = None, pose_heads: int = 8, symmetry: str = "C1",
+          volume_steps: Optional[int] = None) -> str:
     """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
 
     Args:
@@ -307,9 +368,13 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
             per particle); ``reference``: optional MRC map to start V₀ from (otherwise a soft sphere).
         symmetry: point group of every decoded volume and of the consensus map (RELION's names; see
             :mod:`deepcryo.landscape.model`, "Symmetry"); not with ``pose_free``.
+        volume_steps: batches per update of the decoder's volumes (their gradient summed over them, see
+            :func:`train_epoch`); None: :func:`default_volume_steps` of the working box.
     """
     if latent_dim < 1 or epochs < 1 or batch_size < 1 or n_basis < 1 or beta < 0:
         raise InputError("need --latent-dim, --epochs, --batch-size and --basis >= 1 and --beta >= 0")
+    if volume_steps is not None and volume_steps < 1:
+        raise InputError("--volume-steps %s: need >= 1" % volume_steps)
     try:
         symmetry = "C1" if len(symmetry_matrices(symmetry)) == 1 else str(symmetry).strip().upper()
     except ValueError as exc:
@@ -325,7 +390,8 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
            "latent_dim": int(latent_dim), "epochs": int(epochs), "batch_size": int(batch_size),
            "beta": float(beta), "n_basis": int(n_basis), "hidden": int(hidden),
            "learning_rate": float(learning_rate), "seed": int(seed), "pose_free": bool(pose_free),
-           "pose_heads": int(pose_heads), "symmetry": symmetry}
+           "pose_heads": int(pose_heads), "symmetry": symmetry,
+           "volume_steps": None if volume_steps is None else int(volume_steps)}
     if resume:
         if not os.path.exists(ckpt_path):
             raise InputError("%s: no checkpoint to continue from" % ckpt_path)

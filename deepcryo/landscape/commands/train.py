@@ -41,6 +41,9 @@ def add_training_args(parser):
     parser.add_argument("--box", type=int, default=None,
                         help="working box (px, even; Fourier crop); default: particle box")
     parser.add_argument("--batch-size", type=int, default=64, help="particles per step and device")
+    parser.add_argument("--volume-steps", type=int, default=None,
+                        help="steps per update of the decoder's volumes, their gradient summed over them (default: "
+                             "(box/64)^2 rounded, at least 1)")
     parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
     parser.add_argument("--basis", type=int, default=16, help="basis volumes of the decoder")
     parser.add_argument("--learning-rate", type=float, default=3e-3,
@@ -59,4 +62,5 @@ def main(args):
     train(args.particles, args.output_dir, latent_dim=args.latent_dim, epochs=args.epochs, box=args.box,
           batch_size=args.batch_size, beta=args.beta, n_basis=args.basis, learning_rate=args.learning_rate,
           devices=args.devices, resume=args.resume, seed=args.seed, pose_free=args.pose_free,
-          reference=args.reference, pose_heads=args.pose_heads, symmetry=args.symmetry)
+          reference=args.reference, pose_heads=args.pose_heads, symmetry=args.symmetry,
+          volume_steps=args.volume_steps)
