@@ -144,19 +144,24 @@ def _plain_steps(model, batches, volume_steps):
         optimizer.step()
 
 
-def test_train_epoch_steps_the_volumes_on_the_mean_gradient_of_volume_steps_batches():
+def test_train_epoch_steps_the_volumes_on_the_mean_gradient_of_volume_steps_batches(monkeypatch):
     """:func:`train_epoch` (one table per ``volume_steps`` batches, its gradient accumulated and carried to the
-    volumes by the adjoint) leaves every parameter where the plain autograd reference does, for 1 (the plain
-    training step) and for 3 steps per update over 7 batches (two full windows and one of 1 at the end). Fails
-    if the accumulator is not zeroed between windows, if the volumes step every batch, or if the last window is
-    dropped."""
+    volumes by the adjoint; each batch run in chunks of particles) leaves every parameter where the plain
+    autograd reference does, for 1 (the plain training step) and for 3 steps per update over 7 batches (two
+    full windows and one of 1 at the end), with the batch of 4 in one chunk or in chunks of 3 and 1 (the
+    encoder's noise draws set to zero, so that the chunks draw what the batch would). Fails if the accumulator
+    is not zeroed between windows, if the volumes step every batch, if the last window is dropped, or if a
+    chunk's loss is not weighted by its share of the batch."""
     from deepcryo.landscape.train import default_volume_steps, train_epoch
     assert [default_volume_steps(d) for d in (32, 64, 90, 128, 256)] == [1, 1, 2, 4, 16]
-    for volume_steps in (1, 3):
+    assert [_model(box).chunk_particles() >= 64 for box in (16, 32)] == [True, True]
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    for volume_steps, chunk in ((1, None), (3, None), (3, 3)):
         batches = _batches(_model(), 7)
         ours, ref = _model(), _model()
         torch.manual_seed(5)
-        sums = train_epoch(ours, ours, torch.optim.Adam(ours.parameters(), lr=1e-2), batches, 1.0, volume_steps)
+        sums = train_epoch(ours, ours, torch.optim.Adam(ours.parameters(), lr=1e-2), batches, 1.0, volume_steps,
+                           chunk)
         torch.manual_seed(5)
         _plain_steps(ref, batches, volume_steps)
         assert sums.shape == (3,) and sums[0] > 0

@@ -11,10 +11,11 @@ volumes and reconstructions share one convention. The padded transforms of the `
 computed once per optimisation step, whatever the batch size, by FFTs (:func:`padded_half_transform`,
 O((M+1) D³ log D), and its adjoint in the backward pass); each particle then costs one trilinear lookup of
 ``n_basis + 1`` values per Fourier pixel (half plane ``kx >= 0`` within radius D/2, by Friedel symmetry),
-O((M+1) D²), and its scatter in the backward pass. At the default batch of 64 the per-step transform is
-most of a step's cost from box ~100 on, so the cost per particle grows faster than the pixel count between
-box 64 and 128 (figures in ``benchmarks/RESULTS.md``); a larger batch spreads it over more particles. The
-volume decoder is cheaper per particle than a coordinate-MLP decoder (figures in
+O((M+1) D²), and its scatter in the backward pass. The transform, its adjoint and the optimiser's step over
+the volumes do not depend on the batch and grow as D³ log D, against D² per particle, so training updates
+the volumes once per several batches (:func:`deepcryo.landscape.train.train_epoch`, with their gradient
+accumulated in the table's rows), (D/64)² by default: the cost per particle then grows with the pixel count
+(figures in ``benchmarks/RESULTS.md``). The volume decoder is cheaper per particle than a coordinate-MLP decoder (figures in
 ``benchmarks/RESULTS.md``) but not by orders of magnitude; it was chosen above all because the per-basis
 slices it produces are what the encoder consumes, and because V₀ starts at the consensus map. The price
 is expressiveness: motions are represented in an ``n_basis``-dimensional space of volumes, with a
@@ -393,6 +394,14 @@ class LandscapeVAE(nn.Module):
         return {"box": self.box, "latent_dim": self.latent_dim, "n_basis": self.n_basis, "hidden": self.hidden,
                 "pose_free": self.pose_free, "pose_heads": self.pose_heads, "max_shift_px": self.max_shift_px,
                 "symmetry": self.symmetry}
+
+    def chunk_particles(self) -> int:
+        """Particles per chunk of the per-particle work (slices, encoder, likelihood): its (chunk, M+1, K) complex
+        arrays stay near 4 MB, within the CPU's caches. These element-wise passes are bound by memory traffic,
+        and at a batch of 64 their arrays outgrow the caches from box ~100 on, so that a particle's cost would
+        otherwise grow faster than its pixel count (:func:`deepcryo.landscape.train.train_epoch` and
+        :func:`deepcryo.landscape.train.encode_posterior` run a batch chunk by chunk, with the same result)."""
+        return max(1, (4 << 20) // (8 * (self.n_basis + 1) * len(self.pixels)))
 
     def select(self, images_ft: torch.Tensor) -> torch.Tensor:
         """The model's Fourier pixels (..., K) of centred (..., D, D) arrays (spectra, CTFs)."""

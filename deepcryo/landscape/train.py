@@ -30,6 +30,7 @@ is per process, so the global batch grows with the number of processes.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -148,7 +149,7 @@ def encode_posterior(model: LandscapeVAE, data: ParticleBatches, batch_size: int
                     np.zeros((n, 3, 3), np.float32), np.zeros((n, 2), np.float32))
     with torch.no_grad():       # the volumes do not change during the pass; the workspace holds no second table
         table = model.basis_ft(model.workspace)
-    for idx, spectra, rot, ctf in data.batches(batch_size, device=device):
+    for idx, spectra, rot, ctf in data.batches(min(batch_size, model.chunk_particles()), device=device):
         mu, sigma, r, t = model.posterior(spectra, rot, ctf, table)
         out.z[idx], out.sigma[idx], out.rotations[idx] = mu.cpu().numpy(), sigma.cpu().numpy(), r.cpu().numpy()
         if t is not None:
@@ -219,7 +220,7 @@ def default_volume_steps(box: int) -> int:
 
 
 def train_epoch(net: torch.nn.Module, model: LandscapeVAE, optimizer: torch.optim.Optimizer, batches, beta: float,
-                volume_steps: int) -> np.ndarray:
+                volume_steps: int, chunk: Optional[int] = None) -> np.ndarray:
     """One pass over ``batches`` (``(indices, spectra, rotations, ctf)``); returns the sums over its particles of
     the loss, NLL and KL (3,).
 
@@ -229,23 +230,34 @@ def train_epoch(net: torch.nn.Module, model: LandscapeVAE, optimizer: torch.opti
     the pass), so the volumes take one Adam step on the mean gradient of those batches: with
     ``volume_steps = 1``, exactly the plain step. Under DDP (``net`` wraps ``model``, the volumes left out of
     its reducer) the volumes' gradient is all-reduced here, at the same steps on every rank (equal shares).
+
+    A batch runs ``chunk`` particles at a time (default :meth:`LandscapeVAE.chunk_particles`), each chunk's
+    share of the batch-mean loss back-propagated on its own: the gradient is the batch's (sums of the same
+    terms); only the encoder's noise draws differ. DDP all-reduces once per batch, at its last chunk.
     """
     world = torch.distributed.get_world_size() if net is not model else 1
+    chunk = chunk or model.chunk_particles()
     sums, table, window = np.zeros(3), None, 0
     for _, spectra, rot, ctf in batches:
         if table is None:
             table = model.basis_ft(model.workspace)
             table_grad = model.workspace.get("table_grad", (table.shape[0], 2 * table.shape[1]), table.dtype,
                                              table.device).zero_()
-        terms = net(spectra, rot, ctf, beta=beta, table=table.detach(), table_grad=table_grad)
         optimizer.zero_grad()
-        terms["loss"].backward()
+        n = len(spectra)
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            m = len(spectra[part])
+            with contextlib.nullcontext() if start + chunk >= n or world == 1 else net.no_sync():
+                terms = net(spectra[part], None if rot is None else rot[part], ctf[part], beta=beta,
+                            table=table.detach(), table_grad=table_grad)
+                (terms["loss"] * (m / n)).backward()
+            sums += m * np.array([terms[k].item() for k in ("loss", "nll", "kl")])
         window += 1
         if window == volume_steps:
             _volume_gradient(model, table, table_grad, window, world)
             table, window = None, 0
         optimizer.step()
-        sums += len(spectra) * np.array([terms[k].item() for k in ("loss", "nll", "kl")])
     if window:
         optimizer.zero_grad()
         _volume_gradient(model, table, table_grad, window, world)
