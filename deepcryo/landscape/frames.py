@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from ..core.errors import InputError
 from ..core.files import atomic_output
 from ..core.fourier import lowpass_volume, resize_volume
-from ..core.geometry import euler_to_matrix, matrix_to_euler, rotation_angle_deg
+from ..core.geometry import (euler_to_matrix, matrix_to_euler, rotation_angle_deg, sample_volumes,
+                             voxel_positions)
 from ..core.mrc import read_mrc, write_mrc
 from ..core.particles import ParticleStar, read_particles, write_particles
 from ..core.reconstruct import Reconstructor, insert_particles
@@ -92,16 +93,11 @@ def rotate_volumes(volume: torch.Tensor, rotations: torch.Tensor, shifts: Option
     box; (M, N, N, N) in the volume's dtype."""
     n = volume.shape[-1]
     rotations = torch.as_tensor(rotations, dtype=volume.dtype)
-    centre = n // 2
-    c = torch.arange(n, dtype=volume.dtype) - centre
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    pts = torch.stack([x, y, z], -1)[None]                                  # (1, N, N, N, 3) (x, y, z)
+    pts = voxel_positions(n, volume.dtype, volume.device)[None]            # (1, N, N, N, 3) (x, y, z)
     if shifts is not None:
         pts = pts - torch.as_tensor(shifts, dtype=volume.dtype)[:, None, None, None, :]
     src = torch.einsum("mdhwj,mjk->mdhwk", pts.expand(len(rotations), n, n, n, 3), rotations)   # (Rᵀ x)ᵀ
-    grid = (src + centre) / (n - 1) * 2 - 1                                 # align_corners=True
-    vol = volume[None, None].expand(len(rotations), 1, n, n, n)
-    return F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+    return sample_volumes(volume[None].expand(len(rotations), n, n, n), src)
 
 
 def _dilate(mask: torch.Tensor, radius_px: int) -> torch.Tensor:
