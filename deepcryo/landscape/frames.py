@@ -62,6 +62,13 @@ __all__ = ["rotation_vector_matrix", "rotation_grid", "rotate_volumes", "particl
            "agreeing_mass", "masked_correlation", "align_group_map", "body_frames", "turn_poses", "turn_particles", "quantile_groups", "group_maps", "correct_frames"]
 
 
+#: Smallest static body, as a fraction of the particle mask, whose overlay is trusted. Measured (2026-12-05): 0.32–0.69
+#: in the six runs of benchmarks/RESULTS.md's body-frame section and 0.46–0.55 on RELION-rendered three-state sets
+#: whose PC1 bins followed the states; 0.001 on 3 bins of 200 particles at SNR 0.1 that the VAE had not separated
+#: (ARI 0.3), where the turns found (6–15°) were noise.
+MIN_STATIC_FRACTION = 0.05
+
+
 def rotation_vector_matrix(omega: np.ndarray) -> np.ndarray:
     """(..., 3) rotation vectors (axis × angle, radians) → (..., 3, 3) rotation matrices (Rodrigues), acting on
     (x, y, z) column vectors: a positive angle turns counter-clockwise about the axis."""
@@ -258,7 +265,8 @@ def body_frames(maps: np.ndarray, sizes: Optional[Sequence[int]] = None, referen
     particle mask (:func:`particle_mask`).
 
     Returns ``rotations`` (K, 3, 3), ``shifts_px`` (K, 3), ``angles_deg`` (K,), ``correlation`` (K,) on the
-    static body, ``static`` and ``particle`` masks (N, N, N) bool, and ``reference`` (the index used).
+    static body, ``static`` and ``particle`` masks (N, N, N) bool, and ``reference`` (the index used). InputError
+    when the static body is under :data:`MIN_STATIC_FRACTION` of the particle mask (the maps agree nowhere).
     """
     maps = np.asarray(maps, dtype=np.float64)
     k = len(maps)
@@ -283,6 +291,10 @@ def body_frames(maps: np.ndarray, sizes: Optional[Sequence[int]] = None, referen
         moved = np.stack([rotate_volumes(torch.as_tensor(m), torch.as_tensor(r[None]), torch.as_tensor(t[None]))[0]
                           .numpy() for m, r, t in zip(maps, rotations, shifts)])
         static = static_body_mask(moved, inside, weights, varying_fraction)
+        if static.sum() < MIN_STATIC_FRACTION * inside.sum():
+            raise InputError("the group maps agree on %.2g %% of the particle only, too little for a static body "
+                             "(groups too small or too noisy?): use fewer groups or a lower resolution"
+                             % (100 * static.sum() / inside.sum()))
         for g in range(k):
             if g != reference:
                 rotations[g], shifts[g], correlation[g] = align_group_map(
