@@ -63,7 +63,7 @@ __all__ = ["rotation_vector_matrix", "rotation_grid", "rotate_volumes", "particl
 
 
 #: Smallest static body, as a fraction of the particle mask, whose overlay is trusted. Measured (2026-12-05): 0.32–0.69
-#: in the six runs of benchmarks/RESULTS.md's body-frame section and 0.46–0.55 on RELION-rendered three-state sets
+#: in the benchmark runs behind benchmarks/RESULTS.md's body-frame sections, 0.46–0.55 on RELION-rendered three-state sets
 #: whose PC1 bins followed the states; 0.001 on 3 bins of 200 particles at SNR 0.1 that the VAE had not separated
 #: (ARI 0.3), where the turns found (6–15°) were noise.
 MIN_STATIC_FRACTION = 0.05
