@@ -183,13 +183,17 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
         if not hasattr(self, OUTPUT_PARTICLES):
             return ["Poses not moved yet."]
         summary = self._frames()
-        lines = ["%d particles in %s; frame: %s. Static body: %.0f %% of the particle."
-                 % (getattr(self, OUTPUT_PARTICLES).getSize(), self._grouping(summary), summary["frame"],
+        frame = ("the mean of the groups' frames" if summary["frame"] == "mean"
+                 else "the frame of %s" % summary["frame"])
+        lines = ["%d particles in %s, moved into %s. Static body: %.0f %% of the particle."
+                 % (getattr(self, OUTPUT_PARTICLES).getSize(), self._grouping(summary), frame,
                     100 * summary["static_body_fraction_of_particle"])]
         for g, (size, turn, shift, corr) in enumerate(zip(summary["group_sizes"], summary["turn_deg"],
                                                           summary["shifts_A"], summary["static_body_correlation"])):
-            lines.append("group %d (%d particles): turned %.1f°, shifted (%s) Å; static-body correlation %.2f"
-                         % (g + 1, size, turn, ", ".join("%.1f" % s for s in shift), corr))
+            overlay = ("the others' static bodies overlaid on its" if g + 1 == summary["aligned_to_group"]
+                       else "static-body correlation %.2f" % corr)
+            lines.append("group %d (%d particles): turned %.1f°, shifted (%s) Å; %s"
+                         % (g + 1, size, turn, ", ".join("%.1f" % s for s in shift), overlay))
         return lines
 
     def _methods(self):

@@ -136,7 +136,10 @@ class TestDeepCryoBodyFrame(ProtocolTest):
         logger.info(figures)
         self.assertGreater(max(before), 8.0, figures)
         self.assertLess(max(after), 4.0, figures)
-        self.assertTrue(any("turned" in line for line in frame.summary()))
+        summary = frame.summary()
+        logger.info("summary: %s", " / ".join(summary))
+        self.assertIn("moved into the mean of the groups' frames", summary[0])
+        self.assertEqual(sum("turned" in line for line in summary), 3)
 
         second = self._train(moved, "VAE on the moved poses")
         self.assertSetSize(getattr(second, OUTPUT_PARTICLES), SPEC.n)
