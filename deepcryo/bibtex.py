@@ -135,6 +135,16 @@
   doi = {https://doi.org/10.7554/eLife.42166}
 }
 
+@article{Nakane2018,
+  author = {Nakane, Takanori and Kimanius, Dari and Lindahl, Erik and Scheres, Sjors H. W.},
+  title = {Characterisation of molecular motions in cryo-{EM} single-particle data by multi-body refinement in {RELION}},
+  journal = {eLife},
+  year = {2018},
+  volume = {7},
+  pages = {e36861},
+  doi = {https://doi.org/10.7554/eLife.36861}
+}
+
 @inproceedings{Kingma2014,
   author = {Kingma, Diederik P. and Welling, Max},
   title = {Auto-Encoding Variational {Bayes}},

@@ -26,6 +26,7 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from deepcryo.constants import SYMMETRY_NAMES
 
@@ -34,7 +35,7 @@ from . import euler
 __all__ = ["euler_to_matrix", "matrix_to_euler", "matrix_to_quaternion", "quaternion_to_matrix",
            "rotation_angle_deg", "pose_distance_deg", "viewing_direction", "direction_distance_deg",
            "sphere_directions", "sample_poses", "symmetry_matrices", "equivalent_poses", "SYMMETRY_NAMES",
-           "in_plane_rotation_matrix"]
+           "in_plane_rotation_matrix", "voxel_positions", "sample_volumes"]
 
 
 def _as_tensor(x, dtype=None):
@@ -177,6 +178,29 @@ def in_plane_rotation_matrix(psi_deg: Union[torch.Tensor, np.ndarray]) -> torch.
     p = torch.deg2rad(_as_tensor(psi_deg))
     c, s = torch.cos(p), torch.sin(p)
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+# ----------------------------------------------------------------------------------------------- volumes
+
+def voxel_positions(n: int, dtype: torch.dtype = torch.float64, device: Optional[torch.device] = None
+                    ) -> torch.Tensor:
+    """(n, n, n, 3) position (x, y, z), in px from the box centre n // 2 (the projector's and RELION's), of each
+    voxel of a volume indexed [z, y, x]."""
+    c = torch.arange(n, dtype=dtype, device=device) - n // 2
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    return torch.stack([x, y, z], -1)
+
+
+def sample_volumes(volumes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Values of real-space volumes (B, N, N, N), indexed [z, y, x], at ``points`` (B, N, N, N, 3), positions
+    (x, y, z) in px from the centre N // 2 (:func:`voxel_positions`): trilinear, zero outside the box (between
+    the last voxel and outside, interpolated towards zero); (B, N, N, N), differentiable in ``volumes``.
+
+    The one resampling of volumes under rotations: a volume moved by x → R x + t is V(Rᵀ (x − t)), the volume
+    sampled at the points Rᵀ (x − t) of the voxel positions x."""
+    n = volumes.shape[-1]
+    grid = 2.0 * (points + n // 2) / (n - 1) - 1.0          # grid_sample's [-1, 1] with align_corners=True
+    return F.grid_sample(volumes[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------- symmetry

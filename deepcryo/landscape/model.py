@@ -85,11 +85,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..core import fourier
 from ..core.fsc import spherical_mask
-from ..core.geometry import symmetry_matrices
+from ..core.geometry import sample_volumes, symmetry_matrices, voxel_positions
 from ..core.projector import gridding_kernel_1d
 
 __all__ = ["LandscapeVAE", "Workspace", "padded_half_transform", "padded_half_transform_adjoint",
@@ -107,16 +106,13 @@ def symmetrize_volumes(volumes: torch.Tensor, operators: torch.Tensor) -> torch.
     """Group average ``(1/G) Σ_S V(S x)`` of real-space volumes (K, D, D, D) over operators (G, 3, 3).
 
     ``x = (x, y, z)`` in px from the centre ``D//2`` along array axes (2, 1, 0) (the projector's convention);
-    trilinear interpolation, zero outside the box.
+    trilinear interpolation, zero outside the box (:func:`deepcryo.core.geometry.sample_volumes`).
     """
     d = volumes.shape[-1]
-    idx = torch.arange(d, dtype=volumes.dtype, device=volumes.device) - d // 2
-    z, y, x = torch.meshgrid(idx, idx, idx, indexing="ij")
-    points = torch.stack([x, y, z], -1)                                                # (D, D, D, 3)
+    points = voxel_positions(d, volumes.dtype, volumes.device)                         # (D, D, D, 3)
     out = torch.zeros_like(volumes)
     for op in operators.to(volumes):
-        grid = (2.0 * (points @ op.T + d // 2) / (d - 1) - 1.0).expand(len(volumes), d, d, d, 3)
-        out += F.grid_sample(volumes[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+        out += sample_volumes(volumes, (points @ op.T).expand(len(volumes), d, d, d, 3))
     return out / len(operators)
 
 

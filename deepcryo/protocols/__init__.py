@@ -21,5 +21,6 @@ from .protocol_reconstruct import DeepCryoProtReconstruct
 from .protocol_defocus import DeepCryoProtDeepDefocus, DeepCryoProtDeepDefocusTrain
 from .protocol_vae import (DeepCryoProtVaeTrain, DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect,
                            DeepCryoProtVaeVolumes)
+from .protocol_bodyframe import DeepCryoProtVaeBodyFrame
 from .protocol_swiftalign import DeepCryoProtSwiftAlign
 from .protocol_swiftrefine import DeepCryoProtSwiftRefine

@@ -201,7 +201,7 @@ class TestPlugin(unittest.TestCase):
                 self.assertNotIn("PYTHONPATH", kwargs["env"])
         for module in (deepcryo.protocols.protocol_defocus, deepcryo.protocols.protocol_reconstruct,
                        deepcryo.protocols.protocol_swiftalign, deepcryo.protocols.protocol_swiftrefine,
-                       deepcryo.protocols.protocol_vae):
+                       deepcryo.protocols.protocol_vae, deepcryo.protocols.protocol_bodyframe):
             self.assertNotIn(".runJob(", inspect.getsource(module), module.__name__)
 
     def testSeparateEnvironmentRecipe(self):
@@ -306,7 +306,8 @@ class TestPlugin(unittest.TestCase):
         """The protocol tree Scipion's GUI builds (pwem's protocols.conf and every plugin's) shows the VAE
         protocols in the Flexibility Hub view, as cryoDRGN's, and keeps them in the SPA view."""
         views = ProtocolTreeConfig.load(pwem.Domain, pyworkflow.Config.SCIPION_PROTOCOLS)
-        vae = {"DeepCryoProtVaeTrain", "DeepCryoProtVaeAnalyze", "DeepCryoProtVaeSelect", "DeepCryoProtVaeVolumes"}
+        vae = {"DeepCryoProtVaeTrain", "DeepCryoProtVaeAnalyze", "DeepCryoProtVaeSelect", "DeepCryoProtVaeVolumes",
+               "DeepCryoProtVaeBodyFrame"}
         self.assertEqual(vae & set(_visibleProtocols(views["Flexibility Hub"])), vae)
         self.assertEqual(vae & set(_visibleProtocols(views["Protocols SPA"])), vae)
 

@@ -1,5 +1,6 @@
 """What a user sets on a form reaches the program: every setting of SwiftRes (``RefineParams``) that changes the
-result is on the SwiftRefine form, and the SwiftAlign form's search settings reach ``swiftalign train``.
+result is on the SwiftRefine form, the SwiftAlign form's search settings reach ``swiftalign train``, and every
+option of ``landscape frames`` is on the body-frame form.
 
 The protocol's step is run with ``runJob`` recorded instead of run; the recorded command line is parsed with the
 program's own parser.
@@ -18,7 +19,9 @@ from pyworkflow.object import Pointer
 
 import deepcryo.protocols.protocol_swiftalign as swiftalign_module
 import deepcryo.protocols.protocol_swiftrefine as swiftrefine_module
-from deepcryo.protocols import DeepCryoProtSwiftAlign, DeepCryoProtSwiftRefine
+from deepcryo.landscape.commands import frames as frames_command
+from deepcryo.protocols import (DeepCryoProtSwiftAlign, DeepCryoProtSwiftRefine, DeepCryoProtVaeAnalyze,
+                                DeepCryoProtVaeBodyFrame)
 from deepcryo.swiftalign.commands import refine as refine_command
 from deepcryo.swiftalign.commands import train as train_command
 from deepcryo.swiftalign.refine import RefineParams
@@ -26,6 +29,10 @@ from deepcryo.tests.protocol_inputs import _particles, _volume
 
 #: RefineParams fields that do not change the result (resources), and the form's own place for them.
 NOT_ON_FORM = {"device": "useGpu/gpuList", "batch_size": "memory only"}
+#: Options of ``landscape frames`` that the body-frame protocol sets itself, and from what.
+FRAMES_SET_BY_PROTOCOL = {"particles": "the analysis' particles.star", "output": "its extra folder",
+                          "group_column": "the form's grouping",
+                          "maps": "none: each group's map is reconstructed at the form's map box"}
 
 
 def _recorded_args(prot, step, command):
@@ -86,3 +93,30 @@ class TestProtocolForms(unittest.TestCase):
         args = _recorded_args(prot, prot.trainStep, train_command)
         self.assertEqual((args.angular_step, args.max_resolution, args.max_shift, args.whiten,
                           args.memory_limit, args.symmetry), (7.5, 12.0, 3.0, True, 1.5, "C3"))
+
+    def testBodyFrameFormReachesFrames(self):
+        """Each option of ``landscape frames`` is a field of the body-frame form or set by the protocol
+        (:data:`FRAMES_SET_BY_PROTOCOL`), and the form's values reach it, for both groupings."""
+        analysis = DeepCryoProtVaeAnalyze()
+        analysis.setWorkingDir(str(self.folder / "analysis"))
+        parser = argparse.ArgumentParser()
+        frames_command.add_args(parser)
+        options = {a.dest for a in parser._actions if a.dest != "help"}
+        onForm = {"bins", "box", "resolution", "reference", "max_angle"}
+        self.assertEqual(options, onForm | set(FRAMES_SET_BY_PROTOCOL), options ^ (onForm | set(FRAMES_SET_BY_PROTOCOL)))
+        for groupBy, column, bins in ((DeepCryoProtVaeBodyFrame.GROUP_PC1, "dcPC1", 5),
+                                      (DeepCryoProtVaeBodyFrame.GROUP_CLUSTERS, "dcCluster", 0)):
+            with self.subTest(groupBy=groupBy):
+                prot = DeepCryoProtVaeBodyFrame()
+                prot.setWorkingDir(str(self.folder / "frames"))
+                prot.analyzeRun.set(analysis)
+                for name, value in dict(groupBy=groupBy, bins=5, mapBox=48, resolution=12.5, referenceGroup=2,
+                                        maxAngle=15.0).items():
+                    getattr(prot, name).set(value)
+                args = _recorded_args(prot, prot.framesStep, frames_command)
+                self.assertEqual((args.particles, args.output, args.group_column, args.bins, args.maps),
+                                 (str(self.folder / "analysis" / "extra" / "analysis" / "particles.star"),
+                                  str(self.folder / "frames" / "extra" / "particles.star"), column, bins, None))
+                self.assertEqual((args.box, args.resolution, args.reference, args.max_angle), (48, 12.5, 2, 15.0))
+        prot.referenceGroup.set(0)      # the mean of the groups' frames: the program's default, no --reference
+        self.assertIsNone(_recorded_args(prot, prot.framesStep, frames_command).reference)
