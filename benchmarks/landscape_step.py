@@ -41,7 +41,7 @@ def measure(box: int, batch: int, steps: int, volume_steps: int, n_basis: int = 
     t0 = time.process_time()
     train_epoch(model, model, optimizer, _batches(box, batch, steps, seed=1), 1.0, volume_steps)
     cpu = time.process_time() - t0
-    return {"box": box, "batch": batch, "steps": steps, "volume_steps": volume_steps, "cpu_s": cpu,
+    return {"box": box, "batch": batch, "steps": steps, "volume_steps": volume_steps, "basis": n_basis, "cpu_s": cpu,
             "cpu_ms_per_particle": 1e3 * cpu / (steps * batch)}
 
 
@@ -51,6 +51,7 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=8, help="measured steps (a multiple of every --volume-steps)")
     p.add_argument("--volume-steps", type=int, nargs="+", default=[1, 0], help="0: the program's default")
+    p.add_argument("--basis", type=int, default=16, help="basis volumes of the decoder (the program's --basis)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -59,7 +60,7 @@ def main():
     rows = []
     for box in args.box:
         for vs in args.volume_steps:
-            row = measure(box, args.batch, args.steps, vs or default_volume_steps(box))
+            row = measure(box, args.batch, args.steps, vs or default_volume_steps(box), args.basis)
             logger.info("box %d batch %d volume_steps %d: %.1f CPU ms per particle (%d steps, %.1f s)", box,
                         args.batch, row["volume_steps"], row["cpu_ms_per_particle"], args.steps, row["cpu_s"])
             rows.append(row)

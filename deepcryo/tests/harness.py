@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 import types
 
 from deepcryo import scipion_env
@@ -131,6 +132,17 @@ def checkFinishedRun(prot):
 
 class ProtocolTest(BaseTest):
     """pyworkflow's ``BaseTest`` whose waits for protocols have a deadline (:func:`waitForProtocol`)."""
+
+    @classmethod
+    def setUpOwnProject(cls):
+        """A new project for this test class, made the working folder (pyworkflow launches protocols relative
+        to it). ``Manager.createProject`` deletes a project of the same name, so the name carries the process id
+        and a random tag: two runs of a test side by side never share one."""
+        from pyworkflow.project import Manager  # pyworkflow only after setup()
+        cls.projName = "%s_%d_%s" % (cls.__name__, os.getpid(), uuid.uuid4().hex[:8])
+        cls.proj = Manager().createProject(cls.projName)
+        cls.outputPath = cls.proj.path
+        os.chdir(cls.outputPath)
 
     @classmethod
     def launchProtocol(cls, prot, waitForOutput=()):

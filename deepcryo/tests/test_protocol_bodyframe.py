@@ -30,11 +30,9 @@ rotations, one per particle, and a second VAE trains on them; the form's checks 
 import logging
 import os
 import unittest
-import uuid
 
 import numpy as np
 import torch
-from pyworkflow.project import Manager
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import projectionMatrices
@@ -75,10 +73,7 @@ class TestDeepCryoBodyFrame(ProtocolTest):
     def setUpClass(cls):
         if RELION_PROJECT is None:
             raise unittest.SkipTest(SKIP_REASON)
-        cls.projName = "%s_%d_%s" % (cls.__name__, os.getpid(), uuid.uuid4().hex[:8])
-        cls.proj = Manager().createProject(cls.projName)
-        cls.outputPath = cls.proj.path
-        os.chdir(cls.outputPath)     # pyworkflow launches protocols relative to the project folder
+        cls.setUpOwnProject()
         data = render(os.path.abspath(cls.proj.getPath("relion")), SPEC)
         truth = read_particles(data.star)
         cls.states = np.asarray(truth.particles["rlnClassNumber"], dtype=np.int64) - 1

@@ -38,13 +38,11 @@ cluster maps as initial maps is checked too: its dialog offers each item of the 
 import logging
 import os
 import unittest
-import uuid
 
 import numpy as np
 from pwem.objects import Volume
 from pwem.protocols import ProtImportVolumes
 from pyworkflow.object import Pointer
-from pyworkflow.project import Manager
 from sklearn.metrics import adjusted_rand_score
 
 from deepcryo.constants import OUTPUT_PARTICLES
@@ -77,10 +75,7 @@ class TestDeepCryoLandscapePath(ProtocolTest):
     def setUpClass(cls):
         if RELION_PROJECT is None:
             raise unittest.SkipTest(SKIP_REASON)
-        cls.projName = "%s_%d_%s" % (cls.__name__, os.getpid(), uuid.uuid4().hex[:8])
-        cls.proj = Manager().createProject(cls.projName)
-        cls.outputPath = cls.proj.path
-        os.chdir(cls.outputPath)     # pyworkflow launches protocols relative to the project folder
+        cls.setUpOwnProject()
         data = render(os.path.abspath(cls.proj.getPath("relion")), SPEC)
         cls.states = np.asarray(read_particles(data.star).particles["rlnClassNumber"], dtype=np.int64)
         cls.importParts = importParticleSet(

@@ -33,13 +33,11 @@ failure seen before).
 import glob
 import os
 import sys
-import uuid
 from unittest import mock
 
 import numpy as np
 import torch
 from pwem.objects import SetOfParticlesFlex
-from pyworkflow.project import Manager
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.core import simulate
@@ -60,10 +58,7 @@ class TestDeepCryoVae(ProtocolTest):
 
     @classmethod
     def setUpClass(cls):
-        cls.projName = "%s_%d_%s" % (cls.__name__, os.getpid(), uuid.uuid4().hex[:8])
-        cls.proj = Manager().createProject(cls.projName)
-        cls.outputPath = cls.proj.path
-        os.chdir(cls.outputPath)     # pyworkflow launches protocols relative to the project folder
+        cls.setUpOwnProject()
         folder = os.path.abspath(cls.proj.getPath("simulated"))
         vols = simulate.phantom_states(BOX, 2, seed=5)
         state_of = np.random.default_rng(5).permutation(np.arange(N) % 2)
