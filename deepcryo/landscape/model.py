@@ -396,7 +396,10 @@ class LandscapeVAE(nn.Module):
         arrays stay near 4 MB, within the CPU's caches. These element-wise passes are bound by memory traffic,
         and at a batch of 64 their arrays outgrow the caches from box ~100 on, so that a particle's cost would
         otherwise grow faster than its pixel count (:func:`deepcryo.landscape.train.train_epoch` and
-        :func:`deepcryo.landscape.train.encode_posterior` run a batch chunk by chunk, with the same result)."""
+        :func:`deepcryo.landscape.train.encode_posterior` run a batch chunk by chunk, with the same result). In
+        the pose-free mode a batch stays whole: each call projects the whole search grid, a cost per call."""
+        if self.pose_free:
+            return 1 << 30
         return max(1, (4 << 20) // (8 * (self.n_basis + 1) * len(self.pixels)))
 
     def select(self, images_ft: torch.Tensor) -> torch.Tensor:
