@@ -14,8 +14,8 @@ O((M+1) D³ log D), and its adjoint in the backward pass); each particle then co
 O((M+1) D²), and its scatter in the backward pass. The transform, its adjoint and the optimiser's step over
 the volumes do not depend on the batch and grow as D³ log D, against D² per particle, so training updates
 the volumes once per several batches (:func:`deepcryo.landscape.train.train_epoch`, with their gradient
-accumulated in the table's rows), (D/64)² by default: the cost per particle then grows with the pixel count
-(figures in ``benchmarks/RESULTS.md``). The volume decoder is cheaper per particle than a coordinate-MLP decoder (figures in
+accumulated in the table's rows), (D/64)² by default: the cost per particle then grows with the pixel count.
+The volume decoder is cheaper per particle than a coordinate-MLP decoder (figures for both in
 ``benchmarks/RESULTS.md``) but not by orders of magnitude; it was chosen above all because the per-basis
 slices it produces are what the encoder consumes, and because V₀ starts at the consensus map. The price
 is expressiveness: motions are represented in an ``n_basis``-dimensional space of volumes, with a
@@ -155,7 +155,6 @@ def _advise_huge_pages(a: torch.Tensor) -> None:
     end = (a.data_ptr() + size) // _HUGE_PAGE * _HUGE_PAGE
     if end > start:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
-
 
 
 def _array(workspace: Optional[Workspace], name: str, shape, dtype, device) -> torch.Tensor:
@@ -573,8 +572,8 @@ class LandscapeVAE(nn.Module):
 
         In pose-free mode ``rotations`` is ignored (and may be None). Without ``table`` the decoder's table is
         computed here (:meth:`basis_ft`) and the loss's gradient reaches the volumes through it. With a
-        ``table`` (detached :meth:`basis_ft` output) and its accumulator ``table_grad`` (same rows, 2C real
-        columns), the backward pass adds ``∂loss/∂table`` into ``table_grad`` and the volumes get no
+        ``table`` (:meth:`basis_ft` output, used detached) and its accumulator ``table_grad`` (same rows, 2C
+        real columns), the backward pass adds ``∂loss/∂table`` into ``table_grad`` and the volumes get no
         gradient: the caller carries it to them (:func:`deepcryo.landscape.train.train_epoch`).
         """
         if table is None:

@@ -250,7 +250,7 @@ def train_epoch(net: torch.nn.Module, model: LandscapeVAE, optimizer: torch.opti
             m = len(spectra[part])
             with contextlib.nullcontext() if start + chunk >= n or world == 1 else net.no_sync():
                 terms = net(spectra[part], None if rot is None else rot[part], ctf[part], beta=beta,
-                            table=table.detach(), table_grad=table_grad)
+                            table=table, table_grad=table_grad)
                 (terms["loss"] * (m / n)).backward()
             sums += m * np.array([terms[k].item() for k in ("loss", "nll", "kl")])
         window += 1
