@@ -174,6 +174,11 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
         with open(self._summaryJson()) as f:
             return json.load(f)
 
+    @staticmethod
+    def _frameWords(summary):
+        return ("the mean of the groups' frames" if summary["frame"] == "mean"
+                else "the frame of %s" % summary["frame"])
+
     def _grouping(self, summary):
         if summary["bins"]:
             return "%d equal bins along PC1" % summary["bins"]
@@ -183,8 +188,7 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
         if not hasattr(self, OUTPUT_PARTICLES):
             return ["Poses not moved yet."]
         summary = self._frames()
-        frame = ("the mean of the groups' frames" if summary["frame"] == "mean"
-                 else "the frame of %s" % summary["frame"])
+        frame = self._frameWords(summary)
         lines = ["%d particles in %s, moved into %s. Static body: %.0f %% of the particle."
                  % (getattr(self, OUTPUT_PARTICLES).getSize(), self._grouping(summary), frame,
                     100 * summary["static_body_fraction_of_particle"])]
@@ -201,8 +205,7 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
             return []
         summary = self._frames()
         particles = self._inputParticles().get()
-        frame = ("the mean of the groups' frames" if self.referenceGroup.get() == 0
-                 else "the frame of group %d" % self.referenceGroup.get())
+        frame = self._frameWords(summary)
         return ["The poses of the %d particles of %s were moved into one frame of the particle's static body "
                 "with deepcryo's landscape frames. The particles were split into %s of the conformational "
                 "landscape analysed by %s ([Zhong2021]); each group's map was reconstructed from its particles at "
