@@ -8,13 +8,15 @@ frequencies up to Nyquist (radius N/2 in Fourier pixels), then inverse-transform
 Image formation (RELION convention): ``image = IFT( CTF · T_{-origin} · P̂ )``; the particle centre sits
 at pixel ``N//2 - origin_px``, i.e. the origin is the shift that brings the particle back to the box centre.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
 from . import fourier
 from .geometry import euler_to_matrix
 
-__all__ = ["Projector", "slice_coordinates", "gridding_kernel_1d"]
+__all__ = ["Projector", "gridding_kernel_1d"]
 
 
 def gridding_kernel_1d(n, padded, device=None, dtype=torch.float32):
@@ -23,29 +25,16 @@ def gridding_kernel_1d(n, padded, device=None, dtype=torch.float32):
     return torch.sinc(x) ** 2
 
 
-def slice_coordinates(rotations, box, padded_box, max_radius_px=None):
-    """Padded-grid sampling coordinates of the central slices.
-
-    Args:
-        rotations: (B, 3, 3) pose matrices A (volume → projection frame).
-        box: image size N; padded_box: size M of the padded Fourier grid.
-        max_radius_px: keep frequencies with radius <= this (Fourier pixels of the N grid); default N/2.
-    Returns:
-        coords (B, N, N, 3) float positions (x, y, z) in padded-grid index units, and the (N, N) bool mask
-        of the kept frequencies.
-    """
-    device, dtype = rotations.device, rotations.dtype
-    k = fourier.freq_grid_2d(box, device=device, dtype=dtype)              # (N, N, 2) cycles/px
-    k3 = torch.cat([k, torch.zeros_like(k[..., :1])], dim=-1)             # (N, N, 3)
-    pts = torch.einsum("hwi,bij->bhwj", k3, rotations)                     # Aᵀk as row vector k·A
-    coords = pts * padded_box + padded_box // 2
-    r = fourier.radius_grid_2d(box, device=device, dtype=dtype)
-    mask = r <= (box / 2 if max_radius_px is None else max_radius_px)
-    return coords, mask
-
-
 class Projector:
     """Projects one volume (N, N, N) for batches of poses.
+
+    The padded transform is kept as its Hermitian half ``kx >= 0`` (real volumes: ``V̂(−k) = V̂(k)*``), real and
+    imaginary channels, (1, 2, M, M, M/2 + 1) with kz, ky = −M/2 … M/2 − 1 at index k + M/2 and kx = 0 … M/2 (the
+    layout of :func:`deepcryo.landscape.model.padded_half_transform`). A point with kx < 0 is read at −k and
+    conjugated. Trilinear interpolation of Hermitian data is Hermitian, so this equals sampling the whole cube,
+    with half the memory; and a request whose frequencies stay within a radius (a band, a low-pass) reads a
+    copy of the table cropped to that radius, cached until another radius is asked for. Both matter at large
+    boxes, where the slices' gather is bound by memory traffic over a table of ``8 (2N)³ / 2`` bytes.
 
     Args:
         volume: (N, N, N) tensor or array (indexed [z, y, x]).
@@ -61,26 +50,50 @@ class Projector:
         self.padded_box = int(pad * self.box)
         self.device = vol.device
         g = gridding_kernel_1d(self.box, self.padded_box, device=self.device)
-        corrected = vol / (g[:, None, None] * g[None, :, None] * g[None, None, :])
-        ft = fourier.fft3c(fourier.pad_to(corrected, self.padded_box, 3))
-        # (1, 2, M, M, M) real/imag channels for grid_sample
-        self._ft = torch.stack([ft.real, ft.imag], dim=0)[None].contiguous()
+        corrected = fourier.pad_to(vol / (g[:, None, None] * g[None, :, None] * g[None, None, :]), self.padded_box, 3)
+        half = torch.fft.fftshift(torch.fft.rfftn(torch.fft.ifftshift(corrected)), dim=(0, 1))
+        del corrected
+        self._half = torch.stack([half.real, half.imag], dim=0)[None].contiguous()
+        self._cropped = (None, None)                      # (half-width h, cropped table) of the last radius asked
 
-    @property
-    def padded_ft(self) -> torch.Tensor:
-        """(1, 2, M, M, M) real and imaginary channels of the padded, gridding-corrected, centred transform
-        (M = ``padded_box``, origin at M//2), the layout :func:`torch.nn.functional.grid_sample` samples
-        with ``align_corners=True``; on :attr:`device`. Read-only: shared with the projector."""
-        return self._ft
+    def _table(self, max_radius):
+        """The half table, or its copy cropped to kz, ky = −h … h and kx = 0 … h, h the padded-grid radius of
+        ``max_radius`` (cycles/px) plus one for the interpolation's upper corners; returns (table, h or M/2)."""
+        m = self.padded_box
+        h = int(math.ceil(max_radius * m)) + 1
+        if h >= m // 2 - 1:
+            return self._half, m // 2
+        if self._cropped[0] != h:
+            self._cropped = (h, self._half[..., m // 2 - h:m // 2 + h + 1, m // 2 - h:m // 2 + h + 1, :h + 1]
+                             .contiguous())
+        return self._cropped[1], h
+
+    def sample(self, points: torch.Tensor, max_radius: float = 0.5) -> torch.Tensor:
+        """Trilinear values (...) complex of the padded, gridding-corrected transform at frequencies ``points``
+        (..., 3), (kx, ky, kz) in cycles/px, on :attr:`device`. Points beyond ``max_radius`` (cycles/px; Nyquist
+        by default) may read zeros: callers keep their frequencies within it, or mask what lies beyond.
+        A central slice is ``sample(k·A)`` for the in-plane frequencies k = (kx, ky, 0) (the row vector k times
+        the pose matrix A is ``Aᵀk``)."""
+        table, origin = self._table(max_radius)
+        z, y, x = table.shape[-3:]
+        conj = torch.where(points[..., 0] < 0, -1.0, 1.0)
+        p = points * (conj * self.padded_box)[..., None]
+        grid = torch.stack([p[..., 0] / (x - 1), (p[..., 1] + origin) / (y - 1), (p[..., 2] + origin) / (z - 1)],
+                           -1) * 2.0 - 1.0                                                # align_corners=True
+        out = F.grid_sample(table, grid.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros",
+                            align_corners=True).reshape((2,) + points.shape[:-1])
+        return torch.complex(out[0], out[1] * conj)
 
     def project_ft(self, rotations, max_radius_px=None):
-        """Centred spectra (B, N, N) complex of the projections for (B, 3, 3) pose matrices."""
+        """Centred spectra (B, N, N) complex of the projections for (B, 3, 3) pose matrices, zero beyond
+        ``max_radius_px`` (Fourier pixels of the N grid; N/2 by default)."""
         rotations = torch.as_tensor(rotations, dtype=torch.float32, device=self.device)
-        coords, mask = slice_coordinates(rotations, self.box, self.padded_box, max_radius_px)
-        grid = coords / (self.padded_box - 1) * 2.0 - 1.0                      # align_corners=True
-        out = F.grid_sample(self._ft, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)
-        out = out[0]                                                              # (2, B, N, N)
-        return torch.complex(out[0], out[1]) * mask
+        n = self.box
+        radius_px = n / 2 if max_radius_px is None else max_radius_px
+        k = fourier.freq_grid_2d(n, device=self.device)
+        k3 = torch.cat([k, torch.zeros_like(k[..., :1])], dim=-1)                     # (N, N, 3)
+        mask = fourier.radius_grid_2d(n, device=self.device) <= radius_px
+        return self.sample(torch.einsum("hwi,bij->bhwj", k3, rotations), radius_px / n) * mask
 
     def project(self, angles_deg, origins_px=None, ctf=None, max_radius_px=None):
         """Real projection images (B, N, N).

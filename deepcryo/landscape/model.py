@@ -6,7 +6,7 @@ The volume of latent ``z`` is ``V(z) = V₀ + Σ_m c_m(z) V_m``: a mean volume V
 consensus reconstruction) plus ``n_basis`` learned basis volumes weighted by a small MLP ``c(z)``. All
 volumes are real-space (D, D, D) grids under a soft spherical mask; the particle's Fourier slice is taken
 exactly as :class:`deepcryo.core.projector.Projector` does (gridding correction, 2× zero padding, centred
-3D FFT, trilinear sampling at ``k·A``, see :func:`deepcryo.core.projector.slice_coordinates`), so decoded
+3D FFT, trilinear sampling at ``k·A``, see :meth:`deepcryo.core.projector.Projector.sample`), so decoded
 volumes and reconstructions share one convention. The padded transforms of the ``n_basis + 1`` volumes are
 computed once per optimisation step, whatever the batch size, by FFTs (:func:`padded_half_transform`,
 O((M+1) D³ log D), and its adjoint in the backward pass); each particle then costs one trilinear lookup of

@@ -26,7 +26,6 @@ from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, sample_poses
 from deepcryo.core.projector import Projector
@@ -64,12 +63,8 @@ def band_slices(projector: Projector, rotations: Union[np.ndarray, torch.Tensor]
     rotations = torch.as_tensor(rotations, dtype=torch.float32).to(device)
     freqs_px = freqs_px.to(device)
     k3 = torch.cat([freqs_px, torch.zeros_like(freqs_px[:, :1])], dim=1)            # (P, 3)
-    pts = torch.einsum("pi,bij->bpj", k3, rotations)                               # Aᵀk
-    m = projector.padded_box
-    grid = (pts * m + m // 2) / (m - 1) * 2.0 - 1.0
-    out = F.grid_sample(projector.padded_ft, grid[None, :, :, None, :], mode="bilinear", padding_mode="zeros",
-                        align_corners=True)[0, :, :, :, 0]                         # (2, B, P)
-    return torch.complex(out[0], out[1])
+    max_radius = float(freqs_px.norm(dim=1).max()) if len(freqs_px) else 0.0
+    return projector.sample(torch.einsum("pi,bij->bpj", k3, rotations), max_radius)   # Aᵀk
 
 
 def shift_grid(max_shift_px: float, shift_step_px: float) -> np.ndarray:
