@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from deepcryo.core import fourier
 from deepcryo.core.geometry import quaternion_to_matrix
 from deepcryo.core.projector import Projector, gridding_kernel_1d
-from deepcryo.landscape.model import LandscapeVAE, _HalfTransform
+from deepcryo.landscape.model import LandscapeVAE, _HalfTransform, half_ball, padded_half_transform, \
+    padded_half_transform_adjoint
 
 BOX = 16
 
@@ -26,11 +27,13 @@ def _model(box=BOX, n_basis=3, seed=0):
 
 
 def _half_of_fft3c(model):
-    """(P, P, P/2+1, C) reference: the centred transform of the padded volumes, kx = P/2 taken from −P/2."""
+    """(R, C) reference: the centred transform of the padded volumes, kx = P/2 taken from −P/2, at the rows of
+    the model's ball (its (ky, kz, kx) order)."""
     p = model.padded_box
     vol = (model.volumes * model.mask3d / model.gridding).detach().to(torch.float64)
     ft = fourier.fft3c(fourier.pad_to(vol, p, 3))
-    return torch.cat([ft[..., p // 2:], ft[..., :1]], -1).permute(1, 2, 3, 0)
+    half = torch.cat([ft[..., p // 2:], ft[..., :1]], -1).permute(2, 1, 3, 0)            # (ky, kz, kx, C)
+    return half[model.ball.kept(0, p)]
 
 
 def _matrix_dft_slices(model, rotations):
@@ -65,26 +68,45 @@ def _matrix_dft_slices(model, rotations):
 
 
 def test_basis_ft_is_the_padded_centred_transform():
-    """Table = ``fft3c(pad_to(V·mask/gridding, P))`` on kz, ky = −P/2 … P/2−1, kx = 0 … P/2, to float32
-    precision (fails if the centring phase or the (−1)^(z+y) sign is dropped: errors of order 1)."""
+    """Table = ``fft3c(pad_to(V·mask/gridding, P))`` on kz, ky = −P/2 … P/2−1, kx = 0 … P/2 within the ball, to
+    float32 precision (fails if the centring phase or the (−1)^(z+y) sign is dropped, or a row is misplaced:
+    errors of order 1). Box 16 and 18 keep part of the half cube (the ball's radius D + 2 < its corner)."""
     for box in (BOX, 18):
         model = _model(box)
+        assert model.ball.rows < (2 * box) ** 2 * (box + 1)
         table = torch.view_as_complex(model.basis_ft().detach().contiguous()).to(torch.complex128)
         ref = _half_of_fft3c(model).reshape(table.shape)
         assert float((table - ref).abs().max() / ref.abs().max()) < 1e-5, box
 
 
+def test_half_ball_holds_every_corner_the_slices_read():
+    """Every interpolation corner of a point within radius D (the slices' reach) is a row of the ball, and the
+    ball keeps about half of the half cube at a large box (53 % at box 256)."""
+    box = BOX
+    ball = half_ball(box)
+    pts = torch.nn.functional.normalize(torch.randn(20000, 3), dim=1) * torch.rand(20000, 1) ** (1 / 3) * box
+    pts = torch.cat([pts, torch.nn.functional.normalize(torch.randn(2000, 3), dim=1) * box])
+    pts[:, 0] = pts[:, 0].abs()
+    base = torch.floor(pts).long()
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                x, y, z = base[:, 0] + dx, base[:, 1] + dy + box, base[:, 2] + dz + box
+                inside = (y < 2 * box) & (z < 2 * box)
+                assert bool((x[inside] < ball.length[y[inside], z[inside]]).all())
+    big = half_ball(256)
+    assert 0.5 < big.rows / (512 ** 2 * 257) < 0.56
+
+
 def test_slices_are_the_projectors():
-    """Slices of every volume at random poses = the projector's central slices (``grid_sample`` on the full
-    padded transform), at every kept pixel not next to the Nyquist circle (there the projector's grid has no
-    kx = +P/2 plane and reads zero, the decoder reads its periodic value; hence the 1 px margin)."""
+    """Slices of every volume at random poses = the projector's central slices at every kept pixel, up to the
+    Nyquist circle: both read the Hermitian half of the padded transform, kx = P/2 periodic."""
     model = _model()
     rot = quaternion_to_matrix(torch.randn(6, 4))
     sl = model.slices(rot, model.basis_ft()).detach()
-    inner = model.freqs[:, :2].norm(dim=1) * BOX <= BOX / 2 - 1
     for c in range(model.n_basis + 1):
-        ref = model.select(Projector((model.volumes[c] * model.mask3d).detach()).project_ft(rot))[:, inner]
-        assert float((sl[:, c, inner] - ref).abs().max() / ref.abs().max()) < 1e-5, c
+        ref = model.select(Projector((model.volumes[c] * model.mask3d).detach()).project_ft(rot))
+        assert float((sl[:, c] - ref).abs().max() / ref.abs().max()) < 1e-5, c
 
 
 def test_gradients_match_the_matrix_dft_decoder():
@@ -108,11 +130,19 @@ def test_gradients_match_the_matrix_dft_decoder():
 
 
 def test_half_transform_adjoint_float64_gradcheck():
-    """The hand-written backward pass is the adjoint of the forward transform (torch.autograd.gradcheck in
-    float64, both even boxes of a small size)."""
+    """The hand-written backward pass is the adjoint of the forward transform: torch.autograd.gradcheck in
+    float64 at boxes 4 and 6 (the ball holds the whole half cube there), and ⟨T x, y⟩ = ⟨x, T* y⟩ at box 16
+    and 18, where the ball leaves out the cube's corners."""
     for box in (4, 6):
         weighted = torch.randn(2, box, box, box, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(_HalfTransform.apply, (weighted, None), eps=1e-6, atol=1e-6)
+        assert torch.autograd.gradcheck(_HalfTransform.apply, (weighted, half_ball(box), None), eps=1e-6, atol=1e-6)
+    for box in (BOX, 18):
+        ball = half_ball(box)
+        x = torch.randn(3, box, box, box, dtype=torch.float64)
+        y = torch.randn(ball.rows, 3, dtype=torch.complex128)
+        forward = (padded_half_transform(x, ball).conj() * y).real.sum()
+        adjoint = (x * padded_half_transform_adjoint(y, box, ball)).sum()
+        assert abs(float(forward - adjoint)) < 1e-9 * abs(float(forward))
 
 
 def _batches(model, n_batches, batch=4, seed=1):

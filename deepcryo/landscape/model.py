@@ -79,6 +79,7 @@ Loss per particle: NLL + β·KL(q(z|X) ‖ N(0, I)).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import sys
 from typing import Any, Dict, Optional, Tuple
@@ -91,7 +92,7 @@ from ..core.fsc import spherical_mask
 from ..core.geometry import sample_volumes, symmetry_matrices, voxel_positions
 from ..core.projector import gridding_kernel_1d
 
-__all__ = ["LandscapeVAE", "Workspace", "padded_half_transform", "padded_half_transform_adjoint",
+__all__ = ["HalfBall", "LandscapeVAE", "Workspace", "half_ball", "padded_half_transform", "padded_half_transform_adjoint",
            "radial_noise_variance", "soft_sphere", "symmetrize_volumes"]
 
 
@@ -119,7 +120,7 @@ def symmetrize_volumes(volumes: torch.Tensor, operators: torch.Tensor) -> torch.
 class Workspace:
     """Large arrays reused from one training step to the next (the decoder's table and the transform's
     intermediate), so that a step does not allocate, and page-fault, gigabytes afresh: at box 128 the table is
-    (P, P, P/2+1, M+1) complex, 1.2 GB for 16 basis volumes. An array handed out is overwritten by the next
+    (R, M+1) complex (:class:`HalfBall`), 0.6 GB for 16 basis volumes. An array handed out is overwritten by the next
     request under the same name; autograd's version counter turns any use of an overwritten saved table (two
     forward passes before one backward pass) into an error instead of a silent wrong gradient."""
 
@@ -194,74 +195,134 @@ def _chunk(rows: int, row_bytes: int) -> int:
     return max(1, min(rows, (1 << 23) // row_bytes))
 
 
-def padded_half_transform(weighted: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
-    """Half-volume transform (P, P, P/2+1, C) of the 2× zero-padded, centred volumes: the table of the decoder.
+def _channel_group(channels: int, channel_bytes: int) -> int:
+    """Channels per pass of the transforms: the intermediate (D, P, P/2+1, group) stays under 1 GB."""
+    return max(1, min(channels, (1 << 30) // channel_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfBall:
+    """The rows of the decoder's table: the half-volume frequencies it keeps.
+
+    Frequencies kx = 0 … P/2, kz, ky = −P/2 … P/2 − 1 (padded-grid units, P = 2D) with kx² + ky² + kz² ≤ (D + 2)²:
+    the slices' points ``k·A`` reach radius D (the model's pixels lie within the Nyquist circle) and their
+    interpolation corners lie within √3 of a point, so nothing outside is ever read. The corners of the half
+    cube are not stored: 53 % of it (at box 256, 4.9 of 9.2 GB for 17 volumes, and the same for the gradient's
+    accumulator), which is what lets a box-256 decoder train in the memory of a 24 GB GPU. Lines of constant
+    (ky, kz) are stored one after the other in (ky, kz) order, each a run of ``length[ky + P/2, kz + P/2]``
+    entries x = 0 … length − 1 starting at row ``start[ky + P/2, kz + P/2]``; a chunk of ky planes is one block
+    of rows."""
+    start: torch.Tensor          # (P, P) long, [ky + P/2, kz + P/2]
+    length: torch.Tensor         # (P, P) long
+    rows: int
+
+    def block(self, y0: int, y1: int) -> slice:
+        """The rows of the ky planes y0 … y1 − 1 (indices of the padded axis)."""
+        end = self.rows if y1 >= len(self.start) else int(self.start[y1, 0])
+        return slice(int(self.start[y0, 0]), end)
+
+    def kept(self, y0: int, y1: int) -> torch.Tensor:
+        """(y1 − y0, P, P/2+1) bool: which (ky, kz, kx) of those planes are rows, in the rows' order."""
+        x = torch.arange(len(self.start) // 2 + 1, device=self.length.device)
+        return x < self.length[y0:y1, :, None]
+
+
+def half_ball(box: int, device: Optional[torch.device] = None) -> HalfBall:
+    """The :class:`HalfBall` of working box ``box`` (even)."""
+    p = 2 * box
+    k = torch.arange(p, dtype=torch.long) - box
+    room = (box + 2) ** 2 - k[:, None] ** 2 - k[None, :] ** 2                     # [ky, kz]: kx² allowed
+    root = torch.sqrt(room.clamp(min=0).to(torch.float64)).floor().long()
+    root = root - (root * root > room).long() + ((root + 1) ** 2 <= room).long()    # exact integer square root
+    length = torch.where(room >= 0, root + 1, 0).clamp(max=box + 1)
+    flat = length.reshape(-1)
+    start = (torch.cumsum(flat, 0) - flat).reshape(p, p)
+    return HalfBall(start.to(device), length.to(device), int(flat.sum()))
+
+
+def padded_half_transform(weighted: torch.Tensor, ball: HalfBall, workspace: Optional[Workspace] = None
+                          ) -> torch.Tensor:
+    """Table (R, C) of the 2× zero-padded, centred volumes' transform on the frequencies of ``ball``.
 
     ``weighted`` (C, D, D, D) real, indexed [z, y, x], already multiplied by the mask, the gridding correction
     and the sign ``(−1)^(z+y)`` (which puts the zero frequency of the kz and ky axes at index P/2, as
-    :func:`deepcryo.core.fourier.fft3c` does, without shifting the transform). Result at [kz + P/2, ky + P/2, kx]
-    for kz, ky = −P/2 … P/2 − 1, kx = 0 … P/2: ``fft3c(pad_to(V, P))`` (V times the mask and gridding folded in
-    ``weighted``); by Friedel symmetry, the whole transform. Three 1D FFTs, each axis padded by
-    :func:`_rolled_pad`, the channels innermost throughout (the table's layout, which the slices' gather
-    needs): a real FFT along x, then along y over the D non-zero z planes only, then along z, in chunks of
-    planes so that every temporary is ~8 MB and every copy runs over contiguous rows. O(D³ log D) operations,
-    against O(D⁴) for matrix DFTs. With a ``workspace`` the table and the intermediate are its arrays.
+    :func:`deepcryo.core.fourier.fft3c` does, without shifting the transform). Row r holds, for the r-th
+    frequency (kx, ky, kz) of ``ball``, ``fft3c(pad_to(V, P))`` at [kz + P/2, ky + P/2, kx] (V times the mask and
+    gridding folded in ``weighted``); by Friedel symmetry, the whole transform within the ball. Three 1D FFTs,
+    each axis padded by :func:`_rolled_pad`, the channels innermost throughout (the table's layout, which the
+    slices' gather needs): a real FFT along x, then along y over the D non-zero z planes only, then along z,
+    in chunks of planes so that every temporary is ~8 MB and every copy runs over contiguous rows, and in
+    groups of channels so that the intermediate stays under 1 GB. O(D³ log D) operations, against O(D⁴) for
+    matrix DFTs. With a ``workspace`` the table and the intermediate are its arrays.
     """
     c, d = weighted.shape[0], weighted.shape[-1]
     p, x = 2 * d, d + 1
-    real = _rolled_pad(weighted.permute(1, 2, 3, 0), p, (2,))                        # (z, y, x, C)
     ctype = torch.complex128 if weighted.dtype == torch.float64 else torch.complex64
-    mid = _array(workspace, "mid", (d, p, x, c), ctype, weighted.device)              # (z, ky, kx, C)
-    step = _chunk(d, p * x * c * mid.element_size())
-    for z0 in range(0, d, step):
-        half = torch.fft.rfft(real[z0:z0 + step], dim=2)
-        mid[z0:z0 + step] = torch.fft.fft(_rolled_pad(half, p, (1,)), dim=1)
-    del real
-    table = _array(workspace, "table", (p, p, x, c), ctype, weighted.device)         # (kz, ky, kx, C)
-    step = _chunk(p, p * x * c * table.element_size())
-    for y0 in range(0, p, step):
-        table[:, y0:y0 + step] = torch.fft.fft(_rolled_pad(mid[:, y0:y0 + step], p, (0,)), dim=0)
+    table = _array(workspace, "table", (ball.rows, c), ctype, weighted.device)
+    size = torch.empty((), dtype=ctype).element_size()
+    group = _channel_group(c, d * p * x * size)
+    mid = _array(workspace, "mid", (d, p, x, group), ctype, weighted.device)          # (z, ky, kx, channels)
+    for c0 in range(0, c, group):
+        part = weighted[c0:c0 + group].permute(1, 2, 3, 0)                             # (z, y, x, g)
+        g = part.shape[-1]
+        m = mid[..., :g]
+        step = _chunk(d, p * x * g * size)
+        for z0 in range(0, d, step):
+            half = torch.fft.rfft(_rolled_pad(part[z0:z0 + step], p, (2,)), dim=2)
+            m[z0:z0 + step] = torch.fft.fft(_rolled_pad(half, p, (1,)), dim=1)
+        step = _chunk(p, p * x * g * size)
+        for y0 in range(0, p, step):
+            y1 = min(p, y0 + step)
+            column = torch.fft.fft(_rolled_pad(m[:, y0:y1], p, (0,)), dim=0).transpose(0, 1)   # (ky, kz, kx, g)
+            table[ball.block(y0, y1), c0:c0 + g] = column[ball.kept(y0, y1)]
     return table
 
 
-def padded_half_transform_adjoint(grad: torch.Tensor, box: int, workspace: Optional[Workspace] = None
-                                  ) -> torch.Tensor:
-    """Adjoint of :func:`padded_half_transform`: (C, D, D, D) real from a complex (P, P, P/2+1, C) table.
+def padded_half_transform_adjoint(grad: torch.Tensor, box: int, ball: HalfBall,
+                                  workspace: Optional[Workspace] = None) -> torch.Tensor:
+    """Adjoint of :func:`padded_half_transform`: (C, D, D, D) real from a complex (R, C) table.
 
-    For a real loss L and ``grad = ∂L/∂Re T + i ∂L/∂Im T`` this is ``∂L/∂weighted``: the conjugate transposes
-    of the padded DFTs in reverse order (unnormalised inverse FFTs, then :func:`_rolled_crop`); for the real FFT
-    along x every bin but kx = 0 and P/2 stands for a conjugate pair, hence the halves before the Hermitian
-    inverse.
+    For a real loss L and ``grad = ∂L/∂Re T + i ∂L/∂Im T`` this is ``∂L/∂weighted``: the rows spread back
+    onto their planes (zeros elsewhere), then the conjugate transposes of the padded DFTs in reverse order
+    (unnormalised inverse FFTs, then :func:`_rolled_crop`); for the real FFT along x every bin but kx = 0 and
+    P/2 stands for a conjugate pair, hence the halves before the Hermitian inverse.
     """
-    p, x, c = grad.shape[0], grad.shape[2], grad.shape[3]
-    mid = _array(workspace, "mid", (box, p, x, c), grad.dtype, grad.device)
-    step = _chunk(p, p * x * c * grad.element_size())
-    for y0 in range(0, p, step):
-        mid[:, y0:y0 + step] = _rolled_crop(torch.fft.ifft(grad[:, y0:y0 + step], dim=0, norm="forward"), box, (0,))
+    p, x, c = 2 * box, box + 1, grad.shape[1]
+    size = grad.element_size()
+    group = _channel_group(c, box * p * x * size)
+    mid = _array(workspace, "mid", (box, p, x, group), grad.dtype, grad.device)
     real = grad.new_empty((box, box, box, c), dtype=torch.float64 if grad.dtype == torch.complex128 else
                           torch.float32)
-    step = _chunk(box, p * x * c * grad.element_size())
-    for z0 in range(0, box, step):
-        half = _rolled_crop(torch.fft.ifft(mid[z0:z0 + step], dim=1, norm="forward"), box, (1,))
-        half[:, :, 1:-1] *= 0.5
-        real[z0:z0 + step] = _rolled_crop(torch.fft.irfft(half, n=p, dim=2, norm="forward"), box, (2,))
+    for c0 in range(0, c, group):
+        g = min(group, c - c0)
+        m = mid[..., :g]
+        step = _chunk(p, p * x * g * size)
+        for y0 in range(0, p, step):
+            y1 = min(p, y0 + step)
+            planes = grad.new_zeros((y1 - y0, p, x, g))                                # (ky, kz, kx, g)
+            planes[ball.kept(y0, y1)] = grad[ball.block(y0, y1), c0:c0 + g]
+            m[:, y0:y1] = _rolled_crop(torch.fft.ifft(planes.transpose(0, 1), dim=0, norm="forward"), box, (0,))
+        step = _chunk(box, p * x * g * size)
+        for z0 in range(0, box, step):
+            half = _rolled_crop(torch.fft.ifft(m[z0:z0 + step], dim=1, norm="forward"), box, (1,))
+            half[:, :, 1:-1] *= 0.5
+            real[z0:z0 + step, ..., c0:c0 + g] = _rolled_crop(torch.fft.irfft(half, n=p, dim=2, norm="forward"),
+                                                              box, (2,))
     return real.permute(3, 0, 1, 2)
 
 
 class _HalfTransform(torch.autograd.Function):
-    """:func:`padded_half_transform` as (P·P·(P/2+1), C, 2) real, with its adjoint as the backward pass."""
+    """:func:`padded_half_transform` as (R, C, 2) real, with its adjoint as the backward pass."""
 
     @staticmethod
-    def forward(ctx, weighted, workspace):
-        ctx.box, ctx.workspace = weighted.shape[-1], workspace
-        table = padded_half_transform(weighted, workspace)
-        return torch.view_as_real(table).reshape(-1, table.shape[-1], 2)
+    def forward(ctx, weighted, ball, workspace):
+        ctx.box, ctx.ball, ctx.workspace = weighted.shape[-1], ball, workspace
+        return torch.view_as_real(padded_half_transform(weighted, ball, workspace))
 
     @staticmethod
     def backward(ctx, grad):
-        p = 2 * ctx.box
-        g = torch.view_as_complex(grad.contiguous()).reshape(p, p, ctx.box + 1, -1)
-        return padded_half_transform_adjoint(g, ctx.box, ctx.workspace), None
+        g = torch.view_as_complex(grad.contiguous())
+        return padded_half_transform_adjoint(g, ctx.box, ctx.ball, ctx.workspace), None, None
 
 
 class _Trilinear(torch.autograd.Function):
@@ -382,6 +443,10 @@ class LandscapeVAE(nn.Module):
         sign = 1.0 - 2.0 * (torch.arange(self.box) % 2).to(torch.float32)
         self.register_buffer("_weight", self.mask3d / self.gridding * sign[:, None, None] * sign[None, :, None],
                              persistent=False)
+        ball = half_ball(self.box)
+        self.register_buffer("ball_start", ball.start, persistent=False)
+        self.register_buffer("ball_length", ball.length, persistent=False)
+        self.ball_rows = ball.rows
         self.workspace = Workspace()       # the decoder's table and intermediate, reused by basis_ft
 
     def config(self) -> Dict[str, Any]:
@@ -406,16 +471,21 @@ class LandscapeVAE(nn.Module):
         return images_ft.reshape(images_ft.shape[:-2] + (-1,))[..., self.pixels]
 
     # ----------------------------------------------------------------------------------------- decoder
-    def basis_ft(self, workspace: Optional[Workspace] = None) -> torch.Tensor:
-        """(Z·Y·X, M+1, 2) table of the padded centred transforms of the masked volumes (real, imaginary).
+    @property
+    def ball(self) -> HalfBall:
+        """The table's frequencies (:class:`HalfBall`), on the model's device."""
+        return HalfBall(self.ball_start, self.ball_length, self.ball_rows)
 
-        Half volume kx = 0 … P/2 (Friedel), kz, ky = −P/2 … P/2 − 1, P = 2D, row ``(kz + P/2)·P·X + (ky + P/2)·X
-        + kx`` (X = P/2 + 1): equal to ``fft3c(pad_to(V·mask/gridding, P))`` on those frequencies (kx = P/2 taken
-        periodically from −P/2), computed by :func:`padded_half_transform` (FFTs, O(D³ log D) per step) with
-        its adjoint as the backward pass. With a ``workspace`` (:meth:`forward` passes the model's own) the table
-        is that workspace's array, overwritten by the next call.
+    def basis_ft(self, workspace: Optional[Workspace] = None) -> torch.Tensor:
+        """(R, M+1, 2) table of the padded centred transforms of the masked volumes (real, imaginary).
+
+        Rows: the half-volume frequencies of :attr:`ball` (kx ≥ 0, Friedel; radius ≤ D + 2 of the padded grid,
+        P = 2D); row r equals ``fft3c(pad_to(V·mask/gridding, P))`` at its frequency (kx = P/2 taken periodically
+        from −P/2), computed by :func:`padded_half_transform` (FFTs, O(D³ log D) per step) with its adjoint as
+        the backward pass. With a ``workspace`` (:meth:`forward` passes the model's own) the table is that
+        workspace's array, overwritten by the next call.
         """
-        return _HalfTransform.apply(self.volumes * self._weight, workspace)
+        return _HalfTransform.apply(self.volumes * self._weight, self.ball, workspace)
 
     def slices(self, rotations: torch.Tensor, table: torch.Tensor, hand: Optional[torch.Tensor] = None,
                table_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -423,8 +493,8 @@ class LandscapeVAE(nn.Module):
         volumes, ``table[:, :1]`` for V₀) at (B, 3, 3) poses (trilinear, as the projector).
 
         ``hand`` (B,) ±1: −1 samples the mirror pose M·A·M (z of the slice points negated). Corners outside the
-        padded grid (at Nyquist) weigh zero, as :func:`torch.nn.functional.grid_sample`'s zero padding.
-        ``table_grad`` (Z·Y·X, 2C) real: the backward pass adds ``∂L/∂table`` into it (see :class:`_Trilinear`).
+        padded grid or the table's ball weigh zero (the projector's zero padding; no kept pixel reaches them).
+        ``table_grad`` (R, 2C) real: the backward pass adds ``∂L/∂table`` into it (see :class:`_Trilinear`).
         """
         pts = torch.matmul(self.freqs, rotations)                                     # (B, K, 3), k·A
         if hand is not None:
@@ -441,9 +511,12 @@ class LandscapeVAE(nn.Module):
         inside = (corners >= 0) & (corners < size)
         w = torch.stack([1 - frac, frac], -1) * inside                                 # (B, K, 3, 2)
         corners = torch.minimum(corners.clamp(min=0), size - 1)
-        index = ((corners[..., 2, :, None, None] * p + corners[..., 1, None, :, None]) * (p // 2 + 1)
-                 + corners[..., 0, None, None, :]).reshape(-1, 8)
-        w = (w[..., 2, :, None, None] * w[..., 1, None, :, None] * w[..., 0, None, None, :]).reshape(-1, 8)
+        line = corners[..., 1, None, :] * p + corners[..., 2, :, None]                 # (B, K, z, y): ky·P + kz
+        start, length = self.ball_start.reshape(-1)[line], self.ball_length.reshape(-1)[line]
+        x = corners[..., 0, None, None, :]
+        stored = x < length[..., None]                                                 # (B, K, z, y, x)
+        index = torch.where(stored, start[..., None] + x, 0).reshape(-1, 8)
+        w = (w[..., 2, :, None, None] * w[..., 1, None, :, None] * w[..., 0, None, None, :] * stored).reshape(-1, 8)
         out = _Trilinear.apply(table.reshape(len(table), -1), index, w, table_grad).reshape(pts.shape[:2] + (-1, 2))
         return torch.complex(out[..., 0], out[..., 1] * conj[..., None]).transpose(1, 2)
 
