@@ -106,7 +106,7 @@ import landscape as pairwise  # noqa: E402  (benchmarks/landscape.py, a sibling 
 from landscape import timed_commands  # noqa: E402
 from landscape_path import cluster_references, image_keys, pose_errors_deg, state_aligned_errors_deg  # noqa: E402,E501
 
-logger = logging.getLogger("landscape_cryobench")
+logger = logging.getLogger("deepcryo.benchmarks.landscape_cryobench")
 
 SETS = ("motion", "discrete")
 

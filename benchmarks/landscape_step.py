@@ -21,7 +21,7 @@ from deepcryo.core.geometry import quaternion_to_matrix
 from deepcryo.landscape.model import LandscapeVAE
 from deepcryo.landscape.train import default_volume_steps, train_epoch
 
-logger = logging.getLogger("landscape_step")
+logger = logging.getLogger("deepcryo.benchmarks.landscape_step")
 
 
 def _batches(box, batch, n, seed=0):
