@@ -89,6 +89,19 @@ class ParticleBatches:
                      **{k: v[indices] for k, v in self._ctf.items()})
         return spectra, self._rotations[indices].to(device), ctf
 
+    def images(self, indices: Union[torch.Tensor, np.ndarray], device: Union[str, torch.device] = "cpu"
+               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], dict]:
+        """Real images (B, D, D) at the working box (Fourier-cropped, scaled as :meth:`get`), rotations
+        (B, 3, 3), RELION origins (B, 2) in working-box px (None in the pose-free mode) and the CTF parameters
+        of particles ``indices``, for :meth:`deepcryo.core.reconstruct.Reconstructor.insert_images`: the
+        centred (D, D) spectra and CTFs of :meth:`get` would cost a reconstruction several times its own work."""
+        indices = np.asarray(indices, dtype=np.int64)
+        images = torch.from_numpy(self.stack.read(indices)).to(device) / self.scale
+        images = fourier.resize_images(images, self.box)
+        origins = None if self._origins_px is None else self._origins_px[indices].to(device)
+        return (images, self._rotations[indices].to(device), origins,
+                {k: v[indices] for k, v in self._ctf.items()})
+
     def batches(self, batch_size: int, order: Optional[np.ndarray] = None, device: Union[str, torch.device] = "cpu"
                 ) -> Iterator[Tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield ``(indices, spectra, rotations, ctf)`` over ``order`` (default: all particles in order)."""

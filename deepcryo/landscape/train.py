@@ -84,11 +84,14 @@ def latent_pixel_size_A(train_dir: str) -> float:
 
 def consensus_map(data: ParticleBatches, batch_size: int, device: Union[str, torch.device],
                   symmetry: str = "C1") -> torch.Tensor:
-    """Consensus reconstruction (D, D, D) at the working box from the dataset's (scaled) spectra, with the
-    point group ``symmetry``."""
+    """Consensus reconstruction (D, D, D) at the working box from the dataset's (scaled) images, with the
+    point group ``symmetry``: the reconstruction program's path (real FFTs of the inserted half slice, the CTF
+    and the origin's phase at its pixels only, :meth:`ParticleBatches.images`)."""
     rec = Reconstructor(data.box, symmetry=symmetry, device=device)
-    for _, spectra, rot, ctf in data.batches(batch_size, device=device):
-        rec.insert(spectra * ctf, ctf * ctf, rot)
+    for start in range(0, len(data), batch_size):
+        images, rot, origins_px, ctf_params = data.images(np.arange(start, min(start + batch_size, len(data))),
+                                                          device)
+        rec.insert_images(images, rot, origins_px, rec.slice_ctf(data.pixel_size_A, **ctf_params))
     return torch.from_numpy(rec.reconstruct())
 
 
