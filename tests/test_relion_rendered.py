@@ -195,8 +195,9 @@ def test_swiftres_accuracy(refined):
 def test_landscape_batches_follow_relions_conventions(relion_rendered):
     """The VAE's view of each particle (:class:`deepcryo.landscape.dataset.ParticleBatches`: Fourier crop 64 → 32
     px, origin undone by a phase ramp, pose matrix, CTF at the working pixel size) on RELION's noiseless
-    projections: each spectrum equals the truth's central slice times the CTF (per-particle correlation), and
-    the consensus map (``landscape.train.consensus_map``) matches the truth cropped to 32 px."""
+    projections: each spectrum equals the truth's central slice times the CTF (per-particle correlation), the
+    consensus map's view of the same particles (``ParticleBatches.images``) is the same, and the consensus map
+    (``landscape.train.consensus_map``) matches the truth cropped to 32 px."""
     from deepcryo.core.projector import Projector
     from deepcryo.landscape.dataset import ParticleBatches
     from deepcryo.landscape.train import consensus_map
@@ -213,6 +214,12 @@ def test_landscape_batches_follow_relions_conventions(relion_rendered):
     corr = (a * b.conj()).sum(1).real / (a.abs().norm(dim=1) * b.abs().norm(dim=1))
     print("landscape batches vs truth slices x CTF: worst correlation %.4f, median %.4f" % (corr.min(), corr.median()))
     assert corr.min() > 0.9999          # 0.999996 measured; 0.9988 with the astigmatism angle off by 90°
+    # the consensus map's view (real images at the working box, origins, CTF parameters) is the same particles
+    images, image_rotations, origins_px, ctf_params = data.images(np.arange(200))
+    centred = fourier.fft2c(images) * fourier.phase_shift_2d(work, origins_px)
+    assert torch.equal(image_rotations, rotations)
+    assert float((centred[:, band] - spectra[:, band]).abs().max() / spectra[:, band].abs().mean()) < 1e-4
+    assert np.allclose(ctf_params["defocus_u_A"], read_particles(rs.star).ctf_params()["defocus_u_A"][:200])
     consensus = consensus_map(data, 256, "cpu").numpy()
     res = fsc_resolution_A(fsc(truth.numpy(), consensus), data.pixel_size_A, 0.5)
     print("consensus map vs truth (32 px, %.1f Å/px): FSC 0.5 at %.2f Å" % (data.pixel_size_A, res))
