@@ -84,16 +84,21 @@ class Projector:
                             align_corners=True).reshape((2,) + points.shape[:-1])
         return torch.complex(out[0], out[1] * conj)
 
+    def central_slices(self, freqs: torch.Tensor, rotations: torch.Tensor, max_radius: float = 0.5) -> torch.Tensor:
+        """Central slices (B, ...) complex at in-plane frequencies ``freqs`` (..., 2), (kx, ky) in cycles/px, for
+        (B, 3, 3) pose matrices A: :meth:`sample` at ``k·A`` (``Aᵀk``), k = (kx, ky, 0); ``max_radius`` as there."""
+        k3 = torch.cat([freqs, torch.zeros_like(freqs[..., :1])], dim=-1).reshape(-1, 3)
+        values = self.sample(torch.matmul(k3, rotations), max_radius)                 # (B, F)
+        return values.reshape(rotations.shape[:1] + freqs.shape[:-1])
+
     def project_ft(self, rotations, max_radius_px=None):
         """Centred spectra (B, N, N) complex of the projections for (B, 3, 3) pose matrices, zero beyond
         ``max_radius_px`` (Fourier pixels of the N grid; N/2 by default)."""
         rotations = torch.as_tensor(rotations, dtype=torch.float32, device=self.device)
         n = self.box
         radius_px = n / 2 if max_radius_px is None else max_radius_px
-        k = fourier.freq_grid_2d(n, device=self.device)
-        k3 = torch.cat([k, torch.zeros_like(k[..., :1])], dim=-1)                     # (N, N, 3)
         mask = fourier.radius_grid_2d(n, device=self.device) <= radius_px
-        return self.sample(torch.einsum("hwi,bij->bhwj", k3, rotations), radius_px / n) * mask
+        return self.central_slices(fourier.freq_grid_2d(n, device=self.device), rotations, radius_px / n) * mask
 
     def project(self, angles_deg, origins_px=None, ctf=None, max_radius_px=None):
         """Real projection images (B, N, N).

@@ -207,8 +207,8 @@ class HalfBall:
     Frequencies kx = 0 … P/2, kz, ky = −P/2 … P/2 − 1 (padded-grid units, P = 2D) with kx² + ky² + kz² ≤ (D + 2)²:
     the slices' points ``k·A`` reach radius D (the model's pixels lie within the Nyquist circle) and their
     interpolation corners lie within √3 of a point, so nothing outside is ever read. The corners of the half
-    cube are not stored: 53 % of it (at box 256, 4.9 of 9.2 GB for 17 volumes, and the same for the gradient's
-    accumulator), which is what lets a box-256 decoder train in the memory of a 24 GB GPU. Lines of constant
+    cube are not stored: about half of it at large boxes (and the same for the gradient's accumulator), which
+    is what lets a box-256 decoder train within 24 GB of memory (``benchmarks/RESULTS.md``). Lines of constant
     (ky, kz) are stored one after the other in (ky, kz) order, each a run of ``length[ky + P/2, kz + P/2]``
     entries x = 0 … length − 1 starting at row ``start[ky + P/2, kz + P/2]``; a chunk of ky planes is one block
     of rows."""

@@ -62,9 +62,8 @@ def band_slices(projector: Projector, rotations: Union[np.ndarray, torch.Tensor]
     device = projector.device
     rotations = torch.as_tensor(rotations, dtype=torch.float32).to(device)
     freqs_px = freqs_px.to(device)
-    k3 = torch.cat([freqs_px, torch.zeros_like(freqs_px[:, :1])], dim=1)            # (P, 3)
     max_radius = float(freqs_px.norm(dim=1).max()) if len(freqs_px) else 0.0
-    return projector.sample(torch.einsum("pi,bij->bpj", k3, rotations), max_radius)   # Aᵀk
+    return projector.central_slices(freqs_px, rotations, max_radius)
 
 
 def shift_grid(max_shift_px: float, shift_step_px: float) -> np.ndarray:
