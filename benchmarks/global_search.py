@@ -8,16 +8,17 @@ of deepcryo's own simulator. For each angular step:
   run as child processes on all particles; CPU seconds (user + system), wall seconds and peak RSS of each
   child (``os.wait4``), start-up included;
 * **exhaustive**: every gallery pose × every origin of the same shift grid scored with the exact score of the
-  re-ranking (normalised correlation with the particle's own CTF, whitening as the index: none), computed as
-  one real matrix product per block of poses (:func:`exhaustive_pool`), then the same refinement of the
+  re-ranking (normalised correlation with the particle's own CTF, whitening as the index: none): the band
+  slices of every gallery pose projected once (as the index's training does), then one real matrix product
+  per block of poses and block of 64 particles (:func:`exhaustive_pool`), then the same refinement of the
   ``k`` best and the same choice of the winner (:func:`deepcryo.swiftalign.query.select_and_refine`).
 
 Both searches also run in this process on the first ``--exhaustive-particles`` particles (:func:`stages`),
 timed stage by stage: the *search* (index: search vectors, faiss, exact re-ranking of the 4·k matches;
-exhaustive: the scoring of every pose and origin) and the *refinement* that follows it (the same code for
-both). The search ratio is exhaustive search CPU / (train CPU + index search CPU), both scaled to all
-particles; the whole-alignment ratio adds each path's refinement (the index path: the query program's own
-CPU time on all particles).
+exhaustive: the gallery's projection, counted once, and the scoring of every pose and origin) and the
+*refinement* that follows it (the same code for both). The search ratio is exhaustive search CPU / (train
+CPU + index search CPU), both scaled to all particles; the whole-alignment ratio adds each path's refinement
+(the index path: the query program's own CPU time on all particles).
 
 A pose is correct when its angle is within two angular steps of the truth (over the symmetry copies) and its
 origin within 1.5 px. The table gives each method's correct share on the exhaustive subset, the share of
@@ -54,9 +55,10 @@ def _child(cmd, log_path):
     return run["cpu_s"], run["wall_s"], run["rss_mb"]
 
 
-def exhaustive_pool(projector, band, parts, rotations, origins_px, n_keep, pose_block=2048):
-    """The ``n_keep`` best (pose, origin) of every particle by exact score over all ``rotations`` (M, 3, 3) ×
-    ``origins_px`` (S, 2): rotations (B, n, 3, 3), origins (B, n, 2), scores (B, n)."""
+def exhaustive_pool(gallery, band, parts, origins_px, n_keep, pose_block=2048):
+    """The ``n_keep`` best (pose, origin) of every particle by exact score over all poses of ``gallery`` (M, P)
+    complex (the band slices of every gallery pose, projected once) × ``origins_px`` (S, 2): pose indices
+    (B, n), origin indices (B, n), scores (B, n)."""
     b, s = len(parts), len(origins_px)
     undo = band.phase_ramps(torch.as_tensor(origins_px, dtype=torch.float32)).conj()          # (S, P)
     y = (parts.coeffs * parts.ctf)[:, None] * undo[None]                                     # (B, S, P)
@@ -65,27 +67,26 @@ def exhaustive_pool(projector, band, parts, rotations, origins_px, n_keep, pose_
     x_norm = (parts.coeffs.abs() ** 2).sum(-1)                                               # (B,)
     best = torch.full((b, n_keep), -np.inf)
     best_id = torch.zeros((b, n_keep), dtype=torch.int64)
-    for start in range(0, len(rotations), pose_block):
-        ref = band_slices(projector, rotations[start:start + pose_block], band.freqs_px)     # (C, P)
+    for start in range(0, len(gallery), pose_block):
+        ref = gallery[start:start + pose_block]                                              # (C, P)
         c = ref.shape[0]
         num = torch.cat([ref.real, ref.imag], -1) @ y.T                                      # (C, B·S)
         ref_norm = (ref.abs() ** 2) @ ctf2.T                                                 # (C, B)
         score = num.reshape(c, b, s) / torch.sqrt(ref_norm * x_norm).clamp_min(1e-20)[..., None]
         score = score.permute(1, 0, 2).reshape(b, c * s)
-        ids = (start + torch.arange(c))[:, None] * s + torch.arange(s)[None]                  # pose·S + origin
-        merged = torch.cat([best, score], 1)
-        top = merged.topk(n_keep, dim=1)
-        best = top.values
-        best_id = torch.gather(torch.cat([best_id, ids.reshape(1, -1).expand(b, -1)], 1), 1, top.indices)
-    pose, origin = best_id // s, best_id % s
-    return rotations[pose], torch.as_tensor(origins_px, dtype=torch.float32)[origin], best
+        top = score.topk(n_keep, dim=1)                                                      # block's best first
+        ids = start * s + top.indices                                                        # pose·S + origin
+        merged = torch.cat([best, top.values], 1).topk(n_keep, dim=1)
+        best = merged.values
+        best_id = torch.gather(torch.cat([best_id, ids], 1), 1, merged.indices)
+    return best_id // s, best_id % s, best
 
 
-def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads):
-    """Both searches on particles ``subset``, in this process, each followed by the same refinement: CPU
-    seconds of each search stage (index: search vectors, faiss search, exact re-ranking of the 4k matches;
-    exhaustive: :func:`exhaustive_pool`) and of the refinements, and the poses (angles (n, 3), origins_A
-    (n, 2)) of each path."""
+def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, block=64):
+    """Both searches on particles ``subset``, ``block`` at a time, in this process, each followed by the same
+    refinement: CPU seconds of each search stage (index: search vectors, faiss search, exact re-ranking of
+    the 4k matches; exhaustive: the gallery's band slices, projected once, then :func:`exhaustive_pool`)
+    and of the refinements, and the poses (angles (n, 3), origins_A (n, 2)) of each path."""
     import faiss
     from deepcryo.core.geometry import matrix_to_euler
     from deepcryo.swiftalign import index as swindex
@@ -100,7 +101,8 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads):
     origins = shift_grid(max_shift, sstep)
     assert np.allclose(origins, bundle.origins_px) and len(rotations) == len(bundle.gallery)
     ctf = star.ctf_params()
-    cpu = dict(index_search=0.0, index_refine=0.0, exhaustive_search=0.0, exhaustive_refine=0.0)
+    cpu = dict(index_search=0.0, index_refine=0.0, exhaustive_gallery=0.0, exhaustive_search=0.0,
+               exhaustive_refine=0.0)
     poses = {name: (np.zeros((len(subset), 3)), np.zeros((len(subset), 2))) for name in ("index", "exhaustive")}
 
     def refine(name, parts, rot, org, score, rows):
@@ -110,9 +112,13 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads):
         poses[name][0][rows] = matrix_to_euler(sel.rotation.double()).numpy()
         poses[name][1][rows] = (sel.origin_px * px).numpy()
 
+    t0 = time.process_time()
+    gallery = band_slices(projector, rotations, band.freqs_px)                               # (M, P), once
+    cpu["exhaustive_gallery"] = time.process_time() - t0
+    origins_t = torch.as_tensor(origins, dtype=torch.float32)
     with star.open_images() as stack:
-        for s in range(0, len(subset), 16):
-            idx = subset[s:s + 16]
+        for s in range(0, len(subset), block):
+            idx = subset[s:s + block]
             rows = np.arange(s, s + len(idx))
             parts = ParticleBatch(band, stack.read(idx), {key: v[idx] for key, v in ctf.items()})
             t0 = time.process_time()
@@ -123,9 +129,9 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads):
             cpu["index_search"] += time.process_time() - t0
             refine("index", parts, rot, org, score, rows)
             t0 = time.process_time()
-            rot, org, score = exhaustive_pool(projector, band, parts, rotations, origins, 4 * k)
+            pose, origin, score = exhaustive_pool(gallery, band, parts, origins, 4 * k)
             cpu["exhaustive_search"] += time.process_time() - t0
-            refine("exhaustive", parts, rot, org, score, rows)
+            refine("exhaustive", parts, rotations[pose], origins_t[origin], score, rows)
     return cpu, poses
 
 
@@ -146,7 +152,7 @@ def main(argv=None):
     p.add_argument("--steps", type=float, nargs="+", default=[7.5, 3.75], help="angular steps, degrees")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--nprobe", type=int, default=32)
-    p.add_argument("--exhaustive-particles", type=int, default=200)
+    p.add_argument("--exhaustive-particles", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work-dir", required=True)
     args = p.parse_args(argv)
@@ -178,7 +184,7 @@ def main(argv=None):
         scale = len(star) / len(subset)
         kept = (ok_sub & ok_exh).sum() / max(1, ok_exh.sum())
         search_index = t_cpu + cpu["index_search"] * scale
-        search_exh = cpu["exhaustive_search"] * scale
+        search_exh = cpu["exhaustive_gallery"] + cpu["exhaustive_search"] * scale
         rows.append(dict(step=step, references=manifest["n_references"], factory=manifest["factory"],
                          origins=len(manifest["origins_px"]), train_cpu=t_cpu, train_wall=t_wall, train_rss=t_rss,
                          query_cpu=q_cpu, query_wall=q_wall, query_rss=q_rss, subset=len(subset),

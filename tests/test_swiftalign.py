@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from deepcryo.core.geometry import pose_distance_deg
+from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg
 from deepcryo.core.mrc import write_mrc
 from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.simulate import phantom_volume, write_particle_set
 from deepcryo.swiftalign import __main__ as cli
-from deepcryo.swiftalign.index import merge_topk, train
-from deepcryo.swiftalign.query import query, significant_poses
+from deepcryo.swiftalign.index import load, merge_topk, train
+from deepcryo.swiftalign.query import (ParticleBatch, axis_angle_matrices, query, refine_best, score_poses,
+                                       significant_poses)
 
 STEP_DEG = 12.0
 TRAIN = dict(angular_step_deg=STEP_DEG, max_resolution_A=16.0, max_shift_px=3.0)
@@ -89,6 +90,36 @@ def test_compressed_index_vs_exact(data, flat):
     res = query(str(d / "pq"), star, None, k=5, nprobe=32)
     exact_good = _accuracy(star, flat)
     assert (_accuracy(star, res) & exact_good).sum() >= 0.95 * exact_good.sum()
+
+
+def test_refined_score_is_the_exact_score_of_the_refined_pose(data, flat):
+    """refine_best keeps each candidate's slice from the pass that chose it and carries the leader's score
+    across levels: what it returns must be the exact score of the pose and origin it returns (a stale slice
+    or score would belong to another pose), and the refined pose must be nearer the truth than the starts."""
+    d, star = data
+    bundle = load(str(d / "flat"))
+    truth = read_particles(star)
+    idx = np.arange(32)
+    with truth.open_images() as stack:
+        parts = ParticleBatch(bundle.band, stack.read(idx), {k: v[idx] for k, v in truth.ctf_params().items()})
+    rng = np.random.default_rng(4)
+    true_rot = euler_to_matrix(torch.as_tensor(truth.angles_deg()[idx])).to(torch.float32)
+    axes = rng.normal(size=(len(idx), 3, 3))
+    turns = axes / np.linalg.norm(axes, axis=-1, keepdims=True) * np.radians([8.0, 12.0, 16.0])[None, :, None]
+    starts = axis_angle_matrices(turns).to(torch.float32) @ true_rot[:, None]               # (B, 3, 3, 3)
+    origins = torch.as_tensor(truth.origins_A()[idx] / truth.pixel_size_A, dtype=torch.float32)[:, None]
+    origins = (origins + torch.as_tensor(rng.uniform(-1, 1, (len(idx), 3, 2)), dtype=torch.float32))
+    scores = score_poses(bundle.projector, bundle.band, parts, starts, origins, torch.zeros(1, 2))[..., 0]
+    step, sstep = bundle.manifest["angular_step_deg"], bundle.manifest["shift_step_px"]
+    rot, org, score, lead = refine_best(bundle.projector, bundle.band, parts, starts, origins, scores, step, sstep)
+    exact = score_poses(bundle.projector, bundle.band, parts, rot[:, None], org[:, None], torch.zeros(1, 2))[:, 0, 0]
+    assert torch.allclose(score, exact, rtol=0, atol=1e-5), (score - exact).abs().max()
+    assert bool((score >= scores.max(1).values - 1e-6).all())
+    true_angles = torch.as_tensor(truth.angles_deg()[idx])
+    before = pose_distance_deg(true_angles, matrix_to_euler(starts[:, 0].double())).numpy()
+    after = pose_distance_deg(true_angles, matrix_to_euler(rot.double())).numpy()
+    assert np.median(after) < 0.5 * np.median(before), (np.median(after), np.median(before))
+    assert lead.shape == (len(idx),) and int(lead.max()) < 3
 
 
 def test_local_mode_recovers_perturbed_poses(data):

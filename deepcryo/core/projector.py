@@ -76,20 +76,26 @@ class Projector:
         the pose matrix A is ``Aᵀk``)."""
         table, origin = self._table(max_radius)
         z, y, x = table.shape[-3:]
-        conj = torch.where(points[..., 0] < 0, -1.0, 1.0)
-        p = points * (conj * self.padded_box)[..., None]
-        grid = torch.stack([p[..., 0] / (x - 1), (p[..., 1] + origin) / (y - 1), (p[..., 2] + origin) / (z - 1)],
-                           -1) * 2.0 - 1.0                                                # align_corners=True
+        m = self.padded_box
+        scale = torch.tensor([2.0 * m / (x - 1), 2.0 * m / (y - 1), 2.0 * m / (z - 1)], device=points.device)
+        shift = torch.tensor([-1.0, 2.0 * origin / (y - 1) - 1.0, 2.0 * origin / (z - 1) - 1.0], device=points.device)
+        conj = torch.where(points[..., :1] < 0, -1.0, 1.0)                                 # (..., 1)
+        grid = points * conj * scale + shift                                               # align_corners=True
         out = F.grid_sample(table, grid.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros",
                             align_corners=True).reshape((2,) + points.shape[:-1])
-        return torch.complex(out[0], out[1] * conj)
+        return torch.complex(out[0], out[1] * conj[..., 0])
 
     def central_slices(self, freqs: torch.Tensor, rotations: torch.Tensor, max_radius: float = 0.5) -> torch.Tensor:
         """Central slices (B, ...) complex at in-plane frequencies ``freqs`` (..., 2), (kx, ky) in cycles/px, for
-        (B, 3, 3) pose matrices A: :meth:`sample` at ``k·A`` (``Aᵀk``), k = (kx, ky, 0); ``max_radius`` as there."""
-        k3 = torch.cat([freqs, torch.zeros_like(freqs[..., :1])], dim=-1).reshape(-1, 3)
-        values = self.sample(torch.matmul(k3, rotations), max_radius)                 # (B, F)
-        return values.reshape(rotations.shape[:1] + freqs.shape[:-1])
+        (B, 3, 3) pose matrices A: :meth:`sample` at ``k·A`` (``Aᵀk``), k = (kx, ky, 0); ``max_radius`` as there.
+        The points ``kx·A[0] + ky·A[1]`` are formed elementwise: cheaper than a batch of (F, 3) × (3, 3)
+        products, and each value independent of the batch it is computed in (a gallery vector must not depend
+        on the batch that projected it), which neither one large matrix product nor a fused multiply-add
+        (vector and scalar paths round differently) guarantees."""
+        f = freqs.reshape(1, -1, 2, 1)
+        rows = rotations[:, None, :2, :]                                                  # (B, 1, 2, 3)
+        points = f[:, :, 0] * rows[:, :, 0] + f[:, :, 1] * rows[:, :, 1]                  # (B, F, 3)
+        return self.sample(points, max_radius).reshape(rotations.shape[:1] + freqs.shape[:-1])
 
     def project_ft(self, rotations, max_radius_px=None):
         """Centred spectra (B, N, N) complex of the projections for (B, 3, 3) pose matrices, zero beyond

@@ -13,12 +13,13 @@ For each particle (batched):
 2. **Exact re-ranking**: each match is scored by the full-precision normalised Fourier correlation over
    the band between the particle and the reference projected at the match's pose, multiplied by the
    particle's *own* CTF and moved by the match's origin (:func:`score_poses`).
-3. **Local refinement** of the ``k`` best (:func:`refine_poses`): a pattern search over small rotations about the
-   three axes of the projection frame and sub-pixel origin offsets, halving both steps at each level
-   (from half the gallery steps down to 1/16).
-4. The best refined candidate wins. Its **confidence** is the score gap to the best match more than two
-   angular steps away from the winner (over the symmetry copies), refined in the same way; when none of
-   the ``4·k`` matches is that far, the gap to the lowest exact score among them.
+3. **Local refinement** (:func:`refine_best`): a pattern search over small rotations about the three axes of
+   the projection frame and sub-pixel origin offsets, halving both steps at each level (:func:`refine_poses`,
+   from half the gallery steps down to 1/32): one pass of the first level over the ``k`` best, then the
+   leader alone through the finer levels.
+4. The refined leader wins. Its **confidence** is the score gap to the best match more than two angular
+   steps away from the winner (over the symmetry copies), refined in the same way; when none of the ``4·k``
+   matches is that far, the gap to the lowest exact score among them.
 
 **Local mode** (:func:`local_candidates`) replaces step 1: the pool is every rotation of the prior on a
 grid of axis-angle steps within ±N angular steps, each with its best origin within ±M px of the prior
@@ -47,11 +48,13 @@ from .features import Band, vectors_from_band
 from .gallery import band_slices
 from .target import AlignTarget, SearchIndex
 
-__all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_poses", "axis_angle_matrices", "refine_poses",
-           "nearest_poses", "global_candidates", "index_matches", "local_candidates", "pose_posterior", "Selection", "select_and_refine",
-           "align", "query"]
+__all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_slices", "score_poses", "axis_angle_matrices",
+           "refine_poses", "refine_best", "nearest_poses", "global_candidates", "index_matches", "local_candidates",
+           "pose_posterior", "Selection", "select_and_refine", "align", "query"]
 
 logger = logging.getLogger(__name__)
+
+RUNNER_UP_LEVELS = 4   # refinement levels of the runner-up (:func:`select_and_refine`)
 
 
 class ParticleBatch:
@@ -79,31 +82,44 @@ class ParticleBatch:
         return vectors_from_band(moved, self.sqrt_weights, normalise).reshape(-1, band.dim)
 
 
+def score_slices(band: Band, particles: ParticleBatch, slices: torch.Tensor, origins_px: torch.Tensor,
+                 offsets_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """Normalised Fourier correlation (B, C, M, S) of particles with the central slices ``slices`` (B, C, M, P)
+    (band values of the map at C × M poses of each particle), the M slices of a candidate c sharing its origin
+    ``origins_px[:, c]`` (B, C, 2) px, each at the S origin offsets ``offsets_px`` (S, 2) px.
+
+    The reference is ``CTF_particle · slice · ramp(origin + offset)``; the correlation is
+    ``Re Σ w conj(ref) x / sqrt(Σ w |ref|² · Σ w |x|²)`` over the band, w the whitening weights (or 1). The
+    origin's ramp is applied to the particle (conjugated) rather than to each slice: once per candidate.
+    """
+    b, c = slices.shape[:2]
+    ref = slices.to(particles.coeffs.device) * particles.ctf[:, None, None]
+    x = particles.coeffs
+    if particles.sqrt_weights is not None:
+        ref = ref * particles.sqrt_weights
+        x = x * particles.sqrt_weights
+    moved = x[:, None] * band.phase_ramps(origins_px.reshape(-1, 2)).reshape(b, c, -1).conj()   # (B, C, P)
+    cross = ref.conj() * moved[:, :, None]                                                     # (B, C, M, P)
+    offs = band.phase_ramps(torch.as_tensor(offsets_px, dtype=torch.float32)).conj()            # (S, P)
+    num = torch.einsum("bcmp,sp->bcms", cross, offs).real
+    norm = torch.sqrt(torch.view_as_real(ref).square().sum((-1, -2))
+                      * torch.view_as_real(x).square().sum((-1, -2))[:, None, None]).clamp_min(1e-20)
+    return num / norm[..., None]
+
+
 def score_poses(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
                 origins_px: torch.Tensor, offsets_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-    """Normalised Fourier correlation (B, C, S) of particles with references at C poses × S origin offsets.
+    """Normalised Fourier correlation (B, C, S) of particles with references at C poses × S origin offsets
+    (:func:`score_slices`).
 
     Args:
         particles: :class:`ParticleBatch` of B particles.
         rotations: (B, C, 3, 3) pose matrices; origins_px: (B, C, 2) origins (px).
         offsets_px: (S, 2) offsets added to every origin (px).
-    The reference is ``CTF_particle · slice(rotation) · ramp(origin + offset)``; the correlation is
-    ``Re Σ w conj(ref) x / sqrt(Σ w |ref|² · Σ w |x|²)`` over the band, w the whitening weights (or 1).
     """
     b, c = rotations.shape[:2]
-    ref = band_slices(projector, rotations.reshape(-1, 3, 3), band.freqs_px).to(particles.coeffs.device)
-    ref = ref.reshape(b, c, -1)
-    ref = ref * particles.ctf[:, None]
-    x = particles.coeffs
-    if particles.sqrt_weights is not None:
-        ref = ref * particles.sqrt_weights
-        x = x * particles.sqrt_weights
-    ramps = band.phase_ramps(origins_px.reshape(-1, 2)).reshape(b, c, -1)
-    cross = (ref * ramps).conj() * x[:, None]                                        # (B, C, P)
-    offs = band.phase_ramps(torch.as_tensor(offsets_px, dtype=torch.float32)).conj()  # (S, P)
-    num = torch.einsum("bcp,sp->bcs", cross, offs).real
-    norm = torch.sqrt((ref.abs() ** 2).sum(-1) * (x.abs() ** 2).sum(-1)[:, None]).clamp_min(1e-20)
-    return num / norm[..., None]
+    slices = band_slices(projector, rotations.reshape(-1, 3, 3), band.freqs_px).reshape(b, c, 1, -1)
+    return score_slices(band, particles, slices, origins_px, offsets_px)[:, :, 0]
 
 
 def axis_angle_matrices(vectors_rad: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
@@ -119,45 +135,82 @@ def axis_angle_matrices(vectors_rad: Union[np.ndarray, torch.Tensor]) -> torch.T
     return torch.eye(3, dtype=v.dtype) + s * kx + (1 - c) * (kx @ kx)
 
 
-def _unit_moves(h_rad):
-    """(7, 3, 3): identity and ±h rotations about x, y, z (projection frame)."""
-    vecs = torch.zeros(7, 3, dtype=torch.float64)
+def _axis_moves(h_rad):
+    """(6, 3, 3): rotations by ±h about x, y, z (projection frame)."""
+    vecs = torch.zeros(6, 3, dtype=torch.float64)
     for axis in range(3):
-        vecs[1 + 2 * axis, axis] = h_rad
-        vecs[2 + 2 * axis, axis] = -h_rad
+        vecs[2 * axis, axis] = h_rad
+        vecs[2 * axis + 1, axis] = -h_rad
     return axis_angle_matrices(vecs).to(torch.float32)
 
 
+def _gather(x, index):
+    """x (B, C, M, ...) at index (B, C) along dim 2 → (B, C, ...)."""
+    index = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(x.shape[:2] + (1,) + x.shape[3:])
+    return torch.gather(x, 2, index)[:, :, 0]
+
+
 def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
-                 origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, levels: int = 4,
-                 passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, levels: int = 5,
+                 passes: int = 2, first_level: int = 1,
+                 scores: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pattern-search refinement of (B, C) candidate poses; returns refined (rotations, origins, scores (B, C)).
 
-    Level ``l`` (1..levels) tries the 7 rotations {I, ±h about x, y, z} left-multiplied (projection frame)
-    with ``h = step / 2^l`` and the 3×3 origin offsets {0, ±step_s / 2^l}², keeping the best, ``passes``
-    times per level.
+    Level ``l`` (``first_level``..``levels``) tries the current rotation and the 6 rotations by ±h about x, y,
+    z left-multiplied (projection frame), ``h = step / 2^l``, each at the 3×3 origin offsets
+    {0, ±step_s / 2^l}², keeping the best, ``passes`` times per level. The current rotation's slice is kept
+    from the pass that chose it, so a pass projects 6 rotations per candidate. ``scores`` (B, C): the
+    candidates' exact scores when already known.
     """
     b, c = rotations.shape[:2]
     rot, org = rotations.clone(), origins_px.clone()
-    score = score_poses(projector, band, particles, rot, org, torch.zeros(1, 2))[..., 0]
-    for level in range(1, levels + 1):
-        moves = _unit_moves(math.radians(angular_step_deg) / 2 ** level)
+    slices = band_slices(projector, rot.reshape(-1, 3, 3), band.freqs_px).reshape(b, c, -1)
+    if scores is None:
+        score = score_slices(band, particles, slices[:, :, None], org, torch.zeros(1, 2))[:, :, 0, 0]
+    else:
+        score = scores.clone()
+    for level in range(first_level, levels + 1):
+        moves = _axis_moves(math.radians(angular_step_deg) / 2 ** level)
         hs = shift_step_px / 2 ** level
         g = torch.tensor([-hs, 0.0, hs])
         offsets = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
         for _ in range(passes):
-            cand = moves[None, None] @ rot[:, :, None]                                   # (B, C, 7, 3, 3)
-            s = score_poses(projector, band, particles, cand.reshape(b, c * 7, 3, 3),
-                            org[:, :, None].expand(b, c, 7, 2).reshape(b, c * 7, 2), offsets)
-            s = s.reshape(b, c, 7 * len(offsets))
+            cand = torch.cat([rot[:, :, None], moves[None, None] @ rot[:, :, None]], 2)      # (B, C, 7, 3, 3)
+            moved = band_slices(projector, cand[:, :, 1:].reshape(-1, 3, 3), band.freqs_px)
+            cand_slices = torch.cat([slices[:, :, None], moved.to(slices.device).reshape(b, c, 6, -1)], 2)
+            s = score_slices(band, particles, cand_slices, org, offsets).reshape(b, c, 7 * len(offsets))
             best, arg = s.max(-1)
             better = best > score
             mi, oi = arg // len(offsets), arg % len(offsets)
-            new_rot = torch.gather(cand, 2, mi[..., None, None, None].expand(b, c, 1, 3, 3))[:, :, 0]
-            rot = torch.where(better[..., None, None], new_rot, rot)
+            rot = torch.where(better[..., None, None], _gather(cand, mi), rot)
+            slices = torch.where(better[..., None], _gather(cand_slices, mi), slices)
             org = torch.where(better[..., None], org + offsets[oi], org)
             score = torch.maximum(best, score)
     return rot, org, score
+
+
+def refine_best(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
+                origins_px: torch.Tensor, scores: torch.Tensor, angular_step_deg: float, shift_step_px: float,
+                levels: int = 5, passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Refine the best of (B, C) candidates (exact ``scores`` (B, C)): one pass of level 1 of
+    :func:`refine_poses` over all C, then only the best of them through levels 2 … ``levels``, ``passes``
+    times each. Returns its rotation (B, 3, 3), origin (B, 2), score (B,) and candidate index (B,).
+
+    Why not every candidate to the end: after one pass at half the gallery's step, the candidates that
+    trail almost never overtake the leader at finer steps (on RELION-rendered particles at 7.5°, all 2 000
+    winners were the same), while refining all C to the end costs C times as many projections; the
+    projections saved pay for the fifth level, which makes the winner's pose finer than four levels over
+    all C did (``benchmarks/RESULTS.md``).
+    """
+    b = rotations.shape[0]
+    ar = torch.arange(b)
+    rot, org, score = refine_poses(projector, band, particles, rotations, origins_px, angular_step_deg,
+                                   shift_step_px, levels=min(levels, 1), passes=1, scores=scores)
+    lead = score.argmax(1)
+    rot, org, score = refine_poses(projector, band, particles, rot[ar, lead][:, None], org[ar, lead][:, None],
+                                   angular_step_deg, shift_step_px, levels, passes, first_level=2,
+                                   scores=score[ar, lead][:, None])
+    return rot[:, 0], org[:, 0], score[:, 0], lead
 
 
 def nearest_poses(distances: np.ndarray, ids: np.ndarray, n_origins: int, n: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -298,23 +351,26 @@ class Selection(NamedTuple):
 
 def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch, pool_rot: torch.Tensor,
                       pool_org: torch.Tensor, pool_score: torch.Tensor, k: int, angular_step_deg: float,
-                      shift_step_px: float, far_deg: float, symmetry: str, levels: int = 4, passes: int = 2,
+                      shift_step_px: float, far_deg: float, symmetry: str, levels: int = 5, passes: int = 2,
                       refine_far: bool = True) -> Selection:
-    """Refine the k best pool candidates (by exact score), pick the winner, and measure its confidence:
-    the gap to the refined best pool candidate farther than ``far_deg`` from the winner (or, when the
-    pool has none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's
-    exact pool score unrefined (cheaper, a slightly larger gap). ``levels``, ``passes``: see :func:`refine_poses`.
+    """Refine the k best pool candidates (by exact score) to the winner (:func:`refine_best`), and measure its
+    confidence: the gap to the best pool candidate farther than ``far_deg`` from the winner, refined through
+    levels 1 … ``RUNNER_UP_LEVELS``, ``passes`` times each (or, when the pool has none, to the pool's lowest
+    exact score). ``refine_far=False`` takes that far candidate's exact pool score unrefined (cheaper, a
+    larger gap). ``levels``, ``passes``: see :func:`refine_poses`.
+
+    The runner-up keeps the schedule SwiftRes's second hypothesis was measured with (:mod:`.refine`): a lone
+    candidate needs the coarse level's second pass more than a fifth level, and a pass of one candidate
+    costs a fifth of the leader's first level.
 
     Returns a :class:`Selection`: the runner-up is that far candidate (refined
     when ``refine_far``), or the winner itself when the pool has none.
     """
     b = pool_rot.shape[0]
-    top = pool_score.topk(min(k, pool_score.shape[1]), dim=1).indices
-    rot, org, score = refine_poses(projector, band, particles, _take(pool_rot, top), _take(pool_org, top),
-                             angular_step_deg, shift_step_px, levels, passes)
-    win = score.argmax(1)
     ar = torch.arange(b)
-    w_rot, w_org, w_score = rot[ar, win], org[ar, win], score[ar, win]
+    top = pool_score.topk(min(k, pool_score.shape[1]), dim=1).indices
+    w_rot, w_org, w_score, lead = refine_best(projector, band, particles, _take(pool_rot, top), _take(pool_org, top),
+                                              _take(pool_score, top), angular_step_deg, shift_step_px, levels, passes)
     w_angles = matrix_to_euler(w_rot.double())
     pool_angles = matrix_to_euler(pool_rot.reshape(-1, 3, 3).double())
     dist = pose_distance_deg(w_angles[:, None].expand(b, pool_rot.shape[1], 3).reshape(-1, 3), pool_angles,
@@ -323,20 +379,21 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
     far_pick = torch.where(far, pool_score, torch.full_like(pool_score, -np.inf)).argmax(1)
     f_rot, f_org, f_score = pool_rot[ar, far_pick], pool_org[ar, far_pick], pool_score[ar, far_pick]
     if refine_far:
-        f_rot, f_org, f_score = (x[:, 0] for x in refine_poses(projector, band, particles, f_rot[:, None], f_org[:, None],
-                                                          angular_step_deg, shift_step_px, levels, passes))
+        f_rot, f_org, f_score = (x[:, 0] for x in refine_poses(
+            projector, band, particles, f_rot[:, None], f_org[:, None], angular_step_deg, shift_step_px,
+            RUNNER_UP_LEVELS, passes, scores=f_score[:, None]))
     has_far = far.any(1)
     gap = w_score - torch.where(has_far, f_score, pool_score.min(1).values)
     f_rot = torch.where(has_far[:, None, None], f_rot, w_rot)
     f_org = torch.where(has_far[:, None], f_org, w_org)
     f_score = torch.where(has_far, f_score, w_score)
-    return Selection(w_rot, w_org, w_score, gap, top[ar, win], f_rot, f_org, f_score)
+    return Selection(w_rot, w_org, w_score, gap, top[ar, lead], f_rot, f_org, f_score)
 
 
 def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32, local: bool = False,
           prior_angles_deg: Optional[np.ndarray] = None, prior_origins_A: Optional[np.ndarray] = None,
           local_steps: int = 2, local_shift_px: Optional[float] = None, batch_size: Optional[int] = None,
-          memory_limit_GB: float = 4.0, devices: Optional[Sequence[str]] = None, levels: int = 4, passes: int = 2,
+          memory_limit_GB: float = 4.0, devices: Optional[Sequence[str]] = None, levels: int = 5, passes: int = 2,
           refine_far: bool = True) -> Dict[str, np.ndarray]:
     """Align the particles of ``star`` (a checked :class:`ParticleStar`) with ``bundle``: any
     :class:`AlignTarget` in local mode (``refine.LocalReference``: a map without an index), a

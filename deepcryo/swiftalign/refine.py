@@ -11,8 +11,7 @@ update_references → check_convergence`` over a :class:`RefineState`; for each 
      exactly with each particle's own CTF, then refined by pattern search (:func:`.query.align`);
    * *local* iterations: every pose within ±``local_steps`` angular steps and ±2 shift steps of the
      previous one, scored exactly (no index needed), the best one refined by pattern search (one pass
-     per level: much cheaper than the global mode's three candidates with two passes, for nearly the same
-     accuracy).
+     per level: cheaper than the global mode's two passes, for nearly the same accuracy).
 
    With several classes each particle takes the class whose reference it matches best.
 
@@ -39,10 +38,10 @@ update_references → check_convergence`` over a :class:`RefineState`; for each 
    * angular step ``asin(r / D)``. A rotation by θ moves the particle's edge by ``D·θ/2``; at θ = r/D that is
      half a resolution element, the width of the correlation peak at resolution r, so a grid this fine
      puts every particle in its peak's basin (the particle, not the box, rotates, so D and not N·px). The
-     pattern search of :func:`.query.refine_poses` then halves the step four times (to step/16), so the grid
+     pattern search of :func:`.query.refine_best` then halves the step five times (to step/32), so the grid
      does not limit the accuracy;
    * shift step ``r / (4·px)`` (≥ 0.5 px): a shift of r/4 turns the phase at the band edge by 90°; the
-     pattern search refines it to step/16 as well.
+     pattern search refines it to step/32 as well.
 
 Optional **repetition consensus** (the seed's idea, ``repetitions=2``): each half is aligned twice, with
 galleries rotated rigidly by two different random rotations (global) or priors moved by half a step
