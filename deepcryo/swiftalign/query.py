@@ -21,6 +21,12 @@ For each particle (batched):
    steps away from the winner (over the symmetry copies), refined in the same way; when none of the ``4·k``
    matches is that far, the gap to the lowest exact score among them.
 
+**When the index pays.** Steps 1–2 replace scoring every gallery pose at every origin, which costs the
+gallery's size per particle; step 3 costs the same whichever search found the candidates. The index's gain
+over the whole alignment is therefore bounded by how much the exhaustive scoring costs beside the
+refinement: large at fine steps, small for a coarse gallery (a few tens of thousands of poses), which one
+matrix product per block of particles scores nearly as cheaply as the candidates are refined.
+
 **Local mode** (:func:`local_candidates`) replaces step 1: the pool is every rotation of the prior on a
 grid of axis-angle steps within ±N angular steps, each with its best origin within ±M px of the prior
 origin, all scored exactly; the k best are refined as above ("far" then means more than one step).
@@ -164,7 +170,8 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
     """
     b, c = rotations.shape[:2]
     rot, org = rotations.clone(), origins_px.clone()
-    slices = band_slices(projector, rot.reshape(-1, 3, 3), band.freqs_px).reshape(b, c, -1)
+    device = particles.coeffs.device                      # scores, choices and kept slices live beside the particles
+    slices = band_slices(projector, rot.reshape(-1, 3, 3), band.freqs_px).to(device).reshape(b, c, -1)
     if scores is None:
         score = score_slices(band, particles, slices[:, :, None], org, torch.zeros(1, 2))[:, :, 0, 0]
     else:
@@ -177,7 +184,7 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
         for _ in range(passes):
             cand = torch.cat([rot[:, :, None], moves[None, None] @ rot[:, :, None]], 2)      # (B, C, 7, 3, 3)
             moved = band_slices(projector, cand[:, :, 1:].reshape(-1, 3, 3), band.freqs_px)
-            cand_slices = torch.cat([slices[:, :, None], moved.to(slices.device).reshape(b, c, 6, -1)], 2)
+            cand_slices = torch.cat([slices[:, :, None], moved.to(device).reshape(b, c, 6, -1)], 2)
             s = score_slices(band, particles, cand_slices, org, offsets).reshape(b, c, 7 * len(offsets))
             best, arg = s.max(-1)
             better = best > score
