@@ -25,7 +25,8 @@ and 9° about the hinge axis, as a consensus alignment gives the conformations o
 body frame, on 3 bins along the PC1 of the first landscape, must take those turns out: the poses of each state in
 one common frame, the median error per state (angle to the common rotation between true and moved poses) below
 4° where it was 9–10°. Also checked: the output's poses are the program's STAR (through Scipion's matrices), valid
-rotations, one per particle, and a second VAE trains on them; the form's checks on bad inputs.
+rotations, one per particle, and a second VAE trains on them; a second round of the body frame on that VAE's
+k-means clusters keeps the poses in the common frame; the form's checks on bad inputs.
 """
 import logging
 import os
@@ -138,7 +139,36 @@ class TestDeepCryoBodyFrame(ProtocolTest):
 
         second = self._train(moved, "VAE on the moved poses")
         self.assertSetSize(getattr(second, OUTPUT_PARTICLES), SPEC.n)
+        self._secondRoundByClusters(second)
         self._checkValidation(analyze)
+
+    def _secondRoundByClusters(self, second):
+        """A second round in the other mode: the second landscape's k-means clusters as the groups. Its input
+        poses are already in one frame, so they must stay there: one group per cluster, each group's turn
+        applied to its particles, and the errors against the truth still below 4°."""
+        analyze = self.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=3, trajectorySteps=2,
+                                   numberOfThreads=2, objLabel="analysis of the second VAE")
+        analyze.trainRun.set(second)
+        self.launchProtocol(analyze)
+        frame = self.newProtocol(DeepCryoProtVaeBodyFrame, groupBy=DeepCryoProtVaeBodyFrame.GROUP_CLUSTERS,
+                                 mapBox=SPEC.box, objLabel="body frame again, k-means clusters")
+        frame.analyzeRun.set(analyze)
+        self.assertEqual(frame.validate(), [])
+        self.launchProtocol(frame)
+        moved = getattr(frame, OUTPUT_PARTICLES)
+        self.assertSetSize(moved, SPEC.n)
+        star = read_particles(frame._getExtraPath("particles.star"), require_images=False)
+        analysis = read_particles(analyze._getExtraPath("analysis", "particles.star"), require_images=False)
+        byId = dict(zip(np.asarray(analysis.particles["rlnImageId"], dtype=int), analysis.particles["dcCluster"]))
+        clusters = np.array([byId[int(i)] for i in star.particles["rlnImageId"]])
+        groups = np.asarray(star.particles["dcFrameGroup"], dtype=int)
+        self.assertEqual(len(set(groups.tolist())), 3)
+        for g in set(groups.tolist()):                         # a group is a cluster
+            self.assertEqual(len(set(clusters[groups == g].tolist())), 1)
+        again = self._errors(moved)
+        logger.info("second round, clusters as groups: median error per state (deg) %s", np.round(again, 2).tolist())
+        self.assertLess(max(again), 4.0, again)
+        self.assertEqual(sum("turned" in line for line in frame.summary()), 3)
 
     def _checkValidation(self, analyze):
         """One clear error per bad input, from the form, before anything runs."""
