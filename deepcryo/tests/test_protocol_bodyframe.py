@@ -93,21 +93,27 @@ class TestDeepCryoBodyFrame(ProtocolTest):
         self.assertEqual(train.validate(), [])
         return self.launchProtocol(train)
 
+    def _analyze(self, train, label):
+        analyze = self.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=3, trajectorySteps=2,
+                                   numberOfThreads=2, objLabel=label)
+        analyze.trainRun.set(train)
+        return self.launchProtocol(analyze)
+
+    def _bodyFrame(self, analyze, label, **values):
+        frame = self.newProtocol(DeepCryoProtVaeBodyFrame, mapBox=SPEC.box, objLabel=label, **values)
+        frame.analyzeRun.set(analyze)
+        self.assertEqual(frame.validate(), [])
+        return self.launchProtocol(frame)
+
     def _errors(self, particles):
         rotations = rotationsOf(particles)
         return stateErrorsDeg(np.stack([rotations[i + 1] for i in range(SPEC.n)]), self.truth, self.states)
 
     def testVaeBodyFrameVae(self):
         first = self._train(self.importParts.outputParticles, "VAE on turned poses")
-        analyze = self.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=3, trajectorySteps=2,
-                                   numberOfThreads=2)
-        analyze.trainRun.set(first)
-        self.launchProtocol(analyze)
-        frame = self.newProtocol(DeepCryoProtVaeBodyFrame, groupBy=DeepCryoProtVaeBodyFrame.GROUP_PC1, bins=3,
-                                 mapBox=SPEC.box, objLabel="body frame, 3 bins along PC1")
-        frame.analyzeRun.set(analyze)
-        self.assertEqual(frame.validate(), [])
-        self.launchProtocol(frame)
+        analyze = self._analyze(first, "analysis of the first VAE")
+        frame = self._bodyFrame(analyze, "body frame, 3 bins along PC1", groupBy=DeepCryoProtVaeBodyFrame.GROUP_PC1,
+                                bins=3)
 
         moved = getattr(frame, OUTPUT_PARTICLES)
         self.assertSetSize(moved, SPEC.n)
@@ -146,15 +152,9 @@ class TestDeepCryoBodyFrame(ProtocolTest):
         """A second round in the other mode: the second landscape's k-means clusters as the groups. Its input
         poses are already in one frame, so they must stay there: one group per cluster, each group's turn
         applied to its particles, and the errors against the truth still below 4°."""
-        analyze = self.newProtocol(DeepCryoProtVaeAnalyze, numberOfClusters=3, trajectorySteps=2,
-                                   numberOfThreads=2, objLabel="analysis of the second VAE")
-        analyze.trainRun.set(second)
-        self.launchProtocol(analyze)
-        frame = self.newProtocol(DeepCryoProtVaeBodyFrame, groupBy=DeepCryoProtVaeBodyFrame.GROUP_CLUSTERS,
-                                 mapBox=SPEC.box, objLabel="body frame again, k-means clusters")
-        frame.analyzeRun.set(analyze)
-        self.assertEqual(frame.validate(), [])
-        self.launchProtocol(frame)
+        analyze = self._analyze(second, "analysis of the second VAE")
+        frame = self._bodyFrame(analyze, "body frame again, k-means clusters",
+                                groupBy=DeepCryoProtVaeBodyFrame.GROUP_CLUSTERS)
         moved = getattr(frame, OUTPUT_PARTICLES)
         self.assertSetSize(moved, SPEC.n)
         star = read_particles(frame._getExtraPath("particles.star"), require_images=False)
