@@ -31,7 +31,8 @@ def add_args(parser):
     parser.add_argument("--output", required=True, help="aligned particle STAR")
     parser.add_argument("--nprobe", type=int, default=32, help="inverted lists visited per search")
     parser.add_argument("--k", type=int, default=5,
-                        help="candidates refined per particle (4·k index matches are re-ranked exactly)")
+                        help="candidates refined per particle: all k one level, the best of them to the finest "
+                             "(4·k index matches are re-ranked exactly)")
     parser.add_argument("--local", action="store_true", help="search only around the prior poses")
     parser.add_argument("--prior", help="STAR with the prior poses (default: the particles' own)")
     parser.add_argument("--local-steps", type=int, default=2, help="local angular range, ± angular steps")

@@ -46,7 +46,9 @@ def add_args(parser):
                         help="the half maps share their Fourier components below this resolution, Å")
     parser.add_argument("--repetitions", type=int, default=1, choices=(1, 2),
                         help="2: align twice with differently perturbed samplings, leave out disagreeing particles")
-    parser.add_argument("--k", type=int, default=3, help="candidates refined per particle")
+    parser.add_argument("--k", type=int, default=3,
+                        help="candidates refined per particle in global iterations: all k one level, the best of "
+                             "them to the finest")
     parser.add_argument("--nprobe", type=int, default=32, help="inverted lists of the global index visited per search")
     parser.add_argument("--whiten", action="store_true", help="weight frequencies by the inverse noise power")
     parser.add_argument("--batch-size", type=int, default=256, help="particles per reconstruction batch")
