@@ -204,10 +204,10 @@ def refine_best(projector: Projector, band: Band, particles: ParticleBatch, rota
     times each. Returns its rotation (B, 3, 3), origin (B, 2), score (B,) and candidate index (B,).
 
     Why not every candidate to the end: after one pass at half the gallery's step, the candidates that
-    trail almost never overtake the leader at finer steps (on RELION-rendered particles at 7.5°, all 2 000
-    winners were the same), while refining all C to the end costs C times as many projections; the
-    projections saved pay for the fifth level, which makes the winner's pose finer than four levels over
-    all C did (``benchmarks/RESULTS.md``).
+    trail almost never overtake the leader at finer steps (on RELION-rendered particles, no winner changed
+    basin), while refining all C to the end costs C times as many projections; the projections saved pay
+    for the fifth level, which makes the winner's pose finer than four levels over all C did
+    (``benchmarks/RESULTS.md``).
     """
     b = rotations.shape[0]
     ar = torch.arange(b)
