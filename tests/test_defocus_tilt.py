@@ -1,7 +1,6 @@
 """Specimen tilt and ice thickness (CTFFIND5-style, deepcryo.defocus.tilt / .thickness) against the ground truth
 of simulated micrographs (2048² at 1.5 Å/px, 300 kV), the predict program's STAR columns and their Scipion
 CTFModel attributes."""
-import hashlib
 
 import numpy as np
 import pytest
@@ -75,11 +74,19 @@ def _axis_error(a, b):
 
 # ------------------------------------------------------------------------------------------- simulation
 def test_simulator_defaults_unchanged():
-    """The defaults (no tilt, no thickness) give the image of earlier versions bit for bit (hash of the
-    output before tilt and thickness were added)."""
+    """The defaults (no tilt, no thickness) give the image of earlier versions: its 64-px block means and eight
+    pixels to 1e-3 (the image's std is 11.9), read off the image whose bytes this test pinned by a hash until
+    then. Not the hash: torch's FFTs (MKL) round differently on different CPUs (up to 3e-5 between MKL's AVX2 and
+    AVX-512 paths on one machine), while any change to the simulator's model moves these values by far more."""
     img, truth = simulate_micrograph(size_px=256, pixel_size_A=1.5, seed=3)
-    assert hashlib.sha256(img.tobytes()).hexdigest() == \
-        "1b11faa0f33aca572f9dab57847e71cfa8503bb35fcff5898e0d672b971a48cd"
+    blocks = np.asarray(img, dtype=np.float64).reshape(4, 64, 4, 64).mean((1, 3))
+    np.testing.assert_allclose(blocks, [[90.0362, 90.1567, 90.0735, 89.8012], [90.1600, 90.4738, 90.1763, 89.5523],
+                                        [90.1737, 89.9094, 90.2111, 90.0161], [90.1094, 90.1186, 89.9222, 89.6595]],
+                               atol=1e-3)
+    pixels = [img[i, j] for i, j in ((0, 0), (17, 200), (64, 31), (100, 100), (128, 255), (199, 7), (230, 140),
+                                     (255, 255))]
+    np.testing.assert_allclose(pixels, [82.447, 79.0311, 74.664, 101.2943, 97.8641, 86.4152, 95.2714, 89.7382],
+                               atol=1e-3)
     assert "tilt_angle_deg" not in truth
     _, truth = simulate_micrograph(size_px=64, seed=3, tilt_angle_deg=10.0, tilt_axis_deg=-30.0, ice_thickness_A=60.0)
     assert (truth["tilt_angle_deg"], truth["tilt_axis_deg"], truth["ice_thickness_A"]) == (10.0, 330.0, 60.0)
