@@ -68,6 +68,14 @@ __all__ = ["rotation_vector_matrix", "rotation_grid", "rotate_volumes", "particl
 #: (ARI 0.3), where the turns found (6–15°) were noise.
 MIN_STATIC_FRACTION = 0.05
 
+#: Smallest correlation of a group's static body with the reference group's, after its motion is found, for that
+#: motion to be applied. Measured (2026-12-05, RELION-rendered three-state sets, 1 500 particles, maps at box 32,
+#: SNR 0.1–0.3): 0.62–0.96 for the groups of 27 body-frame runs (bins along PC1 and k-means clusters, groups of 46 to
+#: 543 particles against references of up to 933); 0.07 and 0.10 for two k-means clusters (78 particles; 489 mixing two states) when the particle
+#: mask was the unweighted mean of the group maps, whose motions (18° and 7°) were noise and moved the poses away
+#: from the truth.
+MIN_STATIC_CORRELATION = 0.5
+
 
 def rotation_vector_matrix(omega: np.ndarray) -> np.ndarray:
     """(..., 3) rotation vectors (axis × angle, radians) → (..., 3, 3) rotation matrices (Rodrigues), acting on
@@ -122,10 +130,13 @@ def _normalise(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (maps - inside.mean(1)[:, None, None, None]) / inside.std(1)[:, None, None, None]
 
 
-def particle_mask(maps: np.ndarray, threshold: float = 0.15, dilate_px: int = 2) -> np.ndarray:
-    """(N, N, N) bool: where the mean of ``maps`` (K, N, N, N) exceeds ``threshold`` times its maximum, dilated by
+def particle_mask(maps: np.ndarray, threshold: float = 0.15, dilate_px: int = 2,
+                  weights: Optional[np.ndarray] = None) -> np.ndarray:
+    """(N, N, N) bool: where the mean of ``maps`` (K, N, N, N) (weighted by ``weights``, e.g. the groups' sizes:
+    a small group's noisy map does not blur the mask) exceeds ``threshold`` times its maximum, dilated by
     ``dilate_px`` pixels: the particle, whatever its conformation."""
-    mean = np.asarray(maps, dtype=np.float64).mean(0)
+    w = np.ones(len(maps)) if weights is None else np.asarray(weights, dtype=np.float64)
+    mean = np.tensordot(w / w.sum(), np.asarray(maps, dtype=np.float64), 1)
     core = torch.as_tensor(mean > threshold * mean.max())
     return _dilate(core, dilate_px).numpy()
 
@@ -264,9 +275,16 @@ def body_frames(maps: np.ndarray, sizes: Optional[Sequence[int]] = None, referen
     (:func:`align_group_map`). The maps are first brought to zero mean and unit standard deviation inside the
     particle mask (:func:`particle_mask`).
 
+    A group whose static body then correlates with the reference's under :data:`MIN_STATIC_CORRELATION` is not
+    measured: its map does not show the body well enough for its turn to be found (too few particles, or a mix of
+    conformations and frames). It then takes the reference group's motion (none in the reference's frame, the
+    common motion in the mean frame), and neither shapes the static body (once more through the iterations,
+    without it) nor weighs in the mean of the frames.
+
     Returns ``rotations`` (K, 3, 3), ``shifts_px`` (K, 3), ``angles_deg`` (K,), ``correlation`` (K,) on the
-    static body, ``static`` and ``particle`` masks (N, N, N) bool, and ``reference`` (the index used). InputError
-    when the static body is under :data:`MIN_STATIC_FRACTION` of the particle mask (the maps agree nowhere).
+    static body at the motion found, ``measured`` (K,) bool (False: not moved for low correlation), ``static`` and
+    ``particle`` masks (N, N, N) bool, and ``reference`` (the index used). InputError when the static body is
+    under :data:`MIN_STATIC_FRACTION` of the particle mask (the maps agree nowhere).
     """
     maps = np.asarray(maps, dtype=np.float64)
     k = len(maps)
@@ -277,7 +295,7 @@ def body_frames(maps: np.ndarray, sizes: Optional[Sequence[int]] = None, referen
     weights = np.ones(k) if sizes is None else np.asarray(sizes, dtype=np.float64)
     if reference is None:
         reference = int(np.argmax(weights)) if sizes is not None else k // 2
-    inside = particle_mask(maps)
+    inside = particle_mask(maps, weights=weights)
     maps = _normalise(maps, inside)
     ref = maps[reference]
     rotations, shifts = np.repeat(np.eye(3)[None], k, 0), np.zeros((k, 3))
@@ -285,12 +303,13 @@ def body_frames(maps: np.ndarray, sizes: Optional[Sequence[int]] = None, referen
         if g != reference:
             rotations[g], shifts[g] = _agreeing_start(maps[g], ref, inside, max_angle_deg, max_shift_px,
                                                       coarse_step_deg, tolerance)
-    correlation = np.ones(k)
+    correlation, measured = np.ones(k), np.ones(k, dtype=bool)
     static = inside
-    for _ in range(iterations):
+    passes, done = iterations, 0
+    while done < passes:
         moved = np.stack([rotate_volumes(torch.as_tensor(m), torch.as_tensor(r[None]), torch.as_tensor(t[None]))[0]
                           .numpy() for m, r, t in zip(maps, rotations, shifts)])
-        static = static_body_mask(moved, inside, weights, varying_fraction)
+        static = static_body_mask(moved, inside, weights * measured, varying_fraction)
         if static.sum() < MIN_STATIC_FRACTION * inside.sum():
             raise InputError("the group maps agree on %.2g %% of the particle only, too little for a static body "
                              "(groups too small or too noisy?): use fewer groups or a lower resolution"
@@ -299,13 +318,23 @@ def body_frames(maps: np.ndarray, sizes: Optional[Sequence[int]] = None, referen
             if g != reference:
                 rotations[g], shifts[g], correlation[g] = align_group_map(
                     maps[g], ref, static, max_angle_deg, max_shift_px, coarse_step_deg, shift=shifts[g])
+        now = correlation >= MIN_STATIC_CORRELATION
+        done += 1
+        if done == passes == iterations and (now != measured).any():
+            passes += 1                 # once more, the static body from the groups that show it only
+        measured = now
+    if not measured.all():
+        logger.warning("groups %s: static-body correlation %s under %.2g, not moved",
+                       (np.flatnonzero(~measured) + 1).tolist(), np.round(correlation[~measured], 2).tolist(),
+                       MIN_STATIC_CORRELATION)
+        rotations[~measured], shifts[~measured] = np.eye(3), 0.0
     if frame == "mean":
-        rotations, shifts = _recentre(rotations, shifts, weights)
+        rotations, shifts = _recentre(rotations, shifts, weights * measured)
     angles = rotation_angle_deg(torch.as_tensor(rotations)).numpy()
     logger.info("static body %.0f %% of the particle mask; turns (deg) %s, shifts (px) %s",
                 100 * static.sum() / inside.sum(), np.round(angles, 2).tolist(), np.round(shifts, 2).tolist())
     return {"rotations": rotations, "shifts_px": shifts, "angles_deg": angles, "correlation": correlation,
-            "static": static, "particle": inside, "reference": np.int64(reference)}
+            "measured": measured, "static": static, "particle": inside, "reference": np.int64(reference)}
 
 
 def _recentre(rotations, shifts, weights):
@@ -423,6 +452,7 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
                "resolution_A": resolution_A, "turn_deg": found["angles_deg"].tolist(),
                "rotations": found["rotations"].tolist(), "shifts_A": shifts_A.tolist(),
                "static_body_correlation": found["correlation"].tolist(),
+               "measured": found["measured"].tolist(), "min_static_correlation": MIN_STATIC_CORRELATION,
                "static_body_fraction_of_particle": float(found["static"].sum() / found["particle"].sum())}
     with atomic_output(stem + "_frames.json") as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)

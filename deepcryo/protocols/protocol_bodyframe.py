@@ -192,10 +192,16 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
         lines = ["%d particles in %s, moved into %s. Static body: %.0f %% of the particle."
                  % (getattr(self, OUTPUT_PARTICLES).getSize(), self._grouping(summary), frame,
                     100 * summary["static_body_fraction_of_particle"])]
+        measured = summary.get("measured", [True] * len(summary["group_sizes"]))
         for g, (size, turn, shift, corr) in enumerate(zip(summary["group_sizes"], summary["turn_deg"],
                                                           summary["shifts_A"], summary["static_body_correlation"])):
-            overlay = ("the others' static bodies overlaid on its" if g + 1 == summary["aligned_to_group"]
-                       else "static-body correlation %.2f" % corr)
+            if g + 1 == summary["aligned_to_group"]:
+                overlay = "the others' static bodies overlaid on its"
+            elif measured[g]:
+                overlay = "static-body correlation %.2f" % corr
+            else:
+                overlay = ("its own motion not applied: static-body correlation %.2f, under %.2f (too few particles, "
+                           "or a mix of conformations)" % (corr, summary["min_static_correlation"]))
             lines.append("group %d (%d particles): turned %.1f°, shifted (%s) Å; %s"
                          % (g + 1, size, turn, ", ".join("%.1f" % s for s in shift), overlay))
         return lines

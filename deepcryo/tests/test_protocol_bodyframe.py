@@ -18,15 +18,21 @@
 # **************************************************************************
 """The body frame in Scipion (issue 17): landscape VAE → analysis → ``DeepCryoProtVaeBodyFrame`` → VAE again.
 
-Particles of three states of a hinge (:func:`deepcryo.core.simulate.phantom_states`, domain at 0°, 20° and 40°),
-rendered by RELION's ``relion_project`` (:mod:`deepcryo.tests.relion_data`; 1500 particles, box 32 at 4 Å/px, SNR
-0.1), are imported with their true poses, except that the poses of states 1 and 3 carry a known shared turn (10°
+Particles of three states of a hinge (:func:`deepcryo.core.simulate.phantom_states`, domain at 0°, 30° and 60°),
+rendered by RELION's ``relion_project`` (:mod:`deepcryo.tests.relion_data`; 1500 particles, box 64 at 2 Å/px, SNR
+0.1; the VAE and the group maps at box 32), are imported with their true poses, except that the poses of states 1 and 3 carry a known shared turn (10°
 and 9° about the hinge axis, as a consensus alignment gives the conformations on either side of its map). The
 body frame, on 3 bins along the PC1 of the first landscape, must take those turns out: the poses of each state in
 one common frame, the median error per state (angle to the common rotation between true and moved poses) below
 4° where it was 9–10°. Also checked: the output's poses are the program's STAR (through Scipion's matrices), valid
 rotations, one per particle, and a second VAE trains on them; a second round of the body frame on that VAE's
 k-means clusters keeps the poses in the common frame; the form's checks on bad inputs.
+
+Why these states: the test asserts what the body frame does with a first landscape whose PC1 follows the states.
+With the domain at 0°, 20° and 40° (box 32 at 4 Å/px, or 64 at 2 Å/px), the VAE's PC1 followed the states in
+about half of the training seeds (elsewhere they lay along PC2, and the first round failed or fell short), so the
+test passed or failed with the CPU's rounding; at 0°, 30° and 60° both rounds stayed below 4° for every seed tried
+(benchmarks/RESULTS.md, "The body frame's test, made robust").
 """
 import logging
 import os
@@ -45,7 +51,8 @@ from deepcryo.tests.harness import ProtocolTest
 from deepcryo.tests.relion_data import RELION_PROJECT, SKIP_REASON, RenderSpec, render
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar, relionPoseToScipionMatrix
 
-SPEC = RenderSpec(n=1500, box=32, pixel_size_A=4.0, snr=0.1, states=3, hinge_deg=40.0, seed=0)
+SPEC = RenderSpec(n=1500, box=64, pixel_size_A=2.0, snr=0.1, states=3, hinge_deg=60.0, seed=0)
+WORK_BOX = 32      # the VAE's working box and the body frame's map box (4 Å/px)
 TURNS_DEG = [[0.0, 10.0, 0.0], [0.0, 0.0, 0.0], [0.0, -9.0, 0.0]]    # rotation vectors (x, y, z) per state
 EPOCHS = 12
 logger = logging.getLogger(__name__)
@@ -87,7 +94,7 @@ class TestDeepCryoBodyFrame(ProtocolTest):
             cls, particleSetFromStar(turnedStar, os.path.join(data.folder, "turned.sqlite")), SPEC.pixel_size_A)
 
     def _train(self, particles, label):
-        train = self.newProtocol(DeepCryoProtVaeTrain, latentDim=8, workingBox=SPEC.box, epochs=EPOCHS,
+        train = self.newProtocol(DeepCryoProtVaeTrain, latentDim=8, workingBox=WORK_BOX, epochs=EPOCHS,
                                  useGpu=False, numberOfThreads=2, objLabel=label)
         train.inputParticles.set(particles)
         self.assertEqual(train.validate(), [])
@@ -100,7 +107,7 @@ class TestDeepCryoBodyFrame(ProtocolTest):
         return self.launchProtocol(analyze)
 
     def _bodyFrame(self, analyze, label, **values):
-        frame = self.newProtocol(DeepCryoProtVaeBodyFrame, mapBox=SPEC.box, objLabel=label, **values)
+        frame = self.newProtocol(DeepCryoProtVaeBodyFrame, mapBox=WORK_BOX, objLabel=label, **values)
         frame.analyzeRun.set(analyze)
         self.assertEqual(frame.validate(), [])
         return self.launchProtocol(frame)
@@ -183,7 +190,7 @@ class TestDeepCryoBodyFrame(ProtocolTest):
         self.proj.saveProtocol(unfinished)
         cases = {"has not finished": dict(analysisRun=unfinished),
                  "Frame of group 4: there are 3 groups": dict(bins=3, referenceGroup=4),
-                 "at most the particles' box, 32 px": dict(mapBox=64),
+                 "at most the particles' box, 64 px": dict(mapBox=128),
                  "finer than the Nyquist limit": dict(mapBox=16, resolution=12.0),
                  "groups for 1500 particles": dict(bins=2000)}
         for message, values in cases.items():
