@@ -70,10 +70,10 @@ MIN_STATIC_FRACTION = 0.05
 
 #: Smallest correlation of a group's static body with the reference group's, after its motion is found, for that
 #: motion to be applied. Measured (2026-12-05, RELION-rendered three-state sets, 1 500 particles, maps at box 32,
-#: SNR 0.1–0.3): 0.62–0.96 for the groups of 27 body-frame runs (bins along PC1 and k-means clusters, groups of 46 to
-#: 543 particles against references of up to 933); 0.07 and 0.10 for two k-means clusters (78 particles; 489 mixing two states) when the particle
-#: mask was the unweighted mean of the group maps, whose motions (18° and 7°) were noise and moved the poses away
-#: from the truth.
+#: SNR 0.1–0.3): 0.62–0.96 for the groups of 27 body-frame runs (bins along PC1 and k-means clusters, groups of
+#: 46 to 543 particles against references of up to 933); 0.07 and 0.10 for two k-means clusters (78 particles; 489
+#: mixing two states) when the particle mask was the unweighted mean of the group maps, whose motions (18° and 7°)
+#: were noise and moved the poses away from the truth.
 MIN_STATIC_CORRELATION = 0.5
 
 
@@ -130,13 +130,18 @@ def _normalise(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (maps - inside.mean(1)[:, None, None, None]) / inside.std(1)[:, None, None, None]
 
 
+def _unit_weights(weights: Optional[Sequence[float]], k: int) -> np.ndarray:
+    """(k,) weights summing to 1 (equal when ``weights`` is None)."""
+    w = np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64)
+    return w / w.sum()
+
+
 def particle_mask(maps: np.ndarray, threshold: float = 0.15, dilate_px: int = 2,
                   weights: Optional[np.ndarray] = None) -> np.ndarray:
     """(N, N, N) bool: where the mean of ``maps`` (K, N, N, N) (weighted by ``weights``, e.g. the groups' sizes:
     a small group's noisy map does not blur the mask) exceeds ``threshold`` times its maximum, dilated by
     ``dilate_px`` pixels: the particle, whatever its conformation."""
-    w = np.ones(len(maps)) if weights is None else np.asarray(weights, dtype=np.float64)
-    mean = np.tensordot(w / w.sum(), np.asarray(maps, dtype=np.float64), 1)
+    mean = np.tensordot(_unit_weights(weights, len(maps)), np.asarray(maps, dtype=np.float64), 1)
     core = torch.as_tensor(mean > threshold * mean.max())
     return _dilate(core, dilate_px).numpy()
 
@@ -148,8 +153,7 @@ def static_body_mask(aligned_maps: np.ndarray, inside: np.ndarray, weights: Opti
     ``aligned_maps`` (K, N, N, N) are the group maps in one frame, normalised alike; the varying region is where
     their standard deviation across groups (weighted by ``weights``, e.g. the groups' sizes) exceeds
     ``varying_fraction`` of its maximum inside the particle, dilated by ``dilate_px`` pixels and removed."""
-    w = np.ones(len(aligned_maps)) if weights is None else np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
+    w = _unit_weights(weights, len(aligned_maps))
     mean = np.tensordot(w, aligned_maps, 1)
     std = np.sqrt(np.tensordot(w, (aligned_maps - mean) ** 2, 1))
     varying = inside & (std > varying_fraction * std[inside].max())
@@ -340,7 +344,7 @@ def body_frames(maps: np.ndarray, sizes: Optional[Sequence[int]] = None, referen
 def _recentre(rotations, shifts, weights):
     """The motions (R_k, t_k) followed by the common motion C (rotation C, shift c) that makes their weighted mean
     the identity: C = (mean R_k)ᵀ (projected onto the rotations), c = −C·(mean t_k); (rotations, shifts)."""
-    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    w = _unit_weights(weights, len(rotations))
     u, _, vt = np.linalg.svd(np.tensordot(w, rotations, 1))
     mean = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
     common = mean.T

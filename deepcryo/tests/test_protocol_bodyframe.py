@@ -20,8 +20,9 @@
 
 Particles of three states of a hinge (:func:`deepcryo.core.simulate.phantom_states`, domain at 0°, 30° and 60°),
 rendered by RELION's ``relion_project`` (:mod:`deepcryo.tests.relion_data`; 1500 particles, box 64 at 2 Å/px, SNR
-0.1; the VAE and the group maps at box 32), are imported with their true poses, except that the poses of states 1 and 3 carry a known shared turn (10°
-and 9° about the hinge axis, as a consensus alignment gives the conformations on either side of its map). The
+0.1; the VAE and the group maps at box 32), are imported with their true poses, except that the poses of states 1
+and 3 carry a known shared turn (10° and 9° about the hinge axis, as a consensus alignment gives the conformations
+on either side of its map). The
 body frame, on 3 bins along the PC1 of the first landscape, must take those turns out: the poses of each state in
 one common frame, the median error per state (angle to the common rotation between true and moved poses) below
 4° where it was 9–10°. Also checked: the output's poses are the program's STAR (through Scipion's matrices), valid
