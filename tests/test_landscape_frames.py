@@ -157,6 +157,19 @@ def test_frames_command_restores_the_poses_of_relion_rendered_groups(relion_rend
     assert (tmp_path / "out" / "particles_frames.json").exists()
 
 
+def test_frames_command_refuses_a_map_box_above_the_particles(relion_rendered, tmp_path, capsys):
+    """``--box`` above the particles' box: one error line, exit code 2, nothing written (it used to upsample the
+    group maps and run the search at that box, out of memory at 128 for 64-px particles)."""
+    from deepcryo.landscape.__main__ import main
+    from relion_data import RenderSpec
+    data = relion_rendered(RenderSpec(n=600, box=32, pixel_size_A=4.0, snr=None, states=3, hinge_deg=40.0))
+    code = main(["frames", "--particles", data.star, "--group-column", "rlnClassNumber", "--box", "48",
+                 "--output", str(tmp_path / "out" / "particles.star")])
+    err = capsys.readouterr().err
+    assert code == 2 and "at most the particles' box, 32 px" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_body_frames_refuse_maps_that_agree_nowhere():
     """Group maps of noise (groups that do not follow the conformations, or too few particles) have no static
     body: one clear error instead of turns fitted to noise (on real maps of 200-particle groups at SNR 0.1 the

@@ -392,8 +392,11 @@ def quantile_groups(values: np.ndarray, n_groups: int) -> np.ndarray:
 def group_maps(star: ParticleStar, groups: np.ndarray, n_groups: int, box: int, batch_size: int = 256
                ) -> Tuple[np.ndarray, float]:
     """Each group's map (n_groups, box, box, box) from its particles at their poses (CTF-weighted direct Fourier
-    inversion, :func:`deepcryo.core.reconstruct.insert_particles`), Fourier-cropped to ``box``; (maps, Å/px)."""
+    inversion, :func:`deepcryo.core.reconstruct.insert_particles`), Fourier-cropped to ``box``; (maps, Å/px).
+    InputError when ``box`` exceeds the particles' box (the maps would hold no information beyond it)."""
     with star.open_images() as stack:
+        if box > stack.box:
+            raise InputError("--box %d px: at most the particles' box, %d px" % (box, stack.box))
         recs = {g: Reconstructor(stack.box) for g in range(n_groups)}
         insert_particles(star, stack, np.asarray(groups, dtype=np.int64), recs, batch_size)
         full = stack.box
