@@ -69,29 +69,56 @@ def test_volume_at_cluster_centre_is_the_analysis_volume(halves):
 
 
 def test_pc_points_lie_on_the_principal_component(halves):
+    """PC volumes lie on the principal components of the latents scaled by the encoder's root-mean-square σ
+    (the truth by SVD), between the chosen percentiles of the particles' scores; the analysis' dcPC1 is the same
+    component's scores."""
     root, _, _ = halves
     train_dir = root / "halves" / "half1"
     out = root / "vols_pc"
     summary = volumes(str(train_dir), str(out), n_pcs=2, pc_points_n=5, percentiles=(10, 90))
-    z = _latents(str(train_dir))[0]
-    mean = z.mean(0)
-    _, _, vt = np.linalg.svd(z - mean, full_matrices=False)      # the truth: PCA by SVD
+    z, star = _latents(str(train_dir))
+    scale = np.sqrt((np.stack([np.asarray(star.particles[c]) for c in sigma_columns(LATENT)], 1) ** 2).mean(0))
+    assert scale.max() > 1.05 * scale.min()       # unequal scales: the plain PCA would not pass
+    mean = (z / scale).mean(0)
+    _, _, vt = np.linalg.svd(z / scale - mean, full_matrices=False)      # the truth: PCA by SVD
     for j in (0, 1):
-        points = np.loadtxt(str(out / ("pc%d_z.txt" % (j + 1))))
+        points = np.loadtxt(str(out / ("pc%d_z.txt" % (j + 1)))) / scale
         assert points.shape == (5, LATENT)
         offsets = points - mean
         along = offsets @ vt[j]
         assert np.abs(offsets - along[:, None] * vt[j]).max() < 1e-6 * np.abs(offsets).max()
-        scores = (z - mean) @ vt[j]
+        scores = (z / scale - mean) @ vt[j]
         ends = np.sort(np.percentile(scores, [10, 90]))
         np.testing.assert_allclose(np.sort(along[[0, -1]]), ends, rtol=1e-6, atol=1e-9)
         assert np.all(np.diff(along) > 0) or np.all(np.diff(along) < 0)
+    analysed = read_particles(str(train_dir / "analysis" / "particles.star"), require_images=False)
+    pc1 = np.asarray(analysed.particles["dcPC1"], dtype=np.float64)
+    assert abs(np.corrcoef(pc1, (z / scale - mean) @ vt[0])[0, 1]) > 1 - 1e-9
     model, ckpt = load_model(str(train_dir))
     vol = read_mrc(str(out / "pc2_003.mrc"))[0]
     expected = model.volume(torch.as_tensor(np.loadtxt(str(out / "pc2_z.txt"))[2:3], dtype=torch.float32))[0]
     np.testing.assert_allclose(vol, expected.numpy() * ckpt["config"]["scale"], atol=1e-5 * np.abs(vol).max())
     with open(summary) as f:
         assert sorted(json.load(f)["sets"]) == ["pc1", "pc2"]
+
+
+def test_latent_pca_ranks_directions_by_spread_per_unit_of_sigma():
+    """Two states on a latent coordinate the encoder pins down (σ 0.1) beside a wider one it does not (spread 0.9,
+    σ 0.9): the plain first component follows the wide one, the σ-scaled one the states (and the scaling
+    inverts exactly)."""
+    from sklearn.metrics import adjusted_rand_score
+    from deepcryo.landscape.volumes import LatentPCA
+    rng = np.random.default_rng(0)
+    n = 3000
+    state = np.arange(n) % 2
+    z = np.stack([state - 0.5 + 0.1 * rng.normal(size=n), 0.9 * rng.normal(size=n), 0.3 * rng.normal(size=n)], 1)
+    sigma = np.broadcast_to([0.1, 0.9, 1.0], z.shape) * rng.uniform(0.8, 1.2, size=z.shape)
+    plain, scaled = LatentPCA(z), LatentPCA(z, sigma)
+    assert adjusted_rand_score(state, plain.transform(z)[:, 0] > 0) < 0.05
+    assert adjusted_rand_score(state, scaled.transform(z)[:, 0] > 0) > 0.99
+    np.testing.assert_allclose(scaled.inverse_transform(scaled.transform(z)), z, atol=1e-9)
+    np.testing.assert_allclose(scaled.noise_sd_, np.sqrt((sigma ** 2).mean(0)))
+    np.testing.assert_allclose(plain.noise_sd_, 1.0)
 
 
 def test_path_ends_at_the_chosen_particles_through_neighbours(halves):

@@ -2,16 +2,20 @@
 
 Writes into ``train_dir/analysis`` or ``--output-dir`` (built in a temporary folder and renamed when complete):
 
-- ``particles.star``: the particles with ``dcLatent01`` …, ``dcPC1``, ``dcPC2`` (``dcUMAP1/2`` when umap-learn
-  is installed and asked for) and ``dcCluster`` (1-based k-means label);
+- ``particles.star``: the particles with ``dcLatent01`` …, ``dcPC1``, ``dcPC2`` (scores on the principal
+  components of the latent means, each latent coordinate in units of the encoder's root-mean-square σ: see
+  :class:`deepcryo.landscape.volumes.LatentPCA` for why), ``dcUMAP1/2`` when umap-learn is installed and asked
+  for, and ``dcCluster`` (1-based k-means label);
 - ``landscape.png``: PC1–PC2 coloured by cluster, the density and ``−ln density`` (the "free-energy" view;
   ``kT`` units up to a constant); ``landscape_umap.png`` likewise; ``bic.png``: GMM BIC against K;
 - ``cluster_centres.txt``: the k-means centres, one latent row per cluster (a ``--zfile`` for ``volumes``);
 - ``cluster_KK_decoded.mrc`` (decoder at the k-means centre) and ``cluster_KK_reconstructed.mrc``
   (the cluster's particles reconstructed with :class:`deepcryo.core.reconstruct.Reconstructor` at their
   consensus poses); their FSC says whether the decoder can be trusted (``fsc.png``);
-- ``pcJ_stepSS.mrc``: volumes along principal component J from −2 to +2 standard deviations;
-- ``summary.json``: K suggested by the BIC elbow (:func:`suggest_clusters`), BIC values, cluster sizes, FSC resolutions (Å).
+- ``pcJ_stepSS.mrc``: volumes along principal component J from −2 to +2 standard deviations of its scores;
+- ``summary.json``: K suggested by the BIC elbow (:func:`suggest_clusters`), BIC values, cluster sizes, FSC
+  resolutions (Å), the components' explained variance ratios and the scale of each latent coordinate
+  (``pca_latent_scale``, the root-mean-square σ).
 
 Volumes are at the working box and pixel size of the training, in the particles' intensity units.
 """
@@ -34,7 +38,7 @@ from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches
 from .density import draw_density_panels
 from .train import LATENT_STAR, latent_columns, load_model
-from .volumes import decode_volumes, fit_pca, pc_points
+from .volumes import decode_volumes, fit_pca, latent_sigmas, pc_points
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +146,10 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
     if len(z) < 2 or n_clusters > len(z):
         raise InputError("%s: %d particles cannot make %d clusters" % (star_path, len(z), n_clusters))
     n_pcs = min(n_pcs, z.shape[1])
-    pca = fit_pca(z)
+    sigma = latent_sigmas(star.particles, model.latent_dim)
+    if sigma is None:
+        logger.info("%s has no dcZSigma columns (an older training): plain PCA of the latent means", star_path)
+    pca = fit_pca(z, sigma)
     pcs = pca.transform(z)
     suggested, bic = suggest_clusters(z, max_clusters, seed)
     k = n_clusters or suggested
@@ -204,6 +211,7 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
                 write_mrc(os.path.join(work, "pc%d_step%02d.mrc" % (j + 1, s + 1)), v, px)
         summary = {"suggested_clusters": suggested, "clusters_used": k, "bic": bic,
                    "pca_explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+                   "pca_latent_scale": pca.noise_sd_.tolist(),
                    "umap": embedding is not None, "pixel_size_A": px, "box": data.box, "clusters": clusters,
                    "trajectory_sd": steps.tolist()}
         with open(os.path.join(work, "summary.json"), "w") as f:

@@ -21,7 +21,7 @@ by cluster numbers; and the selection file that carries such a choice from the v
 
 Particles are named by their Scipion ids (``rlnImageId`` of the analysis' ``particles.star``, written from the
 Scipion set), so a selection survives any reordering. Embedding coordinates are the analysis' columns:
-``dcPC1/dcPC2`` (latent PCA, in latent units) or ``dcUMAP1/dcUMAP2``.
+``dcPC1/dcPC2`` (latent PCA, in units of the encoder's σ) or ``dcUMAP1/dcUMAP2``.
 
 Selection file (text): ``#`` header lines ``# embedding: PCA`` and ``# polygon: x,y x,y ...`` (what was
 drawn, for the record), then one particle id per line.

@@ -6,8 +6,9 @@ The three ways of choosing latent points are cryoDRGN's (``eval_vol --zfile``, `
 
 - **points**: one volume per row of a text or ``.npy`` file of latent coordinates;
 - **principal components**: ``n`` points along each of the first principal components of the particles'
-  latents, from one percentile of the particles' scores on that component to another (5 to 95 by default),
-  the other components at zero (the latents' mean); the percentiles keep the ends inside the data;
+  latents (each coordinate in units of the encoder's σ, :class:`LatentPCA`: the analysis' ``dcPC`` axes), from
+  one percentile of the particles' scores on that component to another (5 to 95 by default), the other
+  components at zero (the latents' mean); the percentiles keep the ends inside the data;
 - **path**: the shortest path between two particles in a k-nearest-neighbour graph of the particles'
   latents (edges weighted by Euclidean distance, symmetrised: an edge where either point is among the other's
   k nearest), so that every step stays where particles are; it is resampled to ``n`` points at equal arc
@@ -34,12 +35,13 @@ from ..core.errors import InputError
 from ..core.mrc import write_mrc
 from ..core.particles import read_particles
 from .model import LandscapeVAE
-from .train import LATENT_STAR, latent_columns, latent_pixel_size_A, load_model
+from .train import LATENT_STAR, latent_columns, latent_pixel_size_A, load_model, sigma_columns
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_latent_file", "particle_latents", "fit_pca", "pc_points", "percentile_scores", "knn_graph", "graph_path", "resample_path",
-           "nearest_particle", "decode_volumes", "write_volume_set", "volumes"]
+__all__ = ["read_latent_file", "particle_latents", "latent_sigmas", "LatentPCA", "fit_pca", "pc_points",
+           "percentile_scores", "knn_graph", "graph_path", "resample_path", "nearest_particle", "decode_volumes",
+           "write_volume_set", "volumes"]
 
 SUMMARY = "volumes.json"
 
@@ -68,31 +70,78 @@ def read_latent_file(path: str, latent_dim: int) -> np.ndarray:
     return z
 
 
-def particle_latents(train_dir: str, latent_dim: int) -> np.ndarray:
-    """(N, L) latent means of the training's particles (``particles_latent.star``, STAR order)."""
+def particle_latents(train_dir: str, latent_dim: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Latent means (N, L) of the training's particles (``particles_latent.star``, STAR order) and the encoder's
+    standard deviations σ (N, L) (``dcZSigma…``; None for a training folder written before they were)."""
     path = os.path.join(train_dir, LATENT_STAR)
     if not os.path.exists(path):
         raise InputError("%s: not found (training did not finish)" % path)
     star = read_particles(path, require_images=False)
     star.require(*latent_columns(latent_dim))
-    return np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in latent_columns(latent_dim)], 1)
+    return _columns(star.particles, latent_columns(latent_dim)), latent_sigmas(star.particles, latent_dim)
 
 
-def fit_pca(z: np.ndarray):
-    """scikit-learn PCA of latents ``z`` (N, L), all components (the one basis of every PC trajectory)."""
-    from sklearn.decomposition import PCA
-    return PCA(min(z.shape), random_state=0).fit(z)
+def _columns(particles, names) -> np.ndarray:
+    return np.stack([np.asarray(particles[c], dtype=np.float64) for c in names], 1)
 
 
-def pc_points(pca, component: int, scores: np.ndarray) -> np.ndarray:
+def latent_sigmas(particles, latent_dim: int) -> Optional[np.ndarray]:
+    """(N, L) σ of the particles' latent coordinates from a STAR table's ``dcZSigma…`` columns, or None."""
+    names = sigma_columns(latent_dim)
+    return _columns(particles, names) if all(c in particles for c in names) else None
+
+
+class LatentPCA:
+    """Principal components of the particles' latent means, measured in units of the encoder's own uncertainty.
+
+    Why not the plain PCA of the means: a latent coordinate that the images do not pin down (σ of q(z|X) near 1,
+    the prior's) still spreads the means, and its spread can exceed that of the coordinate which carries the
+    conformation (σ ≪ 1). The plain first component then follows the wider, uninformative direction (measured on
+    RELION-rendered two-state sets from estimated poses: the states on PC2, ``benchmarks/RESULTS.md``). Dividing
+    each coordinate by its root-mean-square σ over the particles first (the latent means' covariance against the
+    mean posterior covariance diag σ²: the maximum-noise-fraction transform, since that covariance is diagonal)
+    ranks directions by spread over the particles per unit of a particle's uncertainty. Where the encoder gives no
+    σ (older training folders) the scale is 1: the plain PCA.
+
+    Scores (``transform``, the analysis' ``dcPC1 …``) are in those σ units; ``inverse_transform`` returns latent
+    points. The attributes mirror scikit-learn's PCA: ``n_components_``, ``explained_variance_`` (variance of the
+    scores), ``explained_variance_ratio_``, and ``noise_sd_`` (L,), the scale of each latent coordinate.
+    """
+
+    def __init__(self, z: np.ndarray, sigma: Optional[np.ndarray] = None) -> None:
+        from sklearn.decomposition import PCA
+        z = np.asarray(z, dtype=np.float64)
+        self.noise_sd_ = np.ones(z.shape[1]) if sigma is None else np.sqrt((np.asarray(sigma, np.float64) ** 2).mean(0))
+        self._pca = PCA(min(z.shape), random_state=0).fit(z / self.noise_sd_)
+        self.n_components_ = self._pca.n_components_
+        self.explained_variance_ = self._pca.explained_variance_
+        self.explained_variance_ratio_ = self._pca.explained_variance_ratio_
+
+    def transform(self, z: np.ndarray) -> np.ndarray:
+        """Scores (N, C) of latent points (N, L)."""
+        return self._pca.transform(np.asarray(z, dtype=np.float64) / self.noise_sd_)
+
+    def inverse_transform(self, scores: np.ndarray) -> np.ndarray:
+        """Latent points (N, L) of scores (N, C)."""
+        return self._pca.inverse_transform(scores) * self.noise_sd_
+
+
+def fit_pca(z: np.ndarray, sigma: Optional[np.ndarray] = None) -> LatentPCA:
+    """:class:`LatentPCA` of latents ``z`` (N, L) with the encoder's σ (N, L), all components (the one basis of
+    the analysis' ``dcPC`` columns and of every PC trajectory)."""
+    return LatentPCA(z, sigma)
+
+
+def pc_points(pca: LatentPCA, component: int, scores: np.ndarray) -> np.ndarray:
     """Latent points (S, L) at ``scores`` (S,) along principal component ``component`` (0-based) of a fitted
-    :func:`fit_pca`, the other components at zero: ``mean + score · u_j``, u_j the unit direction."""
+    :func:`fit_pca`, the other components at zero: ``mean + score · (s ⊙ u_j)``, u_j the unit direction of the
+    scaled latents and s their scale (``noise_sd_``)."""
     comp = np.zeros((len(scores), pca.n_components_))
     comp[:, component] = scores
     return pca.inverse_transform(comp)
 
 
-def percentile_scores(pca, z: np.ndarray, component: int, n_points: int,
+def percentile_scores(pca: LatentPCA, z: np.ndarray, component: int, n_points: int,
                       percentiles: Tuple[float, float]) -> np.ndarray:
     """``n_points`` evenly spaced scores on ``component`` between two percentiles of the particles' scores."""
     return np.linspace(*np.percentile(pca.transform(z)[:, component], percentiles), n_points)
@@ -192,7 +241,7 @@ def volumes(train_dir: str, output_dir: str, zfile: Optional[str] = None, n_pcs:
     if not 0 <= lo < hi <= 100:
         raise InputError("--percentiles %g %g: need 0 <= low < high <= 100" % (lo, hi))
     points = read_latent_file(zfile, dim) if zfile else None
-    z = particle_latents(train_dir, dim) if (n_pcs or path_particles is not None or path_zfile) else None
+    z, sigma = particle_latents(train_dir, dim) if (n_pcs or path_particles is not None or path_zfile) else (None, None)
     ends = None
     if path_particles is not None:
         ends = [_path_end(int(i), z, w) for i, w in zip(path_particles, ("start", "end"))]
@@ -212,7 +261,7 @@ def volumes(train_dir: str, output_dir: str, zfile: Optional[str] = None, n_pcs:
     sets: Dict[str, Dict[str, object]] = summary["sets"]     # type: ignore[assignment]
     if points is not None:
         sets["vol"] = write_volume_set(output_dir, "vol", model, points, scale, px)
-    pca = fit_pca(z) if n_pcs else None
+    pca = fit_pca(z, sigma) if n_pcs else None
     for j in range(n_pcs):
         scores = percentile_scores(pca, z, j, pc_points_n, (lo, hi))
         entry = write_volume_set(output_dir, "pc%d" % (j + 1), model, pc_points(pca, j, scores), scale, px)
