@@ -184,6 +184,9 @@ def test_train_epoch_steps_the_volumes_on_the_mean_gradient_of_volume_steps_batc
     chunk's loss is not weighted by its share of the batch."""
     from deepcryo.landscape.train import default_volume_steps, train_epoch
     assert [default_volume_steps(d) for d in (32, 64, 90, 128, 256)] == [1, 1, 2, 4, 16]
+    # large sets: up to 4 batches per update while an epoch keeps 64 updates; small sets: every step
+    assert [default_volume_steps(32, b) for b in (0, 63, 64, 191, 192, 256, 5000)] == [1, 1, 1, 2, 3, 4, 4]
+    assert [default_volume_steps(d, 5000) for d in (64, 128, 256)] == [4, 4, 16]
     assert [_model(box).chunk_particles() >= 64 for box in (16, 32)] == [True, True]
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
     for volume_steps, chunk in ((1, None), (3, None), (3, 3)):

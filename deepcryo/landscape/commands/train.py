@@ -43,7 +43,7 @@ def add_training_args(parser):
     parser.add_argument("--batch-size", type=int, default=64, help="particles per step and device")
     parser.add_argument("--volume-steps", type=int, default=None,
                         help="steps per update of the decoder's volumes, their gradient summed over them (default: "
-                             "(box/64)^2 rounded, at least 1)")
+                             "(box/64)^2 rounded, at least 1, and up to 4 while an epoch keeps 64 updates)")
     parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
     parser.add_argument("--basis", type=int, default=16, help="basis volumes of the decoder")
     parser.add_argument("--learning-rate", type=float, default=3e-3,
