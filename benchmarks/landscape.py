@@ -64,6 +64,8 @@ def run_deepcryo(star_path, out, args, pose_free=False, reference=None):
         cmd += ["--pose-free", "--reference", reference]
     if getattr(args, "volume_steps", None):
         cmd += ["--volume-steps", str(args.volume_steps)]
+    if getattr(args, "beta", None) is not None:
+        cmd += ["--beta", repr(args.beta)]
     wall, cpu = timed_commands([cmd])
     star = read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
     return wall, cpu, metrics.latents(star), star

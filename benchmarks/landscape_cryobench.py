@@ -503,6 +503,8 @@ def main(argv=None):
                    help="SwiftRes mask: its soft sphere, or (static) a local refinement from those poses against "
                         "the reference without the true moving region")
     p.add_argument("--swiftres-extra", default="", help="more options of swiftalign refine (one string)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="deepcryo's --beta, the KL weight (default: the program's; give each setting its own --workdir)")
     p.add_argument("--volume-steps", type=int, default=None,
                    help="deepcryo's --volume-steps (default: the program's; give each setting its own --workdir)")
     p.add_argument("--two-pass", type=int, default=0, metavar="K",

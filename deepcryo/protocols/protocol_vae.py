@@ -311,11 +311,11 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
 
 
 class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
-    """Analyses a trained landscape VAE: embeddings (PCA, optionally UMAP), a landscape plot (density
-    and −ln density), clusters (k-means; K suggested by a Gaussian-mixture BIC when not given), one volume
-    per cluster (reconstructed from its particles at the working box; the decoded volume is kept in the extra
-    folder) and volumes along the first principal component (trajectory; the second one's volumes are in the
-    extra folder for the viewer).
+    """Analyses a trained landscape VAE: embeddings (PCA of the latents in units of the encoder's σ, optionally
+    UMAP), a landscape plot (density and −ln density), clusters (k-means; K suggested by a Gaussian-mixture BIC
+    when not given), one volume per cluster (reconstructed from its particles at the working box; the decoded
+    volume is kept in the extra folder) and volumes along the first principal component (trajectory; the second
+    one's volumes are in the extra folder for the viewer).
 
     Outputs: the clusters as 3D classes (their maps as representatives), the same cluster maps as a set of
     volumes (in cluster order, like RELION's 3D classification), and the trajectory. The cluster maps are the
@@ -337,7 +337,11 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
         form.addParam("numberOfClusters", params.IntParam, default=0, validators=[params.GE(0)],
                       label="Number of clusters", help="0: automatic (elbow of the Gaussian-mixture BIC).")
         form.addParam("embedding", params.EnumParam, choices=self.EMBEDDINGS, default=0,
-                      label="Embedding", help="UMAP needs umap-learn in deepcryo's Python.")
+                      label="Embedding",
+                      help="PCA: principal components of the latent coordinates, each measured in units of the "
+                           "encoder's uncertainty (its sigma), so that PC1 is the direction along which the images "
+                           "place the particles most surely, not merely the widest. UMAP needs umap-learn in "
+                           "deepcryo's Python.")
         form.addParam("trajectorySteps", params.IntParam, default=7, validators=[params.GE(2)],
                       label="Trajectory volumes", help="Volumes along PC1, from −2 to +2 standard deviations.")
         form.addParallelSection(threads=4, mpi=0)
