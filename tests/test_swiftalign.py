@@ -92,6 +92,26 @@ def test_compressed_index_vs_exact(data, flat):
     assert (_accuracy(star, res) & exact_good).sum() >= 0.95 * exact_good.sum()
 
 
+def test_parabola_vertex_finds_the_maximum_of_a_quadratic_score():
+    """The vertex of each axis' parabola is the maximum of a score quadratic in the turn (inside ±h), clamped to
+    ±h beyond, and a step of h towards the better side where the scores curve upwards."""
+    from deepcryo.swiftalign.query import parabola_vertex
+    h = 0.1
+    best = torch.tensor([0.03, -0.07, 0.25], dtype=torch.float64)  # the last beyond +h: clamped
+
+    def score(turn):                                               # separable quadratic, maximum at ``best``
+        return 1.0 - ((turn - best) ** 2).sum()
+
+    moves = [torch.zeros(3, dtype=torch.float64)]
+    for axis in range(3):
+        for sign in (1.0, -1.0):
+            moves.append(torch.zeros(3, dtype=torch.float64).index_fill(0, torch.tensor([axis]), sign * h))
+    s = torch.stack([score(m) for m in moves])                      # current, then ±h about x, y, z
+    np.testing.assert_allclose(parabola_vertex(s, h).numpy(), [0.03, -0.07, h], atol=1e-6)
+    upward = torch.tensor([0.0, 0.2, 0.1, 0.1, 0.3, 0.0, 0.0])   # s₊ + s₋ ≥ 2 s₀ on every axis
+    np.testing.assert_allclose(parabola_vertex(upward, h).numpy(), [h, -h, 0.0], atol=1e-12)
+
+
 def test_refined_score_is_the_exact_score_of_the_refined_pose(data, flat):
     """refine_best keeps each candidate's slice from the pass that chose it and carries the leader's score
     across levels: what it returns must be the exact score of the pose and origin it returns (a stale slice

@@ -16,7 +16,8 @@ For each particle (batched):
 3. **Local refinement** (:func:`refine_best`): a pattern search over small rotations about the three axes of
    the projection frame and sub-pixel origin offsets, halving both steps at each level (:func:`refine_poses`,
    from half the gallery steps down to 1/32): one pass of the first level over the ``k`` best, then the
-   leader alone through the finer levels.
+   leader alone through the finer levels, each level also trying the vertex of the parabolas through the
+   scores along each axis (:func:`parabola_vertex`).
 4. The refined leader wins. Its **confidence** is the score gap to the best match more than two angular
    steps away from the winner (over the symmetry copies), refined in the same way; when none of the ``4·k``
    matches is that far, the gap to the lowest exact score among them.
@@ -55,7 +56,7 @@ from .gallery import band_slices
 from .target import AlignTarget, SearchIndex
 
 __all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_slices", "score_poses", "axis_angle_matrices",
-           "refine_poses", "refine_best", "nearest_poses", "global_candidates", "index_matches", "local_candidates",
+           "parabola_vertex", "refine_poses", "refine_best", "nearest_poses", "global_candidates", "index_matches", "local_candidates",
            "pose_posterior", "Selection", "select_and_refine", "align", "query"]
 
 logger = logging.getLogger(__name__)
@@ -158,8 +159,8 @@ def _gather(x, index):
 
 def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
                  origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, levels: int = 5,
-                 passes: int = 2, first_level: int = 1,
-                 scores: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 passes: int = 2, first_level: int = 1, scores: Optional[torch.Tensor] = None,
+                 newton: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pattern-search refinement of (B, C) candidate poses; returns refined (rotations, origins, scores (B, C)).
 
     Level ``l`` (``first_level``..``levels``) tries the current rotation and the 6 rotations by ±h about x, y,
@@ -167,6 +168,12 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
     {0, ±step_s / 2^l}², keeping the best, ``passes`` times per level. The current rotation's slice is kept
     from the pass that chose it, so a pass projects 6 rotations per candidate. ``scores`` (B, C): the
     candidates' exact scores when already known.
+
+    ``newton``: one pass per level that also tries the rotation at the vertices of the three parabolas through
+    each axis' scores at −h, 0, +h (best origin offset of each; the vertex clamped to ±h, and +h or −h where the
+    parabola opens upwards) combined into one rotation: 7 projections per level instead of 12 for two passes.
+    Why: near the optimum the score is close to quadratic in the small rotation, so the vertex lands where a
+    second pass would only have stepped towards, and it is not confined to the ±h grid (``benchmarks/RESULTS.md``).
     """
     b, c = rotations.shape[:2]
     rot, org = rotations.clone(), origins_px.clone()
@@ -181,12 +188,19 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
         hs = shift_step_px / 2 ** level
         g = torch.tensor([-hs, 0.0, hs])
         offsets = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
-        for _ in range(passes):
+        for _ in range(1 if newton else passes):
             cand = torch.cat([rot[:, :, None], moves[None, None] @ rot[:, :, None]], 2)      # (B, C, 7, 3, 3)
             moved = band_slices(projector, cand[:, :, 1:].reshape(-1, 3, 3), band.freqs_px)
             cand_slices = torch.cat([slices[:, :, None], moved.to(device).reshape(b, c, 6, -1)], 2)
-            s = score_slices(band, particles, cand_slices, org, offsets).reshape(b, c, 7 * len(offsets))
-            best, arg = s.max(-1)
+            s = score_slices(band, particles, cand_slices, org, offsets)                      # (B, C, 7, S)
+            if newton:
+                turn = parabola_vertex(s.max(-1).values.cpu(), math.radians(angular_step_deg) / 2 ** level)
+                vertex = axis_angle_matrices(turn).to(rot.dtype) @ rot                         # (B, C, 3, 3)
+                v_slice = band_slices(projector, vertex.reshape(-1, 3, 3), band.freqs_px).to(device).reshape(b, c, 1, -1)
+                cand = torch.cat([cand, vertex[:, :, None]], 2)
+                cand_slices = torch.cat([cand_slices, v_slice], 2)
+                s = torch.cat([s, score_slices(band, particles, v_slice, org, offsets)], 2)
+            best, arg = s.reshape(b, c, -1).max(-1)
             better = best > score
             mi, oi = arg // len(offsets), arg % len(offsets)
             rot = torch.where(better[..., None, None], _gather(cand, mi), rot)
@@ -196,12 +210,25 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
     return rot, org, score
 
 
+def parabola_vertex(scores: torch.Tensor, h_rad: float) -> torch.Tensor:
+    """Rotation vectors (…, 3) (radians, projection-frame axes) at the maxima of the parabolas through the scores
+    (…, 7) of the current rotation and of the turns by +h, −h about x, then y, then z (:func:`_axis_moves`'
+    order): per axis ``h (s₊ − s₋) / (2 (2 s₀ − s₊ − s₋))``, clamped to ±h; where the parabola has no maximum
+    (``2 s₀ ≤ s₊ + s₋``), ±h towards the better side."""
+    s0, plus, minus = scores[..., :1], scores[..., 1::2], scores[..., 2::2]
+    fall = 2 * s0 - plus - minus
+    step = torch.where(fall > 0, h_rad * (plus - minus) / (2 * fall.clamp_min(1e-30)), h_rad * torch.sign(plus - minus))
+    return step.clamp(-h_rad, h_rad).double()
+
+
 def refine_best(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
                 origins_px: torch.Tensor, scores: torch.Tensor, angular_step_deg: float, shift_step_px: float,
-                levels: int = 5, passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                levels: int = 5, passes: int = 2, newton: bool = True
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Refine the best of (B, C) candidates (exact ``scores`` (B, C)): one pass of level 1 of
-    :func:`refine_poses` over all C, then only the best of them through levels 2 … ``levels``, ``passes``
-    times each. Returns its rotation (B, 3, 3), origin (B, 2), score (B,) and candidate index (B,).
+    :func:`refine_poses` over all C, then only the best of them through levels 2 … ``levels``: one pass with
+    the parabolas' vertex per level (``newton``), or else ``passes`` pattern-search passes per level. Returns
+    its rotation (B, 3, 3), origin (B, 2), score (B,) and candidate index (B,).
 
     Why not every candidate to the end: after one pass at half the gallery's step, the candidates that
     trail almost never overtake the leader at finer steps (on RELION-rendered particles, no winner changed
@@ -216,7 +243,7 @@ def refine_best(projector: Projector, band: Band, particles: ParticleBatch, rota
     lead = score.argmax(1)
     rot, org, score = refine_poses(projector, band, particles, rot[ar, lead][:, None], org[ar, lead][:, None],
                                    angular_step_deg, shift_step_px, levels, passes, first_level=2,
-                                   scores=score[ar, lead][:, None])
+                                   scores=score[ar, lead][:, None], newton=newton)
     return rot[:, 0], org[:, 0], score[:, 0], lead
 
 
@@ -359,12 +386,12 @@ class Selection(NamedTuple):
 def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch, pool_rot: torch.Tensor,
                       pool_org: torch.Tensor, pool_score: torch.Tensor, k: int, angular_step_deg: float,
                       shift_step_px: float, far_deg: float, symmetry: str, levels: int = 5, passes: int = 2,
-                      refine_far: bool = True) -> Selection:
+                      refine_far: bool = True, newton: bool = True) -> Selection:
     """Refine the k best pool candidates (by exact score) to the winner (:func:`refine_best`), and measure its
     confidence: the gap to the best pool candidate farther than ``far_deg`` from the winner, refined through
     levels 1 … ``RUNNER_UP_LEVELS``, ``passes`` times each (or, when the pool has none, to the pool's lowest
     exact score). ``refine_far=False`` takes that far candidate's exact pool score unrefined (cheaper, a
-    larger gap). ``levels``, ``passes``: see :func:`refine_poses`.
+    larger gap). ``levels``, ``passes``, ``newton``: see :func:`refine_best`.
 
     The runner-up keeps the schedule SwiftRes's second hypothesis was measured with (:mod:`.refine`): a lone
     candidate needs the coarse level's second pass more than a fifth level, and a pass of one candidate
@@ -377,7 +404,8 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
     ar = torch.arange(b)
     top = pool_score.topk(min(k, pool_score.shape[1]), dim=1).indices
     w_rot, w_org, w_score, lead = refine_best(projector, band, particles, _take(pool_rot, top), _take(pool_org, top),
-                                              _take(pool_score, top), angular_step_deg, shift_step_px, levels, passes)
+                                              _take(pool_score, top), angular_step_deg, shift_step_px, levels, passes,
+                                              newton)
     w_angles = matrix_to_euler(w_rot.double())
     pool_angles = matrix_to_euler(pool_rot.reshape(-1, 3, 3).double())
     dist = pose_distance_deg(w_angles[:, None].expand(b, pool_rot.shape[1], 3).reshape(-1, 3), pool_angles,
@@ -401,15 +429,15 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
           prior_angles_deg: Optional[np.ndarray] = None, prior_origins_A: Optional[np.ndarray] = None,
           local_steps: int = 2, local_shift_px: Optional[float] = None, batch_size: Optional[int] = None,
           memory_limit_GB: float = 4.0, devices: Optional[Sequence[str]] = None, levels: int = 5, passes: int = 2,
-          refine_far: bool = True) -> Dict[str, np.ndarray]:
+          refine_far: bool = True, newton: bool = True) -> Dict[str, np.ndarray]:
     """Align the particles of ``star`` (a checked :class:`ParticleStar`) with ``bundle``: any
     :class:`AlignTarget` in local mode (``refine.LocalReference``: a map without an index), a
     :class:`SearchIndex` (:class:`.index.IndexBundle`) in global mode.
 
     Global mode searches ``4·k`` index matches, re-ranks them exactly and refines the best ``k``; local mode
     scores every pose within ±``local_steps`` angular steps and ±``local_shift_px`` px of the prior and
-    refines the best ``k`` (see the module docstring). ``levels``, ``passes`` and ``refine_far`` set the cost of
-    the refinement (:func:`select_and_refine`); the defaults are the most thorough.
+    refines the best ``k`` (see the module docstring). ``levels``, ``passes``, ``refine_far`` and ``newton`` set the
+    cost of the refinement (:func:`select_and_refine`); the defaults are the most thorough.
 
     Returns dict of arrays: ``angles_deg`` (N, 3), ``origins_A`` (N, 2), ``score`` (N,) the normalised
     correlation of the winner, ``confidence`` (N,), and the runner-up far from the winner (:func:`select_and_refine`):
@@ -458,7 +486,8 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
                 far_deg = 2 * step
             (w_rot, w_org, w_score, gap, _,
              f_rot, f_org, f_score) = select_and_refine(bundle.projector, band, parts, rot, org, pool_score, k, step,
-                                                        sstep, far_deg, symmetry, levels, passes, refine_far)
+                                                        sstep, far_deg, symmetry, levels, passes, refine_far,
+                                                        newton)
             out["angles_deg"][idx] = matrix_to_euler(w_rot.double()).numpy()
             out["origins_A"][idx] = (w_org * px).numpy()
             out["score"][idx] = w_score.numpy()
