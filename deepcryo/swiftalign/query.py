@@ -389,13 +389,13 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
                       refine_far: bool = True, newton: bool = True) -> Selection:
     """Refine the k best pool candidates (by exact score) to the winner (:func:`refine_best`), and measure its
     confidence: the gap to the best pool candidate farther than ``far_deg`` from the winner, refined through
-    levels 1 … ``RUNNER_UP_LEVELS``, ``passes`` times each (or, when the pool has none, to the pool's lowest
-    exact score). ``refine_far=False`` takes that far candidate's exact pool score unrefined (cheaper, a
-    larger gap). ``levels``, ``passes``, ``newton``: see :func:`refine_best`.
+    level 1 ``passes`` times and levels 2 … ``RUNNER_UP_LEVELS`` as the winner's are (or, when the pool has
+    none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's exact pool score
+    unrefined (cheaper, a larger gap). ``levels``, ``passes``, ``newton``: see :func:`refine_best`.
 
-    The runner-up keeps the schedule SwiftRes's second hypothesis was measured with (:mod:`.refine`): a lone
-    candidate needs the coarse level's second pass more than a fifth level, and a pass of one candidate
-    costs a fifth of the leader's first level.
+    The runner-up keeps the coarse level's second pass that SwiftRes's second hypothesis was measured with
+    (:mod:`.refine`): a lone candidate needs it more than a fifth level, and a pass of one candidate costs a
+    fifth of the leader's first level.
 
     Returns a :class:`Selection`: the runner-up is that far candidate (refined
     when ``refine_far``), or the winner itself when the pool has none.
@@ -414,9 +414,11 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
     far_pick = torch.where(far, pool_score, torch.full_like(pool_score, -np.inf)).argmax(1)
     f_rot, f_org, f_score = pool_rot[ar, far_pick], pool_org[ar, far_pick], pool_score[ar, far_pick]
     if refine_far:
+        f_rot, f_org, f_score = refine_poses(projector, band, particles, f_rot[:, None], f_org[:, None],
+                                             angular_step_deg, shift_step_px, 1, passes, scores=f_score[:, None])
         f_rot, f_org, f_score = (x[:, 0] for x in refine_poses(
-            projector, band, particles, f_rot[:, None], f_org[:, None], angular_step_deg, shift_step_px,
-            RUNNER_UP_LEVELS, passes, scores=f_score[:, None]))
+            projector, band, particles, f_rot, f_org, angular_step_deg, shift_step_px, RUNNER_UP_LEVELS, passes,
+            first_level=2, scores=f_score, newton=newton))
     has_far = far.any(1)
     gap = w_score - torch.where(has_far, f_score, pool_score.min(1).values)
     f_rot = torch.where(has_far[:, None, None], f_rot, w_rot)
