@@ -197,6 +197,22 @@ def test_latent_sigma_beside_z(halves):
     assert np.median(sigma_pc1) < abs(centres[1] - centres[0]) / 2
 
 
+def test_active_coordinates_counted_and_collapse_warned(halves, caplog):
+    """The count of active latent coordinates (variance of the means over the particles > 0.01) reaches the
+    analysis' summary and finds the two-state coordinate; latents at the prior's mean for every particle (a
+    collapsed VAE) count 0 and are warned about."""
+    import logging
+    from deepcryo.landscape.train import report_active_coordinates
+    root, _, _ = halves
+    with open(str(root / "halves" / "half1" / "analysis" / "summary.json")) as f:
+        summary = json.load(f)
+    z, star = _latents(str(root / "halves" / "half1"))
+    assert summary["active_coordinates"] == int((z.var(0) > 0.01).sum()) >= 1
+    with caplog.at_level(logging.INFO, logger="deepcryo.landscape.train"):
+        assert report_active_coordinates(1e-3 * np.random.default_rng(0).normal(size=(500, LATENT))) == 0
+    assert any(r.levelno == logging.WARNING and "no active latent coordinate" in r.getMessage() for r in caplog.records)
+
+
 def test_halves_agree(halves):
     _, _, summary = halves
     assert summary["cluster_ari"] >= 0.6, summary["cluster_ari"]

@@ -14,8 +14,9 @@ Writes into ``train_dir/analysis`` or ``--output-dir`` (built in a temporary fol
   consensus poses); their FSC says whether the decoder can be trusted (``fsc.png``);
 - ``pcJ_stepSS.mrc``: volumes along principal component J from −2 to +2 standard deviations of its scores;
 - ``summary.json``: K suggested by the BIC elbow (:func:`suggest_clusters`), BIC values, cluster sizes, FSC
-  resolutions (Å), the components' explained variance ratios and the scale of each latent coordinate
-  (``pca_latent_scale``, the root-mean-square σ).
+  resolutions (Å), the components' explained variance ratios, the scale of each latent coordinate
+  (``pca_latent_scale``, the root-mean-square σ) and how many coordinates are active
+  (``active_coordinates``, :func:`deepcryo.landscape.train.report_active_coordinates`; 0: a flat landscape).
 
 Volumes are at the working box and pixel size of the training, in the particles' intensity units.
 """
@@ -37,7 +38,7 @@ from ..core.particles import read_particles, write_particles
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches
 from .density import draw_density_panels
-from .train import LATENT_STAR, latent_columns, load_model
+from .train import LATENT_STAR, latent_columns, load_model, report_active_coordinates
 from .volumes import decode_volumes, fit_pca, latent_sigmas, pc_points
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
     if sigma is None:
         logger.info("%s has no dcZSigma columns (an older training): plain PCA of the latent means", star_path)
     pca = fit_pca(z, sigma)
+    active = report_active_coordinates(z)
     pcs = pca.transform(z)
     suggested, bic = suggest_clusters(z, max_clusters, seed)
     k = n_clusters or suggested
@@ -211,7 +213,7 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
                 write_mrc(os.path.join(work, "pc%d_step%02d.mrc" % (j + 1, s + 1)), v, px)
         summary = {"suggested_clusters": suggested, "clusters_used": k, "bic": bic,
                    "pca_explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
-                   "pca_latent_scale": pca.noise_sd_.tolist(),
+                   "pca_latent_scale": pca.noise_sd_.tolist(), "active_coordinates": active,
                    "umap": embedding is not None, "pixel_size_A": px, "box": data.box, "clusters": clusters,
                    "trajectory_sd": steps.tolist()}
         with open(os.path.join(work, "summary.json"), "w") as f:

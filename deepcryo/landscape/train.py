@@ -57,7 +57,7 @@ from .model import LandscapeVAE, radial_noise_variance, soft_sphere
 logger = logging.getLogger(__name__)
 
 __all__ = ["train", "load_model", "encode_posterior", "Posterior", "latent_columns", "sigma_columns",
-           "latent_pixel_size_A", "CHECKPOINT"]
+           "latent_pixel_size_A", "report_active_coordinates", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 LATENT_STAR = "particles_latent.star"
@@ -80,6 +80,27 @@ def latent_pixel_size_A(train_dir: str) -> float:
     if not os.path.exists(path):
         raise InputError("%s: not found (train first)" % path)
     return read_mrc_header(path)[1]
+
+
+#: Variance over the particles of a latent coordinate's mean above which the coordinate is active (Burda et al. 2016).
+ACTIVE_VARIANCE = 0.01
+
+
+def report_active_coordinates(z: np.ndarray) -> int:
+    """Log how many latent coordinates are active (the variance of the latent means (N, L) over the particles above
+    :data:`ACTIVE_VARIANCE`, the "active units" of Burda, Grosse and Salakhutdinov 2016: the prior's variance is 1),
+    and warn when none is: the encoder then returns the prior for every particle (posterior collapse), so the
+    landscape is flat and every decoded volume is one map. On RELION-rendered motion at SNR 0.01 (20 000
+    particles, box 32) that is where training ended (``benchmarks/RESULTS.md``). Returns the count."""
+    var = np.asarray(z, dtype=np.float64).var(0)
+    active = int((var > ACTIVE_VARIANCE).sum())
+    logger.info("active latent coordinates (variance of the means over the particles > %g): %d of %d (variances %s)",
+                ACTIVE_VARIANCE, active, len(var), np.round(var, 4).tolist())
+    if active == 0:
+        logger.warning("no active latent coordinate (posterior collapse: every particle's latent is the prior): the "
+                       "VAE found no heterogeneity it can place particle by particle at this signal-to-noise ratio "
+                       "and particle count; its landscape and clusters are noise")
+    return active
 
 
 def consensus_map(data: ParticleBatches, batch_size: int, device: Union[str, torch.device],
@@ -349,6 +370,7 @@ def _run(cfg, init, device, launch: DistributedLaunch):
             out.particles[c] = post.z[:, i].astype(np.float64)
             out.particles[s] = post.sigma[:, i].astype(np.float64)
         write_particles(os.path.join(cfg["output_dir"], LATENT_STAR), out)
+        report_active_coordinates(post.z)
     data.close()
     if world > 1:
         # Equal sums on every rank show that the ranks trained one model (DDP averaged their gradients).

@@ -416,6 +416,10 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
         with open(self._getExtraPath("analysis", "summary.json")) as f:
             summary = json.load(f)
         lines = ["%d clusters (BIC suggested %d)." % (summary["clusters_used"], summary["suggested_clusters"])]
+        if summary.get("active_coordinates") == 0:
+            lines.append("No active latent coordinate (posterior collapse: every particle's latent is the prior): "
+                         "the VAE found no heterogeneity it can resolve particle by particle; the landscape and its "
+                         "clusters are noise.")
         for c in summary["clusters"]:
             lines.append("cluster %d: %d particles; decoded vs reconstructed FSC 0.5 at %.1f Å"
                          % (c["cluster"], c["particles"], c["decoded_vs_reconstructed_fsc05_A"]))
