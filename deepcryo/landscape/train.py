@@ -91,15 +91,17 @@ def report_active_coordinates(z: np.ndarray) -> int:
     :data:`ACTIVE_VARIANCE`, the "active units" of Burda, Grosse and Salakhutdinov 2016: the prior's variance is 1),
     and warn when none is: the encoder then returns the prior for every particle (posterior collapse), so the
     landscape is flat and every decoded volume is one map. On RELION-rendered motion at SNR 0.01 (20 000
-    particles, box 32) that is where training ended (``benchmarks/RESULTS.md``). Returns the count."""
+    particles, box 32) that is where training with latent 8 ended, while latent 1 kept the motion (|ρ| 0.86,
+    ``benchmarks/RESULTS.md``): the warning says so. Returns the count."""
     var = np.asarray(z, dtype=np.float64).var(0)
     active = int((var > ACTIVE_VARIANCE).sum())
     logger.info("active latent coordinates (variance of the means over the particles > %g): %d of %d (variances %s)",
                 ACTIVE_VARIANCE, active, len(var), np.round(var, 4).tolist())
     if active == 0:
         logger.warning("no active latent coordinate (posterior collapse: every particle's latent is the prior): the "
-                       "VAE found no heterogeneity it can place particle by particle at this signal-to-noise ratio "
-                       "and particle count; its landscape and clusters are noise")
+                       "VAE found no heterogeneity it can place particle by particle; its landscape and clusters are "
+                       "noise.%s", " At low signal-to-noise ratios train again with --latent-dim 1 (it did not "
+                       "collapse where 8 did)." if len(var) > 1 else "")
     return active
 
 

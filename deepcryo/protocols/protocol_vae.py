@@ -119,7 +119,10 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                                            "one slice per operator, so for t, o and i symmetry-expand the particles "
                                            "(relion_particle_symmetry_expand) and use c1.")
         form.addParam("latentDim", params.IntParam, default=8, validators=[params.GE(1)],
-                      label="Latent dimension", help="Dimension of the latent (conformational) space.")
+                      label="Latent dimension",
+                      help="Dimension of the latent (conformational) space. At very low signal-to-noise ratios "
+                           "(about 0.01) a latent of 8 can collapse (the summary of the analysis says so) where a "
+                           "latent of 1 still follows a continuous motion.")
         form.addParam("workingBox", params.IntParam, default=64, validators=[params.GE(8)],
                       label="Working box (px)",
                       help="Images are Fourier-cropped to this even box (at most the particle box); "
@@ -419,7 +422,7 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
         if summary.get("active_coordinates") == 0:
             lines.append("No active latent coordinate (posterior collapse: every particle's latent is the prior): "
                          "the VAE found no heterogeneity it can resolve particle by particle; the landscape and its "
-                         "clusters are noise.")
+                         "clusters are noise. At low signal-to-noise ratios train again with latent dimension 1.")
         for c in summary["clusters"]:
             lines.append("cluster %d: %d particles; decoded vs reconstructed FSC 0.5 at %.1f Å"
                          % (c["cluster"], c["particles"], c["decoded_vs_reconstructed_fsc05_A"]))
