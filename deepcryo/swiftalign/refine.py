@@ -8,11 +8,15 @@ update_references → check_convergence`` over a :class:`RefineState`; for each 
 
    * *global* iterations (the first ``global_iterations``): a SwiftAlign index of the reference at the
      current angular and shift steps (:func:`.index.train`, faiss), searched and re-ranked
-     exactly with each particle's own CTF, then refined by pattern search (:func:`.query.align`);
+     exactly with each particle's own CTF, then refined by pattern search (:func:`.query.align`, two passes
+     per level);
    * *local* iterations: every pose within ±``local_steps`` angular steps and ±2 shift steps of the
      previous one, scored exactly (no index needed), the best one refined by pattern search (one pass
-     per level, without the global mode's parabola vertex: 6 projections per level instead of 7, for
-     nearly the same accuracy from a start this close).
+     per level: cheaper than the global mode's two passes, for nearly the same accuracy).
+
+   SwiftRes does not use the query program's parabola vertex (``newton=False``): on the demo's two-state set its
+   two-class pass then gave a landscape ARI of 0.883 against 0.984 with the pattern search (one rendering;
+   ``benchmarks/RESULTS.md``), and its figures and tests were measured with the pattern search.
 
    With several classes each particle takes the class whose reference it matches best.
 
@@ -231,7 +235,7 @@ def _align_global(reference, star, res_A, step_deg, sstep_px, params, rotation, 
                   grid_rotation=None if rotation is None else rotation.numpy(), devices=[params.device])
     bundle = swindex.load(index_dir, params.device)
     out = align(bundle, star, k=params.k, nprobe=params.nprobe, memory_limit_GB=params.memory_limit_GB,
-                devices=[params.device])
+                devices=[params.device], newton=False)
     shutil.rmtree(index_dir, ignore_errors=True)
     return out
 
