@@ -91,8 +91,8 @@ def report_active_coordinates(z: np.ndarray) -> int:
     :data:`ACTIVE_VARIANCE`, the "active units" of Burda, Grosse and Salakhutdinov 2016: the prior's variance is 1),
     and warn when none is: the encoder then returns the prior for every particle (posterior collapse), so the
     landscape is flat and every decoded volume is one map. On RELION-rendered motion at SNR 0.01 (20 000
-    particles, box 32) that is where training with latent 8 ended, while latent 1 kept the motion (|ρ| 0.86,
-    ``benchmarks/RESULTS.md``): the warning says so. Returns the count."""
+    particles, box 32) that is where training with latent 8 ended, while latent 1 kept the motion
+    (``benchmarks/RESULTS.md``): the warning says so. Returns the count."""
     var = np.asarray(z, dtype=np.float64).var(0)
     active = int((var > ACTIVE_VARIANCE).sum())
     logger.info("active latent coordinates (variance of the means over the particles > %g): %d of %d (variances %s)",
@@ -249,10 +249,10 @@ def default_volume_steps(box: int, batches_per_epoch: int = 0) -> int:
     each update spreads the second over as many more particles, so that the cost per particle grows no faster
     than the pixel count. Even at small boxes that work is about half of a step of 64 particles
     (``benchmarks/RESULTS.md``), so where the data are large enough that the volumes still get
-    ``MIN_VOLUME_UPDATES_PER_EPOCH`` updates per epoch, up to ``SHARED_UPDATE_STEPS`` batches share one: on
-    20 000 particles at box 32 that cost 0.74× the CPU with FSC-AUCs no lower, while 4 000 particles with 16
-    updates per epoch lost a little (RESULTS), so small sets keep an update per step. The networks still step
-    every batch.
+    ``MIN_VOLUME_UPDATES_PER_EPOCH`` updates per epoch, up to ``SHARED_UPDATE_STEPS`` batches share one: on the
+    20 000-particle CryoBench-style sets that made training markedly cheaper with FSC-AUCs no lower, while 4 000
+    particles with 16 updates per epoch lost a little (RESULTS), so small sets keep an update per step. The
+    networks still step every batch.
     """
     by_size = min(SHARED_UPDATE_STEPS, batches_per_epoch // MIN_VOLUME_UPDATES_PER_EPOCH)
     return max(1, int(round((box / 64.0) ** 2)), by_size)

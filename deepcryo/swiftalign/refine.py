@@ -15,7 +15,7 @@ update_references → check_convergence`` over a :class:`RefineState`; for each 
      per level: cheaper than the global mode's two passes, for nearly the same accuracy).
 
    SwiftRes does not use the query program's parabola vertex (``newton=False``): on the demo's two-state set its
-   two-class pass then gave a landscape ARI of 0.883 against 0.984 with the pattern search (one rendering;
+   two-class pass then gave a lower landscape ARI than with the pattern search (one rendering;
    ``benchmarks/RESULTS.md``), and its figures and tests were measured with the pattern search.
 
    With several classes each particle takes the class whose reference it matches best.
