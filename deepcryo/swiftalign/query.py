@@ -169,11 +169,12 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
     from the pass that chose it, so a pass projects 6 rotations per candidate. ``scores`` (B, C): the
     candidates' exact scores when already known.
 
-    ``newton``: one pass per level that also tries the rotation at the vertices of the three parabolas through
-    each axis' scores at −h, 0, +h (best origin offset of each; the vertex clamped to ±h, and +h or −h where the
-    parabola opens upwards) combined into one rotation: 7 projections per level instead of 12 for two passes.
-    Why: near the optimum the score is close to quadratic in the small rotation, so the vertex lands where a
-    second pass would only have stepped towards, and it is not confined to the ±h grid (``benchmarks/RESULTS.md``).
+    ``newton``: levels from 2 on take one pass that also tries the rotation at the vertices of the three
+    parabolas through each axis' scores at −h, 0, +h (best origin offset of each; the vertex clamped to ±h, and
+    +h or −h where the parabola opens upwards) combined into one rotation: 7 projections per level instead of 12
+    for two passes. Why: near the optimum the score is close to quadratic in the small rotation, so the vertex
+    lands where a second pass would only have stepped towards, and it is not confined to the ±h grid
+    (``benchmarks/RESULTS.md``). Level 1, where a candidate may still be far from its peak, keeps its passes.
     """
     b, c = rotations.shape[:2]
     rot, org = rotations.clone(), origins_px.clone()
@@ -188,12 +189,13 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
         hs = shift_step_px / 2 ** level
         g = torch.tensor([-hs, 0.0, hs])
         offsets = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
-        for _ in range(1 if newton else passes):
+        vertex_level = newton and level >= 2
+        for _ in range(1 if vertex_level else passes):
             cand = torch.cat([rot[:, :, None], moves[None, None] @ rot[:, :, None]], 2)      # (B, C, 7, 3, 3)
             moved = band_slices(projector, cand[:, :, 1:].reshape(-1, 3, 3), band.freqs_px)
             cand_slices = torch.cat([slices[:, :, None], moved.to(device).reshape(b, c, 6, -1)], 2)
             s = score_slices(band, particles, cand_slices, org, offsets)                      # (B, C, 7, S)
-            if newton:
+            if vertex_level:
                 turn = parabola_vertex(s.max(-1).values.cpu(), math.radians(angular_step_deg) / 2 ** level)
                 vertex = axis_angle_matrices(turn).to(rot.dtype) @ rot                         # (B, C, 3, 3)
                 v_slice = band_slices(projector, vertex.reshape(-1, 3, 3), band.freqs_px).to(device).reshape(b, c, 1, -1)
@@ -218,7 +220,7 @@ def parabola_vertex(scores: torch.Tensor, h_rad: float) -> torch.Tensor:
     s0, plus, minus = scores[..., :1], scores[..., 1::2], scores[..., 2::2]
     fall = 2 * s0 - plus - minus
     step = torch.where(fall > 0, h_rad * (plus - minus) / (2 * fall.clamp_min(1e-30)), h_rad * torch.sign(plus - minus))
-    return step.clamp(-h_rad, h_rad).double()
+    return step.clamp(-h_rad, h_rad)
 
 
 def refine_best(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
@@ -414,11 +416,9 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
     far_pick = torch.where(far, pool_score, torch.full_like(pool_score, -np.inf)).argmax(1)
     f_rot, f_org, f_score = pool_rot[ar, far_pick], pool_org[ar, far_pick], pool_score[ar, far_pick]
     if refine_far:
-        f_rot, f_org, f_score = refine_poses(projector, band, particles, f_rot[:, None], f_org[:, None],
-                                             angular_step_deg, shift_step_px, 1, passes, scores=f_score[:, None])
         f_rot, f_org, f_score = (x[:, 0] for x in refine_poses(
-            projector, band, particles, f_rot, f_org, angular_step_deg, shift_step_px, RUNNER_UP_LEVELS, passes,
-            first_level=2, scores=f_score, newton=newton))
+            projector, band, particles, f_rot[:, None], f_org[:, None], angular_step_deg, shift_step_px,
+            RUNNER_UP_LEVELS, passes, scores=f_score[:, None], newton=newton))
     has_far = far.any(1)
     gap = w_score - torch.where(has_far, f_score, pool_score.min(1).values)
     f_rot = torch.where(has_far[:, None, None], f_rot, w_rot)
