@@ -39,7 +39,7 @@ from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches
 from .density import draw_density_panels
 from .train import LATENT_STAR, latent_columns, load_model, report_active_coordinates
-from .volumes import decode_volumes, fit_pca, latent_sigmas, pc_points
+from .volumes import decode_volumes, fit_pca, latent_means, latent_sigmas, pc_points
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
     cfg = ckpt["config"]
     star = read_particles(star_path)
     star.require(*latent_columns(model.latent_dim))
-    z = np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in latent_columns(model.latent_dim)], 1)
+    z = latent_means(star.particles, model.latent_dim)
     if len(z) < 2 or n_clusters > len(z):
         raise InputError("%s: %d particles cannot make %d clusters" % (star_path, len(z), n_clusters))
     n_pcs = min(n_pcs, z.shape[1])

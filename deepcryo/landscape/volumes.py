@@ -39,8 +39,8 @@ from .train import LATENT_STAR, latent_columns, latent_pixel_size_A, load_model,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_latent_file", "particle_latents", "latent_sigmas", "LatentPCA", "fit_pca", "pc_points",
-           "percentile_scores", "knn_graph", "graph_path", "resample_path", "nearest_particle", "decode_volumes",
+__all__ = ["read_latent_file", "particle_latents", "latent_means", "latent_sigmas", "LatentPCA", "fit_pca",
+           "pc_points", "percentile_scores", "knn_graph", "graph_path", "resample_path", "nearest_particle", "decode_volumes",
            "write_volume_set", "volumes"]
 
 SUMMARY = "volumes.json"
@@ -78,11 +78,16 @@ def particle_latents(train_dir: str, latent_dim: int) -> Tuple[np.ndarray, Optio
         raise InputError("%s: not found (training did not finish)" % path)
     star = read_particles(path, require_images=False)
     star.require(*latent_columns(latent_dim))
-    return _columns(star.particles, latent_columns(latent_dim)), latent_sigmas(star.particles, latent_dim)
+    return latent_means(star.particles, latent_dim), latent_sigmas(star.particles, latent_dim)
 
 
 def _columns(particles, names) -> np.ndarray:
     return np.stack([np.asarray(particles[c], dtype=np.float64) for c in names], 1)
+
+
+def latent_means(particles, latent_dim: int) -> np.ndarray:
+    """(N, L) latent means of the particles from a STAR table's ``dcLatent…`` columns (checked by the caller)."""
+    return _columns(particles, latent_columns(latent_dim))
 
 
 def latent_sigmas(particles, latent_dim: int) -> Optional[np.ndarray]:
