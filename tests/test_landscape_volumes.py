@@ -174,6 +174,17 @@ def test_volumes_bad_input(halves, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not (tmp_path / "out").exists(), extra
+    broken = tmp_path / "broken"                  # a training folder whose STAR lost its sigmas' values
+    broken.mkdir()
+    for name in ("checkpoint.pt", "consensus.mrc"):
+        (broken / name).write_bytes((root / "halves" / "half1" / name).read_bytes())
+    star = read_particles(os.path.join(train_dir, LATENT_STAR), require_images=False)
+    star.particles[sigma_columns(LATENT)[0]] = np.zeros(len(star))
+    write_particles(str(broken / LATENT_STAR), star)
+    code = cli.main(["volumes", str(broken), "--output-dir", str(tmp_path / "out"), "--pc", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "dcZSigma" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_latent_sigma_beside_z(halves):

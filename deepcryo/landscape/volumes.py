@@ -91,9 +91,15 @@ def latent_means(particles, latent_dim: int) -> np.ndarray:
 
 
 def latent_sigmas(particles, latent_dim: int) -> Optional[np.ndarray]:
-    """(N, L) σ of the particles' latent coordinates from a STAR table's ``dcZSigma…`` columns, or None."""
+    """(N, L) σ of the particles' latent coordinates from a STAR table's ``dcZSigma…`` columns, or None when it has
+    none; InputError unless they are positive finite numbers (the PCA divides by them)."""
     names = sigma_columns(latent_dim)
-    return _columns(particles, names) if all(c in particles for c in names) else None
+    if not all(c in particles for c in names):
+        return None
+    sigma = _columns(particles, names)
+    if not np.all(np.isfinite(sigma) & (sigma > 0)):
+        raise InputError("the dcZSigma columns must hold positive finite numbers (the encoder's sigma)")
+    return sigma
 
 
 class LatentPCA:
