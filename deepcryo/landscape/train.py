@@ -239,6 +239,26 @@ SHARED_UPDATE_STEPS = 4
 MIN_VOLUME_UPDATES_PER_EPOCH = 64
 
 
+#: Epochs at the start of a training whose KL term has weight 0 (``--beta-warmup-epochs``'s default).
+BETA_WARMUP_EPOCHS = 1
+
+
+def kl_weight(beta: float, epoch: int, warmup_epochs: int) -> float:
+    """Weight of the KL term in epoch ``epoch`` (0-based): 0 in the first ``warmup_epochs`` epochs, then ``beta``
+    (training keeps the KL term in its last epoch at least: a 1-epoch training has no warm-up).
+
+    Why: at low SNR the KL term can win before the decoder's basis has learnt anything. The basis volumes start
+    as small random maps, so the encoder's inputs (the residual's correlations with the basis slices) carry the
+    conformation only once the basis has grown towards the directions in which the particles vary, and it grows
+    only through latents that depend on the image. At SNR 0.01 the KL term cut that dependence within the first
+    epoch (every particle's latent the prior, the decoded map one map: posterior collapse); an epoch with no KL
+    lets the basis and encoder find the motion, and the KL term then prunes the coordinates that only encode noise.
+    A longer warm-up left those coordinates active (measured on RELION-rendered 20 000-particle sets:
+    ``benchmarks/RESULTS.md``, "KL warm-up").
+    """
+    return 0.0 if epoch < warmup_epochs else float(beta)
+
+
 def default_volume_steps(box: int, batches_per_epoch: int = 0) -> int:
     """Steps per update of the decoder's volumes at working box D: ``max(1, round((D/64)²), s)``, where s is up to
     :data:`SHARED_UPDATE_STEPS` while the epoch keeps :data:`MIN_VOLUME_UPDATES_PER_EPOCH` updates.
@@ -356,13 +376,15 @@ def _run(cfg, init, device, launch: DistributedLaunch):
         t0 = time.time()
         order = np.random.default_rng(cfg["seed"] + epoch).permutation(n)[: n - n % world][rank::world]
         net.train()
-        sums = train_epoch(net, model, optimizer, data.batches(cfg["batch_size"], order, device), cfg["beta"],
+        beta = kl_weight(cfg["beta"], epoch, min(cfg["beta_warmup_epochs"], cfg["epochs"] - 1))
+        sums = train_epoch(net, model, optimizer, data.batches(cfg["batch_size"], order, device), beta,
                            volume_steps) / len(order)
         history.append([float(v) for v in sums])
         if rank == 0:
             _save_checkpoint(cfg["output_dir"], net, optimizer, epoch + 1, cfg, history)
-            logger.info("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s",
-                        epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0)
+            logger.info("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s%s",
+                        epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0,
+                        "" if beta == cfg["beta"] else "  (KL warm-up: weight %g)" % beta)
     if rank == 0:
         post = encode_posterior(model, data, cfg["batch_size"], device)
         out = star.copy()
@@ -401,7 +423,7 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
           batch_size: int = 64, beta: float = 1.0, n_basis: int = 16, hidden: int = 128, learning_rate: float = 3e-3,
           devices: Sequence[str] = ("cpu",), resume: bool = False, seed: int = 0, pose_free: bool = False,
           reference: Optional[str] = None, pose_heads: int = 8, symmetry: str = "C1",
-          volume_steps: Optional[int] = None) -> str:
+          volume_steps: Optional[int] = None, beta_warmup_epochs: Optional[int] = None) -> str:
     """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
 
     Args:
@@ -409,7 +431,9 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
         output_dir: folder for checkpoint, consensus map and latent STAR.
         latent_dim: latent dimension; epochs: total epochs (a resumed run stops at the same total).
         box: working box (px, even); the particle box when None. batch_size: particles per step (per device).
-        beta: weight of the KL term. n_basis, hidden: decoder basis volumes and MLP width.
+        beta: weight of the KL term; 0 in the first ``beta_warmup_epochs`` epochs (:func:`kl_weight`; None:
+            :data:`BETA_WARMUP_EPOCHS`).
+        n_basis, hidden: decoder basis volumes and MLP width.
         devices: torch device names (checked by :func:`deepcryo.core.cli.parse_devices`); several →
             DistributedDataParallel, one spawned process each. The consensus map is reconstructed on the
             first. Started by srun or torchrun (:func:`deepcryo.landscape.distributed.read_launch` finds
@@ -426,6 +450,9 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
     """
     if latent_dim < 1 or epochs < 1 or batch_size < 1 or n_basis < 1 or beta < 0:
         raise InputError("need --latent-dim, --epochs, --batch-size and --basis >= 1 and --beta >= 0")
+    beta_warmup_epochs = BETA_WARMUP_EPOCHS if beta_warmup_epochs is None else int(beta_warmup_epochs)
+    if beta_warmup_epochs < 0:
+        raise InputError("--beta-warmup-epochs %s: need >= 0" % beta_warmup_epochs)
     if volume_steps is not None and volume_steps < 1:
         raise InputError("--volume-steps %s: need >= 1" % volume_steps)
     try:
@@ -444,7 +471,8 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
            "beta": float(beta), "n_basis": int(n_basis), "hidden": int(hidden),
            "learning_rate": float(learning_rate), "seed": int(seed), "pose_free": bool(pose_free),
            "pose_heads": int(pose_heads), "symmetry": symmetry,
-           "volume_steps": None if volume_steps is None else int(volume_steps)}
+           "volume_steps": None if volume_steps is None else int(volume_steps),
+           "beta_warmup_epochs": beta_warmup_epochs}
     if resume:
         if not os.path.exists(ckpt_path):
             raise InputError("%s: no checkpoint to continue from" % ckpt_path)

@@ -120,9 +120,9 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                                            "(relion_particle_symmetry_expand) and use c1.")
         form.addParam("latentDim", params.IntParam, default=8, validators=[params.GE(1)],
                       label="Latent dimension",
-                      help="Dimension of the latent (conformational) space. At very low signal-to-noise ratios "
-                           "(about 0.01) a latent of 8 can collapse (the summary of the analysis says so) where a "
-                           "latent of 1 still follows a continuous motion.")
+                      help="Dimension of the latent (conformational) space. If the latent collapses (the summary "
+                           "of the analysis says so: no active coordinate), a latent of 1 can still follow a "
+                           "continuous motion.")
         form.addParam("workingBox", params.IntParam, default=64, validators=[params.GE(8)],
                       label="Working box (px)",
                       help="Images are Fourier-cropped to this even box (at most the particle box); "
@@ -133,6 +133,12 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                       label="Batch size", help="Particles per optimisation step and GPU.")
         form.addParam("beta", params.FloatParam, default=1.0, validators=[params.GE(0)], label="β (KL weight)",
                       help="Weight of the Kullback-Leibler term of the VAE loss.")
+        form.addParam("betaWarmup", params.IntParam, default=1, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label="KL warm-up (epochs)",
+                      help="First epochs trained without the Kullback-Leibler term, so that the decoder learns "
+                           "how the particles vary before that term can pull every latent to the prior (at a "
+                           "signal-to-noise ratio of about 0.01 the latent collapsed without it). 0: none. "
+                           "The last epoch always has the term.")
         form.addParam("basis", params.IntParam, default=16, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED, label="Basis volumes", help="Number of basis volumes of the decoder.")
         form.addParam("goldStandard", params.BooleanParam, default=False, condition="not poseFree",
@@ -176,7 +182,8 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
     def trainStep(self):
         options = ["--particles", self._inputParticlesStar(), "--latent-dim", self.latentDim.get(),
                    "--epochs", self.epochs.get(), "--box", min(self.workingBox.get(), self.inputParticles.get().getXDim()),
-                   "--batch-size", self.batchSize.get(), "--beta", self.beta.get(), "--basis", self.basis.get(),
+                   "--batch-size", self.batchSize.get(), "--beta", self.beta.get(),
+                   "--beta-warmup-epochs", self.betaWarmup.get(), "--basis", self.basis.get(),
                    "--threads", self.numberOfThreads.get()]
         if self.usesGpu():  # several GPUs: the list %(GPU)s would become is no device name, so it is written out
             options += ["--device", ",".join(self._stepGpuDevices())]

@@ -25,4 +25,5 @@ def main(args):
     train_halves(args.particles, args.output_dir, n_clusters=args.clusters, seed=args.seed,
                  latent_dim=args.latent_dim, epochs=args.epochs, box=args.box, batch_size=args.batch_size,
                  beta=args.beta, n_basis=args.basis, learning_rate=args.learning_rate, devices=args.devices,
-                 resume=args.resume, symmetry=args.symmetry, volume_steps=args.volume_steps)
+                 resume=args.resume, symmetry=args.symmetry, volume_steps=args.volume_steps,
+                 beta_warmup_epochs=args.beta_warmup_epochs)

@@ -45,6 +45,9 @@ def add_training_args(parser):
                         help="steps per update of the decoder's volumes, their gradient summed over them (default: "
                              "(box/64)^2 rounded, at least 1, and up to 4 while an epoch keeps 64 updates)")
     parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
+    parser.add_argument("--beta-warmup-epochs", type=int, default=None,
+                        help="first epochs with no KL term, so that the latent is used before the KL term can "
+                             "collapse it (default: 1)")
     parser.add_argument("--basis", type=int, default=16, help="basis volumes of the decoder")
     parser.add_argument("--learning-rate", type=float, default=3e-3,
                         help="Adam step size (3e-3 converges in 3-4 epochs on the simulated sets; 1e-3 needs more)")
@@ -63,4 +66,4 @@ def main(args):
           batch_size=args.batch_size, beta=args.beta, n_basis=args.basis, learning_rate=args.learning_rate,
           devices=args.devices, resume=args.resume, seed=args.seed, pose_free=args.pose_free,
           reference=args.reference, pose_heads=args.pose_heads, symmetry=args.symmetry,
-          volume_steps=args.volume_steps)
+          volume_steps=args.volume_steps, beta_warmup_epochs=args.beta_warmup_epochs)
