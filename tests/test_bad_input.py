@@ -88,6 +88,9 @@ def _cases():
         ["train", "--particles", B("no_angles.star"), "--output-dir", "@OUT@/vae"], ["no_angles.star", "rlnAngleRot"])
     add("landscape train", "zero volume steps",
         ["train", "--particles", "@STAR@", "--output-dir", "@OUT@/vae", "--volume-steps", "0"], ["--volume-steps", ">= 1"])
+    add("landscape train", "negative KL warm-up",
+        ["train", "--particles", "@STAR@", "--output-dir", "@OUT@/vae", "--beta-warmup-epochs", "-1"],
+        ["--beta-warmup-epochs", ">= 0"])
     for label, ref, words in (("missing file", B("no_map.mrc"), ["no_map.mrc", "not found"]),
                               ("truncated MRC", B("truncated_map.mrc"), ["truncated_map.mrc", "not a readable"]),
                               ("MRC with NaN/Inf", B("nan_map.mrc"), ["nan_map.mrc", "NaN"]),

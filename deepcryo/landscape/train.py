@@ -91,8 +91,8 @@ def report_active_coordinates(z: np.ndarray) -> int:
     :data:`ACTIVE_VARIANCE`, the "active units" of Burda, Grosse and Salakhutdinov 2016: the prior's variance is 1),
     and warn when none is: the encoder then returns the prior for every particle (posterior collapse), so the
     landscape is flat and every decoded volume is one map. On RELION-rendered motion at SNR 0.01 (20 000
-    particles, box 32) that is where training with latent 8 ended, while latent 1 kept the motion
-    (``benchmarks/RESULTS.md``): the warning says so. Returns the count."""
+    particles, box 32) that is where training with latent 8 ended before the KL warm-up (:func:`kl_weight`), while
+    latent 1 kept the motion (``benchmarks/RESULTS.md``): the warning suggests both. Returns the count."""
     var = np.asarray(z, dtype=np.float64).var(0)
     active = int((var > ACTIVE_VARIANCE).sum())
     logger.info("active latent coordinates (variance of the means over the particles > %g): %d of %d (variances %s)",
@@ -100,8 +100,9 @@ def report_active_coordinates(z: np.ndarray) -> int:
     if active == 0:
         logger.warning("no active latent coordinate (posterior collapse: every particle's latent is the prior): the "
                        "VAE found no heterogeneity it can place particle by particle; its landscape and clusters are "
-                       "noise.%s", " At low signal-to-noise ratios train again with --latent-dim 1 (it did not "
-                       "collapse where 8 did)." if len(var) > 1 else "")
+                       "noise. At low signal-to-noise ratios train again with a longer --beta-warmup-epochs%s.",
+                       " or with --latent-dim 1 (it did not collapse where 8 did without the warm-up)" if len(var) > 1
+                       else "")
     return active
 
 

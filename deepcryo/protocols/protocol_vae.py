@@ -429,7 +429,8 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
         if summary.get("active_coordinates") == 0:
             lines.append("No active latent coordinate (posterior collapse: every particle's latent is the prior): "
                          "the VAE found no heterogeneity it can resolve particle by particle; the landscape and its "
-                         "clusters are noise. At low signal-to-noise ratios train again with latent dimension 1.")
+                         "clusters are noise. At low signal-to-noise ratios train again with a longer KL "
+                         "warm-up (advanced) or latent dimension 1.")
         for c in summary["clusters"]:
             lines.append("cluster %d: %d particles; decoded vs reconstructed FSC 0.5 at %.1f Å"
                          % (c["cluster"], c["particles"], c["decoded_vs_reconstructed_fsc05_A"]))
