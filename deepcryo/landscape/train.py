@@ -260,6 +260,29 @@ def kl_weight(beta: float, epoch: int, warmup_epochs: int) -> float:
     return 0.0 if epoch < warmup_epochs else float(beta)
 
 
+#: Last fraction of the epochs over which the learning rate falls linearly, to :data:`FINAL_LEARNING_RATE_FACTOR` of
+#: its value at the last epoch.
+LEARNING_RATE_DECAY_FRACTION = 0.25
+FINAL_LEARNING_RATE_FACTOR = 0.1
+
+
+def learning_rate_factor(epoch: int, epochs: int) -> float:
+    """Factor on the learning rate in epoch ``epoch`` (0-based) of ``epochs``: 1, then over the last
+    :data:`LEARNING_RATE_DECAY_FRACTION` of the epochs falling linearly to :data:`FINAL_LEARNING_RATE_FACTOR`.
+
+    Why: Adam's steps on the decoder's volumes at a constant rate leave noise in them, which at low SNR made
+    the decoded maps worse than the consensus reconstruction they started from over the static part of the
+    particle; smaller last steps average it out (on the RELION-rendered SNR-0.01 motion, whole-particle FSC-AUC
+    from below the consensus's to equal, ``benchmarks/RESULTS.md``, "KL warm-up"). Trainings of 3 epochs or fewer
+    keep the constant rate.
+    """
+    start = epochs * (1.0 - LEARNING_RATE_DECAY_FRACTION)
+    if epoch < start:
+        return 1.0
+    return max(FINAL_LEARNING_RATE_FACTOR,
+               1.0 - (1.0 - FINAL_LEARNING_RATE_FACTOR) * (epoch + 1 - start) / (epochs - start))
+
+
 def default_volume_steps(box: int, batches_per_epoch: int = 0) -> int:
     """Steps per update of the decoder's volumes at working box D: ``max(1, round((D/64)²), s)``, where s is up to
     :data:`SHARED_UPDATE_STEPS` while the epoch keeps :data:`MIN_VOLUME_UPDATES_PER_EPOCH` updates.
@@ -378,6 +401,8 @@ def _run(cfg, init, device, launch: DistributedLaunch):
         order = np.random.default_rng(cfg["seed"] + epoch).permutation(n)[: n - n % world][rank::world]
         net.train()
         beta = kl_weight(cfg["beta"], epoch, min(cfg["beta_warmup_epochs"], cfg["epochs"] - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg["learning_rate"] * learning_rate_factor(epoch, cfg["epochs"])
         sums = train_epoch(net, model, optimizer, data.batches(cfg["batch_size"], order, device), beta,
                            volume_steps) / len(order)
         history.append([float(v) for v in sums])
@@ -434,7 +459,8 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
         box: working box (px, even); the particle box when None. batch_size: particles per step (per device).
         beta: weight of the KL term; 0 in the first ``beta_warmup_epochs`` epochs (:func:`kl_weight`; None:
             :data:`BETA_WARMUP_EPOCHS`).
-        n_basis, hidden: decoder basis volumes and MLP width.
+        n_basis, hidden: decoder basis volumes and MLP width. learning_rate: Adam's step size, scaled per epoch
+            by :func:`learning_rate_factor`.
         devices: torch device names (checked by :func:`deepcryo.core.cli.parse_devices`); several →
             DistributedDataParallel, one spawned process each. The consensus map is reconstructed on the
             first. Started by srun or torchrun (:func:`deepcryo.landscape.distributed.read_launch` finds

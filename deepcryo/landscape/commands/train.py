@@ -50,7 +50,8 @@ def add_training_args(parser):
                              "collapse it (default: 1)")
     parser.add_argument("--basis", type=int, default=16, help="basis volumes of the decoder")
     parser.add_argument("--learning-rate", type=float, default=3e-3,
-                        help="Adam step size (3e-3 converges in 3-4 epochs on the simulated sets; 1e-3 needs more)")
+                        help="Adam step size (3e-3 converges in 3-4 epochs on the simulated sets; 1e-3 needs more); "
+                             "over the last quarter of the epochs it falls linearly to a tenth")
     cli.add_device_argument(parser, several=True, help_extra="; under srun or torchrun each process is one rank: "
                                                           "cpu, or cuda for the rank's own GPU")
     cli.add_threads_argument(parser)
