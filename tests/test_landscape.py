@@ -213,11 +213,12 @@ def test_pose_free_end_to_end(tmp_path):
 
 
 def test_training_schedules():
-    """The KL term is off in the warm-up epochs only; the learning rate keeps its value until the last quarter of
+    """The KL term is off in the warm-up epochs only, and never in the last epoch; the learning rate keeps its value until the last quarter of
     the epochs, then falls linearly to a tenth at the last epoch (short trainings keep it)."""
     from deepcryo.landscape.train import kl_weight, learning_rate_factor
-    assert [kl_weight(0.5, e, 2) for e in range(4)] == [0.0, 0.0, 0.5, 0.5]
-    assert kl_weight(1.0, 0, 0) == 1.0
+    assert [kl_weight(0.5, e, 4, 2) for e in range(4)] == [0.0, 0.0, 0.5, 0.5]
+    assert kl_weight(1.0, 0, 4, 0) == 1.0
+    assert kl_weight(1.0, 0, 1, 1) == 1.0 and [kl_weight(1.0, e, 2, 5) for e in range(2)] == [0.0, 1.0]
     factors = [learning_rate_factor(e, 20) for e in range(20)]
     assert factors[:15] == [1.0] * 15 and factors[-1] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(factors[14:], factors[15:]))

@@ -244,9 +244,9 @@ MIN_VOLUME_UPDATES_PER_EPOCH = 64
 BETA_WARMUP_EPOCHS = 1
 
 
-def kl_weight(beta: float, epoch: int, warmup_epochs: int) -> float:
-    """Weight of the KL term in epoch ``epoch`` (0-based): 0 in the first ``warmup_epochs`` epochs, then ``beta``
-    (training keeps the KL term in its last epoch at least: a 1-epoch training has no warm-up).
+def kl_weight(beta: float, epoch: int, epochs: int, warmup_epochs: int) -> float:
+    """Weight of the KL term in epoch ``epoch`` (0-based) of ``epochs``: 0 in the first ``warmup_epochs`` epochs,
+    then ``beta``; the last epoch keeps the KL term whatever the warm-up (a 1-epoch training has none).
 
     Why: at low SNR the KL term can win before the decoder's basis has learnt anything. The basis volumes start
     as small random maps, so the encoder's inputs (the residual's correlations with the basis slices) carry the
@@ -257,7 +257,7 @@ def kl_weight(beta: float, epoch: int, warmup_epochs: int) -> float:
     A longer warm-up left those coordinates active (measured on RELION-rendered 20 000-particle sets:
     ``benchmarks/RESULTS.md``, "KL warm-up").
     """
-    return 0.0 if epoch < warmup_epochs else float(beta)
+    return 0.0 if epoch < min(warmup_epochs, epochs - 1) else float(beta)
 
 
 #: Last fraction of the epochs over which the learning rate falls linearly, to :data:`FINAL_LEARNING_RATE_FACTOR` of
@@ -400,9 +400,10 @@ def _run(cfg, init, device, launch: DistributedLaunch):
         t0 = time.time()
         order = np.random.default_rng(cfg["seed"] + epoch).permutation(n)[: n - n % world][rank::world]
         net.train()
-        beta = kl_weight(cfg["beta"], epoch, min(cfg["beta_warmup_epochs"], cfg["epochs"] - 1))
+        beta = kl_weight(cfg["beta"], epoch, cfg["epochs"], cfg["beta_warmup_epochs"])
+        learning_rate = cfg["learning_rate"] * learning_rate_factor(epoch, cfg["epochs"])
         for group in optimizer.param_groups:
-            group["lr"] = cfg["learning_rate"] * learning_rate_factor(epoch, cfg["epochs"])
+            group["lr"] = learning_rate
         sums = train_epoch(net, model, optimizer, data.batches(cfg["batch_size"], order, device), beta,
                            volume_steps) / len(order)
         history.append([float(v) for v in sums])
