@@ -68,7 +68,7 @@ def run_deepcryo(star_path, out, args, pose_free=False, reference=None):
         cmd += ["--beta", repr(args.beta)]
     wall, cpu = timed_commands([cmd])
     star = read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
-    return wall, cpu, metrics.latents(star), star
+    return wall, cpu, metrics.latents(star, sigma_units=True), star      # as deepcryo's analysis measures them
 
 
 def cryodrgn_environ(args):

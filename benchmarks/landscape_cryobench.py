@@ -117,7 +117,7 @@ def _read_volumes(paths):
 
 def run_deepcryo(star, conformation_of, out, args):
     """Train on ``star`` (its poses: true or estimated), decode at each conformation's mean latent; (volumes,
-    latents, conformation of each latent, wall, CPU). ``conformation_of``: image key -> true conformation (the
+    latents in the σ units of deepcryo's analysis, conformation of each latent, wall, CPU). ``conformation_of``: image key -> true conformation (the
     estimated STAR need not keep the rendered order). Reused when ``out`` holds a finished run (its ``time_s.json``
     with that run's wall and CPU seconds)."""
     record, vols = os.path.join(out, "time_s.json"), os.path.join(out, "volumes")
@@ -125,9 +125,9 @@ def run_deepcryo(star, conformation_of, out, args):
         with open(record) as f:
             wall, cpu = json.load(f)
         trained = read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
-        z = metrics.latents(trained)
     else:
-        wall, cpu, z, trained = pairwise.run_deepcryo(star, out, args)
+        wall, cpu, _, trained = pairwise.run_deepcryo(star, out, args)
+    z = metrics.latents(trained)
     conformation = np.array([conformation_of[k] for k in image_keys(trained)])
     if not os.path.exists(record):
         zfile = os.path.join(out, "conformation_means.txt")
@@ -137,7 +137,8 @@ def run_deepcryo(star, conformation_of, out, args):
         wall, cpu = wall + w, cpu + c
         with open(record, "w") as f:
             json.dump([wall, cpu], f)
-    return _read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))), z, conformation, wall, cpu
+    return (_read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))),
+            metrics.latents(trained, sigma_units=True), conformation, wall, cpu)
 
 
 def run_cryodrgn(star, conformation_of, out, args):

@@ -102,23 +102,46 @@ def test_pc_points_lie_on_the_principal_component(halves):
         assert sorted(json.load(f)["sets"]) == ["pc1", "pc2"]
 
 
-def test_latent_pca_ranks_directions_by_spread_per_unit_of_sigma():
-    """Two states on a latent coordinate the encoder pins down (σ 0.1) beside a wider one it does not (spread 0.9,
-    σ 0.9): the plain first component follows the wide one, the σ-scaled one the states (and the scaling
-    inverts exactly)."""
-    from sklearn.metrics import adjusted_rand_score
-    from deepcryo.landscape.volumes import LatentPCA
+def _states_beside_a_wide_uninformative_coordinate(n=3000):
+    """Latents (n, 3) of two states on a coordinate the encoder pins down (σ 0.1) beside a wider one it does not
+    (spread 0.9, σ 0.9) and a third (spread 0.3, σ 1); (state, z, σ)."""
     rng = np.random.default_rng(0)
-    n = 3000
     state = np.arange(n) % 2
     z = np.stack([state - 0.5 + 0.1 * rng.normal(size=n), 0.9 * rng.normal(size=n), 0.3 * rng.normal(size=n)], 1)
     sigma = np.broadcast_to([0.1, 0.9, 1.0], z.shape) * rng.uniform(0.8, 1.2, size=z.shape)
+    return state, z, sigma
+
+
+def test_latent_pca_ranks_directions_by_spread_per_unit_of_sigma():
+    """The plain first component follows the wide uninformative coordinate, the σ-scaled one the states (and the
+    scaling inverts exactly)."""
+    from sklearn.metrics import adjusted_rand_score
+    from deepcryo.landscape.volumes import LatentPCA
+    state, z, sigma = _states_beside_a_wide_uninformative_coordinate()
     plain, scaled = LatentPCA(z), LatentPCA(z, sigma)
     assert adjusted_rand_score(state, plain.transform(z)[:, 0] > 0) < 0.05
     assert adjusted_rand_score(state, scaled.transform(z)[:, 0] > 0) > 0.99
     np.testing.assert_allclose(scaled.inverse_transform(scaled.transform(z)), z, atol=1e-9)
     np.testing.assert_allclose(scaled.noise_sd_, np.sqrt((sigma ** 2).mean(0)))
     np.testing.assert_allclose(plain.noise_sd_, 1.0)
+
+
+def test_clusters_in_units_of_sigma_follow_the_states():
+    """Plain k-means cuts the same latents along the wide coordinate the encoder does not pin down, k-means in units
+    of σ (as analyze clusters) along the states; the centres are the clusters' mean latents; the BIC on σ units
+    suggests the two states; the ARI of metrics is that clustering."""
+    from sklearn.metrics import adjusted_rand_score
+    from deepcryo.landscape import metrics
+    from deepcryo.landscape.analyze import cluster_latents, suggest_clusters
+    state, z, sigma = _states_beside_a_wide_uninformative_coordinate()
+    plain, _ = cluster_latents(z, 2)
+    labels, centres = cluster_latents(z, 2, sigma=sigma)
+    assert adjusted_rand_score(state, plain) < 0.05
+    assert adjusted_rand_score(state, labels) > 0.99
+    np.testing.assert_allclose(centres, [z[labels == c].mean(0) for c in range(2)], atol=1e-6)
+    assert suggest_clusters(z, 6, sigma=sigma)[0] == 2
+    scale = np.sqrt((sigma ** 2).mean(0))
+    assert metrics.state_ari(z / scale, state) == pytest.approx(adjusted_rand_score(state, labels))
 
 
 def test_path_ends_at_the_chosen_particles_through_neighbours(halves):
@@ -197,6 +220,7 @@ def test_latent_sigma_beside_z(halves):
     sigma = np.stack([np.asarray(star.particles[c]) for c in sigma_columns(LATENT)], 1)
     assert sigma.shape == z.shape and np.all(sigma > 0)
     assert metrics.latents(star).shape == (len(star), LATENT)
+    np.testing.assert_allclose(metrics.latents(star, sigma_units=True), z / np.sqrt((sigma ** 2).mean(0)), rtol=1e-6)
     _, _, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
     pc1 = (z - z.mean(0)) @ vt[0]
     sigma_pc1 = np.sqrt((sigma ** 2 * vt[0] ** 2).sum(1))     # diagonal Gaussian, projected on PC1

@@ -39,7 +39,7 @@ from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches
 from .density import draw_density_panels
 from .train import LATENT_STAR, latent_columns, load_model, report_active_coordinates
-from .volumes import decode_volumes, fit_pca, latent_means, latent_sigmas, pc_points
+from .volumes import decode_volumes, fit_pca, latent_means, latent_noise_sd, latent_sigmas, pc_points
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ __all__ = ["analyze", "suggest_clusters", "cluster_latents"]
 
 
 def suggest_clusters(z: np.ndarray, max_clusters: int, seed: int = 0, min_variance_ratio: float = 0.02,
-                     elbow_fraction: float = 1.0 / 3.0) -> Tuple[int, List[float]]:
-    """K suggested by Gaussian-mixture BIC on the informative principal components of latents z (N, L).
+                     elbow_fraction: float = 1.0 / 3.0, sigma: Optional[np.ndarray] = None) -> Tuple[int, List[float]]:
+    """K suggested by Gaussian-mixture BIC on the informative principal components of latents z (N, L), each
+    coordinate in units of the encoder's σ (N, L) as :func:`cluster_latents` clusters them (plain without ``sigma``).
 
     The GMM (full covariances) is fitted on the principal components that explain at least
     ``min_variance_ratio`` of the latent variance (collapsed latent dimensions only add noise). Real
@@ -60,6 +61,7 @@ def suggest_clusters(z: np.ndarray, max_clusters: int, seed: int = 0, min_varian
     """
     from sklearn.decomposition import PCA
     from sklearn.mixture import GaussianMixture
+    z = np.asarray(z, dtype=np.float64) / latent_noise_sd(sigma, z.shape[1])
     pca = PCA(min(z.shape), random_state=seed).fit(z)
     keep = max(1, int(np.sum(pca.explained_variance_ratio_ >= min_variance_ratio)))
     y = pca.transform(z)[:, :keep]
@@ -73,11 +75,22 @@ def suggest_clusters(z: np.ndarray, max_clusters: int, seed: int = 0, min_varian
     return int(small[0] + 1 if len(small) else len(bic)), bic.tolist()
 
 
-def cluster_latents(z: np.ndarray, n_clusters: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """k-means labels (N,) 0-based and centres (K, L)."""
+def cluster_latents(z: np.ndarray, n_clusters: int, seed: int = 0, sigma: Optional[np.ndarray] = None
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+    """k-means of latents z (N, L), each coordinate divided by its root-mean-square encoder σ over the particles
+    (``sigma`` (N, L); plain k-means without it): labels (N,) 0-based and centres (K, L) in latent units (the mean
+    latent of each cluster's particles).
+
+    Why the σ units: for the reason of :class:`.volumes.LatentPCA`, whose PCs are measured in them. A coordinate
+    that the images do not pin down (σ near the prior's 1) can spread the latent means as widely as the one that
+    carries the states, and plain k-means then cuts along it; per unit of a particle's own uncertainty the
+    informative coordinate dominates. Measured on the stored landscapes of RELION-rendered sets with discrete states
+    (``benchmarks/RESULTS.md``, "Clusters in units of the encoder's σ").
+    """
     from sklearn.cluster import KMeans
-    km = KMeans(n_clusters, n_init=10, random_state=seed).fit(z)
-    return km.labels_, km.cluster_centers_
+    scale = latent_noise_sd(sigma, z.shape[1])
+    km = KMeans(n_clusters, n_init=10, random_state=seed).fit(np.asarray(z, dtype=np.float64) / scale)
+    return km.labels_, km.cluster_centers_ * scale
 
 
 def _plot_landscape(path, xy, labels, names):
@@ -153,9 +166,9 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
     pca = fit_pca(z, sigma)
     active = report_active_coordinates(z)
     pcs = pca.transform(z)
-    suggested, bic = suggest_clusters(z, max_clusters, seed)
+    suggested, bic = suggest_clusters(z, max_clusters, seed, sigma=sigma)
     k = n_clusters or suggested
-    labels, centres = cluster_latents(z, k, seed)
+    labels, centres = cluster_latents(z, k, seed, sigma)
     logger.info("latent %d-dim, PCA explained variance %s; GMM BIC suggests K = %d; using K = %d",
                 z.shape[1], np.round(pca.explained_variance_ratio_[:4], 3).tolist(), suggested, k)
 

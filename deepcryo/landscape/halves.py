@@ -76,19 +76,21 @@ def compare_halves(half1_dir: str, half2_dir: str, particles: str, n_clusters: i
     star = load_particles(particles)
     if n_clusters > len(star):
         raise InputError("%s: %d particles cannot make %d clusters" % (particles, len(star), n_clusters))
-    models, latents = [], []
+    models, latents, sigmas = [], [], []
     for folder in (half1_dir, half2_dir):
         model, ckpt = load_model(folder, device)
         data = ParticleBatches(star, ckpt["config"]["box"], scale=ckpt["config"]["scale"])
-        latents.append(encode_posterior(model, data, batch_size, device).z.astype(np.float64))
+        posterior = encode_posterior(model, data, batch_size, device)
+        latents.append(posterior.z.astype(np.float64))
+        sigmas.append(posterior.sigma.astype(np.float64))
         data.close()
         models.append((model, float(ckpt["config"]["scale"])))
     if models[0][0].box != models[1][0].box:
         raise InputError("the halves were trained at different boxes (%d and %d px)"
                          % (models[0][0].box, models[1][0].box))
     z1, z2 = latents
-    labels1, centres1 = cluster_latents(z1, n_clusters)
-    labels2, _ = cluster_latents(z2, n_clusters)
+    labels1, centres1 = cluster_latents(z1, n_clusters, sigma=sigmas[0])
+    labels2, _ = cluster_latents(z2, n_clusters, sigma=sigmas[1])
     px = latent_pixel_size_A(half1_dir)
     mask = models[0][0].mask3d.cpu().numpy()
     conformations = []

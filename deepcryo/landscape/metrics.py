@@ -59,18 +59,26 @@ def pose_error_deg(pred_angles_deg: np.ndarray, true_angles_deg: np.ndarray) -> 
     return float(err), float(chance)
 
 
-def latents(star) -> np.ndarray:
-    """(N, L) latent coordinates ``dcLatent01`` … of a particle STAR."""
+def latents(star, sigma_units: bool = False) -> np.ndarray:
+    """(N, L) latent coordinates ``dcLatent01`` … of a particle STAR; with ``sigma_units``, each divided by its
+    root-mean-square encoder σ over the particles (``dcZSigma…``; unscaled where the STAR has none): the units in
+    which ``analyze`` measures them (its PCA and k-means), so that scores of deepcryo's latents are those of its
+    analysis."""
+    from .volumes import latent_noise_sd, latent_sigmas
     cols = sorted(c for c in star.particles if c.startswith("dcLatent"))
-    return np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in cols], 1)
+    z = np.stack([np.asarray(star.particles[c], dtype=np.float64) for c in cols], 1)
+    if not sigma_units:
+        return z
+    return z / latent_noise_sd(latent_sigmas(star.particles, z.shape[1]), z.shape[1])
 
 
 def state_ari(z: np.ndarray, true_states: np.ndarray, seed: int = 0) -> float:
-    """Adjusted Rand index of k-means on latents ``z`` (N, L), K = the number of distinct true states (N,),
-    against those states (0: chance, 1: the states found exactly)."""
-    from sklearn.cluster import KMeans
+    """Adjusted Rand index of k-means on latents ``z`` (N, L) (``analyze``'s :func:`.analyze.cluster_latents`), K =
+    the number of distinct true states (N,), against those states (0: chance, 1: the states found exactly). For
+    deepcryo's latents as its analysis clusters them, pass ``latents(star, sigma_units=True)``."""
     from sklearn.metrics import adjusted_rand_score
-    labels = KMeans(len(np.unique(true_states)), n_init=10, random_state=seed).fit_predict(z)
+    from .analyze import cluster_latents
+    labels, _ = cluster_latents(z, len(np.unique(true_states)), seed)
     return float(adjusted_rand_score(np.asarray(true_states), labels))
 
 

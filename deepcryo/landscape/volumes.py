@@ -39,7 +39,7 @@ from .train import LATENT_STAR, latent_columns, latent_pixel_size_A, load_model,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_latent_file", "particle_latents", "latent_means", "latent_sigmas", "LatentPCA", "fit_pca",
+__all__ = ["read_latent_file", "particle_latents", "latent_means", "latent_sigmas", "latent_noise_sd", "LatentPCA", "fit_pca",
            "pc_points", "percentile_scores", "knn_graph", "graph_path", "resample_path", "nearest_particle", "decode_volumes",
            "write_volume_set", "volumes"]
 
@@ -102,6 +102,15 @@ def latent_sigmas(particles, latent_dim: int) -> Optional[np.ndarray]:
     return sigma
 
 
+def latent_noise_sd(sigma: Optional[np.ndarray], latent_dim: int) -> np.ndarray:
+    """(L,) root-mean-square over the particles of the encoder's σ (N, L) of each latent coordinate: the scale in
+    which the analysis measures the latents (:class:`LatentPCA`, :func:`deepcryo.landscape.analyze.cluster_latents`);
+    ones when ``sigma`` is None (older training folders, no ``dcZSigma`` columns)."""
+    if sigma is None:
+        return np.ones(latent_dim)
+    return np.sqrt((np.asarray(sigma, dtype=np.float64) ** 2).mean(0))
+
+
 class LatentPCA:
     """Principal components of the particles' latent means, measured in units of the encoder's own uncertainty.
 
@@ -122,7 +131,7 @@ class LatentPCA:
     def __init__(self, z: np.ndarray, sigma: Optional[np.ndarray] = None) -> None:
         from sklearn.decomposition import PCA
         z = np.asarray(z, dtype=np.float64)
-        self.noise_sd_ = np.ones(z.shape[1]) if sigma is None else np.sqrt((np.asarray(sigma, np.float64) ** 2).mean(0))
+        self.noise_sd_ = latent_noise_sd(sigma, z.shape[1])
         self._pca = PCA(min(z.shape), random_state=0).fit(z / self.noise_sd_)
         self.n_components_ = self._pca.n_components_
         self.explained_variance_ = self._pca.explained_variance_
