@@ -50,8 +50,11 @@ true maps and the consensus are Fourier-cropped to it):
   consensus share the masks. As CryoBench (its ``fsc`` and ``fsc_flipped``), each
   method's volumes are scored as written and mirrored (z flipped about the box centre), and the better hand over
   the whole particle is kept: a method's frame and hand are its own;
-- **|ρ|** (motion): |Spearman ρ| between the latent PC1 and the conformation index; **ARI** (discrete): adjusted
-  Rand index of k-means (K = the number of states) on the latents against the true states;
+- **|ρ|** (motion): |Spearman ρ| between the latent PC1 and the conformation index, and in brackets the same for
+  the conformation predicted from each particle's 50 nearest latents (``metrics.neighbour_rho``, cross-validated: a
+  latent may order the motion along a curve that PC1 does not follow); **ARI** (discrete): adjusted Rand index of
+  k-means (K = the number of states) on the latents against the true states; deepcryo's latents in the σ units of
+  its analysis (``metrics.latents(star, sigma_units=True)``), cryoDRGN's as its own analysis reads them;
 - **CPU s**: user + system time of the child processes of each method, everything from the STAR and stack to the
   scored volumes (cryoDRGN's preprocessing included).
 
@@ -380,6 +383,8 @@ def run_set(kind, args, work):
             key, value = (("rho", metrics.hinge_rho(z, conformation)) if kind == "motion"
                           else ("ari", metrics.state_ari(z, conformation)))
             result[key] = value
+            if kind == "motion":
+                result["rho_neighbours"] = metrics.neighbour_rho(z, conformation)
         if poses == "estimated" and run is not None:
             turns = shared_turns(star, truth, conformation_of)
             turned = np.stack([undo_turn(v, g) for v, g in zip(vols, turns)])
@@ -453,6 +458,8 @@ def table(kind, entry):
              "| method | FSC-AUC whole | FSC-AUC moving | %s | CPU s |" % label, "|---|---|---|---|---|"]
     for name, r in entry["methods"].items():
         ordering = "%.3f" % r[key] if key in r else "—"
+        if "rho_neighbours" in r:
+            ordering += " (neighbours %.3f)" % r["rho_neighbours"]
         cpu = "%.0f" % r["cpu_s"] + (" (poses %.0f)" % r["pose_cpu_s"] if r.get("pose_cpu_s") else "")
         lines.append("| %s | %.3f | %.3f | %s | %s |" % (name, r["auc_whole"], r["auc_moving"], ordering, cpu))
     for name, r in entry["methods"].items():

@@ -153,3 +153,15 @@ def test_shared_turns_of_a_known_turn(cryobench, tmp_path):
     turns = cryobench.shared_turns(str(tmp_path / "est.star"), truth, conformation_of)
     np.testing.assert_allclose(rotation_angle_deg(torch.as_tensor(turns)).numpy(), [0.0, 20.0], atol=1e-3)
     np.testing.assert_allclose(abs(turns[1][2, 2]), 1.0, atol=1e-6)     # about z
+
+
+def test_neighbour_rho_follows_a_curved_motion_that_pc1_misses():
+    """A motion that swings one latent coordinate back and forth while another creeps along (a curve that does not
+    cross itself): the straight first component, the swing, orders it badly, the hinge predicted from latent
+    neighbours well; latents unrelated to the hinge order nothing."""
+    rng = np.random.default_rng(0)
+    hinge = rng.uniform(0, 1, 2000)
+    z = np.stack([np.cos(3 * np.pi * hinge), 0.5 * hinge], 1) + 0.02 * rng.normal(size=(2000, 2))
+    assert metrics.hinge_rho(z, hinge) < 0.3
+    assert metrics.neighbour_rho(z, hinge) > 0.98
+    assert metrics.neighbour_rho(rng.normal(size=(2000, 2)), hinge) < 0.15
