@@ -1,4 +1,4 @@
-"""CryoBench-style landscape benchmark: per-conformation FSC-AUC of deepcryo's VAE, cryoDRGN and the consensus map.
+"""CryoBench-style landscape benchmark: per-conformation FSC-AUC of deepcryo's VAE, cryoDRGN, RECOVAR and the consensus map.
 
 Two particle sets are rendered by RELION's ``relion_project`` (not by deepcryo's projector; see
 :mod:`deepcryo.tests.relion_data`: uniform random poses, origins up to 3 px, CTF of 1.5-2.5 µm defocus, white
@@ -16,6 +16,14 @@ Each method runs on the true poses and CTF of the same STAR and stack:
   needs numpy >= 2: ``python3 -m venv /tmp/cdrgn && /tmp/cdrgn/bin/pip install cryodrgn==4.3.1``): ``downsample``,
   ``parse_pose_star``, ``parse_ctf_star``, ``train_vae`` with ``--cryodrgn-dim``-wide 3-layer networks (cryoDRGN's
   default is 1024), then ``eval_vol --zfile``;
+- ``RECOVAR`` (with ``--recovar``, the Python interpreter of RECOVAR 1.0.5's own virtual environment, JAX on the
+  CPU: ``python3 -m venv /tmp/rcv && /tmp/rcv/bin/pip install recovar==1.0.5``): ``pipeline`` on the same STAR (``--mask sphere --zdim 10 --downsample <work box>``, its other options at their
+  defaults; zdim 10 as its README's ``analyze``), then ``compute_state`` at each conformation's mean latent (its
+  kernel regression, default 50 bins) from ``model/zdim_10/latent_coords.npy``. Both run through
+  ``recovar_cpu.py`` (beside this script), which fixes RECOVAR's JAX projector on the CPU (without it every map
+  comes out magnified twice; see that file). ``compute_state`` gets ``--gpu-budget-gb 1``: that budget only sets
+  its image batch, and every bin's images are padded to a full batch, so the default (half the RAM on a CPU,
+  ~2 800 images) makes each state ~10× slower (the padded images carry no weight);
 - ``consensus``: ``python -m deepcryo.core.reconstruct`` of all particles with the true poses, the floor: a
   method that does not beat it inside the moving region has not recovered the motion.
 
@@ -56,16 +64,10 @@ true maps and the consensus are Fourier-cropped to it):
   k-means (K = the number of states) on the latents against the true states; deepcryo's latents in the σ units of
   its analysis (``metrics.latents(star, sigma_units=True)``), cryoDRGN's as its own analysis reads them;
 - **CPU s**: user + system time of the child processes of each method, everything from the STAR and stack to the
-  scored volumes (cryoDRGN's preprocessing included).
+  scored volumes (cryoDRGN's and RECOVAR's preprocessing included).
 
 Published CryoBench FSC-AUC on IgG-1D (100 k particles, 128 px, SNR 0.01), for context: cryoDRGN 0.366,
 cryoSPARC 3DVA 0.351, RECOVAR 0.391, CryoSPIRE 0.402.
-
-RECOVAR is not run here. RECOVAR 1.0.5 (PyPI, JAX) installs in its own virtual environment and its ``pipeline``
-runs on CPU (``--accept-cpu --mask sphere --zdim 4`` on 400 particles at box 32: 264 s wall, 200 CPU s), but its
-``compute_state`` (volumes at 4 latent points by kernel regression) had not finished after 400 s on the 2-core
-development machine, so a RECOVAR run at the benchmark's size needs a GPU. Adding it follows cryoDRGN's pattern:
-latents in ``model/zdim_<d>/latent_coords.npy``, volumes from ``compute_state --latent-points <z.txt>``.
 
 Prints one markdown table per set and writes ``--json`` (default ``<workdir>/cryobench.json``) with every
 per-conformation score. Validation size (see benchmarks/RESULTS.md)::
@@ -81,7 +83,10 @@ From estimated poses at the issue's 4 000-particle, 20-epoch size::
 The issue's size (≥ 20 k particles, SNR 0.1 and 0.01)::
 
     python benchmarks/landscape_cryobench.py --n 20000 --box 128 --work-box 64 --epochs 20 --snr 0.01 \\
-        --cryodrgn /tmp/cdrgn/bin/cryodrgn
+        --cryodrgn /tmp/cdrgn/bin/cryodrgn --recovar /tmp/rcv/bin/python
+
+Each method's folder is reused by a later run on the same ``--workdir`` once it has finished (deepcryo's and
+RECOVAR's), so a peer can be added to a set already scored.
 """
 import argparse
 import glob
@@ -160,6 +165,49 @@ def run_cryodrgn(star, conformation_of, out, args):
                             "--Apix", repr(args.pixel_size * args.box / args.work_box)]],
                           env=pairwise.cryodrgn_environ(args))
     return _read_volumes(sorted(glob.glob(os.path.join(vols, "*.mrc")))), z, conformation, wall + w, cpu + c
+
+
+RECOVAR_ZDIM = 10
+RECOVAR_CPU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recovar_cpu.py")
+
+
+def recovar_environ(args):
+    """RECOVAR's environment: JAX on the CPU with ``--threads`` threads, without deepcryo's PYTHONPATH."""
+    threads = int(args.threads)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(threads), XLA_FLAGS=(
+        "--xla_cpu_multi_thread_eigen=%s intra_op_parallelism_threads=%d" % (str(threads > 1).lower(), threads)))
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _timed_once(out, name, cmds, env):
+    """``timed_commands`` once per ``out``: (wall, CPU) recorded in ``out/<name>_time_s.json`` and reused."""
+    record = os.path.join(out, name + "_time_s.json")
+    if not os.path.exists(record):
+        os.makedirs(out, exist_ok=True)
+        with open(record + ".part", "w") as f:
+            json.dump(timed_commands(cmds, env=env), f)
+        os.replace(record + ".part", record)
+    with open(record) as f:
+        return json.load(f)
+
+
+def run_recovar(star, conformation_of, out, args):
+    """RECOVAR 1.0.5 from the same STAR (``pipeline``, then ``compute_state`` at each conformation's mean latent; see
+    the module docstring); (volumes, latents, conformation of each latent, wall, CPU). Each finished step is reused."""
+    env, pipeline, states = recovar_environ(args), os.path.join(out, "pipeline"), os.path.join(out, "states")
+    recovar = [args.recovar, RECOVAR_CPU]
+    wall, cpu = _timed_once(out, "pipeline", [recovar + [
+        "pipeline", star, "-o", pipeline, "--mask", "sphere", "--zdim", str(RECOVAR_ZDIM), "--downsample",
+        str(args.work_box), "--accept-cpu"]], env)
+    z = np.load(os.path.join(pipeline, "model", "zdim_%d" % RECOVAR_ZDIM, "latent_coords.npy"))
+    conformation = np.array([conformation_of[k] for k in image_keys(read_particles(star, require_images=False))])
+    zfile = os.path.join(out, "conformation_means.txt")
+    np.savetxt(zfile, metrics.conformation_means(z, conformation))
+    w, c = _timed_once(out, "states", [recovar + [
+        "compute_state", pipeline, "-o", states, "--latent-points", zfile, "--gpu-budget-gb", "1"]], env)
+    paths = [os.path.join(states, "state%03d.mrc" % k) for k in range(int(conformation.max()) + 1)]
+    return _read_volumes(paths), z, conformation, wall + w, cpu + c
 
 
 def run_consensus(star, n_conformations, out, args):
@@ -412,6 +460,8 @@ def run_set(kind, args, work):
         score_run("deepcryo", "true", data.star, run_deepcryo, os.path.join(work, kind, "deepcryo"), 0.0)
         if args.cryodrgn:
             score_run("cryoDRGN", "true", data.star, run_cryodrgn, os.path.join(work, kind, "cryoDRGN"), 0.0)
+        if args.recovar:
+            score_run("RECOVAR", "true", data.star, run_recovar, os.path.join(work, kind, "RECOVAR"), 0.0)
         score_run("consensus", "true", data.star, None, os.path.join(work, kind, "consensus"), 0.0)
     if "estimated" in args.poses:
         folder = swiftres_name(args)
@@ -504,6 +554,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of poses, CTF, origins, states and noise")
     p.add_argument("--cryodrgn", default=None, help="cryodrgn executable of its own virtual environment")
     p.add_argument("--cryodrgn-dim", type=int, default=1024, help="width of cryoDRGN's 3-layer encoder and decoder")
+    p.add_argument("--recovar", default=None, help="python interpreter of RECOVAR 1.0.5's own virtual environment")
     p.add_argument("--sets", default=",".join(SETS), help="comma-separated: " + ", ".join(SETS))
     p.add_argument("--poses", default="true", choices=("true", "estimated", "true,estimated"),
                    help="train on the true poses, on SwiftRes's poses of the unaligned particles, or both")

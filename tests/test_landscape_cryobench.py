@@ -165,3 +165,25 @@ def test_neighbour_rho_follows_a_curved_motion_that_pc1_misses():
     assert metrics.hinge_rho(z, hinge) < 0.3
     assert metrics.neighbour_rho(z, hinge) > 0.98
     assert metrics.neighbour_rho(rng.normal(size=(2000, 2)), hinge) < 0.15
+
+
+def test_a_finished_peer_step_is_reused_not_run_again(cryobench, tmp_path):
+    """RECOVAR's steps (hours on a CPU) are recorded once finished and reused by a later run on the same folder: the
+    command fails if it runs a second time, and the second call returns the first call's (wall, CPU)."""
+    import sys
+    marker = tmp_path / "ran"
+    once = [sys.executable, "-c", "import pathlib, sys; p = pathlib.Path(sys.argv[1]); "
+            "sys.exit('ran twice') if p.exists() else p.touch()", str(marker)]
+    first = cryobench._timed_once(str(tmp_path / "out"), "step", [once], None)
+    second = cryobench._timed_once(str(tmp_path / "out"), "step", [once], None)
+    assert marker.exists() and first == second and len(first) == 2
+    assert not (tmp_path / "out" / "step_time_s.json.part").exists()
+
+
+def test_recovar_runs_on_the_cpu_without_deepcryos_path(cryobench, monkeypatch):
+    """RECOVAR's environment: JAX on the CPU, the benchmark's threads, and not deepcryo's PYTHONPATH (its own venv)."""
+    import argparse
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/deepcryo")
+    env = cryobench.recovar_environ(argparse.Namespace(threads=1))
+    assert env["JAX_PLATFORMS"] == "cpu" and "PYTHONPATH" not in env
+    assert "intra_op_parallelism_threads=1" in env["XLA_FLAGS"] and "multi_thread_eigen=false" in env["XLA_FLAGS"]
