@@ -17,13 +17,14 @@ Each method runs on the true poses and CTF of the same STAR and stack:
   ``parse_pose_star``, ``parse_ctf_star``, ``train_vae`` with ``--cryodrgn-dim``-wide 3-layer networks (cryoDRGN's
   default is 1024), then ``eval_vol --zfile``;
 - ``RECOVAR`` (with ``--recovar``, the Python interpreter of RECOVAR 1.0.5's own virtual environment, JAX on the
-  CPU: ``python3 -m venv /tmp/rcv && /tmp/rcv/bin/pip install recovar==1.0.5``): ``pipeline`` on the same STAR (``--mask sphere --zdim 10 --downsample <work box>``, its other options at their
-  defaults; zdim 10 as its README's ``analyze``), then ``compute_state`` at each conformation's mean latent (its
-  kernel regression, default 50 bins) from ``model/zdim_10/latent_coords.npy``. Both run through
-  ``recovar_cpu.py`` (beside this script), which fixes RECOVAR's JAX projector on the CPU (without it every map
-  comes out magnified twice; see that file). ``compute_state`` gets ``--gpu-budget-gb 1``: that budget only sets
-  its image batch, and every bin's images are padded to a full batch, so the default (half the RAM on a CPU,
-  ~2 800 images) makes each state ~10× slower (the padded images carry no weight);
+  CPU: ``python3 -m venv /tmp/rcv && /tmp/rcv/bin/pip install recovar==1.0.5``): ``pipeline`` on the same STAR
+  (``--mask sphere --zdim 10 --downsample <work box>``, its other options at their defaults; zdim 10 as its README's
+  ``analyze``), then ``compute_state`` at each conformation's mean latent (its kernel regression, default 50 bins)
+  from ``model/zdim_10/latent_coords.npy``. Both run through ``recovar_cpu.py`` (beside this script), which fixes
+  RECOVAR's JAX projector on the CPU (without it every map comes out magnified twice; see that file).
+  ``compute_state`` gets ``--gpu-budget-gb 1``: that budget only sets its image batch, and every bin's images are
+  padded to a full batch, so at the default (half the RAM on a CPU, about 3 000 images) a state cost 7.6× the CPU
+  here for the same map;
 - ``consensus``: ``python -m deepcryo.core.reconstruct`` of all particles with the true poses, the floor: a
   method that does not beat it inside the moving region has not recovered the motion.
 

@@ -4,10 +4,11 @@ RECOVAR reconstructs into a Fourier grid ``u`` times the image's (``upsampling_f
 state volumes). Its CUDA kernels scale each image's pixel frequencies by ``u`` before placing them on that grid
 (``recovar.core.slicing._cuda_max_r``'s docstring says so); the JAX path that runs without a GPU
 (``recovar.core.relion_interp.project`` / ``backproject``) does not, so every image lands in the central 1/u of the
-grid and the map comes out magnified u times and cropped. Measured (benchmarks/RESULTS.md, "RECOVAR on the CPU"): on 1 000 noiseless, centred, CTF-free ``relion_project``
-projections of one map, ``pipeline --only-mean`` gives a mean whose correlation with the map is at best 0.25 over
-every axis order and hand (0.38 allowing any shift), but 0.88 with the map's central half-box magnified twice;
-through this wrapper 1.00; cryoDRGN's ``backproject_voxel`` on the same files 0.99.
+grid and the map comes out magnified u times and cropped. Measured (benchmarks/RESULTS.md, "RECOVAR beside
+deepcryo and cryoDRGN"): on 1 000 noiseless, centred, CTF-free ``relion_project`` projections of one map,
+``pipeline --only-mean`` gives a mean whose correlation with the map is at best 0.25 over every axis order and
+hand (0.38 allowing any shift), but 0.88 with the map's central half-box magnified twice; through this wrapper
+1.00; cryoDRGN's ``backproject_voxel`` on the same files 0.99.
 
 This wrapper runs the command named by its first argument (``pipeline``, ``compute_state``) after replacing those
 two functions by the same functions given the rotations times ``u``: the points ``[kx, ky, 0] · u R`` are the
