@@ -173,12 +173,11 @@ RECOVAR_CPU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recovar_
 
 
 def recovar_environ(args):
-    """RECOVAR's environment: JAX on the CPU with ``--threads`` threads, without deepcryo's PYTHONPATH."""
+    """RECOVAR's environment: a peer's in its own venv (``landscape.cryodrgn_environ``: ``--threads`` threads, without
+    deepcryo's PYTHONPATH), with JAX on the CPU and XLA's threads set to the same number."""
     threads = int(args.threads)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(threads), XLA_FLAGS=(
+    return dict(pairwise.cryodrgn_environ(args), JAX_PLATFORMS="cpu", XLA_FLAGS=(
         "--xla_cpu_multi_thread_eigen=%s intra_op_parallelism_threads=%d" % (str(threads > 1).lower(), threads)))
-    env.pop("PYTHONPATH", None)
-    return env
 
 
 def _timed_once(out, name, cmds, env):
