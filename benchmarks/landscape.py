@@ -78,30 +78,39 @@ def cryodrgn_environ(args):
     return env
 
 
-def run_cryodrgn(star_path, out, args, dim=None):
-    """Downsample, parse poses/CTF and train_vae with cryoDRGN (into ``out/train``); the wall time includes all
-    four steps. ``dim``: width of its 3-layer encoder and decoder (default: cryoDRGN's).
+def cryodrgn_commands(star_path, out, args, dim=None):
+    """cryoDRGN's downsample, parse_pose_star, parse_ctf_star and train_vae of ``star_path`` (into ``out/train``),
+    as command lines. ``dim``: width of its 3-layer encoder and decoder (default: cryoDRGN's).
 
     ``--ps 0``: the simulated STAR has no ``rlnPhaseShift`` column, which cryoDRGN otherwise reads as NaN.
     """
     exe = args.cryodrgn
     folder = os.path.dirname(star_path)
-    os.makedirs(out, exist_ok=True)
     train = [exe, "train_vae", os.path.join(out, "particles_ds.mrcs"), "--poses", os.path.join(out, "poses.pkl"),
              "--ctf", os.path.join(out, "ctf.pkl"), "--zdim", str(args.latent_dim), "-n", str(args.epochs),
              "-b", str(args.batch_size), "--no-analysis", "-o", os.path.join(out, "train")]
     if dim:
         train += ["--enc-dim", str(dim), "--dec-dim", str(dim)]
-    steps = [
+    return [
         [exe, "downsample", os.path.join(folder, "particles.mrcs"), "-D", str(args.work_box),
          "-o", os.path.join(out, "particles_ds.mrcs")],
         [exe, "parse_pose_star", star_path, "-o", os.path.join(out, "poses.pkl"), "-D", str(args.box)],
         [exe, "parse_ctf_star", star_path, "-o", os.path.join(out, "ctf.pkl"), "-D", str(args.box), "--ps", "0"],
         train,
     ]
-    wall, cpu = timed_commands(steps, env=cryodrgn_environ(args))
+
+
+def cryodrgn_latents(out):
+    """(N, zdim) the latent means of cryoDRGN's finished ``train_vae`` in ``out/train``."""
     with open(os.path.join(out, "train", "z.pkl"), "rb") as f:
-        return wall, cpu, np.asarray(pickle.load(f)), None
+        return np.asarray(pickle.load(f))
+
+
+def run_cryodrgn(star_path, out, args, dim=None):
+    """:func:`cryodrgn_commands` run in turn (the wall time includes all four steps); (wall, CPU, latents, None)."""
+    os.makedirs(out, exist_ok=True)
+    wall, cpu = timed_commands(cryodrgn_commands(star_path, out, args, dim), env=cryodrgn_environ(args))
+    return wall, cpu, cryodrgn_latents(out), None
 
 
 def main(argv=None):

@@ -48,8 +48,7 @@ true maps and the consensus are Fourier-cropped to it):
 - **FSC-AUC**: for each conformation k, the FSC between the method's volume for k and the true map of k, and
   its area against the spatial frequency in 1/px up to Nyquist (:func:`deepcryo.landscape.metrics.fsc_auc`;
   identical maps score 0.5), averaged over k. The volume for k is decoded at the **mean latent of k's particles**
-  (CryoBench's first protocol, its per-conformation FSC; its later per-image FSC decodes one volume at each
-  image's latent and so also penalises the spread of a conformation's latents, at N decodes: not done here).
+  (CryoBench's first protocol, its per-conformation FSC).
   Over the whole particle (a soft sphere of radius N/2 − 4 px with a 3 px edge) and inside the **moving region**
   (:func:`deepcryo.landscape.metrics.scoring_masks`: voxels where the standard deviation over the K true maps
   exceeds 20 % of its maximum, extended by 1 px with a 2 px cosine edge, within that sphere; 40-50 % of the
@@ -59,6 +58,11 @@ true maps and the consensus are Fourier-cropped to it):
   consensus share the masks. As CryoBench (its ``fsc`` and ``fsc_flipped``), each
   method's volumes are scored as written and mirrored (z flipped about the box centre), and the better hand over
   the whole particle is kept: a method's frame and hand are its own;
+- **per-image FSC-AUC** (CryoBench's ``imgfsc``): ``--per-image`` I images evenly spaced over the rendered STAR
+  (:func:`per_image_rows`), one volume decoded at each image's own latent and scored as above against that image's
+  true conformation, in the hand chosen for the method; averaged over the images. It also penalises the spread of
+  a conformation's latents, which the per-conformation mean hides. The consensus map is scored against the same
+  images. Its decodes are not counted in a method's CPU (RECOVAR's ``compute_state`` for them is recorded apart);
 - **|ρ|** (motion): |Spearman ρ| between the latent PC1 and the conformation index, and in brackets the same for
   the conformation predicted from each particle's 50 nearest latents (``metrics.neighbour_rho``, cross-validated: a
   latent may order the motion along a curve that PC1 does not follow); **ARI** (discrete): adjusted Rand index of
@@ -86,8 +90,8 @@ The issue's size (≥ 20 k particles, SNR 0.1 and 0.01)::
     python benchmarks/landscape_cryobench.py --n 20000 --box 128 --work-box 64 --epochs 20 --snr 0.01 \\
         --cryodrgn /tmp/cdrgn/bin/cryodrgn --recovar /tmp/rcv/bin/python
 
-Each method's folder is reused by a later run on the same ``--workdir`` once it has finished (deepcryo's and
-RECOVAR's), so a peer can be added to a set already scored.
+Each method's folder is reused by a later run on the same ``--workdir`` once it has finished (deepcryo's training
+and decoding, cryoDRGN's training, RECOVAR's steps), so a peer or a score can be added to a set already scored.
 """
 import argparse
 import glob
@@ -95,9 +99,11 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -124,11 +130,46 @@ def _read_volumes(paths):
     return np.stack([read_mrc(p)[0] for p in paths]).astype(np.float64)
 
 
-def run_deepcryo(star, conformation_of, out, args):
-    """Train on ``star`` (its poses: true or estimated), decode at each conformation's mean latent; (volumes,
-    latents in the σ units of deepcryo's analysis, conformation of each latent, wall, CPU). ``conformation_of``: image key -> true conformation (the
-    estimated STAR need not keep the rendered order). Reused when ``out`` holds a finished run (its ``time_s.json``
-    with that run's wall and CPU seconds)."""
+class Run(NamedTuple):
+    """One method's output on one STAR."""
+    volumes: np.ndarray                  # (K, N, N, N) at each conformation's mean latent
+    latents: Optional[np.ndarray]        # (n, L) as the ordering and ARI read them (None: no latent)
+    conformation: Optional[np.ndarray]   # (n,) true conformation of each latent
+    wall_s: float
+    cpu_s: float
+    image_volumes: np.ndarray            # (I, N, N, N) at the latents of the per-image FSC's images
+
+
+def per_image_rows(n: int, count: int) -> np.ndarray:
+    """The rows (in the rendered STAR's order) of CryoBench's per-image FSC: ``count`` images evenly spaced over the
+    ``n`` particles (its ``np.arange(0, N, N // n)``); the rendered states are a random permutation, so these hold
+    the conformations at random."""
+    return np.arange(0, n, max(1, n // count))[:count] if count > 0 else np.zeros(0, dtype=np.int64)
+
+
+def _latents_of(z, keys, images):
+    """Rows of ``z`` (its particles' image ``keys``) for the image keys ``images``, in that order."""
+    row = {k: i for i, k in enumerate(keys)}
+    return np.asarray(z)[[row[k] for k in images]]
+
+
+def _decoded(out, name, points, decode):
+    """Volumes at ``points`` (I, L) decoded by ``decode(zfile, folder)`` into a fresh ``out/name`` (I = 0: none)."""
+    if len(points) == 0:
+        return np.zeros((0,) * 4)
+    folder, zfile = os.path.join(out, name), os.path.join(out, name + "_z.txt")
+    shutil.rmtree(folder, ignore_errors=True)
+    np.savetxt(zfile, points)
+    decode(zfile, folder)
+    return _read_volumes(sorted(glob.glob(os.path.join(folder, "*.mrc"))))
+
+
+def run_deepcryo(star, conformation_of, out, args, images=()):
+    """Train on ``star`` (its poses: true or estimated), decode at each conformation's mean latent and at the latents
+    of the per-image FSC's ``images`` (image keys); a :class:`Run` (latents in the σ units of deepcryo's analysis).
+    ``conformation_of``: image key -> true conformation (the estimated STAR need not keep the rendered order).
+    Reused when ``out`` holds a finished run (its ``time_s.json`` with that run's wall and CPU seconds); the
+    per-image volumes are decoded again each time and not counted in the CPU."""
     record, vols = os.path.join(out, "time_s.json"), os.path.join(out, "volumes")
     if os.path.exists(record):          # a finished run of this folder (same set, same poses): reused
         with open(record) as f:
@@ -138,34 +179,46 @@ def run_deepcryo(star, conformation_of, out, args):
         wall, cpu, _, trained = pairwise.run_deepcryo(star, out, args)
     z = metrics.latents(trained)
     conformation = np.array([conformation_of[k] for k in image_keys(trained)])
+
+    def decode(zfile, folder):
+        return timed_commands([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", folder,
+                                "--zfile", zfile, "--threads", str(args.threads)]])
+
     if not os.path.exists(record):
         zfile = os.path.join(out, "conformation_means.txt")
         np.savetxt(zfile, metrics.conformation_means(z, conformation))
-        w, c = timed_commands([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", vols,
-                                "--zfile", zfile, "--threads", str(args.threads)]])
+        w, c = decode(zfile, vols)
         wall, cpu = wall + w, cpu + c
         with open(record, "w") as f:
             json.dump([wall, cpu], f)
-    return (_read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))),
-            metrics.latents(trained, sigma_units=True), conformation, wall, cpu)
+    return Run(_read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))),
+               metrics.latents(trained, sigma_units=True), conformation, wall, cpu,
+               _decoded(out, "per_image_volumes", _latents_of(z, image_keys(trained), images), decode))
 
 
-def run_cryodrgn(star, conformation_of, out, args):
+def run_cryodrgn(star, conformation_of, out, args, images=()):
     """cryoDRGN 4.3.1 from the same STAR and stack (``benchmarks/landscape.py``'s downsample, parse and
-    ``train_vae``, networks ``--cryodrgn-dim`` wide), then ``eval_vol`` at each conformation's mean latent;
-    (volumes, latents, conformation of each latent, wall, CPU). ``star`` is the rendered one (cryoDRGN reads its
-    whole stack in order)."""
-    wall, cpu, z, _ = pairwise.run_cryodrgn(star, out, args, dim=args.cryodrgn_dim)
-    conformation = np.array([conformation_of[k] for k in image_keys(read_particles(star, require_images=False))])
+    ``train_vae``, networks ``--cryodrgn-dim`` wide), then ``eval_vol`` at each conformation's mean latent and at the
+    latents of ``images``; a :class:`Run`. ``star`` is the rendered one (cryoDRGN reads its whole stack in order).
+    Its training is recorded once finished and reused (:func:`_timed_once`)."""
+    wall, cpu = _timed_once(out, "train", pairwise.cryodrgn_commands(star, out, args, dim=args.cryodrgn_dim),
+                            pairwise.cryodrgn_environ(args))
+    z = pairwise.cryodrgn_latents(out)
+    keys = image_keys(read_particles(star, require_images=False))
+    conformation = np.array([conformation_of[k] for k in keys])
     train_dir = os.path.join(out, "train")
-    zfile = os.path.join(out, "conformation_means.txt")
+
+    def decode(zfile, folder):
+        return timed_commands([[args.cryodrgn, "eval_vol", os.path.join(train_dir, "weights.pkl"), "-c",
+                                os.path.join(train_dir, "config.yaml"), "--zfile", zfile, "-o", folder,
+                                "--Apix", repr(args.pixel_size * args.box / args.work_box)]],
+                              env=pairwise.cryodrgn_environ(args))
+
+    zfile, vols = os.path.join(out, "conformation_means.txt"), os.path.join(out, "volumes")
     np.savetxt(zfile, metrics.conformation_means(z, conformation))
-    vols = os.path.join(out, "volumes")
-    w, c = timed_commands([[args.cryodrgn, "eval_vol", os.path.join(train_dir, "weights.pkl"), "-c",
-                            os.path.join(train_dir, "config.yaml"), "--zfile", zfile, "-o", vols,
-                            "--Apix", repr(args.pixel_size * args.box / args.work_box)]],
-                          env=pairwise.cryodrgn_environ(args))
-    return _read_volumes(sorted(glob.glob(os.path.join(vols, "*.mrc")))), z, conformation, wall + w, cpu + c
+    w, c = decode(zfile, vols)
+    return Run(_read_volumes(sorted(glob.glob(os.path.join(vols, "*.mrc")))), z, conformation, wall + w, cpu + c,
+               _decoded(out, "per_image_volumes", _latents_of(z, keys, images), decode))
 
 
 RECOVAR_ZDIM = 10
@@ -192,38 +245,58 @@ def _timed_once(out, name, cmds, env):
         return json.load(f)
 
 
-def run_recovar(star, conformation_of, out, args):
-    """RECOVAR 1.0.5 from the same STAR (``pipeline``, then ``compute_state`` at each conformation's mean latent; see
-    the module docstring); (volumes, latents, conformation of each latent, wall, CPU). Each finished step is reused."""
+def run_recovar(star, conformation_of, out, args, images=()):
+    """RECOVAR 1.0.5 from the same STAR (``pipeline``, then ``compute_state`` at each conformation's mean latent and,
+    separately, at the latents of ``images``; see the module docstring); a :class:`Run`. Each finished step is
+    reused; the per-image states' CPU is not counted in the method's (it is scoring), but recorded in
+    ``per_image_<I>_time_s.json``."""
     env, pipeline, states = recovar_environ(args), os.path.join(out, "pipeline"), os.path.join(out, "states")
     recovar = [args.recovar, RECOVAR_CPU]
     wall, cpu = _timed_once(out, "pipeline", [recovar + [
         "pipeline", star, "-o", pipeline, "--mask", "sphere", "--zdim", str(RECOVAR_ZDIM), "--downsample",
         str(args.work_box), "--accept-cpu"]], env)
     z = np.load(os.path.join(pipeline, "model", "zdim_%d" % RECOVAR_ZDIM, "latent_coords.npy"))
-    conformation = np.array([conformation_of[k] for k in image_keys(read_particles(star, require_images=False))])
+    keys = image_keys(read_particles(star, require_images=False))
+    conformation = np.array([conformation_of[k] for k in keys])
     zfile = os.path.join(out, "conformation_means.txt")
     np.savetxt(zfile, metrics.conformation_means(z, conformation))
     w, c = _timed_once(out, "states", [recovar + [
         "compute_state", pipeline, "-o", states, "--latent-points", zfile, "--gpu-budget-gb", "1"]], env)
+    image_vols = np.zeros((0,) * 4)
+    if len(images):
+        name = "per_image_%d" % len(images)
+        np.savetxt(os.path.join(out, name + "_z.txt"), _latents_of(z, keys, images))
+        _timed_once(out, name, [recovar + ["compute_state", pipeline, "-o", os.path.join(out, name), "--latent-points",
+                                           os.path.join(out, name + "_z.txt"), "--gpu-budget-gb", "1"]], env)
+        image_vols = _read_volumes([os.path.join(out, name, "state%03d.mrc" % i) for i in range(len(images))])
     paths = [os.path.join(states, "state%03d.mrc" % k) for k in range(int(conformation.max()) + 1)]
-    return _read_volumes(paths), z, conformation, wall + w, cpu + c
+    return Run(_read_volumes(paths), z, conformation, wall + w, cpu + c, image_vols)
 
 
-def run_consensus(star, n_conformations, out, args):
+def run_consensus(star, n_conformations, out, args, n_images=0):
     """Direct Fourier inversion of all particles at the poses of ``star``, cropped to the working box, once per
-    conformation; (volumes, None, None, wall, CPU)."""
+    conformation and once per per-image FSC image; a :class:`Run` without latents."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "consensus.mrc")
     wall, cpu = timed_commands([[sys.executable, "-m", "deepcryo.core.reconstruct", "--particles", star, "--output", path,
                          "--threads", str(args.threads)]])
-    vol = resize_volume(torch.as_tensor(read_mrc(path)[0]), args.work_box).numpy()
-    return np.repeat(vol[None].astype(np.float64), n_conformations, 0), None, None, wall, cpu
+    vol = resize_volume(torch.as_tensor(read_mrc(path)[0]), args.work_box).numpy().astype(np.float64)
+    return Run(np.repeat(vol[None], n_conformations, 0), None, None, wall, cpu, np.repeat(vol[None], n_images, 0))
 
 
 def mirrored(volumes: np.ndarray) -> np.ndarray:
     """Volumes (K, N, N, N) of the other hand: z flipped about the box centre (index N/2 stays in place)."""
     return np.roll(np.flip(volumes, axis=1), 1, axis=1)
+
+
+def per_image_scores(volumes: np.ndarray, truths: np.ndarray, masks, hand: str):
+    """CryoBench's per-image FSC: each volume (I, N, N, N) decoded at one image's own latent against that image's true
+    conformation (I, N, N, N), in the hand :func:`score` chose for the method; mean and per-image FSC-AUC in each
+    mask. Unlike the per-conformation score it also penalises the spread of a conformation's latents."""
+    vols = volumes if hand == "as written" else mirrored(volumes)
+    aucs = {name: metrics.conformation_fsc_auc(vols, truths, m) for name, m in masks.items()}
+    return dict({"per_image_auc_%s" % name: float(a.mean()) for name, a in aucs.items()},
+                **{"per_image_auc_%s_each" % name: a.tolist() for name, a in aucs.items()})
 
 
 def score(volumes, truths, masks):
@@ -413,20 +486,25 @@ def run_set(kind, args, work):
     conformation_of = dict(zip(image_keys(truth), np.asarray(truth.particles["rlnClassNumber"]) - 1))
     truths = np.stack([resize_volume(torch.as_tensor(v), args.work_box).numpy() for v in data.volumes])
     masks = metrics.scoring_masks(truths)
+    images = [image_keys(truth)[i] for i in per_image_rows(len(truth), args.per_image)]
+    image_truths = truths[np.array([conformation_of[k] for k in images], dtype=np.int64)]
     entry = {"spec": dict(vars(spec)), "work_box": args.work_box, "snr_measured": data.snr, "moving_mask_fraction":
-             float(masks["moving"].mean()), "methods": {}}
+             float(masks["moving"].mean()), "per_image_rows": per_image_rows(len(truth), args.per_image).tolist(),
+             "methods": {}}
 
     def score_run(label, poses, star, run, out, pose_cpu):
         t0 = time.time()
         if run is None:
-            vols, z, conformation, wall, cpu = run_consensus(star, states, out, args)
+            vols, z, conformation, wall, cpu, image_vols = run_consensus(star, states, out, args, len(images))
         else:
-            vols, z, conformation, wall, cpu = run(star, conformation_of, out, args)
+            vols, z, conformation, wall, cpu, image_vols = run(star, conformation_of, out, args, images)
         hand, aucs = score(vols, truths, masks)
         result = {"poses": poses, "auc_whole": float(aucs["whole"].mean()), "auc_moving": float(aucs["moving"].mean()),
                   "auc_whole_per_conformation": aucs["whole"].tolist(),
                   "auc_moving_per_conformation": aucs["moving"].tolist(), "hand": hand, "wall_s": wall,
                   "cpu_s": cpu + pose_cpu, "pose_cpu_s": pose_cpu}
+        if images:
+            result.update(per_image_scores(image_vols, image_truths, masks, hand))
         if z is not None:
             key, value = (("rho", metrics.hinge_rho(z, conformation)) if kind == "motion"
                           else ("ari", metrics.state_ari(z, conformation)))
@@ -484,7 +562,7 @@ def run_set(kind, args, work):
     return entry
 
 
-SCORES = ("auc_whole", "auc_moving", "rho", "ari")
+SCORES = ("auc_whole", "auc_moving", "per_image_auc_whole", "per_image_auc_moving", "rho", "ari")
 
 
 def ratios(entry):
@@ -505,20 +583,25 @@ def table(kind, entry):
     lines = ["%s: %d particles, %d conformations, box %d scored at %d, SNR %.3g, moving region %.1f %% of the box" % (
                  kind, spec["n"], spec["states"], spec["box"], entry["work_box"], entry["snr_measured"],
                  100 * entry["moving_mask_fraction"]), "",
-             "| method | FSC-AUC whole | FSC-AUC moving | %s | CPU s |" % label, "|---|---|---|---|---|"]
+             "| method | FSC-AUC whole | FSC-AUC moving | per-image FSC-AUC whole / moving (%d images) | %s | CPU s |" % (
+                 len(entry.get("per_image_rows", ())), label), "|---|---|---|---|---|---|"]
     for name, r in entry["methods"].items():
         ordering = "%.3f" % r[key] if key in r else "—"
         if "rho_neighbours" in r:
             ordering += " (neighbours %.3f)" % r["rho_neighbours"]
         cpu = "%.0f" % r["cpu_s"] + (" (poses %.0f)" % r["pose_cpu_s"] if r.get("pose_cpu_s") else "")
-        lines.append("| %s | %.3f | %.3f | %s | %s |" % (name, r["auc_whole"], r["auc_moving"], ordering, cpu))
+        per_image = ("%.3f / %.3f" % (r["per_image_auc_whole"], r["per_image_auc_moving"])
+                     if "per_image_auc_whole" in r else "—")
+        lines.append("| %s | %.3f | %.3f | %s | %s | %s |" % (name, r["auc_whole"], r["auc_moving"], per_image,
+                                                            ordering, cpu))
     for name, r in entry["methods"].items():
         if "auc_whole_turn_out" in r:
-            lines.append("| %s, each conformation's shared turn taken out | %.3f | %.3f | | |" % (
+            lines.append("| %s, each conformation's shared turn taken out | %.3f | %.3f | | | |" % (
                 name, r["auc_whole_turn_out"], r["auc_moving_turn_out"]))
     for name, ratio in ratios(entry).items():
-        lines.append("| ratio %s / true poses | %s | %s | %s | |" % (name, *(
-            "%.3f" % ratio[k] if k in ratio else "—" for k in ("auc_whole", "auc_moving", key))))
+        lines.append("| ratio %s / true poses | %s | %s | %s | %s | |" % (name, *(
+            "%.3f" % ratio[k] if k in ratio else "—"
+            for k in ("auc_whole", "auc_moving", "per_image_auc_whole", key))))
     for folder, p in entry.get("pose_runs", {}).items():
         lines += ["", "%s pose error: median %.2f°, %.1f %% > 10°; after each conformation's best rotation %.2f°, "
                   "%.1f %% > 10°" % (folder, p["median_deg"], p["pct_over_10"], p["aligned_median_deg"],
@@ -555,6 +638,8 @@ def main(argv=None):
     p.add_argument("--cryodrgn", default=None, help="cryodrgn executable of its own virtual environment")
     p.add_argument("--cryodrgn-dim", type=int, default=1024, help="width of cryoDRGN's 3-layer encoder and decoder")
     p.add_argument("--recovar", default=None, help="python interpreter of RECOVAR 1.0.5's own virtual environment")
+    p.add_argument("--per-image", type=int, default=20, metavar="I",
+                   help="images of CryoBench's per-image FSC (a volume at each one's own latent; 0: none)")
     p.add_argument("--sets", default=",".join(SETS), help="comma-separated: " + ", ".join(SETS))
     p.add_argument("--poses", default="true", choices=("true", "estimated", "true,estimated"),
                    help="train on the true poses, on SwiftRes's poses of the unaligned particles, or both")

@@ -187,3 +187,26 @@ def test_recovar_runs_on_the_cpu_without_deepcryos_path(cryobench, monkeypatch):
     env = cryobench.recovar_environ(argparse.Namespace(threads=1))
     assert env["JAX_PLATFORMS"] == "cpu" and "PYTHONPATH" not in env
     assert "intra_op_parallelism_threads=1" in env["XLA_FLAGS"] and "multi_thread_eigen=false" in env["XLA_FLAGS"]
+
+
+def test_per_image_rows_are_cryobenchs_evenly_spaced_images(cryobench):
+    np.testing.assert_array_equal(cryobench.per_image_rows(20000, 20), np.arange(0, 20000, 1000))
+    np.testing.assert_array_equal(cryobench.per_image_rows(7, 20), np.arange(7))
+    assert len(cryobench.per_image_rows(100, 0)) == 0
+
+
+def test_per_image_scores_read_each_image_against_its_own_conformation_in_the_methods_hand(cryobench, hinge):
+    """Volumes equal to their images' true conformations score 0.5 (CryoBench's identical maps), also when written
+    mirrored and scored in the mirrored hand; a volume of another conformation lowers its image's score, inside the
+    moving region more than over the whole particle."""
+    masks = metrics.scoring_masks(hinge)
+    conformation = np.array([0, 4, 4, 2])
+    truths = hinge[conformation]
+    exact = cryobench.per_image_scores(truths, truths, masks, "as written")
+    assert exact["per_image_auc_whole"] == pytest.approx(0.5) and exact["per_image_auc_moving"] == pytest.approx(0.5)
+    assert len(exact["per_image_auc_whole_each"]) == 4
+    flipped = cryobench.per_image_scores(cryobench.mirrored(truths), truths, masks, "mirrored")
+    assert flipped["per_image_auc_whole"] == pytest.approx(0.5)
+    wrong = cryobench.per_image_scores(hinge[[0, 0, 4, 2]], truths, masks, "as written")
+    whole, moving = wrong["per_image_auc_whole_each"], wrong["per_image_auc_moving_each"]
+    assert whole[0] == pytest.approx(0.5) and whole[1] < 0.5 and moving[1] < whole[1]
