@@ -142,7 +142,7 @@ class Run(NamedTuple):
 
 def per_image_rows(n: int, count: int) -> np.ndarray:
     """The rows (in the rendered STAR's order) of CryoBench's per-image FSC: ``count`` images evenly spaced over the
-    ``n`` particles (its ``np.arange(0, N, N // n)``); the rendered states are a random permutation, so these hold
+    ``n`` particles (its ``np.arange(0, n, n // count)``); the rendered states are a random permutation, so these hold
     the conformations at random."""
     return np.arange(0, n, max(1, n // count))[:count] if count > 0 else np.zeros(0, dtype=np.int64)
 
