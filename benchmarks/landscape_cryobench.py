@@ -258,19 +258,23 @@ def run_recovar(star, conformation_of, out, args, images=()):
     z = np.load(os.path.join(pipeline, "model", "zdim_%d" % RECOVAR_ZDIM, "latent_coords.npy"))
     keys = image_keys(read_particles(star, require_images=False))
     conformation = np.array([conformation_of[k] for k in keys])
-    zfile = os.path.join(out, "conformation_means.txt")
-    np.savetxt(zfile, metrics.conformation_means(z, conformation))
-    w, c = _timed_once(out, "states", [recovar + [
-        "compute_state", pipeline, "-o", states, "--latent-points", zfile, "--gpu-budget-gb", "1"]], env)
+
+    def compute_state(record, zfile, points, folder):
+        """``compute_state`` at ``points`` (written to ``zfile``) into ``folder``, once (``record``); (volumes,
+        wall, CPU)."""
+        np.savetxt(zfile, points)
+        w, c = _timed_once(out, record, [recovar + [
+            "compute_state", pipeline, "-o", folder, "--latent-points", zfile, "--gpu-budget-gb", "1"]], env)
+        return _read_volumes([os.path.join(folder, "state%03d.mrc" % i) for i in range(len(points))]), w, c
+
+    vols, w, c = compute_state("states", os.path.join(out, "conformation_means.txt"),
+                               metrics.conformation_means(z, conformation), states)
     image_vols = np.zeros((0,) * 4)
     if len(images):
         name = "per_image_%d" % len(images)
-        np.savetxt(os.path.join(out, name + "_z.txt"), _latents_of(z, keys, images))
-        _timed_once(out, name, [recovar + ["compute_state", pipeline, "-o", os.path.join(out, name), "--latent-points",
-                                           os.path.join(out, name + "_z.txt"), "--gpu-budget-gb", "1"]], env)
-        image_vols = _read_volumes([os.path.join(out, name, "state%03d.mrc" % i) for i in range(len(images))])
-    paths = [os.path.join(states, "state%03d.mrc" % k) for k in range(int(conformation.max()) + 1)]
-    return Run(_read_volumes(paths), z, conformation, wall + w, cpu + c, image_vols)
+        image_vols = compute_state(name, os.path.join(out, name + "_z.txt"), _latents_of(z, keys, images),
+                                   os.path.join(out, name))[0]
+    return Run(vols, z, conformation, wall + w, cpu + c, image_vols)
 
 
 def run_consensus(star, n_conformations, out, args, n_images=0):
@@ -483,14 +487,15 @@ def run_set(kind, args, work):
     logger.info("%s: rendered %d particles of %d conformations by relion_project in %.0f s (SNR %.3f)", kind,
                 args.n, states, time.time() - t0, data.snr)
     truth = read_particles(data.star)
-    conformation_of = dict(zip(image_keys(truth), np.asarray(truth.particles["rlnClassNumber"]) - 1))
+    keys = image_keys(truth)
+    conformation_of = dict(zip(keys, np.asarray(truth.particles["rlnClassNumber"], dtype=np.int64) - 1))
     truths = np.stack([resize_volume(torch.as_tensor(v), args.work_box).numpy() for v in data.volumes])
     masks = metrics.scoring_masks(truths)
-    images = [image_keys(truth)[i] for i in per_image_rows(len(truth), args.per_image)]
-    image_truths = truths[np.array([conformation_of[k] for k in images], dtype=np.int64)]
+    rows = per_image_rows(len(truth), args.per_image)
+    images = [keys[i] for i in rows]
+    image_truths = truths[[conformation_of[k] for k in images]]
     entry = {"spec": dict(vars(spec)), "work_box": args.work_box, "snr_measured": data.snr, "moving_mask_fraction":
-             float(masks["moving"].mean()), "per_image_rows": per_image_rows(len(truth), args.per_image).tolist(),
-             "methods": {}}
+             float(masks["moving"].mean()), "per_image_rows": rows.tolist(), "methods": {}}
 
     def score_run(label, poses, star, run, out, pose_cpu):
         t0 = time.time()
