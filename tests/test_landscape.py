@@ -23,7 +23,7 @@ from deepcryo.landscape import __main__ as cli
 from deepcryo.landscape.analyze import analyze
 from deepcryo.landscape import metrics
 from deepcryo.landscape.model import LandscapeVAE
-from deepcryo.landscape.train import CHECKPOINT, LATENT_STAR, latent_columns, train
+from deepcryo.landscape.train import CHECKPOINT, LATENT_STAR, latent_columns, load_model, train
 
 BOX, WORK_BOX, N, PIXEL_A = 48, 24, 1200, 2.0
 TRAIN = dict(latent_dim=8, epochs=3, box=WORK_BOX, batch_size=64, learning_rate=3e-3)
@@ -112,6 +112,25 @@ def test_resume_from_checkpoint(tmp_path):
     assert second["history"][0] == first["history"][0]
     assert not torch.equal(first["model"]["volumes"], second["model"]["volumes"])
     assert len(read_particles(os.path.join(out, LATENT_STAR))) == 200
+    # the end of training stores the decoder's variation weight; a checkpoint written before it existed loads with ones
+    weight = second["model"]["variation_weight"]
+    assert weight.shape == (16, 16, 16) and weight.min() >= 0 and weight.max() <= 1
+    del second["model"]["variation_weight"]
+    torch.save(second, os.path.join(out, CHECKPOINT))
+    assert torch.equal(load_model(out)[0].variation_weight, torch.ones_like(weight))
+
+
+def test_variation_weight_keeps_the_hinge_and_drops_the_static_body(hinge):
+    """The Wiener weight of the decoded variation against the truth: high where the hinge's two ends differ,
+    low on density that does not move."""
+    model, _ = load_model(str(hinge / "vae"))
+    weight = model.variation_weight.numpy()
+    ends = [_crop_volume(hinge_volume(BOX, t, seed=0), WORK_BOX) for t in (0.0, 1.0)]
+    diff, mean = np.abs(ends[1] - ends[0]), (ends[0] + ends[1]) / 2
+    moving = diff > 0.3 * diff.max()
+    static = (mean > 0.3 * mean.max()) & (diff < 0.05 * diff.max())
+    assert moving.sum() > 20 and static.sum() > 20
+    assert weight[moving].mean() > weight[static].mean() + 0.2, (weight[moving].mean(), weight[static].mean())
 
 
 def test_bad_inputs(tmp_path, capsys):

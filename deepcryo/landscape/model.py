@@ -422,6 +422,8 @@ class LandscapeVAE(nn.Module):
         mean_volume = torch.as_tensor(mean_volume, dtype=torch.float32)
         basis = 1e-3 * mean_volume.std() * torch.randn((self.n_basis,) + mean_volume.shape)
         self.volumes = nn.Parameter(torch.cat([mean_volume[None], basis], 0))
+        # Wiener weight of the decoded variation (deepcryo.landscape.shrinkage), fixed after training; ones before
+        self.register_buffer("variation_weight", torch.ones(mean_volume.shape))
         self.encoder = _mlp(2 * self.n_basis, hidden, 2 * self.latent_dim)
         self.coefficients = _mlp(self.latent_dim, hidden, self.n_basis)
         if self.pose_free:
@@ -600,10 +602,13 @@ class LandscapeVAE(nn.Module):
         return slices[:, 0] + torch.einsum("bm,bmk->bk", c.to(slices.dtype), slices[:, 1:])
 
     def volume(self, z: torch.Tensor) -> torch.Tensor:
-        """Real-space volumes (K, D, D, D) for latents z (K, L) (dataset intensity scale)."""
+        """Real-space volumes (K, D, D, D) for latents z (K, L) (dataset intensity scale): V₀ + w ⊙ Σₘ cₘ(z) Bₘ,
+        with w the :attr:`variation_weight` set after training (:func:`deepcryo.landscape.shrinkage`), so that
+        the basis' noise stays out of the volume where the particles do not vary."""
         with torch.no_grad():
             c = self.coefficients(torch.as_tensor(z, dtype=torch.float32, device=self.volumes.device))
-            vols = (self.volumes[0] + torch.einsum("km,mzyx->kzyx", c, self.volumes[1:])) * self.mask3d
+            variation = torch.einsum("km,mzyx->kzyx", c, self.volumes[1:]) * self.variation_weight
+            vols = (self.volumes[0] + variation) * self.mask3d
             return symmetrize_volumes(vols, self.sym_ops) if len(self.sym_ops) > 1 else vols
 
     # ----------------------------------------------------------------------------------------- encoder

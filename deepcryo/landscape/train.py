@@ -3,7 +3,8 @@
 Output folder layout:
 
 - ``checkpoint.pt``: model, optimiser, epoch and configuration, rewritten atomically after every epoch
-  (``--continue`` resumes from it); load with ``torch.load(path, weights_only=True)``.
+  (``--continue`` resumes from it) and once more at the end with the decoder's variation weight, fitted to the
+  particles' latents (:func:`fit_variation_weight`); load with ``torch.load(path, weights_only=True)``.
 - ``consensus.mrc``: the consensus map at the working box (initial mean volume of the decoder; pose-free: the
   starting volume, reference or sphere).
 - ``particles_latent.star``: the input particles with their latent means ``dcLatent01`` … and the encoder's
@@ -53,10 +54,11 @@ from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches, load_particles
 from .distributed import DistributedLaunch, local_launch, rank_device, read_launch
 from .model import LandscapeVAE, radial_noise_variance, soft_sphere
+from .shrinkage import solvent_mask, variation_variance, variation_weight
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train", "load_model", "encode_posterior", "Posterior", "latent_columns", "sigma_columns",
+__all__ = ["train", "load_model", "fit_variation_weight", "encode_posterior", "Posterior", "latent_columns", "sigma_columns",
            "latent_pixel_size_A", "report_active_coordinates", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -155,8 +157,34 @@ def load_model(output_dir: str, device: Union[str, torch.device] = "cpu") -> Tup
                          state["volumes"][0], state["noise_var"], pose_free=cfg.get("pose_free", False),
                          pose_heads=cfg.get("pose_heads", 8), max_shift_px=cfg.get("max_shift_px"),
                          symmetry=cfg.get("symmetry", "C1"))
-    model.load_state_dict(state)
+    model.load_state_dict(_with_variation_weight(state, model))
     return model.to(device), ckpt
+
+
+def _with_variation_weight(state: Dict[str, torch.Tensor], model: LandscapeVAE) -> Dict[str, torch.Tensor]:
+    """``state`` with the model's own :attr:`LandscapeVAE.variation_weight` where a checkpoint written before the
+    weight existed lacks it (ones: its volumes decode as they did)."""
+    return state if "variation_weight" in state else dict(state, variation_weight=model.variation_weight)
+
+
+def fit_variation_weight(model: LandscapeVAE, z: np.ndarray) -> float:
+    """Set ``model.variation_weight`` (:mod:`deepcryo.landscape.shrinkage`) from the particles' latent means ``z``
+    (N, L); returns the fraction of the decoder's sphere where the weight exceeds 0.5."""
+    with torch.no_grad():
+        c = model.coefficients(torch.as_tensor(z, dtype=torch.float32, device=model.volumes.device))
+        variance = variation_variance(model.volumes[1:] * model.mask3d, c).cpu().numpy()
+        mask = model.mask3d.cpu().numpy()
+        solvent = solvent_mask((model.volumes[0] * model.mask3d).cpu().numpy(), mask > 0.99)
+        weight = variation_weight(variance, solvent)
+        model.variation_weight.copy_(torch.from_numpy(weight))
+    kept = float((weight[mask > 0.99] > 0.5).mean())
+    if solvent.any():
+        logger.info("variation weight: noise floor from %d solvent voxels; above 0.5 in %.1f %% of the decoder's "
+                    "sphere", int(solvent.sum()), 100 * kept)
+    else:
+        logger.warning("variation weight: the mean volume fills the decoder's sphere, no solvent to measure the "
+                       "noise in; the decoded variation is kept everywhere (weight 1)")
+    return kept
 
 
 class Posterior(NamedTuple):
@@ -379,7 +407,7 @@ def _run(cfg, init, device, launch: DistributedLaunch):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])
     start_epoch, history = 0, []
     if init.get("checkpoint") is not None:
-        model.load_state_dict(init["checkpoint"]["model"])
+        model.load_state_dict(_with_variation_weight(init["checkpoint"]["model"], model))
         optimizer.load_state_dict(init["checkpoint"]["optimizer"])
         start_epoch, history = init["checkpoint"]["epoch"], list(init["checkpoint"]["history"])
         if "rng" in init["checkpoint"] and device.type == "cpu":
@@ -420,6 +448,8 @@ def _run(cfg, init, device, launch: DistributedLaunch):
         for i, (c, s) in enumerate(zip(latent_columns(model.latent_dim), sigma_columns(model.latent_dim))):
             out.particles[c] = post.z[:, i].astype(np.float64)
             out.particles[s] = post.sigma[:, i].astype(np.float64)
+        fit_variation_weight(model, post.z)
+        _save_checkpoint(cfg["output_dir"], net, optimizer, cfg["epochs"], cfg, history)
         write_particles(os.path.join(cfg["output_dir"], LATENT_STAR), out)
         report_active_coordinates(post.z)
     data.close()
