@@ -125,6 +125,9 @@ def test_variation_weight_keeps_the_hinge_and_drops_the_static_body(hinge):
     low on density that does not move."""
     model, _ = load_model(str(hinge / "vae"))
     weight = model.variation_weight.numpy()
+    written, pixel_A = read_mrc(str(hinge / "vae" / "variation_weight.mrc"))
+    np.testing.assert_array_equal(written, weight)
+    assert pixel_A == pytest.approx(PIXEL_A * BOX / WORK_BOX)
     ends = [_crop_volume(hinge_volume(BOX, t, seed=0), WORK_BOX) for t in (0.0, 1.0)]
     diff, mean = np.abs(ends[1] - ends[0]), (ends[0] + ends[1]) / 2
     moving = diff > 0.3 * diff.max()

@@ -7,6 +7,8 @@ Output folder layout:
   particles' latents (:func:`fit_variation_weight`); load with ``torch.load(path, weights_only=True)``.
 - ``consensus.mrc``: the consensus map at the working box (initial mean volume of the decoder; pose-free: the
   starting volume, reference or sphere).
+- ``variation_weight.mrc``: that weight at the working box, in [0, 1]: where the decoded volumes vary beyond the
+  noise of the decoder (1) and where they do not (0), a map of where the particles' heterogeneity lies.
 - ``particles_latent.star``: the input particles with their latent means ``dcLatent01`` … and the encoder's
   standard deviations ``dcZSigma01`` … (σ of the Gaussian q(z|X), per coordinate, in latent units: the
   uncertainty of each particle's position in the landscape; the prior is N(0, I), so σ ≪ 1 where the image
@@ -63,6 +65,7 @@ __all__ = ["train", "load_model", "fit_variation_weight", "encode_posterior", "P
 
 CHECKPOINT = "checkpoint.pt"
 LATENT_STAR = "particles_latent.star"
+VARIATION_MAP = "variation_weight.mrc"
 
 
 def latent_columns(latent_dim: int) -> List[str]:
@@ -449,6 +452,8 @@ def _run(cfg, init, device, launch: DistributedLaunch):
             out.particles[c] = post.z[:, i].astype(np.float64)
             out.particles[s] = post.sigma[:, i].astype(np.float64)
         fit_variation_weight(model, post.z)
+        write_mrc(os.path.join(cfg["output_dir"], VARIATION_MAP), model.variation_weight.cpu().numpy(),
+                  data.pixel_size_A)
         _save_checkpoint(cfg["output_dir"], net, optimizer, cfg["epochs"], cfg, history)
         write_particles(os.path.join(cfg["output_dir"], LATENT_STAR), out)
         report_active_coordinates(post.z)
@@ -534,7 +539,7 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
     if resume:
         if not os.path.exists(ckpt_path):
             raise InputError("%s: no checkpoint to continue from" % ckpt_path)
-        for name in (CHECKPOINT, LATENT_STAR, "consensus.mrc") if writer else ():
+        for name in (CHECKPOINT, LATENT_STAR, "consensus.mrc", VARIATION_MAP) if writer else ():
             remove_stale_parts(os.path.join(output_dir, name))  # temporary files of a run killed while writing
         ckpt = read_checkpoint(ckpt_path)
         old = ckpt["config"]

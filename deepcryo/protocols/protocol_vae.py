@@ -34,6 +34,7 @@ from pwem.protocols import ProtAnalysis3D, ProtFlexBase, ProtProcessParticles
 from deepcryo.constants import OUTPUT_PARTICLES, SYMMETRY_HELP
 from deepcryo.convert import copyVolumeMrc, rowToAlignment
 from deepcryo.core.errors import InputError
+from deepcryo.core.mrc import read_mrc_header
 from deepcryo.core.particles import read_particles
 from deepcryo.landscape import selection
 from deepcryo.protocols.protocol_base import DeepCryoProtBase, addGpuParams
@@ -44,6 +45,7 @@ OUTPUT_TRAJECTORY = "outputTrajectory"
 OUTPUT_VOLUMES = "outputVolumes"
 OUTPUT_PC_VOLUMES = "outputPcVolumes"
 OUTPUT_PATH_VOLUMES = "outputPathVolumes"
+OUTPUT_VARIATION = "outputVariationMap"
 SIGMA_ATTR = "_deepcryoZSigma"
 PROG_NAME = "deepcryo.landscape"
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
@@ -85,6 +87,9 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
     box. The output particles carry their latent coordinates (flexibility hub "zFlex") and their uncertainty
     (attribute ``_deepcryoZSigma``: the encoder's standard deviation σ per coordinate, latent units; the
     prior is N(0, I), so σ near 1 means the image does not place the particle along that coordinate).
+    A second output, the variation map (working box, values 0 to 1), shows where the decoded volumes vary
+    beyond the decoder's noise: the decoded volumes keep their variation there and are the consensus-like
+    mean volume elsewhere.
 
     Gold-standard halves (optional): two more VAEs are trained independently on the two half sets (the
     particles' random subsets when they have them, else a random split) and compared on every particle: R²
@@ -98,7 +103,7 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
     """
     _label = "landscape VAE train"
     _devStatus = BETA
-    _possibleOutputs = {OUTPUT_PARTICLES: SetOfParticlesFlex}
+    _possibleOutputs = {OUTPUT_PARTICLES: SetOfParticlesFlex, OUTPUT_VARIATION: Volume}
 
     def _defineParams(self, form):
         form.addSection(label=Message.LABEL_INPUT)
@@ -246,8 +251,11 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
             if poseFree:   # the predicted poses, in the learned volume's frame and hand
                 flex.setTransform(rowToAlignment({c: star.particles[c][r] for c in POSE_COLUMNS}, px))
             outSet.append(flex)
-        self._defineOutputs(**{OUTPUT_PARTICLES: outSet})
+        variation = Volume(location=os.path.join(self.getTrainDir(), "variation_weight.mrc"))
+        variation.setSamplingRate(read_mrc_header(variation.getFileName())[1])
+        self._defineOutputs(**{OUTPUT_PARTICLES: outSet, OUTPUT_VARIATION: variation})
         self._defineSourceRelation(self.inputParticles, outSet)
+        self._defineSourceRelation(self.inputParticles, variation)
 
     def _validate(self):
         errors = []

@@ -46,7 +46,7 @@ from deepcryo.core.particles import read_particles
 from deepcryo.protocols import (DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect, DeepCryoProtVaeTrain,
                                 DeepCryoProtVaeVolumes)
 from deepcryo.protocols.protocol_vae import (OUTPUT_CLASSES, OUTPUT_PATH_VOLUMES, OUTPUT_PC_VOLUMES, OUTPUT_TRAJECTORY,
-                                             SIGMA_ATTR)
+                                             OUTPUT_VARIATION, SIGMA_ATTR)
 from deepcryo.tests.harness import ProtocolTest, fakeChimeraModule, waitForProtocol
 from deepcryo.viewers.volumes import CHIMERAX, SLICES
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
@@ -84,6 +84,9 @@ class TestDeepCryoVae(ProtocolTest):
         sigma = [float(v) for v in getattr(flex.getFirstItem(), SIGMA_ATTR)]
         self.assertEqual(len(sigma), 2)
         self.assertTrue(all(v > 0 for v in sigma))
+        variation = getattr(second, OUTPUT_VARIATION)     # where the decoded volumes vary, at the working box
+        self.assertEqual(variation.getDim(), (16, 16, 16))
+        self.assertAlmostEqual(variation.getSamplingRate(), PX * BOX / 16)
         # the halves continued too (epoch 2 of their checkpoints), and the summary shows their agreement
         for half in ("half1", "half2"):
             ckpt = torch.load(os.path.join(second.getHalvesDir(), half, "checkpoint.pt"), weights_only=True)
