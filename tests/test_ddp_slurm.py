@@ -21,7 +21,7 @@ import torch
 from deepcryo.core.mrc import read_mrc
 from deepcryo.core.particles import read_particles
 from deepcryo.core.simulate import phantom_states, write_particle_set
-from deepcryo.landscape.train import CHECKPOINT, LATENT_STAR, latent_columns
+from deepcryo.landscape.train import CHECKPOINT, LATENT_STAR, VARIATION_MAP, latent_columns
 
 from slurm_cluster import slurm_cluster
 
@@ -85,7 +85,7 @@ def _check_launched_run(log, source, folder, runs):
     launched = _outputs(folder)
     # The format of a single process's run: the same files, keys, shapes, columns and map.
     ckpt, ckpt1 = launched[0], single[0]
-    assert sorted(os.listdir(folder)) == sorted([CHECKPOINT, LATENT_STAR, "consensus.mrc"])
+    assert sorted(os.listdir(folder)) == sorted([CHECKPOINT, LATENT_STAR, "consensus.mrc", VARIATION_MAP])
     assert ckpt.keys() == ckpt1.keys() and ckpt["epoch"] == ckpt1["epoch"] == 2
     assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in ckpt1["model"].items()}
     assert dict(ckpt["config"], output_dir=None) == dict(ckpt1["config"], output_dir=None, batch_size=8)

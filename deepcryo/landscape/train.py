@@ -61,7 +61,7 @@ from .shrinkage import solvent_mask, variation_variance, variation_weight
 logger = logging.getLogger(__name__)
 
 __all__ = ["train", "load_model", "fit_variation_weight", "encode_posterior", "Posterior", "latent_columns", "sigma_columns",
-           "latent_pixel_size_A", "report_active_coordinates", "CHECKPOINT"]
+           "latent_pixel_size_A", "report_active_coordinates", "CHECKPOINT", "VARIATION_MAP"]
 
 CHECKPOINT = "checkpoint.pt"
 LATENT_STAR = "particles_latent.star"
