@@ -152,7 +152,8 @@ class TestPlugin(unittest.TestCase):
                 for name, outputClass in dict(cls._possibleOutputs).items():
                     self.assertTrue(inspect.isclass(outputClass), "%s: %r" % (name, outputClass))
         self.assertEqual(deepcryo.protocols.DeepCryoProtVaeTrain._possibleOutputs,
-                         {"outputParticles": pwem.objects.SetOfParticlesFlex})
+                         {"outputParticles": pwem.objects.SetOfParticlesFlex,
+                          "outputVariationMap": pwem.objects.Volume})
         self.assertIs(deepcryo.protocols.DeepCryoProtVaeAnalyze._possibleOutputs["outputClasses"],
                       pwem.objects.SetOfClasses3D)
 
