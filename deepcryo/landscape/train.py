@@ -175,7 +175,8 @@ def fit_variation_weight(model: LandscapeVAE, z: np.ndarray) -> float:
     (N, L); returns the fraction of the decoder's sphere where the weight exceeds 0.5."""
     with torch.no_grad():
         c = model.coefficients(torch.as_tensor(z, dtype=torch.float32, device=model.volumes.device))
-        variance = variation_variance(model.volumes[1:] * model.mask3d, c).cpu().numpy()
+        # the decoded volumes are masked: Var(mask ⊙ Σ cₘBₘ) = mask² Var(Σ cₘBₘ), without a masked copy of the basis
+        variance = (variation_variance(model.volumes[1:], c) * model.mask3d ** 2).cpu().numpy()
         mask = model.mask3d.cpu().numpy()
         solvent = solvent_mask((model.volumes[0] * model.mask3d).cpu().numpy(), mask > 0.99)
         weight = variation_weight(variance, solvent)
