@@ -90,7 +90,7 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, 
     import faiss
     from deepcryo.core.geometry import matrix_to_euler
     from deepcryo.swiftalign import index as swindex
-    from deepcryo.swiftalign.query import global_candidates, nearest_poses, score_poses
+    from deepcryo.swiftalign.query import global_candidates, nearest_poses, score_slices
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     px = star.pixel_size_A
@@ -105,9 +105,10 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, 
                exhaustive_refine=0.0)
     poses = {name: (np.zeros((len(subset), 3)), np.zeros((len(subset), 2))) for name in ("index", "exhaustive")}
 
-    def refine(name, parts, rot, org, score, rows):
+    def refine(name, parts, rot, org, score, slices, rows):
         t0 = time.process_time()
-        sel = select_and_refine(projector, band, parts, rot, org, score, k, step, sstep, 2 * step, "C1")
+        sel = select_and_refine(projector, band, parts, rot, org, score, k, step, sstep, 2 * step, "C1",
+                                pool_slices=slices)
         cpu[name + "_refine"] += time.process_time() - t0
         poses[name][0][rows] = matrix_to_euler(sel.rotation.double()).numpy()
         poses[name][1][rows] = (sel.origin_px * px).numpy()
@@ -125,13 +126,14 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, 
             vectors = parts.search_vectors(band, origins, ctf_rms=bundle.gallery.ctf_rms).numpy()
             distances, ids = swindex.search(bundle.shards(), vectors, 4 * k, nprobe)
             rot, org = global_candidates(bundle, *nearest_poses(distances, ids, len(origins), 4 * k))
-            score = score_poses(projector, band, parts, rot, org, torch.zeros(1, 2))[..., 0]
+            slices = band_slices(projector, rot.reshape(-1, 3, 3), band.freqs_px).reshape(rot.shape[:2] + (-1,))
+            score = score_slices(band, parts, slices[:, :, None], org, torch.zeros(1, 2))[:, :, 0, 0]
             cpu["index_search"] += time.process_time() - t0
-            refine("index", parts, rot, org, score, rows)
+            refine("index", parts, rot, org, score, slices, rows)
             t0 = time.process_time()
             pose, origin, score = exhaustive_pool(gallery, band, parts, origins, 4 * k)
             cpu["exhaustive_search"] += time.process_time() - t0
-            refine("exhaustive", parts, rotations[pose], origins_t[origin], score, rows)
+            refine("exhaustive", parts, rotations[pose], origins_t[origin], score, gallery[pose], rows)
     return cpu, poses
 
 

@@ -47,6 +47,13 @@ class Band:
         self.pixels = bands.band_indices(k, r, 0.0, radius)
         self.freqs_px = (k.reshape(-1, 2)[self.pixels] / self.box).contiguous()
         self.radius_px = r.reshape(-1)[self.pixels]
+        # the band read from an uncentred half spectrum (rfft2: kx = 0 … N/2, ky at ky mod N); every band pixel
+        # has kx >= 0. Centring the image first (ifftshift by N//2) multiplies coefficient k by
+        # exp(2πi (kx + ky) (N//2) / N): ±1 for even N.
+        kx, ky = (k.reshape(-1, 2)[self.pixels].round().to(torch.int64)).unbind(-1)
+        self._rfft_pixels = (ky % self.box) * (self.box // 2 + 1) + kx
+        angle = 2 * np.pi * ((kx + ky) * (self.box // 2) % self.box).double() / self.box
+        self._rfft_phase = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -66,8 +73,12 @@ class Band:
         return spectra.reshape(spectra.shape[0], -1).index_select(1, self.pixels.to(spectra.device))
 
     def from_images(self, images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-        """Band coefficients (B, P) complex of real images (B, N, N)."""
-        return self.gather(fourier.fft2c(torch.as_tensor(images, dtype=torch.float32)))
+        """Band coefficients (B, P) complex of real images (B, N, N): the centred spectrum's
+        (:func:`deepcryo.core.fourier.fft2c`) at the band pixels, read from the images' half spectrum (``rfft2``),
+        without the centring shifts, which cost more than the transform itself."""
+        x = torch.as_tensor(images, dtype=torch.float32)
+        half = torch.fft.rfft2(x).reshape(x.shape[0], -1)
+        return half.index_select(1, self._rfft_pixels.to(x.device)) * self._rfft_phase.to(x.device)
 
     def phase_ramps(self, origins_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """(..., P) complex ramps that move image content by ``-origin`` (RELION origin, px)."""

@@ -160,14 +160,17 @@ def _gather(x, index):
 def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
                  origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, levels: int = 5,
                  passes: int = 2, first_level: int = 1, scores: Optional[torch.Tensor] = None,
-                 newton: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pattern-search refinement of (B, C) candidate poses; returns refined (rotations, origins, scores (B, C)).
+                 newton: bool = False, slices: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pattern-search refinement of (B, C) candidate poses; returns refined (rotations, origins, scores (B, C),
+    band slices (B, C, P) of the refined rotations).
 
     Level ``l`` (``first_level``..``levels``) tries the current rotation and the 6 rotations by ±h about x, y,
     z left-multiplied (projection frame), ``h = step / 2^l``, each at the 3×3 origin offsets
     {0, ±step_s / 2^l}², keeping the best, ``passes`` times per level. The current rotation's slice is kept
-    from the pass that chose it, so a pass projects 6 rotations per candidate. ``scores`` (B, C): the
-    candidates' exact scores when already known.
+    from the pass that chose it, so a pass projects 6 rotations per candidate. ``scores`` (B, C) and ``slices``
+    (B, C, P): the candidates' exact scores and band slices when already known (a candidate is then never
+    projected twice).
 
     ``newton``: levels from 2 on take one pass that also tries the rotation at the vertices of the three
     parabolas through each axis' scores at −h, 0, +h (best origin offset of each; the vertex clamped to ±h, and
@@ -179,7 +182,9 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
     b, c = rotations.shape[:2]
     rot, org = rotations.clone(), origins_px.clone()
     device = particles.coeffs.device                      # scores, choices and kept slices live beside the particles
-    slices = band_slices(projector, rot.reshape(-1, 3, 3), band.freqs_px).to(device).reshape(b, c, -1)
+    if slices is None:
+        slices = band_slices(projector, rot.reshape(-1, 3, 3), band.freqs_px)
+    slices = slices.to(device).reshape(b, c, -1)
     if scores is None:
         score = score_slices(band, particles, slices[:, :, None], org, torch.zeros(1, 2))[:, :, 0, 0]
     else:
@@ -209,7 +214,7 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
             slices = torch.where(better[..., None], _gather(cand_slices, mi), slices)
             org = torch.where(better[..., None], org + offsets[oi], org)
             score = torch.maximum(best, score)
-    return rot, org, score
+    return rot, org, score, slices
 
 
 def parabola_vertex(scores: torch.Tensor, h_rad: float) -> torch.Tensor:
@@ -225,9 +230,10 @@ def parabola_vertex(scores: torch.Tensor, h_rad: float) -> torch.Tensor:
 
 def refine_best(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
                 origins_px: torch.Tensor, scores: torch.Tensor, angular_step_deg: float, shift_step_px: float,
-                levels: int = 5, passes: int = 2, newton: bool = True
+                levels: int = 5, passes: int = 2, newton: bool = True, slices: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Refine the best of (B, C) candidates (exact ``scores`` (B, C)): one pass of level 1 of
+    """Refine the best of (B, C) candidates (exact ``scores`` (B, C), band ``slices`` (B, C, P) when already
+    projected): one pass of level 1 of
     :func:`refine_poses` over all C, then only the best of them through levels 2 … ``levels``: one pass with
     the parabolas' vertex per level (``newton``), or else ``passes`` pattern-search passes per level. Returns
     its rotation (B, 3, 3), origin (B, 2), score (B,) and candidate index (B,).
@@ -240,12 +246,14 @@ def refine_best(projector: Projector, band: Band, particles: ParticleBatch, rota
     """
     b = rotations.shape[0]
     ar = torch.arange(b)
-    rot, org, score = refine_poses(projector, band, particles, rotations, origins_px, angular_step_deg,
-                                   shift_step_px, levels=min(levels, 1), passes=1, scores=scores)
+    rot, org, score, slices = refine_poses(projector, band, particles, rotations, origins_px, angular_step_deg,
+                                           shift_step_px, levels=min(levels, 1), passes=1, scores=scores,
+                                           slices=slices)
     lead = score.argmax(1)
-    rot, org, score = refine_poses(projector, band, particles, rot[ar, lead][:, None], org[ar, lead][:, None],
-                                   angular_step_deg, shift_step_px, levels, passes, first_level=2,
-                                   scores=score[ar, lead][:, None], newton=newton)
+    rot, org, score, _ = refine_poses(projector, band, particles, rot[ar, lead][:, None], org[ar, lead][:, None],
+                                      angular_step_deg, shift_step_px, levels, passes, first_level=2,
+                                      scores=score[ar, lead][:, None], newton=newton,
+                                      slices=slices[ar, lead][:, None])
     return rot[:, 0], org[:, 0], score[:, 0], lead
 
 
@@ -315,10 +323,11 @@ def _search_block(bundle, n_matches, batch_size, memory_bytes, n):
 
 def local_candidates(projector: Projector, band: Band, particles: ParticleBatch, prior_rotations: torch.Tensor,
                      prior_origins_px: torch.Tensor, angular_step_deg: float, shift_step_px: float, max_steps: int,
-                     max_shift_px: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     max_shift_px: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every rotation within ±``max_steps`` angular steps of the prior (a cubic grid of axis-angle vectors
     of spacing one step, inside the ball of radius ``max_steps`` steps), each with its best origin within
-    ±``max_shift_px`` of the prior origin: rotations (B, Q, 3, 3), origins (B, Q, 2), exact scores (B, Q)."""
+    ±``max_shift_px`` of the prior origin: rotations (B, Q, 3, 3), origins (B, Q, 2), exact scores (B, Q) and
+    band slices (B, Q, P) (for :func:`select_and_refine`, which then projects none of them again)."""
     r = np.arange(-max_steps, max_steps + 1)
     grid = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
     grid = grid[np.linalg.norm(grid, axis=1) <= max_steps + 1e-9]
@@ -328,9 +337,10 @@ def local_candidates(projector: Projector, band: Band, particles: ParticleBatch,
     offsets = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
     b, q = len(particles), len(moves)
     rot = moves[None] @ prior_rotations[:, None]                                      # (B, Q, 3, 3)
-    s = score_poses(projector, band, particles, rot, prior_origins_px[:, None].expand(b, q, 2), offsets)
+    slices = band_slices(projector, rot.reshape(-1, 3, 3), band.freqs_px).reshape(b, q, -1)
+    s = score_slices(band, particles, slices[:, :, None], prior_origins_px[:, None].expand(b, q, 2), offsets)[:, :, 0]
     score, arg = s.max(-1)
-    return rot, prior_origins_px[:, None] + offsets[arg], score
+    return rot, prior_origins_px[:, None] + offsets[arg], score, slices
 
 
 def pose_posterior(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
@@ -351,8 +361,8 @@ def pose_posterior(projector: Projector, band: Band, particles: ParticleBatch, r
 
     Returns rotations (B, Q, 3, 3), origins (B, Q, 2) px and weights (B, Q) summing to 1 per particle.
     """
-    rot, org, score = local_candidates(projector, band, particles, rotations, origins_px, angular_step_deg,
-                                       shift_step_px, max_steps, shift_step_px)
+    rot, org, score, _ = local_candidates(projector, band, particles, rotations, origins_px, angular_step_deg,
+                                          shift_step_px, max_steps, shift_step_px)
     logw = len(band) * (score ** 2 - score.max(1, keepdim=True).values ** 2) / temper
     return rot, org, torch.softmax(logw, dim=1)
 
@@ -388,12 +398,15 @@ class Selection(NamedTuple):
 def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch, pool_rot: torch.Tensor,
                       pool_org: torch.Tensor, pool_score: torch.Tensor, k: int, angular_step_deg: float,
                       shift_step_px: float, far_deg: float, symmetry: str, levels: int = 5, passes: int = 2,
-                      refine_far: bool = True, newton: bool = True) -> Selection:
+                      refine_far: bool = True, newton: bool = True,
+                      pool_slices: Optional[torch.Tensor] = None) -> Selection:
     """Refine the k best pool candidates (by exact score) to the winner (:func:`refine_best`), and measure its
     confidence: the gap to the best pool candidate farther than ``far_deg`` from the winner, refined through
     level 1 ``passes`` times and levels 2 … ``RUNNER_UP_LEVELS`` as the winner's are (or, when the pool has
     none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's exact pool score
-    unrefined (cheaper, a larger gap). ``levels``, ``passes``, ``newton``: see :func:`refine_best`.
+    unrefined (cheaper, a larger gap). ``levels``, ``passes``, ``newton``: see :func:`refine_best`. ``pool_slices``
+    (B, C, P): the pool's band slices when already projected (by the exact re-ranking), so that no candidate is
+    projected twice.
 
     The runner-up keeps the coarse level's second pass that SwiftRes's second hypothesis was measured with
     (:mod:`.refine`): a lone candidate needs it more than a fifth level, and a pass of one candidate costs a
@@ -407,7 +420,7 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
     top = pool_score.topk(min(k, pool_score.shape[1]), dim=1).indices
     w_rot, w_org, w_score, lead = refine_best(projector, band, particles, _take(pool_rot, top), _take(pool_org, top),
                                               _take(pool_score, top), angular_step_deg, shift_step_px, levels, passes,
-                                              newton)
+                                              newton, None if pool_slices is None else _take(pool_slices, top))
     w_angles = matrix_to_euler(w_rot.double())
     pool_angles = matrix_to_euler(pool_rot.reshape(-1, 3, 3).double())
     dist = pose_distance_deg(w_angles[:, None].expand(b, pool_rot.shape[1], 3).reshape(-1, 3), pool_angles,
@@ -416,9 +429,10 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
     far_pick = torch.where(far, pool_score, torch.full_like(pool_score, -np.inf)).argmax(1)
     f_rot, f_org, f_score = pool_rot[ar, far_pick], pool_org[ar, far_pick], pool_score[ar, far_pick]
     if refine_far:
+        f_slice = None if pool_slices is None else pool_slices[ar, far_pick][:, None]
         f_rot, f_org, f_score = (x[:, 0] for x in refine_poses(
             projector, band, particles, f_rot[:, None], f_org[:, None], angular_step_deg, shift_step_px,
-            RUNNER_UP_LEVELS, passes, scores=f_score[:, None], newton=newton))
+            RUNNER_UP_LEVELS, passes, scores=f_score[:, None], newton=newton, slices=f_slice)[:3])
     has_far = far.any(1)
     gap = w_score - torch.where(has_far, f_score, pool_score.min(1).values)
     f_rot = torch.where(has_far[:, None, None], f_rot, w_rot)
@@ -469,8 +483,9 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
         for idx, images in stack.batches(batch_size):
             parts = ParticleBatch(band, images, {key: v[idx] for key, v in ctf.items()}, bundle.sqrt_weights)
             if local:
-                rot, org, pool_score = local_candidates(bundle.projector, band, parts, prior_rot[idx], prior_org[idx],
-                                                        step, sstep, local_steps, local_shift_px)
+                rot, org, pool_score, pool_slices = local_candidates(bundle.projector, band, parts, prior_rot[idx],
+                                                                     prior_org[idx], step, sstep, local_steps,
+                                                                     local_shift_px)
                 far_deg = step
             else:
                 if idx[-1] >= block_start + len(block[0]):
@@ -484,12 +499,14 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
                         block = index_matches(bundle, stack, ctf, np.arange(block_start, min(block_start + block_size, n)),
                                               4 * k, nprobe, batch_size, memory_bytes, devices)
                 rot, org = global_candidates(bundle, block[0][idx - block_start], block[1][idx - block_start])
-                pool_score = score_poses(bundle.projector, band, parts, rot, org, torch.zeros(1, 2))[..., 0]
+                pool_slices = band_slices(bundle.projector, rot.reshape(-1, 3, 3), band.freqs_px).reshape(
+                    rot.shape[:2] + (-1,))
+                pool_score = score_slices(band, parts, pool_slices[:, :, None], org, torch.zeros(1, 2))[:, :, 0, 0]
                 far_deg = 2 * step
             (w_rot, w_org, w_score, gap, _,
              f_rot, f_org, f_score) = select_and_refine(bundle.projector, band, parts, rot, org, pool_score, k, step,
                                                         sstep, far_deg, symmetry, levels, passes, refine_far,
-                                                        newton)
+                                                        newton, pool_slices)
             out["angles_deg"][idx] = matrix_to_euler(w_rot.double()).numpy()
             out["origins_A"][idx] = (w_org * px).numpy()
             out["score"][idx] = w_score.numpy()
