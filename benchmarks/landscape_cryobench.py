@@ -170,27 +170,24 @@ def run_deepcryo(star, conformation_of, out, args, images=()):
     ``conformation_of``: image key -> true conformation (the estimated STAR need not keep the rendered order).
     Reused when ``out`` holds a finished run (its ``time_s.json`` with that run's wall and CPU seconds); the
     per-image volumes are decoded again each time and not counted in the CPU."""
-    record, vols = os.path.join(out, "time_s.json"), os.path.join(out, "volumes")
-    if os.path.exists(record):          # a finished run of this folder (same set, same poses): reused
-        with open(record) as f:
-            wall, cpu = json.load(f)
-        trained = read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
-    else:
-        wall, cpu, _, trained = pairwise.run_deepcryo(star, out, args)
-    z = metrics.latents(trained)
-    conformation = np.array([conformation_of[k] for k in image_keys(trained)])
+    vols = os.path.join(out, "volumes")
 
     def decode(zfile, folder):
         return timed_commands([[sys.executable, "-m", "deepcryo.landscape", "volumes", out, "--output-dir", folder,
                                 "--zfile", zfile, "--threads", str(args.threads)]])
 
-    if not os.path.exists(record):
+    def train_and_decode():
+        wall, cpu, _, trained = pairwise.run_deepcryo(star, out, args)
         zfile = os.path.join(out, "conformation_means.txt")
-        np.savetxt(zfile, metrics.conformation_means(z, conformation))
+        conformation = np.array([conformation_of[k] for k in image_keys(trained)])
+        np.savetxt(zfile, metrics.conformation_means(metrics.latents(trained), conformation))
         w, c = decode(zfile, vols)
-        wall, cpu = wall + w, cpu + c
-        with open(record, "w") as f:
-            json.dump([wall, cpu], f)
+        return wall + w, cpu + c
+
+    wall, cpu = _recorded(os.path.join(out, "time_s.json"), train_and_decode)
+    trained = read_particles(os.path.join(out, "particles_latent.star"), require_images=False)
+    z = metrics.latents(trained)
+    conformation = np.array([conformation_of[k] for k in image_keys(trained)])
     return Run(_read_volumes(sorted(glob.glob(os.path.join(vols, "vol_*.mrc")))),
                metrics.latents(trained, sigma_units=True), conformation, wall, cpu,
                _decoded(out, "per_image_volumes", _latents_of(z, image_keys(trained), images), decode))
@@ -233,16 +230,21 @@ def recovar_environ(args):
         "--xla_cpu_multi_thread_eigen=%s intra_op_parallelism_threads=%d" % (str(threads > 1).lower(), threads)))
 
 
-def _timed_once(out, name, cmds, env):
-    """``timed_commands`` once per ``out``: (wall, CPU) recorded in ``out/<name>_time_s.json`` and reused."""
-    record = os.path.join(out, name + "_time_s.json")
+def _recorded(record, run):
+    """``run()`` (its (wall, CPU) seconds) once per ``record``: written there when it has finished (through
+    ``record.part``, so an interrupted step is run again) and read back by every later call."""
     if not os.path.exists(record):
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(os.path.dirname(record), exist_ok=True)
         with open(record + ".part", "w") as f:
-            json.dump(timed_commands(cmds, env=env), f)
+            json.dump(list(run()), f)
         os.replace(record + ".part", record)
     with open(record) as f:
-        return json.load(f)
+        return tuple(json.load(f))
+
+
+def _timed_once(out, name, cmds, env):
+    """``timed_commands`` once per ``out``: (wall, CPU) recorded in ``out/<name>_time_s.json`` and reused."""
+    return _recorded(os.path.join(out, name + "_time_s.json"), lambda: timed_commands(cmds, env=env))
 
 
 def run_recovar(star, conformation_of, out, args, images=()):
@@ -337,12 +339,12 @@ def run_swiftres(data, out, args, references=None):
     focused refinement from its poses, local only (``--global-iterations 0``), against its consensus map at its
     resolution masked by :func:`alignment_mask`, as RELION users refine a rigid body after a consensus. (STAR path, wall, CPU: all
     the SwiftRes runs that made it)."""
-    star, record = os.path.join(out, "particles.star"), os.path.join(out, "time_s.json")
     particles, before = data.star, (0.0, 0.0)
     if args.align_mask == "static" and not references:
         particles, *before = run_swiftres(data, os.path.join(os.path.dirname(out), "swiftres"),
                                           argparse.Namespace(**dict(vars(args), align_mask="sphere")))
-    if not os.path.exists(record):
+
+    def refine():
         os.makedirs(out, exist_ok=True)
         refs, resolution = ((references, "15") if references else
                             ([data.volume_paths[len(data.volume_paths) // 2]], "30"))
@@ -358,12 +360,10 @@ def run_swiftres(data, out, args, references=None):
             mask = os.path.join(out, "static_mask.mrc")
             write_mrc(mask, alignment_mask(np.stack(data.volumes)).astype(np.float32), args.pixel_size)
             cmd += ["--mask", mask, "--global-iterations", "0"]
-        wall, cpu = timed_commands([cmd + shlex.split(args.swiftres_extra)])
-        with open(record, "w") as f:
-            json.dump([wall, cpu], f)
-    with open(record) as f:
-        wall, cpu = json.load(f)
-    return star, wall + before[0], cpu + before[1]
+        return timed_commands([cmd + shlex.split(args.swiftres_extra)])
+
+    wall, cpu = _recorded(os.path.join(out, "time_s.json"), refine)
+    return os.path.join(out, "particles.star"), wall + before[0], cpu + before[1]
 
 
 def second_pass_references(vae_dir, data, args):
@@ -384,24 +384,18 @@ def body_frame_particles(vae_dir, out, args):
     reconstructions, with ``pc1`` on K equal bins along the latent's PC1 (maps reconstructed by ``frames`` at the
     working box): each group's poses moved into one body frame (the mean of the groups'). Reused
     when ``out`` holds a finished run; (STAR path, wall, CPU of analyze and frames)."""
-    star, record = os.path.join(out, "particles.star"), os.path.join(out, "time_s.json")
-    if not os.path.exists(record):
-        analysis = os.path.join(vae_dir, "analysis_bodyframe")
-        wall, cpu = timed_commands([
-            [sys.executable, "-m", "deepcryo.landscape", "analyze", vae_dir, "--clusters", str(args.body_frame),
-             "--no-umap", "--trajectory-steps", "2", "--pcs", "1", "--threads", str(args.threads), "--seed",
-             str(args.seed), "--output-dir", analysis],
-            [sys.executable, "-m", "deepcryo.landscape", "frames", "--particles",
-             os.path.join(analysis, "particles.star"), "--output", star] + (
-                ["--group-column", "dcPC1", "--bins", str(args.body_frame), "--box", str(args.work_box),
-                 "--resolution", repr(args.body_frame_resolution)]
-                if args.body_frame_groups == "pc1" else
-                ["--resolution", repr(args.body_frame_resolution),
-                 "--maps", *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)]])])
-        with open(record, "w") as f:
-            json.dump([wall, cpu], f)
-    with open(record) as f:
-        wall, cpu = json.load(f)
+    star, analysis = os.path.join(out, "particles.star"), os.path.join(vae_dir, "analysis_bodyframe")
+    wall, cpu = _recorded(os.path.join(out, "time_s.json"), lambda: timed_commands([
+        [sys.executable, "-m", "deepcryo.landscape", "analyze", vae_dir, "--clusters", str(args.body_frame),
+         "--no-umap", "--trajectory-steps", "2", "--pcs", "1", "--threads", str(args.threads), "--seed",
+         str(args.seed), "--output-dir", analysis],
+        [sys.executable, "-m", "deepcryo.landscape", "frames", "--particles",
+         os.path.join(analysis, "particles.star"), "--output", star] + (
+            ["--group-column", "dcPC1", "--bins", str(args.body_frame), "--box", str(args.work_box),
+             "--resolution", repr(args.body_frame_resolution)]
+            if args.body_frame_groups == "pc1" else
+            ["--resolution", repr(args.body_frame_resolution),
+             "--maps", *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)]])]))
     return star, wall, cpu
 
 
