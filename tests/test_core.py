@@ -124,6 +124,23 @@ def test_projection_of_rotated_volume_is_rotated_image(phantom32):
     assert np.corrcoef(direct.ravel(), a[0].ravel())[0, 1] > 0.995
 
 
+def test_cropped_tables_sample_as_the_whole_half_table(phantom32):
+    """A band request reads a copy cropped to its radius: a whole cube (kx < 0 unfolded and conjugated) at small
+    radii, the folded half table at larger ones. Both must give the slices of the uncropped half table, including
+    points with kx < 0 and the kx = 0 plane (``max_radius`` 0.5 reads the uncropped table)."""
+    p = projector.Projector(phantom32)
+    rot = geometry.euler_to_matrix(torch.as_tensor(np.random.default_rng(0).uniform(0, 360, (40, 3)))).float()
+    f = torch.stack(torch.meshgrid(torch.fft.fftfreq(32), torch.fft.fftfreq(32), indexing="xy"), -1).reshape(-1, 2)
+    for radius, whole in ((0.12, True), (0.4, False)):
+        band = f[f.norm(dim=1) <= radius]
+        full = p.central_slices(band, rot, 0.5)
+        cropped = p.central_slices(band, rot, radius)
+        assert p._cropped[2] is whole
+        assert torch.allclose(cropped, full, rtol=0, atol=1e-5 * float(full.abs().max()))
+        assert torch.allclose(p.sample(band @ rot[0, :2], radius), full[0], rtol=0,
+                              atol=1e-5 * float(full.abs().max()))
+
+
 def test_origin_convention(phantom32):
     p = projector.Projector(phantom32)
     centred = p.project(np.zeros((1, 3)))

@@ -32,11 +32,12 @@ class Projector:
     imaginary channels, (1, 2, M, M, M/2 + 1) with kz, ky = −M/2 … M/2 − 1 at index k + M/2 and kx = 0 … M/2 (the
     layout of :func:`deepcryo.landscape.model.padded_half_transform`). A point with kx < 0 is read at −k and
     conjugated. Trilinear interpolation of Hermitian data is Hermitian, so this equals sampling the whole cube,
-    with half the memory. A request whose frequencies stay within a radius (a band, a low-pass) reads instead a
-    whole cube cropped to that radius (kx, ky, kz = −h … h, unfolded from the half table, cached until another
-    radius is asked for): no folding of the points and no conjugation per point, which were a third of a band
-    slice's cost, and a table small enough to stay in cache. Both matter at large boxes, where the slices'
-    gather is bound by memory traffic over a table of ``8 (2N)³ / 2`` bytes.
+    with half the memory. A request whose frequencies stay within a radius (a band, a low-pass) reads a copy
+    cropped to that radius, cached until another radius is asked for: a whole cube (kx, ky, kz = −h … h, unfolded
+    from the half table) where it holds at most half the half table's voxels, so no point is folded or conjugated
+    (a third of a band slice's cost), else the half table cropped, folded as above; the projector so never holds
+    more than 1.5 times its half table. Both matter at large boxes, where the slices' gather is bound by memory
+    traffic over a table of ``8 (2N)³ / 2`` bytes.
 
     Args:
         volume: (N, N, N) tensor or array (indexed [z, y, x]).
@@ -56,22 +57,26 @@ class Projector:
         half = torch.fft.fftshift(torch.fft.rfftn(torch.fft.ifftshift(corrected)), dim=(0, 1))
         del corrected
         self._half = torch.stack([half.real, half.imag], dim=0)[None].contiguous()
-        self._cropped = (None, None)                      # (half-width h, cropped table) of the last radius asked
+        self._cropped = (None, None, None)        # (half-width h, cropped table, whole cube?) of the last radius asked
 
     def _table(self, max_radius):
-        """The half table and M/2, or (when ``max_radius`` (cycles/px) is below Nyquist) the whole cube cropped to
-        kx, ky, kz = −h … h and h, h the padded-grid radius of ``max_radius`` plus one for the interpolation's upper
-        corners; a cube's value at −k is the conjugate of the half table's at k."""
+        """(table, h, whole): the half table and M/2, or (when ``max_radius`` (cycles/px) is below Nyquist) a copy
+        cropped to the padded-grid radius h of ``max_radius`` plus one for the interpolation's upper corners: the
+        whole cube kx, ky, kz = −h … h (``whole``; its value at −k the conjugate of the half table's at k) when it
+        holds at most half the half table's voxels, else the half table's kz, ky = −h … h, kx = 0 … h."""
         m = self.padded_box
         h = int(math.ceil(max_radius * m)) + 1
         if h >= m // 2 - 1:
-            return self._half, m // 2
+            return self._half, m // 2, False
         if self._cropped[0] != h:
             half = self._half[..., m // 2 - h:m // 2 + h + 1, m // 2 - h:m // 2 + h + 1, :h + 1]
-            mirrored = half[..., 1:].flip(-1, -2, -3)                     # kx = −h … −1 read at −k
-            mirrored = torch.cat([mirrored[:, :1], -mirrored[:, 1:]], 1)  # conjugated
-            self._cropped = (h, torch.cat([mirrored, half], -1).contiguous())
-        return self._cropped[1], h
+            whole = 2 * (2 * h + 1) ** 3 <= self._half[0, 0].numel()
+            if whole:
+                mirrored = half[..., 1:].flip(-1, -2, -3)                     # kx = −h … −1 read at −k
+                mirrored = torch.cat([mirrored[:, :1], -mirrored[:, 1:]], 1)  # conjugated
+                half = torch.cat([mirrored, half], -1)
+            self._cropped = (h, half.contiguous(), whole)
+        return self._cropped[1], h, self._cropped[2]
 
     def _sample_grid(self, grid: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Trilinear values (2, n) of ``table`` at ``grid`` (n, 3), grid_sample's normalised coordinates."""
@@ -84,8 +89,8 @@ class Projector:
         by default) may read zeros: callers keep their frequencies within it, or mask what lies beyond.
         A central slice is ``sample(k·A)`` for the in-plane frequencies k = (kx, ky, 0) (the row vector k times
         the pose matrix A is ``Aᵀk``)."""
-        table, origin = self._table(max_radius)
-        if table is not self._half:                                   # a cropped whole cube, centred on k = 0
+        table, origin, whole = self._table(max_radius)
+        if whole:                                                     # a cropped whole cube, centred on k = 0
             out = self._sample_grid(points * (self.padded_box / origin), table)
             return torch.complex(out[0], out[1]).reshape(points.shape[:-1])
         z, y, x = table.shape[-3:]
@@ -105,8 +110,8 @@ class Projector:
         (vector and scalar paths round differently) guarantees."""
         f = freqs.reshape(1, -1, 2, 1)
         shape = rotations.shape[:1] + freqs.shape[:-1]
-        table, origin = self._table(max_radius)
-        if table is not self._half:                 # a cropped cube: the grid's scale taken into the (B, 2, 3) rows
+        table, origin, whole = self._table(max_radius)
+        if whole:                                   # a cropped cube: the grid's scale taken into the (B, 2, 3) rows
             rows = (rotations[:, :2, :] * (self.padded_box / origin))[:, None]
             out = self._sample_grid(f[:, :, 0] * rows[:, :, 0] + f[:, :, 1] * rows[:, :, 1], table)
             return torch.complex(out[0], out[1]).reshape(shape)
