@@ -90,7 +90,7 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, 
     import faiss
     from deepcryo.core.geometry import matrix_to_euler
     from deepcryo.swiftalign import index as swindex
-    from deepcryo.swiftalign.query import global_candidates, nearest_poses, score_slices
+    from deepcryo.swiftalign.query import global_candidates, nearest_poses, pose_slices, score_slices
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     px = star.pixel_size_A
@@ -126,7 +126,7 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, 
             vectors = parts.search_vectors(band, origins, ctf_rms=bundle.gallery.ctf_rms).numpy()
             distances, ids = swindex.search(bundle.shards(), vectors, 4 * k, nprobe)
             rot, org = global_candidates(bundle, *nearest_poses(distances, ids, len(origins), 4 * k))
-            slices = band_slices(projector, rot.reshape(-1, 3, 3), band.freqs_px).reshape(rot.shape[:2] + (-1,))
+            slices = pose_slices(projector, band, rot)
             score = score_slices(band, parts, slices[:, :, None], org, torch.zeros(1, 2))[:, :, 0, 0]
             cpu["index_search"] += time.process_time() - t0
             refine("index", parts, rot, org, score, slices, rows)

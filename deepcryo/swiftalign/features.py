@@ -68,10 +68,6 @@ class Band:
         """(P, 2) band frequencies in 1/Å."""
         return self.freqs_px / self.pixel_size_A
 
-    def gather(self, spectra: torch.Tensor) -> torch.Tensor:
-        """Band coefficients (B, P) complex of centred spectra (B, N, N)."""
-        return spectra.reshape(spectra.shape[0], -1).index_select(1, self.pixels.to(spectra.device))
-
     def from_images(self, images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """Band coefficients (B, P) complex of real images (B, N, N): the centred spectrum's
         (:func:`deepcryo.core.fourier.fft2c`) at the band pixels, read from the images' half spectrum (``rfft2``),

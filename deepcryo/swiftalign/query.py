@@ -55,7 +55,7 @@ from .features import Band, vectors_from_band
 from .gallery import band_slices
 from .target import AlignTarget, SearchIndex
 
-__all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_slices", "score_poses", "axis_angle_matrices",
+__all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_slices", "pose_slices", "score_poses", "axis_angle_matrices",
            "parabola_vertex", "refine_poses", "refine_best", "nearest_poses", "global_candidates", "index_matches", "local_candidates",
            "pose_posterior", "Selection", "select_and_refine", "align", "query"]
 
@@ -114,6 +114,11 @@ def score_slices(band: Band, particles: ParticleBatch, slices: torch.Tensor, ori
     return num / norm[..., None]
 
 
+def pose_slices(projector: Projector, band: Band, rotations: torch.Tensor) -> torch.Tensor:
+    """Band slices (..., P) complex of the map at pose matrices ``rotations`` (..., 3, 3), on the projector's device."""
+    return band_slices(projector, rotations.reshape(-1, 3, 3), band.freqs_px).reshape(rotations.shape[:-2] + (-1,))
+
+
 def score_poses(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
                 origins_px: torch.Tensor, offsets_px: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """Normalised Fourier correlation (B, C, S) of particles with references at C poses × S origin offsets
@@ -124,9 +129,8 @@ def score_poses(projector: Projector, band: Band, particles: ParticleBatch, rota
         rotations: (B, C, 3, 3) pose matrices; origins_px: (B, C, 2) origins (px).
         offsets_px: (S, 2) offsets added to every origin (px).
     """
-    b, c = rotations.shape[:2]
-    slices = band_slices(projector, rotations.reshape(-1, 3, 3), band.freqs_px).reshape(b, c, 1, -1)
-    return score_slices(band, particles, slices, origins_px, offsets_px)[:, :, 0]
+    return score_slices(band, particles, pose_slices(projector, band, rotations)[:, :, None], origins_px,
+                        offsets_px)[:, :, 0]
 
 
 def axis_angle_matrices(vectors_rad: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
@@ -182,9 +186,7 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
     b, c = rotations.shape[:2]
     rot, org = rotations.clone(), origins_px.clone()
     device = particles.coeffs.device                      # scores, choices and kept slices live beside the particles
-    if slices is None:
-        slices = band_slices(projector, rot.reshape(-1, 3, 3), band.freqs_px)
-    slices = slices.to(device).reshape(b, c, -1)
+    slices = (pose_slices(projector, band, rot) if slices is None else slices).to(device).reshape(b, c, -1)
     if scores is None:
         score = score_slices(band, particles, slices[:, :, None], org, torch.zeros(1, 2))[:, :, 0, 0]
     else:
@@ -197,13 +199,12 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
         vertex_level = newton and level >= 2
         for _ in range(1 if vertex_level else passes):
             cand = torch.cat([rot[:, :, None], moves[None, None] @ rot[:, :, None]], 2)      # (B, C, 7, 3, 3)
-            moved = band_slices(projector, cand[:, :, 1:].reshape(-1, 3, 3), band.freqs_px)
-            cand_slices = torch.cat([slices[:, :, None], moved.to(device).reshape(b, c, 6, -1)], 2)
+            cand_slices = torch.cat([slices[:, :, None], pose_slices(projector, band, cand[:, :, 1:]).to(device)], 2)
             s = score_slices(band, particles, cand_slices, org, offsets)                      # (B, C, 7, S)
             if vertex_level:
                 turn = parabola_vertex(s.max(-1).values.cpu(), math.radians(angular_step_deg) / 2 ** level)
                 vertex = axis_angle_matrices(turn).to(rot.dtype) @ rot                         # (B, C, 3, 3)
-                v_slice = band_slices(projector, vertex.reshape(-1, 3, 3), band.freqs_px).to(device).reshape(b, c, 1, -1)
+                v_slice = pose_slices(projector, band, vertex[:, :, None]).to(device)             # (B, C, 1, P)
                 cand = torch.cat([cand, vertex[:, :, None]], 2)
                 cand_slices = torch.cat([cand_slices, v_slice], 2)
                 s = torch.cat([s, score_slices(band, particles, v_slice, org, offsets)], 2)
@@ -337,7 +338,7 @@ def local_candidates(projector: Projector, band: Band, particles: ParticleBatch,
     offsets = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
     b, q = len(particles), len(moves)
     rot = moves[None] @ prior_rotations[:, None]                                      # (B, Q, 3, 3)
-    slices = band_slices(projector, rot.reshape(-1, 3, 3), band.freqs_px).reshape(b, q, -1)
+    slices = pose_slices(projector, band, rot)
     s = score_slices(band, particles, slices[:, :, None], prior_origins_px[:, None].expand(b, q, 2), offsets)[:, :, 0]
     score, arg = s.max(-1)
     return rot, prior_origins_px[:, None] + offsets[arg], score, slices
@@ -499,8 +500,7 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
                         block = index_matches(bundle, stack, ctf, np.arange(block_start, min(block_start + block_size, n)),
                                               4 * k, nprobe, batch_size, memory_bytes, devices)
                 rot, org = global_candidates(bundle, block[0][idx - block_start], block[1][idx - block_start])
-                pool_slices = band_slices(bundle.projector, rot.reshape(-1, 3, 3), band.freqs_px).reshape(
-                    rot.shape[:2] + (-1,))
+                pool_slices = pose_slices(bundle.projector, band, rot)
                 pool_score = score_slices(band, parts, pool_slices[:, :, None], org, torch.zeros(1, 2))[:, :, 0, 0]
                 far_deg = 2 * step
             (w_rot, w_org, w_score, gap, _,
