@@ -344,8 +344,7 @@ def run_swiftres(data, out, args, references=None):
         particles, *before = run_swiftres(data, os.path.join(os.path.dirname(out), "swiftres"),
                                           argparse.Namespace(**dict(vars(args), align_mask="sphere")))
 
-    def refine():
-        os.makedirs(out, exist_ok=True)
+    def refine():                       # in ``out``, which _recorded makes
         refs, resolution = ((references, "15") if references else
                             ([data.volume_paths[len(data.volume_paths) // 2]], "30"))
         if particles != data.star:      # focused: the consensus map and resolution of the sphere run
