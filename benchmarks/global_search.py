@@ -7,7 +7,8 @@ of deepcryo's own simulator. For each angular step:
 * **index** (the product): ``python -m deepcryo.swiftalign train`` then ``query`` (default factory, k, nprobe),
   run as child processes on all particles; CPU seconds (user + system), wall seconds and peak RSS of each
   child (``os.wait4``), start-up included;
-* **exhaustive**: every gallery pose × every origin of the same shift grid scored with the exact score of the
+* **exhaustive**: every gallery pose × every origin of the shift grid (the index searches the coarser search
+  grid, :func:`deepcryo.swiftalign.gallery.search_grid`, and re-ranks over its cells) scored with the exact score of the
   re-ranking (normalised correlation with the particle's own CTF, whitening as the index: none): the band
   slices of every gallery pose projected once (as the index's training does), then one real matrix product
   per block of poses and block of 64 particles (:func:`exhaustive_pool`), then the same refinement of the
@@ -90,7 +91,7 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, 
     import faiss
     from deepcryo.core.geometry import matrix_to_euler
     from deepcryo.swiftalign import index as swindex
-    from deepcryo.swiftalign.query import global_candidates, nearest_poses, pose_slices, score_slices
+    from deepcryo.swiftalign.query import nearest_poses, rerank_matches
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     px = star.pixel_size_A
@@ -99,7 +100,7 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, 
     rotations = euler_to_matrix(torch.as_tensor(gallery_poses(step))).to(torch.float32)
     sstep = shift_step_for_resolution(res_A, px)
     origins = shift_grid(max_shift, sstep)
-    assert np.allclose(origins, bundle.origins_px) and len(rotations) == len(bundle.gallery)
+    assert len(rotations) == len(bundle.gallery)
     ctf = star.ctf_params()
     cpu = dict(index_search=0.0, index_refine=0.0, exhaustive_gallery=0.0, exhaustive_search=0.0,
                exhaustive_refine=0.0)
@@ -123,11 +124,10 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, 
             rows = np.arange(s, s + len(idx))
             parts = ParticleBatch(band, stack.read(idx), {key: v[idx] for key, v in ctf.items()})
             t0 = time.process_time()
-            vectors = parts.search_vectors(band, origins, ctf_rms=bundle.gallery.ctf_rms).numpy()
+            vectors = parts.search_vectors(band, bundle.origins_px, ctf_rms=bundle.gallery.ctf_rms).numpy()
             distances, ids = swindex.search(bundle.shards(), vectors, 4 * k, nprobe)
-            rot, org = global_candidates(bundle, *nearest_poses(distances, ids, len(origins), 4 * k))
-            slices = pose_slices(projector, band, rot)
-            score = score_slices(band, parts, slices[:, :, None], org, torch.zeros(1, 2))[:, :, 0, 0]
+            rot, org, score, slices = rerank_matches(bundle, parts, *nearest_poses(distances, ids,
+                                                                                   len(bundle.origins_px), 4 * k))
             cpu["index_search"] += time.process_time() - t0
             refine("index", parts, rot, org, score, slices, rows)
             t0 = time.process_time()
@@ -153,7 +153,7 @@ def main(argv=None):
     p.add_argument("--max-resolution", type=float, default=12.0, help="band limit of the search, Å")
     p.add_argument("--steps", type=float, nargs="+", default=[7.5, 3.75], help="angular steps, degrees")
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--nprobe", type=int, default=8)
     p.add_argument("--exhaustive-particles", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work-dir", required=True)
@@ -188,7 +188,8 @@ def main(argv=None):
         search_index = t_cpu + cpu["index_search"] * scale
         search_exh = cpu["exhaustive_gallery"] + cpu["exhaustive_search"] * scale
         rows.append(dict(step=step, references=manifest["n_references"], factory=manifest["factory"],
-                         origins=len(manifest["origins_px"]), train_cpu=t_cpu, train_wall=t_wall, train_rss=t_rss,
+                         origins=len(manifest["origins_px"]),
+                         exhaustive_origins=len(shift_grid(args.max_shift, manifest["shift_step_px"])), train_cpu=t_cpu, train_wall=t_wall, train_rss=t_rss,
                          query_cpu=q_cpu, query_wall=q_wall, query_rss=q_rss, subset=len(subset),
                          stage_cpu_subset=cpu, search_cpu_index=search_index, search_cpu_exhaustive=search_exh,
                          search_ratio=search_exh / search_index,
@@ -197,15 +198,15 @@ def main(argv=None):
                          exhaustive_correct_subset=float(ok_exh.mean()), kept=float(kept),
                          index_median_deg=float(np.median(ang_index)), exhaustive_median_deg=float(np.median(ang_exh))))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| step | references (factory) | origins per particle | train CPU s (wall; RSS MB) | query CPU s, all "
+    print("\n| step | references (factory) | origins per particle (index / exhaustive) | train CPU s (wall; RSS MB) | query CPU s, all "
           "particles (wall; RSS MB) | search CPU s, %d particles: index (train + search + re-rank) / exhaustive "
           "| ratio | whole alignment ratio | correct: index all / subset | correct: exhaustive | exhaustive's "
           "correct kept | median error index / exhaustive |" % args.n)
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print("| %g° | %d (%s) | %d | %.0f (%.0f; %.0f) | %.0f (%.0f; %.0f) | %.0f / %.0f | %.1f× | %.1f× | %.1f %% / %.1f %% "
+        print("| %g° | %d (%s) | %d / %d | %.0f (%.0f; %.0f) | %.0f (%.0f; %.0f) | %.0f / %.0f | %.1f× | %.1f× | %.1f %% / %.1f %% "
               "| %.1f %% | %.1f %% | %.2f° / %.2f° |" % (
-                  r["step"], r["references"], r["factory"], r["origins"], r["train_cpu"], r["train_wall"],
+                  r["step"], r["references"], r["factory"], r["origins"], r["exhaustive_origins"], r["train_cpu"], r["train_wall"],
                   r["train_rss"], r["query_cpu"], r["query_wall"], r["query_rss"], r["search_cpu_index"],
                   r["search_cpu_exhaustive"], r["search_ratio"], r["whole_ratio"], 100 * r["index_correct"],
                   100 * r["index_correct_subset"], 100 * r["exhaustive_correct_subset"], 100 * r["kept"],

@@ -14,8 +14,8 @@ from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.simulate import phantom_volume, write_particle_set
 from deepcryo.swiftalign import __main__ as cli
 from deepcryo.swiftalign.index import load, merge_topk, train
-from deepcryo.swiftalign.query import (ParticleBatch, axis_angle_matrices, query, refine_best, score_poses,
-                                       significant_poses)
+from deepcryo.swiftalign.query import (ParticleBatch, axis_angle_matrices, distinct_candidates, query, refine_best,
+                                       score_poses, significant_poses)
 
 STEP_DEG = 12.0
 TRAIN = dict(angular_step_deg=STEP_DEG, max_resolution_A=16.0, max_shift_px=3.0)
@@ -67,13 +67,13 @@ def test_index_is_one_vector_per_pose_and_an_old_index_asks_to_be_rebuilt(data, 
     import json
     import shutil
     from deepcryo.core.errors import InputError
-    from deepcryo.swiftalign.gallery import gallery_poses, shift_grid
+    from deepcryo.swiftalign.gallery import gallery_poses, search_grid
     from deepcryo.swiftalign.index import load
     d, _ = data
     with open(d / "flat" / "manifest.json") as f:
         manifest = json.load(f)
     assert manifest["n_references"] == len(gallery_poses(STEP_DEG))
-    assert np.allclose(manifest["origins_px"], shift_grid(3.0, manifest["shift_step_px"]))
+    assert np.allclose(manifest["origins_px"], search_grid(3.0, manifest["shift_step_px"]))
     old = tmp_path / "old"
     shutil.copytree(d / "flat", old)
     manifest["format"] = "deepcryo-swiftalign-1"
@@ -81,6 +81,22 @@ def test_index_is_one_vector_per_pose_and_an_old_index_asks_to_be_rebuilt(data, 
         json.dump(manifest, f)
     with pytest.raises(InputError, match="earlier deepcryo.*rebuild it"):
         load(str(old))
+
+
+def test_search_grid_cells_cover_every_origin_within_the_range():
+    """The search grid spans ±max shift at 1.5 shift steps or less, and its cell offsets reach every origin in
+    the range: no point of [−6, 6]² is farther than half a cell (per axis) from a search origin + offset."""
+    from deepcryo.swiftalign.gallery import cell_offsets, search_grid
+    grid = search_grid(6.0, 2.0)
+    axis = np.unique(grid[:, 0])
+    assert axis.min() == -6.0 and axis.max() == 6.0 and np.diff(axis).max() <= 3.0 + 1e-9 and len(grid) == 25
+    offsets = cell_offsets(grid).numpy()
+    assert len(offsets) == 9 and np.isclose(np.abs(offsets).max(), 1.5)
+    reach = (grid[:, None] + offsets[None]).reshape(-1, 2)
+    points = np.random.default_rng(0).uniform(-6, 6, (2000, 2))
+    gap = np.abs(points[:, None] - reach[None]).max(-1).min(1)
+    assert gap.max() <= 0.75 + 1e-9
+    assert cell_offsets(search_grid(0.0, 2.0)).tolist() == [[0.0, 0.0]]
 
 
 def test_compressed_index_vs_exact(data, flat):
@@ -110,6 +126,24 @@ def test_parabola_vertex_finds_the_maximum_of_a_quadratic_score():
     np.testing.assert_allclose(parabola_vertex(s, h).numpy(), [0.03, -0.07, h], atol=1e-6)
     upward = torch.tensor([0.0, 0.2, 0.1, 0.1, 0.3, 0.0, 0.0])   # s₊ + s₋ ≥ 2 s₀ on every axis
     np.testing.assert_allclose(parabola_vertex(upward, h).numpy(), [h, -h, 0.0], atol=1e-12)
+
+
+def test_distinct_candidates_keep_the_best_of_each_neighbourhood():
+    """Greedy suppression, best score first: a candidate within the angle of a better *kept* one is dropped, one
+    near only a dropped candidate is kept, whatever order the candidates come in."""
+    base = euler_to_matrix(torch.tensor([[30.0, 60.0, 90.0]], dtype=torch.float64))[0]
+
+    def turn(deg, axis):
+        return axis_angle_matrices(torch.tensor(axis, dtype=torch.float64) * np.radians(deg))
+
+    x, y, z = [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]
+    rots = torch.stack([base, turn(5, x) @ base, turn(20, y) @ base, turn(20, y) @ turn(6, z) @ base,
+                        turn(40, x) @ base]).to(torch.float32)
+    scores = torch.tensor([0.5, 0.9, 0.7, 0.8, 0.1])
+    # 0.9 kept; 0.8 (≈ 21° from it) kept; 0.7 (6° from 0.8) and 0.5 (5° from 0.9) dropped; 0.1 (≥ 35°) kept
+    assert distinct_candidates(rots[None], scores[None], 11.25)[0].tolist() == [False, True, False, True, True]
+    chain = torch.stack([turn(a, x) @ base for a in (16.0, 0.0, 8.0)]).to(torch.float32)   # C, A, B
+    assert distinct_candidates(chain[None], torch.tensor([[0.7, 0.9, 0.8]]), 11.25)[0].tolist() == [True, True, False]
 
 
 def test_refined_score_is_the_exact_score_of_the_refined_pose(data, flat):

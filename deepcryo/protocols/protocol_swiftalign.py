@@ -82,8 +82,12 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
                       display=params.EnumParam.DISPLAY_HLIST, label="Index type")
         form.addParam("indexFactory", params.StringParam, default="OPQ48_192,IVF4096,PQ48",
                       condition="indexType==2", label="faiss factory string")
-        form.addParam("nprobe", params.IntParam, default=32, validators=[params.Positive], label="nprobe",
-                      expertLevel=params.LEVEL_ADVANCED)
+        form.addParam("nprobe", params.IntParam, default=8, validators=[params.Positive], label="nprobe",
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help="Inverted lists of the index visited per search. Each particle is searched once per "
+                           "origin of the shift grid, so its matches already come from many lists: on "
+                           "RELION-rendered particles at SNR 0.1 to 0.01, 8 lists found as many correct poses "
+                           "as 64, for less time.")
         form.addParam("numberOfMatches", params.IntParam, default=5, validators=[params.Positive],
                       label="Candidates refined (k)", expertLevel=params.LEVEL_ADVANCED)
         form.addParam("localSearch", params.BooleanParam, default=False, label="Local search?",

@@ -54,7 +54,7 @@ from deepcryo.core.projector import Projector
 
 from .features import Band, noise_weights
 from .sampling import angular_step_for_box, shift_step_for_resolution
-from .gallery import Gallery, gallery_poses, shift_grid
+from .gallery import Gallery, gallery_poses, search_grid
 from .target import SearchIndex
 
 __all__ = ["default_factory", "gpu_capable", "faiss_gpu_ids", "train_size", "shard_capacity", "train_template",
@@ -490,8 +490,9 @@ def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
         max_resolution_A: band limit of the vectors (Å); default: the resolution whose step is
             ``angular_step_deg`` (at least Nyquist). One of the two is needed.
         max_shift_px: largest |origin| per axis searched (px): each particle is searched at every origin
-            of the shift grid (:func:`.gallery.shift_grid`), not stored in the index.
-        shift_step_px: shift grid step (px); default ``max_resolution_A / (4 · pixel size)`` (Xmipp's).
+            of the search grid (:func:`.gallery.search_grid`, 1.5 shift steps apart), not stored in the index.
+        shift_step_px: shift step (px) of the re-ranking and refinement; default ``max_resolution_A / (4 · pixel
+            size)`` (Xmipp's).
         index_factory: faiss factory string, None for :func:`default_factory` (its GPU choice when faiss can
             search on the CUDA ``devices``; a factory faiss-gpu cannot search is then refused).
         whiten: weight frequencies by the inverse noise power estimated from the particles.
@@ -531,13 +532,14 @@ def train(reference: str, particles: Union[str, ParticleStar], output_dir: str,
     ctf_rms = particle_ctf_rms(band, star)
     gallery = Gallery(projector, band, gallery_poses(angular_step_deg, symmetry, grid_rotation), sqrt_w, normalise,
                       ctf_rms)
-    origins = shift_grid(max_shift_px, shift_step_px)
+    origins = search_grid(max_shift_px, shift_step_px)
     factory = index_factory or default_factory(len(gallery), band.dim, gpu)
     if gpu:
         _require_gpu_factory(factory, band.dim)
     logger.info("gallery: %d poses = references, %d dims (%.1f Å, step %.2f°); each particle searched at %d "
-                "origins (shift step %.2f px)", len(gallery), band.dim, max_resolution_A, angular_step_deg,
-                len(origins), float(origins[1, 0] - origins[0, 0]) if len(origins) > 1 else 0)
+                "origins %.2f px apart (shift step %.2f px)", len(gallery), band.dim, max_resolution_A,
+                angular_step_deg, len(origins), float(origins[1, 0] - origins[0, 0]) if len(origins) > 1 else 0,
+                shift_step_px)
     output_dir = os.path.abspath(output_dir)
     tmp = _build_folder(output_dir)
     try:

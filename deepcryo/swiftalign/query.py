@@ -2,21 +2,23 @@
 
 For each particle (batched):
 
-1. **Search**: its CTF-multiplied band (:mod:`.features`), moved back by each origin of the index's shift
-   grid, one search vector per origin (:meth:`ParticleBatch.search_vectors`; why: :mod:`.gallery`) → the
+1. **Search**: its CTF-multiplied band (:mod:`.features`), moved back by each origin of the index's search
+   grid (:func:`.gallery.search_grid`, 1.5 shift steps apart), one search vector per origin (:meth:`ParticleBatch.search_vectors`; why: :mod:`.gallery`) → the
    ``4·k`` nearest gallery references of each vector over every shard of the index, visiting ``nprobe``
    inverted lists (:func:`.index.search`; top-k lists merged across shards), then the ``4·k`` nearest over
    all origins, one per pose (:func:`nearest_poses`). Each match gives a pose and an origin. An index of
    several shards is read from disk one shard at a time, so the particles are searched in blocks as large
    as the memory limit allows (:func:`index_matches`; their images are read twice, once for the search and
    once for the scoring).
-2. **Exact re-ranking**: each match is scored by the full-precision normalised Fourier correlation over
-   the band between the particle and the reference projected at the match's pose, multiplied by the
-   particle's *own* CTF and moved by the match's origin (:func:`score_poses`).
+2. **Exact re-ranking** (:func:`rerank_matches`): each match is scored by the full-precision normalised
+   Fourier correlation over the band between the particle and the reference projected at the match's pose,
+   multiplied by the particle's *own* CTF and moved by the match's origin and by each offset that covers that
+   origin's cell of the search grid, the best offset kept (:func:`score_slices`).
 3. **Local refinement** (:func:`refine_best`): a pattern search over small rotations about the three axes of
    the projection frame and sub-pixel origin offsets, halving both steps at each level (:func:`refine_poses`,
-   from half the gallery steps down to 1/32): one pass of the first level over the ``k`` best, then the
-   leader alone through the finer levels, each level also trying the vertex of the parabolas through the
+   from half the gallery steps down to 1/32): one pass of the first level over those of the ``k`` best that lie
+   more than 1.5 angular steps from a better one (:func:`distinct_candidates`), then the leader alone through
+   the finer levels, each level also trying the vertex of the parabolas through the
    scores along each axis (:func:`parabola_vertex`).
 4. The refined leader wins. Its **confidence** is the score gap to the best match more than two angular
    steps away from the winner (over the symmetry copies), refined in the same way; when none of the ``4·k``
@@ -52,16 +54,17 @@ from deepcryo.core.projector import Projector
 
 from . import index as swindex
 from .features import Band, vectors_from_band
-from .gallery import band_slices
+from .gallery import band_slices, cell_offsets
 from .target import AlignTarget, SearchIndex
 
 __all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_slices", "pose_slices", "score_poses", "axis_angle_matrices",
-           "parabola_vertex", "refine_poses", "refine_best", "nearest_poses", "global_candidates", "index_matches", "local_candidates",
+           "parabola_vertex", "refine_poses", "distinct_candidates", "refine_best", "nearest_poses", "global_candidates", "rerank_matches", "index_matches", "local_candidates",
            "pose_posterior", "Selection", "select_and_refine", "align", "query"]
 
 logger = logging.getLogger(__name__)
 
 RUNNER_UP_LEVELS = 4   # refinement levels of the runner-up (:func:`select_and_refine`)
+DISTINCT_STEPS = 1.5   # candidates this many angular steps from a better one skip the first level (:func:`refine_best`)
 
 
 class ParticleBatch:
@@ -77,6 +80,12 @@ class ParticleBatch:
 
     def __len__(self) -> int:
         return self.coeffs.shape[0]
+
+    def rows(self, index: torch.Tensor) -> "ParticleBatch":
+        """The particles at ``index`` (R,) (repeats allowed) as a batch of R."""
+        out = ParticleBatch.__new__(ParticleBatch)
+        out.coeffs, out.ctf, out.sqrt_weights = self.coeffs[index], self.ctf[index], self.sqrt_weights
+        return out
 
     def search_vectors(self, band: Band, origins_px: Union[np.ndarray, torch.Tensor], normalise: bool = True,
                        ctf_rms: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -229,32 +238,64 @@ def parabola_vertex(scores: torch.Tensor, h_rad: float) -> torch.Tensor:
     return step.clamp(-h_rad, h_rad)
 
 
+def distinct_candidates(rotations: torch.Tensor, scores: torch.Tensor, min_angle_deg: float) -> torch.Tensor:
+    """(B, C) bool: the candidates (B, C, 3, 3) with ``scores`` (B, C) that lie farther than ``min_angle_deg`` from
+    every better candidate kept before them (greedy non-maximum suppression, best first; the best is always kept).
+    The rotation angle between pose matrices, without symmetry copies (a symmetry mate is kept: it costs only the
+    projections that suppressing it would save)."""
+    b, c = scores.shape
+    order = scores.argsort(1, descending=True)
+    rot = _take(rotations, order).to(torch.float64)
+    cos_min = math.cos(math.radians(min_angle_deg))
+    trace = (rot[:, :, None] * rot[:, None]).sum((-1, -2))                  # tr(Ri Rjᵀ) (B, C, C)
+    near = (trace - 1) / 2 >= cos_min
+    keep = torch.ones(b, c, dtype=torch.bool)
+    for j in range(1, c):
+        keep[:, j] = ~(near[:, :j, j] & keep[:, :j]).any(1)
+    return torch.zeros_like(keep).scatter_(1, order, keep)
+
+
 def refine_best(projector: Projector, band: Band, particles: ParticleBatch, rotations: torch.Tensor,
                 origins_px: torch.Tensor, scores: torch.Tensor, angular_step_deg: float, shift_step_px: float,
-                levels: int = 5, passes: int = 2, newton: bool = True, slices: Optional[torch.Tensor] = None
+                levels: int = 5, passes: int = 2, newton: bool = True, slices: Optional[torch.Tensor] = None,
+                distinct_steps: Optional[float] = DISTINCT_STEPS
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Refine the best of (B, C) candidates (exact ``scores`` (B, C), band ``slices`` (B, C, P) when already
-    projected): one pass of level 1 of
-    :func:`refine_poses` over all C, then only the best of them through levels 2 … ``levels``: one pass with
-    the parabolas' vertex per level (``newton``), or else ``passes`` pattern-search passes per level. Returns
-    its rotation (B, 3, 3), origin (B, 2), score (B,) and candidate index (B,).
+    projected): one pass of level 1 of :func:`refine_poses` over the candidates that are distinct
+    (:func:`distinct_candidates`: farther than ``distinct_steps`` angular steps from every better one; None: all
+    C), then only the best of them through levels 2 … ``levels``: one pass with the parabolas' vertex per level
+    (``newton``), or else ``passes`` pattern-search passes per level. Returns its rotation (B, 3, 3), origin
+    (B, 2), score (B,) and candidate index (B,).
 
     Why not every candidate to the end: after one pass at half the gallery's step, the candidates that
     trail almost never overtake the leader at finer steps (on RELION-rendered particles, no winner changed
     basin), while refining all C to the end costs C times as many projections; the projections saved pay
     for the fifth level, which makes the winner's pose finer than four levels over all C did
-    (``benchmarks/RESULTS.md``).
+    (``benchmarks/RESULTS.md``). Why not the candidates next to a better one: the gallery's neighbours of a
+    peak score high together (most of the k best are one peak's grid neighbours), and the better one's pass,
+    which moves half a step about each axis, covers the same peak; the trailing neighbour's pass only repeats
+    it (``benchmarks/RESULTS.md``: the same winners).
     """
-    b = rotations.shape[0]
+    b, c = rotations.shape[:2]
     ar = torch.arange(b)
-    rot, org, score, slices = refine_poses(projector, band, particles, rotations, origins_px, angular_step_deg,
-                                           shift_step_px, levels=min(levels, 1), passes=1, scores=scores,
-                                           slices=slices)
+    if distinct_steps is None:
+        active = torch.ones(b, c, dtype=torch.bool)
+    else:
+        active = distinct_candidates(rotations, scores, distinct_steps * angular_step_deg)
+    pi, ci = active.nonzero(as_tuple=True)
+    r1, o1, s1, sl1 = refine_poses(projector, band, particles.rows(pi), rotations[pi, ci][:, None],
+                                   origins_px[pi, ci][:, None], angular_step_deg, shift_step_px,
+                                   levels=min(levels, 1), passes=1, scores=scores[pi, ci][:, None],
+                                   slices=None if slices is None else slices[pi, ci][:, None])
+    score = torch.full_like(scores, -math.inf)
+    score[pi, ci] = s1[:, 0]
     lead = score.argmax(1)
-    rot, org, score, _ = refine_poses(projector, band, particles, rot[ar, lead][:, None], org[ar, lead][:, None],
-                                      angular_step_deg, shift_step_px, levels, passes, first_level=2,
-                                      scores=score[ar, lead][:, None], newton=newton,
-                                      slices=slices[ar, lead][:, None])
+    first = torch.zeros(b, c, dtype=torch.int64)
+    first[pi, ci] = torch.arange(len(pi))
+    pick = first[ar, lead]
+    rot, org, score, _ = refine_poses(projector, band, particles, r1[pick], o1[pick], angular_step_deg,
+                                      shift_step_px, levels, passes, first_level=2, scores=s1[pick],
+                                      newton=newton, slices=sl1[pick])
     return rot[:, 0], org[:, 0], score[:, 0], lead
 
 
@@ -290,6 +331,20 @@ def global_candidates(bundle: SearchIndex, poses: np.ndarray,
     """Pose ids and origin indices (B, n) of :func:`nearest_poses` → rotations (B, n, 3, 3), origins (B, n, 2) px."""
     rot = bundle.gallery.rotations[torch.as_tensor(poses)]
     return rot, torch.as_tensor(bundle.origins_px[origins], dtype=torch.float32)
+
+
+def rerank_matches(bundle: SearchIndex, particles: ParticleBatch, poses: np.ndarray,
+                   origins: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact re-ranking of index matches (pose ids and origin indices (B, n) of :func:`nearest_poses`): each
+    match's pose projected once and scored at its search origin and at the offsets that cover that origin's
+    cell of the search grid (:func:`.gallery.cell_offsets`; the particle's origin lies somewhere in it), the
+    best offset kept. Returns rotations (B, n, 3, 3), origins (B, n, 2) px, exact scores (B, n) and band slices
+    (B, n, P) (for :func:`select_and_refine`)."""
+    rot, org = global_candidates(bundle, poses, origins)
+    slices = pose_slices(bundle.projector, bundle.band, rot)
+    offsets = cell_offsets(bundle.origins_px)
+    score, best = score_slices(bundle.band, particles, slices[:, :, None], org, offsets)[:, :, 0].max(-1)
+    return rot, org + offsets[best], score, slices
 
 
 def index_matches(bundle: SearchIndex, stack: ImageStack, ctf: Mapping[str, np.ndarray], rows: np.ndarray, n: int,
@@ -442,7 +497,7 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
     return Selection(w_rot, w_org, w_score, gap, top[ar, lead], f_rot, f_org, f_score)
 
 
-def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32, local: bool = False,
+def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 8, local: bool = False,
           prior_angles_deg: Optional[np.ndarray] = None, prior_origins_A: Optional[np.ndarray] = None,
           local_steps: int = 2, local_shift_px: Optional[float] = None, batch_size: Optional[int] = None,
           memory_limit_GB: float = 4.0, devices: Optional[Sequence[str]] = None, levels: int = 5, passes: int = 2,
@@ -499,9 +554,8 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
                     else:
                         block = index_matches(bundle, stack, ctf, np.arange(block_start, min(block_start + block_size, n)),
                                               4 * k, nprobe, batch_size, memory_bytes, devices)
-                rot, org = global_candidates(bundle, block[0][idx - block_start], block[1][idx - block_start])
-                pool_slices = pose_slices(bundle.projector, band, rot)
-                pool_score = score_slices(band, parts, pool_slices[:, :, None], org, torch.zeros(1, 2))[:, :, 0, 0]
+                rot, org, pool_score, pool_slices = rerank_matches(bundle, parts, block[0][idx - block_start],
+                                                                   block[1][idx - block_start])
                 far_deg = 2 * step
             (w_rot, w_org, w_score, gap, _,
              f_rot, f_org, f_score) = select_and_refine(bundle.projector, band, parts, rot, org, pool_score, k, step,
@@ -519,7 +573,7 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 32,
     return out
 
 
-def query(index_dir: str, particles: Union[str, ParticleStar], output: Optional[str], k: int = 5, nprobe: int = 32,
+def query(index_dir: str, particles: Union[str, ParticleStar], output: Optional[str], k: int = 5, nprobe: int = 8,
           local: bool = False, prior: Optional[Union[str, ParticleStar]] = None, local_steps: int = 2,
           local_shift_px: Optional[float] = None, devices: Optional[Sequence[str]] = None,
           memory_limit_GB: float = 4.0) -> Dict[str, np.ndarray]:

@@ -3,7 +3,7 @@
 Example::
 
     python -m deepcryo.swiftalign query --index index_dir/ --particles P.star --output aligned.star \\
-        --nprobe 32 --k 5
+        --nprobe 8 --k 5
     python -m deepcryo.swiftalign query --index index_dir/ --particles P.star --output refined.star \\
         --local --prior aligned.star --local-steps 2 --local-shift 2
 
@@ -29,7 +29,9 @@ def add_args(parser):
     parser.add_argument("--index", required=True, help="index folder written by train")
     add_common_args(parser, several_devices=True)
     parser.add_argument("--output", required=True, help="aligned particle STAR")
-    parser.add_argument("--nprobe", type=int, default=32, help="inverted lists visited per search")
+    parser.add_argument("--nprobe", type=int, default=8,
+                        help="inverted lists visited per search (each particle searches once per origin, so its "
+                             "matches come from many lists; more rarely finds more: benchmarks/RESULTS.md)")
     parser.add_argument("--k", type=int, default=5,
                         help="candidates refined per particle: all k one level, the best of them to the finest "
                              "(4·k index matches are re-ranked exactly)")
