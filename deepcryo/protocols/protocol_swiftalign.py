@@ -40,7 +40,7 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
 
     The projections (an even sampling of directions × in-plane angles) are stored as compressed
     Fourier vectors in a faiss index; each particle, multiplied by its CTF, is searched in the index
-    at every origin within the shift range, its best matches are re-scored exactly with its own CTF and refined locally (SwiftAlign,
+    at a grid of origins within the shift range, its best matches are re-scored exactly with its own CTF and refined locally (SwiftAlign,
     Lauzirika 2023). Local mode searches only around the particles' current alignment.
     Outputs: particles with projection alignment, the correlation score (_dcSwiftScore) and a
     confidence (_dcSwiftConfidence, score gap to the best pose far from the winner).
@@ -71,8 +71,9 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
                            "sets the angular step, asin(resolution / (box · pixel size)).")
         form.addParam("maxShift", params.FloatParam, default=5.0, validators=[params.GE(0)],
                       label="Max shift (px)",
-                      help="Largest origin searched per axis. Each particle is searched at every origin of a "
-                           "grid within ± this (step: max resolution / (4 · pixel size)); the index holds the "
+                      help="Largest origin searched per axis. Each particle is searched at the origins of a "
+                           "grid within ± this, 1.5 shift steps apart (shift step: max resolution / (4 · pixel "
+                           "size)), and its matches are re-scored across each grid cell; the index holds the "
                            "poses only and does not grow with it, the search time does.")
         form.addParam("doWhiten", params.BooleanParam, default=False, label="Whiten by the noise?",
                       expertLevel=params.LEVEL_ADVANCED,
@@ -85,7 +86,7 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
         form.addParam("nprobe", params.IntParam, default=8, validators=[params.Positive], label="nprobe",
                       expertLevel=params.LEVEL_ADVANCED,
                       help="Inverted lists of the index visited per search. Each particle is searched once per "
-                           "origin of the shift grid, so its matches already come from many lists: on "
+                           "origin of its search grid, so its matches already come from many lists: on "
                            "RELION-rendered particles at SNR 0.1 to 0.01, 8 lists found as many correct poses "
                            "as 64, for less time.")
         form.addParam("numberOfMatches", params.IntParam, default=5, validators=[params.Positive],
@@ -192,7 +193,7 @@ class DeepCryoProtSwiftAlign(DeepCryoProtBase, ProtRefine3D):
         text = ("Orientations and shifts of %d particles of %s were assigned with SwiftAlign ([Lauzirika2023]) as "
                 "implemented in deepcryo. Projections of %s (%s symmetry, %s) were stored as Fourier "
                 "vectors up to %g Å%s in a faiss ([Johnson2019] [Douze2024]) index: %s. Each particle, "
-                "multiplied by its CTF, was searched at every origin up to ±%g px; its %d best candidates "
+                "multiplied by its CTF, was searched at a grid of origins up to ±%g px; its %d best candidates "
                 "(nprobe %d) were re-scored with its own CTF and refined locally%s. Euler angles, shifts and symmetry operators follow RELION's conventions "
                 "([Scheres2012a] [Zivanov2018]). The output particles (%s) carry the correlation score and a "
                 "confidence."
