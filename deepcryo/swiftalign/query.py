@@ -17,9 +17,9 @@ For each particle (batched):
 3. **Local refinement** (:func:`refine_best`): a pattern search over small rotations about the three axes of
    the projection frame and sub-pixel origin offsets, halving both steps at each level (:func:`refine_poses`,
    from half the gallery steps down to 1/32): one pass of the first level over those of the ``k`` best that lie
-   more than 1.5 angular steps from a better one (:func:`distinct_candidates`), then the leader alone through
-   the finer levels, each level also trying the vertex of the parabolas through the scores along each axis
-   (:func:`parabola_vertex`).
+   more than 1.5 angular steps from a better one (:func:`distinct_candidates`; local mode: over all ``k``), then
+   the leader alone through the finer levels, each level also trying the vertex of the parabolas through the
+   scores along each axis (:func:`parabola_vertex`).
 4. The refined leader wins. Its **confidence** is the score gap to the best match more than two angular
    steps away from the winner (over the symmetry copies), refined in the same way; when none of the ``4·k``
    matches is that far, the gap to the lowest exact score among them.
@@ -274,7 +274,9 @@ def refine_best(projector: Projector, band: Band, particles: ParticleBatch, rota
     (``benchmarks/RESULTS.md``). Why not the candidates next to a better one: the gallery's neighbours of a
     peak score high together (most of the k best are one peak's grid neighbours), and the better one's pass,
     which moves half a step about each axis, covers the same peak; the trailing neighbour's pass only repeats
-    it (``benchmarks/RESULTS.md``: the same accuracy at SNR 0.1 to 0.01 for a fifth less CPU).
+    it (``benchmarks/RESULTS.md``: the same accuracy at SNR 0.1 to 0.01 for a fifth less CPU). :func:`align` uses
+    it in global mode only: a local pool is a dense grid around a prior, whose k best are always neighbours, and
+    SwiftRes's local iterations (heterogeneous particles included) were measured refining each of them.
     """
     b, c = rotations.shape[:2]
     ar = torch.arange(b)
@@ -455,12 +457,14 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
                       pool_org: torch.Tensor, pool_score: torch.Tensor, k: int, angular_step_deg: float,
                       shift_step_px: float, far_deg: float, symmetry: str, levels: int = 5, passes: int = 2,
                       refine_far: bool = True, newton: bool = True,
-                      pool_slices: Optional[torch.Tensor] = None) -> Selection:
+                      pool_slices: Optional[torch.Tensor] = None,
+                      distinct_steps: Optional[float] = DISTINCT_STEPS) -> Selection:
     """Refine the k best pool candidates (by exact score) to the winner (:func:`refine_best`), and measure its
     confidence: the gap to the best pool candidate farther than ``far_deg`` from the winner, refined through
     level 1 ``passes`` times and levels 2 … ``RUNNER_UP_LEVELS`` as the winner's are (or, when the pool has
     none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's exact pool score
-    unrefined (cheaper, a larger gap). ``levels``, ``passes``, ``newton``: see :func:`refine_best`. ``pool_slices``
+    unrefined (cheaper, a larger gap). ``levels``, ``passes``, ``newton``, ``distinct_steps``: see
+    :func:`refine_best`. ``pool_slices``
     (B, C, P): the pool's band slices when already projected (by the exact re-ranking), so that no candidate is
     projected twice.
 
@@ -476,7 +480,8 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
     top = pool_score.topk(min(k, pool_score.shape[1]), dim=1).indices
     w_rot, w_org, w_score, lead = refine_best(projector, band, particles, _take(pool_rot, top), _take(pool_org, top),
                                               _take(pool_score, top), angular_step_deg, shift_step_px, levels, passes,
-                                              newton, None if pool_slices is None else _take(pool_slices, top))
+                                              newton, None if pool_slices is None else _take(pool_slices, top),
+                                              distinct_steps)
     w_angles = matrix_to_euler(w_rot.double())
     pool_angles = matrix_to_euler(pool_rot.reshape(-1, 3, 3).double())
     dist = pose_distance_deg(w_angles[:, None].expand(b, pool_rot.shape[1], 3).reshape(-1, 3), pool_angles,
@@ -560,7 +565,7 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 8, 
             (w_rot, w_org, w_score, gap, _,
              f_rot, f_org, f_score) = select_and_refine(bundle.projector, band, parts, rot, org, pool_score, k, step,
                                                         sstep, far_deg, symmetry, levels, passes, refine_far,
-                                                        newton, pool_slices)
+                                                        newton, pool_slices, None if local else DISTINCT_STEPS)
             out["angles_deg"][idx] = matrix_to_euler(w_rot.double()).numpy()
             out["origins_A"][idx] = (w_org * px).numpy()
             out["score"][idx] = w_score.numpy()
