@@ -189,7 +189,8 @@ def main(argv=None):
         search_exh = cpu["exhaustive_gallery"] + cpu["exhaustive_search"] * scale
         rows.append(dict(step=step, references=manifest["n_references"], factory=manifest["factory"],
                          origins=len(manifest["origins_px"]),
-                         exhaustive_origins=len(shift_grid(args.max_shift, manifest["shift_step_px"])), train_cpu=t_cpu, train_wall=t_wall, train_rss=t_rss,
+                         exhaustive_origins=len(shift_grid(args.max_shift, manifest["shift_step_px"])),
+                         train_cpu=t_cpu, train_wall=t_wall, train_rss=t_rss,
                          query_cpu=q_cpu, query_wall=q_wall, query_rss=q_rss, subset=len(subset),
                          stage_cpu_subset=cpu, search_cpu_index=search_index, search_cpu_exhaustive=search_exh,
                          search_ratio=search_exh / search_index,

@@ -91,14 +91,11 @@ def search_grid(max_shift_px: float, shift_step_px: float) -> np.ndarray:
 
 
 def cell_offsets(origins_px: np.ndarray) -> torch.Tensor:
-    """(9, 2) offsets (px) {−h, 0, h}² that cover a cell of the square origin grid ``origins_px`` (S, 2), h half
-    its spacing; (1, 2) zeros for a single origin."""
+    """(9, 2) offsets (px) {−h, 0, h}² (:func:`shift_grid` of ±h at step h) that cover a cell of the square origin
+    grid ``origins_px`` (S, 2), h half its spacing; (1, 2) zeros for a single origin."""
     axis = np.unique(np.asarray(origins_px, dtype=np.float64)[:, 0])
-    if len(axis) < 2:
-        return torch.zeros(1, 2)
-    h = float(np.diff(axis).min()) / 2
-    g = torch.tensor([-h, 0.0, h])
-    return torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    h = float(np.diff(axis).min()) / 2 if len(axis) > 1 else 0.0
+    return torch.as_tensor(shift_grid(h, h), dtype=torch.float32)
 
 
 def _pose_matrices(poses_deg, chunk=65536):

@@ -4,12 +4,12 @@ For each particle (batched):
 
 1. **Search**: its CTF-multiplied band (:mod:`.features`), moved back by each origin of the index's search
    grid (:func:`.gallery.search_grid`, 1.5 shift steps apart), one search vector per origin
-   (:meth:`ParticleBatch.search_vectors`; why: :mod:`.gallery`) → the ``4·k`` nearest gallery references of each vector over every shard of the index, visiting ``nprobe``
-   inverted lists (:func:`.index.search`; top-k lists merged across shards), then the ``4·k`` nearest over
-   all origins, one per pose (:func:`nearest_poses`). Each match gives a pose and an origin. An index of
-   several shards is read from disk one shard at a time, so the particles are searched in blocks as large
-   as the memory limit allows (:func:`index_matches`; their images are read twice, once for the search and
-   once for the scoring).
+   (:meth:`ParticleBatch.search_vectors`; why: :mod:`.gallery`) → the ``4·k`` nearest gallery references of
+   each vector over every shard of the index, visiting ``nprobe`` inverted lists (:func:`.index.search`; top-k
+   lists merged across shards), then the ``4·k`` nearest over all origins, one per pose (:func:`nearest_poses`).
+   Each match gives a pose and an origin. An index of several shards is read from disk one shard at a time, so
+   the particles are searched in blocks as large as the memory limit allows (:func:`index_matches`; their
+   images are read twice, once for the search and once for the scoring).
 2. **Exact re-ranking** (:func:`rerank_matches`): each match is scored by the full-precision normalised
    Fourier correlation over the band between the particle and the reference projected at the match's pose,
    multiplied by the particle's *own* CTF and moved by the match's origin and by each offset that covers that
@@ -54,11 +54,12 @@ from deepcryo.core.projector import Projector
 
 from . import index as swindex
 from .features import Band, vectors_from_band
-from .gallery import band_slices, cell_offsets
+from .gallery import band_slices, cell_offsets, shift_grid
 from .target import AlignTarget, SearchIndex
 
-__all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_slices", "pose_slices", "score_poses", "axis_angle_matrices",
-           "parabola_vertex", "refine_poses", "distinct_candidates", "refine_best", "nearest_poses", "global_candidates", "rerank_matches", "index_matches", "local_candidates",
+__all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_slices", "pose_slices", "score_poses",
+           "axis_angle_matrices", "parabola_vertex", "refine_poses", "distinct_candidates", "refine_best",
+           "nearest_poses", "global_candidates", "rerank_matches", "index_matches", "local_candidates",
            "pose_posterior", "Selection", "select_and_refine", "align", "query"]
 
 logger = logging.getLogger(__name__)
@@ -203,8 +204,7 @@ def refine_poses(projector: Projector, band: Band, particles: ParticleBatch, rot
     for level in range(first_level, levels + 1):
         moves = _axis_moves(math.radians(angular_step_deg) / 2 ** level)
         hs = shift_step_px / 2 ** level
-        g = torch.tensor([-hs, 0.0, hs])
-        offsets = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+        offsets = torch.as_tensor(shift_grid(hs, hs), dtype=torch.float32)                   # {−hs, 0, hs}²
         vertex_level = newton and level >= 2
         for _ in range(1 if vertex_level else passes):
             cand = torch.cat([rot[:, :, None], moves[None, None] @ rot[:, :, None]], 2)      # (B, C, 7, 3, 3)
@@ -464,9 +464,8 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
     level 1 ``passes`` times and levels 2 … ``RUNNER_UP_LEVELS`` as the winner's are (or, when the pool has
     none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's exact pool score
     unrefined (cheaper, a larger gap). ``levels``, ``passes``, ``newton``, ``distinct_steps``: see
-    :func:`refine_best`. ``pool_slices``
-    (B, C, P): the pool's band slices when already projected (by the exact re-ranking), so that no candidate is
-    projected twice.
+    :func:`refine_best`. ``pool_slices`` (B, C, P): the pool's band slices when already projected (by the exact
+    re-ranking), so that no candidate is projected twice.
 
     The runner-up keeps the coarse level's second pass that SwiftRes's second hypothesis was measured with
     (:mod:`.refine`): a lone candidate needs it more than a fifth level, and a pass of one candidate costs a
