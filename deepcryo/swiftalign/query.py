@@ -21,8 +21,8 @@ For each particle (batched):
    the leader alone through the finer levels, each level also trying the vertex of the parabolas through the
    scores along each axis (:func:`parabola_vertex`).
 4. The refined leader wins. Its **confidence** is the score gap to the best match more than two angular
-   steps away from the winner (over the symmetry copies), refined in the same way; when none of the ``4·k``
-   matches is that far, the gap to the lowest exact score among them.
+   steps away from the winner (over the symmetry copies), refined through the first level (two passes); when
+   none of the ``4·k`` matches is that far, the gap to the lowest exact score among them.
 
 **When the index pays.** Steps 1–2 replace scoring every gallery pose at every origin, which costs the
 gallery's size per particle; step 3 costs the same whichever search found the candidates. The index's gain
@@ -64,7 +64,7 @@ __all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_slices", "pose_
 
 logger = logging.getLogger(__name__)
 
-RUNNER_UP_LEVELS = 4   # refinement levels of the runner-up (:func:`select_and_refine`)
+RUNNER_UP_LEVELS = 1   # refinement levels of the runner-up (:func:`select_and_refine`; why only the first: there)
 DISTINCT_STEPS = 1.5   # candidates this many angular steps from a better one skip the first level (:func:`refine_best`)
 
 
@@ -461,15 +461,19 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
                       distinct_steps: Optional[float] = DISTINCT_STEPS) -> Selection:
     """Refine the k best pool candidates (by exact score) to the winner (:func:`refine_best`), and measure its
     confidence: the gap to the best pool candidate farther than ``far_deg`` from the winner, refined through
-    level 1 ``passes`` times and levels 2 … ``RUNNER_UP_LEVELS`` as the winner's are (or, when the pool has
-    none, to the pool's lowest exact score). ``refine_far=False`` takes that far candidate's exact pool score
-    unrefined (cheaper, a larger gap). ``levels``, ``passes``, ``newton``, ``distinct_steps``: see
-    :func:`refine_best`. ``pool_slices`` (B, C, P): the pool's band slices when already projected (by the exact
-    re-ranking), so that no candidate is projected twice.
+    levels 1 … ``RUNNER_UP_LEVELS``, ``passes`` times each (or, when the pool has none, to the pool's lowest
+    exact score). ``refine_far=False`` takes that far candidate's exact pool score unrefined (cheaper, a larger
+    gap). ``levels``, ``passes``, ``newton``, ``distinct_steps``: see :func:`refine_best`. ``pool_slices``
+    (B, C, P): the pool's band slices when already projected (by the exact re-ranking), so that no candidate is
+    projected twice.
 
-    The runner-up keeps the coarse level's second pass that SwiftRes's second hypothesis was measured with
-    (:mod:`.refine`): a lone candidate needs it more than a fifth level, and a pass of one candidate costs a
-    fifth of the leader's first level.
+    Why the runner-up stops after the first level: a match two steps from the winner mostly lies on the flank
+    of the winner's own peak, and finer levels walk it back up that peak (refined to level 4, three in four
+    runners-up ended within one step of the winner on RELION-rendered particles), so the gap then measured
+    the peak's sharpness more than a second hypothesis, told wrong winners from right ones worse (and worse
+    than the first level's gap did), and cost a quarter of the query. The first level's two passes keep it a
+    second hypothesis for SwiftRes (:mod:`.refine`): of the wrong winners, its runner-up lay near the truth
+    as often as the level-4 one did; with one pass, or unrefined, less often (``benchmarks/RESULTS.md``).
 
     Returns a :class:`Selection`: the runner-up is that far candidate (refined
     when ``refine_far``), or the winner itself when the pool has none.
