@@ -153,6 +153,24 @@ def test_fast_scan_shards_equal_one_shard(data, tmp_path):
     assert not _same_up_to_ties(shuffled, streamed)
 
 
+def test_kept_gallery_slices_equal_projected(data):
+    """The gallery's kept table of band slices (what the exact re-ranking reads once the particles outnumber
+    the poses) holds the slices the re-ranking would project, bit for bit, whatever the chunks it was made in;
+    a table over the byte limit is not made."""
+    d, _ = data
+    volume, _ = read_mrc(str(d / "map.mrc"))
+    band = Band(32, 2.0, 8.0)
+    gallery = Gallery(Projector(volume), band, gallery_poses(10.0))
+    ids = torch.as_tensor(np.random.default_rng(1).choice(len(gallery), (7, 20)))
+    projected = gallery.slices(ids)
+    assert projected.shape == (7, 20, len(band))
+    table_bytes = len(gallery) * len(band) * 8
+    assert not gallery.keep_slices(table_bytes - 1) and gallery._slices is None
+    assert gallery.keep_slices(table_bytes, chunk=1000)
+    assert torch.equal(gallery.slices(ids), projected)
+    assert not torch.equal(gallery.slices(ids.roll(1, 1)), projected)          # the check can fail
+
+
 def test_killed_build_leftovers_and_bad_shard_list(data):
     """A build folder left by a killed train of the same output is removed; a manifest without a usable
     shard list is refused with one line."""

@@ -18,8 +18,9 @@ of most of it, and one index serves every particle whatever its defocus (``bench
 
 Projections are central slices of the map's padded 3D transform sampled at the band frequencies only
 (:func:`band_slices`, the Fourier-slice theorem, same interpolation as :class:`deepcryo.core.projector.Projector`),
-so the gallery is never materialised: :meth:`Gallery.batches` yields (ids, vectors) a few poses at a time and
-:meth:`Gallery.vectors` computes any set of entries.
+so the index's build never materialises the gallery: :meth:`Gallery.batches` yields (ids, vectors) a few poses
+at a time and :meth:`Gallery.vectors` computes any set of entries. A query over enough particles keeps the band
+slices of every pose once, within its memory limit (:meth:`Gallery.keep_slices`).
 """
 import math
 from typing import Iterator, Optional, Tuple, Union
@@ -129,9 +130,36 @@ class Gallery:
         self.sqrt_weights = None if sqrt_weights is None else sqrt_weights.to(projector.device)
         self.ctf_rms = None if ctf_rms is None else torch.as_tensor(ctf_rms, dtype=torch.float32).to(projector.device)
         self.normalise = normalise
+        self._slices = None              # (M, P) band slices of every pose, once :meth:`keep_slices` made them
 
     def __len__(self) -> int:
         return len(self.poses_deg)
+
+    def slices(self, ids: torch.Tensor) -> torch.Tensor:
+        """Band slices (..., P) complex (no CTF, no weights) of the poses ``ids`` (...), on the projector's
+        device: read from the table of :meth:`keep_slices` when it was made, else projected. Both give the same
+        values, bit for bit: a slice does not depend on the batch that projects it
+        (:meth:`deepcryo.core.projector.Projector.central_slices`)."""
+        if self._slices is not None:
+            return self._slices[ids.to(self._slices.device)]
+        rot = self.rotations[ids.cpu()].reshape(-1, 3, 3)
+        return band_slices(self.projector, rot, self.band.freqs_px).reshape(tuple(ids.shape) + (-1,))
+
+    def keep_slices(self, max_bytes: float, chunk: int = 4096) -> bool:
+        """Project every pose once and keep the band slices, if they take at most ``max_bytes``; True when kept.
+
+        Why: the exact re-ranking projects each particle's 4·k matches (:func:`.query.rerank_matches`), so once
+        the particles outnumber the poses / 4·k, projecting the gallery once and reading the matches' slices
+        from it costs less; a gallery too large for the memory limit keeps projecting its matches."""
+        if self._slices is not None:
+            return True
+        if len(self) * len(self.band) * 8 > max_bytes:
+            return False
+        table = torch.empty(len(self), len(self.band), dtype=torch.complex64, device=self.projector.device)
+        for s in range(0, len(self), chunk):
+            table[s:s + chunk] = band_slices(self.projector, self.rotations[s:s + chunk], self.band.freqs_px)
+        self._slices = table
+        return True
 
     def vectors(self, ids: np.ndarray) -> torch.Tensor:
         """Vectors (len(ids), dim) of the poses ``ids``."""

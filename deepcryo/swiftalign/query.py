@@ -13,7 +13,9 @@ For each particle (batched):
 2. **Exact re-ranking** (:func:`rerank_matches`): each match is scored by the full-precision normalised
    Fourier correlation over the band between the particle and the reference projected at the match's pose,
    multiplied by the particle's *own* CTF and moved by the match's origin and by each offset that covers that
-   origin's cell of the search grid, the best offset kept (:func:`score_slices`).
+   origin's cell of the search grid, the best offset kept (:func:`score_slices`). When the particles' matches
+   (4·k each) outnumber the gallery's poses, every pose is projected once and the matches read from that table
+   (:meth:`.gallery.Gallery.keep_slices`, within a quarter of the memory limit).
 3. **Local refinement** (:func:`refine_best`): a pattern search over small rotations about the three axes of
    the projection frame and sub-pixel origin offsets, halving both steps at each level (:func:`refine_poses`,
    from half the gallery steps down to 1/32): one pass of the first level over those of the ``k`` best that lie
@@ -338,12 +340,13 @@ def global_candidates(bundle: SearchIndex, poses: np.ndarray,
 def rerank_matches(bundle: SearchIndex, particles: ParticleBatch, poses: np.ndarray,
                    origins: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact re-ranking of index matches (pose ids and origin indices (B, n) of :func:`nearest_poses`): each
-    match's pose projected once and scored at its search origin and at the offsets that cover that origin's
-    cell of the search grid (:func:`.gallery.cell_offsets`; the particle's origin lies somewhere in it), the
-    best offset kept. Returns rotations (B, n, 3, 3), origins (B, n, 2) px, exact scores (B, n) and band slices
-    (B, n, P) (for :func:`select_and_refine`)."""
+    match's band slice (:meth:`.gallery.Gallery.slices`: projected, or read from the gallery's kept table)
+    scored at its search origin and at the offsets that cover that origin's cell of the search grid
+    (:func:`.gallery.cell_offsets`; the particle's origin lies somewhere in it), the best offset kept. Returns
+    rotations (B, n, 3, 3), origins (B, n, 2) px, exact scores (B, n) and band slices (B, n, P) (for
+    :func:`select_and_refine`)."""
     rot, org = global_candidates(bundle, poses, origins)
-    slices = pose_slices(bundle.projector, bundle.band, rot)
+    slices = bundle.gallery.slices(torch.as_tensor(poses))
     offsets = cell_offsets(bundle.origins_px)
     score, best = score_slices(bundle.band, particles, slices[:, :, None], org, offsets)[:, :, 0].max(-1)
     return rot, org + offsets[best], score, slices
@@ -541,6 +544,8 @@ def align(bundle: AlignTarget, star: ParticleStar, k: int = 5, nprobe: int = 8, 
     else:
         memory_bytes = memory_limit_GB * 1e9
         block_size = batch_size if bundle.resident else _search_block(bundle, 4 * k, batch_size, memory_bytes, n)
+        if 4 * k * n >= len(bundle.gallery):            # fewer projections: the whole gallery once, not each match
+            bundle.gallery.keep_slices(memory_bytes / 4)
         block_start, block = 0, (np.zeros((0, 4 * k), dtype=np.int64),) * 2   # matches of particles block_start…
     t0 = time.time()
     with star.open_images() as stack:
