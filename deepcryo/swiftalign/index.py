@@ -65,6 +65,7 @@ MANIFEST = "manifest.json"
 FORMAT = "deepcryo-swiftalign-2"
 _ID_BYTES = 8
 FAST_SCAN_QUERIES = 1024    # queries per faiss call on a CPU fast-scan index (:func:`search`)
+GALLERY_BATCH = 4096        # most gallery vectors computed at once when training and filling (:func:`_batch_size`)
 # sub-quantizer counts (= code bytes at 8 bits) of faiss-gpu's GpuIndexIVFPQ (IVFPQ::isSupportedPQCodeLength;
 # 56, 64 and 96 only with float16 lookup tables)
 GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
@@ -197,8 +198,11 @@ def to_devices(index: faiss.Index, devices: Optional[Sequence[str]]) -> faiss.In
 def _batch_size(dim, memory_bytes):
     """Gallery vectors per batch: an eighth of the memory limit for three float32 copies of the batch
     (the vectors, faiss's PCA-transformed copy and residuals; the complex band coefficients they come
-    from take as much again, briefly)."""
-    return max(1, int(memory_bytes // 8 // (3 * 4 * dim)))
+    from take as much again, briefly), and at most ``GALLERY_BATCH``: a larger batch projects and adds no
+    faster, and every batch's buffers are fresh pages to the kernel (``train`` at 7.5°, box 128, 35 232 poses:
+    0.87 s of system time and 0.90 GB of peak RSS with the whole gallery in one batch, 0.45 s and 0.53 GB in
+    batches of 4 096, the same index byte for byte)."""
+    return max(1, min(GALLERY_BATCH, int(memory_bytes // 8 // (3 * 4 * dim))))
 
 
 def train_template(gallery: Gallery, factory: str, memory_bytes: float, seed: int = 0) -> faiss.Index:
