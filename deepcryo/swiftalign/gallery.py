@@ -163,7 +163,7 @@ class Gallery:
 
     def vectors(self, ids: np.ndarray) -> torch.Tensor:
         """Vectors (len(ids), dim) of the poses ``ids``."""
-        coeffs = band_slices(self.projector, self.rotations[torch.as_tensor(ids)], self.band.freqs_px)
+        coeffs = self.slices(torch.as_tensor(ids))
         if self.ctf_rms is not None:
             coeffs = coeffs * self.ctf_rms
         return vectors_from_band(coeffs, self.sqrt_weights, self.normalise).cpu()

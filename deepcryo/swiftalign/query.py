@@ -472,11 +472,12 @@ def select_and_refine(projector: Projector, band: Band, particles: ParticleBatch
 
     Why the runner-up stops after the first level: a match two steps from the winner mostly lies on the flank
     of the winner's own peak, and finer levels walk it back up that peak (refined to level 4, three in four
-    runners-up ended within one step of the winner on RELION-rendered particles), so the gap then measured
-    the peak's sharpness more than a second hypothesis, told wrong winners from right ones worse (and worse
-    than the first level's gap did), and cost a quarter of the query. The first level's two passes keep it a
-    second hypothesis for SwiftRes (:mod:`.refine`): of the wrong winners, its runner-up lay near the truth
-    as often as the level-4 one did; with one pass, or unrefined, less often (``benchmarks/RESULTS.md``).
+    runners-up ended within one step of the winner on RELION-rendered particles at SNR 0.1, two in five at SNR
+    0.01), so the gap then measured the peak's sharpness more than a second hypothesis, told wrong winners from
+    right ones worse than the first level's gap does, and cost a quarter of the query. The first level's two
+    passes keep it a second hypothesis for SwiftRes (:mod:`.refine`): of the wrong winners, its runner-up lay
+    near the truth as often as the level-4 one did; with one pass, or unrefined, less often
+    (``benchmarks/RESULTS.md``).
 
     Returns a :class:`Selection`: the runner-up is that far candidate (refined
     when ``refine_far``), or the winner itself when the pool has none.
