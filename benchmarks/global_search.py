@@ -36,9 +36,9 @@ import time
 import numpy as np
 import torch
 
-from deepcryo.core.geometry import euler_to_matrix, pose_distance_deg
+from deepcryo.core.geometry import pose_distance_deg
 from deepcryo.core.particles import read_particles
-from deepcryo.swiftalign.gallery import band_slices, gallery_poses, shift_grid
+from deepcryo.swiftalign.gallery import Gallery, gallery_poses, shift_grid
 from deepcryo.swiftalign.query import ParticleBatch, select_and_refine
 from deepcryo.swiftalign.sampling import shift_step_for_resolution
 from scale import run_timed  # benchmarks/scale.py, beside this script
@@ -97,7 +97,8 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, 
     px = star.pixel_size_A
     bundle = swindex.load(index_dir)
     projector, band = bundle.projector, bundle.band
-    rotations = euler_to_matrix(torch.as_tensor(gallery_poses(step))).to(torch.float32)
+    exhaustive = Gallery(projector, band, gallery_poses(step))          # the index's poses, unweighted
+    rotations = exhaustive.rotations
     sstep = shift_step_for_resolution(res_A, px)
     origins = shift_grid(max_shift, sstep)
     assert len(rotations) == len(bundle.gallery)
@@ -115,7 +116,8 @@ def stages(star, subset, index_dir, step, res_A, max_shift, k, nprobe, threads, 
         poses[name][1][rows] = (sel.origin_px * px).numpy()
 
     t0 = time.process_time()
-    gallery = band_slices(projector, rotations, band.freqs_px)                               # (M, P), once
+    exhaustive.keep_slices(float("inf"))                                                      # (M, P), once
+    gallery = exhaustive.slices(torch.arange(len(exhaustive)))
     cpu["exhaustive_gallery"] = time.process_time() - t0
     origins_t = torch.as_tensor(origins, dtype=torch.float32)
     with star.open_images() as stack:
