@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from deepcryo.core.geometry import axis_angle_matrices  # noqa: E402
 from deepcryo.core.particles import read_particles, write_particles  # noqa: E402
 from deepcryo.landscape import frames  # noqa: E402
 from deepcryo.tests.relion_data import RenderSpec, render  # noqa: E402
@@ -61,7 +62,7 @@ def main():
                   RenderSpec(n=args.n, box=32, pixel_size_A=4.0, snr=args.snr, states=3, hinge_deg=40.0))
     truth = read_particles(data.star)
     states = np.asarray(truth.particles["rlnClassNumber"], dtype=np.int64) - 1
-    turned = frames.turn_particles(truth, states, frames.rotation_vector_matrix(np.radians(TURNS_DEG)),
+    turned = frames.turn_particles(truth, states, axis_angle_matrices(np.radians(TURNS_DEG)).numpy(),
                                    np.zeros((3, 3)))
     os.makedirs(work, exist_ok=True)
     write_particles(os.path.join(work, "turned.star"), turned)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from deepcryo.core import fourier
-from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg, rotation_angle_deg
+from deepcryo.core.geometry import (axis_angle_matrices, euler_to_matrix, matrix_to_euler, pose_distance_deg,
+                                     rotation_angle_deg, rotation_grid)
 from deepcryo.core.projector import Projector
 from deepcryo.core.reconstruct import Reconstructor
 from deepcryo.core.simulate import hinge_volume, random_poses
@@ -15,10 +16,10 @@ from deepcryo.landscape import frames
 BOX = 32
 
 
-def test_rotation_vector_matrix_turns_counter_clockwise():
-    r = frames.rotation_vector_matrix(np.array([0.0, 0.0, np.pi / 2]))
+def test_axis_angle_matrices_turn_counter_clockwise():
+    r = axis_angle_matrices(np.array([0.0, 0.0, np.pi / 2])).numpy()
     np.testing.assert_allclose(r @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-12)
-    angles = rotation_angle_deg(torch.as_tensor(frames.rotation_grid(20.0, 4.0))).numpy()
+    angles = rotation_angle_deg(torch.as_tensor(rotation_grid(20.0, 4.0))).numpy()
     assert angles.max() <= 20.0 + 1e-6 and angles.min() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -27,7 +28,7 @@ def test_rotate_volumes_moves_a_point_to_r_p():
     vol = torch.zeros(BOX, BOX, BOX, dtype=torch.float64)
     p = np.array([6, 0, 0])
     vol[BOX // 2 + p[2], BOX // 2 + p[1], BOX // 2 + p[0]] = 1.0
-    r = frames.rotation_vector_matrix(np.array([0.0, 0.0, np.pi / 2]))
+    r = axis_angle_matrices(np.array([0.0, 0.0, np.pi / 2])).numpy()
     out = frames.rotate_volumes(vol, torch.as_tensor(r[None]))[0]
     z, y, x = np.unravel_index(int(torch.argmax(out)), out.shape)
     np.testing.assert_allclose(np.array([x, y, z]) - BOX // 2, r @ p, atol=1e-9)
@@ -38,7 +39,7 @@ def test_rotate_volumes_shifts_after_turning():
     vol = torch.zeros(BOX, BOX, BOX, dtype=torch.float64)
     p, t = np.array([6, 0, 0]), np.array([1.0, -2.0, 3.0])
     vol[BOX // 2 + p[2], BOX // 2 + p[1], BOX // 2 + p[0]] = 1.0
-    r = frames.rotation_vector_matrix(np.array([0.0, 0.0, np.pi / 2]))
+    r = axis_angle_matrices(np.array([0.0, 0.0, np.pi / 2])).numpy()
     out = frames.rotate_volumes(vol, torch.as_tensor(r[None]), torch.as_tensor(t[None]))[0]
     z, y, x = np.unravel_index(int(torch.argmax(out)), out.shape)
     np.testing.assert_allclose(np.array([x, y, z]) - BOX // 2, r @ p + t, atol=1e-9)
@@ -49,7 +50,7 @@ def test_moved_poses_project_the_moved_map():
     o + (A·Rᵀ·t)_xy) equals the projection of the map at A with origin o: the convention checked with the
     project's projector (the reverse turn, or the shift's other sign, fails)."""
     vol = hinge_volume(BOX, 0.5)
-    r = frames.rotation_vector_matrix(np.radians([4.0, -9.0, 6.0]))
+    r = axis_angle_matrices(np.radians([4.0, -9.0, 6.0])).numpy()
     t = np.array([1.5, -1.0, 2.0])
     moved = frames.rotate_volumes(torch.as_tensor(vol, dtype=torch.float64), torch.as_tensor(r[None]),
                                   torch.as_tensor(t[None]))[0].numpy()
@@ -73,7 +74,7 @@ def turned_groups():
     alignment gives them): images projected from the true map at the true poses A, each group's map reconstructed
     at the turned poses A·Q_kᵀ, so the map is the true one turned by Q_k."""
     ts = (0.0, 0.5, 1.0)
-    turns = frames.rotation_vector_matrix(np.radians([[0.0, -10.6, 0.0], [0.0, 0.0, 0.0], [2.0, 9.0, -3.0]]))
+    turns = axis_angle_matrices(np.radians([[0.0, -10.6, 0.0], [0.0, 0.0, 0.0], [2.0, 9.0, -3.0]])).numpy()
     rng = np.random.default_rng(0)
     maps, true_poses, turned_poses = [], [], []
     for t, q in zip(ts, turns):
@@ -123,7 +124,7 @@ def test_turn_particles_turns_each_groups_poses(tmp_path):
     star = ParticleStar(make_optics(2.0, BOX), {"rlnAngleRot": poses[:, 0], "rlnAngleTilt": poses[:, 1],
                                                 "rlnAnglePsi": poses[:, 2], "rlnOriginXAngst": np.arange(4.0)},
                         str(tmp_path))
-    turns = np.stack([np.eye(3), frames.rotation_vector_matrix(np.radians([0.0, 10.0, 0.0]))])
+    turns = np.stack([np.eye(3), axis_angle_matrices(np.radians([0.0, 10.0, 0.0])).numpy()])
     out = frames.turn_particles(star, np.array([0, 1, 0, 1]), turns, np.zeros((2, 3)))
     moved = pose_distance_deg(torch.as_tensor(out.angles_deg()), torch.as_tensor(poses)).numpy()
     np.testing.assert_allclose(moved, [0.0, 10.0, 0.0, 10.0], atol=1e-6)
@@ -143,7 +144,7 @@ def test_frames_command_restores_the_poses_of_relion_rendered_groups(relion_rend
     data = relion_rendered(RenderSpec(n=600, box=32, pixel_size_A=4.0, snr=None, states=3, hinge_deg=40.0))
     truth = read_particles(data.star)
     state = np.asarray(truth.particles["rlnClassNumber"], dtype=np.int64) - 1
-    turns = frames.rotation_vector_matrix(np.radians([[0.0, 10.0, 0.0], [0.0, 0.0, 0.0], [0.0, -9.0, 0.0]]))
+    turns = axis_angle_matrices(np.radians([[0.0, 10.0, 0.0], [0.0, 0.0, 0.0], [0.0, -9.0, 0.0]])).numpy()
     turned = frames.turn_particles(truth, state, turns, np.zeros((3, 3)))
     write_particles(str(tmp_path / "turned.star"), turned)
     assert main(["frames", "--particles", str(tmp_path / "turned.star"), "--group-column", "rlnClassNumber",

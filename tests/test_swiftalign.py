@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg
+from deepcryo.core.geometry import axis_angle_matrices, euler_to_matrix, matrix_to_euler, pose_distance_deg
 from deepcryo.core.mrc import write_mrc
 from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.core.simulate import phantom_volume, write_particle_set
 from deepcryo.swiftalign import __main__ as cli
 from deepcryo.swiftalign.index import load, merge_topk, train
-from deepcryo.swiftalign.query import (ParticleBatch, axis_angle_matrices, distinct_candidates, query, refine_best,
+from deepcryo.swiftalign.query import (ParticleBatch, distinct_candidates, query, refine_best,
                                        score_poses, significant_poses)
 
 STEP_DEG = 12.0

@@ -35,7 +35,7 @@ from . import euler
 __all__ = ["euler_to_matrix", "matrix_to_euler", "matrix_to_quaternion", "quaternion_to_matrix",
            "rotation_angle_deg", "pose_distance_deg", "viewing_direction", "direction_distance_deg",
            "sphere_directions", "sample_poses", "symmetry_matrices", "equivalent_poses", "SYMMETRY_NAMES",
-           "in_plane_rotation_matrix", "voxel_positions", "sample_volumes"]
+           "in_plane_rotation_matrix", "axis_angle_matrices", "rotation_grid", "voxel_positions", "sample_volumes"]
 
 
 def _as_tensor(x, dtype=None):
@@ -178,6 +178,31 @@ def in_plane_rotation_matrix(psi_deg: Union[torch.Tensor, np.ndarray]) -> torch.
     p = torch.deg2rad(_as_tensor(psi_deg))
     c, s = torch.cos(p), torch.sin(p)
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def axis_angle_matrices(vectors_rad: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """(…, 3) rotation vectors ω (axis · angle, radians) → (…, 3, 3) float64 rotation matrices (Rodrigues), acting
+    on (x, y, z) column vectors: a positive angle turns counter-clockwise about the axis."""
+    v = torch.as_tensor(vectors_rad, dtype=torch.float64)
+    theta = v.norm(dim=-1, keepdim=True)
+    k = v / theta.clamp_min(1e-12)
+    kx = torch.zeros(v.shape[:-1] + (3, 3), dtype=v.dtype)
+    kx[..., 0, 1], kx[..., 0, 2] = -k[..., 2], k[..., 1]
+    kx[..., 1, 0], kx[..., 1, 2] = k[..., 2], -k[..., 0]
+    kx[..., 2, 0], kx[..., 2, 1] = -k[..., 1], k[..., 0]
+    s, c = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
+    return torch.eye(3, dtype=v.dtype) + s * kx + (1 - c) * (kx @ kx)
+
+
+def rotation_grid(max_angle_deg: float, step_deg: float) -> torch.Tensor:
+    """(M, 3, 3) float64 rotations whose rotation vectors lie on a cubic grid of spacing ``step_deg`` inside the
+    ball of radius ``max_angle_deg`` (degrees), the identity included; ordered as ``np.meshgrid(…, indexing="ij")``
+    of the three coordinates. The neighbourhood a local search of a rotation tries."""
+    n = int(math.floor(max_angle_deg / step_deg + 1e-9))
+    steps = np.arange(-n, n + 1)
+    grid = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3)
+    grid = grid[np.linalg.norm(grid, axis=1) * step_deg <= max_angle_deg + 1e-9]
+    return axis_angle_matrices(torch.as_tensor(grid * math.radians(step_deg)))
 
 
 # ----------------------------------------------------------------------------------------------- volumes

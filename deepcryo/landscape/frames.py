@@ -32,7 +32,7 @@ volume by R and shifting it by t means V'(x) = V(Rᵀ (x − t)) (:func:`rotate_
 pose A' = A·Rᵀ with origin o + (A'·t)_xy equals the projection of V at pose A with origin o (RELION origins: the
 shift that brings the particle to the box centre), which is why the moved poses reconstruct the moved map. A
 rotation is given by a rotation vector ω (axis times angle in radians) or its 3×3 matrix
-(:func:`rotation_vector_matrix`). The shift is searched with the rotation because a consensus turns each
+(:func:`deepcryo.core.geometry.axis_angle_matrices`). The shift is searched with the rotation because a consensus turns each
 conformation's frame about a point that is not the box centre (its hinge lies elsewhere), which is a turn about the
 centre plus a shift; a search of the rotation alone settles on a smaller turn.
 """
@@ -50,15 +50,15 @@ import torch.nn.functional as F
 from ..core.errors import InputError
 from ..core.files import atomic_output
 from ..core.fourier import lowpass_volume, resize_volume
-from ..core.geometry import (euler_to_matrix, matrix_to_euler, rotation_angle_deg, sample_volumes,
-                             voxel_positions)
+from ..core.geometry import (axis_angle_matrices, euler_to_matrix, matrix_to_euler, rotation_angle_deg,
+                             rotation_grid, sample_volumes, voxel_positions)
 from ..core.mrc import read_mrc, write_mrc
 from ..core.particles import ParticleStar, read_particles, write_particles
 from ..core.reconstruct import Reconstructor, insert_particles
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["rotation_vector_matrix", "rotation_grid", "rotate_volumes", "particle_mask", "static_body_mask",
+__all__ = ["rotate_volumes", "particle_mask", "static_body_mask",
            "agreeing_mass", "masked_correlation", "align_group_map", "body_frames", "turn_poses", "turn_particles", "quantile_groups", "group_maps", "correct_frames"]
 
 
@@ -75,30 +75,6 @@ MIN_STATIC_FRACTION = 0.05
 #: mixing two states) when the particle mask was the unweighted mean of the group maps, whose motions (18° and 7°)
 #: were noise and moved the poses away from the truth.
 MIN_STATIC_CORRELATION = 0.5
-
-
-def rotation_vector_matrix(omega: np.ndarray) -> np.ndarray:
-    """(..., 3) rotation vectors (axis × angle, radians) → (..., 3, 3) rotation matrices (Rodrigues), acting on
-    (x, y, z) column vectors: a positive angle turns counter-clockwise about the axis."""
-    omega = np.asarray(omega, dtype=np.float64)
-    angle = np.linalg.norm(omega, axis=-1)[..., None, None]
-    k = np.zeros(omega.shape[:-1] + (3, 3))
-    k[..., 0, 1], k[..., 0, 2], k[..., 1, 2] = -omega[..., 2], omega[..., 1], -omega[..., 0]
-    k = k - np.swapaxes(k, -1, -2)
-    safe = np.where(angle > 1e-12, angle, 1.0)
-    sin_term = np.where(angle > 1e-12, np.sin(angle) / safe, 1.0)
-    cos_term = np.where(angle > 1e-12, (1 - np.cos(angle)) / safe ** 2, 0.5)
-    return np.eye(3) + sin_term * k + cos_term * (k @ k)
-
-
-def rotation_grid(max_angle_deg: float, step_deg: float) -> np.ndarray:
-    """(M, 3, 3) rotations whose rotation vectors lie on a cubic grid of spacing ``step_deg`` inside the ball of
-    radius ``max_angle_deg`` (degrees), the identity included."""
-    n = int(np.floor(max_angle_deg / step_deg + 1e-9))
-    axis = np.arange(-n, n + 1) * step_deg
-    omega = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
-    omega = omega[np.linalg.norm(omega, axis=1) <= max_angle_deg + 1e-9]
-    return rotation_vector_matrix(np.radians(omega))
 
 
 def rotate_volumes(volume: torch.Tensor, rotations: torch.Tensor, shifts: Optional[torch.Tensor] = None
@@ -210,7 +186,7 @@ def _local_search(volume, reference, score, rotation, shift, max_angle_deg, max_
     ``max_shift_px`` per axis. (rotation, shift, score)."""
     best = _best(volume, reference, rotation[None], shift[None], score)[2]
     while angle_step_deg >= final_angle_step_deg:
-        rot = rotation_vector_matrix(np.radians(_STEPS[:, :3] * angle_step_deg)) @ rotation
+        rot = axis_angle_matrices(np.radians(_STEPS[:, :3] * angle_step_deg)).numpy() @ rotation
         sh = shift + _STEPS[:, 3:] * shift_step_px
         keep = ((rotation_angle_deg(torch.as_tensor(rot)).numpy() <= max_angle_deg + 1e-6)
                 & (np.abs(sh).max(1) <= max_shift_px + 1e-9))
@@ -238,7 +214,7 @@ def align_group_map(volume: np.ndarray, reference: np.ndarray, mask: np.ndarray,
     def score(t, r):
         return masked_correlation(t, r, mask)
 
-    grid = rotation_grid(max_angle_deg, coarse_step_deg)
+    grid = rotation_grid(max_angle_deg, coarse_step_deg).numpy()
     rotation, _, _ = _best(v, ref, grid, np.repeat(shift[None], len(grid), 0), score)
     return _local_search(v, ref, score, rotation, shift, max_angle_deg, max_shift_px)
 
@@ -253,7 +229,7 @@ def _agreeing_start(volume, reference, inside, max_angle_deg, max_shift_px, step
     def score(t, r):
         return agreeing_mass(t, r, inside, tolerance)
 
-    grid = rotation_grid(max_angle_deg, step_deg)
+    grid = rotation_grid(max_angle_deg, step_deg).numpy()
     best, _, _ = _best(v, ref, grid, np.zeros((len(grid), 3)), score)
     rotation, shift, _ = _local_search(v, ref, score, best, np.zeros(3), max_angle_deg, max_shift_px,
                                        final_angle_step_deg=0.5)

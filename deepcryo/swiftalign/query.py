@@ -49,7 +49,8 @@ import torch
 
 from deepcryo.core.ctf import ctf_from_freqs
 from deepcryo.core.errors import InputError
-from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg
+from deepcryo.core.geometry import (axis_angle_matrices, euler_to_matrix, matrix_to_euler, pose_distance_deg,
+                                     rotation_grid)
 from deepcryo.core.mrc import ImageStack
 from deepcryo.core.particles import ParticleStar, read_particles, write_particles
 from deepcryo.core.projector import Projector
@@ -60,7 +61,7 @@ from .gallery import band_slices, cell_offsets, shift_grid
 from .target import AlignTarget, SearchIndex
 
 __all__ = ["AlignTarget", "SearchIndex", "ParticleBatch", "score_slices", "pose_slices", "score_poses",
-           "axis_angle_matrices", "parabola_vertex", "refine_poses", "distinct_candidates", "refine_best",
+           "parabola_vertex", "refine_poses", "distinct_candidates", "refine_best",
            "nearest_poses", "global_candidates", "rerank_matches", "index_matches", "local_candidates",
            "pose_posterior", "Selection", "select_and_refine", "align", "query"]
 
@@ -143,19 +144,6 @@ def score_poses(projector: Projector, band: Band, particles: ParticleBatch, rota
     """
     return score_slices(band, particles, pose_slices(projector, band, rotations)[:, :, None], origins_px,
                         offsets_px)[:, :, 0]
-
-
-def axis_angle_matrices(vectors_rad: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-    """(…, 3) rotation vectors (axis · angle, radians) → (…, 3, 3) rotation matrices (Rodrigues)."""
-    v = torch.as_tensor(vectors_rad, dtype=torch.float64)
-    theta = v.norm(dim=-1, keepdim=True)
-    k = v / theta.clamp_min(1e-12)
-    kx = torch.zeros(v.shape[:-1] + (3, 3), dtype=v.dtype)
-    kx[..., 0, 1], kx[..., 0, 2] = -k[..., 2], k[..., 1]
-    kx[..., 1, 0], kx[..., 1, 2] = k[..., 2], -k[..., 0]
-    kx[..., 2, 0], kx[..., 2, 1] = -k[..., 1], k[..., 0]
-    s, c = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
-    return torch.eye(3, dtype=v.dtype) + s * kx + (1 - c) * (kx @ kx)
 
 
 def _axis_moves(h_rad):
@@ -389,13 +377,8 @@ def local_candidates(projector: Projector, band: Band, particles: ParticleBatch,
     of spacing one step, inside the ball of radius ``max_steps`` steps), each with its best origin within
     ±``max_shift_px`` of the prior origin: rotations (B, Q, 3, 3), origins (B, Q, 2), exact scores (B, Q) and
     band slices (B, Q, P) (for :func:`select_and_refine`, which then projects none of them again)."""
-    r = np.arange(-max_steps, max_steps + 1)
-    grid = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
-    grid = grid[np.linalg.norm(grid, axis=1) <= max_steps + 1e-9]
-    moves = axis_angle_matrices(torch.as_tensor(grid * math.radians(angular_step_deg))).to(torch.float32)
-    ns = int(math.ceil(max_shift_px / shift_step_px - 1e-9)) if max_shift_px > 0 else 0
-    g = torch.linspace(-max_shift_px, max_shift_px, 2 * ns + 1) if ns else torch.zeros(1)
-    offsets = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    moves = rotation_grid(max_steps * angular_step_deg, angular_step_deg).to(torch.float32)
+    offsets = torch.as_tensor(shift_grid(max_shift_px, shift_step_px), dtype=torch.float32)
     b, q = len(particles), len(moves)
     rot = moves[None] @ prior_rotations[:, None]                                      # (B, Q, 3, 3)
     slices = pose_slices(projector, band, rot)

@@ -97,7 +97,8 @@ from deepcryo.constants import DEFAULT_DIAMETER_BOX_FRACTION
 from deepcryo.core.errors import InputError
 from deepcryo.core.files import remove_stale_parts_in
 from deepcryo.core.fsc import fsc_resolution_A, masked_fsc
-from deepcryo.core.geometry import euler_to_matrix, matrix_to_euler, pose_distance_deg, symmetry_matrices
+from deepcryo.core.geometry import (axis_angle_matrices, euler_to_matrix, matrix_to_euler, pose_distance_deg,
+                                     symmetry_matrices)
 from deepcryo.core.mrc import write_mrc
 from deepcryo.core.particles import ParticleStar, read_particles
 from deepcryo.core.projector import Projector
@@ -143,7 +144,6 @@ class LocalReference(AlignTarget):
 def _random_rotation(angle_deg, rng):
     axis = rng.normal(size=3)
     axis *= math.radians(angle_deg) / np.linalg.norm(axis)
-    from .query import axis_angle_matrices
     return axis_angle_matrices(torch.as_tensor(axis[None]))[0]
 
 

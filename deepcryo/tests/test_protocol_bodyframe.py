@@ -44,7 +44,7 @@ import torch
 
 from deepcryo.constants import OUTPUT_PARTICLES
 from deepcryo.convert import projectionMatrices
-from deepcryo.core.geometry import rotation_angle_deg
+from deepcryo.core.geometry import axis_angle_matrices, rotation_angle_deg
 from deepcryo.core.particles import read_particles, write_particles
 from deepcryo.landscape import frames
 from deepcryo.protocols import DeepCryoProtVaeAnalyze, DeepCryoProtVaeBodyFrame, DeepCryoProtVaeTrain
@@ -87,7 +87,7 @@ class TestDeepCryoBodyFrame(ProtocolTest):
         truth = read_particles(data.star)
         cls.states = np.asarray(truth.particles["rlnClassNumber"], dtype=np.int64) - 1
         cls.truth = np.stack([relionPoseToScipionMatrix(*a, 0.0, 0.0)[:3, :3] for a in truth.angles_deg()])
-        turned = frames.turn_particles(truth, cls.states, frames.rotation_vector_matrix(np.radians(TURNS_DEG)),
+        turned = frames.turn_particles(truth, cls.states, axis_angle_matrices(np.radians(TURNS_DEG)).numpy(),
                                        np.zeros((3, 3)))
         turnedStar = os.path.join(data.folder, "turned.star")
         write_particles(turnedStar, turned)
