@@ -1,7 +1,7 @@
 """The user's landscape path end to end: RELION-rendered two-state particles → SwiftRes → VAE → clusters (issue 17).
 
-1. ``relion_project`` renders ``--n`` particles of two states (:func:`deepcryo.core.simulate.phantom_states`, a
-   35° domain hinge; half the particles each) at ``--box`` px, 2 Å/px, SNR ``--snr``
+1. ``relion_project`` renders ``--n`` particles of two states (:func:`deepcryo.core.simulate.phantom_states`, the
+   domain turned by ``--hinge-deg`` between them, default 35°; half the particles each) at ``--box`` px, 2 Å/px, SNR ``--snr``
    (:mod:`deepcryo.tests.relion_data`);
 2. ``python -m deepcryo.swiftalign refine`` from the map of state 1 low-passed to 30 Å (``--initial-resolution
    30``) estimates the poses; their error against the truth is the angle of ``A_trueᵀ·A_est`` (the reference is
@@ -118,6 +118,7 @@ def main():
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--box", type=int, default=64)
     p.add_argument("--snr", type=float, default=0.1)
+    p.add_argument("--hinge-deg", type=float, default=35.0, help="turn of the domain between the two states (degrees)")
     p.add_argument("--work-box", type=int, default=32)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--latent-dim", type=int, default=8)
@@ -132,7 +133,7 @@ def main():
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.makedirs(args.work, exist_ok=True)
     log = os.path.join(args.work, "log.txt")
-    spec = RenderSpec(n=args.n, box=args.box, snr=args.snr, states=2, seed=args.seed)
+    spec = RenderSpec(n=args.n, box=args.box, snr=args.snr, states=2, seed=args.seed, hinge_deg=args.hinge_deg)
     data = render(os.path.join(args.work, "data"), spec)
     truth = read_particles(data.star)
     names = image_keys(truth)
