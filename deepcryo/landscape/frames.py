@@ -59,7 +59,7 @@ from ..core.reconstruct import Reconstructor, insert_particles
 logger = logging.getLogger(__name__)
 
 __all__ = ["rotate_volumes", "particle_mask", "static_body_mask",
-           "agreeing_mass", "masked_correlation", "align_group_map", "body_frames", "turn_poses", "turn_particles", "quantile_groups", "group_maps", "correct_frames"]
+           "agreeing_mass", "masked_correlation", "align_group_map", "body_frames", "turn_poses", "turn_particles", "quantile_groups", "group_maps", "refine_in_groups", "correct_frames"]
 
 
 #: Smallest static body, as a fraction of the particle mask, whose overlay is trusted. Measured (2026-12-05): 0.32–0.69
@@ -380,10 +380,53 @@ def group_maps(star: ParticleStar, groups: np.ndarray, n_groups: int, box: int, 
     return maps, star.pixel_size_A * full / box
 
 
+def refine_in_groups(star: ParticleStar, groups: np.ndarray, n_groups: int, resolution_A: float = 8.0,
+                     angular_step_deg: float = 1.5, steps: int = 3, max_shift_px: float = 1.0) -> ParticleStar:
+    """A copy of ``star`` with each particle's pose refined against the map of its own group (``groups`` (N,),
+    0-based): the group's particles at their poses reconstructed at the particles' box (:func:`group_maps`) and
+    low-passed to ``resolution_A`` (at most to Nyquist), then SwiftAlign's local search (:func:`deepcryo.swiftalign.query.align`, local
+    mode): rotations within ±``steps`` steps of ``angular_step_deg`` (degrees) of the pose, origins within
+    ±``max_shift_px`` px in half-pixel steps, the best candidates refined. Every other column is kept.
+
+    Why: the turn of a group is one rotation for all its particles, so what the consensus left of each particle's
+    own scatter stays, and the particles of a group spread over a few neighbouring conformations, each of which
+    took a slightly different consensus turn. Against its group's map, which is in the common frame and much
+    closer to the particle's conformation than the consensus was, each particle finds its own pose. This pays where
+    the groups hold thousands of particles (their maps are sharp); with a few hundred per group the maps are noisy
+    and the search gains little, and searching again against maps rebuilt from the new poses drifts
+    (benchmarks/RESULTS.md, "The body frame at 20 000 particles"). The maps hold the particles searched against
+    them, as a refinement's reference does within its half set."""
+    from ..swiftalign.query import align
+    from ..swiftalign.refine import LocalReference
+
+    groups = np.asarray(groups, dtype=np.int64)
+    maps, pixel_A = group_maps(star, groups, n_groups, star.box_size)
+    resolution_A = max(resolution_A, 2 * pixel_A)
+    angles, origins = star.angles_deg(), star.origins_A()
+    for g in range(n_groups):
+        members = np.flatnonzero(groups == g)
+        if len(members) == 0:
+            continue
+        volume = lowpass_volume(torch.as_tensor(maps[g], dtype=torch.float64), resolution_A, pixel_A)
+        reference = LocalReference(volume.numpy().astype(np.float32), pixel_A, resolution_A, angular_step_deg, 0.5,
+                                   max_shift_px, "C1")
+        part = star.subset(members)
+        found = align(reference, part, k=3, local=True, prior_angles_deg=part.angles_deg(),
+                      prior_origins_A=part.origins_A(), local_steps=steps, local_shift_px=max_shift_px)
+        angles[members], origins[members] = found["angles_deg"], found["origins_A"]
+        logger.info("group %d: %d particles refined against its map (%.0f Å), median move %.2f°", g + 1,
+                    len(members), resolution_A, float(np.median(rotation_angle_deg(
+                        euler_to_matrix(torch.as_tensor(part.angles_deg())).transpose(-1, -2)
+                        @ euler_to_matrix(torch.as_tensor(found["angles_deg"]))).numpy())))
+    out = star.copy()
+    out.set_poses(angles, origins)
+    return out
+
+
 def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = None,
                    group_column: str = "dcCluster", bins: int = 0, box: int = 32, reference: Optional[int] = None,
-                   max_angle_deg: float = 20.0, max_shift_A: float = 8.0, resolution_A: float = 10.0
-                   ) -> Dict[str, object]:
+                   max_angle_deg: float = 20.0, max_shift_A: float = 8.0, resolution_A: float = 10.0,
+                   refine_resolution_A: float = 0.0) -> Dict[str, object]:
     """Write ``output``, the particles of ``particles`` with each group's poses and origins moved into one body
     frame (:func:`body_frames` on the group maps low-passed to ``resolution_A``, shifts up to ``max_shift_A`` per
     axis; :func:`turn_particles`), beside it ``<output stem>_frames.json`` (the groups, turns, shifts and
@@ -396,7 +439,8 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     are angles, the shifts are converted with the maps' pixel size); without them each group's particles are
     reconstructed at ``box`` (:func:`group_maps`). Group maps of a few hundred noisy particles need the low-pass.
     ``reference``: 1-based group whose frame the others take (default none: all groups into the mean of their
-    frames, :func:`body_frames`)."""
+    frames, :func:`body_frames`). ``refine_resolution_A`` > 0: then each particle's pose is refined against its
+    group's map at the particles' box, low-passed to it (:func:`refine_in_groups`)."""
     star = read_particles(particles)
     if group_column not in star.particles:
         raise InputError("%s: no %s column (analyze writes dcCluster and dcPC1)" % (particles, group_column))
@@ -425,6 +469,8 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     shifts_A = found["shifts_px"] * pixel_A
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     out = turn_particles(star, groups, found["rotations"], shifts_A)
+    if refine_resolution_A > 0:
+        out = refine_in_groups(out, groups, n_groups, refine_resolution_A)
     out.particles["dcFrameGroup"] = groups + 1
     write_particles(output, out)
     stem = os.path.splitext(output)[0]
@@ -432,7 +478,7 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     summary = {"particles": os.path.abspath(particles), "maps": [os.path.abspath(m) for m in maps or []],
                "group_column": group_column, "bins": bins, "aligned_to_group": int(found["reference"]) + 1,
                "frame": "mean" if reference is None else "group %d" % reference, "group_sizes": sizes,
-               "resolution_A": resolution_A, "turn_deg": found["angles_deg"].tolist(),
+               "resolution_A": resolution_A, "refine_resolution_A": refine_resolution_A, "turn_deg": found["angles_deg"].tolist(),
                "rotations": found["rotations"].tolist(), "shifts_A": shifts_A.tolist(),
                "static_body_correlation": found["correlation"].tolist(),
                "measured": found["measured"].tolist(), "min_static_correlation": MIN_STATIC_CORRELATION,

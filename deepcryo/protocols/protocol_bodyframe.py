@@ -45,7 +45,8 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
     (equal bins along the latent's first principal component, or the analysis' k-means clusters), a map of each
     group is reconstructed from its particles at their poses, and the rigid motion (R, t) that overlays each
     group's static body (where the group maps agree) on the common frame is measured. Each group's poses A
-    become A·Rᵀ and its origins move with t; the images are unchanged. Train the landscape VAE again on the
+    become A·Rᵀ and its origins move with t; then each particle's pose is refined by a local search against its
+    own group's map, now in the common frame (8 Å); the images are unchanged. Train the landscape VAE again on the
     output; the README ("Continuous motion: one body frame") gives the measured gain, with two rounds.
 
     Output: the particles of the analysis' training run (CTF, everything else kept) with the moved poses, and
@@ -219,12 +220,18 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
                 "agree, and the rigid motion (a rotation of at most %g° and a shift) that overlays each group's "
                 "static body on the common frame was found by masked correlation (one rigid motion per group of "
                 "the landscape, where multi-body refinement [Nakane2018] refines one per particle and body). "
-                "Each group's poses A became A·Rᵀ and its origins moved with the shift, all groups into %s "
+                "Each group's poses A became A·Rᵀ and its origins moved with the shift, all groups into %s%s "
                 "(output %s)."
                 % (particles.getSize(), self.getObjectTag(self._inputParticles()), self._grouping(summary),
                    self.getObjectTag("analyzeRun"), self.mapBox.get(),
                    particles.getSamplingRate() * particles.getXDim() / self.mapBox.get(), self.resolution.get(),
-                   self.maxAngle.get(), frame, self.getObjectTag(OUTPUT_PARTICLES))]
+                   self.maxAngle.get(), frame, self._refineWords(summary), self.getObjectTag(OUTPUT_PARTICLES))]
+
+    @staticmethod
+    def _refineWords(summary):
+        resolution = summary.get("refine_resolution_A", 0)
+        return ("; then each particle's pose was refined by a local search against its group's map at the "
+                "particles' box, low-passed to %g Å" % resolution) if resolution else ""
 
     def _citations(self):
         return ["Zhong2021", "Nakane2018"]

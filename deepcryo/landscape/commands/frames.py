@@ -18,7 +18,8 @@ k-means may cut across it). The maps (``--maps``, one per group, group 1 first; 
 particles are reconstructed at ``--box``) are compared on the part
 where they agree once turned into one frame, the static body (the larger rigid part); each group's poses A become
 A·Rᵀ and its origins move with t, (R, t) the rigid motion of its map's body onto the common frame (by default the
-mean of the groups' frames, so the consensus's frame is kept on average). Writes the STAR (with ``dcFrameGroup``), ``<output stem>_frames.json`` (the turns
+mean of the groups' frames, so the consensus's frame is kept on average). Then (``--refine-resolution``, 0 to skip)
+each particle's pose is refined by a local search against its own group's map, now in the common frame. Writes the STAR (with ``dcFrameGroup``), ``<output stem>_frames.json`` (the turns
 in degrees) and ``<output stem>_static_body.mrc`` (the static body mask).
 """
 
@@ -40,10 +41,14 @@ def add_args(parser):
                         help="group whose frame all take (1-based; default: the mean of the groups' frames, the "
                              "consensus's frame on average)")
     parser.add_argument("--max-angle", type=float, default=20.0, help="largest turn searched (degrees)")
+    parser.add_argument("--refine-resolution", type=float, default=8.0,
+                        help="then refine each particle's pose locally against its group's map at the particles' "
+                             "box, low-passed to this (Å; 0: no refinement; worth it with thousands of particles "
+                             "per group)")
 
 
 def main(args):
     from ..frames import correct_frames
     correct_frames(args.particles, args.output, maps=args.maps, group_column=args.group_column, bins=args.bins,
                    box=args.box, reference=args.reference, max_angle_deg=args.max_angle,
-                   resolution_A=args.resolution)
+                   resolution_A=args.resolution, refine_resolution_A=args.refine_resolution)
