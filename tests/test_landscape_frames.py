@@ -188,7 +188,8 @@ def test_refine_in_groups_takes_out_each_particles_own_scatter(relion_rendered):
 
 def test_frames_command_refuses_a_map_box_above_the_particles(relion_rendered, tmp_path, capsys):
     """``--box`` above the particles' box: one error line, exit code 2, nothing written (it used to upsample the
-    group maps and run the search at that box, out of memory at 128 for 64-px particles)."""
+    group maps and run the search at that box, out of memory at 128 for 64-px particles); a negative
+    ``--refine-resolution`` likewise."""
     from deepcryo.landscape.__main__ import main
     from relion_data import RenderSpec
     data = relion_rendered(RenderSpec(n=600, box=32, pixel_size_A=4.0, snr=None, states=3, hinge_deg=40.0))
@@ -196,6 +197,11 @@ def test_frames_command_refuses_a_map_box_above_the_particles(relion_rendered, t
                  "--output", str(tmp_path / "out" / "particles.star")])
     err = capsys.readouterr().err
     assert code == 2 and "at most the particles' box, 32 px" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    code = main(["frames", "--particles", data.star, "--group-column", "rlnClassNumber", "--refine-resolution", "-8",
+                 "--output", str(tmp_path / "out" / "particles.star")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--refine-resolution -8" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 

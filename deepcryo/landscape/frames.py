@@ -441,6 +441,8 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     ``reference``: 1-based group whose frame the others take (default none: all groups into the mean of their
     frames, :func:`body_frames`). ``refine_resolution_A`` > 0: then each particle's pose is refined against its
     group's map at the particles' box, low-passed to it (:func:`refine_in_groups`)."""
+    if refine_resolution_A < 0:
+        raise InputError("--refine-resolution %g: a resolution in Å, or 0 for no refinement" % refine_resolution_A)
     star = read_particles(particles)
     if group_column not in star.particles:
         raise InputError("%s: no %s column (analyze writes dcCluster and dcPC1)" % (particles, group_column))
