@@ -46,7 +46,7 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
     group is reconstructed from its particles at their poses, and the rigid motion (R, t) that overlays each
     group's static body (where the group maps agree) on the common frame is measured. Each group's poses A
     become A·Rᵀ and its origins move with t; then each particle's pose is refined by a local search against its
-    own group's map, now in the common frame (8 Å); the images are unchanged. Train the landscape VAE again on the
+    own group's map, now in the common frame ("Then refine each particle at"); the images are unchanged. Train the landscape VAE again on the
     output; the README ("Continuous motion: one body frame") gives the measured gain, with two rounds.
 
     Output: the particles of the analysis' training run (CTF, everything else kept) with the moved poses, and
@@ -84,6 +84,12 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
                       help="The group maps are compared at this resolution (at least twice the maps' pixel "
                            "size). Maps of a few hundred noisy particles need it; 15 Å at 4 Å/px lost most of "
                            "the turn in our tests.")
+        form.addParam("refineResolution", params.FloatParam, default=8.0, validators=[params.GE(0)],
+                      label="Then refine each particle at (Å)",
+                      help="After the turns, each particle's pose is refined by a local search against its own "
+                           "group's map at the particles' box, low-passed to this resolution (at most the "
+                           "particles' Nyquist limit). 0: no refinement. It pays with thousands of particles per "
+                           "group (sharp maps); with a few hundred it gains little.")
         form.addParam("referenceGroup", params.IntParam, default=0, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Frame of group (0: their mean)",
                       help="0: all groups move into the mean of their frames (the consensus's frame on "
@@ -114,7 +120,8 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
 
     def framesStep(self):
         args = ["frames", "--particles", self._analysisStar(), "--output", self._outputStar(),
-                "--box", self.mapBox.get(), "--resolution", self.resolution.get(), "--max-angle", self.maxAngle.get()]
+                "--box", self.mapBox.get(), "--resolution", self.resolution.get(), "--max-angle", self.maxAngle.get(),
+                "--refine-resolution", self.refineResolution.get()]
         if self.groupBy.get() == self.GROUP_PC1:
             args += ["--group-column", "dcPC1", "--bins", self.bins.get()]
         else:
