@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from ..core.errors import InputError
 from ..core.files import atomic_output
 from ..core.fourier import lowpass_volume, resize_volume
-from ..core.geometry import (axis_angle_matrices, euler_to_matrix, matrix_to_euler, rotation_angle_deg,
-                             rotation_grid, sample_volumes, voxel_positions)
+from ..core.geometry import (axis_angle_matrices, euler_to_matrix, matrix_to_euler, pose_distance_deg,
+                             rotation_angle_deg, rotation_grid, sample_volumes, voxel_positions)
 from ..core.mrc import read_mrc, write_mrc
 from ..core.particles import ParticleStar, read_particles, write_particles
 from ..core.reconstruct import Reconstructor, insert_particles
@@ -394,7 +394,7 @@ def refine_in_groups(star: ParticleStar, groups: np.ndarray, n_groups: int, reso
     closer to the particle's conformation than the consensus was, each particle finds its own pose. This pays where
     the groups hold thousands of particles (their maps are sharp); with a few hundred per group the maps are noisy
     and the search gains little, and searching again against maps rebuilt from the new poses drifts
-    (benchmarks/RESULTS.md, "The body frame at 20 000 particles"). The maps hold the particles searched against
+    (benchmarks/RESULTS.md, "The landscape from estimated poses at 20 000 particles"). The maps hold the particles searched against
     them, as a refinement's reference does within its half set."""
     from ..swiftalign.query import align
     from ..swiftalign.refine import LocalReference
@@ -415,9 +415,8 @@ def refine_in_groups(star: ParticleStar, groups: np.ndarray, n_groups: int, reso
                       prior_origins_A=part.origins_A(), local_steps=steps, local_shift_px=max_shift_px)
         angles[members], origins[members] = found["angles_deg"], found["origins_A"]
         logger.info("group %d: %d particles refined against its map (%.0f Å), median move %.2f°", g + 1,
-                    len(members), resolution_A, float(np.median(rotation_angle_deg(
-                        euler_to_matrix(torch.as_tensor(part.angles_deg())).transpose(-1, -2)
-                        @ euler_to_matrix(torch.as_tensor(found["angles_deg"]))).numpy())))
+                    len(members), resolution_A,
+                    float(np.median(pose_distance_deg(part.angles_deg(), found["angles_deg"]).numpy())))
     out = star.copy()
     out.set_poses(angles, origins)
     return out
