@@ -384,7 +384,7 @@ def refine_in_groups(star: ParticleStar, groups: np.ndarray, n_groups: int, reso
                      angular_step_deg: float = 1.5, steps: int = 3, max_shift_px: float = 1.0) -> ParticleStar:
     """A copy of ``star`` with each particle's pose refined against the map of its own group (``groups`` (N,),
     0-based): the group's particles at their poses reconstructed at the particles' box (:func:`group_maps`) and
-    low-passed to ``resolution_A`` (at most to Nyquist), then SwiftAlign's local search (:func:`deepcryo.swiftalign.query.align`, local
+    low-passed to ``resolution_A`` (no finer than the particles' Nyquist limit), then SwiftAlign's local search (:func:`deepcryo.swiftalign.query.align`, local
     mode): rotations within ±``steps`` steps of ``angular_step_deg`` (degrees) of the pose, origins within
     ±``max_shift_px`` px in half-pixel steps, the best candidates refined. Every other column is kept.
 
@@ -401,7 +401,6 @@ def refine_in_groups(star: ParticleStar, groups: np.ndarray, n_groups: int, reso
 
     groups = np.asarray(groups, dtype=np.int64)
     maps, pixel_A = group_maps(star, groups, n_groups, star.box_size)
-    resolution_A = max(resolution_A, 2 * pixel_A)
     angles, origins = star.angles_deg(), star.origins_A()
     for g in range(n_groups):
         members = np.flatnonzero(groups == g)
@@ -439,7 +438,8 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     reconstructed at ``box`` (:func:`group_maps`). Group maps of a few hundred noisy particles need the low-pass.
     ``reference``: 1-based group whose frame the others take (default none: all groups into the mean of their
     frames, :func:`body_frames`). ``refine_resolution_A`` > 0: then each particle's pose is refined against its
-    group's map at the particles' box, low-passed to it (:func:`refine_in_groups`)."""
+    group's map at the particles' box, low-passed to it or to the particles' Nyquist limit if that is coarser
+    (:func:`refine_in_groups`; the JSON records the value used)."""
     if refine_resolution_A < 0:
         raise InputError("--refine-resolution %g: a resolution in Å, or 0 for no refinement" % refine_resolution_A)
     star = read_particles(particles)
@@ -471,6 +471,7 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     out = turn_particles(star, groups, found["rotations"], shifts_A)
     if refine_resolution_A > 0:
+        refine_resolution_A = max(refine_resolution_A, 2 * star.pixel_size_A)      # at most Nyquist; recorded
         out = refine_in_groups(out, groups, n_groups, refine_resolution_A)
     out.particles["dcFrameGroup"] = groups + 1
     write_particles(output, out)
