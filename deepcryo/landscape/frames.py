@@ -384,7 +384,8 @@ def refine_in_groups(star: ParticleStar, groups: np.ndarray, n_groups: int, reso
                      angular_step_deg: float = 1.5, steps: int = 3, max_shift_px: float = 1.0) -> ParticleStar:
     """A copy of ``star`` with each particle's pose refined against the map of its own group (``groups`` (N,),
     0-based): the group's particles at their poses reconstructed at the particles' box (:func:`group_maps`) and
-    low-passed to ``resolution_A`` (no finer than the particles' Nyquist limit), then SwiftAlign's local search (:func:`deepcryo.swiftalign.query.align`, local
+    low-passed to ``resolution_A`` (Å; the caller keeps it no finer than the particles' Nyquist limit, as
+    :func:`correct_frames` does), then SwiftAlign's local search (:func:`deepcryo.swiftalign.query.align`, local
     mode): rotations within ±``steps`` steps of ``angular_step_deg`` (degrees) of the pose, origins within
     ±``max_shift_px`` px in half-pixel steps, the best candidates refined. Every other column is kept.
 
