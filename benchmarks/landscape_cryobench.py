@@ -391,7 +391,8 @@ def body_frame_particles(vae_dir, out, args):
         [sys.executable, "-m", "deepcryo.landscape", "frames", "--particles",
          os.path.join(analysis, "particles.star"), "--output", star] + (
             ["--group-column", "dcPC1", "--bins", str(args.body_frame), "--box", str(args.work_box),
-             "--resolution", repr(args.body_frame_resolution)]
+             "--resolution", repr(args.body_frame_resolution)] + (["--interpolate"] if args.body_frame_interpolate
+                                                                   else [])
             if args.body_frame_groups == "pc1" else
             ["--resolution", repr(args.body_frame_resolution),
              "--maps", *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)]])]))
@@ -408,11 +409,12 @@ def body_frame_figures(star_path, truth, conformation_of):
     star = read_particles(star_path, require_images=False)
     keys = image_keys(star)
     truth_by_key = dict(zip(image_keys(truth), truth.angles_deg()))
+    source = read_particles(found["particles"], require_images=False)
+    source_by_key = dict(zip(image_keys(source), source.angles_deg()))
     turns = np.asarray(found["rotations"])
-    turned = euler_to_matrix(torch.as_tensor(star.angles_deg())).numpy()
+    before = euler_to_matrix(torch.as_tensor(np.stack([source_by_key[k] for k in keys]))).numpy()   # A_est
     true = euler_to_matrix(torch.as_tensor(np.stack([truth_by_key[k] for k in keys]))).numpy()
     groups = np.asarray(star.particles["dcFrameGroup"], dtype=np.int64) - 1
-    before = np.einsum("nij,njk->nik", turned, turns[groups])          # A_est = A_turned·R
     relative = np.einsum("nji,njk->nik", true, before)
     shared = np.stack([metrics._project_so3(relative[groups == g].sum(0)) for g in range(len(turns))])
     clusters = [{"cluster": g + 1, "particles": int((groups == g).sum()),
@@ -545,7 +547,7 @@ def run_set(kind, args, work):
         source, source_dir, source_cpu = folder, vae_dir, pose_cpu
         for round_ in range(1, args.body_frame_rounds + 1 if args.body_frame else 1):
             tag = "%s%d %gA" % (args.body_frame_groups, args.body_frame, args.body_frame_resolution) + (
-                " x%d" % round_ if round_ > 1 else "")
+                " interpolated" if args.body_frame_interpolate else "") + (" x%d" % round_ if round_ > 1 else "")
             made = body_frame_particles(source_dir, os.path.join(work, kind, "%s_bodyframe_%s" % (
                 folder, tag.replace(" ", "_"))), args)
             vae_cpu = entry["methods"]["deepcryo, %s poses" % source]["cpu_s"] - source_cpu
@@ -659,6 +661,8 @@ def main(argv=None):
                    help="the --body-frame groups: K equal bins along the latent's PC1, or analyze's K k-means clusters")
     p.add_argument("--body-frame-resolution", type=float, default=10.0,
                    help="low-pass of the group maps in frames (Å)")
+    p.add_argument("--body-frame-interpolate", action="store_true",
+                   help="with pc1 groups: frames --interpolate (each particle's turn interpolated along PC1)")
     p.add_argument("--body-frame-rounds", type=int, default=1,
                    help="--body-frame again on the VAE of the previous round's poses, this many rounds in all")
     p.add_argument("--workdir", default=None)

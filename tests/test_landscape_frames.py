@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from deepcryo.core import fourier
-from deepcryo.core.geometry import (axis_angle_matrices, euler_to_matrix, matrix_to_euler, pose_distance_deg,
-                                     rotation_angle_deg, rotation_grid)
+from deepcryo.core.geometry import (axis_angle_matrices, euler_to_matrix, matrix_to_axis_angle, matrix_to_euler,
+                                     pose_distance_deg, rotation_angle_deg, rotation_grid)
 from deepcryo.core.projector import Projector
 from deepcryo.core.reconstruct import Reconstructor
 from deepcryo.core.simulate import hinge_volume, random_poses
@@ -133,6 +133,59 @@ def test_turn_particles_turns_each_groups_poses(tmp_path):
     np.testing.assert_allclose(out.angles_deg()[1], expected, atol=1e-9)
 
 
+def test_matrix_to_axis_angle_inverts_axis_angle_matrices():
+    rng = np.random.default_rng(3)
+    axes = rng.normal(size=(200, 3))
+    vectors = axes / np.linalg.norm(axes, axis=1, keepdims=True) * rng.uniform(0, np.pi - 1e-3, size=(200, 1))
+    back = matrix_to_axis_angle(axis_angle_matrices(vectors)).numpy()
+    np.testing.assert_allclose(back, vectors, atol=1e-9)
+    np.testing.assert_allclose(matrix_to_axis_angle(torch.eye(3, dtype=torch.float64)).numpy(), 0.0, atol=1e-12)
+
+
+def test_interpolated_motions_follow_the_values_between_group_medians():
+    """Turns about one axis of 4 bins along a value, each at its bin's median: a particle between two medians takes
+    the linearly interpolated turn and shift, one at a median its group's, one beyond the end medians the end
+    group's; the group's own motion stays its particles' mean where its values are symmetric about the median."""
+    values = np.linspace(-1.0, 1.0, 401)
+    groups = frames.quantile_groups(values, 4)
+    medians = np.array([np.median(values[groups == g]) for g in range(4)])
+    angles_deg = np.array([-9.0, -3.0, 3.0, 9.0])
+    turns = axis_angle_matrices(np.radians(angles_deg)[:, None] * [0.0, 1.0, 0.0]).numpy()
+    shifts = np.stack([np.zeros(4), angles_deg / 3, np.zeros(4)], axis=1)
+    rotations, each_shift = frames.interpolated_motions(values, groups, turns, shifts)
+    turn_y = np.degrees(matrix_to_axis_angle(torch.as_tensor(rotations)).numpy()[:, 1])
+    expected = np.interp(values, medians, angles_deg)
+    np.testing.assert_allclose(turn_y, expected, atol=1e-9)
+    np.testing.assert_allclose(each_shift[:, 1], expected / 3, atol=1e-9)
+    assert turn_y.min() == pytest.approx(-9.0) and turn_y.max() == pytest.approx(9.0)
+    inner = groups == 1
+    assert turn_y[inner].mean() == pytest.approx(-3.0, abs=0.01)
+    assert len(np.unique(np.round(turn_y[inner], 6))) > 50
+
+
+def test_turn_particles_interpolated_along_values(tmp_path):
+    """With ``values`` each particle's pose takes its own interpolated turn (A·Rᵀ), shared ones without."""
+    from deepcryo.core.particles import ParticleStar, make_optics
+    poses = random_poses(6, np.random.default_rng(4))
+    star = ParticleStar(make_optics(2.0, BOX), {"rlnAngleRot": poses[:, 0], "rlnAngleTilt": poses[:, 1],
+                                                "rlnAnglePsi": poses[:, 2]}, str(tmp_path))
+    values, groups = np.arange(6.0), np.array([0, 0, 0, 1, 1, 1])          # medians 1 and 4
+    turns = axis_angle_matrices(np.radians([[0.0, 0.0, 0.0], [0.0, 0.0, 10.0]])).numpy()
+    out = frames.turn_particles(star, groups, turns, np.zeros((2, 3)), values)
+    moved = pose_distance_deg(torch.as_tensor(out.angles_deg()), torch.as_tensor(poses)).numpy()
+    np.testing.assert_allclose(moved, [0.0, 0.0, 10 / 3, 20 / 3, 10.0, 10.0], atol=1e-6)
+    shared = frames.turn_particles(star, groups, turns, np.zeros((2, 3)))
+    moved = pose_distance_deg(torch.as_tensor(shared.angles_deg()), torch.as_tensor(poses)).numpy()
+    np.testing.assert_allclose(moved, [0.0, 0.0, 0.0, 10.0, 10.0, 10.0], atol=1e-6)
+
+
+def test_interpolated_motions_refuse_groups_out_of_order():
+    from deepcryo.core.errors import InputError
+    with pytest.raises(InputError, match="not increasing"):
+        frames.interpolated_motions(np.array([0.0, 1.0, 2.0, 3.0]), np.array([1, 1, 0, 0]),
+                                    np.repeat(np.eye(3)[None], 2, 0), np.zeros((2, 3)))
+
+
 def test_frames_command_restores_the_poses_of_relion_rendered_groups(relion_rendered, tmp_path):
     """``python -m deepcryo.landscape frames`` end to end on RELION-rendered particles of three hinge states (noiseless,
     CTF): the poses of states 1 and 3 carry known turns (10° and 9° about the hinge axis), the groups are the states
@@ -202,6 +255,11 @@ def test_frames_command_refuses_a_map_box_above_the_particles(relion_rendered, t
                  "--output", str(tmp_path / "out" / "particles.star")])
     err = capsys.readouterr().err
     assert code == 2 and "--refine-resolution -8" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    code = main(["frames", "--particles", data.star, "--group-column", "rlnClassNumber", "--interpolate",
+                 "--output", str(tmp_path / "out" / "particles.star")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--interpolate: needs --bins" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 

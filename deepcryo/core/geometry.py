@@ -35,7 +35,7 @@ from . import euler
 __all__ = ["euler_to_matrix", "matrix_to_euler", "matrix_to_quaternion", "quaternion_to_matrix",
            "rotation_angle_deg", "pose_distance_deg", "viewing_direction", "direction_distance_deg",
            "sphere_directions", "sample_poses", "symmetry_matrices", "equivalent_poses", "SYMMETRY_NAMES",
-           "in_plane_rotation_matrix", "axis_angle_matrices", "rotation_grid", "voxel_positions", "sample_volumes"]
+           "in_plane_rotation_matrix", "axis_angle_matrices", "matrix_to_axis_angle", "rotation_grid", "voxel_positions", "sample_volumes"]
 
 
 def _as_tensor(x, dtype=None):
@@ -192,6 +192,15 @@ def axis_angle_matrices(vectors_rad: Union[np.ndarray, torch.Tensor]) -> torch.T
     kx[..., 2, 0], kx[..., 2, 1] = -k[..., 1], k[..., 0]
     s, c = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
     return torch.eye(3, dtype=v.dtype) + s * kx + (1 - c) * (kx @ kx)
+
+
+def matrix_to_axis_angle(matrix: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
+    """(…, 3, 3) rotation matrices → (…, 3) rotation vectors ω (axis · angle, radians, angle in [0, π]); the inverse
+    of :func:`axis_angle_matrices`."""
+    q = matrix_to_quaternion(matrix)
+    v = q[..., 1:]
+    sine = v.norm(dim=-1, keepdim=True)
+    return 2 * torch.atan2(sine, q[..., :1]) * v / sine.clamp_min(1e-300)
 
 
 def rotation_grid(max_angle_deg: float, step_deg: float) -> torch.Tensor:

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from ..core.errors import InputError
 from ..core.files import atomic_output
 from ..core.fourier import lowpass_volume, resize_volume
-from ..core.geometry import (axis_angle_matrices, euler_to_matrix, matrix_to_euler, pose_distance_deg,
-                             rotation_angle_deg, rotation_grid, sample_volumes, voxel_positions)
+from ..core.geometry import (axis_angle_matrices, euler_to_matrix, matrix_to_axis_angle, matrix_to_euler,
+                             pose_distance_deg, rotation_angle_deg, rotation_grid, sample_volumes, voxel_positions)
 from ..core.mrc import read_mrc, write_mrc
 from ..core.particles import ParticleStar, read_particles, write_particles
 from ..core.reconstruct import Reconstructor, insert_particles
@@ -59,7 +59,7 @@ from ..core.reconstruct import Reconstructor, insert_particles
 logger = logging.getLogger(__name__)
 
 __all__ = ["rotate_volumes", "particle_mask", "static_body_mask",
-           "agreeing_mass", "masked_correlation", "align_group_map", "body_frames", "turn_poses", "turn_particles", "quantile_groups", "group_maps", "refine_in_groups", "correct_frames"]
+           "agreeing_mass", "masked_correlation", "align_group_map", "body_frames", "turn_poses", "interpolated_motions", "turn_particles", "quantile_groups", "group_maps", "refine_in_groups", "correct_frames"]
 
 
 #: Smallest static body, as a fraction of the particle mask, whose overlay is trusted. Measured (2026-12-05): 0.32–0.69
@@ -330,29 +330,56 @@ def _recentre(rotations, shifts, weights):
 def turn_poses(angles_deg: np.ndarray, origins_A: np.ndarray, rotation: np.ndarray, shift_A: np.ndarray
                ) -> Tuple[np.ndarray, np.ndarray]:
     """Poses and origins for the map moved by (R, t): (N, 3) Euler angles (degrees, RELION ZYZ) of A' = A·Rᵀ and
-    (N, 2) origins (Å) o + (A'·t)_xy, ``shift_A`` t (3,) in Å. The images, unchanged, then reconstruct V(Rᵀ (x − t)):
-    its projection at A' with origin o + (A'·t)_xy is that of V at A with origin o."""
+    (N, 2) origins (Å) o + (A'·t)_xy, ``rotation`` R (3, 3) and ``shift_A`` t (3,) in Å, one for all, or (N, 3, 3)
+    and (N, 3), one per particle. The images, unchanged, then reconstruct V(Rᵀ (x − t)): its projection at A' with
+    origin o + (A'·t)_xy is that of V at A with origin o."""
     a = euler_to_matrix(torch.as_tensor(np.asarray(angles_deg, dtype=np.float64))).numpy()
-    turned = a @ np.asarray(rotation, dtype=np.float64).T
-    origins = np.asarray(origins_A, dtype=np.float64) + (turned @ np.asarray(shift_A, dtype=np.float64))[:, :2]
+    turned = a @ np.swapaxes(np.asarray(rotation, dtype=np.float64), -1, -2)
+    shift = np.broadcast_to(np.asarray(shift_A, dtype=np.float64), (len(a), 3))
+    origins = np.asarray(origins_A, dtype=np.float64) + (turned @ shift[..., None])[:, :2, 0]
     return matrix_to_euler(torch.as_tensor(turned)).numpy(), origins
 
 
-def turn_particles(star: ParticleStar, groups: np.ndarray, rotations: np.ndarray, shifts_A: np.ndarray
-                   ) -> ParticleStar:
+def interpolated_motions(values: np.ndarray, groups: np.ndarray, rotations: np.ndarray, shifts: np.ndarray
+                         ) -> Tuple[np.ndarray, np.ndarray]:
+    """Each particle's rigid motion, (N, 3, 3) rotations and (N, 3) shifts (the unit of ``shifts``), interpolated
+    along ``values`` (N,) between the groups' motions (``rotations`` (K, 3, 3), ``shifts`` (K, 3)), each placed at
+    the median value of its group (``groups`` (N,), 0-based, groups ordered along ``values`` as
+    :func:`quantile_groups` makes them): rotation vectors and shifts piecewise linear between the medians, the end
+    groups' motion beyond them.
+
+    Why: a group's motion is the mean over its particles, whose conformations spread along the bin; one motion for
+    all leaves the particles at either edge of a bin turned by a step's difference from their neighbours across the
+    edge. Interpolated, each particle takes the motion expected at its own value, the group's mean kept at its
+    median. Beyond the end medians the motion is not extrapolated: the tails of a latent coordinate hold its
+    noisiest particles. Turns are small (within ``correct_frames``' ``max_angle_deg``), so rotation vectors
+    interpolate rotations about one hinge exactly and others closely."""
+    values, groups = np.asarray(values, dtype=np.float64), np.asarray(groups, dtype=np.int64)
+    present = [g for g in range(len(rotations)) if (groups == g).any()]
+    medians = np.array([np.median(values[groups == g]) for g in present])
+    if (np.diff(medians) <= 0).any():
+        raise InputError("group medians %s are not increasing along the values: groups must be bins of them"
+                         % np.round(medians, 3).tolist())
+    vectors = matrix_to_axis_angle(torch.as_tensor(np.asarray(rotations, dtype=np.float64)[present])).numpy()
+    motion = np.concatenate([vectors, np.asarray(shifts, dtype=np.float64)[present]], axis=1)
+    each = np.stack([np.interp(values, medians, column) for column in motion.T], axis=1)
+    return axis_angle_matrices(each[:, :3]).numpy(), each[:, 3:]
+
+
+def turn_particles(star: ParticleStar, groups: np.ndarray, rotations: np.ndarray, shifts_A: np.ndarray,
+                   values: Optional[np.ndarray] = None) -> ParticleStar:
     """A copy of ``star`` with group g's poses and origins (``groups`` (N,), 0-based) moved by ``rotations[g]``
-    and ``shifts_A[g]`` (Å) (:func:`turn_poses`); every other column is kept."""
+    and ``shifts_A[g]`` (Å) (:func:`turn_poses`), or with ``values`` (N,) by the motion interpolated along them
+    (:func:`interpolated_motions`); every other column is kept."""
     groups = np.asarray(groups, dtype=np.int64)
     if len(groups) != len(star) or groups.min() < 0 or groups.max() >= len(rotations):
         raise InputError("%d group labels for %d particles and %d turns" % (len(groups), len(star), len(rotations)))
-    angles, origins = star.angles_deg(), star.origins_A()
-    new_angles, new_origins = angles.copy(), origins.copy()
-    for g, (r, t) in enumerate(zip(rotations, shifts_A)):
-        members = groups == g
-        if members.any():
-            new_angles[members], new_origins[members] = turn_poses(angles[members], origins[members], r, t)
+    if values is None:
+        each = np.asarray(rotations, dtype=np.float64)[groups], np.asarray(shifts_A, dtype=np.float64)[groups]
+    else:
+        each = interpolated_motions(values, groups, rotations, shifts_A)
     out = star.copy()
-    out.set_poses(new_angles, new_origins)
+    out.set_poses(*turn_poses(star.angles_deg(), star.origins_A(), *each))
     return out
 
 
@@ -425,7 +452,7 @@ def refine_in_groups(star: ParticleStar, groups: np.ndarray, n_groups: int, reso
 def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = None,
                    group_column: str = "dcCluster", bins: int = 0, box: int = 32, reference: Optional[int] = None,
                    max_angle_deg: float = 20.0, max_shift_A: float = 8.0, resolution_A: float = 10.0,
-                   refine_resolution_A: float = 0.0) -> Dict[str, object]:
+                   refine_resolution_A: float = 0.0, interpolate: bool = False) -> Dict[str, object]:
     """Write ``output``, the particles of ``particles`` with each group's poses and origins moved into one body
     frame (:func:`body_frames` on the group maps low-passed to ``resolution_A``, shifts up to ``max_shift_A`` per
     axis; :func:`turn_particles`), beside it ``<output stem>_frames.json`` (the groups, turns, shifts and
@@ -440,7 +467,9 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     ``reference``: 1-based group whose frame the others take (default none: all groups into the mean of their
     frames, :func:`body_frames`). ``refine_resolution_A`` > 0: then each particle's pose is refined against its
     group's map at the particles' box, low-passed to it or to the particles' Nyquist limit if that is coarser
-    (:func:`refine_in_groups`; the JSON records the value used)."""
+    (:func:`refine_in_groups`; the JSON records the value used). ``interpolate`` (with ``bins``): each particle
+    takes the motion interpolated along ``group_column`` between its group's and the neighbouring groups'
+    (:func:`interpolated_motions`) instead of its group's."""
     if refine_resolution_A < 0:
         raise InputError("--refine-resolution %g: a resolution in Å, or 0 for no refinement" % refine_resolution_A)
     star = read_particles(particles)
@@ -455,6 +484,8 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     if groups.min() < 0 or groups.max() >= n_groups or (maps and len(maps) != n_groups):
         raise InputError("%s: groups %d … %d in %s but %d maps" % (particles, groups.min() + 1, groups.max() + 1,
                                                                   group_column, len(maps or [])))
+    if interpolate and bins <= 0:
+        raise InputError("--interpolate: needs --bins (groups along a value, as dcPC1); clusters have no order")
     if reference is not None and not 1 <= reference <= n_groups:
         raise InputError("--reference %d: not a group 1 … %d" % (reference, n_groups))
     if maps:
@@ -470,7 +501,7 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
                         frame="mean" if reference is None else "reference")
     shifts_A = found["shifts_px"] * pixel_A
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    out = turn_particles(star, groups, found["rotations"], shifts_A)
+    out = turn_particles(star, groups, found["rotations"], shifts_A, values if interpolate else None)
     if refine_resolution_A > 0:
         refine_resolution_A = max(refine_resolution_A, 2 * star.pixel_size_A)      # at most Nyquist; recorded
         out = refine_in_groups(out, groups, n_groups, refine_resolution_A)
@@ -481,7 +512,8 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     summary = {"particles": os.path.abspath(particles), "maps": [os.path.abspath(m) for m in maps or []],
                "group_column": group_column, "bins": bins, "aligned_to_group": int(found["reference"]) + 1,
                "frame": "mean" if reference is None else "group %d" % reference, "group_sizes": sizes,
-               "resolution_A": resolution_A, "refine_resolution_A": refine_resolution_A, "turn_deg": found["angles_deg"].tolist(),
+               "resolution_A": resolution_A, "refine_resolution_A": refine_resolution_A,
+               "interpolated": bool(interpolate), "turn_deg": found["angles_deg"].tolist(),
                "rotations": found["rotations"].tolist(), "shifts_A": shifts_A.tolist(),
                "static_body_correlation": found["correlation"].tolist(),
                "measured": found["measured"].tolist(), "min_static_correlation": MIN_STATIC_CORRELATION,

@@ -45,10 +45,14 @@ def add_args(parser):
                         help="then refine each particle's pose locally against its group's map at the particles' "
                              "box, low-passed to this (Å; 0: no refinement; worth it with thousands of particles "
                              "per group)")
+    parser.add_argument("--interpolate", action="store_true",
+                        help="with --bins: each particle's turn and shift interpolated along --group-column between "
+                             "the groups' (placed at their medians), instead of its group's")
 
 
 def main(args):
     from ..frames import correct_frames
     correct_frames(args.particles, args.output, maps=args.maps, group_column=args.group_column, bins=args.bins,
                    box=args.box, reference=args.reference, max_angle_deg=args.max_angle,
-                   resolution_A=args.resolution, refine_resolution_A=args.refine_resolution)
+                   resolution_A=args.resolution, refine_resolution_A=args.refine_resolution,
+                   interpolate=args.interpolate)
