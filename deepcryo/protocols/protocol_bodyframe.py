@@ -78,6 +78,11 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
                            "fewer, larger groups give less noisy maps but each spans more of the motion and takes "
                            "one turn for all of it. In our benchmarks of a continuous motion 8 was best at 4 000 "
                            "particles (against 4 and 16) and at 20 000 (against 6 and 16).")
+        form.addParam("interpolate", params.BooleanParam, default=False,
+                      condition="groupBy == %d" % self.GROUP_PC1, label="Interpolate the turns along PC1?",
+                      help="Yes: each particle takes the turn and shift interpolated along PC1 between its "
+                           "group's and the neighbouring groups' (each placed at its group's median PC1; the end "
+                           "groups' beyond their medians). No: one turn and shift for every particle of a group.")
         form.addParam("mapBox", params.IntParam, default=32, validators=[params.GE(8)], label="Map box (px)",
                       help="Box of the group maps (the particles' images Fourier-cropped to it; at most the "
                            "particles' box). The search costs grow as the box cubed.")
@@ -126,6 +131,8 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
                 "--refine-resolution", self.refineResolution.get()]
         if self.groupBy.get() == self.GROUP_PC1:
             args += ["--group-column", "dcPC1", "--bins", self.bins.get()]
+            if self.interpolate.get():
+                args.append("--interpolate")
         else:
             args += ["--group-column", "dcCluster"]
         if self.referenceGroup.get() > 0:
@@ -202,6 +209,9 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
         lines = ["%d particles in %s, moved into %s. Static body: %.0f %% of the particle."
                  % (getattr(self, OUTPUT_PARTICLES).getSize(), self._grouping(summary), frame,
                     100 * summary["static_body_fraction_of_particle"])]
+        if summary.get("interpolated"):
+            lines.append("Each particle's turn and shift interpolated along PC1 between the groups' (at their "
+                         "median PC1).")
         measured = summary.get("measured", [True] * len(summary["group_sizes"]))
         for g, (size, turn, shift, corr) in enumerate(zip(summary["group_sizes"], summary["turn_deg"],
                                                           summary["shifts_A"], summary["static_body_correlation"])):
@@ -229,12 +239,19 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
                 "agree, and the rigid motion (a rotation of at most %g° and a shift) that overlays each group's "
                 "static body on the common frame was found by masked correlation (one rigid motion per group of "
                 "the landscape, where multi-body refinement [Nakane2018] refines one per particle and body). "
-                "Each group's poses A became A·Rᵀ and its origins moved with the shift, all groups into %s%s "
-                "(output %s)."
+                "%s, all groups into %s%s (output %s)."
                 % (particles.getSize(), self.getObjectTag(self._inputParticles()), self._grouping(summary),
                    self.getObjectTag("analyzeRun"), self.mapBox.get(),
                    particles.getSamplingRate() * particles.getXDim() / self.mapBox.get(), self.resolution.get(),
-                   self.maxAngle.get(), frame, self._refineWords(summary), self.getObjectTag(OUTPUT_PARTICLES))]
+                   self.maxAngle.get(), self._turnWords(summary), frame, self._refineWords(summary),
+                   self.getObjectTag(OUTPUT_PARTICLES))]
+
+    @staticmethod
+    def _turnWords(summary):
+        if summary.get("interpolated"):
+            return ("Each particle's pose A became A·Rᵀ and its origin moved with the shift, R and the shift "
+                    "interpolated along PC1 between the groups' motions placed at their median PC1")
+        return "Each group's poses A became A·Rᵀ and its origins moved with the shift"
 
     @staticmethod
     def _refineWords(summary):

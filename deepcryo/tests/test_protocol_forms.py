@@ -102,7 +102,7 @@ class TestProtocolForms(unittest.TestCase):
         parser = argparse.ArgumentParser()
         frames_command.add_args(parser)
         options = {a.dest for a in parser._actions if a.dest != "help"}
-        onForm = {"bins", "box", "resolution", "reference", "max_angle", "refine_resolution"}
+        onForm = {"bins", "box", "resolution", "reference", "max_angle", "refine_resolution", "interpolate"}
         self.assertEqual(options, onForm | set(FRAMES_SET_BY_PROTOCOL), options ^ (onForm | set(FRAMES_SET_BY_PROTOCOL)))
         for groupBy, column, bins in ((DeepCryoProtVaeBodyFrame.GROUP_PC1, "dcPC1", 5),
                                       (DeepCryoProtVaeBodyFrame.GROUP_CLUSTERS, "dcCluster", 0)):
@@ -111,13 +111,13 @@ class TestProtocolForms(unittest.TestCase):
                 prot.setWorkingDir(str(self.folder / "frames"))
                 prot.analyzeRun.set(analysis)
                 for name, value in dict(groupBy=groupBy, bins=5, mapBox=48, resolution=12.5, referenceGroup=2,
-                                        maxAngle=15.0, refineResolution=6.5).items():
+                                        maxAngle=15.0, refineResolution=6.5, interpolate=True).items():
                     getattr(prot, name).set(value)
                 args = _recorded_args(prot, prot.framesStep, frames_command)
                 self.assertEqual((args.particles, args.output, args.group_column, args.bins, args.maps),
                                  (str(self.folder / "analysis" / "extra" / "analysis" / "particles.star"),
                                   str(self.folder / "frames" / "extra" / "particles.star"), column, bins, None))
-                self.assertEqual((args.box, args.resolution, args.reference, args.max_angle, args.refine_resolution),
-                                 (48, 12.5, 2, 15.0, 6.5))
+                self.assertEqual((args.box, args.resolution, args.reference, args.max_angle, args.refine_resolution,
+                                  args.interpolate), (48, 12.5, 2, 15.0, 6.5, groupBy == DeepCryoProtVaeBodyFrame.GROUP_PC1))
         prot.referenceGroup.set(0)      # the mean of the groups' frames: the program's default, no --reference
         self.assertIsNone(_recorded_args(prot, prot.framesStep, frames_command).reference)
