@@ -144,8 +144,9 @@ def test_matrix_to_axis_angle_inverts_axis_angle_matrices():
 
 def test_interpolated_motions_follow_the_values_between_group_medians():
     """Turns about one axis of 4 bins along a value, each at its bin's median: a particle between two medians takes
-    the linearly interpolated turn and shift, one at a median its group's, one beyond the end medians the end
-    group's; the group's own motion stays its particles' mean where its values are symmetric about the median."""
+    the linearly interpolated turn and shift, one at a median its group's; past the end medians the end intervals'
+    slopes go on to the end groups' outer deciles (:data:`frames.END_DECILE`), the turn is held beyond; inside, the
+    group's mean motion stays its own."""
     values = np.linspace(-1.0, 1.0, 401)
     groups = frames.quantile_groups(values, 4)
     medians = np.array([np.median(values[groups == g]) for g in range(4)])
@@ -154,10 +155,15 @@ def test_interpolated_motions_follow_the_values_between_group_medians():
     shifts = np.stack([np.zeros(4), angles_deg / 3, np.zeros(4)], axis=1)
     rotations, each_shift = frames.interpolated_motions(values, groups, turns, shifts)
     turn_y = np.degrees(matrix_to_axis_angle(torch.as_tensor(rotations)).numpy()[:, 1])
-    expected = np.interp(values, medians, angles_deg)
+    low, high = np.percentile(values[groups == 0], 10), np.percentile(values[groups == 3], 90)
+    at_low = -9.0 - 6.0 * (medians[0] - low) / (medians[1] - medians[0])
+    at_high = 9.0 + 6.0 * (high - medians[3]) / (medians[3] - medians[2])
+    expected = np.interp(values, np.concatenate([[low], medians, [high]]), np.concatenate([[at_low], angles_deg,
+                                                                                           [at_high]]))
     np.testing.assert_allclose(turn_y, expected, atol=1e-9)
     np.testing.assert_allclose(each_shift[:, 1], expected / 3, atol=1e-9)
-    assert turn_y.min() == pytest.approx(-9.0) and turn_y.max() == pytest.approx(9.0)
+    assert at_low < -10.0 and turn_y.min() == pytest.approx(at_low) and turn_y.max() == pytest.approx(at_high)
+    assert (turn_y[values <= low] == turn_y.min()).all()
     inner = groups == 1
     assert turn_y[inner].mean() == pytest.approx(-3.0, abs=0.01)
     assert len(np.unique(np.round(turn_y[inner], 6))) > 50
@@ -169,11 +175,11 @@ def test_turn_particles_interpolated_along_values(tmp_path):
     poses = random_poses(6, np.random.default_rng(4))
     star = ParticleStar(make_optics(2.0, BOX), {"rlnAngleRot": poses[:, 0], "rlnAngleTilt": poses[:, 1],
                                                 "rlnAnglePsi": poses[:, 2]}, str(tmp_path))
-    values, groups = np.arange(6.0), np.array([0, 0, 0, 1, 1, 1])          # medians 1 and 4
+    values, groups = np.arange(6.0), np.array([0, 0, 0, 1, 1, 1])   # medians 1 and 4, outer deciles 0.2 and 4.8
     turns = axis_angle_matrices(np.radians([[0.0, 0.0, 0.0], [0.0, 0.0, 10.0]])).numpy()
     out = frames.turn_particles(star, groups, turns, np.zeros((2, 3)), values)
     moved = pose_distance_deg(torch.as_tensor(out.angles_deg()), torch.as_tensor(poses)).numpy()
-    np.testing.assert_allclose(moved, [0.0, 0.0, 10 / 3, 20 / 3, 10.0, 10.0], atol=1e-6)
+    np.testing.assert_allclose(moved, [8 / 3, 0.0, 10 / 3, 20 / 3, 10.0, 38 / 3], atol=1e-6)
     shared = frames.turn_particles(star, groups, turns, np.zeros((2, 3)))
     moved = pose_distance_deg(torch.as_tensor(shared.angles_deg()), torch.as_tensor(poses)).numpy()
     np.testing.assert_allclose(moved, [0.0, 0.0, 0.0, 10.0, 10.0, 10.0], atol=1e-6)

@@ -81,8 +81,9 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
         form.addParam("interpolate", params.BooleanParam, default=False,
                       condition="groupBy == %d" % self.GROUP_PC1, label="Interpolate the turns along PC1?",
                       help="Yes: each particle takes the turn and shift interpolated along PC1 between its "
-                           "group's and the neighbouring groups' (each placed at its group's median PC1; the end "
-                           "groups' beyond their medians). No: one turn and shift for every particle of a group.")
+                           "group's and the neighbouring groups' (each placed at its group's median PC1, and carried "
+                           "on past the end groups' medians to their outer tenth), for a continuous motion. No: one "
+                           "turn and shift for every particle of a group, for discrete states.")
         form.addParam("mapBox", params.IntParam, default=32, validators=[params.GE(8)], label="Map box (px)",
                       help="Box of the group maps (the particles' images Fourier-cropped to it; at most the "
                            "particles' box). The search costs grow as the box cubed.")

@@ -47,7 +47,8 @@ def add_args(parser):
                              "per group)")
     parser.add_argument("--interpolate", action="store_true",
                         help="with --bins: each particle's turn and shift interpolated along --group-column between "
-                             "the groups' (placed at their medians), instead of its group's")
+                             "the groups' (placed at their medians, carried on past the end medians to the end "
+                             "groups' outer tenth), instead of its group's: for a continuous motion")
 
 
 def main(args):
