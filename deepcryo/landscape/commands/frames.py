@@ -7,7 +7,7 @@ Example::
     python -m deepcryo.landscape frames --particles vae/analysis/particles.star \\
         --maps vae/analysis/cluster_*_reconstructed.mrc --output frames/particles.star
     python -m deepcryo.landscape frames --particles vae/analysis/particles.star --group-column dcPC1 --bins 8 \\
-        --box 32 --output frames/particles.star
+        --box 32 --interpolate --output frames/particles.star
     python -m deepcryo.landscape train --particles frames/particles.star --output-dir vae2 --box 32
 
 A consensus refinement aligns every particle to one map, so each conformation's particles share a turn of their
@@ -18,7 +18,8 @@ k-means may cut across it). The maps (``--maps``, one per group, group 1 first; 
 particles are reconstructed at ``--box``) are compared on the part
 where they agree once turned into one frame, the static body (the larger rigid part); each group's poses A become
 A·Rᵀ and its origins move with t, (R, t) the rigid motion of its map's body onto the common frame (by default the
-mean of the groups' frames, so the consensus's frame is kept on average). Then (``--refine-resolution``, 0 to skip)
+mean of the groups' frames, so the consensus's frame is kept on average); with ``--interpolate`` (bins only, for a
+continuous motion) each particle takes the motion interpolated along the column between the groups'. Then (``--refine-resolution``, 0 to skip)
 each particle's pose is refined by a local search against its own group's map, now in the common frame. Writes the STAR (with ``dcFrameGroup``), ``<output stem>_frames.json`` (the turns
 in degrees) and ``<output stem>_static_body.mrc`` (the static body mask).
 """
