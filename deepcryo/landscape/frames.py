@@ -489,6 +489,8 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     (:func:`interpolated_motions`) instead of its group's."""
     if refine_resolution_A < 0:
         raise InputError("--refine-resolution %g: a resolution in Å, or 0 for no refinement" % refine_resolution_A)
+    if interpolate and bins <= 0:
+        raise InputError("--interpolate: needs --bins (groups along a value, as dcPC1); clusters have no order")
     star = read_particles(particles)
     if group_column not in star.particles:
         raise InputError("%s: no %s column (analyze writes dcCluster and dcPC1)" % (particles, group_column))
@@ -501,8 +503,6 @@ def correct_frames(particles: str, output: str, maps: Optional[Sequence[str]] = 
     if groups.min() < 0 or groups.max() >= n_groups or (maps and len(maps) != n_groups):
         raise InputError("%s: groups %d … %d in %s but %d maps" % (particles, groups.min() + 1, groups.max() + 1,
                                                                   group_column, len(maps or [])))
-    if interpolate and bins <= 0:
-        raise InputError("--interpolate: needs --bins (groups along a value, as dcPC1); clusters have no order")
     if reference is not None and not 1 <= reference <= n_groups:
         raise InputError("--reference %d: not a group 1 … %d" % (reference, n_groups))
     if maps:
