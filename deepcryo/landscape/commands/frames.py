@@ -9,6 +9,10 @@ Example::
     python -m deepcryo.landscape frames --particles vae/analysis/particles.star --group-column dcPC1 --bins 8 \\
         --box 32 --interpolate --output frames/particles.star
     python -m deepcryo.landscape train --particles frames/particles.star --output-dir vae2 --box 32
+    python -m deepcryo.landscape analyze vae2 --clusters 8 --no-umap     # a continuous motion: a second round
+    python -m deepcryo.landscape frames --particles vae2/analysis/particles.star --group-column dcPC1 --bins 8 \\
+        --box 32 --interpolate --output frames2/particles.star
+    python -m deepcryo.landscape train --particles frames2/particles.star --output-dir vae3 --box 32
 
 A consensus refinement aligns every particle to one map, so each conformation's particles share a turn of their
 frame (about half the domain's turn, between body and domain), and a VAE decodes each conformation in its own
@@ -49,7 +53,8 @@ def add_args(parser):
     parser.add_argument("--interpolate", action="store_true",
                         help="with --bins: each particle's turn and shift interpolated along --group-column between "
                              "the groups' (placed at their medians, carried on past the end medians to the end "
-                             "groups' outer tenth), instead of its group's: for a continuous motion")
+                             "groups' outer tenth), instead of its group's: for a continuous motion, in two rounds "
+                             "(train, analyze and frames again on the second landscape)")
 
 
 def main(args):
