@@ -47,8 +47,8 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
     group's static body (where the group maps agree) on the common frame is measured. Each group's poses A
     become A·Rᵀ and its origins move with t; then each particle's pose is refined by a local search against its
     own group's map, now in the common frame ("Then refine each particle at"); the images are unchanged. Train the landscape VAE again on the
-    output; for a continuous motion, with the turns interpolated along PC1, run a second round on the second
-    landscape. The README ("Continuous motion: the body frame") gives the measured gain.
+    output; for a continuous motion, with the turns interpolated along PC1 and thousands of particles per group,
+    run a second round on the second landscape. The README ("Continuous motion: the body frame") gives the measured gain.
 
     Output: the particles of the analysis' training run (CTF, everything else kept) with the moved poses, and
     their group (attribute ``_dcFrameGroup``). The program's files (STAR, ``particles_frames.json`` with the
@@ -83,8 +83,9 @@ class DeepCryoProtVaeBodyFrame(DeepCryoProtBase, ProtProcessParticles):
                       condition="groupBy == %d" % self.GROUP_PC1, label="Interpolate the turns along PC1?",
                       help="Yes: each particle takes the turn and shift interpolated along PC1 between its "
                            "group's and the neighbouring groups' (each placed at its group's median PC1, and carried "
-                           "on past the end groups' medians to their outer tenth), for a continuous motion; run two "
-                           "rounds (train, analyse and this protocol twice), the second on the second landscape. "
+                           "on past the end groups' medians to their outer tenth), for a continuous motion; with thousands "
+                           "of particles per group run two rounds (train, analyse and this protocol twice), with a "
+                           "few hundred one (a second round was unreliable there). "
                            "No: one turn and shift for every particle of a group, for discrete states.")
         form.addParam("mapBox", params.IntParam, default=32, validators=[params.GE(8)], label="Map box (px)",
                       help="Box of the group maps (the particles' images Fourier-cropped to it; at most the "

@@ -9,7 +9,7 @@ Example::
     python -m deepcryo.landscape frames --particles vae/analysis/particles.star --group-column dcPC1 --bins 8 \\
         --box 32 --interpolate --output frames/particles.star
     python -m deepcryo.landscape train --particles frames/particles.star --output-dir vae2 --box 32
-    python -m deepcryo.landscape analyze vae2 --clusters 8 --no-umap     # a continuous motion: a second round
+    python -m deepcryo.landscape analyze vae2 --clusters 8 --no-umap     # continuous, >= 2 500 per group: round two
     python -m deepcryo.landscape frames --particles vae2/analysis/particles.star --group-column dcPC1 --bins 8 \\
         --box 32 --interpolate --output frames2/particles.star
     python -m deepcryo.landscape train --particles frames2/particles.star --output-dir vae3 --box 32
@@ -54,7 +54,8 @@ def add_args(parser):
                         help="with --bins: each particle's turn and shift interpolated along --group-column between "
                              "the groups' (placed at their medians, carried on past the end medians to the end "
                              "groups' outer tenth), instead of its group's: for a continuous motion, in two rounds "
-                             "(train, analyze and frames again on the second landscape)")
+                             "with thousands of particles per group (train, analyze and frames again on the second "
+                             "landscape), in one with a few hundred")
 
 
 def main(args):
