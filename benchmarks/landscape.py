@@ -78,9 +78,10 @@ def cryodrgn_environ(args):
     return env
 
 
-def cryodrgn_commands(star_path, out, args, dim=None):
+def cryodrgn_commands(star_path, out, args, dim=None, batch_size=None):
     """cryoDRGN's downsample, parse_pose_star, parse_ctf_star and train_vae of ``star_path`` (into ``out/train``),
-    as command lines. ``dim``: width of its 3-layer encoder and decoder (default: cryoDRGN's).
+    as command lines. ``dim``: width of its 3-layer encoder and decoder (default: cryoDRGN's); ``batch_size``: its
+    minibatch (default: ``args.batch_size``, deepcryo's).
 
     ``--ps 0``: the simulated STAR has no ``rlnPhaseShift`` column, which cryoDRGN otherwise reads as NaN.
     """
@@ -88,7 +89,7 @@ def cryodrgn_commands(star_path, out, args, dim=None):
     folder = os.path.dirname(star_path)
     train = [exe, "train_vae", os.path.join(out, "particles_ds.mrcs"), "--poses", os.path.join(out, "poses.pkl"),
              "--ctf", os.path.join(out, "ctf.pkl"), "--zdim", str(args.latent_dim), "-n", str(args.epochs),
-             "-b", str(args.batch_size), "--no-analysis", "-o", os.path.join(out, "train")]
+             "-b", str(batch_size or args.batch_size), "--no-analysis", "-o", os.path.join(out, "train")]
     if dim:
         train += ["--enc-dim", str(dim), "--dec-dim", str(dim)]
     return [

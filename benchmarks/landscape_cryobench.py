@@ -15,7 +15,8 @@ Each method runs on the true poses and CTF of the same STAR and stack:
 - ``cryoDRGN`` (with ``--cryodrgn``, the ``cryodrgn`` 4.3.1 executable of its own virtual environment, as it
   needs numpy >= 2: ``python3 -m venv /tmp/cdrgn && /tmp/cdrgn/bin/pip install cryodrgn==4.3.1``): ``downsample``,
   ``parse_pose_star``, ``parse_ctf_star``, ``train_vae`` with ``--cryodrgn-dim``-wide 3-layer networks (cryoDRGN's
-  default is 1024), then ``eval_vol --zfile``;
+  default is 1024) and minibatches of ``--cryodrgn-batch-size`` (its default, 8; runs before 2026-12-07 used 64,
+  deepcryo's), then ``eval_vol --zfile``;
 - ``RECOVAR`` (with ``--recovar``, the Python interpreter of RECOVAR 1.0.5's own virtual environment, JAX on the
   CPU: ``python3 -m venv /tmp/rcv && /tmp/rcv/bin/pip install recovar==1.0.5``): ``pipeline`` on the same STAR
   (``--mask sphere --zdim 10 --downsample <work box>``, its other options at their defaults; zdim 10 as its README's
@@ -198,7 +199,8 @@ def run_cryodrgn(star, conformation_of, out, args, images=()):
     ``train_vae``, networks ``--cryodrgn-dim`` wide), then ``eval_vol`` at each conformation's mean latent and at the
     latents of ``images``; a :class:`Run`. ``star`` is the rendered one (cryoDRGN reads its whole stack in order).
     Its training is recorded once finished and reused (:func:`_timed_once`)."""
-    wall, cpu = _timed_once(out, "train", pairwise.cryodrgn_commands(star, out, args, dim=args.cryodrgn_dim),
+    wall, cpu = _timed_once(out, "train", pairwise.cryodrgn_commands(
+        star, out, args, dim=args.cryodrgn_dim, batch_size=args.cryodrgn_batch_size),
                             pairwise.cryodrgn_environ(args))
     z = pairwise.cryodrgn_latents(out)
     keys = image_keys(read_particles(star, require_images=False))
@@ -637,6 +639,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of poses, CTF, origins, states and noise")
     p.add_argument("--cryodrgn", default=None, help="cryodrgn executable of its own virtual environment")
     p.add_argument("--cryodrgn-dim", type=int, default=1024, help="width of cryoDRGN's 3-layer encoder and decoder")
+    p.add_argument("--cryodrgn-batch-size", type=int, default=8,
+                   help="cryoDRGN's minibatch (its own default 8: with the same learning rate, a larger batch makes "
+                        "fewer updates per epoch)")
     p.add_argument("--recovar", default=None, help="python interpreter of RECOVAR 1.0.5's own virtual environment")
     p.add_argument("--per-image", type=int, default=20, metavar="I",
                    help="images of CryoBench's per-image FSC (a volume at each one's own latent; 0: none)")
