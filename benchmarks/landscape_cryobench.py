@@ -677,6 +677,8 @@ def main(argv=None):
     sets = args.sets.split(",")
     if not set(sets) <= set(SETS) or args.work_box > args.box or args.work_box % 2:
         p.error("--sets from %s; --work-box even and <= --box" % (SETS,))
+    if args.cryodrgn_batch_size < 1:
+        p.error("--cryodrgn-batch-size %d: at least 1" % args.cryodrgn_batch_size)
     for peer in ("cryodrgn", "recovar"):
         if getattr(args, peer) and not os.access(getattr(args, peer), os.X_OK):
             p.error("--%s %s: not an executable file (the peer's own virtual environment)" % (peer, getattr(args, peer)))
