@@ -1,7 +1,9 @@
 """Conformational landscape: deepcryo's VAE vs cryoDRGN 4.3.1 ``train_vae`` on the same simulated sets.
 
 Simulates a two-state set (50/50) and a continuous hinge set (SNR, CTF, random poses and shifts), trains
-both programs with the same working box, epochs, latent dimension and batch size, and prints the wall
+both programs with the same working box, epochs and latent dimension, each at its own minibatch (deepcryo
+``--batch-size``, cryoDRGN ``--cryodrgn-batch-size``, 8 as its ``train_vae``; runs before 2026-12-07 gave cryoDRGN
+deepcryo's 64), and prints the wall
 and CPU time (user + system of the child processes) of each, their ratios, the adjusted Rand index of
 k-means (K = 2) on the two-state latents against the true states, and |Spearman ρ| of the latent PC1 against
 the true hinge parameter. cryoDRGN needs numpy >= 2, so it runs from its own virtual environment
@@ -78,10 +80,15 @@ def cryodrgn_environ(args):
     return env
 
 
-def cryodrgn_commands(star_path, out, args, dim=None, batch_size=None):
+CRYODRGN_BATCH_SIZE = 8
+"""cryoDRGN 4.3.1 ``train_vae``'s own minibatch (``-b``): with its fixed learning rate, a larger one makes fewer
+updates per epoch and a worse landscape, so a peer run at deepcryo's minibatch understates it."""
+
+
+def cryodrgn_commands(star_path, out, args, dim=None, batch_size=CRYODRGN_BATCH_SIZE):
     """cryoDRGN's downsample, parse_pose_star, parse_ctf_star and train_vae of ``star_path`` (into ``out/train``),
     as command lines. ``dim``: width of its 3-layer encoder and decoder (default: cryoDRGN's); ``batch_size``: its
-    minibatch (default: ``args.batch_size``, deepcryo's).
+    minibatch (default: cryoDRGN's own).
 
     ``--ps 0``: the simulated STAR has no ``rlnPhaseShift`` column, which cryoDRGN otherwise reads as NaN.
     """
@@ -89,7 +96,7 @@ def cryodrgn_commands(star_path, out, args, dim=None, batch_size=None):
     folder = os.path.dirname(star_path)
     train = [exe, "train_vae", os.path.join(out, "particles_ds.mrcs"), "--poses", os.path.join(out, "poses.pkl"),
              "--ctf", os.path.join(out, "ctf.pkl"), "--zdim", str(args.latent_dim), "-n", str(args.epochs),
-             "-b", str(batch_size or args.batch_size), "--no-analysis", "-o", os.path.join(out, "train")]
+             "-b", str(batch_size), "--no-analysis", "-o", os.path.join(out, "train")]
     if dim:
         train += ["--enc-dim", str(dim), "--dec-dim", str(dim)]
     return [
@@ -110,7 +117,8 @@ def cryodrgn_latents(out):
 def run_cryodrgn(star_path, out, args, dim=None):
     """:func:`cryodrgn_commands` run in turn (the wall time includes all four steps); (wall, CPU, latents, None)."""
     os.makedirs(out, exist_ok=True)
-    wall, cpu = timed_commands(cryodrgn_commands(star_path, out, args, dim), env=cryodrgn_environ(args))
+    wall, cpu = timed_commands(cryodrgn_commands(star_path, out, args, dim, args.cryodrgn_batch_size),
+                               env=cryodrgn_environ(args))
     return wall, cpu, cryodrgn_latents(out), None
 
 
@@ -123,13 +131,17 @@ def main(argv=None):
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--latent-dim", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="deepcryo's minibatch")
+    p.add_argument("--cryodrgn-batch-size", type=int, default=CRYODRGN_BATCH_SIZE,
+                   help="cryoDRGN's minibatch (default: its own, %d)" % CRYODRGN_BATCH_SIZE)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cryodrgn", default=None, help="cryodrgn executable of its own virtual environment")
     p.add_argument("--workdir", default=None)
     p.add_argument("--pose-free", action="store_true", help="also run deepcryo's pose-free mode")
     p.add_argument("--sets", default="two-state,hinge", help="comma-separated: two-state, hinge")
     args = p.parse_args(argv)
+    if args.cryodrgn_batch_size < 1:
+        p.error("--cryodrgn-batch-size %d: at least 1" % args.cryodrgn_batch_size)
     work = args.workdir or tempfile.mkdtemp(prefix="bench_landscape_")
     sets = {
         "two-state": (simulate.phantom_states(args.box, 2, seed=0),

@@ -639,9 +639,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of poses, CTF, origins, states and noise")
     p.add_argument("--cryodrgn", default=None, help="cryodrgn executable of its own virtual environment")
     p.add_argument("--cryodrgn-dim", type=int, default=1024, help="width of cryoDRGN's 3-layer encoder and decoder")
-    p.add_argument("--cryodrgn-batch-size", type=int, default=8,
-                   help="cryoDRGN's minibatch (its own default 8: with the same learning rate, a larger batch makes "
-                        "fewer updates per epoch)")
+    p.add_argument("--cryodrgn-batch-size", type=int, default=pairwise.CRYODRGN_BATCH_SIZE,
+                   help="cryoDRGN's minibatch (its own default %d: with the same learning rate, a larger batch makes "
+                        "fewer updates per epoch)" % pairwise.CRYODRGN_BATCH_SIZE)
     p.add_argument("--recovar", default=None, help="python interpreter of RECOVAR 1.0.5's own virtual environment")
     p.add_argument("--per-image", type=int, default=20, metavar="I",
                    help="images of CryoBench's per-image FSC (a volume at each one's own latent; 0: none)")

@@ -210,3 +210,22 @@ def test_per_image_scores_read_each_image_against_its_own_conformation_in_the_me
     wrong = cryobench.per_image_scores(hinge[[0, 0, 4, 2]], truths, masks, "as written")
     whole, moving = wrong["per_image_auc_whole_each"], wrong["per_image_auc_moving_each"]
     assert whole[0] == pytest.approx(0.5) and whole[1] < 0.5 and moving[1] < whole[1]
+
+
+def test_cryodrgn_trains_at_its_own_minibatch_not_deepcryos(cryobench):
+    """cryoDRGN's ``train_vae`` gets its own minibatch (8) whatever deepcryo's ``--batch-size`` is, and the one
+    given when asked (every peer run before 2026-12-07 was handed deepcryo's 64, which understated cryoDRGN)."""
+    import argparse
+    import landscape as pairwise
+    args = argparse.Namespace(cryodrgn="cryodrgn", latent_dim=8, epochs=20, batch_size=64, work_box=32, box=64)
+
+    def minibatch(cmds):
+        train = cmds[-1]
+        assert train[1] == "train_vae"
+        return int(train[train.index("-b") + 1])
+    assert minibatch(pairwise.cryodrgn_commands("/d/particles.star", "/o", args)) == 8
+    assert minibatch(pairwise.cryodrgn_commands("/d/particles.star", "/o", args, batch_size=32)) == 32
+    for program in (pairwise, cryobench):
+        with pytest.raises(SystemExit) as refused:
+            program.main(["--cryodrgn-batch-size", "0"])
+        assert refused.value.code == 2
