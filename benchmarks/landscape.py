@@ -3,10 +3,9 @@
 Simulates a two-state set (50/50) and a continuous hinge set (SNR, CTF, random poses and shifts), trains
 both programs with the same working box, epochs and latent dimension, each at its own minibatch (deepcryo
 ``--batch-size``, cryoDRGN ``--cryodrgn-batch-size``, 8 as its ``train_vae``; runs before 2026-12-07 gave cryoDRGN
-deepcryo's 64), and prints the wall
-and CPU time (user + system of the child processes) of each, their ratios, the adjusted Rand index of
-k-means (K = 2) on the two-state latents against the true states, and |Spearman ρ| of the latent PC1 against
-the true hinge parameter. cryoDRGN needs numpy >= 2, so it runs from its own virtual environment
+deepcryo's 64), and prints the wall and CPU time (user + system of the child processes) of each, their ratios,
+the adjusted Rand index of k-means (K = 2) on the two-state latents against the true states, and |Spearman ρ|
+of the latent PC1 against the true hinge parameter. cryoDRGN needs numpy >= 2, so it runs from its own virtual environment
 (``--cryodrgn`` = its ``cryodrgn`` executable); without it only deepcryo runs. Each program's time covers
 everything from the STAR + stack to the latents (deepcryo: consensus map, noise spectrum, training, encoding;
 cryoDRGN: downsample, parse_pose_star, parse_ctf_star, train_vae). ``--pose-free`` adds deepcryo's pose-free
@@ -85,6 +84,19 @@ CRYODRGN_BATCH_SIZE = 8
 updates per epoch and a worse landscape, so a peer run at deepcryo's minibatch understates it."""
 
 
+def add_cryodrgn_batch_size_argument(parser):
+    """``--cryodrgn-batch-size`` (default :data:`CRYODRGN_BATCH_SIZE`, below 1 refused), shared by the benchmarks that
+    run cryoDRGN."""
+    def minibatch(text):
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError("%d: at least 1" % value)
+        return value
+    parser.add_argument("--cryodrgn-batch-size", type=minibatch, default=CRYODRGN_BATCH_SIZE,
+                        help="cryoDRGN's minibatch (its own default %d: with the same learning rate, a larger batch "
+                             "makes fewer updates per epoch)" % CRYODRGN_BATCH_SIZE)
+
+
 def cryodrgn_commands(star_path, out, args, dim=None, batch_size=CRYODRGN_BATCH_SIZE):
     """cryoDRGN's downsample, parse_pose_star, parse_ctf_star and train_vae of ``star_path`` (into ``out/train``),
     as command lines. ``dim``: width of its 3-layer encoder and decoder (default: cryoDRGN's); ``batch_size``: its
@@ -132,16 +144,13 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--latent-dim", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64, help="deepcryo's minibatch")
-    p.add_argument("--cryodrgn-batch-size", type=int, default=CRYODRGN_BATCH_SIZE,
-                   help="cryoDRGN's minibatch (default: its own, %d)" % CRYODRGN_BATCH_SIZE)
+    add_cryodrgn_batch_size_argument(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cryodrgn", default=None, help="cryodrgn executable of its own virtual environment")
     p.add_argument("--workdir", default=None)
     p.add_argument("--pose-free", action="store_true", help="also run deepcryo's pose-free mode")
     p.add_argument("--sets", default="two-state,hinge", help="comma-separated: two-state, hinge")
     args = p.parse_args(argv)
-    if args.cryodrgn_batch_size < 1:
-        p.error("--cryodrgn-batch-size %d: at least 1" % args.cryodrgn_batch_size)
     work = args.workdir or tempfile.mkdtemp(prefix="bench_landscape_")
     sets = {
         "two-state": (simulate.phantom_states(args.box, 2, seed=0),

@@ -639,9 +639,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of poses, CTF, origins, states and noise")
     p.add_argument("--cryodrgn", default=None, help="cryodrgn executable of its own virtual environment")
     p.add_argument("--cryodrgn-dim", type=int, default=1024, help="width of cryoDRGN's 3-layer encoder and decoder")
-    p.add_argument("--cryodrgn-batch-size", type=int, default=pairwise.CRYODRGN_BATCH_SIZE,
-                   help="cryoDRGN's minibatch (its own default %d: with the same learning rate, a larger batch makes "
-                        "fewer updates per epoch)" % pairwise.CRYODRGN_BATCH_SIZE)
+    pairwise.add_cryodrgn_batch_size_argument(p)
     p.add_argument("--recovar", default=None, help="python interpreter of RECOVAR 1.0.5's own virtual environment")
     p.add_argument("--per-image", type=int, default=20, metavar="I",
                    help="images of CryoBench's per-image FSC (a volume at each one's own latent; 0: none)")
@@ -677,8 +675,6 @@ def main(argv=None):
     sets = args.sets.split(",")
     if not set(sets) <= set(SETS) or args.work_box > args.box or args.work_box % 2:
         p.error("--sets from %s; --work-box even and <= --box" % (SETS,))
-    if args.cryodrgn_batch_size < 1:
-        p.error("--cryodrgn-batch-size %d: at least 1" % args.cryodrgn_batch_size)
     for peer in ("cryodrgn", "recovar"):
         if getattr(args, peer) and not os.access(getattr(args, peer), os.X_OK):
             p.error("--%s %s: not an executable file (the peer's own virtual environment)" % (peer, getattr(args, peer)))
