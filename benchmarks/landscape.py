@@ -97,6 +97,15 @@ def add_cryodrgn_batch_size_argument(parser):
                              "makes fewer updates per epoch)" % CRYODRGN_BATCH_SIZE)
 
 
+def refuse_missing_peers(parser, args, peers):
+    """One parser error for the first of ``peers`` (option names with ``_``) given but not an executable file, before
+    any set is rendered or trained."""
+    for peer in peers:
+        path = getattr(args, peer)
+        if path and not os.access(path, os.X_OK):
+            parser.error("--%s %s: not an executable file (the peer's own virtual environment)" % (peer, path))
+
+
 def cryodrgn_commands(star_path, out, args, dim=None, batch_size=CRYODRGN_BATCH_SIZE):
     """cryoDRGN's downsample, parse_pose_star, parse_ctf_star and train_vae of ``star_path`` (into ``out/train``),
     as command lines. ``dim``: width of its 3-layer encoder and decoder (default: cryoDRGN's); ``batch_size``: its
@@ -151,6 +160,7 @@ def main(argv=None):
     p.add_argument("--pose-free", action="store_true", help="also run deepcryo's pose-free mode")
     p.add_argument("--sets", default="two-state,hinge", help="comma-separated: two-state, hinge")
     args = p.parse_args(argv)
+    refuse_missing_peers(p, args, ("cryodrgn",))
     work = args.workdir or tempfile.mkdtemp(prefix="bench_landscape_")
     sets = {
         "two-state": (simulate.phantom_states(args.box, 2, seed=0),

@@ -675,9 +675,7 @@ def main(argv=None):
     sets = args.sets.split(",")
     if not set(sets) <= set(SETS) or args.work_box > args.box or args.work_box % 2:
         p.error("--sets from %s; --work-box even and <= --box" % (SETS,))
-    for peer in ("cryodrgn", "recovar"):
-        if getattr(args, peer) and not os.access(getattr(args, peer), os.X_OK):
-            p.error("--%s %s: not an executable file (the peer's own virtual environment)" % (peer, getattr(args, peer)))
+    pairwise.refuse_missing_peers(p, args, ("cryodrgn", "recovar"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = args.workdir or tempfile.mkdtemp(prefix="bench_cryobench_")
     header = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cpus": os.cpu_count(),

@@ -226,6 +226,7 @@ def test_cryodrgn_trains_at_its_own_minibatch_not_deepcryos(cryobench):
     assert minibatch(pairwise.cryodrgn_commands("/d/particles.star", "/o", args)) == 8
     assert minibatch(pairwise.cryodrgn_commands("/d/particles.star", "/o", args, batch_size=32)) == 32
     for program in (pairwise, cryobench):
-        with pytest.raises(SystemExit) as refused:
-            program.main(["--cryodrgn-batch-size", "0"])
-        assert refused.value.code == 2
+        for bad in (["--cryodrgn-batch-size", "0"], ["--cryodrgn", "/no/such/venv/bin/cryodrgn"]):
+            with pytest.raises(SystemExit) as refused:
+                program.main(bad)
+            assert refused.value.code == 2
