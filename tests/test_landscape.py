@@ -235,13 +235,19 @@ def test_pose_free_end_to_end(tmp_path):
 
 
 def test_training_schedules():
-    """The KL term is off in the warm-up epochs only, and never in the last epoch; the learning rate keeps its value until the last quarter of
-    the epochs, then falls linearly to a tenth at the last epoch (short trainings keep it)."""
-    from deepcryo.landscape.train import kl_weight, learning_rate_factor
-    assert [kl_weight(0.5, e, 4, 2) for e in range(4)] == [0.0, 0.0, 0.5, 0.5]
-    assert kl_weight(1.0, 0, 4, 0) == 1.0
-    assert kl_weight(1.0, 0, 1, 1) == 1.0 and [kl_weight(1.0, e, 2, 5) for e in range(2)] == [0.0, 1.0]
+    """The KL term's weight rises linearly with the steps over the warm-up epochs, from 0 to β, over at least
+    ``MIN_WARMUP_STEPS`` steps, and is β in the last epoch whatever the warm-up; the learning rate keeps its value
+    until the last quarter of the epochs, then falls linearly to a tenth at the last epoch (short trainings keep it)."""
+    from deepcryo.landscape.train import MIN_WARMUP_STEPS, kl_weight, learning_rate_factor
+    assert MIN_WARMUP_STEPS == 16
+    assert [kl_weight(0.5, s, 100, 4, 2) for s in (0, 50, 100, 150, 200, 350)] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    assert [kl_weight(1.0, s, 100, 20, 0.25) for s in (0, 5, 25, 26)] == [0.0, 0.2, 1.0, 1.0]
+    assert [kl_weight(1.0, s, 10, 3, 0.25) for s in (0, 8, 16)] == [0.0, 0.5, 1.0]    # at least 16 steps
+    assert kl_weight(1.0, 0, 100, 4, 0) == 1.0
+    assert kl_weight(1.0, 0, 10, 1, 1) == 1.0 and [kl_weight(1.0, s, 10, 2, 5) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]
+    assert kl_weight(1.0, 5, 10, 2, 0.25) == 0.5                                       # 16 steps, capped at 1 epoch
     factors = [learning_rate_factor(e, 20) for e in range(20)]
     assert factors[:15] == [1.0] * 15 and factors[-1] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(factors[14:], factors[15:]))
     assert [learning_rate_factor(e, 3) for e in range(3)] == [1.0, 1.0, 1.0]
+

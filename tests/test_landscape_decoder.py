@@ -203,3 +203,19 @@ def test_train_epoch_steps_the_volumes_on_the_mean_gradient_of_volume_steps_batc
             assert float((a - b).detach().abs().max()) <= 1e-4 * scale, (volume_steps, name)
         moved = float((ours.volumes - _model().volumes).detach().abs().max())
         assert moved > 1e-3, volume_steps
+
+
+def test_train_epoch_weighs_the_kl_term_batch_by_batch():
+    """A KL weight given to :func:`train_epoch` as a function of the batch's index (the warm-up's ramp,
+    :func:`deepcryo.landscape.train.kl_weight`) reaches every batch's loss: it rises within the epoch."""
+    from deepcryo.landscape.train import train_epoch
+    model, seen = _model(), []
+    forward = model.forward
+
+    def spy(*args, beta=1.0, **kwargs):
+        seen.append(beta)
+        return forward(*args, beta=beta, **kwargs)
+
+    model.forward = spy
+    train_epoch(model, model, torch.optim.Adam(model.parameters(), lr=1e-2), _batches(model, 3), lambda s: s / 4, 1)
+    assert seen == [0.0, 0.25, 0.5]

@@ -39,7 +39,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -272,24 +272,41 @@ SHARED_UPDATE_STEPS = 4
 MIN_VOLUME_UPDATES_PER_EPOCH = 64
 
 
-#: Epochs at the start of a training whose KL term has weight 0 (``--beta-warmup-epochs``'s default).
-BETA_WARMUP_EPOCHS = 1
+#: Epochs over which the KL term's weight rises from 0 to β at the start of a training (``--beta-warmup-epochs``'s
+#: default).
+BETA_WARMUP_EPOCHS = 0.25
+#: Fewest steps of that ramp: on small sets a quarter epoch is a few steps, and the latent collapsed (:func:`kl_weight`).
+MIN_WARMUP_STEPS = 16
 
 
-def kl_weight(beta: float, epoch: int, epochs: int, warmup_epochs: int) -> float:
-    """Weight of the KL term in epoch ``epoch`` (0-based) of ``epochs``: 0 in the first ``warmup_epochs`` epochs,
-    then ``beta``; the last epoch keeps the KL term whatever the warm-up (a 1-epoch training has none).
+def kl_weight(beta: float, step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float) -> float:
+    """Weight of the KL term at step ``step`` (0-based, counted from the start of the training) of ``epochs``
+    epochs of ``steps_per_epoch`` steps: rising linearly from 0 to ``beta`` over the first ``warmup_epochs`` epochs
+    but over no fewer than :data:`MIN_WARMUP_STEPS` steps, then ``beta`` (KL annealing, Bowman et al. 2016). The
+    ramp ends by the last epoch, which has the full term whatever the warm-up (a 1-epoch training has no ramp);
+    ``warmup_epochs`` 0: no ramp.
 
-    Why: at low SNR the KL term can win before the decoder's basis has learnt anything. The basis volumes start
-    as small random maps, so the encoder's inputs (the residual's correlations with the basis slices) carry the
-    conformation only once the basis has grown towards the directions in which the particles vary, and it grows
-    only through latents that depend on the image. At SNR 0.01 the KL term cut that dependence within the first
-    epoch (every particle's latent the prior, the decoded map one map: posterior collapse); an epoch with no KL
-    lets the basis and encoder find the motion, and the KL term then prunes the coordinates that only encode noise.
-    A longer warm-up left those coordinates active (measured on RELION-rendered 20 000-particle sets:
-    ``benchmarks/RESULTS.md``, "KL warm-up").
+    Why a warm-up: at low SNR the KL term can win before the decoder's basis has learnt anything. The basis
+    volumes start as small random maps, so the encoder's inputs (the residual's correlations with the basis
+    slices) carry the conformation only once the basis has grown towards the directions in which the particles
+    vary, and it grows only through latents that depend on the image. At SNR 0.01 the full KL term from the first
+    step cut that dependence within the first epoch (every particle's latent the prior, the decoded map one map:
+    posterior collapse). Why a short ramp (:data:`BETA_WARMUP_EPOCHS`, a quarter epoch) and not the first epoch
+    without the term (this program's schedule until 2026-12-07, which also kept the latent): a whole epoch free of
+    it let a 1-D motion spread over several coordinates (2–5 of 8 active) that the full term, switched on
+    afterwards, did not gather again, and in some trainings the conformations then traced a horseshoe over two or
+    three principal components, so that the first no longer ordered them. Rising from the first step, the term
+    prunes while the basis grows (1–2 active). On RELION-rendered motion (``benchmarks/RESULTS.md``, "A KL ramp"):
+    a ramp over a tenth of an epoch collapsed at SNR 0.01, one over a whole epoch still curved 1 of 5 trainings at
+    SNR 0.1, a quarter kept the latent at SNR 0.01 and left all five straight (three of them horseshoes with the
+    epoch without the term). On small sets the steps count: on that SNR-0.01 set (63 steps per epoch) 6 steps of
+    ramp collapsed the latent, 10 left it weak and 16 kept it; on 600 particles (10 steps per epoch) 2.5 steps
+    collapsed it and 5 or more kept it, hence :data:`MIN_WARMUP_STEPS`.
     """
-    return 0.0 if epoch < min(warmup_epochs, epochs - 1) else float(beta)
+    if warmup_epochs <= 0:
+        return float(beta)
+    ramp = min(max(warmup_epochs * steps_per_epoch, MIN_WARMUP_STEPS), (epochs - 1) * steps_per_epoch)
+    return float(beta) if step >= ramp else float(beta) * step / ramp
 
 
 #: Last fraction of the epochs over which the learning rate falls linearly, to :data:`FINAL_LEARNING_RATE_FACTOR` of
@@ -334,10 +351,12 @@ def default_volume_steps(box: int, batches_per_epoch: int = 0) -> int:
     return max(1, int(round((box / 64.0) ** 2)), by_size)
 
 
-def train_epoch(net: torch.nn.Module, model: LandscapeVAE, optimizer: torch.optim.Optimizer, batches, beta: float,
-                volume_steps: int, chunk: Optional[int] = None) -> np.ndarray:
+def train_epoch(net: torch.nn.Module, model: LandscapeVAE, optimizer: torch.optim.Optimizer, batches,
+                beta: Union[float, Callable[[int], float]], volume_steps: int,
+                chunk: Optional[int] = None) -> np.ndarray:
     """One pass over ``batches`` (``(indices, spectra, rotations, ctf)``); returns the sums over its particles of
-    the loss, NLL and KL (3,).
+    the loss, NLL and KL (3,). ``beta``: the KL term's weight, or a function of the batch's index in the pass
+    giving it (the warm-up's ramp, :func:`kl_weight`).
 
     Every batch steps the encoder and coefficient networks. The decoder's table (:meth:`LandscapeVAE.basis_ft`)
     is computed once per ``volume_steps`` batches; their slices' backward passes add ``∂loss/∂table`` into one
@@ -353,7 +372,8 @@ def train_epoch(net: torch.nn.Module, model: LandscapeVAE, optimizer: torch.opti
     world = torch.distributed.get_world_size() if net is not model else 1
     chunk = chunk or model.chunk_particles()
     sums, table, window = np.zeros(3), None, 0
-    for _, spectra, rot, ctf in batches:
+    for step, (_, spectra, rot, ctf) in enumerate(batches):
+        weight = beta(step) if callable(beta) else beta
         if table is None:
             table = model.basis_ft(model.workspace)
             table_grad = model.workspace.get("table_grad", (table.shape[0], 2 * table.shape[1]), table.dtype,
@@ -364,7 +384,7 @@ def train_epoch(net: torch.nn.Module, model: LandscapeVAE, optimizer: torch.opti
             part = slice(start, start + chunk)
             m = len(spectra[part])
             with contextlib.nullcontext() if start + chunk >= n or world == 1 else net.no_sync():
-                terms = net(spectra[part], None if rot is None else rot[part], ctf[part], beta=beta,
+                terms = net(spectra[part], None if rot is None else rot[part], ctf[part], beta=weight,
                             table=table, table_grad=table_grad)
                 (terms["loss"] * (m / n)).backward()
             sums += m * np.array([terms[k].item() for k in ("loss", "nll", "kl")])
@@ -432,18 +452,22 @@ def _run(cfg, init, device, launch: DistributedLaunch):
         t0 = time.time()
         order = np.random.default_rng(cfg["seed"] + epoch).permutation(n)[: n - n % world][rank::world]
         net.train()
-        beta = kl_weight(cfg["beta"], epoch, cfg["epochs"], cfg["beta_warmup_epochs"])
+        steps = -(-len(order) // cfg["batch_size"])
+
+        def beta(step, epoch=epoch, steps=steps):
+            return kl_weight(cfg["beta"], epoch * steps + step, steps, cfg["epochs"], cfg["beta_warmup_epochs"])
         learning_rate = cfg["learning_rate"] * learning_rate_factor(epoch, cfg["epochs"])
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         sums = train_epoch(net, model, optimizer, data.batches(cfg["batch_size"], order, device), beta,
                            volume_steps) / len(order)
+        warming = beta(steps - 1) < cfg["beta"]
         history.append([float(v) for v in sums])
         if rank == 0:
             _save_checkpoint(cfg["output_dir"], net, optimizer, epoch + 1, cfg, history)
             logger.info("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s%s",
                         epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0,
-                        "" if beta == cfg["beta"] else "  (KL warm-up: weight %g)" % beta)
+                        "  (KL warm-up: weight %.3g to %.3g)" % (beta(0), beta(steps - 1)) if warming else "")
     if rank == 0:
         post = encode_posterior(model, data, cfg["batch_size"], device)
         out = star.copy()
@@ -486,7 +510,7 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
           batch_size: int = 64, beta: float = 1.0, n_basis: int = 16, hidden: int = 128, learning_rate: float = 3e-3,
           devices: Sequence[str] = ("cpu",), resume: bool = False, seed: int = 0, pose_free: bool = False,
           reference: Optional[str] = None, pose_heads: int = 8, symmetry: str = "C1",
-          volume_steps: Optional[int] = None, beta_warmup_epochs: Optional[int] = None) -> str:
+          volume_steps: Optional[int] = None, beta_warmup_epochs: Optional[float] = None) -> str:
     """Train (or with ``resume`` continue) a landscape VAE; returns the output folder.
 
     Args:
@@ -494,8 +518,8 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
         output_dir: folder for checkpoint, consensus map and latent STAR.
         latent_dim: latent dimension; epochs: total epochs (a resumed run stops at the same total).
         box: working box (px, even); the particle box when None. batch_size: particles per step (per device).
-        beta: weight of the KL term; 0 in the first ``beta_warmup_epochs`` epochs (:func:`kl_weight`; None:
-            :data:`BETA_WARMUP_EPOCHS`).
+        beta: weight of the KL term, rising from 0 over the first ``beta_warmup_epochs`` epochs (at least
+            :data:`MIN_WARMUP_STEPS` steps; :func:`kl_weight`; None: :data:`BETA_WARMUP_EPOCHS`).
         n_basis, hidden: decoder basis volumes and MLP width. learning_rate: Adam's step size, scaled per epoch
             by :func:`learning_rate_factor`.
         devices: torch device names (checked by :func:`deepcryo.core.cli.parse_devices`); several →
@@ -514,7 +538,7 @@ def train(particles: str, output_dir: str, latent_dim: int = 8, epochs: int = 20
     """
     if latent_dim < 1 or epochs < 1 or batch_size < 1 or n_basis < 1 or beta < 0:
         raise InputError("need --latent-dim, --epochs, --batch-size and --basis >= 1 and --beta >= 0")
-    beta_warmup_epochs = BETA_WARMUP_EPOCHS if beta_warmup_epochs is None else int(beta_warmup_epochs)
+    beta_warmup_epochs = BETA_WARMUP_EPOCHS if beta_warmup_epochs is None else float(beta_warmup_epochs)
     if beta_warmup_epochs < 0:
         raise InputError("--beta-warmup-epochs %s: need >= 0" % beta_warmup_epochs)
     if volume_steps is not None and volume_steps < 1:

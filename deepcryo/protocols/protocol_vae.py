@@ -138,12 +138,14 @@ class DeepCryoProtVaeTrain(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase)
                       label="Batch size", help="Particles per optimisation step and GPU.")
         form.addParam("beta", params.FloatParam, default=1.0, validators=[params.GE(0)], label="β (KL weight)",
                       help="Weight of the Kullback-Leibler term of the VAE loss.")
-        form.addParam("betaWarmup", params.IntParam, default=1, validators=[params.GE(0)],
+        form.addParam("betaWarmup", params.FloatParam, default=0.25, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="KL warm-up (epochs)",
-                      help="First epochs trained without the Kullback-Leibler term, so that the decoder learns "
-                           "how the particles vary before that term can pull every latent to the prior (at a "
-                           "signal-to-noise ratio of about 0.01 the latent collapsed without it). 0: none. "
-                           "The last epoch always has the term.")
+                      help="Epochs (a fraction allowed) at the start over which the weight of the "
+                           "Kullback-Leibler term rises step by step from 0 to β, so that the decoder learns how "
+                           "the particles vary before that term can pull every latent to the prior (at a "
+                           "signal-to-noise ratio of about 0.01 the latent collapsed without it; a whole epoch "
+                           "without the term let a 1-D motion curve over several coordinates). 0: none. The last "
+                           "epoch always has the full term.")
         form.addParam("basis", params.IntParam, default=16, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED, label="Basis volumes", help="Number of basis volumes of the decoder.")
         form.addParam("goldStandard", params.BooleanParam, default=False, condition="not poseFree",

@@ -45,9 +45,9 @@ def add_training_args(parser):
                         help="steps per update of the decoder's volumes, their gradient summed over them (default: "
                              "(box/64)^2 rounded, at least 1, and up to 4 while an epoch keeps 64 updates)")
     parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
-    parser.add_argument("--beta-warmup-epochs", type=int, default=None,
-                        help="first epochs with no KL term, so that the latent is used before the KL term can "
-                             "collapse it (default: 1)")
+    parser.add_argument("--beta-warmup-epochs", type=float, default=None,
+                        help="epochs over which the KL term's weight rises from 0 to --beta, step by step, so that "
+                             "the latent is used before the KL term can collapse it (default: 0.25; 0: none)")
     parser.add_argument("--basis", type=int, default=16, help="basis volumes of the decoder")
     parser.add_argument("--learning-rate", type=float, default=3e-3,
                         help="Adam step size (3e-3 converges in 3-4 epochs on the simulated sets; 1e-3 needs more); "
