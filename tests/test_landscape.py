@@ -250,4 +250,3 @@ def test_training_schedules():
     assert factors[:15] == [1.0] * 15 and factors[-1] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(factors[14:], factors[15:]))
     assert [learning_rate_factor(e, 3) for e in range(3)] == [1.0, 1.0, 1.0]
-

@@ -461,13 +461,13 @@ def _run(cfg, init, device, launch: DistributedLaunch):
             group["lr"] = learning_rate
         sums = train_epoch(net, model, optimizer, data.batches(cfg["batch_size"], order, device), beta,
                            volume_steps) / len(order)
-        warming = beta(steps - 1) < cfg["beta"]
         history.append([float(v) for v in sums])
         if rank == 0:
             _save_checkpoint(cfg["output_dir"], net, optimizer, epoch + 1, cfg, history)
             logger.info("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f  %.1f s%s",
                         epoch + 1, cfg["epochs"], sums[0], sums[1], sums[2], time.time() - t0,
-                        "  (KL warm-up: weight %.3g to %.3g)" % (beta(0), beta(steps - 1)) if warming else "")
+                        "  (KL warm-up: weight %.3g to %.3g)" % (beta(0), beta(steps - 1))
+                        if beta(0) < cfg["beta"] else "")
     if rank == 0:
         post = encode_posterior(model, data, cfg["batch_size"], device)
         out = star.copy()
