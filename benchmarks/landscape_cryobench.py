@@ -66,7 +66,8 @@ true maps and the consensus are Fourier-cropped to it):
   images. Its decodes are not counted in a method's CPU (RECOVAR's ``compute_state`` for them is recorded apart);
 - **|ρ|** (motion): |Spearman ρ| between the latent PC1 and the conformation index, and in brackets the same for
   the conformation predicted from each particle's 50 nearest latents (``metrics.neighbour_rho``, cross-validated: a
-  latent may order the motion along a curve that PC1 does not follow); **ARI** (discrete): adjusted Rand index of
+  latent may order the motion along a curve that PC1 does not follow) and for the landscape's order along its curve
+  (``metrics.order_rho``: ``analyze``'s ``dcOrder``, what a user reads the motion off); **ARI** (discrete): adjusted Rand index of
   k-means (K = the number of states) on the latents against the true states; deepcryo's latents in the σ units of
   its analysis (``metrics.latents(star, sigma_units=True)``), cryoDRGN's as its own analysis reads them;
 - **CPU s**: user + system time of the child processes of each method, everything from the STAR and stack to the
@@ -513,6 +514,7 @@ def run_set(kind, args, work):
             result[key] = value
             if kind == "motion":
                 result["rho_neighbours"] = metrics.neighbour_rho(z, conformation)
+                result["rho_order"] = metrics.order_rho(z, conformation)
         if poses == "estimated" and run is not None:
             turns = shared_turns(star, truth, conformation_of)
             turned = np.stack([undo_turn(v, g) for v, g in zip(vols, turns)])
@@ -590,7 +592,8 @@ def table(kind, entry):
     for name, r in entry["methods"].items():
         ordering = "%.3f" % r[key] if key in r else "—"
         if "rho_neighbours" in r:
-            ordering += " (neighbours %.3f)" % r["rho_neighbours"]
+            ordering += " (neighbours %.3f%s)" % (r["rho_neighbours"], ", dcOrder %.3f" % r["rho_order"]
+                                                   if "rho_order" in r else "")
         cpu = "%.0f" % r["cpu_s"] + (" (poses %.0f)" % r["pose_cpu_s"] if r.get("pose_cpu_s") else "")
         per_image = ("%.3f / %.3f" % (r["per_image_auc_whole"], r["per_image_auc_moving"])
                      if "per_image_auc_whole" in r else "—")

@@ -35,6 +35,17 @@
   note = {Doctoral thesis (Dr. rer. nat.), PhD Programme in Computer Science (PCS)}
 }
 
+@article{Belkin2003,
+  author = {Belkin, Mikhail and Niyogi, Partha},
+  title = {Laplacian Eigenmaps for Dimensionality Reduction and Data Representation},
+  journal = {Neural Computation},
+  volume = {15},
+  number = {6},
+  pages = {1373--1396},
+  year = {2003},
+  doi = {https://doi.org/10.1162/089976603321780317}
+}
+
 @mastersthesis{Lauzirika2023,
   author = {Lauzirika Zarrabeitia, Oier},
   title = {Development of a fast image alignment algorithm for Cryo-Electron Microscopy},

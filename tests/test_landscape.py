@@ -98,6 +98,18 @@ def test_hinge_first_principal_component(hinge):
     assert abs(rho) >= 0.8, rho
 
 
+def test_analysis_writes_the_order_along_the_hinge(hinge, tmp_path):
+    """``analyze`` writes ``dcOrder`` (the landscape's order along its curve) and volumes along it."""
+    summary = json.load(open(analyze(str(hinge / "vae"), n_clusters=2, max_clusters=2, trajectory_steps=4, n_pcs=1,
+                                     umap=False, output_dir=str(tmp_path / "analysis"))))
+    star = read_particles(str(tmp_path / "analysis" / "particles.star"))
+    rho = spearmanr(star.particles["dcOrder"], star.particles["dcHingeParameter"]).correlation
+    assert abs(rho) >= 0.8, rho
+    assert 0 <= summary["order_pc1_rho"] <= 1
+    assert sorted(p.name for p in (tmp_path / "analysis").glob("order_step*.mrc")) == [
+        "order_step%02d.mrc" % (i + 1) for i in range(4)]
+
+
 def test_resume_from_checkpoint(tmp_path):
     vols = phantom_states(32, 2, seed=3)
     star = write_particle_set(str(tmp_path / "sim"), vols, 200, PIXEL_A, snr=0.1, seed=3)

@@ -13,6 +13,10 @@ Writes into ``train_dir/analysis`` or ``--output-dir`` (built in a temporary fol
   (the cluster's particles reconstructed with :class:`deepcryo.core.reconstruct.Reconstructor` at their
   consensus poses); their FSC says whether the decoder can be trusted (``fsc.png``);
 - ``pcJ_stepSS.mrc``: volumes along principal component J from −2 to +2 standard deviations of its scores;
+- ``dcOrder`` in ``particles.star`` and ``order_stepSS.mrc``: each particle's position along the landscape's main
+  curve (:func:`deepcryo.landscape.ordering.landscape_order`) and volumes at the mean latent of equal-count bins
+  along it: the trajectory of a continuous motion when the landscape is curved and PC1 mixes its ends
+  (``order_pc1_rho`` in the summary says how far PC1 follows it);
 - ``summary.json``: K suggested by the BIC elbow (:func:`suggest_clusters`), BIC values, cluster sizes, FSC
   resolutions (Å), the components' explained variance ratios, the scale of each latent coordinate
   (``pca_latent_scale``, the root-mean-square σ) and how many coordinates are active
@@ -38,6 +42,7 @@ from ..core.particles import read_particles, write_particles
 from ..core.reconstruct import Reconstructor
 from .dataset import ParticleBatches
 from .density import draw_density_panels
+from .ordering import landscape_order, order_points
 from .train import LATENT_STAR, latent_columns, load_model, report_active_coordinates
 from .volumes import decode_volumes, fit_pca, latent_means, latent_noise_sd, latent_sigmas, pc_points
 
@@ -91,6 +96,12 @@ def cluster_latents(z: np.ndarray, n_clusters: int, seed: int = 0, sigma: Option
     scale = latent_noise_sd(sigma, z.shape[1])
     km = KMeans(n_clusters, n_init=10, random_state=seed).fit(np.asarray(z, dtype=np.float64) / scale)
     return km.labels_, km.cluster_centers_ * scale
+
+
+def _abs_spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+    rho = spearmanr(a, b).correlation
+    return float(abs(rho)) if np.isfinite(rho) else 0.0
 
 
 def _plot_landscape(path, xy, labels, names):
@@ -166,6 +177,8 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
     pca = fit_pca(z, sigma)
     active = report_active_coordinates(z)
     pcs = pca.transform(z)
+    order = landscape_order(z / pca.noise_sd_, seed=seed, reference=pcs[:, 0])
+    order_pc1_rho = _abs_spearman(order, pcs[:, 0])
     suggested, bic = suggest_clusters(z, max_clusters, seed, sigma=sigma)
     k = n_clusters or suggested
     labels, centres = cluster_latents(z, k, seed, sigma)
@@ -181,6 +194,7 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
         out = star.copy()
         out.particles["dcPC1"] = pcs[:, 0]
         out.particles["dcPC2"] = pcs[:, 1] if pcs.shape[1] > 1 else np.zeros(len(z))
+        out.particles["dcOrder"] = order
         out.particles["dcCluster"] = labels.astype(np.int64) + 1
         xy = np.stack([out.particles["dcPC1"], out.particles["dcPC2"]], 1)
         _plot_landscape(os.path.join(work, "landscape.png"), xy, labels, ("PC1", "PC2"))
@@ -224,11 +238,16 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
             vols = decode_volumes(model, pc_points(pca, j, steps * np.sqrt(pca.explained_variance_[j])), scale)
             for s, v in enumerate(vols):
                 write_mrc(os.path.join(work, "pc%d_step%02d.mrc" % (j + 1, s + 1)), v, px)
+        for s, v in enumerate(decode_volumes(model, order_points(z, order, min(trajectory_steps, len(z))), scale)):
+            write_mrc(os.path.join(work, "order_step%02d.mrc" % (s + 1)), v, px)
+        if order_pc1_rho < 0.9:
+            logger.info("PC1 follows the landscape's curve with |rho| %.2f only: the order_step volumes (dcOrder) "
+                        "follow a continuous motion, the pc1_step ones mix its ends", order_pc1_rho)
         summary = {"suggested_clusters": suggested, "clusters_used": k, "bic": bic,
                    "pca_explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
                    "pca_latent_scale": pca.noise_sd_.tolist(), "active_coordinates": active,
                    "umap": embedding is not None, "pixel_size_A": px, "box": data.box, "clusters": clusters,
-                   "trajectory_sd": steps.tolist()}
+                   "trajectory_sd": steps.tolist(), "order_pc1_rho": order_pc1_rho}
         with open(os.path.join(work, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         if os.path.isdir(final):

@@ -100,6 +100,15 @@ def neighbour_rho(z: np.ndarray, hinge: np.ndarray, neighbours: int = 50, folds:
     return float(abs(spearmanr(predicted, hinge).correlation))
 
 
+def order_rho(z: np.ndarray, hinge: np.ndarray) -> float:
+    """|Spearman ρ| of the landscape's order (:func:`deepcryo.landscape.ordering.landscape_order`, what ``analyze``
+    writes as ``dcOrder``) against the hinge parameter: the ordering a user reads off, along a curved landscape
+    too, where :func:`hinge_rho` (PC1) fails and :func:`neighbour_rho` only probes."""
+    from scipy.stats import spearmanr
+    from .ordering import landscape_order
+    return float(abs(spearmanr(landscape_order(z), np.asarray(hinge)).correlation))
+
+
 def hinge_rho(z: np.ndarray, hinge: np.ndarray) -> float:
     """|Spearman ρ| of the first principal component of latents ``z`` (N, L) against the hinge parameter."""
     from scipy.stats import spearmanr

@@ -42,6 +42,7 @@ from deepcryo.protocols.validation import particleErrors, symmetryErrors
 
 OUTPUT_CLASSES = "outputClasses"
 OUTPUT_TRAJECTORY = "outputTrajectory"
+OUTPUT_ORDER_TRAJECTORY = "outputOrderTrajectory"
 OUTPUT_VOLUMES = "outputVolumes"
 OUTPUT_PC_VOLUMES = "outputPcVolumes"
 OUTPUT_PATH_VOLUMES = "outputPathVolumes"
@@ -335,10 +336,12 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
     UMAP), a landscape plot (density and −ln density), clusters (k-means; K suggested by a Gaussian-mixture BIC
     when not given), one volume per cluster (reconstructed from its particles at the working box; the decoded
     volume is kept in the extra folder) and volumes along the first principal component (trajectory; the second
-    one's volumes are in the extra folder for the viewer).
+    one's volumes are in the extra folder for the viewer), and volumes along the landscape's order (the first
+    coordinate of a Laplacian eigenmap of the latent, ``dcOrder``), which follows a continuous motion where the
+    landscape is curved and PC1 folds the motion's two ends together.
 
     Outputs: the clusters as 3D classes (their maps as representatives), the same cluster maps as a set of
-    volumes (in cluster order, like RELION's 3D classification), and the trajectory. The cluster maps are the
+    volumes (in cluster order, like RELION's 3D classification), the PC1 trajectory and the order trajectory. The cluster maps are the
     initial maps of a multi-reference SwiftRes refinement (one class per cluster), which aligns each particle
     to the map of its own state; a landscape trained on its poses separates the states better than one
     trained on single-reference poses (README, "Landscape from estimated poses").
@@ -346,7 +349,7 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
     _label = "landscape VAE analyze"
     _devStatus = BETA
     _possibleOutputs = {OUTPUT_CLASSES: SetOfClasses3D, OUTPUT_VOLUMES: SetOfVolumes,
-                        OUTPUT_TRAJECTORY: SetOfVolumes}
+                        OUTPUT_TRAJECTORY: SetOfVolumes, OUTPUT_ORDER_TRAJECTORY: SetOfVolumes}
 
     EMBEDDINGS = ["PCA", "PCA and UMAP"]
 
@@ -408,7 +411,9 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
         volumes = self._volumeSet([clusterMap(c["cluster"]) for c in summary["clusters"]], px, "clusters",
                                   ["cluster %d" % c["cluster"] for c in summary["clusters"]])
         trajectory = self._volumeSet(sorted(glob(os.path.join(folder, "pc1_step*.mrc"))), px, "trajectory")
-        outputs = {OUTPUT_CLASSES: classes, OUTPUT_VOLUMES: volumes, OUTPUT_TRAJECTORY: trajectory}
+        order = self._volumeSet(sorted(glob(os.path.join(folder, "order_step*.mrc"))), px, "order")
+        outputs = {OUTPUT_CLASSES: classes, OUTPUT_VOLUMES: volumes, OUTPUT_TRAJECTORY: trajectory,
+                   OUTPUT_ORDER_TRAJECTORY: order}
         self._defineOutputs(**outputs)
         for output in outputs.values():
             self._defineSourceRelation(self.trainRun.get().inputParticles, output)
@@ -441,6 +446,10 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
                          "the VAE found no heterogeneity it can resolve particle by particle; the landscape and its "
                          "clusters are noise. At low signal-to-noise ratios train again with a longer KL "
                          "warm-up (advanced) or latent dimension 1.")
+        if summary.get("order_pc1_rho", 1.0) < 0.9:
+            lines.append("The landscape is curved: PC1 follows its order only with |rho| %.2f, so the PC1 "
+                         "trajectory mixes the two ends of a continuous motion; use the order trajectory (%s)."
+                         % (summary["order_pc1_rho"], OUTPUT_ORDER_TRAJECTORY))
         for c in summary["clusters"]:
             lines.append("cluster %d: %d particles; decoded vs reconstructed FSC 0.5 at %.1f Å"
                          % (c["cluster"], c["particles"], c["decoded_vs_reconstructed_fsc05_A"]))
@@ -457,13 +466,15 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
         return ["The latent coordinates learned by %s were analysed with deepcryo as cryoDRGN's analysis does "
                 "([Zhong2021]): %s embeddings of the latent space, k-means clustering into %s, one map per cluster "
                 "reconstructed from its particles at their consensus poses (outputs %s and %s), and %d volumes "
-                "decoded along the first principal component from −2 to +2 standard deviations (output %s)."
+                "decoded along the first principal component from −2 to +2 standard deviations (output %s) and "
+                "as many at the mean latent of equal-count bins along the first coordinate of a Laplacian "
+                "eigenmap of the latent ([Belkin2003]; output %s)."
                 % (self.getObjectTag("trainRun"), self.EMBEDDINGS[self.embedding.get()], clusters,
                    self.getObjectTag(OUTPUT_CLASSES), self.getObjectTag(OUTPUT_VOLUMES), self.trajectorySteps.get(),
-                   self.getObjectTag(OUTPUT_TRAJECTORY))]
+                   self.getObjectTag(OUTPUT_TRAJECTORY), self.getObjectTag(OUTPUT_ORDER_TRAJECTORY))]
 
     def _citations(self):
-        return ["Zhong2021", "Bunzel2022"]
+        return ["Zhong2021", "Bunzel2022", "Belkin2003"]
 
 
 class DeepCryoProtVaeSelect(DeepCryoProtBase, ProtProcessParticles, ProtFlexBase):

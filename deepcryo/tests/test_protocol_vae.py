@@ -45,8 +45,8 @@ from deepcryo.core.mrc import read_mrc_header
 from deepcryo.core.particles import read_particles
 from deepcryo.protocols import (DeepCryoProtVaeAnalyze, DeepCryoProtVaeSelect, DeepCryoProtVaeTrain,
                                 DeepCryoProtVaeVolumes)
-from deepcryo.protocols.protocol_vae import (OUTPUT_CLASSES, OUTPUT_PATH_VOLUMES, OUTPUT_PC_VOLUMES, OUTPUT_TRAJECTORY,
-                                             OUTPUT_VARIATION, SIGMA_ATTR)
+from deepcryo.protocols.protocol_vae import (OUTPUT_CLASSES, OUTPUT_ORDER_TRAJECTORY, OUTPUT_PATH_VOLUMES,
+                                             OUTPUT_PC_VOLUMES, OUTPUT_TRAJECTORY, OUTPUT_VARIATION, SIGMA_ATTR)
 from deepcryo.tests.harness import ProtocolTest, fakeChimeraModule, waitForProtocol
 from deepcryo.viewers.volumes import CHIMERAX, SLICES
 from deepcryo.tests.sets import importParticleSet, particleSetFromStar
@@ -105,6 +105,7 @@ class TestDeepCryoVae(ProtocolTest):
         for cls in classes:
             self.assertTrue(os.path.exists(cls.getRepresentative().getFileName()))
         self.assertEqual(getattr(analyze, OUTPUT_TRAJECTORY).getSize(), 3)
+        self.assertEqual(getattr(analyze, OUTPUT_ORDER_TRAJECTORY).getSize(), 3)
         self.assertTrue(any("clusters" in line for line in analyze.summary()))
         self._checkViewer(analyze)
         self._checkChimerax(analyze)
