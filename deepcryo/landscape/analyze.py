@@ -240,9 +240,10 @@ def analyze(train_dir: str, n_clusters: int = 0, max_clusters: int = 8, trajecto
                 write_mrc(os.path.join(work, "pc%d_step%02d.mrc" % (j + 1, s + 1)), v, px)
         for s, v in enumerate(decode_volumes(model, order_points(z, order, min(trajectory_steps, len(z))), scale)):
             write_mrc(os.path.join(work, "order_step%02d.mrc" % (s + 1)), v, px)
-        if order_pc1_rho < 0.9:
-            logger.info("PC1 follows the landscape's curve with |rho| %.2f only: the order_step volumes (dcOrder) "
-                        "follow a continuous motion, the pc1_step ones mix its ends", order_pc1_rho)
+        if active and order_pc1_rho < 0.9:
+            logger.info("PC1 follows the landscape's order with |rho| %.2f only: for a continuous motion the "
+                        "landscape is curved, the order_step volumes (dcOrder) follow it and the pc1_step ones mix "
+                        "its ends", order_pc1_rho)
         summary = {"suggested_clusters": suggested, "clusters_used": k, "bic": bic,
                    "pca_explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
                    "pca_latent_scale": pca.noise_sd_.tolist(), "active_coordinates": active,

@@ -341,8 +341,8 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
     landscape is curved and PC1 folds the motion's two ends together.
 
     Outputs: the clusters as 3D classes (their maps as representatives), the same cluster maps as a set of
-    volumes (in cluster order, like RELION's 3D classification), the PC1 trajectory and the order trajectory. The cluster maps are the
-    initial maps of a multi-reference SwiftRes refinement (one class per cluster), which aligns each particle
+    volumes (in cluster order, like RELION's 3D classification), the PC1 trajectory and the order trajectory.
+    The cluster maps are the initial maps of a multi-reference SwiftRes refinement (one class per cluster), which aligns each particle
     to the map of its own state; a landscape trained on its poses separates the states better than one
     trained on single-reference poses (README, "Landscape from estimated poses").
     """
@@ -446,10 +446,10 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
                          "the VAE found no heterogeneity it can resolve particle by particle; the landscape and its "
                          "clusters are noise. At low signal-to-noise ratios train again with a longer KL "
                          "warm-up (advanced) or latent dimension 1.")
-        if summary.get("order_pc1_rho", 1.0) < 0.9:
-            lines.append("The landscape is curved: PC1 follows its order only with |rho| %.2f, so the PC1 "
-                         "trajectory mixes the two ends of a continuous motion; use the order trajectory (%s)."
-                         % (summary["order_pc1_rho"], OUTPUT_ORDER_TRAJECTORY))
+        if summary.get("active_coordinates") != 0 and summary.get("order_pc1_rho", 1.0) < 0.9:
+            lines.append("PC1 follows the landscape's order only with |rho| %.2f: if the heterogeneity is a "
+                         "continuous motion, the landscape is curved and the PC1 trajectory mixes its two ends; "
+                         "use the order trajectory (%s)." % (summary["order_pc1_rho"], OUTPUT_ORDER_TRAJECTORY))
         for c in summary["clusters"]:
             lines.append("cluster %d: %d particles; decoded vs reconstructed FSC 0.5 at %.1f Å"
                          % (c["cluster"], c["particles"], c["decoded_vs_reconstructed_fsc05_A"]))
