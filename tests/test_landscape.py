@@ -191,8 +191,10 @@ def test_viewer_figures_headless(two_state, tmp_path):
     assert points.shape == (N, 2) and np.allclose(points[:, 0], pc1)
     figures = {"landscape": fig, "volumes": vl.plot_cluster_volumes(analysis),
                "traversal": vl.plot_traversal(analysis, 1),
+               "order": vl.plot_traversal(analysis, "order"),
                "bic": vl.plot_png(str(root / "vae" / "analysis" / "bic.png"))}
     assert len(figures["volumes"].axes) == 4 * 2 and len(figures["traversal"].axes) == 2 * (3 + 1)
+    assert len(figures["order"].axes) == 2 * (3 + 1) and figures["order"].axes[0].get_title() == "order bin 1/3"
     for name, f in figures.items():
         path = tmp_path / (name + ".png")
         f.savefig(str(path))

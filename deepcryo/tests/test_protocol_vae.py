@@ -138,7 +138,8 @@ class TestDeepCryoVae(ProtocolTest):
         viewer = DeepCryoLandscapeViewer(project=self.proj, protocol=analyze)
         viewer.setProtocol(analyze)
         views = viewer._getVisualizeDict()
-        for name in ("doShowLandscape", "doShowClusterVolumes", "doShowTraversal", "doShowBic", "doShowFsc"):
+        for name in ("doShowLandscape", "doShowClusterVolumes", "doShowTraversal", "doShowOrderTraversal",
+                     "doShowBic", "doShowFsc"):
             plotters = views[name](name)
             self.assertEqual(len(plotters), 1, name)
             path = self.proj.getTmpPath(name + ".png")
@@ -161,7 +162,9 @@ class TestDeepCryoVae(ProtocolTest):
             self.assertEqual(viewer.displayVolumes.get(), CHIMERAX)   # the default when installed
             self.assertEqual(viewer._showClusterVolumes(), [])
             self.assertEqual(viewer._showTraversal(), [])
-        scripts = [analyze._getExtraPath(n) for n in ("chimerax_clusters.cxc", "chimerax_traversal_pc1.cxc")]
+            self.assertEqual(viewer._showOrderTraversal(), [])
+        scripts = [analyze._getExtraPath(n) for n in ("chimerax_clusters.cxc", "chimerax_traversal_pc1.cxc",
+                                                      "chimerax_traversal_order.cxc")]
         return [open(p).read().splitlines() for p in scripts], scripts, calls
 
     def _checkChimerax(self, analyze):
@@ -179,7 +182,7 @@ class TestDeepCryoVae(ProtocolTest):
             views[0].close()
         fakeProgram = self.proj.getTmpPath("ChimeraX")
         open(fakeProgram, "w").close()
-        (clusters, traversal), scripts, calls = self._chimeraScripts(analyze, fakeProgram)
+        (clusters, traversal, orderTraversal), scripts, calls = self._chimeraScripts(analyze, fakeProgram)
         self.assertEqual([c[:2] for c in calls], [(fakeProgram, '"%s" &' % os.path.abspath(p)) for p in scripts])
 
         folder = analyze._getExtraPath("analysis")
@@ -203,6 +206,9 @@ class TestDeepCryoVae(ProtocolTest):
         self.assertEqual([line.split()[1] for line in traversal if line.startswith("volume")],
                          ["#1.%d" % (i + 1) for i in range(len(steps))])
         self.assertIn("vseries play #1 loop true direction oscillate", traversal)
+        steps = sorted(os.path.abspath(p) for p in glob.glob(os.path.join(folder, "order_step*.mrc")))
+        self.assertEqual(len(steps), 3)
+        self.assertEqual(orderTraversal[0], "open %s vseries true" % " ".join('"%s"' % p for p in steps))
 
     def _launchSelect(self, analyze, **kwargs):
         prot = self.newProtocol(DeepCryoProtVaeSelect, **kwargs)

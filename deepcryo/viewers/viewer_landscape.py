@@ -59,7 +59,8 @@ def load_analysis(folder):
     """Dict with the analysis in ``folder``: ``pca`` (N, 2), ``umap`` (N, 2) or None, ``labels`` (N,) 1-based,
     ``ids`` (N,) the particles' Scipion ids (None for a STAR not written from Scipion),
     ``summary`` (summary.json), ``clusters`` [(decoded path, reconstructed path)] by cluster number and
-    ``trajectories`` {PC number: [volume paths by step]}."""
+    ``trajectories`` {PC number: [volume paths by step]} and ``order_trajectory`` [volume paths along ``dcOrder``,
+    the landscape's order; empty for an analysis written before it]."""
     star = read_particles(os.path.join(folder, "particles.star"), require_images=False)
     p = star.particles
     with open(os.path.join(folder, "summary.json")) as f:
@@ -80,6 +81,7 @@ def load_analysis(folder):
         "clusters": [tuple(os.path.join(folder, "cluster_%02d_%s.mrc" % (c, kind))
                            for kind in ("decoded", "reconstructed")) for c in range(1, k + 1)],
         "trajectories": traj,
+        "order_trajectory": sorted(glob(os.path.join(folder, "order_step*.mrc"))),
     }
 
 
@@ -160,11 +162,13 @@ def plot_cluster_volumes(analysis, fig=None):
 
 
 def plot_traversal(analysis, pc=1, fig=None):
-    """Latent traversal along principal component ``pc``: the decoded volumes from −2 to +2 SD, as
-    projections (top) and central sections (bottom), and the difference of the last and first step."""
-    paths = analysis["trajectories"].get(pc)
+    """Latent traversal along principal component ``pc`` (the decoded volumes from −2 to +2 SD) or, with ``pc =
+    "order"``, along the landscape's order (``dcOrder``: volumes at equal-count bins along the curve the particles
+    occupy, which a continuous motion follows where PC1 folds it), as projections (top) and central sections
+    (bottom), and the difference of the last and first step."""
+    paths = analysis["order_trajectory"] if pc == "order" else analysis["trajectories"].get(pc)
     if not paths:
-        raise ValueError("the analysis has no trajectory along PC%d" % pc)
+        raise ValueError("the analysis has no trajectory along %s" % ("its order" if pc == "order" else "PC%d" % pc))
     sd = analysis["summary"]["trajectory_sd"]
     n = len(paths)
     fig = _figure(fig, (2.0 * (n + 1) + 0.5, 4.6))
@@ -175,7 +179,8 @@ def plot_traversal(analysis, pc=1, fig=None):
             ax[i, j].imshow(img, cmap="gray", origin="lower")
             ax[i, j].set_xticks([])
             ax[i, j].set_yticks([])
-        ax[0, j].set_title("PC%d %+.1f SD" % (pc, sd[j] if j < len(sd) else np.nan), fontsize=9)
+        ax[0, j].set_title("order bin %d/%d" % (j + 1, n) if pc == "order" else
+                           "PC%d %+.1f SD" % (pc, sd[j] if j < len(sd) else np.nan), fontsize=9)
     for i in range(2):
         diff = views[-1][i] - views[0][i]
         lim = float(np.abs(diff).max()) or 1.0
@@ -299,6 +304,12 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
         group.addParam("pc", params.IntParam, default=1, validators=[params.GE(1)],
                        label="Principal component of the traversal")
         group.addParam("doShowTraversal", params.LabelParam, label="Latent traversal (volumes along the PC)")
+        group.addParam("doShowOrderTraversal", params.LabelParam,
+                       label="Traversal along the landscape's order",
+                       help="Volumes at equal-count bins along dcOrder, each particle's place on the curve of the "
+                            "landscape. A continuous motion can run along a curve whose two ends have the same "
+                            "PC1 (the analysis' summary says when PC1 follows the order poorly); this traversal "
+                            "follows the curve.")
         group = form.addGroup("Diagnostics")
         group.addParam("doShowBic", params.LabelParam, label="Gaussian-mixture BIC against K")
         group.addParam("doShowFsc", params.LabelParam, label="FSC decoded vs reconstructed")
@@ -306,7 +317,8 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
     def _getVisualizeDict(self):
         return {"doShowLandscape": self._showLandscape, "doSelectParticles": self._selectParticles,
                 "doShowClusterVolumes": self._showClusterVolumes,
-                "doShowTraversal": self._showTraversal, "doShowBic": self._showPng,
+                "doShowTraversal": self._showTraversal, "doShowOrderTraversal": self._showOrderTraversal,
+                "doShowBic": self._showPng,
                 "doShowFsc": self._showPng}
 
     def _analysis(self):
@@ -394,6 +406,19 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
                                         analysis["trajectories"][pc], "vseries")
         plotter = self._plotter("latent traversal along PC%d" % pc)
         plot_traversal(analysis, pc, fig=plotter.getFigure())
+        return [plotter]
+
+    def _showOrderTraversal(self, paramName=None):
+        analysis = self._analysis()
+        if not analysis["order_trajectory"]:
+            return [self.errorMessage("The analysis has no volumes along the landscape's order (it was written "
+                                      "before they existed): run the analysis again.", title="No trajectory")]
+        plugin = self._chimerax()
+        if plugin is not None:
+            return self._openInChimerax(plugin, analysis, "chimerax_traversal_order.cxc",
+                                        analysis["order_trajectory"], "vseries")
+        plotter = self._plotter("latent traversal along the landscape's order")
+        plot_traversal(analysis, "order", fig=plotter.getFigure())
         return [plotter]
 
     def _showPng(self, paramName=None):
