@@ -16,13 +16,12 @@ it is meant for continuous landscapes.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Optional
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from .frames import quantile_groups
 
 __all__ = ["landscape_order", "order_points"]
 
@@ -71,9 +70,8 @@ def landscape_order(z: np.ndarray, n_neighbors: int = 15, max_fit: int = 20000, 
 def order_points(z: np.ndarray, order: np.ndarray, steps: int) -> np.ndarray:
     """(steps, L) the mean latent of each of ``steps`` equal-count bins of the particles along ``order`` (N,),
     first bin first: points on the curve the particles occupy (a straight line between two PC scores can leave
-    it), for :func:`deepcryo.landscape.volumes.decode_volumes`."""
+    it), for :func:`deepcryo.landscape.volumes.decode_volumes`; the bins are ``frames``' groups
+    (:func:`deepcryo.landscape.frames.quantile_groups`)."""
     z = np.asarray(z, dtype=np.float64)
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[np.argsort(np.asarray(order), kind="stable")] = np.arange(len(order))
-    bins = rank * steps // len(order)
+    bins = quantile_groups(order, steps)
     return np.stack([z[bins == b].mean(0) for b in range(steps)])

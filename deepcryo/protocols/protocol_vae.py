@@ -342,9 +342,9 @@ class DeepCryoProtVaeAnalyze(DeepCryoProtBase, ProtAnalysis3D):
 
     Outputs: the clusters as 3D classes (their maps as representatives), the same cluster maps as a set of
     volumes (in cluster order, like RELION's 3D classification), the PC1 trajectory and the order trajectory.
-    The cluster maps are the initial maps of a multi-reference SwiftRes refinement (one class per cluster), which aligns each particle
-    to the map of its own state; a landscape trained on its poses separates the states better than one
-    trained on single-reference poses (README, "Landscape from estimated poses").
+    The cluster maps are the initial maps of a multi-reference SwiftRes refinement (one class per cluster),
+    which aligns each particle to the map of its own state; a landscape trained on its poses separates the
+    states better than one trained on single-reference poses (README, "Landscape from estimated poses").
     """
     _label = "landscape VAE analyze"
     _devStatus = BETA

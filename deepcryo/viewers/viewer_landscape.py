@@ -400,25 +400,23 @@ class DeepCryoLandscapeViewer(EmProtocolViewer):
         if pc not in analysis["trajectories"]:
             return [self.errorMessage("No trajectory along PC%d (the analysis has PC %s)."
                                       % (pc, sorted(analysis["trajectories"])), title="No trajectory")]
-        plugin = self._chimerax()
-        if plugin is not None:
-            return self._openInChimerax(plugin, analysis, "chimerax_traversal_pc%d.cxc" % pc,
-                                        analysis["trajectories"][pc], "vseries")
-        plotter = self._plotter("latent traversal along PC%d" % pc)
-        plot_traversal(analysis, pc, fig=plotter.getFigure())
-        return [plotter]
+        return self._traversal(analysis, pc, analysis["trajectories"][pc], "pc%d" % pc, "PC%d" % pc)
 
     def _showOrderTraversal(self, paramName=None):
         analysis = self._analysis()
         if not analysis["order_trajectory"]:
             return [self.errorMessage("The analysis has no volumes along the landscape's order (it was written "
                                       "before they existed): run the analysis again.", title="No trajectory")]
+        return self._traversal(analysis, "order", analysis["order_trajectory"], "order", "the landscape's order")
+
+    def _traversal(self, analysis, pc, paths, name, title):
+        """The volumes ``paths`` along ``pc`` (a PC number or "order", :func:`plot_traversal`) as a ChimeraX
+        volume series (script ``chimerax_traversal_<name>.cxc``) when its plugin is there, else as slices."""
         plugin = self._chimerax()
         if plugin is not None:
-            return self._openInChimerax(plugin, analysis, "chimerax_traversal_order.cxc",
-                                        analysis["order_trajectory"], "vseries")
-        plotter = self._plotter("latent traversal along the landscape's order")
-        plot_traversal(analysis, "order", fig=plotter.getFigure())
+            return self._openInChimerax(plugin, analysis, "chimerax_traversal_%s.cxc" % name, paths, "vseries")
+        plotter = self._plotter("latent traversal along %s" % title)
+        plot_traversal(analysis, pc, fig=plotter.getFigure())
         return [plotter]
 
     def _showPng(self, paramName=None):
