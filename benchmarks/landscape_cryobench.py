@@ -393,10 +393,10 @@ def body_frame_particles(vae_dir, out, args):
          str(args.seed), "--output-dir", analysis],
         [sys.executable, "-m", "deepcryo.landscape", "frames", "--particles",
          os.path.join(analysis, "particles.star"), "--output", star] + (
-            ["--group-column", "dcPC1", "--bins", str(args.body_frame), "--box", str(args.work_box),
-             "--resolution", repr(args.body_frame_resolution)] + (["--interpolate"] if args.body_frame_interpolate
-                                                                   else [])
-            if args.body_frame_groups == "pc1" else
+            ["--group-column", "dcOrder" if args.body_frame_groups == "order" else "dcPC1", "--bins",
+             str(args.body_frame), "--box", str(args.work_box), "--resolution", repr(args.body_frame_resolution)]
+            + (["--interpolate"] if args.body_frame_interpolate else [])
+            if args.body_frame_groups in ("pc1", "order") else
             ["--resolution", repr(args.body_frame_resolution),
              "--maps", *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)]])]))
     return star, wall, cpu
@@ -663,12 +663,14 @@ def main(argv=None):
     p.add_argument("--body-frame", type=int, default=0, metavar="K",
                    help="then analyze --clusters K of the VAE on SwiftRes's poses, frames (each cluster's poses "
                         "turned into one body frame) and the VAE on the turned poses")
-    p.add_argument("--body-frame-groups", default="pc1", choices=("pc1", "clusters"),
-                   help="the --body-frame groups: K equal bins along the latent's PC1, or analyze's K k-means clusters")
+    p.add_argument("--body-frame-groups", default="pc1", choices=("pc1", "order", "clusters"),
+                   help="the --body-frame groups: K equal bins along the latent's PC1 or along analyze's order "
+                        "along the landscape (dcOrder), or analyze's K k-means clusters")
     p.add_argument("--body-frame-resolution", type=float, default=10.0,
                    help="low-pass of the group maps in frames (Å)")
     p.add_argument("--body-frame-interpolate", action="store_true",
-                   help="with pc1 groups: frames --interpolate (each particle's turn interpolated along PC1)")
+                   help="with pc1 or order groups: frames --interpolate (each particle's turn interpolated along "
+                        "the group column)")
     p.add_argument("--body-frame-rounds", type=int, default=1,
                    help="--body-frame again on the VAE of the previous round's poses, this many rounds in all")
     p.add_argument("--workdir", default=None)
