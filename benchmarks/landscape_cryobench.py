@@ -40,7 +40,8 @@ conformation), and the VAE's scores after undoing the turn that each conformatio
 frame, and its decoded volume is turned with it; see benchmarks/RESULTS.md). ``--two-pass K`` then runs landscape_path's heterogeneity-aware consensus: SwiftRes again with the K
 cluster maps of ``analyze`` on that VAE as references (15 Å, one class each) and the VAE on its poses.
 ``--body-frame K`` instead moves each group's poses into one body frame (``python -m deepcryo.landscape frames`` on
-K bins along that VAE's latent PC1, or with ``--body-frame-groups clusters`` on its K k-means clusters; see
+K bins along that VAE's latent PC1, with ``--body-frame-groups order`` along its order along the landscape
+(``dcOrder``, for a curved one), or with ``--body-frame-groups clusters`` on its K k-means clusters; see
 :mod:`deepcryo.landscape.frames`) and trains the VAE on the moved poses, ``--body-frame-rounds`` times in all.
 
 Scores, as CryoBench (Jeon et al. 2024, arXiv:2408.05526) scores methods, at the working box ``--work-box`` (the
