@@ -380,26 +380,30 @@ def second_pass_references(vae_dir, data, args):
     return refs, wall, cpu
 
 
+#: ``--body-frame-groups`` that bin the particles along a column of ``analyze``'s STAR, and that column
+BIN_COLUMNS = {"pc1": "dcPC1", "order": "dcOrder"}
+
+
 def body_frame_particles(vae_dir, out, args):
     """``analyze --clusters K`` (K = ``--body-frame``) of the VAE trained on SwiftRes's poses into
     ``vae_dir/analysis_bodyframe``, then ``python -m deepcryo.landscape frames`` of its particles into
     ``out/particles.star``, with ``--body-frame-groups clusters`` on its K k-means clusters and their
-    reconstructions, with ``pc1`` on K equal bins along the latent's PC1 (maps reconstructed by ``frames`` at the
-    working box): each group's poses moved into one body frame (the mean of the groups'). Reused
-    when ``out`` holds a finished run; (STAR path, wall, CPU of analyze and frames)."""
+    reconstructions, with ``pc1`` or ``order`` on K equal bins along the latent's PC1 or ``analyze``'s order along
+    the landscape (maps reconstructed by ``frames`` at the working box): each group's poses moved into one body
+    frame (the mean of the groups'). Reused when ``out`` holds a finished run; (STAR path, wall, CPU of analyze and
+    frames)."""
     star, analysis = os.path.join(out, "particles.star"), os.path.join(vae_dir, "analysis_bodyframe")
+    if args.body_frame_groups in BIN_COLUMNS:
+        groups = ["--group-column", BIN_COLUMNS[args.body_frame_groups], "--bins", str(args.body_frame),
+                  "--box", str(args.work_box)] + (["--interpolate"] if args.body_frame_interpolate else [])
+    else:
+        groups = ["--maps", *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)]]
     wall, cpu = _recorded(os.path.join(out, "time_s.json"), lambda: timed_commands([
         [sys.executable, "-m", "deepcryo.landscape", "analyze", vae_dir, "--clusters", str(args.body_frame),
          "--no-umap", "--trajectory-steps", "2", "--pcs", "1", "--threads", str(args.threads), "--seed",
          str(args.seed), "--output-dir", analysis],
-        [sys.executable, "-m", "deepcryo.landscape", "frames", "--particles",
-         os.path.join(analysis, "particles.star"), "--output", star] + (
-            ["--group-column", "dcOrder" if args.body_frame_groups == "order" else "dcPC1", "--bins",
-             str(args.body_frame), "--box", str(args.work_box), "--resolution", repr(args.body_frame_resolution)]
-            + (["--interpolate"] if args.body_frame_interpolate else [])
-            if args.body_frame_groups in ("pc1", "order") else
-            ["--resolution", repr(args.body_frame_resolution),
-             "--maps", *["%s/cluster_%02d_reconstructed.mrc" % (analysis, c + 1) for c in range(args.body_frame)]])]))
+        [sys.executable, "-m", "deepcryo.landscape", "frames", "--particles", os.path.join(analysis, "particles.star"),
+         "--output", star, "--resolution", repr(args.body_frame_resolution)] + groups]))
     return star, wall, cpu
 
 
@@ -664,7 +668,7 @@ def main(argv=None):
     p.add_argument("--body-frame", type=int, default=0, metavar="K",
                    help="then analyze --clusters K of the VAE on SwiftRes's poses, frames (each cluster's poses "
                         "turned into one body frame) and the VAE on the turned poses")
-    p.add_argument("--body-frame-groups", default="pc1", choices=("pc1", "order", "clusters"),
+    p.add_argument("--body-frame-groups", default="pc1", choices=(*BIN_COLUMNS, "clusters"),
                    help="the --body-frame groups: K equal bins along the latent's PC1 or along analyze's order "
                         "along the landscape (dcOrder), or analyze's K k-means clusters")
     p.add_argument("--body-frame-resolution", type=float, default=10.0,
